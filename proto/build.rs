@@ -1,0 +1,15 @@
+//! Compiles the `.proto` files with protox (pure Rust, no system `protoc`).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files =
+        ["protos/workload.proto", "protos/tessera/node.proto", "protos/tessera/admin.proto"];
+    for file in files.iter().chain(["protos/tessera/types.proto"].iter()) {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(files, ["protos"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! The admin API (operator ↔ server) on the server's Unix socket. Refusals
+//! are logged here, once, with their reason.
+
+use std::sync::Arc;
+
+use tessera_proto::admin::{self as pb, admin_server::Admin};
+use tessera_proto::types::{self as types, Status as ItemStatus};
+use tessera_workload_api::SpiffeId;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::entry::{Entry, EntryError};
+use crate::state::{EntryEvent, State};
+use crate::store::{EntryFilter, MAX_BATCH};
+
+/// Largest page of a listing.
+pub const MAX_PAGE: usize = 10_000;
+
+/// The admin API service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    state: Arc<State>,
+}
+
+impl AdminService {
+    /// The service over shared server state.
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+
+    fn check_batch(len: usize) -> Result<(), Status> {
+        if len == 0 {
+            return Err(Status::invalid_argument("batch is empty"));
+        }
+        if len > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "batch has {len} items, more than the {MAX_BATCH} allowed"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Validates each item; stores the valid ones with `write`; returns
+    /// results in request order.
+    async fn write_entries(
+        &self,
+        op: &'static str,
+        inputs: Vec<types::Entry>,
+        prepare: impl Fn(&types::Entry, Entry) -> Result<Entry, EntryError>,
+        write: fn(
+            &dyn crate::store::Store,
+            &[Entry],
+        ) -> Result<Vec<Result<Entry, EntryError>>, crate::store::StoreError>,
+    ) -> Result<Response<pb::BatchEntryResponse>, Status> {
+        Self::check_batch(inputs.len())?;
+        let now = self.state.clock.now();
+        let mut results: Vec<Option<Result<Entry, EntryError>>> = Vec::with_capacity(inputs.len());
+        let mut valid = Vec::new();
+        let mut slots = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            match self.state.rules.validate(input, now).and_then(|e| prepare(input, e)) {
+                Ok(entry) => {
+                    valid.push(entry);
+                    slots.push(i);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        if !valid.is_empty() {
+            let stored = self.state.store_op(move |store| write(store, &valid)).await?;
+            for (slot, result) in slots.into_iter().zip(stored) {
+                results[slot] = Some(result);
+            }
+        }
+        let mut response = pb::BatchEntryResponse::default();
+        for (input, result) in inputs.iter().zip(results) {
+            let result = result.unwrap_or(Err(EntryError::MissingId));
+            response.results.push(match result {
+                Ok(entry) => {
+                    info!(target: "tessera::audit", op, entry_id = %entry.id, spiffe_id = %entry.spiffe_id, parent_id = %entry.parent_id, revision = entry.revision, "entry written");
+                    let entry = Arc::new(entry);
+                    let proto = entry.to_proto();
+                    self.state.publish(EntryEvent::Upserted(entry));
+                    pb::EntryResult { status: Some(ok()), entry: Some(proto) }
+                }
+                Err(e) => {
+                    warn!(target: "tessera::audit", op, spiffe_id = %input.spiffe_id, entry_id = %input.id, reason = %e, "entry refused");
+                    pb::EntryResult { status: Some(item_status(e.code(), &e)), entry: None }
+                }
+            });
+        }
+        Ok(Response::new(response))
+    }
+}
+
+fn ok() -> ItemStatus {
+    ItemStatus { code: 0, message: String::new() }
+}
+
+fn item_status(code: tonic::Code, message: &impl ToString) -> ItemStatus {
+    ItemStatus { code: code as i32, message: message.to_string() }
+}
+
+fn parse_id(field: &str, value: &str) -> Result<SpiffeId, Status> {
+    SpiffeId::parse(value).map_err(|e| {
+        warn!(target: "tessera::audit", field, value, reason = %e, "admin request refused");
+        Status::invalid_argument(format!("invalid {field}: {e}"))
+    })
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn batch_create_entry(
+        &self,
+        request: Request<pb::BatchCreateEntryRequest>,
+    ) -> Result<Response<pb::BatchEntryResponse>, Status> {
+        let inputs = request.into_inner().entries;
+        self.write_entries(
+            "create",
+            inputs,
+            |_, mut entry| {
+                entry.id = uuid::Uuid::new_v4().to_string();
+                Ok(entry)
+            },
+            |store, entries| store.create_entries(entries),
+        )
+        .await
+    }
+
+    async fn batch_update_entry(
+        &self,
+        request: Request<pb::BatchUpdateEntryRequest>,
+    ) -> Result<Response<pb::BatchEntryResponse>, Status> {
+        let inputs = request.into_inner().entries;
+        // The old entry's parent must drop it if the update moves it.
+        let ids: Vec<String> = inputs.iter().map(|e| e.id.clone()).collect();
+        let old = self
+            .state
+            .store_op(move |store| {
+                ids.iter().map(|id| store.entry(id)).collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        let response = self
+            .write_entries(
+                "update",
+                inputs,
+                |input, mut entry| {
+                    if input.id.is_empty() {
+                        return Err(EntryError::MissingId);
+                    }
+                    entry.id = input.id.clone();
+                    Ok(entry)
+                },
+                |store, entries| store.update_entries(entries),
+            )
+            .await?;
+        for (old, result) in old.into_iter().zip(&response.get_ref().results) {
+            if let (Some(old), Some(new)) = (old, &result.entry) {
+                if old.parent_id.as_str() != new.parent_id {
+                    self.state.publish(EntryEvent::Removed {
+                        id: old.id,
+                        parent_id: old.parent_id,
+                        revision: new.revision,
+                    });
+                }
+            }
+        }
+        Ok(response)
+    }
+
+    async fn batch_delete_entry(
+        &self,
+        request: Request<pb::BatchDeleteEntryRequest>,
+    ) -> Result<Response<pb::BatchDeleteEntryResponse>, Status> {
+        let ids = request.into_inner().ids;
+        Self::check_batch(ids.len())?;
+        let request_ids = ids.clone();
+        let results = self.state.store_op(move |store| store.delete_entries(&ids)).await?;
+        let mut response = pb::BatchDeleteEntryResponse::default();
+        for (id, result) in request_ids.into_iter().zip(results) {
+            let status = match result {
+                Ok(entry) => {
+                    info!(target: "tessera::audit", entry_id = %entry.id, spiffe_id = %entry.spiffe_id, revision = entry.revision, "entry deleted");
+                    self.state.publish(EntryEvent::Removed {
+                        id: entry.id.clone(),
+                        parent_id: entry.parent_id.clone(),
+                        revision: entry.revision,
+                    });
+                    ok()
+                }
+                Err(e) => {
+                    warn!(target: "tessera::audit", entry_id = %id, reason = %e, "entry delete refused");
+                    item_status(e.code(), &e)
+                }
+            };
+            response.results.push(pb::DeleteResult { id, status: Some(status) });
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let req = request.into_inner();
+        let filter = EntryFilter {
+            parent_id: (!req.parent_id.is_empty())
+                .then(|| parse_id("parent ID", &req.parent_id))
+                .transpose()?,
+            spiffe_id: (!req.spiffe_id.is_empty())
+                .then(|| parse_id("SPIFFE ID", &req.spiffe_id))
+                .transpose()?,
+        };
+        let limit = match req.page_size {
+            0 => MAX_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let after = (!req.page_token.is_empty()).then_some(req.page_token);
+        let entries = self
+            .state
+            .store_op(move |store| store.list_entries(&filter, after.as_deref(), limit))
+            .await?;
+        let next_page_token = if entries.len() == limit {
+            entries.last().map(|e| e.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: entries.iter().map(Entry::to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_entry(
+        &self,
+        request: Request<pb::GetEntryRequest>,
+    ) -> Result<Response<types::Entry>, Status> {
+        let id = request.into_inner().id;
+        let lookup = id.clone();
+        match self.state.store_op(move |store| store.entry(&lookup)).await? {
+            Some(entry) => Ok(Response::new(entry.to_proto())),
+            None => Err(Status::not_found(format!("entry {id} not found"))),
+        }
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<types::JoinToken>, Status> {
+        let req = request.into_inner();
+        let config = &self.state.config;
+        let ttl = if req.ttl == 0 { config.join_token_ttl } else { req.ttl };
+        let token = uuid::Uuid::new_v4().to_string();
+        let spiffe_id = if req.spiffe_id.is_empty() {
+            SpiffeId::from_parts(
+                &config.trust_domain,
+                &format!("/tessera/agent/join_token/{token}"),
+            )
+            .map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            let id = parse_id("agent SPIFFE ID", &req.spiffe_id)?;
+            if id.trust_domain() != &config.trust_domain {
+                let message =
+                    format!("agent SPIFFE ID {id} is not in trust domain {}", config.trust_domain);
+                warn!(target: "tessera::audit", reason = %message, "join token refused");
+                return Err(Status::invalid_argument(message));
+            }
+            if id.is_root() || id.path() == "/tessera/server" {
+                let message = format!("agent SPIFFE ID {id} is reserved");
+                warn!(target: "tessera::audit", reason = %message, "join token refused");
+                return Err(Status::invalid_argument(message));
+            }
+            id
+        };
+        let record = types::JoinToken {
+            token,
+            spiffe_id: spiffe_id.to_string(),
+            expires_at: self.state.clock.now() + i64::from(ttl),
+        };
+        let stored = record.clone();
+        self.state.store_op(move |store| store.put_join_token(&stored)).await?;
+        info!(target: "tessera::audit", agent_id = %spiffe_id, ttl, "join token created");
+        Ok(Response::new(record))
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self.state.store_op(|store| store.agents()).await?;
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<types::Agent>, Status> {
+        let id = parse_id("agent SPIFFE ID", &request.into_inner().spiffe_id)?;
+        let key = id.to_string();
+        match self.state.store_op(move |store| store.agent(&key)).await? {
+            Some(agent) => Ok(Response::new(agent)),
+            None => Err(Status::not_found(format!("agent {id} not found"))),
+        }
+    }
+
+    async fn get_bundle(
+        &self,
+        _request: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        Ok(Response::new(pb::Bundle {
+            trust_domain: self.state.config.trust_domain.to_string(),
+            authorities: self.state.ca.bundle().iter().map(|c| c.to_vec()).collect(),
+        }))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let (revision, entries, agents) = self
+            .state
+            .store_op(|store| Ok((store.revision()?, store.entry_count(), store.agents()?.len())))
+            .await?;
+        Ok(Response::new(pb::HealthResponse {
+            trust_domain: self.state.config.trust_domain.to_string(),
+            revision,
+            entries: entries as u64,
+            agents: agents as u64,
+        }))
+    }
+}

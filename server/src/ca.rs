@@ -1,0 +1,458 @@
+//! The trust domain's certificate authority: a self-signed ECDSA P-256 root
+//! persisted in `<data_dir>/ca`, rotated by preparing the next CA (published
+//! in the bundle, not yet signing) and activating it later. Signs X509-SVIDs
+//! that follow the SPIFFE X509-SVID profile.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use rustls_pki_types::CertificateDer;
+use tessera_workload_api::{SpiffeId, TrustDomain};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::clock::Clock;
+use crate::fsutil::{create_private_dir, write_private};
+
+/// NotBefore of issued certificates is backdated by this many seconds to
+/// absorb clock skew between machines.
+pub const BACKDATE_SECS: i64 = 10;
+
+/// CA errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// Reading or writing the CA's files failed.
+    #[error("CA storage {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A stored CA file is unreadable or belongs to another trust domain.
+    #[error("stored CA {path} is unusable: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Building or signing a certificate failed.
+    #[error("certificate signing failed: {0}")]
+    Sign(#[from] rcgen::Error),
+    /// The active CA expires before the certificate could start.
+    #[error("the CA has expired")]
+    Expired,
+}
+
+/// A signed X509-SVID.
+#[derive(Debug, Clone)]
+pub struct SignedSvid {
+    /// Leaf first, then the issuing CA certificate... (here just the leaf:
+    /// the CA is a root and is in the bundle).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Leaf serial number, lowercase hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+/// The CA's lifetime policy.
+#[derive(Debug, Clone, Copy)]
+pub struct CaPolicy {
+    /// CA certificate lifetime, seconds.
+    pub ttl: u64,
+    /// Fraction of lifetime at which the next CA is prepared.
+    pub prepare_at: f64,
+    /// Fraction of lifetime at which the next CA is activated.
+    pub activate_at: f64,
+}
+
+/// One CA generation: certificate and key.
+struct CaKey {
+    seq: u32,
+    cert: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    not_before: i64,
+    not_after: i64,
+}
+
+impl CaKey {
+    fn point(&self, fraction: f64) -> i64 {
+        // Lifetimes are far below 2^52 seconds, so the f64 round trip is exact enough.
+        self.not_before + ((self.not_after - self.not_before) as f64 * fraction) as i64
+    }
+}
+
+impl fmt::Debug for CaKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaKey")
+            .field("seq", &self.seq)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct CaState {
+    /// Unexpired CAs, oldest first. The active one signs; later ones are prepared.
+    keys: Vec<Arc<CaKey>>,
+    active: usize,
+}
+
+/// The certificate authority.
+pub struct Ca {
+    dir: PathBuf,
+    trust_domain: TrustDomain,
+    policy: CaPolicy,
+    clock: Arc<dyn Clock>,
+    state: RwLock<CaState>,
+    bundle: watch::Sender<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+impl fmt::Debug for Ca {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ca").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Loads the CAs stored in `<data_dir>/ca`, or creates the first one.
+    pub fn load_or_create(
+        data_dir: &Path,
+        trust_domain: TrustDomain,
+        policy: CaPolicy,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, CaError> {
+        let dir = data_dir.join("ca");
+        create_private_dir(&dir).map_err(|source| CaError::Io { path: dir.clone(), source })?;
+        let now = clock.now();
+        let mut keys = load_keys(&dir, &trust_domain)?;
+        keys.retain(|k| k.not_after > now);
+        keys.sort_by_key(|k| k.seq);
+        let state = CaState { keys: keys.into_iter().map(Arc::new).collect(), active: 0 };
+        let (bundle, _) = watch::channel(Arc::new(Vec::new()));
+        let ca = Self { dir, trust_domain, policy, clock, state: RwLock::new(state), bundle };
+        ca.rotate()?;
+        Ok(ca)
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// Current bundle: every unexpired CA certificate (active, prepared and
+    /// retired), oldest first.
+    pub fn bundle(&self) -> Arc<Vec<CertificateDer<'static>>> {
+        self.bundle.borrow().clone()
+    }
+
+    /// Follows bundle changes.
+    pub fn watch_bundle(&self) -> watch::Receiver<Arc<Vec<CertificateDer<'static>>>> {
+        self.bundle.subscribe()
+    }
+
+    /// When the active CA expires (Unix seconds).
+    pub fn active_not_after(&self) -> i64 {
+        let state = self.read();
+        state.keys.get(state.active).map_or(0, |k| k.not_after)
+    }
+
+    /// Applies the rotation policy at the current time: creates a CA if none
+    /// is valid, prepares the next at `prepare_at`, activates it at
+    /// `activate_at`, drops expired CAs. Returns whether the bundle changed.
+    pub fn rotate(&self) -> Result<bool, CaError> {
+        let now = self.clock.now();
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let before = state.keys.iter().map(|k| k.seq).collect::<Vec<_>>();
+        state.keys.retain(|k| k.not_after > now);
+        if state.keys.is_empty() {
+            let key = self.create_key(1, now)?;
+            info!(seq = key.seq, not_after = key.not_after, "created CA");
+            state.keys.push(Arc::new(key));
+        }
+        // Activate: the newest CA whose predecessor has passed its activation point.
+        let mut active = 0;
+        for i in 1..state.keys.len() {
+            if now >= state.keys[i - 1].point(self.policy.activate_at) {
+                active = i;
+            }
+        }
+        if active != state.active || before.is_empty() {
+            info!(seq = state.keys[active].seq, "CA active");
+        }
+        state.active = active;
+        let newest = state.keys.len() - 1;
+        if active == newest && now >= state.keys[active].point(self.policy.prepare_at) {
+            let seq = state.keys[newest].seq + 1;
+            let key = self.create_key(seq, now)?;
+            info!(seq, not_after = key.not_after, "prepared next CA (in bundle, not yet signing)");
+            state.keys.push(Arc::new(key));
+        }
+        let after = state.keys.iter().map(|k| k.seq).collect::<Vec<_>>();
+        let changed = after != before;
+        if changed || self.bundle.borrow().is_empty() {
+            let certs = state.keys.iter().map(|k| k.cert.clone()).collect();
+            self.bundle.send_replace(Arc::new(certs));
+        }
+        Ok(changed)
+    }
+
+    /// Seconds until `rotate` next has something to do.
+    pub fn next_rotation_in(&self) -> i64 {
+        let now = self.clock.now();
+        let state = self.read();
+        let mut next = i64::MAX;
+        for key in &state.keys {
+            let points = [
+                key.point(self.policy.prepare_at),
+                key.point(self.policy.activate_at),
+                key.not_after,
+            ];
+            for point in points {
+                if point > now {
+                    next = next.min(point);
+                }
+            }
+        }
+        (next - now).clamp(1, 3600)
+    }
+
+    /// Signs an X509-SVID for `spiffe_id` binding `public_key`. The lifetime
+    /// is `ttl` seconds, cut short at the CA's own expiry.
+    pub fn sign_svid(
+        &self,
+        public_key: &impl PublicKeyData,
+        spiffe_id: &SpiffeId,
+        ttl: u32,
+        dns_names: &[String],
+    ) -> Result<SignedSvid, CaError> {
+        let key = self.active();
+        let now = self.clock.now();
+        let not_after = (now + i64::from(ttl)).min(key.not_after);
+        if not_after <= now {
+            return Err(CaError::Expired);
+        }
+        let serial = random_serial();
+        let mut params = CertificateParams::default();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.not_before = to_datetime(now - BACKDATE_SECS);
+        params.not_after = to_datetime(not_after);
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Tessera");
+        params.distinguished_name = dn;
+        params.subject_alt_names.push(SanType::URI(ia5(spiffe_id.as_str())?));
+        for name in dns_names {
+            params.subject_alt_names.push(SanType::DnsName(ia5(name)?));
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+            KeyUsagePurpose::KeyAgreement,
+        ];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(public_key, &key.issuer)?;
+        Ok(SignedSvid {
+            chain: vec![cert.der().clone()],
+            serial: hex::encode(serial),
+            expires_at: not_after,
+        })
+    }
+
+    fn active(&self) -> Arc<CaKey> {
+        let state = self.read();
+        // `rotate` keeps at least one key and `active` in range.
+        state.keys[state.active.min(state.keys.len() - 1)].clone()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, CaState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn create_key(&self, seq: u32, now: i64) -> Result<CaKey, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let not_before = now - BACKDATE_SECS;
+        let not_after = now + i64::try_from(self.policy.ttl).unwrap_or(i64::MAX / 2);
+        let mut params = CertificateParams::default();
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        params.not_before = to_datetime(not_before);
+        params.not_after = to_datetime(not_after);
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Tessera");
+        dn.push(DnType::CommonName, format!("Tessera CA {} #{seq}", self.trust_domain));
+        params.distinguished_name = dn;
+        params.subject_alt_names.push(SanType::URI(ia5(&self.trust_domain.id_string())?));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+        let cert_path = self.dir.join(format!("ca-{seq:06}.crt.pem"));
+        let key_path = self.dir.join(format!("ca-{seq:06}.key.pem"));
+        // Key first: a certificate without its key would be unusable.
+        write_private(&key_path, key.serialize_pem().as_bytes())
+            .map_err(|source| CaError::Io { path: key_path, source })?;
+        write_private(&cert_path, cert.pem().as_bytes())
+            .map_err(|source| CaError::Io { path: cert_path, source })?;
+        let der = cert.der().clone();
+        let issuer = Issuer::new(params, key);
+        Ok(CaKey { seq, cert: der, issuer, not_before, not_after })
+    }
+}
+
+fn load_keys(dir: &Path, trust_domain: &TrustDomain) -> Result<Vec<CaKey>, CaError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CaError::Io { path, source }
+    };
+    let mut keys = Vec::new();
+    for item in std::fs::read_dir(dir).map_err(io(dir))? {
+        let item = item.map_err(io(dir))?;
+        let name = item.file_name().to_string_lossy().into_owned();
+        let Some(seq) = name.strip_prefix("ca-").and_then(|n| n.strip_suffix(".crt.pem")) else {
+            continue;
+        };
+        let cert_path = item.path();
+        let corrupt = |reason: String| CaError::Corrupt { path: cert_path.clone(), reason };
+        let seq: u32 = seq.parse().map_err(|_| corrupt("bad sequence number in name".into()))?;
+        let key_path = dir.join(format!("ca-{seq:06}.key.pem"));
+        let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+        let cert = pem::parse(&cert_pem).map_err(|e| corrupt(e.to_string()))?;
+        let cert = CertificateDer::from(cert.into_contents());
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| corrupt(format!("key: {e}")))?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&cert).map_err(|e| corrupt(e.to_string()))?;
+        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err(corrupt("key does not match certificate".into()));
+        }
+        let id =
+            tessera_workload_api::validate_ca_cert(&cert).map_err(|e| corrupt(e.to_string()))?;
+        if id.as_ref().map(|id| id.trust_domain()) != Some(trust_domain) {
+            return Err(corrupt(format!(
+                "CA belongs to {}, not to trust domain {trust_domain}",
+                id.map_or_else(|| "no trust domain".to_string(), |id| id.to_string())
+            )));
+        }
+        let not_before = parsed.validity().not_before.timestamp();
+        let not_after = parsed.validity().not_after.timestamp();
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| corrupt(e.to_string()))?;
+        keys.push(CaKey { seq, cert, issuer, not_before, not_after });
+    }
+    Ok(keys)
+}
+
+/// A random positive serial number of 128 bits (top bit clear, never zero-led).
+pub fn random_serial() -> [u8; 16] {
+    let mut serial = [0u8; 16];
+    // SystemRandom only fails if the OS has no entropy source at all; then
+    // fall back to the clock rather than issue a fixed serial.
+    if SystemRandom::new().fill(&mut serial).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(1);
+        serial = nanos.to_be_bytes();
+    }
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    serial
+}
+
+fn to_datetime(unix: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(unix).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn ia5(s: &str) -> Result<rcgen::string::Ia5String, CaError> {
+    rcgen::string::Ia5String::try_from(s).map_err(|e| CaError::Sign(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn policy(ttl: u64) -> CaPolicy {
+        CaPolicy { ttl, prepare_at: 0.5, activate_at: 5.0 / 6.0 }
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    #[test]
+    fn ca_persists_across_restart_with_private_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::starting_now());
+        let first = Ca::load_or_create(dir.path(), td(), policy(3600), clock.clone()).unwrap();
+        let second = Ca::load_or_create(dir.path(), td(), policy(3600), clock).unwrap();
+        assert_eq!(first.bundle(), second.bundle());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("ca/ca-000001.key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn ca_of_another_trust_domain_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::starting_now());
+        Ca::load_or_create(dir.path(), td(), policy(3600), clock.clone()).unwrap();
+        let other = TrustDomain::new("other.org").unwrap();
+        let err = Ca::load_or_create(dir.path(), other, policy(3600), clock).unwrap_err();
+        assert!(err.to_string().contains("not to trust domain other.org"), "{err}");
+    }
+
+    #[test]
+    fn rotation_prepares_then_activates_then_retires() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::starting_now();
+        let ca =
+            Ca::load_or_create(dir.path(), td(), policy(600), Arc::new(clock.clone())).unwrap();
+        assert_eq!(ca.bundle().len(), 1);
+        let first_not_after = ca.active_not_after();
+        clock.advance(301);
+        assert!(ca.rotate().unwrap());
+        assert_eq!(ca.bundle().len(), 2, "next CA is published before use");
+        assert_eq!(ca.active_not_after(), first_not_after, "but does not sign yet");
+        clock.advance(200);
+        ca.rotate().unwrap();
+        assert!(ca.active_not_after() > first_not_after, "activated at 5/6");
+        let first_cert = ca.bundle()[0].clone();
+        clock.advance(110);
+        ca.rotate().unwrap();
+        assert!(!ca.bundle().contains(&first_cert), "expired CA leaves the bundle");
+        // Restart picks up the same active CA.
+        let again = Ca::load_or_create(dir.path(), td(), policy(600), Arc::new(clock)).unwrap();
+        assert_eq!(again.bundle(), ca.bundle());
+    }
+
+    #[test]
+    fn svid_never_outlives_its_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::starting_now());
+        let ca = Ca::load_or_create(dir.path(), td(), policy(100), clock).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let id = SpiffeId::parse("spiffe://example.org/w").unwrap();
+        let svid = ca.sign_svid(&key, &id, 3600, &[]).unwrap();
+        assert_eq!(svid.expires_at, ca.active_not_after());
+        let parsed = tessera_workload_api::validate_leaf_cert(&svid.chain[0]).unwrap();
+        assert_eq!(parsed, id);
+    }
+}

@@ -1,0 +1,581 @@
+//! The `tessera-server` command line: `run`, and operator commands that talk
+//! to a running server's admin API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tessera_proto::admin as pb;
+use tessera_proto::types;
+use tessera_workload_api::Selector;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::connect_admin;
+use crate::clock::SystemClock;
+use crate::config::{Config, FileConfig, DEFAULT_DATA_DIR};
+use crate::server::Server;
+
+/// Tessera server: the trust domain's CA and registration authority.
+#[derive(Debug, Parser)]
+#[command(name = "tessera-server", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Run(RunArgs),
+    /// Join tokens for node attestation.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Registration entries.
+    #[command(subcommand)]
+    Entry(EntryCommand),
+    /// Attested agents.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// The trust bundle.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Check that the server is up and serving.
+    Healthcheck(SocketArg),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// TOML config file; flags override its settings.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./.tessera/server].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Trust domain, e.g. example.org.
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Node API address [default: 127.0.0.1:8081].
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// Admin API socket [default: <data_dir>/admin.sock].
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+    /// Log filter, e.g. info or debug.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct SocketArg {
+    /// Admin API socket.
+    #[arg(long, default_value_os_t = default_socket())]
+    socket: PathBuf,
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR).join("admin.sock")
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Generate a single-use join token; prints the token.
+    Generate {
+        /// SPIFFE ID the attesting agent receives [default: spiffe://<td>/tessera/agent/join_token/<token>].
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Lifetime in seconds [default: server's join_token_ttl, 600].
+        #[arg(long)]
+        ttl: Option<u32>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(Debug, Args)]
+struct EntryFields {
+    /// SPIFFE ID the workload receives.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// SPIFFE ID of the agent that serves the entry.
+    #[arg(long)]
+    parent_id: Option<String>,
+    /// Selector type:value, e.g. unix:uid:1000 (repeatable; all must match).
+    #[arg(long = "selector")]
+    selectors: Vec<String>,
+    /// X509-SVID lifetime in seconds.
+    #[arg(long)]
+    x509_svid_ttl: Option<u32>,
+    /// DNS SAN to include (repeatable).
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
+    /// When the entry stops authorizing anything (RFC 3339).
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// Hint passed to workloads to tell identities apart.
+    #[arg(long)]
+    hint: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum EntryCommand {
+    /// Create an entry; prints its ID.
+    Create {
+        #[command(flatten)]
+        fields: EntryFields,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Show entries (all, or filtered).
+    Show {
+        /// Only this entry.
+        #[arg(long)]
+        id: Option<String>,
+        /// Only entries with this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Only entries with this parent ID.
+        #[arg(long)]
+        parent_id: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Update an entry; fields not given keep their value.
+    Update {
+        /// The entry to update.
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        fields: EntryFields,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Delete an entry.
+    Delete {
+        /// The entry to delete.
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// List attested agents.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Show one agent.
+    Show {
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BundleFormat {
+    Pem,
+    Der,
+}
+
+#[derive(Debug, Subcommand)]
+enum BundleCommand {
+    /// Print the trust domain's CA certificates.
+    Show {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "pem")]
+        format: BundleFormat,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+/// A failed command: a one-line message, exit code 1.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.replace('\n', " "))
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(status: tonic::Status) -> Self {
+        CliError(status.message().to_string())
+    }
+}
+
+impl From<String> for CliError {
+    fn from(message: String) -> Self {
+        CliError(message)
+    }
+}
+
+impl Cli {
+    /// Runs the parsed command.
+    pub async fn run(self) -> Result<(), CliError> {
+        match self.command {
+            Command::Run(args) => run_server(args).await,
+            Command::Token(TokenCommand::Generate { spiffe_id, ttl, socket }) => {
+                if ttl == Some(0) {
+                    return Err(CliError("--ttl must be at least 1 second".into()));
+                }
+                let mut client = connect_admin(&socket.socket).await?;
+                let request = pb::CreateJoinTokenRequest {
+                    ttl: ttl.unwrap_or(0),
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                };
+                let token = client.create_join_token(request).await?.into_inner();
+                println!("{}", token.token);
+                eprintln!("agent SPIFFE ID: {}", token.spiffe_id);
+                Ok(())
+            }
+            Command::Entry(command) => entry_command(command).await,
+            Command::Agent(command) => agent_command(command).await,
+            Command::Bundle(BundleCommand::Show { format, socket }) => {
+                let mut client = connect_admin(&socket.socket).await?;
+                let bundle = client.get_bundle(pb::GetBundleRequest {}).await?.into_inner();
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                for cert in &bundle.authorities {
+                    match format {
+                        BundleFormat::Pem => {
+                            let block = pem::Pem::new("CERTIFICATE", cert.clone());
+                            let _ = write!(out, "{}", pem::encode(&block));
+                        }
+                        BundleFormat::Der => {
+                            let _ = out.write_all(cert);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Command::Healthcheck(socket) => {
+                let mut client = connect_admin(&socket.socket)
+                    .await
+                    .map_err(|e| CliError(format!("server is unhealthy: {e}")))?;
+                let health = client
+                    .health(pb::HealthRequest {})
+                    .await
+                    .map_err(|e| CliError(format!("server is unhealthy: {}", e.message())))?
+                    .into_inner();
+                println!(
+                    "Server is healthy (trust domain {}, {} entries, {} agents, revision {}).",
+                    health.trust_domain, health.entries, health.agents, health.revision
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn run_server(args: RunArgs) -> Result<(), CliError> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path).map_err(|e| CliError(e.to_string()))?,
+        None => FileConfig::default(),
+    };
+    let flags = FileConfig {
+        trust_domain: args.trust_domain,
+        data_dir: args.data_dir,
+        bind: args.bind,
+        admin_socket: args.admin_socket,
+        log_level: args.log_level,
+        ..Default::default()
+    };
+    let config = Config::resolve(file, flags).map_err(|e| CliError(e.to_string()))?;
+    init_logging(&config.log_level);
+    let server =
+        Server::bind(config, Arc::new(SystemClock)).await.map_err(|e| CliError(e.to_string()))?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    server.run(shutdown).await.map_err(|e| CliError(e.to_string()))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+/// Logs to stderr with the given filter.
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn parse_rfc3339(value: &str) -> Result<i64, CliError> {
+    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|e| {
+            CliError(format!(
+                "invalid --expires-at {value:?}: {e} (want RFC 3339, e.g. 2030-01-01T00:00:00Z)"
+            ))
+        })
+}
+
+fn format_time(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// Applies the given fields onto `entry`.
+fn apply_fields(entry: &mut types::Entry, fields: EntryFields) -> Result<(), CliError> {
+    if let Some(id) = fields.spiffe_id {
+        entry.spiffe_id = id;
+    }
+    if let Some(id) = fields.parent_id {
+        entry.parent_id = id;
+    }
+    if !fields.selectors.is_empty() {
+        entry.selectors = fields
+            .selectors
+            .iter()
+            .map(|s| {
+                Selector::parse(s)
+                    .map(|s| types::Selector {
+                        r#type: s.kind().to_string(),
+                        value: s.value().to_string(),
+                    })
+                    .map_err(|e| CliError(format!("invalid selector {s:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(ttl) = fields.x509_svid_ttl {
+        entry.x509_svid_ttl = Some(ttl);
+    }
+    if !fields.dns_names.is_empty() {
+        entry.dns_names = fields.dns_names;
+    }
+    if let Some(at) = fields.expires_at {
+        entry.expires_at = parse_rfc3339(&at)?;
+    }
+    if let Some(hint) = fields.hint {
+        entry.hint = hint;
+    }
+    Ok(())
+}
+
+fn item_result(result: Option<pb::EntryResult>) -> Result<types::Entry, CliError> {
+    let result = result.ok_or_else(|| CliError("server returned no result".into()))?;
+    match (result.status, result.entry) {
+        (Some(status), Some(entry)) if status.code == 0 => Ok(entry),
+        (Some(status), _) => Err(CliError(status.message)),
+        _ => Err(CliError("server returned an incomplete result".into())),
+    }
+}
+
+async fn entry_command(command: EntryCommand) -> Result<(), CliError> {
+    match command {
+        EntryCommand::Create { fields, socket } => {
+            let mut entry = types::Entry::default();
+            if fields.spiffe_id.is_none() {
+                return Err(CliError("--spiffe-id is required".into()));
+            }
+            if fields.parent_id.is_none() {
+                return Err(CliError("--parent-id is required".into()));
+            }
+            if fields.selectors.is_empty() {
+                return Err(CliError("at least one --selector is required".into()));
+            }
+            apply_fields(&mut entry, fields)?;
+            let mut client = connect_admin(&socket.socket).await?;
+            let response = client
+                .batch_create_entry(pb::BatchCreateEntryRequest { entries: vec![entry] })
+                .await?;
+            let entry = item_result(response.into_inner().results.into_iter().next())?;
+            println!("{}", entry.id);
+            Ok(())
+        }
+        EntryCommand::Update { id, fields, socket } => {
+            let mut client = connect_admin(&socket.socket).await?;
+            let mut entry = client.get_entry(pb::GetEntryRequest { id }).await?.into_inner();
+            apply_fields(&mut entry, fields)?;
+            let response = client
+                .batch_update_entry(pb::BatchUpdateEntryRequest { entries: vec![entry] })
+                .await?;
+            let entry = item_result(response.into_inner().results.into_iter().next())?;
+            println!("{}", entry.id);
+            Ok(())
+        }
+        EntryCommand::Delete { id, socket } => {
+            let mut client = connect_admin(&socket.socket).await?;
+            let response = client
+                .batch_delete_entry(pb::BatchDeleteEntryRequest { ids: vec![id.clone()] })
+                .await?;
+            let result = response.into_inner().results.into_iter().next();
+            match result.and_then(|r| r.status) {
+                Some(status) if status.code == 0 => {
+                    println!("Deleted entry {id}");
+                    Ok(())
+                }
+                Some(status) => Err(CliError(status.message)),
+                None => Err(CliError("server returned no result".into())),
+            }
+        }
+        EntryCommand::Show { id, spiffe_id, parent_id, json, socket } => {
+            let mut client = connect_admin(&socket.socket).await?;
+            let entries = match id {
+                Some(id) => vec![client.get_entry(pb::GetEntryRequest { id }).await?.into_inner()],
+                None => {
+                    let mut all = Vec::new();
+                    let mut page_token = String::new();
+                    loop {
+                        let page = client
+                            .list_entries(pb::ListEntriesRequest {
+                                parent_id: parent_id.clone().unwrap_or_default(),
+                                spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                                page_size: 0,
+                                page_token,
+                            })
+                            .await?
+                            .into_inner();
+                        all.extend(page.entries);
+                        if page.next_page_token.is_empty() {
+                            break all;
+                        }
+                        page_token = page.next_page_token;
+                    }
+                }
+            };
+            if json {
+                let list: Vec<_> = entries.iter().map(entry_json).collect();
+                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+            } else {
+                print_entries(&entries);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn entry_json(e: &types::Entry) -> serde_json::Value {
+    json!({
+        "id": e.id,
+        "spiffe_id": e.spiffe_id,
+        "parent_id": e.parent_id,
+        "selectors": e.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect::<Vec<_>>(),
+        "x509_svid_ttl": e.x509_svid_ttl,
+        "dns_names": e.dns_names,
+        "expires_at": e.expires_at,
+        "revision": e.revision,
+        "created_at": e.created_at,
+        "hint": e.hint,
+    })
+}
+
+fn print_entries(entries: &[types::Entry]) {
+    println!("Found {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+    for e in entries {
+        println!();
+        println!("Entry ID         : {}", e.id);
+        println!("SPIFFE ID        : {}", e.spiffe_id);
+        println!("Parent ID        : {}", e.parent_id);
+        println!("Revision         : {}", e.revision);
+        println!("X509-SVID TTL    : {}", e.x509_svid_ttl.unwrap_or(0));
+        if e.expires_at != 0 {
+            println!("Expires at       : {}", format_time(e.expires_at));
+        }
+        for s in &e.selectors {
+            println!("Selector         : {}:{}", s.r#type, s.value);
+        }
+        for d in &e.dns_names {
+            println!("DNS name         : {d}");
+        }
+        if !e.hint.is_empty() {
+            println!("Hint             : {}", e.hint);
+        }
+    }
+}
+
+fn agent_json(a: &types::Agent) -> serde_json::Value {
+    json!({
+        "spiffe_id": a.spiffe_id,
+        "attestation_type": a.attestation_type,
+        "x509_svid_serial": a.x509_svid_serial,
+        "x509_svid_expires_at": a.x509_svid_expires_at,
+        "attested_at": a.attested_at,
+        "banned": a.banned,
+    })
+}
+
+fn print_agent(a: &types::Agent) {
+    println!("SPIFFE ID         : {}", a.spiffe_id);
+    println!("Attestation type  : {}", a.attestation_type);
+    println!("Expiration time   : {}", format_time(a.x509_svid_expires_at));
+    println!("Serial number     : {}", a.x509_svid_serial);
+    println!("Attested at       : {}", format_time(a.attested_at));
+    println!("Banned            : {}", a.banned);
+}
+
+async fn agent_command(command: AgentCommand) -> Result<(), CliError> {
+    match command {
+        AgentCommand::List { json, socket } => {
+            let mut client = connect_admin(&socket.socket).await?;
+            let agents = client.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
+            if json {
+                let list: Vec<_> = agents.iter().map(agent_json).collect();
+                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+            } else {
+                println!(
+                    "Found {} attested agent{}",
+                    agents.len(),
+                    if agents.len() == 1 { "" } else { "s" }
+                );
+                for a in &agents {
+                    println!();
+                    print_agent(a);
+                }
+            }
+            Ok(())
+        }
+        AgentCommand::Show { id, json, socket } => {
+            let mut client = connect_admin(&socket.socket).await?;
+            let agent = client.get_agent(pb::GetAgentRequest { spiffe_id: id }).await?.into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&agent_json(&agent)).unwrap_or_default()
+                );
+            } else {
+                print_agent(&agent);
+            }
+            Ok(())
+        }
+    }
+}

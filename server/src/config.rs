@@ -1,0 +1,243 @@
+//! Server configuration: a TOML file, with command-line flags on top.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tessera_workload_api::TrustDomain;
+
+/// Errors in the server's configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema (unknown keys included).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's one-line reason.
+        message: String,
+    },
+    /// No trust domain was given.
+    #[error(
+        "trust domain is required: pass --trust-domain or set trust_domain in the config file"
+    )]
+    MissingTrustDomain,
+    /// The trust domain is not a valid SPIFFE trust domain name.
+    #[error("invalid trust domain: {0}")]
+    TrustDomain(tessera_workload_api::SpiffeIdError),
+    /// A setting is out of range.
+    #[error("invalid setting {key}: {reason}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The config file's schema. Every field is optional; flags override it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Trust domain name, e.g. `example.org`.
+    pub trust_domain: Option<String>,
+    /// Data directory (store, CA keys, admin socket).
+    pub data_dir: Option<PathBuf>,
+    /// Node API address.
+    pub bind: Option<SocketAddr>,
+    /// Admin API Unix socket; default `<data_dir>/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
+    /// CA certificate lifetime, seconds.
+    pub ca_ttl: Option<u64>,
+    /// Fraction of the CA's lifetime after which the next CA is prepared
+    /// (published in the bundle, not yet signing).
+    pub ca_prepare_at: Option<f64>,
+    /// Fraction of the CA's lifetime after which the prepared CA takes over.
+    pub ca_activate_at: Option<f64>,
+    /// Default X509-SVID lifetime for entries that set none, seconds.
+    pub default_x509_svid_ttl: Option<u32>,
+    /// Largest X509-SVID lifetime an entry may ask for, seconds.
+    pub max_x509_svid_ttl: Option<u32>,
+    /// Agent X509-SVID lifetime, seconds.
+    pub agent_svid_ttl: Option<u32>,
+    /// Default join token lifetime, seconds.
+    pub join_token_ttl: Option<u32>,
+    /// Log filter (`info`, `debug`, `tessera_server=debug`, ...).
+    pub log_level: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().replace('\n', " "),
+        })
+    }
+}
+
+/// The server's resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The trust domain this server is the CA of.
+    pub trust_domain: TrustDomain,
+    /// Where the store and CA keys live.
+    pub data_dir: PathBuf,
+    /// Node API address (TLS). Port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// Admin API socket path.
+    pub admin_socket: PathBuf,
+    /// CA lifetime, seconds.
+    pub ca_ttl: u64,
+    /// Fraction of CA lifetime at which the next CA is prepared.
+    pub ca_prepare_at: f64,
+    /// Fraction of CA lifetime at which the next CA is activated.
+    pub ca_activate_at: f64,
+    /// Default X509-SVID TTL, seconds.
+    pub default_x509_svid_ttl: u32,
+    /// Maximum X509-SVID TTL, seconds.
+    pub max_x509_svid_ttl: u32,
+    /// Agent SVID TTL, seconds.
+    pub agent_svid_ttl: u32,
+    /// Default join token TTL, seconds.
+    pub join_token_ttl: u32,
+    /// Log filter.
+    pub log_level: String,
+}
+
+/// The server's default data directory.
+pub const DEFAULT_DATA_DIR: &str = ".tessera/server";
+
+impl Config {
+    /// Defaults for a trust domain and data directory.
+    pub fn new(trust_domain: TrustDomain, data_dir: PathBuf) -> Self {
+        let admin_socket = data_dir.join("admin.sock");
+        Self {
+            trust_domain,
+            data_dir,
+            bind: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            admin_socket,
+            ca_ttl: 24 * 3600,
+            ca_prepare_at: 0.5,
+            ca_activate_at: 5.0 / 6.0,
+            default_x509_svid_ttl: 3600,
+            max_x509_svid_ttl: 14 * 24 * 3600,
+            agent_svid_ttl: 3600,
+            join_token_ttl: 600,
+            log_level: "info".into(),
+        }
+    }
+
+    /// Builds the configuration from a file's settings; every `Some` in
+    /// `flags` overrides the file.
+    pub fn resolve(file: FileConfig, flags: FileConfig) -> Result<Self, ConfigError> {
+        let td = flags.trust_domain.or(file.trust_domain).ok_or(ConfigError::MissingTrustDomain)?;
+        let trust_domain = TrustDomain::new(&td).map_err(ConfigError::TrustDomain)?;
+        let data_dir =
+            flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let mut config = Config::new(trust_domain, data_dir);
+        if let Some(bind) = flags.bind.or(file.bind) {
+            config.bind = bind;
+        }
+        if let Some(path) = flags.admin_socket.or(file.admin_socket) {
+            config.admin_socket = path;
+        }
+        macro_rules! set {
+            ($($field:ident),*) => {$(
+                if let Some(v) = flags.$field.or(file.$field) { config.$field = v; }
+            )*};
+        }
+        set!(
+            ca_ttl,
+            ca_prepare_at,
+            ca_activate_at,
+            default_x509_svid_ttl,
+            max_x509_svid_ttl,
+            agent_svid_ttl,
+            join_token_ttl,
+            log_level
+        );
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.into() });
+        if self.ca_ttl < 10 {
+            return invalid("ca_ttl", "must be at least 10 seconds");
+        }
+        if !(self.ca_prepare_at > 0.0 && self.ca_prepare_at < self.ca_activate_at) {
+            return invalid("ca_prepare_at", "must be > 0 and below ca_activate_at");
+        }
+        if self.ca_activate_at >= 1.0 {
+            return invalid("ca_activate_at", "must be below 1");
+        }
+        if self.max_x509_svid_ttl == 0 {
+            return invalid("max_x509_svid_ttl", "must be at least 1 second");
+        }
+        if self.default_x509_svid_ttl == 0 || self.default_x509_svid_ttl > self.max_x509_svid_ttl {
+            return invalid("default_x509_svid_ttl", "must be between 1 and max_x509_svid_ttl");
+        }
+        if self.agent_svid_ttl < 2 {
+            return invalid("agent_svid_ttl", "must be at least 2 seconds");
+        }
+        if self.join_token_ttl == 0 {
+            return invalid("join_token_ttl", "must be at least 1 second");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_defaults_fill_the_rest() {
+        let file: FileConfig =
+            toml::from_str("trust_domain = \"a.org\"\nca_ttl = 600\ndefault_x509_svid_ttl = 60\n")
+                .unwrap();
+        let flags = FileConfig { trust_domain: Some("b.org".into()), ..Default::default() };
+        let config = Config::resolve(file, flags).unwrap();
+        assert_eq!(config.trust_domain.as_str(), "b.org");
+        assert_eq!(config.ca_ttl, 600);
+        assert_eq!(config.default_x509_svid_ttl, 60);
+        assert_eq!(config.admin_socket, PathBuf::from(DEFAULT_DATA_DIR).join("admin.sock"));
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_trust_domain_are_errors() {
+        assert!(toml::from_str::<FileConfig>("trust_domian = \"a.org\"").is_err());
+        let err = Config::resolve(FileConfig::default(), FileConfig::default()).unwrap_err();
+        assert!(matches!(err, ConfigError::MissingTrustDomain));
+        let bad = FileConfig { trust_domain: Some("Bad..Domain".into()), ..Default::default() };
+        assert!(matches!(
+            Config::resolve(bad, FileConfig::default()),
+            Err(ConfigError::TrustDomain(_))
+        ));
+    }
+
+    #[test]
+    fn out_of_range_settings_are_refused() {
+        let file = FileConfig {
+            trust_domain: Some("a.org".into()),
+            default_x509_svid_ttl: Some(0),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::resolve(file, FileConfig::default()),
+            Err(ConfigError::Invalid { key: "default_x509_svid_ttl", .. })
+        ));
+    }
+}

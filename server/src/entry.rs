@@ -1,0 +1,330 @@
+//! Registration entries: the validated domain type, and the rules an entry
+//! must follow before it is stored.
+
+use std::collections::BTreeSet;
+
+use tessera_proto::types as pb;
+use tessera_workload_api::{Selector, SelectorError, SpiffeId, SpiffeIdError, TrustDomain};
+
+/// Why an entry (or one item of a batch) was refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EntryError {
+    /// The entry's SPIFFE ID is missing or invalid.
+    #[error("invalid SPIFFE ID: {0}")]
+    SpiffeId(SpiffeIdError),
+    /// No parent ID was given.
+    #[error("parent ID is required (the SPIFFE ID of the agent that serves this entry)")]
+    MissingParent,
+    /// The parent ID is invalid.
+    #[error("invalid parent ID: {0}")]
+    ParentId(SpiffeIdError),
+    /// The SPIFFE or parent ID is in another trust domain.
+    #[error("{0} is not in trust domain {1}")]
+    ForeignTrustDomain(String, String),
+    /// The SPIFFE ID is the trust domain itself or under the reserved `/tessera/` path.
+    #[error("SPIFFE ID {0} is reserved for Tessera's own components")]
+    Reserved(String),
+    /// No selectors were given.
+    #[error("at least one selector is required")]
+    NoSelectors,
+    /// A selector is malformed or of an unknown type.
+    #[error("invalid selector: {0}")]
+    Selector(SelectorError),
+    /// The X509-SVID TTL is zero.
+    #[error("X509-SVID TTL must be at least 1 second")]
+    TtlZero,
+    /// The X509-SVID TTL exceeds the configured maximum.
+    #[error("X509-SVID TTL {ttl}s exceeds the maximum of {max}s")]
+    TtlTooLarge {
+        /// Requested.
+        ttl: u32,
+        /// Configured maximum.
+        max: u32,
+    },
+    /// A DNS name is not a valid hostname.
+    #[error("invalid DNS name {0:?}")]
+    DnsName(String),
+    /// `expires_at` is in the past.
+    #[error("expires_at is in the past")]
+    AlreadyExpired,
+    /// The hint is too long.
+    #[error("hint is longer than 1024 bytes")]
+    HintTooLong,
+    /// An entry with the same SPIFFE ID, parent ID and selectors exists.
+    #[error("an entry with the same SPIFFE ID, parent ID and selectors already exists: {0}")]
+    Duplicate(String),
+    /// No entry has this ID.
+    #[error("entry {0} not found")]
+    NotFound(String),
+    /// An update did not name the entry.
+    #[error("entry ID is required")]
+    MissingId,
+}
+
+impl EntryError {
+    /// The gRPC status code for this refusal.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::Duplicate(_) => tonic::Code::AlreadyExists,
+            Self::NotFound(_) => tonic::Code::NotFound,
+            _ => tonic::Code::InvalidArgument,
+        }
+    }
+}
+
+/// A validated registration entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Server-assigned ID.
+    pub id: String,
+    /// The identity issued.
+    pub spiffe_id: SpiffeId,
+    /// The agent (or other parent) that serves it.
+    pub parent_id: SpiffeId,
+    /// Sorted, without duplicates.
+    pub selectors: Vec<Selector>,
+    /// Seconds.
+    pub x509_svid_ttl: u32,
+    /// Extra DNS SANs.
+    pub dns_names: Vec<String>,
+    /// Unix seconds; 0: never.
+    pub expires_at: i64,
+    /// Store revision of the last write.
+    pub revision: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Optional hint passed to workloads.
+    pub hint: String,
+}
+
+/// Limits applied when validating entries.
+#[derive(Debug, Clone)]
+pub struct EntryRules {
+    /// The server's trust domain.
+    pub trust_domain: TrustDomain,
+    /// TTL for entries that set none.
+    pub default_ttl: u32,
+    /// Largest TTL allowed.
+    pub max_ttl: u32,
+}
+
+impl EntryRules {
+    /// Validates an entry from the admin API. `id`, `revision` and
+    /// `created_at` of the input are ignored; the caller sets them.
+    pub fn validate(&self, input: &pb::Entry, now: i64) -> Result<Entry, EntryError> {
+        let spiffe_id = SpiffeId::parse(&input.spiffe_id).map_err(EntryError::SpiffeId)?;
+        if input.parent_id.is_empty() {
+            return Err(EntryError::MissingParent);
+        }
+        let parent_id = SpiffeId::parse(&input.parent_id).map_err(EntryError::ParentId)?;
+        for id in [&spiffe_id, &parent_id] {
+            if id.trust_domain() != &self.trust_domain {
+                return Err(EntryError::ForeignTrustDomain(
+                    id.to_string(),
+                    self.trust_domain.to_string(),
+                ));
+            }
+        }
+        if spiffe_id.is_root() || spiffe_id.path().starts_with("/tessera/") {
+            return Err(EntryError::Reserved(spiffe_id.to_string()));
+        }
+        let selectors = input
+            .selectors
+            .iter()
+            .map(|s| Selector::new(&s.r#type, &s.value).map_err(EntryError::Selector))
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        if selectors.is_empty() {
+            return Err(EntryError::NoSelectors);
+        }
+        let x509_svid_ttl = match input.x509_svid_ttl {
+            None => self.default_ttl,
+            Some(0) => return Err(EntryError::TtlZero),
+            Some(ttl) if ttl > self.max_ttl => {
+                return Err(EntryError::TtlTooLarge { ttl, max: self.max_ttl })
+            }
+            Some(ttl) => ttl,
+        };
+        for name in &input.dns_names {
+            if !is_dns_name(name) {
+                return Err(EntryError::DnsName(name.clone()));
+            }
+        }
+        if input.expires_at != 0 && input.expires_at <= now {
+            return Err(EntryError::AlreadyExpired);
+        }
+        if input.hint.len() > 1024 {
+            return Err(EntryError::HintTooLong);
+        }
+        Ok(Entry {
+            id: String::new(),
+            spiffe_id,
+            parent_id,
+            selectors: selectors.into_iter().collect(),
+            x509_svid_ttl,
+            dns_names: input.dns_names.clone(),
+            expires_at: input.expires_at.max(0),
+            revision: 0,
+            created_at: now,
+            hint: input.hint.clone(),
+        })
+    }
+}
+
+impl Entry {
+    /// The wire/storage form.
+    pub fn to_proto(&self) -> pb::Entry {
+        pb::Entry {
+            id: self.id.clone(),
+            spiffe_id: self.spiffe_id.to_string(),
+            parent_id: self.parent_id.to_string(),
+            selectors: self
+                .selectors
+                .iter()
+                .map(|s| pb::Selector {
+                    r#type: s.kind().to_string(),
+                    value: s.value().to_string(),
+                })
+                .collect(),
+            x509_svid_ttl: Some(self.x509_svid_ttl),
+            dns_names: self.dns_names.clone(),
+            expires_at: self.expires_at,
+            revision: self.revision,
+            created_at: self.created_at,
+            hint: self.hint.clone(),
+        }
+    }
+
+    /// Reads back a stored entry (already validated when written).
+    pub fn from_stored(p: pb::Entry) -> Result<Self, EntryError> {
+        let selectors = p
+            .selectors
+            .iter()
+            .map(|s| Selector::new(&s.r#type, &s.value).map_err(EntryError::Selector))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            spiffe_id: SpiffeId::parse(&p.spiffe_id).map_err(EntryError::SpiffeId)?,
+            parent_id: SpiffeId::parse(&p.parent_id).map_err(EntryError::ParentId)?,
+            selectors,
+            x509_svid_ttl: p.x509_svid_ttl.unwrap_or(0),
+            dns_names: p.dns_names,
+            expires_at: p.expires_at,
+            revision: p.revision,
+            created_at: p.created_at,
+            hint: p.hint,
+            id: p.id,
+        })
+    }
+
+    /// The key that makes two entries duplicates: SPIFFE ID, parent ID and
+    /// the selector set.
+    pub fn identity_key(&self) -> Vec<u8> {
+        let mut key = Vec::new();
+        for part in [self.spiffe_id.as_str(), self.parent_id.as_str()] {
+            key.extend_from_slice(part.as_bytes());
+            key.push(0);
+        }
+        for selector in &self.selectors {
+            key.extend_from_slice(selector.to_string().as_bytes());
+            key.push(0);
+        }
+        ring::digest::digest(&ring::digest::SHA256, &key).as_ref().to_vec()
+    }
+
+    /// Whether the entry has reached its `expires_at`.
+    pub fn is_expired(&self, now: i64) -> bool {
+        self.expires_at != 0 && now >= self.expires_at
+    }
+}
+
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> EntryRules {
+        EntryRules {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            default_ttl: 3600,
+            max_ttl: 7200,
+        }
+    }
+
+    fn input() -> pb::Entry {
+        pb::Entry {
+            spiffe_id: "spiffe://example.org/web".into(),
+            parent_id: "spiffe://example.org/tessera/agent/join_token/abc".into(),
+            selectors: vec![pb::Selector { r#type: "unix".into(), value: "uid:1000".into() }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn valid_entry_gets_default_ttl() {
+        let entry = rules().validate(&input(), 100).unwrap();
+        assert_eq!(entry.x509_svid_ttl, 3600);
+        assert_eq!(entry.created_at, 100);
+    }
+
+    #[test]
+    fn each_rule_is_enforced() {
+        let cases: Vec<(Box<dyn Fn(&mut pb::Entry)>, fn(&EntryError) -> bool)> = vec![
+            (Box::new(|e| e.spiffe_id = "spiffe://example.org/a/../b".into()), |e| {
+                matches!(e, EntryError::SpiffeId(_))
+            }),
+            (Box::new(|e| e.parent_id.clear()), |e| matches!(e, EntryError::MissingParent)),
+            (Box::new(|e| e.parent_id = "http://x".into()), |e| {
+                matches!(e, EntryError::ParentId(_))
+            }),
+            (Box::new(|e| e.spiffe_id = "spiffe://other.org/web".into()), |e| {
+                matches!(e, EntryError::ForeignTrustDomain(..))
+            }),
+            (Box::new(|e| e.spiffe_id = "spiffe://example.org/tessera/server".into()), |e| {
+                matches!(e, EntryError::Reserved(_))
+            }),
+            (Box::new(|e| e.selectors.clear()), |e| matches!(e, EntryError::NoSelectors)),
+            (Box::new(|e| e.selectors[0].r#type = "k8s".into()), |e| {
+                matches!(e, EntryError::Selector(_))
+            }),
+            (Box::new(|e| e.x509_svid_ttl = Some(0)), |e| matches!(e, EntryError::TtlZero)),
+            (Box::new(|e| e.x509_svid_ttl = Some(7201)), |e| {
+                matches!(e, EntryError::TtlTooLarge { .. })
+            }),
+            (Box::new(|e| e.dns_names.push("bad_name".into())), |e| {
+                matches!(e, EntryError::DnsName(_))
+            }),
+            (Box::new(|e| e.expires_at = 50), |e| matches!(e, EntryError::AlreadyExpired)),
+        ];
+        for (mutate, expected) in cases {
+            let mut e = input();
+            mutate(&mut e);
+            let err = rules().validate(&e, 100).unwrap_err();
+            assert!(expected(&err), "unexpected {err:?}");
+        }
+        let mut one_second = input();
+        one_second.x509_svid_ttl = Some(1);
+        assert_eq!(rules().validate(&one_second, 100).unwrap().x509_svid_ttl, 1);
+    }
+
+    #[test]
+    fn identity_key_ignores_selector_order() {
+        let mut a = input();
+        a.selectors.push(pb::Selector { r#type: "unix".into(), value: "gid:5".into() });
+        let mut b = a.clone();
+        b.selectors.reverse();
+        let (a, b) = (rules().validate(&a, 1).unwrap(), rules().validate(&b, 1).unwrap());
+        assert_eq!(a.identity_key(), b.identity_key());
+    }
+}

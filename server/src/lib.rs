@@ -1,0 +1,42 @@
+//! Tessera's server: the trust domain's certificate authority and
+//! registration authority. It stores registration entries, attests node
+//! agents with join tokens, signs X509-SVIDs from agents' CSRs and pushes
+//! entry and bundle changes to agents over their `Sync` streams.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use tessera_server::{Config, Server, SystemClock};
+//! use tessera_workload_api::TrustDomain;
+//!
+//! let config = Config::new(TrustDomain::new("example.org")?, "/var/lib/tessera".into());
+//! let server = Server::bind(config, Arc::new(SystemClock)).await?;
+//! server.run(tokio_util::sync::CancellationToken::new()).await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod admin;
+mod ca;
+pub mod cli;
+mod client;
+mod clock;
+mod config;
+mod csr;
+mod entry;
+mod fsutil;
+mod node;
+mod server;
+mod state;
+mod store;
+mod tls;
+
+pub use ca::{Ca, CaError, CaPolicy, SignedSvid};
+pub use client::connect_admin;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{Config, ConfigError, FileConfig};
+pub use csr::{parse_csr, CsrError};
+pub use entry::{Entry, EntryError, EntryRules};
+pub use server::{Server, ServerError, MAX_MESSAGE_BYTES};
+pub use store::{EntryChange, EntryFilter, SledStore, Store, StoreError};
+pub use tls::NodePeer;

@@ -1,0 +1,270 @@
+//! The server component: binds its sockets, then runs the node API, the
+//! admin API and the CA rotation loop until shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use tessera_proto::admin::admin_server::AdminServer;
+use tessera_proto::node::node_server::NodeServer;
+use tessera_workload_api::TrustAnchors;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, Instrument};
+
+use crate::admin::AdminService;
+use crate::ca::{Ca, CaError, CaPolicy};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::entry::EntryRules;
+use crate::fsutil::create_private_dir;
+use crate::node::NodeService;
+use crate::state::State;
+use crate::store::{SledStore, StoreError};
+use crate::tls::{self, ServerSvid};
+
+/// Largest gRPC message the server accepts or sends.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A file or socket operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path or address.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another server already serves this admin socket.
+    #[error("admin socket {0} is in use by a running server")]
+    AdminSocketInUse(PathBuf),
+    /// The store could not be opened.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The CA could not be loaded or created.
+    #[error("{0}")]
+    Ca(#[from] CaError),
+    /// TLS setup failed.
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    /// A gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A bound, ready-to-run server.
+#[derive(Debug)]
+pub struct Server {
+    state: Arc<State>,
+    svid: Arc<ServerSvid>,
+    node_listener: TcpListener,
+    admin_listener: UnixListener,
+}
+
+impl Server {
+    /// Opens the store and CA in the data dir and binds the node and admin
+    /// sockets (so `node_addr` is known before `run`).
+    pub async fn bind(config: Config, clock: Arc<dyn Clock>) -> Result<Self, ServerError> {
+        let io = |what, path: &std::path::Path| {
+            let path = path.display().to_string();
+            move |source| ServerError::Io { what, path, source }
+        };
+        create_private_dir(&config.data_dir)
+            .map_err(io("cannot create data dir", &config.data_dir))?;
+        let store = SledStore::open(&config.data_dir.join("store"))?;
+        let policy = CaPolicy {
+            ttl: config.ca_ttl,
+            prepare_at: config.ca_prepare_at,
+            activate_at: config.ca_activate_at,
+        };
+        let ca = Arc::new(Ca::load_or_create(
+            &config.data_dir,
+            config.trust_domain.clone(),
+            policy,
+            clock.clone(),
+        )?);
+        let anchors = TrustAnchors::new(ca.bundle().to_vec());
+        let svid = Arc::new(ServerSvid::issue(&ca, &config.trust_domain)?);
+
+        let node_listener = TcpListener::bind(config.bind).await.map_err(io(
+            "cannot bind node API to",
+            std::path::Path::new(&config.bind.to_string()),
+        ))?;
+        let admin_listener = bind_admin_socket(&config.admin_socket).await?;
+
+        let rules = EntryRules {
+            trust_domain: config.trust_domain.clone(),
+            default_ttl: config.default_x509_svid_ttl,
+            max_ttl: config.max_x509_svid_ttl,
+        };
+        let (entry_events, _) = broadcast::channel(4096);
+        let state = Arc::new(State {
+            config,
+            clock,
+            store: Arc::new(store),
+            ca,
+            rules,
+            entry_events,
+            anchors,
+        });
+        Ok(Self { state, svid, node_listener, admin_listener })
+    }
+
+    /// The node API's bound address.
+    pub fn node_addr(&self) -> Result<SocketAddr, ServerError> {
+        self.node_listener.local_addr().map_err(|source| ServerError::Io {
+            what: "node API address",
+            path: String::new(),
+            source,
+        })
+    }
+
+    /// The current trust bundle.
+    pub fn bundle(&self) -> Vec<CertificateDer<'static>> {
+        self.state.ca.bundle().to_vec()
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let Self { state, svid, node_listener, admin_listener } = self;
+        let node_addr = node_listener.local_addr().ok();
+        let tls_config = tls::server_config(
+            svid.clone(),
+            state.anchors.clone(),
+            state.config.trust_domain.clone(),
+        )?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
+        let mut tasks = JoinSet::new();
+
+        let node = NodeServer::new(NodeService::new(state.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let incoming = tls::incoming(node_listener, acceptor, shutdown.clone());
+        let stop = shutdown.clone();
+        tasks.spawn(
+            async move {
+                tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                    .add_service(node)
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                    .await
+                    .map_err(ServerError::from)
+            }
+            .instrument(tracing::info_span!("node_api")),
+        );
+
+        let admin = AdminServer::new(AdminService::new(state.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let stop = shutdown.clone();
+        tasks.spawn(
+            async move {
+                tonic::transport::Server::builder()
+                    .add_service(admin)
+                    .serve_with_incoming_shutdown(
+                        UnixListenerStream::new(admin_listener),
+                        stop.cancelled(),
+                    )
+                    .await
+                    .map_err(ServerError::from)
+            }
+            .instrument(tracing::info_span!("admin_api")),
+        );
+
+        tasks.spawn(
+            rotation_loop(state.clone(), svid, shutdown.clone())
+                .instrument(tracing::info_span!("ca_rotation")),
+        );
+
+        info!(
+            trust_domain = %state.config.trust_domain,
+            node_api = ?node_addr,
+            admin_socket = %state.config.admin_socket.display(),
+            "tessera-server ready"
+        );
+        let mut result = Ok(());
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    error!(error = %e, "server task failed");
+                    shutdown.cancel();
+                    result = Err(e);
+                }
+                Err(e) => {
+                    error!(error = %e, "server task panicked");
+                    shutdown.cancel();
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&state.config.admin_socket);
+        info!("tessera-server stopped");
+        result
+    }
+}
+
+/// Keeps the CA rotated and the server's own SVID fresh.
+async fn rotation_loop(
+    state: Arc<State>,
+    svid: Arc<ServerSvid>,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    loop {
+        let now = state.clock.now();
+        let svid_refresh = (svid.expires_at() - now) / 2;
+        let wait = state.ca.next_rotation_in().min(svid_refresh).clamp(1, 3600);
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
+        }
+        let now = state.clock.now();
+        match state.ca.rotate() {
+            Ok(changed) => {
+                if changed {
+                    state.anchors.update(state.ca.bundle().to_vec());
+                }
+                let half_life_passed =
+                    svid.expires_at() - now <= i64::from(tls::SERVER_SVID_TTL) / 2;
+                if changed || half_life_passed {
+                    if let Err(e) = svid.renew(&state.ca) {
+                        error!(error = %e, "server SVID renewal failed");
+                    }
+                }
+            }
+            Err(e) => error!(error = %e, "CA rotation failed"),
+        }
+    }
+}
+
+async fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener, ServerError> {
+    let io = |what| {
+        let path = path.display().to_string();
+        move |source| ServerError::Io { what, path, source }
+    };
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            create_private_dir(dir).map_err(io("cannot create admin socket dir"))?;
+        }
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServerError::AdminSocketInUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(io("cannot remove stale admin socket"))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io("cannot bind admin socket"))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("cannot restrict admin socket"))?;
+    Ok(listener)
+}

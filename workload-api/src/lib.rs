@@ -1,0 +1,27 @@
+//! Tessera's workload-side library: SPIFFE identity types, X509-SVID and
+//! bundle parsing with validation of the SPIFFE X509-SVID profile, and
+//! rustls verifiers that authorize peers by SPIFFE ID.
+//!
+//! ```
+//! use tessera_workload_api::SpiffeId;
+//!
+//! let id: SpiffeId = "spiffe://example.org/billing/api".parse().unwrap();
+//! assert_eq!(id.trust_domain().as_str(), "example.org");
+//! assert_eq!(id.path(), "/billing/api");
+//! ```
+#![forbid(unsafe_code)]
+
+mod selector;
+mod spiffe_id;
+mod tls;
+mod x509;
+
+pub use selector::{Selector, SelectorError};
+pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
+pub use tls::{
+    spiffe_id_of_cert, Authorizer, SpiffeClientCertVerifier, SpiffeServerCertVerifier, TlsError,
+    TrustAnchors,
+};
+pub use x509::{
+    split_der_chain, validate_ca_cert, validate_leaf_cert, X509Bundle, X509Error, X509Svid,
+};
