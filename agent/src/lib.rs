@@ -1,3 +1,9 @@
-//! Tessera's node agent. Not built yet: see issue 3 (node agent and the
-//! SPIFFE Workload API).
+//! Tessera's node agent. So far: the client for the server's node API. The
+//! agent itself (attestation, sync, SVID cache, Workload API) is issue 3.
 #![forbid(unsafe_code)]
+
+mod node_client;
+
+pub use node_client::{
+    connect_node, node_tls_config, ClientIdentity, NodeClientError, MAX_MESSAGE_BYTES,
+};

@@ -301,6 +301,7 @@ impl Node for NodeService {
             .store_op(move |store| Ok((store.revision()?, store.entries_by_parent(&parent)?)))
             .await?;
         let (tx, rx) = mpsc::channel(64);
+        let shutdown = self.state.shutdown.clone();
         tokio::spawn(async move {
             let bundle = bundles.borrow_and_update().iter().map(|c| c.to_vec()).collect();
             let first = pb::SyncMessage {
@@ -330,6 +331,8 @@ impl Node for NodeService {
             loop {
                 let message = tokio::select! {
                     _ = tx.closed() => return,
+                    // End the stream so the server's graceful shutdown can finish.
+                    _ = shutdown.cancelled() => return,
                     changed = bundles.changed() => {
                         if changed.is_err() { return; }
                         let bundle = bundles.borrow_and_update().iter().map(|c| c.to_vec()).collect();

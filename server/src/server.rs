@@ -116,6 +116,7 @@ impl Server {
             rules,
             entry_events,
             anchors,
+            shutdown: CancellationToken::new(),
         });
         Ok(Self { state, svid, node_listener, admin_listener })
     }
@@ -145,6 +146,12 @@ impl Server {
         )?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
         let mut tasks = JoinSet::new();
+        let streams_shutdown = state.shutdown.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            streams_shutdown.cancel();
+        });
 
         let node = NodeServer::new(NodeService::new(state.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tessera_workload_api::{SpiffeId, TrustAnchors};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::ca::Ca;
 use crate::clock::Clock;
@@ -54,6 +55,8 @@ pub struct State {
     pub entry_events: broadcast::Sender<EntryEvent>,
     /// The bundle as trust anchors for verifying agents.
     pub anchors: TrustAnchors,
+    /// Cancelled when the server shuts down; long-lived streams end on it.
+    pub shutdown: CancellationToken,
 }
 
 impl State {

@@ -1,2 +1,214 @@
-//! Shared helpers for Tessera's end-to-end tests and benchmark.
+//! Shared helpers for Tessera's end-to-end tests and benchmark: start a real
+//! server on loopback with a temp data dir, attest simulated agents through
+//! the real node API.
 #![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tessera_agent::{connect_node, node_tls_config, ClientIdentity};
+use tessera_proto::admin::{self as admin_pb, admin_client::AdminClient};
+use tessera_proto::node::{self as node_pb, node_client::NodeClient};
+use tessera_proto::types;
+use tessera_server::{Clock, Config, Server, SystemClock};
+use tessera_workload_api::{TrustAnchors, TrustDomain};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// The trust domain tests use.
+pub const TRUST_DOMAIN: &str = "example.org";
+
+/// A server running in this process on real sockets.
+#[derive(Debug)]
+pub struct TestServer {
+    /// Node API address.
+    pub addr: SocketAddr,
+    /// Admin socket.
+    pub admin_socket: PathBuf,
+    /// Data dir.
+    pub data_dir: PathBuf,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Server config for tests: loopback, ephemeral port, `data_dir`.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut config = Config::new(TrustDomain::new(TRUST_DOMAIN).unwrap(), data_dir.to_owned());
+    config.bind = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+impl TestServer {
+    /// Starts a server with the system clock.
+    pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(test_config(data_dir), Arc::new(SystemClock)).await
+    }
+
+    /// Starts a server with a config and clock.
+    pub async fn start_with(config: Config, clock: Arc<dyn Clock>) -> Self {
+        let admin_socket = config.admin_socket.clone();
+        let data_dir = config.data_dir.clone();
+        let server = Server::bind(config, clock).await.expect("server binds");
+        let addr = server.node_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            server.run(stop).await.expect("server runs");
+        });
+        Self { addr, admin_socket, data_dir, shutdown, task }
+    }
+
+    /// Stops the server and waits until it has released its store.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// An admin API client.
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        tessera_server::connect_admin(&self.admin_socket).await.expect("admin socket")
+    }
+
+    /// The trust bundle, via the admin API.
+    pub async fn bundle(&self) -> Vec<CertificateDer<'static>> {
+        let bundle = self
+            .admin()
+            .await
+            .get_bundle(admin_pb::GetBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        bundle.authorities.into_iter().map(CertificateDer::from).collect()
+    }
+
+    /// A fresh join token; `spiffe_id` empty for the default agent ID.
+    pub async fn join_token(&self, spiffe_id: &str, ttl: u32) -> types::JoinToken {
+        self.admin()
+            .await
+            .create_join_token(admin_pb::CreateJoinTokenRequest {
+                ttl,
+                spiffe_id: spiffe_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Creates an entry; returns its ID.
+    pub async fn create_entry(
+        &self,
+        spiffe_id: &str,
+        parent_id: &str,
+        selectors: &[&str],
+        ttl: Option<u32>,
+    ) -> String {
+        let entry = entry(spiffe_id, parent_id, selectors, ttl);
+        let response = self
+            .admin()
+            .await
+            .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: vec![entry] })
+            .await
+            .unwrap();
+        let result = response.into_inner().results.remove(0);
+        assert_eq!(result.status.as_ref().unwrap().code, 0, "{:?}", result.status);
+        result.entry.unwrap().id
+    }
+}
+
+/// An admin API entry from parts (`selectors` as `unix:uid:1000`).
+pub fn entry(
+    spiffe_id: &str,
+    parent_id: &str,
+    selectors: &[&str],
+    ttl: Option<u32>,
+) -> types::Entry {
+    types::Entry {
+        spiffe_id: spiffe_id.into(),
+        parent_id: parent_id.into(),
+        selectors: selectors
+            .iter()
+            .map(|s| {
+                let (kind, value) = s.split_once(':').unwrap();
+                types::Selector { r#type: kind.into(), value: value.into() }
+            })
+            .collect(),
+        x509_svid_ttl: ttl,
+        ..Default::default()
+    }
+}
+
+/// A new P-256 key and a DER CSR for it (asking for a name the server must ignore).
+pub fn key_and_csr() -> (KeyPair, Vec<u8>) {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::new(vec!["ignored.example".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI("spiffe://evil.org/wants-this".try_into().unwrap()));
+    let csr = params.serialize_request(&key).unwrap().der().to_vec();
+    (key, csr)
+}
+
+/// An attested simulated agent.
+#[derive(Debug)]
+pub struct TestAgent {
+    /// Its SPIFFE ID.
+    pub id: String,
+    /// Its X509-SVID chain.
+    pub chain: Vec<CertificateDer<'static>>,
+    key: Vec<u8>,
+    addr: SocketAddr,
+}
+
+impl TestAgent {
+    /// Attests with a join token through the node API.
+    pub async fn attest(server: &TestServer, token: &str) -> Result<Self, tonic::Status> {
+        let (key, csr) = key_and_csr();
+        let mut client = anonymous_client(server).await;
+        let response = client
+            .attest(node_pb::AttestRequest { join_token: token.into(), csr })
+            .await?
+            .into_inner();
+        Ok(Self {
+            id: response.agent_id,
+            chain: response.x509_svid.into_iter().map(CertificateDer::from).collect(),
+            key: key.serialize_der(),
+            addr: server.addr,
+        })
+    }
+
+    /// A node API client authenticated with this agent's SVID.
+    pub async fn client(&self, server: &TestServer) -> NodeClient<Channel> {
+        let identity = ClientIdentity {
+            chain: self.chain.clone(),
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone())),
+        };
+        let anchors = TrustAnchors::new(server.bundle().await);
+        let tls =
+            node_tls_config(anchors, &TrustDomain::new(TRUST_DOMAIN).unwrap(), Some(identity))
+                .unwrap();
+        connect_node(&self.addr.to_string(), tls).await.unwrap()
+    }
+
+    /// Replaces the agent's SVID (after a renewal).
+    pub fn set_svid(&mut self, chain: Vec<CertificateDer<'static>>, key: Vec<u8>) {
+        self.chain = chain;
+        self.key = key;
+    }
+}
+
+/// A node API client without a client certificate.
+pub async fn anonymous_client(server: &TestServer) -> NodeClient<Channel> {
+    let anchors = TrustAnchors::new(server.bundle().await);
+    let tls = node_tls_config(anchors, &TrustDomain::new(TRUST_DOMAIN).unwrap(), None).unwrap();
+    connect_node(&server.addr.to_string(), tls).await.unwrap()
+}
+
+/// PEM-encodes certificates.
+pub fn to_pem(certs: &[impl AsRef<[u8]>]) -> String {
+    certs.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()))).collect()
+}

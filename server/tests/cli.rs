@@ -1,0 +1,237 @@
+//! The `tessera-server` binary as an operator uses it: `run` on an empty data
+//! dir, then entry, token, agent and bundle commands over the admin socket.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera-server");
+
+struct RunningServer {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl RunningServer {
+    fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        let child = Command::new(BIN)
+            .args(["run", "--trust-domain", "example.org", "--bind", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let socket = data_dir.join("admin.sock");
+        let server = Self { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !server.cli(&["healthcheck"]).status.success() {
+            assert!(Instant::now() < deadline, "server did not become healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        let socket = self.socket.to_str().unwrap();
+        Command::new(BIN).args(args).args(["--socket", socket]).output().unwrap()
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+fn entry_count(server: &RunningServer) -> usize {
+    let out = server.cli(&["entry", "show", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array().unwrap().len()
+}
+
+#[test]
+fn operator_workflow_and_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RunningServer::start(dir.path(), &[]);
+
+    let token = server.cli(&["token", "generate", "--spiffe-id", "spiffe://example.org/node/1"]);
+    assert!(token.status.success(), "{}", stderr(&token));
+    assert_eq!(stdout(&token).len(), 36, "prints the token");
+
+    let create = [
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--parent-id",
+        "spiffe://example.org/node/1",
+        "--selector",
+        "unix:uid:1000",
+        "--x509-svid-ttl",
+        "60",
+        "--dns-name",
+        "web.internal",
+    ];
+    let out = server.cli(&create);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out);
+    assert_eq!(id.len(), 36, "prints the entry id: {id}");
+    assert_eq!(entry_count(&server), 1);
+
+    let bad: &[(&[&str], &str)] = &[
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/a/../b",
+                "--parent-id",
+                "spiffe://example.org/n",
+                "--selector",
+                "unix:uid:1",
+            ],
+            "dot segment",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--parent-id",
+                "spiffe://example.org/n",
+                "--selector",
+                "k8s:ns:default",
+            ],
+            "selector",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--parent-id",
+                "spiffe://example.org/n",
+                "--selector",
+                "unixuid",
+            ],
+            "selector",
+        ),
+        (&["--spiffe-id", "spiffe://example.org/x", "--selector", "unix:uid:1"], "--parent-id"),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--parent-id",
+                "spiffe://example.org/n",
+                "--selector",
+                "unix:uid:1",
+                "--x509-svid-ttl",
+                "0",
+            ],
+            "TTL",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--parent-id",
+                "spiffe://example.org/n",
+                "--selector",
+                "unix:uid:1",
+                "--expires-at",
+                "tomorrow",
+            ],
+            "expires-at",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/web",
+                "--parent-id",
+                "spiffe://example.org/node/1",
+                "--selector",
+                "unix:uid:1000",
+            ],
+            "already exists",
+        ),
+        (&["--spiffe-id", "spiffe://example.org/x", "--bogus-flag"], "--bogus-flag"),
+    ];
+    for (args, expected) in bad {
+        let mut full = vec!["entry", "create"];
+        full.extend_from_slice(args);
+        let out = server.cli(&full);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert_eq!(err.lines().count(), 1, "one-line error for {args:?}: {err}");
+        assert!(err.to_lowercase().contains(&expected.to_lowercase()), "{args:?}: {err}");
+    }
+    assert_eq!(entry_count(&server), 1, "refused requests change nothing");
+
+    // Update keeps unspecified fields; delete removes.
+    let out = server.cli(&["entry", "update", "--id", &id, "--x509-svid-ttl", "120"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = server.cli(&["entry", "show", "--id", &id, "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown[0]["x509_svid_ttl"], 120);
+    assert_eq!(shown[0]["dns_names"][0], "web.internal");
+    let out = server.cli(&["entry", "show"]);
+    assert!(stdout(&out).contains("Selector         : unix:uid:1000"));
+
+    let out = server.cli(&["bundle", "show"]);
+    assert!(stdout(&out).starts_with("-----BEGIN CERTIFICATE-----"));
+    let out = server.cli(&["agent", "list", "--json"]);
+    assert_eq!(stdout(&out), "[]");
+    let out = server.cli(&["agent", "show", "--id", "spiffe://example.org/node/1"]);
+    assert!(!out.status.success() && stderr(&out).contains("not found"));
+
+    let out = server.cli(&["entry", "delete", "--id", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = server.cli(&["entry", "delete", "--id", &id]);
+    assert!(!out.status.success() && stderr(&out).contains("not found"));
+    assert_eq!(entry_count(&server), 0);
+
+    // Entries survive a restart of the process.
+    let out = server.cli(&create);
+    assert!(out.status.success());
+    server.stop();
+    let server = RunningServer::start(dir.path(), &[]);
+    assert_eq!(entry_count(&server), 1);
+    server.stop();
+}
+
+#[test]
+fn bad_config_and_flags_exit_non_zero_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "trust_domain = \"example.org\"\nunknown_key = 1\n").unwrap();
+    let cases: Vec<Vec<String>> = vec![
+        vec!["run".into(), "--config".into(), config.display().to_string()],
+        vec!["run".into(), "--data-dir".into(), dir.path().display().to_string()],
+        vec!["run".into(), "--trust-domain".into(), "Not A Domain".into()],
+        vec!["run".into(), "--no-such-flag".into()],
+        vec![
+            "healthcheck".into(),
+            "--socket".into(),
+            dir.path().join("none.sock").display().to_string(),
+        ],
+    ];
+    for args in cases {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+}
