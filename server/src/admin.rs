@@ -11,7 +11,10 @@ use tracing::{info, warn};
 
 use crate::entry::{Entry, EntryError};
 use crate::state::{EntryEvent, State};
-use crate::store::{EntryFilter, MAX_BATCH};
+use crate::store::{EntryFilter, Store, StoreError, MAX_BATCH};
+
+/// A store batch write: per-item results.
+type BatchWrite = fn(&dyn Store, &[Entry]) -> Result<Vec<Result<Entry, EntryError>>, StoreError>;
 
 /// Largest page of a listing.
 pub const MAX_PAGE: usize = 10_000;
@@ -47,10 +50,7 @@ impl AdminService {
         op: &'static str,
         inputs: Vec<types::Entry>,
         prepare: impl Fn(&types::Entry, Entry) -> Result<Entry, EntryError>,
-        write: fn(
-            &dyn crate::store::Store,
-            &[Entry],
-        ) -> Result<Vec<Result<Entry, EntryError>>, crate::store::StoreError>,
+        write: BatchWrite,
     ) -> Result<Response<pb::BatchEntryResponse>, Status> {
         Self::check_batch(inputs.len())?;
         let now = self.state.clock.now();

@@ -378,7 +378,7 @@ fn to_datetime(unix: i64) -> OffsetDateTime {
 }
 
 fn ia5(s: &str) -> Result<rcgen::string::Ia5String, CaError> {
-    rcgen::string::Ia5String::try_from(s).map_err(|e| CaError::Sign(e))
+    rcgen::string::Ia5String::try_from(s).map_err(CaError::Sign)
 }
 
 #[cfg(test)]

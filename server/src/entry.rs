@@ -280,7 +280,8 @@ mod tests {
 
     #[test]
     fn each_rule_is_enforced() {
-        let cases: Vec<(Box<dyn Fn(&mut pb::Entry)>, fn(&EntryError) -> bool)> = vec![
+        type Case = (Box<dyn Fn(&mut pb::Entry)>, fn(&EntryError) -> bool);
+        let cases: Vec<Case> = vec![
             (Box::new(|e| e.spiffe_id = "spiffe://example.org/a/../b".into()), |e| {
                 matches!(e, EntryError::SpiffeId(_))
             }),

@@ -307,7 +307,7 @@ async fn sync_streams_snapshot_then_pushes_changes() {
             Event::Change(change) => panic!("change before snapshot: {change:?}"),
         }
     }
-    assert_eq!(snapshot, [first.clone()], "only the agent's own entries");
+    assert_eq!(snapshot, std::slice::from_ref(&first), "only the agent's own entries");
 
     let second =
         server.create_entry("spiffe://example.org/two", &agent.id, &["unix:uid:2"], None).await;
