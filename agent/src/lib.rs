@@ -1,9 +1,36 @@
-//! Tessera's node agent. So far: the client for the server's node API. The
-//! agent itself (attestation, sync, SVID cache, Workload API) is issue 3.
+//! Tessera's node agent: attests to the server with a join token, follows
+//! its entries over the server's `Sync` push stream, keeps an X509-SVID for
+//! each (keys generated here, renewed at half-life), attests local processes
+//! from the Unix socket peer and serves them the standard SPIFFE Workload API.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use tessera_agent::{Agent, AgentConfig};
+//!
+//! let mut config = AgentConfig::new("/var/lib/tessera/agent".into(), "127.0.0.1:8081".into());
+//! config.join_token = Some("<token>".into());
+//! config.trust_bundle = Some("/etc/tessera/bundle.pem".into());
+//! let agent = Agent::start(config).await?;
+//! agent.run(tokio_util::sync::CancellationToken::new()).await?;
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 
+mod agent;
+mod attestor;
+mod cache;
+pub mod cli;
+mod identity;
+mod manager;
 mod node_client;
+mod workload;
+mod workload_client;
 
+pub use agent::{Agent, AgentConfig, AgentError, DEFAULT_DATA_DIR};
+pub use attestor::{AttestError, PeerProcess, UnixAttestor, WorkloadAttestor};
 pub use node_client::{
     connect_node, node_tls_config, ClientIdentity, NodeClientError, MAX_MESSAGE_BYTES,
+};
+pub use workload_client::{
+    connect_workload_api, fetch_x509, with_header as cli_request, FetchedSvid,
 };

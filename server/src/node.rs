@@ -2,6 +2,7 @@
 //! renewal, batch signing of workload SVIDs, and the Sync push stream.
 //! Refusals are logged here, once, with their reason.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use crate::ca::SignedSvid;
 use crate::csr::parse_csr;
 use crate::entry::Entry;
 use crate::state::{EntryEvent, State};
-use crate::store::MAX_BATCH;
+use crate::store::{EntryChange, Store, StoreError, MAX_BATCH};
 use crate::tls::NodePeer;
 
 /// Entries per snapshot chunk in `Sync`, well under any message size limit.
@@ -295,11 +296,10 @@ impl Node for NodeService {
         // Subscribe before the snapshot so no change falls in between.
         let mut events = self.state.entry_events.subscribe();
         let mut bundles = self.state.ca.watch_bundle();
+        let resume_from = request.get_ref().revision;
         let parent = agent_id.clone();
-        let (revision, entries) = self
-            .state
-            .store_op(move |store| Ok((store.revision()?, store.entries_by_parent(&parent)?)))
-            .await?;
+        let (revision, initial) =
+            self.state.store_op(move |store| initial_sync(store, &parent, resume_from)).await?;
         let (tx, rx) = mpsc::channel(64);
         let shutdown = self.state.shutdown.clone();
         tokio::spawn(async move {
@@ -312,22 +312,13 @@ impl Node for NodeService {
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
-            let mut chunks = entries.chunks(SNAPSHOT_CHUNK).peekable();
-            if chunks.peek().is_none() {
-                let empty = pb::EntrySnapshot { entries: vec![], revision, complete: true };
-                let _ = tx.send(Ok(snapshot(empty))).await;
-            }
-            while let Some(chunk) = chunks.next() {
-                let message = pb::EntrySnapshot {
-                    entries: chunk.iter().map(Entry::to_proto).collect(),
-                    revision,
-                    complete: chunks.peek().is_none(),
-                };
-                if tx.send(Ok(snapshot(message))).await.is_err() {
+            let sent = initial.len();
+            for message in initial {
+                if tx.send(Ok(message)).await.is_err() {
                     return;
                 }
             }
-            info!(agent_id = %agent_id, entries = entries.len(), revision, "agent sync started");
+            info!(agent_id = %agent_id, messages = sent, revision, resumed_from = resume_from, "agent sync started");
             loop {
                 let message = tokio::select! {
                     _ = tx.closed() => return,
@@ -366,6 +357,63 @@ impl Node for NodeService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// What a new Sync stream starts with: the changes since `resume_from` when
+/// the agent has a revision the store can resume from, else a full snapshot
+/// in chunks. Returns the store revision it is current to.
+fn initial_sync(
+    store: &dyn Store,
+    agent_id: &SpiffeId,
+    resume_from: u64,
+) -> Result<(u64, Vec<pb::SyncMessage>), StoreError> {
+    let revision = store.revision()?;
+    if resume_from > 0 && resume_from <= revision {
+        // The last change per entry decides what the agent must do.
+        let mut last: BTreeMap<String, EntryChange> = BTreeMap::new();
+        for change in store.changes_since(resume_from)? {
+            if change.parent_id == agent_id.as_str() {
+                last.insert(change.entry_id.clone(), change);
+            }
+        }
+        let mut messages = Vec::new();
+        for (id, change) in last {
+            let current = if change.removed { None } else { store.entry(&id)? };
+            let event = match current {
+                Some(entry) if &entry.parent_id == agent_id => {
+                    pb::entry_change::Change::Upserted(entry.to_proto())
+                }
+                Some(_) => continue,
+                None if change.removed => pb::entry_change::Change::RemovedEntryId(id),
+                None => continue,
+            };
+            messages.push(pb::SyncMessage {
+                event: Some(pb::sync_message::Event::Change(pb::EntryChange {
+                    revision: change.revision,
+                    change: Some(event),
+                })),
+            });
+        }
+        return Ok((revision, messages));
+    }
+    let entries = store.entries_by_parent(agent_id)?;
+    if entries.is_empty() {
+        let empty = pb::EntrySnapshot { entries: vec![], revision, complete: true };
+        return Ok((revision, vec![snapshot(empty)]));
+    }
+    let chunks = entries.chunks(SNAPSHOT_CHUNK).count();
+    let messages = entries
+        .chunks(SNAPSHOT_CHUNK)
+        .enumerate()
+        .map(|(i, chunk)| {
+            snapshot(pb::EntrySnapshot {
+                entries: chunk.iter().map(Entry::to_proto).collect(),
+                revision,
+                complete: i + 1 == chunks,
+            })
+        })
+        .collect();
+    Ok((revision, messages))
 }
 
 fn event_revision(event: &EntryEvent) -> u64 {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tessera_agent::{connect_node, node_tls_config, ClientIdentity};
+use tessera_agent::{connect_node, node_tls_config, Agent, AgentConfig, ClientIdentity};
 use tessera_proto::admin::{self as admin_pb, admin_client::AdminClient};
 use tessera_proto::node::{self as node_pb, node_client::NodeClient};
 use tessera_proto::types;
@@ -67,6 +67,15 @@ impl TestServer {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
+    }
+
+    /// Stops the server and starts it again on the same address and data dir.
+    pub async fn restart(self) -> Self {
+        let (addr, data_dir) = (self.addr, self.data_dir.clone());
+        self.stop().await;
+        let mut config = test_config(&data_dir);
+        config.bind = addr;
+        Self::start_with(config, Arc::new(SystemClock)).await
     }
 
     /// An admin API client.
@@ -199,6 +208,61 @@ impl TestAgent {
         self.chain = chain;
         self.key = key;
     }
+}
+
+/// A real agent running in this process, serving the Workload API on its socket.
+#[derive(Debug)]
+pub struct RunningAgent {
+    /// The agent's SPIFFE ID.
+    pub id: String,
+    /// The Workload API socket.
+    pub socket: PathBuf,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl RunningAgent {
+    /// Attests a new agent (fresh join token) with its data in `data_dir`.
+    pub async fn start(server: &TestServer, data_dir: &Path) -> Self {
+        let token = server.join_token("", 0).await;
+        std::fs::create_dir_all(data_dir).unwrap();
+        let bundle_path = data_dir.join("bootstrap-bundle.pem");
+        std::fs::write(&bundle_path, to_pem(&server.bundle().await)).unwrap();
+        let mut config = AgentConfig::new(data_dir.to_owned(), server.addr.to_string());
+        config.join_token = Some(token.token);
+        config.trust_bundle = Some(bundle_path);
+        Self::start_with(config).await
+    }
+
+    /// Starts an agent with `config`.
+    pub async fn start_with(config: AgentConfig) -> Self {
+        let agent = Agent::start(config).await.expect("agent starts");
+        let id = agent.spiffe_id();
+        let socket = agent.socket_path().to_owned();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            agent.run(stop).await.expect("agent runs");
+        });
+        Self { id, socket, shutdown, task }
+    }
+
+    /// The Workload API address for clients, `unix:///...`.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Stops the agent.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The uid of this test process (what the agent's attestor will see).
+pub fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
 }
 
 /// A node API client without a client certificate.

@@ -1,0 +1,265 @@
+//! The agent component: attests (or reuses its stored SVID), binds the
+//! Workload API socket, then runs sync, signing, renewal and the Workload
+//! API until shutdown.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls_pki_types::CertificateDer;
+use tessera_proto::node as pb;
+use tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use tessera_workload_api::{TrustAnchors, TrustDomain};
+use tokio::net::UnixListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::attestor::UnixAttestor;
+use crate::cache::Cache;
+use crate::identity::{
+    certs_pem, new_key_and_csr, read_pem, write_private, AgentIdentity, IdentityError,
+};
+use crate::manager::{agent_renewal_loop, now, signer_loop, sync_loop, NodeLink};
+use crate::node_client::{connect_node, node_tls_config, NodeClientError};
+use crate::workload::{self, WorkloadService};
+
+/// The agent's default data directory.
+pub const DEFAULT_DATA_DIR: &str = ".tessera/agent";
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where the agent keeps its key, SVID and bundle.
+    pub data_dir: PathBuf,
+    /// Node API address, `host:port`.
+    pub server_address: String,
+    /// Join token for the first attestation.
+    pub join_token: Option<String>,
+    /// Bootstrap trust bundle (used until the agent has stored one).
+    pub trust_bundle: Option<PathBuf>,
+    /// Trust domain; derived from the bundle's CA when not given.
+    pub trust_domain: Option<TrustDomain>,
+    /// Workload API socket.
+    pub socket_path: PathBuf,
+}
+
+impl AgentConfig {
+    /// Defaults for a data dir and server address; socket `<data_dir>/public/api.sock`.
+    pub fn new(data_dir: PathBuf, server_address: String) -> Self {
+        let socket_path = data_dir.join("public").join("api.sock");
+        Self {
+            data_dir,
+            server_address,
+            join_token: None,
+            trust_bundle: None,
+            trust_domain: None,
+            socket_path,
+        }
+    }
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// No bundle stored and none given.
+    #[error("no trust bundle: pass --trust-bundle (the server's `bundle show` output)")]
+    NoBundle,
+    /// The bundle names no trust domain and none was given.
+    #[error("cannot tell the trust domain from the bundle; pass --trust-domain")]
+    NoTrustDomain,
+    /// No valid stored SVID and no join token.
+    #[error("no valid agent SVID in {0} and no --join-token to attest with")]
+    NoJoinToken(PathBuf),
+    /// The server refused attestation.
+    #[error("attestation refused: {0}")]
+    Attestation(String),
+    /// Reading or writing the agent's files failed.
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+    /// The node API could not be reached.
+    #[error("{0}")]
+    Node(#[from] NodeClientError),
+    /// A socket or directory problem.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The Workload API server failed.
+    #[error("Workload API: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// An attested agent with its socket bound.
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    link: Arc<NodeLink>,
+    trust_domain: TrustDomain,
+    listener: UnixListener,
+}
+
+impl Agent {
+    /// Attests (or reuses the stored agent SVID) and binds the Workload API socket.
+    pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
+        let io = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| AgentError::Io { what, path, source }
+        };
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(io("cannot create data dir", &config.data_dir))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io("cannot restrict data dir", &config.data_dir))?;
+        }
+        let bundle = load_bundle(&config)?;
+        let trust_domain = match &config.trust_domain {
+            Some(td) => td.clone(),
+            None => bundle
+                .iter()
+                .find_map(|c| tessera_workload_api::validate_ca_cert(c).ok().flatten())
+                .map(|id| id.trust_domain().clone())
+                .ok_or(AgentError::NoTrustDomain)?,
+        };
+        let anchors = TrustAnchors::new(bundle);
+        let stored = match AgentIdentity::load(&config.data_dir) {
+            Ok(stored) => stored.filter(|id| {
+                id.not_after > now() + 5 && id.spiffe_id.trust_domain() == &trust_domain
+            }),
+            Err(e) => {
+                warn!(error = %e, "stored agent SVID unusable; attesting again");
+                None
+            }
+        };
+        let identity = match stored {
+            Some(identity) => {
+                info!(agent_id = %identity.spiffe_id, not_after = identity.not_after, "reusing stored agent SVID");
+                identity
+            }
+            None => attest(&config, &trust_domain, &anchors).await?,
+        };
+        let listener = workload::bind_socket(&config.socket_path)
+            .map_err(io("cannot bind Workload API socket", &config.socket_path))?;
+        let link = Arc::new(NodeLink::new(
+            config.server_address.clone(),
+            trust_domain.clone(),
+            anchors,
+            identity,
+            config.data_dir.clone(),
+        ));
+        Ok(Self { config, link, trust_domain, listener })
+    }
+
+    /// The agent's SPIFFE ID.
+    pub fn spiffe_id(&self) -> String {
+        self.link.identity().spiffe_id.to_string()
+    }
+
+    /// The Workload API socket.
+    pub fn socket_path(&self) -> &Path {
+        &self.config.socket_path
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let Self { config, link, trust_domain, listener } = self;
+        let cache = Cache::new();
+        let wake = Arc::new(Notify::new());
+        let mut tasks = JoinSet::new();
+        tasks.spawn(
+            sync_loop(link.clone(), cache.clone(), wake.clone(), shutdown.clone())
+                .instrument(tracing::info_span!("sync")),
+        );
+        tasks.spawn(
+            signer_loop(link.clone(), cache.clone(), wake, shutdown.clone())
+                .instrument(tracing::info_span!("signer")),
+        );
+        tasks.spawn(
+            agent_renewal_loop(link.clone(), config.data_dir.clone(), shutdown.clone())
+                .instrument(tracing::info_span!("agent_svid")),
+        );
+        let service = WorkloadService::new(
+            cache,
+            Arc::new(UnixAttestor::new()),
+            trust_domain,
+            shutdown.clone(),
+        );
+        let incoming = workload::incoming(listener, shutdown.clone());
+        let stop = shutdown.clone();
+        let server = tokio::spawn(
+            async move {
+                tonic::transport::Server::builder()
+                    .add_service(SpiffeWorkloadApiServer::new(service))
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                    .await
+            }
+            .instrument(tracing::info_span!("workload_api")),
+        );
+        info!(agent_id = %link.identity().spiffe_id, socket = %config.socket_path.display(), "tessera-agent ready");
+        let result = server.await;
+        shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        let _ = std::fs::remove_file(&config.socket_path);
+        info!("tessera-agent stopped");
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(AgentError::Io {
+                what: "Workload API task",
+                path: config.socket_path,
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
+    }
+}
+
+fn load_bundle(config: &AgentConfig) -> Result<Vec<CertificateDer<'static>>, AgentError> {
+    let stored = config.data_dir.join("bundle.pem");
+    let path = if stored.exists() {
+        stored
+    } else {
+        config.trust_bundle.clone().ok_or(AgentError::NoBundle)?
+    };
+    let certs: Vec<CertificateDer<'static>> =
+        read_pem(&path, "CERTIFICATE")?.into_iter().map(Into::into).collect();
+    for cert in &certs {
+        tessera_workload_api::validate_ca_cert(cert).map_err(|e| {
+            IdentityError::Invalid(format!("{}: not a CA certificate: {e}", path.display()))
+        })?;
+    }
+    Ok(certs)
+}
+
+async fn attest(
+    config: &AgentConfig,
+    trust_domain: &TrustDomain,
+    anchors: &TrustAnchors,
+) -> Result<AgentIdentity, AgentError> {
+    let token = config
+        .join_token
+        .clone()
+        .ok_or_else(|| AgentError::NoJoinToken(config.data_dir.clone()))?;
+    let (key, csr) = new_key_and_csr()?;
+    let tls = node_tls_config(anchors.clone(), trust_domain, None)?;
+    let mut client = connect_node(&config.server_address, tls).await?;
+    let response = client
+        .attest(pb::AttestRequest { join_token: token, csr })
+        .await
+        .map_err(|s| AgentError::Attestation(s.message().to_string()))?
+        .into_inner();
+    let identity = AgentIdentity::new(response.x509_svid, key)?;
+    identity.save(&config.data_dir)?;
+    let bundle: Vec<CertificateDer<'static>> =
+        response.bundle.into_iter().map(Into::into).collect();
+    write_private(&config.data_dir.join("bundle.pem"), certs_pem(&bundle).as_bytes())?;
+    anchors.update(bundle);
+    info!(agent_id = %identity.spiffe_id, "attested with join token");
+    Ok(identity)
+}

@@ -1,0 +1,172 @@
+//! The agent's view of its entries, the SVIDs it holds for them and the
+//! trust bundle, published through a `watch` channel so every Workload API
+//! stream sees each change, and every stream of a workload sees the same
+//! cached SVIDs.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use rustls_pki_types::CertificateDer;
+use tessera_proto::types as pb;
+use tessera_workload_api::{Selector, SpiffeId};
+use tokio::sync::watch;
+
+/// An entry as the agent uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentEntry {
+    /// Entry ID.
+    pub id: String,
+    /// The identity it grants.
+    pub spiffe_id: SpiffeId,
+    /// All must be among the workload's selectors.
+    pub selectors: Vec<Selector>,
+    /// X509-SVID lifetime, seconds.
+    pub x509_svid_ttl: u32,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// Unix seconds, 0 = never.
+    pub expires_at: i64,
+    /// Revision of the last change.
+    pub revision: u64,
+    /// Hint for workloads.
+    pub hint: String,
+}
+
+impl AgentEntry {
+    /// Parses an entry from the server; `None` if the server sent nonsense.
+    pub fn from_proto(p: &pb::Entry) -> Option<Self> {
+        Some(Self {
+            id: p.id.clone(),
+            spiffe_id: SpiffeId::parse(&p.spiffe_id).ok()?,
+            selectors: p
+                .selectors
+                .iter()
+                .map(|s| Selector::new(&s.r#type, &s.value).ok())
+                .collect::<Option<_>>()?,
+            x509_svid_ttl: p.x509_svid_ttl.unwrap_or(3600),
+            dns_names: p.dns_names.clone(),
+            expires_at: p.expires_at,
+            revision: p.revision,
+            hint: p.hint.clone(),
+        })
+    }
+
+    /// Whether an SVID signed for `other` is still right for this entry.
+    pub fn same_certificate_content(&self, other: &AgentEntry) -> bool {
+        self.spiffe_id == other.spiffe_id
+            && self.dns_names == other.dns_names
+            && self.x509_svid_ttl == other.x509_svid_ttl
+    }
+}
+
+/// An X509-SVID the agent holds for an entry.
+#[derive(Clone)]
+pub struct CachedSvid {
+    /// The entry it was issued for.
+    pub entry_id: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// PKCS#8 DER private key, generated on this node.
+    pub key_pkcs8: Arc<Vec<u8>>,
+    /// Leaf serial, hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// When to renew: half-life ± 10 % jitter.
+    pub renew_at: i64,
+    /// The entry's hint.
+    pub hint: String,
+}
+
+impl fmt::Debug for CachedSvid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedSvid")
+            .field("entry_id", &self.entry_id)
+            .field("spiffe_id", &self.spiffe_id)
+            .field("serial", &self.serial)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything the agent knows at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct CacheState {
+    /// True once the first full snapshot from the server was applied (or a
+    /// previous one restored).
+    pub ready: bool,
+    /// Last applied entry revision.
+    pub revision: u64,
+    /// Entries by ID.
+    pub entries: BTreeMap<String, Arc<AgentEntry>>,
+    /// SVIDs by entry ID.
+    pub svids: BTreeMap<String, Arc<CachedSvid>>,
+    /// The trust domain's CA certificates.
+    pub bundle: Arc<Vec<CertificateDer<'static>>>,
+}
+
+impl CacheState {
+    /// The SVIDs a workload with `selectors` is entitled to, valid at `now`,
+    /// in a stable order (by SPIFFE ID, then entry ID).
+    pub fn svids_for(&self, selectors: &[Selector], now: i64) -> Vec<Arc<CachedSvid>> {
+        let mut out: Vec<Arc<CachedSvid>> = self
+            .entries
+            .values()
+            .filter(|e| Selector::all_present(&e.selectors, selectors))
+            .filter(|e| e.expires_at == 0 || e.expires_at > now)
+            .filter_map(|e| self.svids.get(&e.id))
+            .filter(|s| s.expires_at > now)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| {
+            (a.spiffe_id.as_str(), &a.entry_id).cmp(&(b.spiffe_id.as_str(), &b.entry_id))
+        });
+        out
+    }
+
+    /// Whether any entry matches `selectors` (with or without an SVID yet).
+    pub fn has_entries_for(&self, selectors: &[Selector], now: i64) -> bool {
+        self.entries.values().any(|e| {
+            Selector::all_present(&e.selectors, selectors)
+                && (e.expires_at == 0 || e.expires_at > now)
+        })
+    }
+}
+
+/// The shared cache.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    tx: Arc<watch::Sender<Arc<CacheState>>>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cache {
+    /// An empty, not-ready cache.
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(Arc::new(CacheState::default()));
+        Self { tx: Arc::new(tx) }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> Arc<CacheState> {
+        self.tx.borrow().clone()
+    }
+
+    /// Follows changes.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<CacheState>> {
+        self.tx.subscribe()
+    }
+
+    /// Applies `change`; subscribers are woken only if it reports a change.
+    pub fn update(&self, change: impl FnOnce(&mut CacheState) -> bool) {
+        self.tx.send_if_modified(|state| change(Arc::make_mut(state)));
+    }
+}

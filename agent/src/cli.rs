@@ -1,0 +1,271 @@
+//! The `tessera-agent` command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use tessera_proto::workload as pb;
+use tessera_workload_api::TrustDomain;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{Agent, AgentConfig, DEFAULT_DATA_DIR};
+use crate::identity::write_private;
+use crate::workload_client::{
+    connect_workload_api, decode_response, fetch_x509, with_header, FetchedSvid,
+};
+
+/// Tessera agent: node attestation and the SPIFFE Workload API.
+#[derive(Debug, Parser)]
+#[command(name = "tessera-agent", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run(RunArgs),
+    /// Use the Workload API as a workload would.
+    #[command(subcommand)]
+    Api(ApiCommand),
+    /// Check that the agent serves the Workload API.
+    Healthcheck(SocketArg),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Data directory [default: ./.tessera/agent].
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Server node API address, host:port.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    server_address: String,
+    /// Join token (needed only when the agent has no valid stored SVID).
+    #[arg(long)]
+    join_token: Option<String>,
+    /// Bootstrap trust bundle, PEM (needed until the agent has stored one).
+    #[arg(long)]
+    trust_bundle: Option<PathBuf>,
+    /// Trust domain [default: from the bundle].
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Workload API socket [default: <data_dir>/public/api.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Log filter, e.g. info or debug.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Debug, Args)]
+struct SocketArg {
+    /// Workload API socket [default: $SPIFFE_ENDPOINT_SOCKET or ./.tessera/agent/public/api.sock].
+    #[arg(long)]
+    socket: Option<String>,
+}
+
+impl SocketArg {
+    fn address(&self) -> String {
+        self.socket.clone().or_else(|| std::env::var("SPIFFE_ENDPOINT_SOCKET").ok()).unwrap_or_else(
+            || {
+                let path = std::env::current_dir()
+                    .unwrap_or_default()
+                    .join(DEFAULT_DATA_DIR)
+                    .join("public/api.sock");
+                path.display().to_string()
+            },
+        )
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiCommand {
+    /// Fetch this process's X509-SVIDs once.
+    Fetch {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Write svid.pem, svid.key (0600) and bundle.pem into DIR.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// Print every X509-SVID update until interrupted.
+    Watch {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+/// A failed command: a one-line message.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.replace('\n', " "))
+    }
+}
+
+impl From<String> for CliError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+/// RFC 3339 for a Unix time.
+pub fn format_time(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// Prints one SVID the way `api fetch` does.
+pub fn print_svid(svid: &FetchedSvid) {
+    println!("SPIFFE ID:     {}", svid.spiffe_id);
+    println!("Serial:        {}", svid.serial);
+    println!("Expires at:    {}", format_time(svid.expires_at));
+    if !svid.hint.is_empty() {
+        println!("Hint:          {}", svid.hint);
+    }
+}
+
+fn svid_json(svid: &FetchedSvid) -> serde_json::Value {
+    serde_json::json!({
+        "spiffe_id": svid.spiffe_id,
+        "serial": svid.serial,
+        "expires_at": svid.expires_at,
+        "hint": svid.hint,
+        "chain_length": svid.chain.len(),
+    })
+}
+
+fn write_files(dir: &std::path::Path, svid: &FetchedSvid) -> Result<(), CliError> {
+    std::fs::create_dir_all(dir).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
+    let certs = |der: &[Vec<u8>]| -> String {
+        der.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.clone()))).collect()
+    };
+    let write = |name: &str, data: String| -> Result<(), CliError> {
+        write_private(&dir.join(name), data.as_bytes()).map_err(|e| CliError(e.to_string()))
+    };
+    write("svid.key", pem::encode(&pem::Pem::new("PRIVATE KEY", svid.key.clone())))?;
+    write("svid.pem", certs(&svid.chain))?;
+    write("bundle.pem", certs(&svid.bundle))
+}
+
+impl Cli {
+    /// Runs the parsed command.
+    pub async fn run(self) -> Result<(), CliError> {
+        match self.command {
+            Command::Run(args) => run_agent(args).await,
+            Command::Api(ApiCommand::Fetch { socket, json, write }) => {
+                let svids = fetch_x509(&socket.address()).await?;
+                if let (Some(dir), Some(first)) = (&write, svids.first()) {
+                    write_files(dir, first)?;
+                }
+                if json {
+                    let list: Vec<_> = svids.iter().map(svid_json).collect();
+                    println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+                } else {
+                    for svid in &svids {
+                        print_svid(svid);
+                    }
+                    if let Some(dir) = &write {
+                        println!("Wrote svid.pem, svid.key and bundle.pem to {}", dir.display());
+                    }
+                }
+                Ok(())
+            }
+            Command::Api(ApiCommand::Watch { socket }) => {
+                let mut client = connect_workload_api(&socket.address()).await?;
+                let mut stream = client
+                    .fetch_x509svid(with_header(pb::X509svidRequest {}))
+                    .await
+                    .map_err(|s| CliError(s.message().to_string()))?
+                    .into_inner();
+                loop {
+                    let message = tokio::select! {
+                        _ = tokio::signal::ctrl_c() => return Ok(()),
+                        message = stream.message() => message.map_err(|s| CliError(s.message().to_string()))?,
+                    };
+                    let Some(response) = message else {
+                        return Err(CliError("the agent closed the stream".into()));
+                    };
+                    println!("--- update at {}", format_time(crate::manager::now()));
+                    for svid in decode_response(response)? {
+                        print_svid(&svid);
+                    }
+                }
+            }
+            Command::Healthcheck(socket) => {
+                let mut client = connect_workload_api(&socket.address())
+                    .await
+                    .map_err(|e| CliError(format!("agent is unhealthy: {e}")))?;
+                let mut stream = client
+                    .fetch_x509_bundles(with_header(pb::X509BundlesRequest {}))
+                    .await
+                    .map_err(|s| CliError(format!("agent is unhealthy: {}", s.message())))?
+                    .into_inner();
+                match stream.message().await {
+                    Ok(Some(_)) => {
+                        println!("Agent is healthy.");
+                        Ok(())
+                    }
+                    Ok(None) => Err(CliError("agent is unhealthy: stream closed".into())),
+                    Err(s) => Err(CliError(format!("agent is unhealthy: {}", s.message()))),
+                }
+            }
+        }
+    }
+}
+
+async fn run_agent(args: RunArgs) -> Result<(), CliError> {
+    init_logging(&args.log_level);
+    let mut config = AgentConfig::new(args.data_dir, args.server_address);
+    config.join_token = args.join_token;
+    config.trust_bundle = args.trust_bundle;
+    config.trust_domain = args
+        .trust_domain
+        .map(|td| TrustDomain::new(&td))
+        .transpose()
+        .map_err(|e| CliError(format!("invalid --trust-domain: {e}")))?;
+    if let Some(socket) = args.socket {
+        config.socket_path = socket;
+    }
+    let agent = Agent::start(config).await.map_err(|e| CliError(e.to_string()))?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    agent.run(shutdown).await.map_err(|e| CliError(e.to_string()))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+/// Logs to stderr with the given filter.
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,0 +1,451 @@
+//! The agent's long-running loops: the `Sync` stream from the server (entries
+//! and bundle pushed as they change), the signer that keeps an SVID for every
+//! entry (new entries at once, renewal at half-life ± 10 % jitter), and the
+//! renewal of the agent's own SVID.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use rustls_pki_types::CertificateDer;
+use tessera_proto::node::{self as pb, node_client::NodeClient, sync_message::Event};
+use tessera_workload_api::{TrustAnchors, TrustDomain};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::cache::{AgentEntry, Cache, CachedSvid};
+use crate::identity::{certs_pem, new_key_and_csr, write_private, AgentIdentity};
+use crate::node_client::{connect_node, node_tls_config, NodeClientError};
+
+/// Most CSRs sent in one `SignX509` call.
+pub const SIGN_BATCH: usize = 500;
+/// Wait before retrying an entry whose signing failed.
+const SIGN_RETRY_SECS: i64 = 5;
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// A uniformly random factor in `[1 - spread, 1 + spread]`.
+pub fn jitter(spread: f64) -> f64 {
+    let mut bytes = [0u8; 4];
+    // Without randomness, no jitter: renewal still happens on time.
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        return 1.0;
+    }
+    let unit = f64::from(u32::from_be_bytes(bytes)) / f64::from(u32::MAX);
+    1.0 - spread + 2.0 * spread * unit
+}
+
+/// When to renew a certificate valid from `not_before` to `not_after`:
+/// half its lifetime, ± 10 %.
+pub fn renew_point(not_before: i64, not_after: i64) -> i64 {
+    let lifetime = (not_after - not_before).max(1) as f64;
+    not_before + (lifetime * 0.5 * jitter(0.1)).round() as i64
+}
+
+/// Exponential backoff with jitter.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// Starts at `min`, doubles to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { next: min, min, max }
+    }
+
+    /// The next wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next.mul_f64(jitter(0.2));
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    /// Back to `min` after a success.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// The connection to the server's node API, with the agent's current SVID.
+#[derive(Debug)]
+pub struct NodeLink {
+    address: String,
+    trust_domain: TrustDomain,
+    /// Trust anchors for the server's certificate (updated from pushed bundles).
+    pub anchors: TrustAnchors,
+    identity: RwLock<AgentIdentity>,
+    client: Mutex<Option<NodeClient<Channel>>>,
+    data_dir: PathBuf,
+}
+
+impl NodeLink {
+    /// A link to `address` authenticated as `identity`.
+    pub fn new(
+        address: String,
+        trust_domain: TrustDomain,
+        anchors: TrustAnchors,
+        identity: AgentIdentity,
+        data_dir: PathBuf,
+    ) -> Self {
+        Self {
+            address,
+            trust_domain,
+            anchors,
+            identity: RwLock::new(identity),
+            client: Mutex::new(None),
+            data_dir,
+        }
+    }
+
+    /// The agent's identity.
+    pub fn identity(&self) -> AgentIdentity {
+        self.identity.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A client on the current connection (connecting if needed).
+    pub async fn client(&self) -> Result<NodeClient<Channel>, NodeClientError> {
+        if let Some(client) = self.client.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(client);
+        }
+        let tls = node_tls_config(
+            self.anchors.clone(),
+            &self.trust_domain,
+            Some(self.identity().client_identity()),
+        )?;
+        let client = connect_node(&self.address, tls).await?;
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Drops the connection; the next `client` reconnects.
+    pub fn reset(&self) {
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn set_identity(&self, identity: AgentIdentity) {
+        *self.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
+        self.reset();
+    }
+
+    /// Records a bundle pushed by the server: trust anchors and `bundle.pem`.
+    pub fn set_bundle(&self, certs: &[CertificateDer<'static>]) {
+        self.anchors.update(certs.to_vec());
+        if let Err(e) =
+            write_private(&self.data_dir.join("bundle.pem"), certs_pem(certs).as_bytes())
+        {
+            warn!(error = %e, "cannot store trust bundle");
+        }
+    }
+}
+
+/// Follows the server's Sync stream forever, reconnecting with backoff.
+pub async fn sync_loop(
+    link: Arc<NodeLink>,
+    cache: Cache,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            result = sync_once(&link, &cache, &wake, &mut backoff) => result,
+        };
+        match result {
+            Ok(()) => info!("sync stream closed by server; reconnecting"),
+            Err(e) => warn!(error = %e, "sync stream failed; reconnecting"),
+        }
+        link.reset();
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn sync_once(
+    link: &NodeLink,
+    cache: &Cache,
+    wake: &Notify,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
+    let mut client = link.client().await.map_err(|e| e.to_string())?;
+    let state = cache.state();
+    let revision = if state.ready { state.revision } else { 0 };
+    let mut stream = client
+        .sync(pb::SyncRequest { revision })
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    info!(revision, "sync stream open");
+    let mut snapshot: Vec<AgentEntry> = Vec::new();
+    loop {
+        let message =
+            stream.message().await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        let Some(event) = message.and_then(|m| m.event) else { return Ok(()) };
+        backoff.reset();
+        match event {
+            Event::Bundle(bundle) => {
+                let certs: Vec<CertificateDer<'static>> =
+                    bundle.authorities.into_iter().map(Into::into).collect();
+                link.set_bundle(&certs);
+                cache.update(|s| {
+                    if *s.bundle == certs {
+                        return false;
+                    }
+                    s.bundle = Arc::new(certs);
+                    true
+                });
+            }
+            Event::Snapshot(chunk) => {
+                snapshot.extend(chunk.entries.iter().filter_map(AgentEntry::from_proto));
+                if chunk.complete {
+                    let entries = std::mem::take(&mut snapshot);
+                    info!(
+                        entries = entries.len(),
+                        revision = chunk.revision,
+                        "entry snapshot applied"
+                    );
+                    cache.update(|s| {
+                        s.entries =
+                            entries.into_iter().map(|e| (e.id.clone(), Arc::new(e))).collect();
+                        let entries = &s.entries;
+                        s.svids.retain(|id, svid| {
+                            entries.get(id).is_some_and(|e| e.spiffe_id == svid.spiffe_id)
+                        });
+                        s.revision = chunk.revision;
+                        s.ready = true;
+                        true
+                    });
+                    wake.notify_one();
+                }
+            }
+            Event::Change(change) => {
+                let revision = change.revision;
+                match change.change {
+                    Some(pb::entry_change::Change::Upserted(entry)) => {
+                        let Some(entry) = AgentEntry::from_proto(&entry) else { continue };
+                        debug!(entry_id = %entry.id, revision, "entry upserted");
+                        cache.update(|s| {
+                            let stale = s
+                                .entries
+                                .get(&entry.id)
+                                .is_some_and(|old| !old.same_certificate_content(&entry));
+                            if stale {
+                                s.svids.remove(&entry.id);
+                            }
+                            s.entries.insert(entry.id.clone(), Arc::new(entry));
+                            s.revision = s.revision.max(revision);
+                            true
+                        });
+                    }
+                    Some(pb::entry_change::Change::RemovedEntryId(id)) => {
+                        debug!(entry_id = %id, revision, "entry removed");
+                        cache.update(|s| {
+                            s.entries.remove(&id);
+                            s.svids.remove(&id);
+                            s.revision = s.revision.max(revision);
+                            true
+                        });
+                    }
+                    None => {}
+                }
+                wake.notify_one();
+            }
+        }
+    }
+}
+
+/// Keeps an SVID for every entry: signs new entries at once and renews at
+/// half-life; drops SVIDs that expire (e.g. while the server is down).
+pub async fn signer_loop(
+    link: Arc<NodeLink>,
+    cache: Cache,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut retry_at: HashMap<String, i64> = HashMap::new();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let now = now();
+        cache.update(|s| {
+            let before = s.svids.len();
+            s.svids.retain(|_, svid| svid.expires_at > now);
+            before != s.svids.len()
+        });
+        let state = cache.state();
+        retry_at.retain(|id, at| *at > now && state.entries.contains_key(id));
+        let due: Vec<Arc<AgentEntry>> = if state.ready {
+            state
+                .entries
+                .values()
+                .filter(|e| e.expires_at == 0 || e.expires_at > now)
+                .filter(|e| state.svids.get(&e.id).is_none_or(|s| s.renew_at <= now))
+                .filter(|e| !retry_at.contains_key(&e.id))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut wait = Duration::from_secs(3600);
+        if !due.is_empty() {
+            match sign(&link, &cache, &due, &mut retry_at).await {
+                Ok(()) => backoff.reset(),
+                Err(e) => {
+                    warn!(error = %e, entries = due.len(), "SVID signing failed; will retry");
+                    link.reset();
+                    wait = backoff.next_delay();
+                }
+            }
+        }
+        let state = cache.state();
+        let now = crate::manager::now();
+        let next = state
+            .svids
+            .values()
+            .flat_map(|s| [s.renew_at, s.expires_at])
+            .chain(retry_at.values().copied())
+            .min();
+        if let Some(next) = next {
+            wait = wait.min(Duration::from_secs((next - now).max(0) as u64));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn sign(
+    link: &NodeLink,
+    cache: &Cache,
+    due: &[Arc<AgentEntry>],
+    retry_at: &mut HashMap<String, i64>,
+) -> Result<(), String> {
+    let mut client = link.client().await.map_err(|e| e.to_string())?;
+    for chunk in due.chunks(SIGN_BATCH) {
+        let entries = chunk.to_vec();
+        let prepared = tokio::task::spawn_blocking(move || {
+            entries
+                .into_iter()
+                .map(|e| new_key_and_csr().map(|(key, csr)| (e, key, csr)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let items = prepared
+            .iter()
+            .map(|(e, _, csr)| pb::SignX509Item { entry_id: e.id.clone(), csr: csr.clone() })
+            .collect();
+        let response = client
+            .sign_x509(pb::SignX509Request { items })
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let now = now();
+        let mut fresh = Vec::new();
+        for ((entry, key, _), result) in prepared.into_iter().zip(response.results) {
+            let status = result.status.unwrap_or_default();
+            if status.code != 0 {
+                warn!(entry_id = %entry.id, code = status.code, reason = %status.message, "server refused to sign SVID");
+                retry_at.insert(entry.id.clone(), now + SIGN_RETRY_SECS);
+                continue;
+            }
+            let chain: Vec<CertificateDer<'static>> =
+                result.x509_svid.into_iter().map(Into::into).collect();
+            let svid = CachedSvid {
+                entry_id: entry.id.clone(),
+                spiffe_id: entry.spiffe_id.clone(),
+                chain,
+                key_pkcs8: Arc::new(key),
+                serial: result.serial,
+                expires_at: result.expires_at,
+                renew_at: renew_point(now, result.expires_at),
+                hint: entry.hint.clone(),
+            };
+            debug!(entry_id = %entry.id, serial = %svid.serial, expires_at = svid.expires_at, "SVID cached");
+            fresh.push(svid);
+        }
+        cache.update(|s| {
+            let mut changed = false;
+            for svid in fresh {
+                // The entry may have changed or gone while we were signing.
+                if s.entries.get(&svid.entry_id).is_some_and(|e| e.spiffe_id == svid.spiffe_id) {
+                    s.svids.insert(svid.entry_id.clone(), Arc::new(svid));
+                    changed = true;
+                }
+            }
+            changed
+        });
+    }
+    Ok(())
+}
+
+/// Renews the agent's own SVID at half-life ± 10 %.
+pub async fn agent_renewal_loop(
+    link: Arc<NodeLink>,
+    data_dir: PathBuf,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut renew_at = {
+        let id = link.identity();
+        renew_point(id.not_before, id.not_after)
+    };
+    loop {
+        let wait = Duration::from_secs((renew_at - now()).max(0) as u64);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match renew_agent(&link, &data_dir).await {
+            Ok(identity) => {
+                info!(agent_id = %identity.spiffe_id, not_after = identity.not_after, "agent SVID renewed");
+                renew_at = renew_point(identity.not_before, identity.not_after);
+                backoff.reset();
+            }
+            Err(e) => {
+                let identity = link.identity();
+                if identity.not_after <= now() {
+                    warn!(error = %e, "agent SVID expired and could not be renewed; the agent must re-attest with a new join token");
+                } else {
+                    warn!(error = %e, "agent SVID renewal failed; will retry");
+                }
+                link.reset();
+                renew_at = now() + backoff.next_delay().as_secs().max(1) as i64;
+            }
+        }
+    }
+}
+
+async fn renew_agent(link: &NodeLink, data_dir: &std::path::Path) -> Result<AgentIdentity, String> {
+    let (key, csr) = new_key_and_csr().map_err(|e| e.to_string())?;
+    let mut client = link.client().await.map_err(|e| e.to_string())?;
+    let response = client
+        .renew_agent(pb::RenewAgentRequest { csr })
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let identity = AgentIdentity::new(response.x509_svid, key).map_err(|e| e.to_string())?;
+    identity.save(data_dir).map_err(|e| e.to_string())?;
+    let bundle: Vec<CertificateDer<'static>> =
+        response.bundle.into_iter().map(Into::into).collect();
+    if !bundle.is_empty() {
+        link.set_bundle(&bundle);
+    }
+    link.set_identity(identity.clone());
+    Ok(identity)
+}

@@ -1,0 +1,358 @@
+//! The SPIFFE Workload API on the agent's Unix socket. Each connection's
+//! peer is pinned at accept; each call attests it and serves the SVIDs of
+//! the entries whose selectors it has. Refusals are logged here, once.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tessera_proto::workload::{self as pb, spiffe_workload_api_server::SpiffeWorkloadApi};
+use tessera_workload_api::{Selector, TrustDomain};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+
+use crate::attestor::{PeerProcess, WorkloadAttestor};
+use crate::cache::{Cache, CacheState, CachedSvid};
+use crate::manager::now;
+
+/// How long a first fetch waits for the agent's first sync, or for SVIDs of
+/// matching entries still being signed.
+pub const FIRST_RESPONSE_WAIT: Duration = Duration::from_secs(10);
+
+/// An accepted Workload API connection and its pinned peer.
+#[derive(Debug)]
+pub struct WorkloadConn {
+    stream: UnixStream,
+    peer: Arc<PeerProcess>,
+}
+
+impl Connected for WorkloadConn {
+    type ConnectInfo = Arc<PeerProcess>;
+
+    fn connect_info(&self) -> Arc<PeerProcess> {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for WorkloadConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WorkloadConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// Accepts connections and pins each peer process before anything else.
+pub fn incoming(
+    listener: UnixListener,
+    shutdown: CancellationToken,
+) -> ReceiverStream<io::Result<WorkloadConn>> {
+    let (tx, rx) = mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        warn!(error = %e, "Workload API accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let peer = match stream.peer_cred() {
+                Ok(cred) => PeerProcess::pin(cred.pid(), cred.uid(), cred.gid()),
+                Err(e) => {
+                    warn!(error = %e, "cannot read Workload API peer credentials; closing");
+                    continue;
+                }
+            };
+            if tx.send(Ok(WorkloadConn { stream, peer: Arc::new(peer) })).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Binds the Workload API socket (mode 0777: anyone may ask, attestation decides).
+pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another agent is serving this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(listener)
+}
+
+/// The Workload API service.
+#[derive(Debug, Clone)]
+pub struct WorkloadService {
+    cache: Cache,
+    attestor: Arc<dyn WorkloadAttestor>,
+    trust_domain: TrustDomain,
+    shutdown: CancellationToken,
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
+    match request.metadata().get("workload.spiffe.io") {
+        Some(value) if value.as_bytes() == b"true" => Ok(()),
+        _ => {
+            warn!(target: "tessera::audit", reason = "security header missing", "Workload API request refused");
+            Err(Status::invalid_argument("security header missing from request"))
+        }
+    }
+}
+
+impl WorkloadService {
+    /// The service over the agent's cache.
+    pub fn new(
+        cache: Cache,
+        attestor: Arc<dyn WorkloadAttestor>,
+        trust_domain: TrustDomain,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self { cache, attestor, trust_domain, shutdown }
+    }
+
+    /// Checks the header and attests the caller.
+    async fn caller<T>(
+        &self,
+        op: &str,
+        request: &Request<T>,
+    ) -> Result<(Arc<PeerProcess>, Vec<Selector>), Status> {
+        check_header(request)?;
+        let peer = request.extensions().get::<Arc<PeerProcess>>().cloned().ok_or_else(|| {
+            Status::unavailable("caller could not be attested: no peer credentials")
+        })?;
+        let attestor = self.attestor.clone();
+        let attest_peer = peer.clone();
+        let selectors = tokio::task::spawn_blocking(move || attestor.attest(&attest_peer))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| {
+                warn!(target: "tessera::audit", op, pid = ?peer.pid, uid = peer.uid, reason = %e, "workload attestation failed");
+                Status::unavailable(format!("caller could not be attested: {e}"))
+            })?;
+        Ok((peer, selectors))
+    }
+
+    fn bundle_bytes(&self, state: &CacheState) -> Vec<u8> {
+        state.bundle.iter().flat_map(|c| c.as_ref().iter().copied()).collect()
+    }
+
+    fn x509_response(&self, state: &CacheState, svids: &[Arc<CachedSvid>]) -> pb::X509svidResponse {
+        let bundle = self.bundle_bytes(state);
+        pb::X509svidResponse {
+            svids: svids
+                .iter()
+                .map(|s| pb::X509svid {
+                    spiffe_id: s.spiffe_id.to_string(),
+                    x509_svid: s.chain.iter().flat_map(|c| c.as_ref().iter().copied()).collect(),
+                    x509_svid_key: s.key_pkcs8.as_ref().clone(),
+                    bundle: bundle.clone(),
+                    hint: s.hint.clone(),
+                })
+                .collect(),
+            crl: Vec::new(),
+            federated_bundles: HashMap::new(),
+        }
+    }
+}
+
+/// What a workload currently gets, for change detection: (entry, serial) pairs and the bundle.
+fn fingerprint(state: &CacheState, svids: &[Arc<CachedSvid>]) -> (Vec<(String, String)>, usize) {
+    (
+        svids.iter().map(|s| (s.entry_id.clone(), s.serial.clone())).collect(),
+        Arc::as_ptr(&state.bundle) as usize,
+    )
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadService {
+    type FetchX509SVIDStream = Stream_<pb::X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let (peer, selectors) = self.caller("FetchX509SVID", &request).await?;
+        let mut updates = self.cache.subscribe();
+        let deadline = tokio::time::Instant::now() + FIRST_RESPONSE_WAIT;
+        // Wait (briefly) for the first sync and for SVIDs still being signed.
+        let (state, svids) = loop {
+            let state = updates.borrow_and_update().clone();
+            let now = now();
+            let svids = state.svids_for(&selectors, now);
+            if !svids.is_empty() || (state.ready && !state.has_entries_for(&selectors, now)) {
+                break (state, svids);
+            }
+            if tokio::time::timeout_at(deadline, updates.changed()).await.is_err() {
+                break (state, svids);
+            }
+        };
+        if svids.is_empty() {
+            warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, selectors = ?selectors.iter().map(|s| s.to_string()).collect::<Vec<_>>(), reason = "no entry matches the caller", "X509-SVID refused");
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        debug!(pid = ?peer.pid, uid = peer.uid, svids = svids.len(), "X509-SVIDs served");
+        let (tx, rx) = mpsc::channel(4);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut last = fingerprint(&state, &svids);
+            if tx.send(Ok(service.x509_response(&state, &svids))).await.is_err() {
+                return;
+            }
+            loop {
+                // Wake for cache changes, and for an SVID expiring on its own.
+                let next_expiry = updates
+                    .borrow()
+                    .svids_for(&selectors, now())
+                    .iter()
+                    .map(|s| s.expires_at)
+                    .min();
+                let wait = next_expiry.map_or(Duration::from_secs(3600), |at| {
+                    Duration::from_secs((at - now()).max(0) as u64 + 1)
+                });
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = service.shutdown.cancelled() => return,
+                    changed = updates.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                let state = updates.borrow_and_update().clone();
+                let now = now();
+                let svids = state.svids_for(&selectors, now);
+                if svids.is_empty() {
+                    if state.has_entries_for(&selectors, now) {
+                        continue; // being re-signed: the next change brings it
+                    }
+                    warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, reason = "entries removed", "X509-SVID identity withdrawn");
+                    let _ = tx.send(Err(Status::permission_denied("no identity issued"))).await;
+                    return;
+                }
+                let current = fingerprint(&state, &svids);
+                if current != last {
+                    last = current;
+                    if tx.send(Ok(service.x509_response(&state, &svids))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type FetchX509BundlesStream = Stream_<pb::X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        self.caller("FetchX509Bundles", &request).await?;
+        let mut updates = self.cache.subscribe();
+        let deadline = tokio::time::Instant::now() + FIRST_RESPONSE_WAIT;
+        while updates.borrow_and_update().bundle.is_empty() {
+            if tokio::time::timeout_at(deadline, updates.changed()).await.is_err() {
+                return Err(Status::unavailable("agent has no trust bundle yet"));
+            }
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut last: Option<Arc<Vec<_>>> = None;
+            loop {
+                let state = updates.borrow_and_update().clone();
+                if last.as_ref() != Some(&state.bundle) {
+                    last = Some(state.bundle.clone());
+                    let mut bundles = HashMap::new();
+                    bundles.insert(service.trust_domain.id_string(), service.bundle_bytes(&state));
+                    if tx
+                        .send(Ok(pb::X509BundlesResponse { crl: Vec::new(), bundles }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = service.shutdown.cancelled() => return,
+                    changed = updates.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        check_header(&request)?;
+        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+    }
+
+    type FetchJWTBundlesStream = Stream_<pb::JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&request)?;
+        Err(Status::unimplemented("JWT bundles are not supported yet"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        check_header(&request)?;
+        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+    }
+}

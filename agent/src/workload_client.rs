@@ -1,0 +1,130 @@
+//! A minimal Workload API client over the agent's Unix socket, for the CLI
+//! (`api fetch`, `api watch`, `healthcheck`) and the quickstart.
+
+use std::path::PathBuf;
+
+use hyper_util::rt::TokioIo;
+use tessera_proto::workload::{self as pb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
+use tessera_workload_api::split_der_chain;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// One X509-SVID as received from the Workload API.
+pub struct FetchedSvid {
+    /// SPIFFE ID from the leaf's URI SAN.
+    pub spiffe_id: String,
+    /// DER certificates, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER key.
+    pub key: Vec<u8>,
+    /// Bundle CA certificates, DER.
+    pub bundle: Vec<Vec<u8>>,
+    /// Leaf serial, hex.
+    pub serial: String,
+    /// Leaf NotAfter, Unix seconds.
+    pub expires_at: i64,
+    /// Hint.
+    pub hint: String,
+}
+
+impl std::fmt::Debug for FetchedSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchedSvid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Socket path from `unix:///path`, `unix:/path` or a plain path.
+pub fn socket_path(address: &str) -> Result<PathBuf, String> {
+    let path = address
+        .strip_prefix("unix://")
+        .or_else(|| address.strip_prefix("unix:"))
+        .unwrap_or(address);
+    if path.is_empty() || !path.starts_with('/') && address.starts_with("unix:") {
+        return Err(format!(
+            "invalid Workload API address {address:?}: want unix:///absolute/path"
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Connects to the Workload API at `address`.
+pub async fn connect_workload_api(
+    address: &str,
+) -> Result<SpiffeWorkloadApiClient<Channel>, String> {
+    let path = socket_path(address)?;
+    if !path.exists() {
+        return Err(format!(
+            "Workload API socket {} does not exist (is the agent running?)",
+            path.display()
+        ));
+    }
+    let dial = path.clone();
+    let channel = Endpoint::from_static("http://tessera-agent.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = dial.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    Ok(SpiffeWorkloadApiClient::new(channel))
+}
+
+/// A request carrying the Workload API's security header.
+pub fn with_header<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
+    request
+}
+
+/// Decodes one response into SVIDs.
+pub fn decode_response(response: pb::X509svidResponse) -> Result<Vec<FetchedSvid>, String> {
+    response
+        .svids
+        .into_iter()
+        .map(|svid| {
+            let chain: Vec<Vec<u8>> = split_der_chain(&svid.x509_svid)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|c| c.to_vec())
+                .collect();
+            let parsed =
+                tessera_workload_api::X509Svid::from_der(&svid.x509_svid, &svid.x509_svid_key)
+                    .map_err(|e| format!("invalid X509-SVID for {}: {e}", svid.spiffe_id))?;
+            let bundle = split_der_chain(&svid.bundle)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|c| c.to_vec())
+                .collect();
+            Ok(FetchedSvid {
+                spiffe_id: parsed.spiffe_id().to_string(),
+                serial: parsed.serial_hex(),
+                expires_at: parsed.not_after_unix(),
+                chain,
+                key: svid.x509_svid_key,
+                bundle,
+                hint: svid.hint,
+            })
+        })
+        .collect()
+}
+
+/// Fetches the caller's current X509-SVIDs (the first message of the stream).
+pub async fn fetch_x509(address: &str) -> Result<Vec<FetchedSvid>, String> {
+    let mut client = connect_workload_api(address).await?;
+    let mut stream = client
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let response = stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+        .ok_or_else(|| "the agent closed the stream without an answer".to_string())?;
+    decode_response(response)
+}

@@ -1,0 +1,101 @@
+//! The agent end to end with Tessera's own Workload API client: attestation,
+//! reuse of the stored SVID, fetch, permission and header checks, sync resume.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use tessera_agent::{connect_workload_api, fetch_x509};
+use tessera_proto::workload as pb;
+use tessera_tests::{my_uid, RunningAgent, TestServer};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_fetches_svid_and_new_entries_arrive_by_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
+    let uid = my_uid();
+    server
+        .create_entry(
+            "spiffe://example.org/web",
+            &agent.id,
+            &[&format!("unix:uid:{uid}")],
+            Some(600),
+        )
+        .await;
+
+    let svids = fetch_x509(&agent.endpoint()).await.unwrap();
+    assert_eq!(svids.len(), 1);
+    assert_eq!(svids[0].spiffe_id, "spiffe://example.org/web");
+
+    // An entry whose selectors the caller lacks is not served to it.
+    server.create_entry("spiffe://example.org/other", &agent.id, &["unix:uid:4242424"], None).await;
+    // A second matching entry reaches the open stream without polling.
+    let mut client = connect_workload_api(&agent.endpoint()).await.unwrap();
+    let mut stream = client
+        .fetch_x509svid(tessera_agent::cli_request(pb::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.svids.len(), 1);
+    server
+        .create_entry("spiffe://example.org/web2", &agent.id, &[&format!("unix:uid:{uid}")], None)
+        .await;
+    let next = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let ids: Vec<_> = next.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    assert_eq!(ids, ["spiffe://example.org/web", "spiffe://example.org/web2"]);
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_caller_is_denied_and_header_is_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
+    server
+        .create_entry("spiffe://example.org/someone", &agent.id, &["unix:uid:4242424"], None)
+        .await;
+    let err = fetch_x509(&agent.endpoint()).await.err().unwrap();
+    assert_eq!(err, "no identity issued");
+
+    let mut client = connect_workload_api(&agent.endpoint()).await.unwrap();
+    let err = client.fetch_x509svid(pb::X509svidRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), "security header missing from request");
+    let err = client
+        .fetch_jwtsvid(tessera_agent::cli_request(pb::JwtsvidRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_agent_reuses_its_svid_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let agent_dir = dir.path().join("agent");
+    let agent = RunningAgent::start(&server, &agent_dir).await;
+    let id = agent.id.clone();
+    agent.stop().await;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(agent_dir.join("agent_key.pem")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "agent key is private");
+
+    let config = tessera_agent::AgentConfig::new(agent_dir.clone(), server.addr.to_string());
+    let again = RunningAgent::start_with(config).await; // no token, no bootstrap bundle
+    assert_eq!(again.id, id);
+    server
+        .create_entry("spiffe://example.org/w", &id, &[&format!("unix:uid:{}", my_uid())], None)
+        .await;
+    assert_eq!(fetch_x509(&again.endpoint()).await.unwrap()[0].spiffe_id, "spiffe://example.org/w");
+    again.stop().await;
+    server.stop().await;
+}
