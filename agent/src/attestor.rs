@@ -131,7 +131,7 @@ impl WorkloadAttestor for UnixAttestor {
         let proc_err = |source| AttestError::Proc { pid, source };
         let mut selectors = Vec::new();
         let mut push = |key: &str, value: String| {
-            if let Ok(s) = Selector::new("unix", &format!("{key}:{value}")) {
+            if let Ok(s) = Selector::new("unix", format!("{key}:{value}")) {
                 selectors.push(s);
             }
         };

@@ -99,3 +99,39 @@ async fn restarted_agent_reuses_its_svid_without_a_token() {
     again.stop().await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_renews_its_own_svid_at_half_life_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tessera_tests::test_config(&dir.path().join("server"));
+    config.agent_svid_ttl = 4;
+    let server =
+        TestServer::start_with(config, std::sync::Arc::new(tessera_server::SystemClock)).await;
+    let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
+    let mut admin = server.admin().await;
+    let get = tessera_proto::admin::GetAgentRequest { spiffe_id: agent.id.clone() };
+    let first = admin.get_agent(get.clone()).await.unwrap().into_inner().x509_svid_serial;
+    // Renewal happens at about 2 s; wait for up to 30 s for the serial to change.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let serial = admin.get_agent(get.clone()).await.unwrap().into_inner().x509_svid_serial;
+        if serial != first {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "agent SVID was not renewed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The renewed SVID is the one the agent now uses: a new entry still gets signed.
+    server
+        .create_entry(
+            "spiffe://example.org/after-renewal",
+            &agent.id,
+            &[&format!("unix:uid:{}", my_uid())],
+            None,
+        )
+        .await;
+    let svids = fetch_x509(&agent.endpoint()).await.unwrap();
+    assert_eq!(svids[0].spiffe_id, "spiffe://example.org/after-renewal");
+    agent.stop().await;
+    server.stop().await;
+}

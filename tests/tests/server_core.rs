@@ -364,3 +364,56 @@ async fn admin_batch_answers_per_item_and_refuses_duplicates() {
     assert_eq!(mode & 0o777, 0o600, "admin socket is owner-only");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn sync_resumes_from_a_revision_with_only_the_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let agent = TestAgent::attest(&server, &server.join_token("", 0).await.token).await.unwrap();
+    let kept =
+        server.create_entry("spiffe://example.org/kept", &agent.id, &["unix:uid:1"], None).await;
+    let gone =
+        server.create_entry("spiffe://example.org/gone", &agent.id, &["unix:uid:2"], None).await;
+    let health =
+        server.admin().await.health(admin_pb::HealthRequest {}).await.unwrap().into_inner();
+    let resume_at = health.revision;
+    // While the agent is away: one deletion, one new entry, one elsewhere.
+    server
+        .admin()
+        .await
+        .batch_delete_entry(admin_pb::BatchDeleteEntryRequest { ids: vec![gone.clone()] })
+        .await
+        .unwrap();
+    let added =
+        server.create_entry("spiffe://example.org/added", &agent.id, &["unix:uid:3"], None).await;
+    server
+        .create_entry(
+            "spiffe://example.org/elsewhere",
+            "spiffe://example.org/n2",
+            &["unix:uid:3"],
+            None,
+        )
+        .await;
+
+    let mut client = agent.client(&server).await;
+    let mut stream =
+        client.sync(node_pb::SyncRequest { revision: resume_at }).await.unwrap().into_inner();
+    use node_pb::entry_change::Change;
+    use node_pb::sync_message::Event;
+    let mut changes = Vec::new();
+    while changes.len() < 2 {
+        match stream.message().await.unwrap().unwrap().event.unwrap() {
+            Event::Bundle(_) => {}
+            Event::Snapshot(_) => panic!("resume must not resend a snapshot"),
+            Event::Change(change) => changes.push(change.change.unwrap()),
+        }
+    }
+    assert!(changes.contains(&Change::RemovedEntryId(gone)));
+    assert!(changes.iter().any(|c| matches!(c, Change::Upserted(e) if e.id == added)));
+    assert!(
+        !changes.iter().any(|c| matches!(c, Change::Upserted(e) if e.id == kept)),
+        "unchanged entries are not resent"
+    );
+    drop(stream);
+    server.stop().await;
+}

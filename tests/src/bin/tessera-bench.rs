@@ -45,7 +45,10 @@ async fn main() -> ExitCode {
     ] {
         results.insert(key, Value::Null);
     }
-    println!("tessera-bench {scenario} on {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "tessera-bench {scenario} on {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     println!("{:<44} {:>12} {:>12} {:>12}", "measure", "p50", "p99", "n");
     if matches!(scenario, "fetch" | "all") {
         let calls = if quick || scenario == "all" { 2_000 } else { 10_000 };
@@ -77,7 +80,8 @@ fn round(v: f64) -> f64 {
 fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
     samples.sort();
     let at = |q: f64| {
-        let i = ((samples.len() as f64 * q).ceil() as usize).saturating_sub(1).min(samples.len() - 1);
+        let i =
+            ((samples.len() as f64 * q).ceil() as usize).saturating_sub(1).min(samples.len() - 1);
         samples[i].as_secs_f64() * 1000.0
     };
     (at(0.50), at(0.99))
@@ -95,13 +99,21 @@ async fn setup() -> (tempfile::TempDir, TestServer, RunningAgent) {
 /// the cached SVID.
 async fn bench_fetch(calls: usize) -> (f64, f64) {
     let (_dir, server, agent) = setup().await;
-    server.create_entry("spiffe://example.org/bench", &agent.id, &[&format!("unix:uid:{}", my_uid())], None).await;
+    server
+        .create_entry(
+            "spiffe://example.org/bench",
+            &agent.id,
+            &[&format!("unix:uid:{}", my_uid())],
+            None,
+        )
+        .await;
     fetch_x509(&agent.endpoint()).await.expect("warm-up fetch");
     let mut client = connect_workload_api(&agent.endpoint()).await.unwrap();
     let mut samples = Vec::with_capacity(calls);
     for _ in 0..calls {
         let start = Instant::now();
-        let mut stream = client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await.unwrap().into_inner();
+        let mut stream =
+            client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await.unwrap().into_inner();
         let first = stream.message().await.unwrap().unwrap();
         samples.push(start.elapsed());
         assert_eq!(first.svids.len(), 1);
@@ -116,9 +128,12 @@ async fn bench_fetch(calls: usize) -> (f64, f64) {
 async fn bench_propagate(rounds: usize) -> (f64, f64) {
     let (_dir, server, agent) = setup().await;
     let uid = my_uid();
-    server.create_entry("spiffe://example.org/base", &agent.id, &[&format!("unix:uid:{uid}")], None).await;
+    server
+        .create_entry("spiffe://example.org/base", &agent.id, &[&format!("unix:uid:{uid}")], None)
+        .await;
     let mut client = connect_workload_api(&agent.endpoint()).await.unwrap();
-    let mut stream = client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await.unwrap().into_inner();
+    let mut stream =
+        client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await.unwrap().into_inner();
     stream.message().await.unwrap().unwrap();
     let mut admin = server.admin().await;
     let mut samples = Vec::with_capacity(rounds);
@@ -126,7 +141,10 @@ async fn bench_propagate(rounds: usize) -> (f64, f64) {
         let id = format!("spiffe://example.org/propagate/{i}");
         let new = entry(&id, &agent.id, &[&format!("unix:uid:{uid}")], None);
         let start = Instant::now();
-        let created = admin.batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: vec![new] }).await.unwrap();
+        let created = admin
+            .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: vec![new] })
+            .await
+            .unwrap();
         let entry_id = created.into_inner().results[0].entry.as_ref().unwrap().id.clone();
         loop {
             let update = stream.message().await.unwrap().unwrap();
@@ -135,7 +153,10 @@ async fn bench_propagate(rounds: usize) -> (f64, f64) {
             }
         }
         samples.push(start.elapsed());
-        admin.batch_delete_entry(admin_pb::BatchDeleteEntryRequest { ids: vec![entry_id] }).await.unwrap();
+        admin
+            .batch_delete_entry(admin_pb::BatchDeleteEntryRequest { ids: vec![entry_id] })
+            .await
+            .unwrap();
         loop {
             let update = stream.message().await.unwrap().unwrap();
             if !update.svids.iter().any(|s| s.spiffe_id == id) {

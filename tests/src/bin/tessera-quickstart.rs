@@ -43,20 +43,33 @@ async fn run() -> Result<(), String> {
     let node_addr = server.node_addr().map_err(|e| e.to_string())?;
     let shutdown = CancellationToken::new();
     let server_task = tokio::spawn(server.run(shutdown.clone()));
-    println!("server   trust domain {TRUST_DOMAIN}, node API {node_addr}, admin socket {}", admin_socket.display());
+    println!(
+        "server   trust domain {TRUST_DOMAIN}, node API {node_addr}, admin socket {}",
+        admin_socket.display()
+    );
 
     let mut admin = tessera_server::connect_admin(&admin_socket).await?;
     let token = admin
-        .create_join_token(admin_pb::CreateJoinTokenRequest { ttl: 600, spiffe_id: AGENT_ID.into() })
+        .create_join_token(admin_pb::CreateJoinTokenRequest {
+            ttl: 600,
+            spiffe_id: AGENT_ID.into(),
+        })
         .await
         .map_err(|s| s.message().to_string())?
         .into_inner();
-    let bundle = admin.get_bundle(admin_pb::GetBundleRequest {}).await.map_err(|s| s.message().to_string())?.into_inner();
+    let bundle = admin
+        .get_bundle(admin_pb::GetBundleRequest {})
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
     let agent_dir = base.join("agent");
     std::fs::create_dir_all(&agent_dir).map_err(|e| format!("{}: {e}", agent_dir.display()))?;
     let bootstrap = agent_dir.join("bootstrap-bundle.pem");
-    let pem: String =
-        bundle.authorities.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.clone()))).collect();
+    let pem: String = bundle
+        .authorities
+        .iter()
+        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.clone())))
+        .collect();
     std::fs::write(&bootstrap, pem).map_err(|e| format!("{}: {e}", bootstrap.display()))?;
 
     let uid = std::fs::metadata("/proc/self").map_err(|e| e.to_string())?.uid();
@@ -78,20 +91,24 @@ async fn run() -> Result<(), String> {
         .unwrap_or_default();
     match result.code {
         0 => println!("entry    {spiffe_id} for unix:uid:{uid}, served by {AGENT_ID}"),
-        c if c == tonic::Code::AlreadyExists as i32 => println!("entry    {spiffe_id} (already registered)"),
+        c if c == tonic::Code::AlreadyExists as i32 => {
+            println!("entry    {spiffe_id} (already registered)")
+        }
         _ => return Err(format!("cannot register the entry: {}", result.message)),
     }
 
     let mut agent_config = AgentConfig::new(agent_dir.clone(), node_addr.to_string());
     agent_config.join_token = Some(token.token);
     agent_config.trust_bundle = Some(bootstrap);
-    let agent = Agent::start(agent_config).await.map_err(|e| format!("cannot start the agent: {e}"))?;
+    let agent =
+        Agent::start(agent_config).await.map_err(|e| format!("cannot start the agent: {e}"))?;
     let socket: PathBuf = agent.socket_path().to_owned();
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
     let endpoint = format!("unix://{}", socket.display());
     println!("agent    {AGENT_ID}, Workload API {endpoint}");
 
-    let svids = fetch_x509(&endpoint).await.map_err(|e| format!("Workload API fetch failed: {e}"))?;
+    let svids =
+        fetch_x509(&endpoint).await.map_err(|e| format!("Workload API fetch failed: {e}"))?;
     println!();
     println!("Fetched through the SPIFFE Workload API:");
     for svid in &svids {
