@@ -106,6 +106,8 @@ pub struct CacheState {
     pub svids: BTreeMap<String, Arc<CachedSvid>>,
     /// The trust domain's CA certificates.
     pub bundle: Arc<Vec<CertificateDer<'static>>>,
+    /// The CRLs in force (DER, one per CA).
+    pub crls: Arc<Vec<Vec<u8>>>,
 }
 
 impl CacheState {

@@ -183,11 +183,17 @@ async fn sync_once(
     let mut client = link.client().await.map_err(|e| e.to_string())?;
     let state = cache.state();
     let revision = if state.ready { state.revision } else { 0 };
-    let mut stream = client
-        .sync(pb::SyncRequest { revision })
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-        .into_inner();
+    let mut stream = match client.sync(pb::SyncRequest { revision }).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            if status.code() == tonic::Code::PermissionDenied
+                && status.message().contains("is banned")
+            {
+                withdraw_everything(cache);
+            }
+            return Err(format!("{:?}: {}", status.code(), status.message()));
+        }
+    };
     info!(revision, "sync stream open");
     let mut snapshot: Vec<AgentEntry> = Vec::new();
     loop {
@@ -231,6 +237,34 @@ async fn sync_once(
                     wake.notify_one();
                 }
             }
+            Event::Revocation(revocation) => {
+                let serials: std::collections::HashSet<String> =
+                    revocation.serials.into_iter().collect();
+                let crls = revocation.crls;
+                cache.update(|s| {
+                    let mut changed = false;
+                    if *s.crls != crls {
+                        s.crls = Arc::new(crls);
+                        changed = true;
+                    }
+                    let before = s.svids.len();
+                    s.svids.retain(|_, svid| !serials.contains(&svid.serial));
+                    if before != s.svids.len() {
+                        info!(
+                            dropped = before - s.svids.len(),
+                            "revoked SVIDs dropped; re-issuing where entries still stand"
+                        );
+                        changed = true;
+                    }
+                    changed
+                });
+                wake.notify_one();
+            }
+            Event::Banned(banned) => {
+                warn!(reason = %banned.reason, "this agent was banned: dropping every entry and SVID");
+                withdraw_everything(cache);
+                return Err(format!("agent banned: {}", banned.reason));
+            }
             Event::Change(change) => {
                 let revision = change.revision;
                 match change.change {
@@ -265,6 +299,17 @@ async fn sync_once(
             }
         }
     }
+}
+
+/// A banned agent serves nothing: every workload loses its identity.
+fn withdraw_everything(cache: &Cache) {
+    cache.update(|s| {
+        let changed = !s.entries.is_empty() || !s.svids.is_empty();
+        s.entries.clear();
+        s.svids.clear();
+        s.ready = true;
+        changed
+    });
 }
 
 /// Keeps an SVID for every entry: signs new entries at once and renews at

@@ -199,7 +199,7 @@ impl WorkloadService {
                     hint: s.hint.clone(),
                 })
                 .collect(),
-            crl: Vec::new(),
+            crl: state.crls.as_ref().clone(),
             federated_bundles: HashMap::new(),
         }
     }

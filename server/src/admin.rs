@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::entry::{Entry, EntryError};
+use crate::revocation::{normalize_serial, revoke_issued};
 use crate::state::{EntryEvent, State};
 use crate::store::{EntryFilter, Store, StoreError, MAX_BATCH};
 
@@ -159,10 +160,20 @@ impl Admin for AdminService {
             if let (Some(old), Some(new)) = (old, &result.entry) {
                 if old.parent_id.as_str() != new.parent_id {
                     self.state.publish(EntryEvent::Removed {
-                        id: old.id,
-                        parent_id: old.parent_id,
+                        id: old.id.clone(),
+                        parent_id: old.parent_id.clone(),
                         revision: new.revision,
                     });
+                }
+                // SVIDs that name the old identity or went to the old agent
+                // are no longer authorized.
+                if old.parent_id.as_str() != new.parent_id
+                    || old.spiffe_id.as_str() != new.spiffe_id
+                {
+                    let entry_id = old.id.clone();
+                    let issued =
+                        self.state.store_op(move |store| store.issued_for_entry(&entry_id)).await?;
+                    revoke_issued(&self.state, issued, "entry updated").await?;
                 }
             }
         }
@@ -187,6 +198,10 @@ impl Admin for AdminService {
                         parent_id: entry.parent_id.clone(),
                         revision: entry.revision,
                     });
+                    let entry_id = entry.id.clone();
+                    let issued =
+                        self.state.store_op(move |store| store.issued_for_entry(&entry_id)).await?;
+                    revoke_issued(&self.state, issued, "entry deleted").await?;
                     ok()
                 }
                 Err(e) => {
@@ -311,7 +326,87 @@ impl Admin for AdminService {
         Ok(Response::new(pb::Bundle {
             trust_domain: self.state.config.trust_domain.to_string(),
             authorities: self.state.ca.bundle().iter().map(|c| c.to_vec()).collect(),
+            crls: self.state.crls.borrow().as_ref().clone(),
         }))
+    }
+
+    async fn ban_agent(
+        &self,
+        request: Request<pb::BanAgentRequest>,
+    ) -> Result<Response<pb::BanAgentResponse>, Status> {
+        let req = request.into_inner();
+        let id = parse_id("agent SPIFFE ID", &req.spiffe_id)?;
+        let key = id.to_string();
+        let Some(mut agent) = self.state.store_op(move |store| store.agent(&key)).await? else {
+            warn!(target: "tessera::audit", agent_id = %id, reason = "unknown agent", "agent ban refused");
+            return Err(Status::not_found(format!("agent {id} not found")));
+        };
+        agent.banned = true;
+        let stored = agent.clone();
+        self.state.store_op(move |store| store.put_agent(&stored)).await?;
+        let reason =
+            if req.reason.is_empty() { "banned by operator".to_string() } else { req.reason };
+        info!(target: "tessera::audit", agent_id = %id, reason = %reason, "agent banned");
+        let key = id.to_string();
+        let issued = self.state.store_op(move |store| store.issued_through_agent(&key)).await?;
+        let revoked =
+            revoke_issued(&self.state, issued, &format!("agent banned: {reason}")).await?;
+        self.state.publish(EntryEvent::AgentBanned { agent_id: id, reason });
+        Ok(Response::new(pb::BanAgentResponse {
+            revoked_serials: revoked.into_iter().map(|r| r.serial).collect(),
+        }))
+    }
+
+    async fn evict_agent(
+        &self,
+        request: Request<pb::EvictAgentRequest>,
+    ) -> Result<Response<pb::EvictAgentResponse>, Status> {
+        let id = parse_id("agent SPIFFE ID", &request.into_inner().spiffe_id)?;
+        let key = id.to_string();
+        if !self.state.store_op(move |store| store.delete_agent(&key)).await? {
+            warn!(target: "tessera::audit", agent_id = %id, reason = "unknown agent", "agent evict refused");
+            return Err(Status::not_found(format!("agent {id} not found")));
+        }
+        info!(target: "tessera::audit", agent_id = %id, "agent evicted; it must attest again");
+        self.state.publish(EntryEvent::AgentEvicted { agent_id: id });
+        Ok(Response::new(pb::EvictAgentResponse {}))
+    }
+
+    async fn revoke_svid(
+        &self,
+        request: Request<pb::RevokeSvidRequest>,
+    ) -> Result<Response<types::Revocation>, Status> {
+        let req = request.into_inner();
+        let serial = normalize_serial(&req.serial).map_err(|e| {
+            warn!(target: "tessera::audit", serial = %req.serial, reason = %e, "revocation refused");
+            Status::invalid_argument(e)
+        })?;
+        let lookup = serial.clone();
+        let (issued, existing) = self
+            .state
+            .store_op(move |store| Ok((store.issued(&lookup)?, store.revocation(&lookup)?)))
+            .await?;
+        if let Some(existing) = existing {
+            return Ok(Response::new(existing));
+        }
+        let Some(issued) = issued else {
+            let message =
+                format!("no unexpired SVID with serial {serial} was issued by this server");
+            warn!(target: "tessera::audit", serial = %serial, reason = %message, "revocation refused");
+            return Err(Status::not_found(message));
+        };
+        let reason =
+            if req.reason.is_empty() { "revoked by operator".to_string() } else { req.reason };
+        let mut revoked = revoke_issued(&self.state, vec![issued], &reason).await?;
+        revoked.pop().map(Response::new).ok_or_else(|| Status::internal("revocation not stored"))
+    }
+
+    async fn list_revocations(
+        &self,
+        _request: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
+        let revocations = self.state.store_op(|store| store.revocations()).await?;
+        Ok(Response::new(pb::ListRevocationsResponse { revocations }))
     }
 
     async fn health(

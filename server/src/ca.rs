@@ -63,6 +63,19 @@ pub struct SignedSvid {
     pub serial: String,
     /// Unix seconds.
     pub expires_at: i64,
+    /// Sequence number of the CA that signed it.
+    pub ca_seq: u32,
+}
+
+/// A serial to list in a CRL.
+#[derive(Debug, Clone)]
+pub struct CrlEntry {
+    /// Lowercase hex serial.
+    pub serial: String,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// Sequence number of the CA that issued the certificate.
+    pub ca_seq: u32,
 }
 
 /// The CA's lifetime policy.
@@ -269,7 +282,46 @@ impl Ca {
             chain: vec![cert.der().clone()],
             serial: hex::encode(serial),
             expires_at: not_after,
+            ca_seq: key.seq,
         })
+    }
+
+    /// Signs one CRL (RFC 5280, DER) per CA in the bundle, each listing the
+    /// revoked serials that CA issued. Valid for `validity` seconds.
+    pub fn sign_crls(
+        &self,
+        revoked: &[CrlEntry],
+        crl_number: u64,
+        validity: i64,
+    ) -> Result<Vec<Vec<u8>>, CaError> {
+        let now = self.clock.now();
+        let keys = self.read().keys.clone();
+        let mut crls = Vec::with_capacity(keys.len());
+        for key in keys {
+            let revoked_certs = revoked
+                .iter()
+                .filter(|r| r.ca_seq == key.seq)
+                .filter_map(|r| {
+                    let serial = hex::decode(&r.serial).ok()?;
+                    Some(rcgen::RevokedCertParams {
+                        serial_number: SerialNumber::from_slice(&serial),
+                        revocation_time: to_datetime(r.revoked_at),
+                        reason_code: Some(rcgen::RevocationReason::Unspecified),
+                        invalidity_date: None,
+                    })
+                })
+                .collect();
+            let params = rcgen::CertificateRevocationListParams {
+                this_update: to_datetime(now - BACKDATE_SECS),
+                next_update: to_datetime(now + validity.max(1)),
+                crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
+                issuing_distribution_point: None,
+                revoked_certs,
+                key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            };
+            crls.push(params.signed_by(&key.issuer)?.der().to_vec());
+        }
+        Ok(crls)
     }
 
     fn active(&self) -> Arc<CaKey> {

@@ -38,9 +38,12 @@ enum Command {
     /// Attested agents.
     #[command(subcommand)]
     Agent(AgentCommand),
-    /// The trust bundle.
+    /// The trust bundle and CRLs.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Issued X509-SVIDs: revocation.
+    #[command(subcommand)]
+    Svid(SvidCommand),
     /// Check that the server is up and serving.
     Healthcheck(SocketArg),
 }
@@ -174,11 +177,54 @@ enum AgentCommand {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Ban an agent: revoke its SVID and every SVID issued through it,
+    /// close its stream, refuse its renewal and re-attestation.
+    Ban {
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        id: String,
+        /// Why (recorded and logged).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Forget an agent: it must attest again with a new join token.
+    Evict {
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Show one agent.
     Show {
         /// The agent's SPIFFE ID.
         #[arg(long)]
         id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SvidCommand {
+    /// Revoke one X509-SVID now: agents drop it at once and CRLs list it.
+    Revoke {
+        /// Serial number, hex (colons allowed).
+        #[arg(long)]
+        serial: String,
+        /// Why (recorded and logged).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// List revoked X509-SVIDs that have not expired yet.
+    Revoked {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -195,11 +241,14 @@ enum BundleFormat {
 
 #[derive(Debug, Subcommand)]
 enum BundleCommand {
-    /// Print the trust domain's CA certificates.
+    /// Print the trust domain's CA certificates (or, with --crl, its CRLs).
     Show {
         /// Output format.
         #[arg(long, value_enum, default_value = "pem")]
         format: BundleFormat,
+        /// Print the CRLs (one per CA) instead of the certificates.
+        #[arg(long)]
+        crl: bool,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -248,20 +297,78 @@ impl Cli {
             }
             Command::Entry(command) => entry_command(command).await,
             Command::Agent(command) => agent_command(command).await,
-            Command::Bundle(BundleCommand::Show { format, socket }) => {
+            Command::Bundle(BundleCommand::Show { format, crl, socket }) => {
                 let mut client = connect_admin(&socket.socket).await?;
                 let bundle = client.get_bundle(pb::GetBundleRequest {}).await?.into_inner();
                 use std::io::Write;
                 let mut out = std::io::stdout().lock();
-                for cert in &bundle.authorities {
+                let (tag, items) = if crl {
+                    ("X509 CRL", &bundle.crls)
+                } else {
+                    ("CERTIFICATE", &bundle.authorities)
+                };
+                for cert in items {
                     match format {
                         BundleFormat::Pem => {
-                            let block = pem::Pem::new("CERTIFICATE", cert.clone());
+                            let block = pem::Pem::new(tag, cert.clone());
                             let _ = write!(out, "{}", pem::encode(&block));
                         }
                         BundleFormat::Der => {
                             let _ = out.write_all(cert);
                         }
+                    }
+                }
+                Ok(())
+            }
+            Command::Svid(SvidCommand::Revoke { serial, reason, socket }) => {
+                let serial = crate::revocation::normalize_serial(&serial)?;
+                let mut client = connect_admin(&socket.socket).await?;
+                let revoked = client
+                    .revoke_svid(pb::RevokeSvidRequest {
+                        serial,
+                        reason: reason.unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                println!(
+                    "Revoked {} ({}) until {}",
+                    revoked.serial,
+                    revoked.spiffe_id,
+                    format_time(revoked.expires_at)
+                );
+                Ok(())
+            }
+            Command::Svid(SvidCommand::Revoked { json, socket }) => {
+                let mut client = connect_admin(&socket.socket).await?;
+                let list = client
+                    .list_revocations(pb::ListRevocationsRequest {})
+                    .await?
+                    .into_inner()
+                    .revocations;
+                if json {
+                    let list: Vec<_> = list
+                        .iter()
+                        .map(|r| {
+                            json!({
+                                "serial": r.serial, "spiffe_id": r.spiffe_id, "reason": r.reason,
+                                "revoked_at": r.revoked_at, "expires_at": r.expires_at,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+                } else {
+                    println!(
+                        "Found {} revoked SVID{}",
+                        list.len(),
+                        if list.len() == 1 { "" } else { "s" }
+                    );
+                    for r in &list {
+                        println!();
+                        println!("Serial            : {}", r.serial);
+                        println!("SPIFFE ID         : {}", r.spiffe_id);
+                        println!("Reason            : {}", r.reason);
+                        println!("Revoked at        : {}", format_time(r.revoked_at));
+                        println!("Listed until      : {}", format_time(r.expires_at));
                     }
                 }
                 Ok(())
@@ -562,6 +669,24 @@ async fn agent_command(command: AgentCommand) -> Result<(), CliError> {
                     print_agent(a);
                 }
             }
+            Ok(())
+        }
+        AgentCommand::Ban { id, reason, socket } => {
+            let mut client = connect_admin(&socket.socket).await?;
+            let response = client
+                .ban_agent(pb::BanAgentRequest {
+                    spiffe_id: id.clone(),
+                    reason: reason.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            println!("Banned {id}; revoked {} SVID(s)", response.revoked_serials.len());
+            Ok(())
+        }
+        AgentCommand::Evict { id, socket } => {
+            let mut client = connect_admin(&socket.socket).await?;
+            client.evict_agent(pb::EvictAgentRequest { spiffe_id: id.clone() }).await?;
+            println!("Evicted {id}; it must attest again with a new join token");
             Ok(())
         }
         AgentCommand::Show { id, json, socket } => {

@@ -109,7 +109,20 @@ impl NodeService {
             banned: false,
             last_seen_at: now,
         };
-        self.state.store_op(move |store| store.put_agent(&agent)).await?;
+        let issued = types::IssuedSvid {
+            serial: svid.serial.clone(),
+            spiffe_id: agent_id.to_string(),
+            entry_id: String::new(),
+            agent_id: agent_id.to_string(),
+            expires_at: svid.expires_at,
+            ca_seq: svid.ca_seq,
+        };
+        self.state
+            .store_op(move |store| {
+                store.record_issued(std::slice::from_ref(&issued))?;
+                store.put_agent(&agent)
+            })
+            .await?;
         Ok(svid)
     }
 
@@ -122,14 +135,15 @@ impl NodeService {
         agent_id: &SpiffeId,
         item: pb::SignX509Item,
         entry: Option<Entry>,
-    ) -> pb::SignX509Result {
+    ) -> (pb::SignX509Result, Option<types::IssuedSvid>) {
         let fail = |code: tonic::Code, message: String| {
             warn!(target: "tessera::audit", agent_id = %agent_id, entry_id = %item.entry_id, reason = %message, "X509-SVID refused");
-            pb::SignX509Result {
+            let result = pb::SignX509Result {
                 entry_id: item.entry_id.clone(),
                 status: Some(ItemStatus { code: code as i32, message }),
                 ..Default::default()
-            }
+            };
+            (result, None)
         };
         let Some(entry) = entry else {
             return fail(tonic::Code::NotFound, format!("entry {} not found", item.entry_id));
@@ -151,13 +165,22 @@ impl NodeService {
         {
             Ok(svid) => {
                 info!(target: "tessera::audit", agent_id = %agent_id, entry_id = %entry.id, spiffe_id = %entry.spiffe_id, serial = %svid.serial, expires_at = svid.expires_at, "X509-SVID issued");
-                pb::SignX509Result {
+                let issued = types::IssuedSvid {
+                    serial: svid.serial.clone(),
+                    spiffe_id: entry.spiffe_id.to_string(),
+                    entry_id: entry.id.clone(),
+                    agent_id: agent_id.to_string(),
+                    expires_at: svid.expires_at,
+                    ca_seq: svid.ca_seq,
+                };
+                let result = pb::SignX509Result {
                     entry_id: item.entry_id,
                     status: Some(ItemStatus { code: 0, message: String::new() }),
                     x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
                     expires_at: svid.expires_at,
                     serial: svid.serial,
-                }
+                };
+                (result, Some(issued))
             }
             Err(e) => fail(tonic::Code::Internal, e.to_string()),
         }
@@ -274,7 +297,7 @@ impl Node for NodeService {
             .await?;
         let service = self.clone();
         // Signing is CPU work: keep it off the async workers.
-        let results = tokio::task::spawn_blocking(move || {
+        let signed = tokio::task::spawn_blocking(move || {
             items
                 .into_iter()
                 .zip(entries)
@@ -283,6 +306,13 @@ impl Node for NodeService {
         })
         .await
         .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
+        let (results, issued): (Vec<_>, Vec<_>) = signed.into_iter().unzip();
+        let issued: Vec<types::IssuedSvid> = issued.into_iter().flatten().collect();
+        // Recorded (durably) before the agent can use them, so revoking the
+        // entry or banning the agent always finds them.
+        if !issued.is_empty() {
+            self.state.store_op(move |store| store.record_issued(&issued)).await?;
+        }
         Ok(Response::new(pb::SignX509Response { results }))
     }
 
@@ -296,6 +326,7 @@ impl Node for NodeService {
         // Subscribe before the snapshot so no change falls in between.
         let mut events = self.state.entry_events.subscribe();
         let mut bundles = self.state.ca.watch_bundle();
+        let crls = self.state.crls.subscribe();
         let resume_from = request.get_ref().revision;
         let parent = agent_id.clone();
         let (revision, initial) =
@@ -310,6 +341,16 @@ impl Node for NodeService {
                 })),
             };
             if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let crls = crls.borrow().as_ref().clone();
+            let revocation = pb::SyncMessage {
+                event: Some(pb::sync_message::Event::Revocation(pb::Revocation {
+                    serials: Vec::new(),
+                    crls,
+                })),
+            };
+            if tx.send(Ok(revocation)).await.is_err() {
                 return;
             }
             let sent = initial.len();
@@ -330,8 +371,23 @@ impl Node for NodeService {
                         pb::sync_message::Event::Bundle(pb::BundleUpdate { authorities: bundle })
                     }
                     event = events.recv() => match event {
-                        Ok(event) if event.parent_id() != &agent_id => continue,
-                        Ok(event) if event_revision(&event) <= revision => continue,
+                        Ok(event) if event.agent_id().is_some_and(|id| id != &agent_id) => continue,
+                        Ok(event) if event_revision(&event).is_some_and(|r| r <= revision) => continue,
+                        Ok(EntryEvent::Revoked { serials, crls }) => pb::sync_message::Event::Revocation(pb::Revocation {
+                            serials: serials.as_ref().clone(),
+                            crls: crls.as_ref().clone(),
+                        }),
+                        Ok(EntryEvent::AgentBanned { reason, .. }) => {
+                            warn!(agent_id = %agent_id, "closing sync stream of banned agent");
+                            let banned = pb::sync_message::Event::Banned(pb::AgentBanned { reason });
+                            let _ = tx.send(Ok(pb::SyncMessage { event: Some(banned) })).await;
+                            return;
+                        }
+                        Ok(EntryEvent::AgentEvicted { .. }) => {
+                            warn!(agent_id = %agent_id, "closing sync stream of evicted agent");
+                            let _ = tx.send(Err(Status::permission_denied(format!("agent {agent_id} was evicted; attest again")))).await;
+                            return;
+                        }
                         Ok(EntryEvent::Upserted(entry)) => pb::sync_message::Event::Change(pb::EntryChange {
                             revision: entry.revision,
                             change: Some(pb::entry_change::Change::Upserted(entry.to_proto())),
@@ -416,10 +472,11 @@ fn initial_sync(
     Ok((revision, messages))
 }
 
-fn event_revision(event: &EntryEvent) -> u64 {
+fn event_revision(event: &EntryEvent) -> Option<u64> {
     match event {
-        EntryEvent::Upserted(entry) => entry.revision,
-        EntryEvent::Removed { revision, .. } => *revision,
+        EntryEvent::Upserted(entry) => Some(entry.revision),
+        EntryEvent::Removed { revision, .. } => Some(*revision),
+        _ => None,
     }
 }
 

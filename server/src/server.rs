@@ -57,6 +57,9 @@ pub enum ServerError {
     /// TLS setup failed.
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
+    /// The CRLs could not be built.
+    #[error("CRL: {0}")]
+    Crl(String),
     /// A gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -117,7 +120,11 @@ impl Server {
             entry_events,
             anchors,
             shutdown: CancellationToken::new(),
+            crls: tokio::sync::watch::channel(Arc::new(Vec::new())).0,
         });
+        crate::revocation::refresh_crls(&state)
+            .await
+            .map_err(|e| ServerError::Crl(e.message().to_string()))?;
         Ok(Self { state, svid, node_listener, admin_listener })
     }
 
@@ -192,6 +199,9 @@ impl Server {
             rotation_loop(state.clone(), svid, shutdown.clone())
                 .instrument(tracing::info_span!("ca_rotation")),
         );
+        tasks.spawn(
+            expiry_loop(state.clone(), shutdown.clone()).instrument(tracing::info_span!("expiry")),
+        );
 
         info!(
             trust_domain = %state.config.trust_domain,
@@ -239,6 +249,10 @@ async fn rotation_loop(
             Ok(changed) => {
                 if changed {
                     state.anchors.update(state.ca.bundle().to_vec());
+                    // One CRL per CA in the bundle: a new CA needs its own.
+                    if let Err(e) = crate::revocation::refresh_crls(&state).await {
+                        error!(error = %e.message(), "CRL refresh after CA rotation failed");
+                    }
                 }
                 let half_life_passed =
                     svid.expires_at() - now <= i64::from(tls::SERVER_SVID_TTL) / 2;
@@ -249,6 +263,41 @@ async fn rotation_loop(
                 }
             }
             Err(e) => error!(error = %e, "CA rotation failed"),
+        }
+    }
+}
+
+/// Expires task-scoped entries the moment they reach `expires_at`, forgets
+/// records of expired certificates, and re-signs the CRLs before they go stale.
+async fn expiry_loop(state: Arc<State>, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let mut last_prune = state.clock.now();
+    let mut last_crl = state.clock.now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if let Err(e) = crate::revocation::expire_entries(&state).await {
+            error!(error = %e.message(), "expiring entries failed");
+        }
+        let now = state.clock.now();
+        if now - last_prune >= 60 {
+            last_prune = now;
+            match state.store_op(move |store| store.prune_expired(now)).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    info!(records = n, "forgot records of expired certificates");
+                    let _ = crate::revocation::refresh_crls(&state).await;
+                    last_crl = now;
+                }
+                Err(e) => error!(error = %e.message(), "pruning expired records failed"),
+            }
+        }
+        if now - last_crl >= crate::revocation::CRL_VALIDITY_SECS / 2 {
+            last_crl = now;
+            if let Err(e) = crate::revocation::refresh_crls(&state).await {
+                error!(error = %e.message(), "periodic CRL refresh failed");
+            }
         }
     }
 }

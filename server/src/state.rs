@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use tessera_workload_api::{SpiffeId, TrustAnchors};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::Ca;
@@ -26,14 +26,35 @@ pub enum EntryEvent {
         /// Revision of the change.
         revision: u64,
     },
+    /// SVIDs revoked; sent to every agent with the new CRLs.
+    Revoked {
+        /// Lowercase hex serials.
+        serials: Arc<Vec<String>>,
+        /// The CRLs now in force (DER, one per CA).
+        crls: Arc<Vec<Vec<u8>>>,
+    },
+    /// An agent was banned: its stream ends after telling it.
+    AgentBanned {
+        /// The agent.
+        agent_id: SpiffeId,
+        /// Why, as the operator said.
+        reason: String,
+    },
+    /// An agent was evicted: its stream ends; it must attest again.
+    AgentEvicted {
+        /// The agent.
+        agent_id: SpiffeId,
+    },
 }
 
 impl EntryEvent {
-    /// The agent this event concerns.
-    pub fn parent_id(&self) -> &SpiffeId {
+    /// The agent this event concerns; `None` for every agent.
+    pub fn agent_id(&self) -> Option<&SpiffeId> {
         match self {
-            Self::Upserted(entry) => &entry.parent_id,
-            Self::Removed { parent_id, .. } => parent_id,
+            Self::Upserted(entry) => Some(&entry.parent_id),
+            Self::Removed { parent_id, .. } => Some(parent_id),
+            Self::Revoked { .. } => None,
+            Self::AgentBanned { agent_id, .. } | Self::AgentEvicted { agent_id } => Some(agent_id),
         }
     }
 }
@@ -57,6 +78,8 @@ pub struct State {
     pub anchors: TrustAnchors,
     /// Cancelled when the server shuts down; long-lived streams end on it.
     pub shutdown: CancellationToken,
+    /// The CRLs in force (DER, one per CA in the bundle).
+    pub crls: watch::Sender<Arc<Vec<Vec<u8>>>>,
 }
 
 impl State {

@@ -106,6 +106,29 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn agent(&self, spiffe_id: &str) -> Result<Option<pb::Agent>, StoreError>;
     /// All agents.
     fn agents(&self) -> Result<Vec<pb::Agent>, StoreError>;
+    /// Forgets an agent; returns whether it existed.
+    fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError>;
+
+    /// Records signed SVIDs (kept until they expire).
+    fn record_issued(&self, issued: &[pb::IssuedSvid]) -> Result<(), StoreError>;
+    /// An unexpired SVID by serial.
+    fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError>;
+    /// SVIDs issued for an entry.
+    fn issued_for_entry(&self, entry_id: &str) -> Result<Vec<pb::IssuedSvid>, StoreError>;
+    /// SVIDs issued to or through an agent (its own and its workloads').
+    fn issued_through_agent(&self, agent_id: &str) -> Result<Vec<pb::IssuedSvid>, StoreError>;
+    /// Stores revocations.
+    fn revoke(&self, revocations: &[pb::Revocation]) -> Result<(), StoreError>;
+    /// A revocation by serial.
+    fn revocation(&self, serial: &str) -> Result<Option<pb::Revocation>, StoreError>;
+    /// Every revocation whose certificate has not expired yet.
+    fn revocations(&self) -> Result<Vec<pb::Revocation>, StoreError>;
+    /// Forgets issued SVIDs and revocations of certificates expired at `now`.
+    fn prune_expired(&self, now: i64) -> Result<usize, StoreError>;
+    /// IDs of entries whose `expires_at` is at or before `now`.
+    fn expired_entries(&self, now: i64) -> Result<Vec<String>, StoreError>;
+    /// The next CRL number (monotonic, durable).
+    fn next_crl_number(&self) -> Result<u64, StoreError>;
 }
 
 /// The sled-backed store, in `<data_dir>/store`.
@@ -118,6 +141,11 @@ pub struct SledStore {
     meta: sled::Tree,
     join_tokens: sled::Tree,
     agents: sled::Tree,
+    by_expiry: sled::Tree,
+    issued: sled::Tree,
+    issued_by_entry: sled::Tree,
+    issued_by_agent: sled::Tree,
+    revocations: sled::Tree,
 }
 
 impl fmt::Debug for SledStore {
@@ -142,6 +170,11 @@ impl SledStore {
             meta: db.open_tree("meta")?,
             join_tokens: db.open_tree("join_tokens")?,
             agents: db.open_tree("agents")?,
+            by_expiry: db.open_tree("entries_by_expiry")?,
+            issued: db.open_tree("issued_svids")?,
+            issued_by_entry: db.open_tree("issued_by_entry")?,
+            issued_by_agent: db.open_tree("issued_by_agent")?,
+            revocations: db.open_tree("revocations")?,
             db,
         })
     }
@@ -167,21 +200,29 @@ impl SledStore {
         items: &[T],
         op: impl Fn(&EntryTx<'_>, &T, u64) -> TxResult<Result<Entry, EntryError>>,
     ) -> Result<Vec<Result<Entry, EntryError>>, StoreError> {
-        let trees = (&self.entries, &self.by_parent, &self.by_identity, &self.changes, &self.meta);
-        let results = trees.transaction(|(entries, by_parent, by_identity, changes, meta)| {
-            let tx = EntryTx { entries, by_parent, by_identity, changes };
-            let mut revision = read_u64(meta.get(REVISION_KEY)?);
-            let mut results = Vec::with_capacity(items.len());
-            for item in items {
-                let result = op(&tx, item, revision + 1)?;
-                if result.is_ok() {
-                    revision += 1;
+        let trees = (
+            &self.entries,
+            &self.by_parent,
+            &self.by_identity,
+            &self.changes,
+            &self.meta,
+            &self.by_expiry,
+        );
+        let results =
+            trees.transaction(|(entries, by_parent, by_identity, changes, meta, by_expiry)| {
+                let tx = EntryTx { entries, by_parent, by_identity, changes, by_expiry };
+                let mut revision = read_u64(meta.get(REVISION_KEY)?);
+                let mut results = Vec::with_capacity(items.len());
+                for item in items {
+                    let result = op(&tx, item, revision + 1)?;
+                    if result.is_ok() {
+                        revision += 1;
+                    }
+                    results.push(result);
                 }
-                results.push(result);
-            }
-            meta.insert(REVISION_KEY, &revision.to_be_bytes())?;
-            Ok(results)
-        })?;
+                meta.insert(REVISION_KEY, &revision.to_be_bytes())?;
+                Ok(results)
+            })?;
         self.flush()?;
         Ok(results)
     }
@@ -193,6 +234,7 @@ struct EntryTx<'a> {
     by_parent: &'a sled::transaction::TransactionalTree,
     by_identity: &'a sled::transaction::TransactionalTree,
     changes: &'a sled::transaction::TransactionalTree,
+    by_expiry: &'a sled::transaction::TransactionalTree,
 }
 
 impl EntryTx<'_> {
@@ -209,6 +251,9 @@ impl EntryTx<'_> {
         self.entries.insert(entry.id.as_bytes(), entry.to_proto().encode_to_vec())?;
         self.by_parent.insert(parent_key(&entry.parent_id, &entry.id), &[])?;
         self.by_identity.insert(entry.identity_key(), entry.id.as_bytes())?;
+        if entry.expires_at != 0 {
+            self.by_expiry.insert(expiry_key(entry.expires_at, &entry.id), &[])?;
+        }
         self.log(entry.revision, &entry.id, &entry.parent_id, false)
     }
 
@@ -216,6 +261,9 @@ impl EntryTx<'_> {
         self.entries.remove(entry.id.as_bytes())?;
         self.by_parent.remove(parent_key(&entry.parent_id, &entry.id))?;
         self.by_identity.remove(entry.identity_key())?;
+        if entry.expires_at != 0 {
+            self.by_expiry.remove(expiry_key(entry.expires_at, &entry.id))?;
+        }
         self.log(revision, &entry.id, &entry.parent_id, true)
     }
 
@@ -257,6 +305,46 @@ fn parent_key(parent: &SpiffeId, id: &str) -> Vec<u8> {
     key.extend_from_slice(id.as_bytes());
     key
 }
+
+fn expiry_key(expires_at: i64, id: &str) -> Vec<u8> {
+    let mut key = expires_at.max(0).to_be_bytes().to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn index_key(owner: &str, serial: &str) -> Vec<u8> {
+    let mut key = owner.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(serial.as_bytes());
+    key
+}
+
+fn decode<M: Message + Default>(key: &[u8], bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl SledStore {
+    fn issued_by_index(
+        &self,
+        index: &sled::Tree,
+        owner: &str,
+    ) -> Result<Vec<pb::IssuedSvid>, StoreError> {
+        let prefix = index_key(owner, "");
+        let mut out = Vec::new();
+        for item in index.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            if let Some(bytes) = self.issued.get(&key[prefix.len()..])? {
+                out.push(decode(&key, &bytes)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+const CRL_NUMBER_KEY: &[u8] = b"crl_number";
 
 fn read_u64(value: Option<sled::IVec>) -> u64 {
     value.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0)
@@ -434,6 +522,110 @@ impl Store for SledStore {
                 decode_agent(&key, &bytes)
             })
             .collect()
+    }
+
+    fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError> {
+        let existed = self.agents.remove(spiffe_id.as_bytes())?.is_some();
+        self.flush()?;
+        Ok(existed)
+    }
+
+    fn record_issued(&self, issued: &[pb::IssuedSvid]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut by_entry = sled::Batch::default();
+        let mut by_agent = sled::Batch::default();
+        for svid in issued {
+            batch.insert(svid.serial.as_bytes(), svid.encode_to_vec());
+            if !svid.entry_id.is_empty() {
+                by_entry.insert(index_key(&svid.entry_id, &svid.serial), &[]);
+            }
+            by_agent.insert(index_key(&svid.agent_id, &svid.serial), &[]);
+        }
+        self.issued.apply_batch(batch)?;
+        self.issued_by_entry.apply_batch(by_entry)?;
+        self.issued_by_agent.apply_batch(by_agent)?;
+        self.flush()
+    }
+
+    fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError> {
+        self.issued.get(serial.as_bytes())?.map(|b| decode(serial.as_bytes(), &b)).transpose()
+    }
+
+    fn issued_for_entry(&self, entry_id: &str) -> Result<Vec<pb::IssuedSvid>, StoreError> {
+        self.issued_by_index(&self.issued_by_entry, entry_id)
+    }
+
+    fn issued_through_agent(&self, agent_id: &str) -> Result<Vec<pb::IssuedSvid>, StoreError> {
+        self.issued_by_index(&self.issued_by_agent, agent_id)
+    }
+
+    fn revoke(&self, revocations: &[pb::Revocation]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for revocation in revocations {
+            batch.insert(revocation.serial.as_bytes(), revocation.encode_to_vec());
+        }
+        self.revocations.apply_batch(batch)?;
+        self.flush()
+    }
+
+    fn revocation(&self, serial: &str) -> Result<Option<pb::Revocation>, StoreError> {
+        self.revocations.get(serial.as_bytes())?.map(|b| decode(serial.as_bytes(), &b)).transpose()
+    }
+
+    fn revocations(&self) -> Result<Vec<pb::Revocation>, StoreError> {
+        self.revocations
+            .iter()
+            .map(|item| {
+                let (key, bytes) = item?;
+                decode(&key, &bytes)
+            })
+            .collect()
+    }
+
+    fn prune_expired(&self, now: i64) -> Result<usize, StoreError> {
+        let mut pruned = 0;
+        for item in self.issued.iter() {
+            let (key, bytes) = item?;
+            let svid: pb::IssuedSvid = decode(&key, &bytes)?;
+            if svid.expires_at <= now {
+                self.issued.remove(&key)?;
+                if !svid.entry_id.is_empty() {
+                    self.issued_by_entry.remove(index_key(&svid.entry_id, &svid.serial))?;
+                }
+                self.issued_by_agent.remove(index_key(&svid.agent_id, &svid.serial))?;
+                pruned += 1;
+            }
+        }
+        for item in self.revocations.iter() {
+            let (key, bytes) = item?;
+            let revocation: pb::Revocation = decode(&key, &bytes)?;
+            if revocation.expires_at <= now {
+                self.revocations.remove(&key)?;
+                pruned += 1;
+            }
+        }
+        if pruned > 0 {
+            self.flush()?;
+        }
+        Ok(pruned)
+    }
+
+    fn expired_entries(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        let end = (now.max(0) + 1).to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.by_expiry.range(..end.as_slice()) {
+            let (key, _) = item?;
+            out.push(String::from_utf8_lossy(&key[8..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    fn next_crl_number(&self) -> Result<u64, StoreError> {
+        let next = self.meta.update_and_fetch(CRL_NUMBER_KEY, |old| {
+            Some((read_u64(old.map(sled::IVec::from)) + 1).to_be_bytes().to_vec())
+        })?;
+        self.flush()?;
+        Ok(read_u64(next))
     }
 }
 

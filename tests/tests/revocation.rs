@@ -1,0 +1,221 @@
+//! Revocation end to end, with the `spiffe` crate as the workload: deleting
+//! an entry, a task-scoped (JIT) entry expiring, and banning or evicting an
+//! agent all end the workload's identity at once, with no polling interval.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spiffe::{WorkloadApiClient, WorkloadApiError, X509Svid};
+use tessera_proto::admin as admin_pb;
+use tessera_tests::{entry, my_uid, RunningAgent, TestAgent, TestServer};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::Code;
+
+const PROMPTLY: Duration = Duration::from_secs(30);
+
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PROMPTLY, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn serial_of(svid: &X509Svid) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()).unwrap();
+    let raw = cert.raw_serial();
+    hex_encode(&raw[raw.iter().position(|b| *b != 0).unwrap_or(0)..])
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A spiffe-crate stream of this process's SVID, after its first SVID.
+async fn open_stream(
+    agent: &RunningAgent,
+) -> (impl Stream<Item = Result<X509Svid, WorkloadApiError>> + Unpin, X509Svid) {
+    let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
+    within("the first SVID", async {
+        loop {
+            let mut stream = Box::pin(client.stream_x509_svids().await.unwrap());
+            match stream.next().await {
+                Some(Ok(svid)) => return (stream, svid),
+                Some(Err(WorkloadApiError::NoIdentityIssued)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                other => panic!("unexpected first message: {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Reads the stream until it reports that the identity was withdrawn.
+async fn expect_withdrawn(
+    stream: &mut (impl Stream<Item = Result<X509Svid, WorkloadApiError>> + Unpin),
+    why: &str,
+) {
+    within(why, async {
+        loop {
+            match stream.next().await {
+                Some(Err(WorkloadApiError::NoIdentityIssued)) => return,
+                Some(Ok(_)) => continue,
+                other => panic!("{why}: expected NoIdentityIssued, got {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+async fn revoked_serials(server: &TestServer) -> Vec<String> {
+    let list =
+        server.admin().await.list_revocations(admin_pb::ListRevocationsRequest {}).await.unwrap();
+    list.into_inner().revocations.into_iter().map(|r| r.serial).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_entry_ends_the_identity_and_revokes_its_svids() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
+    let id = server
+        .create_entry(
+            "spiffe://example.org/web",
+            &agent.id,
+            &[&format!("unix:uid:{}", my_uid())],
+            None,
+        )
+        .await;
+    let (mut stream, svid) = open_stream(&agent).await;
+    let serial = serial_of(&svid);
+
+    server
+        .admin()
+        .await
+        .batch_delete_entry(admin_pb::BatchDeleteEntryRequest { ids: vec![id] })
+        .await
+        .unwrap();
+    expect_withdrawn(&mut stream, "withdrawal after entry delete").await;
+    assert!(
+        revoked_serials(&server).await.contains(&serial),
+        "the deleted entry's SVID is revoked"
+    );
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_jit_entry_ends_the_identity_with_no_operator_action() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
+    let mut task = entry(
+        "spiffe://example.org/task/42",
+        &agent.id,
+        &[&format!("unix:uid:{}", my_uid())],
+        Some(600),
+    );
+    task.expires_at = now() + 3;
+    let created = server
+        .admin()
+        .await
+        .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: vec![task] })
+        .await
+        .unwrap();
+    let entry_id = created.into_inner().results[0].entry.as_ref().unwrap().id.clone();
+    let (mut stream, svid) = open_stream(&agent).await;
+    assert!(svid.spiffe_id().to_string().ends_with("/task/42"));
+
+    expect_withdrawn(&mut stream, "withdrawal at the entry's expires_at").await;
+    let err = server
+        .admin()
+        .await
+        .get_entry(admin_pb::GetEntryRequest { id: entry_id })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "the server deleted the expired entry itself");
+    assert!(revoked_serials(&server).await.contains(&serial_of(&svid)));
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn banned_agent_loses_every_identity_and_cannot_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
+    server
+        .create_entry(
+            "spiffe://example.org/web",
+            &agent.id,
+            &[&format!("unix:uid:{}", my_uid())],
+            None,
+        )
+        .await;
+    let (mut stream, svid) = open_stream(&agent).await;
+    let agent_serial = {
+        let get = admin_pb::GetAgentRequest { spiffe_id: agent.id.clone() };
+        server.admin().await.get_agent(get).await.unwrap().into_inner().x509_svid_serial
+    };
+
+    let banned = server
+        .admin()
+        .await
+        .ban_agent(admin_pb::BanAgentRequest {
+            spiffe_id: agent.id.clone(),
+            reason: "node compromised".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(banned.revoked_serials.contains(&agent_serial), "the agent's own SVID is revoked");
+    assert!(banned.revoked_serials.contains(&serial_of(&svid)), "its workloads' SVIDs are revoked");
+    expect_withdrawn(&mut stream, "withdrawal after the agent's ban").await;
+
+    // A new token for the same agent ID does not bring it back.
+    let token = server.join_token(&agent.id, 0).await;
+    let err = TestAgent::attest(&server, &token.token).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("banned"), "{}", err.message());
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_agent_must_attest_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let token = server.join_token("spiffe://example.org/node/evictee", 0).await;
+    let agent = TestAgent::attest(&server, &token.token).await.unwrap();
+    let mut admin = server.admin().await;
+    admin.evict_agent(admin_pb::EvictAgentRequest { spiffe_id: agent.id.clone() }).await.unwrap();
+    assert!(admin
+        .list_agents(admin_pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+        .is_empty());
+    let mut client = agent.client(&server).await;
+    let err = client
+        .renew_agent(tessera_proto::node::RenewAgentRequest { csr: tessera_tests::key_and_csr().1 })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "an evicted agent's SVID no longer authenticates"
+    );
+    let token = server.join_token("spiffe://example.org/node/evictee", 0).await;
+    TestAgent::attest(&server, &token.token).await.expect("re-attestation with a new token works");
+    let err = admin
+        .evict_agent(admin_pb::EvictAgentRequest { spiffe_id: agent.id.clone() + "x" })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
