@@ -235,3 +235,47 @@ fn bad_config_and_flags_exit_non_zero_with_one_line() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+#[test]
+fn revocation_commands_and_crl_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RunningServer::start(dir.path(), &[]);
+
+    let out = server.cli(&["bundle", "show", "--crl"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("-----BEGIN X509 CRL-----"));
+    let crl = dir.path().join("crl.pem");
+    std::fs::write(&crl, &out.stdout).unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, server.cli(&["bundle", "show"]).stdout).unwrap();
+    let check = Command::new("openssl")
+        .args(["crl", "-noout", "-CAfile"])
+        .arg(&bundle)
+        .arg("-in")
+        .arg(&crl)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success() && said.contains("verify OK"), "openssl crl: {said}");
+
+    for (args, expected) in [
+        (vec!["svid", "revoke", "--serial", "not-hex"], "invalid serial"),
+        (vec!["svid", "revoke", "--serial", "4f:3a:99"], "no unexpired SVID with serial 4f3a99"),
+        (vec!["agent", "ban", "--id", "spiffe://example.org/nobody"], "not found"),
+        (vec!["agent", "evict", "--id", "spiffe://example.org/nobody"], "not found"),
+        (vec!["agent", "ban", "--id", "not a spiffe id"], "invalid agent SPIFFE ID"),
+    ] {
+        let out = server.cli(&args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    let out = server.cli(&["svid", "revoked", "--json"]);
+    assert_eq!(stdout(&out), "[]");
+    server.stop();
+}

@@ -276,3 +276,104 @@ pub async fn anonymous_client(server: &TestServer) -> NodeClient<Channel> {
 pub fn to_pem(certs: &[impl AsRef<[u8]>]) -> String {
     certs.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()))).collect()
 }
+
+/// A simulated agent for benchmarks: a real node API client that attests,
+/// holds its entries' SVIDs, follows its Sync stream and re-issues any SVID
+/// the server revokes — what a real agent does, without workloads.
+#[derive(Debug)]
+pub struct SimulatedAgent {
+    /// Its SPIFFE ID.
+    pub id: String,
+    /// Current serial per entry ID.
+    pub serials: Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
+    task: JoinHandle<()>,
+}
+
+impl SimulatedAgent {
+    /// Attests agent number `index`, registers `entries` entries under it,
+    /// gets their SVIDs, and follows its Sync stream. Every SVID it replaces
+    /// after a revocation is reported on `replaced` as the revoked serial.
+    pub async fn start(
+        server: &TestServer,
+        index: usize,
+        entries: usize,
+        replaced: tokio::sync::mpsc::UnboundedSender<(String, std::time::Instant)>,
+    ) -> Self {
+        let id = format!("spiffe://{TRUST_DOMAIN}/sim/agent-{index}");
+        let agent =
+            TestAgent::attest(server, &server.join_token(&id, 0).await.token).await.unwrap();
+        let batch = (0..entries)
+            .map(|j| {
+                entry(
+                    &format!("spiffe://{TRUST_DOMAIN}/sim/{index}/w{j}"),
+                    &id,
+                    &[&format!("unix:uid:{}", j + 1)],
+                    None,
+                )
+            })
+            .collect();
+        let created = server
+            .admin()
+            .await
+            .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: batch })
+            .await
+            .unwrap();
+        let ids: Vec<String> =
+            created.into_inner().results.into_iter().map(|r| r.entry.unwrap().id).collect();
+        let mut client = agent.client(server).await;
+        let serials = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+        for (entry_id, serial) in sign(&mut client, &ids).await {
+            serials.lock().unwrap().insert(entry_id, serial);
+        }
+        let mut stream =
+            client.sync(node_pb::SyncRequest { revision: 0 }).await.unwrap().into_inner();
+        let held = serials.clone();
+        let task = tokio::spawn(async move {
+            while let Ok(Some(message)) = stream.message().await {
+                let Some(node_pb::sync_message::Event::Revocation(revocation)) = message.event
+                else {
+                    continue;
+                };
+                let hit: Vec<(String, String)> = held
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, serial)| revocation.serials.contains(serial))
+                    .map(|(e, s)| (e.clone(), s.clone()))
+                    .collect();
+                if hit.is_empty() {
+                    continue;
+                }
+                let ids: Vec<String> = hit.iter().map(|(e, _)| e.clone()).collect();
+                for (entry_id, serial) in sign(&mut client, &ids).await {
+                    held.lock().unwrap().insert(entry_id, serial);
+                }
+                let now = std::time::Instant::now();
+                for (_, old) in hit {
+                    let _ = replaced.send((old, now));
+                }
+            }
+        });
+        Self { id, serials, task }
+    }
+
+    /// Stops following the stream.
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// Signs SVIDs for entries through the node API; returns (entry ID, serial).
+pub async fn sign(client: &mut NodeClient<Channel>, entry_ids: &[String]) -> Vec<(String, String)> {
+    let items = entry_ids
+        .iter()
+        .map(|id| node_pb::SignX509Item { entry_id: id.clone(), csr: key_and_csr().1 })
+        .collect();
+    let response = client.sign_x509(node_pb::SignX509Request { items }).await.unwrap().into_inner();
+    response
+        .results
+        .into_iter()
+        .filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
+        .map(|r| (r.entry_id, r.serial))
+        .collect()
+}

@@ -305,6 +305,10 @@ async fn sync_streams_snapshot_then_pushes_changes() {
                 }
             }
             Event::Change(change) => panic!("change before snapshot: {change:?}"),
+            Event::Revocation(revocation) => {
+                assert!(!revocation.crls.is_empty(), "current CRLs come first")
+            }
+            Event::Banned(_) => panic!("not banned"),
         }
     }
     assert_eq!(snapshot, std::slice::from_ref(&first), "only the agent's own entries");
@@ -406,6 +410,8 @@ async fn sync_resumes_from_a_revision_with_only_the_changes() {
             Event::Bundle(_) => {}
             Event::Snapshot(_) => panic!("resume must not resend a snapshot"),
             Event::Change(change) => changes.push(change.change.unwrap()),
+            Event::Revocation(_) => {}
+            Event::Banned(_) => panic!("not banned"),
         }
     }
     assert!(changes.contains(&Change::RemovedEntryId(gone)));

@@ -18,7 +18,7 @@ use tessera_proto::admin as admin_pb;
 use tessera_proto::workload as pb;
 use tessera_tests::{entry, my_uid, RunningAgent, TestServer};
 
-const SCENARIOS: &[&str] = &["fetch", "propagate", "all"];
+const SCENARIOS: &[&str] = &["fetch", "propagate", "revoke", "all"];
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -63,6 +63,20 @@ async fn main() -> ExitCode {
         row("entry create -> workload stream (ms)", p50, p99, rounds);
         results.insert("propagate_p50_ms", json!(round(p50)));
         results.insert("propagate_p99_ms", json!(round(p99)));
+    }
+    if matches!(scenario, "revoke" | "all") {
+        let rounds = if quick || scenario == "all" { 100 } else { 300 };
+        let (p50, p99) = bench_revoke_one_agent(rounds).await;
+        row("revoke -> replacement on stream, 1 agent (ms)", p50, p99, rounds);
+        let (p50_many, p99_many, p50_workload, p99_workload) =
+            bench_revoke_many_agents(100, 10, rounds).await;
+        row("revoke -> replacement, 100 agents x 10 (ms)", p50_many, p99_many, rounds);
+        row("  ... the real agent's workload stream (ms)", p50_workload, p99_workload, rounds / 4);
+        results.insert("revoke_p50_ms", json!(round(p50)));
+        results.insert("revoke_p99_ms", json!(round(p99.max(p99_many).max(p99_workload))));
+        results.insert("revoke_1_agent_p99_ms", json!(round(p99)));
+        results.insert("revoke_100_agents_p99_ms", json!(round(p99_many)));
+        results.insert("revoke_100_agents_workload_p99_ms", json!(round(p99_workload)));
     }
     println!("{}", serde_json::to_string(&results).unwrap_or_default());
     ExitCode::SUCCESS
@@ -167,4 +181,141 @@ async fn bench_propagate(rounds: usize) -> (f64, f64) {
     agent.stop().await;
     server.stop().await;
     percentiles(samples)
+}
+
+/// The serial of the first SVID in a Workload API response.
+fn first_serial(response: &pb::X509svidResponse) -> String {
+    let svid = &response.svids[0];
+    tessera_workload_api::X509Svid::from_der(&svid.x509_svid, &svid.x509_svid_key)
+        .unwrap()
+        .serial_hex()
+}
+
+/// From `svid revoke` returning to the workload's stream carrying the
+/// replacement SVID (and the CRL naming the old one).
+async fn bench_revoke_one_agent(rounds: usize) -> (f64, f64) {
+    let (_dir, server, agent) = setup().await;
+    server
+        .create_entry(
+            "spiffe://example.org/revoked",
+            &agent.id,
+            &[&format!("unix:uid:{}", my_uid())],
+            None,
+        )
+        .await;
+    fetch_x509(&agent.endpoint()).await.expect("warm-up fetch");
+    let mut client = connect_workload_api(&agent.endpoint()).await.unwrap();
+    let mut stream =
+        client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await.unwrap().into_inner();
+    let mut serial = first_serial(&stream.message().await.unwrap().unwrap());
+    let mut admin = server.admin().await;
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        admin
+            .revoke_svid(admin_pb::RevokeSvidRequest {
+                serial: serial.clone(),
+                reason: "bench".into(),
+            })
+            .await
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            let update = stream.message().await.unwrap().unwrap();
+            let next = first_serial(&update);
+            if next != serial {
+                samples.push(start.elapsed());
+                serial = next;
+                break;
+            }
+        }
+    }
+    agent.stop().await;
+    server.stop().await;
+    percentiles(samples)
+}
+
+/// 100 agents with 10 SVIDs each (one real agent with a workload, the rest
+/// simulated node API clients that re-issue what is revoked). Every
+/// revocation is pushed to all of them; measured at the owning agent (and,
+/// for the real one, at its workload's stream).
+async fn bench_revoke_many_agents(
+    agents: usize,
+    per_agent: usize,
+    rounds: usize,
+) -> (f64, f64, f64, f64) {
+    let (_dir, server, agent) = setup().await;
+    for j in 0..per_agent {
+        let selector = if j == 0 {
+            format!("unix:uid:{}", my_uid())
+        } else {
+            format!("unix:uid:{}", 100_000 + j)
+        };
+        server
+            .create_entry(&format!("spiffe://example.org/real/w{j}"), &agent.id, &[&selector], None)
+            .await;
+    }
+    fetch_x509(&agent.endpoint()).await.expect("warm-up fetch");
+    let mut client = connect_workload_api(&agent.endpoint()).await.unwrap();
+    let mut stream =
+        client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await.unwrap().into_inner();
+    let mut workload_serial = first_serial(&stream.message().await.unwrap().unwrap());
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut simulated = Vec::new();
+    for i in 0..agents - 1 {
+        simulated
+            .push(tessera_tests::SimulatedAgent::start(&server, i, per_agent, tx.clone()).await);
+    }
+    let mut admin = server.admin().await;
+    let (mut many, mut workload) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        if round % 4 == 0 {
+            let serial = workload_serial.clone();
+            admin
+                .revoke_svid(admin_pb::RevokeSvidRequest {
+                    serial: serial.clone(),
+                    reason: "bench".into(),
+                })
+                .await
+                .unwrap();
+            let start = Instant::now();
+            loop {
+                let next = first_serial(&stream.message().await.unwrap().unwrap());
+                if next != serial {
+                    workload.push(start.elapsed());
+                    workload_serial = next;
+                    break;
+                }
+            }
+            continue;
+        }
+        let sim = &simulated[round % simulated.len()];
+        let serial = {
+            let held = sim.serials.lock().unwrap();
+            held.values().nth(round % per_agent).cloned().unwrap()
+        };
+        admin
+            .revoke_svid(admin_pb::RevokeSvidRequest {
+                serial: serial.clone(),
+                reason: "bench".into(),
+            })
+            .await
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            let (old, at) = rx.recv().await.unwrap();
+            if old == serial {
+                many.push(at.saturating_duration_since(start));
+                break;
+            }
+        }
+    }
+    for sim in simulated {
+        sim.stop();
+    }
+    agent.stop().await;
+    server.stop().await;
+    let (p50, p99) = percentiles(many);
+    let (wp50, wp99) = percentiles(workload);
+    (p50, p99, wp50, wp99)
 }
