@@ -21,6 +21,9 @@ use crate::cache::{AgentEntry, Cache, CachedSvid};
 use crate::identity::{certs_pem, new_key_and_csr, write_private, AgentIdentity};
 use crate::node_client::{connect_node, node_tls_config, NodeClientError};
 
+/// The server backdates NotBefore by this much for clock skew; lifetimes
+/// for renewal are counted from issuance, not from the backdated NotBefore.
+const BACKDATE_SECS: i64 = 10;
 /// Most CSRs sent in one `SignX509` call.
 pub const SIGN_BATCH: usize = 500;
 /// Wait before retrying an entry whose signing failed.
@@ -45,8 +48,9 @@ pub fn jitter(spread: f64) -> f64 {
 /// When to renew a certificate valid from `not_before` to `not_after`:
 /// half its lifetime, ± 10 %.
 pub fn renew_point(not_before: i64, not_after: i64) -> i64 {
+    let not_before = not_before.min(not_after - 1);
     let lifetime = (not_after - not_before).max(1) as f64;
-    not_before + (lifetime * 0.5 * jitter(0.1)).round() as i64
+    (not_before + (lifetime * 0.5 * jitter(0.1)).round() as i64).min(not_after - 1)
 }
 
 /// Exponential backoff with jitter.
@@ -448,10 +452,11 @@ pub async fn agent_renewal_loop(
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut renew_at = {
         let id = link.identity();
-        renew_point(id.not_before, id.not_after)
+        renew_point(id.not_before + BACKDATE_SECS, id.not_after)
     };
     loop {
-        let wait = Duration::from_secs((renew_at - now()).max(0) as u64);
+        // Never spin: at least a second between renewals.
+        let wait = Duration::from_secs((renew_at - now()).max(1) as u64);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
@@ -459,7 +464,7 @@ pub async fn agent_renewal_loop(
         match renew_agent(&link, &data_dir).await {
             Ok(identity) => {
                 info!(agent_id = %identity.spiffe_id, not_after = identity.not_after, "agent SVID renewed");
-                renew_at = renew_point(identity.not_before, identity.not_after);
+                renew_at = renew_point(identity.not_before + BACKDATE_SECS, identity.not_after);
                 backoff.reset();
             }
             Err(e) => {

@@ -205,11 +205,17 @@ impl WorkloadService {
     }
 }
 
-/// What a workload currently gets, for change detection: (entry, serial) pairs and the bundle.
-fn fingerprint(state: &CacheState, svids: &[Arc<CachedSvid>]) -> (Vec<(String, String)>, usize) {
+/// What a workload currently gets, for change detection: (entry, serial)
+/// pairs, the bundle and the CRLs (a CRL-only change is sent too, so relying
+/// parties learn of revoked peers at once).
+type Fingerprint =
+    (Vec<(String, String)>, Arc<Vec<rustls_pki_types::CertificateDer<'static>>>, Arc<Vec<Vec<u8>>>);
+
+fn fingerprint(state: &CacheState, svids: &[Arc<CachedSvid>]) -> Fingerprint {
     (
         svids.iter().map(|s| (s.entry_id.clone(), s.serial.clone())).collect(),
-        Arc::as_ptr(&state.bundle) as usize,
+        state.bundle.clone(),
+        state.crls.clone(),
     )
 }
 
@@ -305,18 +311,16 @@ impl SpiffeWorkloadApi for WorkloadService {
         let (tx, rx) = mpsc::channel(4);
         let service = self.clone();
         tokio::spawn(async move {
-            let mut last: Option<Arc<Vec<_>>> = None;
+            let mut last = None;
             loop {
                 let state = updates.borrow_and_update().clone();
-                if last.as_ref() != Some(&state.bundle) {
-                    last = Some(state.bundle.clone());
+                let current = Some((state.bundle.clone(), state.crls.clone()));
+                if last != current {
+                    last = current;
                     let mut bundles = HashMap::new();
                     bundles.insert(service.trust_domain.id_string(), service.bundle_bytes(&state));
-                    if tx
-                        .send(Ok(pb::X509BundlesResponse { crl: Vec::new(), bundles }))
-                        .await
-                        .is_err()
-                    {
+                    let crl = state.crls.as_ref().clone();
+                    if tx.send(Ok(pb::X509BundlesResponse { crl, bundles })).await.is_err() {
                         return;
                     }
                 }

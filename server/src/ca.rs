@@ -99,9 +99,12 @@ struct CaKey {
 }
 
 impl CaKey {
+    /// The moment `fraction` of the CA's life has passed, counted from its
+    /// creation (NotBefore is backdated for clock skew).
     fn point(&self, fraction: f64) -> i64 {
+        let created = (self.not_before + BACKDATE_SECS).min(self.not_after);
         // Lifetimes are far below 2^52 seconds, so the f64 round trip is exact enough.
-        self.not_before + ((self.not_after - self.not_before) as f64 * fraction) as i64
+        created + ((self.not_after - created) as f64 * fraction) as i64
     }
 }
 
