@@ -1,13 +1,9 @@
 //! A minimal Workload API client over the agent's Unix socket, for the CLI
 //! (`api fetch`, `api watch`, `healthcheck`) and the quickstart.
 
-use std::path::PathBuf;
-
-use hyper_util::rt::TokioIo;
-use tessera_proto::workload::{self as pb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
+use tessera_proto::workload as pb;
 use tessera_workload_api::split_der_chain;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+pub use tessera_workload_api::{connect_workload_api, with_header};
 
 /// One X509-SVID as received from the Workload API.
 pub struct FetchedSvid {
@@ -34,51 +30,6 @@ impl std::fmt::Debug for FetchedSvid {
             .field("serial", &self.serial)
             .finish_non_exhaustive()
     }
-}
-
-/// Socket path from `unix:///path`, `unix:/path` or a plain path.
-pub fn socket_path(address: &str) -> Result<PathBuf, String> {
-    let path = address
-        .strip_prefix("unix://")
-        .or_else(|| address.strip_prefix("unix:"))
-        .unwrap_or(address);
-    if path.is_empty() || !path.starts_with('/') && address.starts_with("unix:") {
-        return Err(format!(
-            "invalid Workload API address {address:?}: want unix:///absolute/path"
-        ));
-    }
-    Ok(PathBuf::from(path))
-}
-
-/// Connects to the Workload API at `address`.
-pub async fn connect_workload_api(
-    address: &str,
-) -> Result<SpiffeWorkloadApiClient<Channel>, String> {
-    let path = socket_path(address)?;
-    if !path.exists() {
-        return Err(format!(
-            "Workload API socket {} does not exist (is the agent running?)",
-            path.display()
-        ));
-    }
-    let dial = path.clone();
-    let channel = Endpoint::from_static("http://tessera-agent.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = dial.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        }))
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
-    Ok(SpiffeWorkloadApiClient::new(channel))
-}
-
-/// A request carrying the Workload API's security header.
-pub fn with_header<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
-    request
 }
 
 /// Decodes one response into SVIDs.

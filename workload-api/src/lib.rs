@@ -1,6 +1,7 @@
 //! Tessera's workload-side library: SPIFFE identity types, X509-SVID and
-//! bundle parsing with validation of the SPIFFE X509-SVID profile, and
-//! rustls verifiers that authorize peers by SPIFFE ID.
+//! bundle parsing with validation of the SPIFFE X509-SVID profile, a live
+//! [`X509Source`] fed by the SPIFFE Workload API, and rustls configs for
+//! mutual TLS that authorize peers by SPIFFE ID and refuse revoked ones.
 //!
 //! ```
 //! use tessera_workload_api::SpiffeId;
@@ -11,12 +12,18 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod client;
+mod mtls;
 mod selector;
+mod source;
 mod spiffe_id;
 mod tls;
 mod x509;
 
+pub use client::{connect_workload_api, socket_path, with_header, ENDPOINT_ENV};
+pub use mtls::{client_config, peer_spiffe_id, server_config, Authorize};
 pub use selector::{Selector, SelectorError};
+pub use source::{SourceError, X509Context, X509Source, FIRST_SVID_TIMEOUT};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use tls::{
     spiffe_id_of_cert, Authorizer, SpiffeClientCertVerifier, SpiffeServerCertVerifier, TlsError,

@@ -2,14 +2,16 @@
 //! peer by the SPIFFE ID in its leaf certificate's URI SAN (never by DNS name).
 
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use webpki::{EndEntityCert, KeyUsage};
+use webpki::{CertRevocationList, EndEntityCert, KeyUsage};
 
 use crate::spiffe_id::SpiffeId;
 use crate::x509::validate_leaf_cert;
@@ -21,36 +23,78 @@ pub enum TlsError {
     /// A bundle certificate could not be used as a trust anchor.
     #[error("bundle certificate is not a usable trust anchor: {0}")]
     BadTrustAnchor(String),
+    /// A CRL could not be parsed.
+    #[error("invalid CRL: {0}")]
+    BadCrl(String),
 }
 
 /// Decides whether a peer's SPIFFE ID may connect.
 pub type Authorizer = Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>;
 
-/// The trust anchors (CA certificates of a trust domain's bundle) a verifier
-/// checks chains against. Cheap to clone; `update` swaps the set for every
-/// verifier sharing it, so a rotated bundle is used by the next handshake.
+/// What a verifier trusts: the CA certificates of a trust domain's bundle
+/// and the CRLs in force. Cheap to clone; `update` and `update_crls` swap
+/// the material for every verifier sharing it (lock-free reads), so a
+/// rotated bundle or a new CRL is used by the next handshake.
 #[derive(Clone, Default)]
 pub struct TrustAnchors {
-    inner: Arc<RwLock<Arc<Vec<CertificateDer<'static>>>>>,
+    inner: Arc<ArcSwap<TrustState>>,
+}
+
+#[derive(Default)]
+struct TrustState {
+    authorities: Arc<Vec<CertificateDer<'static>>>,
+    crls: Arc<Vec<CertRevocationList<'static>>>,
+    crl_der: Arc<Vec<Vec<u8>>>,
 }
 
 impl TrustAnchors {
     /// Trust anchors from DER CA certificates.
     pub fn new(authorities: Vec<CertificateDer<'static>>) -> Self {
-        Self { inner: Arc::new(RwLock::new(Arc::new(authorities))) }
+        let state = TrustState { authorities: Arc::new(authorities), ..TrustState::default() };
+        Self { inner: Arc::new(ArcSwap::from_pointee(state)) }
     }
 
     /// Replaces the trusted CA certificates.
     pub fn update(&self, authorities: Vec<CertificateDer<'static>>) {
-        // A poisoned lock only means a writer panicked mid-swap of an Arc,
-        // which cannot leave the value half-written: keep using it.
-        let mut guard = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        *guard = Arc::new(authorities);
+        self.inner.rcu(|old| TrustState {
+            authorities: Arc::new(authorities.clone()),
+            crls: old.crls.clone(),
+            crl_der: old.crl_der.clone(),
+        });
+    }
+
+    /// Replaces the CRLs (DER). Certificates they list are refused by the
+    /// next handshake. A CRL that does not parse is an error and changes nothing.
+    pub fn update_crls(&self, crls: &[Vec<u8>]) -> Result<(), TlsError> {
+        if self.inner.load().crl_der.as_slice() == crls {
+            return Ok(());
+        }
+        let parsed = crls
+            .iter()
+            .map(|der| {
+                webpki::OwnedCertRevocationList::from_der(der)
+                    .map(CertRevocationList::from)
+                    .map_err(|e| TlsError::BadCrl(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let parsed = Arc::new(parsed);
+        let der = Arc::new(crls.to_vec());
+        self.inner.rcu(|old| TrustState {
+            authorities: old.authorities.clone(),
+            crls: parsed.clone(),
+            crl_der: der.clone(),
+        });
+        Ok(())
     }
 
     /// The current CA certificates.
     pub fn authorities(&self) -> Arc<Vec<CertificateDer<'static>>> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner.load().authorities.clone()
+    }
+
+    /// The current CRLs, DER.
+    pub fn crls(&self) -> Arc<Vec<Vec<u8>>> {
+        self.inner.load().crl_der.clone()
     }
 
     fn verify(
@@ -60,8 +104,9 @@ impl TrustAnchors {
         now: UnixTime,
         usage: KeyUsage,
     ) -> Result<SpiffeId, rustls::Error> {
-        let authorities = self.authorities();
-        let anchors = authorities
+        let state = self.inner.load();
+        let anchors = state
+            .authorities
             .iter()
             .filter_map(|ca| webpki::anchor_from_trusted_cert(ca).ok())
             .collect::<Vec<_>>();
@@ -70,16 +115,31 @@ impl TrustAnchors {
         }
         let cert = EndEntityCert::try_from(end_entity)
             .map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
+        let crl_refs: Vec<&CertRevocationList<'_>> = state.crls.iter().collect();
+        // Certificates from a CA without a CRL are not revoked; CRL
+        // freshness is the agent's job (it pushes each new CRL).
+        let revocation = webpki::RevocationOptionsBuilder::new(&crl_refs).ok().map(|builder| {
+            builder
+                .with_depth(webpki::RevocationCheckDepth::EndEntity)
+                .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+                .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+                .build()
+        });
         cert.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &anchors,
             intermediates,
             now,
             usage,
-            None,
+            revocation,
             None,
         )
-        .map_err(|e| rustls::Error::General(format!("peer certificate chain: {e}")))?;
+        .map_err(|e| match e {
+            webpki::Error::CertRevoked => {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            }
+            e => rustls::Error::General(format!("peer certificate chain: {e}")),
+        })?;
         spiffe_id_of_cert(end_entity)
             .map_err(|e| rustls::Error::General(format!("peer X509-SVID: {e}")))
     }

@@ -1,0 +1,70 @@
+//! A minimal SPIFFE Workload API client over a Unix socket.
+
+use std::path::PathBuf;
+
+use hyper_util::rt::TokioIo;
+use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The environment variable SPIFFE clients read the agent's address from.
+pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
+
+/// Socket path from `unix:///path`, `unix:/path` or a plain absolute path.
+pub fn socket_path(address: &str) -> Result<PathBuf, String> {
+    let path = address
+        .strip_prefix("unix://")
+        .or_else(|| address.strip_prefix("unix:"))
+        .unwrap_or(address);
+    if !path.starts_with('/') {
+        return Err(format!(
+            "invalid Workload API address {address:?}: want unix:///absolute/path"
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Connects to the Workload API at `address` (`unix:///path`).
+pub async fn connect_workload_api(
+    address: &str,
+) -> Result<SpiffeWorkloadApiClient<Channel>, String> {
+    let path = socket_path(address)?;
+    if !path.exists() {
+        return Err(format!(
+            "Workload API socket {} does not exist (is the agent running?)",
+            path.display()
+        ));
+    }
+    let dial = path.clone();
+    let channel = Endpoint::from_static("http://workload-api.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = dial.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    Ok(SpiffeWorkloadApiClient::new(channel))
+}
+
+/// A request carrying the Workload API's security header.
+pub fn with_header<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses() {
+        assert_eq!(socket_path("unix:///run/a.sock").unwrap(), PathBuf::from("/run/a.sock"));
+        assert_eq!(socket_path("unix:/run/a.sock").unwrap(), PathBuf::from("/run/a.sock"));
+        assert_eq!(socket_path("/run/a.sock").unwrap(), PathBuf::from("/run/a.sock"));
+        assert!(socket_path("unix://relative").is_err());
+        assert!(socket_path("tcp://127.0.0.1:1").is_err());
+    }
+}
