@@ -87,13 +87,16 @@ impl Authorize {
 /// that `authorize` allows.
 pub fn client_config(source: &X509Source, authorize: Authorize) -> Result<ClientConfig, TlsError> {
     let verifier = SpiffeServerCertVerifier::new(source.trust(), authorize.into_authorizer());
-    let config =
+    let mut config =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::BadTrustAnchor(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(Arc::new(source.resolver()));
+    // No session resumption: a resumed session skips certificate checks, so
+    // a revoked or rotated SVID would keep working on it.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 
@@ -101,12 +104,16 @@ pub fn client_config(source: &X509Source, authorize: Authorize) -> Result<Client
 /// certificates that `authorize` allows.
 pub fn server_config(source: &X509Source, authorize: Authorize) -> Result<ServerConfig, TlsError> {
     let verifier = SpiffeClientCertVerifier::new(source.trust(), authorize.into_authorizer(), true);
-    let config =
+    let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::BadTrustAnchor(e.to_string()))?
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(Arc::new(source.resolver()));
+    // Every handshake verifies the peer's current certificate against the
+    // current bundle and CRLs: no resumption (tickets or session IDs).
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
