@@ -413,15 +413,18 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let (revision, entries, agents) = self
+        let (revision, entries, agents, issued) = self
             .state
-            .store_op(|store| Ok((store.revision()?, store.entry_count(), store.agents()?.len())))
+            .store_op(|store| {
+                Ok((store.revision()?, store.entry_count(), store.agents()?.len(), store.issued_count()))
+            })
             .await?;
         Ok(Response::new(pb::HealthResponse {
             trust_domain: self.state.config.trust_domain.to_string(),
             revision,
             entries: entries as u64,
             agents: agents as u64,
+            issued_svids: issued as u64,
         }))
     }
 }

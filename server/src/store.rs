@@ -13,6 +13,9 @@ use tessera_workload_api::SpiffeId;
 
 use crate::entry::{Entry, EntryError};
 
+/// The store's page cache.
+pub const STORE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Largest number of items in one batch write.
 pub const MAX_BATCH: usize = 1000;
 
@@ -129,6 +132,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn expired_entries(&self, now: i64) -> Result<Vec<String>, StoreError>;
     /// The next CRL number (monotonic, durable).
     fn next_crl_number(&self) -> Result<u64, StoreError>;
+    /// Number of issued SVIDs on record (unexpired or not yet pruned).
+    fn issued_count(&self) -> usize;
 }
 
 /// The sled-backed store, in `<data_dir>/store`.
@@ -161,7 +166,12 @@ type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        // sled's default page cache is 1 GiB; the working set here is far smaller.
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(STORE_CACHE_BYTES)
+            .open()?;
         Ok(Self {
             entries: db.open_tree("entries")?,
             by_parent: db.open_tree("entries_by_parent")?,
@@ -618,6 +628,10 @@ impl Store for SledStore {
             out.push(String::from_utf8_lossy(&key[8..]).into_owned());
         }
         Ok(out)
+    }
+
+    fn issued_count(&self) -> usize {
+        self.issued.len()
     }
 
     fn next_crl_number(&self) -> Result<u64, StoreError> {

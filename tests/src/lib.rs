@@ -171,35 +171,49 @@ pub struct TestAgent {
     pub chain: Vec<CertificateDer<'static>>,
     key: Vec<u8>,
     addr: SocketAddr,
+    bundle: Vec<CertificateDer<'static>>,
 }
 
 impl TestAgent {
     /// Attests with a join token through the node API.
     pub async fn attest(server: &TestServer, token: &str) -> Result<Self, tonic::Status> {
+        Self::attest_to(server.addr, server.bundle().await, token).await
+    }
+
+    /// Attests with a join token to the node API at `addr`, trusting `bundle`.
+    pub async fn attest_to(
+        addr: SocketAddr,
+        bundle: Vec<CertificateDer<'static>>,
+        token: &str,
+    ) -> Result<Self, tonic::Status> {
         let (key, csr) = key_and_csr();
-        let mut client = anonymous_client(server).await;
-        let response = client
-            .attest(node_pb::AttestRequest { join_token: token.into(), csr })
-            .await?
-            .into_inner();
+        let tls = node_tls_config(TrustAnchors::new(bundle.clone()), &TrustDomain::new(TRUST_DOMAIN).unwrap(), None)
+            .unwrap();
+        let mut client = connect_node(&addr.to_string(), tls).await.unwrap();
+        let response =
+            client.attest(node_pb::AttestRequest { join_token: token.into(), csr }).await?.into_inner();
         Ok(Self {
             id: response.agent_id,
             chain: response.x509_svid.into_iter().map(CertificateDer::from).collect(),
             key: key.serialize_der(),
-            addr: server.addr,
+            addr,
+            bundle,
         })
     }
 
     /// A node API client authenticated with this agent's SVID.
-    pub async fn client(&self, server: &TestServer) -> NodeClient<Channel> {
+    pub async fn client(&self, _server: &TestServer) -> NodeClient<Channel> {
+        self.connect().await
+    }
+
+    /// A node API client authenticated with this agent's SVID.
+    pub async fn connect(&self) -> NodeClient<Channel> {
         let identity = ClientIdentity {
             chain: self.chain.clone(),
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone())),
         };
-        let anchors = TrustAnchors::new(server.bundle().await);
-        let tls =
-            node_tls_config(anchors, &TrustDomain::new(TRUST_DOMAIN).unwrap(), Some(identity))
-                .unwrap();
+        let anchors = TrustAnchors::new(self.bundle.clone());
+        let tls = node_tls_config(anchors, &TrustDomain::new(TRUST_DOMAIN).unwrap(), Some(identity)).unwrap();
         connect_node(&self.addr.to_string(), tls).await.unwrap()
     }
 

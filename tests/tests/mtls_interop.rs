@@ -98,7 +98,6 @@ async fn spiffe_rustls_client_talks_to_tessera_server() {
     })
     .await;
     let served = within(PROMPTLY, "the Tessera server's side", served).await.unwrap();
-    eprintln!("DEBUG t1 neg client={:?} server={:?}", refused.as_ref().err(), served.as_ref().err());
     if let Ok(exchanged) = refused {
         panic!(
             "a Tessera server authorizing only {BYSTANDER} let the spiffe-rustls client \
@@ -180,7 +179,6 @@ async fn tessera_client_talks_to_spiffe_rustls_server() {
             && error.contains(SPIFFE_RUSTLS_ECHO),
         "the Tessera client refused the server, but not at the handshake for its SPIFFE ID: {error}"
     );
-    eprintln!("DEBUG t2 neg a client={error} server={:?}", served.as_ref().err());
     assert!(served.is_err(), "the spiffe-rustls server completed a handshake the client aborted");
 
     // The spiffe-rustls server accepts only the bystander: it refuses the Tessera client.
@@ -190,7 +188,6 @@ async fn tessera_client_talks_to_spiffe_rustls_server() {
     })
     .await;
     let served = within(PROMPTLY, "the spiffe-rustls server's side", served).await.unwrap();
-    eprintln!("DEBUG t2 neg b client={:?} server={:?}", refused.as_ref().err(), served.as_ref().err());
     if let Ok(exchanged) = refused {
         panic!(
             "a spiffe-rustls server authorizing only {BYSTANDER} let the Tessera client \
@@ -240,7 +237,6 @@ async fn openssl_s_client_completes_handshake_with_echo_server() {
     let run = tokio::task::spawn_blocking(move || s_client(&files, addr.port())).await.unwrap();
     let served = within(PROMPTLY, "the Tessera server's side", served).await.unwrap();
 
-    eprintln!("DEBUG t3 {run}");
     assert!(
         run.echoed,
         "openssl s_client did not get its \"hello\" back; {run}\nthe server saw: {served:?}"
@@ -466,7 +462,8 @@ fn write_svid_files(dir: &Path, svid: &FetchedSvid) {
     };
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("svid.pem"), pem_of("CERTIFICATE", &svid.chain)).unwrap();
-    std::fs::write(dir.join("svid.key"), pem_of("PRIVATE KEY", &[svid.key.clone()])).unwrap();
+    std::fs::write(dir.join("svid.key"), pem_of("PRIVATE KEY", std::slice::from_ref(&svid.key)))
+        .unwrap();
     std::fs::write(dir.join("bundle.pem"), pem_of("CERTIFICATE", &svid.bundle)).unwrap();
 }
 
@@ -555,97 +552,4 @@ fn s_client(dir: &Path, port: u16) -> SClientRun {
         std::thread::sleep(Duration::from_millis(20));
     };
     SClientRun { status, echoed, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
-}
-
-// SCRATCH (to be removed)
-async fn scratch_exchange(addr: SocketAddr, config: Arc<ClientConfig>) -> (Result<String, String>, Option<String>) {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::try_from("anything").unwrap();
-    let mut tls = match TlsConnector::from(config).connect(name, tcp).await {
-        Ok(t) => t,
-        Err(e) => return (Err(format!("handshake: {e}")), None),
-    };
-    let kind = format!("{:?}", tls.get_ref().1.handshake_kind());
-    tls.write_all(b"hi\n").await.unwrap();
-    let mut echo = String::new();
-    let r = BufReader::new(&mut tls).read_line(&mut echo).await;
-    eprintln!("SCRATCH tickets received: {} version {:?}", tls.get_ref().1.tls13_tickets_received(), tls.get_ref().1.protocol_version());
-    let _ = tls.shutdown().await;
-    (r.map(|_| echo).map_err(|e| format!("read: {e}")), Some(kind))
-}
-
-fn raw_serial(der: &[u8]) -> Vec<u8> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
-    cert.raw_serial().to_vec()
-}
-
-fn crl_serials(crls: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    crls.iter().flat_map(|der| {
-        let (_, crl) = x509_parser::parse_x509_crl(der).unwrap();
-        crl.iter_revoked_certificates().map(|r| r.raw_serial().to_vec()).collect::<Vec<_>>()
-    }).collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scratch_resumption_after_revocation() {
-    const RC: &str = "spiffe://example.org/resume-client";
-    const RS: &str = "spiffe://example.org/resume-server";
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("server")).await;
-    let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
-    let selector = format!("unix:uid:{}", my_uid());
-    let client_entry = server.create_entry(RC, &agent.id, &[&selector], Some(3600)).await;
-    server.create_entry(RS, &agent.id, &[&selector], Some(3600)).await;
-    loop {
-        if fetch_x509(&agent.endpoint()).await.map(|v| v.len()).unwrap_or(0) == 2 { break; }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let server_src = tessera_source(&agent, RS).await;
-    let client_src = tessera_source(&agent, RC).await;
-    let serial = raw_serial(client_src.svid().unwrap().chain()[0].as_ref());
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(&server_src, Authorize::exact(id(RC))).unwrap()));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                match acceptor.accept(tcp).await {
-                    Ok(tls) => {
-                        eprintln!("SCRATCH server: accepted {:?} kind {:?}", peer_spiffe_id(tls.get_ref().1), tls.get_ref().1.handshake_kind());
-                        let (r, mut w) = tokio::io::split(tls);
-                        let mut lines = BufReader::new(r).lines();
-                        while let Ok(Some(l)) = lines.next_line().await { let _ = w.write_all(format!("{l}\n").as_bytes()).await; }
-                    }
-                    Err(e) => eprintln!("SCRATCH server: refused: {e}"),
-                }
-            });
-        }
-    });
-    let client_cfg = Arc::new(client_config(&client_src, Authorize::exact(id(RS))).unwrap());
-    eprintln!("SCRATCH 1 before revocation: {:?}", scratch_exchange(addr, client_cfg.clone()).await);
-    eprintln!("SCRATCH 1b before revocation: {:?}", scratch_exchange(addr, client_cfg.clone()).await);
-    eprintln!("SCRATCH 1c before revocation: {:?}", scratch_exchange(addr, client_cfg.clone()).await);
-    let client_changes_before = *client_src.changes().borrow();
-    server.admin().await.batch_delete_entry(tessera_proto::admin::BatchDeleteEntryRequest { ids: vec![client_entry] }).await.unwrap();
-    let t0 = Instant::now();
-    while !crl_serials(&server_src.trust().crls()).contains(&serial) {
-        assert!(t0.elapsed() < PROMPTLY, "server source never saw the CRL");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    eprintln!("SCRATCH server source has CRL naming the client serial after {:?}", t0.elapsed());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    eprintln!("SCRATCH client source after 2s: svid {:?} serial-same {} changes {}->{} its CRLs name the serial: {}",
-        client_src.svid().map(|s| s.spiffe_id().to_string()),
-        client_src.svid().map(|s| raw_serial(s.chain()[0].as_ref()) == serial).unwrap_or(false),
-        client_changes_before, *client_src.changes().borrow(),
-        crl_serials(&client_src.trust().crls()).contains(&serial));
-    eprintln!("SCRATCH agent now serves: {:?}", fetch_x509(&agent.endpoint()).await.map(|v| v.into_iter().map(|s| s.spiffe_id).collect::<Vec<_>>()));
-    eprintln!("SCRATCH 2 same client config (session cache): {:?}", scratch_exchange(addr, client_cfg.clone()).await);
-    let fresh = Arc::new(client_config(&client_src, Authorize::exact(id(RS))).unwrap());
-    eprintln!("SCRATCH 3 fresh client config, same revoked SVID: {:?}", scratch_exchange(addr, fresh).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    agent.stop().await;
-    server.stop().await;
 }

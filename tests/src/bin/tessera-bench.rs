@@ -18,11 +18,16 @@ use tessera_proto::admin as admin_pb;
 use tessera_proto::workload as pb;
 use tessera_tests::{entry, my_uid, RunningAgent, TestServer};
 
-const SCENARIOS: &[&str] = &["fetch", "propagate", "revoke", "handshake", "all"];
+const SCENARIOS: &[&str] = &["issue", "scale", "fetch", "propagate", "revoke", "handshake", "all"];
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("__server") => return child_server(&args[1..]).await,
+        Some("__agent") => return child_agent(&args[1..]).await,
+        _ => {}
+    }
     let scenario = args.first().map(String::as_str).unwrap_or("all");
     let quick = args.iter().any(|a| a == "--quick");
     if !SCENARIOS.contains(&scenario) {
@@ -50,6 +55,20 @@ async fn main() -> ExitCode {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("{:<44} {:>12} {:>12} {:>12}", "measure", "p50", "p99", "n");
+    if matches!(scenario, "issue" | "all") {
+        let secs = if quick || scenario == "all" { 5 } else { 15 };
+        let (rate, limit) = bench_issue(Duration::from_secs(secs)).await;
+        println!("{:<44} {:>12.0} {:>12.0} {:>12.3}", "SVIDs/s signed via node API; ring limit; ratio", rate, limit, rate / limit);
+        results.insert("issue_svids_per_s", json!(rate.round()));
+        results.insert("issue_limit_per_s", json!(limit.round()));
+        results.insert("issue_limit_ratio", json!(round(rate / limit)));
+    }
+    if matches!(scenario, "scale" | "all") {
+        let scale = bench_scale(100_000, 1_000, 20_000, 1_000).await;
+        for (key, value) in scale {
+            results.insert(key, value);
+        }
+    }
     if matches!(scenario, "fetch" | "all") {
         let calls = if quick || scenario == "all" { 2_000 } else { 10_000 };
         let (p50, p99) = bench_fetch(calls).await;
@@ -434,4 +453,334 @@ async fn handshake_rate(config: rustls::ServerConfig, client: std::sync::Arc<rus
     }
     let _ = thread.join();
     count as f64 / elapsed.as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------
+// Child processes: a server or an agent alone in its process, so its memory
+// can be measured. They run until their stdin closes.
+
+async fn until_stdin_closes() {
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await;
+}
+
+async fn child_server(args: &[String]) -> ExitCode {
+    let dir = std::path::PathBuf::from(&args[0]);
+    let server = tessera_server::Server::bind(tessera_tests::test_config(&dir), std::sync::Arc::new(tessera_server::SystemClock))
+        .await
+        .expect("server binds");
+    println!("READY {}", server.node_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        until_stdin_closes().await;
+        stop.cancel();
+    });
+    server.run(shutdown).await.expect("server runs");
+    ExitCode::SUCCESS
+}
+
+async fn child_agent(args: &[String]) -> ExitCode {
+    let mut config = tessera_agent::AgentConfig::new(args[0].clone().into(), args[1].clone());
+    config.join_token = Some(args[2].clone());
+    config.trust_bundle = Some(args[3].clone().into());
+    let agent = tessera_agent::Agent::start(config).await.expect("agent starts");
+    println!("READY {}", agent.socket_path().display());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        until_stdin_closes().await;
+        stop.cancel();
+    });
+    agent.run(shutdown).await.expect("agent runs");
+    ExitCode::SUCCESS
+}
+
+/// A child process started in one of the modes above.
+struct Child {
+    process: std::process::Child,
+    ready: String,
+}
+
+impl Child {
+    fn start(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut process = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = process.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+        let ready = line.trim().strip_prefix("READY ").unwrap_or_else(|| panic!("child said {line:?}")).to_string();
+        Self { process, ready }
+    }
+
+    fn rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id())).unwrap_or_default();
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kb / 1024.0
+    }
+
+    fn stop(mut self) {
+        drop(self.process.stdin.take());
+        let _ = self.process.wait();
+    }
+}
+
+async fn admin_at(dir: &std::path::Path) -> tessera_proto::admin::admin_client::AdminClient<tonic::transport::Channel> {
+    tessera_server::connect_admin(&dir.join("admin.sock")).await.unwrap()
+}
+
+async fn health(admin: &mut tessera_proto::admin::admin_client::AdminClient<tonic::transport::Channel>) -> admin_pb::HealthResponse {
+    admin.health(admin_pb::HealthRequest {}).await.unwrap().into_inner()
+}
+
+/// Registration at scale, restart, 1,000 connected agents, an agent with
+/// 20,000 entries, and 1,000 concurrent Workload API streams on it.
+async fn bench_scale(entries: usize, agents: usize, big_agent: usize, streams: usize) -> Vec<(&'static str, Value)> {
+    let mut out = Vec::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let server_dir_arg = server_dir.display().to_string();
+    let server = Child::start(&["__server", &server_dir_arg]);
+    let mut admin = admin_at(&server_dir).await;
+
+    // Registration: `entries` entries spread over `agents` parents, batches of 1,000.
+    let per_agent = entries / agents;
+    let start = Instant::now();
+    let mut batch = Vec::with_capacity(1000);
+    for i in 0..entries {
+        let parent = format!("spiffe://example.org/sim/agent-{}", i % agents);
+        batch.push(entry(&format!("spiffe://example.org/scale/{i}"), &parent, &[&format!("unix:uid:{}", i / agents + 1)], None));
+        if batch.len() == 1000 || i + 1 == entries {
+            let response = admin
+                .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: std::mem::take(&mut batch) })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(response.results.iter().all(|r| r.status.as_ref().is_some_and(|s| s.code == 0)));
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let entries_per_s = entries as f64 / elapsed;
+    println!("{:<44} {:>12.0} {:>12.1} {:>12}", "entries created/s (durable), seconds", entries_per_s, elapsed, entries);
+    out.push(("entries_per_s", json!(entries_per_s.round())));
+
+    // Restart with everything in the store: from process start to serving.
+    server.stop();
+    let start = Instant::now();
+    let server = Child::start(&["__server", &server_dir_arg]);
+    let mut admin = admin_at(&server_dir).await;
+    let h = health(&mut admin).await;
+    let restart = start.elapsed().as_secs_f64();
+    assert_eq!(h.entries as usize, entries);
+    println!("{:<44} {:>12.2} {:>12} {:>12}", "restart to serving (s)", restart, "", h.entries);
+    out.push(("restart_100k_s", json!(round(restart))));
+
+    // 1,000 agents attest and hold their Sync streams (each gets its snapshot).
+    let addr: std::net::SocketAddr = server.ready.parse().unwrap();
+    let bundle: Vec<rustls_pki_types::CertificateDer<'static>> = admin
+        .get_bundle(admin_pb::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .authorities
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let start = Instant::now();
+    let mut held = Vec::new();
+    let mut simulated = Vec::new();
+    for i in 0..agents {
+        let token = admin
+            .create_join_token(admin_pb::CreateJoinTokenRequest { ttl: 600, spiffe_id: format!("spiffe://example.org/sim/agent-{i}") })
+            .await
+            .unwrap()
+            .into_inner();
+        let agent = tessera_tests::TestAgent::attest_to(addr, bundle.clone(), &token.token).await.unwrap();
+        let mut client = agent.connect().await;
+        let mut stream = client.sync(tessera_proto::node::SyncRequest { revision: 0 }).await.unwrap().into_inner();
+        let mut got = 0;
+        while got < per_agent {
+            if let Some(tessera_proto::node::sync_message::Event::Snapshot(chunk)) = stream.message().await.unwrap().unwrap().event {
+                got += chunk.entries.len();
+            }
+        }
+        held.push(stream);
+        simulated.push((agent, client));
+    }
+    let connect_s = start.elapsed().as_secs_f64();
+    // Give the server a moment to settle, then read its memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server_rss = server.rss_mb();
+    println!("{:<44} {:>12.1} {:>12.1} {:>12}", "server RSS MB; 1,000 agents connected in (s)", server_rss, connect_s, agents);
+    out.push(("server_rss_mb", json!(round(server_rss))));
+    out.push(("agents_connect_s", json!(round(connect_s))));
+
+    // One agent parenting `big_agent` entries (one of them for this process).
+    let big_id = "spiffe://example.org/big-agent";
+    let before = health(&mut admin).await.issued_svids;
+    for chunk_start in (0..big_agent).step_by(1000) {
+        let batch = (chunk_start..(chunk_start + 1000).min(big_agent))
+            .map(|j| {
+                let selector = if j == 0 { format!("unix:uid:{}", my_uid()) } else { format!("unix:uid:{}", 200_000 + j) };
+                entry(&format!("spiffe://example.org/big/{j}"), big_id, &[&selector], None)
+            })
+            .collect();
+        admin.batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: batch }).await.unwrap();
+    }
+    let token = admin
+        .create_join_token(admin_pb::CreateJoinTokenRequest { ttl: 600, spiffe_id: big_id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let bundle_path = dir.path().join("bundle.pem");
+    std::fs::write(&bundle_path, tessera_tests::to_pem(&bundle)).unwrap();
+    let agent_dir = dir.path().join("agent").display().to_string();
+    let start = Instant::now();
+    let agent = Child::start(&["__agent", &agent_dir, &server.ready, &token.token, &bundle_path.display().to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let issued = health(&mut admin).await.issued_svids;
+        // Its own agent SVID plus one per entry.
+        if issued >= before + big_agent as u64 + 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent did not get all its SVIDs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sync_s = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let agent_rss = agent.rss_mb();
+    println!("{:<44} {:>12.1} {:>12.1} {:>12}", "agent RSS MB with 20k SVIDs; all signed in (s)", agent_rss, sync_s, big_agent);
+    out.push(("agent_20k_rss_mb", json!(round(agent_rss))));
+    out.push(("agent_20k_sync_s", json!(round(sync_s))));
+
+    // `streams` workloads open FetchX509SVID at once (one connection each).
+    let endpoint = format!("unix://{}", agent.ready);
+    fetch_x509(&endpoint).await.expect("warm-up fetch");
+    let mut tasks = Vec::new();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(streams));
+    for _ in 0..streams {
+        let endpoint = endpoint.clone();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = connect_workload_api(&endpoint).await.unwrap();
+            barrier.wait().await;
+            let start = Instant::now();
+            let mut stream = client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await.unwrap().into_inner();
+            let first = stream.message().await.unwrap().unwrap();
+            assert_eq!(first.svids.len(), 1);
+            (start.elapsed(), client, stream)
+        }));
+    }
+    let mut samples = Vec::new();
+    let mut open = Vec::new();
+    for task in tasks {
+        let (elapsed, client, stream) = task.await.unwrap();
+        samples.push(elapsed);
+        open.push((client, stream));
+    }
+    let streams_rss = agent.rss_mb();
+    let (p50, p99) = percentiles(samples);
+    row("1,000 concurrent FetchX509SVID first resp (ms)", p50, p99, streams);
+    println!("{:<44} {:>12.1} {:>12} {:>12}", "agent RSS MB with 20k SVIDs + 1,000 streams", streams_rss, "", streams);
+    out.push(("streams_1000_p50_ms", json!(round(p50))));
+    out.push(("streams_1000_p99_ms", json!(round(p99))));
+    out.push(("agent_streams_rss_mb", json!(round(streams_rss))));
+    drop(open);
+    drop(held);
+    drop(simulated);
+    agent.stop();
+    server.stop();
+    out
+}
+
+/// SVIDs signed per second through the node API by 16 concurrent agents
+/// (batches of 100, CSRs made in advance), against the machine's raw limit:
+/// one ECDSA P-256 signature plus one verification per SVID, with ring, on
+/// every core.
+async fn bench_issue(duration: Duration) -> (f64, f64) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let server = Child::start(&["__server", &server_dir.display().to_string()]);
+    let mut admin = admin_at(&server_dir).await;
+    let addr: std::net::SocketAddr = server.ready.parse().unwrap();
+    let bundle: Vec<rustls_pki_types::CertificateDer<'static>> =
+        admin.get_bundle(admin_pb::GetBundleRequest {}).await.unwrap().into_inner().authorities.into_iter().map(Into::into).collect();
+    let (agents, batch) = (16, 100);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for i in 0..agents {
+        let id = format!("spiffe://example.org/issue/agent-{i}");
+        let token = admin.create_join_token(admin_pb::CreateJoinTokenRequest { ttl: 600, spiffe_id: id.clone() }).await.unwrap().into_inner();
+        let entries = (0..batch).map(|j| entry(&format!("spiffe://example.org/issue/{i}/{j}"), &id, &[&format!("unix:uid:{}", j + 1)], None)).collect();
+        let created = admin.batch_create_entry(admin_pb::BatchCreateEntryRequest { entries }).await.unwrap().into_inner();
+        let ids: Vec<String> = created.results.into_iter().map(|r| r.entry.unwrap().id).collect();
+        let agent = tessera_tests::TestAgent::attest_to(addr, bundle.clone(), &token.token).await.unwrap();
+        let mut client = agent.connect().await;
+        let items: Vec<_> = ids
+            .iter()
+            .map(|id| tessera_proto::node::SignX509Item { entry_id: id.clone(), csr: tessera_tests::key_and_csr().1 })
+            .collect();
+        let (done, stop) = (done.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let response = client.sign_x509(tessera_proto::node::SignX509Request { items: items.clone() }).await.unwrap();
+                let ok = response.into_inner().results.iter().filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0)).count();
+                done.fetch_add(ok as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // warm up
+    let (first, start) = (done.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(duration).await;
+    let rate = (done.load(Ordering::Relaxed) - first) as f64 / start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        let _ = worker.await;
+    }
+    server.stop();
+    (rate, signing_limit(Duration::from_secs(2)))
+}
+
+/// ECDSA P-256 sign + verify pairs per second with ring on every core.
+fn signing_limit(duration: Duration) -> f64 {
+    use ring::rand::SystemRandom;
+    use ring::signature::{EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING};
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: Vec<_> = (0..cores)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let rng = SystemRandom::new();
+                let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+                let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+                let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref().to_vec());
+                let message = [7u8; 600]; // about a TBSCertificate
+                let (start, mut pairs) = (Instant::now(), 0u64);
+                while start.elapsed() < duration {
+                    let signature = key.sign(&rng, &message).unwrap();
+                    public.verify(&message, signature.as_ref()).unwrap();
+                    pairs += 1;
+                }
+                pairs as f64 / start.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).sum()
 }
