@@ -416,7 +416,12 @@ impl Admin for AdminService {
         let (revision, entries, agents, issued) = self
             .state
             .store_op(|store| {
-                Ok((store.revision()?, store.entry_count(), store.agents()?.len(), store.issued_count()))
+                Ok((
+                    store.revision()?,
+                    store.entry_count(),
+                    store.agents()?.len(),
+                    store.issued_count(),
+                ))
             })
             .await?;
         Ok(Response::new(pb::HealthResponse {

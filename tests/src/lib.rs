@@ -187,11 +187,17 @@ impl TestAgent {
         token: &str,
     ) -> Result<Self, tonic::Status> {
         let (key, csr) = key_and_csr();
-        let tls = node_tls_config(TrustAnchors::new(bundle.clone()), &TrustDomain::new(TRUST_DOMAIN).unwrap(), None)
-            .unwrap();
+        let tls = node_tls_config(
+            TrustAnchors::new(bundle.clone()),
+            &TrustDomain::new(TRUST_DOMAIN).unwrap(),
+            None,
+        )
+        .unwrap();
         let mut client = connect_node(&addr.to_string(), tls).await.unwrap();
-        let response =
-            client.attest(node_pb::AttestRequest { join_token: token.into(), csr }).await?.into_inner();
+        let response = client
+            .attest(node_pb::AttestRequest { join_token: token.into(), csr })
+            .await?
+            .into_inner();
         Ok(Self {
             id: response.agent_id,
             chain: response.x509_svid.into_iter().map(CertificateDer::from).collect(),
@@ -213,7 +219,9 @@ impl TestAgent {
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone())),
         };
         let anchors = TrustAnchors::new(self.bundle.clone());
-        let tls = node_tls_config(anchors, &TrustDomain::new(TRUST_DOMAIN).unwrap(), Some(identity)).unwrap();
+        let tls =
+            node_tls_config(anchors, &TrustDomain::new(TRUST_DOMAIN).unwrap(), Some(identity))
+                .unwrap();
         connect_node(&self.addr.to_string(), tls).await.unwrap()
     }
 

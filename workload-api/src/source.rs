@@ -256,13 +256,28 @@ async fn stream_once(
         else {
             return Ok(());
         };
-        let context = X509Context::from_response(response, pick)?;
-        shared.trust.update(context.bundle.clone());
-        if let Err(e) = shared.trust.update_crls(&context.crls) {
+        // Trust material first: it applies even if our identity is gone.
+        if let Some(first) = response.svids.first() {
+            match split_der_chain(&first.bundle) {
+                Ok(bundle) => shared.trust.update(bundle),
+                Err(e) => warn!(error = %e, "ignoring a bundle that does not parse"),
+            }
+        }
+        if let Err(e) = shared.trust.update_crls(&response.crl) {
             warn!(error = %e, "ignoring CRLs that do not parse");
         }
-        debug!(svids = context.svids.len(), "X509 material updated");
-        shared.current.store(Some(Arc::new(context)));
+        match X509Context::from_response(response, pick) {
+            Ok(context) => {
+                debug!(svids = context.svids.len(), "X509 material updated");
+                shared.current.store(Some(Arc::new(context)));
+            }
+            Err(e) => {
+                // The chosen identity is no longer issued (or the response is
+                // unusable): withdraw it rather than keep presenting a stale one.
+                warn!(error = %e, "X509-SVID withdrawn");
+                shared.current.store(None);
+            }
+        }
         shared.changes.send_modify(|n| *n += 1);
         *delay = Duration::from_millis(100);
     }

@@ -195,7 +195,10 @@ impl ServerCertVerifier for SpiffeServerCertVerifier {
         if (self.authorize)(&id) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!("server SPIFFE ID {id} is not authorized")))
+            {
+                tracing::warn!(peer = %id, "TLS peer refused: server SPIFFE ID is not authorized");
+                Err(rustls::Error::General(format!("server SPIFFE ID {id} is not authorized")))
+            }
         }
     }
 
@@ -268,7 +271,10 @@ impl ClientCertVerifier for SpiffeClientCertVerifier {
         if (self.authorize)(&id) {
             Ok(ClientCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!("client SPIFFE ID {id} is not authorized")))
+            {
+                tracing::warn!(peer = %id, "TLS peer refused: client SPIFFE ID is not authorized");
+                Err(rustls::Error::General(format!("client SPIFFE ID {id} is not authorized")))
+            }
         }
     }
 
