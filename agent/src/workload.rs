@@ -30,6 +30,10 @@ use crate::manager::now;
 /// matching entries still being signed.
 pub const FIRST_RESPONSE_WAIT: Duration = Duration::from_secs(10);
 
+/// How long an update that lacks an SVID being replaced waits for the
+/// replacement before it is sent anyway.
+pub const REPLACEMENT_WAIT: Duration = Duration::from_secs(2);
+
 /// An accepted Workload API connection and its pinned peer.
 #[derive(Debug)]
 pub struct WorkloadConn {
@@ -254,6 +258,7 @@ impl SpiffeWorkloadApi for WorkloadService {
             if tx.send(Ok(service.x509_response(&state, &svids))).await.is_err() {
                 return;
             }
+            let mut defer_until: Option<tokio::time::Instant> = None;
             loop {
                 // Wake for cache changes, and for an SVID expiring on its own.
                 let next_expiry = updates
@@ -262,9 +267,12 @@ impl SpiffeWorkloadApi for WorkloadService {
                     .iter()
                     .map(|s| s.expires_at)
                     .min();
-                let wait = next_expiry.map_or(Duration::from_secs(3600), |at| {
+                let mut wait = next_expiry.map_or(Duration::from_secs(3600), |at| {
                     Duration::from_secs((at - now()).max(0) as u64 + 1)
                 });
+                if let Some(until) = defer_until {
+                    wait = wait.min(until.saturating_duration_since(tokio::time::Instant::now()));
+                }
                 tokio::select! {
                     _ = tx.closed() => return,
                     _ = service.shutdown.cancelled() => return,
@@ -282,6 +290,24 @@ impl SpiffeWorkloadApi for WorkloadService {
                     let _ = tx.send(Err(Status::permission_denied("no identity issued"))).await;
                     return;
                 }
+                // An SVID being replaced (revoked, or its entry changed) is
+                // missing for the moment its successor is signed: wait for
+                // it (briefly) rather than announce the identity's withdrawal.
+                let replacing = last.0.iter().any(|(entry_id, _)| {
+                    !svids.iter().any(|s| &s.entry_id == entry_id)
+                        && state.entries.get(entry_id).is_some_and(|e| {
+                            Selector::all_present(&e.selectors, &selectors)
+                                && (e.expires_at == 0 || e.expires_at > now)
+                        })
+                });
+                if replacing {
+                    let until = *defer_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + REPLACEMENT_WAIT);
+                    if tokio::time::Instant::now() < until {
+                        continue;
+                    }
+                }
+                defer_until = None;
                 let current = fingerprint(&state, &svids);
                 if current != last {
                     last = current;
