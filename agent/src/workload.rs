@@ -139,7 +139,14 @@ pub struct WorkloadService {
     attestor: Arc<dyn WorkloadAttestor>,
     trust_domain: TrustDomain,
     shutdown: CancellationToken,
+    /// Bounds concurrent attestations (each reads /proc on a blocking
+    /// thread): a burst of callers queues instead of spawning hundreds of
+    /// threads.
+    attesting: Arc<tokio::sync::Semaphore>,
 }
+
+/// Attestations running at once.
+pub const MAX_CONCURRENT_ATTESTATIONS: usize = 8;
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -161,7 +168,13 @@ impl WorkloadService {
         trust_domain: TrustDomain,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { cache, attestor, trust_domain, shutdown }
+        Self {
+            cache,
+            attestor,
+            trust_domain,
+            shutdown,
+            attesting: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_ATTESTATIONS)),
+        }
     }
 
     /// Checks the header and attests the caller.
@@ -176,8 +189,17 @@ impl WorkloadService {
         })?;
         let attestor = self.attestor.clone();
         let attest_peer = peer.clone();
-        let selectors = tokio::task::spawn_blocking(move || attestor.attest(&attest_peer))
+        let permit = self
+            .attesting
+            .clone()
+            .acquire_owned()
             .await
+            .map_err(|_| Status::unavailable("agent is shutting down"))?;
+        let selectors = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            attestor.attest(&attest_peer)
+        })
+        .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| {
                 warn!(target: "tessera::audit", op, pid = ?peer.pid, uid = peer.uid, reason = %e, "workload attestation failed");
