@@ -149,7 +149,6 @@ pub struct SledStore {
     by_expiry: sled::Tree,
     issued: sled::Tree,
     issued_by_entry: sled::Tree,
-    issued_by_agent: sled::Tree,
     revocations: sled::Tree,
 }
 
@@ -183,7 +182,6 @@ impl SledStore {
             by_expiry: db.open_tree("entries_by_expiry")?,
             issued: db.open_tree("issued_svids")?,
             issued_by_entry: db.open_tree("issued_by_entry")?,
-            issued_by_agent: db.open_tree("issued_by_agent")?,
             revocations: db.open_tree("revocations")?,
             db,
         })
@@ -320,6 +318,20 @@ fn expiry_key(expires_at: i64, id: &str) -> Vec<u8> {
     let mut key = expires_at.max(0).to_be_bytes().to_vec();
     key.extend_from_slice(id.as_bytes());
     key
+}
+
+/// The index owner of an issued SVID: its entry, or for an agent SVID
+/// (no entry) the agent, under a prefix no entry ID can have.
+fn owner_of(svid: &pb::IssuedSvid) -> String {
+    if svid.entry_id.is_empty() {
+        agent_owner(&svid.agent_id)
+    } else {
+        svid.entry_id.clone()
+    }
+}
+
+fn agent_owner(agent_id: &str) -> String {
+    format!("agent:{agent_id}")
 }
 
 fn index_key(owner: &str, serial: &str) -> Vec<u8> {
@@ -542,18 +554,13 @@ impl Store for SledStore {
 
     fn record_issued(&self, issued: &[pb::IssuedSvid]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        let mut by_entry = sled::Batch::default();
-        let mut by_agent = sled::Batch::default();
+        let mut by_owner = sled::Batch::default();
         for svid in issued {
             batch.insert(svid.serial.as_bytes(), svid.encode_to_vec());
-            if !svid.entry_id.is_empty() {
-                by_entry.insert(index_key(&svid.entry_id, &svid.serial), &[]);
-            }
-            by_agent.insert(index_key(&svid.agent_id, &svid.serial), &[]);
+            by_owner.insert(index_key(&owner_of(svid), &svid.serial), &[]);
         }
         self.issued.apply_batch(batch)?;
-        self.issued_by_entry.apply_batch(by_entry)?;
-        self.issued_by_agent.apply_batch(by_agent)?;
+        self.issued_by_entry.apply_batch(by_owner)?;
         self.flush()
     }
 
@@ -566,7 +573,19 @@ impl Store for SledStore {
     }
 
     fn issued_through_agent(&self, agent_id: &str) -> Result<Vec<pb::IssuedSvid>, StoreError> {
-        self.issued_by_index(&self.issued_by_agent, agent_id)
+        // The agent's own SVIDs, then those of the entries it parents: an
+        // entry's SVIDs are revoked when it moves to another parent or is
+        // deleted, so these are all SVIDs still valid through this agent.
+        let mut out = self.issued_by_index(&self.issued_by_entry, &agent_owner(agent_id))?;
+        if let Ok(parent) = SpiffeId::parse(agent_id) {
+            let prefix = parent_key(&parent, "");
+            for item in self.by_parent.scan_prefix(&prefix) {
+                let (key, _) = item?;
+                let entry_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                out.extend(self.issued_by_index(&self.issued_by_entry, &entry_id)?);
+            }
+        }
+        Ok(out)
     }
 
     fn revoke(&self, revocations: &[pb::Revocation]) -> Result<(), StoreError> {
@@ -599,10 +618,7 @@ impl Store for SledStore {
             let svid: pb::IssuedSvid = decode(&key, &bytes)?;
             if svid.expires_at <= now {
                 self.issued.remove(&key)?;
-                if !svid.entry_id.is_empty() {
-                    self.issued_by_entry.remove(index_key(&svid.entry_id, &svid.serial))?;
-                }
-                self.issued_by_agent.remove(index_key(&svid.agent_id, &svid.serial))?;
+                self.issued_by_entry.remove(index_key(&owner_of(&svid), &svid.serial))?;
                 pruned += 1;
             }
         }
