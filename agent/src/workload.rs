@@ -269,6 +269,16 @@ impl SpiffeWorkloadApi for WorkloadService {
             }
         };
         if svids.is_empty() {
+            if !state.ready {
+                warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, reason = "agent not synced with the server yet", "X509-SVID unavailable");
+                return Err(Status::unavailable("agent has not synced with the server yet; retry"));
+            }
+            if state.has_entries_for(&selectors, now()) {
+                // Entitled, but the SVID could not be signed yet (the server
+                // may be unreachable): a retryable answer, not a denial.
+                warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, reason = "SVID not signed yet", "X509-SVID unavailable");
+                return Err(Status::unavailable("identity not issued yet; retry"));
+            }
             warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, selectors = ?selectors.iter().map(|s| s.to_string()).collect::<Vec<_>>(), reason = "no entry matches the caller", "X509-SVID refused");
             return Err(Status::permission_denied("no identity issued"));
         }
