@@ -8,6 +8,7 @@ use tessera_workload_api::TrustDomain;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentConfig, DEFAULT_DATA_DIR};
+pub use crate::cli_support::{format_time, init_logging, wait_for_signal, CliError};
 use crate::identity::write_private;
 use crate::workload_client::{
     connect_workload_api, decode_response, fetch_x509, with_header, FetchedSvid,
@@ -96,30 +97,6 @@ enum ApiCommand {
         #[command(flatten)]
         socket: SocketArg,
     },
-}
-
-/// A failed command: a one-line message.
-#[derive(Debug)]
-pub struct CliError(pub String);
-
-impl std::fmt::Display for CliError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0.replace('\n', " "))
-    }
-}
-
-impl From<String> for CliError {
-    fn from(message: String) -> Self {
-        Self(message)
-    }
-}
-
-/// RFC 3339 for a Unix time.
-pub fn format_time(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| unix.to_string())
 }
 
 /// Prints one SVID the way `api fetch` does.
@@ -243,29 +220,4 @@ async fn run_agent(args: RunArgs) -> Result<(), CliError> {
         signal.cancel();
     });
     agent.run(shutdown).await.map_err(|e| CliError(e.to_string()))
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
-}
-
-/// Logs to stderr with the given filter.
-pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

@@ -20,6 +20,8 @@ mod agent;
 mod attestor;
 mod cache;
 pub mod cli;
+#[path = "../../common/cli_support.rs"]
+pub mod cli_support;
 mod identity;
 mod manager;
 mod node_client;

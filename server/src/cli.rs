@@ -12,6 +12,7 @@ use tessera_proto::types;
 use tessera_workload_api::Selector;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::cli_support::{format_time, init_logging, wait_for_signal, CliError};
 use crate::client::connect_admin;
 use crate::clock::SystemClock;
 use crate::config::{Config, FileConfig, DEFAULT_DATA_DIR};
@@ -254,28 +255,6 @@ enum BundleCommand {
     },
 }
 
-/// A failed command: a one-line message, exit code 1.
-#[derive(Debug)]
-pub struct CliError(pub String);
-
-impl std::fmt::Display for CliError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0.replace('\n', " "))
-    }
-}
-
-impl From<tonic::Status> for CliError {
-    fn from(status: tonic::Status) -> Self {
-        CliError(status.message().to_string())
-    }
-}
-
-impl From<String> for CliError {
-    fn from(message: String) -> Self {
-        CliError(message)
-    }
-}
-
 impl Cli {
     /// Runs the parsed command.
     pub async fn run(self) -> Result<(), CliError> {
@@ -419,31 +398,6 @@ async fn run_server(args: RunArgs) -> Result<(), CliError> {
     server.run(shutdown).await.map_err(|e| CliError(e.to_string()))
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
-}
-
-/// Logs to stderr with the given filter.
-pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}
-
 fn parse_rfc3339(value: &str) -> Result<i64, CliError> {
     time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
         .map(|t| t.unix_timestamp())
@@ -452,13 +406,6 @@ fn parse_rfc3339(value: &str) -> Result<i64, CliError> {
                 "invalid --expires-at {value:?}: {e} (want RFC 3339, e.g. 2030-01-01T00:00:00Z)"
             ))
         })
-}
-
-fn format_time(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| unix.to_string())
 }
 
 /// Applies the given fields onto `entry`.

@@ -19,6 +19,8 @@
 mod admin;
 mod ca;
 pub mod cli;
+#[path = "../../common/cli_support.rs"]
+pub mod cli_support;
 mod client;
 mod clock;
 mod config;
