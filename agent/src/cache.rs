@@ -3,7 +3,7 @@
 //! stream sees each change, and every stream of a workload sees the same
 //! cached SVIDs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
@@ -108,17 +108,71 @@ pub struct CacheState {
     pub bundle: Arc<Vec<CertificateDer<'static>>>,
     /// The CRLs in force (DER, one per CA).
     pub crls: Arc<Vec<Vec<u8>>>,
+    /// Entry IDs by each of their selectors, so a workload's entries are
+    /// found without scanning every entry. Rebuilt by [`reindex`](Self::reindex).
+    by_selector: Arc<HashMap<Selector, BTreeSet<String>>>,
 }
 
 impl CacheState {
+    /// Rebuilds the selector index from `entries`.
+    pub fn reindex(&mut self) {
+        let mut index: HashMap<Selector, BTreeSet<String>> = HashMap::new();
+        for entry in self.entries.values() {
+            for selector in &entry.selectors {
+                index.entry(selector.clone()).or_default().insert(entry.id.clone());
+            }
+        }
+        self.by_selector = Arc::new(index);
+    }
+
+    /// Adds or replaces an entry, keeping the index current.
+    pub fn insert_entry(&mut self, entry: Arc<AgentEntry>) {
+        self.remove_entry(&entry.id);
+        let index = Arc::make_mut(&mut self.by_selector);
+        for selector in &entry.selectors {
+            index.entry(selector.clone()).or_default().insert(entry.id.clone());
+        }
+        self.entries.insert(entry.id.clone(), entry);
+    }
+
+    /// Removes an entry (and its place in the index); returns it.
+    pub fn remove_entry(&mut self, id: &str) -> Option<Arc<AgentEntry>> {
+        let entry = self.entries.remove(id)?;
+        let index = Arc::make_mut(&mut self.by_selector);
+        for selector in &entry.selectors {
+            if let Some(ids) = index.get_mut(selector) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    index.remove(selector);
+                }
+            }
+        }
+        Some(entry)
+    }
+
+    /// Entries whose selectors are all among `selectors`, valid at `now`.
+    fn matching<'a>(
+        &'a self,
+        selectors: &'a [Selector],
+        now: i64,
+    ) -> impl Iterator<Item = &'a Arc<AgentEntry>> + 'a {
+        let mut candidates: Vec<&String> =
+            selectors.iter().filter_map(|s| self.by_selector.get(s)).flatten().collect();
+        // An entry shows up once per selector it shares with the workload.
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates
+            .into_iter()
+            .filter_map(|id| self.entries.get(id))
+            .filter(move |e| Selector::all_present(&e.selectors, selectors))
+            .filter(move |e| e.expires_at == 0 || e.expires_at > now)
+    }
+
     /// The SVIDs a workload with `selectors` is entitled to, valid at `now`,
     /// in a stable order (by SPIFFE ID, then entry ID).
     pub fn svids_for(&self, selectors: &[Selector], now: i64) -> Vec<Arc<CachedSvid>> {
         let mut out: Vec<Arc<CachedSvid>> = self
-            .entries
-            .values()
-            .filter(|e| Selector::all_present(&e.selectors, selectors))
-            .filter(|e| e.expires_at == 0 || e.expires_at > now)
+            .matching(selectors, now)
             .filter_map(|e| self.svids.get(&e.id))
             .filter(|s| s.expires_at > now)
             .cloned()
@@ -131,10 +185,7 @@ impl CacheState {
 
     /// Whether any entry matches `selectors` (with or without an SVID yet).
     pub fn has_entries_for(&self, selectors: &[Selector], now: i64) -> bool {
-        self.entries.values().any(|e| {
-            Selector::all_present(&e.selectors, selectors)
-                && (e.expires_at == 0 || e.expires_at > now)
-        })
+        self.matching(selectors, now).next().is_some()
     }
 }
 
@@ -170,5 +221,60 @@ impl Cache {
     /// Applies `change`; subscribers are woken only if it reports a change.
     pub fn update(&self, change: impl FnOnce(&mut CacheState) -> bool) {
         self.tx.send_if_modified(|state| change(Arc::make_mut(state)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, selectors: &[&str], expires_at: i64) -> Arc<AgentEntry> {
+        Arc::new(AgentEntry {
+            id: id.into(),
+            spiffe_id: SpiffeId::parse(&format!("spiffe://example.org/{id}")).unwrap(),
+            selectors: selectors.iter().map(|s| Selector::parse(s).unwrap()).collect(),
+            x509_svid_ttl: 60,
+            dns_names: vec![],
+            expires_at,
+            revision: 1,
+            hint: String::new(),
+        })
+    }
+
+    #[test]
+    fn workloads_match_entries_whose_selectors_they_all_have() {
+        let mut state = CacheState::default();
+        for e in [
+            entry("a", &["unix:uid:1"], 0),
+            entry("b", &["unix:uid:1", "unix:gid:5"], 0),
+            entry("c", &["unix:uid:2"], 0),
+            entry("d", &["unix:uid:1"], 10),
+        ] {
+            state.insert_entry(e);
+        }
+        let ids = |selectors: &[&str], now| -> Vec<String> {
+            let selectors: Vec<Selector> =
+                selectors.iter().map(|s| Selector::parse(s).unwrap()).collect();
+            let mut ids: Vec<String> =
+                state.matching(&selectors, now).map(|e| e.id.clone()).collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(ids(&["unix:uid:1"], 5), ["a", "d"]);
+        assert_eq!(ids(&["unix:uid:1", "unix:gid:5"], 5), ["a", "b", "d"]);
+        assert_eq!(
+            ids(&["unix:uid:1", "unix:gid:5"], 10),
+            ["a", "b"],
+            "expired entries match nothing"
+        );
+        assert!(ids(&["unix:uid:3"], 5).is_empty());
+        let mut state = state.clone();
+        state.remove_entry("a");
+        state.insert_entry(entry("b", &["unix:uid:2"], 0));
+        let selectors = [Selector::parse("unix:uid:1").unwrap()];
+        let ids: Vec<String> = state.matching(&selectors, 5).map(|e| e.id.clone()).collect();
+        assert_eq!(ids, ["d"], "removed and moved entries leave the index");
+        state.reindex();
+        assert_eq!(state.matching(&selectors, 5).count(), 1);
     }
 }

@@ -236,6 +236,7 @@ async fn sync_once(
                         });
                         s.revision = chunk.revision;
                         s.ready = true;
+                        s.reindex();
                         true
                     });
                     wake.notify_one();
@@ -283,7 +284,7 @@ async fn sync_once(
                             if stale {
                                 s.svids.remove(&entry.id);
                             }
-                            s.entries.insert(entry.id.clone(), Arc::new(entry));
+                            s.insert_entry(Arc::new(entry));
                             s.revision = s.revision.max(revision);
                             true
                         });
@@ -291,7 +292,7 @@ async fn sync_once(
                     Some(pb::entry_change::Change::RemovedEntryId(id)) => {
                         debug!(entry_id = %id, revision, "entry removed");
                         cache.update(|s| {
-                            s.entries.remove(&id);
+                            s.remove_entry(&id);
                             s.svids.remove(&id);
                             s.revision = s.revision.max(revision);
                             true
@@ -310,6 +311,7 @@ fn withdraw_everything(cache: &Cache) {
     cache.update(|s| {
         let changed = !s.entries.is_empty() || !s.svids.is_empty();
         s.entries.clear();
+        s.reindex();
         s.svids.clear();
         s.ready = true;
         changed
