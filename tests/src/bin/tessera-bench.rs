@@ -476,7 +476,11 @@ async fn handshake_rate(
         let stop = stop.clone();
         clients.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                // A full accept backlog can reset a connection: just retry.
+                let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
                 let name = rustls_pki_types::ServerName::try_from("bench").unwrap();
                 let _ = connector.connect(name, tcp).await;
             }
