@@ -1,0 +1,167 @@
+//! The operator's path with the real binaries: `tessera-server run`, a join
+//! token, an entry, `tessera-agent run`, then `tessera-agent api fetch` as
+//! the workload — every step through the documented CLI.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_tessera-agent");
+
+/// `tessera-server` is built next to `tessera-agent` by `cargo test --workspace`.
+fn server_bin() -> PathBuf {
+    let path = Path::new(AGENT).with_file_name("tessera-server");
+    assert!(path.exists(), "{} is missing: run `cargo test --workspace`", path.display());
+    path
+}
+
+struct Process(Child);
+
+impl Process {
+    fn spawn(command: &mut Command) -> Self {
+        Self(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(bin: &Path, args: &[&str]) -> Output {
+    Command::new(bin).args(args).env_remove("SPIFFE_ENDPOINT_SOCKET").output().unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn fetch_json(socket: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(run(
+        Path::new(AGENT),
+        &["api", "fetch", "--json", "--socket", socket],
+    )))
+    .unwrap()
+}
+
+#[test]
+fn server_and_agent_binaries_serve_a_workload_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_bin();
+    let admin = dir.path().join("server/admin.sock").display().to_string();
+    let address = format!("127.0.0.1:{}", free_port());
+    let server_data = dir.path().join("server").display().to_string();
+    let server_process = Process::spawn(Command::new(&server).args([
+        "run",
+        "--trust-domain",
+        "example.org",
+        "--data-dir",
+        &server_data,
+        "--bind",
+        &address,
+    ]));
+    wait_until("the server", || {
+        run(&server, &["healthcheck", "--socket", &admin]).status.success()
+    });
+
+    let token = ok(run(
+        &server,
+        &["token", "generate", "--spiffe-id", "spiffe://example.org/node/1", "--socket", &admin],
+    ));
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, ok(run(&server, &["bundle", "show", "--socket", &admin]))).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").unwrap().uid().to_string();
+    ok(run(
+        &server,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/cli-workload",
+            "--parent-id",
+            "spiffe://example.org/node/1",
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--socket",
+            &admin,
+        ],
+    ));
+
+    let agent_data = dir.path().join("agent").display().to_string();
+    let socket = format!("unix://{agent_data}/public/api.sock");
+    let bundle_arg = bundle.display().to_string();
+    let agent_args = ["run", "--data-dir", &agent_data, "--server-address", &address];
+    let agent = Process::spawn(Command::new(AGENT).args(agent_args).args([
+        "--join-token",
+        &token,
+        "--trust-bundle",
+        &bundle_arg,
+    ]));
+    wait_until("the agent", || {
+        run(Path::new(AGENT), &["healthcheck", "--socket", &socket]).status.success()
+    });
+
+    // The workload fetches its SVID and writes it out.
+    let out = dir.path().join("out");
+    let fetched = fetch_json(&socket);
+    assert_eq!(fetched[0]["spiffe_id"], "spiffe://example.org/cli-workload");
+    let serial = fetched[0]["serial"].as_str().unwrap().to_string();
+    ok(run(
+        Path::new(AGENT),
+        &["api", "fetch", "--socket", &socket, "--write", &out.display().to_string()],
+    ));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(out.join("svid.key")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(out.join("bundle.pem"))
+        .arg(out.join("svid.pem"))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let agents: serde_json::Value =
+        serde_json::from_str(&ok(run(&server, &["agent", "list", "--json", "--socket", &admin])))
+            .unwrap();
+    assert_eq!(agents[0]["spiffe_id"], "spiffe://example.org/node/1");
+
+    // Revoking the serial gets the workload a new SVID.
+    ok(run(&server, &["svid", "revoke", "--serial", &serial, "--socket", &admin]));
+    wait_until("the replacement SVID", || {
+        fetch_json(&socket)[0]["serial"].as_str() != Some(serial.as_str())
+    });
+
+    // The agent restarts on its stored SVID, with no token and no bootstrap bundle.
+    agent.stop();
+    let agent = Process::spawn(Command::new(AGENT).args(agent_args));
+    wait_until("the restarted agent", || {
+        run(Path::new(AGENT), &["healthcheck", "--socket", &socket]).status.success()
+    });
+    assert_eq!(fetch_json(&socket)[0]["spiffe_id"], "spiffe://example.org/cli-workload");
+    agent.stop();
+    server_process.stop();
+}
