@@ -55,7 +55,8 @@ impl NodeService {
         let id = tessera_workload_api::spiffe_id_of_cert(leaf).map_err(|e| {
             refuse(op, "", Status::unauthenticated(format!("client certificate: {e}")))
         })?;
-        let serial = leaf_serial(leaf);
+        // An unparsable leaf has no serial, so it matches no agent's current one.
+        let serial = tessera_workload_api::certificate_serial_hex(leaf).unwrap_or_default();
         let key = id.to_string();
         let agent = self.state.store_op(move |store| store.agent(&key)).await?;
         let Some(agent) = agent else {
@@ -185,16 +186,6 @@ impl NodeService {
             Err(e) => fail(tonic::Code::Internal, e.to_string()),
         }
     }
-}
-
-fn leaf_serial(leaf: &[u8]) -> String {
-    x509_parser::parse_x509_certificate(leaf)
-        .map(|(_, cert)| {
-            let raw = cert.raw_serial();
-            let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
-            hex::encode(&raw[start..])
-        })
-        .unwrap_or_default()
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + Send>>;

@@ -30,5 +30,6 @@ pub use tls::{
     TrustAnchors,
 };
 pub use x509::{
-    split_der_chain, validate_ca_cert, validate_leaf_cert, X509Bundle, X509Error, X509Svid,
+    certificate_serial_hex, split_der_chain, validate_ca_cert, validate_leaf_cert, X509Bundle,
+    X509Error, X509Svid,
 };

@@ -540,6 +540,13 @@ fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Result<Vec<&'a str>, X509Error
         .unwrap_or_default())
 }
 
+/// The serial number of a DER certificate as lowercase hex, leading zero
+/// bytes removed: the form Tessera uses for serials everywhere (CLI,
+/// revocations, agent records).
+pub fn certificate_serial_hex(der: &[u8]) -> Result<String, X509Error> {
+    Ok(serial_to_hex(parse_cert(der)?.raw_serial()))
+}
+
 /// Lowercase hex of a DER serial's bytes, leading zero bytes removed (but
 /// at least one byte kept).
 fn serial_to_hex(raw: &[u8]) -> String {
