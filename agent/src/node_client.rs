@@ -7,7 +7,9 @@ use std::sync::Arc;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tessera_proto::node::node_client::NodeClient;
-use tessera_workload_api::{SpiffeId, SpiffeServerCertVerifier, TrustAnchors, TrustDomain};
+use tessera_workload_api::{
+    error_chain, SpiffeId, SpiffeServerCertVerifier, TrustAnchors, TrustDomain,
+};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -105,14 +107,4 @@ pub async fn connect_node(
     Ok(NodeClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message = format!("{message}: {s}");
-        source = s.source();
-    }
-    message
 }

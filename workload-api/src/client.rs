@@ -1,6 +1,6 @@
 //! A minimal SPIFFE Workload API client over a Unix socket.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
 use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -35,15 +35,34 @@ pub async fn connect_workload_api(
             path.display()
         ));
     }
-    let dial = path.clone();
-    let channel = Endpoint::from_static("http://workload-api.invalid")
+    let channel = unix_channel(&path, "Workload API socket").await?;
+    Ok(SpiffeWorkloadApiClient::new(channel))
+}
+
+/// A gRPC channel over the Unix socket at `path`; `what` names the socket
+/// in the error.
+pub async fn unix_channel(path: &Path, what: &str) -> Result<Channel, String> {
+    let dial = path.to_owned();
+    // The URI is required by the API but unused: the connector dials the socket.
+    Endpoint::from_static("http://unix-socket.invalid")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = dial.clone();
             async move { UnixStream::connect(path).await.map(TokioIo::new) }
         }))
         .await
-        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
-    Ok(SpiffeWorkloadApiClient::new(channel))
+        .map_err(|e| format!("cannot connect to {what} {}: {}", path.display(), error_chain(&e)))
+}
+
+/// An error and its sources, `outer: inner: ...` on one line (transport
+/// errors say little without their sources).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message = format!("{message}: {s}");
+        source = s.source();
+    }
+    message
 }
 
 /// A request carrying the Workload API's security header.

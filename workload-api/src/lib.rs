@@ -20,7 +20,9 @@ mod spiffe_id;
 mod tls;
 mod x509;
 
-pub use client::{connect_workload_api, socket_path, with_header, ENDPOINT_ENV};
+pub use client::{
+    connect_workload_api, error_chain, socket_path, unix_channel, with_header, ENDPOINT_ENV,
+};
 pub use mtls::{client_config, peer_spiffe_id, server_config, Authorize};
 pub use selector::{Selector, SelectorError};
 pub use source::{SourceError, X509Context, X509Source, FIRST_SVID_TIMEOUT};
