@@ -21,13 +21,13 @@ use tokio_rustls::TlsConnector;
 struct Args {
     /// Which of this workload's SVIDs to present [default: the first].
     #[arg(long)]
-    spiffe_id: Option<String>,
+    spiffe_id: Option<SpiffeId>,
     /// Server address, host:port.
     #[arg(long)]
     connect: String,
     /// The server's expected SPIFFE ID.
     #[arg(long)]
-    server_id: String,
+    server_id: SpiffeId,
     /// Text to send.
     #[arg(long)]
     message: String,
@@ -45,18 +45,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let server_id: SpiffeId =
-        args.server_id.parse().map_err(|e| format!("invalid --server-id: {e}"))?;
-    let me = args
-        .spiffe_id
-        .as_deref()
-        .map(str::parse::<SpiffeId>)
-        .transpose()
-        .map_err(|e| format!("invalid --spiffe-id: {e}"))?;
-    let endpoint = std::env::var("SPIFFE_ENDPOINT_SOCKET")
-        .map_err(|_| "SPIFFE_ENDPOINT_SOCKET is not set".to_string())?;
-    let source = X509Source::connect_as(&endpoint, me).await.map_err(|e| e.to_string())?;
-    let config = client_config(&source, Authorize::exact(server_id)).map_err(|e| e.to_string())?;
+    let source = X509Source::from_env_as(args.spiffe_id).await.map_err(|e| e.to_string())?;
+    let config =
+        client_config(&source, Authorize::exact(args.server_id)).map_err(|e| e.to_string())?;
     let tcp = TcpStream::connect(&args.connect)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", args.connect))?;

@@ -18,13 +18,13 @@ use tokio_rustls::TlsAcceptor;
 struct Args {
     /// Which of this workload's SVIDs to present [default: the first].
     #[arg(long)]
-    spiffe_id: Option<String>,
+    spiffe_id: Option<SpiffeId>,
     /// Address to listen on (port 0 picks one; the bound address is printed).
     #[arg(long)]
     listen: String,
     /// SPIFFE ID allowed to connect (repeatable).
     #[arg(long = "allow", required = true)]
-    allow: Vec<String>,
+    allow: Vec<SpiffeId>,
 }
 
 #[tokio::main]
@@ -39,21 +39,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let allowed = args
-        .allow
-        .iter()
-        .map(|id| id.parse::<SpiffeId>().map_err(|e| format!("invalid --allow {id:?}: {e}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let me = args
-        .spiffe_id
-        .as_deref()
-        .map(str::parse::<SpiffeId>)
-        .transpose()
-        .map_err(|e| format!("invalid --spiffe-id: {e}"))?;
-    let endpoint = std::env::var("SPIFFE_ENDPOINT_SOCKET")
-        .map_err(|_| "SPIFFE_ENDPOINT_SOCKET is not set".to_string())?;
-    let source = X509Source::connect_as(&endpoint, me).await.map_err(|e| e.to_string())?;
-    let config = server_config(&source, Authorize::one_of(allowed)).map_err(|e| e.to_string())?;
+    let source = X509Source::from_env_as(args.spiffe_id).await.map_err(|e| e.to_string())?;
+    let config =
+        server_config(&source, Authorize::one_of(args.allow)).map_err(|e| e.to_string())?;
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind(&args.listen)
         .await

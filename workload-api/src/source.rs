@@ -135,8 +135,14 @@ impl Drop for X509Source {
 impl X509Source {
     /// Connects to the Workload API named by `SPIFFE_ENDPOINT_SOCKET`.
     pub async fn from_env() -> Result<Self, SourceError> {
+        Self::from_env_as(None).await
+    }
+
+    /// Like [`from_env`](Self::from_env), presenting the SVID for
+    /// `spiffe_id` when the workload is entitled to several.
+    pub async fn from_env_as(spiffe_id: Option<SpiffeId>) -> Result<Self, SourceError> {
         let endpoint = std::env::var(ENDPOINT_ENV).map_err(|_| SourceError::NoEndpoint)?;
-        Self::connect(&endpoint).await
+        Self::connect_as(&endpoint, spiffe_id).await
     }
 
     /// Connects to the Workload API at `endpoint` (`unix:///path`) and waits
