@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::entry::{Entry, EntryError};
-use crate::revocation::{normalize_serial, revoke_issued};
+use crate::revocation::{normalize_serial, revoke_for_entries, revoke_issued};
 use crate::state::{EntryEvent, State};
 use crate::store::{EntryFilter, Store, StoreError, MAX_BATCH};
 
@@ -156,6 +156,7 @@ impl Admin for AdminService {
                 |store, entries| store.update_entries(entries),
             )
             .await?;
+        let mut reidentified = Vec::new();
         for (old, result) in old.into_iter().zip(&response.get_ref().results) {
             if let (Some(old), Some(new)) = (old, &result.entry) {
                 if old.parent_id.as_str() != new.parent_id {
@@ -170,13 +171,11 @@ impl Admin for AdminService {
                 if old.parent_id.as_str() != new.parent_id
                     || old.spiffe_id.as_str() != new.spiffe_id
                 {
-                    let entry_id = old.id.clone();
-                    let issued =
-                        self.state.store_op(move |store| store.issued_for_entry(&entry_id)).await?;
-                    revoke_issued(&self.state, issued, "entry updated").await?;
+                    reidentified.push(old.id.clone());
                 }
             }
         }
+        revoke_for_entries(&self.state, reidentified, "entry updated").await?;
         Ok(response)
     }
 
@@ -189,6 +188,7 @@ impl Admin for AdminService {
         let request_ids = ids.clone();
         let results = self.state.store_op(move |store| store.delete_entries(&ids)).await?;
         let mut response = pb::BatchDeleteEntryResponse::default();
+        let mut deleted = Vec::new();
         for (id, result) in request_ids.into_iter().zip(results) {
             let status = match result {
                 Ok(entry) => {
@@ -198,10 +198,7 @@ impl Admin for AdminService {
                         parent_id: entry.parent_id.clone(),
                         revision: entry.revision,
                     });
-                    let entry_id = entry.id.clone();
-                    let issued =
-                        self.state.store_op(move |store| store.issued_for_entry(&entry_id)).await?;
-                    revoke_issued(&self.state, issued, "entry deleted").await?;
+                    deleted.push(entry.id);
                     ok()
                 }
                 Err(e) => {
@@ -211,6 +208,7 @@ impl Admin for AdminService {
             };
             response.results.push(pb::DeleteResult { id, status: Some(status) });
         }
+        revoke_for_entries(&self.state, deleted, "entry deleted").await?;
         Ok(Response::new(response))
     }
 

@@ -82,6 +82,28 @@ pub async fn revoke_issued(
     Ok(revocations)
 }
 
+/// Revokes every SVID issued for `entry_ids`: one store read, one
+/// revocation write, one CRL signing and one push for the whole batch.
+pub async fn revoke_for_entries(
+    state: &State,
+    entry_ids: Vec<String>,
+    reason: &str,
+) -> Result<Vec<pb::Revocation>, Status> {
+    if entry_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let issued = state
+        .store_op(move |store| {
+            let mut issued = Vec::new();
+            for id in &entry_ids {
+                issued.extend(store.issued_for_entry(id)?);
+            }
+            Ok(issued)
+        })
+        .await?;
+    revoke_issued(state, issued, reason).await
+}
+
 /// Deletes entries that reached their `expires_at` and revokes their SVIDs.
 /// Returns how many entries expired.
 pub async fn expire_entries(state: &State) -> Result<usize, Status> {
@@ -92,23 +114,22 @@ pub async fn expire_entries(state: &State) -> Result<usize, Status> {
     }
     let delete = ids.clone();
     let results = state.store_op(move |store| store.delete_entries(&delete)).await?;
-    let mut expired = 0;
+    let mut expired = Vec::new();
     for result in results {
         let Ok(entry) = result else { continue };
-        expired += 1;
         info!(target: "tessera::audit", entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "entry expired");
         state.publish(EntryEvent::Removed {
             id: entry.id.clone(),
             parent_id: entry.parent_id.clone(),
             revision: entry.revision,
         });
-        let id = entry.id.clone();
-        let issued = state.store_op(move |store| store.issued_for_entry(&id)).await?;
-        if let Err(e) = revoke_issued(state, issued, "entry expired").await {
-            warn!(entry_id = %entry.id, error = %e.message(), "revoking SVIDs of expired entry failed");
-        }
+        expired.push(entry.id);
     }
-    Ok(expired)
+    let count = expired.len();
+    if let Err(e) = revoke_for_entries(state, expired, "entry expired").await {
+        warn!(entries = count, error = %e.message(), "revoking SVIDs of expired entries failed");
+    }
+    Ok(count)
 }
 
 #[cfg(test)]
