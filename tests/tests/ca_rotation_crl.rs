@@ -8,35 +8,33 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
-use std::future::Future;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
-use spiffe::{TrustDomain, WorkloadApiClient, WorkloadApiError, X509Source, X509Svid};
+use spiffe::{TrustDomain, WorkloadApiError, X509Source, X509Svid};
 use tessera_proto::admin::{GetBundleRequest, ListRevocationsRequest, RevokeSvidRequest};
 use tessera_proto::types::Revocation;
-use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tessera_proto::workload::{
     X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse,
 };
 use tessera_server::SystemClock;
 use tessera_tests::{test_config, to_pem, RunningAgent, TestServer, TRUST_DOMAIN};
-use tokio::net::UnixStream;
+use tessera_workload_api::with_header;
+
+mod common;
+use common::{
+    now_unix, raw_client, serial_hex, trimmed_hex, uid_selector, within, workload_client,
+    x509_source, PROMPTLY,
+};
 use tonic::codec::Streaming;
-use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
 
 const WEB_ID: &str = "spiffe://example.org/web";
 const DB_ID: &str = "spiffe://example.org/db";
 
-/// Deadline for things that should take milliseconds (generous: tests never fail on timing).
-const PROMPTLY: Duration = Duration::from_secs(30);
 /// CA lifetime for the rotation test (the smallest the server allows is 10 s).
 const SHORT_CA_TTL: u64 = 20;
 /// How long the rotation test follows the workload: three CA lifetimes and a bit.
@@ -787,68 +785,6 @@ fn only_web_leaf(response: &X509svidResponse, what: &str) -> (Vec<u8>, String) {
 // Common helpers
 // ---------------------------------------------------------------------------
 
-/// The selector that matches this test process.
-fn uid_selector() -> String {
-    format!("unix:uid:{}", std::fs::metadata("/proc/self").unwrap().uid())
-}
-
-fn endpoint(agent: &RunningAgent) -> String {
-    format!("unix://{}", agent.socket.display())
-}
-
-fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
-/// Runs `future`, failing the test with `what` if it takes longer than `limit`.
-async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
-    }
-}
-
-/// An `X509Source` on the agent's socket, built once its initial sync is done.
-async fn x509_source(agent: &RunningAgent) -> X509Source {
-    X509Source::builder()
-        .endpoint(endpoint(agent))
-        .reconnect_backoff(Duration::from_millis(50), Duration::from_secs(1))
-        .initial_sync_timeout(PROMPTLY)
-        .build()
-        .await
-        .unwrap_or_else(|e| panic!("X509Source on {} did not sync: {e} ({e:?})", endpoint(agent)))
-}
-
-async fn workload_client(agent: &RunningAgent) -> WorkloadApiClient {
-    within(
-        PROMPTLY,
-        "connecting to the Workload API",
-        WorkloadApiClient::connect_to(endpoint(agent)),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("connecting to {}: {e}", endpoint(agent)))
-}
-
-/// A generated Workload API client on the agent's socket.
-async fn raw_client(socket: &Path) -> SpiffeWorkloadApiClient<Channel> {
-    let socket: PathBuf = socket.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .expect("connects to the Workload API socket");
-    SpiffeWorkloadApiClient::new(channel)
-}
-
-/// A request with the `workload.spiffe.io: true` security header.
-fn with_header<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("workload.spiffe.io", MetadataValue::from_static("true"));
-    request
-}
-
 fn svid_ids(svids: &[X509Svid]) -> BTreeSet<String> {
     svids.iter().map(|s| s.spiffe_id().to_string()).collect()
 }
@@ -862,17 +798,6 @@ fn split_certs(mut der: &[u8]) -> Vec<Vec<u8>> {
         der = rest;
     }
     certs
-}
-
-/// A certificate's serial as Tessera writes it: lowercase hex, no leading zero bytes.
-fn serial_hex(cert_der: &[u8]) -> String {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).expect("the certificate parses");
-    trimmed_hex(cert.raw_serial())
-}
-
-fn trimmed_hex(bytes: &[u8]) -> String {
-    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
-    bytes[start..].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `4a3b…` as `4A:3B:…`.

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tessera_proto::admin as admin_pb;
 use tessera_tests::{my_uid, RunningAgent, TestServer};
 use tessera_workload_api::{
@@ -17,6 +17,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+mod common;
+use common::trimmed_hex;
 
 const SERVER_ID: &str = "spiffe://example.org/orders";
 const CLIENT_ID: &str = "spiffe://example.org/billing";
@@ -212,11 +215,9 @@ async fn revoked_client_is_refused_by_the_next_handshake() {
         loop {
             let listed = server_source.trust().crls().iter().any(|crl| {
                 let (_, crl) = x509_parser::parse_x509_crl(crl).unwrap();
-                let found = crl.iter_revoked_certificates().any(|r| {
-                    let raw = r.raw_serial();
-                    hex(&raw[raw.iter().position(|b| *b != 0).unwrap_or(0)..])
-                        == stolen.serial_hex()
-                });
+                let found = crl
+                    .iter_revoked_certificates()
+                    .any(|r| trimmed_hex(r.raw_serial()) == stolen.serial_hex());
                 found
             });
             if listed {
@@ -246,10 +247,6 @@ async fn revoked_client_is_refused_by_the_next_handshake() {
     setup.server.stop().await;
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_svid_is_presented_by_the_next_handshake_without_restart() {
     let setup = setup(Some(4)).await;
@@ -270,18 +267,7 @@ async fn rotated_svid_is_presented_by_the_next_handshake_without_restart() {
     .await
     .expect("the server's 4 s SVID rotates");
     let (_, next_leaf) = call(client_tls, addr).await.unwrap();
-    let serial = |der: &[u8]| hex(x509_parser::parse_x509_certificate(der).unwrap().1.raw_serial());
-    eprintln!(
-        "first leaf {} first_serial {} now {} next leaf {}",
-        serial(&first_leaf),
-        first_serial,
-        server_source.svid().unwrap().serial_hex(),
-        serial(&next_leaf)
-    );
     assert_ne!(first_leaf, next_leaf, "the same configs present the rotated certificate");
-    let current: CertificateDer<'static> = server_source.svid().unwrap().leaf().clone();
-    // It may have rotated again in between; the handshake never shows a stale one.
-    assert!(next_leaf == current.to_vec() || next_leaf != first_leaf);
     setup.agent.stop().await;
     setup.server.stop().await;
 }

@@ -15,7 +15,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,6 +27,9 @@ use spiffe::x509_source::SvidPicker;
 use spiffe_rustls::{authorizer, mtls_client, mtls_server, LocalOnly};
 use tessera_agent::{fetch_x509, FetchedSvid};
 use tessera_tests::{my_uid, RunningAgent, TestServer, TRUST_DOMAIN};
+
+mod common;
+use common::{within, PROMPTLY};
 use tessera_workload_api::{client_config, peer_spiffe_id, server_config, Authorize, SpiffeId};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -45,8 +47,6 @@ const SPIFFE_RUSTLS_CLIENT: &str = "spiffe://example.org/spiffe-rustls-client";
 const SPIFFE_RUSTLS_ECHO: &str = "spiffe://example.org/spiffe-rustls-echo";
 const OPENSSL_CLIENT: &str = "spiffe://example.org/openssl-client";
 
-/// Deadline for things that should take milliseconds (generous: tests never fail on timing).
-const PROMPTLY: Duration = Duration::from_secs(30);
 /// How long `openssl s_client` gets to print the echo, and then to exit.
 const OPENSSL_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -264,14 +264,6 @@ async fn openssl_s_client_completes_handshake_with_echo_server() {
 
 fn id(spiffe_id: &str) -> SpiffeId {
     spiffe_id.parse().unwrap()
-}
-
-/// Runs `future`, failing the test with `what` if it takes longer than `limit`.
-async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
-    }
 }
 
 /// A server and an agent, with an entry per SPIFFE ID in `ids` for this

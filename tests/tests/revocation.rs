@@ -3,35 +3,20 @@
 //! agent all end the workload's identity at once, with no polling interval.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use spiffe::{WorkloadApiClient, WorkloadApiError, X509Svid};
 use tessera_proto::admin as admin_pb;
 use tessera_tests::{entry, my_uid, RunningAgent, TestAgent, TestServer};
 use tokio_stream::{Stream, StreamExt as _};
+
+mod common;
+use common::{now_unix, serial_hex, within, PROMPTLY};
 use tonic::Code;
 
-const PROMPTLY: Duration = Duration::from_secs(30);
-
-async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(PROMPTLY, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
+/// A leaf's serial, as Tessera writes it.
 fn serial_of(svid: &X509Svid) -> String {
-    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()).unwrap();
-    let raw = cert.raw_serial();
-    hex_encode(&raw[raw.iter().position(|b| *b != 0).unwrap_or(0)..])
-}
-
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    serial_hex(svid.leaf().as_ref())
 }
 
 /// A spiffe-crate stream of this process's SVID, after its first SVID.
@@ -39,7 +24,7 @@ async fn open_stream(
     agent: &RunningAgent,
 ) -> (impl Stream<Item = Result<X509Svid, WorkloadApiError>> + Unpin, X509Svid) {
     let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
-    within("the first SVID", async {
+    within(PROMPTLY, "the first SVID", async {
         loop {
             let mut stream = Box::pin(client.stream_x509_svids().await.unwrap());
             match stream.next().await {
@@ -59,7 +44,7 @@ async fn expect_withdrawn(
     stream: &mut (impl Stream<Item = Result<X509Svid, WorkloadApiError>> + Unpin),
     why: &str,
 ) {
-    within(why, async {
+    within(PROMPTLY, why, async {
         loop {
             match stream.next().await {
                 Some(Err(WorkloadApiError::NoIdentityIssued)) => return,
@@ -119,7 +104,7 @@ async fn expired_jit_entry_ends_the_identity_with_no_operator_action() {
         &[&format!("unix:uid:{}", my_uid())],
         Some(600),
     );
-    task.expires_at = now() + 3;
+    task.expires_at = now_unix() + 3;
     let created = server
         .admin()
         .await

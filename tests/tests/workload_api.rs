@@ -6,39 +6,34 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::future::Future;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use ring::rand::SystemRandom;
 use ring::signature::{
     EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
     ECDSA_P256_SHA256_ASN1_SIGNING,
 };
-use spiffe::{
-    TrustDomain, WorkloadApiClient, WorkloadApiError, X509Source, X509SourceError, X509Svid,
-};
+use spiffe::{TrustDomain, WorkloadApiError, X509Source, X509SourceError, X509Svid};
 use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tessera_proto::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
 };
-use tessera_tests::{to_pem, RunningAgent, TestServer, TRUST_DOMAIN};
-use tokio::net::UnixStream;
+use tessera_tests::{my_uid, to_pem, RunningAgent, TestServer, TRUST_DOMAIN};
+
+mod common;
+use common::{now_unix, raw_client, uid_selector, within, workload_client, x509_source, PROMPTLY};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 const WEB_ID: &str = "spiffe://example.org/web";
 const AFTER_RESTART_ID: &str = "spiffe://example.org/after-restart";
 
-/// Deadline for things that should take milliseconds (generous: tests never fail on timing).
-const PROMPTLY: Duration = Duration::from_secs(30);
 /// Deadline for two rotations of a 10 s SVID (they are due within ~10 s).
 const TWO_ROTATIONS: Duration = Duration::from_secs(60);
 
@@ -238,7 +233,7 @@ async fn unknown_uid_gets_permission_denied_and_header_is_required() {
     let server = TestServer::start(&dir.path().join("server")).await;
     let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
     // An entry exists, but for another uid.
-    let other_uid = our_uid().wrapping_add(1);
+    let other_uid = my_uid().wrapping_add(1);
     server.create_entry(WEB_ID, &agent.id, &[&format!("unix:uid:{other_uid}")], None).await;
 
     // The spiffe crate recognises the denial (it matches the message text).
@@ -394,66 +389,6 @@ async fn server_outage_does_not_disturb_workloads() {
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn our_uid() -> u32 {
-    std::fs::metadata("/proc/self").unwrap().uid()
-}
-
-/// The selector that matches this test process.
-fn uid_selector() -> String {
-    format!("unix:uid:{}", our_uid())
-}
-
-fn endpoint(agent: &RunningAgent) -> String {
-    format!("unix://{}", agent.socket.display())
-}
-
-fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
-/// Runs `future`, failing the test with `what` if it takes longer than `limit`.
-async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
-    }
-}
-
-/// An `X509Source` on the agent's socket, built once its initial sync is done
-/// (it retries while the agent does not have the entry yet).
-async fn x509_source(agent: &RunningAgent) -> X509Source {
-    X509Source::builder()
-        .endpoint(endpoint(agent))
-        .reconnect_backoff(Duration::from_millis(50), Duration::from_secs(1))
-        .initial_sync_timeout(PROMPTLY)
-        .build()
-        .await
-        .unwrap_or_else(|e| panic!("X509Source on {} did not sync: {e} ({e:?})", endpoint(agent)))
-}
-
-async fn workload_client(agent: &RunningAgent) -> WorkloadApiClient {
-    within(
-        PROMPTLY,
-        "connecting to the Workload API",
-        WorkloadApiClient::connect_to(endpoint(agent)),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("connecting to {}: {e}", endpoint(agent)))
-}
-
-/// A generated Workload API client that adds no metadata by itself.
-async fn raw_client(socket: &Path) -> SpiffeWorkloadApiClient<Channel> {
-    let socket: PathBuf = socket.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .expect("connects to the Workload API socket");
-    SpiffeWorkloadApiClient::new(channel)
-}
 
 /// The status FetchX509SVID ends with, with or without the security header.
 async fn x509_svid_status(client: &mut SpiffeWorkloadApiClient<Channel>, header: bool) -> Status {

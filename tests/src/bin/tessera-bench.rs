@@ -62,13 +62,7 @@ async fn main() -> ExitCode {
     if matches!(scenario, "issue" | "all") {
         let secs = if quick || scenario == "all" { 5 } else { 15 };
         let (rate, limit) = bench_issue(Duration::from_secs(secs)).await;
-        println!(
-            "{:<44} {:>12.0} {:>12.0} {:>12.3}",
-            "SVIDs/s signed via node API; ring limit; ratio",
-            rate,
-            limit,
-            rate / limit
-        );
+        ratio_row("SVIDs/s signed via node API; ring limit; ratio", rate, limit);
         results.insert("issue_svids_per_s", json!(rate.round()));
         results.insert("issue_limit_per_s", json!(limit.round()));
         results.insert("issue_limit_ratio", json!(round(rate / limit)));
@@ -110,13 +104,7 @@ async fn main() -> ExitCode {
     if matches!(scenario, "handshake" | "all") {
         let secs = if quick || scenario == "all" { 3 } else { 8 };
         let (live, fixed) = bench_handshakes(Duration::from_secs(secs)).await;
-        println!(
-            "{:<44} {:>12.0} {:>12.0} {:>12.3}",
-            "mTLS handshakes/s on 1 core: source, static",
-            live,
-            fixed,
-            live / fixed
-        );
+        ratio_row("mTLS handshakes/s on 1 core: source, static", live, fixed);
         results.insert("handshakes_per_s", json!(live.round()));
         results.insert("handshakes_static_per_s", json!(fixed.round()));
         results.insert("handshake_ratio", json!(round(live / fixed)));
@@ -127,6 +115,11 @@ async fn main() -> ExitCode {
 
 fn row(name: &str, p50: f64, p99: f64, n: usize) {
     println!("{name:<44} {p50:>12.3} {p99:>12.3} {n:>12}");
+}
+
+/// A row of two rates and their ratio.
+fn ratio_row(name: &str, measured: f64, reference: f64) {
+    println!("{name:<44} {measured:>12.0} {reference:>12.0} {:>12.3}", measured / reference);
 }
 
 fn round(v: f64) -> f64 {

@@ -1,0 +1,84 @@
+//! Helpers shared by the end-to-end test files (each test binary uses a
+//! subset). Serials are derived here independently of the product code, so
+//! a wrong serial in Tessera cannot hide behind the same wrong helper.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyper_util::rt::TokioIo;
+use spiffe::{WorkloadApiClient, X509Source};
+use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tessera_tests::{my_uid, RunningAgent};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// How long anything that should take milliseconds may take before a test fails.
+pub const PROMPTLY: Duration = Duration::from_secs(30);
+
+/// Runs `future`, failing the test with `what` if it takes longer than `limit`.
+pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// Unix seconds now.
+pub fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// The selector that matches this test process.
+pub fn uid_selector() -> String {
+    format!("unix:uid:{}", my_uid())
+}
+
+/// A `spiffe` crate `X509Source` on the agent's socket, built once its
+/// initial sync is done (it retries while the agent does not have the entry yet).
+pub async fn x509_source(agent: &RunningAgent) -> X509Source {
+    X509Source::builder()
+        .endpoint(agent.endpoint())
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_secs(1))
+        .initial_sync_timeout(PROMPTLY)
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("X509Source on {} did not sync: {e} ({e:?})", agent.endpoint()))
+}
+
+/// A `spiffe` crate Workload API client on the agent's socket.
+pub async fn workload_client(agent: &RunningAgent) -> WorkloadApiClient {
+    within(
+        PROMPTLY,
+        "connecting to the Workload API",
+        WorkloadApiClient::connect_to(agent.endpoint()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connecting to {}: {e}", agent.endpoint()))
+}
+
+/// A generated Workload API client that adds no metadata by itself.
+pub async fn raw_client(socket: &Path) -> SpiffeWorkloadApiClient<Channel> {
+    let socket: PathBuf = socket.to_owned();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .expect("connects to the Workload API socket");
+    SpiffeWorkloadApiClient::new(channel)
+}
+
+/// A certificate's serial as Tessera writes it: lowercase hex, no leading zero bytes.
+pub fn serial_hex(cert_der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).expect("the certificate parses");
+    trimmed_hex(cert.raw_serial())
+}
+
+/// Lowercase hex of serial bytes, leading zero bytes removed (one kept).
+pub fn trimmed_hex(bytes: &[u8]) -> String {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    bytes[start..].iter().map(|b| format!("{b:02x}")).collect()
+}
