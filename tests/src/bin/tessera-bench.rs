@@ -144,21 +144,46 @@ async fn setup() -> (tempfile::TempDir, TestServer, RunningAgent) {
     (dir, server, agent)
 }
 
+/// The selector that matches this process.
+fn me() -> String {
+    format!("unix:uid:{}", my_uid())
+}
+
+/// A Workload API client on an agent that has already served this process
+/// once (its SVIDs are signed and cached).
+async fn warm_client(
+    agent: &RunningAgent,
+) -> tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+    tonic::transport::Channel,
+> {
+    fetch_x509(&agent.endpoint()).await.expect("warm-up fetch");
+    connect_workload_api(&agent.endpoint()).await.unwrap()
+}
+
+/// A warm client, its open FetchX509SVID stream, and the stream's first response.
+async fn open_stream(
+    agent: &RunningAgent,
+) -> (
+    tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+        tonic::transport::Channel,
+    >,
+    tonic::Streaming<pb::X509svidResponse>,
+    pb::X509svidResponse,
+) {
+    let mut client = warm_client(agent).await;
+    let mut stream =
+        client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    (client, stream, first)
+}
+
 /// First-response latency of FetchX509SVID on a warm agent: each call opens a
 /// stream on one connection (as SPIFFE clients do), is attested, and gets
 /// the cached SVID.
 async fn bench_fetch(calls: usize) -> (f64, f64) {
     let (_dir, server, agent) = setup().await;
-    server
-        .create_entry(
-            "spiffe://example.org/bench",
-            &agent.id,
-            &[&format!("unix:uid:{}", my_uid())],
-            None,
-        )
-        .await;
-    fetch_x509(&agent.endpoint()).await.expect("warm-up fetch");
-    let mut client = connect_workload_api(&agent.endpoint()).await.unwrap();
+    server.create_entry("spiffe://example.org/bench", &agent.id, &[&me()], None).await;
+    let mut client = warm_client(&agent).await;
     let mut samples = Vec::with_capacity(calls);
     for _ in 0..calls {
         let start = Instant::now();
@@ -177,19 +202,13 @@ async fn bench_fetch(calls: usize) -> (f64, f64) {
 /// receiving the new SVID (entry pushed to the agent, signed, streamed).
 async fn bench_propagate(rounds: usize) -> (f64, f64) {
     let (_dir, server, agent) = setup().await;
-    let uid = my_uid();
-    server
-        .create_entry("spiffe://example.org/base", &agent.id, &[&format!("unix:uid:{uid}")], None)
-        .await;
-    let mut client = connect_workload_api(&agent.endpoint()).await.unwrap();
-    let mut stream =
-        client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await.unwrap().into_inner();
-    stream.message().await.unwrap().unwrap();
+    server.create_entry("spiffe://example.org/base", &agent.id, &[&me()], None).await;
+    let (_client, mut stream, _) = open_stream(&agent).await;
     let mut admin = server.admin().await;
     let mut samples = Vec::with_capacity(rounds);
     for i in 0..rounds {
         let id = format!("spiffe://example.org/propagate/{i}");
-        let new = entry(&id, &agent.id, &[&format!("unix:uid:{uid}")], None);
+        let new = entry(&id, &agent.id, &[&me()], None);
         let start = Instant::now();
         let created = admin
             .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: vec![new] })
@@ -231,19 +250,9 @@ fn first_serial(response: &pb::X509svidResponse) -> String {
 /// replacement SVID (and the CRL naming the old one).
 async fn bench_revoke_one_agent(rounds: usize) -> (f64, f64) {
     let (_dir, server, agent) = setup().await;
-    server
-        .create_entry(
-            "spiffe://example.org/revoked",
-            &agent.id,
-            &[&format!("unix:uid:{}", my_uid())],
-            None,
-        )
-        .await;
-    fetch_x509(&agent.endpoint()).await.expect("warm-up fetch");
-    let mut client = connect_workload_api(&agent.endpoint()).await.unwrap();
-    let mut stream =
-        client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await.unwrap().into_inner();
-    let mut serial = first_serial(&stream.message().await.unwrap().unwrap());
+    server.create_entry("spiffe://example.org/revoked", &agent.id, &[&me()], None).await;
+    let (_client, mut stream, first) = open_stream(&agent).await;
+    let mut serial = first_serial(&first);
     let mut admin = server.admin().await;
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {
@@ -281,20 +290,13 @@ async fn bench_revoke_many_agents(
 ) -> (f64, f64, f64, f64) {
     let (_dir, server, agent) = setup().await;
     for j in 0..per_agent {
-        let selector = if j == 0 {
-            format!("unix:uid:{}", my_uid())
-        } else {
-            format!("unix:uid:{}", 100_000 + j)
-        };
+        let selector = if j == 0 { me() } else { format!("unix:uid:{}", 100_000 + j) };
         server
             .create_entry(&format!("spiffe://example.org/real/w{j}"), &agent.id, &[&selector], None)
             .await;
     }
-    fetch_x509(&agent.endpoint()).await.expect("warm-up fetch");
-    let mut client = connect_workload_api(&agent.endpoint()).await.unwrap();
-    let mut stream =
-        client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await.unwrap().into_inner();
-    let mut workload_serial = first_serial(&stream.message().await.unwrap().unwrap());
+    let (_client, mut stream, first) = open_stream(&agent).await;
+    let mut workload_serial = first_serial(&first);
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut simulated = Vec::new();
@@ -365,9 +367,8 @@ async fn bench_handshakes(duration: Duration) -> (f64, f64) {
     use tessera_workload_api::{client_config, server_config, Authorize, X509Source};
 
     let (_dir, server, agent) = setup().await;
-    let me = format!("unix:uid:{}", my_uid());
-    server.create_entry("spiffe://example.org/hs-server", &agent.id, &[&me], None).await;
-    server.create_entry("spiffe://example.org/hs-client", &agent.id, &[&me], None).await;
+    server.create_entry("spiffe://example.org/hs-server", &agent.id, &[&me()], None).await;
+    server.create_entry("spiffe://example.org/hs-client", &agent.id, &[&me()], None).await;
     let id = |s: &str| s.parse::<tessera_workload_api::SpiffeId>().unwrap();
     let server_source =
         X509Source::connect_as(&agent.endpoint(), Some(id("spiffe://example.org/hs-server")))
