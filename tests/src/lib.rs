@@ -2,6 +2,7 @@
 //! server on loopback with a temp data dir, attest simulated agents through
 //! the real node API.
 #![forbid(unsafe_code)]
+// A test harness: a failed setup step must stop the test at once, loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;

@@ -6,6 +6,8 @@
 //! cargo run --release -p tessera-tests --bin tessera-bench -- all
 //! ```
 #![forbid(unsafe_code)]
+// A benchmark: a failed step must abort the run rather than report figures
+// for work that did not happen.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
