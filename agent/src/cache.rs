@@ -53,10 +53,16 @@ impl AgentEntry {
     }
 
     /// Whether an SVID signed for `other` is still right for this entry.
+    /// The agent re-issues on every field that goes into the certificate;
+    /// the server revokes on the ones that change what it authorizes (SPIFFE
+    /// ID, parent, DNS names, an expiry before the SVID's NotAfter: see
+    /// `Entry::authorizes_svid_of`), so no revoked SVID is left in use and
+    /// no valid one is kept after its content went stale.
     pub fn same_certificate_content(&self, other: &AgentEntry) -> bool {
         self.spiffe_id == other.spiffe_id
             && self.dns_names == other.dns_names
             && self.x509_svid_ttl == other.x509_svid_ttl
+            && self.expires_at == other.expires_at
     }
 }
 

@@ -90,6 +90,9 @@ pub struct NodeLink {
     identity: RwLock<AgentIdentity>,
     client: Mutex<Option<NodeClient<Channel>>>,
     data_dir: PathBuf,
+    /// Notified when the agent's SVID changed: the Sync stream reopens with
+    /// the new one at once (the server closes streams of superseded SVIDs).
+    resync: Notify,
 }
 
 impl NodeLink {
@@ -108,6 +111,7 @@ impl NodeLink {
             identity: RwLock::new(identity),
             client: Mutex::new(None),
             data_dir,
+            resync: Notify::new(),
         }
     }
 
@@ -139,6 +143,7 @@ impl NodeLink {
     fn set_identity(&self, identity: AgentIdentity) {
         *self.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
         self.reset();
+        self.resync.notify_one();
     }
 
     /// Records a bundle pushed by the server: trust anchors and `bundle.pem`.
@@ -163,6 +168,10 @@ pub async fn sync_loop(
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = link.resync.notified() => {
+                info!("agent SVID renewed: reopening the sync stream with it");
+                continue;
+            }
             result = sync_once(&link, &cache, &wake, &mut backoff) => result,
         };
         match result {
@@ -190,9 +199,7 @@ async fn sync_once(
     let mut stream = match client.sync(pb::SyncRequest { revision }).await {
         Ok(response) => response.into_inner(),
         Err(status) => {
-            if status.code() == tonic::Code::PermissionDenied
-                && status.message().contains("is banned")
-            {
+            if refusal_of(&status) == Some("banned") {
                 withdraw_everything(cache);
             }
             return Err(format!("{:?}: {}", status.code(), status.message()));
@@ -201,8 +208,12 @@ async fn sync_once(
     info!(revision, "sync stream open");
     let mut snapshot: Vec<AgentEntry> = Vec::new();
     loop {
-        let message =
-            stream.message().await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        let message = stream.message().await.map_err(|status| {
+            if refusal_of(&status) == Some("banned") {
+                withdraw_everything(cache);
+            }
+            format!("{:?}: {}", status.code(), status.message())
+        })?;
         let Some(event) = message.and_then(|m| m.event) else { return Ok(()) };
         backoff.reset();
         match event {
@@ -248,7 +259,8 @@ async fn sync_once(
                 let crls = revocation.crls;
                 cache.update(|s| {
                     let mut changed = false;
-                    if *s.crls != crls {
+                    // No CRLs: a revocation only; the re-signed CRLs follow.
+                    if !crls.is_empty() && *s.crls != crls {
                         s.crls = Arc::new(crls);
                         changed = true;
                     }
@@ -270,33 +282,23 @@ async fn sync_once(
                 withdraw_everything(cache);
                 return Err(format!("agent banned: {}", banned.reason));
             }
+            Event::Checkpoint(checkpoint) => {
+                cache.update(|s| {
+                    s.revision = s.revision.max(checkpoint.revision);
+                    false // nothing a workload sees changed
+                });
+            }
             Event::Change(change) => {
                 let revision = change.revision;
                 match change.change {
                     Some(pb::entry_change::Change::Upserted(entry)) => {
                         let Some(entry) = AgentEntry::from_proto(&entry) else { continue };
                         debug!(entry_id = %entry.id, revision, "entry upserted");
-                        cache.update(|s| {
-                            let stale = s
-                                .entries
-                                .get(&entry.id)
-                                .is_some_and(|old| !old.same_certificate_content(&entry));
-                            if stale {
-                                s.svids.remove(&entry.id);
-                            }
-                            s.insert_entry(Arc::new(entry));
-                            s.revision = s.revision.max(revision);
-                            true
-                        });
+                        cache.update(|s| apply_upsert(s, entry, revision));
                     }
                     Some(pb::entry_change::Change::RemovedEntryId(id)) => {
                         debug!(entry_id = %id, revision, "entry removed");
-                        cache.update(|s| {
-                            s.remove_entry(&id);
-                            s.svids.remove(&id);
-                            s.revision = s.revision.max(revision);
-                            true
-                        });
+                        cache.update(|s| apply_removal(s, &id, revision));
                     }
                     None => {}
                 }
@@ -304,6 +306,38 @@ async fn sync_once(
             }
         }
     }
+}
+
+/// The status's typed refusal (`banned`, `revoked`, ...), if the server sent one.
+fn refusal_of(status: &tonic::Status) -> Option<&str> {
+    status.metadata().get("tessera-refusal").and_then(|v| v.to_str().ok())
+}
+
+/// Applies an upsert unless the agent already holds this entry at a later
+/// revision: the agent never goes backwards.
+pub fn apply_upsert(s: &mut crate::cache::CacheState, entry: AgentEntry, revision: u64) -> bool {
+    if s.entries.get(&entry.id).is_some_and(|old| old.revision > entry.revision) {
+        return false;
+    }
+    let stale = s.entries.get(&entry.id).is_some_and(|old| !old.same_certificate_content(&entry));
+    if stale {
+        s.svids.remove(&entry.id);
+    }
+    s.insert_entry(Arc::new(entry));
+    s.revision = s.revision.max(revision);
+    true
+}
+
+/// Applies a removal logged at `revision`, unless the agent holds a later
+/// version of the entry.
+pub fn apply_removal(s: &mut crate::cache::CacheState, id: &str, revision: u64) -> bool {
+    if s.entries.get(id).is_some_and(|old| old.revision > revision) {
+        return false;
+    }
+    s.remove_entry(id);
+    s.svids.remove(id);
+    s.revision = s.revision.max(revision);
+    true
 }
 
 /// A banned agent serves nothing: every workload loses its identity.
@@ -342,7 +376,13 @@ pub async fn signer_loop(
                 .entries
                 .values()
                 .filter(|e| e.expires_at == 0 || e.expires_at > now)
-                .filter(|e| state.svids.get(&e.id).is_none_or(|s| s.renew_at <= now))
+                // Renew at the renewal point, unless the SVID already runs to
+                // the entry's expiry: a new one could not last longer.
+                .filter(|e| {
+                    state.svids.get(&e.id).is_none_or(|s| {
+                        s.renew_at <= now && (e.expires_at == 0 || s.expires_at < e.expires_at)
+                    })
+                })
                 .filter(|e| !retry_at.contains_key(&e.id))
                 .cloned()
                 .collect()
@@ -365,7 +405,12 @@ pub async fn signer_loop(
         let next = state
             .svids
             .values()
-            .flat_map(|s| [s.renew_at, s.expires_at])
+            .flat_map(|s| {
+                let capped = state.entries.get(&s.entry_id).is_some_and(|e| {
+                    e.expires_at != 0 && s.expires_at >= e.expires_at
+                });
+                [if capped { s.expires_at } else { s.renew_at }, s.expires_at]
+            })
             .chain(retry_at.values().copied())
             .min();
         if let Some(next) = next {

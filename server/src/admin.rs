@@ -1,21 +1,38 @@
 //! The admin API (operator ↔ server) on the server's Unix socket. Refusals
 //! are logged here, once, with their reason.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tessera_proto::admin::{self as pb, admin_server::Admin};
 use tessera_proto::types::{self as types, Status as ItemStatus};
 use tessera_workload_api::SpiffeId;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::entry::{Entry, EntryError};
-use crate::revocation::{normalize_serial, revoke_for_entries, revoke_issued};
-use crate::state::{EntryEvent, State};
-use crate::store::{EntryFilter, Store, StoreError, MAX_BATCH};
+use crate::revocation::{normalize_serial, revoke_issued};
+use crate::state::State;
+use crate::store::{EntryFilter, EntryWrite, Store, StoreError, StoreReport, MAX_BATCH};
 
-/// A store batch write: per-item results.
-type BatchWrite = fn(&dyn Store, &[Entry]) -> Result<Vec<Result<Entry, EntryError>>, StoreError>;
+/// A store batch write at a time: per-item results and what it revoked.
+type BatchWrite = fn(&dyn Store, &[Entry], i64) -> Result<EntryWrite, StoreError>;
+
+/// Bytes per message of a streamed backup.
+const BACKUP_CHUNK: usize = 1024 * 1024;
+
+/// The store check's report as the admin API sends it.
+pub fn report_proto(report: &StoreReport) -> pb::StoreReport {
+    pb::StoreReport {
+        revision: report.revision,
+        write_seq: report.write_seq,
+        entries: report.entries as u64,
+        agents: report.agents as u64,
+        issued_svids: report.issued as u64,
+        revocations: report.revocations as u64,
+    }
+}
 
 /// Largest page of a listing.
 pub const MAX_PAGE: usize = 10_000;
@@ -68,11 +85,13 @@ impl AdminService {
                 Err(e) => results.push(Some(Err(e))),
             }
         }
+        let mut revoked = Vec::new();
         if !valid.is_empty() {
-            let stored = self.state.store_op(move |store| write(store, &valid)).await?;
-            for (slot, result) in slots.into_iter().zip(stored) {
+            let stored = self.state.store_op(move |store| write(store, &valid, now)).await?;
+            for (slot, result) in slots.into_iter().zip(stored.results) {
                 results[slot] = Some(result);
             }
+            revoked = stored.revoked;
         }
         let mut response = pb::BatchEntryResponse::default();
         for (input, result) in inputs.iter().zip(results) {
@@ -80,10 +99,7 @@ impl AdminService {
             response.results.push(match result {
                 Ok(entry) => {
                     info!(target: "tessera::audit", op, entry_id = %entry.id, spiffe_id = %entry.spiffe_id, parent_id = %entry.parent_id, revision = entry.revision, "entry written");
-                    let entry = Arc::new(entry);
-                    let proto = entry.to_proto();
-                    self.state.publish(EntryEvent::Upserted(entry));
-                    pb::EntryResult { status: Some(ok()), entry: Some(proto) }
+                    pb::EntryResult { status: Some(ok()), entry: Some(entry.to_proto()) }
                 }
                 Err(e) => {
                     warn!(target: "tessera::audit", op, spiffe_id = %input.spiffe_id, entry_id = %input.id, reason = %e, "entry refused");
@@ -91,6 +107,7 @@ impl AdminService {
                 }
             });
         }
+        crate::revocation::revoked(&self.state, &revoked).await?;
         Ok(Response::new(response))
     }
 }
@@ -124,7 +141,9 @@ impl Admin for AdminService {
                 entry.id = uuid::Uuid::new_v4().to_string();
                 Ok(entry)
             },
-            |store, entries| store.create_entries(entries),
+            |store, entries, _| {
+                Ok(EntryWrite { results: store.create_entries(entries)?, ..Default::default() })
+            },
         )
         .await
     }
@@ -134,49 +153,21 @@ impl Admin for AdminService {
         request: Request<pb::BatchUpdateEntryRequest>,
     ) -> Result<Response<pb::BatchEntryResponse>, Status> {
         let inputs = request.into_inner().entries;
-        // The old entry's parent must drop it if the update moves it.
-        let ids: Vec<String> = inputs.iter().map(|e| e.id.clone()).collect();
-        let old = self
-            .state
-            .store_op(move |store| {
-                ids.iter().map(|id| store.entry(id)).collect::<Result<Vec<_>, _>>()
-            })
-            .await?;
-        let response = self
-            .write_entries(
-                "update",
-                inputs,
-                |input, mut entry| {
-                    if input.id.is_empty() {
-                        return Err(EntryError::MissingId);
-                    }
-                    entry.id = input.id.clone();
-                    Ok(entry)
-                },
-                |store, entries| store.update_entries(entries),
-            )
-            .await?;
-        let mut reidentified = Vec::new();
-        for (old, result) in old.into_iter().zip(&response.get_ref().results) {
-            if let (Some(old), Some(new)) = (old, &result.entry) {
-                if old.parent_id.as_str() != new.parent_id {
-                    self.state.publish(EntryEvent::Removed {
-                        id: old.id.clone(),
-                        parent_id: old.parent_id.clone(),
-                        revision: new.revision,
-                    });
+        // The store revokes, in the same commit, the SVIDs an update no
+        // longer authorizes (new SPIFFE ID, parent or DNS names, earlier expiry).
+        self.write_entries(
+            "update",
+            inputs,
+            |input, mut entry| {
+                if input.id.is_empty() {
+                    return Err(EntryError::MissingId);
                 }
-                // SVIDs that name the old identity or went to the old agent
-                // are no longer authorized.
-                if old.parent_id.as_str() != new.parent_id
-                    || old.spiffe_id.as_str() != new.spiffe_id
-                {
-                    reidentified.push(old.id.clone());
-                }
-            }
-        }
-        revoke_for_entries(&self.state, reidentified, "entry updated").await?;
-        Ok(response)
+                entry.id = input.id.clone();
+                Ok(entry)
+            },
+            |store, entries, now| store.update_entries(entries, now, "entry updated"),
+        )
+        .await
     }
 
     async fn batch_delete_entry(
@@ -186,19 +177,17 @@ impl Admin for AdminService {
         let ids = request.into_inner().ids;
         Self::check_batch(ids.len())?;
         let request_ids = ids.clone();
-        let results = self.state.store_op(move |store| store.delete_entries(&ids)).await?;
+        let now = self.state.clock.now();
+        // The delete and the revocation of the entries' SVIDs are one commit.
+        let write = self
+            .state
+            .store_op(move |store| store.delete_entries(&ids, now, "entry deleted"))
+            .await?;
         let mut response = pb::BatchDeleteEntryResponse::default();
-        let mut deleted = Vec::new();
-        for (id, result) in request_ids.into_iter().zip(results) {
+        for (id, result) in request_ids.into_iter().zip(write.results) {
             let status = match result {
                 Ok(entry) => {
                     info!(target: "tessera::audit", entry_id = %entry.id, spiffe_id = %entry.spiffe_id, revision = entry.revision, "entry deleted");
-                    self.state.publish(EntryEvent::Removed {
-                        id: entry.id.clone(),
-                        parent_id: entry.parent_id.clone(),
-                        revision: entry.revision,
-                    });
-                    deleted.push(entry.id);
                     ok()
                 }
                 Err(e) => {
@@ -208,7 +197,7 @@ impl Admin for AdminService {
             };
             response.results.push(pb::DeleteResult { id, status: Some(status) });
         }
-        revoke_for_entries(&self.state, deleted, "entry deleted").await?;
+        crate::revocation::revoked(&self.state, &write.revoked).await?;
         Ok(Response::new(response))
     }
 
@@ -324,7 +313,7 @@ impl Admin for AdminService {
         Ok(Response::new(pb::Bundle {
             trust_domain: self.state.config.trust_domain.to_string(),
             authorities: self.state.ca.bundle().iter().map(|c| c.to_vec()).collect(),
-            crls: self.state.crls.borrow().as_ref().clone(),
+            crls: self.state.store_op(|store| store.crls()).await?,
         }))
     }
 
@@ -334,22 +323,21 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::BanAgentResponse>, Status> {
         let req = request.into_inner();
         let id = parse_id("agent SPIFFE ID", &req.spiffe_id)?;
-        let key = id.to_string();
-        let Some(mut agent) = self.state.store_op(move |store| store.agent(&key)).await? else {
-            warn!(target: "tessera::audit", agent_id = %id, reason = "unknown agent", "agent ban refused");
-            return Err(Status::not_found(format!("agent {id} not found")));
-        };
-        agent.banned = true;
-        let stored = agent.clone();
-        self.state.store_op(move |store| store.put_agent(&stored)).await?;
         let reason =
             if req.reason.is_empty() { "banned by operator".to_string() } else { req.reason };
-        info!(target: "tessera::audit", agent_id = %id, reason = %reason, "agent banned");
-        let key = id.to_string();
-        let issued = self.state.store_op(move |store| store.issued_through_agent(&key)).await?;
-        let revoked =
-            revoke_issued(&self.state, issued, &format!("agent banned: {reason}")).await?;
-        self.state.publish(EntryEvent::AgentBanned { agent_id: id, reason });
+        let (key, why, now) = (id.to_string(), reason.clone(), self.state.clock.now());
+        // One commit: the ban, the revocation of everything issued to or
+        // through the agent, and the change that closes its stream.
+        let revoked = self
+            .state
+            .store_op(move |store| store.ban_agent(&key, &why, now))
+            .await?
+            .map_err(|refusal| {
+                warn!(target: "tessera::audit", agent_id = %id, reason = %refusal, "agent ban refused");
+                Status::not_found(format!("agent {id} not found"))
+            })?;
+        info!(target: "tessera::audit", agent_id = %id, reason = %reason, revoked = revoked.len(), "agent banned");
+        crate::revocation::revoked(&self.state, &revoked).await?;
         Ok(Response::new(pb::BanAgentResponse {
             revoked_serials: revoked.into_iter().map(|r| r.serial).collect(),
         }))
@@ -359,14 +347,19 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::EvictAgentRequest>,
     ) -> Result<Response<pb::EvictAgentResponse>, Status> {
-        let id = parse_id("agent SPIFFE ID", &request.into_inner().spiffe_id)?;
-        let key = id.to_string();
-        if !self.state.store_op(move |store| store.delete_agent(&key)).await? {
-            warn!(target: "tessera::audit", agent_id = %id, reason = "unknown agent", "agent evict refused");
-            return Err(Status::not_found(format!("agent {id} not found")));
-        }
-        info!(target: "tessera::audit", agent_id = %id, "agent evicted; it must attest again");
-        self.state.publish(EntryEvent::AgentEvicted { agent_id: id });
+        let req = request.into_inner();
+        let id = parse_id("agent SPIFFE ID", &req.spiffe_id)?;
+        let (key, unban, now) = (id.to_string(), req.unban, self.state.clock.now());
+        let revoked = self
+            .state
+            .store_op(move |store| store.evict_agent(&key, unban, now))
+            .await?
+            .map_err(|refusal| {
+                warn!(target: "tessera::audit", agent_id = %id, reason = %refusal, "agent evict refused");
+                Status::not_found(format!("agent {id} not found"))
+            })?;
+        info!(target: "tessera::audit", agent_id = %id, unban, "agent evicted; it must attest again");
+        crate::revocation::revoked(&self.state, &revoked).await?;
         Ok(Response::new(pb::EvictAgentResponse {}))
     }
 
@@ -405,6 +398,37 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
         let revocations = self.state.store_op(|store| store.revocations()).await?;
         Ok(Response::new(pb::ListRevocationsResponse { revocations }))
+    }
+
+    async fn check_store(
+        &self,
+        _request: Request<pb::CheckStoreRequest>,
+    ) -> Result<Response<pb::StoreReport>, Status> {
+        let report = self.state.store_op(|store| store.check()).await?;
+        Ok(Response::new(report_proto(&report)))
+    }
+
+    type BackupStoreStream =
+        Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+    async fn backup_store(
+        &self,
+        _request: Request<pb::BackupStoreRequest>,
+    ) -> Result<Response<Self::BackupStoreStream>, Status> {
+        let mut bytes = Vec::new();
+        let backup = self
+            .state
+            .store_op(move |store| {
+                store.backup(&mut bytes)?;
+                Ok(bytes)
+            })
+            .await?;
+        info!(target: "tessera::audit", bytes = backup.len(), "store backup taken");
+        let chunks: Vec<Result<pb::BackupChunk, Status>> = backup
+            .chunks(BACKUP_CHUNK)
+            .map(|c| Ok(pb::BackupChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
     async fn health(

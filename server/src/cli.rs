@@ -17,6 +17,7 @@ use crate::client::connect_admin;
 use crate::clock::SystemClock;
 use crate::config::{Config, FileConfig, DEFAULT_DATA_DIR};
 use crate::server::Server;
+use crate::store::{SledStore, Store};
 
 /// Tessera server: the trust domain's CA and registration authority.
 #[derive(Debug, Parser)]
@@ -47,6 +48,39 @@ enum Command {
     Svid(SvidCommand),
     /// Check that the server is up and serving.
     Healthcheck(SocketArg),
+    /// The server's store: integrity check, backup, restore.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Read every record and check indexes and watermark: through the
+    /// running server, or offline with --data-dir.
+    Check {
+        /// Check the store in this data dir directly (server stopped).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Write a consistent backup of a running server's store (file mode 0600).
+    Backup {
+        /// The backup file to create.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Restore a backup into a data dir that holds no store (server stopped).
+    Restore {
+        /// The backup file.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// The server's data dir [default: ./.tessera/server].
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +229,9 @@ enum AgentCommand {
         /// The agent's SPIFFE ID.
         #[arg(long)]
         id: String,
+        /// Also lift a ban (a banned agent stays banned otherwise).
+        #[arg(long)]
+        unban: bool,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -352,6 +389,7 @@ impl Cli {
                 }
                 Ok(())
             }
+            Command::Store(command) => store_command(command).await,
             Command::Healthcheck(socket) => {
                 let mut client = connect_admin(&socket.socket)
                     .await
@@ -367,6 +405,59 @@ impl Cli {
                 );
                 Ok(())
             }
+        }
+    }
+}
+
+fn print_report(report: &pb::StoreReport) {
+    println!(
+        "Store is whole: revision {}, write #{}, {} entries, {} agents, {} issued SVIDs, {} revocations.",
+        report.revision,
+        report.write_seq,
+        report.entries,
+        report.agents,
+        report.issued_svids,
+        report.revocations
+    );
+}
+
+async fn store_command(command: StoreCommand) -> Result<(), CliError> {
+    let fail = |e: &dyn std::fmt::Display| CliError(e.to_string());
+    match command {
+        StoreCommand::Check { data_dir: Some(dir), .. } => {
+            let store = SledStore::open(&dir.join("store")).map_err(|e| fail(&e))?;
+            let report = store.check().map_err(|e| fail(&e))?;
+            print_report(&crate::admin::report_proto(&report));
+            Ok(())
+        }
+        StoreCommand::Check { data_dir: None, socket } => {
+            let mut client = connect_admin(&socket.socket).await?;
+            let report = client.check_store(pb::CheckStoreRequest {}).await?.into_inner();
+            print_report(&report);
+            Ok(())
+        }
+        StoreCommand::Backup { out, socket } => {
+            let mut client = connect_admin(&socket.socket).await?;
+            let mut stream = client.backup_store(pb::BackupStoreRequest {}).await?.into_inner();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                bytes.extend_from_slice(&chunk.data);
+            }
+            crate::fsutil::write_private(&out, &bytes)
+                .map_err(|e| CliError(format!("cannot write {}: {e}", out.display())))?;
+            println!("Wrote a backup of {} bytes to {}", bytes.len(), out.display());
+            Ok(())
+        }
+        StoreCommand::Restore { input, data_dir } => {
+            let mut file = std::fs::File::open(&input)
+                .map_err(|e| CliError(format!("cannot read {}: {e}", input.display())))?;
+            crate::fsutil::create_private_dir(&data_dir)
+                .map_err(|e| CliError(format!("cannot create {}: {e}", data_dir.display())))?;
+            let report =
+                SledStore::restore(&data_dir.join("store"), &mut file).map_err(|e| fail(&e))?;
+            print_report(&crate::admin::report_proto(&report));
+            println!("Restored {} into {}", input.display(), data_dir.display());
+            Ok(())
         }
     }
 }
@@ -630,9 +721,9 @@ async fn agent_command(command: AgentCommand) -> Result<(), CliError> {
             println!("Banned {id}; revoked {} SVID(s)", response.revoked_serials.len());
             Ok(())
         }
-        AgentCommand::Evict { id, socket } => {
+        AgentCommand::Evict { id, unban, socket } => {
             let mut client = connect_admin(&socket.socket).await?;
-            client.evict_agent(pb::EvictAgentRequest { spiffe_id: id.clone() }).await?;
+            client.evict_agent(pb::EvictAgentRequest { spiffe_id: id.clone(), unban }).await?;
             println!("Evicted {id}; it must attest again with a new join token");
             Ok(())
         }

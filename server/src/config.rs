@@ -71,6 +71,10 @@ pub struct FileConfig {
     pub agent_svid_ttl: Option<u32>,
     /// Default join token lifetime, seconds.
     pub join_token_ttl: Option<u32>,
+    /// CSRs per second each agent may have signed (SPIRE: 500).
+    pub sign_rate: Option<u32>,
+    /// CSRs an agent may have signed at once before `sign_rate` applies.
+    pub sign_burst: Option<u32>,
     /// Log filter (`info`, `debug`, `tessera_server=debug`, ...).
     pub log_level: Option<String>,
 }
@@ -112,6 +116,10 @@ pub struct Config {
     pub agent_svid_ttl: u32,
     /// Default join token TTL, seconds.
     pub join_token_ttl: u32,
+    /// CSRs per second per agent.
+    pub sign_rate: u32,
+    /// Burst of CSRs per agent.
+    pub sign_burst: u32,
     /// Log filter.
     pub log_level: String,
 }
@@ -135,6 +143,8 @@ impl Config {
             max_x509_svid_ttl: 14 * 24 * 3600,
             agent_svid_ttl: 3600,
             join_token_ttl: 600,
+            sign_rate: 500,
+            sign_burst: 20_000,
             log_level: "info".into(),
         }
     }
@@ -166,6 +176,8 @@ impl Config {
             max_x509_svid_ttl,
             agent_svid_ttl,
             join_token_ttl,
+            sign_rate,
+            sign_burst,
             log_level
         );
         config.validate()?;
@@ -194,6 +206,9 @@ impl Config {
         }
         if self.join_token_ttl == 0 {
             return invalid("join_token_ttl", "must be at least 1 second");
+        }
+        if self.sign_rate == 0 || self.sign_burst < 1000 {
+            return invalid("sign_rate", "sign_rate must be at least 1 and sign_burst at least 1000 (one batch)");
         }
         Ok(())
     }

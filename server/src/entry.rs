@@ -235,6 +235,28 @@ impl Entry {
     pub fn is_expired(&self, now: i64) -> bool {
         self.expires_at != 0 && now >= self.expires_at
     }
+
+    /// Whether this (current) entry still authorizes an SVID that was
+    /// signed for `signed_for` and is valid until `svid_expires_at`: same
+    /// SPIFFE ID, same parent (the agent it went to), same DNS names, and
+    /// not valid past the entry's expiry. The one rule that decides which
+    /// entry changes revoke; the agent re-issues on the same fields.
+    pub fn authorizes_svid_of(&self, signed_for: &Entry, svid_expires_at: i64) -> bool {
+        self.spiffe_id == signed_for.spiffe_id
+            && self.parent_id == signed_for.parent_id
+            && self.dns_names == signed_for.dns_names
+            && (self.expires_at == 0 || svid_expires_at <= self.expires_at)
+    }
+
+    /// The X509-SVID lifetime for a signing at `now`: the entry's TTL, cut
+    /// so that no credential outlives a task-scoped entry.
+    pub fn svid_ttl_at(&self, now: i64) -> u32 {
+        if self.expires_at == 0 {
+            return self.x509_svid_ttl;
+        }
+        let left = (self.expires_at - now).clamp(0, i64::from(u32::MAX));
+        self.x509_svid_ttl.min(left as u32)
+    }
 }
 
 fn is_dns_name(name: &str) -> bool {

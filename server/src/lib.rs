@@ -16,7 +16,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
-mod admin;
+pub(crate) mod admin;
 mod ca;
 pub mod cli;
 #[path = "../../common/cli_support.rs"]
@@ -42,5 +42,9 @@ pub use csr::{parse_csr, CsrError};
 pub use entry::{Entry, EntryError, EntryRules};
 pub use revocation::normalize_serial;
 pub use server::{Server, ServerError, MAX_MESSAGE_BYTES};
-pub use store::{EntryChange, EntryFilter, SledStore, Store, StoreError};
+pub use store::{
+    AgentRefusal, Change, ChangeKind, EntryFilter, EntryWrite, SledStore, Signed, Store, StoreError,
+    StoreReport,
+};
+pub use node::REFUSAL_METADATA;
 pub use tls::NodePeer;

@@ -2,24 +2,24 @@
 //! renewal, batch signing of workload SVIDs, and the Sync push stream.
 //! Refusals are logged here, once, with their reason.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tessera_proto::node::{self as pb, node_server::Node};
+use tessera_proto::node::{self as pb, node_server::Node, sync_message::Event};
 use tessera_proto::types::{self as types, Status as ItemStatus};
 use tessera_workload_api::SpiffeId;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::ca::SignedSvid;
 use crate::csr::parse_csr;
 use crate::entry::Entry;
-use crate::state::{EntryEvent, State};
-use crate::store::{EntryChange, Store, StoreError, MAX_BATCH};
+use crate::state::State;
+use crate::store::{AgentRefusal, Change, ChangeKind, Signed, MAX_BATCH};
 use crate::tls::NodePeer;
 
 /// Entries per snapshot chunk in `Sync`, well under any message size limit.
@@ -29,6 +29,7 @@ pub const SNAPSHOT_CHUNK: usize = 500;
 #[derive(Debug, Clone)]
 pub struct NodeService {
     state: Arc<State>,
+    sign_limits: Arc<Mutex<HashMap<String, TokenBucket>>>,
 }
 
 fn refuse(op: &str, agent: &str, status: Status) -> Status {
@@ -36,15 +37,40 @@ fn refuse(op: &str, agent: &str, status: Status) -> Status {
     status
 }
 
+/// Metadata key naming why an agent was refused, for the agent to act on
+/// (`banned`, `revoked`, `superseded`, `unknown-agent`, `expired`).
+pub const REFUSAL_METADATA: &str = "tessera-refusal";
+
+/// A refusal of the calling agent, with its typed reason attached.
+fn agent_refused(kind: &str, message: String) -> Status {
+    let mut status = Status::permission_denied(message);
+    if let Ok(value) = kind.parse() {
+        status.metadata_mut().insert(REFUSAL_METADATA, value);
+    }
+    status
+}
+
+impl From<AgentRefusal> for Status {
+    fn from(refusal: AgentRefusal) -> Self {
+        agent_refused(refusal.kind(), refusal.to_string())
+    }
+}
+
+/// The calling agent: its ID and the serial of the SVID it presented.
+#[derive(Debug, Clone)]
+struct Caller {
+    id: SpiffeId,
+    serial: String,
+}
+
 impl NodeService {
     /// The service over shared server state.
     pub fn new(state: Arc<State>) -> Self {
-        Self { state }
+        Self { state, sign_limits: Arc::new(Mutex::new(HashMap::new())) }
     }
 
-    /// The calling agent's SPIFFE ID, from its verified client certificate,
-    /// if it is a known agent, not banned, presenting its current SVID.
-    async fn authenticate<T>(&self, op: &str, request: &Request<T>) -> Result<SpiffeId, Status> {
+    /// The agent ID and serial of the verified client certificate.
+    fn presented<T>(op: &str, request: &Request<T>) -> Result<Caller, Status> {
         let certs =
             request.extensions().get::<NodePeer>().and_then(|peer| peer.certs.clone()).ok_or_else(
                 || refuse(op, "", Status::unauthenticated("agent X509-SVID required (mTLS)")),
@@ -57,59 +83,60 @@ impl NodeService {
         })?;
         // An unparsable leaf has no serial, so it matches no agent's current one.
         let serial = tessera_workload_api::certificate_serial_hex(leaf).unwrap_or_default();
-        let key = id.to_string();
-        let agent = self.state.store_op(move |store| store.agent(&key)).await?;
-        let Some(agent) = agent else {
-            return Err(refuse(
-                op,
-                id.as_str(),
-                Status::permission_denied(format!("{id} is not an attested agent")),
-            ));
-        };
-        if agent.banned {
-            return Err(refuse(
-                op,
-                id.as_str(),
-                Status::permission_denied(format!("agent {id} is banned")),
-            ));
-        }
-        if agent.x509_svid_serial != serial {
-            return Err(refuse(
-                op,
-                id.as_str(),
-                Status::permission_denied(
-                    "agent SVID is not the agent's current SVID (superseded by a renewal)",
-                ),
-            ));
-        }
-        Ok(id)
+        Ok(Caller { id, serial })
     }
 
-    /// Signs an agent SVID and records it as the agent's current one.
-    async fn issue_agent_svid(
+    /// The calling agent, if it is a known agent, not banned, presenting
+    /// its current SVID, unrevoked and unexpired.
+    async fn authenticate<T>(&self, op: &str, request: &Request<T>) -> Result<Caller, Status> {
+        let caller = Self::presented(op, request)?;
+        self.check_caller(&caller).await.map_err(|e| refuse(op, caller.id.as_str(), e))?;
+        Ok(caller)
+    }
+
+    async fn check_caller(&self, caller: &Caller) -> Result<(), Status> {
+        let (key, serial) = (caller.id.to_string(), caller.serial.clone());
+        let agent = self.state.store_op(move |store| store.check_agent(&key, &serial)).await??;
+        if agent.x509_svid_expires_at <= self.state.clock.now() {
+            return Err(agent_refused("expired", format!("agent SVID {} has expired", caller.serial)));
+        }
+        Ok(())
+    }
+
+    /// Takes `n` CSRs from the agent's signing budget, or says when to retry.
+    fn take_sign_budget(&self, agent_id: &SpiffeId, n: usize) -> Result<(), Status> {
+        let config = &self.state.config;
+        let now = std::time::Instant::now();
+        let mut limits = self.sign_limits.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = limits
+            .entry(agent_id.to_string())
+            .or_insert(TokenBucket { tokens: f64::from(config.sign_burst), at: now });
+        let refill = now.duration_since(bucket.at).as_secs_f64() * f64::from(config.sign_rate);
+        bucket.tokens = (bucket.tokens + refill).min(f64::from(config.sign_burst));
+        bucket.at = now;
+        if bucket.tokens < n as f64 {
+            return Err(Status::resource_exhausted(format!(
+                "agent {agent_id} is over its signing limit ({} CSRs/s, burst {}); retry later",
+                config.sign_rate, config.sign_burst
+            )));
+        }
+        bucket.tokens -= n as f64;
+        Ok(())
+    }
+
+    /// Signs an agent SVID; the caller stores it with the agent record.
+    fn sign_agent_svid(
         &self,
         agent_id: &SpiffeId,
         csr: &[u8],
-        attestation_type: &str,
-        previous: Option<types::Agent>,
-    ) -> Result<SignedSvid, Status> {
-        let key = parse_csr(csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    ) -> Result<(SignedSvid, types::IssuedSvid), Status> {
+        let key = parse_csr(csr).map_err(|e| Status::invalid_argument(format!("CSR: {e}")))?;
         let ttl = self.state.config.agent_svid_ttl;
         let svid = self
             .state
             .ca
             .sign_svid(&key, agent_id, ttl, &[])
             .map_err(|e| Status::internal(e.to_string()))?;
-        let now = self.state.clock.now();
-        let agent = types::Agent {
-            spiffe_id: agent_id.to_string(),
-            x509_svid_serial: svid.serial.clone(),
-            x509_svid_expires_at: svid.expires_at,
-            attestation_type: attestation_type.to_string(),
-            attested_at: previous.as_ref().map_or(now, |a| a.attested_at),
-            banned: false,
-            last_seen_at: now,
-        };
         let issued = types::IssuedSvid {
             serial: svid.serial.clone(),
             spiffe_id: agent_id.to_string(),
@@ -118,13 +145,7 @@ impl NodeService {
             expires_at: svid.expires_at,
             ca_seq: svid.ca_seq,
         };
-        self.state
-            .store_op(move |store| {
-                store.record_issued(std::slice::from_ref(&issued))?;
-                store.put_agent(&agent)
-            })
-            .await?;
-        Ok(svid)
+        Ok((svid, issued))
     }
 
     fn bundle(&self) -> Vec<Vec<u8>> {
@@ -136,36 +157,31 @@ impl NodeService {
         agent_id: &SpiffeId,
         item: pb::SignX509Item,
         entry: Option<Entry>,
-    ) -> (pb::SignX509Result, Option<types::IssuedSvid>) {
+    ) -> Result<(SignedSvid, Signed), pb::SignX509Result> {
         let fail = |code: tonic::Code, message: String| {
             warn!(target: "tessera::audit", agent_id = %agent_id, entry_id = %item.entry_id, reason = %message, "X509-SVID refused");
-            let result = pb::SignX509Result {
-                entry_id: item.entry_id.clone(),
-                status: Some(ItemStatus { code: code as i32, message }),
-                ..Default::default()
-            };
-            (result, None)
+            item_failure(&item.entry_id, code, message)
         };
         let Some(entry) = entry else {
-            return fail(tonic::Code::NotFound, format!("entry {} not found", item.entry_id));
+            return Err(fail(tonic::Code::NotFound, format!("entry {} not found", item.entry_id)));
         };
         if &entry.parent_id != agent_id {
-            return fail(
+            return Err(fail(
                 tonic::Code::PermissionDenied,
                 format!("entry {} is not parented to {agent_id}", entry.id),
-            );
+            ));
         }
-        if entry.is_expired(self.state.clock.now()) {
-            return fail(tonic::Code::PermissionDenied, format!("entry {} has expired", entry.id));
+        let now = self.state.clock.now();
+        let ttl = entry.svid_ttl_at(now);
+        if entry.is_expired(now) || ttl == 0 {
+            return Err(fail(tonic::Code::PermissionDenied, format!("entry {} has expired", entry.id)));
         }
         let key = match parse_csr(&item.csr) {
             Ok(key) => key,
-            Err(e) => return fail(tonic::Code::InvalidArgument, e.to_string()),
+            Err(e) => return Err(fail(tonic::Code::InvalidArgument, e.to_string())),
         };
-        match self.state.ca.sign_svid(&key, &entry.spiffe_id, entry.x509_svid_ttl, &entry.dns_names)
-        {
+        match self.state.ca.sign_svid(&key, &entry.spiffe_id, ttl, &entry.dns_names) {
             Ok(svid) => {
-                info!(target: "tessera::audit", agent_id = %agent_id, entry_id = %entry.id, spiffe_id = %entry.spiffe_id, serial = %svid.serial, expires_at = svid.expires_at, "X509-SVID issued");
                 let issued = types::IssuedSvid {
                     serial: svid.serial.clone(),
                     spiffe_id: entry.spiffe_id.to_string(),
@@ -174,18 +190,26 @@ impl NodeService {
                     expires_at: svid.expires_at,
                     ca_seq: svid.ca_seq,
                 };
-                let result = pb::SignX509Result {
-                    entry_id: item.entry_id,
-                    status: Some(ItemStatus { code: 0, message: String::new() }),
-                    x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
-                    expires_at: svid.expires_at,
-                    serial: svid.serial,
-                };
-                (result, Some(issued))
+                Ok((svid, Signed { svid: issued, entry }))
             }
-            Err(e) => fail(tonic::Code::Internal, e.to_string()),
+            Err(e) => Err(fail(tonic::Code::Internal, e.to_string())),
         }
     }
+}
+
+fn item_failure(entry_id: &str, code: tonic::Code, message: String) -> pb::SignX509Result {
+    pb::SignX509Result {
+        entry_id: entry_id.to_string(),
+        status: Some(ItemStatus { code: code as i32, message }),
+        ..Default::default()
+    }
+}
+
+/// A per-agent signing budget.
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    at: std::time::Instant,
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + Send>>;
@@ -213,7 +237,8 @@ impl Node for NodeService {
                 Status::permission_denied("join token does not exist or has already been used"),
             ));
         };
-        if self.state.clock.now() >= record.expires_at {
+        let now = self.state.clock.now();
+        if now >= record.expires_at {
             return Err(refuse(
                 op,
                 &record.spiffe_id,
@@ -222,19 +247,22 @@ impl Node for NodeService {
         }
         let agent_id =
             SpiffeId::parse(&record.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
-        let key = agent_id.to_string();
-        let previous = self.state.store_op(move |store| store.agent(&key)).await?;
-        if previous.as_ref().is_some_and(|a| a.banned) {
-            return Err(refuse(
-                op,
-                agent_id.as_str(),
-                Status::permission_denied(format!("agent {agent_id} is banned")),
-            ));
-        }
-        let svid = self
-            .issue_agent_svid(&agent_id, &req.csr, "join_token", None)
-            .await
-            .map_err(|e| refuse(op, agent_id.as_str(), e))?;
+        let (svid, issued) =
+            self.sign_agent_svid(&agent_id, &req.csr).map_err(|e| refuse(op, agent_id.as_str(), e))?;
+        let agent = types::Agent {
+            spiffe_id: agent_id.to_string(),
+            x509_svid_serial: svid.serial.clone(),
+            x509_svid_expires_at: svid.expires_at,
+            attestation_type: "join_token".into(),
+            attested_at: now,
+            banned: false,
+            last_seen_at: now,
+            previous_x509_svid_serial: String::new(),
+        };
+        self.state
+            .store_op(move |store| store.register_agent(&agent, &issued))
+            .await?
+            .map_err(|e| refuse(op, agent_id.as_str(), e.into()))?;
         info!(target: "tessera::audit", agent_id = %agent_id, serial = %svid.serial, "agent attested with join token");
         Ok(Response::new(pb::AttestResponse {
             agent_id: agent_id.to_string(),
@@ -247,15 +275,30 @@ impl Node for NodeService {
         &self,
         request: Request<pb::RenewAgentRequest>,
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
-        let agent_id = self.authenticate("renew_agent", &request).await?;
+        let op = "renew_agent";
+        let caller = Self::presented(op, &request)?;
+        let agent_id = caller.id.clone();
+        // Cheap early refusals before signing; the commit checks again.
         let key = agent_id.to_string();
-        let previous = self.state.store_op(move |store| store.agent(&key)).await?;
-        let attestation_type =
-            previous.as_ref().map(|a| a.attestation_type.clone()).unwrap_or_default();
-        let svid = self
-            .issue_agent_svid(&agent_id, &request.get_ref().csr, &attestation_type, previous)
-            .await
-            .map_err(|e| refuse("renew_agent", agent_id.as_str(), e))?;
+        match self.state.store_op(move |store| store.agent(&key)).await? {
+            None => return Err(refuse(op, agent_id.as_str(), AgentRefusal::Unknown(agent_id.to_string()).into())),
+            Some(a) if a.banned => {
+                return Err(refuse(op, agent_id.as_str(), AgentRefusal::Banned(agent_id.to_string()).into()))
+            }
+            Some(_) => {}
+        }
+        let (svid, issued) = self
+            .sign_agent_svid(&agent_id, &request.get_ref().csr)
+            .map_err(|e| refuse(op, agent_id.as_str(), e))?;
+        let now = self.state.clock.now();
+        let (key, presented) = (agent_id.to_string(), caller.serial.clone());
+        self.state
+            .store_op(move |store| store.renew_agent(&key, &presented, &issued, now))
+            .await?
+            .map_err(|e| refuse(op, agent_id.as_str(), e.into()))?;
+        // A renewal after a lost reply revoked the lost SVID (CRLs re-signed
+        // in the same commit): the node API's verifier gets them too.
+        crate::revocation::update_verifier_crls(&self.state).await?;
         info!(target: "tessera::audit", agent_id = %agent_id, serial = %svid.serial, "agent SVID renewed");
         Ok(Response::new(pb::RenewAgentResponse {
             x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
@@ -267,18 +310,20 @@ impl Node for NodeService {
         &self,
         request: Request<pb::SignX509Request>,
     ) -> Result<Response<pb::SignX509Response>, Status> {
-        let agent_id = self.authenticate("sign_x509", &request).await?;
+        let op = "sign_x509";
+        let caller = self.authenticate(op, &request).await?;
         let items = request.into_inner().items;
         if items.len() > MAX_BATCH {
             return Err(refuse(
-                "sign_x509",
-                agent_id.as_str(),
+                op,
+                caller.id.as_str(),
                 Status::invalid_argument(format!(
                     "batch has {} items, more than the {MAX_BATCH} allowed",
                     items.len()
                 )),
             ));
         }
+        self.take_sign_budget(&caller.id, items.len()).map_err(|e| refuse(op, caller.id.as_str(), e))?;
         let ids: Vec<String> = items.iter().map(|i| i.entry_id.clone()).collect();
         let entries = self
             .state
@@ -287,6 +332,7 @@ impl Node for NodeService {
             })
             .await?;
         let service = self.clone();
+        let agent_id = caller.id.clone();
         // Signing is CPU work: keep it off the async workers.
         let signed = tokio::task::spawn_blocking(move || {
             items
@@ -297,12 +343,56 @@ impl Node for NodeService {
         })
         .await
         .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
-        let (results, issued): (Vec<_>, Vec<_>) = signed.into_iter().unzip();
-        let issued: Vec<types::IssuedSvid> = issued.into_iter().flatten().collect();
-        // Recorded (durably) before the agent can use them, so revoking the
-        // entry or banning the agent always finds them.
-        if !issued.is_empty() {
-            self.state.store_op(move |store| store.record_issued(&issued)).await?;
+        let to_record: Vec<Signed> =
+            signed.iter().filter_map(|r| r.as_ref().ok()).map(|(_, s)| s.clone()).collect();
+        // Recorded (durably) before the agent can use them, and checked in
+        // the same commit against the agent and the entries as they are
+        // now: an SVID signed while its entry was deleted or changed, or its
+        // agent banned, is revoked at once instead of escaping.
+        let now = self.state.clock.now();
+        let (key, serial) = (caller.id.to_string(), caller.serial.clone());
+        let recorded = if to_record.is_empty() {
+            Vec::new()
+        } else {
+            self.state
+                .store_op(move |store| store.record_issued(&key, &serial, &to_record, now))
+                .await?
+        };
+        let mut recorded = recorded.into_iter();
+        let mut results = Vec::with_capacity(signed.len());
+        let mut revoked_any = false;
+        for result in signed {
+            let (svid, record) = match result {
+                Ok(pair) => pair,
+                Err(failure) => {
+                    results.push(failure);
+                    continue;
+                }
+            };
+            match recorded.next() {
+                Some(Ok(())) => {
+                    info!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, spiffe_id = %record.entry.spiffe_id, serial = %svid.serial, expires_at = svid.expires_at, "X509-SVID issued");
+                    results.push(pb::SignX509Result {
+                        entry_id: record.entry.id,
+                        status: Some(ItemStatus { code: 0, message: String::new() }),
+                        x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
+                        expires_at: svid.expires_at,
+                        serial: svid.serial,
+                    });
+                }
+                other => {
+                    let why = match other {
+                        Some(Err(why)) => why,
+                        _ => "not recorded".to_string(),
+                    };
+                    revoked_any = true;
+                    warn!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, serial = %svid.serial, reason = %why, "X509-SVID revoked as it was issued");
+                    results.push(item_failure(&record.entry.id, tonic::Code::PermissionDenied, why));
+                }
+            }
+        }
+        if revoked_any {
+            crate::revocation::update_verifier_crls(&self.state).await?;
         }
         Ok(Response::new(pb::SignX509Response { results }))
     }
@@ -313,164 +403,140 @@ impl Node for NodeService {
         &self,
         request: Request<pb::SyncRequest>,
     ) -> Result<Response<SyncStream>, Status> {
-        let agent_id = self.authenticate("sync", &request).await?;
-        // Subscribe before the snapshot so no change falls in between.
-        let mut events = self.state.entry_events.subscribe();
-        let mut bundles = self.state.ca.watch_bundle();
-        let crls = self.state.crls.subscribe();
+        let caller = self.authenticate("sync", &request).await?;
         let resume_from = request.get_ref().revision;
-        let parent = agent_id.clone();
-        let (revision, initial) =
-            self.state.store_op(move |store| initial_sync(store, &parent, resume_from)).await?;
         let (tx, rx) = mpsc::channel(64);
-        let shutdown = self.state.shutdown.clone();
-        tokio::spawn(async move {
-            let bundle = bundles.borrow_and_update().iter().map(|c| c.to_vec()).collect();
-            let first = pb::SyncMessage {
-                event: Some(pb::sync_message::Event::Bundle(pb::BundleUpdate {
-                    authorities: bundle,
-                })),
-            };
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
-            let crls = crls.borrow().as_ref().clone();
-            let revocation = pb::SyncMessage {
-                event: Some(pb::sync_message::Event::Revocation(pb::Revocation {
-                    serials: Vec::new(),
-                    crls,
-                })),
-            };
-            if tx.send(Ok(revocation)).await.is_err() {
-                return;
-            }
-            let sent = initial.len();
-            for message in initial {
-                if tx.send(Ok(message)).await.is_err() {
-                    return;
+        let service = self.clone();
+        tokio::spawn(
+            async move {
+                if let Err(status) = service.run_sync(&caller, resume_from, &tx).await {
+                    let _ = tx.send(Err(status)).await;
                 }
             }
-            info!(agent_id = %agent_id, messages = sent, revision, resumed_from = resume_from, "agent sync started");
-            loop {
-                let message = tokio::select! {
-                    _ = tx.closed() => return,
-                    // End the stream so the server's graceful shutdown can finish.
-                    _ = shutdown.cancelled() => return,
-                    changed = bundles.changed() => {
-                        if changed.is_err() { return; }
-                        let bundle = bundles.borrow_and_update().iter().map(|c| c.to_vec()).collect();
-                        pb::sync_message::Event::Bundle(pb::BundleUpdate { authorities: bundle })
-                    }
-                    event = events.recv() => match event {
-                        Ok(event) if event.agent_id().is_some_and(|id| id != &agent_id) => continue,
-                        Ok(event) if event_revision(&event).is_some_and(|r| r <= revision) => continue,
-                        Ok(EntryEvent::Revoked { serials, crls }) => pb::sync_message::Event::Revocation(pb::Revocation {
-                            serials: serials.as_ref().clone(),
-                            crls: crls.as_ref().clone(),
-                        }),
-                        Ok(EntryEvent::AgentBanned { reason, .. }) => {
-                            warn!(agent_id = %agent_id, "closing sync stream of banned agent");
-                            let banned = pb::sync_message::Event::Banned(pb::AgentBanned { reason });
-                            let _ = tx.send(Ok(pb::SyncMessage { event: Some(banned) })).await;
-                            return;
-                        }
-                        Ok(EntryEvent::AgentEvicted { .. }) => {
-                            warn!(agent_id = %agent_id, "closing sync stream of evicted agent");
-                            let _ = tx.send(Err(Status::permission_denied(format!("agent {agent_id} was evicted; attest again")))).await;
-                            return;
-                        }
-                        Ok(EntryEvent::Upserted(entry)) => pb::sync_message::Event::Change(pb::EntryChange {
-                            revision: entry.revision,
-                            change: Some(pb::entry_change::Change::Upserted(entry.to_proto())),
-                        }),
-                        Ok(EntryEvent::Removed { id, revision, .. }) => pb::sync_message::Event::Change(pb::EntryChange {
-                            revision,
-                            change: Some(pb::entry_change::Change::RemovedEntryId(id)),
-                        }),
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            // The agent missed changes: end the stream; it
-                            // reconnects and gets a fresh snapshot.
-                            warn!(agent_id = %agent_id, missed = n, "sync stream lagged; closing for resync");
-                            let _ = tx.send(Err(Status::aborted("sync lagged behind; reconnect"))).await;
-                            return;
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                };
-                if tx.send(Ok(pb::SyncMessage { event: Some(message) })).await.is_err() {
-                    return;
-                }
-            }
-        });
+            .instrument(tracing::info_span!("sync")),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
-/// What a new Sync stream starts with: the changes since `resume_from` when
-/// the agent has a revision the store can resume from, else a full snapshot
-/// in chunks. Returns the store revision it is current to.
-fn initial_sync(
-    store: &dyn Store,
-    agent_id: &SpiffeId,
-    resume_from: u64,
-) -> Result<(u64, Vec<pb::SyncMessage>), StoreError> {
-    let revision = store.revision()?;
-    if resume_from > 0 && resume_from <= revision {
-        // The last change per entry decides what the agent must do.
-        let mut last: BTreeMap<String, EntryChange> = BTreeMap::new();
-        for change in store.changes_since(resume_from)? {
-            if change.parent_id == agent_id.as_str() {
-                last.insert(change.entry_id.clone(), change);
+/// How often an open Sync stream re-checks its agent's SVID (superseded by
+/// a renewal, expired) when no change wakes it.
+const SYNC_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Changes read from the log at a time.
+const SYNC_CHANGES_PAGE: usize = 1000;
+
+type SyncSender = mpsc::Sender<Result<pb::SyncMessage, Status>>;
+
+/// Sends one message; an error when the agent has gone away.
+async fn send(tx: &SyncSender, event: Event) -> Result<(), Status> {
+    tx.send(Ok(pb::SyncMessage { event: Some(event) }))
+        .await
+        .map_err(|_| Status::cancelled("agent disconnected"))
+}
+
+impl NodeService {
+    /// One agent's Sync stream: the bundle and CRLs, then either the changes
+    /// since `resume_from` or a snapshot, then every change of the log as
+    /// it commits. Returns when the agent goes away, the server shuts
+    /// down, or the agent may no longer sync (the error says why).
+    async fn run_sync(&self, caller: &Caller, resume_from: u64, tx: &SyncSender) -> Result<(), Status> {
+        let agent_id = &caller.id;
+        let mut wake = self.state.store.subscribe();
+        send(tx, Event::Bundle(pb::BundleUpdate { authorities: self.bundle() })).await?;
+        let crls = self.state.store_op(|store| store.crls()).await?;
+        send(tx, Event::Revocation(pb::Revocation { serials: Vec::new(), crls })).await?;
+        let latest = self.state.store_op(|store| store.revision()).await?;
+        let mut cursor = if resume_from > 0 && resume_from <= latest {
+            resume_from
+        } else {
+            let parent = agent_id.clone();
+            let (revision, entries) =
+                self.state.store_op(move |store| store.snapshot(&parent)).await?;
+            let chunks = entries.chunks(SNAPSHOT_CHUNK).count().max(1);
+            for i in 0..chunks {
+                let chunk = entries.chunks(SNAPSHOT_CHUNK).nth(i).unwrap_or_default();
+                let snapshot = pb::EntrySnapshot {
+                    entries: chunk.iter().map(Entry::to_proto).collect(),
+                    revision,
+                    complete: i + 1 == chunks,
+                };
+                send(tx, Event::Snapshot(snapshot)).await?;
             }
-        }
-        let mut messages = Vec::new();
-        for (id, change) in last {
-            let current = if change.removed { None } else { store.entry(&id)? };
-            let event = match current {
-                Some(entry) if &entry.parent_id == agent_id => {
-                    pb::entry_change::Change::Upserted(entry.to_proto())
+            revision
+        };
+        info!(agent_id = %agent_id, revision = cursor, resumed_from = resume_from, "agent sync started");
+        let shutdown = self.state.shutdown.clone();
+        loop {
+            let from = cursor;
+            let changes =
+                self.state.store_op(move |store| store.changes_since(from, SYNC_CHANGES_PAGE)).await?;
+            if changes.is_empty() {
+                tokio::select! {
+                    _ = tx.closed() => return Ok(()),
+                    // End the stream so the server's graceful shutdown can finish.
+                    _ = shutdown.cancelled() => return Ok(()),
+                    changed = wake.changed() => if changed.is_err() { return Ok(()) },
+                    _ = tokio::time::sleep(SYNC_RECHECK) => {}
                 }
-                Some(_) => continue,
-                None if change.removed => pb::entry_change::Change::RemovedEntryId(id),
-                None => continue,
-            };
-            messages.push(pb::SyncMessage {
-                event: Some(pb::sync_message::Event::Change(pb::EntryChange {
-                    revision: change.revision,
-                    change: Some(event),
-                })),
-            });
+                self.check_caller(caller).await.map_err(|e| refuse("sync", agent_id.as_str(), e))?;
+                continue;
+            }
+            for change in changes {
+                cursor = change.revision;
+                self.send_change(caller, change, tx).await?;
+            }
+            send(tx, Event::Checkpoint(pb::Checkpoint { revision: cursor })).await?;
         }
-        return Ok((revision, messages));
     }
-    let entries = store.entries_by_parent(agent_id)?;
-    if entries.is_empty() {
-        let empty = pb::EntrySnapshot { entries: vec![], revision, complete: true };
-        return Ok((revision, vec![snapshot(empty)]));
-    }
-    let chunks = entries.chunks(SNAPSHOT_CHUNK).count();
-    let messages = entries
-        .chunks(SNAPSHOT_CHUNK)
-        .enumerate()
-        .map(|(i, chunk)| {
-            snapshot(pb::EntrySnapshot {
-                entries: chunk.iter().map(Entry::to_proto).collect(),
-                revision,
-                complete: i + 1 == chunks,
-            })
-        })
-        .collect();
-    Ok((revision, messages))
-}
 
-fn event_revision(event: &EntryEvent) -> Option<u64> {
-    match event {
-        EntryEvent::Upserted(entry) => Some(entry.revision),
-        EntryEvent::Removed { revision, .. } => Some(*revision),
-        _ => None,
+    /// Sends what one change means for this agent, if anything.
+    async fn send_change(&self, caller: &Caller, change: Change, tx: &SyncSender) -> Result<(), Status> {
+        let agent_id = &caller.id;
+        let revision = change.revision;
+        match change.kind {
+            ChangeKind::Entry { entry_id, parents } => {
+                if !parents.iter().any(|p| p == agent_id.as_str()) {
+                    return Ok(());
+                }
+                // The entry as it is now decides: kept if still ours, else dropped.
+                let id = entry_id.clone();
+                let current = self.state.store_op(move |store| store.entry(&id)).await?;
+                let change = match current {
+                    Some(entry) if &entry.parent_id == agent_id => {
+                        pb::entry_change::Change::Upserted(entry.to_proto())
+                    }
+                    _ => pb::entry_change::Change::RemovedEntryId(entry_id),
+                };
+                send(tx, Event::Change(pb::EntryChange { revision, change: Some(change) })).await
+            }
+            ChangeKind::Revoked { serials } => {
+                if serials.iter().any(|s| *s == caller.serial) {
+                    warn!(agent_id = %agent_id, "closing sync stream: the agent's SVID was revoked");
+                    return Err(AgentRefusal::Revoked(caller.serial.clone()).into());
+                }
+                // The commit that revoked also signed CRLs listing them:
+                // the agent gets both in one message.
+                let crls = self.state.store_op(|store| store.crls()).await?;
+                send(tx, Event::Revocation(pb::Revocation { serials, crls })).await
+            }
+            ChangeKind::Crls => {
+                let crls = self.state.store_op(|store| store.crls()).await?;
+                send(tx, Event::Revocation(pb::Revocation { serials: Vec::new(), crls })).await
+            }
+            ChangeKind::Bundle => {
+                send(tx, Event::Bundle(pb::BundleUpdate { authorities: self.bundle() })).await
+            }
+            ChangeKind::AgentBanned { agent_id: banned, reason } if banned == agent_id.as_str() => {
+                warn!(agent_id = %agent_id, "closing sync stream of banned agent");
+                send(tx, Event::Banned(pb::AgentBanned { reason })).await?;
+                Err(AgentRefusal::Banned(banned).into())
+            }
+            ChangeKind::AgentEvicted { agent_id: evicted } if evicted == agent_id.as_str() => {
+                warn!(agent_id = %agent_id, "closing sync stream of evicted agent");
+                Err(agent_refused("evicted", format!("agent {agent_id} was evicted; attest again")))
+            }
+            _ => Ok(()),
+        }
     }
-}
-
-fn snapshot(message: pb::EntrySnapshot) -> pb::SyncMessage {
-    pb::SyncMessage { event: Some(pb::sync_message::Event::Snapshot(message)) }
 }

@@ -1,5 +1,6 @@
-//! Revocation: stored durably before anyone is told, listed in signed CRLs
-//! until the certificate's own expiry, and pushed to every agent at once.
+//! Revocation: stored durably (and logged for every agent) in the commit
+//! that decides it, listed in signed CRLs until the certificate's own
+//! expiry. Sync streams push both from the change log.
 //! Also the expiry of task-scoped (just-in-time) entries.
 
 use std::sync::Arc;
@@ -8,8 +9,9 @@ use tessera_proto::types as pb;
 use tonic::Status;
 use tracing::{info, warn};
 
-use crate::ca::CrlEntry;
-use crate::state::{EntryEvent, State};
+use crate::ca::{Ca, CrlEntry};
+use crate::state::State;
+use crate::store::{revocation_of, CrlSigner};
 
 /// CRLs are valid this long and re-signed at half of it.
 pub const CRL_VALIDITY_SECS: i64 = 24 * 3600;
@@ -32,103 +34,80 @@ pub fn normalize_serial(input: &str) -> Result<String, String> {
     Ok(trimmed.to_string())
 }
 
-/// Re-signs the CRLs from the stored revocations and publishes them.
-pub async fn refresh_crls(state: &State) -> Result<Arc<Vec<Vec<u8>>>, Status> {
-    let (revocations, number) =
-        state.store_op(|store| Ok((store.revocations()?, store.next_crl_number()?))).await?;
-    let entries: Vec<CrlEntry> = revocations
-        .iter()
-        .map(|r| CrlEntry { serial: r.serial.clone(), revoked_at: r.revoked_at, ca_seq: r.ca_seq })
-        .collect();
-    let crls = state
-        .ca
-        .sign_crls(&entries, number, CRL_VALIDITY_SECS)
-        .map_err(|e| Status::internal(format!("CRL signing failed: {e}")))?;
-    let crls = Arc::new(crls);
-    state.crls.send_replace(crls.clone());
-    Ok(crls)
+/// The CA as the store's CRL signer: one CRL per CA in the bundle.
+#[derive(Debug)]
+pub struct CaCrlSigner(pub Arc<Ca>);
+
+impl CrlSigner for CaCrlSigner {
+    fn sign_crls(&self, revocations: &[pb::Revocation], number: u64) -> Result<Vec<Vec<u8>>, String> {
+        let entries: Vec<CrlEntry> = revocations
+            .iter()
+            .map(|r| CrlEntry { serial: r.serial.clone(), revoked_at: r.revoked_at, ca_seq: r.ca_seq })
+            .collect();
+        self.0.sign_crls(&entries, number, CRL_VALIDITY_SECS).map_err(|e| format!("CRL signing failed: {e}"))
+    }
 }
 
-/// Revokes `issued` SVIDs: stored (durably) first, then CRLs re-signed, then
-/// pushed to every agent. Returns the stored revocations.
+/// Re-signs the CRLs (the store logs the change every Sync stream sends)
+/// and hands them to the node API's TLS verifier.
+pub async fn refresh_crls(state: &State) -> Result<(), Status> {
+    state.store_op(|store| store.resign_crls()).await?;
+    update_verifier_crls(state).await
+}
+
+/// Gives the node API's TLS verifier the CRLs in force.
+pub async fn update_verifier_crls(state: &State) -> Result<(), Status> {
+    let crls = state.store_op(|store| store.crls()).await?;
+    if let Err(e) = state.anchors.update_crls(&crls) {
+        warn!(error = %e, "node API verifier refused the new CRLs");
+    }
+    Ok(())
+}
+
+/// Logs revocations a commit made (it stored CRLs listing them too) and
+/// hands the CRLs to the node API's verifier.
+pub async fn revoked(state: &State, revocations: &[pb::Revocation]) -> Result<(), Status> {
+    if revocations.is_empty() {
+        return Ok(());
+    }
+    for r in revocations {
+        info!(target: "tessera::audit", serial = %r.serial, spiffe_id = %r.spiffe_id, reason = %r.reason, "X509-SVID revoked");
+    }
+    update_verifier_crls(state).await
+}
+
+/// Revokes `issued` SVIDs: stored (durably, with the change logged for
+/// every agent) first, then CRLs re-signed. Returns the revocations.
 pub async fn revoke_issued(
     state: &State,
     issued: Vec<pb::IssuedSvid>,
     reason: &str,
 ) -> Result<Vec<pb::Revocation>, Status> {
-    if issued.is_empty() {
-        return Ok(Vec::new());
-    }
     let now = state.clock.now();
-    let revocations: Vec<pb::Revocation> = issued
-        .iter()
-        .map(|svid| pb::Revocation {
-            serial: svid.serial.clone(),
-            reason: reason.to_string(),
-            revoked_at: now,
-            expires_at: svid.expires_at,
-            spiffe_id: svid.spiffe_id.clone(),
-            ca_seq: svid.ca_seq,
-        })
-        .collect();
+    let revocations: Vec<pb::Revocation> =
+        issued.iter().map(|svid| revocation_of(svid, reason, now)).collect();
     let stored = revocations.clone();
     state.store_op(move |store| store.revoke(&stored)).await?;
-    for r in &revocations {
-        info!(target: "tessera::audit", serial = %r.serial, spiffe_id = %r.spiffe_id, reason, "X509-SVID revoked");
-    }
-    let crls = refresh_crls(state).await?;
-    let serials = Arc::new(revocations.iter().map(|r| r.serial.clone()).collect());
-    state.publish(EntryEvent::Revoked { serials, crls });
+    revoked(state, &revocations).await?;
     Ok(revocations)
 }
 
-/// Revokes every SVID issued for `entry_ids`: one store read, one
-/// revocation write, one CRL signing and one push for the whole batch.
-pub async fn revoke_for_entries(
-    state: &State,
-    entry_ids: Vec<String>,
-    reason: &str,
-) -> Result<Vec<pb::Revocation>, Status> {
-    if entry_ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let issued = state
-        .store_op(move |store| {
-            let mut issued = Vec::new();
-            for id in &entry_ids {
-                issued.extend(store.issued_for_entry(id)?);
-            }
-            Ok(issued)
-        })
-        .await?;
-    revoke_issued(state, issued, reason).await
-}
-
-/// Deletes entries that reached their `expires_at` and revokes their SVIDs.
-/// Returns how many entries expired.
+/// Deletes entries that reached their `expires_at` and revokes their SVIDs
+/// (one commit). Returns how many entries expired.
 pub async fn expire_entries(state: &State) -> Result<usize, Status> {
     let now = state.clock.now();
     let ids = state.store_op(move |store| store.expired_entries(now)).await?;
     if ids.is_empty() {
         return Ok(0);
     }
-    let delete = ids.clone();
-    let results = state.store_op(move |store| store.delete_entries(&delete)).await?;
-    let mut expired = Vec::new();
-    for result in results {
-        let Ok(entry) = result else { continue };
+    let write =
+        state.store_op(move |store| store.delete_entries(&ids, now, "entry expired")).await?;
+    let mut count = 0;
+    for entry in write.results.iter().flatten() {
         info!(target: "tessera::audit", entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "entry expired");
-        state.publish(EntryEvent::Removed {
-            id: entry.id.clone(),
-            parent_id: entry.parent_id.clone(),
-            revision: entry.revision,
-        });
-        expired.push(entry.id);
+        count += 1;
     }
-    let count = expired.len();
-    if let Err(e) = revoke_for_entries(state, expired, "entry expired").await {
-        warn!(entries = count, error = %e.message(), "revoking SVIDs of expired entries failed");
-    }
+    revoked(state, &write.revoked).await?;
     Ok(count)
 }
 

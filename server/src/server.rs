@@ -11,7 +11,6 @@ use tessera_proto::admin::admin_server::AdminServer;
 use tessera_proto::node::node_server::NodeServer;
 use tessera_workload_api::TrustAnchors;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -25,11 +24,18 @@ use crate::entry::EntryRules;
 use crate::fsutil::create_private_dir;
 use crate::node::NodeService;
 use crate::state::State;
-use crate::store::{SledStore, StoreError};
+use crate::store::{SledStore, Store, StoreError};
 use crate::tls::{self, ServerSvid};
 
 /// Largest gRPC message the server accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Largest node API request: a full `SignX509` batch of 1,000 P-256 CSRs is
+/// about 300 KB.
+pub const MAX_NODE_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Requests in flight on one node API connection.
+pub const NODE_CONCURRENCY_PER_CONNECTION: usize = 32;
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -110,18 +116,19 @@ impl Server {
             default_ttl: config.default_x509_svid_ttl,
             max_ttl: config.max_x509_svid_ttl,
         };
-        let (entry_events, _) = broadcast::channel(4096);
+        store.set_crl_signer(Arc::new(crate::revocation::CaCrlSigner(ca.clone())));
         let state = Arc::new(State {
             config,
             clock,
             store: Arc::new(store),
             ca,
             rules,
-            entry_events,
             anchors,
             shutdown: CancellationToken::new(),
-            crls: tokio::sync::watch::channel(Arc::new(Vec::new())).0,
         });
+        // The bundle may have changed while the server was down (a CA
+        // expired or was prepared): agents resuming from the log hear of it.
+        state.store_op(|store| store.log_bundle_change()).await.map_err(|e| ServerError::Crl(e.message().to_string()))?;
         crate::revocation::refresh_crls(&state)
             .await
             .map_err(|e| ServerError::Crl(e.message().to_string()))?;
@@ -161,7 +168,7 @@ impl Server {
         });
 
         let node = NodeServer::new(NodeService::new(state.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_NODE_REQUEST_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let incoming = tls::incoming(node_listener, acceptor, shutdown.clone());
         let stop = shutdown.clone();
@@ -169,6 +176,10 @@ impl Server {
             async move {
                 tonic::transport::Server::builder()
                     .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                    // Bounds that hold before a caller is authenticated.
+                    .concurrency_limit_per_connection(NODE_CONCURRENCY_PER_CONNECTION)
+                    .max_concurrent_streams(Some(NODE_CONCURRENCY_PER_CONNECTION as u32))
+                    .max_frame_size(Some(64 * 1024))
                     .add_service(node)
                     .serve_with_incoming_shutdown(incoming, stop.cancelled())
                     .await
@@ -249,6 +260,9 @@ async fn rotation_loop(
             Ok(changed) => {
                 if changed {
                     state.anchors.update(state.ca.bundle().to_vec());
+                    if let Err(e) = state.store_op(|store| store.log_bundle_change()).await {
+                        error!(error = %e.message(), "logging the bundle change failed");
+                    }
                     // One CRL per CA in the bundle: a new CA needs its own.
                     if let Err(e) = crate::revocation::refresh_crls(&state).await {
                         error!(error = %e.message(), "CRL refresh after CA rotation failed");

@@ -1,15 +1,36 @@
 //! Durable storage: the `Store` trait the server needs, and its sled
-//! implementation. Every write method returns only after the data is on disk.
+//! implementation.
+//!
+//! Every write is one atomic commit, serialized with every other write, and
+//! on disk before the method returns. A commit that changes anything an
+//! agent must hear appends to the **change log** with the next revision, so
+//! revision order is commit order and the log is the one source of truth
+//! for Sync streams: a stream (live or resumed) sends exactly the changes
+//! after the agent's revision, in order. Decisions that must not race
+//! (a ban against a renewal, an entry delete against a signing batch) are
+//! made inside the commit, never read-modify-written across two.
+//!
+//! Integrity: each commit bumps a write sequence, and a watermark file
+//! beside the database records the last sequence acknowledged. A store
+//! that opens behind its watermark (sled's recovery drops what follows a
+//! damaged record, a restored old copy) is refused instead of being served
+//! as if it were whole.
 
+use std::cell::Cell;
 use std::fmt;
-use std::path::Path;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 use tessera_proto::types as pb;
 use tessera_workload_api::SpiffeId;
+use tokio::sync::watch;
 
 use crate::entry::{Entry, EntryError};
 
@@ -23,7 +44,7 @@ pub const MAX_BATCH: usize = 1000;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The database failed (I/O, corruption).
+    /// The database failed (I/O, corruption sled detected).
     #[error("store: {0}")]
     Db(#[from] sled::Error),
     /// A stored record does not decode.
@@ -34,6 +55,26 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The store is missing writes it acknowledged, or its records disagree
+    /// with each other: it was damaged or rolled back.
+    #[error("store {path} is damaged: {reason}; restore a backup with `tessera-server store restore`")]
+    Damaged {
+        /// The store directory.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The watermark file could not be read or written.
+    #[error("store watermark {path}: {source}")]
+    Watermark {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A backup file is not a Tessera backup, or is truncated or altered.
+    #[error("backup: {0}")]
+    Backup(String),
 }
 
 impl From<TransactionError<StoreError>> for StoreError {
@@ -45,17 +86,49 @@ impl From<TransactionError<StoreError>> for StoreError {
     }
 }
 
-/// One entry change, as kept in the change log for agents resuming a sync.
+/// What changed at one revision of the change log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EntryChange {
-    /// Revision of the change.
+#[non_exhaustive]
+pub enum ChangeKind {
+    /// An entry was created, updated or deleted. `parents` are the agents
+    /// concerned (the old and the new parent of an update that moved it):
+    /// each re-reads the entry and keeps it or drops it.
+    Entry {
+        /// The entry.
+        entry_id: String,
+        /// The parent IDs before and after the change.
+        parents: Vec<String>,
+    },
+    /// SVIDs were revoked (every agent drops them).
+    Revoked {
+        /// Lowercase hex serials.
+        serials: Vec<String>,
+    },
+    /// The CRLs were re-signed ([`Store::crls`] has them).
+    Crls,
+    /// The trust bundle changed (CA prepared, activated or retired).
+    Bundle,
+    /// An agent was banned.
+    AgentBanned {
+        /// The agent.
+        agent_id: String,
+        /// The operator's reason.
+        reason: String,
+    },
+    /// An agent was evicted: it must attest again.
+    AgentEvicted {
+        /// The agent.
+        agent_id: String,
+    },
+}
+
+/// One record of the change log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Its revision: commit order, no gaps.
     pub revision: u64,
-    /// The entry.
-    pub entry_id: String,
-    /// The entry's parent ID (before the change for an update that moved it).
-    pub parent_id: String,
-    /// True if the entry was deleted (or moved away from `parent_id`).
-    pub removed: bool,
+    /// What changed.
+    pub kind: ChangeKind,
 }
 
 /// Filters for listing entries.
@@ -67,6 +140,81 @@ pub struct EntryFilter {
     pub spiffe_id: Option<SpiffeId>,
 }
 
+/// The outcome of an entry update or delete batch.
+#[derive(Debug, Default)]
+pub struct EntryWrite {
+    /// Per-item results, in request order (a delete's carries the deleted entry).
+    pub results: Vec<Result<Entry, EntryError>>,
+    /// The entries as they were before, per item (`None` when refused).
+    pub previous: Vec<Option<Entry>>,
+    /// SVIDs the batch revoked, in the same commit.
+    pub revoked: Vec<pb::Revocation>,
+}
+
+/// Why the store refused an agent operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentRefusal {
+    /// No such agent (never attested, or evicted).
+    #[error("{0} is not an attested agent")]
+    Unknown(String),
+    /// The agent is banned.
+    #[error("agent {0} is banned")]
+    Banned(String),
+    /// The presented agent SVID was revoked.
+    #[error("agent SVID {0} is revoked")]
+    Revoked(String),
+    /// The presented agent SVID is not the agent's current one.
+    #[error("agent SVID {0} is not the agent's current SVID (superseded by a renewal)")]
+    Superseded(String),
+}
+
+impl AgentRefusal {
+    /// A stable, machine-readable name, sent to agents as typed detail.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Unknown(_) => "unknown-agent",
+            Self::Banned(_) => "banned",
+            Self::Revoked(_) => "revoked",
+            Self::Superseded(_) => "superseded",
+        }
+    }
+}
+
+/// A signed SVID to record, with the entry it was signed for.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    /// The record.
+    pub svid: pb::IssuedSvid,
+    /// The entry as it was read for signing.
+    pub entry: Entry,
+}
+
+/// Signs the CRLs for a set of revocations: given to the store so that a
+/// commit that revokes also stores CRLs listing what it revoked (agents
+/// and workloads never see a revocation without its CRL).
+pub trait CrlSigner: Send + Sync + fmt::Debug {
+    /// One DER CRL per CA in the bundle, numbered `crl_number`.
+    fn sign_crls(&self, revocations: &[pb::Revocation], crl_number: u64) -> Result<Vec<Vec<u8>>, String>;
+}
+
+/// What [`Store::check`] found in a healthy store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreReport {
+    /// The change log's revision.
+    pub revision: u64,
+    /// The write sequence (and the watermark's).
+    pub write_seq: u64,
+    /// Entries.
+    pub entries: usize,
+    /// Agents.
+    pub agents: usize,
+    /// Issued-SVID records.
+    pub issued: usize,
+    /// Revocations.
+    pub revocations: usize,
+}
+
 /// What the server needs from storage.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Stores new entries (IDs already assigned); per-item results. Items
@@ -75,17 +223,28 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         &self,
         entries: &[Entry],
     ) -> Result<Vec<Result<Entry, EntryError>>, StoreError>;
-    /// Replaces entries by ID; per-item results.
+    /// Replaces entries by ID; SVIDs the new version no longer authorizes
+    /// are revoked in the same commit.
     fn update_entries(
         &self,
         entries: &[Entry],
-    ) -> Result<Vec<Result<Entry, EntryError>>, StoreError>;
-    /// Deletes entries by ID; per-item results carry the deleted entry.
-    fn delete_entries(&self, ids: &[String]) -> Result<Vec<Result<Entry, EntryError>>, StoreError>;
+        now: i64,
+        reason: &str,
+    ) -> Result<EntryWrite, StoreError>;
+    /// Deletes entries by ID and revokes their SVIDs, in one commit.
+    fn delete_entries(
+        &self,
+        ids: &[String],
+        now: i64,
+        reason: &str,
+    ) -> Result<EntryWrite, StoreError>;
     /// One entry.
     fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError>;
     /// Every entry whose parent ID is `parent` (an index lookup, no scan).
     fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError>;
+    /// The entries of `parent` and the revision they are current to, read
+    /// with no write in between.
+    fn snapshot(&self, parent: &SpiffeId) -> Result<(u64, Vec<Entry>), StoreError>;
     /// A page of entries ordered by ID, starting after `after`.
     fn list_entries(
         &self,
@@ -93,34 +252,94 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError>;
-    /// Changes after `revision`, oldest first.
-    fn changes_since(&self, revision: u64) -> Result<Vec<EntryChange>, StoreError>;
-    /// The latest revision.
-    fn revision(&self) -> Result<u64, StoreError>;
     /// Number of entries.
     fn entry_count(&self) -> usize;
+    /// IDs of entries whose `expires_at` is at or before `now`.
+    fn expired_entries(&self, now: i64) -> Result<Vec<String>, StoreError>;
+
+    /// Up to `limit` changes after `revision`, in revision order.
+    fn changes_since(&self, revision: u64, limit: usize) -> Result<Vec<Change>, StoreError>;
+    /// The latest revision.
+    fn revision(&self) -> Result<u64, StoreError>;
+    /// The latest revision, updated after every commit that logged a change.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+    /// Logs a trust bundle change.
+    fn log_bundle_change(&self) -> Result<u64, StoreError>;
+    /// Sets who signs CRLs; until then commits store no CRLs.
+    fn set_crl_signer(&self, signer: std::sync::Arc<dyn CrlSigner>);
+    /// Re-signs the CRLs (CA rotation, before they go stale), stores them
+    /// and logs the change.
+    fn resign_crls(&self) -> Result<u64, StoreError>;
+    /// The CRLs in force (DER, one per CA).
+    fn crls(&self) -> Result<Vec<Vec<u8>>, StoreError>;
+
     /// Stores a join token.
     fn put_join_token(&self, token: &pb::JoinToken) -> Result<(), StoreError>;
     /// Removes and returns a join token: a token can be taken once.
     fn take_join_token(&self, token: &str) -> Result<Option<pb::JoinToken>, StoreError>;
-    /// Creates or replaces an agent.
-    fn put_agent(&self, agent: &pb::Agent) -> Result<(), StoreError>;
+
+    /// Records a newly attested agent and its first SVID; refused if the
+    /// agent is banned.
+    fn register_agent(
+        &self,
+        agent: &pb::Agent,
+        svid: &pb::IssuedSvid,
+    ) -> Result<Result<(), AgentRefusal>, StoreError>;
+    /// Checks that `serial` may act for `agent_id`: a known, unbanned
+    /// agent's current SVID, not revoked.
+    fn check_agent(
+        &self,
+        agent_id: &str,
+        serial: &str,
+    ) -> Result<Result<pb::Agent, AgentRefusal>, StoreError>;
+    /// Replaces the agent's SVID with `svid`, in one commit with the
+    /// checks: the agent is known and unbanned, and `presented` is its
+    /// current SVID or, when the reply to the last renewal was lost, the one
+    /// before it (the lost one is then revoked).
+    fn renew_agent(
+        &self,
+        agent_id: &str,
+        presented: &str,
+        svid: &pb::IssuedSvid,
+        now: i64,
+    ) -> Result<Result<pb::Agent, AgentRefusal>, StoreError>;
+    /// Bans an agent and revokes every SVID issued to or through it, in one
+    /// commit. Banning a banned agent revokes what is left.
+    fn ban_agent(
+        &self,
+        agent_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError>;
+    /// Forgets an agent (it must attest again) and revokes its own SVIDs.
+    /// A banned agent stays banned unless `unban`.
+    fn evict_agent(
+        &self,
+        agent_id: &str,
+        unban: bool,
+        now: i64,
+    ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError>;
     /// One agent.
     fn agent(&self, spiffe_id: &str) -> Result<Option<pb::Agent>, StoreError>;
     /// All agents.
     fn agents(&self) -> Result<Vec<pb::Agent>, StoreError>;
-    /// Forgets an agent; returns whether it existed.
-    fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError>;
 
-    /// Records signed SVIDs (kept until they expire).
-    fn record_issued(&self, issued: &[pb::IssuedSvid]) -> Result<(), StoreError>;
+    /// Records SVIDs signed for `agent_id`'s entries. Each is checked, in
+    /// the commit, against the agent (still current and unbanned) and the
+    /// entry as it is now; one no longer authorized is revoked at once and
+    /// its item says why.
+    fn record_issued(
+        &self,
+        agent_id: &str,
+        agent_serial: &str,
+        signed: &[Signed],
+        now: i64,
+    ) -> Result<Vec<Result<(), String>>, StoreError>;
     /// An unexpired SVID by serial.
     fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError>;
-    /// SVIDs issued for an entry.
-    fn issued_for_entry(&self, entry_id: &str) -> Result<Vec<pb::IssuedSvid>, StoreError>;
-    /// SVIDs issued to or through an agent (its own and its workloads').
-    fn issued_through_agent(&self, agent_id: &str) -> Result<Vec<pb::IssuedSvid>, StoreError>;
-    /// Stores revocations.
+    /// Number of issued SVIDs on record (unexpired or not yet pruned).
+    fn issued_count(&self) -> usize;
+    /// Stores revocations and logs them.
     fn revoke(&self, revocations: &[pb::Revocation]) -> Result<(), StoreError>;
     /// A revocation by serial.
     fn revocation(&self, serial: &str) -> Result<Option<pb::Revocation>, StoreError>;
@@ -128,181 +347,473 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn revocations(&self) -> Result<Vec<pb::Revocation>, StoreError>;
     /// Forgets issued SVIDs and revocations of certificates expired at `now`.
     fn prune_expired(&self, now: i64) -> Result<usize, StoreError>;
-    /// IDs of entries whose `expires_at` is at or before `now`.
-    fn expired_entries(&self, now: i64) -> Result<Vec<String>, StoreError>;
-    /// The next CRL number (monotonic, durable).
-    fn next_crl_number(&self) -> Result<u64, StoreError>;
-    /// Number of issued SVIDs on record (unexpired or not yet pruned).
-    fn issued_count(&self) -> usize;
+
+    /// Reads every record and checks the indexes and the watermark.
+    fn check(&self) -> Result<StoreReport, StoreError>;
+    /// Writes a consistent copy of every record to `out`.
+    fn backup(&self, out: &mut dyn Write) -> Result<(), StoreError>;
 }
+
+// ---------------------------------------------------------------------------
+// sled
+
+const REVISION_KEY: &[u8] = b"revision";
+const WRITE_SEQ_KEY: &[u8] = b"write_seq";
+const CRL_NUMBER_KEY: &[u8] = b"crl_number";
+const CRLS_KEY: &[u8] = b"crls";
+
+/// The trees, in the order of [`SledStore::trees`] and of a backup.
+const TREE_NAMES: [&str; 12] = [
+    "entries",
+    "entries_by_parent",
+    "entries_by_identity",
+    "entries_by_expiry",
+    "changes",
+    "meta",
+    "join_tokens",
+    "agents",
+    "issued_svids",
+    "issued_by_owner",
+    "revocations",
+    "crls",
+];
 
 /// The sled-backed store, in `<data_dir>/store`.
 pub struct SledStore {
     db: sled::Db,
-    entries: sled::Tree,
-    by_parent: sled::Tree,
-    by_identity: sled::Tree,
-    changes: sled::Tree,
-    meta: sled::Tree,
-    join_tokens: sled::Tree,
-    agents: sled::Tree,
-    by_expiry: sled::Tree,
-    issued: sled::Tree,
-    issued_by_entry: sled::Tree,
-    revocations: sled::Tree,
+    trees: [sled::Tree; 12],
+    /// Serializes commits: reads made while holding it are consistent with
+    /// the commit that follows them.
+    writer: Mutex<()>,
+    watermark: Watermark,
+    revision: watch::Sender<u64>,
+    crl_signer: std::sync::OnceLock<std::sync::Arc<dyn CrlSigner>>,
 }
 
 impl fmt::Debug for SledStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SledStore").field("entries", &self.entries.len()).finish_non_exhaustive()
+        f.debug_struct("SledStore").field("entries", &self.tree(ENTRIES).len()).finish_non_exhaustive()
     }
 }
 
-const REVISION_KEY: &[u8] = b"revision";
+const ENTRIES: usize = 0;
+const BY_PARENT: usize = 1;
+const BY_IDENTITY: usize = 2;
+const BY_EXPIRY: usize = 3;
+const CHANGES: usize = 4;
+const META: usize = 5;
+const JOIN_TOKENS: usize = 6;
+const AGENTS: usize = 7;
+const ISSUED: usize = 8;
+const ISSUED_BY_OWNER: usize = 9;
+const REVOCATIONS: usize = 10;
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
+/// The last write sequence the store acknowledged, in a small file beside
+/// the database, overwritten in place and synced after every commit.
+#[derive(Debug)]
+struct Watermark {
+    path: PathBuf,
+    file: fs::File,
+}
+
+const WATERMARK_MAGIC: &[u8; 8] = b"TSRAWM01";
+
+impl Watermark {
+    fn open(path: PathBuf) -> Result<(Self, Option<u64>), StoreError> {
+        let err = |source| StoreError::Watermark { path: path.display().to_string(), source };
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(err)?;
+        let mut bytes = Vec::new();
+        (&file).read_to_end(&mut bytes).map_err(err)?;
+        let seq = match bytes.len() {
+            0 => None,
+            24 if &bytes[..8] == WATERMARK_MAGIC => {
+                let seq = read_u64(Some(&bytes[8..16]));
+                let check = read_u64(Some(&bytes[16..24]));
+                if check != !seq {
+                    return Err(StoreError::Damaged {
+                        path: path.display().to_string(),
+                        reason: "the watermark file does not check out".into(),
+                    });
+                }
+                Some(seq)
+            }
+            _ => {
+                return Err(StoreError::Damaged {
+                    path: path.display().to_string(),
+                    reason: "the watermark file is not a Tessera watermark".into(),
+                })
+            }
+        };
+        Ok((Self { path, file }, seq))
+    }
+
+    fn write(&self, seq: u64) -> Result<(), StoreError> {
+        let mut record = [0u8; 24];
+        record[..8].copy_from_slice(WATERMARK_MAGIC);
+        record[8..16].copy_from_slice(&seq.to_be_bytes());
+        record[16..24].copy_from_slice(&(!seq).to_be_bytes());
+        self.file
+            .write_all_at(&record, 0)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|source| StoreError::Watermark { path: self.path.display().to_string(), source })
+    }
+}
+
+/// One commit's view of every tree.
+struct Tx<'a> {
+    trees: &'a [TransactionalTree],
+    revision: Cell<u64>,
+    /// Revocations stored by this commit: the CRLs are re-signed in it.
+    revoked: std::cell::RefCell<Vec<pb::Revocation>>,
+    resign: Cell<bool>,
+}
+
+impl Tx<'_> {
+    fn t(&self, i: usize) -> &TransactionalTree {
+        &self.trees[i]
+    }
+
+    fn log(&self, kind: ChangeKind) -> TxResult<u64> {
+        let revision = self.revision.get() + 1;
+        let change = Change { revision, kind };
+        let bytes = serde_json::to_vec(&change).map_err(|e| abort_corrupt("change", e))?;
+        self.t(CHANGES).insert(&revision.to_be_bytes(), bytes)?;
+        self.revision.set(revision);
+        Ok(revision)
+    }
+
+    fn entry(&self, id: &str) -> TxResult<Option<Entry>> {
+        match self.t(ENTRIES).get(id.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => decode_entry(id.as_bytes(), &bytes)
+                .map(Some)
+                .map_err(ConflictableTransactionError::Abort),
+        }
+    }
+
+    fn put_entry(&self, entry: &Entry) -> TxResult<()> {
+        self.t(ENTRIES).insert(entry.id.as_bytes(), entry.to_proto().encode_to_vec())?;
+        self.t(BY_PARENT).insert(parent_key(&entry.parent_id, &entry.id), &[])?;
+        self.t(BY_IDENTITY).insert(entry.identity_key(), entry.id.as_bytes())?;
+        if entry.expires_at != 0 {
+            self.t(BY_EXPIRY).insert(expiry_key(entry.expires_at, &entry.id), &[])?;
+        }
+        Ok(())
+    }
+
+    fn remove_entry(&self, entry: &Entry) -> TxResult<()> {
+        self.t(ENTRIES).remove(entry.id.as_bytes())?;
+        self.t(BY_PARENT).remove(parent_key(&entry.parent_id, &entry.id))?;
+        self.t(BY_IDENTITY).remove(entry.identity_key())?;
+        if entry.expires_at != 0 {
+            self.t(BY_EXPIRY).remove(expiry_key(entry.expires_at, &entry.id))?;
+        }
+        Ok(())
+    }
+
+    fn duplicate_of(&self, entry: &Entry) -> TxResult<Option<String>> {
+        Ok(self
+            .t(BY_IDENTITY)
+            .get(entry.identity_key())?
+            .map(|id| String::from_utf8_lossy(&id).into_owned())
+            .filter(|id| *id != entry.id))
+    }
+
+    fn agent(&self, id: &str) -> TxResult<Option<pb::Agent>> {
+        match self.t(AGENTS).get(id.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => decode(id.as_bytes(), &bytes).map(Some).map_err(ConflictableTransactionError::Abort),
+        }
+    }
+
+    fn put_agent(&self, agent: &pb::Agent) -> TxResult<()> {
+        self.t(AGENTS).insert(agent.spiffe_id.as_bytes(), agent.encode_to_vec())?;
+        Ok(())
+    }
+
+    fn record(&self, svid: &pb::IssuedSvid) -> TxResult<()> {
+        self.t(ISSUED).insert(svid.serial.as_bytes(), svid.encode_to_vec())?;
+        self.t(ISSUED_BY_OWNER).insert(index_key(&owner_of(svid), &svid.serial), &[])?;
+        Ok(())
+    }
+
+    /// Stores revocations (skipping serials already revoked) and logs them.
+    fn revoke(&self, revocations: &[pb::Revocation]) -> TxResult<Vec<pb::Revocation>> {
+        let mut stored = Vec::new();
+        for revocation in revocations {
+            if self.t(REVOCATIONS).get(revocation.serial.as_bytes())?.is_some() {
+                continue;
+            }
+            self.t(REVOCATIONS).insert(revocation.serial.as_bytes(), revocation.encode_to_vec())?;
+            stored.push(revocation.clone());
+        }
+        if !stored.is_empty() {
+            self.log(ChangeKind::Revoked { serials: stored.iter().map(|r| r.serial.clone()).collect() })?;
+            self.revoked.borrow_mut().extend(stored.iter().cloned());
+            self.resign.set(true);
+        }
+        Ok(stored)
+    }
+}
+
+fn abort_corrupt(key: &str, e: impl fmt::Display) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(StoreError::Corrupt { key: key.into(), reason: e.to_string() })
+}
+
+/// A revocation of `svid` at `now`.
+pub fn revocation_of(svid: &pb::IssuedSvid, reason: &str, now: i64) -> pb::Revocation {
+    pb::Revocation {
+        serial: svid.serial.clone(),
+        reason: reason.to_string(),
+        revoked_at: now,
+        expires_at: svid.expires_at,
+        spiffe_id: svid.spiffe_id.clone(),
+        ca_seq: svid.ca_seq,
+    }
+}
+
 impl SledStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, refusing one that is damaged
+    /// or behind its watermark.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let (store, acked) = Self::open_unchecked(dir)?;
+        let meta_seq = read_u64(store.tree(META).get(WRITE_SEQ_KEY)?.as_deref());
+        let damaged = |reason: String| StoreError::Damaged { path: dir.display().to_string(), reason };
+        match acked {
+            Some(acked) if meta_seq < acked => {
+                return Err(damaged(format!(
+                    "it holds writes up to #{meta_seq} but #{acked} were acknowledged (data was lost or an old copy was put back)"
+                )))
+            }
+            None if !store.tree(ENTRIES).is_empty() || !store.tree(AGENTS).is_empty() => {
+                // A store from before watermarks, or one whose watermark was removed.
+                tracing::warn!(store = %dir.display(), "store has no watermark; starting one at its current write sequence");
+            }
+            _ => {}
+        }
+        store.verify_records().map_err(|e| match e {
+            StoreError::Corrupt { key, reason } => damaged(format!("record {key}: {reason}")),
+            other => other,
+        })?;
+        store.watermark.write(meta_seq)?;
+        Ok(store)
+    }
+
+    /// Opens the database and reads the watermark, without checking either.
+    fn open_unchecked(dir: &Path) -> Result<(Self, Option<u64>), StoreError> {
         // sled's default page cache is 1 GiB; the working set here is far smaller.
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(STORE_CACHE_BYTES)
             .open()?;
-        Ok(Self {
-            entries: db.open_tree("entries")?,
-            by_parent: db.open_tree("entries_by_parent")?,
-            by_identity: db.open_tree("entries_by_identity")?,
-            changes: db.open_tree("entry_changes")?,
-            meta: db.open_tree("meta")?,
-            join_tokens: db.open_tree("join_tokens")?,
-            agents: db.open_tree("agents")?,
-            by_expiry: db.open_tree("entries_by_expiry")?,
-            issued: db.open_tree("issued_svids")?,
-            issued_by_entry: db.open_tree("issued_by_entry")?,
-            revocations: db.open_tree("revocations")?,
+        let mut trees = Vec::with_capacity(TREE_NAMES.len());
+        for name in TREE_NAMES {
+            trees.push(db.open_tree(name)?);
+        }
+        let trees: [sled::Tree; 12] = trees.try_into().map_err(|_| StoreError::Corrupt {
+            key: "trees".into(),
+            reason: "wrong number of trees".into(),
+        })?;
+        let (watermark, acked) = Watermark::open(dir.join("tessera.watermark"))?;
+        let revision = read_u64(trees[META].get(REVISION_KEY)?.as_deref());
+        let store = Self {
             db,
+            trees,
+            writer: Mutex::new(()),
+            watermark,
+            revision: watch::channel(revision).0,
+            crl_signer: std::sync::OnceLock::new(),
+        };
+        Ok((store, acked))
+    }
+
+    fn tree(&self, i: usize) -> &sled::Tree {
+        &self.trees[i]
+    }
+
+    /// Runs `f` as one commit: serialized with every other commit, atomic
+    /// across trees, flushed and watermarked before it returns; wakes Sync
+    /// streams if it logged a change.
+    fn commit<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
+        let _guard = self.lock();
+        self.commit_locked(f)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn commit_locked<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
+        let refs: Vec<&sled::Tree> = self.trees.iter().collect();
+        let (value, revision, seq) = refs.as_slice().transaction(|trees| {
+            let meta = &trees[META];
+            let start = read_u64(meta.get(REVISION_KEY)?.as_deref());
+            let tx = Tx {
+                trees,
+                revision: Cell::new(start),
+                revoked: Default::default(),
+                resign: Cell::new(false),
+            };
+            let value = f(&tx)?;
+            if tx.resign.get() {
+                self.sign_crls_in(&tx)?;
+            }
+            let seq = read_u64(meta.get(WRITE_SEQ_KEY)?.as_deref()) + 1;
+            meta.insert(WRITE_SEQ_KEY, &seq.to_be_bytes())?;
+            let revision = tx.revision.get();
+            if revision != start {
+                meta.insert(REVISION_KEY, &revision.to_be_bytes())?;
+            }
+            Ok((value, revision, seq))
+        })?;
+        self.db.flush()?;
+        self.watermark.write(seq)?;
+        self.revision.send_if_modified(|current| {
+            let newer = revision > *current;
+            if newer {
+                *current = revision;
+            }
+            newer
+        });
+        Ok(value)
+    }
+
+    /// Signs CRLs for every stored revocation plus this commit's, stores
+    /// them and logs the change, inside the commit. Called with the writer
+    /// lock held, so the revocations read outside the transaction are all
+    /// there are.
+    fn sign_crls_in(&self, tx: &Tx<'_>) -> TxResult<()> {
+        let Some(signer) = self.crl_signer.get() else { return Ok(()) };
+        let mut all = self.revocations().map_err(ConflictableTransactionError::Abort)?;
+        let known: std::collections::HashSet<String> = all.iter().map(|r| r.serial.clone()).collect();
+        all.extend(tx.revoked.borrow().iter().filter(|r| !known.contains(&r.serial)).cloned());
+        let number = read_u64(tx.t(META).get(CRL_NUMBER_KEY)?.as_deref()) + 1;
+        let crls = signer
+            .sign_crls(&all, number)
+            .map_err(|reason| ConflictableTransactionError::Abort(StoreError::Corrupt { key: "CRL".into(), reason }))?;
+        tx.t(META).insert(CRL_NUMBER_KEY, &number.to_be_bytes())?;
+        tx.t(META).insert(CRLS_KEY, pb::Crls { crls }.encode_to_vec())?;
+        tx.log(ChangeKind::Crls)?;
+        Ok(())
+    }
+
+    /// Decodes every record and checks that the indexes match the entries.
+    fn verify_records(&self) -> Result<StoreReport, StoreError> {
+        let corrupt = |key: &[u8], reason: &str| StoreError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason: reason.into(),
+        };
+        let mut entries = 0;
+        let mut with_expiry = 0;
+        for item in self.tree(ENTRIES).iter() {
+            let (key, bytes) = item?;
+            let entry = decode_entry(&key, &bytes)?;
+            if entry.id.as_bytes() != key.as_ref() {
+                return Err(corrupt(&key, "stored under another entry's ID"));
+            }
+            if !self.tree(BY_PARENT).contains_key(parent_key(&entry.parent_id, &entry.id))? {
+                return Err(corrupt(&key, "missing from the parent index"));
+            }
+            if self.tree(BY_IDENTITY).get(entry.identity_key())?.as_deref() != Some(key.as_ref()) {
+                return Err(corrupt(&key, "missing from the identity index"));
+            }
+            with_expiry += usize::from(entry.expires_at != 0);
+            entries += 1;
+        }
+        for (tree, want, what) in [
+            (BY_PARENT, entries, "parent index"),
+            (BY_IDENTITY, entries, "identity index"),
+            (BY_EXPIRY, with_expiry, "expiry index"),
+        ] {
+            let have = self.tree(tree).len();
+            if have != want {
+                return Err(corrupt(
+                    what.as_bytes(),
+                    &format!("has {have} records for {want} entries"),
+                ));
+            }
+        }
+        let agents = self.agents()?.len();
+        let mut issued = 0;
+        for item in self.tree(ISSUED).iter() {
+            let (key, bytes) = item?;
+            decode::<pb::IssuedSvid>(&key, &bytes)?;
+            issued += 1;
+        }
+        let revocations = self.revocations()?.len();
+        let revision = read_u64(self.tree(META).get(REVISION_KEY)?.as_deref());
+        if let Some(item) = self.tree(CHANGES).iter().next_back() {
+            let (key, _) = item?;
+            if read_u64(Some(&key)) != revision {
+                return Err(corrupt(b"change log", &format!("ends at {} but the revision is {revision}", read_u64(Some(&key)))));
+            }
+        }
+        Ok(StoreReport {
+            revision,
+            write_seq: read_u64(self.tree(META).get(WRITE_SEQ_KEY)?.as_deref()),
+            entries,
+            agents,
+            issued,
+            revocations,
         })
     }
 
-    fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
-    }
-
-    fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<Entry, StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt {
-            key: String::from_utf8_lossy(key).into_owned(),
-            reason,
-        };
-        let p = pb::Entry::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
-        Entry::from_stored(p).map_err(|e| corrupt(e.to_string()))
-    }
-
-    /// Applies `op` to each item in one transaction, bumping the revision
-    /// once per successful item, then flushes.
-    fn write_entries<T>(
-        &self,
-        items: &[T],
-        op: impl Fn(&EntryTx<'_>, &T, u64) -> TxResult<Result<Entry, EntryError>>,
-    ) -> Result<Vec<Result<Entry, EntryError>>, StoreError> {
-        let trees = (
-            &self.entries,
-            &self.by_parent,
-            &self.by_identity,
-            &self.changes,
-            &self.meta,
-            &self.by_expiry,
-        );
-        let results =
-            trees.transaction(|(entries, by_parent, by_identity, changes, meta, by_expiry)| {
-                let tx = EntryTx { entries, by_parent, by_identity, changes, by_expiry };
-                let mut revision = read_u64(meta.get(REVISION_KEY)?);
-                let mut results = Vec::with_capacity(items.len());
-                for item in items {
-                    let result = op(&tx, item, revision + 1)?;
-                    if result.is_ok() {
-                        revision += 1;
-                    }
-                    results.push(result);
-                }
-                meta.insert(REVISION_KEY, &revision.to_be_bytes())?;
-                Ok(results)
-            })?;
-        self.flush()?;
-        Ok(results)
-    }
-}
-
-/// The trees an entry transaction touches.
-struct EntryTx<'a> {
-    entries: &'a sled::transaction::TransactionalTree,
-    by_parent: &'a sled::transaction::TransactionalTree,
-    by_identity: &'a sled::transaction::TransactionalTree,
-    changes: &'a sled::transaction::TransactionalTree,
-    by_expiry: &'a sled::transaction::TransactionalTree,
-}
-
-impl EntryTx<'_> {
-    fn get(&self, id: &str) -> TxResult<Option<Entry>> {
-        match self.entries.get(id.as_bytes())? {
-            None => Ok(None),
-            Some(bytes) => SledStore::decode_entry(id.as_bytes(), &bytes)
-                .map(Some)
-                .map_err(ConflictableTransactionError::Abort),
+    fn issued_by_owner(&self, owner: &str) -> Result<Vec<pb::IssuedSvid>, StoreError> {
+        let prefix = index_key(owner, "");
+        let mut out = Vec::new();
+        for item in self.tree(ISSUED_BY_OWNER).scan_prefix(&prefix) {
+            let (key, _) = item?;
+            if let Some(bytes) = self.tree(ISSUED).get(&key[prefix.len()..])? {
+                out.push(decode(&key, &bytes)?);
+            }
         }
+        Ok(out)
     }
 
-    fn put(&self, entry: &Entry) -> TxResult<()> {
-        self.entries.insert(entry.id.as_bytes(), entry.to_proto().encode_to_vec())?;
-        self.by_parent.insert(parent_key(&entry.parent_id, &entry.id), &[])?;
-        self.by_identity.insert(entry.identity_key(), entry.id.as_bytes())?;
-        if entry.expires_at != 0 {
-            self.by_expiry.insert(expiry_key(entry.expires_at, &entry.id), &[])?;
+    /// SVIDs issued to or through an agent (its own and its entries').
+    fn issued_through_agent(&self, agent_id: &str) -> Result<Vec<pb::IssuedSvid>, StoreError> {
+        // An entry's SVIDs are revoked when it moves to another parent or is
+        // deleted, so these are all SVIDs still valid through this agent.
+        let mut out = self.issued_by_owner(&agent_owner(agent_id))?;
+        if let Ok(parent) = SpiffeId::parse(agent_id) {
+            let prefix = parent_key(&parent, "");
+            for item in self.tree(BY_PARENT).scan_prefix(&prefix) {
+                let (key, _) = item?;
+                let entry_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                out.extend(self.issued_by_owner(&entry_id)?);
+            }
         }
-        self.log(entry.revision, &entry.id, &entry.parent_id, false)
+        Ok(out)
     }
 
-    fn remove(&self, entry: &Entry, revision: u64) -> TxResult<()> {
-        self.entries.remove(entry.id.as_bytes())?;
-        self.by_parent.remove(parent_key(&entry.parent_id, &entry.id))?;
-        self.by_identity.remove(entry.identity_key())?;
-        if entry.expires_at != 0 {
-            self.by_expiry.remove(expiry_key(entry.expires_at, &entry.id))?;
+    /// Restores a backup written by [`Store::backup`] into `dir`, which
+    /// must hold no store yet.
+    pub fn restore(dir: &Path, input: &mut dyn Read) -> Result<StoreReport, StoreError> {
+        let records = read_backup(input)?;
+        if dir.join("db").exists() || dir.join("conf").exists() {
+            return Err(StoreError::Backup(format!(
+                "{} already holds a store; move it aside first",
+                dir.display()
+            )));
         }
-        self.log(revision, &entry.id, &entry.parent_id, true)
-    }
-
-    fn duplicate_of(&self, entry: &Entry) -> TxResult<Option<String>> {
-        Ok(self
-            .by_identity
-            .get(entry.identity_key())?
-            .map(|id| String::from_utf8_lossy(&id).into_owned())
-            .filter(|id| *id != entry.id))
-    }
-
-    fn log(&self, revision: u64, id: &str, parent: &SpiffeId, removed: bool) -> TxResult<()> {
-        let change = EntryChange {
-            revision,
-            entry_id: id.to_string(),
-            parent_id: parent.to_string(),
-            removed,
-        };
-        let bytes = serde_json::to_vec(&change).map_err(|e| {
-            ConflictableTransactionError::Abort(StoreError::Corrupt {
-                key: id.to_string(),
-                reason: e.to_string(),
-            })
-        })?;
-        // Two changes can share a revision (an update that moves an entry
-        // logs a removal for the old parent): key by revision then entry ID.
-        let mut key = revision.to_be_bytes().to_vec();
-        key.extend_from_slice(id.as_bytes());
-        key.push(u8::from(removed));
-        self.changes.insert(key, bytes)?;
-        Ok(())
+        let (store, _) = Self::open_unchecked(dir)?;
+        for (tree, key, value) in records {
+            store.trees[tree].insert(key, value)?;
+        }
+        store.db.flush()?;
+        let report = store.verify_records()?;
+        store.watermark.write(report.write_seq)?;
+        Ok(report)
     }
 }
 
@@ -348,28 +859,93 @@ fn decode<M: Message + Default>(key: &[u8], bytes: &[u8]) -> Result<M, StoreErro
     })
 }
 
-impl SledStore {
-    fn issued_by_index(
-        &self,
-        index: &sled::Tree,
-        owner: &str,
-    ) -> Result<Vec<pb::IssuedSvid>, StoreError> {
-        let prefix = index_key(owner, "");
-        let mut out = Vec::new();
-        for item in index.scan_prefix(&prefix) {
-            let (key, _) = item?;
-            if let Some(bytes) = self.issued.get(&key[prefix.len()..])? {
-                out.push(decode(&key, &bytes)?);
-            }
-        }
-        Ok(out)
-    }
+fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<Entry, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason,
+    };
+    let p = pb::Entry::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+    Entry::from_stored(p).map_err(|e| corrupt(e.to_string()))
 }
 
-const CRL_NUMBER_KEY: &[u8] = b"crl_number";
+fn read_u64(value: Option<&[u8]>) -> u64 {
+    value.and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes).unwrap_or(0)
+}
 
-fn read_u64(value: Option<sled::IVec>) -> u64 {
-    value.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0)
+const BACKUP_MAGIC: &[u8; 16] = b"TESSERA-BACKUP-1";
+
+/// Writes every record of `trees` as `magic, (tree u8, key len u32, key,
+/// value len u32, value)*, 0xFF, sha256 of all before`.
+fn write_backup(trees: &[sled::Tree; 12], out: &mut dyn Write) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| StoreError::Backup(e.to_string());
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut put = |bytes: &[u8], out: &mut dyn Write| -> Result<(), StoreError> {
+        hash.update(bytes);
+        out.write_all(bytes).map_err(io)
+    };
+    put(BACKUP_MAGIC, out)?;
+    for (i, tree) in trees.iter().enumerate() {
+        for item in tree.iter() {
+            let (key, value) = item?;
+            put(&[i as u8], out)?;
+            for part in [key.as_ref(), value.as_ref()] {
+                let len = u32::try_from(part.len()).map_err(|_| StoreError::Backup("record too large".into()))?;
+                put(&len.to_be_bytes(), out)?;
+                put(part, out)?;
+            }
+        }
+    }
+    put(&[0xFF], out)?;
+    out.write_all(hash.finish().as_ref()).map_err(io)?;
+    out.flush().map_err(io)
+}
+
+type BackupRecord = (usize, Vec<u8>, Vec<u8>);
+
+fn read_backup(input: &mut dyn Read) -> Result<Vec<BackupRecord>, StoreError> {
+    let mut bytes = Vec::new();
+    input.read_to_end(&mut bytes).map_err(|e| StoreError::Backup(e.to_string()))?;
+    let bad = |why: &str| StoreError::Backup(format!("not a whole Tessera backup: {why}"));
+    if bytes.len() < BACKUP_MAGIC.len() + 33 || &bytes[..BACKUP_MAGIC.len()] != BACKUP_MAGIC {
+        return Err(bad("wrong header"));
+    }
+    let (body, digest) = bytes.split_at(bytes.len() - 32);
+    if ring::digest::digest(&ring::digest::SHA256, body).as_ref() != digest {
+        return Err(bad("checksum mismatch (truncated or altered)"));
+    }
+    let mut records = Vec::new();
+    let mut at = BACKUP_MAGIC.len();
+    let take = |n: usize, at: &mut usize| -> Result<Vec<u8>, StoreError> {
+        let end = at.checked_add(n).filter(|end| *end <= body.len()).ok_or_else(|| bad("record runs past the end"))?;
+        let out = body[*at..end].to_vec();
+        *at = end;
+        Ok(out)
+    };
+    loop {
+        let tree = take(1, &mut at)?[0];
+        if tree == 0xFF {
+            break;
+        }
+        if usize::from(tree) >= TREE_NAMES.len() {
+            return Err(bad("unknown tree"));
+        }
+        let mut parts = Vec::with_capacity(2);
+        for _ in 0..2 {
+            let len = read_u32(&take(4, &mut at)?);
+            parts.push(take(len as usize, &mut at)?);
+        }
+        let value = parts.pop().unwrap_or_default();
+        let key = parts.pop().unwrap_or_default();
+        records.push((usize::from(tree), key, value));
+    }
+    if at != body.len() {
+        return Err(bad("bytes after the end marker"));
+    }
+    Ok(records)
+}
+
+fn read_u32(bytes: &[u8]) -> u32 {
+    <[u8; 4]>::try_from(bytes).map(u32::from_be_bytes).unwrap_or(0)
 }
 
 impl Store for SledStore {
@@ -377,66 +953,130 @@ impl Store for SledStore {
         &self,
         entries: &[Entry],
     ) -> Result<Vec<Result<Entry, EntryError>>, StoreError> {
-        self.write_entries(entries, |tx, entry, revision| {
-            if let Some(existing) = tx.duplicate_of(entry)? {
-                return Ok(Err(EntryError::Duplicate(existing)));
+        self.commit(|tx| {
+            let mut results = Vec::with_capacity(entries.len());
+            for entry in entries {
+                if let Some(existing) = tx.duplicate_of(entry)? {
+                    results.push(Err(EntryError::Duplicate(existing)));
+                    continue;
+                }
+                let mut entry = entry.clone();
+                entry.revision = tx.log(ChangeKind::Entry {
+                    entry_id: entry.id.clone(),
+                    parents: vec![entry.parent_id.to_string()],
+                })?;
+                tx.put_entry(&entry)?;
+                results.push(Ok(entry));
             }
-            let mut entry = entry.clone();
-            entry.revision = revision;
-            tx.put(&entry)?;
-            Ok(Ok(entry))
+            Ok(results)
         })
     }
 
     fn update_entries(
         &self,
         entries: &[Entry],
-    ) -> Result<Vec<Result<Entry, EntryError>>, StoreError> {
-        self.write_entries(entries, |tx, entry, revision| {
-            let Some(old) = tx.get(&entry.id)? else {
-                return Ok(Err(EntryError::NotFound(entry.id.clone())));
-            };
-            if let Some(existing) = tx.duplicate_of(entry)? {
-                return Ok(Err(EntryError::Duplicate(existing)));
+        now: i64,
+        reason: &str,
+    ) -> Result<EntryWrite, StoreError> {
+        let _guard = self.lock();
+        // Read under the writer lock: nothing can be issued or changed
+        // between these reads and the commit.
+        let mut issued = Vec::with_capacity(entries.len());
+        for entry in entries {
+            issued.push(self.issued_by_owner(&entry.id)?);
+        }
+        self.commit_locked(|tx| {
+            let mut write = EntryWrite::default();
+            let mut revoke = Vec::new();
+            for (entry, issued) in entries.iter().zip(&issued) {
+                let Some(old) = tx.entry(&entry.id)? else {
+                    write.results.push(Err(EntryError::NotFound(entry.id.clone())));
+                    write.previous.push(None);
+                    continue;
+                };
+                if let Some(existing) = tx.duplicate_of(entry)? {
+                    write.results.push(Err(EntryError::Duplicate(existing)));
+                    write.previous.push(None);
+                    continue;
+                }
+                tx.remove_entry(&old)?;
+                let mut entry = entry.clone();
+                entry.created_at = old.created_at;
+                let mut parents = vec![old.parent_id.to_string()];
+                if entry.parent_id != old.parent_id {
+                    parents.push(entry.parent_id.to_string());
+                }
+                entry.revision = tx.log(ChangeKind::Entry { entry_id: entry.id.clone(), parents })?;
+                tx.put_entry(&entry)?;
+                revoke.extend(
+                    issued
+                        .iter()
+                        .filter(|svid| !entry.authorizes_svid_of(&old, svid.expires_at))
+                        .map(|svid| revocation_of(svid, reason, now)),
+                );
+                write.results.push(Ok(entry));
+                write.previous.push(Some(old));
             }
-            tx.remove(&old, revision)?;
-            let mut entry = entry.clone();
-            entry.revision = revision;
-            entry.created_at = old.created_at;
-            tx.put(&entry)?;
-            Ok(Ok(entry))
+            write.revoked = tx.revoke(&revoke)?;
+            Ok(write)
         })
     }
 
-    fn delete_entries(&self, ids: &[String]) -> Result<Vec<Result<Entry, EntryError>>, StoreError> {
-        self.write_entries(ids, |tx, id, revision| {
-            let Some(mut old) = tx.get(id)? else {
-                return Ok(Err(EntryError::NotFound(id.clone())));
-            };
-            tx.remove(&old, revision)?;
-            old.revision = revision;
-            Ok(Ok(old))
+    fn delete_entries(
+        &self,
+        ids: &[String],
+        now: i64,
+        reason: &str,
+    ) -> Result<EntryWrite, StoreError> {
+        let _guard = self.lock();
+        let mut issued = Vec::with_capacity(ids.len());
+        for id in ids {
+            issued.push(self.issued_by_owner(id)?);
+        }
+        self.commit_locked(|tx| {
+            let mut write = EntryWrite::default();
+            let mut revoke = Vec::new();
+            for (id, issued) in ids.iter().zip(&issued) {
+                let Some(mut old) = tx.entry(id)? else {
+                    write.results.push(Err(EntryError::NotFound(id.clone())));
+                    write.previous.push(None);
+                    continue;
+                };
+                tx.remove_entry(&old)?;
+                let previous = old.clone();
+                old.revision = tx.log(ChangeKind::Entry {
+                    entry_id: id.clone(),
+                    parents: vec![old.parent_id.to_string()],
+                })?;
+                revoke.extend(issued.iter().map(|svid| revocation_of(svid, reason, now)));
+                write.results.push(Ok(old));
+                write.previous.push(Some(previous));
+            }
+            write.revoked = tx.revoke(&revoke)?;
+            Ok(write)
         })
     }
 
     fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
-        self.entries
-            .get(id.as_bytes())?
-            .map(|bytes| Self::decode_entry(id.as_bytes(), &bytes))
-            .transpose()
+        self.tree(ENTRIES).get(id.as_bytes())?.map(|bytes| decode_entry(id.as_bytes(), &bytes)).transpose()
     }
 
     fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError> {
         let prefix = parent_key(parent, "");
         let mut out = Vec::new();
-        for item in self.by_parent.scan_prefix(&prefix) {
+        for item in self.tree(BY_PARENT).scan_prefix(&prefix) {
             let (key, _) = item?;
             let id = &key[prefix.len()..];
-            if let Some(bytes) = self.entries.get(id)? {
-                out.push(Self::decode_entry(id, &bytes)?);
+            if let Some(bytes) = self.tree(ENTRIES).get(id)? {
+                out.push(decode_entry(id, &bytes)?);
             }
         }
         Ok(out)
+    }
+
+    fn snapshot(&self, parent: &SpiffeId) -> Result<(u64, Vec<Entry>), StoreError> {
+        let _guard = self.lock();
+        Ok((self.revision()?, self.entries_by_parent(parent)?))
     }
 
     fn list_entries(
@@ -450,7 +1090,7 @@ impl Store for SledStore {
         if let Some(parent) = &filter.parent_id {
             let prefix = parent_key(parent, "");
             let start = parent_key(parent, after.unwrap_or(""));
-            for item in self.by_parent.range(start..) {
+            for item in self.tree(BY_PARENT).range(start..) {
                 let (key, _) = item?;
                 if !key.starts_with(&prefix) || out.len() >= limit {
                     break;
@@ -459,8 +1099,8 @@ impl Store for SledStore {
                 if after.is_some_and(|a| a.as_bytes() == id) {
                     continue;
                 }
-                if let Some(bytes) = self.entries.get(id)? {
-                    let entry = Self::decode_entry(id, &bytes)?;
+                if let Some(bytes) = self.tree(ENTRIES).get(id)? {
+                    let entry = decode_entry(id, &bytes)?;
                     if keep(&entry) {
                         out.push(entry);
                     }
@@ -469,7 +1109,7 @@ impl Store for SledStore {
             return Ok(out);
         }
         let start = after.unwrap_or("").as_bytes().to_vec();
-        for item in self.entries.range(start..) {
+        for item in self.tree(ENTRIES).range(start..) {
             let (key, bytes) = item?;
             if out.len() >= limit {
                 break;
@@ -477,7 +1117,7 @@ impl Store for SledStore {
             if after.is_some_and(|a| a.as_bytes() == key.as_ref()) {
                 continue;
             }
-            let entry = Self::decode_entry(&key, &bytes)?;
+            let entry = decode_entry(&key, &bytes)?;
             if keep(&entry) {
                 out.push(entry);
             }
@@ -485,13 +1125,28 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn changes_since(&self, revision: u64) -> Result<Vec<EntryChange>, StoreError> {
-        let start = (revision + 1).to_be_bytes();
+    fn entry_count(&self) -> usize {
+        self.tree(ENTRIES).len()
+    }
+
+    fn expired_entries(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        let end = (now.max(0) + 1).to_be_bytes();
         let mut out = Vec::new();
-        for item in self.changes.range(start.as_slice()..) {
+        for item in self.tree(BY_EXPIRY).range(..end.as_slice()) {
+            let (key, _) = item?;
+            out.push(String::from_utf8_lossy(&key[8..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    fn changes_since(&self, revision: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let start = revision.saturating_add(1).to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.tree(CHANGES).range(start.as_slice()..).take(limit) {
             let (key, bytes) = item?;
-            let change: EntryChange = serde_json::from_slice(&bytes).map_err(|e| {
-                StoreError::Corrupt { key: hex::encode(&key), reason: e.to_string() }
+            let change: Change = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                key: format!("change {}", read_u64(Some(&key))),
+                reason: e.to_string(),
             })?;
             out.push(change);
         }
@@ -499,110 +1154,252 @@ impl Store for SledStore {
     }
 
     fn revision(&self) -> Result<u64, StoreError> {
-        Ok(read_u64(self.meta.get(REVISION_KEY)?))
+        Ok(read_u64(self.tree(META).get(REVISION_KEY)?.as_deref()))
     }
 
-    fn entry_count(&self) -> usize {
-        self.entries.len()
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
     }
+
+    fn log_bundle_change(&self) -> Result<u64, StoreError> {
+        self.commit(|tx| tx.log(ChangeKind::Bundle))
+    }
+
+    fn set_crl_signer(&self, signer: std::sync::Arc<dyn CrlSigner>) {
+        let _ = self.crl_signer.set(signer);
+    }
+
+    fn resign_crls(&self) -> Result<u64, StoreError> {
+        self.commit(|tx| {
+            tx.resign.set(true);
+            Ok(())
+        })?;
+        self.revision()
+    }
+
+    fn crls(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self
+            .tree(META)
+            .get(CRLS_KEY)?
+            .map(|bytes| decode::<pb::Crls>(CRLS_KEY, &bytes))
+            .transpose()?
+            .map(|c| c.crls)
+            .unwrap_or_default())
+    }
+
 
     fn put_join_token(&self, token: &pb::JoinToken) -> Result<(), StoreError> {
-        self.join_tokens.insert(token.token.as_bytes(), token.encode_to_vec())?;
-        self.flush()
+        let bytes = token.encode_to_vec();
+        self.commit(|tx| {
+            tx.t(JOIN_TOKENS).insert(token.token.as_bytes(), bytes.as_slice())?;
+            Ok(())
+        })
     }
 
     fn take_join_token(&self, token: &str) -> Result<Option<pb::JoinToken>, StoreError> {
-        let removed = self.join_tokens.remove(token.as_bytes())?;
-        self.flush()?;
-        removed
-            .map(|bytes| {
-                pb::JoinToken::decode(bytes.as_ref()).map_err(|e| StoreError::Corrupt {
-                    key: "join token".into(),
-                    reason: e.to_string(),
-                })
-            })
-            .transpose()
+        let removed = self.commit(|tx| Ok(tx.t(JOIN_TOKENS).remove(token.as_bytes())?))?;
+        removed.map(|bytes| decode(b"join token", &bytes)).transpose()
     }
 
-    fn put_agent(&self, agent: &pb::Agent) -> Result<(), StoreError> {
-        self.agents.insert(agent.spiffe_id.as_bytes(), agent.encode_to_vec())?;
-        self.flush()
+    fn register_agent(
+        &self,
+        agent: &pb::Agent,
+        svid: &pb::IssuedSvid,
+    ) -> Result<Result<(), AgentRefusal>, StoreError> {
+        self.commit(|tx| {
+            if tx.agent(&agent.spiffe_id)?.is_some_and(|a| a.banned) {
+                return Ok(Err(AgentRefusal::Banned(agent.spiffe_id.clone())));
+            }
+            tx.put_agent(agent)?;
+            tx.record(svid)?;
+            Ok(Ok(()))
+        })
+    }
+
+    fn check_agent(
+        &self,
+        agent_id: &str,
+        serial: &str,
+    ) -> Result<Result<pb::Agent, AgentRefusal>, StoreError> {
+        let Some(agent) = self.agent(agent_id)? else {
+            return Ok(Err(AgentRefusal::Unknown(agent_id.to_string())));
+        };
+        if agent.banned {
+            return Ok(Err(AgentRefusal::Banned(agent_id.to_string())));
+        }
+        if self.tree(REVOCATIONS).contains_key(serial.as_bytes())? {
+            return Ok(Err(AgentRefusal::Revoked(serial.to_string())));
+        }
+        if agent.x509_svid_serial != serial {
+            return Ok(Err(AgentRefusal::Superseded(serial.to_string())));
+        }
+        Ok(Ok(agent))
+    }
+
+    fn renew_agent(
+        &self,
+        agent_id: &str,
+        presented: &str,
+        svid: &pb::IssuedSvid,
+        now: i64,
+    ) -> Result<Result<pb::Agent, AgentRefusal>, StoreError> {
+        self.commit(|tx| {
+            let Some(mut agent) = tx.agent(agent_id)? else {
+                return Ok(Err(AgentRefusal::Unknown(agent_id.to_string())));
+            };
+            if agent.banned {
+                return Ok(Err(AgentRefusal::Banned(agent_id.to_string())));
+            }
+            if tx.t(REVOCATIONS).get(presented.as_bytes())?.is_some() {
+                return Ok(Err(AgentRefusal::Revoked(presented.to_string())));
+            }
+            if presented != agent.x509_svid_serial {
+                if presented.is_empty() || presented != agent.previous_x509_svid_serial {
+                    return Ok(Err(AgentRefusal::Superseded(presented.to_string())));
+                }
+                // The agent never got the reply to its last renewal: the
+                // SVID it lost must not stay valid.
+                let lost = tx.t(ISSUED).get(agent.x509_svid_serial.as_bytes())?;
+                if let Some(bytes) = lost {
+                    let lost: pb::IssuedSvid =
+                        decode(b"issued", &bytes).map_err(ConflictableTransactionError::Abort)?;
+                    tx.revoke(&[revocation_of(&lost, "agent SVID reply lost; superseded", now)])?;
+                }
+            }
+            agent.previous_x509_svid_serial = presented.to_string();
+            agent.x509_svid_serial = svid.serial.clone();
+            agent.x509_svid_expires_at = svid.expires_at;
+            agent.last_seen_at = now;
+            tx.put_agent(&agent)?;
+            tx.record(svid)?;
+            Ok(Ok(agent))
+        })
+    }
+
+    fn ban_agent(
+        &self,
+        agent_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError> {
+        let _guard = self.lock();
+        let issued = self.issued_through_agent(agent_id)?;
+        let why = format!("agent banned: {reason}");
+        self.commit_locked(|tx| {
+            let Some(mut agent) = tx.agent(agent_id)? else {
+                return Ok(Err(AgentRefusal::Unknown(agent_id.to_string())));
+            };
+            agent.banned = true;
+            tx.put_agent(&agent)?;
+            let revocations: Vec<_> = issued.iter().map(|s| revocation_of(s, &why, now)).collect();
+            let revoked = tx.revoke(&revocations)?;
+            tx.log(ChangeKind::AgentBanned { agent_id: agent_id.to_string(), reason: reason.to_string() })?;
+            Ok(Ok(revoked))
+        })
+    }
+
+    fn evict_agent(
+        &self,
+        agent_id: &str,
+        unban: bool,
+        now: i64,
+    ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError> {
+        let _guard = self.lock();
+        let own = self.issued_by_owner(&agent_owner(agent_id))?;
+        self.commit_locked(|tx| {
+            let Some(agent) = tx.agent(agent_id)? else {
+                return Ok(Err(AgentRefusal::Unknown(agent_id.to_string())));
+            };
+            if agent.banned && !unban {
+                // Evicting must not become a way to lift a ban: keep the
+                // record (banned) so the agent can never attest again.
+                let kept = pb::Agent { x509_svid_serial: String::new(), previous_x509_svid_serial: String::new(), ..agent };
+                tx.put_agent(&kept)?;
+            } else {
+                tx.t(AGENTS).remove(agent_id.as_bytes())?;
+            }
+            let revocations: Vec<_> =
+                own.iter().map(|s| revocation_of(s, "agent evicted", now)).collect();
+            let revoked = tx.revoke(&revocations)?;
+            tx.log(ChangeKind::AgentEvicted { agent_id: agent_id.to_string() })?;
+            Ok(Ok(revoked))
+        })
     }
 
     fn agent(&self, spiffe_id: &str) -> Result<Option<pb::Agent>, StoreError> {
-        self.agents
-            .get(spiffe_id.as_bytes())?
-            .map(|bytes| decode_agent(spiffe_id.as_bytes(), &bytes))
-            .transpose()
+        self.tree(AGENTS).get(spiffe_id.as_bytes())?.map(|b| decode(spiffe_id.as_bytes(), &b)).transpose()
     }
 
     fn agents(&self) -> Result<Vec<pb::Agent>, StoreError> {
-        self.agents
+        self.tree(AGENTS)
             .iter()
             .map(|item| {
                 let (key, bytes) = item?;
-                decode_agent(&key, &bytes)
+                decode(&key, &bytes)
             })
             .collect()
     }
 
-    fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError> {
-        let existed = self.agents.remove(spiffe_id.as_bytes())?.is_some();
-        self.flush()?;
-        Ok(existed)
-    }
-
-    fn record_issued(&self, issued: &[pb::IssuedSvid]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        let mut by_owner = sled::Batch::default();
-        for svid in issued {
-            batch.insert(svid.serial.as_bytes(), svid.encode_to_vec());
-            by_owner.insert(index_key(&owner_of(svid), &svid.serial), &[]);
-        }
-        self.issued.apply_batch(batch)?;
-        self.issued_by_entry.apply_batch(by_owner)?;
-        self.flush()
+    fn record_issued(
+        &self,
+        agent_id: &str,
+        agent_serial: &str,
+        signed: &[Signed],
+        now: i64,
+    ) -> Result<Vec<Result<(), String>>, StoreError> {
+        self.commit(|tx| {
+            let agent_refusal = match tx.agent(agent_id)? {
+                None => Some(format!("agent {agent_id} was evicted while signing")),
+                Some(a) if a.banned => Some(format!("agent {agent_id} was banned while signing")),
+                Some(a) if a.x509_svid_serial != agent_serial => {
+                    Some("the agent's SVID changed while signing".to_string())
+                }
+                Some(_) => None,
+            };
+            let mut results = Vec::with_capacity(signed.len());
+            let mut revoke = Vec::new();
+            for item in signed {
+                let refusal = match (&agent_refusal, tx.entry(&item.entry.id)?) {
+                    (Some(why), _) => Some(why.clone()),
+                    (None, None) => Some(format!("entry {} was deleted while signing", item.entry.id)),
+                    (None, Some(current)) if !current.authorizes_svid_of(&item.entry, item.svid.expires_at) => {
+                        Some(format!("entry {} changed while signing", item.entry.id))
+                    }
+                    (None, Some(_)) => None,
+                };
+                // Recorded either way, so that the record outlives no revocation.
+                tx.record(&item.svid)?;
+                match refusal {
+                    Some(why) => {
+                        revoke.push(revocation_of(&item.svid, &why, now));
+                        results.push(Err(why));
+                    }
+                    None => results.push(Ok(())),
+                }
+            }
+            tx.revoke(&revoke)?;
+            Ok(results)
+        })
     }
 
     fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError> {
-        self.issued.get(serial.as_bytes())?.map(|b| decode(serial.as_bytes(), &b)).transpose()
+        self.tree(ISSUED).get(serial.as_bytes())?.map(|b| decode(serial.as_bytes(), &b)).transpose()
     }
 
-    fn issued_for_entry(&self, entry_id: &str) -> Result<Vec<pb::IssuedSvid>, StoreError> {
-        self.issued_by_index(&self.issued_by_entry, entry_id)
-    }
-
-    fn issued_through_agent(&self, agent_id: &str) -> Result<Vec<pb::IssuedSvid>, StoreError> {
-        // The agent's own SVIDs, then those of the entries it parents: an
-        // entry's SVIDs are revoked when it moves to another parent or is
-        // deleted, so these are all SVIDs still valid through this agent.
-        let mut out = self.issued_by_index(&self.issued_by_entry, &agent_owner(agent_id))?;
-        if let Ok(parent) = SpiffeId::parse(agent_id) {
-            let prefix = parent_key(&parent, "");
-            for item in self.by_parent.scan_prefix(&prefix) {
-                let (key, _) = item?;
-                let entry_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-                out.extend(self.issued_by_index(&self.issued_by_entry, &entry_id)?);
-            }
-        }
-        Ok(out)
+    fn issued_count(&self) -> usize {
+        self.tree(ISSUED).len()
     }
 
     fn revoke(&self, revocations: &[pb::Revocation]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for revocation in revocations {
-            batch.insert(revocation.serial.as_bytes(), revocation.encode_to_vec());
-        }
-        self.revocations.apply_batch(batch)?;
-        self.flush()
+        self.commit(|tx| tx.revoke(revocations).map(drop))
     }
 
     fn revocation(&self, serial: &str) -> Result<Option<pb::Revocation>, StoreError> {
-        self.revocations.get(serial.as_bytes())?.map(|b| decode(serial.as_bytes(), &b)).transpose()
+        self.tree(REVOCATIONS).get(serial.as_bytes())?.map(|b| decode(serial.as_bytes(), &b)).transpose()
     }
 
     fn revocations(&self) -> Result<Vec<pb::Revocation>, StoreError> {
-        self.revocations
+        self.tree(REVOCATIONS)
             .iter()
             .map(|item| {
                 let (key, bytes) = item?;
@@ -612,169 +1409,46 @@ impl Store for SledStore {
     }
 
     fn prune_expired(&self, now: i64) -> Result<usize, StoreError> {
-        let mut pruned = 0;
-        for item in self.issued.iter() {
+        let _guard = self.lock();
+        let mut issued = Vec::new();
+        for item in self.tree(ISSUED).iter() {
             let (key, bytes) = item?;
             let svid: pb::IssuedSvid = decode(&key, &bytes)?;
             if svid.expires_at <= now {
-                self.issued.remove(&key)?;
-                self.issued_by_entry.remove(index_key(&owner_of(&svid), &svid.serial))?;
-                pruned += 1;
+                issued.push(svid);
             }
         }
-        for item in self.revocations.iter() {
+        let mut revocations = Vec::new();
+        for item in self.tree(REVOCATIONS).iter() {
             let (key, bytes) = item?;
             let revocation: pb::Revocation = decode(&key, &bytes)?;
             if revocation.expires_at <= now {
-                self.revocations.remove(&key)?;
-                pruned += 1;
+                revocations.push(key);
             }
         }
-        if pruned > 0 {
-            self.flush()?;
+        if issued.is_empty() && revocations.is_empty() {
+            return Ok(0);
         }
-        Ok(pruned)
+        self.commit_locked(|tx| {
+            for svid in &issued {
+                tx.t(ISSUED).remove(svid.serial.as_bytes())?;
+                tx.t(ISSUED_BY_OWNER).remove(index_key(&owner_of(svid), &svid.serial))?;
+            }
+            for key in &revocations {
+                tx.t(REVOCATIONS).remove(key)?;
+            }
+            Ok(issued.len() + revocations.len())
+        })
     }
 
-    fn expired_entries(&self, now: i64) -> Result<Vec<String>, StoreError> {
-        let end = (now.max(0) + 1).to_be_bytes();
-        let mut out = Vec::new();
-        for item in self.by_expiry.range(..end.as_slice()) {
-            let (key, _) = item?;
-            out.push(String::from_utf8_lossy(&key[8..]).into_owned());
-        }
-        Ok(out)
+    fn check(&self) -> Result<StoreReport, StoreError> {
+        let _guard = self.lock();
+        self.verify_records()
     }
 
-    fn issued_count(&self) -> usize {
-        self.issued.len()
-    }
-
-    fn next_crl_number(&self) -> Result<u64, StoreError> {
-        let next = self.meta.update_and_fetch(CRL_NUMBER_KEY, |old| {
-            Some((read_u64(old.map(sled::IVec::from)) + 1).to_be_bytes().to_vec())
-        })?;
-        self.flush()?;
-        Ok(read_u64(next))
-    }
-}
-
-fn decode_agent(key: &[u8], bytes: &[u8]) -> Result<pb::Agent, StoreError> {
-    pb::Agent::decode(bytes).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: e.to_string(),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::entry::EntryRules;
-    use tessera_workload_api::TrustDomain;
-
-    fn entry(id: &str, spiffe: &str, parent: &str, uid: u32) -> Entry {
-        let rules = EntryRules {
-            trust_domain: TrustDomain::new("example.org").unwrap(),
-            default_ttl: 60,
-            max_ttl: 600,
-        };
-        let mut e = rules
-            .validate(
-                &pb::Entry {
-                    spiffe_id: format!("spiffe://example.org/{spiffe}"),
-                    parent_id: format!("spiffe://example.org/{parent}"),
-                    selectors: vec![pb::Selector {
-                        r#type: "unix".into(),
-                        value: format!("uid:{uid}"),
-                    }],
-                    ..Default::default()
-                },
-                1,
-            )
-            .unwrap();
-        e.id = id.into();
-        e
-    }
-
-    #[test]
-    fn entries_are_indexed_by_parent_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = SledStore::open(dir.path()).unwrap();
-            let results = store
-                .create_entries(&[
-                    entry("a", "w1", "agent1", 1),
-                    entry("b", "w2", "agent2", 1),
-                    entry("c", "w3", "agent1", 2),
-                ])
-                .unwrap();
-            assert!(results.iter().all(Result::is_ok));
-            assert_eq!(store.revision().unwrap(), 3);
-        }
-        let store = SledStore::open(dir.path()).unwrap();
-        let parent = SpiffeId::parse("spiffe://example.org/agent1").unwrap();
-        let ids: Vec<_> =
-            store.entries_by_parent(&parent).unwrap().into_iter().map(|e| e.id).collect();
-        assert_eq!(ids, ["a", "c"]);
-        assert_eq!(store.entry_count(), 3);
-    }
-
-    #[test]
-    fn duplicates_are_refused_per_item_and_store_unchanged() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
-        store.create_entries(&[entry("a", "w", "agent", 1)]).unwrap();
-        let results = store
-            .create_entries(&[
-                entry("b", "w", "agent", 1),
-                entry("c", "w", "agent", 2),
-                entry("d", "w", "agent", 2),
-            ])
-            .unwrap();
-        assert_eq!(results[0], Err(EntryError::Duplicate("a".into())));
-        assert!(results[1].is_ok());
-        assert_eq!(results[2], Err(EntryError::Duplicate("c".into())));
-        assert_eq!(store.entry_count(), 2);
-        assert_eq!(store.revision().unwrap(), 2);
-    }
-
-    #[test]
-    fn update_moves_index_and_delete_logs_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
-        store.create_entries(&[entry("a", "w", "agent1", 1)]).unwrap();
-        let moved = store.update_entries(&[entry("a", "w", "agent2", 1)]).unwrap();
-        assert_eq!(moved[0].as_ref().unwrap().revision, 2);
-        let agent1 = SpiffeId::parse("spiffe://example.org/agent1").unwrap();
-        let agent2 = SpiffeId::parse("spiffe://example.org/agent2").unwrap();
-        assert!(store.entries_by_parent(&agent1).unwrap().is_empty());
-        assert_eq!(store.entries_by_parent(&agent2).unwrap().len(), 1);
-        assert_eq!(
-            store.update_entries(&[entry("zz", "w", "agent1", 1)]).unwrap()[0],
-            Err(EntryError::NotFound("zz".into()))
-        );
-        store.delete_entries(&["a".into()]).unwrap();
-        let changes = store.changes_since(1).unwrap();
-        assert!(changes
-            .iter()
-            .any(|c| c.removed && c.parent_id.ends_with("agent1") && c.revision == 2));
-        assert!(changes
-            .iter()
-            .any(|c| c.removed && c.parent_id.ends_with("agent2") && c.revision == 3));
-        assert_eq!(store.entry_count(), 0);
-    }
-
-    #[test]
-    fn join_token_can_be_taken_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
-        let token = pb::JoinToken {
-            token: "t".into(),
-            spiffe_id: "spiffe://example.org/a".into(),
-            expires_at: 5,
-        };
-        store.put_join_token(&token).unwrap();
-        assert_eq!(store.take_join_token("t").unwrap(), Some(token));
-        assert_eq!(store.take_join_token("t").unwrap(), None);
+    fn backup(&self, out: &mut dyn Write) -> Result<(), StoreError> {
+        // Under the writer lock: a copy of one moment, while reads go on.
+        let _guard = self.lock();
+        write_backup(&self.trees, out)
     }
 }

@@ -27,6 +27,9 @@ use tracing::{debug, warn};
 
 use crate::ca::{Ca, CaError};
 
+/// TLS handshakes in progress at once on the node API.
+pub const MAX_HANDSHAKES: usize = 256;
+
 /// Lifetime of the server's own SVID, seconds.
 pub const SERVER_SVID_TTL: u32 = 3600;
 
@@ -98,6 +101,10 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(svid);
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed session would skip the certificate
+    // and CRL checks, and the agent's SVID may have been revoked since.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -174,6 +181,9 @@ pub fn incoming(
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(128);
+    // Unauthenticated handshakes in flight are bounded: a flood of slow
+    // clients waits here instead of growing memory.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -188,11 +198,14 @@ pub fn incoming(
                 },
             };
             let _ = tcp.set_nodelay(true);
+            let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
-                match handshake.await {
+                let handshake = handshake.await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(inner)) => {
                         let certs =
                             inner.get_ref().1.peer_certificates().map(|c| {

@@ -130,7 +130,16 @@ async fn agent_renews_its_own_svid_at_half_life_and_keeps_serving() {
             None,
         )
         .await;
-    let svids = fetch_x509(&agent.endpoint()).await.unwrap();
+    // The agent reopens its sync stream with the renewed SVID; the entry
+    // arrives over it and is signed with the renewed SVID.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let svids = loop {
+        match fetch_x509(&agent.endpoint()).await {
+            Ok(svids) => break svids,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "no SVID after renewal: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(svids[0].spiffe_id, "spiffe://example.org/after-renewal");
     agent.stop().await;
     server.stop().await;

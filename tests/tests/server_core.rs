@@ -309,13 +309,21 @@ async fn sync_streams_snapshot_then_pushes_changes() {
                 assert!(!revocation.crls.is_empty(), "current CRLs come first")
             }
             Event::Banned(_) => panic!("not banned"),
+            Event::Checkpoint(_) => panic!("checkpoint before snapshot"),
         }
     }
     assert_eq!(snapshot, std::slice::from_ref(&first), "only the agent's own entries");
 
     let second =
         server.create_entry("spiffe://example.org/two", &agent.id, &["unix:uid:2"], None).await;
-    let change = match stream.message().await.unwrap().unwrap().event.unwrap() {
+    // Each batch of changes ends with a checkpoint of the log's revision.
+    let mut next_event = async || loop {
+        match stream.message().await.unwrap().unwrap().event.unwrap() {
+            Event::Checkpoint(_) => continue,
+            event => break event,
+        }
+    };
+    let change = match next_event().await {
         Event::Change(change) => change,
         other => panic!("expected a change, got {other:?}"),
     };
@@ -329,7 +337,7 @@ async fn sync_streams_snapshot_then_pushes_changes() {
         .batch_delete_entry(admin_pb::BatchDeleteEntryRequest { ids: vec![first.clone()] })
         .await
         .unwrap();
-    match stream.message().await.unwrap().unwrap().event.unwrap() {
+    match next_event().await {
         Event::Change(node_pb::EntryChange {
             change: Some(node_pb::entry_change::Change::RemovedEntryId(id)),
             ..
@@ -410,7 +418,7 @@ async fn sync_resumes_from_a_revision_with_only_the_changes() {
             Event::Bundle(_) => {}
             Event::Snapshot(_) => panic!("resume must not resend a snapshot"),
             Event::Change(change) => changes.push(change.change.unwrap()),
-            Event::Revocation(_) => {}
+            Event::Revocation(_) | Event::Checkpoint(_) => {}
             Event::Banned(_) => panic!("not banned"),
         }
     }
