@@ -11,7 +11,7 @@ use tessera_tests::{entry, my_uid, RunningAgent, TestAgent, TestServer};
 use tokio_stream::{Stream, StreamExt as _};
 
 mod common;
-use common::{now_unix, serial_hex, within, PROMPTLY};
+use common::{not_after_unix, now_unix, serial_hex, within, PROMPTLY};
 use tonic::Code;
 
 /// A leaf's serial, as Tessera writes it.
@@ -117,7 +117,7 @@ async fn expired_jit_entry_ends_the_identity_with_no_operator_action() {
     assert!(svid.spiffe_id().to_string().ends_with("/task/42"));
 
     assert!(
-        svid.not_after_unix() <= task_expires_at,
+        not_after_unix(svid.leaf().as_ref()) <= task_expires_at,
         "no credential outlives its task-scoped entry"
     );
     expect_withdrawn(&mut stream, "withdrawal at the entry's expires_at").await;

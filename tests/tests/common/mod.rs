@@ -77,6 +77,12 @@ pub fn serial_hex(cert_der: &[u8]) -> String {
     trimmed_hex(cert.raw_serial())
 }
 
+/// A certificate's NotAfter, Unix seconds.
+pub fn not_after_unix(cert_der: &[u8]) -> i64 {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).expect("the certificate parses");
+    cert.validity().not_after.timestamp()
+}
+
 /// Lowercase hex of serial bytes, leading zero bytes removed (one kept).
 pub fn trimmed_hex(bytes: &[u8]) -> String {
     let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
