@@ -384,7 +384,7 @@ pub struct SledStore {
     trees: [sled::Tree; 12],
     /// Serializes commits: reads made while holding it are consistent with
     /// the commit that follows them.
-    writer: Mutex<()>,
+    writer: Mutex<Writer>,
     watermark: Watermark,
     revision: watch::Sender<u64>,
     crl_signer: std::sync::OnceLock<std::sync::Arc<dyn CrlSigner>>,
@@ -394,6 +394,14 @@ impl fmt::Debug for SledStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SledStore").field("entries", &self.tree(ENTRIES).len()).finish_non_exhaustive()
     }
+}
+
+/// State only commits touch, under the writer lock.
+#[derive(Debug, Default)]
+struct Writer {
+    /// Every stored revocation, what the CRLs are signed from (a sled
+    /// transaction cannot scan a tree).
+    revocations: Vec<pb::Revocation>,
 }
 
 const ENTRIES: usize = 0;
@@ -605,6 +613,7 @@ impl SledStore {
             other => other,
         })?;
         store.watermark.write(meta_seq)?;
+        store.lock().revocations = store.revocations()?;
         Ok(store)
     }
 
@@ -629,7 +638,7 @@ impl SledStore {
         let store = Self {
             db,
             trees,
-            writer: Mutex::new(()),
+            writer: Mutex::new(Writer::default()),
             watermark,
             revision: watch::channel(revision).0,
             crl_signer: std::sync::OnceLock::new(),
@@ -645,17 +654,21 @@ impl SledStore {
     /// across trees, flushed and watermarked before it returns; wakes Sync
     /// streams if it logged a change.
     fn commit<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
-        let _guard = self.lock();
-        self.commit_locked(f)
+        let mut writer = self.lock();
+        self.commit_locked(&mut writer, f)
     }
 
-    fn lock(&self) -> MutexGuard<'_, ()> {
+    fn lock(&self) -> MutexGuard<'_, Writer> {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn commit_locked<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
+    fn commit_locked<T>(
+        &self,
+        writer: &mut Writer,
+        f: impl Fn(&Tx<'_>) -> TxResult<T>,
+    ) -> Result<T, StoreError> {
         let refs: Vec<&sled::Tree> = self.trees.iter().collect();
-        let (value, revision, seq) = refs.as_slice().transaction(|trees| {
+        let (value, revision, seq, added) = refs.as_slice().transaction(|trees| {
             let meta = &trees[META];
             let start = read_u64(meta.get(REVISION_KEY)?.as_deref());
             let tx = Tx {
@@ -666,7 +679,7 @@ impl SledStore {
             };
             let value = f(&tx)?;
             if tx.resign.get() {
-                self.sign_crls_in(&tx)?;
+                self.sign_crls_in(&writer.revocations, &tx)?;
             }
             let seq = read_u64(meta.get(WRITE_SEQ_KEY)?.as_deref()) + 1;
             meta.insert(WRITE_SEQ_KEY, &seq.to_be_bytes())?;
@@ -674,8 +687,9 @@ impl SledStore {
             if revision != start {
                 meta.insert(REVISION_KEY, &revision.to_be_bytes())?;
             }
-            Ok((value, revision, seq))
+            Ok((value, revision, seq, tx.revoked.take()))
         })?;
+        writer.revocations.extend(added);
         self.db.flush()?;
         self.watermark.write(seq)?;
         self.revision.send_if_modified(|current| {
@@ -688,15 +702,13 @@ impl SledStore {
         Ok(value)
     }
 
-    /// Signs CRLs for every stored revocation plus this commit's, stores
-    /// them and logs the change, inside the commit. Called with the writer
-    /// lock held, so the revocations read outside the transaction are all
-    /// there are.
-    fn sign_crls_in(&self, tx: &Tx<'_>) -> TxResult<()> {
+    /// Signs CRLs for every stored revocation (`stored`, kept under the
+    /// writer lock) plus this commit's, stores them and logs the change,
+    /// inside the commit.
+    fn sign_crls_in(&self, stored: &[pb::Revocation], tx: &Tx<'_>) -> TxResult<()> {
         let Some(signer) = self.crl_signer.get() else { return Ok(()) };
-        let mut all = self.revocations().map_err(ConflictableTransactionError::Abort)?;
-        let known: std::collections::HashSet<String> = all.iter().map(|r| r.serial.clone()).collect();
-        all.extend(tx.revoked.borrow().iter().filter(|r| !known.contains(&r.serial)).cloned());
+        let mut all = stored.to_vec();
+        all.extend(tx.revoked.borrow().iter().cloned());
         let number = read_u64(tx.t(META).get(CRL_NUMBER_KEY)?.as_deref()) + 1;
         let crls = signer
             .sign_crls(&all, number)
@@ -978,14 +990,14 @@ impl Store for SledStore {
         now: i64,
         reason: &str,
     ) -> Result<EntryWrite, StoreError> {
-        let _guard = self.lock();
+        let mut writer = self.lock();
         // Read under the writer lock: nothing can be issued or changed
         // between these reads and the commit.
         let mut issued = Vec::with_capacity(entries.len());
         for entry in entries {
             issued.push(self.issued_by_owner(&entry.id)?);
         }
-        self.commit_locked(|tx| {
+        self.commit_locked(&mut writer, |tx| {
             let mut write = EntryWrite::default();
             let mut revoke = Vec::new();
             for (entry, issued) in entries.iter().zip(&issued) {
@@ -1028,12 +1040,12 @@ impl Store for SledStore {
         now: i64,
         reason: &str,
     ) -> Result<EntryWrite, StoreError> {
-        let _guard = self.lock();
+        let mut writer = self.lock();
         let mut issued = Vec::with_capacity(ids.len());
         for id in ids {
             issued.push(self.issued_by_owner(id)?);
         }
-        self.commit_locked(|tx| {
+        self.commit_locked(&mut writer, |tx| {
             let mut write = EntryWrite::default();
             let mut revoke = Vec::new();
             for (id, issued) in ids.iter().zip(&issued) {
@@ -1282,10 +1294,10 @@ impl Store for SledStore {
         reason: &str,
         now: i64,
     ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError> {
-        let _guard = self.lock();
+        let mut writer = self.lock();
         let issued = self.issued_through_agent(agent_id)?;
         let why = format!("agent banned: {reason}");
-        self.commit_locked(|tx| {
+        self.commit_locked(&mut writer, |tx| {
             let Some(mut agent) = tx.agent(agent_id)? else {
                 return Ok(Err(AgentRefusal::Unknown(agent_id.to_string())));
             };
@@ -1304,9 +1316,9 @@ impl Store for SledStore {
         unban: bool,
         now: i64,
     ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError> {
-        let _guard = self.lock();
+        let mut writer = self.lock();
         let own = self.issued_by_owner(&agent_owner(agent_id))?;
-        self.commit_locked(|tx| {
+        self.commit_locked(&mut writer, |tx| {
             let Some(agent) = tx.agent(agent_id)? else {
                 return Ok(Err(AgentRefusal::Unknown(agent_id.to_string())));
             };
@@ -1409,7 +1421,7 @@ impl Store for SledStore {
     }
 
     fn prune_expired(&self, now: i64) -> Result<usize, StoreError> {
-        let _guard = self.lock();
+        let mut writer = self.lock();
         let mut issued = Vec::new();
         for item in self.tree(ISSUED).iter() {
             let (key, bytes) = item?;
@@ -1429,7 +1441,7 @@ impl Store for SledStore {
         if issued.is_empty() && revocations.is_empty() {
             return Ok(0);
         }
-        self.commit_locked(|tx| {
+        let pruned = self.commit_locked(&mut writer, |tx| {
             for svid in &issued {
                 tx.t(ISSUED).remove(svid.serial.as_bytes())?;
                 tx.t(ISSUED_BY_OWNER).remove(index_key(&owner_of(svid), &svid.serial))?;
@@ -1438,7 +1450,9 @@ impl Store for SledStore {
                 tx.t(REVOCATIONS).remove(key)?;
             }
             Ok(issued.len() + revocations.len())
-        })
+        })?;
+        writer.revocations.retain(|r| r.expires_at > now);
+        Ok(pruned)
     }
 
     fn check(&self) -> Result<StoreReport, StoreError> {
