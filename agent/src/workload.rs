@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::attestor::{PeerProcess, WorkloadAttestor};
+use crate::authority::RewriteAuthority;
 use crate::cache::{Cache, CacheState, CachedSvid};
 use crate::manager::now;
 
@@ -34,10 +35,12 @@ pub const FIRST_RESPONSE_WAIT: Duration = Duration::from_secs(10);
 /// replacement before it is sent anyway.
 pub const REPLACEMENT_WAIT: Duration = Duration::from_secs(2);
 
-/// An accepted Workload API connection and its pinned peer.
+/// An accepted Workload API connection and its pinned peer. What the
+/// client sends goes through [`RewriteAuthority`], so clients that send the
+/// socket path as `:authority` (gRPC C-core, grpc-java) are served.
 #[derive(Debug)]
 pub struct WorkloadConn {
-    stream: UnixStream,
+    stream: RewriteAuthority<UnixStream>,
     peer: Arc<PeerProcess>,
 }
 
@@ -103,7 +106,14 @@ pub fn incoming(
                     continue;
                 }
             };
-            if tx.send(Ok(WorkloadConn { stream, peer: Arc::new(peer) })).await.is_err() {
+            if tx
+                .send(Ok(WorkloadConn {
+                    stream: RewriteAuthority::new(stream),
+                    peer: Arc::new(peer),
+                }))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
