@@ -27,6 +27,12 @@ use crate::workload::{self, WorkloadService};
 /// The agent's default data directory.
 pub const DEFAULT_DATA_DIR: &str = ".tessera/agent";
 
+/// The default Workload API socket: outside the agent's private (0700) data
+/// dir, in a directory of its own that the agent creates with mode 0755, so
+/// a workload of any local uid can connect (as SPIRE's
+/// `/tmp/spire-agent/public/api.sock`).
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/tessera-agent/public/api.sock";
+
 /// Agent settings.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -45,9 +51,9 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Defaults for a data dir and server address; socket `<data_dir>/public/api.sock`.
+    /// Defaults for a data dir and server address; socket [`DEFAULT_SOCKET_PATH`].
     pub fn new(data_dir: PathBuf, server_address: String) -> Self {
-        let socket_path = data_dir.join("public").join("api.sock");
+        let socket_path = PathBuf::from(DEFAULT_SOCKET_PATH);
         Self {
             data_dir,
             server_address,
@@ -147,6 +153,7 @@ impl Agent {
         };
         let listener = workload::bind_socket(&config.socket_path)
             .map_err(io("cannot bind Workload API socket", &config.socket_path))?;
+        info!(socket = %config.socket_path.display(), "Workload API socket bound (mode 0777)");
         let link = Arc::new(NodeLink::new(
             config.server_address.clone(),
             trust_domain.clone(),

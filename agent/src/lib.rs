@@ -29,7 +29,7 @@ mod node_client;
 mod workload;
 mod workload_client;
 
-pub use agent::{Agent, AgentConfig, AgentError, DEFAULT_DATA_DIR};
+pub use agent::{Agent, AgentConfig, AgentError, DEFAULT_DATA_DIR, DEFAULT_SOCKET_PATH};
 pub use attestor::{AttestError, PeerProcess, UnixAttestor, WorkloadAttestor};
 pub use authority::{AuthorityError, AuthorityRewriter, RewriteAuthority};
 pub use node_client::{

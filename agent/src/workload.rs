@@ -121,14 +121,55 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// Binds the Workload API socket (mode 0777: anyone may ask, attestation decides).
+/// Binds the Workload API socket with mode 0777 (anyone may ask;
+/// attestation decides). Directories missing on the way are created with
+/// mode 0755 so every local uid can reach the socket; a directory that
+/// already exists keeps its mode (the agent never changes what it did not
+/// create), but one that another non-root user owns is refused, since its
+/// owner could replace the socket. A stale socket file is replaced; a
+/// socket another agent serves, or a file that is not a socket, is not.
 pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        let mut missing = Vec::new();
+        let mut existing = dir;
+        while !existing.as_os_str().is_empty() && !existing.exists() {
+            missing.push(existing);
+            existing = existing.parent().unwrap_or(Path::new(""));
+        }
+        for created in missing.into_iter().rev() {
+            match std::fs::DirBuilder::new().mode(0o755).create(created) {
+                Ok(()) => {
+                    // The umask may have narrowed the mode given to mkdir.
+                    std::fs::set_permissions(created, std::fs::Permissions::from_mode(0o755))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {} // created meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        // Checked after creating: a directory someone else made first counts.
+        if let Ok(meta) = std::fs::metadata(dir) {
+            let me = rustix::process::geteuid().as_raw();
+            if meta.uid() != me && meta.uid() != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "socket directory {} is owned by uid {}, not by the agent (uid {me}) or root; \
+                         its owner could replace the socket",
+                        dir.display(),
+                        meta.uid()
+                    ),
+                ));
+            }
+        }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,

@@ -252,6 +252,8 @@ impl RunningAgent {
         let bundle_path = data_dir.join("bootstrap-bundle.pem");
         std::fs::write(&bundle_path, to_pem(&server.bundle().await)).unwrap();
         let mut config = AgentConfig::new(data_dir.to_owned(), server.addr.to_string());
+        // Tests run in parallel: each agent gets its own socket.
+        config.socket_path = data_dir.join("public/api.sock");
         config.join_token = Some(token.token);
         config.trust_bundle = Some(bundle_path);
         Self::start_with(config).await

@@ -526,6 +526,7 @@ async fn child_server(args: &[String]) -> ExitCode {
 
 async fn child_agent(args: &[String]) -> ExitCode {
     let mut config = tessera_agent::AgentConfig::new(args[0].clone().into(), args[1].clone());
+    config.socket_path = std::path::Path::new(&args[0]).join("public/api.sock");
     config.join_token = Some(args[2].clone());
     config.trust_bundle = Some(args[3].clone().into());
     let agent = tessera_agent::Agent::start(config).await.expect("agent starts");
