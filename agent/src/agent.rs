@@ -22,7 +22,7 @@ use crate::identity::{
 };
 use crate::manager::{agent_renewal_loop, now, signer_loop, sync_loop, NodeLink};
 use crate::node_client::{connect_node, node_tls_config, NodeClientError};
-use crate::workload::{self, WorkloadService};
+use crate::workload::{self, WorkloadLimits, WorkloadService};
 
 /// The agent's default data directory.
 pub const DEFAULT_DATA_DIR: &str = ".tessera/agent";
@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub trust_domain: Option<TrustDomain>,
     /// Workload API socket.
     pub socket_path: PathBuf,
+    /// Per-caller limits of the Workload API (connections, streams, hashing).
+    pub workload_limits: WorkloadLimits,
 }
 
 impl AgentConfig {
@@ -61,6 +63,7 @@ impl AgentConfig {
             trust_bundle: None,
             trust_domain: None,
             socket_path,
+            workload_limits: WorkloadLimits::default(),
         }
     }
 }
@@ -192,17 +195,20 @@ impl Agent {
             agent_renewal_loop(link.clone(), config.data_dir.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("agent_svid")),
         );
+        let limits = config.workload_limits;
         let service = WorkloadService::new(
             cache,
-            Arc::new(UnixAttestor::new()),
+            Arc::new(UnixAttestor::with_limits(limits.hashing)),
             trust_domain,
+            limits,
             shutdown.clone(),
         );
-        let incoming = workload::incoming(listener, shutdown.clone());
+        let incoming = workload::incoming(listener, limits, shutdown.clone());
         let stop = shutdown.clone();
         let server = tokio::spawn(
             async move {
                 tonic::transport::Server::builder()
+                    .max_concurrent_streams(limits.streams_per_connection)
                     .add_service(SpiffeWorkloadApiServer::new(service))
                     .serve_with_incoming_shutdown(incoming, stop.cancelled())
                     .await
