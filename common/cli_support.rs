@@ -79,13 +79,18 @@ pub async fn wait_for_signal() {
     }
 }
 
-/// Logs to stderr with the given filter (`RUST_LOG` wins when set).
+/// Logs to stderr with the given filter (`RUST_LOG` wins when set); colour
+/// codes only when stderr is a terminal, so files and journals get plain text.
 pub fn init_logging(filter: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// RFC 3339 for a Unix time.

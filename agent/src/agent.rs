@@ -22,10 +22,16 @@ use crate::identity::{
 };
 use crate::manager::{agent_renewal_loop, now, signer_loop, sync_loop, NodeLink};
 use crate::node_client::{connect_node, node_tls_config, NodeClientError};
-use crate::workload::{self, WorkloadService};
+use crate::workload::{self, WorkloadLimits, WorkloadService};
 
 /// The agent's default data directory.
 pub const DEFAULT_DATA_DIR: &str = ".tessera/agent";
+
+/// The default Workload API socket: outside the agent's private (0700) data
+/// dir, in a directory of its own that the agent creates with mode 0755, so
+/// a workload of any local uid can connect (as SPIRE's
+/// `/tmp/spire-agent/public/api.sock`).
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/tessera-agent/public/api.sock";
 
 /// Agent settings.
 #[derive(Debug, Clone)]
@@ -42,12 +48,14 @@ pub struct AgentConfig {
     pub trust_domain: Option<TrustDomain>,
     /// Workload API socket.
     pub socket_path: PathBuf,
+    /// Per-caller limits of the Workload API (connections, streams, hashing).
+    pub workload_limits: WorkloadLimits,
 }
 
 impl AgentConfig {
-    /// Defaults for a data dir and server address; socket `<data_dir>/public/api.sock`.
+    /// Defaults for a data dir and server address; socket [`DEFAULT_SOCKET_PATH`].
     pub fn new(data_dir: PathBuf, server_address: String) -> Self {
-        let socket_path = data_dir.join("public").join("api.sock");
+        let socket_path = PathBuf::from(DEFAULT_SOCKET_PATH);
         Self {
             data_dir,
             server_address,
@@ -55,6 +63,7 @@ impl AgentConfig {
             trust_bundle: None,
             trust_domain: None,
             socket_path,
+            workload_limits: WorkloadLimits::default(),
         }
     }
 }
@@ -147,6 +156,7 @@ impl Agent {
         };
         let listener = workload::bind_socket(&config.socket_path)
             .map_err(io("cannot bind Workload API socket", &config.socket_path))?;
+        info!(socket = %config.socket_path.display(), "Workload API socket bound (mode 0777)");
         let link = Arc::new(NodeLink::new(
             config.server_address.clone(),
             trust_domain.clone(),
@@ -185,17 +195,20 @@ impl Agent {
             agent_renewal_loop(link.clone(), config.data_dir.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("agent_svid")),
         );
+        let limits = config.workload_limits;
         let service = WorkloadService::new(
             cache,
-            Arc::new(UnixAttestor::new()),
+            Arc::new(UnixAttestor::with_limits(limits.hashing)),
             trust_domain,
+            limits,
             shutdown.clone(),
         );
-        let incoming = workload::incoming(listener, shutdown.clone());
+        let incoming = workload::incoming(listener, limits, shutdown.clone());
         let stop = shutdown.clone();
         let server = tokio::spawn(
             async move {
                 tonic::transport::Server::builder()
+                    .max_concurrent_streams(limits.streams_per_connection)
                     .add_service(SpiffeWorkloadApiServer::new(service))
                     .serve_with_incoming_shutdown(incoming, stop.cancelled())
                     .await

@@ -7,7 +7,7 @@ use tessera_proto::workload as pb;
 use tessera_workload_api::TrustDomain;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, AgentConfig, DEFAULT_DATA_DIR};
+use crate::agent::{Agent, AgentConfig, DEFAULT_DATA_DIR, DEFAULT_SOCKET_PATH};
 pub use crate::cli_support::{format_time, init_logging, wait_for_signal, CliError};
 use crate::identity::write_private;
 use crate::workload_client::{
@@ -42,15 +42,20 @@ struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:8081")]
     server_address: String,
     /// Join token (needed only when the agent has no valid stored SVID).
-    #[arg(long)]
+    /// Visible to other users in the process list: prefer
+    /// --join-token-file or the TESSERA_JOIN_TOKEN environment variable.
+    #[arg(long, conflicts_with = "join_token_file")]
     join_token: Option<String>,
+    /// File holding the join token (surrounding whitespace ignored).
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
     /// Bootstrap trust bundle, PEM (needed until the agent has stored one).
     #[arg(long)]
     trust_bundle: Option<PathBuf>,
     /// Trust domain [default: from the bundle].
     #[arg(long)]
     trust_domain: Option<String>,
-    /// Workload API socket [default: <data_dir>/public/api.sock].
+    /// Workload API socket [default: /tmp/tessera-agent/public/api.sock].
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Log filter, e.g. info or debug.
@@ -60,23 +65,45 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct SocketArg {
-    /// Workload API socket [default: $SPIFFE_ENDPOINT_SOCKET or ./.tessera/agent/public/api.sock].
+    /// Workload API socket [default: $SPIFFE_ENDPOINT_SOCKET or /tmp/tessera-agent/public/api.sock].
     #[arg(long)]
     socket: Option<String>,
 }
 
 impl SocketArg {
     fn address(&self) -> String {
-        self.socket.clone().or_else(|| std::env::var("SPIFFE_ENDPOINT_SOCKET").ok()).unwrap_or_else(
-            || {
-                let path = std::env::current_dir()
-                    .unwrap_or_default()
-                    .join(DEFAULT_DATA_DIR)
-                    .join("public/api.sock");
-                path.display().to_string()
-            },
-        )
+        self.socket
+            .clone()
+            .or_else(|| std::env::var("SPIFFE_ENDPOINT_SOCKET").ok())
+            .unwrap_or_else(|| format!("unix://{DEFAULT_SOCKET_PATH}"))
     }
+}
+
+/// The environment variable the join token may come from.
+pub const JOIN_TOKEN_ENV: &str = "TESSERA_JOIN_TOKEN";
+
+/// The join token from `--join-token`, else `--join-token-file`, else the
+/// environment ([`JOIN_TOKEN_ENV`]); `None` when none is given.
+fn join_token(
+    flag: Option<String>,
+    file: Option<&std::path::Path>,
+    env: Option<String>,
+) -> Result<Option<String>, CliError> {
+    let token = match (flag, file) {
+        (Some(token), _) => token,
+        (None, Some(file)) => std::fs::read_to_string(file).map_err(|e| {
+            CliError(format!("cannot read --join-token-file {}: {e}", file.display()))
+        })?,
+        (None, None) => match env {
+            Some(token) => token,
+            None => return Ok(None),
+        },
+    };
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(CliError("the join token is empty".into()));
+    }
+    Ok(Some(token.to_string()))
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,7 +228,11 @@ impl Cli {
 async fn run_agent(args: RunArgs) -> Result<(), CliError> {
     init_logging(&args.log_level);
     let mut config = AgentConfig::new(args.data_dir, args.server_address);
-    config.join_token = args.join_token;
+    config.join_token = join_token(
+        args.join_token,
+        args.join_token_file.as_deref(),
+        std::env::var(JOIN_TOKEN_ENV).ok(),
+    )?;
     config.trust_bundle = args.trust_bundle;
     config.trust_domain = args
         .trust_domain
@@ -220,4 +251,26 @@ async fn run_agent(args: RunArgs) -> Result<(), CliError> {
         signal.cancel();
     });
     agent.run(shutdown).await.map_err(|e| CliError(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_token_comes_from_flag_file_or_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let env = || Some("from-env".to_string());
+        let flag = || Some("from-flag".to_string());
+        assert_eq!(join_token(flag(), None, env()).unwrap().as_deref(), Some("from-flag"));
+        assert_eq!(join_token(None, Some(&file), env()).unwrap().as_deref(), Some("from-file"));
+        assert_eq!(join_token(None, None, env()).unwrap().as_deref(), Some("from-env"));
+        assert_eq!(join_token(None, None, None).unwrap(), None);
+        let missing = join_token(None, Some(&dir.path().join("nope")), None).unwrap_err();
+        assert!(missing.0.contains("cannot read --join-token-file"), "{missing}");
+        std::fs::write(&file, " \n").unwrap();
+        assert!(join_token(None, Some(&file), None).unwrap_err().0.contains("empty"));
+    }
 }

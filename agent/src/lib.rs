@@ -18,6 +18,7 @@
 
 mod agent;
 mod attestor;
+mod authority;
 mod cache;
 pub mod cli;
 #[path = "../../common/cli_support.rs"]
@@ -26,10 +27,14 @@ mod identity;
 mod manager;
 mod node_client;
 mod workload;
+pub use workload::WorkloadLimits;
 mod workload_client;
 
-pub use agent::{Agent, AgentConfig, AgentError, DEFAULT_DATA_DIR};
-pub use attestor::{AttestError, PeerProcess, UnixAttestor, WorkloadAttestor};
+pub use agent::{Agent, AgentConfig, AgentError, DEFAULT_DATA_DIR, DEFAULT_SOCKET_PATH};
+pub use attestor::{
+    AttestError, Attestation, HashLimits, PeerProcess, PendingHash, UnixAttestor, WorkloadAttestor,
+};
+pub use authority::{AuthorityError, AuthorityRewriter, RewriteAuthority};
 pub use node_client::{
     connect_node, node_tls_config, ClientIdentity, NodeClientError, MAX_MESSAGE_BYTES,
 };

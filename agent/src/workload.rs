@@ -22,7 +22,8 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
-use crate::attestor::{PeerProcess, WorkloadAttestor};
+use crate::attestor::{HashLimits, PeerProcess, WorkloadAttestor};
+use crate::authority::RewriteAuthority;
 use crate::cache::{Cache, CacheState, CachedSvid};
 use crate::manager::now;
 
@@ -34,17 +35,87 @@ pub const FIRST_RESPONSE_WAIT: Duration = Duration::from_secs(10);
 /// replacement before it is sent anyway.
 pub const REPLACEMENT_WAIT: Duration = Duration::from_secs(2);
 
-/// An accepted Workload API connection and its pinned peer.
+/// Per-caller limits of the Workload API.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkloadLimits {
+    /// Open connections per caller uid; requests on connections past it
+    /// get `ResourceExhausted`.
+    pub connections_per_uid: usize,
+    /// Open calls (streams) per caller uid, all connections together.
+    pub streams_per_uid: usize,
+    /// Concurrent streams per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub streams_per_connection: u32,
+    /// Executable hashing: size limit and concurrency.
+    pub hashing: HashLimits,
+}
+
+impl Default for WorkloadLimits {
+    fn default() -> Self {
+        Self {
+            connections_per_uid: 64,
+            streams_per_uid: 256,
+            streams_per_connection: 256,
+            hashing: HashLimits::default(),
+        }
+    }
+}
+
+/// Counts what each uid holds open; a [`UidSlot`] gives its unit back on drop.
+#[derive(Debug, Clone, Default)]
+struct PerUid(Arc<std::sync::Mutex<HashMap<u32, usize>>>);
+
+#[derive(Debug)]
+struct UidSlot {
+    counts: PerUid,
+    uid: u32,
+}
+
+impl PerUid {
+    fn try_take(&self, uid: u32, limit: usize) -> Option<UidSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(uid).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(UidSlot { counts: self.clone(), uid })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.uid) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// What every request on a connection knows about it.
+#[derive(Debug, Clone)]
+pub struct WorkloadPeer {
+    process: Arc<PeerProcess>,
+    /// Set when the connection is past its uid's connection limit.
+    refused: Option<Arc<str>>,
+}
+
+/// An accepted Workload API connection and its pinned peer. What the
+/// client sends goes through [`RewriteAuthority`], so clients that send the
+/// socket path as `:authority` (gRPC C-core, grpc-java) are served.
 #[derive(Debug)]
 pub struct WorkloadConn {
-    stream: UnixStream,
-    peer: Arc<PeerProcess>,
+    stream: RewriteAuthority<UnixStream>,
+    peer: WorkloadPeer,
+    _slot: Option<UidSlot>,
 }
 
 impl Connected for WorkloadConn {
-    type ConnectInfo = Arc<PeerProcess>;
+    type ConnectInfo = WorkloadPeer;
 
-    fn connect_info(&self) -> Arc<PeerProcess> {
+    fn connect_info(&self) -> WorkloadPeer {
         self.peer.clone()
     }
 }
@@ -78,10 +149,14 @@ impl AsyncWrite for WorkloadConn {
 }
 
 /// Accepts connections and pins each peer process before anything else.
+/// Connections past a uid's limit are kept open only to answer each request
+/// with `ResourceExhausted`.
 pub fn incoming(
     listener: UnixListener,
+    limits: WorkloadLimits,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<WorkloadConn>> {
+    let connections = PerUid::default();
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
@@ -103,7 +178,22 @@ pub fn incoming(
                     continue;
                 }
             };
-            if tx.send(Ok(WorkloadConn { stream, peer: Arc::new(peer) })).await.is_err() {
+            let slot = connections.try_take(peer.uid, limits.connections_per_uid);
+            let refused = if slot.is_none() {
+                warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, limit = limits.connections_per_uid, reason = "too many connections for this uid", "Workload API connection refused");
+                Some(Arc::from(format!(
+                    "too many Workload API connections for uid {} (limit {}); close some and retry",
+                    peer.uid, limits.connections_per_uid
+                )))
+            } else {
+                None
+            };
+            let peer = WorkloadPeer { process: Arc::new(peer), refused };
+            if tx
+                .send(Ok(WorkloadConn { stream: RewriteAuthority::new(stream), peer, _slot: slot }))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -111,14 +201,55 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// Binds the Workload API socket (mode 0777: anyone may ask, attestation decides).
+/// Binds the Workload API socket with mode 0777 (anyone may ask;
+/// attestation decides). Directories missing on the way are created with
+/// mode 0755 so every local uid can reach the socket; a directory that
+/// already exists keeps its mode (the agent never changes what it did not
+/// create), but one that another non-root user owns is refused, since its
+/// owner could replace the socket. A stale socket file is replaced; a
+/// socket another agent serves, or a file that is not a socket, is not.
 pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        let mut missing = Vec::new();
+        let mut existing = dir;
+        while !existing.as_os_str().is_empty() && !existing.exists() {
+            missing.push(existing);
+            existing = existing.parent().unwrap_or(Path::new(""));
+        }
+        for created in missing.into_iter().rev() {
+            match std::fs::DirBuilder::new().mode(0o755).create(created) {
+                Ok(()) => {
+                    // The umask may have narrowed the mode given to mkdir.
+                    std::fs::set_permissions(created, std::fs::Permissions::from_mode(0o755))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {} // created meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        // Checked after creating: a directory someone else made first counts.
+        if let Ok(meta) = std::fs::metadata(dir) {
+            let me = rustix::process::geteuid().as_raw();
+            if meta.uid() != me && meta.uid() != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "socket directory {} is owned by uid {}, not by the agent (uid {me}) or root; \
+                         its owner could replace the socket",
+                        dir.display(),
+                        meta.uid()
+                    ),
+                ));
+            }
+        }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
@@ -141,8 +272,11 @@ pub struct WorkloadService {
     shutdown: CancellationToken,
     /// Bounds concurrent attestations (each reads /proc on a blocking
     /// thread): a burst of callers queues instead of spawning hundreds of
-    /// threads.
+    /// threads. Held only for the quick /proc reads: executable hashing
+    /// happens after it is released, on the attestor's own bounded pool.
     attesting: Arc<tokio::sync::Semaphore>,
+    limits: WorkloadLimits,
+    streams: PerUid,
 }
 
 /// Attestations running at once.
@@ -166,6 +300,7 @@ impl WorkloadService {
         cache: Cache,
         attestor: Arc<dyn WorkloadAttestor>,
         trust_domain: TrustDomain,
+        limits: WorkloadLimits,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -174,19 +309,34 @@ impl WorkloadService {
             trust_domain,
             shutdown,
             attesting: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_ATTESTATIONS)),
+            limits,
+            streams: PerUid::default(),
         }
     }
 
-    /// Checks the header and attests the caller.
+    /// Checks the header and the caller's limits, and attests the caller.
+    /// The returned slot counts the call against its uid's stream limit
+    /// until dropped.
     async fn caller<T>(
         &self,
         op: &str,
         request: &Request<T>,
-    ) -> Result<(Arc<PeerProcess>, Vec<Selector>), Status> {
+    ) -> Result<(Arc<PeerProcess>, Vec<Selector>, UidSlot), Status> {
         check_header(request)?;
-        let peer = request.extensions().get::<Arc<PeerProcess>>().cloned().ok_or_else(|| {
+        let connection = request.extensions().get::<WorkloadPeer>().cloned().ok_or_else(|| {
             Status::unavailable("caller could not be attested: no peer credentials")
         })?;
+        let peer = connection.process;
+        if let Some(refused) = connection.refused {
+            return Err(Status::resource_exhausted(refused.to_string()));
+        }
+        let Some(slot) = self.streams.try_take(peer.uid, self.limits.streams_per_uid) else {
+            warn!(target: "tessera::audit", op, pid = ?peer.pid, uid = peer.uid, limit = self.limits.streams_per_uid, reason = "too many streams for this uid", "Workload API call refused");
+            return Err(Status::resource_exhausted(format!(
+                "too many Workload API streams for uid {} (limit {}); close some and retry",
+                peer.uid, self.limits.streams_per_uid
+            )));
+        };
         let attestor = self.attestor.clone();
         let attest_peer = peer.clone();
         let permit = self
@@ -195,7 +345,7 @@ impl WorkloadService {
             .acquire_owned()
             .await
             .map_err(|_| Status::unavailable("agent is shutting down"))?;
-        let selectors = tokio::task::spawn_blocking(move || {
+        let attestation = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             attestor.attest(&attest_peer)
         })
@@ -205,7 +355,17 @@ impl WorkloadService {
                 warn!(target: "tessera::audit", op, pid = ?peer.pid, uid = peer.uid, reason = %e, "workload attestation failed");
                 Status::unavailable(format!("caller could not be attested: {e}"))
             })?;
-        Ok((peer, selectors))
+        let mut selectors = attestation.selectors;
+        // Hashing a new executable happens here, with no permit held: it
+        // delays only the callers of that executable, which share it.
+        if let Some(pending) = attestation.pending_hash {
+            if let Some(hash) = pending.sha256().await {
+                if let Ok(selector) = Selector::new("unix", format!("sha256:{hash}")) {
+                    selectors.push(selector);
+                }
+            }
+        }
+        Ok((peer, selectors, slot))
     }
 
     fn bundle_bytes(&self, state: &CacheState) -> Vec<u8> {
@@ -253,7 +413,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (peer, selectors) = self.caller("FetchX509SVID", &request).await?;
+        let (peer, selectors, slot) = self.caller("FetchX509SVID", &request).await?;
         let mut updates = self.cache.subscribe();
         let deadline = tokio::time::Instant::now() + FIRST_RESPONSE_WAIT;
         // Wait (briefly) for the first sync and for SVIDs still being signed.
@@ -286,6 +446,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         let (tx, rx) = mpsc::channel(4);
         let service = self.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last = fingerprint(&state, &svids);
             if tx.send(Ok(service.x509_response(&state, &svids))).await.is_err() {
                 return;
@@ -358,7 +519,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        self.caller("FetchX509Bundles", &request).await?;
+        let (_, _, slot) = self.caller("FetchX509Bundles", &request).await?;
         let mut updates = self.cache.subscribe();
         let deadline = tokio::time::Instant::now() + FIRST_RESPONSE_WAIT;
         while updates.borrow_and_update().bundle.is_empty() {
@@ -369,6 +530,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         let (tx, rx) = mpsc::channel(4);
         let service = self.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last = None;
             loop {
                 let state = updates.borrow_and_update().clone();

@@ -23,6 +23,12 @@ impl Process {
         Self(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
     }
 
+    /// Spawns with stderr (the log) written to `log`.
+    fn spawn_logging(command: &mut Command, log: &Path) -> Self {
+        let file = std::fs::File::create(log).unwrap();
+        Self(command.stdout(Stdio::null()).stderr(file).spawn().unwrap())
+    }
+
     fn stop(mut self) {
         let _ = Command::new("kill").arg(self.0.id().to_string()).status();
         let _ = self.0.wait();
@@ -110,18 +116,32 @@ fn server_and_agent_binaries_serve_a_workload_end_to_end() {
     ));
 
     let agent_data = dir.path().join("agent").display().to_string();
-    let socket = format!("unix://{agent_data}/public/api.sock");
+    let socket_path = dir.path().join("run/api.sock").display().to_string();
+    let socket = format!("unix://{socket_path}");
     let bundle_arg = bundle.display().to_string();
-    let agent_args = ["run", "--data-dir", &agent_data, "--server-address", &address];
-    let agent = Process::spawn(Command::new(AGENT).args(agent_args).args([
-        "--join-token",
-        &token,
-        "--trust-bundle",
-        &bundle_arg,
-    ]));
+    let agent_args =
+        ["run", "--data-dir", &agent_data, "--server-address", &address, "--socket", &socket_path];
+    // The join token comes from a file, not the ps-visible command line.
+    let token_file = dir.path().join("join-token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let token_file_arg = token_file.display().to_string();
+    let agent_log = dir.path().join("agent.log");
+    let agent = Process::spawn_logging(
+        Command::new(AGENT).args(agent_args).args([
+            "--join-token-file",
+            &token_file_arg,
+            "--trust-bundle",
+            &bundle_arg,
+        ]),
+        &agent_log,
+    );
     wait_until("the agent", || {
         run(Path::new(AGENT), &["healthcheck", "--socket", &socket]).status.success()
     });
+    // The log names the socket, and has no colour codes (stderr is a file).
+    let log = std::fs::read_to_string(&agent_log).unwrap();
+    assert!(log.contains(&format!("socket={socket_path}")), "{log}");
+    assert!(!log.contains('\x1b'), "ANSI escape codes in a log file: {log:?}");
 
     // The workload fetches its SVID and writes it out.
     let out = dir.path().join("out");

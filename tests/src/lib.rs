@@ -247,13 +247,25 @@ pub struct RunningAgent {
 impl RunningAgent {
     /// Attests a new agent (fresh join token) with its data in `data_dir`.
     pub async fn start(server: &TestServer, data_dir: &Path) -> Self {
+        Self::start_configured(server, data_dir, |_| {}).await
+    }
+
+    /// Like [`RunningAgent::start`], with `configure` applied to the config last.
+    pub async fn start_configured(
+        server: &TestServer,
+        data_dir: &Path,
+        configure: impl FnOnce(&mut AgentConfig),
+    ) -> Self {
         let token = server.join_token("", 0).await;
         std::fs::create_dir_all(data_dir).unwrap();
         let bundle_path = data_dir.join("bootstrap-bundle.pem");
         std::fs::write(&bundle_path, to_pem(&server.bundle().await)).unwrap();
         let mut config = AgentConfig::new(data_dir.to_owned(), server.addr.to_string());
+        // Tests run in parallel: each agent gets its own socket.
+        config.socket_path = data_dir.join("public/api.sock");
         config.join_token = Some(token.token);
         config.trust_bundle = Some(bundle_path);
+        configure(&mut config);
         Self::start_with(config).await
     }
 

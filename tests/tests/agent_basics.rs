@@ -89,7 +89,8 @@ async fn restarted_agent_reuses_its_svid_without_a_token() {
     let mode = std::fs::metadata(agent_dir.join("agent_key.pem")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "agent key is private");
 
-    let config = tessera_agent::AgentConfig::new(agent_dir.clone(), server.addr.to_string());
+    let mut config = tessera_agent::AgentConfig::new(agent_dir.clone(), server.addr.to_string());
+    config.socket_path = agent_dir.join("public/api.sock");
     let again = RunningAgent::start_with(config).await; // no token, no bootstrap bundle
     assert_eq!(again.id, id);
     server

@@ -29,14 +29,36 @@ pub async fn connect_workload_api(
     address: &str,
 ) -> Result<SpiffeWorkloadApiClient<Channel>, String> {
     let path = socket_path(address)?;
-    if !path.exists() {
-        return Err(format!(
-            "Workload API socket {} does not exist (is the agent running?)",
-            path.display()
-        ));
+    // `Path::exists` says "no" for a socket behind a directory the caller
+    // may not search: tell that case apart.
+    match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(permission_denied(&path));
+        }
+        Err(_) => {
+            return Err(format!(
+                "Workload API socket {} does not exist (is the agent running?)",
+                path.display()
+            ));
+        }
+        Ok(_) => {}
     }
-    let channel = unix_channel(&path, "Workload API socket").await?;
+    let channel = unix_channel(&path, "Workload API socket").await.map_err(|e| {
+        if e.contains("Permission denied") || e.contains("permission denied") {
+            permission_denied(&path)
+        } else {
+            e
+        }
+    })?;
     Ok(SpiffeWorkloadApiClient::new(channel))
+}
+
+fn permission_denied(path: &Path) -> String {
+    format!(
+        "permission denied connecting to the Workload API socket {} (this user may not reach \
+         the socket or a directory above it)",
+        path.display()
+    )
 }
 
 /// A gRPC channel over the Unix socket at `path`; `what` names the socket

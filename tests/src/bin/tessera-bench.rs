@@ -1,6 +1,6 @@
 //! `tessera-bench`: measures Tessera on this machine with real server and
 //! agent code on loopback and temp data dirs. Prints a table and, as its last
-//! line, one JSON object of results. Scenarios: `fetch`, `propagate`, `all`.
+//! line, one JSON object of results. Scenarios: see `SCENARIOS` (`all` runs each).
 //!
 //! ```sh
 //! cargo run --release -p tessera-tests --bin tessera-bench -- all
@@ -20,7 +20,8 @@ use tessera_proto::admin as admin_pb;
 use tessera_proto::workload as pb;
 use tessera_tests::{entry, my_uid, RunningAgent, TestServer};
 
-const SCENARIOS: &[&str] = &["issue", "scale", "fetch", "propagate", "revoke", "handshake", "all"];
+const SCENARIOS: &[&str] =
+    &["issue", "scale", "fetch", "propagate", "revoke", "handshake", "fairness", "streams", "all"];
 
 /// mimalloc: the system allocator costs measurable throughput under many threads.
 #[global_allocator]
@@ -111,8 +112,235 @@ async fn main() -> ExitCode {
         results.insert("handshakes_static_per_s", json!(fixed.round()));
         results.insert("handshake_ratio", json!(round(live / fixed)));
     }
+    if matches!(scenario, "fairness" | "all") {
+        let calls = if quick || scenario == "all" { 300 } else { 1_000 };
+        let (alone, busy) = bench_fairness(8, calls).await;
+        row("new caller's first response, alone (ms)", alone.0, alone.1, calls);
+        row("  ... while 8 x 8 GiB executables hash (ms)", busy.0, busy.1, calls);
+        results.insert("fairness_alone_p99_ms", json!(round(alone.1)));
+        results.insert("fairness_p50_ms", json!(round(busy.0)));
+        results.insert("fairness_p99_ms", json!(round(busy.1)));
+    }
+    if matches!(scenario, "streams" | "all") {
+        let (agent, plain) = bench_streams(1_000).await;
+        row("1,000 concurrent streams, agent (ms)", agent.0, agent.1, 1_000);
+        row("  ... same tonic server, no attestation (ms)", plain.0, plain.1, 1_000);
+        println!(
+            "{:<44} {:>12.2} {:>12.2}",
+            "  ... ratio agent / plain",
+            agent.0 / plain.0,
+            agent.1 / plain.1
+        );
+        results.insert("streams_agent_p50_ms", json!(round(agent.0)));
+        results.insert("streams_agent_p99_ms", json!(round(agent.1)));
+        results.insert("streams_plain_p50_ms", json!(round(plain.0)));
+        results.insert("streams_plain_p99_ms", json!(round(plain.1)));
+        results.insert("streams_p99_ratio", json!(round(agent.1 / plain.1)));
+    }
     println!("{}", serde_json::to_string(&results).unwrap_or_default());
     ExitCode::SUCCESS
+}
+
+/// A new caller's first response (connect, FetchX509SVID, first message,
+/// as a freshly started workload does; its executable already known to the
+/// agent), alone and then while `huge` other callers, each a distinct 8 GiB
+/// executable (a copy of the system Python with a sparse tail), wait for
+/// their executables to be hashed. The hashing limit is raised above 8 GiB
+/// so those hashes really run (by default such executables are not hashed).
+async fn bench_fairness(huge: usize, calls: usize) -> ((f64, f64), (f64, f64)) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let agent = RunningAgent::start_configured(&server, &dir.path().join("agent"), |config| {
+        config.workload_limits.hashing.max_bytes = 16 << 30;
+    })
+    .await;
+    server.create_entry("spiffe://example.org/bench", &agent.id, &[&me()], None).await;
+    fetch_x509(&agent.endpoint()).await.expect("warm-up fetch");
+    let endpoint = agent.endpoint();
+    let sample = |calls: usize| {
+        let endpoint = endpoint.clone();
+        async move {
+            let mut samples = Vec::with_capacity(calls);
+            for _ in 0..calls {
+                let start = Instant::now();
+                let mut client = connect_workload_api(&endpoint).await.unwrap();
+                let mut stream = client
+                    .fetch_x509svid(cli_request(pb::X509svidRequest {}))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                stream.message().await.unwrap().unwrap();
+                samples.push(start.elapsed());
+            }
+            percentiles(samples)
+        }
+    };
+    let alone = sample(calls).await;
+
+    let python = std::fs::canonicalize("/usr/bin/python3").expect("/usr/bin/python3 is needed");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/raw_h2_fetch.py");
+    let mut children = Vec::new();
+    for i in 0..huge {
+        let exe = dir.path().join(format!("huge-python-{i}"));
+        std::fs::copy(&python, &exe).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&exe).unwrap().set_len(8 << 30).unwrap();
+        let mut child = std::process::Command::new(&exe)
+            .arg(&script)
+            .arg(&agent.socket)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "sent");
+        children.push(child);
+    }
+    let busy = sample(calls).await;
+    for child in &mut children {
+        assert!(child.try_wait().unwrap().is_none(), "a huge caller finished during the run");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    agent.stop().await;
+    server.stop().await;
+    (alone, busy)
+}
+
+/// 1,000 workloads (one connection each) open FetchX509SVID at once: first
+/// response p50/p99 from the real agent, then from the same tonic server type
+/// on the same kind of Unix socket serving a response of the same size with
+/// no attestation, no `:authority` rewriting and no cache.
+async fn bench_streams(streams: usize) -> ((f64, f64), (f64, f64)) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let agent = RunningAgent::start_configured(&server, &dir.path().join("agent"), |config| {
+        config.workload_limits.connections_per_uid = 100_000;
+        config.workload_limits.streams_per_uid = 100_000;
+    })
+    .await;
+    server.create_entry("spiffe://example.org/bench", &agent.id, &[&me()], None).await;
+    let (_client, _stream, response) = open_stream(&agent).await;
+    let agent_figures = concurrent_first_responses(&agent.endpoint(), streams).await;
+    agent.stop().await;
+    server.stop().await;
+
+    let socket = dir.path().join("plain.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serving = stop.clone();
+    let plain = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(
+                tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
+                    PlainService(std::sync::Arc::new(response)),
+                ),
+            )
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                serving.cancelled(),
+            )
+            .await
+    });
+    let plain_figures =
+        concurrent_first_responses(&format!("unix://{}", socket.display()), streams).await;
+    stop.cancel();
+    let _ = plain.await;
+    (agent_figures, plain_figures)
+}
+
+/// p50/p99 of the first response of `streams` FetchX509SVID streams opened
+/// at once, one connection each (all connected before the clock starts).
+async fn concurrent_first_responses(endpoint: &str, streams: usize) -> (f64, f64) {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(streams));
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        let endpoint = endpoint.to_string();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = connect_workload_api(&endpoint).await.unwrap();
+            barrier.wait().await;
+            let start = Instant::now();
+            let mut stream = client
+                .fetch_x509svid(cli_request(pb::X509svidRequest {}))
+                .await
+                .unwrap()
+                .into_inner();
+            let first = stream.message().await.unwrap().unwrap();
+            assert_eq!(first.svids.len(), 1);
+            (start.elapsed(), client, stream)
+        }));
+    }
+    let mut samples = Vec::new();
+    let mut open = Vec::new();
+    for task in tasks {
+        let (elapsed, client, stream) = task.await.unwrap();
+        samples.push(elapsed);
+        open.push((client, stream));
+    }
+    percentiles(samples)
+}
+
+/// The Workload API with nothing behind it: every FetchX509SVID stream gets
+/// one fixed response, then stays open until the client leaves.
+#[derive(Debug)]
+struct PlainService(std::sync::Arc<pb::X509svidResponse>);
+
+type PlainStream<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi for PlainService {
+    type FetchX509SVIDStream = PlainStream<pb::X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        _request: tonic::Request<pb::X509svidRequest>,
+    ) -> Result<tonic::Response<Self::FetchX509SVIDStream>, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let response = self.0.as_ref().clone();
+        tokio::spawn(async move {
+            if tx.send(Ok(response)).await.is_ok() {
+                tx.closed().await;
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    type FetchX509BundlesStream = PlainStream<pb::X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        _request: tonic::Request<pb::X509BundlesRequest>,
+    ) -> Result<tonic::Response<Self::FetchX509BundlesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("plain baseline"))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        _request: tonic::Request<pb::JwtsvidRequest>,
+    ) -> Result<tonic::Response<pb::JwtsvidResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("plain baseline"))
+    }
+
+    type FetchJWTBundlesStream = PlainStream<pb::JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        _request: tonic::Request<pb::JwtBundlesRequest>,
+    ) -> Result<tonic::Response<Self::FetchJWTBundlesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("plain baseline"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        _request: tonic::Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<tonic::Response<pb::ValidateJwtsvidResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("plain baseline"))
+    }
 }
 
 fn row(name: &str, p50: f64, p99: f64, n: usize) {
@@ -526,6 +754,10 @@ async fn child_server(args: &[String]) -> ExitCode {
 
 async fn child_agent(args: &[String]) -> ExitCode {
     let mut config = tessera_agent::AgentConfig::new(args[0].clone().into(), args[1].clone());
+    config.socket_path = std::path::Path::new(&args[0]).join("public/api.sock");
+    // One uid stands in for 1,000 workloads here: lift the per-uid limits.
+    config.workload_limits.connections_per_uid = 100_000;
+    config.workload_limits.streams_per_uid = 100_000;
     config.join_token = Some(args[2].clone());
     config.trust_bundle = Some(args[3].clone().into());
     let agent = tessera_agent::Agent::start(config).await.expect("agent starts");

@@ -1,0 +1,112 @@
+//! The Workload API socket is reachable by every local uid: the agent
+//! creates the directories it needs with mode 0755 (and leaves the mode of
+//! any it did not create alone), the socket is 0777, and the default lies
+//! outside the agent's private 0700 data dir.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use tessera_agent::{AgentConfig, DEFAULT_SOCKET_PATH};
+use tessera_tests::{to_pem, RunningAgent, TestServer};
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Whether a process running as uid/gid 65534 can connect to `socket`.
+/// `None` when this test cannot change uid (not root).
+fn nobody_can_connect(socket: &Path) -> Option<bool> {
+    use std::os::unix::process::CommandExt;
+    if !rustix::process::geteuid().is_root() {
+        return None;
+    }
+    let out = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n",
+        ])
+        .arg(socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() || err.contains("PermissionError"), "unexpected failure: {err}");
+    Some(out.status.success())
+}
+
+#[test]
+fn the_default_socket_is_outside_the_data_dir() {
+    let config = AgentConfig::new("/var/lib/tessera/agent".into(), "127.0.0.1:8081".into());
+    assert_eq!(config.socket_path, Path::new(DEFAULT_SOCKET_PATH));
+    assert!(!config.socket_path.starts_with(&config.data_dir));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_uid_can_connect_to_the_socket_the_agent_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    // A tempdir is 0700; make this one like /tmp's children are reachable.
+    // 0711: searchable, not listable; the agent must leave it as it is.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let data_dir = dir.path().join("agent");
+    let socket = dir.path().join("run/tessera-agent/public/api.sock");
+
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let bundle = data_dir.join("bootstrap-bundle.pem");
+    std::fs::write(&bundle, to_pem(&server.bundle().await)).unwrap();
+    let mut config = AgentConfig::new(data_dir.clone(), server.addr.to_string());
+    config.join_token = Some(server.join_token("", 0).await.token);
+    config.trust_bundle = Some(bundle);
+    config.socket_path = socket.clone();
+    let agent = RunningAgent::start_with(config).await;
+
+    assert_eq!(mode(&socket), 0o777, "the socket");
+    for created in ["run", "run/tessera-agent", "run/tessera-agent/public"] {
+        assert_eq!(mode(&dir.path().join(created)), 0o755, "{created}, created by the agent");
+    }
+    assert_eq!(mode(dir.path()), 0o711, "a directory the agent did not create keeps its mode");
+    assert_eq!(mode(&data_dir), 0o700, "the data dir stays private");
+    match nobody_can_connect(&socket) {
+        Some(connected) => assert!(connected, "uid 65534 cannot connect to {}", socket.display()),
+        None => eprintln!("not root: checked the modes only, not a connection as another uid"),
+    }
+    agent.stop().await;
+
+    // What the old default did: a socket inside the 0700 data dir is out
+    // of other users' reach (and the test can tell).
+    let private = data_dir.join("public/api.sock");
+    std::fs::create_dir_all(private.parent().unwrap()).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o777)).unwrap();
+    if let Some(connected) = nobody_can_connect(&private) {
+        assert!(!connected, "a socket under a 0700 directory must be out of reach");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_directory_owned_by_another_user_is_refused() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root: cannot create a directory owned by another uid");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let public = dir.path().join("public");
+    std::fs::create_dir(&public).unwrap();
+    std::os::unix::fs::chown(&public, Some(65534), Some(65534)).unwrap();
+    let data_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let bundle = data_dir.join("bootstrap-bundle.pem");
+    std::fs::write(&bundle, to_pem(&server.bundle().await)).unwrap();
+    let mut config = AgentConfig::new(data_dir, server.addr.to_string());
+    config.join_token = Some(server.join_token("", 0).await.token);
+    config.trust_bundle = Some(bundle);
+    config.socket_path = public.join("api.sock");
+    let err = tessera_agent::Agent::start(config).await.unwrap_err().to_string();
+    assert!(err.contains("owned by uid 65534"), "{err}");
+    server.stop().await;
+}
