@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use crate::cache::{AgentEntry, Cache, CachedSvid};
+use crate::cache::{AgentEntry, Cache, CacheState, CachedSvid};
 use crate::identity::{certs_pem, new_key_and_csr, write_private, AgentIdentity};
 use crate::node_client::{connect_node, node_tls_config, NodeClientError};
 
@@ -313,10 +313,13 @@ fn refusal_of(status: &tonic::Status) -> Option<&str> {
     status.metadata().get("tessera-refusal").and_then(|v| v.to_str().ok())
 }
 
-/// Applies an upsert unless the agent already holds this entry at a later
-/// revision: the agent never goes backwards.
-pub fn apply_upsert(s: &mut crate::cache::CacheState, entry: AgentEntry, revision: u64) -> bool {
-    if s.entries.get(&entry.id).is_some_and(|old| old.revision > entry.revision) {
+/// Applies an upsert logged at `revision`, unless the agent is already past
+/// that revision or holds a later version of the entry: the agent never
+/// goes backwards (a stale upsert cannot resurrect a removed entry).
+fn apply_upsert(s: &mut CacheState, entry: AgentEntry, revision: u64) -> bool {
+    if revision <= s.revision
+        || s.entries.get(&entry.id).is_some_and(|old| old.revision > entry.revision)
+    {
         return false;
     }
     let stale = s.entries.get(&entry.id).is_some_and(|old| !old.same_certificate_content(&entry));
@@ -330,8 +333,8 @@ pub fn apply_upsert(s: &mut crate::cache::CacheState, entry: AgentEntry, revisio
 
 /// Applies a removal logged at `revision`, unless the agent holds a later
 /// version of the entry.
-pub fn apply_removal(s: &mut crate::cache::CacheState, id: &str, revision: u64) -> bool {
-    if s.entries.get(id).is_some_and(|old| old.revision > revision) {
+fn apply_removal(s: &mut CacheState, id: &str, revision: u64) -> bool {
+    if revision <= s.revision || s.entries.get(id).is_some_and(|old| old.revision > revision) {
         return false;
     }
     s.remove_entry(id);
@@ -406,9 +409,10 @@ pub async fn signer_loop(
             .svids
             .values()
             .flat_map(|s| {
-                let capped = state.entries.get(&s.entry_id).is_some_and(|e| {
-                    e.expires_at != 0 && s.expires_at >= e.expires_at
-                });
+                let capped = state
+                    .entries
+                    .get(&s.entry_id)
+                    .is_some_and(|e| e.expires_at != 0 && s.expires_at >= e.expires_at);
                 [if capped { s.expires_at } else { s.renew_at }, s.expires_at]
             })
             .chain(retry_at.values().copied())
@@ -545,4 +549,39 @@ async fn renew_agent(link: &NodeLink, data_dir: &std::path::Path) -> Result<Agen
     }
     link.set_identity(identity.clone());
     Ok(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, revision: u64) -> AgentEntry {
+        AgentEntry {
+            id: id.into(),
+            spiffe_id: "spiffe://example.org/w".parse().unwrap(),
+            selectors: vec!["unix:uid:1".parse().unwrap()],
+            x509_svid_ttl: 60,
+            dns_names: vec![],
+            expires_at: 0,
+            revision,
+            hint: String::new(),
+        }
+    }
+
+    /// Item 4: an upsert that raced a delete (an older revision arriving
+    /// after the removal) must not resurrect the entry; the agent never
+    /// goes backwards.
+    #[test]
+    fn a_stale_upsert_does_not_resurrect_a_removed_entry() {
+        let mut state = CacheState::default();
+        assert!(apply_upsert(&mut state, entry("a", 3), 3));
+        assert!(apply_upsert(&mut state, entry("a", 5), 5));
+        assert!(!apply_upsert(&mut state, entry("a", 4), 4), "older version ignored");
+        assert_eq!(state.entries["a"].revision, 5);
+        assert!(!apply_removal(&mut state, "a", 4), "an older removal is ignored");
+        assert!(apply_removal(&mut state, "a", 6));
+        assert!(!apply_upsert(&mut state, entry("a", 5), 5), "a stale upsert after the removal");
+        assert!(!state.entries.contains_key("a"), "the removed entry stays removed");
+        assert_eq!(state.revision, 6);
+    }
 }

@@ -408,8 +408,7 @@ impl Admin for AdminService {
         Ok(Response::new(report_proto(&report)))
     }
 
-    type BackupStoreStream =
-        Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+    type BackupStoreStream = Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
 
     async fn backup_store(
         &self,
@@ -424,10 +423,8 @@ impl Admin for AdminService {
             })
             .await?;
         info!(target: "tessera::audit", bytes = backup.len(), "store backup taken");
-        let chunks: Vec<Result<pb::BackupChunk, Status>> = backup
-            .chunks(BACKUP_CHUNK)
-            .map(|c| Ok(pb::BackupChunk { data: c.to_vec() }))
-            .collect();
+        let chunks: Vec<Result<pb::BackupChunk, Status>> =
+            backup.chunks(BACKUP_CHUNK).map(|c| Ok(pb::BackupChunk { data: c.to_vec() })).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 

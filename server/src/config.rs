@@ -208,7 +208,10 @@ impl Config {
             return invalid("join_token_ttl", "must be at least 1 second");
         }
         if self.sign_rate == 0 || self.sign_burst < 1000 {
-            return invalid("sign_rate", "sign_rate must be at least 1 and sign_burst at least 1000 (one batch)");
+            return invalid(
+                "sign_rate",
+                "sign_rate must be at least 1 and sign_burst at least 1000 (one batch)",
+            );
         }
         Ok(())
     }

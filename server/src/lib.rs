@@ -40,11 +40,11 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, ConfigError, FileConfig};
 pub use csr::{parse_csr, CsrError};
 pub use entry::{Entry, EntryError, EntryRules};
+pub use node::REFUSAL_METADATA;
 pub use revocation::normalize_serial;
 pub use server::{Server, ServerError, MAX_MESSAGE_BYTES};
 pub use store::{
-    AgentRefusal, Change, ChangeKind, EntryFilter, EntryWrite, SledStore, Signed, Store, StoreError,
-    StoreReport,
+    AgentRefusal, Change, ChangeKind, EntryFilter, EntryWrite, Signed, SledStore, Store,
+    StoreError, StoreReport,
 };
-pub use node::REFUSAL_METADATA;
 pub use tls::NodePeer;

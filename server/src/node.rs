@@ -98,7 +98,10 @@ impl NodeService {
         let (key, serial) = (caller.id.to_string(), caller.serial.clone());
         let agent = self.state.store_op(move |store| store.check_agent(&key, &serial)).await??;
         if agent.x509_svid_expires_at <= self.state.clock.now() {
-            return Err(agent_refused("expired", format!("agent SVID {} has expired", caller.serial)));
+            return Err(agent_refused(
+                "expired",
+                format!("agent SVID {} has expired", caller.serial),
+            ));
         }
         Ok(())
     }
@@ -174,7 +177,10 @@ impl NodeService {
         let now = self.state.clock.now();
         let ttl = entry.svid_ttl_at(now);
         if entry.is_expired(now) || ttl == 0 {
-            return Err(fail(tonic::Code::PermissionDenied, format!("entry {} has expired", entry.id)));
+            return Err(fail(
+                tonic::Code::PermissionDenied,
+                format!("entry {} has expired", entry.id),
+            ));
         }
         let key = match parse_csr(&item.csr) {
             Ok(key) => key,
@@ -247,8 +253,9 @@ impl Node for NodeService {
         }
         let agent_id =
             SpiffeId::parse(&record.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
-        let (svid, issued) =
-            self.sign_agent_svid(&agent_id, &req.csr).map_err(|e| refuse(op, agent_id.as_str(), e))?;
+        let (svid, issued) = self
+            .sign_agent_svid(&agent_id, &req.csr)
+            .map_err(|e| refuse(op, agent_id.as_str(), e))?;
         let agent = types::Agent {
             spiffe_id: agent_id.to_string(),
             x509_svid_serial: svid.serial.clone(),
@@ -281,9 +288,19 @@ impl Node for NodeService {
         // Cheap early refusals before signing; the commit checks again.
         let key = agent_id.to_string();
         match self.state.store_op(move |store| store.agent(&key)).await? {
-            None => return Err(refuse(op, agent_id.as_str(), AgentRefusal::Unknown(agent_id.to_string()).into())),
+            None => {
+                return Err(refuse(
+                    op,
+                    agent_id.as_str(),
+                    AgentRefusal::Unknown(agent_id.to_string()).into(),
+                ))
+            }
             Some(a) if a.banned => {
-                return Err(refuse(op, agent_id.as_str(), AgentRefusal::Banned(agent_id.to_string()).into()))
+                return Err(refuse(
+                    op,
+                    agent_id.as_str(),
+                    AgentRefusal::Banned(agent_id.to_string()).into(),
+                ))
             }
             Some(_) => {}
         }
@@ -323,7 +340,8 @@ impl Node for NodeService {
                 )),
             ));
         }
-        self.take_sign_budget(&caller.id, items.len()).map_err(|e| refuse(op, caller.id.as_str(), e))?;
+        self.take_sign_budget(&caller.id, items.len())
+            .map_err(|e| refuse(op, caller.id.as_str(), e))?;
         let ids: Vec<String> = items.iter().map(|i| i.entry_id.clone()).collect();
         let entries = self
             .state
@@ -387,7 +405,11 @@ impl Node for NodeService {
                     };
                     revoked_any = true;
                     warn!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, serial = %svid.serial, reason = %why, "X509-SVID revoked as it was issued");
-                    results.push(item_failure(&record.entry.id, tonic::Code::PermissionDenied, why));
+                    results.push(item_failure(
+                        &record.entry.id,
+                        tonic::Code::PermissionDenied,
+                        why,
+                    ));
                 }
             }
         }
@@ -440,7 +462,12 @@ impl NodeService {
     /// since `resume_from` or a snapshot, then every change of the log as
     /// it commits. Returns when the agent goes away, the server shuts
     /// down, or the agent may no longer sync (the error says why).
-    async fn run_sync(&self, caller: &Caller, resume_from: u64, tx: &SyncSender) -> Result<(), Status> {
+    async fn run_sync(
+        &self,
+        caller: &Caller,
+        resume_from: u64,
+        tx: &SyncSender,
+    ) -> Result<(), Status> {
         let agent_id = &caller.id;
         let mut wake = self.state.store.subscribe();
         send(tx, Event::Bundle(pb::BundleUpdate { authorities: self.bundle() })).await?;
@@ -469,8 +496,10 @@ impl NodeService {
         let shutdown = self.state.shutdown.clone();
         loop {
             let from = cursor;
-            let changes =
-                self.state.store_op(move |store| store.changes_since(from, SYNC_CHANGES_PAGE)).await?;
+            let changes = self
+                .state
+                .store_op(move |store| store.changes_since(from, SYNC_CHANGES_PAGE))
+                .await?;
             if changes.is_empty() {
                 tokio::select! {
                     _ = tx.closed() => return Ok(()),
@@ -479,7 +508,9 @@ impl NodeService {
                     changed = wake.changed() => if changed.is_err() { return Ok(()) },
                     _ = tokio::time::sleep(SYNC_RECHECK) => {}
                 }
-                self.check_caller(caller).await.map_err(|e| refuse("sync", agent_id.as_str(), e))?;
+                self.check_caller(caller)
+                    .await
+                    .map_err(|e| refuse("sync", agent_id.as_str(), e))?;
                 continue;
             }
             for change in changes {
@@ -491,7 +522,12 @@ impl NodeService {
     }
 
     /// Sends what one change means for this agent, if anything.
-    async fn send_change(&self, caller: &Caller, change: Change, tx: &SyncSender) -> Result<(), Status> {
+    async fn send_change(
+        &self,
+        caller: &Caller,
+        change: Change,
+        tx: &SyncSender,
+    ) -> Result<(), Status> {
         let agent_id = &caller.id;
         let revision = change.revision;
         match change.kind {

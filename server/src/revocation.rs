@@ -39,12 +39,22 @@ pub fn normalize_serial(input: &str) -> Result<String, String> {
 pub struct CaCrlSigner(pub Arc<Ca>);
 
 impl CrlSigner for CaCrlSigner {
-    fn sign_crls(&self, revocations: &[pb::Revocation], number: u64) -> Result<Vec<Vec<u8>>, String> {
+    fn sign_crls(
+        &self,
+        revocations: &[pb::Revocation],
+        number: u64,
+    ) -> Result<Vec<Vec<u8>>, String> {
         let entries: Vec<CrlEntry> = revocations
             .iter()
-            .map(|r| CrlEntry { serial: r.serial.clone(), revoked_at: r.revoked_at, ca_seq: r.ca_seq })
+            .map(|r| CrlEntry {
+                serial: r.serial.clone(),
+                revoked_at: r.revoked_at,
+                ca_seq: r.ca_seq,
+            })
             .collect();
-        self.0.sign_crls(&entries, number, CRL_VALIDITY_SECS).map_err(|e| format!("CRL signing failed: {e}"))
+        self.0
+            .sign_crls(&entries, number, CRL_VALIDITY_SECS)
+            .map_err(|e| format!("CRL signing failed: {e}"))
     }
 }
 

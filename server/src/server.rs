@@ -128,7 +128,10 @@ impl Server {
         });
         // The bundle may have changed while the server was down (a CA
         // expired or was prepared): agents resuming from the log hear of it.
-        state.store_op(|store| store.log_bundle_change()).await.map_err(|e| ServerError::Crl(e.message().to_string()))?;
+        state
+            .store_op(|store| store.log_bundle_change())
+            .await
+            .map_err(|e| ServerError::Crl(e.message().to_string()))?;
         crate::revocation::refresh_crls(&state)
             .await
             .map_err(|e| ServerError::Crl(e.message().to_string()))?;

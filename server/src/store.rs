@@ -57,7 +57,9 @@ pub enum StoreError {
     },
     /// The store is missing writes it acknowledged, or its records disagree
     /// with each other: it was damaged or rolled back.
-    #[error("store {path} is damaged: {reason}; restore a backup with `tessera-server store restore`")]
+    #[error(
+        "store {path} is damaged: {reason}; restore a backup with `tessera-server store restore`"
+    )]
     Damaged {
         /// The store directory.
         path: String,
@@ -195,7 +197,11 @@ pub struct Signed {
 /// and workloads never see a revocation without its CRL).
 pub trait CrlSigner: Send + Sync + fmt::Debug {
     /// One DER CRL per CA in the bundle, numbered `crl_number`.
-    fn sign_crls(&self, revocations: &[pb::Revocation], crl_number: u64) -> Result<Vec<Vec<u8>>, String>;
+    fn sign_crls(
+        &self,
+        revocations: &[pb::Revocation],
+        crl_number: u64,
+    ) -> Result<Vec<Vec<u8>>, String>;
 }
 
 /// What [`Store::check`] found in a healthy store.
@@ -392,7 +398,9 @@ pub struct SledStore {
 
 impl fmt::Debug for SledStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SledStore").field("entries", &self.tree(ENTRIES).len()).finish_non_exhaustive()
+        f.debug_struct("SledStore")
+            .field("entries", &self.tree(ENTRIES).len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -469,10 +477,9 @@ impl Watermark {
         record[..8].copy_from_slice(WATERMARK_MAGIC);
         record[8..16].copy_from_slice(&seq.to_be_bytes());
         record[16..24].copy_from_slice(&(!seq).to_be_bytes());
-        self.file
-            .write_all_at(&record, 0)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|source| StoreError::Watermark { path: self.path.display().to_string(), source })
+        self.file.write_all_at(&record, 0).and_then(|()| self.file.sync_data()).map_err(|source| {
+            StoreError::Watermark { path: self.path.display().to_string(), source }
+        })
     }
 }
 
@@ -539,7 +546,9 @@ impl Tx<'_> {
     fn agent(&self, id: &str) -> TxResult<Option<pb::Agent>> {
         match self.t(AGENTS).get(id.as_bytes())? {
             None => Ok(None),
-            Some(bytes) => decode(id.as_bytes(), &bytes).map(Some).map_err(ConflictableTransactionError::Abort),
+            Some(bytes) => {
+                decode(id.as_bytes(), &bytes).map(Some).map_err(ConflictableTransactionError::Abort)
+            }
         }
     }
 
@@ -565,7 +574,9 @@ impl Tx<'_> {
             stored.push(revocation.clone());
         }
         if !stored.is_empty() {
-            self.log(ChangeKind::Revoked { serials: stored.iter().map(|r| r.serial.clone()).collect() })?;
+            self.log(ChangeKind::Revoked {
+                serials: stored.iter().map(|r| r.serial.clone()).collect(),
+            })?;
             self.revoked.borrow_mut().extend(stored.iter().cloned());
             self.resign.set(true);
         }
@@ -574,7 +585,10 @@ impl Tx<'_> {
 }
 
 fn abort_corrupt(key: &str, e: impl fmt::Display) -> ConflictableTransactionError<StoreError> {
-    ConflictableTransactionError::Abort(StoreError::Corrupt { key: key.into(), reason: e.to_string() })
+    ConflictableTransactionError::Abort(StoreError::Corrupt {
+        key: key.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// A revocation of `svid` at `now`.
@@ -595,7 +609,8 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let (store, acked) = Self::open_unchecked(dir)?;
         let meta_seq = read_u64(store.tree(META).get(WRITE_SEQ_KEY)?.as_deref());
-        let damaged = |reason: String| StoreError::Damaged { path: dir.display().to_string(), reason };
+        let damaged =
+            |reason: String| StoreError::Damaged { path: dir.display().to_string(), reason };
         match acked {
             Some(acked) if meta_seq < acked => {
                 return Err(damaged(format!(
@@ -710,9 +725,9 @@ impl SledStore {
         let mut all = stored.to_vec();
         all.extend(tx.revoked.borrow().iter().cloned());
         let number = read_u64(tx.t(META).get(CRL_NUMBER_KEY)?.as_deref()) + 1;
-        let crls = signer
-            .sign_crls(&all, number)
-            .map_err(|reason| ConflictableTransactionError::Abort(StoreError::Corrupt { key: "CRL".into(), reason }))?;
+        let crls = signer.sign_crls(&all, number).map_err(|reason| {
+            ConflictableTransactionError::Abort(StoreError::Corrupt { key: "CRL".into(), reason })
+        })?;
         tx.t(META).insert(CRL_NUMBER_KEY, &number.to_be_bytes())?;
         tx.t(META).insert(CRLS_KEY, pb::Crls { crls }.encode_to_vec())?;
         tx.log(ChangeKind::Crls)?;
@@ -767,7 +782,10 @@ impl SledStore {
         if let Some(item) = self.tree(CHANGES).iter().next_back() {
             let (key, _) = item?;
             if read_u64(Some(&key)) != revision {
-                return Err(corrupt(b"change log", &format!("ends at {} but the revision is {revision}", read_u64(Some(&key)))));
+                return Err(corrupt(
+                    b"change log",
+                    &format!("ends at {} but the revision is {revision}", read_u64(Some(&key))),
+                ));
             }
         }
         Ok(StoreReport {
@@ -901,7 +919,8 @@ fn write_backup(trees: &[sled::Tree; 12], out: &mut dyn Write) -> Result<(), Sto
             let (key, value) = item?;
             put(&[i as u8], out)?;
             for part in [key.as_ref(), value.as_ref()] {
-                let len = u32::try_from(part.len()).map_err(|_| StoreError::Backup("record too large".into()))?;
+                let len = u32::try_from(part.len())
+                    .map_err(|_| StoreError::Backup("record too large".into()))?;
                 put(&len.to_be_bytes(), out)?;
                 put(part, out)?;
             }
@@ -928,7 +947,10 @@ fn read_backup(input: &mut dyn Read) -> Result<Vec<BackupRecord>, StoreError> {
     let mut records = Vec::new();
     let mut at = BACKUP_MAGIC.len();
     let take = |n: usize, at: &mut usize| -> Result<Vec<u8>, StoreError> {
-        let end = at.checked_add(n).filter(|end| *end <= body.len()).ok_or_else(|| bad("record runs past the end"))?;
+        let end = at
+            .checked_add(n)
+            .filter(|end| *end <= body.len())
+            .ok_or_else(|| bad("record runs past the end"))?;
         let out = body[*at..end].to_vec();
         *at = end;
         Ok(out)
@@ -1018,7 +1040,8 @@ impl Store for SledStore {
                 if entry.parent_id != old.parent_id {
                     parents.push(entry.parent_id.to_string());
                 }
-                entry.revision = tx.log(ChangeKind::Entry { entry_id: entry.id.clone(), parents })?;
+                entry.revision =
+                    tx.log(ChangeKind::Entry { entry_id: entry.id.clone(), parents })?;
                 tx.put_entry(&entry)?;
                 revoke.extend(
                     issued
@@ -1070,7 +1093,10 @@ impl Store for SledStore {
     }
 
     fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
-        self.tree(ENTRIES).get(id.as_bytes())?.map(|bytes| decode_entry(id.as_bytes(), &bytes)).transpose()
+        self.tree(ENTRIES)
+            .get(id.as_bytes())?
+            .map(|bytes| decode_entry(id.as_bytes(), &bytes))
+            .transpose()
     }
 
     fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError> {
@@ -1156,10 +1182,11 @@ impl Store for SledStore {
         let mut out = Vec::new();
         for item in self.tree(CHANGES).range(start.as_slice()..).take(limit) {
             let (key, bytes) = item?;
-            let change: Change = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                key: format!("change {}", read_u64(Some(&key))),
-                reason: e.to_string(),
-            })?;
+            let change: Change =
+                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                    key: format!("change {}", read_u64(Some(&key))),
+                    reason: e.to_string(),
+                })?;
             out.push(change);
         }
         Ok(out)
@@ -1198,7 +1225,6 @@ impl Store for SledStore {
             .map(|c| c.crls)
             .unwrap_or_default())
     }
-
 
     fn put_join_token(&self, token: &pb::JoinToken) -> Result<(), StoreError> {
         let bytes = token.encode_to_vec();
@@ -1305,7 +1331,10 @@ impl Store for SledStore {
             tx.put_agent(&agent)?;
             let revocations: Vec<_> = issued.iter().map(|s| revocation_of(s, &why, now)).collect();
             let revoked = tx.revoke(&revocations)?;
-            tx.log(ChangeKind::AgentBanned { agent_id: agent_id.to_string(), reason: reason.to_string() })?;
+            tx.log(ChangeKind::AgentBanned {
+                agent_id: agent_id.to_string(),
+                reason: reason.to_string(),
+            })?;
             Ok(Ok(revoked))
         })
     }
@@ -1325,7 +1354,11 @@ impl Store for SledStore {
             if agent.banned && !unban {
                 // Evicting must not become a way to lift a ban: keep the
                 // record (banned) so the agent can never attest again.
-                let kept = pb::Agent { x509_svid_serial: String::new(), previous_x509_svid_serial: String::new(), ..agent };
+                let kept = pb::Agent {
+                    x509_svid_serial: String::new(),
+                    previous_x509_svid_serial: String::new(),
+                    ..agent
+                };
                 tx.put_agent(&kept)?;
             } else {
                 tx.t(AGENTS).remove(agent_id.as_bytes())?;
@@ -1339,7 +1372,10 @@ impl Store for SledStore {
     }
 
     fn agent(&self, spiffe_id: &str) -> Result<Option<pb::Agent>, StoreError> {
-        self.tree(AGENTS).get(spiffe_id.as_bytes())?.map(|b| decode(spiffe_id.as_bytes(), &b)).transpose()
+        self.tree(AGENTS)
+            .get(spiffe_id.as_bytes())?
+            .map(|b| decode(spiffe_id.as_bytes(), &b))
+            .transpose()
     }
 
     fn agents(&self) -> Result<Vec<pb::Agent>, StoreError> {
@@ -1373,8 +1409,12 @@ impl Store for SledStore {
             for item in signed {
                 let refusal = match (&agent_refusal, tx.entry(&item.entry.id)?) {
                     (Some(why), _) => Some(why.clone()),
-                    (None, None) => Some(format!("entry {} was deleted while signing", item.entry.id)),
-                    (None, Some(current)) if !current.authorizes_svid_of(&item.entry, item.svid.expires_at) => {
+                    (None, None) => {
+                        Some(format!("entry {} was deleted while signing", item.entry.id))
+                    }
+                    (None, Some(current))
+                        if !current.authorizes_svid_of(&item.entry, item.svid.expires_at) =>
+                    {
                         Some(format!("entry {} changed while signing", item.entry.id))
                     }
                     (None, Some(_)) => None,
@@ -1407,7 +1447,10 @@ impl Store for SledStore {
     }
 
     fn revocation(&self, serial: &str) -> Result<Option<pb::Revocation>, StoreError> {
-        self.tree(REVOCATIONS).get(serial.as_bytes())?.map(|b| decode(serial.as_bytes(), &b)).transpose()
+        self.tree(REVOCATIONS)
+            .get(serial.as_bytes())?
+            .map(|b| decode(serial.as_bytes(), &b))
+            .transpose()
     }
 
     fn revocations(&self) -> Result<Vec<pb::Revocation>, StoreError> {
@@ -1464,5 +1507,296 @@ impl Store for SledStore {
         // Under the writer lock: a copy of one moment, while reads go on.
         let _guard = self.lock();
         write_backup(&self.trees, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::EntryRules;
+    use tessera_workload_api::TrustDomain;
+
+    fn entry(id: &str, spiffe: &str, parent: &str, uid: u32) -> Entry {
+        let rules = EntryRules {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            default_ttl: 60,
+            max_ttl: 600,
+        };
+        let mut e = rules
+            .validate(
+                &pb::Entry {
+                    spiffe_id: format!("spiffe://example.org/{spiffe}"),
+                    parent_id: format!("spiffe://example.org/{parent}"),
+                    selectors: vec![pb::Selector {
+                        r#type: "unix".into(),
+                        value: format!("uid:{uid}"),
+                    }],
+                    ..Default::default()
+                },
+                1,
+            )
+            .unwrap();
+        e.id = id.into();
+        e
+    }
+
+    fn issued(serial: &str, entry: &Entry) -> pb::IssuedSvid {
+        pb::IssuedSvid {
+            serial: serial.into(),
+            spiffe_id: entry.spiffe_id.to_string(),
+            entry_id: entry.id.clone(),
+            agent_id: entry.parent_id.to_string(),
+            expires_at: i64::MAX,
+            ca_seq: 1,
+        }
+    }
+
+    fn agent(id: &str, serial: &str) -> pb::Agent {
+        pb::Agent {
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            x509_svid_serial: serial.into(),
+            x509_svid_expires_at: i64::MAX,
+            ..Default::default()
+        }
+    }
+
+    fn agent_svid(id: &str, serial: &str) -> pb::IssuedSvid {
+        pb::IssuedSvid {
+            serial: serial.into(),
+            agent_id: format!("spiffe://example.org/{id}"),
+            expires_at: i64::MAX,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn entries_are_indexed_by_parent_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let results = store
+                .create_entries(&[
+                    entry("a", "w1", "agent1", 1),
+                    entry("b", "w2", "agent2", 1),
+                    entry("c", "w3", "agent1", 2),
+                ])
+                .unwrap();
+            assert!(results.iter().all(Result::is_ok));
+            assert_eq!(store.revision().unwrap(), 3);
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let parent = SpiffeId::parse("spiffe://example.org/agent1").unwrap();
+        let ids: Vec<_> =
+            store.entries_by_parent(&parent).unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(store.entry_count(), 3);
+    }
+
+    #[test]
+    fn duplicates_are_refused_per_item_and_store_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.create_entries(&[entry("a", "w", "agent", 1)]).unwrap();
+        let results = store
+            .create_entries(&[
+                entry("b", "w", "agent", 1),
+                entry("c", "w", "agent", 2),
+                entry("d", "w", "agent", 2),
+            ])
+            .unwrap();
+        assert_eq!(results[0], Err(EntryError::Duplicate("a".into())));
+        assert!(results[1].is_ok());
+        assert_eq!(results[2], Err(EntryError::Duplicate("c".into())));
+        assert_eq!(store.entry_count(), 2);
+        assert_eq!(store.revision().unwrap(), 2);
+    }
+
+    /// One change per revision: an update that moves an entry names both
+    /// parents in one record, so a resume decides from the entry as it is.
+    #[test]
+    fn an_update_is_one_change_naming_old_and_new_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.create_entries(&[entry("a", "w", "agent1", 1)]).unwrap();
+        let write = store.update_entries(&[entry("a", "w", "agent2", 1)], 0, "moved").unwrap();
+        assert_eq!(write.results[0].as_ref().unwrap().revision, 2);
+        let changes = store.changes_since(1, 100).unwrap();
+        assert_eq!(
+            changes,
+            [Change {
+                revision: 2,
+                kind: ChangeKind::Entry {
+                    entry_id: "a".into(),
+                    parents: vec![
+                        "spiffe://example.org/agent1".into(),
+                        "spiffe://example.org/agent2".into()
+                    ]
+                }
+            }]
+        );
+        let revisions: Vec<u64> =
+            store.changes_since(0, 100).unwrap().iter().map(|c| c.revision).collect();
+        assert_eq!(revisions, [1, 2], "revisions are commit order, without gaps");
+    }
+
+    /// Item 4: a delete and the revocation of its SVIDs are one commit;
+    /// what is reopened after it has both or neither.
+    #[test]
+    fn a_delete_and_its_revocations_are_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let e = entry("a", "w", "agent", 1);
+            store.create_entries(std::slice::from_ref(&e)).unwrap();
+            store
+                .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"))
+                .unwrap()
+                .unwrap();
+            let signed = [Signed { svid: issued("01", &e), entry: e.clone() }];
+            assert_eq!(
+                store.record_issued(&e.parent_id.to_string(), "s0", &signed, 5).unwrap(),
+                [Ok(())]
+            );
+            let write = store.delete_entries(&["a".into()], 7, "entry deleted").unwrap();
+            assert_eq!(write.revoked.len(), 1);
+            let kinds: Vec<_> =
+                store.changes_since(1, 100).unwrap().into_iter().map(|c| c.kind).collect();
+            assert!(
+                matches!(kinds.as_slice(), [ChangeKind::Entry { .. }, ChangeKind::Revoked { serials }] if serials == &["01"])
+            );
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert!(store.entry("a").unwrap().is_none());
+        assert_eq!(store.revocation("01").unwrap().map(|r| r.revoked_at), Some(7));
+        let retry = store.delete_entries(&["a".into()], 8, "again").unwrap();
+        assert_eq!(retry.results[0], Err(EntryError::NotFound("a".into())));
+    }
+
+    /// Item 4: an SVID whose signing raced a delete, a change or a ban is
+    /// recorded and revoked in the same commit, never handed out valid.
+    #[test]
+    fn svids_recorded_after_their_entry_changed_are_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let (a, b) = (entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 1));
+        store.create_entries(&[a.clone(), b.clone()]).unwrap();
+        store.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
+        store.delete_entries(&["a".into()], 1, "deleted").unwrap();
+        let mut renamed = b.clone();
+        renamed.spiffe_id = SpiffeId::parse("spiffe://example.org/other").unwrap();
+        store.update_entries(&[renamed], 1, "renamed").unwrap();
+        let signed = [
+            Signed { svid: issued("0a", &a), entry: a.clone() },
+            Signed { svid: issued("0b", &b), entry: b.clone() },
+        ];
+        let results = store.record_issued("spiffe://example.org/agent", "s0", &signed, 2).unwrap();
+        assert!(results.iter().all(Result::is_err), "{results:?}");
+        assert!(
+            store.revocation("0a").unwrap().is_some() && store.revocation("0b").unwrap().is_some()
+        );
+
+        let c = entry("c", "w3", "agent", 1);
+        store.create_entries(std::slice::from_ref(&c)).unwrap();
+        store.ban_agent("spiffe://example.org/agent", "test", 3).unwrap().unwrap();
+        let signed = [Signed { svid: issued("0c", &c), entry: c }];
+        let results = store.record_issued("spiffe://example.org/agent", "s0", &signed, 4).unwrap();
+        assert!(results[0].is_err());
+        assert!(store.revocation("0c").unwrap().is_some());
+    }
+
+    /// Item 4: a renewal cannot undo a ban, and is refused once banned.
+    #[test]
+    fn a_renewal_never_undoes_a_ban() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let id = "spiffe://example.org/agent";
+        store.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
+        store.ban_agent(id, "test", 1).unwrap().unwrap();
+        let refused = store.renew_agent(id, "s0", &agent_svid("agent", "s1"), 2).unwrap();
+        assert_eq!(refused, Err(AgentRefusal::Banned(id.into())));
+        assert!(store.agent(id).unwrap().unwrap().banned);
+        assert_eq!(store.check_agent(id, "s0").unwrap(), Err(AgentRefusal::Banned(id.into())));
+    }
+
+    /// Item 7: a store behind its watermark (data lost, or an old copy put
+    /// back) is refused, never served as what is left.
+    #[test]
+    fn a_store_behind_its_watermark_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.create_entries(&[entry("a", "w1", "agent", 1)]).unwrap();
+        }
+        copy_dir(dir.path(), old.path());
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.create_entries(&[entry("b", "w2", "agent", 1)]).unwrap();
+        }
+        // Put the old database back, keeping the newer watermark.
+        std::fs::copy(dir.path().join("tessera.watermark"), old.path().join("tessera.watermark"))
+            .unwrap();
+        let err = SledStore::open(old.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+        assert!(err.to_string().contains("acknowledged"), "{err}");
+    }
+
+    #[test]
+    fn backup_restores_every_record_and_a_damaged_backup_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store
+            .create_entries(&[entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 2)])
+            .unwrap();
+        store.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
+        let mut backup = Vec::new();
+        store.backup(&mut backup).unwrap();
+        let before = store.check().unwrap();
+
+        let target = tempfile::tempdir().unwrap();
+        let restored =
+            SledStore::restore(&target.path().join("store"), &mut backup.as_slice()).unwrap();
+        assert_eq!(restored, before);
+        let reopened = SledStore::open(&target.path().join("store")).unwrap();
+        assert_eq!(reopened.entry("b").unwrap().map(|e| e.id), Some("b".into()));
+
+        let mut flipped = backup.clone();
+        let middle = flipped.len() / 2;
+        flipped[middle] ^= 0x10;
+        let err = SledStore::restore(
+            &tempfile::tempdir().unwrap().path().join("s"),
+            &mut flipped.as_slice(),
+        );
+        assert!(err.unwrap_err().to_string().contains("checksum"));
+        let err =
+            SledStore::restore(&target.path().join("store"), &mut backup.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("already holds a store"), "{err}");
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        for item in std::fs::read_dir(from).unwrap() {
+            let item = item.unwrap();
+            let target = to.join(item.file_name());
+            if item.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(&target).unwrap();
+                copy_dir(&item.path(), &target);
+            } else {
+                std::fs::copy(item.path(), target).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn join_token_can_be_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let token = pb::JoinToken {
+            token: "t".into(),
+            spiffe_id: "spiffe://example.org/a".into(),
+            expires_at: 5,
+        };
+        store.put_join_token(&token).unwrap();
+        assert_eq!(store.take_join_token("t").unwrap(), Some(token));
+        assert_eq!(store.take_join_token("t").unwrap(), None);
     }
 }

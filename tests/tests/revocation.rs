@@ -129,7 +129,10 @@ async fn expired_jit_entry_ends_the_identity_with_no_operator_action() {
         let got = admin.get_entry(admin_pb::GetEntryRequest { id: entry_id.clone() }).await;
         match got {
             Err(err) if err.code() == Code::NotFound => break,
-            _ => assert!(std::time::Instant::now() < deadline, "the server deleted the expired entry itself"),
+            _ => assert!(
+                std::time::Instant::now() < deadline,
+                "the server deleted the expired entry itself"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -187,7 +190,10 @@ async fn evicted_agent_must_attest_again() {
     let token = server.join_token("spiffe://example.org/node/evictee", 0).await;
     let agent = TestAgent::attest(&server, &token.token).await.unwrap();
     let mut admin = server.admin().await;
-    admin.evict_agent(admin_pb::EvictAgentRequest { spiffe_id: agent.id.clone(), unban: false }).await.unwrap();
+    admin
+        .evict_agent(admin_pb::EvictAgentRequest { spiffe_id: agent.id.clone(), unban: false })
+        .await
+        .unwrap();
     assert!(admin
         .list_agents(admin_pb::ListAgentsRequest {})
         .await
@@ -209,7 +215,10 @@ async fn evicted_agent_must_attest_again() {
     let token = server.join_token("spiffe://example.org/node/evictee", 0).await;
     TestAgent::attest(&server, &token.token).await.expect("re-attestation with a new token works");
     let err = admin
-        .evict_agent(admin_pb::EvictAgentRequest { spiffe_id: agent.id.clone() + "x", unban: false })
+        .evict_agent(admin_pb::EvictAgentRequest {
+            spiffe_id: agent.id.clone() + "x",
+            unban: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
