@@ -547,7 +547,7 @@ impl NodeService {
                 send(tx, Event::Change(pb::EntryChange { revision, change: Some(change) })).await
             }
             ChangeKind::Revoked { serials } => {
-                if serials.iter().any(|s| *s == caller.serial) {
+                if serials.contains(&caller.serial) {
                     warn!(agent_id = %agent_id, "closing sync stream: the agent's SVID was revoked");
                     return Err(AgentRefusal::Revoked(caller.serial.clone()).into());
                 }

@@ -1,0 +1,392 @@
+//! Model-based test of sync: seeded random sequences of entry creates,
+//! updates (TTL, DNS names, SPIFFE ID), deletes and task-scoped expiries,
+//! SVID revocations, agent stops, starts and restarts, and server restarts,
+//! with a CA that is prepared and activated every few seconds. At every
+//! quiet point a real Workload API client on the agent must be served
+//! exactly the identities of the server's entries, no revoked serial, no
+//! SVID past its entry's expiry, and the server's current CRLs.
+//!
+//! Short run (in the suite): a few seeds. Long run, on demand:
+//! `TESSERA_MODEL_SECONDS=600 cargo test -p tessera-tests --test sync_model -- --nocapture`
+//! A failure prints its seed; `TESSERA_MODEL_SEED=N` replays it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{not_after_unix, now_unix, raw_client, serial_hex, uid_selector};
+use tessera_proto::admin as admin_pb;
+use tessera_proto::workload::X509svidRequest;
+use tessera_server::SystemClock;
+use tessera_tests::{entry, test_config, RunningAgent, TestServer};
+use tessera_workload_api::with_header;
+use tonic::Code;
+
+const AGENT_ID: &str = "spiffe://example.org/node/model";
+/// CA lifetime: a CA is prepared every 12 s and activated 20 s after creation.
+const CA_TTL: u64 = 24;
+/// Operations per seed in the suite's short run and in the long run.
+const SHORT_STEPS: usize = 48;
+const LONG_STEPS: usize = 150;
+/// How long the system may take to reach the model after a quiet point starts.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// What the model says an entry is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ModelEntry {
+    spiffe_id: String,
+    dns_names: Vec<String>,
+    ttl: u32,
+    expires_at: i64,
+}
+
+struct World {
+    dir: PathBuf,
+    server: Option<TestServer>,
+    agent: Option<RunningAgent>,
+    model: BTreeMap<String, ModelEntry>,
+    next_name: u64,
+    log: Vec<String>,
+}
+
+impl World {
+    fn server(&self) -> &TestServer {
+        self.server.as_ref().unwrap()
+    }
+
+    async fn start_agent(&mut self) {
+        let token = self.server().join_token(AGENT_ID, 0).await.token;
+        let agent = RunningAgent::start_configured(self.server(), &self.dir.join("agent"), |c| {
+            c.join_token = Some(token);
+        })
+        .await;
+        assert_eq!(agent.id, AGENT_ID);
+        self.agent = Some(agent);
+    }
+
+    async fn admin(&self) -> admin_pb::admin_client::AdminClient<tonic::transport::Channel> {
+        self.server().admin().await
+    }
+
+    fn to_proto(id: &str, e: &ModelEntry) -> tessera_proto::types::Entry {
+        let mut p = entry(&e.spiffe_id, AGENT_ID, &[&uid_selector()], Some(e.ttl));
+        p.id = id.to_string();
+        p.dns_names = e.dns_names.clone();
+        p.expires_at = e.expires_at;
+        p
+    }
+
+    async fn step(&mut self, rng: &mut Rng) {
+        self.model.retain(|_, e| e.expires_at == 0 || e.expires_at > now_unix());
+        let op = rng.below(100);
+        let pick = |rng: &mut Rng, model: &BTreeMap<String, ModelEntry>| {
+            model.keys().nth(rng.below(model.len() as u64) as usize).cloned()
+        };
+        match op {
+            0..=24 if self.model.len() < 6 => {
+                self.next_name += 1;
+                let expires_at =
+                    if rng.below(4) == 0 { now_unix() + 2 + rng.below(4) as i64 } else { 0 };
+                let e = ModelEntry {
+                    spiffe_id: format!("spiffe://example.org/m/{}", self.next_name),
+                    dns_names: vec![],
+                    ttl: 30 + rng.below(600) as u32,
+                    expires_at,
+                };
+                let created = self
+                    .admin()
+                    .await
+                    .batch_create_entry(admin_pb::BatchCreateEntryRequest {
+                        entries: vec![Self::to_proto("", &e)],
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let id = created.results[0].entry.as_ref().expect("entry created").id.clone();
+                self.log.push(format!("{} create {id} {e:?}", now_unix()));
+                self.model.insert(id, e);
+            }
+            25..=44 => {
+                let Some(id) = pick(rng, &self.model) else { return };
+                let mut e = self.model[&id].clone();
+                match rng.below(3) {
+                    0 => e.ttl = 30 + rng.below(600) as u32,
+                    1 => {
+                        e.dns_names = if e.dns_names.is_empty() {
+                            vec![format!("m{}.internal", rng.below(100))]
+                        } else {
+                            vec![]
+                        }
+                    }
+                    _ => {
+                        self.next_name += 1;
+                        e.spiffe_id = format!("spiffe://example.org/m/{}", self.next_name);
+                    }
+                }
+                let updated = self
+                    .admin()
+                    .await
+                    .batch_update_entry(admin_pb::BatchUpdateEntryRequest {
+                        entries: vec![Self::to_proto(&id, &e)],
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let status = updated.results[0].status.clone().unwrap();
+                if status.code == 0 {
+                    self.log.push(format!("update {id} {e:?}"));
+                    self.model.insert(id, e);
+                } else {
+                    // Only an entry that expired in between may be gone.
+                    assert_eq!(status.code, Code::NotFound as i32, "{status:?}");
+                    self.model.remove(&id);
+                }
+            }
+            45..=59 => {
+                let Some(id) = pick(rng, &self.model) else { return };
+                self.admin()
+                    .await
+                    .batch_delete_entry(admin_pb::BatchDeleteEntryRequest { ids: vec![id.clone()] })
+                    .await
+                    .unwrap();
+                self.log.push(format!("delete {id}"));
+                self.model.remove(&id);
+            }
+            60..=72 => {
+                let Some(agent) = &self.agent else { return };
+                let Ok(served) = served(&agent.socket).await else { return };
+                let Some((_, serial, _)) = served.get(rng.below(served.len() as u64) as usize)
+                else {
+                    return;
+                };
+                let revoked = self
+                    .admin()
+                    .await
+                    .revoke_svid(admin_pb::RevokeSvidRequest {
+                        serial: serial.clone(),
+                        reason: "model".into(),
+                    })
+                    .await;
+                self.log.push(format!("revoke {serial}: {:?}", revoked.map(|_| ())));
+            }
+            73..=80 => {
+                if let Some(agent) = self.agent.take() {
+                    agent.stop().await;
+                    self.log.push("agent stopped".into());
+                } else {
+                    self.start_agent().await;
+                    self.log.push("agent started".into());
+                }
+            }
+            81..=86 => {
+                if let Some(agent) = self.agent.take() {
+                    agent.stop().await;
+                }
+                self.start_agent().await;
+                self.log.push("agent restarted".into());
+            }
+            87..=92 => {
+                let server = self.server.take().unwrap();
+                self.server = Some(server.restart().await);
+                self.log.push("server restarted".into());
+            }
+            _ => {
+                let pause = rng.below(400);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                self.log.push(format!("pause {pause} ms"));
+            }
+        }
+    }
+
+    /// Waits until what the workload is served matches the model and the
+    /// server; panics with the difference if it never does.
+    async fn converge(&mut self, seed: u64) {
+        if self.agent.is_none() {
+            self.start_agent().await;
+            self.log.push("agent started (quiet point)".into());
+        }
+        // Let entries about to expire expire first.
+        let soon = now_unix() + 2;
+        if let Some(last) =
+            self.model.values().map(|e| e.expires_at).filter(|t| *t != 0 && *t <= soon).max()
+        {
+            tokio::time::sleep(Duration::from_secs((last + 1 - now_unix()).max(0) as u64)).await;
+        }
+        let deadline = Instant::now() + CONVERGE;
+        let mut first_problem = None;
+        loop {
+            // Entries expire while we wait, on the server and in the model.
+            self.model.retain(|_, e| e.expires_at == 0 || e.expires_at > now_unix() + 1);
+            let problem = self.divergence().await;
+            if first_problem.is_none() {
+                first_problem.clone_from(&problem);
+            }
+            let Some(problem) = problem else { return };
+            if Instant::now() > deadline {
+                let tail = self.log.iter().rev().take(60).rev().cloned().collect::<Vec<_>>();
+                panic!(
+                    "seed {seed}: the agent did not converge in {CONVERGE:?}: {problem} (first seen: {})\nlast operations:\n  {}",
+                    first_problem.unwrap_or_default(),
+                    tail.join("\n  ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What differs between the model, the server and the workload's view.
+    async fn divergence(&self) -> Option<String> {
+        let mut admin = self.admin().await;
+        let listed = admin
+            .list_entries(admin_pb::ListEntriesRequest {
+                parent_id: AGENT_ID.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let on_server: BTreeSet<String> = listed.iter().map(|e| e.id.clone()).collect();
+        let in_model: BTreeSet<String> = self.model.keys().cloned().collect();
+        if on_server != in_model {
+            return Some(format!("server entries {on_server:?} != model {in_model:?}"));
+        }
+        let revoked: BTreeSet<String> = admin
+            .list_revocations(admin_pb::ListRevocationsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .revocations
+            .into_iter()
+            .map(|r| r.serial)
+            .collect();
+        let crls = admin.get_bundle(admin_pb::GetBundleRequest {}).await.unwrap().into_inner().crls;
+        let socket = &self.agent.as_ref().unwrap().socket;
+        let want: BTreeMap<&str, &ModelEntry> =
+            self.model.values().map(|e| (e.spiffe_id.as_str(), e)).collect();
+        match served_with_crls(socket).await {
+            Err(status) if want.is_empty() && status.message() == "no identity issued" => None,
+            Err(status) => Some(format!("fetch failed: {status:?}; want {:?}", want.keys())),
+            Ok((svids, served_crls)) => {
+                let got: BTreeSet<&str> = svids.iter().map(|(id, _, _)| id.as_str()).collect();
+                let wanted: BTreeSet<&str> = want.keys().copied().collect();
+                if got != wanted {
+                    return Some(format!("served {got:?}, server has {wanted:?}"));
+                }
+                for (id, serial, not_after) in &svids {
+                    if revoked.contains(serial) {
+                        return Some(format!("served revoked serial {serial} for {id}"));
+                    }
+                    let expires_at = want[id.as_str()].expires_at;
+                    if expires_at != 0 && *not_after > expires_at {
+                        return Some(format!(
+                            "{id}: NotAfter {not_after} past expiry {expires_at}"
+                        ));
+                    }
+                }
+                if served_crls != crls {
+                    return Some("the workload's CRLs are not the server's".into());
+                }
+                None
+            }
+        }
+    }
+}
+
+/// (SPIFFE ID, serial, NotAfter) of each SVID served, and the CRLs.
+type Served = (Vec<(String, String, i64)>, Vec<Vec<u8>>);
+
+async fn served_with_crls(socket: &Path) -> Result<Served, tonic::Status> {
+    let mut client = raw_client(socket).await;
+    let mut stream = client.fetch_x509svid(with_header(X509svidRequest {})).await?.into_inner();
+    let response = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("no first response"))??
+        .ok_or_else(|| tonic::Status::aborted("stream ended"))?;
+    let svids = response
+        .svids
+        .iter()
+        .map(|s| {
+            let (_, leaf) = x509_parser::parse_x509_certificate(&s.x509_svid).unwrap();
+            let leaf = leaf.as_ref();
+            (s.spiffe_id.clone(), serial_hex(leaf), not_after_unix(leaf))
+        })
+        .collect();
+    Ok((svids, response.crl))
+}
+
+async fn served(socket: &Path) -> Result<Vec<(String, String, i64)>, tonic::Status> {
+    served_with_crls(socket).await.map(|(svids, _)| svids)
+}
+
+async fn run_seed(seed: u64, steps: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&dir.path().join("server"));
+    config.ca_ttl = CA_TTL;
+    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let mut world = World {
+        dir: dir.path().to_owned(),
+        server: Some(server),
+        agent: None,
+        model: BTreeMap::new(),
+        next_name: 0,
+        log: Vec::new(),
+    };
+    world.start_agent().await;
+    let mut rng = Rng(seed | 1);
+    for step in 0..steps {
+        world.step(&mut rng).await;
+        if step % 6 == 5 {
+            world.converge(seed).await;
+        }
+    }
+    world.converge(seed).await;
+    if let Some(agent) = world.agent.take() {
+        agent.stop().await;
+    }
+    world.server.take().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_converge_to_the_server_under_random_sequences() {
+    let seconds: u64 =
+        std::env::var("TESSERA_MODEL_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    if let Some(seed) = std::env::var("TESSERA_MODEL_SEED").ok().and_then(|s| s.parse().ok()) {
+        eprintln!("sync model: replaying seed {seed}");
+        run_seed(seed, if seconds > 0 { LONG_STEPS } else { SHORT_STEPS }).await;
+        return;
+    }
+    let started = Instant::now();
+    let base = if seconds > 0 { now_unix() as u64 } else { 0x07e5_5e7a };
+    let mut runs = 0u64;
+    loop {
+        let seed = base.wrapping_add(runs.wrapping_mul(0x9E37_79B9));
+        eprintln!("sync model: seed {seed}");
+        run_seed(seed, if seconds > 0 { LONG_STEPS } else { SHORT_STEPS }).await;
+        runs += 1;
+        if (seconds == 0 && runs >= 2) || (seconds > 0 && started.elapsed().as_secs() >= seconds) {
+            break;
+        }
+    }
+    eprintln!("sync model: {runs} runs, no divergence, {:?}", started.elapsed());
+}
