@@ -1704,6 +1704,27 @@ mod tests {
         assert!(store.revocation("0c").unwrap().is_some());
     }
 
+    /// The server revokes exactly on the changes for which the agent
+    /// re-issues because the old SVID no longer states what the entry
+    /// authorizes: a new DNS name revokes; a new TTL alone does not.
+    #[test]
+    fn a_dns_name_change_revokes_and_a_ttl_change_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let e = entry("a", "w", "agent", 1);
+        store.create_entries(std::slice::from_ref(&e)).unwrap();
+        store.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
+        let signed = [Signed { svid: issued("0a", &e), entry: e.clone() }];
+        store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
+        let mut longer = e.clone();
+        longer.x509_svid_ttl = 600;
+        assert!(store.update_entries(&[longer.clone()], 2, "ttl").unwrap().revoked.is_empty());
+        let mut named = longer;
+        named.dns_names = vec!["web.internal".into()];
+        let revoked = store.update_entries(&[named], 3, "dns").unwrap().revoked;
+        assert_eq!(revoked.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(), ["0a"]);
+    }
+
     /// Item 4: a renewal cannot undo a ban, and is refused once banned.
     #[test]
     fn a_renewal_never_undoes_a_ban() {

@@ -356,3 +356,29 @@ async fn a_prepared_ca_brings_its_own_crl_to_open_streams() {
     assert_eq!(issuers.len(), crls.len(), "one CRL per CA, each from a different issuer");
     server.stop().await;
 }
+
+/// A compromised agent cannot grow the issued-SVID records without bound:
+/// past its signing budget it gets `ResourceExhausted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_over_its_signing_budget_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&dir.path().join("server"));
+    config.sign_rate = 1;
+    config.sign_burst = 1000;
+    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let agent = attest(&server, "spiffe://example.org/node/greedy").await;
+    let entry_id =
+        server.create_entry("spiffe://example.org/w", &agent.id, &["unix:uid:1"], None).await;
+    let batch = |n: usize| node_pb::SignX509Request {
+        items: (0..n)
+            .map(|_| node_pb::SignX509Item { entry_id: entry_id.clone(), csr: key_and_csr().1 })
+            .collect(),
+    };
+    let mut client = agent.connect().await;
+    let first = client.sign_x509(batch(1000)).await.expect("within the burst");
+    assert!(first.into_inner().results.iter().all(|r| r.status.as_ref().unwrap().code == 0));
+    let err = client.sign_x509(batch(100)).await.expect_err("over the budget");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("signing limit"), "{err:?}");
+    server.stop().await;
+}
