@@ -26,6 +26,7 @@ mod clock;
 mod config;
 mod csr;
 mod entry;
+mod feed;
 mod fsutil;
 mod node;
 mod revocation;

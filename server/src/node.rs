@@ -469,7 +469,7 @@ impl NodeService {
         tx: &SyncSender,
     ) -> Result<(), Status> {
         let agent_id = &caller.id;
-        let mut wake = self.state.store.subscribe();
+        let mut wake = self.state.feed.subscribe();
         send(tx, Event::Bundle(pb::BundleUpdate { authorities: self.bundle() })).await?;
         let crls = self.state.store_op(|store| store.crls()).await?;
         send(tx, Event::Revocation(pb::Revocation { serials: Vec::new(), crls })).await?;
@@ -480,13 +480,17 @@ impl NodeService {
             let parent = agent_id.clone();
             let (revision, entries) =
                 self.state.store_op(move |store| store.snapshot(&parent)).await?;
-            let chunks = entries.chunks(SNAPSHOT_CHUNK).count().max(1);
-            for i in 0..chunks {
-                let chunk = entries.chunks(SNAPSHOT_CHUNK).nth(i).unwrap_or_default();
+            let chunks: Vec<&[Entry]> = if entries.is_empty() {
+                vec![&[]]
+            } else {
+                entries.chunks(SNAPSHOT_CHUNK).collect()
+            };
+            let last = chunks.len() - 1;
+            for (i, chunk) in chunks.into_iter().enumerate() {
                 let snapshot = pb::EntrySnapshot {
                     entries: chunk.iter().map(Entry::to_proto).collect(),
                     revision,
-                    complete: i + 1 == chunks,
+                    complete: i == last,
                 };
                 send(tx, Event::Snapshot(snapshot)).await?;
             }
@@ -495,27 +499,35 @@ impl NodeService {
         info!(agent_id = %agent_id, revision = cursor, resumed_from = resume_from, "agent sync started");
         let shutdown = self.state.shutdown.clone();
         loop {
-            let from = cursor;
-            let changes = self
-                .state
-                .store_op(move |store| store.changes_since(from, SYNC_CHANGES_PAGE))
-                .await?;
+            let changes = match self.state.feed.since(cursor, SYNC_CHANGES_PAGE) {
+                Some(changes) => changes,
+                // Older than the shared window: read the log itself.
+                None => {
+                    let from = cursor;
+                    let read = self
+                        .state
+                        .store_op(move |store| store.changes_since(from, SYNC_CHANGES_PAGE))
+                        .await?;
+                    read.into_iter().map(Arc::new).collect()
+                }
+            };
             if changes.is_empty() {
                 tokio::select! {
                     _ = tx.closed() => return Ok(()),
                     // End the stream so the server's graceful shutdown can finish.
                     _ = shutdown.cancelled() => return Ok(()),
                     changed = wake.changed() => if changed.is_err() { return Ok(()) },
-                    _ = tokio::time::sleep(SYNC_RECHECK) => {}
+                    _ = tokio::time::sleep(SYNC_RECHECK) => {
+                        // Revocations and bans arrive through the log; a
+                        // renewal (superseded SVID) or expiry is checked here.
+                        self.check_caller(caller).await.map_err(|e| refuse("sync", agent_id.as_str(), e))?;
+                    }
                 }
-                self.check_caller(caller)
-                    .await
-                    .map_err(|e| refuse("sync", agent_id.as_str(), e))?;
                 continue;
             }
             for change in changes {
                 cursor = change.revision;
-                self.send_change(caller, change, tx).await?;
+                self.send_change(caller, &change, tx).await?;
             }
             send(tx, Event::Checkpoint(pb::Checkpoint { revision: cursor })).await?;
         }
@@ -525,12 +537,12 @@ impl NodeService {
     async fn send_change(
         &self,
         caller: &Caller,
-        change: Change,
+        change: &Change,
         tx: &SyncSender,
     ) -> Result<(), Status> {
         let agent_id = &caller.id;
         let revision = change.revision;
-        match change.kind {
+        match &change.kind {
             ChangeKind::Entry { entry_id, parents } => {
                 if !parents.iter().any(|p| p == agent_id.as_str()) {
                     return Ok(());
@@ -542,7 +554,7 @@ impl NodeService {
                     Some(entry) if &entry.parent_id == agent_id => {
                         pb::entry_change::Change::Upserted(entry.to_proto())
                     }
-                    _ => pb::entry_change::Change::RemovedEntryId(entry_id),
+                    _ => pb::entry_change::Change::RemovedEntryId(entry_id.clone()),
                 };
                 send(tx, Event::Change(pb::EntryChange { revision, change: Some(change) })).await
             }
@@ -554,6 +566,7 @@ impl NodeService {
                 // The commit that revoked also signed CRLs listing them:
                 // the agent gets both in one message.
                 let crls = self.state.store_op(|store| store.crls()).await?;
+                let serials = serials.clone();
                 send(tx, Event::Revocation(pb::Revocation { serials, crls })).await
             }
             ChangeKind::Crls => {
@@ -565,8 +578,8 @@ impl NodeService {
             }
             ChangeKind::AgentBanned { agent_id: banned, reason } if banned == agent_id.as_str() => {
                 warn!(agent_id = %agent_id, "closing sync stream of banned agent");
-                send(tx, Event::Banned(pb::AgentBanned { reason })).await?;
-                Err(AgentRefusal::Banned(banned).into())
+                send(tx, Event::Banned(pb::AgentBanned { reason: reason.clone() })).await?;
+                Err(AgentRefusal::Banned(banned.clone()).into())
             }
             ChangeKind::AgentEvicted { agent_id: evicted } if evicted == agent_id.as_str() => {
                 warn!(agent_id = %agent_id, "closing sync stream of evicted agent");

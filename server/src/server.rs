@@ -117,6 +117,7 @@ impl Server {
             max_ttl: config.max_x509_svid_ttl,
         };
         store.set_crl_signer(Arc::new(crate::revocation::CaCrlSigner(ca.clone())));
+        let feed = Arc::new(crate::feed::ChangeFeed::new(store.revision()?));
         let state = Arc::new(State {
             config,
             clock,
@@ -124,6 +125,7 @@ impl Server {
             ca,
             rules,
             anchors,
+            feed,
             shutdown: CancellationToken::new(),
         });
         // The bundle may have changed while the server was down (a CA
@@ -215,6 +217,14 @@ impl Server {
         );
         tasks.spawn(
             expiry_loop(state.clone(), shutdown.clone()).instrument(tracing::info_span!("expiry")),
+        );
+        let feed = state.feed.clone().run(state.store.clone(), shutdown.clone());
+        tasks.spawn(
+            async move {
+                feed.await;
+                Ok(())
+            }
+            .instrument(tracing::info_span!("change_feed")),
         );
 
         info!(

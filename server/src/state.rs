@@ -27,6 +27,8 @@ pub struct State {
     pub rules: EntryRules,
     /// The bundle as trust anchors for verifying agents.
     pub anchors: TrustAnchors,
+    /// The change log's recent changes, decoded once for every Sync stream.
+    pub feed: Arc<crate::feed::ChangeFeed>,
     /// Cancelled when the server shuts down; long-lived streams end on it.
     pub shutdown: CancellationToken,
 }

@@ -1329,12 +1329,14 @@ impl Store for SledStore {
             };
             agent.banned = true;
             tx.put_agent(&agent)?;
-            let revocations: Vec<_> = issued.iter().map(|s| revocation_of(s, &why, now)).collect();
-            let revoked = tx.revoke(&revocations)?;
+            // The ban first: the agent's stream tells it it is banned before
+            // the revocation of its own SVID closes the stream.
             tx.log(ChangeKind::AgentBanned {
                 agent_id: agent_id.to_string(),
                 reason: reason.to_string(),
             })?;
+            let revocations: Vec<_> = issued.iter().map(|s| revocation_of(s, &why, now)).collect();
+            let revoked = tx.revoke(&revocations)?;
             Ok(Ok(revoked))
         })
     }
@@ -1363,10 +1365,12 @@ impl Store for SledStore {
             } else {
                 tx.t(AGENTS).remove(agent_id.as_bytes())?;
             }
+            // The eviction first: it closes the agent's stream with a
+            // reason before the revocation of its SVID would.
+            tx.log(ChangeKind::AgentEvicted { agent_id: agent_id.to_string() })?;
             let revocations: Vec<_> =
                 own.iter().map(|s| revocation_of(s, "agent evicted", now)).collect();
             let revoked = tx.revoke(&revocations)?;
-            tx.log(ChangeKind::AgentEvicted { agent_id: agent_id.to_string() })?;
             Ok(Ok(revoked))
         })
     }

@@ -1,0 +1,118 @@
+//! The change feed: one task per server tails the store's change log,
+//! decodes each change once and keeps a window of the most recent ones that
+//! every Sync stream reads from. The log stays the truth: a stream whose
+//! revision is older than the window reads the store directly, and the
+//! feed only ever holds a contiguous run of the log.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::store::{Change, Store};
+
+/// Changes kept in memory for streams to read.
+pub const FEED_WINDOW: usize = 50_000;
+
+/// Changes read from the store at a time.
+const READ_PAGE: usize = 5_000;
+
+/// Recent changes of the log, shared by every Sync stream.
+#[derive(Debug)]
+pub struct ChangeFeed {
+    /// Contiguous revisions, oldest first.
+    window: RwLock<VecDeque<Arc<Change>>>,
+    /// The last revision in the window (or the store's at start).
+    latest: watch::Sender<u64>,
+}
+
+impl ChangeFeed {
+    /// An empty feed starting after `revision`.
+    pub fn new(revision: u64) -> Self {
+        Self { window: RwLock::new(VecDeque::new()), latest: watch::channel(revision).0 }
+    }
+
+    /// Wakes whenever the feed holds newer changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.latest.subscribe()
+    }
+
+    /// Up to `limit` changes after `revision`, if the window covers them;
+    /// `None` when the stream must read the store.
+    pub fn since(&self, revision: u64, limit: usize) -> Option<Vec<Arc<Change>>> {
+        let window = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let latest = *self.latest.borrow();
+        if revision >= latest {
+            return Some(Vec::new());
+        }
+        let first = window.front()?.revision;
+        if revision + 1 < first {
+            return None;
+        }
+        let skip = (revision + 1 - first) as usize;
+        Some(window.iter().skip(skip).take(limit).cloned().collect())
+    }
+
+    /// Tails the store's log until `shutdown`.
+    pub async fn run(self: Arc<Self>, store: Arc<dyn Store>, shutdown: CancellationToken) {
+        let mut wake = store.subscribe();
+        loop {
+            let after = *self.latest.borrow();
+            let reader = store.clone();
+            let read =
+                tokio::task::spawn_blocking(move || reader.changes_since(after, READ_PAGE)).await;
+            let changes = match read {
+                Ok(Ok(changes)) => changes,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "reading the change log failed; retrying");
+                    Vec::new()
+                }
+                Err(e) => {
+                    warn!(error = %e, "change log reader failed; retrying");
+                    Vec::new()
+                }
+            };
+            if let Some(last) = changes.last().map(|c| c.revision) {
+                let mut window = self.window.write().unwrap_or_else(|e| e.into_inner());
+                window.extend(changes.into_iter().map(Arc::new));
+                while window.len() > FEED_WINDOW {
+                    window.pop_front();
+                }
+                drop(window);
+                self.latest.send_replace(last);
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = wake.changed() => if changed.is_err() { return },
+                // A failed read is retried without waiting for the next commit.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ChangeKind;
+
+    fn change(revision: u64) -> Arc<Change> {
+        Arc::new(Change { revision, kind: ChangeKind::Bundle })
+    }
+
+    #[test]
+    fn the_window_answers_only_what_it_holds_contiguously() {
+        let feed = ChangeFeed::new(10);
+        assert_eq!(feed.since(10, 5).map(|c| c.len()), Some(0), "nothing newer yet");
+        feed.window.write().unwrap().extend((11..=20).map(change));
+        feed.latest.send_replace(20);
+        let got: Vec<u64> = feed.since(12, 3).unwrap().iter().map(|c| c.revision).collect();
+        assert_eq!(got, [13, 14, 15]);
+        assert!(feed.since(9, 3).is_none(), "older than the window: read the store");
+        assert_eq!(feed.since(20, 3).map(|c| c.len()), Some(0));
+    }
+}
