@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::store::{Change, Store};
+use crate::store::{Change, ChangeKind, Store};
 
 /// Changes kept in memory for streams to read.
 pub const FEED_WINDOW: usize = 50_000;
@@ -27,12 +27,23 @@ pub struct ChangeFeed {
     window: RwLock<VecDeque<Arc<Change>>>,
     /// The last revision in the window (or the store's at start).
     latest: watch::Sender<u64>,
+    /// The CRLs in force as of at least `latest`, read once for all streams.
+    crls: RwLock<Arc<Vec<Vec<u8>>>>,
 }
 
 impl ChangeFeed {
-    /// An empty feed starting after `revision`.
-    pub fn new(revision: u64) -> Self {
-        Self { window: RwLock::new(VecDeque::new()), latest: watch::channel(revision).0 }
+    /// An empty feed starting after `revision`, with the CRLs then in force.
+    pub fn new(revision: u64, crls: Vec<Vec<u8>>) -> Self {
+        Self {
+            window: RwLock::new(VecDeque::new()),
+            latest: watch::channel(revision).0,
+            crls: RwLock::new(Arc::new(crls)),
+        }
+    }
+
+    /// The CRLs in force, at least as new as every change the feed holds.
+    pub fn crls(&self) -> Arc<Vec<Vec<u8>>> {
+        self.crls.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Wakes whenever the feed holds newer changes.
@@ -65,6 +76,21 @@ impl ChangeFeed {
             let read =
                 tokio::task::spawn_blocking(move || reader.changes_since(after, READ_PAGE)).await;
             let changes = match read {
+                // CRLs change only with a `Crls` change (a revoking commit
+                // logs one too): read them once, before streams see it.
+                Ok(Ok(changes)) if changes.iter().any(|c| matches!(c.kind, ChangeKind::Crls)) => {
+                    let reader = store.clone();
+                    match tokio::task::spawn_blocking(move || reader.crls()).await {
+                        Ok(Ok(crls)) => {
+                            *self.crls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(crls);
+                            changes
+                        }
+                        _ => {
+                            warn!("reading the CRLs failed; retrying");
+                            Vec::new()
+                        }
+                    }
+                }
                 Ok(Ok(changes)) => changes,
                 Ok(Err(e)) => {
                     warn!(error = %e, "reading the change log failed; retrying");
@@ -98,7 +124,6 @@ impl ChangeFeed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ChangeKind;
 
     fn change(revision: u64) -> Arc<Change> {
         Arc::new(Change { revision, kind: ChangeKind::Bundle })
@@ -106,7 +131,7 @@ mod tests {
 
     #[test]
     fn the_window_answers_only_what_it_holds_contiguously() {
-        let feed = ChangeFeed::new(10);
+        let feed = ChangeFeed::new(10, Vec::new());
         assert_eq!(feed.since(10, 5).map(|c| c.len()), Some(0), "nothing newer yet");
         feed.window.write().unwrap().extend((11..=20).map(change));
         feed.latest.send_replace(20);

@@ -471,30 +471,41 @@ impl NodeService {
         let agent_id = &caller.id;
         let mut wake = self.state.feed.subscribe();
         send(tx, Event::Bundle(pb::BundleUpdate { authorities: self.bundle() })).await?;
-        let crls = self.state.store_op(|store| store.crls()).await?;
-        send(tx, Event::Revocation(pb::Revocation { serials: Vec::new(), crls })).await?;
-        let latest = self.state.store_op(|store| store.revision()).await?;
-        let mut cursor = if resume_from > 0 && resume_from <= latest {
-            resume_from
-        } else {
-            let parent = agent_id.clone();
-            let (revision, entries) =
-                self.state.store_op(move |store| store.snapshot(&parent)).await?;
-            let chunks: Vec<&[Entry]> = if entries.is_empty() {
-                vec![&[]]
-            } else {
-                entries.chunks(SNAPSHOT_CHUNK).collect()
-            };
-            let last = chunks.len() - 1;
-            for (i, chunk) in chunks.into_iter().enumerate() {
-                let snapshot = pb::EntrySnapshot {
-                    entries: chunk.iter().map(Entry::to_proto).collect(),
-                    revision,
-                    complete: i == last,
+        // The CRLs are read after the revision the stream starts from, so
+        // they are at least that new: a CRL change before it is not lost.
+        let parent = agent_id.clone();
+        let (snapshot, crls) = self
+            .state
+            .store_op(move |store| {
+                let latest = store.revision()?;
+                let snapshot = if resume_from > 0 && resume_from <= latest {
+                    None
+                } else {
+                    Some(store.snapshot(&parent)?)
                 };
-                send(tx, Event::Snapshot(snapshot)).await?;
+                Ok((snapshot, store.crls()?))
+            })
+            .await?;
+        send(tx, Event::Revocation(pb::Revocation { serials: Vec::new(), crls })).await?;
+        let mut cursor = match snapshot {
+            None => resume_from,
+            Some((revision, entries)) => {
+                let chunks: Vec<&[Entry]> = if entries.is_empty() {
+                    vec![&[]]
+                } else {
+                    entries.chunks(SNAPSHOT_CHUNK).collect()
+                };
+                let last = chunks.len() - 1;
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    let snapshot = pb::EntrySnapshot {
+                        entries: chunk.iter().map(Entry::to_proto).collect(),
+                        revision,
+                        complete: i == last,
+                    };
+                    send(tx, Event::Snapshot(snapshot)).await?;
+                }
+                revision
             }
-            revision
         };
         info!(agent_id = %agent_id, revision = cursor, resumed_from = resume_from, "agent sync started");
         let shutdown = self.state.shutdown.clone();
@@ -565,12 +576,12 @@ impl NodeService {
                 }
                 // The commit that revoked also signed CRLs listing them:
                 // the agent gets both in one message.
-                let crls = self.state.store_op(|store| store.crls()).await?;
+                let crls = self.state.feed.crls().as_ref().clone();
                 let serials = serials.clone();
                 send(tx, Event::Revocation(pb::Revocation { serials, crls })).await
             }
             ChangeKind::Crls => {
-                let crls = self.state.store_op(|store| store.crls()).await?;
+                let crls = self.state.feed.crls().as_ref().clone();
                 send(tx, Event::Revocation(pb::Revocation { serials: Vec::new(), crls })).await
             }
             ChangeKind::Bundle => {

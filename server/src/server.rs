@@ -117,7 +117,7 @@ impl Server {
             max_ttl: config.max_x509_svid_ttl,
         };
         store.set_crl_signer(Arc::new(crate::revocation::CaCrlSigner(ca.clone())));
-        let feed = Arc::new(crate::feed::ChangeFeed::new(store.revision()?));
+        let feed = Arc::new(crate::feed::ChangeFeed::new(store.revision()?, store.crls()?));
         let state = Arc::new(State {
             config,
             clock,

@@ -810,6 +810,15 @@ impl SledStore {
         Ok(out)
     }
 
+    /// The SVIDs issued for each entry. Read under the writer lock, nothing
+    /// can be issued or changed between these reads and the commit.
+    fn issued_per_entry<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a str>,
+    ) -> Result<Vec<Vec<pb::IssuedSvid>>, StoreError> {
+        ids.map(|id| self.issued_by_owner(id)).collect()
+    }
+
     /// SVIDs issued to or through an agent (its own and its entries').
     fn issued_through_agent(&self, agent_id: &str) -> Result<Vec<pb::IssuedSvid>, StoreError> {
         // An entry's SVIDs are revoked when it moves to another parent or is
@@ -1013,12 +1022,7 @@ impl Store for SledStore {
         reason: &str,
     ) -> Result<EntryWrite, StoreError> {
         let mut writer = self.lock();
-        // Read under the writer lock: nothing can be issued or changed
-        // between these reads and the commit.
-        let mut issued = Vec::with_capacity(entries.len());
-        for entry in entries {
-            issued.push(self.issued_by_owner(&entry.id)?);
-        }
+        let issued = self.issued_per_entry(entries.iter().map(|e| e.id.as_str()))?;
         self.commit_locked(&mut writer, |tx| {
             let mut write = EntryWrite::default();
             let mut revoke = Vec::new();
@@ -1064,10 +1068,7 @@ impl Store for SledStore {
         reason: &str,
     ) -> Result<EntryWrite, StoreError> {
         let mut writer = self.lock();
-        let mut issued = Vec::with_capacity(ids.len());
-        for id in ids {
-            issued.push(self.issued_by_owner(id)?);
-        }
+        let issued = self.issued_per_entry(ids.iter().map(String::as_str))?;
         self.commit_locked(&mut writer, |tx| {
             let mut write = EntryWrite::default();
             let mut revoke = Vec::new();

@@ -71,17 +71,9 @@ fn refusal(status: &tonic::Status) -> Option<&str> {
 
 /// Every serial the server lists as revoked, and every serial its CRLs list.
 async fn revoked_and_listed(server: &TestServer) -> (BTreeSet<String>, BTreeSet<String>) {
-    let mut admin = server.admin().await;
-    let revoked = admin
-        .list_revocations(admin_pb::ListRevocationsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .revocations
-        .into_iter()
-        .map(|r| r.serial)
-        .collect();
-    let bundle = admin.get_bundle(admin_pb::GetBundleRequest {}).await.unwrap().into_inner();
+    let revoked = common::revoked_serials(server).await;
+    let bundle =
+        server.admin().await.get_bundle(admin_pb::GetBundleRequest {}).await.unwrap().into_inner();
     let mut listed = BTreeSet::new();
     for crl in &bundle.crls {
         let (_, crl) = x509_parser::parse_x509_crl(crl).unwrap();

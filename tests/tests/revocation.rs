@@ -11,7 +11,7 @@ use tessera_tests::{entry, my_uid, RunningAgent, TestAgent, TestServer};
 use tokio_stream::{Stream, StreamExt as _};
 
 mod common;
-use common::{not_after_unix, now_unix, serial_hex, within, PROMPTLY};
+use common::{not_after_unix, now_unix, revoked_serials, serial_hex, within, PROMPTLY};
 use tonic::Code;
 
 /// A leaf's serial, as Tessera writes it.
@@ -54,12 +54,6 @@ async fn expect_withdrawn(
         }
     })
     .await
-}
-
-async fn revoked_serials(server: &TestServer) -> Vec<String> {
-    let list =
-        server.admin().await.list_revocations(admin_pb::ListRevocationsRequest {}).await.unwrap();
-    list.into_inner().revocations.into_iter().map(|r| r.serial).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -271,15 +271,7 @@ impl World {
         if on_server != in_model {
             return Some(format!("server entries {on_server:?} != model {in_model:?}"));
         }
-        let revoked: BTreeSet<String> = admin
-            .list_revocations(admin_pb::ListRevocationsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .revocations
-            .into_iter()
-            .map(|r| r.serial)
-            .collect();
+        let revoked = common::revoked_serials(self.server()).await;
         let crls = admin.get_bundle(admin_pb::GetBundleRequest {}).await.unwrap().into_inner().crls;
         let socket = &self.agent.as_ref().unwrap().socket;
         let want: BTreeMap<&str, &ModelEntry> =

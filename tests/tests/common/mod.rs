@@ -77,6 +77,23 @@ pub fn serial_hex(cert_der: &[u8]) -> String {
     trimmed_hex(cert.raw_serial())
 }
 
+/// The serials the server lists as revoked.
+pub async fn revoked_serials(
+    server: &tessera_tests::TestServer,
+) -> std::collections::BTreeSet<String> {
+    server
+        .admin()
+        .await
+        .list_revocations(tessera_proto::admin::ListRevocationsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .revocations
+        .into_iter()
+        .map(|r| r.serial)
+        .collect()
+}
+
 /// A certificate's NotAfter, Unix seconds.
 pub fn not_after_unix(cert_der: &[u8]) -> i64 {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).expect("the certificate parses");
