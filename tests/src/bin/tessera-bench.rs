@@ -224,7 +224,8 @@ async fn bench_streams(streams: usize) -> ((f64, f64), (f64, f64)) {
     .await;
     server.create_entry("spiffe://example.org/bench", &agent.id, &[&me()], None).await;
     let (_client, _stream, response) = open_stream(&agent).await;
-    let agent_figures = concurrent_first_responses(&agent.endpoint(), streams).await;
+    let (agent_figures, open) = concurrent_first_responses(&agent.endpoint(), streams).await;
+    drop(open);
     agent.stop().await;
     server.stop().await;
 
@@ -246,15 +247,19 @@ async fn bench_streams(streams: usize) -> ((f64, f64), (f64, f64)) {
             .await
     });
     let plain_figures =
-        concurrent_first_responses(&format!("unix://{}", socket.display()), streams).await;
+        concurrent_first_responses(&format!("unix://{}", socket.display()), streams).await.0;
     stop.cancel();
     let _ = plain.await;
     (agent_figures, plain_figures)
 }
 
+/// Streams kept open while a figure (RSS) is read.
+type OpenStreams = Vec<Box<dyn std::any::Any + Send>>;
+
 /// p50/p99 of the first response of `streams` FetchX509SVID streams opened
-/// at once, one connection each (all connected before the clock starts).
-async fn concurrent_first_responses(endpoint: &str, streams: usize) -> (f64, f64) {
+/// at once, one connection each (all connected before the clock starts),
+/// and the streams, still open.
+async fn concurrent_first_responses(endpoint: &str, streams: usize) -> ((f64, f64), OpenStreams) {
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(streams));
     let mut tasks = Vec::new();
     for _ in 0..streams {
@@ -279,9 +284,9 @@ async fn concurrent_first_responses(endpoint: &str, streams: usize) -> (f64, f64
     for task in tasks {
         let (elapsed, client, stream) = task.await.unwrap();
         samples.push(elapsed);
-        open.push((client, stream));
+        open.push(Box::new((client, stream)) as Box<dyn std::any::Any + Send>);
     }
-    percentiles(samples)
+    (percentiles(samples), open)
 }
 
 /// The Workload API with nothing behind it: every FetchX509SVID stream gets
@@ -999,34 +1004,8 @@ async fn bench_scale(
     // `streams` workloads open FetchX509SVID at once (one connection each).
     let endpoint = format!("unix://{}", agent.ready);
     fetch_x509(&endpoint).await.expect("warm-up fetch");
-    let mut tasks = Vec::new();
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(streams));
-    for _ in 0..streams {
-        let endpoint = endpoint.clone();
-        let barrier = barrier.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut client = connect_workload_api(&endpoint).await.unwrap();
-            barrier.wait().await;
-            let start = Instant::now();
-            let mut stream = client
-                .fetch_x509svid(cli_request(pb::X509svidRequest {}))
-                .await
-                .unwrap()
-                .into_inner();
-            let first = stream.message().await.unwrap().unwrap();
-            assert_eq!(first.svids.len(), 1);
-            (start.elapsed(), client, stream)
-        }));
-    }
-    let mut samples = Vec::new();
-    let mut open = Vec::new();
-    for task in tasks {
-        let (elapsed, client, stream) = task.await.unwrap();
-        samples.push(elapsed);
-        open.push((client, stream));
-    }
+    let ((p50, p99), open) = concurrent_first_responses(&endpoint, streams).await;
     let streams_rss = agent.rss_mb();
-    let (p50, p99) = percentiles(samples);
     row("1,000 concurrent FetchX509SVID first resp (ms)", p50, p99, streams);
     println!(
         "{:<44} {:>12.1} {:>12} {:>12}",
