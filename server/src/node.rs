@@ -103,6 +103,12 @@ impl NodeService {
                 format!("agent SVID {} has expired", caller.serial),
             ));
         }
+        if !agent.previous_x509_svid_serial.is_empty() {
+            // The agent has its renewed SVID: the one before may no longer
+            // renew (whoever else holds its key could take the agent over).
+            let (key, serial) = (caller.id.to_string(), caller.serial.clone());
+            self.state.store_op(move |store| store.confirm_agent_svid(&key, &serial)).await?;
+        }
         Ok(())
     }
 

@@ -325,6 +325,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         unban: bool,
         now: i64,
     ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError>;
+    /// The agent used its current SVID `serial`: the reply to its last
+    /// renewal arrived, so the SVID before it may no longer renew.
+    fn confirm_agent_svid(&self, agent_id: &str, serial: &str) -> Result<(), StoreError>;
     /// One agent.
     fn agent(&self, spiffe_id: &str) -> Result<Option<pb::Agent>, StoreError>;
     /// All agents.
@@ -1373,6 +1376,18 @@ impl Store for SledStore {
                 own.iter().map(|s| revocation_of(s, "agent evicted", now)).collect();
             let revoked = tx.revoke(&revocations)?;
             Ok(Ok(revoked))
+        })
+    }
+
+    fn confirm_agent_svid(&self, agent_id: &str, serial: &str) -> Result<(), StoreError> {
+        self.commit(|tx| {
+            if let Some(mut agent) = tx.agent(agent_id)? {
+                if agent.x509_svid_serial == serial && !agent.previous_x509_svid_serial.is_empty() {
+                    agent.previous_x509_svid_serial.clear();
+                    tx.put_agent(&agent)?;
+                }
+            }
+            Ok(())
         })
     }
 

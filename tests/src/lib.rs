@@ -164,7 +164,7 @@ pub fn key_and_csr() -> (KeyPair, Vec<u8>) {
 }
 
 /// An attested simulated agent.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TestAgent {
     /// Its SPIFFE ID.
     pub id: String,

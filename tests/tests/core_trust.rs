@@ -285,10 +285,17 @@ async fn a_renewal_whose_reply_was_lost_does_not_lock_the_agent_out() {
         .unwrap()
         .into_inner();
     let lost_serial = serial_hex(&lost.x509_svid[0]);
+    let mut before = agent.clone();
     renew(&mut agent).await.expect("the agent renews with the SVID it still has");
     let (revoked, _) = revoked_and_listed(&server).await;
     assert!(revoked.contains(&lost_serial), "the SVID whose reply was lost is revoked");
-    renew(&mut agent).await.expect("and keeps renewing normally");
+    // Once the agent uses its new SVID, the one before may not renew again.
+    let (_stream, _) = open_sync(&agent, 0).await;
+    assert!(
+        renew(&mut before).await.is_err(),
+        "a superseded SVID renewed after the new one was used"
+    );
+    renew(&mut agent).await.expect("and the agent keeps renewing normally");
     server.stop().await;
 }
 
