@@ -28,7 +28,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use httlib_hpack::{Decoder, Encoder};
+use loona_hpack::{Decoder, Encoder};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The client connection preface (RFC 9113 §3.4).
@@ -52,7 +52,7 @@ pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 pub const MAX_HEADER_LIST: usize = 256 * 1024;
 /// The dynamic table size both HPACK contexts start with (RFC 7541 §4.2 /
 /// SETTINGS_HEADER_TABLE_SIZE default); the agent's server never changes it.
-const HPACK_TABLE_SIZE: u32 = 4096;
+const HPACK_TABLE_SIZE: usize = 4096;
 /// What every request's `:authority` becomes.
 pub const REWRITTEN_AUTHORITY: &[u8] = b"localhost";
 
@@ -86,10 +86,7 @@ pub enum AuthorityError {
     BadPadding,
     /// The header block is not valid HPACK.
     #[error("invalid HPACK header block: {0}")]
-    Hpack(httlib_hpack::DecoderError),
-    /// A field could not be encoded again (cannot happen for a decoded field).
-    #[error("cannot encode header field: {0}")]
-    Encode(String),
+    Hpack(loona_hpack::decoder::DecoderError),
     /// An earlier error closed this connection.
     #[error("connection already failed")]
     Failed,
@@ -158,10 +155,10 @@ impl Default for AuthorityRewriter {
 impl AuthorityRewriter {
     /// A rewriter for a new connection (expecting the client preface).
     pub fn new() -> Self {
-        // The server (h2) decodes with the default 4,096-byte table; the
-        // client's encoder may use at most what the server advertised.
-        let decoder = Decoder::with_dynamic_size(HPACK_TABLE_SIZE);
-        let encoder = Encoder::with_dynamic_size(HPACK_TABLE_SIZE);
+        let mut decoder = Decoder::new();
+        decoder.set_max_allowed_table_size(HPACK_TABLE_SIZE);
+        let mut encoder = Encoder::new();
+        encoder.set_max_table_size(HPACK_TABLE_SIZE);
         Self { state: State::Preface, pending: Vec::new(), open: None, decoder, encoder }
     }
 
@@ -282,38 +279,28 @@ impl AuthorityRewriter {
         block: &OpenBlock,
         out: &mut Vec<u8>,
     ) -> Result<(), AuthorityError> {
-        let mut fields: Vec<(Vec<u8>, Vec<u8>, u8)> = Vec::new();
+        let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut list_size = 0usize;
         // The whole block is always decoded, so the decoder's dynamic table
-        // stays in step with the client's encoder; a few fields at a time,
-        // so a block that expands past the list bound stops early.
-        let mut rest = block.fragment.clone();
-        while !rest.is_empty() {
-            let mut decoded = Vec::with_capacity(16);
-            self.decoder.decode_exact(&mut rest, &mut decoded).map_err(AuthorityError::Hpack)?;
-            for (name, value, flags) in decoded {
+        // stays in step with the client's encoder.
+        self.decoder
+            .decode_with_cb(&block.fragment, |name, value| {
                 list_size = list_size.saturating_add(name.len() + value.len() + 32);
                 if list_size > MAX_HEADER_LIST {
-                    return Err(AuthorityError::HeaderListTooLarge);
+                    return;
                 }
-                let value =
-                    if name == b":authority" { REWRITTEN_AUTHORITY.to_vec() } else { value };
-                fields.push((name, value, flags));
-            }
+                let value = if name.as_ref() == b":authority" {
+                    REWRITTEN_AUTHORITY.to_vec()
+                } else {
+                    value.into_owned()
+                };
+                fields.push((name.into_owned(), value));
+            })
+            .map_err(AuthorityError::Hpack)?;
+        if list_size > MAX_HEADER_LIST {
+            return Err(AuthorityError::HeaderListTooLarge);
         }
-        let mut encoded = Vec::with_capacity(block.fragment.len() + 16);
-        for (name, value, flags) in fields {
-            // A field the client marked never-indexed stays so; the rest may
-            // be indexed (our table, which the server's decoder mirrors).
-            let flags = if flags & Encoder::NEVER_INDEXED != 0 {
-                Encoder::NEVER_INDEXED
-            } else {
-                Encoder::WITH_INDEXING | Encoder::BEST_FORMAT
-            };
-            self.encoder
-                .encode((name, value, flags), &mut encoded)
-                .map_err(|e| AuthorityError::Encode(format!("{e:?}")))?;
-        }
+        let encoded = self.encoder.encode(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
         write_header_frames(block, &encoded, out);
         Ok(())
     }
@@ -494,7 +481,7 @@ mod tests {
 
     fn parse_output(bytes: &[u8]) -> Vec<Parsed> {
         assert_eq!(&bytes[..24], PREFACE);
-        let mut decoder = loona_hpack::Decoder::new();
+        let mut decoder = Decoder::new();
         let mut rest = &bytes[24..];
         let mut parsed = Vec::new();
         // (stream, flags, priority, fragment) of the block being collected.
@@ -561,7 +548,7 @@ mod tests {
     /// dynamic table), a padded + prioritised HEADERS, DATA, PING, and a
     /// header block big enough to need CONTINUATION frames.
     fn client_bytes() -> Vec<u8> {
-        let mut encoder = loona_hpack::Encoder::new();
+        let mut encoder = Encoder::new();
         let mut bytes = PREFACE.to_vec();
         bytes.extend(frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]));
         let request = |authority: &'static [u8], extra: &'static [u8]| {
@@ -685,7 +672,7 @@ mod tests {
         assert!(matches!(with(&huge), Err(AuthorityError::HeaderBlockTooLarge)));
         // A small block that expands past the header list bound: one
         // 4,000-byte field added to the table, then referenced 100 times.
-        let mut encoder = loona_hpack::Encoder::new();
+        let mut encoder = Encoder::new();
         let value = vec![b'a'; 4000];
         let mut block = encoder.encode([(&b"x-a"[..], &value[..])]);
         let again = encoder.encode([(&b"x-a"[..], &value[..])]);
