@@ -310,7 +310,7 @@ async fn sync_once(
 
 /// The status's typed refusal (`banned`, `revoked`, ...), if the server sent one.
 fn refusal_of(status: &tonic::Status) -> Option<&str> {
-    status.metadata().get("tessera-refusal").and_then(|v| v.to_str().ok())
+    status.metadata().get(tessera_proto::REFUSAL_METADATA).and_then(|v| v.to_str().ok())
 }
 
 /// Applies an upsert logged at `revision`, unless the agent is already past

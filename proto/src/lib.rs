@@ -39,3 +39,8 @@ pub use tessera::admin::v1 as admin;
 pub use tessera::node::v1 as node;
 /// Records shared by the node and admin APIs.
 pub use tessera::types::v1 as types;
+
+/// Metadata key of a node API refusal that the agent acts on, with a typed
+/// reason as its value: `banned`, `revoked`, `superseded`, `unknown-agent`,
+/// `expired`, `evicted`.
+pub const REFUSAL_METADATA: &str = "tessera-refusal";

@@ -37,9 +37,7 @@ fn refuse(op: &str, agent: &str, status: Status) -> Status {
     status
 }
 
-/// Metadata key naming why an agent was refused, for the agent to act on
-/// (`banned`, `revoked`, `superseded`, `unknown-agent`, `expired`).
-pub const REFUSAL_METADATA: &str = "tessera-refusal";
+pub use tessera_proto::REFUSAL_METADATA;
 
 /// A refusal of the calling agent, with its typed reason attached.
 fn agent_refused(kind: &str, message: String) -> Status {
@@ -315,13 +313,14 @@ impl Node for NodeService {
             .map_err(|e| refuse(op, agent_id.as_str(), e))?;
         let now = self.state.clock.now();
         let (key, presented) = (agent_id.to_string(), caller.serial.clone());
-        self.state
+        let renewed = self
+            .state
             .store_op(move |store| store.renew_agent(&key, &presented, &issued, now))
             .await?
             .map_err(|e| refuse(op, agent_id.as_str(), e.into()))?;
         // A renewal after a lost reply revoked the lost SVID (CRLs re-signed
-        // in the same commit): the node API's verifier gets them too.
-        crate::revocation::update_verifier_crls(&self.state).await?;
+        // in the same commit).
+        crate::revocation::revoked(&self.state, &renewed.1).await?;
         info!(target: "tessera::audit", agent_id = %agent_id, serial = %svid.serial, "agent SVID renewed");
         Ok(Response::new(pb::RenewAgentResponse {
             x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),

@@ -301,14 +301,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Replaces the agent's SVID with `svid`, in one commit with the
     /// checks: the agent is known and unbanned, and `presented` is its
     /// current SVID or, when the reply to the last renewal was lost, the one
-    /// before it (the lost one is then revoked).
+    /// before it (the lost one is then revoked, and returned).
     fn renew_agent(
         &self,
         agent_id: &str,
         presented: &str,
         svid: &pb::IssuedSvid,
         now: i64,
-    ) -> Result<Result<pb::Agent, AgentRefusal>, StoreError>;
+    ) -> Result<Result<(pb::Agent, Vec<pb::Revocation>), AgentRefusal>, StoreError>;
     /// Bans an agent and revokes every SVID issued to or through it, in one
     /// commit. Banning a banned agent revokes what is left.
     fn ban_agent(
@@ -1284,7 +1284,7 @@ impl Store for SledStore {
         presented: &str,
         svid: &pb::IssuedSvid,
         now: i64,
-    ) -> Result<Result<pb::Agent, AgentRefusal>, StoreError> {
+    ) -> Result<Result<(pb::Agent, Vec<pb::Revocation>), AgentRefusal>, StoreError> {
         self.commit(|tx| {
             let Some(mut agent) = tx.agent(agent_id)? else {
                 return Ok(Err(AgentRefusal::Unknown(agent_id.to_string())));
@@ -1295,6 +1295,7 @@ impl Store for SledStore {
             if tx.t(REVOCATIONS).get(presented.as_bytes())?.is_some() {
                 return Ok(Err(AgentRefusal::Revoked(presented.to_string())));
             }
+            let mut revoked = Vec::new();
             if presented != agent.x509_svid_serial {
                 if presented.is_empty() || presented != agent.previous_x509_svid_serial {
                     return Ok(Err(AgentRefusal::Superseded(presented.to_string())));
@@ -1305,7 +1306,11 @@ impl Store for SledStore {
                 if let Some(bytes) = lost {
                     let lost: pb::IssuedSvid =
                         decode(b"issued", &bytes).map_err(ConflictableTransactionError::Abort)?;
-                    tx.revoke(&[revocation_of(&lost, "agent SVID reply lost; superseded", now)])?;
+                    revoked = tx.revoke(&[revocation_of(
+                        &lost,
+                        "agent SVID reply lost; superseded",
+                        now,
+                    )])?;
                 }
             }
             agent.previous_x509_svid_serial = presented.to_string();
@@ -1314,7 +1319,7 @@ impl Store for SledStore {
             agent.last_seen_at = now;
             tx.put_agent(&agent)?;
             tx.record(svid)?;
-            Ok(Ok(agent))
+            Ok(Ok((agent, revoked)))
         })
     }
 
@@ -1754,7 +1759,7 @@ mod tests {
         store.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
         store.ban_agent(id, "test", 1).unwrap().unwrap();
         let refused = store.renew_agent(id, "s0", &agent_svid("agent", "s1"), 2).unwrap();
-        assert_eq!(refused, Err(AgentRefusal::Banned(id.into())));
+        assert_eq!(refused.err(), Some(AgentRefusal::Banned(id.into())));
         assert!(store.agent(id).unwrap().unwrap().banned);
         assert_eq!(store.check_agent(id, "s0").unwrap(), Err(AgentRefusal::Banned(id.into())));
     }
