@@ -17,6 +17,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::attestor::UnixAttestor;
 use crate::cache::Cache;
+use crate::jwt::JwtSvids;
 use crate::identity::{
     certs_pem, new_key_and_csr, read_pem, write_private, AgentIdentity, IdentityError,
 };
@@ -181,11 +182,15 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let Self { config, link, trust_domain, listener } = self;
         let cache = Cache::new();
+        let jwt = Arc::new(JwtSvids::new(link.clone()));
         let wake = Arc::new(Notify::new());
         let mut tasks = JoinSet::new();
         tasks.spawn(
-            sync_loop(link.clone(), cache.clone(), wake.clone(), shutdown.clone())
+            sync_loop(link.clone(), cache.clone(), jwt.clone(), wake.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("sync")),
+        );
+        tasks.spawn(
+            jwt.clone().refresh_loop(shutdown.clone()).instrument(tracing::info_span!("jwt")),
         );
         tasks.spawn(
             signer_loop(link.clone(), cache.clone(), wake, shutdown.clone())
@@ -198,6 +203,7 @@ impl Agent {
         let limits = config.workload_limits;
         let service = WorkloadService::new(
             cache,
+            jwt,
             Arc::new(UnixAttestor::with_limits(limits.hashing)),
             trust_domain,
             limits,

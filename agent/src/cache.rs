@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
 use tessera_proto::types as pb;
+use tessera_workload_api::jwt::JwtBundle;
 use tessera_workload_api::{Selector, SpiffeId};
 use tokio::sync::watch;
 
@@ -31,6 +32,8 @@ pub struct AgentEntry {
     pub revision: u64,
     /// Hint for workloads.
     pub hint: String,
+    /// Audiences the entry may get JWT-SVIDs for; empty: any.
+    pub jwt_audiences: Vec<String>,
 }
 
 impl AgentEntry {
@@ -49,7 +52,13 @@ impl AgentEntry {
             expires_at: p.expires_at,
             revision: p.revision,
             hint: p.hint.clone(),
+            jwt_audiences: p.jwt_audiences.clone(),
         })
+    }
+
+    /// Whether the entry's audience policy allows a JWT-SVID for `audience`.
+    pub fn allows_audience(&self, audience: &str) -> bool {
+        self.jwt_audiences.is_empty() || self.jwt_audiences.iter().any(|a| a == audience)
     }
 
     /// Whether an SVID signed for `other` is still right for this entry.
@@ -114,6 +123,8 @@ pub struct CacheState {
     pub bundle: Arc<Vec<CertificateDer<'static>>>,
     /// The CRLs in force (DER, one per CA).
     pub crls: Arc<Vec<Vec<u8>>>,
+    /// The trust domain's JWT signing keys (none until the server sent them).
+    pub jwt_bundle: Option<Arc<JwtBundle>>,
     /// Entry IDs by each of their selectors, so a workload's entries are
     /// found without scanning every entry. Rebuilt by [`reindex`](Self::reindex).
     by_selector: Arc<HashMap<Selector, BTreeSet<String>>>,
@@ -189,6 +200,14 @@ impl CacheState {
         out
     }
 
+    /// The entries a workload with `selectors` has, valid at `now`, in a
+    /// stable order (by SPIFFE ID, then entry ID).
+    pub fn entries_for(&self, selectors: &[Selector], now: i64) -> Vec<Arc<AgentEntry>> {
+        let mut out: Vec<Arc<AgentEntry>> = self.matching(selectors, now).cloned().collect();
+        out.sort_by(|a, b| (a.spiffe_id.as_str(), &a.id).cmp(&(b.spiffe_id.as_str(), &b.id)));
+        out
+    }
+
     /// Whether any entry matches `selectors` (with or without an SVID yet).
     pub fn has_entries_for(&self, selectors: &[Selector], now: i64) -> bool {
         self.matching(selectors, now).next().is_some()
@@ -244,6 +263,7 @@ mod tests {
             expires_at,
             revision: 1,
             hint: String::new(),
+            jwt_audiences: vec![],
         })
     }
 

@@ -108,8 +108,12 @@ fn join_token(
 
 #[derive(Debug, Subcommand)]
 enum ApiCommand {
-    /// Fetch this process's X509-SVIDs once.
+    /// Fetch this process's X509-SVIDs once (or, with a subcommand, JWT-SVIDs
+    /// or the JWT bundle).
+    #[command(args_conflicts_with_subcommands = true)]
     Fetch {
+        #[command(subcommand)]
+        what: Option<FetchCommand>,
         #[command(flatten)]
         socket: SocketArg,
         /// Print JSON.
@@ -121,6 +125,46 @@ enum ApiCommand {
     },
     /// Print every X509-SVID update until interrupted.
     Watch {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Validate a token through the agent.
+    #[command(subcommand)]
+    Validate(ValidateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum FetchCommand {
+    /// Fetch JWT-SVIDs for an audience (one per identity, unless --spiffe-id).
+    Jwt {
+        /// Audience the token is for (repeatable; at least one).
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        /// Only this identity.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Print the JWT bundles (JWK Sets) by trust domain.
+    JwtBundle {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ValidateCommand {
+    /// Validate a JWT-SVID for an audience; prints its SPIFFE ID and claims.
+    Jwt {
+        /// The audience the token must be for.
+        #[arg(long)]
+        audience: String,
+        /// The token.
+        token: String,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -164,7 +208,24 @@ impl Cli {
     pub async fn run(self) -> Result<(), CliError> {
         match self.command {
             Command::Run(args) => run_agent(args).await,
-            Command::Api(ApiCommand::Fetch { socket, json, write }) => {
+            Command::Api(ApiCommand::Fetch { what: Some(what), .. }) => fetch_command(what).await,
+            Command::Api(ApiCommand::Validate(ValidateCommand::Jwt { audience, token, socket })) => {
+                let mut client = connect_workload_api(&socket.address()).await?;
+                let response = client
+                    .validate_jwtsvid(with_header(pb::ValidateJwtsvidRequest {
+                        audience,
+                        svid: token.trim().to_string(),
+                    }))
+                    .await
+                    .map_err(|s| CliError(format!("token is not valid: {}", s.message())))?
+                    .into_inner();
+                println!("SVID is valid.");
+                println!("SPIFFE ID : {}", response.spiffe_id);
+                let claims = response.claims.map(struct_json).unwrap_or_default();
+                println!("Claims    : {claims}");
+                Ok(())
+            }
+            Command::Api(ApiCommand::Fetch { what: None, socket, json, write }) => {
                 let svids = fetch_x509(&socket.address()).await?;
                 if let (Some(dir), Some(first)) = (&write, svids.first()) {
                     write_files(dir, first)?;
@@ -222,6 +283,79 @@ impl Cli {
                 }
             }
         }
+    }
+}
+
+async fn fetch_command(what: FetchCommand) -> Result<(), CliError> {
+    match what {
+        FetchCommand::Jwt { audience, spiffe_id, json, socket } => {
+            let mut client = connect_workload_api(&socket.address()).await?;
+            let svids = client
+                .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+                    audience,
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                }))
+                .await
+                .map_err(|s| CliError(s.message().to_string()))?
+                .into_inner()
+                .svids;
+            if json {
+                let list: Vec<_> = svids
+                    .iter()
+                    .map(|s| serde_json::json!({"spiffe_id": s.spiffe_id, "svid": s.svid, "hint": s.hint}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+            } else {
+                for svid in &svids {
+                    println!("token({}):", svid.spiffe_id);
+                    println!("\t{}", svid.svid);
+                }
+            }
+            Ok(())
+        }
+        FetchCommand::JwtBundle { socket } => {
+            let mut client = connect_workload_api(&socket.address()).await?;
+            let mut stream = client
+                .fetch_jwt_bundles(with_header(pb::JwtBundlesRequest {}))
+                .await
+                .map_err(|s| CliError(s.message().to_string()))?
+                .into_inner();
+            let response = stream
+                .message()
+                .await
+                .map_err(|s| CliError(s.message().to_string()))?
+                .ok_or_else(|| CliError("the agent closed the stream without an answer".into()))?;
+            let mut bundles: Vec<_> = response.bundles.into_iter().collect();
+            bundles.sort();
+            for (trust_domain, jwks) in bundles {
+                println!("bundle({trust_domain}):");
+                println!("\t{}", String::from_utf8_lossy(&jwks));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A `google.protobuf.Struct` as JSON.
+fn struct_json(s: prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(s.fields.into_iter().map(|(k, v)| (k, value_json(v))).collect())
+}
+
+fn value_json(v: prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => b.into(),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                (n as i64).into()
+            } else {
+                n.into()
+            }
+        }
+        Some(Kind::StringValue(s)) => s.into(),
+        Some(Kind::ListValue(l)) => l.values.into_iter().map(value_json).collect(),
+        Some(Kind::StructValue(s)) => struct_json(s),
     }
 }
 

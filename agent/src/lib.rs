@@ -24,6 +24,7 @@ pub mod cli;
 #[path = "../../common/cli_support.rs"]
 pub mod cli_support;
 mod identity;
+mod jwt;
 mod manager;
 mod node_client;
 mod workload;

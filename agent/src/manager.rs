@@ -19,6 +19,8 @@ use tracing::{debug, info, warn};
 
 use crate::cache::{AgentEntry, Cache, CacheState, CachedSvid};
 use crate::identity::{certs_pem, new_key_and_csr, write_private, AgentIdentity};
+use crate::jwt::JwtSvids;
+use tessera_workload_api::jwt::{JwtBundle, JwtKey};
 use crate::node_client::{connect_node, node_tls_config, NodeClientError};
 
 /// The server backdates NotBefore by this much for clock skew; lifetimes
@@ -161,6 +163,7 @@ impl NodeLink {
 pub async fn sync_loop(
     link: Arc<NodeLink>,
     cache: Cache,
+    jwt: Arc<JwtSvids>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
@@ -172,7 +175,7 @@ pub async fn sync_loop(
                 info!("agent SVID renewed: reopening the sync stream with it");
                 continue;
             }
-            result = sync_once(&link, &cache, &wake, &mut backoff) => result,
+            result = sync_once(&link, &cache, &jwt, &wake, &mut backoff) => result,
         };
         match result {
             Ok(()) => info!("sync stream closed by server; reconnecting"),
@@ -190,6 +193,7 @@ pub async fn sync_loop(
 async fn sync_once(
     link: &NodeLink,
     cache: &Cache,
+    jwt: &JwtSvids,
     wake: &Notify,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
@@ -221,12 +225,29 @@ async fn sync_once(
                 let certs: Vec<CertificateDer<'static>> =
                     bundle.authorities.into_iter().map(Into::into).collect();
                 link.set_bundle(&certs);
+                let jwt_keys = bundle
+                    .jwt_authorities
+                    .iter()
+                    .filter_map(|k| match JwtKey::from_spki_der(&k.kid, &k.public_key) {
+                        Ok(key) => Some(key),
+                        Err(e) => {
+                            warn!(kid = %k.kid, error = %e, "server sent an unusable JWT key; ignored");
+                            None
+                        }
+                    })
+                    .collect();
+                let jwt_bundle = JwtBundle::new(link.trust_domain.clone(), jwt_keys);
                 cache.update(|s| {
-                    if *s.bundle == certs {
-                        return false;
+                    let mut changed = false;
+                    if *s.bundle != certs {
+                        s.bundle = Arc::new(certs);
+                        changed = true;
                     }
-                    s.bundle = Arc::new(certs);
-                    true
+                    if s.jwt_bundle.as_deref() != Some(&jwt_bundle) {
+                        s.jwt_bundle = Some(Arc::new(jwt_bundle));
+                        changed = true;
+                    }
+                    changed
                 });
             }
             Event::Snapshot(chunk) => {
@@ -254,6 +275,9 @@ async fn sync_once(
                 }
             }
             Event::Revocation(revocation) => {
+                if !revocation.jwts.is_empty() || revocation.jwts_complete {
+                    jwt.apply_revocations(revocation.jwts, revocation.jwts_complete);
+                }
                 let serials: std::collections::HashSet<String> =
                     revocation.serials.into_iter().collect();
                 let crls = revocation.crls;
@@ -565,6 +589,7 @@ mod tests {
             expires_at: 0,
             revision,
             hint: String::new(),
+            jwt_audiences: vec![],
         }
     }
 

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tessera_proto::workload::{self as pb, spiffe_workload_api_server::SpiffeWorkloadApi};
-use tessera_workload_api::{Selector, TrustDomain};
+use tessera_workload_api::{jwt, Selector, SpiffeId, TrustDomain};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
@@ -25,6 +25,7 @@ use tracing::{debug, warn};
 use crate::attestor::{HashLimits, PeerProcess, WorkloadAttestor};
 use crate::authority::RewriteAuthority;
 use crate::cache::{Cache, CacheState, CachedSvid};
+use crate::jwt::{JwtSvids, MAX_AUDIENCES};
 use crate::manager::now;
 
 /// How long a first fetch waits for the agent's first sync, or for SVIDs of
@@ -267,6 +268,7 @@ pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
 #[derive(Debug, Clone)]
 pub struct WorkloadService {
     cache: Cache,
+    jwt: Arc<JwtSvids>,
     attestor: Arc<dyn WorkloadAttestor>,
     trust_domain: TrustDomain,
     shutdown: CancellationToken,
@@ -298,6 +300,7 @@ impl WorkloadService {
     /// The service over the agent's cache.
     pub fn new(
         cache: Cache,
+        jwt: Arc<JwtSvids>,
         attestor: Arc<dyn WorkloadAttestor>,
         trust_domain: TrustDomain,
         limits: WorkloadLimits,
@@ -305,6 +308,7 @@ impl WorkloadService {
     ) -> Self {
         Self {
             cache,
+            jwt,
             attestor,
             trust_domain,
             shutdown,
@@ -558,8 +562,56 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        check_header(&request)?;
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        let (peer, selectors, _slot) = self.caller("FetchJWTSVID", &request).await?;
+        let req = request.into_inner();
+        let refuse = |status: Status| {
+            warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, audience = ?req.audience, spiffe_id = %req.spiffe_id, reason = status.message(), "JWT-SVID refused");
+            status
+        };
+        let audience = requested_audience(&req.audience).map_err(refuse)?;
+        let wanted = match req.spiffe_id.as_str() {
+            "" => None,
+            id => Some(SpiffeId::parse(id).map_err(|e| {
+                refuse(Status::invalid_argument(format!("invalid spiffe_id {id:?}: {e}")))
+            })?),
+        };
+        let state = self.ready_state().await.map_err(refuse)?;
+        let mut entries = state.entries_for(&selectors, now());
+        if let Some(wanted) = &wanted {
+            entries.retain(|e| &e.spiffe_id == wanted);
+        }
+        // One token per identity: the first entry (in a stable order) of each.
+        entries.dedup_by(|b, a| a.spiffe_id == b.spiffe_id);
+        if entries.is_empty() {
+            return Err(refuse(Status::permission_denied("no identity issued")));
+        }
+        // The entries' audience policy, enforced here and again by the server.
+        let mut denied = Vec::new();
+        entries.retain(|e| match audience.iter().find(|a| !e.allows_audience(a)) {
+            None => true,
+            Some(a) => {
+                denied.push(format!("{} may not get JWT-SVIDs for audience {a:?}", e.spiffe_id));
+                false
+            }
+        });
+        for why in &denied {
+            warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, audience = ?audience, reason = %why, "JWT-SVID refused by audience policy");
+        }
+        if entries.is_empty() {
+            return Err(Status::permission_denied(denied.join("; ")));
+        }
+        let tokens = self.jwt.fetch(&entries, &audience).await.map_err(refuse)?;
+        debug!(pid = ?peer.pid, uid = peer.uid, jtis = ?tokens.iter().map(|t| t.jti.as_str()).collect::<Vec<_>>(), "JWT-SVIDs served");
+        let svids = entries
+            .iter()
+            .zip(tokens)
+            .map(|(e, t)| pb::Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: t.token,
+                hint: e.hint.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::JwtsvidResponse { svids }))
     }
 
     type FetchJWTBundlesStream = Stream_<pb::JwtBundlesResponse>;
@@ -568,15 +620,139 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_header(&request)?;
-        Err(Status::unimplemented("JWT bundles are not supported yet"))
+        let (_, _, slot) = self.caller("FetchJWTBundles", &request).await?;
+        let mut updates = self.cache.subscribe();
+        let deadline = tokio::time::Instant::now() + FIRST_RESPONSE_WAIT;
+        while updates.borrow_and_update().jwt_bundle.is_none() {
+            if tokio::time::timeout_at(deadline, updates.changed()).await.is_err() {
+                return Err(Status::unavailable("agent has no JWT bundle yet"));
+            }
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut last = None;
+            loop {
+                let current = updates.borrow_and_update().jwt_bundle.clone();
+                if current.is_some() && last != current {
+                    last = current;
+                    let mut bundles = HashMap::new();
+                    if let Some(bundle) = &last {
+                        bundles.insert(service.trust_domain.id_string(), bundle.to_jwks());
+                    }
+                    if tx.send(Ok(pb::JwtBundlesResponse { bundles })).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = service.shutdown.cancelled() => return,
+                    changed = updates.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn validate_jwtsvid(
         &self,
         request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        // Anyone local may validate a token: no attestation, but the
+        // header and the caller's connection limit apply.
         check_header(&request)?;
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        let peer = request.extensions().get::<WorkloadPeer>().cloned();
+        if let Some(refused) = peer.as_ref().and_then(|p| p.refused.clone()) {
+            return Err(Status::resource_exhausted(refused.to_string()));
+        }
+        let req = request.into_inner();
+        let refuse = |reason: String| {
+            let (pid, uid) = peer.as_ref().map_or((None, None), |p| (p.process.pid, Some(p.process.uid)));
+            warn!(target: "tessera::audit", pid = ?pid, uid = ?uid, audience = %req.audience, reason = %reason, "JWT-SVID failed validation");
+            Status::invalid_argument(reason)
+        };
+        if req.audience.is_empty() {
+            return Err(refuse("audience must be specified".into()));
+        }
+        if req.svid.is_empty() {
+            return Err(refuse("svid must be specified".into()));
+        }
+        let state = self.cache.state();
+        let Some(bundle) = state.jwt_bundle.clone() else {
+            return Err(Status::unavailable("agent has no JWT bundle yet; retry"));
+        };
+        let valid = jwt::validate(&req.svid, &req.audience, &bundle, now())
+            .map_err(|e| refuse(format!("invalid JWT-SVID: {e}")))?;
+        if let Some(jti) = &valid.jti {
+            if self.jwt.is_revoked(jti) {
+                return Err(refuse(format!("JWT-SVID {jti} has been revoked")));
+            }
+        }
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: valid.spiffe_id.to_string(),
+            claims: Some(to_struct(valid.claims)),
+        }))
     }
+}
+
+impl WorkloadService {
+    /// The cache once the agent has synced (waiting briefly for it).
+    async fn ready_state(&self) -> Result<Arc<CacheState>, Status> {
+        let mut updates = self.cache.subscribe();
+        let deadline = tokio::time::Instant::now() + FIRST_RESPONSE_WAIT;
+        loop {
+            let state = updates.borrow_and_update().clone();
+            if state.ready {
+                return Ok(state);
+            }
+            if tokio::time::timeout_at(deadline, updates.changed()).await.is_err() {
+                return Err(Status::unavailable("agent has not synced with the server yet; retry"));
+            }
+        }
+    }
+}
+
+/// The requested audiences, checked, sorted and deduplicated.
+fn requested_audience(audience: &[String]) -> Result<Vec<String>, Status> {
+    if audience.is_empty() {
+        return Err(Status::invalid_argument("audience must be specified"));
+    }
+    let mut out: Vec<String> = audience.to_vec();
+    out.sort_unstable();
+    out.dedup();
+    if out.len() > MAX_AUDIENCES {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_AUDIENCES} audiences per JWT-SVID"
+        )));
+    }
+    if let Some(bad) = out.iter().find(|a| {
+        a.is_empty() || a.len() > 256 || a.chars().any(|c| c.is_control() || c.is_whitespace())
+    }) {
+        return Err(Status::invalid_argument(format!(
+            "invalid audience {bad:?}: want 1-256 printable characters, no spaces"
+        )));
+    }
+    Ok(out)
+}
+
+/// JSON claims as a `google.protobuf.Struct`.
+fn to_struct(claims: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct { fields: claims.into_iter().map(|(k, v)| (k, to_value(v))).collect() }
+}
+
+fn to_value(value: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match value {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(to_value).collect(),
+        }),
+        J::Object(map) => Kind::StructValue(to_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
 }

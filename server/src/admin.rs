@@ -14,13 +14,18 @@ use tracing::{info, warn};
 use crate::entry::{Entry, EntryError};
 use crate::revocation::{normalize_serial, revoke_issued};
 use crate::state::State;
-use crate::store::{EntryFilter, EntryWrite, Store, StoreError, StoreReport, MAX_BATCH};
+use crate::store::{svid_key, EntryFilter, EntryWrite, Store, StoreError, StoreReport, MAX_BATCH};
 
 /// A store batch write at a time: per-item results and what it revoked.
 type BatchWrite = fn(&dyn Store, &[Entry], i64) -> Result<EntryWrite, StoreError>;
 
 /// Bytes per message of a streamed backup.
 const BACKUP_CHUNK: usize = 1024 * 1024;
+
+/// How often relying parties should re-read the bundle (the SPIFFE
+/// bundle's `spiffe_refresh_hint`): well within a CA's prepare-to-activate
+/// window at the default CA lifetime.
+pub const BUNDLE_REFRESH_HINT_SECS: u64 = 300;
 
 /// The store check's report as the admin API sends it.
 pub fn report_proto(report: &StoreReport) -> pb::StoreReport {
@@ -314,6 +319,9 @@ impl Admin for AdminService {
             trust_domain: self.state.config.trust_domain.to_string(),
             authorities: self.state.ca.bundle().iter().map(|c| c.to_vec()).collect(),
             crls: self.state.store_op(|store| store.crls()).await?,
+            jwt_authorities: self.state.ca.jwt_authorities(),
+            sequence: self.state.ca.bundle_sequence(),
+            refresh_hint: BUNDLE_REFRESH_HINT_SECS,
         }))
     }
 
@@ -338,8 +346,10 @@ impl Admin for AdminService {
             })?;
         info!(target: "tessera::audit", agent_id = %id, reason = %reason, revoked = revoked.len(), "agent banned");
         crate::revocation::revoked(&self.state, &revoked).await?;
+        let (jwts, x509): (Vec<_>, Vec<_>) = revoked.into_iter().partition(|r| !r.jti.is_empty());
         Ok(Response::new(pb::BanAgentResponse {
-            revoked_serials: revoked.into_iter().map(|r| r.serial).collect(),
+            revoked_serials: x509.into_iter().map(|r| r.serial).collect(),
+            revoked_jtis: jwts.into_iter().map(|r| r.jti).collect(),
         }))
     }
 
@@ -368,11 +378,23 @@ impl Admin for AdminService {
         request: Request<pb::RevokeSvidRequest>,
     ) -> Result<Response<types::Revocation>, Status> {
         let req = request.into_inner();
-        let serial = normalize_serial(&req.serial).map_err(|e| {
-            warn!(target: "tessera::audit", serial = %req.serial, reason = %e, "revocation refused");
+        let refused = |what: &str, e: String| {
+            warn!(target: "tessera::audit", svid = %what, reason = %e, "revocation refused");
             Status::invalid_argument(e)
-        })?;
-        let lookup = serial.clone();
+        };
+        let (lookup, serial) = match (req.serial.is_empty(), req.jti.is_empty()) {
+            (false, true) => {
+                let serial = normalize_serial(&req.serial).map_err(|e| refused(&req.serial, e))?;
+                (serial.clone(), format!("serial {serial}"))
+            }
+            (true, false) => {
+                if req.jti.len() > 256 || req.jti.chars().any(char::is_control) {
+                    return Err(refused(&req.jti, "invalid jti: want up to 256 printable characters".into()));
+                }
+                (svid_key("", &req.jti), format!("jti {}", req.jti))
+            }
+            _ => return Err(refused("", "give exactly one of a serial and a jti".into())),
+        };
         let (issued, existing) = self
             .state
             .store_op(move |store| Ok((store.issued(&lookup)?, store.revocation(&lookup)?)))
@@ -381,8 +403,7 @@ impl Admin for AdminService {
             return Ok(Response::new(existing));
         }
         let Some(issued) = issued else {
-            let message =
-                format!("no unexpired SVID with serial {serial} was issued by this server");
+            let message = format!("no unexpired SVID with {serial} was issued by this server");
             warn!(target: "tessera::audit", serial = %serial, reason = %message, "revocation refused");
             return Err(Status::not_found(message));
         };

@@ -20,6 +20,7 @@ use tracing::info;
 
 use crate::clock::Clock;
 use crate::fsutil::{create_private_dir, write_private};
+use crate::jwt::{JwtKeyError, JwtKeyType, JwtSigningKey, SignedJwt};
 
 /// NotBefore of issued certificates is backdated by this many seconds to
 /// absorb clock skew between machines.
@@ -51,6 +52,9 @@ pub enum CaError {
     /// The active CA expires before the certificate could start.
     #[error("the CA has expired")]
     Expired,
+    /// A JWT signing key could not be loaded, created or used.
+    #[error(transparent)]
+    Jwt(#[from] JwtKeyError),
 }
 
 /// A signed X509-SVID.
@@ -87,13 +91,18 @@ pub struct CaPolicy {
     pub prepare_at: f64,
     /// Fraction of lifetime at which the next CA is activated.
     pub activate_at: f64,
+    /// The kind of JWT signing key each new CA generation gets.
+    pub jwt_key_type: JwtKeyType,
 }
 
-/// One CA generation: certificate and key.
+/// One CA generation: certificate and key, and the JWT signing key that
+/// is prepared, activated and retired with it (its tokens never outlive
+/// `not_after`, when it leaves the bundle).
 struct CaKey {
     seq: u32,
     cert: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    jwt: JwtSigningKey,
     not_before: i64,
     not_after: i64,
 }
@@ -152,7 +161,7 @@ impl Ca {
         let dir = data_dir.join("ca");
         create_private_dir(&dir).map_err(|source| CaError::Io { path: dir.clone(), source })?;
         let now = clock.now();
-        let mut keys = load_keys(&dir, &trust_domain)?;
+        let mut keys = load_keys(&dir, &trust_domain, policy.jwt_key_type)?;
         keys.retain(|k| k.not_after > now);
         keys.sort_by_key(|k| k.seq);
         let state = CaState { keys: keys.into_iter().map(Arc::new).collect(), active: 0 };
@@ -176,6 +185,48 @@ impl Ca {
     /// Follows bundle changes.
     pub fn watch_bundle(&self) -> watch::Receiver<Arc<Vec<CertificateDer<'static>>>> {
         self.bundle.subscribe()
+    }
+
+    /// The JWT signing keys in the bundle (active, prepared and retired but
+    /// unexpired), oldest first.
+    pub fn jwt_authorities(&self) -> Vec<tessera_proto::types::JwtKey> {
+        self.read()
+            .keys
+            .iter()
+            .map(|k| tessera_proto::types::JwtKey {
+                kid: k.jwt.kid().to_string(),
+                public_key: k.jwt.spki_der().to_vec(),
+                expires_at: k.not_after,
+            })
+            .collect()
+    }
+
+    /// A number that grows whenever the bundle changes (a CA prepared adds
+    /// to the newest sequence number, a CA retired to the oldest): the
+    /// SPIFFE bundle's `spiffe_sequence`.
+    pub fn bundle_sequence(&self) -> u64 {
+        let state = self.read();
+        let first = state.keys.first().map_or(0, |k| u64::from(k.seq));
+        let last = state.keys.last().map_or(0, |k| u64::from(k.seq));
+        first + last
+    }
+
+    /// Signs a JWT-SVID for `spiffe_id` and `audience` with the active JWT
+    /// key. Its lifetime is `ttl` seconds, cut short at the key's expiry.
+    /// Returns the token and the sequence number of the CA generation.
+    pub fn sign_jwt(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: u32,
+    ) -> Result<(SignedJwt, u32), CaError> {
+        let key = self.active();
+        let now = self.clock.now();
+        let expires_at = (now + i64::from(ttl)).min(key.not_after);
+        if expires_at <= now {
+            return Err(CaError::Expired);
+        }
+        Ok((key.jwt.sign(spiffe_id.as_str(), audience, now, expires_at)?, key.seq))
     }
 
     /// When the active CA expires (Unix seconds).
@@ -364,13 +415,22 @@ impl Ca {
             .map_err(|source| CaError::Io { path: key_path, source })?;
         write_private(&cert_path, cert.pem().as_bytes())
             .map_err(|source| CaError::Io { path: cert_path, source })?;
+        let jwt = JwtSigningKey::load_or_create(&jwt_key_path(&self.dir, seq), self.policy.jwt_key_type)?;
         let der = cert.der().clone();
         let issuer = Issuer::new(params, key);
-        Ok(CaKey { seq, cert: der, issuer, not_before, not_after })
+        Ok(CaKey { seq, cert: der, issuer, jwt, not_before, not_after })
     }
 }
 
-fn load_keys(dir: &Path, trust_domain: &TrustDomain) -> Result<Vec<CaKey>, CaError> {
+fn jwt_key_path(dir: &Path, seq: u32) -> PathBuf {
+    dir.join(format!("jwt-{seq:06}.key.pem"))
+}
+
+fn load_keys(
+    dir: &Path,
+    trust_domain: &TrustDomain,
+    jwt_key_type: JwtKeyType,
+) -> Result<Vec<CaKey>, CaError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| CaError::Io { path, source }
@@ -407,7 +467,9 @@ fn load_keys(dir: &Path, trust_domain: &TrustDomain) -> Result<Vec<CaKey>, CaErr
         let not_before = parsed.validity().not_before.timestamp();
         let not_after = parsed.validity().not_after.timestamp();
         let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| corrupt(e.to_string()))?;
-        keys.push(CaKey { seq, cert, issuer, not_before, not_after });
+        // A CA from before JWT-SVIDs gets its JWT key now.
+        let jwt = JwtSigningKey::load_or_create(&jwt_key_path(dir, seq), jwt_key_type)?;
+        keys.push(CaKey { seq, cert, issuer, jwt, not_before, not_after });
     }
     Ok(keys)
 }
@@ -442,7 +504,7 @@ mod tests {
     use crate::clock::ManualClock;
 
     fn policy(ttl: u64) -> CaPolicy {
-        CaPolicy { ttl, prepare_at: 0.5, activate_at: 5.0 / 6.0 }
+        CaPolicy { ttl, prepare_at: 0.5, activate_at: 5.0 / 6.0, jwt_key_type: JwtKeyType::EcP256 }
     }
 
     fn td() -> TrustDomain {

@@ -154,6 +154,16 @@ struct EntryFields {
     /// Hint passed to workloads to tell identities apart.
     #[arg(long)]
     hint: Option<String>,
+    /// JWT-SVID lifetime in seconds.
+    #[arg(long)]
+    jwt_svid_ttl: Option<u32>,
+    /// An audience the entry may get JWT-SVIDs for (repeatable; replaces
+    /// the list). Without any, every audience is allowed.
+    #[arg(long = "jwt-audience")]
+    jwt_audiences: Vec<String>,
+    /// Allow JWT-SVIDs for any audience again (clears --jwt-audience).
+    #[arg(long, conflicts_with = "jwt_audiences")]
+    any_jwt_audience: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,11 +260,17 @@ enum AgentCommand {
 
 #[derive(Debug, Subcommand)]
 enum SvidCommand {
-    /// Revoke one X509-SVID now: agents drop it at once and CRLs list it.
+    /// Revoke one SVID now. An X509-SVID (--serial): agents drop it at once
+    /// and CRLs list it. A JWT-SVID (--jti): every agent's ValidateJWTSVID
+    /// refuses it until it expires.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["serial", "jti"])))]
     Revoke {
         /// Serial number, hex (colons allowed).
         #[arg(long)]
-        serial: String,
+        serial: Option<String>,
+        /// A JWT-SVID's jti claim.
+        #[arg(long)]
+        jti: Option<String>,
         /// Why (recorded and logged).
         #[arg(long)]
         reason: Option<String>,
@@ -271,10 +287,13 @@ enum SvidCommand {
     },
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BundleFormat {
     Pem,
     Der,
+    /// The SPIFFE bundle: a JWK Set with the CA certificates (x509-svid)
+    /// and the JWT keys (jwt-svid), for federation partners.
+    Spiffe,
 }
 
 #[derive(Debug, Subcommand)]
@@ -316,6 +335,13 @@ impl Cli {
             Command::Bundle(BundleCommand::Show { format, crl, socket }) => {
                 let mut client = connect_admin(&socket.socket).await?;
                 let bundle = client.get_bundle(pb::GetBundleRequest {}).await?.into_inner();
+                if format == BundleFormat::Spiffe {
+                    if crl {
+                        return Err(CliError("--crl has no SPIFFE format; use pem or der".into()));
+                    }
+                    println!("{}", spiffe_bundle(&bundle)?);
+                    return Ok(());
+                }
                 use std::io::Write;
                 let mut out = std::io::stdout().lock();
                 let (tag, items) = if crl {
@@ -329,26 +355,32 @@ impl Cli {
                             let block = pem::Pem::new(tag, cert.clone());
                             let _ = write!(out, "{}", pem::encode(&block));
                         }
-                        BundleFormat::Der => {
+                        BundleFormat::Der | BundleFormat::Spiffe => {
                             let _ = out.write_all(cert);
                         }
                     }
                 }
                 Ok(())
             }
-            Command::Svid(SvidCommand::Revoke { serial, reason, socket }) => {
-                let serial = crate::revocation::normalize_serial(&serial)?;
+            Command::Svid(SvidCommand::Revoke { serial, jti, reason, socket }) => {
+                let serial =
+                    serial.map(|s| crate::revocation::normalize_serial(&s)).transpose()?;
                 let mut client = connect_admin(&socket.socket).await?;
                 let revoked = client
                     .revoke_svid(pb::RevokeSvidRequest {
-                        serial,
+                        serial: serial.unwrap_or_default(),
+                        jti: jti.unwrap_or_default(),
                         reason: reason.unwrap_or_default(),
                     })
                     .await?
                     .into_inner();
+                let what = if revoked.jti.is_empty() {
+                    revoked.serial
+                } else {
+                    format!("JWT-SVID {}", revoked.jti)
+                };
                 println!(
-                    "Revoked {} ({}) until {}",
-                    revoked.serial,
+                    "Revoked {what} ({}) until {}",
                     revoked.spiffe_id,
                     format_time(revoked.expires_at)
                 );
@@ -366,7 +398,7 @@ impl Cli {
                         .iter()
                         .map(|r| {
                             json!({
-                                "serial": r.serial, "spiffe_id": r.spiffe_id, "reason": r.reason,
+                                "serial": r.serial, "jti": r.jti, "spiffe_id": r.spiffe_id, "reason": r.reason,
                                 "revoked_at": r.revoked_at, "expires_at": r.expires_at,
                             })
                         })
@@ -380,7 +412,11 @@ impl Cli {
                     );
                     for r in &list {
                         println!();
-                        println!("Serial            : {}", r.serial);
+                        if r.jti.is_empty() {
+                            println!("Serial            : {}", r.serial);
+                        } else {
+                            println!("JWT-SVID jti      : {}", r.jti);
+                        }
                         println!("SPIFFE ID         : {}", r.spiffe_id);
                         println!("Reason            : {}", r.reason);
                         println!("Revoked at        : {}", format_time(r.revoked_at));
@@ -499,6 +535,27 @@ fn parse_rfc3339(value: &str) -> Result<i64, CliError> {
         })
 }
 
+/// The SPIFFE bundle document (a JWK Set) of the admin API's bundle.
+fn spiffe_bundle(bundle: &pb::Bundle) -> Result<String, CliError> {
+    use tessera_workload_api::jwt::{spiffe_bundle_document, JwtBundle, JwtKey};
+    let trust_domain = tessera_workload_api::TrustDomain::new(&bundle.trust_domain)
+        .map_err(|e| CliError(format!("server sent a bad trust domain: {e}")))?;
+    let keys = bundle
+        .jwt_authorities
+        .iter()
+        .map(|k| JwtKey::from_spki_der(&k.kid, &k.public_key))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CliError(format!("server sent a bad JWT key: {e}")))?;
+    let document = spiffe_bundle_document(
+        &bundle.authorities,
+        &JwtBundle::new(trust_domain, keys),
+        bundle.sequence,
+        bundle.refresh_hint,
+    )
+    .map_err(|e| CliError(format!("cannot build the SPIFFE bundle: {e}")))?;
+    serde_json::to_string_pretty(&document).map_err(|e| CliError(e.to_string()))
+}
+
 /// Applies the given fields onto `entry`.
 fn apply_fields(entry: &mut types::Entry, fields: EntryFields) -> Result<(), CliError> {
     if let Some(id) = fields.spiffe_id {
@@ -532,6 +589,15 @@ fn apply_fields(entry: &mut types::Entry, fields: EntryFields) -> Result<(), Cli
     }
     if let Some(hint) = fields.hint {
         entry.hint = hint;
+    }
+    if let Some(ttl) = fields.jwt_svid_ttl {
+        entry.jwt_svid_ttl = Some(ttl);
+    }
+    if !fields.jwt_audiences.is_empty() {
+        entry.jwt_audiences = fields.jwt_audiences;
+    }
+    if fields.any_jwt_audience {
+        entry.jwt_audiences.clear();
     }
     Ok(())
 }
@@ -641,6 +707,8 @@ fn entry_json(e: &types::Entry) -> serde_json::Value {
         "revision": e.revision,
         "created_at": e.created_at,
         "hint": e.hint,
+        "jwt_svid_ttl": e.jwt_svid_ttl,
+        "jwt_audiences": e.jwt_audiences,
     })
 }
 
@@ -653,6 +721,16 @@ fn print_entries(entries: &[types::Entry]) {
         println!("Parent ID        : {}", e.parent_id);
         println!("Revision         : {}", e.revision);
         println!("X509-SVID TTL    : {}", e.x509_svid_ttl.unwrap_or(0));
+        match e.jwt_svid_ttl {
+            Some(ttl) => println!("JWT-SVID TTL     : {ttl}"),
+            None => println!("JWT-SVID TTL     : server default"),
+        }
+        if e.jwt_audiences.is_empty() {
+            println!("JWT audiences    : any");
+        }
+        for audience in &e.jwt_audiences {
+            println!("JWT audience     : {audience}");
+        }
         if e.expires_at != 0 {
             println!("Expires at       : {}", format_time(e.expires_at));
         }
@@ -718,7 +796,11 @@ async fn agent_command(command: AgentCommand) -> Result<(), CliError> {
                 })
                 .await?
                 .into_inner();
-            println!("Banned {id}; revoked {} SVID(s)", response.revoked_serials.len());
+            println!(
+                "Banned {id}; revoked {} X509-SVID(s) and {} JWT-SVID(s)",
+                response.revoked_serials.len(),
+                response.revoked_jtis.len()
+            );
             Ok(())
         }
         AgentCommand::Evict { id, unban, socket } => {

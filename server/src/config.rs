@@ -69,6 +69,12 @@ pub struct FileConfig {
     pub max_x509_svid_ttl: Option<u32>,
     /// Agent X509-SVID lifetime, seconds.
     pub agent_svid_ttl: Option<u32>,
+    /// Default JWT-SVID lifetime for entries that set none, seconds.
+    pub default_jwt_svid_ttl: Option<u32>,
+    /// Largest JWT-SVID lifetime an entry may ask for, seconds.
+    pub max_jwt_svid_ttl: Option<u32>,
+    /// Kind of new JWT signing keys: `ec-p256` (ES256) or `rsa-2048` (RS256).
+    pub jwt_key_type: Option<String>,
     /// Default join token lifetime, seconds.
     pub join_token_ttl: Option<u32>,
     /// CSRs per second each agent may have signed (SPIRE: 500).
@@ -114,6 +120,12 @@ pub struct Config {
     pub max_x509_svid_ttl: u32,
     /// Agent SVID TTL, seconds.
     pub agent_svid_ttl: u32,
+    /// Default JWT-SVID TTL, seconds.
+    pub default_jwt_svid_ttl: u32,
+    /// Maximum JWT-SVID TTL, seconds.
+    pub max_jwt_svid_ttl: u32,
+    /// Kind of new JWT signing keys.
+    pub jwt_key_type: crate::jwt::JwtKeyType,
     /// Default join token TTL, seconds.
     pub join_token_ttl: u32,
     /// CSRs per second per agent.
@@ -142,6 +154,9 @@ impl Config {
             default_x509_svid_ttl: 3600,
             max_x509_svid_ttl: 14 * 24 * 3600,
             agent_svid_ttl: 3600,
+            default_jwt_svid_ttl: 300,
+            max_jwt_svid_ttl: 24 * 3600,
+            jwt_key_type: crate::jwt::JwtKeyType::EcP256,
             join_token_ttl: 600,
             sign_rate: 500,
             sign_burst: 20_000,
@@ -175,11 +190,18 @@ impl Config {
             default_x509_svid_ttl,
             max_x509_svid_ttl,
             agent_svid_ttl,
+            default_jwt_svid_ttl,
+            max_jwt_svid_ttl,
             join_token_ttl,
             sign_rate,
             sign_burst,
             log_level
         );
+        if let Some(kind) = flags.jwt_key_type.or(file.jwt_key_type) {
+            config.jwt_key_type = kind
+                .parse()
+                .map_err(|reason| ConfigError::Invalid { key: "jwt_key_type", reason })?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -200,6 +222,12 @@ impl Config {
         }
         if self.default_x509_svid_ttl == 0 || self.default_x509_svid_ttl > self.max_x509_svid_ttl {
             return invalid("default_x509_svid_ttl", "must be between 1 and max_x509_svid_ttl");
+        }
+        if self.max_jwt_svid_ttl == 0 {
+            return invalid("max_jwt_svid_ttl", "must be at least 1 second");
+        }
+        if self.default_jwt_svid_ttl == 0 || self.default_jwt_svid_ttl > self.max_jwt_svid_ttl {
+            return invalid("default_jwt_svid_ttl", "must be between 1 and max_jwt_svid_ttl");
         }
         if self.agent_svid_ttl < 2 {
             return invalid("agent_svid_ttl", "must be at least 2 seconds");

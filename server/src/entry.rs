@@ -42,6 +42,20 @@ pub enum EntryError {
         /// Configured maximum.
         max: u32,
     },
+    /// The JWT-SVID TTL is zero or above the configured maximum.
+    #[error("JWT-SVID TTL {ttl}s is outside 1..={max}s")]
+    JwtTtl {
+        /// Requested.
+        ttl: u32,
+        /// Configured maximum.
+        max: u32,
+    },
+    /// A JWT audience is empty, too long, or has spaces or control characters.
+    #[error("invalid JWT audience {0:?}: want 1-256 printable characters, no spaces")]
+    Audience(String),
+    /// Too many JWT audiences.
+    #[error("an entry may list at most {MAX_JWT_AUDIENCES} JWT audiences")]
+    TooManyAudiences,
     /// A DNS name is not a valid hostname.
     #[error("invalid DNS name {0:?}")]
     DnsName(String),
@@ -73,6 +87,16 @@ impl EntryError {
     }
 }
 
+/// Most audiences an entry's JWT policy may list.
+pub const MAX_JWT_AUDIENCES: usize = 64;
+
+/// Whether `audience` is acceptable as a JWT `aud` value (entry policy or request).
+pub fn valid_audience(audience: &str) -> bool {
+    !audience.is_empty()
+        && audience.len() <= 256
+        && audience.chars().all(|c| !c.is_control() && !c.is_whitespace())
+}
+
 /// A validated registration entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -96,6 +120,11 @@ pub struct Entry {
     pub created_at: i64,
     /// Optional hint passed to workloads.
     pub hint: String,
+    /// JWT-SVID lifetime, seconds; 0 (entries stored before JWT-SVIDs):
+    /// the server's default.
+    pub jwt_svid_ttl: u32,
+    /// Audiences the entry may get JWT-SVIDs for, sorted; empty: any.
+    pub jwt_audiences: Vec<String>,
 }
 
 /// Limits applied when validating entries.
@@ -107,6 +136,10 @@ pub struct EntryRules {
     pub default_ttl: u32,
     /// Largest TTL allowed.
     pub max_ttl: u32,
+    /// JWT-SVID TTL for entries that set none.
+    pub default_jwt_ttl: u32,
+    /// Largest JWT-SVID TTL allowed.
+    pub max_jwt_ttl: u32,
 }
 
 impl EntryRules {
@@ -156,6 +189,20 @@ impl EntryRules {
         if input.hint.len() > 1024 {
             return Err(EntryError::HintTooLong);
         }
+        let jwt_svid_ttl = match input.jwt_svid_ttl {
+            None => self.default_jwt_ttl,
+            Some(ttl) if ttl == 0 || ttl > self.max_jwt_ttl => {
+                return Err(EntryError::JwtTtl { ttl, max: self.max_jwt_ttl })
+            }
+            Some(ttl) => ttl,
+        };
+        if let Some(bad) = input.jwt_audiences.iter().find(|a| !valid_audience(a)) {
+            return Err(EntryError::Audience(bad.clone()));
+        }
+        let jwt_audiences: BTreeSet<String> = input.jwt_audiences.iter().cloned().collect();
+        if jwt_audiences.len() > MAX_JWT_AUDIENCES {
+            return Err(EntryError::TooManyAudiences);
+        }
         Ok(Entry {
             id: String::new(),
             spiffe_id,
@@ -167,6 +214,8 @@ impl EntryRules {
             revision: 0,
             created_at: now,
             hint: input.hint.clone(),
+            jwt_svid_ttl,
+            jwt_audiences: jwt_audiences.into_iter().collect(),
         })
     }
 }
@@ -192,6 +241,8 @@ impl Entry {
             revision: self.revision,
             created_at: self.created_at,
             hint: self.hint.clone(),
+            jwt_svid_ttl: Some(self.jwt_svid_ttl).filter(|ttl| *ttl != 0),
+            jwt_audiences: self.jwt_audiences.clone(),
         }
     }
 
@@ -212,6 +263,8 @@ impl Entry {
             revision: p.revision,
             created_at: p.created_at,
             hint: p.hint,
+            jwt_svid_ttl: p.jwt_svid_ttl.unwrap_or(0),
+            jwt_audiences: p.jwt_audiences,
             id: p.id,
         })
     }
@@ -248,6 +301,11 @@ impl Entry {
             && (self.expires_at == 0 || svid_expires_at <= self.expires_at)
     }
 
+    /// Whether the entry's audience policy allows a JWT-SVID for `audience`.
+    pub fn allows_audience(&self, audience: &str) -> bool {
+        self.jwt_audiences.is_empty() || self.jwt_audiences.iter().any(|a| a == audience)
+    }
+
     /// The X509-SVID lifetime for a signing at `now`: the entry's TTL, cut
     /// so that no credential outlives a task-scoped entry.
     pub fn svid_ttl_at(&self, now: i64) -> u32 {
@@ -281,6 +339,8 @@ mod tests {
             trust_domain: TrustDomain::new("example.org").unwrap(),
             default_ttl: 3600,
             max_ttl: 7200,
+            default_jwt_ttl: 300,
+            max_jwt_ttl: 3600,
         }
     }
 

@@ -28,6 +28,7 @@ mod csr;
 mod entry;
 mod feed;
 mod fsutil;
+mod jwt;
 mod node;
 mod revocation;
 mod server;

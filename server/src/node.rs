@@ -16,6 +16,8 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn, Instrument};
 
 use crate::ca::SignedSvid;
+use crate::entry::valid_audience;
+use crate::jwt::SignedJwt;
 use crate::csr::parse_csr;
 use crate::entry::Entry;
 use crate::state::State;
@@ -151,12 +153,157 @@ impl NodeService {
             agent_id: agent_id.to_string(),
             expires_at: svid.expires_at,
             ca_seq: svid.ca_seq,
+            jti: String::new(),
         };
         Ok((svid, issued))
     }
 
     fn bundle(&self) -> Vec<Vec<u8>> {
         self.state.ca.bundle().iter().map(|c| c.to_vec()).collect()
+    }
+
+    fn bundle_update(&self) -> pb::BundleUpdate {
+        pb::BundleUpdate {
+            authorities: self.bundle(),
+            jwt_authorities: self.state.ca.jwt_authorities(),
+        }
+    }
+
+    /// Checks a signing batch against the size limit and the agent's
+    /// budget, and reads its entries.
+    async fn batch_entries(
+        &self,
+        op: &str,
+        caller: &Caller,
+        ids: Vec<String>,
+    ) -> Result<Vec<Option<Entry>>, Status> {
+        if ids.len() > MAX_BATCH {
+            return Err(refuse(
+                op,
+                caller.id.as_str(),
+                Status::invalid_argument(format!(
+                    "batch has {} items, more than the {MAX_BATCH} allowed",
+                    ids.len()
+                )),
+            ));
+        }
+        self.take_sign_budget(&caller.id, ids.len())
+            .map_err(|e| refuse(op, caller.id.as_str(), e))?;
+        self.state
+            .store_op(move |store| ids.iter().map(|id| store.entry(id)).collect())
+            .await
+    }
+
+    /// Records what a batch signed (durably) before the agent can use it,
+    /// checked in the same commit against the agent and the entries as they
+    /// are now: an SVID signed while its entry was deleted or changed, or
+    /// its agent banned, is revoked at once instead of escaping.
+    async fn record_batch<T, F>(
+        &self,
+        caller: &Caller,
+        signed: Vec<Result<(T, Signed), F>>,
+    ) -> Result<Vec<Recorded<T, F>>, Status> {
+        let to_record: Vec<Signed> =
+            signed.iter().filter_map(|r| r.as_ref().ok()).map(|(_, s)| s.clone()).collect();
+        let now = self.state.clock.now();
+        let (key, serial) = (caller.id.to_string(), caller.serial.clone());
+        let recorded = if to_record.is_empty() {
+            Vec::new()
+        } else {
+            self.state
+                .store_op(move |store| store.record_issued(&key, &serial, &to_record, now))
+                .await?
+        };
+        let mut recorded = recorded.into_iter();
+        let mut out = Vec::with_capacity(signed.len());
+        let mut revoked_any = false;
+        for result in signed {
+            out.push(match result {
+                Err(failure) => Recorded::Refused(failure),
+                Ok((signed, record)) => match recorded.next() {
+                    Some(Ok(())) => Recorded::Issued(signed, record),
+                    other => {
+                        revoked_any = true;
+                        let why = match other {
+                            Some(Err(why)) => why,
+                            _ => "not recorded".to_string(),
+                        };
+                        Recorded::Revoked(record, why)
+                    }
+                },
+            });
+        }
+        if revoked_any {
+            crate::revocation::update_verifier_crls(&self.state).await?;
+        }
+        Ok(out)
+    }
+
+    fn sign_jwt_item(
+        &self,
+        agent_id: &SpiffeId,
+        item: pb::SignJwtItem,
+        entry: Option<Entry>,
+    ) -> Result<(SignedJwt, Signed), pb::SignJwtResult> {
+        let fail = |code: tonic::Code, message: String| {
+            warn!(target: "tessera::audit", agent_id = %agent_id, entry_id = %item.entry_id, audience = ?item.audience, reason = %message, "JWT-SVID refused");
+            jwt_item_failure(&item.entry_id, code, message)
+        };
+        let Some(entry) = entry else {
+            return Err(fail(tonic::Code::NotFound, format!("entry {} not found", item.entry_id)));
+        };
+        if &entry.parent_id != agent_id {
+            return Err(fail(
+                tonic::Code::PermissionDenied,
+                format!("entry {} is not parented to {agent_id}", entry.id),
+            ));
+        }
+        if item.audience.is_empty() || item.audience.len() > MAX_REQUEST_AUDIENCES {
+            return Err(fail(
+                tonic::Code::InvalidArgument,
+                format!("a JWT-SVID needs 1 to {MAX_REQUEST_AUDIENCES} audiences"),
+            ));
+        }
+        if let Some(bad) = item.audience.iter().find(|a| !valid_audience(a)) {
+            return Err(fail(tonic::Code::InvalidArgument, format!("invalid audience {bad:?}")));
+        }
+        if let Some(denied) = item.audience.iter().find(|a| !entry.allows_audience(a)) {
+            return Err(fail(
+                tonic::Code::PermissionDenied,
+                format!(
+                    "entry {} ({}) may not get JWT-SVIDs for audience {denied:?}",
+                    entry.id, entry.spiffe_id
+                ),
+            ));
+        }
+        let now = self.state.clock.now();
+        let config = &self.state.config;
+        let ttl = if entry.jwt_svid_ttl == 0 { config.default_jwt_svid_ttl } else { entry.jwt_svid_ttl };
+        let mut ttl = ttl.min(config.max_jwt_svid_ttl);
+        if entry.expires_at != 0 {
+            ttl = ttl.min((entry.expires_at - now).clamp(0, i64::from(u32::MAX)) as u32);
+        }
+        if entry.is_expired(now) || ttl == 0 {
+            return Err(fail(
+                tonic::Code::PermissionDenied,
+                format!("entry {} has expired", entry.id),
+            ));
+        }
+        match self.state.ca.sign_jwt(&entry.spiffe_id, &item.audience, ttl) {
+            Ok((jwt, ca_seq)) => {
+                let issued = types::IssuedSvid {
+                    serial: String::new(),
+                    spiffe_id: entry.spiffe_id.to_string(),
+                    entry_id: entry.id.clone(),
+                    agent_id: agent_id.to_string(),
+                    expires_at: jwt.expires_at,
+                    ca_seq,
+                    jti: jwt.jti.clone(),
+                };
+                Ok((jwt, Signed { svid: issued, entry }))
+            }
+            Err(e) => Err(fail(tonic::Code::Internal, e.to_string())),
+        }
     }
 
     fn sign_item(
@@ -199,6 +346,7 @@ impl NodeService {
                     agent_id: agent_id.to_string(),
                     expires_at: svid.expires_at,
                     ca_seq: svid.ca_seq,
+                    jti: String::new(),
                 };
                 Ok((svid, Signed { svid: issued, entry }))
             }
@@ -213,6 +361,27 @@ fn item_failure(entry_id: &str, code: tonic::Code, message: String) -> pb::SignX
         status: Some(ItemStatus { code: code as i32, message }),
         ..Default::default()
     }
+}
+
+fn jwt_item_failure(entry_id: &str, code: tonic::Code, message: String) -> pb::SignJwtResult {
+    pb::SignJwtResult {
+        entry_id: entry_id.to_string(),
+        status: Some(ItemStatus { code: code as i32, message }),
+        ..Default::default()
+    }
+}
+
+/// Audiences one JWT-SVID may carry.
+pub const MAX_REQUEST_AUDIENCES: usize = 16;
+
+/// What became of one signed item of a batch.
+enum Recorded<T, F> {
+    /// Refused before signing.
+    Refused(F),
+    /// Signed and recorded.
+    Issued(T, Signed),
+    /// Signed, but revoked as it was recorded (why).
+    Revoked(Signed, String),
 }
 
 /// A per-agent signing budget.
@@ -335,25 +504,8 @@ impl Node for NodeService {
         let op = "sign_x509";
         let caller = self.authenticate(op, &request).await?;
         let items = request.into_inner().items;
-        if items.len() > MAX_BATCH {
-            return Err(refuse(
-                op,
-                caller.id.as_str(),
-                Status::invalid_argument(format!(
-                    "batch has {} items, more than the {MAX_BATCH} allowed",
-                    items.len()
-                )),
-            ));
-        }
-        self.take_sign_budget(&caller.id, items.len())
-            .map_err(|e| refuse(op, caller.id.as_str(), e))?;
         let ids: Vec<String> = items.iter().map(|i| i.entry_id.clone()).collect();
-        let entries = self
-            .state
-            .store_op(move |store| {
-                ids.iter().map(|id| store.entry(id)).collect::<Result<Vec<_>, _>>()
-            })
-            .await?;
+        let entries = self.batch_entries(op, &caller, ids).await?;
         let service = self.clone();
         let agent_id = caller.id.clone();
         // Signing is CPU work: keep it off the async workers.
@@ -366,62 +518,71 @@ impl Node for NodeService {
         })
         .await
         .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
-        let to_record: Vec<Signed> =
-            signed.iter().filter_map(|r| r.as_ref().ok()).map(|(_, s)| s.clone()).collect();
-        // Recorded (durably) before the agent can use them, and checked in
-        // the same commit against the agent and the entries as they are
-        // now: an SVID signed while its entry was deleted or changed, or its
-        // agent banned, is revoked at once instead of escaping.
-        let now = self.state.clock.now();
-        let (key, serial) = (caller.id.to_string(), caller.serial.clone());
-        let recorded = if to_record.is_empty() {
-            Vec::new()
-        } else {
-            self.state
-                .store_op(move |store| store.record_issued(&key, &serial, &to_record, now))
-                .await?
-        };
-        let mut recorded = recorded.into_iter();
         let mut results = Vec::with_capacity(signed.len());
-        let mut revoked_any = false;
-        for result in signed {
-            let (svid, record) = match result {
-                Ok(pair) => pair,
-                Err(failure) => {
-                    results.push(failure);
-                    continue;
-                }
-            };
-            match recorded.next() {
-                Some(Ok(())) => {
+        for outcome in self.record_batch(&caller, signed).await? {
+            results.push(match outcome {
+                Recorded::Refused(failure) => failure,
+                Recorded::Issued(svid, record) => {
                     info!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, spiffe_id = %record.entry.spiffe_id, serial = %svid.serial, expires_at = svid.expires_at, "X509-SVID issued");
-                    results.push(pb::SignX509Result {
+                    pb::SignX509Result {
                         entry_id: record.entry.id,
                         status: Some(ItemStatus { code: 0, message: String::new() }),
                         x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
                         expires_at: svid.expires_at,
                         serial: svid.serial,
-                    });
+                    }
                 }
-                other => {
-                    let why = match other {
-                        Some(Err(why)) => why,
-                        _ => "not recorded".to_string(),
-                    };
-                    revoked_any = true;
-                    warn!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, serial = %svid.serial, reason = %why, "X509-SVID revoked as it was issued");
-                    results.push(item_failure(
-                        &record.entry.id,
-                        tonic::Code::PermissionDenied,
-                        why,
-                    ));
+                Recorded::Revoked(record, why) => {
+                    warn!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, serial = %record.svid.serial, reason = %why, "X509-SVID revoked as it was issued");
+                    item_failure(&record.entry.id, tonic::Code::PermissionDenied, why)
                 }
-            }
-        }
-        if revoked_any {
-            crate::revocation::update_verifier_crls(&self.state).await?;
+            });
         }
         Ok(Response::new(pb::SignX509Response { results }))
+    }
+
+    async fn sign_jwt(
+        &self,
+        request: Request<pb::SignJwtRequest>,
+    ) -> Result<Response<pb::SignJwtResponse>, Status> {
+        let op = "sign_jwt";
+        let caller = self.authenticate(op, &request).await?;
+        let items = request.into_inner().items;
+        let ids: Vec<String> = items.iter().map(|i| i.entry_id.clone()).collect();
+        let entries = self.batch_entries(op, &caller, ids).await?;
+        let service = self.clone();
+        let agent_id = caller.id.clone();
+        let signed = tokio::task::spawn_blocking(move || {
+            items
+                .into_iter()
+                .zip(entries)
+                .map(|(item, entry)| service.sign_jwt_item(&agent_id, item, entry))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
+        let mut results = Vec::with_capacity(signed.len());
+        for outcome in self.record_batch(&caller, signed).await? {
+            results.push(match outcome {
+                Recorded::Refused(failure) => failure,
+                Recorded::Issued(jwt, record) => {
+                    info!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, spiffe_id = %record.entry.spiffe_id, jti = %jwt.jti, expires_at = jwt.expires_at, "JWT-SVID issued");
+                    pb::SignJwtResult {
+                        entry_id: record.entry.id,
+                        status: Some(ItemStatus { code: 0, message: String::new() }),
+                        token: jwt.token,
+                        expires_at: jwt.expires_at,
+                        jti: jwt.jti,
+                        issued_at: jwt.issued_at,
+                    }
+                }
+                Recorded::Revoked(record, why) => {
+                    warn!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, jti = %record.svid.jti, reason = %why, "JWT-SVID revoked as it was issued");
+                    jwt_item_failure(&record.entry.id, tonic::Code::PermissionDenied, why)
+                }
+            });
+        }
+        Ok(Response::new(pb::SignJwtResponse { results }))
     }
 
     type SyncStream = SyncStream;
@@ -475,11 +636,14 @@ impl NodeService {
     ) -> Result<(), Status> {
         let agent_id = &caller.id;
         let mut wake = self.state.feed.subscribe();
-        send(tx, Event::Bundle(pb::BundleUpdate { authorities: self.bundle() })).await?;
+        send(tx, Event::Bundle(self.bundle_update())).await?;
         // The CRLs are read after the revision the stream starts from, so
         // they are at least that new: a CRL change before it is not lost.
         let parent = agent_id.clone();
-        let (snapshot, crls) = self
+        // So are the JWT revocations: every one in force, which replaces the
+        // agent's set (it may have missed some while disconnected).
+        let now = self.state.clock.now();
+        let (snapshot, crls, jwts) = self
             .state
             .store_op(move |store| {
                 let latest = store.revision()?;
@@ -488,10 +652,18 @@ impl NodeService {
                 } else {
                     Some(store.snapshot(&parent)?)
                 };
-                Ok((snapshot, store.crls()?))
+                let jwts = store
+                    .revocations()?
+                    .into_iter()
+                    .filter(|r| !r.jti.is_empty() && r.expires_at > now)
+                    .map(|r| pb::RevokedJwt { jti: r.jti, expires_at: r.expires_at })
+                    .collect();
+                Ok((snapshot, store.crls()?, jwts))
             })
             .await?;
-        send(tx, Event::Revocation(pb::Revocation { serials: Vec::new(), crls })).await?;
+        let revocation =
+            pb::Revocation { serials: Vec::new(), crls, jwts, jwts_complete: true };
+        send(tx, Event::Revocation(revocation)).await?;
         let mut cursor = match snapshot {
             None => resume_from,
             Some((revision, entries)) => {
@@ -574,7 +746,7 @@ impl NodeService {
                 };
                 send(tx, Event::Change(pb::EntryChange { revision, change: Some(change) })).await
             }
-            ChangeKind::Revoked { serials } => {
+            ChangeKind::Revoked { serials, jwts } => {
                 if serials.contains(&caller.serial) {
                     warn!(agent_id = %agent_id, "closing sync stream: the agent's SVID was revoked");
                     return Err(AgentRefusal::Revoked(caller.serial.clone()).into());
@@ -582,15 +754,20 @@ impl NodeService {
                 // The commit that revoked also signed CRLs listing them:
                 // the agent gets both in one message.
                 let crls = self.state.feed.crls().as_ref().clone();
-                let serials = serials.clone();
-                send(tx, Event::Revocation(pb::Revocation { serials, crls })).await
+                let jwts = jwts
+                    .iter()
+                    .map(|j| pb::RevokedJwt { jti: j.jti.clone(), expires_at: j.expires_at })
+                    .collect();
+                let revocation =
+                    pb::Revocation { serials: serials.clone(), crls, jwts, jwts_complete: false };
+                send(tx, Event::Revocation(revocation)).await
             }
             ChangeKind::Crls => {
                 let crls = self.state.feed.crls().as_ref().clone();
-                send(tx, Event::Revocation(pb::Revocation { serials: Vec::new(), crls })).await
+                send(tx, Event::Revocation(pb::Revocation { crls, ..Default::default() })).await
             }
             ChangeKind::Bundle => {
-                send(tx, Event::Bundle(pb::BundleUpdate { authorities: self.bundle() })).await
+                send(tx, Event::Bundle(self.bundle_update())).await
             }
             ChangeKind::AgentBanned { agent_id: banned, reason } if banned == agent_id.as_str() => {
                 warn!(agent_id = %agent_id, "closing sync stream of banned agent");

@@ -46,6 +46,7 @@ impl CrlSigner for CaCrlSigner {
     ) -> Result<Vec<Vec<u8>>, String> {
         let entries: Vec<CrlEntry> = revocations
             .iter()
+            .filter(|r| r.jti.is_empty())
             .map(|r| CrlEntry {
                 serial: r.serial.clone(),
                 revoked_at: r.revoked_at,
@@ -81,7 +82,11 @@ pub async fn revoked(state: &State, revocations: &[pb::Revocation]) -> Result<()
         return Ok(());
     }
     for r in revocations {
-        info!(target: "tessera::audit", serial = %r.serial, spiffe_id = %r.spiffe_id, reason = %r.reason, "X509-SVID revoked");
+        if r.jti.is_empty() {
+            info!(target: "tessera::audit", serial = %r.serial, spiffe_id = %r.spiffe_id, reason = %r.reason, "X509-SVID revoked");
+        } else {
+            info!(target: "tessera::audit", jti = %r.jti, spiffe_id = %r.spiffe_id, reason = %r.reason, "JWT-SVID revoked");
+        }
     }
     update_verifier_crls(state).await
 }

@@ -95,6 +95,7 @@ impl Server {
             ttl: config.ca_ttl,
             prepare_at: config.ca_prepare_at,
             activate_at: config.ca_activate_at,
+            jwt_key_type: config.jwt_key_type,
         };
         let ca = Arc::new(Ca::load_or_create(
             &config.data_dir,
@@ -115,6 +116,8 @@ impl Server {
             trust_domain: config.trust_domain.clone(),
             default_ttl: config.default_x509_svid_ttl,
             max_ttl: config.max_x509_svid_ttl,
+            default_jwt_ttl: config.default_jwt_svid_ttl,
+            max_jwt_ttl: config.max_jwt_svid_ttl,
         };
         store.set_crl_signer(Arc::new(crate::revocation::CaCrlSigner(ca.clone())));
         let feed = Arc::new(crate::feed::ChangeFeed::new(store.revision()?, store.crls()?));

@@ -101,10 +101,14 @@ pub enum ChangeKind {
         /// The parent IDs before and after the change.
         parents: Vec<String>,
     },
-    /// SVIDs were revoked (every agent drops them).
+    /// SVIDs were revoked (every agent drops them; JWT-SVIDs are refused
+    /// by every agent's validation until they expire).
     Revoked {
-        /// Lowercase hex serials.
+        /// Lowercase hex serials of X509-SVIDs.
         serials: Vec<String>,
+        /// JWT-SVIDs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        jwts: Vec<RevokedJwt>,
     },
     /// The CRLs were re-signed ([`Store::crls`] has them).
     Crls,
@@ -122,6 +126,26 @@ pub enum ChangeKind {
         /// The agent.
         agent_id: String,
     },
+}
+
+/// A revoked JWT-SVID in the change log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedJwt {
+    /// The token's `jti`.
+    pub jti: String,
+    /// The token's `exp`: validators keep the revocation until then.
+    pub expires_at: i64,
+}
+
+/// The key an issued SVID or its revocation is stored under: an
+/// X509-SVID's serial, or `jwt:<jti>` for a JWT-SVID (no hex serial has a
+/// colon, so the two never collide).
+pub fn svid_key(serial: &str, jti: &str) -> String {
+    if jti.is_empty() {
+        serial.to_string()
+    } else {
+        format!("jwt:{jti}")
+    }
 }
 
 /// One record of the change log.
@@ -410,7 +434,7 @@ impl fmt::Debug for SledStore {
 /// State only commits touch, under the writer lock.
 #[derive(Debug, Default)]
 struct Writer {
-    /// Every stored revocation, what the CRLs are signed from (a sled
+    /// Every stored X509-SVID revocation, what the CRLs are signed from (a sled
     /// transaction cannot scan a tree).
     revocations: Vec<pb::Revocation>,
 }
@@ -561,8 +585,9 @@ impl Tx<'_> {
     }
 
     fn record(&self, svid: &pb::IssuedSvid) -> TxResult<()> {
-        self.t(ISSUED).insert(svid.serial.as_bytes(), svid.encode_to_vec())?;
-        self.t(ISSUED_BY_OWNER).insert(index_key(&owner_of(svid), &svid.serial), &[])?;
+        let key = svid_key(&svid.serial, &svid.jti);
+        self.t(ISSUED).insert(key.as_bytes(), svid.encode_to_vec())?;
+        self.t(ISSUED_BY_OWNER).insert(index_key(&owner_of(svid), &key), &[])?;
         Ok(())
     }
 
@@ -570,18 +595,28 @@ impl Tx<'_> {
     fn revoke(&self, revocations: &[pb::Revocation]) -> TxResult<Vec<pb::Revocation>> {
         let mut stored = Vec::new();
         for revocation in revocations {
-            if self.t(REVOCATIONS).get(revocation.serial.as_bytes())?.is_some() {
+            let key = svid_key(&revocation.serial, &revocation.jti);
+            if self.t(REVOCATIONS).get(key.as_bytes())?.is_some() {
                 continue;
             }
-            self.t(REVOCATIONS).insert(revocation.serial.as_bytes(), revocation.encode_to_vec())?;
+            self.t(REVOCATIONS).insert(key.as_bytes(), revocation.encode_to_vec())?;
             stored.push(revocation.clone());
         }
         if !stored.is_empty() {
+            let (jwts, x509): (Vec<&pb::Revocation>, Vec<&pb::Revocation>) =
+                stored.iter().partition(|r| !r.jti.is_empty());
             self.log(ChangeKind::Revoked {
-                serials: stored.iter().map(|r| r.serial.clone()).collect(),
+                serials: x509.iter().map(|r| r.serial.clone()).collect(),
+                jwts: jwts
+                    .iter()
+                    .map(|r| RevokedJwt { jti: r.jti.clone(), expires_at: r.expires_at })
+                    .collect(),
             })?;
-            self.revoked.borrow_mut().extend(stored.iter().cloned());
-            self.resign.set(true);
+            // Only X509-SVIDs are listed in CRLs.
+            if !x509.is_empty() {
+                self.revoked.borrow_mut().extend(x509.into_iter().cloned());
+                self.resign.set(true);
+            }
         }
         Ok(stored)
     }
@@ -603,6 +638,7 @@ pub fn revocation_of(svid: &pb::IssuedSvid, reason: &str, now: i64) -> pb::Revoc
         expires_at: svid.expires_at,
         spiffe_id: svid.spiffe_id.clone(),
         ca_seq: svid.ca_seq,
+        jti: svid.jti.clone(),
     }
 }
 
@@ -631,7 +667,8 @@ impl SledStore {
             other => other,
         })?;
         store.watermark.write(meta_seq)?;
-        store.lock().revocations = store.revocations()?;
+        store.lock().revocations =
+            store.revocations()?.into_iter().filter(|r| r.jti.is_empty()).collect();
         Ok(store)
     }
 
@@ -1511,8 +1548,9 @@ impl Store for SledStore {
         }
         let pruned = self.commit_locked(&mut writer, |tx| {
             for svid in &issued {
-                tx.t(ISSUED).remove(svid.serial.as_bytes())?;
-                tx.t(ISSUED_BY_OWNER).remove(index_key(&owner_of(svid), &svid.serial))?;
+                let key = svid_key(&svid.serial, &svid.jti);
+                tx.t(ISSUED).remove(key.as_bytes())?;
+                tx.t(ISSUED_BY_OWNER).remove(index_key(&owner_of(svid), &key))?;
             }
             for key in &revocations {
                 tx.t(REVOCATIONS).remove(key)?;
@@ -1546,6 +1584,8 @@ mod tests {
             trust_domain: TrustDomain::new("example.org").unwrap(),
             default_ttl: 60,
             max_ttl: 600,
+            default_jwt_ttl: 300,
+            max_jwt_ttl: 600,
         };
         let mut e = rules
             .validate(
@@ -1573,6 +1613,7 @@ mod tests {
             agent_id: entry.parent_id.to_string(),
             expires_at: i64::MAX,
             ca_seq: 1,
+            jti: String::new(),
         }
     }
 
@@ -1687,7 +1728,7 @@ mod tests {
             let kinds: Vec<_> =
                 store.changes_since(1, 100).unwrap().into_iter().map(|c| c.kind).collect();
             assert!(
-                matches!(kinds.as_slice(), [ChangeKind::Entry { .. }, ChangeKind::Revoked { serials }] if serials == &["01"])
+                matches!(kinds.as_slice(), [ChangeKind::Entry { .. }, ChangeKind::Revoked { serials, .. }] if serials == &["01"])
             );
         }
         let store = SledStore::open(dir.path()).unwrap();

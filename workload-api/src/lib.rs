@@ -1,7 +1,8 @@
 //! Tessera's workload-side library: SPIFFE identity types, X509-SVID and
 //! bundle parsing with validation of the SPIFFE X509-SVID profile, a live
 //! [`X509Source`] fed by the SPIFFE Workload API, and rustls configs for
-//! mutual TLS that authorize peers by SPIFFE ID and refuse revoked ones.
+//! mutual TLS that authorize peers by SPIFFE ID and refuse revoked ones;
+//! JWT-SVID validation and JWT bundles live in [`jwt`].
 //!
 //! ```
 //! use tessera_workload_api::SpiffeId;
@@ -13,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+pub mod jwt;
 mod mtls;
 mod selector;
 mod source;
@@ -23,6 +25,7 @@ mod x509;
 pub use client::{
     connect_workload_api, error_chain, socket_path, unix_channel, with_header, ENDPOINT_ENV,
 };
+pub use jwt::{JwtBundle, JwtError, JwtKey, UnverifiedJwt, ValidatedJwt};
 pub use mtls::{client_config, peer_spiffe_id, server_config, Authorize};
 pub use selector::{Selector, SelectorError};
 pub use source::{SourceError, X509Context, X509Source, FIRST_SVID_TIMEOUT};

@@ -1,0 +1,309 @@
+//! JWT-SVIDs on the agent: tokens the server signs per (entry, audience
+//! set), cached so the common `FetchJWTSVID` is served from memory, renewed
+//! in the background before half-life while they are in use, and never
+//! served past half-life; and the set of revoked `jti`s the server pushes,
+//! which `ValidateJWTSVID` refuses until the tokens expire.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tessera_proto::node as pb;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use crate::cache::AgentEntry;
+use crate::manager::{now, NodeLink, SIGN_BATCH};
+
+/// Audiences one request may name.
+pub const MAX_AUDIENCES: usize = 16;
+/// Tokens kept at most; past it, tokens not in use are dropped first.
+pub const MAX_CACHED_TOKENS: usize = 50_000;
+/// A token in use is re-signed in the background at this fraction of its life...
+const REFRESH_AT: f64 = 0.4;
+/// ...and never served past this one (half-life).
+const SERVE_UNTIL: f64 = 0.5;
+
+/// Cache key: the entry, its SPIFFE ID (an entry whose ID changed must not
+/// get the old token) and the sorted audience set.
+type Key = (String, String, Vec<String>);
+
+/// A cached token.
+struct CachedJwt {
+    token: String,
+    jti: String,
+    issued_at: i64,
+    expires_at: i64,
+    last_used: AtomicI64,
+}
+
+impl CachedJwt {
+    fn point(&self, fraction: f64) -> i64 {
+        self.issued_at + ((self.expires_at - self.issued_at) as f64 * fraction) as i64
+    }
+
+    fn servable(&self, now: i64) -> bool {
+        now < self.point(SERVE_UNTIL).max(self.issued_at + 1) && now < self.expires_at
+    }
+}
+
+type Outcome = Option<Result<Arc<CachedJwt>, Status>>;
+
+#[derive(Default)]
+struct Inner {
+    tokens: HashMap<Key, Arc<CachedJwt>>,
+    /// Signings under way: later callers for the same key wait for them.
+    inflight: HashMap<Key, watch::Receiver<Outcome>>,
+    /// Revoked jti → the token's expiry.
+    revoked: HashMap<String, i64>,
+}
+
+/// The agent's JWT-SVIDs and JWT revocations.
+pub struct JwtSvids {
+    link: Arc<NodeLink>,
+    inner: Mutex<Inner>,
+}
+
+impl fmt::Debug for JwtSvids {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = self.lock();
+        f.debug_struct("JwtSvids")
+            .field("tokens", &inner.tokens.len())
+            .field("revoked", &inner.revoked.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A token handed to a workload.
+#[derive(Debug, Clone)]
+pub struct IssuedJwt {
+    /// The compact JWS.
+    pub token: String,
+    /// Its `jti`.
+    pub jti: String,
+}
+
+impl JwtSvids {
+    /// An empty cache signing through `link`.
+    pub fn new(link: Arc<NodeLink>) -> Self {
+        Self { link, inner: Mutex::new(Inner::default()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A token for each entry, for `audience` (sorted, deduplicated, checked
+    /// by the caller): from the cache when one is fresh, else signed by the
+    /// server (one call for all misses; concurrent callers share it).
+    pub async fn fetch(
+        self: &Arc<Self>,
+        entries: &[Arc<AgentEntry>],
+        audience: &[String],
+    ) -> Result<Vec<IssuedJwt>, Status> {
+        let now = now();
+        let keys: Vec<Key> = entries
+            .iter()
+            .map(|e| (e.id.clone(), e.spiffe_id.to_string(), audience.to_vec()))
+            .collect();
+        let mut found: Vec<Option<Arc<CachedJwt>>> = vec![None; keys.len()];
+        let mut waits = Vec::new();
+        let mut to_sign = Vec::new();
+        {
+            let mut inner = self.lock();
+            for (i, key) in keys.iter().enumerate() {
+                if let Some(cached) = inner.tokens.get(key) {
+                    if cached.servable(now) && !inner.revoked.contains_key(&cached.jti) {
+                        cached.last_used.store(now, Ordering::Relaxed);
+                        found[i] = Some(cached.clone());
+                        continue;
+                    }
+                }
+                match inner.inflight.get(key) {
+                    Some(rx) => waits.push((i, rx.clone())),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        inner.inflight.insert(key.clone(), rx.clone());
+                        waits.push((i, rx));
+                        to_sign.push((key.clone(), tx));
+                    }
+                }
+            }
+        }
+        if !to_sign.is_empty() {
+            // A task of its own: a caller that goes away does not strand
+            // the others waiting for the same tokens.
+            let this = self.clone();
+            tokio::spawn(async move { this.sign(to_sign).await });
+        }
+        for (i, mut rx) in waits {
+            let outcome = rx
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| Status::unavailable("JWT-SVID signing was interrupted; retry"))?
+                .clone();
+            match outcome {
+                Some(Ok(cached)) => {
+                    cached.last_used.store(now, Ordering::Relaxed);
+                    found[i] = Some(cached);
+                }
+                Some(Err(status)) => return Err(status),
+                None => return Err(Status::unavailable("JWT-SVID not signed; retry")),
+            }
+        }
+        Ok(found
+            .into_iter()
+            .flatten()
+            .map(|c| IssuedJwt { token: c.token.clone(), jti: c.jti.clone() })
+            .collect())
+    }
+
+    /// Signs tokens for `keys` (in batches), caches them and tells whoever waits.
+    async fn sign(&self, keys: Vec<(Key, watch::Sender<Outcome>)>) {
+        for chunk in keys.chunks(SIGN_BATCH) {
+            let items = chunk
+                .iter()
+                .map(|((entry_id, _, audience), _)| pb::SignJwtItem {
+                    entry_id: entry_id.clone(),
+                    audience: audience.clone(),
+                })
+                .collect();
+            let response = match self.link.client().await {
+                Ok(mut client) => client.sign_jwt(pb::SignJwtRequest { items }).await,
+                Err(e) => Err(Status::unavailable(e.to_string())),
+            };
+            let results = match response {
+                Ok(response) => response.into_inner().results,
+                Err(status) => {
+                    warn!(code = ?status.code(), reason = status.message(), "JWT-SVID signing failed");
+                    self.link.reset();
+                    let status = Status::unavailable(format!(
+                        "cannot get a JWT-SVID from the server: {}",
+                        status.message()
+                    ));
+                    let mut inner = self.lock();
+                    for (key, tx) in chunk {
+                        inner.inflight.remove(key);
+                        tx.send_replace(Some(Err(status.clone())));
+                    }
+                    continue;
+                }
+            };
+            let now = now();
+            let mut inner = self.lock();
+            let mut results = results.into_iter();
+            for (key, tx) in chunk {
+                inner.inflight.remove(key);
+                let outcome = match results.next() {
+                    None => Err(Status::internal("server returned too few results")),
+                    Some(result) => {
+                        let status = result.status.unwrap_or_default();
+                        if status.code != 0 {
+                            warn!(entry_id = %key.0, audience = ?key.2, code = status.code, reason = %status.message, "server refused to sign JWT-SVID");
+                            Err(Status::new(tonic::Code::from(status.code), status.message))
+                        } else if inner.revoked.contains_key(&result.jti) {
+                            Err(Status::unavailable("the new JWT-SVID was revoked at once; retry"))
+                        } else {
+                            debug!(entry_id = %key.0, jti = %result.jti, expires_at = result.expires_at, "JWT-SVID cached");
+                            let cached = Arc::new(CachedJwt {
+                                token: result.token,
+                                jti: result.jti,
+                                issued_at: result.issued_at.min(now),
+                                expires_at: result.expires_at,
+                                last_used: AtomicI64::new(now),
+                            });
+                            if inner.tokens.len() >= MAX_CACHED_TOKENS {
+                                evict(&mut inner.tokens, now);
+                            }
+                            inner.tokens.insert(key.clone(), cached.clone());
+                            Ok(cached)
+                        }
+                    }
+                };
+                tx.send_replace(Some(outcome));
+            }
+        }
+    }
+
+    /// Applies revocations pushed by the server; `complete` replaces the set.
+    pub fn apply_revocations(&self, jwts: Vec<pb::RevokedJwt>, complete: bool) {
+        let mut inner = self.lock();
+        if complete {
+            inner.revoked.clear();
+        }
+        let mut dropped = 0;
+        for jwt in jwts {
+            inner.revoked.insert(jwt.jti, jwt.expires_at);
+        }
+        let Inner { tokens, revoked, .. } = &mut *inner;
+        tokens.retain(|_, t| {
+            let keep = !revoked.contains_key(&t.jti);
+            dropped += usize::from(!keep);
+            keep
+        });
+        if dropped > 0 {
+            info!(dropped, "revoked JWT-SVIDs dropped from the cache");
+        }
+    }
+
+    /// Whether the server revoked the token with this `jti`.
+    pub fn is_revoked(&self, jti: &str) -> bool {
+        self.lock().revoked.contains_key(jti)
+    }
+
+    /// Re-signs tokens in use before they stop being served, and forgets
+    /// expired tokens and revocations. Runs until `shutdown`.
+    pub async fn refresh_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let now = now();
+            let to_sign = {
+                let mut inner = self.lock();
+                inner.revoked.retain(|_, expires_at| *expires_at > now);
+                inner.tokens.retain(|_, t| t.servable(now));
+                let due: Vec<Key> = inner
+                    .tokens
+                    .iter()
+                    .filter(|(key, t)| {
+                        now >= t.point(REFRESH_AT)
+                            // In use: fetched since it was signed, beyond the first fetch.
+                            && t.last_used.load(Ordering::Relaxed) > t.issued_at
+                            && !inner.inflight.contains_key(*key)
+                    })
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                let mut to_sign = Vec::with_capacity(due.len());
+                for key in due {
+                    let (tx, rx) = watch::channel(None);
+                    inner.inflight.insert(key.clone(), rx);
+                    to_sign.push((key, tx));
+                }
+                to_sign
+            };
+            if !to_sign.is_empty() {
+                debug!(tokens = to_sign.len(), "renewing JWT-SVIDs in use");
+                self.sign(to_sign).await;
+            }
+        }
+    }
+}
+
+/// Makes room: drops tokens that can no longer be served, then the least
+/// recently used tenth.
+fn evict(tokens: &mut HashMap<Key, Arc<CachedJwt>>, now: i64) {
+    tokens.retain(|_, t| t.servable(now));
+    if tokens.len() < MAX_CACHED_TOKENS {
+        return;
+    }
+    let mut uses: Vec<i64> = tokens.values().map(|t| t.last_used.load(Ordering::Relaxed)).collect();
+    uses.sort_unstable();
+    let cutoff = uses[uses.len() / 10];
+    tokens.retain(|_, t| t.last_used.load(Ordering::Relaxed) > cutoff);
+}
