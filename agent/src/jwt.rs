@@ -172,10 +172,14 @@ impl JwtSvids {
                     audience: audience.clone(),
                 })
                 .collect();
-            let response = match self.link.client().await {
-                Ok(mut client) => client.sign_jwt(pb::SignJwtRequest { items }).await,
-                Err(e) => Err(Status::unavailable(e.to_string())),
-            };
+            let request = pb::SignJwtRequest { items };
+            let mut response = self.sign_once(request.clone()).await;
+            if response.is_err() {
+                // The connection may carry an SVID a renewal just replaced:
+                // one more try on a fresh one.
+                self.link.reset();
+                response = self.sign_once(request).await;
+            }
             let results = match response {
                 Ok(response) => response.into_inner().results,
                 Err(status) => {
@@ -226,6 +230,16 @@ impl JwtSvids {
                 };
                 tx.send_replace(Some(outcome));
             }
+        }
+    }
+
+    async fn sign_once(
+        &self,
+        request: pb::SignJwtRequest,
+    ) -> Result<tonic::Response<pb::SignJwtResponse>, Status> {
+        match self.link.client().await {
+            Ok(mut client) => client.sign_jwt(request).await,
+            Err(e) => Err(Status::unavailable(e.to_string())),
         }
     }
 

@@ -206,6 +206,7 @@ async fn revocations_survive_restart_and_crls_verify_with_openssl() {
         .revoke_svid(RevokeSvidRequest {
             serial: web_serial.clone(),
             reason: "key compromise (test)".into(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("revoking the web SVID {web_serial} failed: {s:?}"))
@@ -219,6 +220,7 @@ async fn revocations_survive_restart_and_crls_verify_with_openssl() {
         .revoke_svid(RevokeSvidRequest {
             serial: colon_upper(&web_serial),
             reason: "second time".into(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("revoking {web_serial} a second time failed: {s:?}"))
@@ -233,7 +235,7 @@ async fn revocations_survive_restart_and_crls_verify_with_openssl() {
         ("7fedcba9876543210fedcba987654321", Code::NotFound),
     ] {
         match admin
-            .revoke_svid(RevokeSvidRequest { serial: serial.into(), reason: String::new() })
+            .revoke_svid(RevokeSvidRequest { serial: serial.into(), reason: String::new(), ..Default::default() })
             .await
         {
             Err(status) => assert_eq!(
@@ -279,7 +281,7 @@ async fn revocations_survive_restart_and_crls_verify_with_openssl() {
     assert_revocation_listed(&server, &revocation, &db_serial).await;
     let mut admin = server.admin().await;
     let after_restart = admin
-        .revoke_svid(RevokeSvidRequest { serial: web_serial.clone(), reason: "third time".into() })
+        .revoke_svid(RevokeSvidRequest { serial: web_serial.clone(), reason: "third time".into(), ..Default::default() })
         .await
         .unwrap_or_else(|s| panic!("revoking {web_serial} after the restart failed: {s:?}"))
         .into_inner();
@@ -345,7 +347,7 @@ async fn revoked_svid_is_replaced_and_crl_reaches_workload() {
     server
         .admin()
         .await
-        .revoke_svid(RevokeSvidRequest { serial: old_serial.clone(), reason: String::new() })
+        .revoke_svid(RevokeSvidRequest { serial: old_serial.clone(), reason: String::new(), ..Default::default() })
         .await
         .unwrap_or_else(|s| panic!("revoking the live SVID {old_serial} failed: {s:?}"));
 

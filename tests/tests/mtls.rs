@@ -206,6 +206,7 @@ async fn revoked_client_is_refused_by_the_next_handshake() {
         .revoke_svid(admin_pb::RevokeSvidRequest {
             serial: stolen.serial_hex(),
             reason: "stolen".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -153,7 +153,7 @@ async fn py_spiffe_x509_source_sees_rotation() {
     server
         .admin()
         .await
-        .revoke_svid(RevokeSvidRequest { serial: first.clone(), reason: "interop test".into() })
+        .revoke_svid(RevokeSvidRequest { serial: first.clone(), reason: "interop test".into(), ..Default::default() })
         .await
         .unwrap();
     let rotated = script.next_json("X509Source to see the rotation").await;
@@ -179,6 +179,35 @@ async fn grpcio_default_stub_fetches_x509_svid() {
     assert_eq!(result["spiffe_ids"], serde_json::json!(["spiffe://example.org/python"]));
     assert!(result["chain_bytes"].as_u64().unwrap() > 0, "{result}");
     assert_eq!(result["without_header"], "INVALID_ARGUMENT");
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// py-spiffe's JWT calls against a real agent: `fetch_jwt_svid` (twice: the
+/// agent's cached token both times), `fetch_jwt_bundles`,
+/// `validate_jwt_svid` through the agent and `JwtSvid.parse_and_validate`
+/// offline with the fetched bundle; both validations refuse the token for
+/// another audience, and asking for an identity the caller does not have
+/// fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_spiffe_jwt_svid_calls() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (server, agent) = server_and_agent(dir.path()).await;
+
+    let mut script = Script::start(&python, "jwt_svid.py", &agent);
+    let result = script.next_json("py-spiffe's JWT-SVID calls").await;
+    script.succeeds().await;
+    assert_eq!(result["spiffe_id"], "spiffe://example.org/python");
+    assert_eq!(result["audience"], serde_json::json!(["api"]));
+    assert_eq!(result["same_token_again"], true, "the second fetch is served from the cache");
+    assert_eq!(result["bundle_trust_domains"], serde_json::json!(["example.org"]));
+    assert!(result["bundle_keys"].as_u64().unwrap() >= 1, "{result}");
+    assert_eq!(result["parsed_spiffe_id"], "spiffe://example.org/python");
+    assert_eq!(result["validated_spiffe_id"], "spiffe://example.org/python");
+    assert_eq!(result["wrong_audience_validate"], "ValidateJwtSvidError", "{result}");
+    assert!(result["wrong_audience_parse"].is_string(), "{result}");
+    assert_eq!(result["no_identity_subject"], "FetchJwtSvidError", "{result}");
     agent.stop().await;
     server.stop().await;
 }

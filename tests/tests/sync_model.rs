@@ -185,6 +185,7 @@ impl World {
                     .revoke_svid(admin_pb::RevokeSvidRequest {
                         serial: serial.clone(),
                         reason: "model".into(),
+                        ..Default::default()
                     })
                     .await;
                 self.log.push(format!("revoke {serial}: {:?}", revoked.map(|_| ())));

@@ -495,6 +495,7 @@ async fn bench_revoke_one_agent(rounds: usize) -> (f64, f64) {
             .revoke_svid(admin_pb::RevokeSvidRequest {
                 serial: serial.clone(),
                 reason: "bench".into(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -548,6 +549,7 @@ async fn bench_revoke_many_agents(
                 .revoke_svid(admin_pb::RevokeSvidRequest {
                     serial: serial.clone(),
                     reason: "bench".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -571,6 +573,7 @@ async fn bench_revoke_many_agents(
             .revoke_svid(admin_pb::RevokeSvidRequest {
                 serial: serial.clone(),
                 reason: "bench".into(),
+                ..Default::default()
             })
             .await
             .unwrap();
