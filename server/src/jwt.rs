@@ -69,6 +69,9 @@ enum Signer {
 /// One JWT signing key.
 pub struct JwtSigningKey {
     kid: String,
+    /// The encoded header (the same for every token this key signs), with
+    /// the '.' that follows it.
+    header: String,
     signer: Signer,
     spki_der: Vec<u8>,
     rng: SystemRandom,
@@ -131,7 +134,13 @@ impl JwtSigningKey {
             };
         let digest = ring::digest::digest(&ring::digest::SHA256, &spki_der);
         let kid = URL_SAFE_NO_PAD.encode(&digest.as_ref()[..24]);
-        Ok(Self { kid, signer, spki_der, rng })
+        let alg = match signer {
+            Signer::Ec(_) => "ES256",
+            Signer::Rsa(_) => "RS256",
+        };
+        let header = serde_json::json!({ "alg": alg, "kid": kid, "typ": "JWT" });
+        let header = format!("{}.", URL_SAFE_NO_PAD.encode(header.to_string()));
+        Ok(Self { kid, header, signer, spki_der, rng })
     }
 
     /// The key ID tokens carry in their header.
@@ -162,17 +171,22 @@ impl JwtSigningKey {
         expires_at: i64,
     ) -> Result<SignedJwt, JwtKeyError> {
         let jti = hex::encode(crate::ca::random_serial());
-        let header = serde_json::json!({ "alg": self.alg(), "kid": self.kid, "typ": "JWT" });
-        let claims = serde_json::json!({
-            "sub": subject,
-            "aud": audience,
-            "exp": expires_at,
-            "iat": now,
-            "jti": jti,
-        });
-        let mut token = URL_SAFE_NO_PAD.encode(header.to_string());
-        token.push('.');
-        token.push_str(&URL_SAFE_NO_PAD.encode(claims.to_string()));
+        // Written by hand (strings escaped by serde_json): this runs once
+        // per token, and a JSON tree would cost more than the rest.
+        let mut claims = String::with_capacity(160 + subject.len());
+        claims.push_str("{\"sub\":");
+        claims.push_str(&json_string(subject));
+        claims.push_str(",\"aud\":[");
+        for (i, audience) in audience.iter().enumerate() {
+            if i > 0 {
+                claims.push(',');
+            }
+            claims.push_str(&json_string(audience));
+        }
+        claims.push_str(&format!("],\"exp\":{expires_at},\"iat\":{now},\"jti\":\"{jti}\"}}"));
+        let mut token = String::with_capacity(self.header.len() + claims.len() * 4 / 3 + 100);
+        token.push_str(&self.header);
+        URL_SAFE_NO_PAD.encode_string(claims, &mut token);
         let signature = match &self.signer {
             Signer::Ec(pair) => {
                 pair.sign(&self.rng, token.as_bytes()).map_err(|_| JwtKeyError::Sign)?.as_ref().to_vec()
@@ -188,6 +202,11 @@ impl JwtSigningKey {
         token.push_str(&URL_SAFE_NO_PAD.encode(signature));
         Ok(SignedJwt { token, jti, issued_at: now, expires_at })
     }
+}
+
+/// A JSON string literal.
+fn json_string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
 }
 
 fn generate(kind: JwtKeyType) -> Result<Vec<u8>, JwtKeyError> {

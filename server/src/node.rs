@@ -203,34 +203,47 @@ impl NodeService {
         caller: &Caller,
         signed: Vec<Result<(T, Signed), F>>,
     ) -> Result<Vec<Recorded<T, F>>, Status> {
-        let to_record: Vec<Signed> =
-            signed.iter().filter_map(|r| r.as_ref().ok()).map(|(_, s)| s.clone()).collect();
+        let mut pending = Vec::with_capacity(signed.len());
+        let mut records = Vec::new();
+        for result in signed {
+            pending.push(result.map(|(signed, record)| {
+                records.push(record);
+                signed
+            }));
+        }
         let now = self.state.clock.now();
         let (key, serial) = (caller.id.to_string(), caller.serial.clone());
-        let recorded = if to_record.is_empty() {
-            Vec::new()
+        let (recorded, records) = if records.is_empty() {
+            (Vec::new(), records)
         } else {
             self.state
-                .store_op(move |store| store.record_issued(&key, &serial, &to_record, now))
+                .store_op(move |store| {
+                    let recorded = store.record_issued(&key, &serial, &records, now)?;
+                    Ok((recorded, records))
+                })
                 .await?
         };
-        let mut recorded = recorded.into_iter();
-        let mut out = Vec::with_capacity(signed.len());
+        if recorded.len() != records.len() {
+            return Err(Status::internal("the store recorded a different number of SVIDs"));
+        }
+        let mut recorded = recorded.into_iter().zip(records);
+        let mut out = Vec::with_capacity(pending.len());
         let mut revoked_any = false;
-        for result in signed {
-            out.push(match result {
-                Err(failure) => Recorded::Refused(failure),
-                Ok((signed, record)) => match recorded.next() {
-                    Some(Ok(())) => Recorded::Issued(signed, record),
-                    other => {
-                        revoked_any = true;
-                        let why = match other {
-                            Some(Err(why)) => why,
-                            _ => "not recorded".to_string(),
-                        };
-                        Recorded::Revoked(record, why)
-                    }
-                },
+        for result in pending {
+            let signed = match result {
+                Err(failure) => {
+                    out.push(Recorded::Refused(failure));
+                    continue;
+                }
+                Ok(signed) => signed,
+            };
+            out.push(match recorded.next() {
+                Some((Ok(()), record)) => Recorded::Issued(signed, record),
+                Some((Err(why), record)) => {
+                    revoked_any = true;
+                    Recorded::Revoked(record, why)
+                }
+                None => return Err(Status::internal("the store recorded fewer SVIDs than signed")),
             });
         }
         if revoked_any {

@@ -1469,17 +1469,25 @@ impl Store for SledStore {
             let mut results = Vec::with_capacity(signed.len());
             let mut revoke = Vec::new();
             for item in signed {
-                let refusal = match (&agent_refusal, tx.entry(&item.entry.id)?) {
+                let refusal = match (&agent_refusal, tx.t(ENTRIES).get(item.entry.id.as_bytes())?) {
                     (Some(why), _) => Some(why.clone()),
                     (None, None) => {
                         Some(format!("entry {} was deleted while signing", item.entry.id))
                     }
-                    (None, Some(current))
-                        if !current.authorizes_svid_of(&item.entry, item.svid.expires_at) =>
-                    {
-                        Some(format!("entry {} changed while signing", item.entry.id))
+                    // Unchanged since it was read for signing (the common
+                    // case, checked without decoding it).
+                    (None, Some(stored)) if *stored == *item.entry.to_proto().encode_to_vec() => {
+                        None
                     }
-                    (None, Some(_)) => None,
+                    (None, Some(stored)) => {
+                        let current = decode_entry(item.entry.id.as_bytes(), &stored)
+                            .map_err(ConflictableTransactionError::Abort)?;
+                        if current.authorizes_svid_of(&item.entry, item.svid.expires_at) {
+                            None
+                        } else {
+                            Some(format!("entry {} changed while signing", item.entry.id))
+                        }
+                    }
                 };
                 // Recorded either way, so that the record outlives no revocation.
                 tx.record(&item.svid)?;

@@ -21,7 +21,7 @@ use tessera_proto::workload as pb;
 use tessera_tests::{entry, my_uid, RunningAgent, TestServer};
 
 const SCENARIOS: &[&str] =
-    &["issue", "scale", "fetch", "propagate", "revoke", "handshake", "fairness", "streams", "all"];
+    &["issue", "scale", "fetch", "propagate", "revoke", "handshake", "fairness", "streams", "jwt", "all"];
 
 /// mimalloc: the system allocator costs measurable throughput under many threads.
 #[global_allocator]
@@ -54,6 +54,10 @@ async fn main() -> ExitCode {
         "streams_1000_p99_ms",
         "propagate_p99_ms",
         "revoke_p99_ms",
+        "jwt_issue_ratio",
+        "jwt_fetch_p99_ms",
+        "jwt_validate_ratio",
+        "jwt_revoke_p99_ms",
     ] {
         results.insert(key, Value::Null);
     }
@@ -137,8 +141,262 @@ async fn main() -> ExitCode {
         results.insert("streams_plain_p99_ms", json!(round(plain.1)));
         results.insert("streams_p99_ratio", json!(round(agent.1 / plain.1)));
     }
+    if matches!(scenario, "jwt" | "all") {
+        let secs = if quick || scenario == "all" { 5 } else { 10 };
+        let (rate, limit) = bench_jwt_issue(Duration::from_secs(secs)).await;
+        ratio_row("JWT-SVIDs/s signed via node API; ES256 limit", rate, limit);
+        results.insert("jwt_issue_per_s", json!(rate.round()));
+        results.insert("jwt_issue_limit_per_s", json!(limit.round()));
+        results.insert("jwt_issue_ratio", json!(round(rate / limit)));
+        let calls = if quick || scenario == "all" { 2_000 } else { 10_000 };
+        let (p50, p99) = bench_jwt_fetch(calls).await;
+        row("FetchJWTSVID from the cache (ms)", p50, p99, calls);
+        results.insert("jwt_fetch_p50_ms", json!(round(p50)));
+        results.insert("jwt_fetch_p99_ms", json!(round(p99)));
+        let (rate, limit) = bench_jwt_validate(Duration::from_secs(secs)).await;
+        ratio_row("ValidateJWTSVID/s; ES256 verify limit", rate, limit);
+        results.insert("jwt_validate_per_s", json!(rate.round()));
+        results.insert("jwt_verify_limit_per_s", json!(limit.round()));
+        results.insert("jwt_validate_ratio", json!(round(rate / limit)));
+        let rounds = if quick || scenario == "all" { 100 } else { 300 };
+        let (p50, p99) = bench_jwt_revoke(rounds).await;
+        row("JWT revoke -> refused by agent (ms)", p50, p99, rounds);
+        results.insert("jwt_revoke_p50_ms", json!(round(p50)));
+        results.insert("jwt_revoke_p99_ms", json!(round(p99)));
+    }
     println!("{}", serde_json::to_string(&results).unwrap_or_default());
     ExitCode::SUCCESS
+}
+
+/// JWT-SVIDs per second through the node API: 8 simulated agents, each
+/// signing batches of 500 (one per entry, audience "bench") in a loop
+/// against a server in its own process; and the raw ES256 signing rate of
+/// ring on every core, measured in the same run.
+async fn bench_jwt_issue(duration: Duration) -> (f64, f64) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let server = Child::start(&["__server", &server_dir.display().to_string()]);
+    let mut admin = admin_at(&server_dir).await;
+    let addr: std::net::SocketAddr = server.ready.parse().unwrap();
+    let bundle: Vec<rustls_pki_types::CertificateDer<'static>> = admin
+        .get_bundle(admin_pb::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .authorities
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let (agents, batch) = (8, 500);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for i in 0..agents {
+        let id = format!("spiffe://example.org/jwt/agent-{i}");
+        let token = admin
+            .create_join_token(admin_pb::CreateJoinTokenRequest { ttl: 600, spiffe_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let entries = (0..batch)
+            .map(|j| {
+                entry(
+                    &format!("spiffe://example.org/jwt/{i}/{j}"),
+                    &id,
+                    &[&format!("unix:uid:{}", j + 1)],
+                    None,
+                )
+            })
+            .collect();
+        let created = admin
+            .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries })
+            .await
+            .unwrap()
+            .into_inner();
+        let items: Vec<_> = created
+            .results
+            .into_iter()
+            .map(|r| tessera_proto::node::SignJwtItem {
+                entry_id: r.entry.unwrap().id,
+                audience: vec!["bench".into()],
+            })
+            .collect();
+        let agent =
+            tessera_tests::TestAgent::attest_to(addr, bundle.clone(), &token.token).await.unwrap();
+        let mut client = agent.connect().await;
+        let (done, stop) = (done.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let response = client
+                    .sign_jwt(tessera_proto::node::SignJwtRequest { items: items.clone() })
+                    .await
+                    .unwrap();
+                let ok = response
+                    .into_inner()
+                    .results
+                    .iter()
+                    .filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
+                    .count();
+                done.fetch_add(ok as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // warm up
+    let (first, start) = (done.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(duration).await;
+    let rate = (done.load(Ordering::Relaxed) - first) as f64 / start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        let _ = worker.await;
+    }
+    server.stop();
+    (rate, es256_limit(Duration::from_secs(2), false))
+}
+
+/// ES256 (ECDSA P-256, fixed-length signatures) signs, or verifies, per
+/// second with ring on every core, over a JWT-sized signing input.
+fn es256_limit(duration: Duration, verify: bool) -> f64 {
+    use ring::rand::SystemRandom;
+    use ring::signature::{
+        EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED,
+        ECDSA_P256_SHA256_FIXED_SIGNING,
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: Vec<_> = (0..cores)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let rng = SystemRandom::new();
+                let pkcs8 =
+                    EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+                let key =
+                    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+                        .unwrap();
+                let public = UnparsedPublicKey::new(
+                    &ECDSA_P256_SHA256_FIXED,
+                    key.public_key().as_ref().to_vec(),
+                );
+                let message = [7u8; 250]; // about a JWT-SVID's header and claims
+                let signature = key.sign(&rng, &message).unwrap();
+                let (start, mut ops) = (Instant::now(), 0u64);
+                while start.elapsed() < duration {
+                    if verify {
+                        public.verify(&message, signature.as_ref()).unwrap();
+                    } else {
+                        key.sign(&rng, &message).unwrap();
+                    }
+                    ops += 1;
+                }
+                ops as f64 / start.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).sum()
+}
+
+/// A JWT-SVID request for `audience`, any identity.
+fn jwt_request(audience: &str) -> tonic::Request<pb::JwtsvidRequest> {
+    cli_request(pb::JwtsvidRequest { audience: vec![audience.into()], spiffe_id: String::new() })
+}
+
+/// FetchJWTSVID latency on a warm agent: the token for the audience is
+/// cached, so each call is attestation plus a cache read.
+async fn bench_jwt_fetch(calls: usize) -> (f64, f64) {
+    let (_dir, server, agent) = setup().await;
+    server.create_entry("spiffe://example.org/bench", &agent.id, &[&me()], None).await;
+    let mut client = warm_client(&agent).await;
+    let first = client.fetch_jwtsvid(jwt_request("bench")).await.unwrap().into_inner();
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let start = Instant::now();
+        let response = client.fetch_jwtsvid(jwt_request("bench")).await.unwrap().into_inner();
+        samples.push(start.elapsed());
+        assert_eq!(response.svids[0].svid, first.svids[0].svid, "served from the cache");
+    }
+    agent.stop().await;
+    server.stop().await;
+    percentiles(samples)
+}
+
+/// ValidateJWTSVID calls per second on one agent (16 concurrent callers on
+/// 4 connections), against ring's ES256 verify rate on every core. The
+/// agent, its server and the callers share this machine's cores.
+async fn bench_jwt_validate(duration: Duration) -> (f64, f64) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let (_dir, server, agent) = setup().await;
+    server.create_entry("spiffe://example.org/bench", &agent.id, &[&me()], None).await;
+    let mut client = warm_client(&agent).await;
+    let token = client.fetch_jwtsvid(jwt_request("bench")).await.unwrap().into_inner().svids
+        [0]
+    .svid
+    .clone();
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let client = connect_workload_api(&agent.endpoint()).await.unwrap();
+        for _ in 0..4 {
+            let (mut client, done, stop, token) =
+                (client.clone(), done.clone(), stop.clone(), token.clone());
+            workers.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let request = pb::ValidateJwtsvidRequest {
+                        audience: "bench".into(),
+                        svid: token.clone(),
+                    };
+                    client.validate_jwtsvid(cli_request(request)).await.unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // warm up
+    let (first, start) = (done.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(duration).await;
+    let rate = (done.load(Ordering::Relaxed) - first) as f64 / start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        let _ = worker.await;
+    }
+    agent.stop().await;
+    server.stop().await;
+    (rate, es256_limit(Duration::from_secs(2), true))
+}
+
+/// From the start of `svid revoke --jti` to the workload's agent refusing
+/// the token in ValidateJWTSVID (polled back to back). Each round revokes
+/// a fresh token (a new audience, so not from the cache).
+async fn bench_jwt_revoke(rounds: usize) -> (f64, f64) {
+    let (_dir, server, agent) = setup().await;
+    server.create_entry("spiffe://example.org/bench", &agent.id, &[&me()], None).await;
+    let mut client = warm_client(&agent).await;
+    let mut admin = server.admin().await;
+    let mut samples = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let audience = format!("revoke-{i}");
+        let token =
+            client.fetch_jwtsvid(jwt_request(&audience)).await.unwrap().into_inner().svids[0]
+                .svid
+                .clone();
+        let claims = tessera_workload_api::jwt::UnverifiedJwt::decode(&token).unwrap();
+        let jti = claims.jti().unwrap().to_string();
+        let validate = || pb::ValidateJwtsvidRequest { audience: audience.clone(), svid: token.clone() };
+        client.validate_jwtsvid(cli_request(validate())).await.unwrap();
+        let start = Instant::now();
+        admin
+            .revoke_svid(admin_pb::RevokeSvidRequest { jti, ..Default::default() })
+            .await
+            .unwrap();
+        while client.validate_jwtsvid(cli_request(validate())).await.is_ok() {}
+        samples.push(start.elapsed());
+    }
+    agent.stop().await;
+    server.stop().await;
+    percentiles(samples)
 }
 
 /// A new caller's first response (connect, FetchX509SVID, first message,
