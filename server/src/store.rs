@@ -1778,6 +1778,70 @@ mod tests {
         assert!(store.revocation("0c").unwrap().is_some());
     }
 
+    /// JWT-SVIDs are recorded under `jwt:<jti>` and revoked with their entry
+    /// (renamed) or agent (banned) like X509-SVIDs; their revocations are
+    /// logged with their expiry and kept out of the CRL signing set, and
+    /// survive a reopen.
+    #[test]
+    fn jwt_svids_are_revoked_with_their_entry_and_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let jwt = |jti: &str, entry: &Entry| pb::IssuedSvid {
+            serial: String::new(),
+            jti: jti.into(),
+            expires_at: 1000,
+            ..issued("", entry)
+        };
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let (a, b) = (entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 1));
+            store.create_entries(&[a.clone(), b.clone()]).unwrap();
+            store
+                .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"))
+                .unwrap()
+                .unwrap();
+            let signed = [
+                Signed { svid: jwt("j1", &a), entry: a.clone() },
+                Signed { svid: jwt("j2", &b), entry: b.clone() },
+                Signed { svid: issued("0b", &b), entry: b.clone() },
+            ];
+            let results =
+                store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            assert!(store.issued("jwt:j1").unwrap().is_some());
+            let mut renamed = a.clone();
+            renamed.spiffe_id = SpiffeId::parse("spiffe://example.org/renamed").unwrap();
+            let write = store.update_entries(&[renamed], 2, "renamed").unwrap();
+            assert_eq!(write.revoked.iter().map(|r| r.jti.as_str()).collect::<Vec<_>>(), ["j1"]);
+            let revoked = store.ban_agent("spiffe://example.org/agent", "test", 3).unwrap().unwrap();
+            let mut jtis: Vec<&str> =
+                revoked.iter().filter(|r| !r.jti.is_empty()).map(|r| r.jti.as_str()).collect();
+            jtis.sort_unstable();
+            assert_eq!(jtis, ["j2"]);
+            let logged: Vec<RevokedJwt> = store
+                .changes_since(0, 100)
+                .unwrap()
+                .into_iter()
+                .flat_map(|c| match c.kind {
+                    ChangeKind::Revoked { jwts, .. } => jwts,
+                    _ => Vec::new(),
+                })
+                .collect();
+            assert_eq!(
+                logged,
+                [
+                    RevokedJwt { jti: "j1".into(), expires_at: 1000 },
+                    RevokedJwt { jti: "j2".into(), expires_at: 1000 }
+                ]
+            );
+            assert!(store.lock().revocations.iter().all(|r| r.jti.is_empty()));
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.revocation("jwt:j2").unwrap().unwrap().jti, "j2");
+        assert!(store.lock().revocations.iter().all(|r| r.jti.is_empty()), "CRLs list serials only");
+        assert_eq!(store.prune_expired(1000).unwrap(), 4, "records and revocations go at expiry");
+        assert!(store.revocation("jwt:j1").unwrap().is_none());
+    }
+
     /// The server revokes exactly on the changes for which the agent
     /// re-issues because the old SVID no longer states what the entry
     /// authorizes: a new DNS name revokes; a new TTL alone does not.
