@@ -28,6 +28,14 @@ const REFRESH_AT: f64 = 0.4;
 /// ...and never served past this one (half-life).
 const SERVE_UNTIL: f64 = 0.5;
 
+/// Waits before retrying a failed signing call (about 1.5 s in all).
+const SIGN_RETRIES: [Duration; 4] = [
+    Duration::from_millis(20),
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::from_millis(1000),
+];
+
 /// Cache key: the entry, its SPIFFE ID (an entry whose ID changed must not
 /// get the old token) and the sorted audience set.
 type Key = (String, String, Vec<String>);
@@ -174,11 +182,15 @@ impl JwtSvids {
                 .collect();
             let request = pb::SignJwtRequest { items };
             let mut response = self.sign_once(request.clone()).await;
-            if response.is_err() {
-                // The connection may carry an SVID a renewal just replaced:
-                // one more try on a fresh one.
+            // The connection may carry an agent SVID a renewal is replacing
+            // at this moment: a few more tries on a fresh connection.
+            for delay in SIGN_RETRIES {
+                if response.is_ok() {
+                    break;
+                }
                 self.link.reset();
-                response = self.sign_once(request).await;
+                tokio::time::sleep(delay).await;
+                response = self.sign_once(request.clone()).await;
             }
             let results = match response {
                 Ok(response) => response.into_inner().results,

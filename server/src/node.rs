@@ -24,6 +24,10 @@ use crate::state::State;
 use crate::store::{AgentRefusal, Change, ChangeKind, Signed, MAX_BATCH};
 use crate::tls::NodePeer;
 
+/// JWT revocations per message at the start of a Sync stream (about 60
+/// bytes each).
+pub const JWT_REVOCATIONS_CHUNK: usize = 10_000;
+
 /// Entries per snapshot chunk in `Sync`, well under any message size limit.
 pub const SNAPSHOT_CHUNK: usize = 500;
 
@@ -674,9 +678,24 @@ impl NodeService {
                 Ok((snapshot, store.crls()?, jwts))
             })
             .await?;
-        let revocation =
-            pb::Revocation { serials: Vec::new(), crls, jwts, jwts_complete: true };
-        send(tx, Event::Revocation(revocation)).await?;
+        // In chunks that stay far below the message size limit: the first
+        // replaces the agent's set, the rest add to it.
+        let mut jwts: Vec<pb::RevokedJwt> = jwts;
+        let mut first = Some(crls);
+        loop {
+            let rest = jwts.split_off(jwts.len().min(JWT_REVOCATIONS_CHUNK));
+            let revocation = pb::Revocation {
+                serials: Vec::new(),
+                jwts_complete: first.is_some(),
+                crls: first.take().unwrap_or_default(),
+                jwts,
+            };
+            send(tx, Event::Revocation(revocation)).await?;
+            if rest.is_empty() {
+                break;
+            }
+            jwts = rest;
+        }
         let mut cursor = match snapshot {
             None => resume_from,
             Some((revision, entries)) => {
