@@ -17,10 +17,10 @@ use tracing::{info, warn, Instrument};
 
 use crate::attestor::UnixAttestor;
 use crate::cache::Cache;
-use crate::jwt::JwtSvids;
 use crate::identity::{
     certs_pem, new_key_and_csr, read_pem, write_private, AgentIdentity, IdentityError,
 };
+use crate::jwt::JwtSvids;
 use crate::manager::{agent_renewal_loop, now, signer_loop, sync_loop, NodeLink};
 use crate::node_client::{connect_node, node_tls_config, NodeClientError};
 use crate::workload::{self, WorkloadLimits, WorkloadService};

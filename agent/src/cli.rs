@@ -209,7 +209,11 @@ impl Cli {
         match self.command {
             Command::Run(args) => run_agent(args).await,
             Command::Api(ApiCommand::Fetch { what: Some(what), .. }) => fetch_command(what).await,
-            Command::Api(ApiCommand::Validate(ValidateCommand::Jwt { audience, token, socket })) => {
+            Command::Api(ApiCommand::Validate(ValidateCommand::Jwt {
+                audience,
+                token,
+                socket,
+            })) => {
                 let mut client = connect_workload_api(&socket.address()).await?;
                 let response = client
                     .validate_jwtsvid(with_header(pb::ValidateJwtsvidRequest {
@@ -320,11 +324,10 @@ async fn fetch_command(what: FetchCommand) -> Result<(), CliError> {
                 .await
                 .map_err(|s| CliError(s.message().to_string()))?
                 .into_inner();
-            let response = stream
-                .message()
-                .await
-                .map_err(|s| CliError(s.message().to_string()))?
-                .ok_or_else(|| CliError("the agent closed the stream without an answer".into()))?;
+            let response =
+                stream.message().await.map_err(|s| CliError(s.message().to_string()))?.ok_or_else(
+                    || CliError("the agent closed the stream without an answer".into()),
+                )?;
             let mut bundles: Vec<_> = response.bundles.into_iter().collect();
             bundles.sort();
             for (trust_domain, jwks) in bundles {

@@ -20,8 +20,8 @@ use tracing::{debug, info, warn};
 use crate::cache::{AgentEntry, Cache, CacheState, CachedSvid};
 use crate::identity::{certs_pem, new_key_and_csr, write_private, AgentIdentity};
 use crate::jwt::JwtSvids;
-use tessera_workload_api::jwt::{JwtBundle, JwtKey};
 use crate::node_client::{connect_node, node_tls_config, NodeClientError};
+use tessera_workload_api::jwt::{JwtBundle, JwtKey};
 
 /// The server backdates NotBefore by this much for clock skew; lifetimes
 /// for renewal are counted from issuance, not from the backdated NotBefore.

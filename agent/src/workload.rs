@@ -668,7 +668,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         }
         let req = request.into_inner();
         let refuse = |reason: String| {
-            let (pid, uid) = peer.as_ref().map_or((None, None), |p| (p.process.pid, Some(p.process.uid)));
+            let (pid, uid) =
+                peer.as_ref().map_or((None, None), |p| (p.process.pid, Some(p.process.uid)));
             warn!(target: "tessera::audit", pid = ?pid, uid = ?uid, audience = %req.audience, reason = %reason, "JWT-SVID failed validation");
             Status::invalid_argument(reason)
         };

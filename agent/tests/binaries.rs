@@ -126,7 +126,10 @@ fn server_and_agent_binaries_serve_a_workload_end_to_end() {
     assert_eq!(shown[0]["jwt_svid_ttl"], 120);
     assert_eq!(shown[0]["jwt_audiences"], serde_json::json!(["db", "queue"]));
     let text = ok(run(&server, &["entry", "show", "--socket", &admin]));
-    assert!(text.contains("JWT-SVID TTL     : 120") && text.contains("JWT audience     : queue"), "{text}");
+    assert!(
+        text.contains("JWT-SVID TTL     : 120") && text.contains("JWT audience     : queue"),
+        "{text}"
+    );
 
     let agent_data = dir.path().join("agent").display().to_string();
     let socket_path = dir.path().join("run/api.sock").display().to_string();
@@ -190,20 +193,32 @@ fn server_and_agent_binaries_serve_a_workload_end_to_end() {
 
     // JWT-SVIDs: fetch, validate, bundles, the audience policy, revocation by jti.
     let agent_cli = |args: &[&str]| run(Path::new(AGENT), &[args, &["--socket", &socket]].concat());
-    let fetched: serde_json::Value =
-        serde_json::from_str(&ok(agent_cli(&["api", "fetch", "jwt", "--audience", "db", "--json"])))
-            .unwrap();
+    let fetched: serde_json::Value = serde_json::from_str(&ok(agent_cli(&[
+        "api",
+        "fetch",
+        "jwt",
+        "--audience",
+        "db",
+        "--json",
+    ])))
+    .unwrap();
     assert_eq!(fetched[0]["spiffe_id"], "spiffe://example.org/cli-workload");
     let token = fetched[0]["svid"].as_str().unwrap().to_string();
     let claims = tessera_workload_api::jwt::UnverifiedJwt::decode(&token).unwrap();
-    assert_eq!(claims.claims["exp"].as_i64().unwrap() - claims.claims["iat"].as_i64().unwrap(), 120);
+    assert_eq!(
+        claims.claims["exp"].as_i64().unwrap() - claims.claims["iat"].as_i64().unwrap(),
+        120
+    );
     let jti = claims.jti().unwrap().to_string();
     let refused = agent_cli(&["api", "fetch", "jwt", "--audience", "payments"]);
     assert!(!refused.status.success());
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(why.contains("\"payments\"") && why.lines().count() == 1, "{why}");
     let valid = ok(agent_cli(&["api", "validate", "jwt", "--audience", "db", &token]));
-    assert!(valid.contains("SVID is valid") && valid.contains("spiffe://example.org/cli-workload"), "{valid}");
+    assert!(
+        valid.contains("SVID is valid") && valid.contains("spiffe://example.org/cli-workload"),
+        "{valid}"
+    );
     let jwt_bundle = ok(agent_cli(&["api", "fetch", "jwt-bundle"]));
     assert!(jwt_bundle.starts_with("bundle(spiffe://example.org):"), "{jwt_bundle}");
     let spiffe_bundle: serde_json::Value = serde_json::from_str(&ok(run(
@@ -213,9 +228,14 @@ fn server_and_agent_binaries_serve_a_workload_end_to_end() {
     .unwrap();
     let keys = spiffe_bundle["keys"].as_array().unwrap();
     let kid = tessera_workload_api::jwt::UnverifiedJwt::decode(&token).unwrap().kid.unwrap();
-    assert!(keys.iter().any(|k| k["use"] == "jwt-svid" && k["kid"] == kid.as_str()), "{spiffe_bundle}");
     assert!(
-        keys.iter().any(|k| k["use"] == "x509-svid" && k["x5c"].as_array().is_some_and(|c| c.len() == 1) && k.get("kid").is_none()),
+        keys.iter().any(|k| k["use"] == "jwt-svid" && k["kid"] == kid.as_str()),
+        "{spiffe_bundle}"
+    );
+    assert!(
+        keys.iter().any(|k| k["use"] == "x509-svid"
+            && k["x5c"].as_array().is_some_and(|c| c.len() == 1)
+            && k.get("kid").is_none()),
         "{spiffe_bundle}"
     );
     assert!(spiffe_bundle["spiffe_sequence"].as_u64().unwrap() >= 1);

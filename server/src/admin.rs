@@ -389,7 +389,10 @@ impl Admin for AdminService {
             }
             (true, false) => {
                 if req.jti.len() > 256 || req.jti.chars().any(char::is_control) {
-                    return Err(refused(&req.jti, "invalid jti: want up to 256 printable characters".into()));
+                    return Err(refused(
+                        &req.jti,
+                        "invalid jti: want up to 256 printable characters".into(),
+                    ));
                 }
                 (svid_key("", &req.jti), format!("jti {}", req.jti))
             }

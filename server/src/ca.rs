@@ -415,7 +415,8 @@ impl Ca {
             .map_err(|source| CaError::Io { path: key_path, source })?;
         write_private(&cert_path, cert.pem().as_bytes())
             .map_err(|source| CaError::Io { path: cert_path, source })?;
-        let jwt = JwtSigningKey::load_or_create(&jwt_key_path(&self.dir, seq), self.policy.jwt_key_type)?;
+        let jwt =
+            JwtSigningKey::load_or_create(&jwt_key_path(&self.dir, seq), self.policy.jwt_key_type)?;
         let der = cert.der().clone();
         let issuer = Issuer::new(params, key);
         Ok(CaKey { seq, cert: der, issuer, jwt, not_before, not_after })

@@ -363,8 +363,7 @@ impl Cli {
                 Ok(())
             }
             Command::Svid(SvidCommand::Revoke { serial, jti, reason, socket }) => {
-                let serial =
-                    serial.map(|s| crate::revocation::normalize_serial(&s)).transpose()?;
+                let serial = serial.map(|s| crate::revocation::normalize_serial(&s)).transpose()?;
                 let mut client = connect_admin(&socket.socket).await?;
                 let revoked = client
                     .revoke_svid(pb::RevokeSvidRequest {

@@ -101,10 +101,8 @@ impl JwtSigningKey {
     /// stores it there (mode 0600).
     pub fn load_or_create(path: &Path, kind: JwtKeyType) -> Result<Self, JwtKeyError> {
         if path.exists() {
-            let text = std::fs::read_to_string(path).map_err(|source| JwtKeyError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| JwtKeyError::Io { path: path.display().to_string(), source })?;
             let pem = pem::parse(text).map_err(|e| JwtKeyError::Corrupt(e.to_string()))?;
             return Self::from_pkcs8(pem.contents());
         }
@@ -126,8 +124,9 @@ impl JwtSigningKey {
                     (Signer::Ec(pair), spki)
                 }
                 Err(_) => {
-                    let pair = RsaKeyPair::from_pkcs8(der)
-                        .map_err(|e| JwtKeyError::Corrupt(format!("not a P-256 or RSA key: {e}")))?;
+                    let pair = RsaKeyPair::from_pkcs8(der).map_err(|e| {
+                        JwtKeyError::Corrupt(format!("not a P-256 or RSA key: {e}"))
+                    })?;
                     let spki = rsa_spki(pair.public().as_ref());
                     (Signer::Rsa(pair), spki)
                 }
@@ -170,7 +169,7 @@ impl JwtSigningKey {
         now: i64,
         expires_at: i64,
     ) -> Result<SignedJwt, JwtKeyError> {
-        let jti = hex::encode(crate::ca::random_serial());
+        let jti = new_jti();
         // Written by hand (strings escaped by serde_json): this runs once
         // per token, and a JSON tree would cost more than the rest.
         let mut claims = String::with_capacity(160 + subject.len());
@@ -188,9 +187,11 @@ impl JwtSigningKey {
         token.push_str(&self.header);
         URL_SAFE_NO_PAD.encode_string(claims, &mut token);
         let signature = match &self.signer {
-            Signer::Ec(pair) => {
-                pair.sign(&self.rng, token.as_bytes()).map_err(|_| JwtKeyError::Sign)?.as_ref().to_vec()
-            }
+            Signer::Ec(pair) => pair
+                .sign(&self.rng, token.as_bytes())
+                .map_err(|_| JwtKeyError::Sign)?
+                .as_ref()
+                .to_vec(),
             Signer::Rsa(pair) => {
                 let mut sig = vec![0u8; pair.public().modulus_len()];
                 pair.sign(&RSA_PKCS1_SHA256, &self.rng, token.as_bytes(), &mut sig)
@@ -204,6 +205,22 @@ impl JwtSigningKey {
     }
 }
 
+/// A unique `jti`: a strictly increasing 64-bit issuance stamp (microseconds)
+/// and 64 random bits, in hex. Increasing IDs make the server's issuance
+/// records append at the end of their tree instead of landing anywhere.
+fn new_jti() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let stamp = LAST
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now.max(last + 1)))
+        .map_or(now, |last| now.max(last + 1));
+    let random = crate::ca::random_serial();
+    format!("{stamp:016x}{}", hex::encode(&random[..8]))
+}
+
 /// A JSON string literal.
 fn json_string(s: &str) -> String {
     serde_json::Value::from(s).to_string()
@@ -212,9 +229,11 @@ fn json_string(s: &str) -> String {
 fn generate(kind: JwtKeyType) -> Result<Vec<u8>, JwtKeyError> {
     match kind {
         JwtKeyType::EcP256 => {
-            let doc =
-                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-                    .map_err(|e| JwtKeyError::Generate(e.to_string()))?;
+            let doc = EcdsaKeyPair::generate_pkcs8(
+                &ECDSA_P256_SHA256_FIXED_SIGNING,
+                &SystemRandom::new(),
+            )
+            .map_err(|e| JwtKeyError::Generate(e.to_string()))?;
             Ok(doc.as_ref().to_vec())
         }
         JwtKeyType::Rsa2048 => {
@@ -284,8 +303,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jwt.key.pem");
         let key = JwtSigningKey::load_or_create(&path, JwtKeyType::EcP256).unwrap();
-        let signed =
-            key.sign("spiffe://example.org/w", &["db".to_string()], 1000, 1300).unwrap();
+        let signed = key.sign("spiffe://example.org/w", &["db".to_string()], 1000, 1300).unwrap();
         let p = parts(&signed.token);
         assert_eq!(p[0], serde_json::json!({"alg": "ES256", "kid": key.kid(), "typ": "JWT"}));
         let claims = p[1].as_object().unwrap();

@@ -16,10 +16,10 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn, Instrument};
 
 use crate::ca::SignedSvid;
-use crate::entry::valid_audience;
-use crate::jwt::SignedJwt;
 use crate::csr::parse_csr;
+use crate::entry::valid_audience;
 use crate::entry::Entry;
+use crate::jwt::SignedJwt;
 use crate::state::State;
 use crate::store::{AgentRefusal, Change, ChangeKind, Signed, MAX_BATCH};
 use crate::tls::NodePeer;
@@ -193,9 +193,7 @@ impl NodeService {
         }
         self.take_sign_budget(&caller.id, ids.len())
             .map_err(|e| refuse(op, caller.id.as_str(), e))?;
-        self.state
-            .store_op(move |store| ids.iter().map(|id| store.entry(id)).collect())
-            .await
+        self.state.store_op(move |store| ids.iter().map(|id| store.entry(id)).collect()).await
     }
 
     /// Records what a batch signed (durably) before the agent can use it,
@@ -295,7 +293,8 @@ impl NodeService {
         }
         let now = self.state.clock.now();
         let config = &self.state.config;
-        let ttl = if entry.jwt_svid_ttl == 0 { config.default_jwt_svid_ttl } else { entry.jwt_svid_ttl };
+        let ttl =
+            if entry.jwt_svid_ttl == 0 { config.default_jwt_svid_ttl } else { entry.jwt_svid_ttl };
         let mut ttl = ttl.min(config.max_jwt_svid_ttl);
         if entry.expires_at != 0 {
             ttl = ttl.min((entry.expires_at - now).clamp(0, i64::from(u32::MAX)) as u32);
@@ -798,9 +797,7 @@ impl NodeService {
                 let crls = self.state.feed.crls().as_ref().clone();
                 send(tx, Event::Revocation(pb::Revocation { crls, ..Default::default() })).await
             }
-            ChangeKind::Bundle => {
-                send(tx, Event::Bundle(self.bundle_update())).await
-            }
+            ChangeKind::Bundle => send(tx, Event::Bundle(self.bundle_update())).await,
             ChangeKind::AgentBanned { agent_id: banned, reason } if banned == agent_id.as_str() => {
                 warn!(agent_id = %agent_id, "closing sync stream of banned agent");
                 send(tx, Event::Banned(pb::AgentBanned { reason: reason.clone() })).await?;

@@ -74,6 +74,9 @@ pub enum StoreError {
         /// Why.
         source: std::io::Error,
     },
+    /// A commit shared by several callers failed (the reason, as text).
+    #[error("store: {0}")]
+    Group(String),
     /// A backup file is not a Tessera backup, or is truncated or altered.
     #[error("backup: {0}")]
     Backup(String),
@@ -418,6 +421,8 @@ pub struct SledStore {
     /// Serializes commits: reads made while holding it are consistent with
     /// the commit that follows them.
     writer: Mutex<Writer>,
+    /// Issuance batches waiting for a commit (group commit).
+    issue_queue: Mutex<Vec<IssueJob>>,
     watermark: Watermark,
     revision: watch::Sender<u64>,
     crl_signer: std::sync::OnceLock<std::sync::Arc<dyn CrlSigner>>,
@@ -622,6 +627,46 @@ impl Tx<'_> {
     }
 }
 
+/// A batch of signed SVIDs waiting to be recorded (see `record_issued`),
+/// with its records encoded by the caller, outside the writer lock.
+struct IssueJob {
+    agent_id: String,
+    agent_serial: String,
+    signed: Vec<Signed>,
+    /// Per item: the record's key, its encoding, its owner-index key, and
+    /// the entry's encoding as it was read for signing.
+    encoded: Vec<(String, Vec<u8>, Vec<u8>, Vec<u8>)>,
+    now: i64,
+    done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), String>>, String>>,
+}
+
+impl IssueJob {
+    fn new(
+        agent_id: &str,
+        agent_serial: &str,
+        signed: &[Signed],
+        now: i64,
+        done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), String>>, String>>,
+    ) -> Self {
+        let encoded = signed
+            .iter()
+            .map(|item| {
+                let key = svid_key(&item.svid.serial, &item.svid.jti);
+                let index = index_key(&owner_of(&item.svid), &key);
+                (key, item.svid.encode_to_vec(), index, item.entry.to_proto().encode_to_vec())
+            })
+            .collect();
+        Self {
+            agent_id: agent_id.to_string(),
+            agent_serial: agent_serial.to_string(),
+            signed: signed.to_vec(),
+            encoded,
+            now,
+            done,
+        }
+    }
+}
+
 fn abort_corrupt(key: &str, e: impl fmt::Display) -> ConflictableTransactionError<StoreError> {
     ConflictableTransactionError::Abort(StoreError::Corrupt {
         key: key.into(),
@@ -694,6 +739,7 @@ impl SledStore {
             db,
             trees,
             writer: Mutex::new(Writer::default()),
+            issue_queue: Mutex::new(Vec::new()),
             watermark,
             revision: watch::channel(revision).0,
             crl_signer: std::sync::OnceLock::new(),
@@ -836,6 +882,81 @@ impl SledStore {
             issued,
             revocations,
         })
+    }
+
+    /// Records queued issuance batches. Under the writer lock nothing can
+    /// change between these reads and the writes that follow, so the
+    /// checks read the trees directly: the agent (still current and
+    /// unbanned) and each entry as it is now (unchanged, compared by its
+    /// encoding, or still authorizing the SVID). The records are written
+    /// as one batch per tree (sled's transactional insert reads every key
+    /// first, which cost more than the rest of issuance); then one commit
+    /// bumps the write sequence and stores the revocations of SVIDs no
+    /// longer authorized, and everything is flushed before anyone is
+    /// answered. A crash before that commit leaves records of SVIDs never
+    /// handed out, which is harmless.
+    fn record_jobs(
+        &self,
+        writer: &mut Writer,
+        jobs: &[IssueJob],
+    ) -> Result<Vec<Vec<Result<(), String>>>, StoreError> {
+        let mut records = sled::Batch::default();
+        let mut index = sled::Batch::default();
+        let mut revoke = Vec::new();
+        let mut all = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let agent = self
+                .tree(AGENTS)
+                .get(job.agent_id.as_bytes())?
+                .map(|b| decode::<pb::Agent>(job.agent_id.as_bytes(), &b))
+                .transpose()?;
+            let agent_refusal = match agent {
+                None => Some(format!("agent {} was evicted while signing", job.agent_id)),
+                Some(a) if a.banned => {
+                    Some(format!("agent {} was banned while signing", job.agent_id))
+                }
+                Some(a) if a.x509_svid_serial != job.agent_serial => {
+                    Some("the agent's SVID changed while signing".to_string())
+                }
+                Some(_) => None,
+            };
+            let mut results = Vec::with_capacity(job.signed.len());
+            for (item, (key, record, index_key, entry_bytes)) in job.signed.iter().zip(&job.encoded)
+            {
+                let id = item.entry.id.as_bytes();
+                let refusal = match (&agent_refusal, self.tree(ENTRIES).get(id)?) {
+                    (Some(why), _) => Some(why.clone()),
+                    (None, None) => {
+                        Some(format!("entry {} was deleted while signing", item.entry.id))
+                    }
+                    (None, Some(stored)) if *stored == **entry_bytes => None,
+                    (None, Some(stored)) => {
+                        if decode_entry(id, &stored)?
+                            .authorizes_svid_of(&item.entry, item.svid.expires_at)
+                        {
+                            None
+                        } else {
+                            Some(format!("entry {} changed while signing", item.entry.id))
+                        }
+                    }
+                };
+                // Recorded either way, so that the record outlives no revocation.
+                records.insert(key.as_bytes(), record.as_slice());
+                index.insert(index_key.as_slice(), &[]);
+                match refusal {
+                    Some(why) => {
+                        revoke.push(revocation_of(&item.svid, &why, job.now));
+                        results.push(Err(why));
+                    }
+                    None => results.push(Ok(())),
+                }
+            }
+            all.push(results);
+        }
+        self.tree(ISSUED).apply_batch(records)?;
+        self.tree(ISSUED_BY_OWNER).apply_batch(index)?;
+        self.commit_locked(writer, |tx| tx.revoke(&revoke).map(drop))?;
+        Ok(all)
     }
 
     fn issued_by_owner(&self, owner: &str) -> Result<Vec<pb::IssuedSvid>, StoreError> {
@@ -1457,51 +1578,36 @@ impl Store for SledStore {
         signed: &[Signed],
         now: i64,
     ) -> Result<Vec<Result<(), String>>, StoreError> {
-        self.commit(|tx| {
-            let agent_refusal = match tx.agent(agent_id)? {
-                None => Some(format!("agent {agent_id} was evicted while signing")),
-                Some(a) if a.banned => Some(format!("agent {agent_id} was banned while signing")),
-                Some(a) if a.x509_svid_serial != agent_serial => {
-                    Some("the agent's SVID changed while signing".to_string())
-                }
-                Some(_) => None,
-            };
-            let mut results = Vec::with_capacity(signed.len());
-            let mut revoke = Vec::new();
-            for item in signed {
-                let refusal = match (&agent_refusal, tx.t(ENTRIES).get(item.entry.id.as_bytes())?) {
-                    (Some(why), _) => Some(why.clone()),
-                    (None, None) => {
-                        Some(format!("entry {} was deleted while signing", item.entry.id))
-                    }
-                    // Unchanged since it was read for signing (the common
-                    // case, checked without decoding it).
-                    (None, Some(stored)) if *stored == *item.entry.to_proto().encode_to_vec() => {
-                        None
-                    }
-                    (None, Some(stored)) => {
-                        let current = decode_entry(item.entry.id.as_bytes(), &stored)
-                            .map_err(ConflictableTransactionError::Abort)?;
-                        if current.authorizes_svid_of(&item.entry, item.svid.expires_at) {
-                            None
-                        } else {
-                            Some(format!("entry {} changed while signing", item.entry.id))
+        // Group commit: concurrent batches (many agents signing at once)
+        // share one commit and one fsync. Each caller encodes its batch and
+        // queues it; whoever holds the writer lock records everything queued.
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let job = IssueJob::new(agent_id, agent_serial, signed, now, done);
+        self.issue_queue.lock().unwrap_or_else(|e| e.into_inner()).push(job);
+        {
+            let mut writer = self.lock();
+            let jobs =
+                std::mem::take(&mut *self.issue_queue.lock().unwrap_or_else(|e| e.into_inner()));
+            if !jobs.is_empty() {
+                match self.record_jobs(&mut writer, &jobs) {
+                    Ok(all) => {
+                        for (job, results) in jobs.iter().zip(all) {
+                            let _ = job.done.send(Ok(results));
                         }
                     }
-                };
-                // Recorded either way, so that the record outlives no revocation.
-                tx.record(&item.svid)?;
-                match refusal {
-                    Some(why) => {
-                        revoke.push(revocation_of(&item.svid, &why, now));
-                        results.push(Err(why));
+                    Err(e) => {
+                        let why = e.to_string();
+                        for job in &jobs {
+                            let _ = job.done.send(Err(why.clone()));
+                        }
                     }
-                    None => results.push(Ok(())),
                 }
             }
-            tx.revoke(&revoke)?;
-            Ok(results)
-        })
+        }
+        result
+            .recv()
+            .map_err(|_| StoreError::Group("the commit of this batch was abandoned".into()))?
+            .map_err(StoreError::Group)
     }
 
     fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError> {
@@ -1812,7 +1918,8 @@ mod tests {
             renamed.spiffe_id = SpiffeId::parse("spiffe://example.org/renamed").unwrap();
             let write = store.update_entries(&[renamed], 2, "renamed").unwrap();
             assert_eq!(write.revoked.iter().map(|r| r.jti.as_str()).collect::<Vec<_>>(), ["j1"]);
-            let revoked = store.ban_agent("spiffe://example.org/agent", "test", 3).unwrap().unwrap();
+            let revoked =
+                store.ban_agent("spiffe://example.org/agent", "test", 3).unwrap().unwrap();
             let mut jtis: Vec<&str> =
                 revoked.iter().filter(|r| !r.jti.is_empty()).map(|r| r.jti.as_str()).collect();
             jtis.sort_unstable();
@@ -1837,7 +1944,10 @@ mod tests {
         }
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(store.revocation("jwt:j2").unwrap().unwrap().jti, "j2");
-        assert!(store.lock().revocations.iter().all(|r| r.jti.is_empty()), "CRLs list serials only");
+        assert!(
+            store.lock().revocations.iter().all(|r| r.jti.is_empty()),
+            "CRLs list serials only"
+        );
         assert_eq!(store.prune_expired(1000).unwrap(), 4, "records and revocations go at expiry");
         assert!(store.revocation("jwt:j1").unwrap().is_none());
     }

@@ -235,7 +235,11 @@ async fn revocations_survive_restart_and_crls_verify_with_openssl() {
         ("7fedcba9876543210fedcba987654321", Code::NotFound),
     ] {
         match admin
-            .revoke_svid(RevokeSvidRequest { serial: serial.into(), reason: String::new(), ..Default::default() })
+            .revoke_svid(RevokeSvidRequest {
+                serial: serial.into(),
+                reason: String::new(),
+                ..Default::default()
+            })
             .await
         {
             Err(status) => assert_eq!(
@@ -281,7 +285,11 @@ async fn revocations_survive_restart_and_crls_verify_with_openssl() {
     assert_revocation_listed(&server, &revocation, &db_serial).await;
     let mut admin = server.admin().await;
     let after_restart = admin
-        .revoke_svid(RevokeSvidRequest { serial: web_serial.clone(), reason: "third time".into(), ..Default::default() })
+        .revoke_svid(RevokeSvidRequest {
+            serial: web_serial.clone(),
+            reason: "third time".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|s| panic!("revoking {web_serial} after the restart failed: {s:?}"))
         .into_inner();
@@ -347,7 +355,11 @@ async fn revoked_svid_is_replaced_and_crl_reaches_workload() {
     server
         .admin()
         .await
-        .revoke_svid(RevokeSvidRequest { serial: old_serial.clone(), reason: String::new(), ..Default::default() })
+        .revoke_svid(RevokeSvidRequest {
+            serial: old_serial.clone(),
+            reason: String::new(),
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|s| panic!("revoking the live SVID {old_serial} failed: {s:?}"));
 

@@ -144,7 +144,11 @@ async fn a_revoked_agent_svid_is_refused_by_every_node_call() {
     server
         .admin()
         .await
-        .revoke_svid(admin_pb::RevokeSvidRequest { serial, reason: "key leaked".into(), ..Default::default() })
+        .revoke_svid(admin_pb::RevokeSvidRequest {
+            serial,
+            reason: "key leaked".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
 

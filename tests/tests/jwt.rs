@@ -66,7 +66,10 @@ async fn fetch_token(agent: &RunningAgent, audience: &[&str]) -> String {
             };
             match client.fetch_jwtsvid(with_header(request)).await {
                 Ok(response) => return response.into_inner().svids.remove(0).svid,
-                Err(status) if status.code() == Code::PermissionDenied && status.message() == "no identity issued" => {
+                Err(status)
+                    if status.code() == Code::PermissionDenied
+                        && status.message() == "no identity issued" =>
+                {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(status) => panic!("FetchJWTSVID failed: {status:?}"),
@@ -104,7 +107,11 @@ fn parts(token: &str) -> (Value, Value) {
 
 /// A token with this header and claims, signed by `sign` (over the JWS signing input).
 fn craft(header: &Value, claims: &Value, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
-    let input = format!("{}.{}", b64url(header.to_string().as_bytes()), b64url(claims.to_string().as_bytes()));
+    let input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
     let signature = sign(input.as_bytes());
     format!("{input}.{}", b64url(&signature))
 }
@@ -167,13 +174,10 @@ async fn spiffe_crate_jwt_apis_and_an_independent_verifier_accept_tokens() {
     assert!(format!("{err:?}").contains("InvalidArgument"), "{err:?}");
 
     // spiffe::JwtSource
-    let source = within(
-        PROMPTLY,
-        "a JwtSource",
-        JwtSource::builder().endpoint(agent.endpoint()).build(),
-    )
-    .await
-    .unwrap();
+    let source =
+        within(PROMPTLY, "a JwtSource", JwtSource::builder().endpoint(agent.endpoint()).build())
+            .await
+            .unwrap();
     assert!(source.bundle_set().unwrap().get(&td).is_some());
     let from_source = source.fetch_jwt_svid(["api"]).await.unwrap();
     assert_eq!(from_source.spiffe_id().to_string(), API_ID);
@@ -242,7 +246,10 @@ async fn validation_refuses_bad_tokens() {
     );
     let mut altered = claims.clone();
     altered["sub"] = json!("spiffe://example.org/admin");
-    let (input, _) = craft(&header, &altered, |_| Vec::new()).rsplit_once('.').map(|(a, b)| (a.to_string(), b.to_string())).unwrap();
+    let (input, _) = craft(&header, &altered, |_| Vec::new())
+        .rsplit_once('.')
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .unwrap();
     let altered_token = format!("{input}.{signature}");
     assert_refused(validate(&agent, "api", &altered_token).await, "altered claims", "signature");
     let mut unknown = header.clone();
@@ -253,7 +260,11 @@ async fn validation_refuses_bad_tokens() {
         "no-such-key",
     );
     let none = json!({"alg": "none", "kid": header["kid"], "typ": "JWT"});
-    assert_refused(validate(&agent, "api", &craft(&none, &claims, |_| Vec::new())).await, "alg none", "none");
+    assert_refused(
+        validate(&agent, "api", &craft(&none, &claims, |_| Vec::new())).await,
+        "alg none",
+        "none",
+    );
     let hs256 = json!({"alg": "HS256", "kid": header["kid"], "typ": "JWT"});
     let hmac = |input: &[u8]| {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"guessable");
@@ -273,7 +284,12 @@ async fn validation_refuses_bad_tokens() {
     // The spiffe crate's offline validation agrees on the forged and altered tokens.
     let bundles = workload_client(&agent).await.fetch_jwt_bundles().await.unwrap();
     assert!(JwtSvid::parse_and_validate(&altered_token, &bundles, &["api"]).is_err());
-    assert!(JwtSvid::parse_and_validate(&craft(&header, &claims, es256_signer()), &bundles, &["api"]).is_err());
+    assert!(JwtSvid::parse_and_validate(
+        &craft(&header, &claims, es256_signer()),
+        &bundles,
+        &["api"]
+    )
+    .is_err());
 
     // The entry's 2 s lifetime passes: the genuine token is now expired.
     let exp = claims["exp"].as_i64().unwrap();
@@ -333,7 +349,10 @@ async fn audience_policy_is_enforced_by_agent_and_server() {
         .id;
     let mut node = simulated.connect().await;
     let sign = |audience: &str| node_pb::SignJwtRequest {
-        items: vec![node_pb::SignJwtItem { entry_id: entry_id.clone(), audience: vec![audience.into()] }],
+        items: vec![node_pb::SignJwtItem {
+            entry_id: entry_id.clone(),
+            audience: vec![audience.into()],
+        }],
     };
     let results = node.sign_jwt(sign("payments")).await.unwrap().into_inner().results;
     let status = results[0].status.clone().unwrap();
@@ -448,7 +467,12 @@ async fn jwt_keys_rotate_with_the_ca() {
         client.fetch_jwt_bundles(with_header(JwtBundlesRequest {})).await.unwrap().into_inner();
     let kids = |message: &tessera_proto::workload::JwtBundlesResponse| -> Vec<String> {
         let set: Value = serde_json::from_slice(&message.bundles["spiffe://example.org"]).unwrap();
-        set["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_string()).collect()
+        set["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_string())
+            .collect()
     };
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(kids(&first), [old_kid.clone()]);

@@ -153,7 +153,11 @@ async fn py_spiffe_x509_source_sees_rotation() {
     server
         .admin()
         .await
-        .revoke_svid(RevokeSvidRequest { serial: first.clone(), reason: "interop test".into(), ..Default::default() })
+        .revoke_svid(RevokeSvidRequest {
+            serial: first.clone(),
+            reason: "interop test".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let rotated = script.next_json("X509Source to see the rotation").await;

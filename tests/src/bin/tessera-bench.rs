@@ -20,8 +20,18 @@ use tessera_proto::admin as admin_pb;
 use tessera_proto::workload as pb;
 use tessera_tests::{entry, my_uid, RunningAgent, TestServer};
 
-const SCENARIOS: &[&str] =
-    &["issue", "scale", "fetch", "propagate", "revoke", "handshake", "fairness", "streams", "jwt", "all"];
+const SCENARIOS: &[&str] = &[
+    "issue",
+    "scale",
+    "fetch",
+    "propagate",
+    "revoke",
+    "handshake",
+    "fairness",
+    "streams",
+    "jwt",
+    "all",
+];
 
 /// mimalloc: the system allocator costs measurable throughput under many threads.
 #[global_allocator]
@@ -271,9 +281,12 @@ fn es256_limit(duration: Duration, verify: bool) -> f64 {
                 let rng = SystemRandom::new();
                 let pkcs8 =
                     EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-                let key =
-                    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-                        .unwrap();
+                let key = EcdsaKeyPair::from_pkcs8(
+                    &ECDSA_P256_SHA256_FIXED_SIGNING,
+                    pkcs8.as_ref(),
+                    &rng,
+                )
+                .unwrap();
                 let public = UnparsedPublicKey::new(
                     &ECDSA_P256_SHA256_FIXED,
                     key.public_key().as_ref().to_vec(),
@@ -330,10 +343,9 @@ async fn bench_jwt_validate(duration: Duration) -> (f64, f64) {
     let (_dir, server, agent) = setup().await;
     server.create_entry("spiffe://example.org/bench", &agent.id, &[&me()], None).await;
     let mut client = warm_client(&agent).await;
-    let token = client.fetch_jwtsvid(jwt_request("bench")).await.unwrap().into_inner().svids
-        [0]
-    .svid
-    .clone();
+    let token = client.fetch_jwtsvid(jwt_request("bench")).await.unwrap().into_inner().svids[0]
+        .svid
+        .clone();
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
@@ -378,19 +390,17 @@ async fn bench_jwt_revoke(rounds: usize) -> (f64, f64) {
     let mut samples = Vec::with_capacity(rounds);
     for i in 0..rounds {
         let audience = format!("revoke-{i}");
-        let token =
-            client.fetch_jwtsvid(jwt_request(&audience)).await.unwrap().into_inner().svids[0]
-                .svid
-                .clone();
+        let token = client.fetch_jwtsvid(jwt_request(&audience)).await.unwrap().into_inner().svids
+            [0]
+        .svid
+        .clone();
         let claims = tessera_workload_api::jwt::UnverifiedJwt::decode(&token).unwrap();
         let jti = claims.jti().unwrap().to_string();
-        let validate = || pb::ValidateJwtsvidRequest { audience: audience.clone(), svid: token.clone() };
+        let validate =
+            || pb::ValidateJwtsvidRequest { audience: audience.clone(), svid: token.clone() };
         client.validate_jwtsvid(cli_request(validate())).await.unwrap();
         let start = Instant::now();
-        admin
-            .revoke_svid(admin_pb::RevokeSvidRequest { jti, ..Default::default() })
-            .await
-            .unwrap();
+        admin.revoke_svid(admin_pb::RevokeSvidRequest { jti, ..Default::default() }).await.unwrap();
         while client.validate_jwtsvid(cli_request(validate())).await.is_ok() {}
         samples.push(start.elapsed());
     }
@@ -1001,12 +1011,15 @@ async fn until_stdin_closes() {
 
 async fn child_server(args: &[String]) -> ExitCode {
     let dir = std::path::PathBuf::from(&args[0]);
-    let server = tessera_server::Server::bind(
-        tessera_tests::test_config(&dir),
-        std::sync::Arc::new(tessera_server::SystemClock),
-    )
-    .await
-    .expect("server binds");
+    let mut config = tessera_tests::test_config(&dir);
+    // The per-agent signing budget protects the server from one agent; it
+    // must not cap a throughput measurement.
+    config.sign_rate = 10_000_000;
+    config.sign_burst = 10_000_000;
+    let server =
+        tessera_server::Server::bind(config, std::sync::Arc::new(tessera_server::SystemClock))
+            .await
+            .expect("server binds");
     println!("READY {}", server.node_addr().unwrap());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();
