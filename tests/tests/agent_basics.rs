@@ -68,11 +68,16 @@ async fn unmatched_caller_is_denied_and_header_is_required() {
     let err = client.fetch_x509svid(pb::X509svidRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(err.message(), "security header missing from request");
+    // A JWT-SVID request with no audience is refused as such; with one,
+    // a caller no entry matches gets the same denial as for X509-SVIDs.
     let err = client
         .fetch_jwtsvid(tessera_agent::cli_request(pb::JwtsvidRequest::default()))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!((err.code(), err.message()), (Code::InvalidArgument, "audience must be specified"));
+    let request = pb::JwtsvidRequest { audience: vec!["api".into()], spiffe_id: String::new() };
+    let err = client.fetch_jwtsvid(tessera_agent::cli_request(request)).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::PermissionDenied, "no identity issued"));
     agent.stop().await;
     server.stop().await;
 }
