@@ -524,38 +524,21 @@ impl SpiffeWorkloadApi for WorkloadService {
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let (_, _, slot) = self.caller("FetchX509Bundles", &request).await?;
-        let mut updates = self.cache.subscribe();
-        let deadline = tokio::time::Instant::now() + FIRST_RESPONSE_WAIT;
-        while updates.borrow_and_update().bundle.is_empty() {
-            if tokio::time::timeout_at(deadline, updates.changed()).await.is_err() {
-                return Err(Status::unavailable("agent has no trust bundle yet"));
-            }
-        }
-        let (tx, rx) = mpsc::channel(4);
-        let service = self.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut last = None;
-            loop {
-                let state = updates.borrow_and_update().clone();
-                let current = Some((state.bundle.clone(), state.crls.clone()));
-                if last != current {
-                    last = current;
+        let stream = self
+            .bundle_stream(
+                slot,
+                "agent has no trust bundle yet",
+                |state| {
+                    (!state.bundle.is_empty()).then(|| (state.bundle.clone(), state.crls.clone()))
+                },
+                |service, state| {
                     let mut bundles = HashMap::new();
-                    bundles.insert(service.trust_domain.id_string(), service.bundle_bytes(&state));
-                    let crl = state.crls.as_ref().clone();
-                    if tx.send(Ok(pb::X509BundlesResponse { crl, bundles })).await.is_err() {
-                        return;
-                    }
-                }
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = service.shutdown.cancelled() => return,
-                    changed = updates.changed() => if changed.is_err() { return },
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+                    bundles.insert(service.trust_domain.id_string(), service.bundle_bytes(state));
+                    pb::X509BundlesResponse { crl: state.crls.as_ref().clone(), bundles }
+                },
+            )
+            .await?;
+        Ok(Response::new(stream))
     }
 
     async fn fetch_jwtsvid(
@@ -621,38 +604,21 @@ impl SpiffeWorkloadApi for WorkloadService {
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let (_, _, slot) = self.caller("FetchJWTBundles", &request).await?;
-        let mut updates = self.cache.subscribe();
-        let deadline = tokio::time::Instant::now() + FIRST_RESPONSE_WAIT;
-        while updates.borrow_and_update().jwt_bundle.is_none() {
-            if tokio::time::timeout_at(deadline, updates.changed()).await.is_err() {
-                return Err(Status::unavailable("agent has no JWT bundle yet"));
-            }
-        }
-        let (tx, rx) = mpsc::channel(4);
-        let service = self.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut last = None;
-            loop {
-                let current = updates.borrow_and_update().jwt_bundle.clone();
-                if current.is_some() && last != current {
-                    last = current;
+        let stream = self
+            .bundle_stream(
+                slot,
+                "agent has no JWT bundle yet",
+                |state| state.jwt_bundle.clone(),
+                |service, state| {
                     let mut bundles = HashMap::new();
-                    if let Some(bundle) = &last {
+                    if let Some(bundle) = &state.jwt_bundle {
                         bundles.insert(service.trust_domain.id_string(), bundle.to_jwks());
                     }
-                    if tx.send(Ok(pb::JwtBundlesResponse { bundles })).await.is_err() {
-                        return;
-                    }
-                }
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = service.shutdown.cancelled() => return,
-                    changed = updates.changed() => if changed.is_err() { return },
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+                    pb::JwtBundlesResponse { bundles }
+                },
+            )
+            .await?;
+        Ok(Response::new(stream))
     }
 
     async fn validate_jwtsvid(
@@ -698,6 +664,52 @@ impl SpiffeWorkloadApi for WorkloadService {
 }
 
 impl WorkloadService {
+    /// A bundle stream: waits (briefly) until `key` has a value, sends
+    /// `message` then and again each time `key` changes (only then: every
+    /// message carries the full state, and a repeat would look like an
+    /// update to clients).
+    async fn bundle_stream<K, M>(
+        &self,
+        slot: UidSlot,
+        missing: &'static str,
+        key: impl Fn(&CacheState) -> Option<K> + Send + 'static,
+        message: impl Fn(&Self, &CacheState) -> M + Send + 'static,
+    ) -> Result<Stream_<M>, Status>
+    where
+        K: PartialEq + Send + 'static,
+        M: Send + 'static,
+    {
+        let mut updates = self.cache.subscribe();
+        let deadline = tokio::time::Instant::now() + FIRST_RESPONSE_WAIT;
+        while key(&updates.borrow_and_update()).is_none() {
+            if tokio::time::timeout_at(deadline, updates.changed()).await.is_err() {
+                return Err(Status::unavailable(missing));
+            }
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut last = None;
+            loop {
+                let state = updates.borrow_and_update().clone();
+                let current = key(&state);
+                if current.is_some() && last != current {
+                    last = current;
+                    if tx.send(Ok(message(&service, &state))).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = service.shutdown.cancelled() => return,
+                    changed = updates.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
     /// The cache once the agent has synced (waiting briefly for it).
     async fn ready_state(&self) -> Result<Arc<CacheState>, Status> {
         let mut updates = self.cache.subscribe();

@@ -173,6 +173,38 @@ impl NodeService {
         }
     }
 
+    /// One signing batch: checked against the size limit and the agent's
+    /// budget, each item signed by `sign` (with its entry as read now) off
+    /// the async workers, and what was signed recorded.
+    async fn sign_batch<I, T, F>(
+        &self,
+        op: &str,
+        caller: &Caller,
+        items: Vec<I>,
+        entry_ids: Vec<String>,
+        sign: fn(&Self, &SpiffeId, I, Option<Entry>) -> Result<(T, Signed), F>,
+    ) -> Result<Vec<Recorded<T, F>>, Status>
+    where
+        I: Send + 'static,
+        T: Send + 'static,
+        F: Send + 'static,
+    {
+        let entries = self.batch_entries(op, caller, entry_ids).await?;
+        let service = self.clone();
+        let agent_id = caller.id.clone();
+        // Signing is CPU work: keep it off the async workers.
+        let signed = tokio::task::spawn_blocking(move || {
+            items
+                .into_iter()
+                .zip(entries)
+                .map(|(item, entry)| sign(&service, &agent_id, item, entry))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
+        self.record_batch(caller, signed).await
+    }
+
     /// Checks a signing batch against the size limit and the agent's
     /// budget, and reads its entries.
     async fn batch_entries(
@@ -520,22 +552,10 @@ impl Node for NodeService {
         let op = "sign_x509";
         let caller = self.authenticate(op, &request).await?;
         let items = request.into_inner().items;
-        let ids: Vec<String> = items.iter().map(|i| i.entry_id.clone()).collect();
-        let entries = self.batch_entries(op, &caller, ids).await?;
-        let service = self.clone();
-        let agent_id = caller.id.clone();
-        // Signing is CPU work: keep it off the async workers.
-        let signed = tokio::task::spawn_blocking(move || {
-            items
-                .into_iter()
-                .zip(entries)
-                .map(|(item, entry)| service.sign_item(&agent_id, item, entry))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
-        let mut results = Vec::with_capacity(signed.len());
-        for outcome in self.record_batch(&caller, signed).await? {
+        let ids = items.iter().map(|i| i.entry_id.clone()).collect();
+        let outcomes = self.sign_batch(op, &caller, items, ids, Self::sign_item).await?;
+        let mut results = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
             results.push(match outcome {
                 Recorded::Refused(failure) => failure,
                 Recorded::Issued(svid, record) => {
@@ -564,21 +584,10 @@ impl Node for NodeService {
         let op = "sign_jwt";
         let caller = self.authenticate(op, &request).await?;
         let items = request.into_inner().items;
-        let ids: Vec<String> = items.iter().map(|i| i.entry_id.clone()).collect();
-        let entries = self.batch_entries(op, &caller, ids).await?;
-        let service = self.clone();
-        let agent_id = caller.id.clone();
-        let signed = tokio::task::spawn_blocking(move || {
-            items
-                .into_iter()
-                .zip(entries)
-                .map(|(item, entry)| service.sign_jwt_item(&agent_id, item, entry))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
-        let mut results = Vec::with_capacity(signed.len());
-        for outcome in self.record_batch(&caller, signed).await? {
+        let ids = items.iter().map(|i| i.entry_id.clone()).collect();
+        let outcomes = self.sign_batch(op, &caller, items, ids, Self::sign_jwt_item).await?;
+        let mut results = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
             results.push(match outcome {
                 Recorded::Refused(failure) => failure,
                 Recorded::Issued(jwt, record) => {

@@ -41,6 +41,11 @@ async fn jwt_entry(
     let mut e = entry(spiffe_id, agent, &[&uid_selector()], None);
     e.jwt_svid_ttl = ttl;
     e.jwt_audiences = audiences.iter().map(|a| a.to_string()).collect();
+    create(server, e).await
+}
+
+/// Creates an entry through the admin API; returns its ID.
+async fn create(server: &TestServer, e: tessera_proto::types::Entry) -> String {
     let result = server
         .admin()
         .await
@@ -335,18 +340,7 @@ async fn audience_policy_is_enforced_by_agent_and_server() {
     let simulated = TestAgent::attest(&server, &token.token).await.unwrap();
     let mut e = entry(API_ID, &simulated.id, &["unix:uid:4242"], None);
     e.jwt_audiences = vec!["db".into()];
-    let entry_id = server
-        .admin()
-        .await
-        .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: vec![e] })
-        .await
-        .unwrap()
-        .into_inner()
-        .results
-        .remove(0)
-        .entry
-        .unwrap()
-        .id;
+    let entry_id = create(&server, e).await;
     let mut node = simulated.connect().await;
     let sign = |audience: &str| node_pb::SignJwtRequest {
         items: vec![node_pb::SignJwtItem {
