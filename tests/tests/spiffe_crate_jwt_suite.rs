@@ -22,13 +22,13 @@
 //!   defaults). The fixture sets it to its agent's endpoint before it
 //!   starts anything, and before any test reads it (it replaces any value
 //!   already set).
-//! - `test_custom_endpoint` hard-codes `unix:/tmp/spire-agent/public/api.sock`.
-//!   The fixture binds its agent there when that is safe: this binary holds
-//!   an exclusive lock (`/tmp/tessera-spiffe-crate-jwt-suite.lock`), the
-//!   directories on the way are real directories owned by us or root, and
-//!   nothing serves the socket already (a dead socket is replaced, as the
-//!   agent always does). Otherwise the agent's socket is in its temp dir,
-//!   and that one test uses the fixture's endpoint instead; it prints which.
+//! - `test_custom_endpoint` hard-codes `unix:/tmp/spire-agent/public/api.sock`
+//!   (SPIRE's socket); it passes the fixture's endpoint to the same builder
+//!   call instead, so that the tests leave nothing outside their own
+//!   directory.
+//! - A static is never dropped, so the fixture does not use a temp dir
+//!   (it would be left behind): its server and agent live under cargo's
+//!   `CARGO_TARGET_TMPDIR`, cleared when the fixture starts.
 //! - Federation: upstream's entries also federate with
 //!   `example-federated.org`, which Tessera does not support yet. None of
 //!   these 29 tests asserts on the federated trust domain, so no assertion
@@ -44,8 +44,6 @@ mod common;
 
 /// One Tessera server and agent for the whole test binary.
 mod fixture {
-    use std::fs::File;
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     use std::path::{Path, PathBuf};
     use std::sync::OnceLock;
     use std::time::Duration;
@@ -57,25 +55,15 @@ mod fixture {
 
     use crate::common::{uid_selector, PROMPTLY};
 
-    /// Where upstream's SPIRE agent serves the Workload API.
-    pub const UPSTREAM_SOCKET: &str = "/tmp/spire-agent/public/api.sock";
-    /// Held while this binary may bind [`UPSTREAM_SOCKET`], so two runs
-    /// of it do not fight over the path.
-    const LOCK_PATH: &str = "/tmp/tessera-spiffe-crate-jwt-suite.lock";
-
     /// The server and agent, and what keeps them alive.
     #[derive(Debug)]
     pub struct Fixture {
         /// The agent's Workload API endpoint (also in `SPIFFE_ENDPOINT_SOCKET`).
         pub endpoint: String,
-        /// Whether the agent serves [`UPSTREAM_SOCKET`].
-        pub at_upstream_socket: bool,
         _agent: RunningAgent,
         _server: TestServer,
         /// Runs the server and agent tasks for as long as the process lives.
         _runtime: Runtime,
-        _lock: Option<File>,
-        _dir: tempfile::TempDir,
     }
 
     static FIXTURE: OnceLock<Result<Fixture, String>> = OnceLock::new();
@@ -89,17 +77,17 @@ mod fixture {
     }
 
     fn start() -> Result<Fixture, String> {
-        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-        let lock = upstream_socket_lock();
-        let socket = match &lock {
-            Some(_) => PathBuf::from(UPSTREAM_SOCKET),
-            None => dir.path().join("agent/public/api.sock"),
-        };
+        // Under target/, cleared on every run: nothing accumulates.
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("spiffe_crate_jwt_suite");
+        if root.exists() {
+            std::fs::remove_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+        }
+        std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+        let socket = root.join("agent/public/api.sock");
         let endpoint = format!("unix:{}", socket.display());
         // Set before the fixture starts any thread; tests that read it are
         // waiting on `FIXTURE` meanwhile.
         std::env::set_var("SPIFFE_ENDPOINT_SOCKET", &endpoint);
-        let root = dir.path().to_owned();
         let started = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -118,12 +106,9 @@ mod fixture {
         let (runtime, server, agent) = started;
         Ok(Fixture {
             endpoint,
-            at_upstream_socket: lock.is_some(),
             _agent: agent,
             _server: server,
             _runtime: runtime,
-            _lock: lock,
-            _dir: dir,
         })
     }
 
@@ -189,41 +174,6 @@ mod fixture {
         served.map_err(|_| format!("the agent at {endpoint} did not serve both entries: {last}"))
     }
 
-    /// The lock that lets this binary bind [`UPSTREAM_SOCKET`], if binding
-    /// it is safe; `None` to use a socket in the temp dir instead.
-    fn upstream_socket_lock() -> Option<File> {
-        let refuse = |why: &str| {
-            eprintln!("not serving {UPSTREAM_SOCKET}: {why}; test_custom_endpoint uses the fixture's endpoint");
-            None
-        };
-        let lock = match File::options().create(true).truncate(false).write(true).open(LOCK_PATH) {
-            Ok(lock) => lock,
-            Err(e) => return refuse(&format!("cannot open {LOCK_PATH}: {e}")),
-        };
-        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            return refuse("another run of this suite holds it");
-        }
-        let me = rustix::process::geteuid().as_raw();
-        for dir in ["/tmp/spire-agent", "/tmp/spire-agent/public"] {
-            match std::fs::symlink_metadata(dir) {
-                Err(_) => {} // the agent creates it
-                Ok(meta) if !meta.is_dir() => return refuse(&format!("{dir} is not a directory")),
-                Ok(meta) if meta.uid() != me && meta.uid() != 0 => {
-                    return refuse(&format!("{dir} belongs to uid {}", meta.uid()))
-                }
-                Ok(_) => {}
-            }
-        }
-        if let Ok(meta) = std::fs::symlink_metadata(UPSTREAM_SOCKET) {
-            if !meta.file_type().is_socket() {
-                return refuse("a file that is not a socket is there");
-            }
-            if std::os::unix::net::UnixStream::connect(UPSTREAM_SOCKET).is_ok() {
-                return refuse("something serves it already");
-            }
-        }
-        Some(lock)
-    }
 }
 
 mod integration_tests_workload_api_client {
@@ -701,14 +651,9 @@ mod integration_tests_jwt_source {
     #[tokio::test]
     async fn test_custom_endpoint() {
         let fixture = crate::fixture::agent();
-        // Ported: upstream's path when the fixture could bind it, else the
-        // fixture's own endpoint (see the top of this file).
-        let endpoint = if fixture.at_upstream_socket {
-            "unix:/tmp/spire-agent/public/api.sock"
-        } else {
-            eprintln!("test_custom_endpoint: using {} instead", fixture.endpoint);
-            fixture.endpoint.as_str()
-        };
+        // Ported: the fixture's endpoint instead of SPIRE's socket path
+        // (see the top of this file).
+        let endpoint = fixture.endpoint.as_str();
         // Test that custom endpoint configuration works
         // This will use the default endpoint from environment if custom endpoint fails
         let source = JwtSourceBuilder::new().endpoint(endpoint).build().await.unwrap();
