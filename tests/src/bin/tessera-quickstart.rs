@@ -122,6 +122,7 @@ async fn run() -> Result<(), String> {
     println!("Use it from another shell:");
     println!("  export SPIFFE_ENDPOINT_SOCKET={endpoint}");
     println!("  cargo run -q --bin tessera-agent -- api fetch --write /tmp/svid");
+    println!("  cargo run -q --bin tessera-agent -- api fetch jwt --audience my-api");
     println!("  cargo run -q --bin tessera-server -- entry show");
     println!();
     println!("Server and agent are running; press Ctrl-C to stop.");
