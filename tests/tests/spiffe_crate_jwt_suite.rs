@@ -104,12 +104,7 @@ mod fixture {
         .join()
         .map_err(|panic| format!("{panic:?}"))??;
         let (runtime, server, agent) = started;
-        Ok(Fixture {
-            endpoint,
-            _agent: agent,
-            _server: server,
-            _runtime: runtime,
-        })
+        Ok(Fixture { endpoint, _agent: agent, _server: server, _runtime: runtime })
     }
 
     async fn start_tessera(root: &Path, socket: PathBuf) -> (TestServer, RunningAgent) {
@@ -173,7 +168,6 @@ mod fixture {
         .await;
         served.map_err(|_| format!("the agent at {endpoint} did not serve both entries: {last}"))
     }
-
 }
 
 mod integration_tests_workload_api_client {

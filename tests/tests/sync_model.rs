@@ -1,10 +1,14 @@
 //! Model-based test of sync: seeded random sequences of entry creates,
 //! updates (TTL, DNS names, SPIFFE ID), deletes and task-scoped expiries,
-//! SVID revocations, agent stops, starts and restarts, and server restarts,
-//! with a CA that is prepared and activated every few seconds. At every
-//! quiet point a real Workload API client on the agent must be served
-//! exactly the identities of the server's entries, no revoked serial, no
-//! SVID past its entry's expiry, and the server's current CRLs.
+//! SVID revocations, JWT-SVID fetches and revocations by jti, agent stops,
+//! starts and restarts, and server restarts, with a CA (and its JWT key)
+//! that is prepared and activated every few seconds. At every quiet point a
+//! real Workload API client on the agent must be served exactly the
+//! identities of the server's entries, no revoked serial, no SVID past its
+//! entry's expiry, and the server's current CRLs; and the agent's
+//! ValidateJWTSVID must accept every unexpired token the model holds valid
+//! and refuse every one it holds revoked (by jti, or with its entry deleted,
+//! expired, or changed in SPIFFE ID or DNS names).
 //!
 //! Short run (in the suite): a few seeds. Long run, on demand:
 //! `TESSERA_MODEL_SECONDS=600 cargo test -p tessera-tests --test sync_model -- --nocapture`
@@ -20,9 +24,10 @@ use std::time::{Duration, Instant};
 
 use common::{not_after_unix, now_unix, raw_client, serial_hex, uid_selector};
 use tessera_proto::admin as admin_pb;
-use tessera_proto::workload::X509svidRequest;
+use tessera_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest};
 use tessera_server::SystemClock;
 use tessera_tests::{entry, test_config, RunningAgent, TestServer};
+use tessera_workload_api::jwt::UnverifiedJwt;
 use tessera_workload_api::with_header;
 use tonic::Code;
 
@@ -60,11 +65,23 @@ struct ModelEntry {
     expires_at: i64,
 }
 
+/// A JWT-SVID the workload was given, and whether the model says it is revoked.
+#[derive(Debug, Clone)]
+struct ModelToken {
+    token: String,
+    jti: String,
+    entry_id: String,
+    audience: String,
+    expires_at: i64,
+    revoked: bool,
+}
+
 struct World {
     dir: PathBuf,
     server: Option<TestServer>,
     agent: Option<RunningAgent>,
     model: BTreeMap<String, ModelEntry>,
+    tokens: Vec<ModelToken>,
     next_name: u64,
     log: Vec<String>,
 }
@@ -103,7 +120,7 @@ impl World {
             model.keys().nth(rng.below(model.len() as u64) as usize).cloned()
         };
         match op {
-            0..=24 if self.model.len() < 6 => {
+            0..=19 if self.model.len() < 6 => {
                 self.next_name += 1;
                 let expires_at =
                     if rng.below(4) == 0 { now_unix() + 2 + rng.below(4) as i64 } else { 0 };
@@ -126,7 +143,7 @@ impl World {
                 self.log.push(format!("{} create {id} {e:?}", now_unix()));
                 self.model.insert(id, e);
             }
-            25..=44 => {
+            20..=36 => {
                 let Some(id) = pick(rng, &self.model) else { return };
                 let mut e = self.model[&id].clone();
                 match rng.below(3) {
@@ -155,6 +172,10 @@ impl World {
                 let status = updated.results[0].status.clone().unwrap();
                 if status.code == 0 {
                     self.log.push(format!("update {id} {e:?}"));
+                    let old = &self.model[&id];
+                    if old.spiffe_id != e.spiffe_id || old.dns_names != e.dns_names {
+                        self.revoke_tokens_of(&id);
+                    }
                     self.model.insert(id, e);
                 } else {
                     // Only an entry that expired in between may be gone.
@@ -162,7 +183,7 @@ impl World {
                     self.model.remove(&id);
                 }
             }
-            45..=59 => {
+            37..=49 => {
                 let Some(id) = pick(rng, &self.model) else { return };
                 self.admin()
                     .await
@@ -171,8 +192,9 @@ impl World {
                     .unwrap();
                 self.log.push(format!("delete {id}"));
                 self.model.remove(&id);
+                self.revoke_tokens_of(&id);
             }
-            60..=72 => {
+            50..=60 => {
                 let Some(agent) = &self.agent else { return };
                 let Ok(served) = served(&agent.socket).await else { return };
                 let Some((_, serial, _)) = served.get(rng.below(served.len() as u64) as usize)
@@ -190,7 +212,7 @@ impl World {
                     .await;
                 self.log.push(format!("revoke {serial}: {:?}", revoked.map(|_| ())));
             }
-            73..=80 => {
+            61..=67 => {
                 if let Some(agent) = self.agent.take() {
                     agent.stop().await;
                     self.log.push("agent stopped".into());
@@ -199,23 +221,79 @@ impl World {
                     self.log.push("agent started".into());
                 }
             }
-            81..=86 => {
+            68..=72 => {
                 if let Some(agent) = self.agent.take() {
                     agent.stop().await;
                 }
                 self.start_agent().await;
                 self.log.push("agent restarted".into());
             }
-            87..=92 => {
+            73..=77 => {
                 let server = self.server.take().unwrap();
                 self.server = Some(server.restart().await);
                 self.log.push("server restarted".into());
+            }
+            78..=90 => {
+                let Some(id) = pick(rng, &self.model) else { return };
+                let Some(agent) = &self.agent else { return };
+                let audience = ["a", "b", "c"][rng.below(3) as usize].to_string();
+                let request = JwtsvidRequest {
+                    audience: vec![audience.clone()],
+                    spiffe_id: self.model[&id].spiffe_id.clone(),
+                };
+                let mut client = raw_client(&agent.socket).await;
+                // The agent may not have the entry (or its change) yet.
+                let Ok(response) = client.fetch_jwtsvid(with_header(request)).await else { return };
+                let token = response.into_inner().svids.remove(0).svid;
+                let claims = UnverifiedJwt::decode(&token).unwrap();
+                let jti = claims.jti().unwrap().to_string();
+                self.log.push(format!("jwt {jti} for {id} audience {audience}"));
+                if !self.tokens.iter().any(|t| t.jti == jti) {
+                    let expires_at = claims.expires_at().unwrap();
+                    let entry_id = id;
+                    self.tokens.push(ModelToken {
+                        token,
+                        jti,
+                        entry_id,
+                        audience,
+                        expires_at,
+                        revoked: false,
+                    });
+                }
+            }
+            91..=96 => {
+                let live: Vec<usize> =
+                    (0..self.tokens.len()).filter(|i| !self.tokens[*i].revoked).collect();
+                let Some(&i) = live.get(rng.below(live.len() as u64) as usize) else { return };
+                let jti = self.tokens[i].jti.clone();
+                let revoked = self
+                    .admin()
+                    .await
+                    .revoke_svid(admin_pb::RevokeSvidRequest {
+                        jti: jti.clone(),
+                        reason: "model".into(),
+                        ..Default::default()
+                    })
+                    .await;
+                // Refused only for a token already expired and forgotten.
+                if revoked.is_ok() || self.tokens[i].expires_at <= now_unix() {
+                    self.tokens[i].revoked = true;
+                }
+                self.log.push(format!("revoke jwt {jti}: {:?}", revoked.map(|_| ())));
             }
             _ => {
                 let pause = rng.below(400);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
                 self.log.push(format!("pause {pause} ms"));
             }
+        }
+    }
+
+    /// The model's tokens of an entry are revoked (deleted, expired, or its
+    /// SPIFFE ID or DNS names changed).
+    fn revoke_tokens_of(&mut self, entry_id: &str) {
+        for token in self.tokens.iter_mut().filter(|t| t.entry_id == entry_id) {
+            token.revoked = true;
         }
     }
 
@@ -236,8 +314,18 @@ impl World {
         let deadline = Instant::now() + CONVERGE;
         let mut first_problem = None;
         loop {
-            // Entries expire while we wait, on the server and in the model.
-            self.model.retain(|_, e| e.expires_at == 0 || e.expires_at > now_unix() + 1);
+            // Entries expire while we wait, on the server and in the model
+            // (their tokens are revoked with them).
+            let expired: Vec<String> = self
+                .model
+                .iter()
+                .filter(|(_, e)| e.expires_at != 0 && e.expires_at <= now_unix() + 1)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in expired {
+                self.model.remove(&id);
+                self.revoke_tokens_of(&id);
+            }
             let problem = self.divergence().await;
             if first_problem.is_none() {
                 first_problem.clone_from(&problem);
@@ -300,9 +388,30 @@ impl World {
                 if served_crls != crls {
                     return Some("the workload's CRLs are not the server's".into());
                 }
-                None
+                self.jwt_divergence(socket).await
             }
         }
+    }
+
+    /// A token the agent's ValidateJWTSVID judges otherwise than the model
+    /// (tokens about to expire are left out).
+    async fn jwt_divergence(&self, socket: &Path) -> Option<String> {
+        let mut client = raw_client(socket).await;
+        for t in self.tokens.iter().filter(|t| t.expires_at > now_unix() + 2) {
+            let request =
+                ValidateJwtsvidRequest { audience: t.audience.clone(), svid: t.token.clone() };
+            let valid = client.validate_jwtsvid(with_header(request)).await;
+            match (&valid, t.revoked) {
+                (Ok(_), true) => {
+                    return Some(format!("revoked JWT-SVID {} still validates", t.jti))
+                }
+                (Err(status), false) => {
+                    return Some(format!("valid JWT-SVID {} refused: {status:?}", t.jti))
+                }
+                _ => {}
+            }
+        }
+        None
     }
 }
 
@@ -342,6 +451,7 @@ async fn run_seed(seed: u64, steps: usize) {
         server: Some(server),
         agent: None,
         model: BTreeMap::new(),
+        tokens: Vec::new(),
         next_name: 0,
         log: Vec::new(),
     };
@@ -354,6 +464,11 @@ async fn run_seed(seed: u64, steps: usize) {
         }
     }
     world.converge(seed).await;
+    eprintln!(
+        "sync model: seed {seed}: {} JWT-SVIDs followed, {} of them revoked",
+        world.tokens.len(),
+        world.tokens.iter().filter(|t| t.revoked).count()
+    );
     if let Some(agent) = world.agent.take() {
         agent.stop().await;
     }
