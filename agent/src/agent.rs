@@ -182,7 +182,12 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let Self { config, link, trust_domain, listener } = self;
         let cache = Cache::new();
-        let jwt = Arc::new(JwtSvids::new(link.clone()));
+        let limits = config.workload_limits;
+        let jwt = Arc::new(JwtSvids::new(
+            link.clone(),
+            limits.jwt_signings_per_uid,
+            limits.jwt_signing_burst,
+        ));
         let wake = Arc::new(Notify::new());
         let mut tasks = JoinSet::new();
         tasks.spawn(
@@ -200,7 +205,6 @@ impl Agent {
             agent_renewal_loop(link.clone(), config.data_dir.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("agent_svid")),
         );
-        let limits = config.workload_limits;
         let service = WorkloadService::new(
             cache,
             jwt,

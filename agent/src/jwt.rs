@@ -64,6 +64,8 @@ type Outcome = Option<Result<Arc<CachedJwt>, Status>>;
 #[derive(Default)]
 struct Inner {
     tokens: HashMap<Key, Arc<CachedJwt>>,
+    /// Signing budget per caller uid: tokens left, and when last refilled.
+    budgets: HashMap<u32, (f64, std::time::Instant)>,
     /// Signings under way: later callers for the same key wait for them.
     inflight: HashMap<Key, watch::Receiver<Outcome>>,
     /// Revoked jti → the token's expiry.
@@ -74,6 +76,8 @@ struct Inner {
 pub struct JwtSvids {
     link: Arc<NodeLink>,
     inner: Mutex<Inner>,
+    /// Signings per second per uid, and the burst.
+    per_uid: (u32, u32),
 }
 
 impl fmt::Debug for JwtSvids {
@@ -96,9 +100,10 @@ pub struct IssuedJwt {
 }
 
 impl JwtSvids {
-    /// An empty cache signing through `link`.
-    pub fn new(link: Arc<NodeLink>) -> Self {
-        Self { link, inner: Mutex::new(Inner::default()) }
+    /// An empty cache signing through `link`; each caller uid may have
+    /// `rate` tokens per second signed, after a burst of `burst`.
+    pub fn new(link: Arc<NodeLink>, rate: u32, burst: u32) -> Self {
+        Self { link, inner: Mutex::new(Inner::default()), per_uid: (rate, burst) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -107,11 +112,13 @@ impl JwtSvids {
 
     /// A token for each entry, for `audience` (sorted, deduplicated, checked
     /// by the caller): from the cache when one is fresh, else signed by the
-    /// server (one call for all misses; concurrent callers share it).
+    /// server (one call for all misses; concurrent callers share it), within
+    /// the signing budget of the caller's `uid`.
     pub async fn fetch(
         self: &Arc<Self>,
         entries: &[Arc<AgentEntry>],
         audience: &[String],
+        uid: u32,
     ) -> Result<Vec<IssuedJwt>, Status> {
         let now = now();
         let keys: Vec<Key> = entries
@@ -123,6 +130,7 @@ impl JwtSvids {
         let mut to_sign = Vec::new();
         {
             let mut inner = self.lock();
+            let mut misses = Vec::new();
             for (i, key) in keys.iter().enumerate() {
                 if let Some(cached) = inner.tokens.get(key) {
                     if cached.servable(now) && !inner.revoked.contains_key(&cached.jti) {
@@ -133,13 +141,17 @@ impl JwtSvids {
                 }
                 match inner.inflight.get(key) {
                     Some(rx) => waits.push((i, rx.clone())),
-                    None => {
-                        let (tx, rx) = watch::channel(None);
-                        inner.inflight.insert(key.clone(), rx.clone());
-                        waits.push((i, rx));
-                        to_sign.push((key.clone(), tx));
-                    }
+                    None => misses.push(i),
                 }
+            }
+            if !misses.is_empty() {
+                self.take_budget(&mut inner, uid, misses.len())?;
+            }
+            for i in misses {
+                let (tx, rx) = watch::channel(None);
+                inner.inflight.insert(keys[i].clone(), rx.clone());
+                waits.push((i, rx));
+                to_sign.push((keys[i].clone(), tx));
             }
         }
         if !to_sign.is_empty() {
@@ -245,6 +257,24 @@ impl JwtSvids {
         }
     }
 
+    /// Takes `n` signings from `uid`'s budget, or refuses.
+    fn take_budget(&self, inner: &mut Inner, uid: u32, n: usize) -> Result<(), Status> {
+        let (rate, burst) = self.per_uid;
+        let now = std::time::Instant::now();
+        let (tokens, at) = inner.budgets.entry(uid).or_insert((f64::from(burst), now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * f64::from(rate))
+            .min(f64::from(burst));
+        *at = now;
+        if *tokens < n as f64 {
+            return Err(Status::resource_exhausted(format!(
+                "uid {uid} asked for too many new JWT-SVIDs (limit {rate}/s, burst {burst}); \
+                 reuse audiences or retry later"
+            )));
+        }
+        *tokens -= n as f64;
+        Ok(())
+    }
+
     async fn sign_once(
         &self,
         request: pb::SignJwtRequest,
@@ -293,6 +323,10 @@ impl JwtSvids {
             let to_sign = {
                 let mut inner = self.lock();
                 inner.revoked.retain(|_, expires_at| *expires_at > now);
+                let (rate, burst) = self.per_uid;
+                let full = f64::from(burst) / f64::from(rate.max(1));
+                // A budget that has refilled is the same as none.
+                inner.budgets.retain(|_, (_, at)| at.elapsed().as_secs_f64() < full);
                 inner.tokens.retain(|_, t| t.servable(now));
                 let due: Vec<Key> = inner
                     .tokens

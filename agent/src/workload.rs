@@ -48,6 +48,14 @@ pub struct WorkloadLimits {
     pub streams_per_connection: u32,
     /// Executable hashing: size limit and concurrency.
     pub hashing: HashLimits,
+    /// JWT-SVIDs per second each caller uid may have the server sign (cache
+    /// misses: new identities or audiences), after a burst of
+    /// `jwt_signing_burst`; past it, `ResourceExhausted`. One workload
+    /// asking for endless new audiences cannot use up the agent's signing
+    /// budget at the server.
+    pub jwt_signings_per_uid: u32,
+    /// See `jwt_signings_per_uid`.
+    pub jwt_signing_burst: u32,
 }
 
 impl Default for WorkloadLimits {
@@ -57,6 +65,8 @@ impl Default for WorkloadLimits {
             streams_per_uid: 256,
             streams_per_connection: 256,
             hashing: HashLimits::default(),
+            jwt_signings_per_uid: 50,
+            jwt_signing_burst: 500,
         }
     }
 }
@@ -583,7 +593,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         if entries.is_empty() {
             return Err(Status::permission_denied(denied.join("; ")));
         }
-        let tokens = self.jwt.fetch(&entries, &audience).await.map_err(refuse)?;
+        let tokens = self.jwt.fetch(&entries, &audience, peer.uid).await.map_err(refuse)?;
         debug!(pid = ?peer.pid, uid = peer.uid, jtis = ?tokens.iter().map(|t| t.jti.as_str()).collect::<Vec<_>>(), "JWT-SVIDs served");
         let svids = entries
             .iter()

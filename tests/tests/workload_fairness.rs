@@ -176,3 +176,56 @@ async fn connections_past_the_uid_limit_get_resource_exhausted() {
     agent.stop().await;
     server.stop().await;
 }
+
+/// A workload that keeps asking for JWT-SVIDs for new audiences is held to
+/// its uid's signing budget (`ResourceExhausted`, naming the limit), so it
+/// cannot use up the agent's budget at the server; tokens already cached
+/// are still served, and the budget refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_signings_past_the_uid_budget_get_resource_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let agent = RunningAgent::start_configured(&server, &dir.path().join("agent"), |config| {
+        config.workload_limits.jwt_signings_per_uid = 2;
+        config.workload_limits.jwt_signing_burst = 3;
+    })
+    .await;
+    server.create_entry("spiffe://example.org/w", &agent.id, &[&uid_selector()], None).await;
+    let mut client = raw_client(&agent.socket).await;
+    let fetch = |audience: &str| {
+        cli_request(pb::JwtsvidRequest {
+            audience: vec![audience.into()],
+            spiffe_id: String::new(),
+        })
+    };
+    // The agent may not have the entry at the very first call.
+    let first = within(PROMPTLY, "the first JWT-SVID", async {
+        loop {
+            match client.fetch_jwtsvid(fetch("a")).await {
+                Ok(response) => return response.into_inner(),
+                Err(status) if status.code() == Code::PermissionDenied => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    })
+    .await;
+    client.fetch_jwtsvid(fetch("b")).await.unwrap();
+    client.fetch_jwtsvid(fetch("c")).await.unwrap();
+    let status = client.fetch_jwtsvid(fetch("d")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("limit 2/s, burst 3"), "{status:?}");
+    // A cached token costs nothing.
+    let again = client.fetch_jwtsvid(fetch("a")).await.unwrap().into_inner();
+    assert_eq!(again.svids[0].svid, first.svids[0].svid);
+    // The budget refills (2 per second).
+    within(PROMPTLY, "the budget to refill", async {
+        while client.fetch_jwtsvid(fetch("d")).await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    agent.stop().await;
+    server.stop().await;
+}
