@@ -182,7 +182,7 @@ impl NodeService {
         caller: &Caller,
         items: Vec<I>,
         entry_ids: Vec<String>,
-        sign: fn(&Self, &SpiffeId, I, Option<Entry>) -> Result<(T, Signed), F>,
+        sign: SignItem<I, T, F>,
     ) -> Result<Vec<Recorded<T, F>>, Status>
     where
         I: Send + 'static,
@@ -418,6 +418,10 @@ fn jwt_item_failure(entry_id: &str, code: tonic::Code, message: String) -> pb::S
         ..Default::default()
     }
 }
+
+/// Signs one item of a batch for the calling agent, given its entry as read
+/// now: the signed credential and its record, or the item's refusal.
+type SignItem<I, T, F> = fn(&NodeService, &SpiffeId, I, Option<Entry>) -> Result<(T, Signed), F>;
 
 /// Audiences one JWT-SVID may carry.
 pub const MAX_REQUEST_AUDIENCES: usize = 16;

@@ -627,6 +627,10 @@ impl Tx<'_> {
     }
 }
 
+/// One issued SVID as written: the record's key, its encoding, its
+/// owner-index key, and its entry's encoding as read for signing.
+type EncodedIssue = (String, Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// A batch of signed SVIDs waiting to be recorded (see `record_issued`),
 /// with its records encoded by the caller, outside the writer lock.
 struct IssueJob {
@@ -635,7 +639,7 @@ struct IssueJob {
     signed: Vec<Signed>,
     /// Per item: the record's key, its encoding, its owner-index key, and
     /// the entry's encoding as it was read for signing.
-    encoded: Vec<(String, Vec<u8>, Vec<u8>, Vec<u8>)>,
+    encoded: Vec<EncodedIssue>,
     now: i64,
     done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), String>>, String>>,
 }

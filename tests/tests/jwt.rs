@@ -469,7 +469,7 @@ async fn jwt_keys_rotate_with_the_ca() {
             .collect()
     };
     let first = stream.message().await.unwrap().unwrap();
-    assert_eq!(kids(&first), [old_kid.clone()]);
+    assert_eq!(kids(&first), std::slice::from_ref(&old_kid));
     let pushed = within(Duration::from_secs(25), "the next JWT key to be pushed", async {
         loop {
             let message = stream.message().await.unwrap().unwrap();
