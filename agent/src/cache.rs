@@ -58,7 +58,7 @@ impl AgentEntry {
 
     /// Whether the entry's audience policy allows a JWT-SVID for `audience`.
     pub fn allows_audience(&self, audience: &str) -> bool {
-        self.jwt_audiences.is_empty() || self.jwt_audiences.iter().any(|a| a == audience)
+        tessera_workload_api::jwt::audience_allowed(&self.jwt_audiences, audience)
     }
 
     /// Whether an SVID signed for `other` is still right for this entry.

@@ -749,9 +749,7 @@ fn requested_audience(audience: &[String]) -> Result<Vec<String>, Status> {
             "at most {MAX_AUDIENCES} audiences per JWT-SVID"
         )));
     }
-    if let Some(bad) = out.iter().find(|a| {
-        a.is_empty() || a.len() > 256 || a.chars().any(|c| c.is_control() || c.is_whitespace())
-    }) {
+    if let Some(bad) = out.iter().find(|a| !jwt::valid_audience(a)) {
         return Err(Status::invalid_argument(format!(
             "invalid audience {bad:?}: want 1-256 printable characters, no spaces"
         )));

@@ -90,12 +90,7 @@ impl EntryError {
 /// Most audiences an entry's JWT policy may list.
 pub const MAX_JWT_AUDIENCES: usize = 64;
 
-/// Whether `audience` is acceptable as a JWT `aud` value (entry policy or request).
-pub fn valid_audience(audience: &str) -> bool {
-    !audience.is_empty()
-        && audience.len() <= 256
-        && audience.chars().all(|c| !c.is_control() && !c.is_whitespace())
-}
+pub use tessera_workload_api::jwt::valid_audience;
 
 /// A validated registration entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,7 +298,7 @@ impl Entry {
 
     /// Whether the entry's audience policy allows a JWT-SVID for `audience`.
     pub fn allows_audience(&self, audience: &str) -> bool {
-        self.jwt_audiences.is_empty() || self.jwt_audiences.iter().any(|a| a == audience)
+        tessera_workload_api::jwt::audience_allowed(&self.jwt_audiences, audience)
     }
 
     /// The X509-SVID lifetime for a signing at `now`: the entry's TTL, cut

@@ -436,6 +436,23 @@ enum Recorded<T, F> {
     Revoked(Signed, String),
 }
 
+/// One result per item of a signing batch: a refusal as it is, an issued
+/// item by `issued`, an item revoked as it was recorded by `revoked`.
+fn answer<T, R>(
+    outcomes: Vec<Recorded<T, R>>,
+    issued: impl Fn(T, Signed) -> R,
+    revoked: impl Fn(Signed, String) -> R,
+) -> Vec<R> {
+    outcomes
+        .into_iter()
+        .map(|outcome| match outcome {
+            Recorded::Refused(failure) => failure,
+            Recorded::Issued(signed, record) => issued(signed, record),
+            Recorded::Revoked(record, why) => revoked(record, why),
+        })
+        .collect()
+}
+
 /// A per-agent signing budget.
 #[derive(Debug)]
 struct TokenBucket {
@@ -558,26 +575,23 @@ impl Node for NodeService {
         let items = request.into_inner().items;
         let ids = items.iter().map(|i| i.entry_id.clone()).collect();
         let outcomes = self.sign_batch(op, &caller, items, ids, Self::sign_item).await?;
-        let mut results = Vec::with_capacity(outcomes.len());
-        for outcome in outcomes {
-            results.push(match outcome {
-                Recorded::Refused(failure) => failure,
-                Recorded::Issued(svid, record) => {
-                    info!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, spiffe_id = %record.entry.spiffe_id, serial = %svid.serial, expires_at = svid.expires_at, "X509-SVID issued");
-                    pb::SignX509Result {
-                        entry_id: record.entry.id,
-                        status: Some(ItemStatus { code: 0, message: String::new() }),
-                        x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
-                        expires_at: svid.expires_at,
-                        serial: svid.serial,
-                    }
+        let results = answer(
+            outcomes,
+            |svid, record| {
+                info!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, spiffe_id = %record.entry.spiffe_id, serial = %svid.serial, expires_at = svid.expires_at, "X509-SVID issued");
+                pb::SignX509Result {
+                    entry_id: record.entry.id,
+                    status: Some(ItemStatus { code: 0, message: String::new() }),
+                    x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
+                    expires_at: svid.expires_at,
+                    serial: svid.serial,
                 }
-                Recorded::Revoked(record, why) => {
-                    warn!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, serial = %record.svid.serial, reason = %why, "X509-SVID revoked as it was issued");
-                    item_failure(&record.entry.id, tonic::Code::PermissionDenied, why)
-                }
-            });
-        }
+            },
+            |record, why| {
+                warn!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, serial = %record.svid.serial, reason = %why, "X509-SVID revoked as it was issued");
+                item_failure(&record.entry.id, tonic::Code::PermissionDenied, why)
+            },
+        );
         Ok(Response::new(pb::SignX509Response { results }))
     }
 
@@ -590,27 +604,24 @@ impl Node for NodeService {
         let items = request.into_inner().items;
         let ids = items.iter().map(|i| i.entry_id.clone()).collect();
         let outcomes = self.sign_batch(op, &caller, items, ids, Self::sign_jwt_item).await?;
-        let mut results = Vec::with_capacity(outcomes.len());
-        for outcome in outcomes {
-            results.push(match outcome {
-                Recorded::Refused(failure) => failure,
-                Recorded::Issued(jwt, record) => {
-                    info!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, spiffe_id = %record.entry.spiffe_id, jti = %jwt.jti, expires_at = jwt.expires_at, "JWT-SVID issued");
-                    pb::SignJwtResult {
-                        entry_id: record.entry.id,
-                        status: Some(ItemStatus { code: 0, message: String::new() }),
-                        token: jwt.token,
-                        expires_at: jwt.expires_at,
-                        jti: jwt.jti,
-                        issued_at: jwt.issued_at,
-                    }
+        let results = answer(
+            outcomes,
+            |jwt, record| {
+                info!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, spiffe_id = %record.entry.spiffe_id, jti = %jwt.jti, expires_at = jwt.expires_at, "JWT-SVID issued");
+                pb::SignJwtResult {
+                    entry_id: record.entry.id,
+                    status: Some(ItemStatus { code: 0, message: String::new() }),
+                    token: jwt.token,
+                    expires_at: jwt.expires_at,
+                    jti: jwt.jti,
+                    issued_at: jwt.issued_at,
                 }
-                Recorded::Revoked(record, why) => {
-                    warn!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, jti = %record.svid.jti, reason = %why, "JWT-SVID revoked as it was issued");
-                    jwt_item_failure(&record.entry.id, tonic::Code::PermissionDenied, why)
-                }
-            });
-        }
+            },
+            |record, why| {
+                warn!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, jti = %record.svid.jti, reason = %why, "JWT-SVID revoked as it was issued");
+                jwt_item_failure(&record.entry.id, tonic::Code::PermissionDenied, why)
+            },
+        );
         Ok(Response::new(pb::SignJwtResponse { results }))
     }
 

@@ -846,7 +846,25 @@ pub fn b64url_decode(s: &str) -> Result<Vec<u8>, JwtError> {
     URL_SAFE_NO_PAD.decode(s).map_err(|e| JwtError::Base64(one_line(&e.to_string())))
 }
 
-/// The SPIFFE bundle document (SPIFFE Trust Domain and Bundle standard): {"keys":[x509-svid keys..., jwt-svid keys...], "spiffe_sequence": seq, "spiffe_refresh_hint": hint}. x509-svid keys: {"use":"x509-svid","kty":..,"crv"/"x","y" or "n","e","x5c":[base64 STANDARD (with padding) DER of the one CA cert]} and NO kid. Build the x509 key's JWK from the certificate's SPKI (x509_parser).
+/// Whether `audience` may be a JWT-SVID audience (in a request or an
+/// entry's policy): 1 to 256 characters, no control characters or spaces.
+pub fn valid_audience(audience: &str) -> bool {
+    !audience.is_empty()
+        && audience.len() <= 256
+        && audience.chars().all(|c| !c.is_control() && !c.is_whitespace())
+}
+
+/// Whether an entry's audience policy (`policy`; empty: any audience)
+/// allows a JWT-SVID for `audience`.
+pub fn audience_allowed(policy: &[String], audience: &str) -> bool {
+    policy.is_empty() || policy.iter().any(|a| a == audience)
+}
+
+/// The SPIFFE bundle document (SPIFFE Trust Domain and Bundle standard):
+/// `{"keys": [...], "spiffe_sequence": N, "spiffe_refresh_hint": S}`. Each
+/// X.509 authority is an `x509-svid` key with its certificate as the one
+/// `x5c` value (standard base64) and no `kid`; each JWT key is a `jwt-svid`
+/// key with its `kid`.
 ///
 /// `x509_authorities` are DER certificates; one that cannot be parsed, or
 /// whose key is not EC P-256, EC P-384 or RSA, is an error naming its index.
