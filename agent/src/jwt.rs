@@ -161,11 +161,19 @@ impl JwtSvids {
             tokio::spawn(async move { this.sign(to_sign).await });
         }
         for (i, mut rx) in waits {
-            let outcome = rx
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|_| Status::unavailable("JWT-SVID signing was interrupted; retry"))?
-                .clone();
+            let waited = rx.wait_for(Option::is_some).await.map(|outcome| outcome.clone());
+            let outcome = match waited {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    // The signing task ended without an answer: forget it,
+                    // so the next caller signs again.
+                    let mut inner = self.lock();
+                    if inner.inflight.get(&keys[i]).is_some_and(|r| r.same_channel(&rx)) {
+                        inner.inflight.remove(&keys[i]);
+                    }
+                    return Err(Status::unavailable("JWT-SVID signing was interrupted; retry"));
+                }
+            };
             match outcome {
                 Some(Ok(cached)) => {
                     cached.last_used.store(now, Ordering::Relaxed);
