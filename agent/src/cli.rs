@@ -8,7 +8,7 @@ use tessera_workload_api::TrustDomain;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentConfig, DEFAULT_DATA_DIR, DEFAULT_SOCKET_PATH};
-pub use crate::cli_support::{format_time, init_logging, wait_for_signal, CliError};
+pub use crate::cli_support::{format_time, init_logging, wait_for_signal, CliError, LogFormat};
 use crate::identity::write_private;
 use crate::workload_client::{
     connect_workload_api, decode_response, fetch_x509, with_header, FetchedSvid,
@@ -61,6 +61,9 @@ struct RunArgs {
     /// Log filter, e.g. info or debug.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Log lines as `text` or `json` (one object per line).
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, Args)]
@@ -363,7 +366,7 @@ fn value_json(v: prost_types::Value) -> serde_json::Value {
 }
 
 async fn run_agent(args: RunArgs) -> Result<(), CliError> {
-    init_logging(&args.log_level);
+    init_logging(&args.log_level, args.log_format);
     let mut config = AgentConfig::new(args.data_dir, args.server_address);
     config.join_token = join_token(
         args.join_token,

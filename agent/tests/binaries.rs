@@ -251,13 +251,28 @@ fn server_and_agent_binaries_serve_a_workload_end_to_end() {
     let neither = run(&server, &["svid", "revoke", "--socket", &admin]);
     assert!(!neither.status.success());
 
-    // The agent restarts on its stored SVID, with no token and no bootstrap bundle.
+    // The agent restarts on its stored SVID, with no token and no bootstrap
+    // bundle; this time its log is JSON, one object per line.
     agent.stop();
-    let agent = Process::spawn(Command::new(AGENT).args(agent_args));
+    let json_log = dir.path().join("agent.json.log");
+    let agent = Process::spawn_logging(
+        Command::new(AGENT).args(agent_args).args(["--log-format", "json"]),
+        &json_log,
+    );
     wait_until("the restarted agent", || {
         run(Path::new(AGENT), &["healthcheck", "--socket", &socket]).status.success()
     });
     assert_eq!(fetch_json(&socket)[0]["spiffe_id"], "spiffe://example.org/cli-workload");
     agent.stop();
+    let log = std::fs::read_to_string(&json_log).unwrap();
+    for line in log.lines() {
+        let line: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(line["level"].is_string(), "{line}");
+    }
+    assert!(log.contains(&format!("\"socket\":\"{socket_path}\"")), "{log}");
+    let bad = run(Path::new(AGENT), &["run", "--log-format", "xml"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("xml"));
     server_process.stop();
 }

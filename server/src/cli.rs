@@ -12,7 +12,7 @@ use tessera_proto::types;
 use tessera_workload_api::Selector;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::cli_support::{format_time, init_logging, wait_for_signal, CliError};
+pub use crate::cli_support::{format_time, init_logging, wait_for_signal, CliError, LogFormat};
 use crate::client::connect_admin;
 use crate::clock::SystemClock;
 use crate::config::{Config, FileConfig, DEFAULT_DATA_DIR};
@@ -103,6 +103,9 @@ struct RunArgs {
     /// Log filter, e.g. info or debug.
     #[arg(long)]
     log_level: Option<String>,
+    /// Log lines as `text` or `json` (one object per line) [default: text].
+    #[arg(long)]
+    log_format: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -508,10 +511,11 @@ async fn run_server(args: RunArgs) -> Result<(), CliError> {
         bind: args.bind,
         admin_socket: args.admin_socket,
         log_level: args.log_level,
+        log_format: args.log_format,
         ..Default::default()
     };
     let config = Config::resolve(file, flags).map_err(|e| CliError(e.to_string()))?;
-    init_logging(&config.log_level);
+    init_logging(&config.log_level, config.log_format);
     let server =
         Server::bind(config, Arc::new(SystemClock)).await.map_err(|e| CliError(e.to_string()))?;
     let shutdown = CancellationToken::new();

@@ -83,6 +83,8 @@ pub struct FileConfig {
     pub sign_burst: Option<u32>,
     /// Log filter (`info`, `debug`, `tessera_server=debug`, ...).
     pub log_level: Option<String>,
+    /// `text` (default) or `json`: one JSON object per log line.
+    pub log_format: Option<String>,
 }
 
 impl FileConfig {
@@ -134,6 +136,8 @@ pub struct Config {
     pub sign_burst: u32,
     /// Log filter.
     pub log_level: String,
+    /// Log line format.
+    pub log_format: crate::cli_support::LogFormat,
 }
 
 /// The server's default data directory.
@@ -161,6 +165,7 @@ impl Config {
             sign_rate: 500,
             sign_burst: 20_000,
             log_level: "info".into(),
+            log_format: crate::cli_support::LogFormat::Text,
         }
     }
 
@@ -197,6 +202,11 @@ impl Config {
             sign_burst,
             log_level
         );
+        if let Some(format) = flags.log_format.or(file.log_format) {
+            config.log_format = format
+                .parse()
+                .map_err(|reason| ConfigError::Invalid { key: "log_format", reason })?;
+        }
         if let Some(kind) = flags.jwt_key_type.or(file.jwt_key_type) {
             config.jwt_key_type = kind
                 .parse()

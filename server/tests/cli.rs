@@ -223,6 +223,13 @@ fn bad_config_and_flags_exit_non_zero_with_one_line() {
         vec!["run".into(), "--trust-domain".into(), "Not A Domain".into()],
         vec!["run".into(), "--no-such-flag".into()],
         vec![
+            "run".into(),
+            "--trust-domain".into(),
+            "example.org".into(),
+            "--log-format".into(),
+            "xml".into(),
+        ],
+        vec![
             "healthcheck".into(),
             "--socket".into(),
             dir.path().join("none.sock").display().to_string(),
@@ -234,6 +241,51 @@ fn bad_config_and_flags_exit_non_zero_with_one_line() {
         assert!(!out.status.success(), "{args:?} must fail");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
+}
+
+/// `log_format = "json"`: every log line the server writes is one JSON
+/// object with its level, target and fields; audit records included.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "log_format = \"json\"\n").unwrap();
+    let log = dir.path().join("server.log");
+    let data = dir.path().join("data");
+    let mut child = Command::new(BIN)
+        .args(["run", "--trust-domain", "example.org", "--bind", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let socket = data.join("admin.sock");
+    let cli = |args: &[&str]| {
+        Command::new(BIN).args(args).args(["--socket", socket.to_str().unwrap()]).output().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cli(&["healthcheck"]).status.success() {
+        assert!(Instant::now() < deadline, "server did not become healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // An audited refusal: revoking a serial the server never issued.
+    assert!(!cli(&["svid", "revoke", "--serial", "0badc0de"]).status.success());
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["target"].is_string()), "{text}");
+    assert!(
+        lines.iter().any(|l| l["target"] == "tessera::audit"
+            && l["message"] == "revocation refused"
+            && l["reason"].as_str().is_some_and(|r| r.contains("0badc0de"))),
+        "{text}"
+    );
 }
 
 #[test]

@@ -51,7 +51,7 @@ async fn main() -> ExitCode {
         eprintln!("error: unknown scenario {scenario:?}; choose one of {}", SCENARIOS.join(", "));
         return ExitCode::from(2);
     }
-    tessera_server::cli::init_logging("error");
+    tessera_server::cli::init_logging("error", tessera_server::cli::LogFormat::Text);
     let mut results: BTreeMap<&str, Value> = BTreeMap::new();
     for key in [
         "issue_svids_per_s",

@@ -26,7 +26,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tessera_server::cli::init_logging("warn,tessera::audit=error");
+    tessera_server::cli::init_logging(
+        "warn,tessera::audit=error",
+        tessera_server::cli::LogFormat::Text,
+    );
     match run().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
