@@ -42,6 +42,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, ConfigError, FileConfig};
 pub use csr::{parse_csr, CsrError};
 pub use entry::{Entry, EntryError, EntryRules};
+pub use jwt::JwtKeyType;
 pub use node::REFUSAL_METADATA;
 pub use revocation::normalize_serial;
 pub use server::{Server, ServerError, MAX_MESSAGE_BYTES};

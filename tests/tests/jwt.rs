@@ -502,3 +502,38 @@ async fn jwt_keys_rotate_with_the_ca() {
     agent.stop().await;
     server.stop().await;
 }
+
+/// With `jwt_key_type = "rsa-2048"` tokens are RS256: the agent validates
+/// them, and the `spiffe` crate and `jsonwebtoken` verify them with the RSA
+/// JWK from `FetchJWTBundles`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs256_keys_for_relying_parties_that_need_rsa() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&dir.path().join("server"));
+    config.jwt_key_type = "rsa-2048".parse().unwrap();
+    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
+    jwt_entry(&server, &agent.id, API_ID, None, &[]).await;
+    let token = fetch_token(&agent, &["api"]).await;
+    let (header, _) = parts(&token);
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(validate(&agent, "api", &token).await.unwrap().spiffe_id, API_ID);
+
+    let bundles = workload_client(&agent).await.fetch_jwt_bundles().await.unwrap();
+    let parsed = JwtSvid::parse_and_validate(&token, &bundles, &["api"]).unwrap();
+    assert_eq!(parsed.spiffe_id().to_string(), API_ID);
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(jwks(&agent).await).unwrap();
+    let jwk = set.find(header["kid"].as_str().unwrap()).expect("the kid is served");
+    assert_eq!(serde_json::to_value(jwk).unwrap()["kty"], "RSA");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_audience(&["api"]);
+    let decoded = jsonwebtoken::decode::<Value>(
+        &token,
+        &jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap(),
+        &validation,
+    )
+    .unwrap();
+    assert_eq!(decoded.claims["sub"], API_ID);
+    agent.stop().await;
+    server.stop().await;
+}
