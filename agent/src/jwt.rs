@@ -243,6 +243,11 @@ impl JwtSvids {
                             Err(Status::new(tonic::Code::from(status.code), status.message))
                         } else if inner.revoked.contains_key(&result.jti) {
                             Err(Status::unavailable("the new JWT-SVID was revoked at once; retry"))
+                        } else if !issued_for(&result.token, &key.1) {
+                            // Signed for the entry as the server has it now:
+                            // its SPIFFE ID changed and the change has not
+                            // reached this agent yet.
+                            Err(Status::unavailable("the entry is changing; retry"))
                         } else {
                             debug!(entry_id = %key.0, jti = %result.jti, expires_at = result.expires_at, "JWT-SVID cached");
                             let cached = Arc::new(CachedJwt {
@@ -293,12 +298,11 @@ impl JwtSvids {
         }
     }
 
-    /// Applies revocations pushed by the server; `complete` replaces the set.
-    pub fn apply_revocations(&self, jwts: Vec<pb::RevokedJwt>, complete: bool) {
+    /// Adds revocations pushed by the server. A revocation is never undone,
+    /// so the set only grows (and forgets tokens once they expired): the
+    /// full set sent at the start of a stream, in chunks, is merged too.
+    pub fn apply_revocations(&self, jwts: Vec<pb::RevokedJwt>) {
         let mut inner = self.lock();
-        if complete {
-            inner.revoked.clear();
-        }
         let mut dropped = 0;
         for jwt in jwts {
             inner.revoked.insert(jwt.jti, jwt.expires_at);
@@ -370,8 +374,16 @@ fn evict(tokens: &mut HashMap<Key, Arc<CachedJwt>>, now: i64) {
     if tokens.len() < MAX_CACHED_TOKENS {
         return;
     }
-    let mut uses: Vec<i64> = tokens.values().map(|t| t.last_used.load(Ordering::Relaxed)).collect();
-    uses.sort_unstable();
-    let cutoff = uses[uses.len() / 10];
-    tokens.retain(|_, t| t.last_used.load(Ordering::Relaxed) > cutoff);
+    let mut by_use: Vec<(i64, Key)> =
+        tokens.iter().map(|(key, t)| (t.last_used.load(Ordering::Relaxed), key.clone())).collect();
+    by_use.sort_unstable();
+    for (_, key) in by_use.into_iter().take(tokens.len() / 10) {
+        tokens.remove(&key);
+    }
+}
+
+/// Whether `token`'s `sub` is `spiffe_id`.
+fn issued_for(token: &str, spiffe_id: &str) -> bool {
+    tessera_workload_api::jwt::UnverifiedJwt::decode(token)
+        .is_ok_and(|t| t.claims.get("sub").and_then(|s| s.as_str()) == Some(spiffe_id))
 }

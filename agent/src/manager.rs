@@ -275,8 +275,8 @@ async fn sync_once(
                 }
             }
             Event::Revocation(revocation) => {
-                if !revocation.jwts.is_empty() || revocation.jwts_complete {
-                    jwt.apply_revocations(revocation.jwts, revocation.jwts_complete);
+                if !revocation.jwts.is_empty() {
+                    jwt.apply_revocations(revocation.jwts);
                 }
                 let serials: std::collections::HashSet<String> =
                     revocation.serials.into_iter().collect();

@@ -132,6 +132,9 @@ struct CaState {
     /// Unexpired CAs, oldest first. The active one signs; later ones are prepared.
     keys: Vec<Arc<CaKey>>,
     active: usize,
+    /// The highest sequence number ever used (expired CAs included): a
+    /// new CA never reuses a number, so never an old key file.
+    last_seq: u32,
 }
 
 /// The certificate authority.
@@ -162,9 +165,10 @@ impl Ca {
         create_private_dir(&dir).map_err(|source| CaError::Io { path: dir.clone(), source })?;
         let now = clock.now();
         let mut keys = load_keys(&dir, &trust_domain, policy.jwt_key_type)?;
+        let last_seq = keys.iter().map(|k| k.seq).max().unwrap_or(0);
         keys.retain(|k| k.not_after > now);
         keys.sort_by_key(|k| k.seq);
-        let state = CaState { keys: keys.into_iter().map(Arc::new).collect(), active: 0 };
+        let state = CaState { keys: keys.into_iter().map(Arc::new).collect(), active: 0, last_seq };
         let (bundle, _) = watch::channel(Arc::new(Vec::new()));
         let ca = Self { dir, trust_domain, policy, clock, state: RwLock::new(state), bundle };
         ca.rotate()?;
@@ -244,7 +248,8 @@ impl Ca {
         let before = state.keys.iter().map(|k| k.seq).collect::<Vec<_>>();
         state.keys.retain(|k| k.not_after > now);
         if state.keys.is_empty() {
-            let key = self.create_key(1, now)?;
+            let key = self.create_key(state.last_seq + 1, now)?;
+            state.last_seq = key.seq;
             info!(seq = key.seq, not_after = key.not_after, "created CA");
             state.keys.push(Arc::new(key));
         }
@@ -261,7 +266,8 @@ impl Ca {
         state.active = active;
         let newest = state.keys.len() - 1;
         if active == newest && now >= state.keys[active].point(self.policy.prepare_at) {
-            let seq = state.keys[newest].seq + 1;
+            let seq = state.keys[newest].seq.max(state.last_seq) + 1;
+            state.last_seq = seq;
             let key = self.create_key(seq, now)?;
             info!(seq, not_after = key.not_after, "prepared next CA (in bundle, not yet signing)");
             state.keys.push(Arc::new(key));
@@ -415,8 +421,7 @@ impl Ca {
             .map_err(|source| CaError::Io { path: key_path, source })?;
         write_private(&cert_path, cert.pem().as_bytes())
             .map_err(|source| CaError::Io { path: cert_path, source })?;
-        let jwt =
-            JwtSigningKey::load_or_create(&jwt_key_path(&self.dir, seq), self.policy.jwt_key_type)?;
+        let jwt = JwtSigningKey::create(&jwt_key_path(&self.dir, seq), self.policy.jwt_key_type)?;
         let der = cert.der().clone();
         let issuer = Issuer::new(params, key);
         Ok(CaKey { seq, cert: der, issuer, jwt, not_before, not_after })
@@ -559,6 +564,24 @@ mod tests {
         // Restart picks up the same active CA.
         let again = Ca::load_or_create(dir.path(), td(), policy(600), Arc::new(clock)).unwrap();
         assert_eq!(again.bundle(), ca.bundle());
+    }
+
+    /// A server down for longer than a CA's life starts a new generation
+    /// with a new number: never an old key file, so never a retired JWT
+    /// key signing again.
+    #[test]
+    fn a_new_generation_after_every_ca_expired_gets_new_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::starting_now();
+        let ca = Ca::load_or_create(dir.path(), td(), policy(60), Arc::new(clock.clone())).unwrap();
+        let old_kid = ca.jwt_authorities()[0].kid.clone();
+        drop(ca);
+        clock.advance(120);
+        let ca = Ca::load_or_create(dir.path(), td(), policy(60), Arc::new(clock)).unwrap();
+        let keys = ca.jwt_authorities();
+        assert_eq!(keys.len(), 1);
+        assert_ne!(keys[0].kid, old_kid, "a fresh JWT key");
+        assert!(dir.path().join("ca/ca-000002.crt.pem").exists(), "numbering continues");
     }
 
     #[test]

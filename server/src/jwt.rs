@@ -106,6 +106,12 @@ impl JwtSigningKey {
             let pem = pem::parse(text).map_err(|e| JwtKeyError::Corrupt(e.to_string()))?;
             return Self::from_pkcs8(pem.contents());
         }
+        Self::create(path, kind)
+    }
+
+    /// Generates a key of `kind` and stores it in `path` (mode 0600),
+    /// replacing whatever was there.
+    pub fn create(path: &Path, kind: JwtKeyType) -> Result<Self, JwtKeyError> {
         let pkcs8 = generate(kind)?;
         let key = Self::from_pkcs8(&pkcs8)?;
         let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8));

@@ -680,8 +680,8 @@ impl NodeService {
         // The CRLs are read after the revision the stream starts from, so
         // they are at least that new: a CRL change before it is not lost.
         let parent = agent_id.clone();
-        // So are the JWT revocations: every one in force, which replaces the
-        // agent's set (it may have missed some while disconnected).
+        // So are the JWT revocations: every one in force (the agent may
+        // have missed some while disconnected; it merges them).
         let now = self.state.clock.now();
         let (snapshot, crls, jwts) = self
             .state
@@ -695,14 +695,14 @@ impl NodeService {
                 let jwts = store
                     .revocations()?
                     .into_iter()
-                    .filter(|r| !r.jti.is_empty() && r.expires_at > now)
+                    // A minute of grace for agents whose clocks are behind.
+                    .filter(|r| !r.jti.is_empty() && r.expires_at > now - 60)
                     .map(|r| pb::RevokedJwt { jti: r.jti, expires_at: r.expires_at })
                     .collect();
                 Ok((snapshot, store.crls()?, jwts))
             })
             .await?;
-        // In chunks that stay far below the message size limit: the first
-        // replaces the agent's set, the rest add to it.
+        // In chunks that stay far below the message size limit.
         let mut jwts: Vec<pb::RevokedJwt> = jwts;
         let mut first = Some(crls);
         loop {
