@@ -304,11 +304,17 @@ impl Entry {
     /// The X509-SVID lifetime for a signing at `now`: the entry's TTL, cut
     /// so that no credential outlives a task-scoped entry.
     pub fn svid_ttl_at(&self, now: i64) -> u32 {
+        self.ttl_at(self.x509_svid_ttl, now)
+    }
+
+    /// `ttl` for a credential signed at `now`, cut so that it does not
+    /// outlive a task-scoped entry (0 once the entry has expired).
+    pub fn ttl_at(&self, ttl: u32, now: i64) -> u32 {
         if self.expires_at == 0 {
-            return self.x509_svid_ttl;
+            return ttl;
         }
         let left = (self.expires_at - now).clamp(0, i64::from(u32::MAX));
-        self.x509_svid_ttl.min(left as u32)
+        ttl.min(left as u32)
     }
 }
 

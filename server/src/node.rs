@@ -327,10 +327,7 @@ impl NodeService {
         let config = &self.state.config;
         let ttl =
             if entry.jwt_svid_ttl == 0 { config.default_jwt_svid_ttl } else { entry.jwt_svid_ttl };
-        let mut ttl = ttl.min(config.max_jwt_svid_ttl);
-        if entry.expires_at != 0 {
-            ttl = ttl.min((entry.expires_at - now).clamp(0, i64::from(u32::MAX)) as u32);
-        }
+        let ttl = entry.ttl_at(ttl.min(config.max_jwt_svid_ttl), now);
         if entry.is_expired(now) || ttl == 0 {
             return Err(fail(
                 tonic::Code::PermissionDenied,
@@ -702,17 +699,13 @@ impl NodeService {
                 Ok((snapshot, store.crls()?, jwts))
             })
             .await?;
-        // In chunks that stay far below the message size limit.
-        let mut jwts: Vec<pb::RevokedJwt> = jwts;
-        let mut first = Some(crls);
+        // In chunks that stay far below the message size limit; the CRLs
+        // go with the first.
+        let (mut jwts, mut crls): (Vec<pb::RevokedJwt>, _) = (jwts, crls);
         loop {
             let rest = jwts.split_off(jwts.len().min(JWT_REVOCATIONS_CHUNK));
-            let revocation = pb::Revocation {
-                serials: Vec::new(),
-                jwts_complete: first.is_some(),
-                crls: first.take().unwrap_or_default(),
-                jwts,
-            };
+            let crls = std::mem::take(&mut crls);
+            let revocation = pb::Revocation { serials: Vec::new(), crls, jwts };
             send(tx, Event::Revocation(revocation)).await?;
             if rest.is_empty() {
                 break;
@@ -813,8 +806,7 @@ impl NodeService {
                     .iter()
                     .map(|j| pb::RevokedJwt { jti: j.jti.clone(), expires_at: j.expires_at })
                     .collect();
-                let revocation =
-                    pb::Revocation { serials: serials.clone(), crls, jwts, jwts_complete: false };
+                let revocation = pb::Revocation { serials: serials.clone(), crls, jwts };
                 send(tx, Event::Revocation(revocation)).await
             }
             ChangeKind::Crls => {

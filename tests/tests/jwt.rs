@@ -129,6 +129,20 @@ fn es256_signer() -> impl Fn(&[u8]) -> Vec<u8> {
     move |input| key.sign(&SystemRandom::new(), input).unwrap().as_ref().to_vec()
 }
 
+/// The claims of `token` as `jsonwebtoken` verifies it with `jwk` (as served
+/// by FetchJWTBundles), for audience "api", with exp, aud and sub required.
+fn independently_verified(
+    token: &str,
+    jwk: &jsonwebtoken::jwk::Jwk,
+    alg: jsonwebtoken::Algorithm,
+) -> Result<Value, jsonwebtoken::errors::Error> {
+    let mut validation = jsonwebtoken::Validation::new(alg);
+    validation.set_audience(&["api"]);
+    validation.set_required_spec_claims(&["exp", "aud", "sub"]);
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk)?;
+    jsonwebtoken::decode::<Value>(token, &key, &validation).map(|data| data.claims)
+}
+
 fn assert_refused(result: Result<ValidateJwtsvidResponse, tonic::Status>, what: &str, why: &str) {
     match result {
         Ok(ok) => panic!("{what} was accepted: {ok:?}"),
@@ -197,16 +211,8 @@ async fn spiffe_crate_jwt_apis_and_an_independent_verifier_accept_tokens() {
     assert_eq!((header["alg"].as_str(), header["typ"].as_str()), (Some("ES256"), Some("JWT")));
     let kid = header["kid"].as_str().unwrap();
     let jwk = set.find(kid).expect("the token's kid is in the served JWKS");
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
-    validation.set_audience(&["api"]);
-    validation.set_required_spec_claims(&["exp", "aud", "sub"]);
-    let decoded = jsonwebtoken::decode::<Value>(
-        &token,
-        &jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap(),
-        &validation,
-    )
-    .unwrap();
-    assert_eq!(decoded.claims["sub"], API_ID);
+    let es256 = jsonwebtoken::Algorithm::ES256;
+    assert_eq!(independently_verified(&token, jwk, es256).unwrap()["sub"], API_ID);
     let mut names: Vec<&String> = claims.as_object().unwrap().keys().collect();
     names.sort();
     assert_eq!(names, ["aud", "exp", "iat", "jti", "sub"]);
@@ -214,12 +220,7 @@ async fn spiffe_crate_jwt_apis_and_an_independent_verifier_accept_tokens() {
     assert_eq!(lifetime, 300, "the default JWT-SVID TTL is SPIRE's 5 minutes");
     // Forged: same header, signed by another key.
     let forged = craft(&header, &claims, es256_signer());
-    assert!(jsonwebtoken::decode::<Value>(
-        &forged,
-        &jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap(),
-        &validation
-    )
-    .is_err());
+    assert!(independently_verified(&forged, jwk, es256).is_err());
     agent.stop().await;
     server.stop().await;
 }
@@ -525,15 +526,8 @@ async fn rs256_keys_for_relying_parties_that_need_rsa() {
     let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(jwks(&agent).await).unwrap();
     let jwk = set.find(header["kid"].as_str().unwrap()).expect("the kid is served");
     assert_eq!(serde_json::to_value(jwk).unwrap()["kty"], "RSA");
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-    validation.set_audience(&["api"]);
-    let decoded = jsonwebtoken::decode::<Value>(
-        &token,
-        &jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap(),
-        &validation,
-    )
-    .unwrap();
-    assert_eq!(decoded.claims["sub"], API_ID);
+    let rs256 = jsonwebtoken::Algorithm::RS256;
+    assert_eq!(independently_verified(&token, jwk, rs256).unwrap()["sub"], API_ID);
     agent.stop().await;
     server.stop().await;
 }
