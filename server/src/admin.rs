@@ -5,13 +5,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tessera_proto::admin::{self as pb, admin_server::Admin};
-use tessera_proto::types::{self as types, Status as ItemStatus};
+use tessera_proto::types::{self as types, Operator, Status as ItemStatus};
 use tessera_workload_api::SpiffeId;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
 
 use crate::entry::{Entry, EntryError};
+use crate::event_schema::{self as schema, kind, EventExt};
+use crate::events::entry_json;
 use crate::revocation::{normalize_serial, revoke_issued};
 use crate::state::State;
 use crate::store::{svid_key, EntryFilter, EntryWrite, Store, StoreError, StoreReport, MAX_BATCH};
@@ -42,6 +43,85 @@ pub fn report_proto(report: &StoreReport) -> pb::StoreReport {
 /// Largest page of a listing.
 pub const MAX_PAGE: usize = 10_000;
 
+/// The admin caller, from the socket's peer credentials.
+pub fn operator_of<T>(request: &Request<T>) -> Option<Operator> {
+    let info = request.extensions().get::<tonic::transport::server::UdsConnectInfo>()?;
+    let cred = info.peer_cred?;
+    Some(Operator { uid: cred.uid(), gid: cred.gid(), pid: cred.pid().unwrap_or(0) })
+}
+
+/// Lets operators through (root, the server's uid, `admin_uids`,
+/// `admin_gids`); refuses, records and logs anyone else.
+pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Status> {
+    let method = request
+        .extensions()
+        .get::<tonic::GrpcMethod>()
+        .map(|m| m.method().to_string())
+        .unwrap_or_default();
+    let operator = operator_of(&request);
+    let verdict = match &operator {
+        Some(op) => state.governance.operators.authorize(op),
+        None => Err("the caller's peer credentials are unknown".to_string()),
+    };
+    match verdict {
+        Ok(()) => Ok(request),
+        Err(why) => {
+            let e = schema::denied(kind::ADMIN_REFUSED, why.clone())
+                .operator(operator)
+                .attr("method", &method);
+            state.events.record(vec![e]);
+            Err(Status::permission_denied(why))
+        }
+    }
+}
+
+/// An admin event: `kind` allowed for `operator`.
+fn admin_event(kind: &str, operator: &Option<Operator>) -> types::Event {
+    schema::event(kind, schema::ALLOW).operator(operator.clone())
+}
+
+/// The event of an entry written, proposed, approved or deleted.
+fn entry_event(
+    kind: &str,
+    operator: &Option<Operator>,
+    before: Option<&types::Entry>,
+    after: Option<&types::Entry>,
+) -> types::Event {
+    let mut e = admin_event(kind, operator);
+    if let Some(entry) = after.or(before) {
+        e.spiffe_ids.push(entry.spiffe_id.clone());
+        e.entry_ids.push(entry.id.clone());
+        e.agent_id = entry.parent_id.clone();
+    }
+    e.before = before.map(entry_json).unwrap_or_default();
+    e.after = after.map(entry_json).unwrap_or_default();
+    e
+}
+
+/// Drops proposals past their time, each with an event.
+pub async fn expire_proposals(state: &State) {
+    let now = state.clock.now();
+    let proposals = match state.governance.pending.list() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "reading proposals failed");
+            return;
+        }
+    };
+    for p in proposals {
+        if p.pending.as_ref().is_some_and(|a| a.expires_at <= now) {
+            if let Err(e) = state.governance.pending.remove(&p.id) {
+                tracing::error!(error = %e, "dropping an expired proposal failed");
+                continue;
+            }
+            let mut e = entry_event(kind::ENTRY_REJECT, &None, Some(&p), None);
+            e.decision = schema::DENY.into();
+            e.reason = "no operator approved it in time".into();
+            state.events.record_durable(vec![e]).await;
+        }
+    }
+}
+
 /// The admin API service.
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -66,35 +146,99 @@ impl AdminService {
         Ok(())
     }
 
-    /// Validates each item; stores the valid ones with `write`; returns
-    /// results in request order.
+    /// Validates each item; holds for approval those the policy matches;
+    /// stores the other valid ones with `write`; returns results in request order.
     async fn write_entries(
         &self,
         op: &'static str,
+        operator: Option<Operator>,
         inputs: Vec<types::Entry>,
         prepare: impl Fn(&types::Entry, Entry) -> Result<Entry, EntryError>,
         write: BatchWrite,
     ) -> Result<Response<pb::BatchEntryResponse>, Status> {
         Self::check_batch(inputs.len())?;
         let now = self.state.clock.now();
-        let mut results: Vec<Option<Result<Entry, EntryError>>> = Vec::with_capacity(inputs.len());
+        let event_kind = if op == "create" { kind::ENTRY_CREATE } else { kind::ENTRY_UPDATE };
+        let mut results: Vec<Option<Result<types::Entry, EntryError>>> =
+            Vec::with_capacity(inputs.len());
         let mut valid = Vec::new();
         let mut slots = Vec::new();
-        for (i, input) in inputs.iter().enumerate() {
+        for input in &inputs {
             match self.state.rules.validate(input, now).and_then(|e| prepare(input, e)) {
                 Ok(entry) => {
                     valid.push(entry);
-                    slots.push(i);
+                    slots.push(results.len());
                     results.push(None);
                 }
                 Err(e) => results.push(Some(Err(e))),
             }
         }
+        // The versions being replaced (for updates): what the policy compares
+        // against, and the events' "before".
+        let ids: Vec<String> = valid.iter().map(|e| e.id.clone()).collect();
+        let olds: std::collections::HashMap<String, Entry> = if op == "update" {
+            self.state
+                .store_op(move |store| {
+                    let mut olds = std::collections::HashMap::new();
+                    for id in ids {
+                        if let Some(old) = store.entry(&id)? {
+                            olds.insert(id, old);
+                        }
+                    }
+                    Ok(olds)
+                })
+                .await?
+        } else {
+            Default::default()
+        };
+        let caller = operator.clone().unwrap_or_default();
+        let mut events = Vec::new();
+        let mut direct = Vec::new();
+        let mut direct_slots = Vec::new();
+        for (mut entry, slot) in valid.into_iter().zip(slots) {
+            let old = olds.get(&entry.id);
+            if let Some(old) = old {
+                // Once approval was required, every change needs it.
+                entry.require_approval |= old.require_approval;
+            }
+            let mut reasons = self.state.governance.policy.reasons(&entry);
+            if let (Some(old), false) = (old, entry.require_approval) {
+                // An update is held only when it raises the entry above the threshold.
+                let before = self.state.governance.policy.reasons(old);
+                reasons.retain(|r| !before.contains(r));
+            }
+            if reasons.is_empty() || (op == "update" && old.is_none()) {
+                direct.push(entry);
+                direct_slots.push(slot);
+                continue;
+            }
+            let proposal = crate::governance::proposal(
+                &entry,
+                op,
+                &caller,
+                reasons.clone(),
+                now,
+                self.state.config.pending_ttl(),
+                old.map_or(0, |o| o.revision),
+            );
+            let stored = proposal.clone();
+            self.state.governance.pending.put(&stored).map_err(|e| Status::internal(e.to_string()))?;
+            let mut e = entry_event(
+                kind::ENTRY_PENDING,
+                &operator,
+                old.map(Entry::to_proto).as_ref(),
+                Some(&proposal),
+            );
+            e.reason = reasons.join("; ");
+            e = e.attr("op", op);
+            events.push(e);
+            results[slot] = Some(Ok(proposal));
+        }
         let mut revoked = Vec::new();
-        if !valid.is_empty() {
-            let stored = self.state.store_op(move |store| write(store, &valid, now)).await?;
-            for (slot, result) in slots.into_iter().zip(stored.results) {
-                results[slot] = Some(result);
+        if !direct.is_empty() {
+            let stored = self.state.store_op(move |store| write(store, &direct, now)).await?;
+            for (slot, result) in direct_slots.into_iter().zip(stored.results) {
+                results[slot] = Some(result.map(|e| e.to_proto()));
             }
             revoked = stored.revoked;
         }
@@ -103,17 +247,56 @@ impl AdminService {
             let result = result.unwrap_or(Err(EntryError::MissingId));
             response.results.push(match result {
                 Ok(entry) => {
-                    info!(target: "tessera::audit", op, entry_id = %entry.id, spiffe_id = %entry.spiffe_id, parent_id = %entry.parent_id, revision = entry.revision, "entry written");
-                    pb::EntryResult { status: Some(ok()), entry: Some(entry.to_proto()) }
+                    if entry.pending.is_none() {
+                        let before = olds.get(&entry.id).map(Entry::to_proto);
+                        events.push(entry_event(event_kind, &operator, before.as_ref(), Some(&entry)));
+                    }
+                    pb::EntryResult { status: Some(ok()), entry: Some(entry) }
                 }
                 Err(e) => {
-                    warn!(target: "tessera::audit", op, spiffe_id = %input.spiffe_id, entry_id = %input.id, reason = %e, "entry refused");
+                    let mut event = schema::denied(event_kind, e.to_string())
+                        .operator(operator.clone())
+                        .spiffe_id(input.spiffe_id.clone());
+                    if !input.id.is_empty() {
+                        event.entry_ids.push(input.id.clone());
+                    }
+                    events.push(event);
                     pb::EntryResult { status: Some(item_status(e.code(), &e)), entry: None }
                 }
             });
         }
-        crate::revocation::revoked(&self.state, &revoked).await?;
+        self.state.events.record_durable(events).await;
+        crate::revocation::revoked(&self.state, &revoked, operator.as_ref()).await?;
         Ok(Response::new(response))
+    }
+
+    /// Records a refused approval and returns the status.
+    fn deny_approval(&self, operator: &Option<Operator>, id: &str, status: Status) -> Status {
+        let e = schema::denied(kind::ENTRY_APPROVE, status.message())
+            .operator(operator.clone())
+            .entry(id);
+        self.state.events.record(vec![e]);
+        status
+    }
+
+    /// A SPIFFE ID from a request, or its refusal.
+    fn parse_id(
+        &self,
+        operator: &Option<Operator>,
+        field: &str,
+        value: &str,
+    ) -> Result<SpiffeId, Status> {
+        SpiffeId::parse(value)
+            .map_err(|e| self.refuse(operator, field, format!("invalid {field}: {e}")))
+    }
+
+    /// Refuses a request for bad input, with an event.
+    fn refuse(&self, operator: &Option<Operator>, what: &str, message: String) -> Status {
+        let e = schema::denied(kind::ADMIN_REFUSED, message.clone())
+            .operator(operator.clone())
+            .attr("request", what);
+        self.state.events.record(vec![e]);
+        Status::invalid_argument(message)
     }
 }
 
@@ -125,12 +308,6 @@ fn item_status(code: tonic::Code, message: &impl ToString) -> ItemStatus {
     ItemStatus { code: code as i32, message: message.to_string() }
 }
 
-fn parse_id(field: &str, value: &str) -> Result<SpiffeId, Status> {
-    SpiffeId::parse(value).map_err(|e| {
-        warn!(target: "tessera::audit", field, value, reason = %e, "admin request refused");
-        Status::invalid_argument(format!("invalid {field}: {e}"))
-    })
-}
 
 #[tonic::async_trait]
 impl Admin for AdminService {
@@ -138,9 +315,11 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::BatchCreateEntryRequest>,
     ) -> Result<Response<pb::BatchEntryResponse>, Status> {
+        let operator = operator_of(&request);
         let inputs = request.into_inner().entries;
         self.write_entries(
             "create",
+            operator,
             inputs,
             |_, mut entry| {
                 entry.id = uuid::Uuid::new_v4().to_string();
@@ -157,11 +336,13 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::BatchUpdateEntryRequest>,
     ) -> Result<Response<pb::BatchEntryResponse>, Status> {
+        let operator = operator_of(&request);
         let inputs = request.into_inner().entries;
         // The store revokes, in the same commit, the SVIDs an update no
         // longer authorizes (new SPIFFE ID, parent or DNS names, earlier expiry).
         self.write_entries(
             "update",
+            operator,
             inputs,
             |input, mut entry| {
                 if input.id.is_empty() {
@@ -179,8 +360,18 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::BatchDeleteEntryRequest>,
     ) -> Result<Response<pb::BatchDeleteEntryResponse>, Status> {
+        let operator = operator_of(&request);
         let ids = request.into_inner().ids;
         Self::check_batch(ids.len())?;
+        // A proposal with the ID goes too (deleting a pending entry rejects it).
+        let mut proposals = Vec::new();
+        for id in &ids {
+            let proposal = self.state.governance.pending.get(id).map_err(|e| Status::internal(e.to_string()))?;
+            if proposal.is_some() {
+                self.state.governance.pending.remove(id).map_err(|e| Status::internal(e.to_string()))?;
+            }
+            proposals.push(proposal);
+        }
         let request_ids = ids.clone();
         let now = self.state.clock.now();
         // The delete and the revocation of the entries' SVIDs are one commit.
@@ -189,20 +380,32 @@ impl Admin for AdminService {
             .store_op(move |store| store.delete_entries(&ids, now, "entry deleted"))
             .await?;
         let mut response = pb::BatchDeleteEntryResponse::default();
-        for (id, result) in request_ids.into_iter().zip(write.results) {
+        let mut events = Vec::new();
+        for ((id, result), proposal) in request_ids.into_iter().zip(write.results).zip(proposals) {
+            if let Some(p) = &proposal {
+                let mut e = entry_event(kind::ENTRY_REJECT, &operator, Some(p), None);
+                e.reason = "deleted by operator".into();
+                events.push(e);
+            }
             let status = match result {
                 Ok(entry) => {
-                    info!(target: "tessera::audit", entry_id = %entry.id, spiffe_id = %entry.spiffe_id, revision = entry.revision, "entry deleted");
+                    events.push(entry_event(kind::ENTRY_DELETE, &operator, Some(&entry.to_proto()), None));
                     ok()
                 }
+                Err(_) if proposal.is_some() => ok(),
                 Err(e) => {
-                    warn!(target: "tessera::audit", entry_id = %id, reason = %e, "entry delete refused");
+                    events.push(
+                        schema::denied(kind::ENTRY_DELETE, e.to_string())
+                            .operator(operator.clone())
+                            .entry(id.clone()),
+                    );
                     item_status(e.code(), &e)
                 }
             };
             response.results.push(pb::DeleteResult { id, status: Some(status) });
         }
-        crate::revocation::revoked(&self.state, &write.revoked).await?;
+        self.state.events.record_durable(events).await;
+        crate::revocation::revoked(&self.state, &write.revoked, operator.as_ref()).await?;
         Ok(Response::new(response))
     }
 
@@ -210,20 +413,37 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListEntriesRequest>,
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let operator = operator_of(&request);
         let req = request.into_inner();
         let filter = EntryFilter {
             parent_id: (!req.parent_id.is_empty())
-                .then(|| parse_id("parent ID", &req.parent_id))
+                .then(|| self.parse_id(&operator, "parent ID", &req.parent_id))
                 .transpose()?,
             spiffe_id: (!req.spiffe_id.is_empty())
-                .then(|| parse_id("SPIFFE ID", &req.spiffe_id))
+                .then(|| self.parse_id(&operator, "SPIFFE ID", &req.spiffe_id))
                 .transpose()?,
         };
         let limit = match req.page_size {
             0 => MAX_PAGE,
             n => (n as usize).min(MAX_PAGE),
         };
+        let first_page = req.page_token.is_empty();
         let after = (!req.page_token.is_empty()).then_some(req.page_token);
+        let pending = if first_page {
+            self.state
+                .governance
+                .pending
+                .list()
+                .map_err(|e| Status::internal(e.to_string()))?
+                .into_iter()
+                .filter(|p| {
+                    filter.parent_id.as_ref().is_none_or(|id| p.parent_id == id.as_str())
+                        && filter.spiffe_id.as_ref().is_none_or(|id| p.spiffe_id == id.as_str())
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let entries = self
             .state
             .store_op(move |store| store.list_entries(&filter, after.as_deref(), limit))
@@ -236,6 +456,7 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListEntriesResponse {
             entries: entries.iter().map(Entry::to_proto).collect(),
             next_page_token,
+            pending,
         }))
     }
 
@@ -247,7 +468,11 @@ impl Admin for AdminService {
         let lookup = id.clone();
         match self.state.store_op(move |store| store.entry(&lookup)).await? {
             Some(entry) => Ok(Response::new(entry.to_proto())),
-            None => Err(Status::not_found(format!("entry {id} not found"))),
+            None => match self.state.governance.pending.get(&id) {
+                Ok(Some(proposal)) => Ok(Response::new(proposal)),
+                Ok(None) => Err(Status::not_found(format!("entry {id} not found"))),
+                Err(e) => Err(Status::internal(e.to_string())),
+            },
         }
     }
 
@@ -255,6 +480,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<types::JoinToken>, Status> {
+        let operator = operator_of(&request);
         let req = request.into_inner();
         let config = &self.state.config;
         let ttl = if req.ttl == 0 { config.join_token_ttl } else { req.ttl };
@@ -266,17 +492,15 @@ impl Admin for AdminService {
             )
             .map_err(|e| Status::internal(e.to_string()))?
         } else {
-            let id = parse_id("agent SPIFFE ID", &req.spiffe_id)?;
+            let id = self.parse_id(&operator, "agent SPIFFE ID", &req.spiffe_id)?;
             if id.trust_domain() != &config.trust_domain {
                 let message =
                     format!("agent SPIFFE ID {id} is not in trust domain {}", config.trust_domain);
-                warn!(target: "tessera::audit", reason = %message, "join token refused");
-                return Err(Status::invalid_argument(message));
+                return Err(self.refuse(&operator, "join token", message));
             }
             if id.is_root() || id.path() == "/tessera/server" {
                 let message = format!("agent SPIFFE ID {id} is reserved");
-                warn!(target: "tessera::audit", reason = %message, "join token refused");
-                return Err(Status::invalid_argument(message));
+                return Err(self.refuse(&operator, "join token", message));
             }
             id
         };
@@ -287,7 +511,10 @@ impl Admin for AdminService {
         };
         let stored = record.clone();
         self.state.store_op(move |store| store.put_join_token(&stored)).await?;
-        info!(target: "tessera::audit", agent_id = %spiffe_id, ttl, "join token created");
+        let e = admin_event(kind::JOIN_TOKEN, &operator)
+            .agent(spiffe_id.to_string())
+            .attr("ttl", ttl);
+        self.state.events.record_durable(vec![e]).await;
         Ok(Response::new(record))
     }
 
@@ -303,7 +530,8 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::GetAgentRequest>,
     ) -> Result<Response<types::Agent>, Status> {
-        let id = parse_id("agent SPIFFE ID", &request.into_inner().spiffe_id)?;
+        let operator = operator_of(&request);
+        let id = self.parse_id(&operator, "agent SPIFFE ID", &request.into_inner().spiffe_id)?;
         let key = id.to_string();
         match self.state.store_op(move |store| store.agent(&key)).await? {
             Some(agent) => Ok(Response::new(agent)),
@@ -329,8 +557,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::BanAgentRequest>,
     ) -> Result<Response<pb::BanAgentResponse>, Status> {
+        let operator = operator_of(&request);
         let req = request.into_inner();
-        let id = parse_id("agent SPIFFE ID", &req.spiffe_id)?;
+        let id = self.parse_id(&operator, "agent SPIFFE ID", &req.spiffe_id)?;
         let reason =
             if req.reason.is_empty() { "banned by operator".to_string() } else { req.reason };
         let (key, why, now) = (id.to_string(), reason.clone(), self.state.clock.now());
@@ -341,11 +570,18 @@ impl Admin for AdminService {
             .store_op(move |store| store.ban_agent(&key, &why, now))
             .await?
             .map_err(|refusal| {
-                warn!(target: "tessera::audit", agent_id = %id, reason = %refusal, "agent ban refused");
+                let e = schema::denied(kind::AGENT_BAN, refusal.to_string())
+                    .operator(operator.clone())
+                    .agent(id.to_string());
+                self.state.events.record(vec![e]);
                 Status::not_found(format!("agent {id} not found"))
             })?;
-        info!(target: "tessera::audit", agent_id = %id, reason = %reason, revoked = revoked.len(), "agent banned");
-        crate::revocation::revoked(&self.state, &revoked).await?;
+        let mut e = admin_event(kind::AGENT_BAN, &operator)
+            .agent(id.to_string())
+            .attr("revoked", revoked.len());
+        e.reason = reason.clone();
+        self.state.events.record_durable(vec![e]).await;
+        crate::revocation::revoked(&self.state, &revoked, operator.as_ref()).await?;
         let (jwts, x509): (Vec<_>, Vec<_>) = revoked.into_iter().partition(|r| !r.jti.is_empty());
         Ok(Response::new(pb::BanAgentResponse {
             revoked_serials: x509.into_iter().map(|r| r.serial).collect(),
@@ -357,19 +593,24 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::EvictAgentRequest>,
     ) -> Result<Response<pb::EvictAgentResponse>, Status> {
+        let operator = operator_of(&request);
         let req = request.into_inner();
-        let id = parse_id("agent SPIFFE ID", &req.spiffe_id)?;
+        let id = self.parse_id(&operator, "agent SPIFFE ID", &req.spiffe_id)?;
         let (key, unban, now) = (id.to_string(), req.unban, self.state.clock.now());
         let revoked = self
             .state
             .store_op(move |store| store.evict_agent(&key, unban, now))
             .await?
             .map_err(|refusal| {
-                warn!(target: "tessera::audit", agent_id = %id, reason = %refusal, "agent evict refused");
+                let e = schema::denied(kind::AGENT_EVICT, refusal.to_string())
+                    .operator(operator.clone())
+                    .agent(id.to_string());
+                self.state.events.record(vec![e]);
                 Status::not_found(format!("agent {id} not found"))
             })?;
-        info!(target: "tessera::audit", agent_id = %id, unban, "agent evicted; it must attest again");
-        crate::revocation::revoked(&self.state, &revoked).await?;
+        let e = admin_event(kind::AGENT_EVICT, &operator).agent(id.to_string()).attr("unban", unban);
+        self.state.events.record_durable(vec![e]).await;
+        crate::revocation::revoked(&self.state, &revoked, operator.as_ref()).await?;
         Ok(Response::new(pb::EvictAgentResponse {}))
     }
 
@@ -377,9 +618,13 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::RevokeSvidRequest>,
     ) -> Result<Response<types::Revocation>, Status> {
+        let operator = operator_of(&request);
         let req = request.into_inner();
         let refused = |what: &str, e: String| {
-            warn!(target: "tessera::audit", svid = %what, reason = %e, "revocation refused");
+            let event = schema::denied(kind::REVOKE, e.clone())
+                .operator(operator.clone())
+                .attr("svid", what);
+            self.state.events.record(vec![event]);
             Status::invalid_argument(e)
         };
         let (lookup, serial) = match (req.serial.is_empty(), req.jti.is_empty()) {
@@ -407,12 +652,16 @@ impl Admin for AdminService {
         }
         let Some(issued) = issued else {
             let message = format!("no unexpired SVID with {serial} was issued by this server");
-            warn!(target: "tessera::audit", serial = %serial, reason = %message, "revocation refused");
+            let event = schema::denied(kind::REVOKE, message.clone())
+                .operator(operator.clone())
+                .attr("svid", &serial);
+            self.state.events.record(vec![event]);
             return Err(Status::not_found(message));
         };
         let reason =
             if req.reason.is_empty() { "revoked by operator".to_string() } else { req.reason };
-        let mut revoked = revoke_issued(&self.state, vec![issued], &reason).await?;
+        let mut revoked =
+            revoke_issued(&self.state, vec![issued], &reason, operator.as_ref()).await?;
         revoked.pop().map(Response::new).ok_or_else(|| Status::internal("revocation not stored"))
     }
 
@@ -436,8 +685,9 @@ impl Admin for AdminService {
 
     async fn backup_store(
         &self,
-        _request: Request<pb::BackupStoreRequest>,
+        request: Request<pb::BackupStoreRequest>,
     ) -> Result<Response<Self::BackupStoreStream>, Status> {
+        let operator = operator_of(&request);
         let mut bytes = Vec::new();
         let backup = self
             .state
@@ -446,10 +696,185 @@ impl Admin for AdminService {
                 Ok(bytes)
             })
             .await?;
-        info!(target: "tessera::audit", bytes = backup.len(), "store backup taken");
+        let e = admin_event(kind::BACKUP, &operator).attr("bytes", backup.len());
+        self.state.events.record_durable(vec![e]).await;
         let chunks: Vec<Result<pb::BackupChunk, Status>> =
             backup.chunks(BACKUP_CHUNK).map(|c| Ok(pb::BackupChunk { data: c.to_vec() })).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn approve_entry(
+        &self,
+        request: Request<pb::ApproveEntryRequest>,
+    ) -> Result<Response<types::Entry>, Status> {
+        let operator = operator_of(&request);
+        let caller = operator.clone().unwrap_or_default();
+        let id = request.into_inner().id;
+        let internal = |e: StoreError| Status::internal(e.to_string());
+        let Some(proposal) = self.state.governance.pending.get(&id).map_err(internal)? else {
+            return Err(self.deny_approval(&operator, &id, Status::not_found(format!("no entry {id} is waiting for approval"))));
+        };
+        let approval = proposal.pending.clone().unwrap_or_default();
+        if approval.requested_by_uid == caller.uid {
+            return Err(self.deny_approval(&operator, &id, Status::permission_denied(format!(
+                "uid {} proposed entry {id}; another operator must approve it",
+                caller.uid
+            ))));
+        }
+        let now = self.state.clock.now();
+        if approval.expires_at <= now {
+            return Err(self.deny_approval(&operator, &id, Status::failed_precondition(format!(
+                "the proposal of entry {id} has expired; propose it again"
+            ))));
+        }
+        let mut stored = proposal.clone();
+        stored.pending = None;
+        let entry = Entry::from_stored(stored).map_err(|e| Status::internal(e.to_string()))?;
+        let before = if approval.op == "update" {
+            let lookup = id.clone();
+            let current = self.state.store_op(move |store| store.entry(&lookup)).await?;
+            match current {
+                Some(current) if current.revision == approval.base_revision => Some(current),
+                _ => {
+                    return Err(self.deny_approval(&operator, &id, Status::failed_precondition(format!(
+                        "entry {id} changed (or was deleted) after this update was proposed; propose it again"
+                    ))))
+                }
+            }
+        } else {
+            None
+        };
+        let entries = vec![entry];
+        let write = if approval.op == "update" {
+            self.state.store_op(move |store| store.update_entries(&entries, now, "entry updated")).await?
+        } else {
+            self.state
+                .store_op(move |store| {
+                    Ok(EntryWrite { results: store.create_entries(&entries)?, ..Default::default() })
+                })
+                .await?
+        };
+        let result = write.results.into_iter().next().unwrap_or(Err(EntryError::MissingId));
+        self.state.governance.pending.remove(&id).map_err(internal)?;
+        let entry = result.map_err(|e| {
+            self.deny_approval(&operator, &id, Status::new(e.code(), e.to_string()))
+        })?;
+        let mut e = entry_event(
+            kind::ENTRY_APPROVE,
+            &operator,
+            before.map(|b| b.to_proto()).as_ref(),
+            Some(&entry.to_proto()),
+        )
+        .attr("op", &approval.op)
+        .attr("requested_by_uid", approval.requested_by_uid);
+        e.reason = approval.reasons.join("; ");
+        self.state.events.record_durable(vec![e]).await;
+        crate::revocation::revoked(&self.state, &write.revoked, operator.as_ref()).await?;
+        Ok(Response::new(entry.to_proto()))
+    }
+
+    async fn reject_entry(
+        &self,
+        request: Request<pb::RejectEntryRequest>,
+    ) -> Result<Response<pb::RejectEntryResponse>, Status> {
+        let operator = operator_of(&request);
+        let req = request.into_inner();
+        let internal = |e: StoreError| Status::internal(e.to_string());
+        let Some(proposal) = self.state.governance.pending.get(&req.id).map_err(internal)? else {
+            let status = Status::not_found(format!("no entry {} is waiting for approval", req.id));
+            let e = schema::denied(kind::ENTRY_REJECT, status.message())
+                .operator(operator.clone())
+                .entry(req.id.clone());
+            self.state.events.record(vec![e]);
+            return Err(status);
+        };
+        self.state.governance.pending.remove(&req.id).map_err(internal)?;
+        let mut e = entry_event(kind::ENTRY_REJECT, &operator, Some(&proposal), None);
+        e.reason = if req.reason.is_empty() { "rejected by operator".into() } else { req.reason };
+        self.state.events.record_durable(vec![e]).await;
+        Ok(Response::new(pb::RejectEntryResponse {}))
+    }
+
+    type ListEventsStream = Pin<Box<dyn Stream<Item = Result<types::Event, Status>> + Send>>;
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<Self::ListEventsStream>, Status> {
+        let filter = request.into_inner();
+        if !filter.decision.is_empty() && filter.decision != schema::ALLOW && filter.decision != schema::DENY {
+            return Err(Status::invalid_argument(format!(
+                "invalid decision {:?}: want allow or deny",
+                filter.decision
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let events = state.events.clone();
+            let mut stored = events.subscribe();
+            let mut after = filter.after_seq;
+            let mut left = filter.limit;
+            loop {
+                let page = if left == 0 && filter.limit != 0 { 0 } else { 1000 };
+                let list = events.clone();
+                let f = filter.clone();
+                let read = tokio::task::spawn_blocking(move || list.list(&f, after, page)).await;
+                let (batch, last) = match read {
+                    Ok(Ok(read)) => read,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
+                let full = batch.len() == page;
+                after = last;
+                for event in batch {
+                    if filter.limit != 0 {
+                        if left == 0 {
+                            break;
+                        }
+                        left -= 1;
+                    }
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                if full && (filter.limit == 0 || left > 0) {
+                    continue; // more stored events to read
+                }
+                if !filter.follow {
+                    return;
+                }
+                // Follow: wait for the next event stored (or the caller leaving).
+                stored.borrow_and_update();
+                if *stored.borrow() > after {
+                    continue;
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = state.shutdown.cancelled() => return,
+                    changed = stored.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn verify_events(
+        &self,
+        _request: Request<pb::VerifyEventsRequest>,
+    ) -> Result<Response<pb::VerifyEventsReport>, Status> {
+        let events = self.state.events.clone();
+        let report = tokio::task::spawn_blocking(move || events.verify())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(report))
     }
 
     async fn health(

@@ -51,6 +51,60 @@ enum Command {
     /// The server's store: integrity check, backup, restore.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// The event stream: every decision about a workload identity (or,
+    /// with `verify`, a check of its hash chain).
+    #[command(args_conflicts_with_subcommands = true)]
+    Events {
+        #[command(subcommand)]
+        command: Option<EventsCommand>,
+        #[command(flatten)]
+        filter: EventsArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Recompute the hash chain; says where it breaks (exit 1 if it does).
+    Verify {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(Debug, Args)]
+struct EventsArgs {
+    /// Keep printing new events as they are stored.
+    #[arg(long)]
+    follow: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Only events at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only events naming this SPIFFE ID.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Only events of this agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only allow or deny decisions.
+    #[arg(long, value_parser = ["allow", "deny"])]
+    decision: Option<String>,
+    /// Only this kind (or kind prefix, e.g. `workload` or `anomaly`).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only events after this sequence number.
+    #[arg(long, default_value_t = 0)]
+    after: u64,
+    /// At most this many stored events.
+    #[arg(long)]
+    limit: Option<u64>,
+    #[command(flatten)]
+    socket: SocketArg,
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +160,9 @@ struct RunArgs {
     /// Log lines as `text` or `json` (one object per line) [default: text].
     #[arg(long)]
     log_format: Option<String>,
+    /// Serve Prometheus metrics, /live and /ready on this address (off by default).
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -167,6 +224,10 @@ struct EntryFields {
     /// Allow JWT-SVIDs for any audience again (clears --jwt-audience).
     #[arg(long, conflicts_with = "jwt_audiences")]
     any_jwt_audience: bool,
+    /// Hold the entry (and every later change to it) until an operator
+    /// with another uid approves it.
+    #[arg(long)]
+    require_approval: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,11 +266,31 @@ enum EntryCommand {
         #[command(flatten)]
         socket: SocketArg,
     },
-    /// Delete an entry.
+    /// Delete an entry (or drop a proposal waiting for approval).
     Delete {
         /// The entry to delete.
         #[arg(long)]
         id: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Approve an entry (or update) waiting for approval; must come from
+    /// another operator uid than the one that proposed it.
+    Approve {
+        /// The entry.
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Reject an entry (or update) waiting for approval.
+    Reject {
+        /// The entry.
+        #[arg(long)]
+        id: String,
+        /// Why (recorded).
+        #[arg(long)]
+        reason: Option<String>,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -428,6 +509,35 @@ impl Cli {
                 Ok(())
             }
             Command::Store(command) => store_command(command).await,
+            Command::Events { command: Some(EventsCommand::Verify { json, socket }), .. } => {
+                let mut client = connect_admin(&socket.socket).await?;
+                let report = client.verify_events(pb::VerifyEventsRequest {}).await?.into_inner();
+                if json {
+                    let value = json!({
+                        "ok": report.ok, "checked": report.checked, "first_seq": report.first_seq,
+                        "last_seq": report.last_seq, "head_hash": hex::encode(&report.head_hash),
+                        "broken_at": report.broken_at, "problem": report.problem,
+                    });
+                    println!("{value}");
+                } else if report.ok {
+                    println!(
+                        "Event chain is intact: {} events (#{}..#{}), head hash {}",
+                        report.checked,
+                        report.first_seq,
+                        report.last_seq,
+                        hex::encode(&report.head_hash)
+                    );
+                }
+                if report.ok {
+                    Ok(())
+                } else {
+                    Err(CliError(format!(
+                        "event chain broken at event {}: {}",
+                        report.broken_at, report.problem
+                    )))
+                }
+            }
+            Command::Events { command: None, filter } => events_command(filter).await,
             Command::Healthcheck(socket) => {
                 let mut client = connect_admin(&socket.socket)
                     .await
@@ -445,6 +555,48 @@ impl Cli {
             }
         }
     }
+}
+
+async fn events_command(args: EventsArgs) -> Result<(), CliError> {
+    let since_ms = match &args.since {
+        Some(at) => {
+            time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+                .map_err(|e| {
+                    CliError(format!(
+                        "invalid --since {at:?}: {e} (want RFC 3339, e.g. 2030-01-01T00:00:00Z)"
+                    ))
+                })?
+        }
+        None => 0,
+    };
+    let mut client = connect_admin(&args.socket.socket).await?;
+    let mut stream = client
+        .list_events(pb::ListEventsRequest {
+            after_seq: args.after,
+            since_ms,
+            spiffe_id: args.spiffe_id.unwrap_or_default(),
+            agent_id: args.agent.unwrap_or_default(),
+            decision: args.decision.unwrap_or_default(),
+            kind: args.kind.unwrap_or_default(),
+            follow: args.follow,
+            limit: args.limit.unwrap_or(0),
+        })
+        .await?
+        .into_inner();
+    use std::io::Write;
+    while let Some(event) = stream.message().await? {
+        let line = if args.json {
+            crate::event_schema::to_json(&event).to_string()
+        } else {
+            crate::event_schema::to_text(&event)
+        };
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            return Ok(()); // stdout closed (e.g. piped into head)
+        }
+    }
+    Ok(())
 }
 
 fn print_report(report: &pb::StoreReport) {
@@ -512,6 +664,7 @@ async fn run_server(args: RunArgs) -> Result<(), CliError> {
         admin_socket: args.admin_socket,
         log_level: args.log_level,
         log_format: args.log_format,
+        metrics_addr: args.metrics_addr,
         ..Default::default()
     };
     let config = Config::resolve(file, flags).map_err(|e| CliError(e.to_string()))?;
@@ -602,6 +755,9 @@ fn apply_fields(entry: &mut types::Entry, fields: EntryFields) -> Result<(), Cli
     if fields.any_jwt_audience {
         entry.jwt_audiences.clear();
     }
+    if fields.require_approval {
+        entry.require_approval = true;
+    }
     Ok(())
 }
 
@@ -634,6 +790,7 @@ async fn entry_command(command: EntryCommand) -> Result<(), CliError> {
                 .await?;
             let entry = item_result(response.into_inner().results.into_iter().next())?;
             println!("{}", entry.id);
+            report_pending(&entry);
             Ok(())
         }
         EntryCommand::Update { id, fields, socket } => {
@@ -645,6 +802,24 @@ async fn entry_command(command: EntryCommand) -> Result<(), CliError> {
                 .await?;
             let entry = item_result(response.into_inner().results.into_iter().next())?;
             println!("{}", entry.id);
+            report_pending(&entry);
+            Ok(())
+        }
+        EntryCommand::Approve { id, socket } => {
+            let mut client = connect_admin(&socket.socket).await?;
+            let entry = client.approve_entry(pb::ApproveEntryRequest { id }).await?.into_inner();
+            println!("Approved entry {} ({})", entry.id, entry.spiffe_id);
+            Ok(())
+        }
+        EntryCommand::Reject { id, reason, socket } => {
+            let mut client = connect_admin(&socket.socket).await?;
+            client
+                .reject_entry(pb::RejectEntryRequest {
+                    id: id.clone(),
+                    reason: reason.unwrap_or_default(),
+                })
+                .await?;
+            println!("Rejected entry {id}");
             Ok(())
         }
         EntryCommand::Delete { id, socket } => {
@@ -680,6 +855,7 @@ async fn entry_command(command: EntryCommand) -> Result<(), CliError> {
                             .await?
                             .into_inner();
                         all.extend(page.entries);
+                        all.extend(page.pending);
                         if page.next_page_token.is_empty() {
                             break all;
                         }
@@ -712,7 +888,27 @@ fn entry_json(e: &types::Entry) -> serde_json::Value {
         "hint": e.hint,
         "jwt_svid_ttl": e.jwt_svid_ttl,
         "jwt_audiences": e.jwt_audiences,
+        "require_approval": e.require_approval,
+        "pending": e.pending.as_ref().map(|p| json!({
+            "op": p.op,
+            "requested_by_uid": p.requested_by_uid,
+            "reasons": p.reasons,
+            "requested_at": p.requested_at,
+            "expires_at": p.expires_at,
+        })),
     })
+}
+
+/// Tells the operator that an entry was held for approval, and why.
+fn report_pending(entry: &types::Entry) {
+    if let Some(p) = &entry.pending {
+        eprintln!(
+            "Entry {} is pending approval by another operator ({}); it is not signed or pushed until `entry approve --id {}`",
+            entry.id,
+            p.reasons.join("; "),
+            entry.id
+        );
+    }
 }
 
 fn print_entries(entries: &[types::Entry]) {
@@ -720,6 +916,16 @@ fn print_entries(entries: &[types::Entry]) {
     for e in entries {
         println!();
         println!("Entry ID         : {}", e.id);
+        if let Some(p) = &e.pending {
+            println!("Status           : pending approval ({})", p.op);
+            println!("Requested by uid : {}", p.requested_by_uid);
+            for why in &p.reasons {
+                println!("Needs approval   : {why}");
+            }
+            println!("Pending until    : {}", format_time(p.expires_at));
+        } else if e.require_approval {
+            println!("Status           : approved (changes need approval)");
+        }
         println!("SPIFFE ID        : {}", e.spiffe_id);
         println!("Parent ID        : {}", e.parent_id);
         println!("Revision         : {}", e.revision);

@@ -85,6 +85,23 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// `text` (default) or `json`: one JSON object per log line.
     pub log_format: Option<String>,
+    /// Address for Prometheus metrics, `/live` and `/ready` (off when unset).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Uids allowed to use the admin socket, besides root and the server's own uid.
+    pub admin_uids: Option<Vec<u32>>,
+    /// Groups whose members may use the admin socket.
+    pub admin_gids: Option<Vec<u32>>,
+    /// Store the event stream (default true; false only logs events).
+    pub events: Option<bool>,
+    /// Seconds events are kept (default 30 days; 0: forever).
+    pub event_retention: Option<u64>,
+    /// A JSON-lines file every stored event is appended to, for a SIEM.
+    pub event_file: Option<PathBuf>,
+    /// Refusals per minute from one agent or one uid above which an
+    /// `anomaly.refusal_burst` event is recorded (default 30; 0: off).
+    pub anomaly_refusals_per_minute: Option<u32>,
+    /// What needs a second operator's approval.
+    pub approval: Option<crate::governance::ApprovalPolicy>,
 }
 
 impl FileConfig {
@@ -138,6 +155,22 @@ pub struct Config {
     pub log_level: String,
     /// Log line format.
     pub log_format: crate::cli_support::LogFormat,
+    /// Metrics and health address.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Extra operator uids.
+    pub admin_uids: Vec<u32>,
+    /// Operator groups.
+    pub admin_gids: Vec<u32>,
+    /// Event log settings.
+    pub events: crate::events::EventConfig,
+    /// The approval policy.
+    pub approval: crate::governance::ApprovalPolicy,
+}
+
+fn set_vec(target: &mut Vec<u32>, value: Option<Vec<u32>>) {
+    if let Some(v) = value {
+        *target = v;
+    }
 }
 
 /// The server's default data directory.
@@ -166,6 +199,11 @@ impl Config {
             sign_burst: 20_000,
             log_level: "info".into(),
             log_format: crate::cli_support::LogFormat::Text,
+            metrics_addr: None,
+            admin_uids: Vec::new(),
+            admin_gids: Vec::new(),
+            events: crate::events::EventConfig::default(),
+            approval: crate::governance::ApprovalPolicy::default(),
         }
     }
 
@@ -207,6 +245,23 @@ impl Config {
                 .parse()
                 .map_err(|reason| ConfigError::Invalid { key: "log_format", reason })?;
         }
+        config.metrics_addr = flags.metrics_addr.or(file.metrics_addr);
+        set_vec(&mut config.admin_uids, flags.admin_uids.or(file.admin_uids));
+        set_vec(&mut config.admin_gids, flags.admin_gids.or(file.admin_gids));
+        if let Some(on) = flags.events.or(file.events) {
+            config.events.enabled = on;
+        }
+        if let Some(secs) = flags.event_retention.or(file.event_retention) {
+            config.events.retention_secs = secs;
+        }
+        config.events.file = flags.event_file.or(file.event_file);
+        if let Some(n) = flags.anomaly_refusals_per_minute.or(file.anomaly_refusals_per_minute) {
+            config.events.refusals_per_minute = n;
+        }
+        if let Some(policy) = flags.approval.or(file.approval) {
+            policy.validate().map_err(|reason| ConfigError::Invalid { key: "approval", reason })?;
+            config.approval = policy;
+        }
         if let Some(kind) = flags.jwt_key_type.or(file.jwt_key_type) {
             config.jwt_key_type = kind
                 .parse()
@@ -214,6 +269,11 @@ impl Config {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// Seconds a proposal waits for approval.
+    pub fn pending_ttl(&self) -> u32 {
+        self.approval.pending_ttl.unwrap_or(crate::governance::DEFAULT_PENDING_TTL)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -120,6 +120,9 @@ pub struct Entry {
     pub jwt_svid_ttl: u32,
     /// Audiences the entry may get JWT-SVIDs for, sorted; empty: any.
     pub jwt_audiences: Vec<String>,
+    /// Created with `--require-approval`: it and every update to it need a
+    /// second operator.
+    pub require_approval: bool,
 }
 
 /// Limits applied when validating entries.
@@ -211,6 +214,7 @@ impl EntryRules {
             hint: input.hint.clone(),
             jwt_svid_ttl,
             jwt_audiences: jwt_audiences.into_iter().collect(),
+            require_approval: input.require_approval,
         })
     }
 }
@@ -238,6 +242,8 @@ impl Entry {
             hint: self.hint.clone(),
             jwt_svid_ttl: Some(self.jwt_svid_ttl).filter(|ttl| *ttl != 0),
             jwt_audiences: self.jwt_audiences.clone(),
+            pending: None,
+            require_approval: self.require_approval,
         }
     }
 
@@ -260,6 +266,7 @@ impl Entry {
             hint: p.hint,
             jwt_svid_ttl: p.jwt_svid_ttl.unwrap_or(0),
             jwt_audiences: p.jwt_audiences,
+            require_approval: p.require_approval,
             id: p.id,
         })
     }

@@ -94,6 +94,8 @@ pub struct SignedJwt {
     pub issued_at: i64,
     /// `exp`, Unix seconds.
     pub expires_at: i64,
+    /// `aud`.
+    pub audience: Vec<String>,
 }
 
 impl JwtSigningKey {
@@ -207,7 +209,7 @@ impl JwtSigningKey {
         };
         token.push('.');
         token.push_str(&URL_SAFE_NO_PAD.encode(signature));
-        Ok(SignedJwt { token, jti, issued_at: now, expires_at })
+        Ok(SignedJwt { token, jti, issued_at: now, expires_at, audience: audience.to_vec() })
     }
 }
 

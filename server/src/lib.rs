@@ -26,14 +26,21 @@ mod clock;
 mod config;
 mod csr;
 mod entry;
+#[path = "../../common/events.rs"]
+pub mod event_schema;
+mod events;
 mod feed;
 mod fsutil;
+mod governance;
 mod jwt;
+mod metrics;
 mod node;
 mod revocation;
 mod server;
 mod state;
 mod store;
+#[path = "../../common/telemetry.rs"]
+mod telemetry;
 mod tls;
 
 pub use ca::{Ca, CaError, CaPolicy, SignedSvid};
@@ -42,6 +49,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, ConfigError, FileConfig};
 pub use csr::{parse_csr, CsrError};
 pub use entry::{Entry, EntryError, EntryRules};
+pub use events::EventConfig;
+pub use governance::ApprovalPolicy;
 pub use jwt::JwtKeyType;
 pub use node::REFUSAL_METADATA;
 pub use revocation::normalize_serial;

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn, Instrument};
 
 use crate::ca::SignedSvid;
+use crate::event_schema::{self as schema, kind, EventExt};
 use crate::csr::parse_csr;
 use crate::entry::valid_audience;
 use crate::entry::Entry;
@@ -38,9 +39,13 @@ pub struct NodeService {
     sign_limits: Arc<Mutex<HashMap<String, TokenBucket>>>,
 }
 
-fn refuse(op: &str, agent: &str, status: Status) -> Status {
-    warn!(target: "tessera::audit", op, agent_id = agent, code = ?status.code(), reason = status.message(), "node request refused");
-    status
+/// The event kind of a refused node request.
+fn refusal_kind(op: &str) -> &'static str {
+    match op {
+        "attest" => kind::NODE_ATTEST,
+        "renew_agent" => kind::NODE_RENEW,
+        _ => kind::NODE_REFUSED,
+    }
 }
 
 pub use tessera_proto::REFUSAL_METADATA;
@@ -73,17 +78,27 @@ impl NodeService {
         Self { state, sign_limits: Arc::new(Mutex::new(HashMap::new())) }
     }
 
+    /// Records the refusal of a node request (event and log) and returns it.
+    fn refuse(&self, op: &str, agent: &str, status: Status) -> Status {
+        let e = schema::denied(refusal_kind(op), status.message())
+            .agent(agent)
+            .attr("op", op)
+            .attr("code", format!("{:?}", status.code()));
+        self.state.events.record(vec![e]);
+        status
+    }
+
     /// The agent ID and serial of the verified client certificate.
-    fn presented<T>(op: &str, request: &Request<T>) -> Result<Caller, Status> {
+    fn presented<T>(&self, op: &str, request: &Request<T>) -> Result<Caller, Status> {
         let certs =
             request.extensions().get::<NodePeer>().and_then(|peer| peer.certs.clone()).ok_or_else(
-                || refuse(op, "", Status::unauthenticated("agent X509-SVID required (mTLS)")),
+                || self.refuse(op, "", Status::unauthenticated("agent X509-SVID required (mTLS)")),
             )?;
         let leaf = certs
             .first()
-            .ok_or_else(|| refuse(op, "", Status::unauthenticated("empty certificate chain")))?;
+            .ok_or_else(|| self.refuse(op, "", Status::unauthenticated("empty certificate chain")))?;
         let id = tessera_workload_api::spiffe_id_of_cert(leaf).map_err(|e| {
-            refuse(op, "", Status::unauthenticated(format!("client certificate: {e}")))
+            self.refuse(op, "", Status::unauthenticated(format!("client certificate: {e}")))
         })?;
         // An unparsable leaf has no serial, so it matches no agent's current one.
         let serial = tessera_workload_api::certificate_serial_hex(leaf).unwrap_or_default();
@@ -93,8 +108,8 @@ impl NodeService {
     /// The calling agent, if it is a known agent, not banned, presenting
     /// its current SVID, unrevoked and unexpired.
     async fn authenticate<T>(&self, op: &str, request: &Request<T>) -> Result<Caller, Status> {
-        let caller = Self::presented(op, request)?;
-        self.check_caller(&caller).await.map_err(|e| refuse(op, caller.id.as_str(), e))?;
+        let caller = self.presented(op, request)?;
+        self.check_caller(&caller).await.map_err(|e| self.refuse(op, caller.id.as_str(), e))?;
         Ok(caller)
     }
 
@@ -214,7 +229,7 @@ impl NodeService {
         ids: Vec<String>,
     ) -> Result<Vec<Option<Entry>>, Status> {
         if ids.len() > MAX_BATCH {
-            return Err(refuse(
+            return Err(self.refuse(
                 op,
                 caller.id.as_str(),
                 Status::invalid_argument(format!(
@@ -224,7 +239,7 @@ impl NodeService {
             ));
         }
         self.take_sign_budget(&caller.id, ids.len())
-            .map_err(|e| refuse(op, caller.id.as_str(), e))?;
+            .map_err(|e| self.refuse(op, caller.id.as_str(), e))?;
         self.state.store_op(move |store| ids.iter().map(|id| store.entry(id)).collect()).await
     }
 
@@ -292,8 +307,14 @@ impl NodeService {
         item: pb::SignJwtItem,
         entry: Option<Entry>,
     ) -> Result<(SignedJwt, Signed), pb::SignJwtResult> {
+        let spiffe_id = entry.as_ref().map(|e| e.spiffe_id.to_string());
         let fail = |code: tonic::Code, message: String| {
-            warn!(target: "tessera::audit", agent_id = %agent_id, entry_id = %item.entry_id, audience = ?item.audience, reason = %message, "JWT-SVID refused");
+            let mut e = schema::denied(kind::JWT_ISSUE, message.clone())
+                .agent(agent_id.as_str())
+                .entry(item.entry_id.clone());
+            e.spiffe_ids.extend(spiffe_id.clone());
+            e.audience = item.audience.clone();
+            self.state.events.record(vec![e]);
             jwt_item_failure(&item.entry_id, code, message)
         };
         let Some(entry) = entry else {
@@ -357,8 +378,13 @@ impl NodeService {
         item: pb::SignX509Item,
         entry: Option<Entry>,
     ) -> Result<(SignedSvid, Signed), pb::SignX509Result> {
+        let spiffe_id = entry.as_ref().map(|e| e.spiffe_id.to_string());
         let fail = |code: tonic::Code, message: String| {
-            warn!(target: "tessera::audit", agent_id = %agent_id, entry_id = %item.entry_id, reason = %message, "X509-SVID refused");
+            let mut e = schema::denied(kind::X509_ISSUE, message.clone())
+                .agent(agent_id.as_str())
+                .entry(item.entry_id.clone());
+            e.spiffe_ids.extend(spiffe_id.clone());
+            self.state.events.record(vec![e]);
             item_failure(&item.entry_id, code, message)
         };
         let Some(entry) = entry else {
@@ -400,6 +426,22 @@ impl NodeService {
     }
 }
 
+/// The event of one signed (or revoked-as-signed) item.
+fn issued_event(
+    kind: &str,
+    caller: &Caller,
+    record: &Signed,
+    decision: &str,
+    reason: &str,
+) -> types::Event {
+    let mut e = schema::event(kind, decision)
+        .agent(caller.id.as_str())
+        .spiffe_id(record.entry.spiffe_id.as_str())
+        .entry(record.entry.id.clone());
+    e.reason = reason.to_string();
+    e
+}
+
 fn item_failure(entry_id: &str, code: tonic::Code, message: String) -> pb::SignX509Result {
     pb::SignX509Result {
         entry_id: entry_id.to_string(),
@@ -437,8 +479,8 @@ enum Recorded<T, F> {
 /// item by `issued`, an item revoked as it was recorded by `revoked`.
 fn answer<T, R>(
     outcomes: Vec<Recorded<T, R>>,
-    issued: impl Fn(T, Signed) -> R,
-    revoked: impl Fn(Signed, String) -> R,
+    mut issued: impl FnMut(T, Signed) -> R,
+    mut revoked: impl FnMut(Signed, String) -> R,
 ) -> Vec<R> {
     outcomes
         .into_iter()
@@ -457,26 +499,22 @@ struct TokenBucket {
     at: std::time::Instant,
 }
 
-type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Node for NodeService {
-    async fn attest(
+impl NodeService {
+    async fn attest_with_token(
         &self,
-        request: Request<pb::AttestRequest>,
+        req: pb::AttestRequest,
     ) -> Result<Response<pb::AttestResponse>, Status> {
-        let req = request.into_inner();
         let op = "attest";
         // Check the CSR before spending the token on it.
         parse_csr(&req.csr)
-            .map_err(|e| refuse(op, "", Status::invalid_argument(format!("CSR: {e}"))))?;
+            .map_err(|e| self.refuse(op, "", Status::invalid_argument(format!("CSR: {e}"))))?;
         if req.join_token.is_empty() {
-            return Err(refuse(op, "", Status::invalid_argument("join token is required")));
+            return Err(self.refuse(op, "", Status::invalid_argument("join token is required")));
         }
         let token = req.join_token.clone();
         let record = self.state.store_op(move |store| store.take_join_token(&token)).await?;
         let Some(record) = record else {
-            return Err(refuse(
+            return Err(self.refuse(
                 op,
                 "",
                 Status::permission_denied("join token does not exist or has already been used"),
@@ -484,7 +522,7 @@ impl Node for NodeService {
         };
         let now = self.state.clock.now();
         if now >= record.expires_at {
-            return Err(refuse(
+            return Err(self.refuse(
                 op,
                 &record.spiffe_id,
                 Status::permission_denied("join token has expired"),
@@ -494,7 +532,7 @@ impl Node for NodeService {
             SpiffeId::parse(&record.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
         let (svid, issued) = self
             .sign_agent_svid(&agent_id, &req.csr)
-            .map_err(|e| refuse(op, agent_id.as_str(), e))?;
+            .map_err(|e| self.refuse(op, agent_id.as_str(), e))?;
         let agent = types::Agent {
             spiffe_id: agent_id.to_string(),
             x509_svid_serial: svid.serial.clone(),
@@ -508,8 +546,13 @@ impl Node for NodeService {
         self.state
             .store_op(move |store| store.register_agent(&agent, &issued))
             .await?
-            .map_err(|e| refuse(op, agent_id.as_str(), e.into()))?;
-        info!(target: "tessera::audit", agent_id = %agent_id, serial = %svid.serial, "agent attested with join token");
+            .map_err(|e| self.refuse(op, agent_id.as_str(), e.into()))?;
+        let mut e = schema::event(kind::NODE_ATTEST, schema::ALLOW)
+            .agent(agent_id.as_str())
+            .spiffe_id(agent_id.as_str())
+            .attr("attestation_type", "join_token");
+        e.serial = svid.serial.clone();
+        self.state.events.record_durable(vec![e]).await;
         Ok(Response::new(pb::AttestResponse {
             agent_id: agent_id.to_string(),
             x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
@@ -517,25 +560,25 @@ impl Node for NodeService {
         }))
     }
 
-    async fn renew_agent(
+    async fn renew(
         &self,
         request: Request<pb::RenewAgentRequest>,
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         let op = "renew_agent";
-        let caller = Self::presented(op, &request)?;
+        let caller = self.presented(op, &request)?;
         let agent_id = caller.id.clone();
         // Cheap early refusals before signing; the commit checks again.
         let key = agent_id.to_string();
         match self.state.store_op(move |store| store.agent(&key)).await? {
             None => {
-                return Err(refuse(
+                return Err(self.refuse(
                     op,
                     agent_id.as_str(),
                     AgentRefusal::Unknown(agent_id.to_string()).into(),
                 ))
             }
             Some(a) if a.banned => {
-                return Err(refuse(
+                return Err(self.refuse(
                     op,
                     agent_id.as_str(),
                     AgentRefusal::Banned(agent_id.to_string()).into(),
@@ -545,22 +588,49 @@ impl Node for NodeService {
         }
         let (svid, issued) = self
             .sign_agent_svid(&agent_id, &request.get_ref().csr)
-            .map_err(|e| refuse(op, agent_id.as_str(), e))?;
+            .map_err(|e| self.refuse(op, agent_id.as_str(), e))?;
         let now = self.state.clock.now();
         let (key, presented) = (agent_id.to_string(), caller.serial.clone());
         let renewed = self
             .state
             .store_op(move |store| store.renew_agent(&key, &presented, &issued, now))
             .await?
-            .map_err(|e| refuse(op, agent_id.as_str(), e.into()))?;
+            .map_err(|e| self.refuse(op, agent_id.as_str(), e.into()))?;
         // A renewal after a lost reply revoked the lost SVID (CRLs re-signed
         // in the same commit).
-        crate::revocation::revoked(&self.state, &renewed.1).await?;
-        info!(target: "tessera::audit", agent_id = %agent_id, serial = %svid.serial, "agent SVID renewed");
+        crate::revocation::revoked(&self.state, &renewed.1, None).await?;
+        let mut e = schema::event(kind::NODE_RENEW, schema::ALLOW)
+            .agent(agent_id.as_str())
+            .spiffe_id(agent_id.as_str());
+        e.serial = svid.serial.clone();
+        self.state.events.record(vec![e]);
         Ok(Response::new(pb::RenewAgentResponse {
             x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
             bundle: self.bundle(),
         }))
+    }
+
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn attest(
+        &self,
+        request: Request<pb::AttestRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result = self.attest_with_token(request.into_inner()).await;
+        self.state.metrics.attestation(result.is_ok(), started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn renew_agent(
+        &self,
+        request: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::RenewAgentResponse>, Status> {
+        self.renew(request).await
     }
 
     async fn sign_x509(
@@ -568,14 +638,19 @@ impl Node for NodeService {
         request: Request<pb::SignX509Request>,
     ) -> Result<Response<pb::SignX509Response>, Status> {
         let op = "sign_x509";
+        let started = std::time::Instant::now();
         let caller = self.authenticate(op, &request).await?;
         let items = request.into_inner().items;
         let ids = items.iter().map(|i| i.entry_id.clone()).collect();
         let outcomes = self.sign_batch(op, &caller, items, ids, Self::sign_item).await?;
+        let events = std::cell::RefCell::new(Vec::with_capacity(outcomes.len()));
         let results = answer(
             outcomes,
             |svid, record| {
-                info!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, spiffe_id = %record.entry.spiffe_id, serial = %svid.serial, expires_at = svid.expires_at, "X509-SVID issued");
+                let mut e = issued_event(kind::X509_ISSUE, &caller, &record, schema::ALLOW, "")
+                    .attr("expires_at", svid.expires_at);
+                e.serial = svid.serial.clone();
+                events.borrow_mut().push(e);
                 pb::SignX509Result {
                     entry_id: record.entry.id,
                     status: Some(ItemStatus { code: 0, message: String::new() }),
@@ -585,10 +660,14 @@ impl Node for NodeService {
                 }
             },
             |record, why| {
-                warn!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, serial = %record.svid.serial, reason = %why, "X509-SVID revoked as it was issued");
+                let mut e = issued_event(kind::X509_ISSUE, &caller, &record, schema::DENY, &why)
+                    .attr("revoked_as_issued", true);
+                e.serial = record.svid.serial.clone();
+                events.borrow_mut().push(e);
                 item_failure(&record.entry.id, tonic::Code::PermissionDenied, why)
             },
         );
+        self.issued("x509", started, events.into_inner());
         Ok(Response::new(pb::SignX509Response { results }))
     }
 
@@ -597,14 +676,20 @@ impl Node for NodeService {
         request: Request<pb::SignJwtRequest>,
     ) -> Result<Response<pb::SignJwtResponse>, Status> {
         let op = "sign_jwt";
+        let started = std::time::Instant::now();
         let caller = self.authenticate(op, &request).await?;
         let items = request.into_inner().items;
         let ids = items.iter().map(|i| i.entry_id.clone()).collect();
         let outcomes = self.sign_batch(op, &caller, items, ids, Self::sign_jwt_item).await?;
+        let events = std::cell::RefCell::new(Vec::with_capacity(outcomes.len()));
         let results = answer(
             outcomes,
             |jwt, record| {
-                info!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, spiffe_id = %record.entry.spiffe_id, jti = %jwt.jti, expires_at = jwt.expires_at, "JWT-SVID issued");
+                let mut e = issued_event(kind::JWT_ISSUE, &caller, &record, schema::ALLOW, "")
+                    .attr("expires_at", jwt.expires_at);
+                e.jti = jwt.jti.clone();
+                e.audience = jwt.audience.clone();
+                events.borrow_mut().push(e);
                 pb::SignJwtResult {
                     entry_id: record.entry.id,
                     status: Some(ItemStatus { code: 0, message: String::new() }),
@@ -615,14 +700,51 @@ impl Node for NodeService {
                 }
             },
             |record, why| {
-                warn!(target: "tessera::audit", agent_id = %caller.id, entry_id = %record.entry.id, jti = %record.svid.jti, reason = %why, "JWT-SVID revoked as it was issued");
+                let mut e = issued_event(kind::JWT_ISSUE, &caller, &record, schema::DENY, &why)
+                    .attr("revoked_as_issued", true);
+                e.jti = record.svid.jti.clone();
+                events.borrow_mut().push(e);
                 jwt_item_failure(&record.entry.id, tonic::Code::PermissionDenied, why)
             },
         );
+        self.issued("jwt", started, events.into_inner());
         Ok(Response::new(pb::SignJwtResponse { results }))
     }
 
     type SyncStream = SyncStream;
+
+    async fn push_events(
+        &self,
+        request: Request<pb::PushEventsRequest>,
+    ) -> Result<Response<pb::PushEventsResponse>, Status> {
+        let op = "push_events";
+        let caller = self.authenticate(op, &request).await?;
+        let req = request.into_inner();
+        if req.events.len() > crate::events::MAX_PUSH_EVENTS || req.spool_id.len() > 64 {
+            return Err(self.refuse(
+                op,
+                caller.id.as_str(),
+                Status::invalid_argument(format!(
+                    "at most {} events per batch and a spool ID of up to 64 bytes",
+                    crate::events::MAX_PUSH_EVENTS
+                )),
+            ));
+        }
+        if req.events.windows(2).any(|w| w[1].agent_seq <= w[0].agent_seq) {
+            return Err(self.refuse(
+                op,
+                caller.id.as_str(),
+                Status::invalid_argument("events must be in increasing agent_seq order"),
+            ));
+        }
+        let acked_seq = self
+            .state
+            .events
+            .ingest(caller.id.as_str(), &req.spool_id, req.events)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::PushEventsResponse { acked_seq }))
+    }
 
     async fn sync(
         &self,
@@ -634,9 +756,12 @@ impl Node for NodeService {
         let service = self.clone();
         tokio::spawn(
             async move {
+                let streams = service.state.metrics.sync_streams().clone();
+                streams.inc();
                 if let Err(status) = service.run_sync(&caller, resume_from, &tx).await {
                     let _ = tx.send(Err(status)).await;
                 }
+                streams.dec();
             }
             .instrument(tracing::info_span!("sync")),
         );
@@ -661,6 +786,13 @@ async fn send(tx: &SyncSender, event: Event) -> Result<(), Status> {
 }
 
 impl NodeService {
+    /// Counts a signing batch and records its events.
+    fn issued(&self, kind: &'static str, started: std::time::Instant, events: Vec<types::Event>) {
+        let signed = events.iter().filter(|e| e.decision == schema::ALLOW).count();
+        self.state.metrics.issued(kind, signed, started.elapsed().as_secs_f64());
+        self.state.events.record(events);
+    }
+
     /// One agent's Sync stream: the bundle and CRLs, then either the changes
     /// since `resume_from` or a snapshot, then every change of the log as
     /// it commits. Returns when the agent goes away, the server shuts
@@ -756,7 +888,7 @@ impl NodeService {
                     _ = tokio::time::sleep(SYNC_RECHECK) => {
                         // Revocations and bans arrive through the log; a
                         // renewal (superseded SVID) or expiry is checked here.
-                        self.check_caller(caller).await.map_err(|e| refuse("sync", agent_id.as_str(), e))?;
+                        self.check_caller(caller).await.map_err(|e| self.refuse("sync", agent_id.as_str(), e))?;
                     }
                 }
                 continue;

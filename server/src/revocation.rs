@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use tessera_proto::types as pb;
 use tonic::Status;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::ca::{Ca, CrlEntry};
 use crate::state::State;
+use crate::event_schema::{self as schema, kind, EventExt};
 use crate::store::{revocation_of, CrlSigner};
 
 /// CRLs are valid this long and re-signed at half of it.
@@ -77,17 +78,32 @@ pub async fn update_verifier_crls(state: &State) -> Result<(), Status> {
 
 /// Logs revocations a commit made (it stored CRLs listing them too) and
 /// hands the CRLs to the node API's verifier.
-pub async fn revoked(state: &State, revocations: &[pb::Revocation]) -> Result<(), Status> {
+pub async fn revoked(
+    state: &State,
+    revocations: &[pb::Revocation],
+    operator: Option<&pb::Operator>,
+) -> Result<(), Status> {
     if revocations.is_empty() {
         return Ok(());
     }
-    for r in revocations {
-        if r.jti.is_empty() {
-            info!(target: "tessera::audit", serial = %r.serial, spiffe_id = %r.spiffe_id, reason = %r.reason, "X509-SVID revoked");
-        } else {
-            info!(target: "tessera::audit", jti = %r.jti, spiffe_id = %r.spiffe_id, reason = %r.reason, "JWT-SVID revoked");
-        }
-    }
+    let events = revocations
+        .iter()
+        .map(|r| {
+            let mut e = schema::denied(kind::REVOKE, r.reason.clone())
+                .agent(r.agent_id.clone())
+                .spiffe_id(r.spiffe_id.clone())
+                .operator(operator.cloned())
+                .attr("type", if r.jti.is_empty() { "x509" } else { "jwt" })
+                .attr("expires_at", r.expires_at);
+            if !r.entry_id.is_empty() {
+                e.entry_ids.push(r.entry_id.clone());
+            }
+            e.serial = r.serial.clone();
+            e.jti = r.jti.clone();
+            e
+        })
+        .collect();
+    state.events.record_durable(events).await;
     update_verifier_crls(state).await
 }
 
@@ -97,13 +113,14 @@ pub async fn revoke_issued(
     state: &State,
     issued: Vec<pb::IssuedSvid>,
     reason: &str,
+    operator: Option<&pb::Operator>,
 ) -> Result<Vec<pb::Revocation>, Status> {
     let now = state.clock.now();
     let revocations: Vec<pb::Revocation> =
         issued.iter().map(|svid| revocation_of(svid, reason, now)).collect();
     let stored = revocations.clone();
     state.store_op(move |store| store.revoke(&stored)).await?;
-    revoked(state, &revocations).await?;
+    revoked(state, &revocations, operator).await?;
     Ok(revocations)
 }
 
@@ -117,12 +134,22 @@ pub async fn expire_entries(state: &State) -> Result<usize, Status> {
     }
     let write =
         state.store_op(move |store| store.delete_entries(&ids, now, "entry expired")).await?;
-    let mut count = 0;
-    for entry in write.results.iter().flatten() {
-        info!(target: "tessera::audit", entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "entry expired");
-        count += 1;
-    }
-    revoked(state, &write.revoked).await?;
+    let events: Vec<pb::Event> = write
+        .results
+        .iter()
+        .flatten()
+        .map(|entry| {
+            let mut e = schema::event(kind::ENTRY_EXPIRE, "")
+                .agent(entry.parent_id.to_string())
+                .spiffe_id(entry.spiffe_id.to_string())
+                .entry(entry.id.clone());
+            e.before = crate::events::entry_json(&entry.to_proto());
+            e
+        })
+        .collect();
+    let count = events.len();
+    state.events.record_durable(events).await;
+    revoked(state, &write.revoked, None).await?;
     Ok(count)
 }
 

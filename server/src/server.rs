@@ -78,6 +78,7 @@ pub struct Server {
     svid: Arc<ServerSvid>,
     node_listener: TcpListener,
     admin_listener: UnixListener,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -91,6 +92,20 @@ impl Server {
         create_private_dir(&config.data_dir)
             .map_err(io("cannot create data dir", &config.data_dir))?;
         let store = SledStore::open(&config.data_dir.join("store"))?;
+        let metrics = crate::metrics::Metrics::new();
+        let events = Arc::new(crate::events::EventLog::open(
+            store.db(),
+            config.events.clone(),
+            metrics.clone(),
+        )?);
+        let governance = crate::governance::Governance {
+            operators: crate::governance::Operators {
+                uids: config.admin_uids.iter().copied().collect(),
+                gids: config.admin_gids.iter().copied().collect(),
+            },
+            policy: config.approval.clone(),
+            pending: crate::governance::Pending::open(store.db())?,
+        };
         let policy = CaPolicy {
             ttl: config.ca_ttl,
             prepare_at: config.ca_prepare_at,
@@ -110,7 +125,15 @@ impl Server {
             "cannot bind node API to",
             std::path::Path::new(&config.bind.to_string()),
         ))?;
-        let admin_listener = bind_admin_socket(&config.admin_socket).await?;
+        let shared = !config.admin_uids.is_empty() || !config.admin_gids.is_empty();
+        let admin_listener = bind_admin_socket(&config.admin_socket, shared).await?;
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(crate::telemetry::bind(addr).await.map_err(io(
+                "cannot bind metrics to",
+                std::path::Path::new(&addr.to_string()),
+            ))?),
+            None => None,
+        };
 
         let rules = EntryRules {
             trust_domain: config.trust_domain.clone(),
@@ -130,6 +153,9 @@ impl Server {
             anchors,
             feed,
             shutdown: CancellationToken::new(),
+            events,
+            metrics,
+            governance,
         });
         // The bundle may have changed while the server was down (a CA
         // expired or was prepared): agents resuming from the log hear of it.
@@ -140,7 +166,12 @@ impl Server {
         crate::revocation::refresh_crls(&state)
             .await
             .map_err(|e| ServerError::Crl(e.message().to_string()))?;
-        Ok(Self { state, svid, node_listener, admin_listener })
+        Ok(Self { state, svid, node_listener, admin_listener, metrics_listener })
+    }
+
+    /// The metrics endpoint's bound address, when `metrics_addr` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The node API's bound address.
@@ -159,7 +190,7 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let Self { state, svid, node_listener, admin_listener } = self;
+        let Self { state, svid, node_listener, admin_listener, metrics_listener } = self;
         let node_addr = node_listener.local_addr().ok();
         let tls_config = tls::server_config(
             svid.clone(),
@@ -199,6 +230,10 @@ impl Server {
         let admin = AdminServer::new(AdminService::new(state.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let gate = state.clone();
+        let admin = tonic::service::interceptor::InterceptedService::new(admin, move |request| {
+            crate::admin::authorize(&gate, request)
+        });
         let stop = shutdown.clone();
         tasks.spawn(
             async move {
@@ -221,6 +256,27 @@ impl Server {
         tasks.spawn(
             expiry_loop(state.clone(), shutdown.clone()).instrument(tracing::info_span!("expiry")),
         );
+        let events = state.events.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(
+            async move {
+                events.flush_loop(stop).await;
+                Ok(())
+            }
+            .instrument(tracing::info_span!("events")),
+        );
+        if let Some(listener) = metrics_listener {
+            let health = Arc::new(crate::metrics::ServerHealth { state: Default::default() });
+            let _ = health.state.set(state.clone());
+            let stop = shutdown.clone();
+            tasks.spawn(
+                async move {
+                    crate::telemetry::serve(listener, health, stop).await;
+                    Ok(())
+                }
+                .instrument(tracing::info_span!("metrics")),
+            );
+        }
         let feed = state.feed.clone().run(state.store.clone(), shutdown.clone());
         tasks.spawn(
             async move {
@@ -275,6 +331,12 @@ async fn rotation_loop(
         match state.ca.rotate() {
             Ok(changed) => {
                 if changed {
+                    let e = crate::event_schema::event(crate::event_schema::kind::CA_ROTATE, "");
+                    let e = crate::event_schema::EventExt::attr(e, "bundle_cas", state.ca.bundle().len());
+                    let e = crate::event_schema::EventExt::attr(e, "active_ca_not_after", state.ca.active_not_after());
+                    let kids: Vec<String> = state.ca.jwt_authorities().into_iter().map(|k| k.kid).collect();
+                    let e = crate::event_schema::EventExt::attr(e, "jwt_kids", kids.join(","));
+                    state.events.record_durable(vec![e]).await;
                     state.anchors.update(state.ca.bundle().to_vec());
                     if let Err(e) = state.store_op(|store| store.log_bundle_change()).await {
                         error!(error = %e.message(), "logging the bundle change failed");
@@ -310,6 +372,7 @@ async fn expiry_loop(state: Arc<State>, shutdown: CancellationToken) -> Result<(
         if let Err(e) = crate::revocation::expire_entries(&state).await {
             error!(error = %e.message(), "expiring entries failed");
         }
+        crate::admin::expire_proposals(&state).await;
         let now = state.clock.now();
         if now - last_prune >= 60 {
             last_prune = now;
@@ -332,7 +395,13 @@ async fn expiry_loop(state: Arc<State>, shutdown: CancellationToken) -> Result<(
     }
 }
 
-async fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener, ServerError> {
+/// Binds the admin socket: mode 0600, or 0666 in a directory others can
+/// reach when operators other than the server's user are configured
+/// (`shared`): callers are then authorized by their peer credentials.
+async fn bind_admin_socket(
+    path: &std::path::Path,
+    shared: bool,
+) -> Result<UnixListener, ServerError> {
     let io = |what| {
         let path = path.display().to_string();
         move |source| ServerError::Io { what, path, source }
@@ -340,6 +409,11 @@ async fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener, Serve
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
             create_private_dir(dir).map_err(io("cannot create admin socket dir"))?;
+            if shared {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                    .map_err(io("cannot open admin socket dir"))?;
+            }
         }
     }
     if path.exists() {
@@ -350,7 +424,8 @@ async fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener, Serve
     }
     let listener = UnixListener::bind(path).map_err(io("cannot bind admin socket"))?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    let mode = if shared { 0o666 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io("cannot restrict admin socket"))?;
     Ok(listener)
 }

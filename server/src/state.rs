@@ -31,6 +31,12 @@ pub struct State {
     pub feed: Arc<crate::feed::ChangeFeed>,
     /// Cancelled when the server shuts down; long-lived streams end on it.
     pub shutdown: CancellationToken,
+    /// The event log.
+    pub events: Arc<crate::events::EventLog>,
+    /// Metrics.
+    pub metrics: crate::metrics::Metrics,
+    /// Operators, the approval policy and the proposals waiting for it.
+    pub governance: crate::governance::Governance,
 }
 
 impl State {

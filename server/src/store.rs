@@ -80,6 +80,9 @@ pub enum StoreError {
     /// A backup file is not a Tessera backup, or is truncated or altered.
     #[error("backup: {0}")]
     Backup(String),
+    /// A file beside the database (the event sink) failed.
+    #[error("{0}")]
+    Io(String),
 }
 
 impl From<TransactionError<StoreError>> for StoreError {
@@ -688,6 +691,8 @@ pub fn revocation_of(svid: &pb::IssuedSvid, reason: &str, now: i64) -> pb::Revoc
         spiffe_id: svid.spiffe_id.clone(),
         ca_seq: svid.ca_seq,
         jti: svid.jti.clone(),
+        agent_id: svid.agent_id.clone(),
+        entry_id: svid.entry_id.clone(),
     }
 }
 
@@ -753,6 +758,12 @@ impl SledStore {
 
     fn tree(&self, i: usize) -> &sled::Tree {
         &self.trees[i]
+    }
+
+    /// The database, for the records kept beside the store's own trees
+    /// (the event log, entries waiting for approval).
+    pub fn db(&self) -> sled::Db {
+        self.db.clone()
     }
 
     /// Runs `f` as one commit: serialized with every other commit, atomic

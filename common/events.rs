@@ -1,0 +1,298 @@
+//! The event schema's helpers shared by `tessera-server` and `tessera-agent`
+//! (compiled into both crates): building events, the hash chain, the JSON
+//! form (`events --json`, the file sink) and the audit log line, which
+//! carries the same fields as the event.
+
+use tessera_proto::types::{Attr, Event, Operator, Workload};
+
+/// Event kinds. The README's "Event stream" section documents each.
+pub mod kind {
+    /// A node attestation (join token).
+    pub const NODE_ATTEST: &str = "node.attest";
+    /// An agent SVID renewal.
+    pub const NODE_RENEW: &str = "node.renew";
+    /// A node API request refused before it was served (authentication, limits).
+    pub const NODE_REFUSED: &str = "node.refused";
+    /// An X509-SVID signed (or refused) for an entry.
+    pub const X509_ISSUE: &str = "svid.x509.issue";
+    /// A JWT-SVID signed (or refused) for an entry.
+    pub const JWT_ISSUE: &str = "svid.jwt.issue";
+    /// An SVID revoked (by an operator, or with its entry or agent).
+    pub const REVOKE: &str = "svid.revoke";
+    /// FetchX509SVID answered (or refused, or an identity withdrawn).
+    pub const WORKLOAD_X509: &str = "workload.x509";
+    /// FetchJWTSVID answered or refused.
+    pub const WORKLOAD_JWT: &str = "workload.jwt";
+    /// FetchX509Bundles or FetchJWTBundles answered or refused.
+    pub const WORKLOAD_BUNDLE: &str = "workload.bundle";
+    /// ValidateJWTSVID: the token was valid (allow) or not (deny).
+    pub const WORKLOAD_VALIDATE: &str = "workload.jwt_validate";
+    /// A Workload API call refused before any identity was looked at
+    /// (header, connection or stream limits, attestation failure).
+    pub const WORKLOAD_REFUSED: &str = "workload.refused";
+    /// An admin call refused (caller not an operator, or bad input).
+    pub const ADMIN_REFUSED: &str = "admin.refused";
+    /// An entry created.
+    pub const ENTRY_CREATE: &str = "admin.entry.create";
+    /// An entry updated.
+    pub const ENTRY_UPDATE: &str = "admin.entry.update";
+    /// An entry deleted.
+    pub const ENTRY_DELETE: &str = "admin.entry.delete";
+    /// An entry (or update) held for a second operator's approval.
+    pub const ENTRY_PENDING: &str = "admin.entry.pending";
+    /// A pending entry approved (or the approval refused).
+    pub const ENTRY_APPROVE: &str = "admin.entry.approve";
+    /// A pending entry rejected, by an operator or by expiry.
+    pub const ENTRY_REJECT: &str = "admin.entry.reject";
+    /// An entry reached its `expires_at`.
+    pub const ENTRY_EXPIRE: &str = "entry.expire";
+    /// A join token created.
+    pub const JOIN_TOKEN: &str = "admin.join_token.create";
+    /// An agent banned.
+    pub const AGENT_BAN: &str = "admin.agent.ban";
+    /// An agent evicted.
+    pub const AGENT_EVICT: &str = "admin.agent.evict";
+    /// A store backup taken.
+    pub const BACKUP: &str = "admin.backup";
+    /// The CA (and its JWT key) rotated: a CA prepared, activated or retired.
+    pub const CA_ROTATE: &str = "ca.rotate";
+    /// Events an agent could not spool (its spool was full): how many, which kinds.
+    pub const SPOOL_OVERFLOW: &str = "agent.spool_overflow";
+    /// Anomaly: an identity served to an executable never seen for its entry.
+    pub const ANOMALY_NEW_EXECUTABLE: &str = "anomaly.new_executable";
+    /// Anomaly: refusals from one uid or one agent above the configured rate.
+    pub const ANOMALY_REFUSAL_BURST: &str = "anomaly.refusal_burst";
+    /// Anomaly: a JWT-SVID for an audience outside the entry's usual set.
+    pub const ANOMALY_UNUSUAL_AUDIENCE: &str = "anomaly.unusual_audience";
+}
+
+/// `decision` of an allowed request.
+pub const ALLOW: &str = "allow";
+/// `decision` of a refused request.
+pub const DENY: &str = "deny";
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// An event of `kind` with `decision` ("allow", "deny" or ""), stamped now.
+pub fn event(kind: &str, decision: &str) -> Event {
+    Event {
+        kind: kind.to_string(),
+        decision: decision.to_string(),
+        time_ms: now_ms(),
+        ..Default::default()
+    }
+}
+
+/// A denial of `kind` for `reason`.
+pub fn denied(kind: &str, reason: impl Into<String>) -> Event {
+    let mut e = event(kind, DENY);
+    e.reason = reason.into();
+    e
+}
+
+/// Builder-style setters for the fields most events carry.
+pub trait EventExt: Sized {
+    /// Sets the agent.
+    fn agent(self, agent_id: impl Into<String>) -> Self;
+    /// Adds a SPIFFE ID.
+    fn spiffe_id(self, id: impl Into<String>) -> Self;
+    /// Adds an entry ID.
+    fn entry(self, id: impl Into<String>) -> Self;
+    /// Adds a detail.
+    fn attr(self, key: &str, value: impl ToString) -> Self;
+    /// Sets the admin caller.
+    fn operator(self, operator: Option<Operator>) -> Self;
+    /// Sets the Workload API caller.
+    fn workload(self, workload: Workload) -> Self;
+}
+
+impl EventExt for Event {
+    fn agent(mut self, agent_id: impl Into<String>) -> Self {
+        self.agent_id = agent_id.into();
+        self
+    }
+    fn spiffe_id(mut self, id: impl Into<String>) -> Self {
+        self.spiffe_ids.push(id.into());
+        self
+    }
+    fn entry(mut self, id: impl Into<String>) -> Self {
+        self.entry_ids.push(id.into());
+        self
+    }
+    fn attr(mut self, key: &str, value: impl ToString) -> Self {
+        self.attrs.push(Attr { key: key.to_string(), value: value.to_string() });
+        self
+    }
+    fn operator(mut self, operator: Option<Operator>) -> Self {
+        self.operator = operator;
+        self
+    }
+    fn workload(mut self, workload: Workload) -> Self {
+        self.workload = Some(workload);
+        self
+    }
+}
+
+/// The chain hash of `event` after `prev`: SHA-256 over the previous hash
+/// and the event's protobuf encoding with `hash` empty (prost encodes a
+/// message's fields in field order, and `Event` has no maps, so the
+/// encoding is deterministic).
+pub fn chain_hash(prev: &[u8], event: &Event) -> Vec<u8> {
+    use prost::Message;
+    let mut unhashed = event.clone();
+    unhashed.hash.clear();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(prev);
+    ctx.update(&unhashed.encode_to_vec());
+    ctx.finish().as_ref().to_vec()
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn format_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// The event as one JSON object (`events --json`, the file sink). Empty
+/// fields are left out; the field names are the schema's.
+pub fn to_json(e: &Event) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let mut o = Map::new();
+    let mut put = |k: &str, v: Value| {
+        let empty = matches!(&v, Value::String(s) if s.is_empty())
+            || matches!(&v, Value::Array(a) if a.is_empty())
+            || v.is_null();
+        if !empty {
+            o.insert(k.to_string(), v);
+        }
+    };
+    if e.seq != 0 {
+        put("seq", json!(e.seq));
+    }
+    put("time", json!(format_ms(e.time_ms)));
+    put("kind", json!(e.kind));
+    put("decision", json!(e.decision));
+    put("reason", json!(e.reason));
+    put("source", json!(e.source));
+    put("agent_id", json!(e.agent_id));
+    put("spiffe_ids", json!(e.spiffe_ids));
+    put("entry_ids", json!(e.entry_ids));
+    if let Some(w) = &e.workload {
+        put(
+            "workload",
+            json!({"pid": w.pid, "uid": w.uid, "gid": w.gid, "path": w.path, "sha256": w.sha256, "selectors": w.selectors}),
+        );
+    }
+    if let Some(op) = &e.operator {
+        put("operator", json!({"uid": op.uid, "gid": op.gid, "pid": op.pid}));
+    }
+    put("serial", json!(e.serial));
+    put("jti", json!(e.jti));
+    put("audience", json!(e.audience));
+    for (key, text) in [("before", &e.before), ("after", &e.after)] {
+        if !text.is_empty() {
+            put(key, serde_json::from_str(text).unwrap_or_else(|_| json!(text)));
+        }
+    }
+    if !e.attrs.is_empty() {
+        let attrs: Map<String, Value> =
+            e.attrs.iter().map(|a| (a.key.clone(), json!(a.value))).collect();
+        put("attrs", Value::Object(attrs));
+    }
+    if e.agent_seq != 0 {
+        put("agent_seq", json!(e.agent_seq));
+    }
+    if e.stored_ms != 0 {
+        put("stored", json!(format_ms(e.stored_ms)));
+    }
+    if !e.hash.is_empty() {
+        put("prev_hash", json!(hex::encode(&e.prev_hash)));
+        put("hash", json!(hex::encode(&e.hash)));
+    }
+    Value::Object(o)
+}
+
+/// One line for people: time, kind, decision, who, what, why.
+pub fn to_text(e: &Event) -> String {
+    let mut line = format!("{} #{} {}", format_ms(e.time_ms), e.seq, e.kind);
+    if !e.decision.is_empty() {
+        line.push_str(&format!(" {}", e.decision));
+    }
+    if !e.agent_id.is_empty() {
+        line.push_str(&format!(" agent={}", e.agent_id));
+    }
+    if !e.spiffe_ids.is_empty() {
+        line.push_str(&format!(" spiffe_id={}", e.spiffe_ids.join(",")));
+    }
+    if let Some(w) = &e.workload {
+        line.push_str(&format!(" pid={} uid={} gid={}", w.pid, w.uid, w.gid));
+        if !w.path.is_empty() {
+            line.push_str(&format!(" path={}", w.path));
+        }
+    }
+    if let Some(op) = &e.operator {
+        line.push_str(&format!(" operator_uid={}", op.uid));
+    }
+    if !e.serial.is_empty() {
+        line.push_str(&format!(" serial={}", e.serial));
+    }
+    if !e.jti.is_empty() {
+        line.push_str(&format!(" jti={}", e.jti));
+    }
+    if !e.audience.is_empty() {
+        line.push_str(&format!(" audience={}", e.audience.join(",")));
+    }
+    for a in &e.attrs {
+        line.push_str(&format!(" {}={}", a.key, a.value));
+    }
+    if !e.reason.is_empty() {
+        line.push_str(&format!(" reason={:?}", e.reason));
+    }
+    line
+}
+
+/// Writes the event's audit log line on the `tessera::audit` target, with
+/// the event's fields (a denial at warn level, the rest at info).
+pub fn log(e: &Event) {
+    let w = e.workload.clone().unwrap_or_default();
+    let operator_uid = e.operator.as_ref().map(|o| o.uid);
+    let attrs: Vec<String> = e.attrs.iter().map(|a| format!("{}={}", a.key, a.value)).collect();
+    macro_rules! emit {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "tessera::audit",
+                kind = %e.kind,
+                decision = %e.decision,
+                reason = %e.reason,
+                agent_id = %e.agent_id,
+                spiffe_ids = ?e.spiffe_ids,
+                entry_ids = ?e.entry_ids,
+                pid = w.pid,
+                uid = w.uid,
+                gid = w.gid,
+                path = %w.path,
+                sha256 = %w.sha256,
+                selectors = ?w.selectors,
+                operator_uid = ?operator_uid,
+                serial = %e.serial,
+                jti = %e.jti,
+                audience = ?e.audience,
+                attrs = ?attrs,
+                "{}", e.kind
+            )
+        };
+    }
+    if e.decision == DENY {
+        emit!(warn);
+    } else {
+        emit!(info);
+    }
+}

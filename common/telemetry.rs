@@ -1,0 +1,182 @@
+//! Metrics and health over HTTP, shared by `tessera-server` and
+//! `tessera-agent` (compiled into both crates): the event counters both
+//! keep, and the small HTTP/1 server behind `--metrics-addr` with
+//! `/metrics` (Prometheus text from the `prometheus-client` crate), `/live`
+//! and `/ready`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tessera_proto::types::Event;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Label pairs of a metric family.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// A latency histogram: 100 µs to about 3 s.
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// A family of latency histograms.
+pub type LatencyFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// A new family of latency histograms.
+pub fn latency_family() -> LatencyFamily {
+    Family::new_with_constructor(latency_histogram as fn() -> Histogram)
+}
+
+/// Counters every event moves: events by kind and decision, refusals by
+/// kind and reason, anomalies by kind.
+#[derive(Debug, Clone, Default)]
+pub struct EventCounters {
+    /// Events by kind and decision.
+    pub events: Family<Labels, Counter>,
+    /// Refusals (deny events) by kind and a reason class.
+    pub refusals: Family<Labels, Counter>,
+    /// Anomaly events by kind.
+    pub anomalies: Family<Labels, Counter>,
+    /// Requests refused for a rate or concurrency limit.
+    pub rate_limited: Counter,
+}
+
+impl EventCounters {
+    /// Registers the counters under `prefix` (`tessera_server`, `tessera_agent`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("events", "Events recorded, by kind and decision", self.events.clone());
+        registry.register(
+            "refusals",
+            "Refusals, by event kind and reason (numbers and IDs left out)",
+            self.refusals.clone(),
+        );
+        registry.register("anomalies", "Anomaly events, by kind", self.anomalies.clone());
+        registry.register(
+            "rate_limited",
+            "Requests refused for a rate, connection or stream limit",
+            self.rate_limited.clone(),
+        );
+    }
+
+    /// Counts one event.
+    pub fn count(&self, e: &Event) {
+        self.events
+            .get_or_create(&vec![("kind", e.kind.clone()), ("decision", e.decision.clone())])
+            .inc();
+        if e.decision == "deny" {
+            let class = reason_class(&e.reason);
+            if class.contains("limit") || class.contains("too many") {
+                self.rate_limited.inc();
+            }
+            self.refusals.get_or_create(&vec![("kind", e.kind.clone()), ("reason", class)]).inc();
+        }
+        if e.kind.starts_with("anomaly.") {
+            self.anomalies.get_or_create(&vec![("kind", e.kind.clone())]).inc();
+        }
+    }
+}
+
+/// A refusal reason without the parts that vary (IDs, numbers, paths,
+/// quoted values), so that the label's values stay few: the first words
+/// up to a colon or parenthesis.
+pub fn reason_class(reason: &str) -> String {
+    let head = reason.split([':', '(', '"', ';']).next().unwrap_or("");
+    let words: Vec<&str> = head
+        .split_whitespace()
+        .filter(|w| !w.chars().any(|c| c.is_ascii_digit() || c == '/' || c == '.' || c == '='))
+        .take(8)
+        .collect();
+    if words.is_empty() {
+        "other".into()
+    } else {
+        words.join(" ")
+    }
+}
+
+/// What the HTTP endpoints ask the process.
+pub trait Health: Send + Sync + 'static {
+    /// The metrics in Prometheus text form (refreshing any gauge read at scrape time).
+    fn metrics(&self) -> String;
+    /// `Ok` when ready to serve; otherwise why not.
+    fn ready(&self) -> Result<(), String>;
+}
+
+/// Encodes a registry as Prometheus text.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::error!(error = %e, "encoding metrics failed");
+    }
+    out
+}
+
+/// Binds the metrics address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves `/metrics`, `/live` and `/ready` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, health: Arc<dyn Health>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let health = health.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let health = health.clone();
+                async move { Ok::<_, Infallible>(answer(&req, health.as_ref())) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn answer<B>(req: &Request<B>, health: &dyn Health) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        if let Ok(value) = content_type.parse() {
+            response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+        }
+        response
+    };
+    if req.method() != hyper::Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            health.metrics(),
+        ),
+        "/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),
+        "/ready" => match health.ready() {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
+        },
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /live or /ready\n".into()),
+    }
+}

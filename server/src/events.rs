@@ -1,0 +1,543 @@
+//! The trust domain's event log: every decision about a workload identity,
+//! from this server and from its agents, stored in order in the store's
+//! database with a hash chain, so that an edited, removed or inserted
+//! event is found by [`EventLog::verify`].
+//!
+//! Writes are in-order appends under one lock (which keeps the chain and
+//! the sequence gapless). Events that answer an operator or acknowledge an
+//! agent's batch are flushed to disk before the answer; the rest are
+//! flushed by [`EventLog::flush_loop`] within [`FLUSH_INTERVAL`].
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prost::Message;
+use tessera_proto::admin::{ListEventsRequest, VerifyEventsReport};
+use tessera_proto::types::Event;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::event_schema::{self as schema, kind, EventExt};
+use crate::metrics::Metrics;
+use crate::store::StoreError;
+
+/// How long an event that answers nobody may wait for its fsync.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Largest batch an agent may push at once.
+pub const MAX_PUSH_EVENTS: usize = 2_000;
+
+/// Event log settings.
+#[derive(Debug, Clone)]
+pub struct EventConfig {
+    /// Store events (false: they are only logged; for measuring the cost).
+    pub enabled: bool,
+    /// Seconds an event is kept; 0: forever.
+    pub retention_secs: u64,
+    /// A JSON-lines file every stored event is appended to (for a SIEM).
+    pub file: Option<PathBuf>,
+    /// Refusals per minute from one (agent, uid), or from one agent, above
+    /// which an `anomaly.refusal_burst` event is recorded.
+    pub refusals_per_minute: u32,
+}
+
+impl Default for EventConfig {
+    fn default() -> Self {
+        Self { enabled: true, retention_secs: 30 * 24 * 3600, file: None, refusals_per_minute: 30 }
+    }
+}
+
+const ANCHOR_KEY: &[u8] = b"anchor";
+const SPOOL_PREFIX: &str = "spool/";
+
+/// The chain's end: the next sequence number and the last hash.
+#[derive(Debug)]
+struct Head {
+    next_seq: u64,
+    hash: Vec<u8>,
+}
+
+/// Refusal counts in the current minute, per key, and whether the burst
+/// was reported.
+#[derive(Debug, Default)]
+struct Bursts {
+    minute: i64,
+    counts: HashMap<String, (u32, bool)>,
+}
+
+/// The event log.
+pub struct EventLog {
+    db: sled::Db,
+    events: sled::Tree,
+    meta: sled::Tree,
+    baselines: sled::Tree,
+    head: Mutex<Head>,
+    stored: watch::Sender<u64>,
+    sink: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    dirty: AtomicBool,
+    bursts: Mutex<Bursts>,
+    config: EventConfig,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog").field("events", &self.events.len()).finish_non_exhaustive()
+    }
+}
+
+fn decode(bytes: &[u8], seq: u64) -> Result<Event, StoreError> {
+    Event::decode(bytes).map_err(|e| StoreError::Corrupt {
+        key: format!("event {seq}"),
+        reason: e.to_string(),
+    })
+}
+
+fn seq_of(key: &[u8]) -> u64 {
+    key.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+impl EventLog {
+    /// Opens the log in the store's database.
+    pub fn open(db: sled::Db, config: EventConfig, metrics: Metrics) -> Result<Self, StoreError> {
+        let events = db.open_tree("events")?;
+        let meta = db.open_tree("event_meta")?;
+        let baselines = db.open_tree("event_baselines")?;
+        let head = match events.last()? {
+            Some((key, value)) => {
+                let seq = seq_of(&key);
+                Head { next_seq: seq + 1, hash: decode(&value, seq)?.hash }
+            }
+            None => match meta.get(ANCHOR_KEY)? {
+                // Everything was pruned: the chain continues from the anchor.
+                Some(anchor) if anchor.len() > 8 => Head {
+                    next_seq: seq_of(&anchor[..8]) + 1,
+                    hash: anchor[8..].to_vec(),
+                },
+                _ => Head { next_seq: 1, hash: Vec::new() },
+            },
+        };
+        let sink = match &config.file {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| StoreError::Io(format!("event file {}: {e}", path.display())))?;
+                Some(Mutex::new(std::io::BufWriter::new(file)))
+            }
+            None => None,
+        };
+        let last = head.next_seq - 1;
+        Ok(Self {
+            db,
+            events,
+            meta,
+            baselines,
+            head: Mutex::new(head),
+            stored: watch::channel(last).0,
+            sink,
+            dirty: AtomicBool::new(false),
+            bursts: Mutex::new(Bursts::default()),
+            config,
+            metrics,
+        })
+    }
+
+    /// The sequence number of the last stored event, updated on every append.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.stored.subscribe()
+    }
+
+    /// Records server events: logs each, stores it (with any anomaly it
+    /// reveals) in the chain. Not yet fsynced: see [`Self::record_durable`].
+    pub fn record(&self, events: Vec<Event>) {
+        let events = events
+            .into_iter()
+            .map(|mut e| {
+                if e.source.is_empty() {
+                    e.source = "server".into();
+                }
+                e
+            })
+            .collect();
+        if let Err(e) = self.append(events) {
+            error!(error = %e, "storing events failed");
+        }
+    }
+
+    /// Records server events and waits until they are on disk.
+    pub async fn record_durable(&self, events: Vec<Event>) {
+        self.record(events);
+        if self.config.enabled {
+            if let Err(e) = self.db.flush_async().await {
+                error!(error = %e, "flushing events failed");
+            }
+        }
+    }
+
+    /// Stores an agent's pushed events (those after what was already stored
+    /// from the same spool), fsynced, and returns the spool position stored.
+    pub async fn ingest(
+        &self,
+        agent_id: &str,
+        spool_id: &[u8],
+        events: Vec<Event>,
+    ) -> Result<u64, StoreError> {
+        let key = format!("{SPOOL_PREFIX}{agent_id}");
+        let position = self.meta.get(&key)?;
+        let mut acked = match position.as_deref() {
+            Some(p) if p.len() == spool_id.len() + 8 && &p[8..] == spool_id => seq_of(&p[..8]),
+            _ => 0,
+        };
+        let mut fresh = Vec::new();
+        for mut e in events {
+            if e.agent_seq <= acked {
+                continue; // a retry of a batch whose answer was lost
+            }
+            acked = e.agent_seq;
+            // The sender is the authenticated agent, whatever the event says.
+            e.agent_id = agent_id.to_string();
+            e.source = "agent".into();
+            e.seq = 0;
+            e.hash.clear();
+            e.prev_hash.clear();
+            fresh.push(e);
+        }
+        if !fresh.is_empty() {
+            self.metrics.events_ingested().inc_by(fresh.len() as u64);
+            self.append(fresh)?;
+        }
+        let mut position = acked.to_be_bytes().to_vec();
+        position.extend_from_slice(spool_id);
+        self.meta.insert(key, position)?;
+        self.db.flush_async().await?;
+        Ok(acked)
+    }
+
+    /// Logs, chains and stores events, with the anomalies they reveal.
+    fn append(&self, events: Vec<Event>) -> Result<(), StoreError> {
+        let mut all = Vec::with_capacity(events.len());
+        for e in events {
+            schema::log(&e);
+            self.metrics.event(&e);
+            let anomalies = self.detect(&e);
+            all.push(e);
+            for a in anomalies {
+                schema::log(&a);
+                self.metrics.event(&a);
+                all.push(a);
+            }
+        }
+        if !self.config.enabled {
+            return Ok(());
+        }
+        let stored_ms = schema::now_ms();
+        let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+        let mut batch = sled::Batch::default();
+        let (mut seq, mut hash) = (head.next_seq, head.hash.clone());
+        for e in all.iter_mut() {
+            e.seq = seq;
+            e.stored_ms = stored_ms;
+            e.prev_hash = hash;
+            e.hash = schema::chain_hash(&e.prev_hash, e);
+            hash = e.hash.clone();
+            batch.insert(&seq.to_be_bytes(), e.encode_to_vec());
+            seq += 1;
+        }
+        self.events.apply_batch(batch)?;
+        self.metrics.stored(all.len());
+        head.next_seq = seq;
+        head.hash = hash;
+        if let Some(sink) = &self.sink {
+            let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+            for e in &all {
+                let _ = writeln!(sink, "{}", schema::to_json(e));
+            }
+        }
+        drop(head);
+        self.dirty.store(true, Ordering::Release);
+        self.stored.send_replace(seq - 1);
+        Ok(())
+    }
+
+    /// Anomalies `e` reveals, updating what is usual.
+    fn detect(&self, e: &Event) -> Vec<Event> {
+        let mut found = Vec::new();
+        let result = (|| -> Result<(), StoreError> {
+            if e.decision == schema::DENY {
+                self.count_refusal(e, &mut found);
+            }
+            if e.decision != schema::ALLOW {
+                return Ok(());
+            }
+            let exe = e.workload.as_ref().map(|w| w.sha256.as_str()).unwrap_or("");
+            if (e.kind == kind::WORKLOAD_X509 || e.kind == kind::WORKLOAD_JWT) && !exe.is_empty() {
+                for entry in &e.entry_ids {
+                    if self.learn(&format!("exe/{entry}/"), exe)? {
+                        let mut a = schema::event(kind::ANOMALY_NEW_EXECUTABLE, "")
+                            .agent(e.agent_id.clone())
+                            .entry(entry.clone())
+                            .attr("sha256", exe)
+                            .attr("reason", "identity served to an executable never seen before for this entry");
+                        a.spiffe_ids = e.spiffe_ids.clone();
+                        a.workload = e.workload.clone();
+                        found.push(a);
+                    }
+                }
+            }
+            if e.kind == kind::JWT_ISSUE {
+                for entry in &e.entry_ids {
+                    for aud in &e.audience {
+                        if self.learn(&format!("aud/{entry}/"), aud)? {
+                            let mut a = schema::event(kind::ANOMALY_UNUSUAL_AUDIENCE, "")
+                                .agent(e.agent_id.clone())
+                                .entry(entry.clone())
+                                .attr("audience", aud)
+                                .attr("reason", "JWT-SVID for an audience outside the entry's usual set");
+                            a.spiffe_ids = e.spiffe_ids.clone();
+                            a.audience = vec![aud.clone()];
+                            found.push(a);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(err) = result {
+            warn!(error = %err, "anomaly detection failed");
+        }
+        found
+    }
+
+    /// Remembers `value` under `prefix`; true when it is new and the prefix
+    /// already had a value (the first one seen sets the baseline).
+    fn learn(&self, prefix: &str, value: &str) -> Result<bool, StoreError> {
+        let key = format!("{prefix}{value}");
+        if self.baselines.contains_key(&key)? {
+            return Ok(false);
+        }
+        let known = self.baselines.scan_prefix(prefix).next().is_some();
+        self.baselines.insert(key, &[])?;
+        Ok(known)
+    }
+
+    fn count_refusal(&self, e: &Event, found: &mut Vec<Event>) {
+        let limit = self.config.refusals_per_minute;
+        if limit == 0 || e.agent_id.is_empty() {
+            return;
+        }
+        let minute = e.time_ms.div_euclid(60_000);
+        let mut bursts = self.bursts.lock().unwrap_or_else(|e| e.into_inner());
+        if bursts.minute != minute {
+            bursts.minute = minute;
+            bursts.counts.clear();
+        }
+        let mut keys = vec![(format!("agent {}", e.agent_id), None)];
+        if let Some(w) = &e.workload {
+            keys.push((format!("agent {} uid {}", e.agent_id, w.uid), Some(w.uid)));
+        }
+        for (key, uid) in keys {
+            let (count, reported) = bursts.counts.entry(key).or_insert((0, false));
+            *count += 1;
+            if *count > limit && !*reported {
+                *reported = true;
+                let mut a = schema::event(kind::ANOMALY_REFUSAL_BURST, "")
+                    .agent(e.agent_id.clone())
+                    .attr("refusals_per_minute", *count)
+                    .attr("limit", limit)
+                    .attr("reason", "refusals above the configured rate");
+                if let Some(uid) = uid {
+                    a = a.attr("uid", uid);
+                    a.workload = e.workload.clone();
+                }
+                found.push(a);
+            }
+        }
+    }
+
+    /// Stored events matching `filter`, oldest first, after `after_seq`, at
+    /// most `limit` (0: all). Returns them and the last sequence looked at.
+    pub fn list(
+        &self,
+        filter: &ListEventsRequest,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<(Vec<Event>, u64), StoreError> {
+        let mut out = Vec::new();
+        let mut last = after_seq;
+        for item in self.events.range((after_seq + 1).to_be_bytes()..) {
+            let (key, value) = item?;
+            last = seq_of(&key);
+            let e = decode(&value, last)?;
+            if matches(filter, &e) {
+                out.push(e);
+                if limit != 0 && out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok((out, last))
+    }
+
+    /// Recomputes the chain: every event's hash, and each event's link to
+    /// the one before (and the first to the pruning anchor).
+    pub fn verify(&self) -> Result<VerifyEventsReport, StoreError> {
+        let mut report = VerifyEventsReport { ok: true, ..Default::default() };
+        let (mut expect_seq, mut prev) = match self.meta.get(ANCHOR_KEY)? {
+            Some(anchor) if anchor.len() > 8 => (seq_of(&anchor[..8]) + 1, anchor[8..].to_vec()),
+            _ => (1, Vec::new()),
+        };
+        let broken = |report: &mut VerifyEventsReport, seq: u64, problem: String| {
+            if report.ok {
+                report.ok = false;
+                report.broken_at = seq;
+                report.problem = problem;
+            }
+        };
+        for item in self.events.iter() {
+            let (key, value) = item?;
+            let seq = seq_of(&key);
+            if report.first_seq == 0 {
+                report.first_seq = seq;
+            }
+            report.last_seq = seq;
+            report.checked += 1;
+            if seq != expect_seq {
+                broken(&mut report, expect_seq, format!("event {expect_seq} is missing (next stored is {seq})"));
+            }
+            expect_seq = seq + 1;
+            let e = match Event::decode(value.as_ref()) {
+                Ok(e) => e,
+                Err(err) => {
+                    broken(&mut report, seq, format!("event {seq} cannot be decoded: {err}"));
+                    prev = Vec::new();
+                    continue;
+                }
+            };
+            if e.seq != seq {
+                broken(&mut report, seq, format!("event {seq} says it is event {}", e.seq));
+            }
+            if e.prev_hash != prev {
+                broken(&mut report, seq, format!("event {seq} does not follow the event before it (previous hash differs)"));
+            }
+            if schema::chain_hash(&e.prev_hash, &e) != e.hash {
+                broken(&mut report, seq, format!("event {seq} was altered (its hash does not match its content)"));
+            }
+            prev = e.hash;
+        }
+        let head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+        if report.ok && head.next_seq != expect_seq {
+            broken(&mut report, expect_seq, format!("the log ends at event {} but {} were written", expect_seq - 1, head.next_seq - 1));
+        }
+        report.head_hash = prev;
+        Ok(report)
+    }
+
+    /// Drops events older than the retention, moving the chain's anchor to
+    /// the last one dropped.
+    pub fn prune(&self, now_ms: i64) -> Result<usize, StoreError> {
+        if self.config.retention_secs == 0 {
+            return Ok(0);
+        }
+        let cutoff = now_ms - (self.config.retention_secs as i64) * 1000;
+        let mut dropped = 0;
+        let mut anchor = None;
+        for item in self.events.iter() {
+            let (key, value) = item?;
+            let seq = seq_of(&key);
+            let e = decode(&value, seq)?;
+            if e.stored_ms >= cutoff {
+                break;
+            }
+            anchor = Some((seq, e.hash));
+            dropped += 1;
+            if dropped >= 10_000 {
+                break;
+            }
+        }
+        if let Some((seq, hash)) = anchor {
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(&hash);
+            self.meta.insert(ANCHOR_KEY, value)?;
+            let mut batch = sled::Batch::default();
+            for item in self.events.range(..=seq.to_be_bytes()) {
+                batch.remove(item?.0);
+            }
+            self.events.apply_batch(batch)?;
+            self.dirty.store(true, Ordering::Release);
+        }
+        Ok(dropped)
+    }
+
+    /// Flushes events that answered nobody, and the file sink, every
+    /// [`FLUSH_INTERVAL`]; prunes by retention every minute.
+    pub async fn flush_loop(&self, shutdown: CancellationToken) {
+        let mut ticks = 0u64;
+        loop {
+            let stop = tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = tokio::time::sleep(FLUSH_INTERVAL) => false,
+            };
+            if self.dirty.swap(false, Ordering::AcqRel) {
+                if let Err(e) = self.db.flush_async().await {
+                    error!(error = %e, "flushing events failed");
+                }
+            }
+            if let Some(sink) = &self.sink {
+                let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = sink.flush() {
+                    error!(error = %e, "writing the event file failed");
+                }
+            }
+            ticks += 1;
+            if ticks % 1200 == 1 {
+                match self.prune(schema::now_ms()) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(events = n, "dropped events past their retention"),
+                    Err(e) => error!(error = %e, "pruning events failed"),
+                }
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+}
+
+/// Whether `e` passes the request's filters.
+pub fn matches(filter: &ListEventsRequest, e: &Event) -> bool {
+    (filter.since_ms == 0 || e.time_ms >= filter.since_ms)
+        && (filter.kind.is_empty()
+            || e.kind == filter.kind
+            || e.kind.starts_with(&format!("{}.", filter.kind)))
+        && (filter.decision.is_empty() || e.decision == filter.decision)
+        && (filter.agent_id.is_empty() || e.agent_id == filter.agent_id)
+        && (filter.spiffe_id.is_empty() || e.spiffe_ids.iter().any(|id| *id == filter.spiffe_id))
+}
+
+/// The event of an operator's entry change: before and after as JSON.
+pub fn entry_json(entry: &tessera_proto::types::Entry) -> String {
+    let selectors: Vec<String> =
+        entry.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect();
+    serde_json::json!({
+        "id": entry.id,
+        "spiffe_id": entry.spiffe_id,
+        "parent_id": entry.parent_id,
+        "selectors": selectors,
+        "x509_svid_ttl": entry.x509_svid_ttl,
+        "jwt_svid_ttl": entry.jwt_svid_ttl,
+        "jwt_audiences": entry.jwt_audiences,
+        "dns_names": entry.dns_names,
+        "expires_at": entry.expires_at,
+        "hint": entry.hint,
+        "revision": entry.revision,
+        "require_approval": entry.require_approval,
+    })
+    .to_string()
+}

@@ -1,0 +1,197 @@
+//! The server's metrics (Prometheus, via `prometheus-client`), served by
+//! `--metrics-addr` with `/live` and `/ready`.
+
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tessera_proto::types::Event;
+
+use crate::state::State;
+use crate::telemetry::{self, EventCounters, LatencyFamily, Labels};
+
+/// Every server metric. Cloning shares them.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    counters: EventCounters,
+    /// SVIDs signed, by type (`x509`, `jwt`).
+    issued: Family<Labels, Counter>,
+    /// Time to answer one signing batch, by type.
+    issue_seconds: LatencyFamily,
+    /// Node attestations by outcome.
+    attestations: Family<Labels, Counter>,
+    attestation_seconds: Histogram,
+    /// Open Sync streams.
+    sync_streams: Gauge,
+    /// Events stored and pushed by agents.
+    events_stored: Counter,
+    events_ingested_: Counter,
+    // Read at scrape time.
+    ca_expiry: Gauge<i64, AtomicI64>,
+    jwt_key_expiry: Gauge<i64, AtomicI64>,
+    entries: Gauge<i64, AtomicI64>,
+    pending: Gauge<i64, AtomicI64>,
+    agents: Gauge<i64, AtomicI64>,
+    revision: Gauge<i64, AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A new set of metrics, registered under `tessera_server`.
+    pub fn new() -> Self {
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("tessera_server");
+        let counters = EventCounters::default();
+        counters.register(registry);
+        let inner = Inner {
+            counters,
+            issued: Family::default(),
+            issue_seconds: telemetry::latency_family(),
+            attestations: Family::default(),
+            attestation_seconds: telemetry::latency_histogram(),
+            sync_streams: Gauge::default(),
+            events_stored: Counter::default(),
+            events_ingested_: Counter::default(),
+            ca_expiry: Gauge::default(),
+            jwt_key_expiry: Gauge::default(),
+            entries: Gauge::default(),
+            pending: Gauge::default(),
+            agents: Gauge::default(),
+            revision: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("svids_issued", "SVIDs signed, by type", inner.issued.clone());
+        registry.register(
+            "svid_issue_seconds",
+            "Time to answer one signing batch, by SVID type",
+            inner.issue_seconds.clone(),
+        );
+        registry.register(
+            "node_attestations",
+            "Node attestations, by outcome",
+            inner.attestations.clone(),
+        );
+        registry.register(
+            "node_attestation_seconds",
+            "Time to answer a node attestation",
+            inner.attestation_seconds.clone(),
+        );
+        registry.register("sync_streams", "Open agent Sync streams", inner.sync_streams.clone());
+        registry.register("events_stored", "Events stored in the event log", inner.events_stored.clone());
+        registry.register(
+            "events_ingested",
+            "Events pushed by agents and stored",
+            inner.events_ingested_.clone(),
+        );
+        registry.register(
+            "ca_expiry_seconds",
+            "Seconds until the active CA expires",
+            inner.ca_expiry.clone(),
+        );
+        registry.register(
+            "jwt_key_expiry_seconds",
+            "Seconds until the active JWT signing key expires",
+            inner.jwt_key_expiry.clone(),
+        );
+        registry.register("entries", "Registration entries", inner.entries.clone());
+        registry.register("pending_entries", "Entries waiting for approval", inner.pending.clone());
+        registry.register("agents", "Attested agents", inner.agents.clone());
+        registry.register("revision", "Latest change log revision", inner.revision.clone());
+        let inner = Inner { registry: root, ..inner };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// Counts an event (and its kind of refusal or anomaly).
+    pub fn event(&self, e: &Event) {
+        self.inner.counters.count(e);
+    }
+
+    /// Counts events stored.
+    pub fn stored(&self, n: usize) {
+        self.inner.events_stored.inc_by(n as u64);
+    }
+
+    /// Counter of events pushed by agents.
+    pub fn events_ingested(&self) -> &Counter {
+        &self.inner.events_ingested_
+    }
+
+    /// A signing batch answered: `signed` SVIDs of `kind`, in `seconds`.
+    pub fn issued(&self, kind: &'static str, signed: usize, seconds: f64) {
+        let labels = vec![("type", kind.to_string())];
+        self.inner.issued.get_or_create(&labels).inc_by(signed as u64);
+        self.inner.issue_seconds.get_or_create(&labels).observe(seconds);
+    }
+
+    /// A node attestation answered.
+    pub fn attestation(&self, ok: bool, seconds: f64) {
+        let outcome = if ok { "ok" } else { "refused" };
+        self.inner.attestations.get_or_create(&vec![("outcome", outcome.to_string())]).inc();
+        self.inner.attestation_seconds.observe(seconds);
+    }
+
+    /// The open Sync streams gauge.
+    pub fn sync_streams(&self) -> &Gauge {
+        &self.inner.sync_streams
+    }
+
+    /// Reads the gauges that are computed at scrape time and encodes everything.
+    pub fn render(&self, state: &State) -> String {
+        let now = state.clock.now();
+        let inner = &self.inner;
+        inner.ca_expiry.set(state.ca.active_not_after() - now);
+        inner.jwt_key_expiry.set(state.ca.active_not_after() - now);
+        inner.entries.set(state.store.entry_count() as i64);
+        inner.pending.set(state.governance.pending_count() as i64);
+        if let Ok(agents) = state.store.agents() {
+            inner.agents.set(agents.len() as i64);
+        }
+        if let Ok(revision) = state.store.revision() {
+            inner.revision.set(revision as i64);
+        }
+        telemetry::encode(&inner.registry)
+    }
+}
+
+/// `/metrics` and `/ready` for the server: ready when it serves with a
+/// current (unexpired) CA.
+#[derive(Debug)]
+pub struct ServerHealth {
+    /// The state, set once the server runs.
+    pub state: OnceLock<Arc<State>>,
+}
+
+impl telemetry::Health for ServerHealth {
+    fn metrics(&self) -> String {
+        match self.state.get() {
+            Some(state) => state.metrics.render(state),
+            None => String::new(),
+        }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        let state = self.state.get().ok_or("server is starting")?;
+        if state.shutdown.is_cancelled() {
+            return Err("server is shutting down".into());
+        }
+        if state.ca.active_not_after() <= state.clock.now() {
+            return Err("the CA has expired".into());
+        }
+        Ok(())
+    }
+}
