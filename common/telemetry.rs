@@ -28,9 +28,11 @@ pub fn latency_histogram() -> Histogram {
 }
 
 /// A family of latency histograms.
+#[allow(dead_code)] // the agent has none
 pub type LatencyFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
 /// A new family of latency histograms.
+#[allow(dead_code)]
 pub fn latency_family() -> LatencyFamily {
     Family::new_with_constructor(latency_histogram as fn() -> Histogram)
 }

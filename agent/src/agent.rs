@@ -20,7 +20,9 @@ use crate::cache::Cache;
 use crate::identity::{
     certs_pem, new_key_and_csr, read_pem, write_private, AgentIdentity, IdentityError,
 };
+use crate::events::EventSpool;
 use crate::jwt::JwtSvids;
+use crate::metrics::{AgentHealth, AgentMetrics};
 use crate::manager::{agent_renewal_loop, now, signer_loop, sync_loop, NodeLink};
 use crate::node_client::{connect_node, node_tls_config, NodeClientError};
 use crate::workload::{self, WorkloadLimits, WorkloadService};
@@ -51,6 +53,12 @@ pub struct AgentConfig {
     pub socket_path: PathBuf,
     /// Per-caller limits of the Workload API (connections, streams, hashing).
     pub workload_limits: WorkloadLimits,
+    /// Address for Prometheus metrics, `/live` and `/ready` (off when unset).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Record events and send them to the server (off only to measure their cost).
+    pub events: bool,
+    /// Most bytes of events spooled while the server is away.
+    pub event_spool_bytes: u64,
 }
 
 impl AgentConfig {
@@ -65,6 +73,9 @@ impl AgentConfig {
             trust_domain: None,
             socket_path,
             workload_limits: WorkloadLimits::default(),
+            metrics_addr: None,
+            events: true,
+            event_spool_bytes: crate::events::DEFAULT_SPOOL_BYTES,
         }
     }
 }
@@ -113,6 +124,9 @@ pub struct Agent {
     link: Arc<NodeLink>,
     trust_domain: TrustDomain,
     listener: UnixListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    events: Arc<EventSpool>,
+    metrics: AgentMetrics,
 }
 
 impl Agent {
@@ -155,6 +169,28 @@ impl Agent {
             }
             None => attest(&config, &trust_domain, &anchors).await?,
         };
+        let metrics = AgentMetrics::new();
+        let events = Arc::new(
+            EventSpool::open(
+                &config.data_dir,
+                identity.spiffe_id.to_string(),
+                config.event_spool_bytes,
+                config.events,
+                metrics.clone(),
+            )
+            .map_err(|e| AgentError::Io {
+                what: "cannot open event spool in",
+                path: config.data_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?,
+        );
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(crate::telemetry::bind(addr).await.map_err(io(
+                "cannot bind metrics to",
+                Path::new(&addr.to_string()),
+            ))?),
+            None => None,
+        };
         let listener = workload::bind_socket(&config.socket_path)
             .map_err(io("cannot bind Workload API socket", &config.socket_path))?;
         info!(socket = %config.socket_path.display(), "Workload API socket bound (mode 0777)");
@@ -165,7 +201,12 @@ impl Agent {
             identity,
             config.data_dir.clone(),
         ));
-        Ok(Self { config, link, trust_domain, listener })
+        Ok(Self { config, link, trust_domain, listener, metrics_listener, events, metrics })
+    }
+
+    /// The metrics endpoint's bound address, when `metrics_addr` is set.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The agent's SPIFFE ID.
@@ -180,7 +221,7 @@ impl Agent {
 
     /// Runs until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        let Self { config, link, trust_domain, listener } = self;
+        let Self { config, link, trust_domain, listener, metrics_listener, events, metrics } = self;
         let cache = Cache::new();
         let limits = config.workload_limits;
         let jwt = Arc::new(JwtSvids::new(
@@ -205,15 +246,28 @@ impl Agent {
             agent_renewal_loop(link.clone(), config.data_dir.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("agent_svid")),
         );
+        tasks.spawn(
+            events.clone().run(link.clone(), shutdown.clone()).instrument(tracing::info_span!("events")),
+        );
+        if let Some(listener) = metrics_listener {
+            let health = Arc::new(AgentHealth { metrics: metrics.clone(), parts: Default::default() });
+            let _ = health.parts.set((cache.clone(), link.clone()));
+            tasks.spawn(
+                crate::telemetry::serve(listener, health, shutdown.clone())
+                    .instrument(tracing::info_span!("metrics")),
+            );
+        }
         let service = WorkloadService::new(
             cache,
             jwt,
             Arc::new(UnixAttestor::with_limits(limits.hashing)),
             trust_domain,
             limits,
+            events.clone(),
+            metrics,
             shutdown.clone(),
         );
-        let incoming = workload::incoming(listener, limits, shutdown.clone());
+        let incoming = workload::incoming(listener, limits, events, shutdown.clone());
         let stop = shutdown.clone();
         let server = tokio::spawn(
             async move {

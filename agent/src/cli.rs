@@ -64,6 +64,17 @@ struct RunArgs {
     /// Log lines as `text` or `json` (one object per line).
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    /// Serve Prometheus metrics, /live and /ready on this address (off by default).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Most bytes of events kept in the spool while the server is away
+    /// [default: 64 MiB]; past it, events are counted, not kept.
+    #[arg(long)]
+    event_spool_bytes: Option<u64>,
+    /// Do not record Workload API events (they are still logged). Only for
+    /// measuring what the event stream costs.
+    #[arg(long)]
+    no_events: bool,
 }
 
 #[derive(Debug, Args)]
@@ -381,6 +392,14 @@ async fn run_agent(args: RunArgs) -> Result<(), CliError> {
         .map_err(|e| CliError(format!("invalid --trust-domain: {e}")))?;
     if let Some(socket) = args.socket {
         config.socket_path = socket;
+    }
+    config.metrics_addr = args.metrics_addr;
+    config.events = !args.no_events;
+    if let Some(bytes) = args.event_spool_bytes {
+        if bytes < 64 * 1024 {
+            return Err(CliError("--event-spool-bytes must be at least 65536".into()));
+        }
+        config.event_spool_bytes = bytes;
     }
     let agent = Agent::start(config).await.map_err(|e| CliError(e.to_string()))?;
     let shutdown = CancellationToken::new();

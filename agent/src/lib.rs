@@ -23,10 +23,16 @@ mod cache;
 pub mod cli;
 #[path = "../../common/cli_support.rs"]
 pub mod cli_support;
+#[path = "../../common/events.rs"]
+pub mod event_schema;
+mod events;
 mod identity;
 mod jwt;
 mod manager;
+mod metrics;
 mod node_client;
+#[path = "../../common/telemetry.rs"]
+mod telemetry;
 mod workload;
 pub use workload::WorkloadLimits;
 mod workload_client;

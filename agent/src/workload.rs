@@ -23,6 +23,10 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::attestor::{HashLimits, PeerProcess, WorkloadAttestor};
+use crate::event_schema::{self as schema, kind, EventExt};
+use crate::events::EventSpool;
+use crate::metrics::AgentMetrics;
+use tessera_proto::types::{Event, Workload};
 use crate::authority::RewriteAuthority;
 use crate::cache::{Cache, CacheState, CachedSvid};
 use crate::jwt::{JwtSvids, MAX_AUDIENCES};
@@ -165,6 +169,7 @@ impl AsyncWrite for WorkloadConn {
 pub fn incoming(
     listener: UnixListener,
     limits: WorkloadLimits,
+    events: Arc<EventSpool>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<WorkloadConn>> {
     let connections = PerUid::default();
@@ -191,11 +196,16 @@ pub fn incoming(
             };
             let slot = connections.try_take(peer.uid, limits.connections_per_uid);
             let refused = if slot.is_none() {
-                warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, limit = limits.connections_per_uid, reason = "too many connections for this uid", "Workload API connection refused");
-                Some(Arc::from(format!(
+                let why = format!(
                     "too many Workload API connections for uid {} (limit {}); close some and retry",
                     peer.uid, limits.connections_per_uid
-                )))
+                );
+                events.emit(
+                    schema::denied(kind::WORKLOAD_REFUSED, why.clone())
+                        .workload(workload_of(&peer, &[]))
+                        .attr("limit", limits.connections_per_uid),
+                );
+                Some(Arc::from(why))
             } else {
                 None
             };
@@ -289,6 +299,8 @@ pub struct WorkloadService {
     attesting: Arc<tokio::sync::Semaphore>,
     limits: WorkloadLimits,
     streams: PerUid,
+    events: Arc<EventSpool>,
+    metrics: AgentMetrics,
 }
 
 /// Attestations running at once.
@@ -296,24 +308,40 @@ pub const MAX_CONCURRENT_ATTESTATIONS: usize = 8;
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
-    match request.metadata().get("workload.spiffe.io") {
-        Some(value) if value.as_bytes() == b"true" => Ok(()),
-        _ => {
-            warn!(target: "tessera::audit", reason = "security header missing", "Workload API request refused");
-            Err(Status::invalid_argument("security header missing from request"))
-        }
+/// The event schema's view of a Workload API caller.
+pub fn workload_of(peer: &PeerProcess, selectors: &[Selector]) -> Workload {
+    let value = |key: &str| {
+        selectors
+            .iter()
+            .find(|s| s.kind() == "unix" && s.value().starts_with(key))
+            .map(|s| s.value()[key.len()..].to_string())
+            .unwrap_or_default()
+    };
+    Workload {
+        pid: peer.pid.unwrap_or(0),
+        uid: peer.uid,
+        gid: peer.gid,
+        path: value("path:"),
+        sha256: value("sha256:"),
+        selectors: selectors.iter().map(|s| s.to_string()).collect(),
     }
+}
+
+fn peer_of<T>(request: &Request<T>) -> Option<WorkloadPeer> {
+    request.extensions().get::<WorkloadPeer>().cloned()
 }
 
 impl WorkloadService {
     /// The service over the agent's cache.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cache: Cache,
         jwt: Arc<JwtSvids>,
         attestor: Arc<dyn WorkloadAttestor>,
         trust_domain: TrustDomain,
         limits: WorkloadLimits,
+        events: Arc<EventSpool>,
+        metrics: AgentMetrics,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -325,6 +353,46 @@ impl WorkloadService {
             attesting: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_ATTESTATIONS)),
             limits,
             streams: PerUid::default(),
+            events,
+            metrics,
+        }
+    }
+
+    /// Records a Workload API decision: the event, and the request metric.
+    fn record(&self, method: &str, mut e: Event) {
+        self.metrics.request(method, if e.decision == schema::DENY { "refused" } else { "ok" });
+        e = e.attr("method", method);
+        self.events.emit(e);
+    }
+
+    /// Records a refusal of `method` for `peer` (selectors as far as known) and returns `status`.
+    fn refuse(
+        &self,
+        method: &str,
+        kind: &str,
+        peer: Option<(&PeerProcess, &[Selector])>,
+        status: Status,
+    ) -> Status {
+        let mut e = schema::denied(kind, status.message()).attr("code", format!("{:?}", status.code()));
+        if let Some((peer, selectors)) = peer {
+            e.workload = Some(workload_of(peer, selectors));
+        }
+        self.record(method, e);
+        status
+    }
+
+    fn check_header<T>(&self, method: &str, request: &Request<T>) -> Result<(), Status> {
+        match request.metadata().get("workload.spiffe.io") {
+            Some(value) if value.as_bytes() == b"true" => Ok(()),
+            _ => {
+                let peer = peer_of(request);
+                Err(self.refuse(
+                    method,
+                    kind::WORKLOAD_REFUSED,
+                    peer.as_ref().map(|p| (p.process.as_ref(), &[][..])),
+                    Status::invalid_argument("security header missing from request"),
+                ))
+            }
         }
     }
 
@@ -336,21 +404,32 @@ impl WorkloadService {
         op: &str,
         request: &Request<T>,
     ) -> Result<(Arc<PeerProcess>, Vec<Selector>, UidSlot), Status> {
-        check_header(request)?;
-        let connection = request.extensions().get::<WorkloadPeer>().cloned().ok_or_else(|| {
-            Status::unavailable("caller could not be attested: no peer credentials")
+        self.check_header(op, request)?;
+        let connection = peer_of(request).ok_or_else(|| {
+            self.refuse(
+                op,
+                kind::WORKLOAD_REFUSED,
+                None,
+                Status::unavailable("caller could not be attested: no peer credentials"),
+            )
         })?;
         let peer = connection.process;
         if let Some(refused) = connection.refused {
+            self.metrics.request(op, "refused");
             return Err(Status::resource_exhausted(refused.to_string()));
         }
         let Some(slot) = self.streams.try_take(peer.uid, self.limits.streams_per_uid) else {
-            warn!(target: "tessera::audit", op, pid = ?peer.pid, uid = peer.uid, limit = self.limits.streams_per_uid, reason = "too many streams for this uid", "Workload API call refused");
-            return Err(Status::resource_exhausted(format!(
-                "too many Workload API streams for uid {} (limit {}); close some and retry",
-                peer.uid, self.limits.streams_per_uid
-            )));
+            return Err(self.refuse(
+                op,
+                kind::WORKLOAD_REFUSED,
+                Some((&peer, &[])),
+                Status::resource_exhausted(format!(
+                    "too many Workload API streams for uid {} (limit {}); close some and retry",
+                    peer.uid, self.limits.streams_per_uid
+                )),
+            ));
         };
+        let started = std::time::Instant::now();
         let attestor = self.attestor.clone();
         let attest_peer = peer.clone();
         let permit = self
@@ -366,8 +445,12 @@ impl WorkloadService {
         .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| {
-                warn!(target: "tessera::audit", op, pid = ?peer.pid, uid = peer.uid, reason = %e, "workload attestation failed");
-                Status::unavailable(format!("caller could not be attested: {e}"))
+                self.refuse(
+                    op,
+                    kind::WORKLOAD_REFUSED,
+                    Some((&peer, &[])),
+                    Status::unavailable(format!("caller could not be attested: {e}")),
+                )
             })?;
         let mut selectors = attestation.selectors;
         // Hashing a new executable happens here, with no permit held: it
@@ -379,6 +462,7 @@ impl WorkloadService {
                 }
             }
         }
+        self.metrics.attested(started.elapsed().as_secs_f64());
         Ok((peer, selectors, slot))
     }
 
@@ -442,20 +526,41 @@ impl SpiffeWorkloadApi for WorkloadService {
                 break (state, svids);
             }
         };
+        const METHOD: &str = "FetchX509SVID";
         if svids.is_empty() {
+            let caller = Some((peer.as_ref(), selectors.as_slice()));
             if !state.ready {
-                warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, reason = "agent not synced with the server yet", "X509-SVID unavailable");
-                return Err(Status::unavailable("agent has not synced with the server yet; retry"));
+                return Err(self.refuse(
+                    METHOD,
+                    kind::WORKLOAD_X509,
+                    caller,
+                    Status::unavailable("agent has not synced with the server yet; retry"),
+                ));
             }
             if state.has_entries_for(&selectors, now()) {
                 // Entitled, but the SVID could not be signed yet (the server
                 // may be unreachable): a retryable answer, not a denial.
-                warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, reason = "SVID not signed yet", "X509-SVID unavailable");
-                return Err(Status::unavailable("identity not issued yet; retry"));
+                return Err(self.refuse(
+                    METHOD,
+                    kind::WORKLOAD_X509,
+                    caller,
+                    Status::unavailable("identity not issued yet; retry"),
+                ));
             }
-            warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, selectors = ?selectors.iter().map(|s| s.to_string()).collect::<Vec<_>>(), reason = "no entry matches the caller", "X509-SVID refused");
-            return Err(Status::permission_denied("no identity issued"));
+            return Err(self.refuse(
+                METHOD,
+                kind::WORKLOAD_X509,
+                caller,
+                Status::permission_denied("no identity issued: no entry matches the caller"),
+            ));
         }
+        let mut served = schema::event(kind::WORKLOAD_X509, schema::ALLOW)
+            .workload(workload_of(&peer, &selectors));
+        for svid in &svids {
+            served = served.spiffe_id(svid.spiffe_id.to_string()).entry(svid.entry_id.clone());
+        }
+        served.serial = svids.iter().map(|s| s.serial.as_str()).collect::<Vec<_>>().join(",");
+        self.record(METHOD, served);
         debug!(pid = ?peer.pid, uid = peer.uid, svids = svids.len(), "X509-SVIDs served");
         let (tx, rx) = mpsc::channel(4);
         let service = self.clone();
@@ -493,8 +598,13 @@ impl SpiffeWorkloadApi for WorkloadService {
                     if state.has_entries_for(&selectors, now) {
                         continue; // being re-signed: the next change brings it
                     }
-                    warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, reason = "entries removed", "X509-SVID identity withdrawn");
-                    let _ = tx.send(Err(Status::permission_denied("no identity issued"))).await;
+                    let status = service.refuse(
+                        METHOD,
+                        kind::WORKLOAD_X509,
+                        Some((&peer, &selectors)),
+                        Status::permission_denied("no identity issued: the caller's entries were removed"),
+                    );
+                    let _ = tx.send(Err(status)).await;
                     return;
                 }
                 // An SVID being replaced (revoked, or its entry changed) is
@@ -533,7 +643,11 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let (_, _, slot) = self.caller("FetchX509Bundles", &request).await?;
+        let (peer, selectors, slot) = self.caller("FetchX509Bundles", &request).await?;
+        self.record(
+            "FetchX509Bundles",
+            schema::event(kind::WORKLOAD_BUNDLE, schema::ALLOW).workload(workload_of(&peer, &selectors)),
+        );
         let stream = self
             .bundle_stream(
                 slot,
@@ -556,9 +670,17 @@ impl SpiffeWorkloadApi for WorkloadService {
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         let (peer, selectors, _slot) = self.caller("FetchJWTSVID", &request).await?;
+        const METHOD: &str = "FetchJWTSVID";
         let req = request.into_inner();
         let refuse = |status: Status| {
-            warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, audience = ?req.audience, spiffe_id = %req.spiffe_id, reason = status.message(), "JWT-SVID refused");
+            let mut e = schema::denied(kind::WORKLOAD_JWT, status.message())
+                .workload(workload_of(&peer, &selectors))
+                .attr("code", format!("{:?}", status.code()));
+            e.audience = req.audience.clone();
+            if !req.spiffe_id.is_empty() {
+                e.spiffe_ids.push(req.spiffe_id.clone());
+            }
+            self.record(METHOD, e);
             status
         };
         let audience = requested_audience(&req.audience).map_err(refuse)?;
@@ -576,7 +698,9 @@ impl SpiffeWorkloadApi for WorkloadService {
         // One token per identity: the first entry (in a stable order) of each.
         entries.dedup_by(|b, a| a.spiffe_id == b.spiffe_id);
         if entries.is_empty() {
-            return Err(refuse(Status::permission_denied("no identity issued")));
+            return Err(refuse(Status::permission_denied(
+                "no identity issued: no entry matches the caller",
+            )));
         }
         // The entries' audience policy, enforced here and again by the server.
         let mut denied = Vec::new();
@@ -587,13 +711,28 @@ impl SpiffeWorkloadApi for WorkloadService {
                 false
             }
         });
-        for why in &denied {
-            warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, audience = ?audience, reason = %why, "JWT-SVID refused by audience policy");
-        }
         if entries.is_empty() {
-            return Err(Status::permission_denied(denied.join("; ")));
+            return Err(refuse(Status::permission_denied(format!(
+                "audience not allowed: {}",
+                denied.join("; ")
+            ))));
+        }
+        for why in &denied {
+            // Some of the caller's identities were left out for their audience policy.
+            warn!(target: "tessera::audit", pid = ?peer.pid, uid = peer.uid, audience = ?audience, reason = %why, "JWT-SVID identity left out by audience policy");
         }
         let tokens = self.jwt.fetch(&entries, &audience, peer.uid).await.map_err(refuse)?;
+        let mut served = schema::event(kind::WORKLOAD_JWT, schema::ALLOW)
+            .workload(workload_of(&peer, &selectors));
+        for (entry, token) in entries.iter().zip(&tokens) {
+            served = served.spiffe_id(entry.spiffe_id.to_string()).entry(entry.id.clone());
+            if !served.jti.is_empty() {
+                served.jti.push(',');
+            }
+            served.jti.push_str(&token.jti);
+        }
+        served.audience = audience.clone();
+        self.record(METHOD, served);
         debug!(pid = ?peer.pid, uid = peer.uid, jtis = ?tokens.iter().map(|t| t.jti.as_str()).collect::<Vec<_>>(), "JWT-SVIDs served");
         let svids = entries
             .iter()
@@ -613,7 +752,11 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let (_, _, slot) = self.caller("FetchJWTBundles", &request).await?;
+        let (peer, selectors, slot) = self.caller("FetchJWTBundles", &request).await?;
+        self.record(
+            "FetchJWTBundles",
+            schema::event(kind::WORKLOAD_BUNDLE, schema::ALLOW).workload(workload_of(&peer, &selectors)),
+        );
         let stream = self
             .bundle_stream(
                 slot,
@@ -637,16 +780,20 @@ impl SpiffeWorkloadApi for WorkloadService {
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         // Anyone local may validate a token: no attestation, but the
         // header and the caller's connection limit apply.
-        check_header(&request)?;
-        let peer = request.extensions().get::<WorkloadPeer>().cloned();
+        const METHOD: &str = "ValidateJWTSVID";
+        self.check_header(METHOD, &request)?;
+        let peer = peer_of(&request);
         if let Some(refused) = peer.as_ref().and_then(|p| p.refused.clone()) {
+            self.metrics.request(METHOD, "refused");
             return Err(Status::resource_exhausted(refused.to_string()));
         }
         let req = request.into_inner();
+        let caller = peer.as_ref().map(|p| workload_of(&p.process, &[]));
         let refuse = |reason: String| {
-            let (pid, uid) =
-                peer.as_ref().map_or((None, None), |p| (p.process.pid, Some(p.process.uid)));
-            warn!(target: "tessera::audit", pid = ?pid, uid = ?uid, audience = %req.audience, reason = %reason, "JWT-SVID failed validation");
+            let mut e = schema::denied(kind::WORKLOAD_VALIDATE, reason.clone());
+            e.workload = caller.clone();
+            e.audience = vec![req.audience.clone()];
+            self.record(METHOD, e);
             Status::invalid_argument(reason)
         };
         if req.audience.is_empty() {
@@ -666,6 +813,12 @@ impl SpiffeWorkloadApi for WorkloadService {
                 return Err(refuse(format!("JWT-SVID {jti} has been revoked")));
             }
         }
+        let mut e = schema::event(kind::WORKLOAD_VALIDATE, schema::ALLOW)
+            .spiffe_id(valid.spiffe_id.to_string());
+        e.workload = caller.clone();
+        e.audience = vec![req.audience.clone()];
+        e.jti = valid.jti.clone().unwrap_or_default();
+        self.record(METHOD, e);
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: valid.spiffe_id.to_string(),
             claims: Some(to_struct(valid.claims)),

@@ -1,0 +1,395 @@
+//! The agent's events (Workload API decisions): spooled durably in
+//! `<data_dir>/events.spool` and pushed to the server in batches, kept
+//! until the server has stored them. Nothing is dropped silently: when the
+//! spool is full, new events are counted (by kind) instead of spooled, and
+//! once there is room again an `agent.spool_overflow` event says how many
+//! and which were lost.
+//!
+//! Spool file: a header (`TSPOOL1\n` and a 16-byte spool ID), then records
+//! of `[u32 length][u32 crc32][Event protobuf]`. A torn record at the end
+//! (a crash mid-write) is cut off when the spool is opened. What the
+//! server acknowledged is in `events.acked`; resending an acknowledged
+//! event is harmless (the server skips sequence numbers it has).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prost::Message;
+use tessera_proto::node as pb;
+use tessera_proto::types::Event;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::event_schema::{self as schema, kind, EventExt};
+use crate::manager::{Backoff, NodeLink};
+use crate::metrics::AgentMetrics;
+
+const MAGIC: &[u8] = b"TSPOOL1\n";
+const HEADER_LEN: u64 = 8 + 16;
+
+/// Events sent per push.
+pub const PUSH_BATCH: usize = 500;
+
+/// How often spooled events are fsynced.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Default spool size: 64 MiB of events not yet stored by the server.
+pub const DEFAULT_SPOOL_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Why the spool could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("event spool {path}: {source}")]
+pub struct SpoolError {
+    path: String,
+    source: std::io::Error,
+}
+
+#[derive(Debug)]
+struct Inner {
+    spool_id: [u8; 16],
+    next_seq: u64,
+    /// Events not yet acknowledged, oldest first, with their encoded size.
+    queue: VecDeque<(Event, u64)>,
+    /// Encoded size of `queue`.
+    bytes: u64,
+    /// Records not yet written to the file.
+    unwritten: Vec<u8>,
+    file: std::fs::File,
+    /// Bytes in the file (header included), written or not.
+    file_len: u64,
+    /// Bytes of acknowledged records at the file's start (after the header).
+    acked_bytes: u64,
+    /// Events refused while the spool was full, by kind.
+    dropped: BTreeMap<String, u64>,
+    dirty: bool,
+}
+
+/// The agent's event spool and its sender.
+#[derive(Debug)]
+pub struct EventSpool {
+    inner: Mutex<Inner>,
+    dir: PathBuf,
+    max_bytes: u64,
+    enabled: bool,
+    agent_id: String,
+    wake: Notify,
+    metrics: AgentMetrics,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SpoolError + '_ {
+    move |source| SpoolError { path: path.display().to_string(), source }
+}
+
+fn new_spool_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+    id
+}
+
+fn record(e: &Event) -> Vec<u8> {
+    let body = e.encode_to_vec();
+    let mut out = Vec::with_capacity(body.len() + 8);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Writes a fresh spool file (header and `events`) at `path`, atomically.
+fn write_spool(path: &Path, spool_id: &[u8; 16], events: &[Vec<u8>]) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("spool.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(MAGIC)?;
+    file.write_all(spool_id)?;
+    for e in events {
+        file.write_all(e)?;
+    }
+    file.sync_data()?;
+    std::fs::rename(&tmp, path)?;
+    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+    file.seek(std::io::SeekFrom::End(0))?;
+    Ok(file)
+}
+
+impl EventSpool {
+    /// Opens (or creates) the spool in `dir`: events a previous run left
+    /// unacknowledged are sent first.
+    pub fn open(
+        dir: &Path,
+        agent_id: String,
+        max_bytes: u64,
+        enabled: bool,
+        metrics: AgentMetrics,
+    ) -> Result<Self, SpoolError> {
+        let path = dir.join("events.spool");
+        let acked = std::fs::read_to_string(dir.join("events.acked"))
+            .ok()
+            .and_then(|s| {
+                let (id, seq) = s.trim().split_once(' ')?;
+                Some((id.to_string(), seq.parse::<u64>().ok()?))
+            });
+        let mut spool_id = [0u8; 16];
+        let mut queue = VecDeque::new();
+        let mut last_seq = 0;
+        let mut torn = false;
+        if let Ok(mut file) = std::fs::File::open(&path) {
+            let mut data = Vec::new();
+            file.read_to_end(&mut data).map_err(io_err(&path))?;
+            if data.len() as u64 >= HEADER_LEN && data.starts_with(MAGIC) {
+                spool_id.copy_from_slice(&data[8..24]);
+                let acked_seq = match &acked {
+                    Some((id, seq)) if *id == hex::encode(spool_id) => *seq,
+                    _ => 0,
+                };
+                let mut at = HEADER_LEN as usize;
+                while at + 8 <= data.len() {
+                    let len = u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
+                    let crc = u32::from_be_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
+                    let Some(body) = data.get(at + 8..at + 8 + len) else { break };
+                    if crc32fast::hash(body) != crc {
+                        break;
+                    }
+                    let Ok(e) = Event::decode(body) else { break };
+                    last_seq = e.agent_seq;
+                    if e.agent_seq > acked_seq {
+                        queue.push_back((e, (len + 8) as u64));
+                    }
+                    at += 8 + len;
+                }
+                torn = at != data.len();
+            } else if !data.is_empty() {
+                warn!(path = %path.display(), "event spool has no valid header; starting a new one");
+            }
+        }
+        if queue.is_empty() {
+            spool_id = new_spool_id();
+            last_seq = 0;
+        }
+        if torn {
+            warn!(path = %path.display(), "event spool ended in a torn record (a crash mid-write); cut it off");
+        }
+        if !queue.is_empty() {
+            info!(events = queue.len(), "events spooled by the previous run will be sent to the server");
+        }
+        let records: Vec<Vec<u8>> = queue.iter().map(|(e, _)| record(e)).collect();
+        let file = write_spool(&path, &spool_id, &records).map_err(io_err(&path))?;
+        let bytes: u64 = queue.iter().map(|(_, n)| n).sum();
+        metrics.spool_depth(queue.len(), bytes);
+        Ok(Self {
+            inner: Mutex::new(Inner {
+                spool_id,
+                next_seq: last_seq + 1,
+                file_len: HEADER_LEN + bytes,
+                queue,
+                bytes,
+                unwritten: Vec::new(),
+                file,
+                acked_bytes: 0,
+                dropped: BTreeMap::new(),
+                dirty: false,
+            }),
+            dir: dir.to_owned(),
+            max_bytes,
+            enabled,
+            agent_id,
+            wake: Notify::new(),
+            metrics,
+        })
+    }
+
+    /// Records an event: logs it, counts it, and spools it for the server.
+    pub fn emit(&self, mut e: Event) {
+        e.source = "agent".into();
+        if e.agent_id.is_empty() {
+            e.agent_id = self.agent_id.clone();
+        }
+        schema::log(&e);
+        self.metrics.event(&e);
+        if !self.enabled {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if !inner.dropped.is_empty() && inner.bytes < self.max_bytes / 2 {
+            // Room again: first say what was lost.
+            let dropped = std::mem::take(&mut inner.dropped);
+            let total: u64 = dropped.values().sum();
+            let mut overflow = schema::event(kind::SPOOL_OVERFLOW, "").agent(self.agent_id.clone());
+            overflow.source = "agent".into();
+            overflow.reason = format!("event spool was full: {total} events were not recorded");
+            overflow = overflow.attr("dropped", total);
+            for (k, n) in &dropped {
+                overflow = overflow.attr(&format!("dropped.{k}"), n);
+            }
+            schema::log(&overflow);
+            self.metrics.event(&overflow);
+            self.push_locked(&mut inner, overflow);
+        }
+        let size = e.encoded_len() as u64 + 8;
+        if inner.bytes + size > self.max_bytes {
+            *inner.dropped.entry(e.kind.clone()).or_insert(0) += 1;
+            self.metrics.spool_dropped();
+            return;
+        }
+        self.push_locked(&mut inner, e);
+        drop(inner);
+        self.wake.notify_one();
+    }
+
+    fn push_locked(&self, inner: &mut Inner, mut e: Event) {
+        e.agent_seq = inner.next_seq;
+        inner.next_seq += 1;
+        let rec = record(&e);
+        let size = rec.len() as u64;
+        inner.unwritten.extend_from_slice(&rec);
+        inner.file_len += size;
+        inner.bytes += size;
+        inner.queue.push_back((e, size));
+        inner.dirty = true;
+        self.metrics.spool_depth(inner.queue.len(), inner.bytes);
+    }
+
+    /// Writes and fsyncs what was spooled since the last call.
+    fn sync(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if !inner.dirty {
+            return;
+        }
+        inner.dirty = false;
+        let data = std::mem::take(&mut inner.unwritten);
+        let result = inner.file.write_all(&data).and_then(|()| inner.file.sync_data());
+        if let Err(e) = result {
+            warn!(error = %e, "writing the event spool failed; events stay in memory");
+        }
+    }
+
+    /// The oldest unacknowledged events, up to `n`, and the spool ID.
+    fn batch(&self, n: usize) -> (Vec<u8>, Vec<Event>) {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (inner.spool_id.to_vec(), inner.queue.iter().take(n).map(|(e, _)| e.clone()).collect())
+    }
+
+    /// The server stored events of `spool_id` up to `seq`.
+    fn ack(&self, spool_id: &[u8], seq: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.spool_id.as_slice() != spool_id {
+            return;
+        }
+        while inner.queue.front().is_some_and(|(e, _)| e.agent_seq <= seq) {
+            if let Some((_, size)) = inner.queue.pop_front() {
+                inner.bytes -= size;
+                inner.acked_bytes += size;
+            }
+        }
+        self.metrics.spool_depth(inner.queue.len(), inner.bytes);
+        let path = self.dir.join("events.spool");
+        let acked_path = self.dir.join("events.acked");
+        // Compact when most of the file is acknowledged: rewrite it with
+        // what is left (a new spool ID when nothing is).
+        if inner.acked_bytes > 64 * 1024 && inner.acked_bytes * 2 > inner.file_len {
+            // Everything written so far goes first, so the rewrite is complete.
+            let data = std::mem::take(&mut inner.unwritten);
+            let _ = inner.file.write_all(&data);
+            if inner.queue.is_empty() {
+                inner.spool_id = new_spool_id();
+                inner.next_seq = 1;
+            }
+            let records: Vec<Vec<u8>> = inner.queue.iter().map(|(e, _)| record(e)).collect();
+            match write_spool(&path, &inner.spool_id, &records) {
+                Ok(file) => {
+                    inner.file = file;
+                    inner.file_len = HEADER_LEN + inner.bytes;
+                    inner.acked_bytes = 0;
+                }
+                Err(e) => warn!(error = %e, "compacting the event spool failed"),
+            }
+            let _ = std::fs::remove_file(&acked_path);
+            return;
+        }
+        let _ = std::fs::write(&acked_path, format!("{} {seq}\n", hex::encode(inner.spool_id)));
+    }
+
+    /// Events waiting for the server.
+    pub fn depth(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).queue.len()
+    }
+
+    /// Fsyncs the spool every [`SYNC_INTERVAL`] and pushes events to the
+    /// server, retrying with backoff while it is away.
+    pub async fn run(self: Arc<Self>, link: Arc<NodeLink>, shutdown: CancellationToken) {
+        let syncer = self.clone();
+        let stop = shutdown.clone();
+        let sync_task = tokio::spawn(async move {
+            loop {
+                let done = tokio::select! {
+                    _ = stop.cancelled() => true,
+                    _ = tokio::time::sleep(SYNC_INTERVAL) => false,
+                };
+                let spool = syncer.clone();
+                let _ = tokio::task::spawn_blocking(move || spool.sync()).await;
+                if done {
+                    return;
+                }
+            }
+        });
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            let (spool_id, batch) = self.batch(PUSH_BATCH);
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                // Gather what else arrives in the next moments into the batch.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            let full = batch.len() == PUSH_BATCH;
+            let sent = async {
+                let mut client = link.client().await.map_err(|e| e.to_string())?;
+                client
+                    .push_events(pb::PushEventsRequest { spool_id: spool_id.clone(), events: batch })
+                    .await
+                    .map(|r| r.into_inner().acked_seq)
+                    .map_err(|s| s.message().to_string())
+            };
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                result = sent => result,
+            };
+            match result {
+                Ok(acked) => {
+                    backoff.reset();
+                    self.ack(&spool_id, acked);
+                    if !full {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.metrics.push_failed();
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, spooled = self.depth(), retry_in = ?delay, "cannot push events to the server; they stay spooled");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        let _ = sync_task.await;
+        self.sync();
+    }
+}

@@ -1,0 +1,170 @@
+//! The agent's metrics (Prometheus, via `prometheus-client`), served by
+//! `--metrics-addr` with `/live` and `/ready`.
+
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tessera_proto::types::Event;
+
+use crate::cache::Cache;
+use crate::manager::NodeLink;
+use crate::telemetry::{self, EventCounters, Labels};
+
+/// Every agent metric. Cloning shares them.
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    counters: EventCounters,
+    requests: Family<Labels, Counter>,
+    attestation_seconds: Histogram,
+    spool_events: Gauge,
+    spool_bytes: Gauge,
+    spool_dropped: Counter,
+    push_failures: Counter,
+    synced: Gauge,
+    svids: Gauge,
+    svid_expiry: Gauge<i64, AtomicI64>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentMetrics {
+    /// A new set of metrics, registered under `tessera_agent`.
+    pub fn new() -> Self {
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("tessera_agent");
+        let counters = EventCounters::default();
+        counters.register(registry);
+        let requests = Family::<Labels, Counter>::default();
+        let attestation_seconds = telemetry::latency_histogram();
+        let (spool_events, spool_bytes) = (Gauge::default(), Gauge::default());
+        let (spool_dropped, push_failures) = (Counter::default(), Counter::default());
+        let (synced, svids) = (Gauge::default(), Gauge::default());
+        let svid_expiry = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "workload_api_requests",
+            "Workload API requests, by method and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "workload_attestation_seconds",
+            "Time to attest a Workload API caller (selectors, executable hash)",
+            attestation_seconds.clone(),
+        );
+        registry.register("event_spool_events", "Events spooled, not yet stored by the server", spool_events.clone());
+        registry.register("event_spool_bytes", "Bytes of events spooled, not yet stored by the server", spool_bytes.clone());
+        registry.register(
+            "event_spool_dropped",
+            "Events not recorded because the spool was full",
+            spool_dropped.clone(),
+        );
+        registry.register("event_push_failures", "Failed pushes of events to the server", push_failures.clone());
+        registry.register("synced", "1 when the agent holds a complete, current sync", synced.clone());
+        registry.register("x509_svids", "X509-SVIDs held for workloads", svids.clone());
+        registry.register(
+            "agent_svid_expiry_seconds",
+            "Seconds until the agent's own X509-SVID expires",
+            svid_expiry.clone(),
+        );
+        let inner = Inner {
+            registry: root,
+            counters,
+            requests,
+            attestation_seconds,
+            spool_events,
+            spool_bytes,
+            spool_dropped,
+            push_failures,
+            synced,
+            svids,
+            svid_expiry,
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// Counts an event.
+    pub fn event(&self, e: &Event) {
+        self.inner.counters.count(e);
+    }
+
+    /// A Workload API request answered.
+    pub fn request(&self, method: &str, outcome: &str) {
+        self.inner
+            .requests
+            .get_or_create(&vec![("method", method.to_string()), ("outcome", outcome.to_string())])
+            .inc();
+    }
+
+    /// A caller attested in `seconds`.
+    pub fn attested(&self, seconds: f64) {
+        self.inner.attestation_seconds.observe(seconds);
+    }
+
+    /// The spool holds `events` events of `bytes` bytes.
+    pub fn spool_depth(&self, events: usize, bytes: u64) {
+        self.inner.spool_events.set(events as i64);
+        self.inner.spool_bytes.set(bytes as i64);
+    }
+
+    /// An event was not spooled (spool full).
+    pub fn spool_dropped(&self) {
+        self.inner.spool_dropped.inc();
+    }
+
+    /// A push of events failed.
+    pub fn push_failed(&self) {
+        self.inner.push_failures.inc();
+    }
+
+    fn render(&self, cache: &Cache, link: &NodeLink) -> String {
+        let state = cache.state();
+        let inner = &self.inner;
+        inner.synced.set(i64::from(state.ready));
+        inner.svids.set(state.svids.len() as i64);
+        inner.svid_expiry.set(link.identity().not_after - crate::manager::now());
+        telemetry::encode(&inner.registry)
+    }
+}
+
+/// `/metrics` and `/ready` for the agent: ready when attested and synced.
+#[derive(Debug)]
+pub struct AgentHealth {
+    /// Metrics.
+    pub metrics: AgentMetrics,
+    /// The cache and the link, set once the agent runs.
+    pub parts: OnceLock<(Cache, Arc<NodeLink>)>,
+}
+
+impl telemetry::Health for AgentHealth {
+    fn metrics(&self) -> String {
+        match self.parts.get() {
+            Some((cache, link)) => self.metrics.render(cache, link),
+            None => telemetry::encode(&self.metrics.inner.registry),
+        }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        let (cache, link) = self.parts.get().ok_or("agent is starting")?;
+        if link.identity().not_after <= crate::manager::now() {
+            return Err("the agent's SVID has expired".into());
+        }
+        if !cache.state().ready {
+            return Err("not synced with the server yet".into());
+        }
+        Ok(())
+    }
+}
