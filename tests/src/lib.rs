@@ -33,6 +33,8 @@ pub struct TestServer {
     pub admin_socket: PathBuf,
     /// Data dir.
     pub data_dir: PathBuf,
+    /// The metrics endpoint, when the config asks for one.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -56,12 +58,13 @@ impl TestServer {
         let data_dir = config.data_dir.clone();
         let server = Server::bind(config, clock).await.expect("server binds");
         let addr = server.node_addr().unwrap();
+        let metrics_addr = server.metrics_addr();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
             server.run(stop).await.expect("server runs");
         });
-        Self { addr, admin_socket, data_dir, shutdown, task }
+        Self { addr, admin_socket, data_dir, metrics_addr, shutdown, task }
     }
 
     /// Stops the server and waits until it has released its store.
@@ -240,6 +243,8 @@ pub struct RunningAgent {
     pub id: String,
     /// The Workload API socket.
     pub socket: PathBuf,
+    /// The metrics endpoint, when the config asks for one.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -274,12 +279,13 @@ impl RunningAgent {
         let agent = Agent::start(config).await.expect("agent starts");
         let id = agent.spiffe_id();
         let socket = agent.socket_path().to_owned();
+        let metrics_addr = agent.metrics_addr();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
             agent.run(stop).await.expect("agent runs");
         });
-        Self { id, socket, shutdown, task }
+        Self { id, socket, metrics_addr, shutdown, task }
     }
 
     /// The Workload API address for clients, `unix:///...`.
