@@ -262,30 +262,32 @@ pub fn to_text(e: &Event) -> String {
 /// Writes the event's audit log line on the `tessera::audit` target, with
 /// the event's fields (a denial at warn level, the rest at info).
 pub fn log(e: &Event) {
-    let w = e.workload.clone().unwrap_or_default();
+    let w = e.workload.as_ref();
     let operator_uid = e.operator.as_ref().map(|o| o.uid);
     let attrs: Vec<String> = e.attrs.iter().map(|a| format!("{}={}", a.key, a.value)).collect();
+    let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let list = |l: &[String]| (!l.is_empty()).then(|| l.join(","));
     macro_rules! emit {
         ($level:ident) => {
             tracing::$level!(
                 target: "tessera::audit",
                 kind = %e.kind,
-                decision = %e.decision,
-                reason = %e.reason,
-                agent_id = %e.agent_id,
-                spiffe_ids = ?e.spiffe_ids,
-                entry_ids = ?e.entry_ids,
-                pid = w.pid,
-                uid = w.uid,
-                gid = w.gid,
-                path = %w.path,
-                sha256 = %w.sha256,
-                selectors = ?w.selectors,
-                operator_uid = ?operator_uid,
-                serial = %e.serial,
-                jti = %e.jti,
-                audience = ?e.audience,
-                attrs = ?attrs,
+                decision = text(&e.decision),
+                reason = text(&e.reason),
+                agent_id = text(&e.agent_id),
+                spiffe_ids = list(&e.spiffe_ids),
+                entry_ids = list(&e.entry_ids),
+                pid = w.map(|w| w.pid),
+                uid = w.map(|w| w.uid),
+                gid = w.map(|w| w.gid),
+                path = w.and_then(|w| text(&w.path)),
+                sha256 = w.and_then(|w| text(&w.sha256)),
+                selectors = w.and_then(|w| list(&w.selectors)),
+                operator_uid,
+                serial = text(&e.serial),
+                jti = text(&e.jti),
+                audience = list(&e.audience),
+                attrs = list(&attrs),
                 "{}", e.kind
             )
         };

@@ -35,7 +35,12 @@ const HEADER_LEN: u64 = 8 + 16;
 pub const PUSH_BATCH: usize = 500;
 
 /// How often spooled events are fsynced.
-pub const SYNC_INTERVAL: Duration = Duration::from_millis(20);
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How long events gather before a push that is not full: a few pushes a
+/// second instead of one per request keeps the stream's cost off the
+/// Workload API's tail latency.
+pub const PUSH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Default spool size: 64 MiB of events not yet stored by the server.
 pub const DEFAULT_SPOOL_BYTES: u64 = 64 * 1024 * 1024;
@@ -58,7 +63,6 @@ struct Inner {
     bytes: u64,
     /// Records not yet written to the file.
     unwritten: Vec<u8>,
-    file: std::fs::File,
     /// Bytes in the file (header included), written or not.
     file_len: u64,
     /// Bytes of acknowledged records at the file's start (after the header).
@@ -71,6 +75,10 @@ struct Inner {
 /// The agent's event spool and its sender.
 #[derive(Debug)]
 pub struct EventSpool {
+    /// The spool file. Taken before `inner` when both are needed; writes
+    /// and fsyncs hold only this, so callers of [`Self::emit`] never wait
+    /// for the disk.
+    file: Mutex<std::fs::File>,
     inner: Mutex<Inner>,
     dir: PathBuf,
     max_bytes: u64,
@@ -186,6 +194,7 @@ impl EventSpool {
         let bytes: u64 = queue.iter().map(|(_, n)| n).sum();
         metrics.spool_depth(queue.len(), bytes);
         Ok(Self {
+            file: Mutex::new(file),
             inner: Mutex::new(Inner {
                 spool_id,
                 next_seq: last_seq + 1,
@@ -193,7 +202,6 @@ impl EventSpool {
                 queue,
                 bytes,
                 unwritten: Vec::new(),
-                file,
                 acked_bytes: 0,
                 dropped: BTreeMap::new(),
                 dirty: false,
@@ -260,13 +268,16 @@ impl EventSpool {
 
     /// Writes and fsyncs what was spooled since the last call.
     fn sync(&self) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if !inner.dirty {
-            return;
-        }
-        inner.dirty = false;
-        let data = std::mem::take(&mut inner.unwritten);
-        let result = inner.file.write_all(&data).and_then(|()| inner.file.sync_data());
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let data = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if !inner.dirty {
+                return;
+            }
+            inner.dirty = false;
+            std::mem::take(&mut inner.unwritten)
+        };
+        let result = file.write_all(&data).and_then(|()| file.sync_data());
         if let Err(e) = result {
             warn!(error = %e, "writing the event spool failed; events stay in memory");
         }
@@ -280,6 +291,7 @@ impl EventSpool {
 
     /// The server stored events of `spool_id` up to `seq`.
     fn ack(&self, spool_id: &[u8], seq: u64) {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.spool_id.as_slice() != spool_id {
             return;
@@ -298,15 +310,15 @@ impl EventSpool {
         if inner.acked_bytes > 64 * 1024 && inner.acked_bytes * 2 > inner.file_len {
             // Everything written so far goes first, so the rewrite is complete.
             let data = std::mem::take(&mut inner.unwritten);
-            let _ = inner.file.write_all(&data);
+            let _ = file.write_all(&data);
             if inner.queue.is_empty() {
                 inner.spool_id = new_spool_id();
                 inner.next_seq = 1;
             }
             let records: Vec<Vec<u8>> = inner.queue.iter().map(|(e, _)| record(e)).collect();
             match write_spool(&path, &inner.spool_id, &records) {
-                Ok(file) => {
-                    inner.file = file;
+                Ok(new) => {
+                    *file = new;
                     inner.file_len = HEADER_LEN + inner.bytes;
                     inner.acked_bytes = 0;
                 }
@@ -350,8 +362,6 @@ impl EventSpool {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
-                // Gather what else arrives in the next moments into the batch.
-                tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
             let full = batch.len() == PUSH_BATCH;
@@ -372,9 +382,10 @@ impl EventSpool {
                     backoff.reset();
                     self.ack(&spool_id, acked);
                     if !full {
+                        // Gather what arrives next into one push.
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                            _ = tokio::time::sleep(PUSH_INTERVAL) => {}
                         }
                     }
                 }
@@ -391,5 +402,109 @@ impl EventSpool {
         }
         let _ = sync_task.await;
         self.sync();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn spool(dir: &Path, max_bytes: u64) -> EventSpool {
+        EventSpool::open(dir, "spiffe://example.org/agent".into(), max_bytes, true, AgentMetrics::new())
+            .unwrap()
+    }
+
+    fn fetch(n: u32) -> Event {
+        schema::event(kind::WORKLOAD_X509, schema::ALLOW).attr("n", n)
+    }
+
+    fn queued(spool: &EventSpool) -> Vec<(u64, String)> {
+        let inner = spool.inner.lock().unwrap();
+        inner
+            .queue
+            .iter()
+            .map(|(e, _)| (e.agent_seq, e.attrs.first().map(|a| a.value.clone()).unwrap_or_default()))
+            .collect()
+    }
+
+    #[test]
+    fn spooled_events_survive_a_reopen_and_a_torn_tail_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = spool(dir.path(), DEFAULT_SPOOL_BYTES);
+        for n in 0..3 {
+            first.emit(fetch(n));
+        }
+        first.sync();
+        let before = queued(&first);
+        let spool_id = first.batch(1).0;
+        drop(first);
+        // A crash in the middle of the next record.
+        let mut file =
+            std::fs::OpenOptions::new().append(true).open(dir.path().join("events.spool")).unwrap();
+        file.write_all(&[0, 0, 0, 40, 1, 2, 3]).unwrap();
+        drop(file);
+        let second = spool(dir.path(), DEFAULT_SPOOL_BYTES);
+        assert_eq!(queued(&second), before);
+        assert_eq!(second.batch(1).0, spool_id, "the same spool continues");
+        second.emit(fetch(3));
+        assert_eq!(queued(&second).last().unwrap().0, 4, "sequence numbers continue");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("events.spool")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn acknowledged_events_are_not_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = spool(dir.path(), DEFAULT_SPOOL_BYTES);
+        for n in 0..5 {
+            first.emit(fetch(n));
+        }
+        first.sync();
+        let (spool_id, batch) = first.batch(PUSH_BATCH);
+        assert_eq!(batch.len(), 5);
+        first.ack(&spool_id, 3);
+        assert_eq!(queued(&first).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4, 5]);
+        // An answer for another spool changes nothing.
+        first.ack(&[9; 16], 5);
+        assert_eq!(first.depth(), 2);
+        drop(first);
+        let second = spool(dir.path(), DEFAULT_SPOOL_BYTES);
+        assert_eq!(queued(&second).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4, 5]);
+        let (id, _) = second.batch(1);
+        second.ack(&id, 5);
+        assert_eq!(second.depth(), 0);
+        drop(second);
+        // Nothing left: the next run starts a new spool from 1.
+        let third = spool(dir.path(), DEFAULT_SPOOL_BYTES);
+        assert_ne!(third.batch(1).0, spool_id);
+        third.emit(fetch(9));
+        assert_eq!(queued(&third)[0].0, 1);
+    }
+
+    #[test]
+    fn a_full_spool_counts_what_it_drops_and_reports_it_when_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = record(&fetch(0)).len() as u64 + 40;
+        let spool = spool(dir.path(), size * 4);
+        for n in 0..10 {
+            spool.emit(fetch(n));
+        }
+        let kept = spool.depth();
+        assert!((3..=4).contains(&kept), "{kept} events kept");
+        let (id, _) = spool.batch(PUSH_BATCH);
+        spool.ack(&id, 100);
+        spool.emit(fetch(10));
+        let inner = spool.inner.lock().unwrap();
+        let overflow = &inner.queue[0].0;
+        assert_eq!(overflow.kind, kind::SPOOL_OVERFLOW);
+        let dropped = 10 - kept;
+        assert!(overflow.reason.contains(&format!("{dropped} events")), "{}", overflow.reason);
+        assert!(overflow
+            .attrs
+            .iter()
+            .any(|a| a.key == "dropped.workload.x509" && a.value == dropped.to_string()));
+        assert_eq!(inner.queue[1].0.kind, kind::WORKLOAD_X509);
     }
 }

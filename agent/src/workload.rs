@@ -551,7 +551,7 @@ impl SpiffeWorkloadApi for WorkloadService {
                 METHOD,
                 kind::WORKLOAD_X509,
                 caller,
-                Status::permission_denied("no identity issued: no entry matches the caller"),
+                Status::permission_denied("no identity issued"),
             ));
         }
         let mut served = schema::event(kind::WORKLOAD_X509, schema::ALLOW)
@@ -602,7 +602,7 @@ impl SpiffeWorkloadApi for WorkloadService {
                         METHOD,
                         kind::WORKLOAD_X509,
                         Some((&peer, &selectors)),
-                        Status::permission_denied("no identity issued: the caller's entries were removed"),
+                        Status::permission_denied("no identity issued"),
                     );
                     let _ = tx.send(Err(status)).await;
                     return;
@@ -698,9 +698,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         // One token per identity: the first entry (in a stable order) of each.
         entries.dedup_by(|b, a| a.spiffe_id == b.spiffe_id);
         if entries.is_empty() {
-            return Err(refuse(Status::permission_denied(
-                "no identity issued: no entry matches the caller",
-            )));
+            return Err(refuse(Status::permission_denied("no identity issued")));
         }
         // The entries' audience policy, enforced here and again by the server.
         let mut denied = Vec::new();

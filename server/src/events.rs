@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prost::Message;
@@ -175,15 +175,40 @@ impl EventLog {
     pub async fn record_durable(&self, events: Vec<Event>) {
         self.record(events);
         if self.config.enabled {
-            if let Err(e) = self.db.flush_async().await {
+            if let Err(e) = self.flush().await {
                 error!(error = %e, "flushing events failed");
             }
         }
     }
 
+    /// Fsyncs the database, on a blocking thread. (sled's `flush_async`
+    /// was seen to never resolve under concurrent callers.)
+    async fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Io(format!("flush task failed: {e}")))??;
+        Ok(())
+    }
+
     /// Stores an agent's pushed events (those after what was already stored
     /// from the same spool), fsynced, and returns the spool position stored.
+    /// The CPU work runs on a blocking thread, off the async workers.
     pub async fn ingest(
+        self: &Arc<Self>,
+        agent_id: &str,
+        spool_id: &[u8],
+        events: Vec<Event>,
+    ) -> Result<u64, StoreError> {
+        let (log, agent_id, spool_id) = (self.clone(), agent_id.to_string(), spool_id.to_vec());
+        let acked = tokio::task::spawn_blocking(move || log.store_pushed(&agent_id, &spool_id, events))
+            .await
+            .map_err(|e| StoreError::Io(format!("event ingestion task failed: {e}")))??;
+        self.flush().await?;
+        Ok(acked)
+    }
+
+    fn store_pushed(
         &self,
         agent_id: &str,
         spool_id: &[u8],
@@ -216,7 +241,6 @@ impl EventLog {
         let mut position = acked.to_be_bytes().to_vec();
         position.extend_from_slice(spool_id);
         self.meta.insert(key, position)?;
-        self.db.flush_async().await?;
         Ok(acked)
     }
 
@@ -485,7 +509,7 @@ impl EventLog {
                 _ = tokio::time::sleep(FLUSH_INTERVAL) => false,
             };
             if self.dirty.swap(false, Ordering::AcqRel) {
-                if let Err(e) = self.db.flush_async().await {
+                if let Err(e) = self.flush().await {
                     error!(error = %e, "flushing events failed");
                 }
             }

@@ -280,9 +280,12 @@ fn json_logs_are_one_object_per_line() {
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
         .collect();
     assert!(lines.iter().all(|l| l["level"].is_string() && l["target"].is_string()), "{text}");
+    // The audit record carries the event's fields.
     assert!(
         lines.iter().any(|l| l["target"] == "tessera::audit"
-            && l["message"] == "revocation refused"
+            && l["kind"] == "svid.revoke"
+            && l["decision"] == "deny"
+            && l["operator_uid"].is_number()
             && l["reason"].as_str().is_some_and(|r| r.contains("0badc0de"))),
         "{text}"
     );
@@ -466,4 +469,17 @@ fn store_backup_of_a_running_server_restores_into_a_new_data_dir() {
     assert!(!out.status.success());
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains("checksum"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_sample_deploy_config_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/server.toml");
+    let file = tessera_server::FileConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let config = tessera_server::Config::resolve(file, tessera_server::FileConfig::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.trust_domain.as_str(), "example.org");
+    assert!(config.approval.uid_gid_only_selectors && config.approval.root_selectors);
+    assert_eq!(config.approval.protected_path_prefixes, vec!["/prod".to_string()]);
+    assert!(config.metrics_addr.is_some());
+    assert_eq!(config.admin_socket, std::path::PathBuf::from("/run/tessera-server/admin.sock"));
 }

@@ -681,3 +681,35 @@ async fn metrics_move_with_traffic_and_ready_means_serving() {
     agent.stop().await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_proposal_nobody_approves_expires() {
+    let dir = open_tempdir();
+    let server = governed_server(dir.path(), |config| {
+        config.approval = ApprovalPolicy { pending_ttl: Some(1), ..Default::default() };
+    })
+    .await;
+    let cli = Cli::new(&server);
+    let id = cli
+        .ok(
+            None,
+            &[
+                "entry", "create", "--spiffe-id", "spiffe://example.org/forgotten",
+                "--parent-id", "spiffe://example.org/node", "--selector", "unix:uid:1",
+                "--require-approval",
+            ],
+        )
+        .trim()
+        .to_string();
+    assert!(cli.ok(None, &["entry", "show"]).contains("pending approval"));
+    let expired = cli
+        .wait_event("the proposal's expiry", |e| field(e, "kind") == "admin.entry.reject")
+        .await;
+    assert_eq!(field(&expired, "decision"), "deny");
+    assert!(names(&expired, "entry_ids", &id));
+    assert!(field(&expired, "reason").contains("in time"), "{expired}");
+    assert!(cli.ok(None, &["entry", "show"]).contains("Found 0 entries"));
+    let out = cli.run(Some(OPERATOR_B).filter(|_| is_root()), &["entry", "approve", "--id", &id]);
+    assert!(!out.status.success(), "an expired proposal was approved");
+    server.stop().await;
+}

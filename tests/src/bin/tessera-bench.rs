@@ -30,6 +30,7 @@ const SCENARIOS: &[&str] = &[
     "fairness",
     "streams",
     "jwt",
+    "events",
     "all",
 ];
 
@@ -68,6 +69,9 @@ async fn main() -> ExitCode {
         "jwt_fetch_p99_ms",
         "jwt_validate_ratio",
         "jwt_revoke_p99_ms",
+        "events_issue_ratio",
+        "events_fetch_p99_ratio",
+        "events_ingest_per_s",
     ] {
         results.insert(key, Value::Null);
     }
@@ -174,15 +178,150 @@ async fn main() -> ExitCode {
         results.insert("jwt_revoke_p50_ms", json!(round(p50)));
         results.insert("jwt_revoke_p99_ms", json!(round(p99)));
     }
+    if matches!(scenario, "events" | "all") {
+        let secs = if quick || scenario == "all" { 3 } else { 6 };
+        // Alternating off/on, twice, so that drift of the machine hits both.
+        let (mut off, mut on) = (0.0, 0.0);
+        for _ in 0..2 {
+            off += node_api_throughput(Duration::from_secs(secs), Signing::X509, false).await / 2.0;
+            on += node_api_throughput(Duration::from_secs(secs), Signing::X509, true).await / 2.0;
+        }
+        ratio_row("X509-SVIDs/s, events on; events off", on, off);
+        results.insert("events_issue_on_per_s", json!(on.round()));
+        results.insert("events_issue_off_per_s", json!(off.round()));
+        results.insert("events_issue_ratio", json!(round(on / off)));
+        let calls = if quick || scenario == "all" { 2_000 } else { 10_000 };
+        let (off_p50, off_p99) = bench_fetch_events(calls, false).await;
+        row("FetchX509SVID, events off (ms)", off_p50, off_p99, calls);
+        let (on_p50, on_p99) = bench_fetch_events(calls, true).await;
+        row("FetchX509SVID, events on (ms)", on_p50, on_p99, calls);
+        if std::env::var("BENCH_AGENT_ONLY").is_ok() {
+            let (a50, a99) = bench_fetch_events_split(calls, true, false).await;
+            row("FetchX509SVID, agent events only (ms)", a50, a99, calls);
+        }
+        results.insert("events_fetch_off_p99_ms", json!(round(off_p99)));
+        results.insert("events_fetch_on_p99_ms", json!(round(on_p99)));
+        results.insert("events_fetch_p99_ratio", json!(round(on_p99 / off_p99)));
+        let rate = bench_event_ingest(Duration::from_secs(secs)).await;
+        println!("{:<44} {:>12.0}", "events/s stored from agents' pushes", rate);
+        results.insert("events_ingest_per_s", json!(rate.round()));
+    }
     println!("{}", serde_json::to_string(&results).unwrap_or_default());
     ExitCode::SUCCESS
+}
+
+/// FetchX509SVID first-response latency with the event stream on or off
+/// (server and agent), as [`bench_fetch`] measures it.
+async fn bench_fetch_events(calls: usize, events: bool) -> (f64, f64) {
+    bench_fetch_events_split(calls, events, events).await
+}
+
+async fn bench_fetch_events_split(calls: usize, events: bool, server_events: bool) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tessera_tests::test_config(&dir.path().join("server"));
+    config.events.enabled = server_events;
+    let server = TestServer::start_with(config, std::sync::Arc::new(tessera_server::SystemClock)).await;
+    let agent = RunningAgent::start_configured(&server, &dir.path().join("agent"), |c| {
+        c.events = events;
+    })
+    .await;
+    server.create_entry("spiffe://example.org/bench", &agent.id, &[&me()], None).await;
+    let result = fetch_latency(&agent, calls).await;
+    agent.stop().await;
+    server.stop().await;
+    result
+}
+
+/// Events per second the server stores from agents' pushes: 8 simulated
+/// agents, each pushing batches of 500 workload events (as the agent's
+/// spool sends them) one after another, to a server in its own process.
+async fn bench_event_ingest(duration: Duration) -> f64 {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tessera_proto::node as node_pb;
+    use tessera_proto::types::{Event, Workload};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let server = Child::start(&["__server", &server_dir.display().to_string()]);
+    let mut admin = admin_at(&server_dir).await;
+    let addr: std::net::SocketAddr = server.ready.parse().unwrap();
+    let bundle: Vec<rustls_pki_types::CertificateDer<'static>> = admin
+        .get_bundle(admin_pb::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .authorities
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for i in 0..8 {
+        let id = format!("spiffe://example.org/ingest/agent-{i}");
+        let token = admin
+            .create_join_token(admin_pb::CreateJoinTokenRequest { ttl: 600, spiffe_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let agent =
+            tessera_tests::TestAgent::attest_to(addr, bundle.clone(), &token.token).await.unwrap();
+        let mut client = agent.connect().await;
+        let (done, stop) = (done.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let events: Vec<Event> = (0..500)
+                    .map(|_| {
+                        seq += 1;
+                        Event {
+                            kind: "workload.x509".into(),
+                            decision: "allow".into(),
+                            time_ms: 1,
+                            agent_seq: seq,
+                            spiffe_ids: vec!["spiffe://example.org/bench".into()],
+                            entry_ids: vec!["0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into()],
+                            workload: Some(Workload {
+                                pid: 4242,
+                                uid: 1000,
+                                gid: 1000,
+                                path: "/usr/bin/bench".into(),
+                                sha256: "ab".repeat(32),
+                                selectors: vec!["unix:uid:1000".into(), "unix:gid:1000".into()],
+                            }),
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                let acked = client
+                    .push_events(node_pb::PushEventsRequest { spool_id: vec![i as u8; 16], events })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .acked_seq;
+                assert_eq!(acked, seq);
+                done.fetch_add(500, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // warm up
+    let (first, start) = (done.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(duration).await;
+    let rate = (done.load(Ordering::Relaxed) - first) as f64 / start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        let _ = worker.await;
+    }
+    server.stop();
+    rate
 }
 
 /// JWT-SVIDs per second through the node API (8 simulated agents, batches
 /// of 500, audience "bench"), and the raw ES256 signing rate of ring on
 /// every core, measured in the same run.
 async fn bench_jwt_issue(duration: Duration) -> (f64, f64) {
-    let rate = node_api_throughput(duration, Signing::Jwt).await;
+    let rate = node_api_throughput(duration, Signing::Jwt, true).await;
     (rate, ecdsa_limit(Duration::from_secs(2), Ecdsa::Es256Sign))
 }
 
@@ -570,7 +709,15 @@ async fn open_stream(
 async fn bench_fetch(calls: usize) -> (f64, f64) {
     let (_dir, server, agent) = setup().await;
     server.create_entry("spiffe://example.org/bench", &agent.id, &[&me()], None).await;
-    let mut client = warm_client(&agent).await;
+    let result = fetch_latency(&agent, calls).await;
+    agent.stop().await;
+    server.stop().await;
+    result
+}
+
+/// p50 and p99 of `calls` FetchX509SVID first responses on a warm client.
+async fn fetch_latency(agent: &RunningAgent, calls: usize) -> (f64, f64) {
+    let mut client = warm_client(agent).await;
     let mut samples = Vec::with_capacity(calls);
     for _ in 0..calls {
         let start = Instant::now();
@@ -580,8 +727,6 @@ async fn bench_fetch(calls: usize) -> (f64, f64) {
         samples.push(start.elapsed());
         assert_eq!(first.svids.len(), 1);
     }
-    agent.stop().await;
-    server.stop().await;
     percentiles(samples)
 }
 
@@ -900,6 +1045,7 @@ async fn child_server(args: &[String]) -> ExitCode {
     // must not cap a throughput measurement.
     config.sign_rate = 10_000_000;
     config.sign_burst = 10_000_000;
+    config.events.enabled = !args.iter().any(|a| a == "--no-events");
     let server =
         tessera_server::Server::bind(config, std::sync::Arc::new(tessera_server::SystemClock))
             .await
@@ -1185,7 +1331,7 @@ async fn bench_scale(
 /// one ECDSA P-256 signature plus one verification per SVID, with ring, on
 /// every core.
 async fn bench_issue(duration: Duration) -> (f64, f64) {
-    let rate = node_api_throughput(duration, Signing::X509).await;
+    let rate = node_api_throughput(duration, Signing::X509, true).await;
     (rate, ecdsa_limit(Duration::from_secs(2), Ecdsa::SignAndVerify))
 }
 
@@ -1206,14 +1352,19 @@ enum Batch {
 /// SVIDs signed per second by 8 simulated agents (each attested through
 /// the real node API, with 500 entries, sending one batch of 500 after
 /// another) against a server in its own process, after a 0.5 s warm-up.
-async fn node_api_throughput(duration: Duration, signing: Signing) -> f64 {
+async fn node_api_throughput(duration: Duration, signing: Signing, events: bool) -> f64 {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     use tessera_proto::node as node_pb;
 
     let dir = tempfile::tempdir().unwrap();
     let server_dir = dir.path().join("server");
-    let server = Child::start(&["__server", &server_dir.display().to_string()]);
+    let dir_arg = server_dir.display().to_string();
+    let mut args = vec!["__server", dir_arg.as_str()];
+    if !events {
+        args.push("--no-events");
+    }
+    let server = Child::start(&args);
     let mut admin = admin_at(&server_dir).await;
     let addr: std::net::SocketAddr = server.ready.parse().unwrap();
     let bundle: Vec<rustls_pki_types::CertificateDer<'static>> = admin
