@@ -243,20 +243,7 @@ async fn bench_event_ingest(duration: Duration) -> f64 {
     use tessera_proto::node as node_pb;
     use tessera_proto::types::{Event, Workload};
 
-    let dir = tempfile::tempdir().unwrap();
-    let server_dir = dir.path().join("server");
-    let server = Child::start(&["__server", &server_dir.display().to_string()]);
-    let mut admin = admin_at(&server_dir).await;
-    let addr: std::net::SocketAddr = server.ready.parse().unwrap();
-    let bundle: Vec<rustls_pki_types::CertificateDer<'static>> = admin
-        .get_bundle(admin_pb::GetBundleRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .authorities
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let (_dir, server, mut admin, addr, bundle) = child_server_and_admin(true).await;
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
@@ -307,14 +294,7 @@ async fn bench_event_ingest(duration: Duration) -> f64 {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await; // warm up
-    let (first, start) = (done.load(Ordering::Relaxed), Instant::now());
-    tokio::time::sleep(duration).await;
-    let rate = (done.load(Ordering::Relaxed) - first) as f64 / start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        let _ = worker.await;
-    }
+    let rate = measure_rate(&done, &stop, workers, duration).await;
     server.stop();
     rate
 }
@@ -1337,6 +1317,59 @@ async fn bench_issue(duration: Duration) -> (f64, f64) {
     (rate, ecdsa_limit(Duration::from_secs(2), Ecdsa::SignAndVerify))
 }
 
+/// A server in its own process (events on or off), an admin client on it,
+/// its node API address and its bundle.
+async fn child_server_and_admin(
+    events: bool,
+) -> (
+    tempfile::TempDir,
+    Child,
+    tessera_proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+    std::net::SocketAddr,
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let dir_arg = server_dir.display().to_string();
+    let mut args = vec!["__server", dir_arg.as_str()];
+    if !events {
+        args.push("--no-events");
+    }
+    let server = Child::start(&args);
+    let mut admin = admin_at(&server_dir).await;
+    let addr: std::net::SocketAddr = server.ready.parse().unwrap();
+    let bundle = admin
+        .get_bundle(admin_pb::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .authorities
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    (dir, server, admin, addr, bundle)
+}
+
+/// The rate at which `done` grows over `duration` after a 0.5 s warm-up;
+/// then stops the workers.
+async fn measure_rate(
+    done: &std::sync::atomic::AtomicU64,
+    stop: &std::sync::atomic::AtomicBool,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    duration: Duration,
+) -> f64 {
+    use std::sync::atomic::Ordering;
+    tokio::time::sleep(Duration::from_millis(500)).await; // warm up
+    let (first, start) = (done.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(duration).await;
+    let rate = (done.load(Ordering::Relaxed) - first) as f64 / start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        let _ = worker.await;
+    }
+    rate
+}
+
 /// What the simulated agents of [`node_api_throughput`] have signed.
 #[derive(Debug, Clone, Copy)]
 enum Signing {
@@ -1359,25 +1392,7 @@ async fn node_api_throughput(duration: Duration, signing: Signing, events: bool)
     use std::sync::Arc;
     use tessera_proto::node as node_pb;
 
-    let dir = tempfile::tempdir().unwrap();
-    let server_dir = dir.path().join("server");
-    let dir_arg = server_dir.display().to_string();
-    let mut args = vec!["__server", dir_arg.as_str()];
-    if !events {
-        args.push("--no-events");
-    }
-    let server = Child::start(&args);
-    let mut admin = admin_at(&server_dir).await;
-    let addr: std::net::SocketAddr = server.ready.parse().unwrap();
-    let bundle: Vec<rustls_pki_types::CertificateDer<'static>> = admin
-        .get_bundle(admin_pb::GetBundleRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .authorities
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let (_dir, server, mut admin, addr, bundle) = child_server_and_admin(events).await;
     let (agents, batch) = (8, 500);
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -1445,14 +1460,7 @@ async fn node_api_throughput(duration: Duration, signing: Signing, events: bool)
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await; // warm up
-    let (first, start) = (done.load(Ordering::Relaxed), Instant::now());
-    tokio::time::sleep(duration).await;
-    let rate = (done.load(Ordering::Relaxed) - first) as f64 / start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        let _ = worker.await;
-    }
+    let rate = measure_rate(&done, &stop, workers, duration).await;
     server.stop();
     rate
 }
