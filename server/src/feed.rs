@@ -23,8 +23,9 @@ const READ_PAGE: usize = 5_000;
 /// Recent changes of the log, shared by every Sync stream.
 #[derive(Debug)]
 pub struct ChangeFeed {
-    /// Contiguous revisions, oldest first.
-    window: RwLock<VecDeque<Arc<Change>>>,
+    /// Contiguous revisions, oldest first, each with when the feed read it
+    /// (right after its commit woke the feed).
+    window: RwLock<VecDeque<(Arc<Change>, std::time::Instant)>>,
     /// The last revision in the window (or the store's at start).
     latest: watch::Sender<u64>,
     /// The CRLs in force as of at least `latest`, read once for all streams.
@@ -59,12 +60,20 @@ impl ChangeFeed {
         if revision >= latest {
             return Some(Vec::new());
         }
-        let first = window.front()?.revision;
+        let first = window.front()?.0.revision;
         if revision + 1 < first {
             return None;
         }
         let skip = (revision + 1 - first) as usize;
-        Some(window.iter().skip(skip).take(limit).cloned().collect())
+        Some(window.iter().skip(skip).take(limit).map(|(c, _)| c.clone()).collect())
+    }
+
+    /// When the feed read `revision` from the log, if it still holds it.
+    pub fn seen_at(&self, revision: u64) -> Option<std::time::Instant> {
+        let window = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let first = window.front()?.0.revision;
+        let index = usize::try_from(revision.checked_sub(first)?).ok()?;
+        window.get(index).map(|(_, at)| *at)
     }
 
     /// Tails the store's log until `shutdown`.
@@ -103,7 +112,8 @@ impl ChangeFeed {
             };
             if let Some(last) = changes.last().map(|c| c.revision) {
                 let mut window = self.window.write().unwrap_or_else(|e| e.into_inner());
-                window.extend(changes.into_iter().map(Arc::new));
+                let now = std::time::Instant::now();
+                window.extend(changes.into_iter().map(|c| (Arc::new(c), now)));
                 while window.len() > FEED_WINDOW {
                     window.pop_front();
                 }
@@ -133,7 +143,8 @@ mod tests {
     fn the_window_answers_only_what_it_holds_contiguously() {
         let feed = ChangeFeed::new(10, Vec::new());
         assert_eq!(feed.since(10, 5).map(|c| c.len()), Some(0), "nothing newer yet");
-        feed.window.write().unwrap().extend((11..=20).map(change));
+        let now = std::time::Instant::now();
+        feed.window.write().unwrap().extend((11..=20).map(|r| (change(r), now)));
         feed.latest.send_replace(20);
         let got: Vec<u64> = feed.since(12, 3).unwrap().iter().map(|c| c.revision).collect();
         assert_eq!(got, [13, 14, 15]);

@@ -33,6 +33,10 @@ struct Inner {
     attestation_seconds: Histogram,
     /// Open Sync streams.
     sync_streams: Gauge,
+    /// Entry change read from the log → sent on an agent's Sync stream.
+    push_seconds: Histogram,
+    /// Revocation read from the log → sent on an agent's Sync stream.
+    revocation_push_seconds: Histogram,
     /// Events stored and pushed by agents.
     events_stored: Counter,
     events_ingested_: Counter,
@@ -65,6 +69,8 @@ impl Metrics {
             attestations: Family::default(),
             attestation_seconds: telemetry::latency_histogram(),
             sync_streams: Gauge::default(),
+            push_seconds: telemetry::latency_histogram(),
+            revocation_push_seconds: telemetry::latency_histogram(),
             events_stored: Counter::default(),
             events_ingested_: Counter::default(),
             ca_expiry: Gauge::default(),
@@ -92,6 +98,16 @@ impl Metrics {
             inner.attestation_seconds.clone(),
         );
         registry.register("sync_streams", "Open agent Sync streams", inner.sync_streams.clone());
+        registry.register(
+            "entry_push_delay_seconds",
+            "An entry change, from its commit (read from the change log) to its agent's Sync stream",
+            inner.push_seconds.clone(),
+        );
+        registry.register(
+            "revocation_push_delay_seconds",
+            "A revocation, from its commit (read from the change log) to each agent's Sync stream",
+            inner.revocation_push_seconds.clone(),
+        );
         registry.register("events_stored", "Events stored in the event log", inner.events_stored.clone());
         registry.register(
             "events_ingested",
@@ -148,6 +164,15 @@ impl Metrics {
     /// The open Sync streams gauge.
     pub fn sync_streams(&self) -> &Gauge {
         &self.inner.sync_streams
+    }
+
+    /// A change sent on a Sync stream `seconds` after the feed read it.
+    pub fn pushed(&self, revocation: bool, seconds: f64) {
+        if revocation {
+            self.inner.revocation_push_seconds.observe(seconds);
+        } else {
+            self.inner.push_seconds.observe(seconds);
+        }
     }
 
     /// Reads the gauges that are computed at scrape time and encodes everything.

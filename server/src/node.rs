@@ -895,25 +895,31 @@ impl NodeService {
             }
             for change in changes {
                 cursor = change.revision;
-                self.send_change(caller, &change, tx).await?;
+                if self.send_change(caller, &change, tx).await? {
+                    if let Some(at) = self.state.feed.seen_at(change.revision) {
+                        let revocation = matches!(change.kind, ChangeKind::Revoked { .. });
+                        self.state.metrics.pushed(revocation, at.elapsed().as_secs_f64());
+                    }
+                }
             }
             send(tx, Event::Checkpoint(pb::Checkpoint { revision: cursor })).await?;
         }
     }
 
-    /// Sends what one change means for this agent, if anything.
+    /// Sends what one change means for this agent, if anything; true when
+    /// something was sent.
     async fn send_change(
         &self,
         caller: &Caller,
         change: &Change,
         tx: &SyncSender,
-    ) -> Result<(), Status> {
+    ) -> Result<bool, Status> {
         let agent_id = &caller.id;
         let revision = change.revision;
         match &change.kind {
             ChangeKind::Entry { entry_id, parents } => {
                 if !parents.iter().any(|p| p == agent_id.as_str()) {
-                    return Ok(());
+                    return Ok(false);
                 }
                 // The entry as it is now decides: kept if still ours, else dropped.
                 let id = entry_id.clone();
@@ -924,7 +930,8 @@ impl NodeService {
                     }
                     _ => pb::entry_change::Change::RemovedEntryId(entry_id.clone()),
                 };
-                send(tx, Event::Change(pb::EntryChange { revision, change: Some(change) })).await
+                send(tx, Event::Change(pb::EntryChange { revision, change: Some(change) })).await?;
+                Ok(true)
             }
             ChangeKind::Revoked { serials, jwts } => {
                 if serials.contains(&caller.serial) {
@@ -939,13 +946,18 @@ impl NodeService {
                     .map(|j| pb::RevokedJwt { jti: j.jti.clone(), expires_at: j.expires_at })
                     .collect();
                 let revocation = pb::Revocation { serials: serials.clone(), crls, jwts };
-                send(tx, Event::Revocation(revocation)).await
+                send(tx, Event::Revocation(revocation)).await?;
+                Ok(true)
             }
             ChangeKind::Crls => {
                 let crls = self.state.feed.crls().as_ref().clone();
-                send(tx, Event::Revocation(pb::Revocation { crls, ..Default::default() })).await
+                send(tx, Event::Revocation(pb::Revocation { crls, ..Default::default() })).await?;
+                Ok(false)
             }
-            ChangeKind::Bundle => send(tx, Event::Bundle(self.bundle_update())).await,
+            ChangeKind::Bundle => {
+                send(tx, Event::Bundle(self.bundle_update())).await?;
+                Ok(false)
+            }
             ChangeKind::AgentBanned { agent_id: banned, reason } if banned == agent_id.as_str() => {
                 warn!(agent_id = %agent_id, "closing sync stream of banned agent");
                 send(tx, Event::Banned(pb::AgentBanned { reason: reason.clone() })).await?;
@@ -955,7 +967,7 @@ impl NodeService {
                 warn!(agent_id = %agent_id, "closing sync stream of evicted agent");
                 Err(agent_refused("evicted", format!("agent {agent_id} was evicted; attest again")))
             }
-            _ => Ok(()),
+            _ => Ok(false),
         }
     }
 }

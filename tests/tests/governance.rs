@@ -638,6 +638,7 @@ async fn metrics_move_with_traffic_and_ready_means_serving() {
         moved(&s0, &s1, "tessera_server_svids_issued_total{type=jwt}");
         moved(&s0, &s1, "tessera_server_svid_issue_seconds_count{type=x509}");
         moved(&s0, &s1, "tessera_server_events_stored_total{}");
+        moved(&s0, &s1, "tessera_server_entry_push_delay_seconds_count{}");
         moved(&a0, &a1, "tessera_agent_workload_api_requests_total{method=FetchX509SVID,outcome=ok}");
         moved(&a0, &a1, "tessera_agent_workload_api_requests_total{method=FetchJWTSVID,outcome=ok}");
         moved(&a0, &a1, "tessera_agent_workload_attestation_seconds_count{}");
