@@ -45,6 +45,9 @@ pub struct AgentConfig {
     pub server_address: String,
     /// Join token for the first attestation.
     pub join_token: Option<String>,
+    /// Why the join token given could not be read (an unreadable or empty
+    /// `--join-token-file`): an error only if the agent must attest.
+    pub join_token_problem: Option<String>,
     /// Bootstrap trust bundle (used until the agent has stored one).
     pub trust_bundle: Option<PathBuf>,
     /// Trust domain; derived from the bundle's CA when not given.
@@ -69,6 +72,7 @@ impl AgentConfig {
             data_dir,
             server_address,
             join_token: None,
+            join_token_problem: None,
             trust_bundle: None,
             trust_domain: None,
             socket_path,
@@ -90,6 +94,9 @@ pub enum AgentError {
     /// The bundle names no trust domain and none was given.
     #[error("cannot tell the trust domain from the bundle; pass --trust-domain")]
     NoTrustDomain,
+    /// No valid stored SVID, and the join token could not be read.
+    #[error("no valid agent SVID in {0} to reuse, and {1}")]
+    JoinToken(PathBuf, String),
     /// No valid stored SVID and no join token.
     #[error("no valid agent SVID in {0} and no --join-token to attest with")]
     NoJoinToken(PathBuf),
@@ -319,10 +326,10 @@ async fn attest(
     trust_domain: &TrustDomain,
     anchors: &TrustAnchors,
 ) -> Result<AgentIdentity, AgentError> {
-    let token = config
-        .join_token
-        .clone()
-        .ok_or_else(|| AgentError::NoJoinToken(config.data_dir.clone()))?;
+    let token = config.join_token.clone().ok_or_else(|| match &config.join_token_problem {
+        Some(problem) => AgentError::JoinToken(config.data_dir.clone(), problem.clone()),
+        None => AgentError::NoJoinToken(config.data_dir.clone()),
+    })?;
     let (key, csr) = new_key_and_csr()?;
     let tls = node_tls_config(anchors.clone(), trust_domain, None)?;
     let mut client = connect_node(&config.server_address, tls).await?;

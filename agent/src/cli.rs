@@ -379,11 +379,20 @@ fn value_json(v: prost_types::Value) -> serde_json::Value {
 async fn run_agent(args: RunArgs) -> Result<(), CliError> {
     init_logging(&args.log_level, args.log_format);
     let mut config = AgentConfig::new(args.data_dir, args.server_address);
-    config.join_token = join_token(
+    // A token file is read now, but a problem with it matters only if the
+    // agent has no valid stored SVID to reuse (the file may be gone after
+    // the first attestation).
+    match join_token(
         args.join_token,
         args.join_token_file.as_deref(),
         std::env::var(JOIN_TOKEN_ENV).ok(),
-    )?;
+    ) {
+        Ok(token) => config.join_token = token,
+        Err(problem) if args.join_token_file.is_some() => {
+            config.join_token_problem = Some(problem.0);
+        }
+        Err(problem) => return Err(problem),
+    }
     config.trust_bundle = args.trust_bundle;
     config.trust_domain = args
         .trust_domain

@@ -251,12 +251,16 @@ fn server_and_agent_binaries_serve_a_workload_end_to_end() {
     let neither = run(&server, &["svid", "revoke", "--socket", &admin]);
     assert!(!neither.status.success());
 
-    // The agent restarts on its stored SVID, with no token and no bootstrap
-    // bundle; this time its log is JSON, one object per line.
+    // The agent restarts on its stored SVID, with no bootstrap bundle and
+    // its join-token file gone (as a systemd unit keeps naming it); this
+    // time its log is JSON, one object per line.
     agent.stop();
+    std::fs::remove_file(&token_file).unwrap();
     let json_log = dir.path().join("agent.json.log");
     let agent = Process::spawn_logging(
-        Command::new(AGENT).args(agent_args).args(["--log-format", "json"]),
+        Command::new(AGENT)
+            .args(agent_args)
+            .args(["--log-format", "json", "--join-token-file", &token_file_arg]),
         &json_log,
     );
     wait_until("the restarted agent", || {
