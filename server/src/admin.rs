@@ -814,12 +814,20 @@ impl Admin for AdminService {
             let events = state.events.clone();
             let mut stored = events.subscribe();
             let mut after = filter.after_seq;
-            let mut left = filter.limit;
+            // `limit` bounds the stored events sent; following then sends
+            // only what is stored from then on.
+            let (mut limited, mut left) = (filter.limit != 0, filter.limit);
             loop {
-                let page = if left == 0 && filter.limit != 0 { 0 } else { 1000 };
+                if limited && left == 0 {
+                    if !filter.follow {
+                        return;
+                    }
+                    after = after.max(*stored.borrow_and_update());
+                    limited = false;
+                }
                 let list = events.clone();
                 let f = filter.clone();
-                let read = tokio::task::spawn_blocking(move || list.list(&f, after, page)).await;
+                let read = tokio::task::spawn_blocking(move || list.list(&f, after, 1000)).await;
                 let (batch, last) = match read {
                     Ok(Ok(read)) => read,
                     Ok(Err(e)) => {
@@ -831,21 +839,22 @@ impl Admin for AdminService {
                         return;
                     }
                 };
-                let full = batch.len() == page;
+                let full = batch.len() == 1000;
                 after = last;
                 for event in batch {
-                    if filter.limit != 0 {
+                    if limited {
                         if left == 0 {
                             break;
                         }
                         left -= 1;
                     }
+                    after = after.max(event.seq);
                     if tx.send(Ok(event)).await.is_err() {
                         return;
                     }
                 }
-                if full && (filter.limit == 0 || left > 0) {
-                    continue; // more stored events to read
+                if full || (limited && left == 0) {
+                    continue; // more stored events to read, or the limit to apply
                 }
                 if !filter.follow {
                     return;

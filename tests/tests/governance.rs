@@ -241,6 +241,10 @@ async fn decisions_appear_in_the_event_stream_with_agent_workload_and_decision()
     let workload = cli.ok(None, &["events", "--json", "--kind", "workload", "--agent", &agent.id]);
     assert!(workload.lines().count() >= 3);
     assert!(workload.lines().all(|l| l.contains("\"kind\":\"workload.")));
+    assert_eq!(cli.ok(None, &["events", "--json", "--limit", "2"]).lines().count(), 2);
+    assert_eq!(cli.ok(None, &["events", "--since", "2999-01-01T00:00:00Z"]), "");
+    let bad = cli.run(None, &["events", "--since", "yesterday"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("RFC 3339"));
     let human = cli.ok(None, &["events", "--kind", "svid.revoke"]);
     assert!(human.contains("svid.revoke deny") && human.contains(&serial), "{human}");
 
