@@ -177,8 +177,14 @@ fn answer<B>(req: &Request<B>, health: &dyn Health) -> Response<Full<Bytes>> {
         "/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),
         "/ready" => match health.ready() {
             Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
-            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
+            Err(why) => {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n"))
+            }
         },
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /live or /ready\n".into()),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /live or /ready\n".into(),
+        ),
     }
 }

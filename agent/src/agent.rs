@@ -17,13 +17,13 @@ use tracing::{info, warn, Instrument};
 
 use crate::attestor::UnixAttestor;
 use crate::cache::Cache;
+use crate::events::EventSpool;
 use crate::identity::{
     certs_pem, new_key_and_csr, read_pem, write_private, AgentIdentity, IdentityError,
 };
-use crate::events::EventSpool;
 use crate::jwt::JwtSvids;
-use crate::metrics::{AgentHealth, AgentMetrics};
 use crate::manager::{agent_renewal_loop, now, signer_loop, sync_loop, NodeLink};
+use crate::metrics::{AgentHealth, AgentMetrics};
 use crate::node_client::{connect_node, node_tls_config, NodeClientError};
 use crate::workload::{self, WorkloadLimits, WorkloadService};
 
@@ -192,10 +192,11 @@ impl Agent {
             })?,
         );
         let metrics_listener = match config.metrics_addr {
-            Some(addr) => Some(crate::telemetry::bind(addr).await.map_err(io(
-                "cannot bind metrics to",
-                Path::new(&addr.to_string()),
-            ))?),
+            Some(addr) => Some(
+                crate::telemetry::bind(addr)
+                    .await
+                    .map_err(io("cannot bind metrics to", Path::new(&addr.to_string())))?,
+            ),
             None => None,
         };
         let listener = workload::bind_socket(&config.socket_path)
@@ -254,10 +255,14 @@ impl Agent {
                 .instrument(tracing::info_span!("agent_svid")),
         );
         tasks.spawn(
-            events.clone().run(link.clone(), shutdown.clone()).instrument(tracing::info_span!("events")),
+            events
+                .clone()
+                .run(link.clone(), shutdown.clone())
+                .instrument(tracing::info_span!("events")),
         );
         if let Some(listener) = metrics_listener {
-            let health = Arc::new(AgentHealth { metrics: metrics.clone(), parts: Default::default() });
+            let health =
+                Arc::new(AgentHealth { metrics: metrics.clone(), parts: Default::default() });
             let _ = health.parts.set((cache.clone(), link.clone()));
             tasks.spawn(
                 crate::telemetry::serve(listener, health, shutdown.clone())

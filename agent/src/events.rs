@@ -108,7 +108,11 @@ fn record(e: &Event) -> Vec<u8> {
 }
 
 /// Writes a fresh spool file (header and `events`) at `path`, atomically.
-fn write_spool(path: &Path, spool_id: &[u8; 16], events: &[Vec<u8>]) -> std::io::Result<std::fs::File> {
+fn write_spool(
+    path: &Path,
+    spool_id: &[u8; 16],
+    events: &[Vec<u8>],
+) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("spool.tmp");
     let mut file = std::fs::OpenOptions::new()
@@ -140,12 +144,10 @@ impl EventSpool {
         metrics: AgentMetrics,
     ) -> Result<Self, SpoolError> {
         let path = dir.join("events.spool");
-        let acked = std::fs::read_to_string(dir.join("events.acked"))
-            .ok()
-            .and_then(|s| {
-                let (id, seq) = s.trim().split_once(' ')?;
-                Some((id.to_string(), seq.parse::<u64>().ok()?))
-            });
+        let acked = std::fs::read_to_string(dir.join("events.acked")).ok().and_then(|s| {
+            let (id, seq) = s.trim().split_once(' ')?;
+            Some((id.to_string(), seq.parse::<u64>().ok()?))
+        });
         let mut spool_id = [0u8; 16];
         let mut queue = VecDeque::new();
         let mut last_seq = 0;
@@ -161,8 +163,15 @@ impl EventSpool {
                 };
                 let mut at = HEADER_LEN as usize;
                 while at + 8 <= data.len() {
-                    let len = u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
-                    let crc = u32::from_be_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
+                    let len =
+                        u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]])
+                            as usize;
+                    let crc = u32::from_be_bytes([
+                        data[at + 4],
+                        data[at + 5],
+                        data[at + 6],
+                        data[at + 7],
+                    ]);
                     let Some(body) = data.get(at + 8..at + 8 + len) else { break };
                     if crc32fast::hash(body) != crc {
                         break;
@@ -187,7 +196,10 @@ impl EventSpool {
             warn!(path = %path.display(), "event spool ended in a torn record (a crash mid-write); cut it off");
         }
         if !queue.is_empty() {
-            info!(events = queue.len(), "events spooled by the previous run will be sent to the server");
+            info!(
+                events = queue.len(),
+                "events spooled by the previous run will be sent to the server"
+            );
         }
         let records: Vec<Vec<u8>> = queue.iter().map(|(e, _)| record(e)).collect();
         let file = write_spool(&path, &spool_id, &records).map_err(io_err(&path))?;
@@ -368,7 +380,10 @@ impl EventSpool {
             let sent = async {
                 let mut client = link.client().await.map_err(|e| e.to_string())?;
                 client
-                    .push_events(pb::PushEventsRequest { spool_id: spool_id.clone(), events: batch })
+                    .push_events(pb::PushEventsRequest {
+                        spool_id: spool_id.clone(),
+                        events: batch,
+                    })
                     .await
                     .map(|r| r.into_inner().acked_seq)
                     .map_err(|s| s.message().to_string())
@@ -411,8 +426,14 @@ mod tests {
     use super::*;
 
     fn spool(dir: &Path, max_bytes: u64) -> EventSpool {
-        EventSpool::open(dir, "spiffe://example.org/agent".into(), max_bytes, true, AgentMetrics::new())
-            .unwrap()
+        EventSpool::open(
+            dir,
+            "spiffe://example.org/agent".into(),
+            max_bytes,
+            true,
+            AgentMetrics::new(),
+        )
+        .unwrap()
     }
 
     fn fetch(n: u32) -> Event {
@@ -424,7 +445,9 @@ mod tests {
         inner
             .queue
             .iter()
-            .map(|(e, _)| (e.agent_seq, e.attrs.first().map(|a| a.value.clone()).unwrap_or_default()))
+            .map(|(e, _)| {
+                (e.agent_seq, e.attrs.first().map(|a| a.value.clone()).unwrap_or_default())
+            })
             .collect()
     }
 

@@ -65,15 +65,31 @@ impl AgentMetrics {
             "Time to attest a Workload API caller (selectors, executable hash)",
             attestation_seconds.clone(),
         );
-        registry.register("event_spool_events", "Events spooled, not yet stored by the server", spool_events.clone());
-        registry.register("event_spool_bytes", "Bytes of events spooled, not yet stored by the server", spool_bytes.clone());
+        registry.register(
+            "event_spool_events",
+            "Events spooled, not yet stored by the server",
+            spool_events.clone(),
+        );
+        registry.register(
+            "event_spool_bytes",
+            "Bytes of events spooled, not yet stored by the server",
+            spool_bytes.clone(),
+        );
         registry.register(
             "event_spool_dropped",
             "Events not recorded because the spool was full",
             spool_dropped.clone(),
         );
-        registry.register("event_push_failures", "Failed pushes of events to the server", push_failures.clone());
-        registry.register("synced", "1 when the agent holds a complete, current sync", synced.clone());
+        registry.register(
+            "event_push_failures",
+            "Failed pushes of events to the server",
+            push_failures.clone(),
+        );
+        registry.register(
+            "synced",
+            "1 when the agent holds a complete, current sync",
+            synced.clone(),
+        );
         registry.register("x509_svids", "X509-SVIDs held for workloads", svids.clone());
         registry.register(
             "agent_svid_expiry_seconds",

@@ -23,14 +23,14 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::attestor::{HashLimits, PeerProcess, WorkloadAttestor};
-use crate::event_schema::{self as schema, kind, EventExt};
-use crate::events::EventSpool;
-use crate::metrics::AgentMetrics;
-use tessera_proto::types::{Event, Workload};
 use crate::authority::RewriteAuthority;
 use crate::cache::{Cache, CacheState, CachedSvid};
+use crate::event_schema::{self as schema, kind, EventExt};
+use crate::events::EventSpool;
 use crate::jwt::{JwtSvids, MAX_AUDIENCES};
 use crate::manager::now;
+use crate::metrics::AgentMetrics;
+use tessera_proto::types::{Event, Workload};
 
 /// How long a first fetch waits for the agent's first sync, or for SVIDs of
 /// matching entries still being signed.
@@ -373,7 +373,8 @@ impl WorkloadService {
         peer: Option<(&PeerProcess, &[Selector])>,
         status: Status,
     ) -> Status {
-        let mut e = schema::denied(kind, status.message()).attr("code", format!("{:?}", status.code()));
+        let mut e =
+            schema::denied(kind, status.message()).attr("code", format!("{:?}", status.code()));
         if let Some((peer, selectors)) = peer {
             e.workload = Some(workload_of(peer, selectors));
         }
@@ -443,15 +444,15 @@ impl WorkloadService {
             attestor.attest(&attest_peer)
         })
         .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| {
-                self.refuse(
-                    op,
-                    kind::WORKLOAD_REFUSED,
-                    Some((&peer, &[])),
-                    Status::unavailable(format!("caller could not be attested: {e}")),
-                )
-            })?;
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| {
+            self.refuse(
+                op,
+                kind::WORKLOAD_REFUSED,
+                Some((&peer, &[])),
+                Status::unavailable(format!("caller could not be attested: {e}")),
+            )
+        })?;
         let mut selectors = attestation.selectors;
         // Hashing a new executable happens here, with no permit held: it
         // delays only the callers of that executable, which share it.
@@ -646,7 +647,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         let (peer, selectors, slot) = self.caller("FetchX509Bundles", &request).await?;
         self.record(
             "FetchX509Bundles",
-            schema::event(kind::WORKLOAD_BUNDLE, schema::ALLOW).workload(workload_of(&peer, &selectors)),
+            schema::event(kind::WORKLOAD_BUNDLE, schema::ALLOW)
+                .workload(workload_of(&peer, &selectors)),
         );
         let stream = self
             .bundle_stream(
@@ -753,7 +755,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         let (peer, selectors, slot) = self.caller("FetchJWTBundles", &request).await?;
         self.record(
             "FetchJWTBundles",
-            schema::event(kind::WORKLOAD_BUNDLE, schema::ALLOW).workload(workload_of(&peer, &selectors)),
+            schema::event(kind::WORKLOAD_BUNDLE, schema::ALLOW)
+                .workload(workload_of(&peer, &selectors)),
         );
         let stream = self
             .bundle_stream(

@@ -258,9 +258,12 @@ fn server_and_agent_binaries_serve_a_workload_end_to_end() {
     std::fs::remove_file(&token_file).unwrap();
     let json_log = dir.path().join("agent.json.log");
     let agent = Process::spawn_logging(
-        Command::new(AGENT)
-            .args(agent_args)
-            .args(["--log-format", "json", "--join-token-file", &token_file_arg]),
+        Command::new(AGENT).args(agent_args).args([
+            "--log-format",
+            "json",
+            "--join-token-file",
+            &token_file_arg,
+        ]),
         &json_log,
     );
     wait_until("the restarted agent", || {

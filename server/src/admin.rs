@@ -222,7 +222,11 @@ impl AdminService {
                 old.map_or(0, |o| o.revision),
             );
             let stored = proposal.clone();
-            self.state.governance.pending.put(&stored).map_err(|e| Status::internal(e.to_string()))?;
+            self.state
+                .governance
+                .pending
+                .put(&stored)
+                .map_err(|e| Status::internal(e.to_string()))?;
             let mut e = entry_event(
                 kind::ENTRY_PENDING,
                 &operator,
@@ -249,7 +253,12 @@ impl AdminService {
                 Ok(entry) => {
                     if entry.pending.is_none() {
                         let before = olds.get(&entry.id).map(Entry::to_proto);
-                        events.push(entry_event(event_kind, &operator, before.as_ref(), Some(&entry)));
+                        events.push(entry_event(
+                            event_kind,
+                            &operator,
+                            before.as_ref(),
+                            Some(&entry),
+                        ));
                     }
                     pb::EntryResult { status: Some(ok()), entry: Some(entry) }
                 }
@@ -308,7 +317,6 @@ fn item_status(code: tonic::Code, message: &impl ToString) -> ItemStatus {
     ItemStatus { code: code as i32, message: message.to_string() }
 }
 
-
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn batch_create_entry(
@@ -366,9 +374,18 @@ impl Admin for AdminService {
         // A proposal with the ID goes too (deleting a pending entry rejects it).
         let mut proposals = Vec::new();
         for id in &ids {
-            let proposal = self.state.governance.pending.get(id).map_err(|e| Status::internal(e.to_string()))?;
+            let proposal = self
+                .state
+                .governance
+                .pending
+                .get(id)
+                .map_err(|e| Status::internal(e.to_string()))?;
             if proposal.is_some() {
-                self.state.governance.pending.remove(id).map_err(|e| Status::internal(e.to_string()))?;
+                self.state
+                    .governance
+                    .pending
+                    .remove(id)
+                    .map_err(|e| Status::internal(e.to_string()))?;
             }
             proposals.push(proposal);
         }
@@ -389,7 +406,12 @@ impl Admin for AdminService {
             }
             let status = match result {
                 Ok(entry) => {
-                    events.push(entry_event(kind::ENTRY_DELETE, &operator, Some(&entry.to_proto()), None));
+                    events.push(entry_event(
+                        kind::ENTRY_DELETE,
+                        &operator,
+                        Some(&entry.to_proto()),
+                        None,
+                    ));
                     ok()
                 }
                 Err(_) if proposal.is_some() => ok(),
@@ -511,9 +533,8 @@ impl Admin for AdminService {
         };
         let stored = record.clone();
         self.state.store_op(move |store| store.put_join_token(&stored)).await?;
-        let e = admin_event(kind::JOIN_TOKEN, &operator)
-            .agent(spiffe_id.to_string())
-            .attr("ttl", ttl);
+        let e =
+            admin_event(kind::JOIN_TOKEN, &operator).agent(spiffe_id.to_string()).attr("ttl", ttl);
         self.state.events.record_durable(vec![e]).await;
         Ok(Response::new(record))
     }
@@ -565,17 +586,16 @@ impl Admin for AdminService {
         let (key, why, now) = (id.to_string(), reason.clone(), self.state.clock.now());
         // One commit: the ban, the revocation of everything issued to or
         // through the agent, and the change that closes its stream.
-        let revoked = self
-            .state
-            .store_op(move |store| store.ban_agent(&key, &why, now))
-            .await?
-            .map_err(|refusal| {
-                let e = schema::denied(kind::AGENT_BAN, refusal.to_string())
-                    .operator(operator.clone())
-                    .agent(id.to_string());
-                self.state.events.record(vec![e]);
-                Status::not_found(format!("agent {id} not found"))
-            })?;
+        let revoked =
+            self.state.store_op(move |store| store.ban_agent(&key, &why, now)).await?.map_err(
+                |refusal| {
+                    let e = schema::denied(kind::AGENT_BAN, refusal.to_string())
+                        .operator(operator.clone())
+                        .agent(id.to_string());
+                    self.state.events.record(vec![e]);
+                    Status::not_found(format!("agent {id} not found"))
+                },
+            )?;
         let mut e = admin_event(kind::AGENT_BAN, &operator)
             .agent(id.to_string())
             .attr("revoked", revoked.len());
@@ -597,18 +617,18 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let id = self.parse_id(&operator, "agent SPIFFE ID", &req.spiffe_id)?;
         let (key, unban, now) = (id.to_string(), req.unban, self.state.clock.now());
-        let revoked = self
-            .state
-            .store_op(move |store| store.evict_agent(&key, unban, now))
-            .await?
-            .map_err(|refusal| {
-                let e = schema::denied(kind::AGENT_EVICT, refusal.to_string())
-                    .operator(operator.clone())
-                    .agent(id.to_string());
-                self.state.events.record(vec![e]);
-                Status::not_found(format!("agent {id} not found"))
-            })?;
-        let e = admin_event(kind::AGENT_EVICT, &operator).agent(id.to_string()).attr("unban", unban);
+        let revoked =
+            self.state.store_op(move |store| store.evict_agent(&key, unban, now)).await?.map_err(
+                |refusal| {
+                    let e = schema::denied(kind::AGENT_EVICT, refusal.to_string())
+                        .operator(operator.clone())
+                        .agent(id.to_string());
+                    self.state.events.record(vec![e]);
+                    Status::not_found(format!("agent {id} not found"))
+                },
+            )?;
+        let e =
+            admin_event(kind::AGENT_EVICT, &operator).agent(id.to_string()).attr("unban", unban);
         self.state.events.record_durable(vec![e]).await;
         crate::revocation::revoked(&self.state, &revoked, operator.as_ref()).await?;
         Ok(Response::new(pb::EvictAgentResponse {}))
@@ -712,20 +732,32 @@ impl Admin for AdminService {
         let id = request.into_inner().id;
         let internal = |e: StoreError| Status::internal(e.to_string());
         let Some(proposal) = self.state.governance.pending.get(&id).map_err(internal)? else {
-            return Err(self.deny_approval(&operator, &id, Status::not_found(format!("no entry {id} is waiting for approval"))));
+            return Err(self.deny_approval(
+                &operator,
+                &id,
+                Status::not_found(format!("no entry {id} is waiting for approval")),
+            ));
         };
         let approval = proposal.pending.clone().unwrap_or_default();
         if approval.requested_by_uid == caller.uid {
-            return Err(self.deny_approval(&operator, &id, Status::permission_denied(format!(
-                "uid {} proposed entry {id}; another operator must approve it",
-                caller.uid
-            ))));
+            return Err(self.deny_approval(
+                &operator,
+                &id,
+                Status::permission_denied(format!(
+                    "uid {} proposed entry {id}; another operator must approve it",
+                    caller.uid
+                )),
+            ));
         }
         let now = self.state.clock.now();
         if approval.expires_at <= now {
-            return Err(self.deny_approval(&operator, &id, Status::failed_precondition(format!(
-                "the proposal of entry {id} has expired; propose it again"
-            ))));
+            return Err(self.deny_approval(
+                &operator,
+                &id,
+                Status::failed_precondition(format!(
+                    "the proposal of entry {id} has expired; propose it again"
+                )),
+            ));
         }
         let mut stored = proposal.clone();
         stored.pending = None;
@@ -746,11 +778,16 @@ impl Admin for AdminService {
         };
         let entries = vec![entry];
         let write = if approval.op == "update" {
-            self.state.store_op(move |store| store.update_entries(&entries, now, "entry updated")).await?
+            self.state
+                .store_op(move |store| store.update_entries(&entries, now, "entry updated"))
+                .await?
         } else {
             self.state
                 .store_op(move |store| {
-                    Ok(EntryWrite { results: store.create_entries(&entries)?, ..Default::default() })
+                    Ok(EntryWrite {
+                        results: store.create_entries(&entries)?,
+                        ..Default::default()
+                    })
                 })
                 .await?
         };
@@ -802,7 +839,10 @@ impl Admin for AdminService {
         request: Request<pb::ListEventsRequest>,
     ) -> Result<Response<Self::ListEventsStream>, Status> {
         let filter = request.into_inner();
-        if !filter.decision.is_empty() && filter.decision != schema::ALLOW && filter.decision != schema::DENY {
+        if !filter.decision.is_empty()
+            && filter.decision != schema::ALLOW
+            && filter.decision != schema::DENY
+        {
             return Err(Status::invalid_argument(format!(
                 "invalid decision {:?}: want allow or deny",
                 filter.decision

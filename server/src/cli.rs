@@ -559,15 +559,13 @@ impl Cli {
 
 async fn events_command(args: EventsArgs) -> Result<(), CliError> {
     let since_ms = match &args.since {
-        Some(at) => {
-            time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
-                .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-                .map_err(|e| {
-                    CliError(format!(
-                        "invalid --since {at:?}: {e} (want RFC 3339, e.g. 2030-01-01T00:00:00Z)"
-                    ))
-                })?
-        }
+        Some(at) => time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+            .map_err(|e| {
+                CliError(format!(
+                    "invalid --since {at:?}: {e} (want RFC 3339, e.g. 2030-01-01T00:00:00Z)"
+                ))
+            })?,
         None => 0,
     };
     let mut client = connect_admin(&args.socket.socket).await?;

@@ -92,10 +92,8 @@ impl std::fmt::Debug for EventLog {
 }
 
 fn decode(bytes: &[u8], seq: u64) -> Result<Event, StoreError> {
-    Event::decode(bytes).map_err(|e| StoreError::Corrupt {
-        key: format!("event {seq}"),
-        reason: e.to_string(),
-    })
+    Event::decode(bytes)
+        .map_err(|e| StoreError::Corrupt { key: format!("event {seq}"), reason: e.to_string() })
 }
 
 fn seq_of(key: &[u8]) -> u64 {
@@ -115,20 +113,18 @@ impl EventLog {
             }
             None => match meta.get(ANCHOR_KEY)? {
                 // Everything was pruned: the chain continues from the anchor.
-                Some(anchor) if anchor.len() > 8 => Head {
-                    next_seq: seq_of(&anchor[..8]) + 1,
-                    hash: anchor[8..].to_vec(),
-                },
+                Some(anchor) if anchor.len() > 8 => {
+                    Head { next_seq: seq_of(&anchor[..8]) + 1, hash: anchor[8..].to_vec() }
+                }
                 _ => Head { next_seq: 1, hash: Vec::new() },
             },
         };
         let sink = match &config.file {
             Some(path) => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| StoreError::Io(format!("event file {}: {e}", path.display())))?;
+                let file =
+                    std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(
+                        |e| StoreError::Io(format!("event file {}: {e}", path.display())),
+                    )?;
                 Some(Mutex::new(std::io::BufWriter::new(file)))
             }
             None => None,
@@ -201,9 +197,10 @@ impl EventLog {
         events: Vec<Event>,
     ) -> Result<u64, StoreError> {
         let (log, agent_id, spool_id) = (self.clone(), agent_id.to_string(), spool_id.to_vec());
-        let acked = tokio::task::spawn_blocking(move || log.store_pushed(&agent_id, &spool_id, events))
-            .await
-            .map_err(|e| StoreError::Io(format!("event ingestion task failed: {e}")))??;
+        let acked =
+            tokio::task::spawn_blocking(move || log.store_pushed(&agent_id, &spool_id, events))
+                .await
+                .map_err(|e| StoreError::Io(format!("event ingestion task failed: {e}")))??;
         self.flush().await?;
         Ok(acked)
     }
@@ -314,7 +311,10 @@ impl EventLog {
                             .agent(e.agent_id.clone())
                             .entry(entry.clone())
                             .attr("sha256", exe)
-                            .attr("reason", "identity served to an executable never seen before for this entry");
+                            .attr(
+                                "reason",
+                                "identity served to an executable never seen before for this entry",
+                            );
                         a.spiffe_ids = e.spiffe_ids.clone();
                         a.workload = e.workload.clone();
                         found.push(a);
@@ -329,7 +329,10 @@ impl EventLog {
                                 .agent(e.agent_id.clone())
                                 .entry(entry.clone())
                                 .attr("audience", aud)
-                                .attr("reason", "JWT-SVID for an audience outside the entry's usual set");
+                                .attr(
+                                    "reason",
+                                    "JWT-SVID for an audience outside the entry's usual set",
+                                );
                             a.spiffe_ids = e.spiffe_ids.clone();
                             a.audience = vec![aud.clone()];
                             found.push(a);
@@ -439,7 +442,11 @@ impl EventLog {
             report.last_seq = seq;
             report.checked += 1;
             if seq != expect_seq {
-                broken(&mut report, expect_seq, format!("event {expect_seq} is missing (next stored is {seq})"));
+                broken(
+                    &mut report,
+                    expect_seq,
+                    format!("event {expect_seq} is missing (next stored is {seq})"),
+                );
             }
             expect_seq = seq + 1;
             let e = match Event::decode(value.as_ref()) {
@@ -454,16 +461,34 @@ impl EventLog {
                 broken(&mut report, seq, format!("event {seq} says it is event {}", e.seq));
             }
             if e.prev_hash != prev {
-                broken(&mut report, seq, format!("event {seq} does not follow the event before it (previous hash differs)"));
+                broken(
+                    &mut report,
+                    seq,
+                    format!(
+                        "event {seq} does not follow the event before it (previous hash differs)"
+                    ),
+                );
             }
             if schema::chain_hash(&e.prev_hash, &e) != e.hash {
-                broken(&mut report, seq, format!("event {seq} was altered (its hash does not match its content)"));
+                broken(
+                    &mut report,
+                    seq,
+                    format!("event {seq} was altered (its hash does not match its content)"),
+                );
             }
             prev = e.hash;
         }
         let head = self.head.lock().unwrap_or_else(|e| e.into_inner());
         if report.ok && head.next_seq != expect_seq {
-            broken(&mut report, expect_seq, format!("the log ends at event {} but {} were written", expect_seq - 1, head.next_seq - 1));
+            broken(
+                &mut report,
+                expect_seq,
+                format!(
+                    "the log ends at event {} but {} were written",
+                    expect_seq - 1,
+                    head.next_seq - 1
+                ),
+            );
         }
         report.head_hash = prev;
         Ok(report)
@@ -619,10 +644,16 @@ mod tests {
         let events = all(&log);
         let pushed: Vec<&Event> = events.iter().filter(|e| e.source == "agent").collect();
         assert_eq!(pushed.len(), 6, "each event once");
-        assert!(pushed.iter().all(|e| e.agent_id == agent), "attributed to the authenticated agent");
+        assert!(
+            pushed.iter().all(|e| e.agent_id == agent),
+            "attributed to the authenticated agent"
+        );
         let last = pushed.last().unwrap();
         assert_eq!(last.kind, "agent.unknown", "an agent cannot report admin decisions");
-        assert!(last.attrs.iter().any(|a| a.key == "claimed_kind" && a.value == kind::ENTRY_CREATE));
+        assert!(last
+            .attrs
+            .iter()
+            .any(|a| a.key == "claimed_kind" && a.value == kind::ENTRY_CREATE));
         assert!(log.verify().unwrap().ok);
     }
 

@@ -58,9 +58,12 @@ impl ApprovalPolicy {
                     && s.value().split_once(':').is_some_and(|(k, _)| k == "uid" || k == "gid")
             })
         {
-            why.push("selectors name only a uid/gid: every process of that user or group gets it".into());
+            why.push(
+                "selectors name only a uid/gid: every process of that user or group gets it".into(),
+            );
         }
-        if self.root_selectors && unix.iter().any(|(k, v)| (*k == "uid" || *k == "gid") && *v == "0")
+        if self.root_selectors
+            && unix.iter().any(|(k, v)| (*k == "uid" || *k == "gid") && *v == "0")
         {
             why.push("selects uid or gid 0".into());
         }
@@ -93,7 +96,9 @@ impl ApprovalPolicy {
     pub fn validate(&self) -> Result<(), String> {
         for prefix in &self.protected_path_prefixes {
             if !prefix.starts_with('/') || prefix.len() < 2 {
-                return Err(format!("protected path prefix {prefix:?} must start with / and name a path"));
+                return Err(format!(
+                    "protected path prefix {prefix:?} must start with / and name a path"
+                ));
             }
         }
         if self.pending_ttl == Some(0) {

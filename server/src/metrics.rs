@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 use tessera_proto::types::Event;
 
 use crate::state::State;
-use crate::telemetry::{self, EventCounters, LatencyFamily, Labels};
+use crate::telemetry::{self, EventCounters, Labels, LatencyFamily};
 
 /// Every server metric. Cloning shares them.
 #[derive(Debug, Clone)]
@@ -108,7 +108,11 @@ impl Metrics {
             "A revocation, from its commit (read from the change log) to each agent's Sync stream",
             inner.revocation_push_seconds.clone(),
         );
-        registry.register("events_stored", "Events stored in the event log", inner.events_stored.clone());
+        registry.register(
+            "events_stored",
+            "Events stored in the event log",
+            inner.events_stored.clone(),
+        );
         registry.register(
             "events_ingested",
             "Events pushed by agents and stored",

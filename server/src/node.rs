@@ -16,10 +16,10 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn, Instrument};
 
 use crate::ca::SignedSvid;
-use crate::event_schema::{self as schema, kind, EventExt};
 use crate::csr::parse_csr;
 use crate::entry::valid_audience;
 use crate::entry::Entry;
+use crate::event_schema::{self as schema, kind, EventExt};
 use crate::jwt::SignedJwt;
 use crate::state::State;
 use crate::store::{AgentRefusal, Change, ChangeKind, Signed, MAX_BATCH};
@@ -94,9 +94,9 @@ impl NodeService {
             request.extensions().get::<NodePeer>().and_then(|peer| peer.certs.clone()).ok_or_else(
                 || self.refuse(op, "", Status::unauthenticated("agent X509-SVID required (mTLS)")),
             )?;
-        let leaf = certs
-            .first()
-            .ok_or_else(|| self.refuse(op, "", Status::unauthenticated("empty certificate chain")))?;
+        let leaf = certs.first().ok_or_else(|| {
+            self.refuse(op, "", Status::unauthenticated("empty certificate chain"))
+        })?;
         let id = tessera_workload_api::spiffe_id_of_cert(leaf).map_err(|e| {
             self.refuse(op, "", Status::unauthenticated(format!("client certificate: {e}")))
         })?;
@@ -609,7 +609,6 @@ impl NodeService {
             bundle: self.bundle(),
         }))
     }
-
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + Send>>;

@@ -10,8 +10,8 @@ use tonic::Status;
 use tracing::warn;
 
 use crate::ca::{Ca, CrlEntry};
-use crate::state::State;
 use crate::event_schema::{self as schema, kind, EventExt};
+use crate::state::State;
 use crate::store::{revocation_of, CrlSigner};
 
 /// CRLs are valid this long and re-signed at half of it.

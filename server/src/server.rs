@@ -127,13 +127,14 @@ impl Server {
         ))?;
         let shared = !config.admin_uids.is_empty() || !config.admin_gids.is_empty();
         let admin_listener = bind_admin_socket(&config.admin_socket, shared).await?;
-        let metrics_listener = match config.metrics_addr {
-            Some(addr) => Some(crate::telemetry::bind(addr).await.map_err(io(
-                "cannot bind metrics to",
-                std::path::Path::new(&addr.to_string()),
-            ))?),
-            None => None,
-        };
+        let metrics_listener =
+            match config.metrics_addr {
+                Some(addr) => Some(crate::telemetry::bind(addr).await.map_err(io(
+                    "cannot bind metrics to",
+                    std::path::Path::new(&addr.to_string()),
+                ))?),
+                None => None,
+            };
 
         let rules = EntryRules {
             trust_domain: config.trust_domain.clone(),
@@ -332,9 +333,18 @@ async fn rotation_loop(
             Ok(changed) => {
                 if changed {
                     let e = crate::event_schema::event(crate::event_schema::kind::CA_ROTATE, "");
-                    let e = crate::event_schema::EventExt::attr(e, "bundle_cas", state.ca.bundle().len());
-                    let e = crate::event_schema::EventExt::attr(e, "active_ca_not_after", state.ca.active_not_after());
-                    let kids: Vec<String> = state.ca.jwt_authorities().into_iter().map(|k| k.kid).collect();
+                    let e = crate::event_schema::EventExt::attr(
+                        e,
+                        "bundle_cas",
+                        state.ca.bundle().len(),
+                    );
+                    let e = crate::event_schema::EventExt::attr(
+                        e,
+                        "active_ca_not_after",
+                        state.ca.active_not_after(),
+                    );
+                    let kids: Vec<String> =
+                        state.ca.jwt_authorities().into_iter().map(|k| k.kid).collect();
                     let e = crate::event_schema::EventExt::attr(e, "jwt_kids", kids.join(","));
                     state.events.record_durable(vec![e]).await;
                     state.anchors.update(state.ca.bundle().to_vec());

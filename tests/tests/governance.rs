@@ -55,7 +55,10 @@ fn open_tempdir() -> tempfile::TempDir {
 }
 
 /// A server whose admin socket other operator uids can reach.
-async fn governed_server(dir: &Path, configure: impl FnOnce(&mut tessera_server::Config)) -> TestServer {
+async fn governed_server(
+    dir: &Path,
+    configure: impl FnOnce(&mut tessera_server::Config),
+) -> TestServer {
     let mut config = test_config(&dir.join("server"));
     config.admin_socket = dir.join("admin/admin.sock");
     config.admin_uids = vec![OPERATOR_A, OPERATOR_B];
@@ -154,8 +157,16 @@ async fn decisions_appear_in_the_event_stream_with_agent_workload_and_decision()
     cli.ok(
         creator,
         &[
-            "entry", "create", "--spiffe-id", spiffe_id, "--parent-id", &agent.id,
-            "--selector", &uid_selector(), "--jwt-audience", "allowed-api",
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            &agent.id,
+            "--selector",
+            &uid_selector(),
+            "--jwt-audience",
+            "allowed-api",
         ],
     );
     let svid = within(PROMPTLY, "the SVID once the entry exists", async {
@@ -211,9 +222,8 @@ async fn decisions_appear_in_the_event_stream_with_agent_workload_and_decision()
     assert!(names(&audience, "audience", "not-allowed"), "{audience}");
     assert_eq!(audience["workload"]["uid"], my_uid());
 
-    let created = cli
-        .wait_event("the entry create", |e| field(e, "kind") == "admin.entry.create")
-        .await;
+    let created =
+        cli.wait_event("the entry create", |e| field(e, "kind") == "admin.entry.create").await;
     assert_eq!(field(&created, "decision"), "allow");
     assert_eq!(created["operator"]["uid"], creator.unwrap_or(0));
     assert_eq!(field(&created["after"], "spiffe_id"), spiffe_id);
@@ -231,7 +241,8 @@ async fn decisions_appear_in_the_event_stream_with_agent_workload_and_decision()
     assert_eq!(revoked["operator"]["uid"], 0);
 
     // Filters: by SPIFFE ID and decision, by kind prefix, by agent.
-    let only_denied = cli.ok(None, &["events", "--json", "--decision", "deny", "--spiffe-id", spiffe_id]);
+    let only_denied =
+        cli.ok(None, &["events", "--json", "--decision", "deny", "--spiffe-id", spiffe_id]);
     assert!(!only_denied.is_empty());
     for line in only_denied.lines() {
         let e: Value = serde_json::from_str(line).unwrap();
@@ -254,9 +265,8 @@ async fn decisions_appear_in_the_event_stream_with_agent_workload_and_decision()
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("uid 5555 is not an operator"), "{stderr}");
-        let refusal = cli
-            .wait_event("the stranger's refusal", |e| field(e, "kind") == "admin.refused")
-            .await;
+        let refusal =
+            cli.wait_event("the stranger's refusal", |e| field(e, "kind") == "admin.refused").await;
         assert_eq!(refusal["operator"]["uid"], STRANGER);
         assert_eq!(field(&refusal, "decision"), "deny");
     } else {
@@ -274,11 +284,15 @@ async fn decisions_appear_in_the_event_stream_with_agent_workload_and_decision()
     let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap());
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.join_token("", 60).await;
-    let line = within(PROMPTLY, "a followed event", tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut lines, &mut line).unwrap();
-        line
-    }))
+    let line = within(
+        PROMPTLY,
+        "a followed event",
+        tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut lines, &mut line).unwrap();
+            line
+        }),
+    )
     .await
     .unwrap();
     let _ = follow.kill();
@@ -298,9 +312,7 @@ async fn events_survive_restarts_and_are_spooled_while_the_server_is_down() {
     let agent_dir = dir.path().join("agent");
     let agent = RunningAgent::start(&server, &agent_dir).await;
     let cli = Cli::new(&server);
-    server
-        .create_entry("spiffe://example.org/spooled", &agent.id, &[&uid_selector()], None)
-        .await;
+    server.create_entry("spiffe://example.org/spooled", &agent.id, &[&uid_selector()], None).await;
     let client = workload_client(&agent).await;
     within(PROMPTLY, "the first SVID", async {
         while client.fetch_x509_svid().await.is_err() {
@@ -312,12 +324,16 @@ async fn events_survive_restarts_and_are_spooled_while_the_server_is_down() {
     let before = cli.events().len();
 
     // The server goes away; the agent keeps serving, and spools the events.
-    let (addr, server_dir, socket) = (server.addr, server.data_dir.clone(), server.admin_socket.clone());
+    let (addr, server_dir, socket) =
+        (server.addr, server.data_dir.clone(), server.admin_socket.clone());
     server.stop().await;
     for _ in 0..3 {
-        within(PROMPTLY, "a fetch while the server is down", client.fetch_x509_svid()).await.unwrap();
+        within(PROMPTLY, "a fetch while the server is down", client.fetch_x509_svid())
+            .await
+            .unwrap();
     }
-    let marker = within(PROMPTLY, "a refused JWT-SVID", client.fetch_jwt_svid(["while-down"], None)).await;
+    let marker =
+        within(PROMPTLY, "a refused JWT-SVID", client.fetch_jwt_svid(["while-down"], None)).await;
     assert!(marker.is_err(), "the server is down: no new JWT-SVID can be signed");
     // The agent restarts too, before the server is back: the spool is on disk.
     agent.stop().await;
@@ -351,8 +367,7 @@ async fn events_survive_restarts_and_are_spooled_while_the_server_is_down() {
     assert!(fetched_while_down >= 3, "the fetches made while the server was down were delivered");
     // Nothing before the restart was lost, and each agent event arrived once.
     assert!(events.len() > before);
-    let mut agent_seqs: Vec<u64> =
-        events.iter().filter_map(|e| e["agent_seq"].as_u64()).collect();
+    let mut agent_seqs: Vec<u64> = events.iter().filter_map(|e| e["agent_seq"].as_u64()).collect();
     let total = agent_seqs.len();
     agent_seqs.dedup();
     assert_eq!(agent_seqs.len(), total, "no agent event stored twice");
@@ -373,7 +388,8 @@ async fn tampering_with_stored_events_is_reported_by_verify() {
     let cli = Cli::new(&server);
     assert_eq!(cli.events().len(), 5);
     assert!(cli.ok(None, &["events", "verify"]).contains("5 events"));
-    let (addr, data_dir, socket) = (server.addr, server.data_dir.clone(), server.admin_socket.clone());
+    let (addr, data_dir, socket) =
+        (server.addr, server.data_dir.clone(), server.admin_socket.clone());
     server.stop().await;
 
     let restart = || {
@@ -475,12 +491,17 @@ async fn entries_above_the_threshold_wait_for_a_second_operator() {
         &["--require-approval"],
     );
     assert!(said.contains("--require-approval"), "{said}");
-    let (ordinary, said) = create("spiffe://example.org/ordinary", &[&uid_selector(), &path_selector], &[]);
+    let (ordinary, said) =
+        create("spiffe://example.org/ordinary", &[&uid_selector(), &path_selector], &[]);
     assert!(!said.contains("pending"), "{said}");
 
     // Visible as pending, never signed or served.
     let shown = cli.ok(None, &["entry", "show", "--id", &by_policy]);
-    assert!(shown.contains("pending approval") && shown.contains(&format!("Requested by uid : {OPERATOR_A}")), "{shown}");
+    assert!(
+        shown.contains("pending approval")
+            && shown.contains(&format!("Requested by uid : {OPERATOR_A}")),
+        "{shown}"
+    );
     let client = workload_client(&agent).await;
     let ids = within(PROMPTLY, "the ordinary entry's SVID", async {
         loop {
@@ -491,7 +512,11 @@ async fn entries_above_the_threshold_wait_for_a_second_operator() {
         }
     })
     .await;
-    assert_eq!(ids, vec!["spiffe://example.org/ordinary".to_string()], "pending entries are served");
+    assert_eq!(
+        ids,
+        vec!["spiffe://example.org/ordinary".to_string()],
+        "pending entries are served"
+    );
     let _ = ordinary;
 
     // The proposer cannot approve; nor can someone who is no operator.
@@ -523,7 +548,9 @@ async fn entries_above_the_threshold_wait_for_a_second_operator() {
     .await;
     let approval = cli
         .wait_event("the approval", |e| {
-            field(e, "kind") == "admin.entry.approve" && field(e, "decision") == "allow" && names(e, "entry_ids", &by_policy)
+            field(e, "kind") == "admin.entry.approve"
+                && field(e, "decision") == "allow"
+                && names(e, "entry_ids", &by_policy)
         })
         .await;
     assert_eq!(approval["operator"]["uid"], OPERATOR_B);
@@ -534,18 +561,25 @@ async fn entries_above_the_threshold_wait_for_a_second_operator() {
         })
         .await;
     assert_eq!(refused["operator"]["uid"], OPERATOR_A);
-    assert!(cli.events().iter().any(|e| field(e, "kind") == "admin.entry.pending" && names(e, "entry_ids", &by_flag)));
+    assert!(cli
+        .events()
+        .iter()
+        .any(|e| field(e, "kind") == "admin.entry.pending" && names(e, "entry_ids", &by_flag)));
 
     // Every change to a --require-approval entry is held again; a rejected
     // change leaves the entry as it was.
-    let out = cli.run(Some(OPERATOR_A), &["entry", "update", "--id", &by_flag, "--hint", "changed"]);
+    let out =
+        cli.run(Some(OPERATOR_A), &["entry", "update", "--id", &by_flag, "--hint", "changed"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("pending approval"));
     let shown = cli.ok(None, &["entry", "show", "--id", &by_flag, "--json"]);
     assert!(!shown.contains("changed"), "the held update was applied: {shown}");
     cli.ok(Some(OPERATOR_B), &["entry", "reject", "--id", &by_flag, "--reason", "no"]);
     cli.wait_event("the rejection", |e| field(e, "kind") == "admin.entry.reject").await;
     let out = cli.run(Some(OPERATOR_B), &["entry", "approve", "--id", &by_flag]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no entry"), "a rejected proposal was approved");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no entry"),
+        "a rejected proposal was approved"
+    );
     agent.stop().await;
     server.stop().await;
 }
@@ -578,7 +612,11 @@ fn parse_metrics(text: &str) -> Option<serde_json::Map<String, Value>> {
         .unwrap();
     child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "/metrics does not parse: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "/metrics does not parse: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(serde_json::from_slice(&out.stdout).unwrap())
 }
 
@@ -612,9 +650,7 @@ async fn metrics_move_with_traffic_and_ready_means_serving() {
 
     let (_, before_server) = http_get(server_metrics, "/metrics");
     let (_, before_agent) = http_get(agent_metrics, "/metrics");
-    server
-        .create_entry("spiffe://example.org/measured", &agent.id, &[&uid_selector()], None)
-        .await;
+    server.create_entry("spiffe://example.org/measured", &agent.id, &[&uid_selector()], None).await;
     let client = workload_client(&agent).await;
     within(PROMPTLY, "an SVID", async {
         while client.fetch_x509_svid().await.is_err() {
@@ -634,7 +670,9 @@ async fn metrics_move_with_traffic_and_ready_means_serving() {
         parse_metrics(&before_agent),
         parse_metrics(&after_agent),
     ) {
-        let moved = |before: &serde_json::Map<String, Value>, after: &serde_json::Map<String, Value>, key: &str| {
+        let moved = |before: &serde_json::Map<String, Value>,
+                     after: &serde_json::Map<String, Value>,
+                     key: &str| {
             let (b, a) = (sample(before, key), sample(after, key));
             assert!(a > b, "{key} did not move: {b} -> {a}\n{after:?}");
         };
@@ -643,8 +681,16 @@ async fn metrics_move_with_traffic_and_ready_means_serving() {
         moved(&s0, &s1, "tessera_server_svid_issue_seconds_count{type=x509}");
         moved(&s0, &s1, "tessera_server_events_stored_total{}");
         moved(&s0, &s1, "tessera_server_entry_push_delay_seconds_count{}");
-        moved(&a0, &a1, "tessera_agent_workload_api_requests_total{method=FetchX509SVID,outcome=ok}");
-        moved(&a0, &a1, "tessera_agent_workload_api_requests_total{method=FetchJWTSVID,outcome=ok}");
+        moved(
+            &a0,
+            &a1,
+            "tessera_agent_workload_api_requests_total{method=FetchX509SVID,outcome=ok}",
+        );
+        moved(
+            &a0,
+            &a1,
+            "tessera_agent_workload_api_requests_total{method=FetchJWTSVID,outcome=ok}",
+        );
         moved(&a0, &a1, "tessera_agent_workload_attestation_seconds_count{}");
         assert_eq!(sample(&s1, "tessera_server_sync_streams{}"), 1.0);
         assert!(sample(&s1, "tessera_server_ca_expiry_seconds{}") > 3600.0);
@@ -655,13 +701,16 @@ async fn metrics_move_with_traffic_and_ready_means_serving() {
         let (_, text) = http_get(agent_metrics, "/metrics");
         let a2 = parse_metrics(&text).unwrap();
         assert!(
-            a2.keys().any(|k| k.starts_with("tessera_agent_refusals_total{kind=workload.jwt,reason=invalid audience")),
+            a2.keys().any(|k| k.starts_with(
+                "tessera_agent_refusals_total{kind=workload.jwt,reason=invalid audience"
+            )),
             "{a2:?}"
         );
     }
 
     // An agent whose server is away is live but not ready until it syncs.
-    let (addr, server_dir, socket) = (server.addr, server.data_dir.clone(), server.admin_socket.clone());
+    let (addr, server_dir, socket) =
+        (server.addr, server.data_dir.clone(), server.admin_socket.clone());
     agent.stop().await;
     server.stop().await;
     let mut config = AgentConfig::new(agent_dir.clone(), addr.to_string());
@@ -699,17 +748,22 @@ async fn a_proposal_nobody_approves_expires() {
         .ok(
             None,
             &[
-                "entry", "create", "--spiffe-id", "spiffe://example.org/forgotten",
-                "--parent-id", "spiffe://example.org/node", "--selector", "unix:uid:1",
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/forgotten",
+                "--parent-id",
+                "spiffe://example.org/node",
+                "--selector",
+                "unix:uid:1",
                 "--require-approval",
             ],
         )
         .trim()
         .to_string();
     assert!(cli.ok(None, &["entry", "show"]).contains("pending approval"));
-    let expired = cli
-        .wait_event("the proposal's expiry", |e| field(e, "kind") == "admin.entry.reject")
-        .await;
+    let expired =
+        cli.wait_event("the proposal's expiry", |e| field(e, "kind") == "admin.entry.reject").await;
     assert_eq!(field(&expired, "decision"), "deny");
     assert!(names(&expired, "entry_ids", &id));
     assert!(field(&expired, "reason").contains("in time"), "{expired}");

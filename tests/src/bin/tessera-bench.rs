@@ -222,7 +222,8 @@ async fn bench_fetch_events_split(calls: usize, events: bool, server_events: boo
     let dir = tempfile::tempdir().unwrap();
     let mut config = tessera_tests::test_config(&dir.path().join("server"));
     config.events.enabled = server_events;
-    let server = TestServer::start_with(config, std::sync::Arc::new(tessera_server::SystemClock)).await;
+    let server =
+        TestServer::start_with(config, std::sync::Arc::new(tessera_server::SystemClock)).await;
     let agent = RunningAgent::start_configured(&server, &dir.path().join("agent"), |c| {
         c.events = events;
     })
