@@ -77,7 +77,7 @@ pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Sta
 
 /// An admin event: `kind` allowed for `operator`.
 fn admin_event(kind: &str, operator: &Option<Operator>) -> types::Event {
-    schema::event(kind, schema::ALLOW).operator(operator.clone())
+    schema::event(kind, schema::ALLOW).operator(*operator)
 }
 
 /// The event of an entry written, proposed, approved or deleted.
@@ -191,7 +191,7 @@ impl AdminService {
         } else {
             Default::default()
         };
-        let caller = operator.clone().unwrap_or_default();
+        let caller = operator.unwrap_or_default();
         let mut events = Vec::new();
         let mut direct = Vec::new();
         let mut direct_slots = Vec::new();
@@ -264,7 +264,7 @@ impl AdminService {
                 }
                 Err(e) => {
                     let mut event = schema::denied(event_kind, e.to_string())
-                        .operator(operator.clone())
+                        .operator(operator)
                         .spiffe_id(input.spiffe_id.clone());
                     if !input.id.is_empty() {
                         event.entry_ids.push(input.id.clone());
@@ -281,9 +281,7 @@ impl AdminService {
 
     /// Records a refused approval and returns the status.
     fn deny_approval(&self, operator: &Option<Operator>, id: &str, status: Status) -> Status {
-        let e = schema::denied(kind::ENTRY_APPROVE, status.message())
-            .operator(operator.clone())
-            .entry(id);
+        let e = schema::denied(kind::ENTRY_APPROVE, status.message()).operator(*operator).entry(id);
         self.state.events.record(vec![e]);
         status
     }
@@ -302,7 +300,7 @@ impl AdminService {
     /// Refuses a request for bad input, with an event.
     fn refuse(&self, operator: &Option<Operator>, what: &str, message: String) -> Status {
         let e = schema::denied(kind::ADMIN_REFUSED, message.clone())
-            .operator(operator.clone())
+            .operator(*operator)
             .attr("request", what);
         self.state.events.record(vec![e]);
         Status::invalid_argument(message)
@@ -418,7 +416,7 @@ impl Admin for AdminService {
                 Err(e) => {
                     events.push(
                         schema::denied(kind::ENTRY_DELETE, e.to_string())
-                            .operator(operator.clone())
+                            .operator(operator)
                             .entry(id.clone()),
                     );
                     item_status(e.code(), &e)
@@ -590,7 +588,7 @@ impl Admin for AdminService {
             self.state.store_op(move |store| store.ban_agent(&key, &why, now)).await?.map_err(
                 |refusal| {
                     let e = schema::denied(kind::AGENT_BAN, refusal.to_string())
-                        .operator(operator.clone())
+                        .operator(operator)
                         .agent(id.to_string());
                     self.state.events.record(vec![e]);
                     Status::not_found(format!("agent {id} not found"))
@@ -621,7 +619,7 @@ impl Admin for AdminService {
             self.state.store_op(move |store| store.evict_agent(&key, unban, now)).await?.map_err(
                 |refusal| {
                     let e = schema::denied(kind::AGENT_EVICT, refusal.to_string())
-                        .operator(operator.clone())
+                        .operator(operator)
                         .agent(id.to_string());
                     self.state.events.record(vec![e]);
                     Status::not_found(format!("agent {id} not found"))
@@ -641,9 +639,8 @@ impl Admin for AdminService {
         let operator = operator_of(&request);
         let req = request.into_inner();
         let refused = |what: &str, e: String| {
-            let event = schema::denied(kind::REVOKE, e.clone())
-                .operator(operator.clone())
-                .attr("svid", what);
+            let event =
+                schema::denied(kind::REVOKE, e.clone()).operator(operator).attr("svid", what);
             self.state.events.record(vec![event]);
             Status::invalid_argument(e)
         };
@@ -673,7 +670,7 @@ impl Admin for AdminService {
         let Some(issued) = issued else {
             let message = format!("no unexpired SVID with {serial} was issued by this server");
             let event = schema::denied(kind::REVOKE, message.clone())
-                .operator(operator.clone())
+                .operator(operator)
                 .attr("svid", &serial);
             self.state.events.record(vec![event]);
             return Err(Status::not_found(message));
@@ -728,7 +725,7 @@ impl Admin for AdminService {
         request: Request<pb::ApproveEntryRequest>,
     ) -> Result<Response<types::Entry>, Status> {
         let operator = operator_of(&request);
-        let caller = operator.clone().unwrap_or_default();
+        let caller = operator.unwrap_or_default();
         let id = request.into_inner().id;
         let internal = |e: StoreError| Status::internal(e.to_string());
         let Some(proposal) = self.state.governance.pending.get(&id).map_err(internal)? else {
@@ -820,7 +817,7 @@ impl Admin for AdminService {
         let Some(proposal) = self.state.governance.pending.get(&req.id).map_err(internal)? else {
             let status = Status::not_found(format!("no entry {} is waiting for approval", req.id));
             let e = schema::denied(kind::ENTRY_REJECT, status.message())
-                .operator(operator.clone())
+                .operator(operator)
                 .entry(req.id.clone());
             self.state.events.record(vec![e]);
             return Err(status);

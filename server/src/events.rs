@@ -573,7 +573,7 @@ pub fn matches(filter: &ListEventsRequest, e: &Event) -> bool {
             || e.kind.starts_with(&format!("{}.", filter.kind)))
         && (filter.decision.is_empty() || e.decision == filter.decision)
         && (filter.agent_id.is_empty() || e.agent_id == filter.agent_id)
-        && (filter.spiffe_id.is_empty() || e.spiffe_ids.iter().any(|id| *id == filter.spiffe_id))
+        && (filter.spiffe_id.is_empty() || e.spiffe_ids.contains(&filter.spiffe_id))
 }
 
 /// The event of an operator's entry change: before and after as JSON.
