@@ -927,23 +927,42 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let (revision, entries, agents, issued) = self
+        // The server answers even when its datastore does not: it says so.
+        let read = self
             .state
             .store_op(|store| {
                 Ok((
+                    store.health()?,
                     store.revision()?,
                     store.entry_count(),
                     store.agents()?.len(),
                     store.issued_count(),
                 ))
             })
-            .await?;
-        Ok(Response::new(pb::HealthResponse {
+            .await;
+        let mut health = pb::HealthResponse {
             trust_domain: self.state.config.trust_domain.to_string(),
-            revision,
-            entries: entries as u64,
-            agents: agents as u64,
-            issued_svids: issued as u64,
-        }))
+            bundle_cas: self.state.ca.bundle().len() as u64,
+            ..Default::default()
+        };
+        match read {
+            Ok((datastore, revision, entries, agents, issued)) => {
+                health.datastore = datastore;
+                health.revision = revision;
+                health.entries = entries as u64;
+                health.agents = agents as u64;
+                health.issued_svids = issued as u64;
+            }
+            Err(e) => {
+                health.datastore = self
+                    .state
+                    .config
+                    .datastore
+                    .as_deref()
+                    .map_or_else(String::new, crate::pg::redact);
+                health.datastore_error = e.message().to_string();
+            }
+        }
+        Ok(Response::new(health))
     }
 }

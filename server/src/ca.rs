@@ -144,6 +144,8 @@ pub struct Ca {
     policy: CaPolicy,
     clock: Arc<dyn Clock>,
     state: RwLock<CaState>,
+    /// Other servers' CAs (a shared datastore), unexpired.
+    peers: RwLock<Vec<tessera_proto::types::CaRecord>>,
     bundle: watch::Sender<Arc<Vec<CertificateDer<'static>>>>,
 }
 
@@ -170,7 +172,15 @@ impl Ca {
         keys.sort_by_key(|k| k.seq);
         let state = CaState { keys: keys.into_iter().map(Arc::new).collect(), active: 0, last_seq };
         let (bundle, _) = watch::channel(Arc::new(Vec::new()));
-        let ca = Self { dir, trust_domain, policy, clock, state: RwLock::new(state), bundle };
+        let ca = Self {
+            dir,
+            trust_domain,
+            policy,
+            clock,
+            state: RwLock::new(state),
+            peers: RwLock::default(),
+            bundle,
+        };
         ca.rotate()?;
         Ok(ca)
     }
@@ -181,7 +191,7 @@ impl Ca {
     }
 
     /// Current bundle: every unexpired CA certificate (active, prepared and
-    /// retired), oldest first.
+    /// retired), oldest first, then other servers' CAs.
     pub fn bundle(&self) -> Arc<Vec<CertificateDer<'static>>> {
         self.bundle.borrow().clone()
     }
@@ -194,7 +204,8 @@ impl Ca {
     /// The JWT signing keys in the bundle (active, prepared and retired but
     /// unexpired), oldest first.
     pub fn jwt_authorities(&self) -> Vec<tessera_proto::types::JwtKey> {
-        self.read()
+        let mut keys: Vec<_> = self
+            .read()
             .keys
             .iter()
             .map(|k| tessera_proto::types::JwtKey {
@@ -202,7 +213,57 @@ impl Ca {
                 public_key: k.jwt.spki_der().to_vec(),
                 expires_at: k.not_after,
             })
+            .collect();
+        keys.extend(self.read_peers().iter().filter_map(|p| p.jwt.clone()));
+        keys
+    }
+
+    /// This server's CAs as records for the shared datastore (certificates
+    /// and JWT public keys only).
+    pub fn records(&self, server_id: &str) -> Vec<tessera_proto::types::CaRecord> {
+        self.read()
+            .keys
+            .iter()
+            .map(|k| tessera_proto::types::CaRecord {
+                server_id: server_id.to_string(),
+                seq: k.seq,
+                cert_der: k.cert.to_vec(),
+                jwt: Some(tessera_proto::types::JwtKey {
+                    kid: k.jwt.kid().to_string(),
+                    public_key: k.jwt.spki_der().to_vec(),
+                    expires_at: k.not_after,
+                }),
+                not_after: k.not_after,
+            })
             .collect()
+    }
+
+    /// Sets the other servers' CAs (from every record in the datastore,
+    /// this server's own excluded); returns whether the bundle changed.
+    pub fn set_peers(&self, server_id: &str, records: Vec<tessera_proto::types::CaRecord>) -> bool {
+        let now = self.clock.now();
+        let peers: Vec<_> =
+            records.into_iter().filter(|r| r.server_id != server_id && r.not_after > now).collect();
+        let mut current = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        if *current == peers {
+            return false;
+        }
+        *current = peers;
+        drop(current);
+        self.publish_bundle(&self.read());
+        true
+    }
+
+    fn read_peers(&self) -> std::sync::RwLockReadGuard<'_, Vec<tessera_proto::types::CaRecord>> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends the bundle: own CAs, then other servers'.
+    fn publish_bundle(&self, state: &CaState) {
+        let mut certs: Vec<CertificateDer<'static>> =
+            state.keys.iter().map(|k| k.cert.clone()).collect();
+        certs.extend(self.read_peers().iter().map(|p| CertificateDer::from(p.cert_der.clone())));
+        self.bundle.send_replace(Arc::new(certs));
     }
 
     /// A number that grows whenever the bundle changes (a CA prepared adds
@@ -212,7 +273,8 @@ impl Ca {
         let state = self.read();
         let first = state.keys.first().map_or(0, |k| u64::from(k.seq));
         let last = state.keys.last().map_or(0, |k| u64::from(k.seq));
-        first + last
+        let peers: u64 = self.read_peers().iter().map(|p| u64::from(p.seq)).sum();
+        first + last + peers
     }
 
     /// Signs a JWT-SVID for `spiffe_id` and `audience` with the active JWT
@@ -275,8 +337,7 @@ impl Ca {
         let after = state.keys.iter().map(|k| k.seq).collect::<Vec<_>>();
         let changed = after != before;
         if changed || self.bundle.borrow().is_empty() {
-            let certs = state.keys.iter().map(|k| k.cert.clone()).collect();
-            self.bundle.send_replace(Arc::new(certs));
+            self.publish_bundle(&state);
         }
         Ok(changed)
     }

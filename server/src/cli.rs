@@ -17,7 +17,7 @@ use crate::client::connect_admin;
 use crate::clock::SystemClock;
 use crate::config::{Config, FileConfig, DEFAULT_DATA_DIR};
 use crate::server::Server;
-use crate::store::{SledStore, Store};
+use crate::store::{KvStore, Store};
 
 /// Tessera server: the trust domain's CA and registration authority.
 #[derive(Debug, Parser)]
@@ -163,6 +163,10 @@ struct RunArgs {
     /// Serve Prometheus metrics, /live and /ready on this address (off by default).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    /// Store in PostgreSQL, shared with other servers: postgres://USER[:PASSWORD]@HOST[:PORT]/DB
+    /// [default: the embedded store in <data_dir>/store]. Also TESSERA_DATASTORE.
+    #[arg(long, env = "TESSERA_DATASTORE", hide_env_values = true)]
+    datastore: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -547,10 +551,17 @@ impl Cli {
                     .await
                     .map_err(|e| CliError(format!("server is unhealthy: {}", e.message())))?
                     .into_inner();
+                if !health.datastore_error.is_empty() {
+                    return Err(CliError(format!(
+                        "server is up but its datastore {} fails: {}",
+                        health.datastore, health.datastore_error
+                    )));
+                }
                 println!(
-                    "Server is healthy (trust domain {}, {} entries, {} agents, revision {}).",
-                    health.trust_domain, health.entries, health.agents, health.revision
+                    "Server is healthy (trust domain {}, {} entries, {} agents, revision {}, {} CAs in the bundle).",
+                    health.trust_domain, health.entries, health.agents, health.revision, health.bundle_cas
                 );
+                println!("Datastore: {}.", health.datastore);
                 Ok(())
             }
         }
@@ -613,7 +624,7 @@ async fn store_command(command: StoreCommand) -> Result<(), CliError> {
     let fail = |e: &dyn std::fmt::Display| CliError(e.to_string());
     match command {
         StoreCommand::Check { data_dir: Some(dir), .. } => {
-            let store = SledStore::open(&dir.join("store")).map_err(|e| fail(&e))?;
+            let store = KvStore::open(&dir.join("store")).map_err(|e| fail(&e))?;
             let report = store.check().map_err(|e| fail(&e))?;
             print_report(&crate::admin::report_proto(&report));
             Ok(())
@@ -642,7 +653,7 @@ async fn store_command(command: StoreCommand) -> Result<(), CliError> {
             crate::fsutil::create_private_dir(&data_dir)
                 .map_err(|e| CliError(format!("cannot create {}: {e}", data_dir.display())))?;
             let report =
-                SledStore::restore(&data_dir.join("store"), &mut file).map_err(|e| fail(&e))?;
+                KvStore::restore(&data_dir.join("store"), &mut file).map_err(|e| fail(&e))?;
             print_report(&crate::admin::report_proto(&report));
             println!("Restored {} into {}", input.display(), data_dir.display());
             Ok(())
@@ -663,6 +674,7 @@ async fn run_server(args: RunArgs) -> Result<(), CliError> {
         log_level: args.log_level,
         log_format: args.log_format,
         metrics_addr: args.metrics_addr,
+        datastore: args.datastore,
         ..Default::default()
     };
     let config = Config::resolve(file, flags).map_err(|e| CliError(e.to_string()))?;

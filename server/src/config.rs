@@ -52,6 +52,9 @@ pub struct FileConfig {
     pub trust_domain: Option<String>,
     /// Data directory (store, CA keys, admin socket).
     pub data_dir: Option<PathBuf>,
+    /// Where the store lives: unset for sled in `<data_dir>/store`, or
+    /// `postgres://USER@HOST/DB` for PostgreSQL shared by several servers.
+    pub datastore: Option<String>,
     /// Node API address.
     pub bind: Option<SocketAddr>,
     /// Admin API Unix socket; default `<data_dir>/admin.sock`.
@@ -123,6 +126,9 @@ pub struct Config {
     pub trust_domain: TrustDomain,
     /// Where the store and CA keys live.
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL when the store is shared by several servers;
+    /// `None` for sled in `<data_dir>/store`.
+    pub datastore: Option<String>,
     /// Node API address (TLS). Port 0 picks a free port.
     pub bind: SocketAddr,
     /// Admin API socket path.
@@ -183,6 +189,7 @@ impl Config {
         Self {
             trust_domain,
             data_dir,
+            datastore: None,
             bind: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_socket,
             ca_ttl: 24 * 3600,
@@ -215,6 +222,18 @@ impl Config {
         let data_dir =
             flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let mut config = Config::new(trust_domain, data_dir);
+        config.datastore = flags.datastore.or(file.datastore);
+        if let Some(url) = &config.datastore {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::Invalid {
+                    key: "datastore",
+                    reason: format!(
+                        "{:?} is not a postgres:// URL (leave it unset for the embedded store)",
+                        crate::pg::redact(url)
+                    ),
+                });
+            }
+        }
         if let Some(bind) = flags.bind.or(file.bind) {
             config.bind = bind;
         }

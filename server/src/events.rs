@@ -3,8 +3,9 @@
 //! database with a hash chain, so that an edited, removed or inserted
 //! event is found by [`EventLog::verify`].
 //!
-//! Writes are in-order appends under one lock (which keeps the chain and
-//! the sequence gapless). Events that answer an operator or acknowledge an
+//! Writes are in-order appends under the database's event lock (which
+//! keeps the chain and the sequence gapless, across every server sharing a
+//! PostgreSQL store: each append reads the chain's head under the lock). Events that answer an operator or acknowledge an
 //! agent's batch are flushed to disk before the answer; the rest are
 //! flushed by [`EventLog::flush_loop`] within [`FLUSH_INTERVAL`].
 
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::event_schema::{self as schema, kind, EventExt};
+use crate::kv::{Kv, Lock, Op, Txn};
 use crate::metrics::Metrics;
 use crate::store::StoreError;
 
@@ -53,6 +55,11 @@ impl Default for EventConfig {
 }
 
 const ANCHOR_KEY: &[u8] = b"anchor";
+const EVENTS: &str = "events";
+const META: &str = "event_meta";
+const BASELINES: &str = "event_baselines";
+/// Events read from the database at a time.
+const PAGE: usize = 1000;
 const SPOOL_PREFIX: &str = "spool/";
 
 /// The chain's end: the next sequence number and the last hash.
@@ -60,6 +67,21 @@ const SPOOL_PREFIX: &str = "spool/";
 struct Head {
     next_seq: u64,
     hash: Vec<u8>,
+}
+
+/// The chain's head as stored: the last event, or the pruning anchor.
+fn read_head(tx: &Txn<'_>) -> Result<Head, StoreError> {
+    if let Some((key, value)) = tx.last(EVENTS)? {
+        let seq = seq_of(&key);
+        return Ok(Head { next_seq: seq + 1, hash: decode(&value, seq)?.hash });
+    }
+    Ok(match tx.get(META, ANCHOR_KEY)? {
+        // Everything was pruned: the chain continues from the anchor.
+        Some(anchor) if anchor.len() > 8 => {
+            Head { next_seq: seq_of(&anchor[..8]) + 1, hash: anchor[8..].to_vec() }
+        }
+        _ => Head { next_seq: 1, hash: Vec::new() },
+    })
 }
 
 /// Refusal counts in the current minute, per key, and whether the burst
@@ -72,11 +94,9 @@ struct Bursts {
 
 /// The event log.
 pub struct EventLog {
-    db: sled::Db,
-    events: sled::Tree,
-    meta: sled::Tree,
-    baselines: sled::Tree,
-    head: Mutex<Head>,
+    kv: Arc<dyn Kv>,
+    /// The highest sequence this server stored.
+    written: std::sync::atomic::AtomicU64,
     stored: watch::Sender<u64>,
     sink: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     dirty: AtomicBool,
@@ -87,7 +107,7 @@ pub struct EventLog {
 
 impl std::fmt::Debug for EventLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventLog").field("events", &self.events.len()).finish_non_exhaustive()
+        f.debug_struct("EventLog").field("kv", &self.kv).finish_non_exhaustive()
     }
 }
 
@@ -102,23 +122,16 @@ fn seq_of(key: &[u8]) -> u64 {
 
 impl EventLog {
     /// Opens the log in the store's database.
-    pub fn open(db: sled::Db, config: EventConfig, metrics: Metrics) -> Result<Self, StoreError> {
-        let events = db.open_tree("events")?;
-        let meta = db.open_tree("event_meta")?;
-        let baselines = db.open_tree("event_baselines")?;
-        let head = match events.last()? {
-            Some((key, value)) => {
-                let seq = seq_of(&key);
-                Head { next_seq: seq + 1, hash: decode(&value, seq)?.hash }
-            }
-            None => match meta.get(ANCHOR_KEY)? {
-                // Everything was pruned: the chain continues from the anchor.
-                Some(anchor) if anchor.len() > 8 => {
-                    Head { next_seq: seq_of(&anchor[..8]) + 1, hash: anchor[8..].to_vec() }
-                }
-                _ => Head { next_seq: 1, hash: Vec::new() },
-            },
-        };
+    pub fn open(
+        kv: Arc<dyn Kv>,
+        config: EventConfig,
+        metrics: Metrics,
+    ) -> Result<Self, StoreError> {
+        let mut head = Head { next_seq: 1, hash: Vec::new() };
+        kv.transaction(Lock::Events, &mut |tx| {
+            head = read_head(tx)?;
+            Ok(())
+        })?;
         let sink = match &config.file {
             Some(path) => {
                 let file =
@@ -131,11 +144,8 @@ impl EventLog {
         };
         let last = head.next_seq - 1;
         Ok(Self {
-            db,
-            events,
-            meta,
-            baselines,
-            head: Mutex::new(head),
+            kv,
+            written: std::sync::atomic::AtomicU64::new(last),
             stored: watch::channel(last).0,
             sink,
             dirty: AtomicBool::new(false),
@@ -180,8 +190,8 @@ impl EventLog {
     /// Fsyncs the database, on a blocking thread. (sled's `flush_async`
     /// was seen to never resolve under concurrent callers.)
     async fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        let kv = self.kv.clone();
+        tokio::task::spawn_blocking(move || kv.flush())
             .await
             .map_err(|e| StoreError::Io(format!("flush task failed: {e}")))??;
         Ok(())
@@ -212,11 +222,11 @@ impl EventLog {
         events: Vec<Event>,
     ) -> Result<u64, StoreError> {
         let key = format!("{SPOOL_PREFIX}{agent_id}");
-        let position = self.meta.get(&key)?;
-        let mut acked = match position.as_deref() {
+        let position_of = |position: Option<Vec<u8>>| match position {
             Some(p) if p.len() == spool_id.len() + 8 && &p[8..] == spool_id => seq_of(&p[..8]),
             _ => 0,
         };
+        let mut acked = position_of(self.kv.get(META, key.as_bytes())?);
         let mut fresh = Vec::new();
         for mut e in events {
             if e.agent_seq <= acked {
@@ -237,18 +247,36 @@ impl EventLog {
             e.prev_hash.clear();
             fresh.push(e);
         }
-        if !fresh.is_empty() {
-            self.metrics.events_ingested().inc_by(fresh.len() as u64);
-            self.append(fresh)?;
-        }
         let mut position = acked.to_be_bytes().to_vec();
         position.extend_from_slice(spool_id);
-        self.meta.insert(key, position)?;
+        let count = fresh.len();
+        // The position is stored with the events, in one commit; a batch
+        // another server stored meanwhile (an agent that failed over) is
+        // not stored twice.
+        let stored = self.append_with(fresh, &|tx, events| {
+            let now = position_of(tx.get(META, key.as_bytes())?);
+            events.retain(|e| e.agent_seq == 0 || e.agent_seq > now);
+            tx.put(META, key.as_bytes(), position.clone());
+            Ok(())
+        })?;
+        if count > 0 {
+            self.metrics.events_ingested().inc_by(stored as u64);
+        }
         Ok(acked)
     }
 
     /// Logs, chains and stores events, with the anomalies they reveal.
     fn append(&self, events: Vec<Event>) -> Result<(), StoreError> {
+        self.append_with(events, &|_, _| Ok(())).map(drop)
+    }
+
+    /// [`Self::append`], with `also` run first in the same commit (it may
+    /// drop events); returns how many were stored.
+    fn append_with(
+        &self,
+        events: Vec<Event>,
+        also: &dyn Fn(&Txn<'_>, &mut Vec<Event>) -> Result<(), StoreError>,
+    ) -> Result<usize, StoreError> {
         let mut all = Vec::with_capacity(events.len());
         for e in events {
             schema::log(&e);
@@ -262,35 +290,45 @@ impl EventLog {
             }
         }
         if !self.config.enabled {
-            return Ok(());
+            return Ok(0);
         }
         let stored_ms = schema::now_ms();
-        let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-        let mut batch = sled::Batch::default();
-        let (mut seq, mut hash) = (head.next_seq, head.hash.clone());
-        for e in all.iter_mut() {
-            e.seq = seq;
-            e.stored_ms = stored_ms;
-            e.prev_hash = hash;
-            e.hash = schema::chain_hash(&e.prev_hash, e);
-            hash = e.hash.clone();
-            batch.insert(&seq.to_be_bytes(), e.encode_to_vec());
-            seq += 1;
-        }
-        self.events.apply_batch(batch)?;
-        self.metrics.stored(all.len());
-        head.next_seq = seq;
-        head.hash = hash;
+        let mut chained = Vec::new();
+        self.kv.transaction(Lock::Events, &mut |tx| {
+            let mut events = all.clone();
+            also(tx, &mut events)?;
+            let head = read_head(tx)?;
+            let (mut seq, mut hash) = (head.next_seq, head.hash);
+            for e in events.iter_mut() {
+                e.seq = seq;
+                e.stored_ms = stored_ms;
+                e.prev_hash = hash;
+                e.hash = schema::chain_hash(&e.prev_hash, e);
+                hash = e.hash.clone();
+                tx.put(EVENTS, seq.to_be_bytes(), e.encode_to_vec());
+                seq += 1;
+            }
+            chained = events;
+            Ok(())
+        })?;
+        let Some(last) = chained.last().map(|e| e.seq) else { return Ok(0) };
+        self.metrics.stored(chained.len());
         if let Some(sink) = &self.sink {
             let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
-            for e in &all {
+            for e in &chained {
                 let _ = writeln!(sink, "{}", schema::to_json(e));
             }
         }
-        drop(head);
+        self.written.fetch_max(last, Ordering::AcqRel);
         self.dirty.store(true, Ordering::Release);
-        self.stored.send_replace(seq - 1);
-        Ok(())
+        self.stored.send_if_modified(|current| {
+            let newer = last > *current;
+            if newer {
+                *current = last;
+            }
+            newer
+        });
+        Ok(chained.len())
     }
 
     /// Anomalies `e` reveals, updating what is usual.
@@ -352,11 +390,13 @@ impl EventLog {
     /// already had a value (the first one seen sets the baseline).
     fn learn(&self, prefix: &str, value: &str) -> Result<bool, StoreError> {
         let key = format!("{prefix}{value}");
-        if self.baselines.contains_key(&key)? {
+        if self.kv.get(BASELINES, key.as_bytes())?.is_some() {
             return Ok(false);
         }
-        let known = self.baselines.scan_prefix(prefix).next().is_some();
-        self.baselines.insert(key, &[])?;
+        let end = crate::kv::prefix_end(prefix.as_bytes());
+        let known =
+            !self.kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), 1, false)?.is_empty();
+        self.kv.apply(vec![Op::Put(BASELINES, key.into_bytes(), Vec::new())])?;
         Ok(known)
     }
 
@@ -404,25 +444,30 @@ impl EventLog {
     ) -> Result<(Vec<Event>, u64), StoreError> {
         let mut out = Vec::new();
         let mut last = after_seq;
-        for item in self.events.range((after_seq + 1).to_be_bytes()..) {
-            let (key, value) = item?;
-            last = seq_of(&key);
-            let e = decode(&value, last)?;
-            if matches(filter, &e) {
-                out.push(e);
-                if limit != 0 && out.len() >= limit {
-                    break;
+        loop {
+            let page = self.kv.range(EVENTS, &(last + 1).to_be_bytes(), None, PAGE, false)?;
+            let full = page.len() == PAGE;
+            for (key, value) in page {
+                last = seq_of(&key);
+                let e = decode(&value, last)?;
+                if matches(filter, &e) {
+                    out.push(e);
+                    if limit != 0 && out.len() >= limit {
+                        return Ok((out, last));
+                    }
                 }
             }
+            if !full {
+                return Ok((out, last));
+            }
         }
-        Ok((out, last))
     }
 
     /// Recomputes the chain: every event's hash, and each event's link to
     /// the one before (and the first to the pruning anchor).
     pub fn verify(&self) -> Result<VerifyEventsReport, StoreError> {
         let mut report = VerifyEventsReport { ok: true, ..Default::default() };
-        let (mut expect_seq, mut prev) = match self.meta.get(ANCHOR_KEY)? {
+        let (mut expect_seq, mut prev) = match self.kv.get(META, ANCHOR_KEY)? {
             Some(anchor) if anchor.len() > 8 => (seq_of(&anchor[..8]) + 1, anchor[8..].to_vec()),
             _ => (1, Vec::new()),
         };
@@ -433,8 +478,8 @@ impl EventLog {
                 report.problem = problem;
             }
         };
-        for item in self.events.iter() {
-            let (key, value) = item?;
+        let mut events = self.pages();
+        while let Some((key, value)) = events.next().transpose()? {
             let seq = seq_of(&key);
             if report.first_seq == 0 {
                 report.first_seq = seq;
@@ -478,20 +523,41 @@ impl EventLog {
             }
             prev = e.hash;
         }
-        let head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-        if report.ok && head.next_seq != expect_seq {
+        let written = self.written.load(Ordering::Acquire);
+        if report.ok && written >= expect_seq {
             broken(
                 &mut report,
                 expect_seq,
-                format!(
-                    "the log ends at event {} but {} were written",
-                    expect_seq - 1,
-                    head.next_seq - 1
-                ),
+                format!("the log ends at event {} but {written} were written", expect_seq - 1),
             );
         }
         report.head_hash = prev;
         Ok(report)
+    }
+
+    /// Every stored event, oldest first, read a page at a time.
+    fn pages(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        let mut next = 0u64;
+        let mut page = std::collections::VecDeque::new();
+        let mut done = false;
+        std::iter::from_fn(move || {
+            if page.is_empty() && !done {
+                match self.kv.range(EVENTS, &next.to_be_bytes(), None, PAGE, false) {
+                    Ok(items) => {
+                        done = items.len() < PAGE;
+                        if let Some((key, _)) = items.last() {
+                            next = seq_of(key) + 1;
+                        }
+                        page.extend(items);
+                    }
+                    Err(e) => {
+                        done = true;
+                        return Some(Err(e));
+                    }
+                }
+            }
+            page.pop_front().map(Ok)
+        })
     }
 
     /// Drops events older than the retention, moving the chain's anchor to
@@ -503,8 +569,8 @@ impl EventLog {
         let cutoff = now_ms - (self.config.retention_secs as i64) * 1000;
         let mut dropped = 0;
         let mut anchor = None;
-        for item in self.events.iter() {
-            let (key, value) = item?;
+        let mut events = self.pages();
+        while let Some((key, value)) = events.next().transpose()? {
             let seq = seq_of(&key);
             let e = decode(&value, seq)?;
             if e.stored_ms >= cutoff {
@@ -519,12 +585,15 @@ impl EventLog {
         if let Some((seq, hash)) = anchor {
             let mut value = seq.to_be_bytes().to_vec();
             value.extend_from_slice(&hash);
-            self.meta.insert(ANCHOR_KEY, value)?;
-            let mut batch = sled::Batch::default();
-            for item in self.events.range(..=seq.to_be_bytes()) {
-                batch.remove(item?.0);
-            }
-            self.events.apply_batch(batch)?;
+            let old =
+                self.kv.range(EVENTS, b"", Some(&(seq + 1).to_be_bytes()), usize::MAX, false)?;
+            self.kv.transaction(Lock::Events, &mut |tx| {
+                tx.put(META, ANCHOR_KEY, value.clone());
+                for (key, _) in &old {
+                    tx.delete(EVENTS, key)?;
+                }
+                Ok(())
+            })?;
             self.dirty.store(true, Ordering::Release);
         }
         Ok(dropped)
@@ -604,8 +673,8 @@ mod tests {
     use tessera_proto::types::Workload;
 
     fn log(dir: &std::path::Path, config: EventConfig) -> EventLog {
-        let db = sled::open(dir).unwrap();
-        EventLog::open(db, config, Metrics::new()).unwrap()
+        let kv = Arc::new(crate::kv::SledKv::open(dir, 1 << 24).unwrap());
+        EventLog::open(kv, config, Metrics::new()).unwrap()
     }
 
     fn all(log: &EventLog) -> Vec<Event> {

@@ -20,6 +20,9 @@ pub const FEED_WINDOW: usize = 50_000;
 /// Changes read from the store at a time.
 const READ_PAGE: usize = 5_000;
 
+/// Called with each batch of changes the feed reads, before streams see them.
+pub type ChangeHook = Arc<dyn Fn(&dyn Store, &[Change]) + Send + Sync>;
+
 /// Recent changes of the log, shared by every Sync stream.
 #[derive(Debug)]
 pub struct ChangeFeed {
@@ -76,8 +79,15 @@ impl ChangeFeed {
         window.get(index).map(|(_, at)| *at)
     }
 
-    /// Tails the store's log until `shutdown`.
-    pub async fn run(self: Arc<Self>, store: Arc<dyn Store>, shutdown: CancellationToken) {
+    /// Tails the store's log until `shutdown`. `on_changes` sees each batch
+    /// of changes (on a blocking thread) before any stream does: the server
+    /// takes in other servers' CAs and CRLs there.
+    pub async fn run(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+        on_changes: ChangeHook,
+    ) {
         let mut wake = store.subscribe();
         loop {
             let after = *self.latest.borrow();
@@ -110,6 +120,12 @@ impl ChangeFeed {
                     Vec::new()
                 }
             };
+            if !changes.is_empty() {
+                let (hook, reader, batch) = (on_changes.clone(), store.clone(), changes.clone());
+                if let Err(e) = tokio::task::spawn_blocking(move || hook(&*reader, &batch)).await {
+                    warn!(error = %e, "change hook failed");
+                }
+            }
             if let Some(last) = changes.last().map(|c| c.revision) {
                 let mut window = self.window.write().unwrap_or_else(|e| e.into_inner());
                 let now = std::time::Instant::now();

@@ -32,3 +32,19 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }
+
+/// This server's stable ID, in `<data_dir>/server-id`, created on first
+/// use: it names the server's CAs and CRLs in a shared datastore.
+pub fn server_id(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join("server-id");
+    match fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        Ok(_) => Err(std::io::Error::other(format!("{} is empty", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::new_v4().to_string();
+            write_private(&path, id.as_bytes())?;
+            Ok(id)
+        }
+        Err(e) => Err(e),
+    }
+}

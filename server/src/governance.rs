@@ -14,6 +14,7 @@ use serde::Deserialize;
 use tessera_proto::types::{self as pb, Operator, PendingApproval};
 
 use crate::entry::Entry;
+use crate::kv::{Kv, Lock, Op};
 use crate::store::StoreError;
 
 /// The config file's `[approval]` table: what needs a second operator.
@@ -166,67 +167,71 @@ impl Governance {
     }
 }
 
-/// The proposals waiting for approval, in the store's database.
+/// The proposals waiting for approval, in the store's database (shared by
+/// every server on PostgreSQL, so any server can approve).
 pub struct Pending {
-    tree: sled::Tree,
-    db: sled::Db,
+    kv: std::sync::Arc<dyn Kv>,
 }
 
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending").field("proposals", &self.tree.len()).finish()
+        f.debug_struct("Pending").field("proposals", &self.count()).finish()
     }
 }
 
+const PENDING: &str = "pending_entries";
+
+fn decode_proposal(key: &[u8], value: &[u8]) -> Result<pb::Entry, StoreError> {
+    pb::Entry::decode(value).map_err(|e| StoreError::Corrupt {
+        key: format!("pending/{}", String::from_utf8_lossy(key)),
+        reason: e.to_string(),
+    })
+}
+
 impl Pending {
-    /// Opens the proposals tree.
-    pub fn open(db: sled::Db) -> Result<Self, StoreError> {
-        Ok(Self { tree: db.open_tree("pending_entries")?, db })
+    /// The proposals in `kv`.
+    pub fn open(kv: std::sync::Arc<dyn Kv>) -> Result<Self, StoreError> {
+        Ok(Self { kv })
     }
 
-    /// Stores (or replaces) a proposal, fsynced.
+    /// Stores (or replaces) a proposal, durably.
     pub fn put(&self, proposal: &pb::Entry) -> Result<(), StoreError> {
-        self.tree.insert(proposal.id.as_bytes(), proposal.encode_to_vec())?;
-        self.db.flush()?;
-        Ok(())
+        self.kv.apply(vec![Op::Put(
+            PENDING,
+            proposal.id.as_bytes().to_vec(),
+            proposal.encode_to_vec(),
+        )])?;
+        self.kv.flush()
     }
 
     /// A proposal by entry ID.
     pub fn get(&self, id: &str) -> Result<Option<pb::Entry>, StoreError> {
-        self.tree
-            .get(id.as_bytes())?
-            .map(|v| {
-                pb::Entry::decode(v.as_ref()).map_err(|e| StoreError::Corrupt {
-                    key: format!("pending/{id}"),
-                    reason: e.to_string(),
-                })
-            })
-            .transpose()
+        self.kv.get(PENDING, id.as_bytes())?.map(|v| decode_proposal(id.as_bytes(), &v)).transpose()
     }
 
-    /// Removes a proposal, fsynced; true if there was one.
+    /// Removes a proposal, durably; true for the one caller (of every
+    /// server) that removed it.
     pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        let removed = self.tree.remove(id.as_bytes())?.is_some();
-        self.db.flush()?;
+        let mut removed = false;
+        self.kv.transaction(Lock::Store, &mut |tx| {
+            removed = tx.delete(PENDING, id.as_bytes())?.is_some();
+            Ok(())
+        })?;
+        self.kv.flush()?;
         Ok(removed)
     }
 
     /// Every proposal.
     pub fn list(&self) -> Result<Vec<pb::Entry>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.iter() {
-            let (key, value) = item?;
-            out.push(pb::Entry::decode(value.as_ref()).map_err(|e| StoreError::Corrupt {
-                key: format!("pending/{}", String::from_utf8_lossy(&key)),
-                reason: e.to_string(),
-            })?);
-        }
-        Ok(out)
+        crate::kv::scan_prefix(&*self.kv, PENDING, b"")?
+            .into_iter()
+            .map(|(key, value)| decode_proposal(&key, &value))
+            .collect()
     }
 
     /// Number of proposals.
     pub fn count(&self) -> usize {
-        self.tree.len()
+        self.kv.len(PENDING).unwrap_or(0)
     }
 }
 

@@ -33,8 +33,13 @@ mod feed;
 mod fsutil;
 mod governance;
 mod jwt;
+pub mod kv;
 mod metrics;
 mod node;
+mod pg;
+#[cfg(test)]
+#[path = "../../common/pg_cluster.rs"]
+mod pg_cluster;
 mod revocation;
 mod server;
 mod state;
@@ -56,7 +61,7 @@ pub use node::REFUSAL_METADATA;
 pub use revocation::normalize_serial;
 pub use server::{Server, ServerError, MAX_MESSAGE_BYTES};
 pub use store::{
-    AgentRefusal, Change, ChangeKind, EntryFilter, EntryWrite, Signed, SledStore, Store,
-    StoreError, StoreReport,
+    AgentRefusal, Change, ChangeKind, EntryFilter, EntryWrite, KvStore, Signed, Store, StoreError,
+    StoreReport,
 };
 pub use tls::NodePeer;

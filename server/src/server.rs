@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, Instrument};
+use tracing::{error, info, warn, Instrument};
 
 use crate::admin::AdminService;
 use crate::ca::{Ca, CaError, CaPolicy};
@@ -24,7 +24,7 @@ use crate::entry::EntryRules;
 use crate::fsutil::create_private_dir;
 use crate::node::NodeService;
 use crate::state::State;
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{Change, ChangeKind, KvStore, Store, StoreError};
 use crate::tls::{self, ServerSvid};
 
 /// Largest gRPC message the server accepts or sends.
@@ -91,10 +91,19 @@ impl Server {
         };
         create_private_dir(&config.data_dir)
             .map_err(io("cannot create data dir", &config.data_dir))?;
-        let store = SledStore::open(&config.data_dir.join("store"))?;
+        let server_id = crate::fsutil::server_id(&config.data_dir)
+            .map_err(io("cannot read or create the server ID in", &config.data_dir))?;
+        let store = match &config.datastore {
+            None => KvStore::open(&config.data_dir.join("store"))?,
+            Some(url) => {
+                let store = KvStore::open_postgres(url, &server_id)?;
+                info!(datastore = %crate::pg::redact(url), server_id = %server_id, "using the shared PostgreSQL datastore");
+                store
+            }
+        };
         let metrics = crate::metrics::Metrics::new();
         let events = Arc::new(crate::events::EventLog::open(
-            store.db(),
+            store.kv(),
             config.events.clone(),
             metrics.clone(),
         )?);
@@ -104,7 +113,7 @@ impl Server {
                 gids: config.admin_gids.iter().copied().collect(),
             },
             policy: config.approval.clone(),
-            pending: crate::governance::Pending::open(store.db())?,
+            pending: crate::governance::Pending::open(store.kv())?,
         };
         let policy = CaPolicy {
             ttl: config.ca_ttl,
@@ -157,7 +166,15 @@ impl Server {
             events,
             metrics,
             governance,
+            server_id,
         });
+        let shared = {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || share_bundle(&state))
+                .await
+                .map_err(|e| ServerError::Crl(e.to_string()))?
+        };
+        shared.map_err(|e| ServerError::Crl(e.to_string()))?;
         // The bundle may have changed while the server was down (a CA
         // expired or was prepared): agents resuming from the log hear of it.
         state
@@ -278,7 +295,10 @@ impl Server {
                 .instrument(tracing::info_span!("metrics")),
             );
         }
-        let feed = state.feed.clone().run(state.store.clone(), shutdown.clone());
+        let hook_state = state.clone();
+        let hook: crate::feed::ChangeHook =
+            Arc::new(move |store, changes| on_changes(&hook_state, store, changes));
+        let feed = state.feed.clone().run(state.store.clone(), shutdown.clone(), hook);
         tasks.spawn(
             async move {
                 feed.await;
@@ -347,9 +367,11 @@ async fn rotation_loop(
                         state.ca.jwt_authorities().into_iter().map(|k| k.kid).collect();
                     let e = crate::event_schema::EventExt::attr(e, "jwt_kids", kids.join(","));
                     state.events.record_durable(vec![e]).await;
-                    state.anchors.update(state.ca.bundle().to_vec());
-                    if let Err(e) = state.store_op(|store| store.log_bundle_change()).await {
-                        error!(error = %e.message(), "logging the bundle change failed");
+                    let shared = state.clone();
+                    match tokio::task::spawn_blocking(move || share_bundle(&shared)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => error!(error = %e, "publishing the bundle change failed"),
+                        Err(e) => error!(error = %e, "publishing the bundle change failed"),
                     }
                     // One CRL per CA in the bundle: a new CA needs its own.
                     if let Err(e) = crate::revocation::refresh_crls(&state).await {
@@ -438,4 +460,56 @@ async fn bind_admin_socket(
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io("cannot restrict admin socket"))?;
     Ok(listener)
+}
+
+/// Publishes this server's CAs to the store and takes in every other
+/// server's: the bundle agents and workloads receive is their union, and
+/// the node API accepts agents whose SVIDs any of them signed. Publishing
+/// logs a bundle change when this server's CAs changed.
+fn share_bundle(state: &State) -> Result<bool, StoreError> {
+    let own = state.ca.records(&state.server_id);
+    state.store.publish_cas(&state.server_id, &own)?;
+    let changed = state.ca.set_peers(&state.server_id, state.store.cas()?);
+    state.anchors.update(state.ca.bundle().to_vec());
+    Ok(changed)
+}
+
+/// What the server itself does with changes other servers committed,
+/// before any Sync stream sees them: takes in their CAs (a bundle change)
+/// and CRLs, and re-signs its own CRLs when they revoked SVIDs (its CAs
+/// may have signed them; only it holds their keys).
+fn on_changes(state: &State, store: &dyn Store, changes: &[Change]) {
+    let bundle = changes.iter().any(|c| matches!(c.kind, ChangeKind::Bundle));
+    if bundle {
+        match store.cas() {
+            Ok(records) => {
+                if state.ca.set_peers(&state.server_id, records) {
+                    state.anchors.update(state.ca.bundle().to_vec());
+                    info!(cas = state.ca.bundle().len(), "trust bundle changed on another server");
+                }
+            }
+            Err(e) => error!(error = %e, "reading other servers' CAs failed"),
+        }
+    }
+    if state.config.datastore.is_none() {
+        return;
+    }
+    let revoked = changes
+        .iter()
+        .any(|c| matches!(&c.kind, ChangeKind::Revoked { serials, .. } if !serials.is_empty()));
+    if revoked {
+        if let Err(e) = store.resign_crls() {
+            error!(error = %e, "re-signing this server's CRLs failed");
+        }
+    }
+    if revoked || changes.iter().any(|c| matches!(c.kind, ChangeKind::Crls)) {
+        match store.crls() {
+            Ok(crls) => {
+                if let Err(e) = state.anchors.update_crls(&crls) {
+                    warn!(error = %e, "node API verifier refused the new CRLs");
+                }
+            }
+            Err(e) => error!(error = %e, "reading the CRLs failed"),
+        }
+    }
 }

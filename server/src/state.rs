@@ -37,6 +37,9 @@ pub struct State {
     pub metrics: crate::metrics::Metrics,
     /// Operators, the approval policy and the proposals waiting for it.
     pub governance: crate::governance::Governance,
+    /// This server's stable ID (`<data_dir>/server-id`), naming its CAs
+    /// and CRLs in a datastore shared with other servers.
+    pub server_id: String,
 }
 
 impl State {

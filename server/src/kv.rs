@@ -1,0 +1,414 @@
+//! The ordered key-value layer under the store, the event log and the
+//! proposals: named trees of byte keys and values, read directly or inside
+//! a locked transaction. [`SledKv`] is one server's embedded database;
+//! [`crate::pg::PgKv`] is PostgreSQL, shared by several servers.
+//!
+//! A transaction holds an exclusive [`Lock`] for its whole life: on sled a
+//! mutex, on PostgreSQL an advisory lock held until commit, so every
+//! server sharing the database takes turns. Inside it, reads see the
+//! committed state plus the transaction's own writes, and nothing else can
+//! write what the lock guards; the writes are applied atomically at the end.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use sled::Transactional;
+
+use crate::store::StoreError;
+
+/// Key-value pairs, in key order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The exclusive locks transactions take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// The store's records and change log.
+    Store = 1,
+    /// The event chain.
+    Events = 2,
+}
+
+/// One write.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Insert or replace.
+    Put(&'static str, Vec<u8>, Vec<u8>),
+    /// Remove, if present.
+    Delete(&'static str, Vec<u8>),
+}
+
+/// Reads of the committed state, for a transaction (under its lock).
+pub trait TxRead {
+    /// One value.
+    fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Keys starting with `prefix`, in order.
+    fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StoreError>;
+    /// The greatest key and its value.
+    fn last(&self, tree: &'static str) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+}
+
+/// A transaction's view: the committed state under the lock, plus its own
+/// writes, which are applied when the transaction's function succeeds.
+pub struct Txn<'a> {
+    base: &'a dyn TxRead,
+    writes: RefCell<BTreeMap<(&'static str, Vec<u8>), Option<Vec<u8>>>>,
+    notify: RefCell<Option<u64>>,
+}
+
+impl fmt::Debug for Txn<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Txn").field("writes", &self.writes.borrow().len()).finish()
+    }
+}
+
+impl<'a> Txn<'a> {
+    /// A transaction reading `base`.
+    pub fn new(base: &'a dyn TxRead) -> Self {
+        Self { base, writes: RefCell::default(), notify: RefCell::default() }
+    }
+
+    /// One value, as this transaction left it.
+    pub fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(write) = self.writes.borrow().get(&(tree, key.to_vec())) {
+            return Ok(write.clone());
+        }
+        self.base.get(tree, key)
+    }
+
+    /// Keys starting with `prefix`, as this transaction left them.
+    pub fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StoreError> {
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            self.base.scan_prefix(tree, prefix)?.into_iter().collect();
+        for ((t, key), value) in self.writes.borrow().iter() {
+            if *t == tree && key.starts_with(prefix) {
+                match value {
+                    Some(v) => merged.insert(key.clone(), v.clone()),
+                    None => merged.remove(key),
+                };
+            }
+        }
+        Ok(merged.into_iter().collect())
+    }
+
+    /// The greatest key of `tree` and its value, as this transaction left it.
+    pub fn last(&self, tree: &'static str) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let writes = self.writes.borrow();
+        let mut best = self.base.last(tree)?;
+        // A removed last key: fall back to a scan (rare: only pruning removes).
+        if best.as_ref().is_some_and(|(k, _)| writes.get(&(tree, k.clone())) == Some(&None)) {
+            drop(writes);
+            best = self.scan_prefix(tree, b"")?.pop();
+            return Ok(best);
+        }
+        for ((t, key), value) in writes.iter() {
+            if let (true, Some(v)) = (*t == tree, value) {
+                if best.as_ref().is_none_or(|(k, _)| key > k) {
+                    best = Some((key.clone(), v.clone()));
+                }
+            }
+        }
+        Ok(best)
+    }
+
+    /// Inserts or replaces a value.
+    pub fn put(&self, tree: &'static str, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
+        self.writes.borrow_mut().insert((tree, key.as_ref().to_vec()), Some(value.into()));
+    }
+
+    /// Removes a value; returns what it was.
+    pub fn delete(
+        &self,
+        tree: &'static str,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let old = self.get(tree, key.as_ref())?;
+        self.writes.borrow_mut().insert((tree, key.as_ref().to_vec()), None);
+        Ok(old)
+    }
+
+    /// Tells other servers, once this commits, that the change log reached `revision`.
+    pub fn notify(&self, revision: u64) {
+        *self.notify.borrow_mut() = Some(revision);
+    }
+
+    /// Whether the transaction wrote anything.
+    pub fn is_empty(&self) -> bool {
+        self.writes.borrow().is_empty()
+    }
+
+    /// The writes, and the revision to announce.
+    pub fn into_parts(self) -> (Vec<Op>, Option<u64>) {
+        let ops = self
+            .writes
+            .into_inner()
+            .into_iter()
+            .map(|((tree, key), value)| match value {
+                Some(v) => Op::Put(tree, key, v),
+                None => Op::Delete(tree, key),
+            })
+            .collect();
+        (ops, self.notify.into_inner())
+    }
+}
+
+/// Called with the change log's revision when another server committed.
+pub type OnRemoteChange = Box<dyn Fn(u64) + Send + Sync>;
+
+/// What the store, the event log and the proposals need from a database.
+pub trait Kv: Send + Sync + fmt::Debug {
+    /// One value.
+    fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Up to `limit` pairs with `start <= key` (and `key < end` if given),
+    /// ascending, or descending from the greatest if `reverse`.
+    fn range(
+        &self,
+        tree: &'static str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Pairs, StoreError>;
+    /// Number of keys in `tree`.
+    fn len(&self, tree: &'static str) -> Result<usize, StoreError>;
+    /// Runs `f` holding `lock` (across every server sharing the database)
+    /// and applies its writes atomically. Durable on return only after
+    /// [`Kv::flush`] on sled; at once on PostgreSQL.
+    fn transaction(
+        &self,
+        lock: Lock,
+        f: &mut dyn FnMut(&Txn<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+    /// Applies writes atomically, without a lock.
+    fn apply(&self, ops: Vec<Op>) -> Result<(), StoreError>;
+    /// Makes every applied write durable.
+    fn flush(&self) -> Result<(), StoreError>;
+    /// Whether other servers share this database.
+    fn shared(&self) -> bool;
+    /// Calls `f` whenever another server announces a change-log revision.
+    fn on_remote_change(&self, f: OnRemoteChange);
+    /// Whether the database answers, and how it is (for health checks).
+    fn health(&self) -> Result<String, StoreError>;
+}
+
+/// Keys starting with `prefix`, as a `range` over a [`Kv`].
+pub fn scan_prefix(kv: &dyn Kv, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StoreError> {
+    match prefix_end(prefix) {
+        Some(end) => kv.range(tree, prefix, Some(&end), usize::MAX, false),
+        None => kv.range(tree, prefix, None, usize::MAX, false),
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------
+// sled
+
+/// One server's embedded database.
+pub struct SledKv {
+    db: sled::Db,
+    trees: std::sync::RwLock<std::collections::HashMap<&'static str, sled::Tree>>,
+    locks: [Mutex<()>; 2],
+}
+
+impl fmt::Debug for SledKv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledKv").finish_non_exhaustive()
+    }
+}
+
+impl SledKv {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        // sled's default page cache is 1 GiB; the working set here is far smaller.
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(cache_bytes)
+            .open()?;
+        Ok(Self { db, trees: Default::default(), locks: [Mutex::new(()), Mutex::new(())] })
+    }
+
+    fn tree(&self, name: &'static str) -> Result<sled::Tree, StoreError> {
+        if let Some(tree) = self.trees.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Ok(tree.clone());
+        }
+        let tree = self.db.open_tree(name)?;
+        self.trees.write().unwrap_or_else(|e| e.into_inner()).insert(name, tree.clone());
+        Ok(tree)
+    }
+
+    fn commit(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let mut names: Vec<&'static str> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(t, ..) | Op::Delete(t, _) => *t,
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let trees = names.iter().map(|n| self.tree(n)).collect::<Result<Vec<_>, _>>()?;
+        if let [tree] = trees.as_slice() {
+            // One tree: a batch is atomic, and cheaper than a transaction.
+            let mut batch = sled::Batch::default();
+            for op in ops {
+                match op {
+                    Op::Put(_, k, v) => batch.insert(k, v),
+                    Op::Delete(_, k) => batch.remove(k),
+                }
+            }
+            return Ok(tree.apply_batch(batch)?);
+        }
+        let refs: Vec<&sled::Tree> = trees.iter().collect();
+        refs.as_slice()
+            .transaction(|trees| {
+                for op in &ops {
+                    match op {
+                        Op::Put(t, k, v) => {
+                            let i = names.binary_search(t).unwrap_or_default();
+                            trees[i].insert(k.as_slice(), v.as_slice())?;
+                        }
+                        Op::Delete(t, k) => {
+                            let i = names.binary_search(t).unwrap_or_default();
+                            trees[i].remove(k.as_slice())?;
+                        }
+                    }
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(StoreError::from)
+    }
+}
+
+impl TxRead for SledKv {
+    fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Kv::get(self, tree, key)
+    }
+
+    fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StoreError> {
+        scan_prefix(self, tree, prefix)
+    }
+
+    fn last(&self, tree: &'static str) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        Ok(self.tree(tree)?.last()?.map(|(k, v)| (k.to_vec(), v.to_vec())))
+    }
+}
+
+impl Kv for SledKv {
+    fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree(tree)?.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn range(
+        &self,
+        tree: &'static str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Pairs, StoreError> {
+        let tree = self.tree(tree)?;
+        let iter = match end {
+            Some(end) => tree.range(start..end),
+            None => tree.range(start..),
+        };
+        let pair = |item: sled::Result<(sled::IVec, sled::IVec)>| {
+            item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from)
+        };
+        if reverse {
+            iter.rev().take(limit).map(pair).collect()
+        } else {
+            iter.take(limit).map(pair).collect()
+        }
+    }
+
+    fn len(&self, tree: &'static str) -> Result<usize, StoreError> {
+        Ok(self.tree(tree)?.len())
+    }
+
+    fn transaction(
+        &self,
+        lock: Lock,
+        f: &mut dyn FnMut(&Txn<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let _held = self.locks[lock as usize - 1].lock().unwrap_or_else(|e| e.into_inner());
+        let txn = Txn::new(self);
+        f(&txn)?;
+        let (ops, _) = txn.into_parts();
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.commit(ops)
+    }
+
+    fn apply(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.commit(ops)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn on_remote_change(&self, _f: OnRemoteChange) {}
+
+    fn health(&self) -> Result<String, StoreError> {
+        Ok(format!("sled, {} bytes on disk", self.db.size_on_disk()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transaction_reads_its_own_writes_and_applies_them_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        kv.apply(vec![Op::Put("t", b"a".to_vec(), b"1".to_vec())]).unwrap();
+        kv.transaction(Lock::Store, &mut |tx| {
+            tx.put("t", b"b", b"2".to_vec());
+            tx.put("u", b"x", b"9".to_vec());
+            assert_eq!(tx.delete("t", b"a")?, Some(b"1".to_vec()));
+            assert_eq!(tx.get("t", b"a")?, None);
+            assert_eq!(tx.last("t")?, Some((b"b".to_vec(), b"2".to_vec())));
+            assert_eq!(tx.scan_prefix("t", b"")?.len(), 1);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(kv.range("t", b"", None, 10, false).unwrap(), [(b"b".to_vec(), b"2".to_vec())]);
+        assert_eq!(Kv::get(&kv, "u", b"x").unwrap(), Some(b"9".to_vec()));
+        let failed = kv.transaction(Lock::Store, &mut |tx| {
+            tx.put("t", b"c", b"3".to_vec());
+            Err(StoreError::Io("no".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(Kv::get(&kv, "t", b"c").unwrap(), None, "a failed transaction writes nothing");
+    }
+
+    #[test]
+    fn prefix_end_is_the_next_prefix() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(b"\xff"), None);
+    }
+}
