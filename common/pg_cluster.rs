@@ -24,6 +24,8 @@ pub struct PgCluster {
     dir: PathBuf,
     bin: PathBuf,
     port: u16,
+    user: Option<(u32, u32)>,
+    fsync: bool,
     next_db: AtomicU32,
 }
 
@@ -109,6 +111,11 @@ impl PgCluster {
 
     /// Starts a new cluster, with fsync off (it lives as long as the tests).
     pub fn start() -> Result<Self, String> {
+        Self::start_with(false)
+    }
+
+    /// Starts a new cluster; `fsync` on for measurements against a durable store.
+    pub fn start_with(fsync: bool) -> Result<Self, String> {
         let bin = pg_bin()?;
         let user = run_as()?;
         let dir = std::env::temp_dir().join(format!(
@@ -137,13 +144,15 @@ impl PgCluster {
         ]);
         run(initdb, "initdb")?;
         let port = free_port()?;
-        let mut start = command(&bin, "pg_ctl", user);
-        start.arg("-D").arg(&data).arg("-l").arg(dir.join("log")).arg("-w").arg("-o").arg(format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
-            dir.display()
-        ));
-        start.arg("start");
-        run(start, "pg_ctl start")?;
+        let cluster = Self {
+            dir: dir.clone(),
+            bin: bin.clone(),
+            port,
+            user,
+            fsync,
+            next_db: AtomicU32::new(1),
+        };
+        cluster.resume()?;
         // Stop the cluster and remove it once this process is gone.
         let pid_file = data.join("postmaster.pid");
         let watchdog = format!(
@@ -161,7 +170,35 @@ impl PgCluster {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("watchdog: {e}"))?;
-        Ok(Self { dir, bin, port, next_db: AtomicU32::new(1) })
+        Ok(cluster)
+    }
+
+    /// Stops the cluster (fast shutdown: connections are cut), as when the
+    /// database goes away.
+    pub fn pause(&self) -> Result<(), String> {
+        let mut stop = command(&self.bin, "pg_ctl", self.user);
+        stop.arg("-D").arg(self.dir.join("data")).args(["-m", "fast", "-w", "stop"]);
+        run(stop, "pg_ctl stop")
+    }
+
+    /// Starts the cluster (again), on the same port.
+    pub fn resume(&self) -> Result<(), String> {
+        let mut start = command(&self.bin, "pg_ctl", self.user);
+        start
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .arg("-w")
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=300",
+                self.port,
+                self.dir.display(),
+                if self.fsync { "on" } else { "off" }
+            ))
+            .arg("start");
+        run(start, "pg_ctl start")
     }
 
     /// The TCP port it listens on.
@@ -188,5 +225,12 @@ impl PgCluster {
     /// The cluster's directory (data, log, socket).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self.pause();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -901,10 +901,14 @@ impl Admin for AdminService {
                 if *stored.borrow() > after {
                     continue;
                 }
+                // Other servers sharing the datastore store events too, and
+                // this server hears of them only by reading: poll as well.
+                let shared = state.config.datastore.is_some();
                 tokio::select! {
                     _ = tx.closed() => return,
                     _ = state.shutdown.cancelled() => return,
                     changed = stored.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)), if shared => {}
                 }
             }
         });

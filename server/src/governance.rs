@@ -256,3 +256,32 @@ pub fn proposal(
     });
     p
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Proposals live in the shared datastore: one made through one server
+    /// is seen by another, and only one server can take it (approve,
+    /// reject or expire it).
+    #[test]
+    fn a_proposal_is_shared_and_taken_once_across_servers() {
+        let url = crate::pg_cluster::PgCluster::shared().database();
+        let kv = |_: &str| -> std::sync::Arc<dyn Kv> {
+            std::sync::Arc::new(crate::pg::PgKv::connect(&url).unwrap())
+        };
+        let (a, b) = (Pending::open(kv("a")).unwrap(), Pending::open(kv("b")).unwrap());
+        let proposal = pb::Entry { id: "e1".into(), ..Default::default() };
+        a.put(&proposal).unwrap();
+        assert_eq!(b.get("e1").unwrap(), Some(proposal));
+        assert_eq!(b.count(), 1);
+        let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
+        let takers: Vec<_> = [a.clone(), b.clone(), a, b]
+            .into_iter()
+            .map(|p| std::thread::spawn(move || p.remove("e1").unwrap()))
+            .collect();
+        let taken = takers.into_iter().map(|t| t.join().unwrap()).filter(|t| *t).count();
+        assert_eq!(taken, 1, "exactly one server takes the proposal");
+    }
+}

@@ -2395,6 +2395,45 @@ mod tests {
             assert_eq!(taken, 20, "every token taken exactly once");
         }
 
+        /// Two servers rotating their CAs at once: each publishes only its
+        /// own records, so the bundle is always the union of both latest sets.
+        #[test]
+        fn two_servers_rotating_at_once_keep_one_whole_bundle() {
+            let (_place, a, b) = two();
+            let (a, b) = (Arc::new(a), Arc::new(b));
+            let record = |server: &str, seq: u32| pb::CaRecord {
+                server_id: server.into(),
+                seq,
+                cert_der: vec![seq as u8],
+                jwt: None,
+                not_after: 99,
+            };
+            let rotators: Vec<_> = [("a", a.clone()), ("b", b.clone())]
+                .into_iter()
+                .map(|(name, store)| {
+                    std::thread::spawn(move || {
+                        for seq in 1..=30 {
+                            store
+                                .publish_cas(name, &[record(name, seq), record(name, seq + 1)])
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for r in rotators {
+                r.join().unwrap();
+            }
+            for store in [&a, &b] {
+                let mut held: Vec<(String, u32)> =
+                    store.cas().unwrap().into_iter().map(|r| (r.server_id, r.seq)).collect();
+                held.sort();
+                assert_eq!(
+                    held,
+                    [("a".into(), 30), ("a".into(), 31), ("b".into(), 30), ("b".into(), 31)]
+                );
+            }
+        }
+
         /// A ban on one server is enforced by the other, and a renewal
         /// racing it on the other server cannot undo it.
         #[test]
