@@ -24,7 +24,7 @@ use crate::identity::{
 use crate::jwt::JwtSvids;
 use crate::manager::{agent_renewal_loop, now, signer_loop, sync_loop, NodeLink};
 use crate::metrics::{AgentHealth, AgentMetrics};
-use crate::node_client::{connect_node, node_tls_config, NodeClientError};
+use crate::node_client::{node_tls_config, NodeClientError, Servers};
 use crate::workload::{self, WorkloadLimits, WorkloadService};
 
 /// The agent's default data directory.
@@ -41,8 +41,11 @@ pub const DEFAULT_SOCKET_PATH: &str = "/tmp/tessera-agent/public/api.sock";
 pub struct AgentConfig {
     /// Where the agent keeps its key, SVID and bundle.
     pub data_dir: PathBuf,
-    /// Node API address, `host:port`.
-    pub server_address: String,
+    /// Node API addresses, `host:port` each: the agent holds one connection
+    /// at a time, starts at an address chosen by its identity (so agents
+    /// spread over the servers) and moves to the next when a server fails.
+    /// A name that resolves to several addresses counts as several servers.
+    pub server_addresses: Vec<String>,
     /// Join token for the first attestation.
     pub join_token: Option<String>,
     /// Why the join token given could not be read (an unreadable or empty
@@ -65,12 +68,12 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Defaults for a data dir and server address; socket [`DEFAULT_SOCKET_PATH`].
+    /// Defaults for a data dir and one server address; socket [`DEFAULT_SOCKET_PATH`].
     pub fn new(data_dir: PathBuf, server_address: String) -> Self {
         let socket_path = PathBuf::from(DEFAULT_SOCKET_PATH);
         Self {
             data_dir,
-            server_address,
+            server_addresses: vec![server_address],
             join_token: None,
             join_token_problem: None,
             trust_bundle: None,
@@ -150,6 +153,12 @@ impl Agent {
             std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(io("cannot restrict data dir", &config.data_dir))?;
         }
+        if let Some(bad) = config.server_addresses.iter().find(|a| !a.contains(':')) {
+            return Err(NodeClientError::Address(bad.clone()).into());
+        }
+        if config.server_addresses.is_empty() {
+            return Err(NodeClientError::Address(String::new()).into());
+        }
         let bundle = load_bundle(&config)?;
         let trust_domain = match &config.trust_domain {
             Some(td) => td.clone(),
@@ -203,7 +212,7 @@ impl Agent {
             .map_err(io("cannot bind Workload API socket", &config.socket_path))?;
         info!(socket = %config.socket_path.display(), "Workload API socket bound (mode 0777)");
         let link = Arc::new(NodeLink::new(
-            config.server_address.clone(),
+            config.server_addresses.clone(),
             trust_domain.clone(),
             anchors,
             identity,
@@ -337,11 +346,13 @@ async fn attest(
     })?;
     let (key, csr) = new_key_and_csr()?;
     let tls = node_tls_config(anchors.clone(), trust_domain, None)?;
-    let mut client = connect_node(&config.server_address, tls).await?;
+    // Any server will do; a join token works once on whichever takes it.
+    let servers = Servers::new(config.server_addresses.clone(), &token);
+    let (mut client, server) = servers.connect(&tls).await?;
     let response = client
         .attest(pb::AttestRequest { join_token: token, csr })
         .await
-        .map_err(|s| AgentError::Attestation(s.message().to_string()))?
+        .map_err(|s| AgentError::Attestation(format!("{server}: {}", s.message())))?
         .into_inner();
     let identity = AgentIdentity::new(response.x509_svid, key)?;
     identity.save(&config.data_dir)?;

@@ -38,9 +38,11 @@ struct RunArgs {
     /// Data directory [default: ./.tessera/agent].
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
-    /// Server node API address, host:port.
-    #[arg(long, default_value = "127.0.0.1:8081")]
-    server_address: String,
+    /// Server node API address, host:port. Give it several times (or
+    /// comma-separated, or a name resolving to several addresses) for
+    /// several servers: the agent spreads over them and fails over.
+    #[arg(long, default_value = "127.0.0.1:8081", value_delimiter = ',', num_args = 1)]
+    server_address: Vec<String>,
     /// Join token (needed only when the agent has no valid stored SVID).
     /// Visible to other users in the process list: prefer
     /// --join-token-file or the TESSERA_JOIN_TOKEN environment variable.
@@ -378,7 +380,8 @@ fn value_json(v: prost_types::Value) -> serde_json::Value {
 
 async fn run_agent(args: RunArgs) -> Result<(), CliError> {
     init_logging(&args.log_level, args.log_format);
-    let mut config = AgentConfig::new(args.data_dir, args.server_address);
+    let mut config = AgentConfig::new(args.data_dir, String::new());
+    config.server_addresses = args.server_address;
     // A token file is read now, but a problem with it matters only if the
     // agent has no valid stored SVID to reuse (the file may be gone after
     // the first attestation).

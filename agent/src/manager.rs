@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::cache::{AgentEntry, Cache, CacheState, CachedSvid};
 use crate::identity::{certs_pem, new_key_and_csr, write_private, AgentIdentity};
 use crate::jwt::JwtSvids;
-use crate::node_client::{connect_node, node_tls_config, NodeClientError};
+use crate::node_client::{node_tls_config, NodeClientError, Servers};
 use tessera_workload_api::jwt::{JwtBundle, JwtKey};
 
 /// The server backdates NotBefore by this much for clock skew; lifetimes
@@ -85,7 +85,7 @@ impl Backoff {
 /// The connection to the server's node API, with the agent's current SVID.
 #[derive(Debug)]
 pub struct NodeLink {
-    address: String,
+    servers: Servers,
     trust_domain: TrustDomain,
     /// Trust anchors for the server's certificate (updated from pushed bundles).
     pub anchors: TrustAnchors,
@@ -98,16 +98,16 @@ pub struct NodeLink {
 }
 
 impl NodeLink {
-    /// A link to `address` authenticated as `identity`.
+    /// A link to the servers at `addresses` authenticated as `identity`.
     pub fn new(
-        address: String,
+        addresses: Vec<String>,
         trust_domain: TrustDomain,
         anchors: TrustAnchors,
         identity: AgentIdentity,
         data_dir: PathBuf,
     ) -> Self {
         Self {
-            address,
+            servers: Servers::new(addresses, identity.spiffe_id.as_str()),
             trust_domain,
             anchors,
             identity: RwLock::new(identity),
@@ -132,14 +132,26 @@ impl NodeLink {
             &self.trust_domain,
             Some(self.identity().client_identity()),
         )?;
-        let client = connect_node(&self.address, tls).await?;
+        let (client, _) = self.servers.connect(&tls).await?;
         *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
         Ok(client)
     }
 
-    /// Drops the connection; the next `client` reconnects.
+    /// The server the agent is (or was last) connected to.
+    pub fn server(&self) -> Option<String> {
+        self.servers.current()
+    }
+
+    /// Drops the connection; the next `client` reconnects to the same server.
     pub fn reset(&self) {
         *self.client.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Drops the connection after the server failed a call; the next
+    /// `client` tries the next server first (with one server, the same).
+    pub fn fail_over(&self) {
+        self.reset();
+        self.servers.fail_over();
     }
 
     fn set_identity(&self, identity: AgentIdentity) {
@@ -177,11 +189,17 @@ pub async fn sync_loop(
             }
             result = sync_once(&link, &cache, &jwt, &wake, &mut backoff) => result,
         };
+        let server = link.server().unwrap_or_default();
         match result {
-            Ok(()) => info!("sync stream closed by server; reconnecting"),
-            Err(e) => warn!(error = %e, "sync stream failed; reconnecting"),
+            Ok(()) => {
+                info!(server = %server, "sync stream closed by server; reconnecting");
+                link.reset();
+            }
+            Err(e) => {
+                warn!(server = %server, error = %e, "sync stream failed; reconnecting, to the next server if there are several");
+                link.fail_over();
+            }
         }
-        link.reset();
         let delay = backoff.next_delay();
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -209,7 +227,7 @@ async fn sync_once(
             return Err(format!("{:?}: {}", status.code(), status.message()));
         }
     };
-    info!(revision, "sync stream open");
+    info!(revision, server = %link.server().unwrap_or_default(), "sync stream open");
     let mut snapshot: Vec<AgentEntry> = Vec::new();
     loop {
         let message = stream.message().await.map_err(|status| {
@@ -422,7 +440,7 @@ pub async fn signer_loop(
                 Ok(()) => backoff.reset(),
                 Err(e) => {
                     warn!(error = %e, entries = due.len(), "SVID signing failed; will retry");
-                    link.reset();
+                    link.fail_over();
                     wait = backoff.next_delay();
                 }
             }
@@ -549,7 +567,7 @@ pub async fn agent_renewal_loop(
                 } else {
                     warn!(error = %e, "agent SVID renewal failed; will retry");
                 }
-                link.reset();
+                link.fail_over();
                 renew_at = now() + backoff.next_delay().as_secs().max(1) as i64;
             }
         }

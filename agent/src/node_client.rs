@@ -2,7 +2,10 @@
 //! `spiffe://<td>/tessera/server` chained to the trust bundle, with the
 //! agent's X509-SVID as client certificate once it has one.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -13,9 +16,13 @@ use tessera_workload_api::{
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
+use tracing::{info, warn};
 
 /// Largest gRPC message the agent accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// How long one server may take to accept a connection before the agent
+/// tries the next.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a node API connection could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -107,4 +114,116 @@ pub async fn connect_node(
     Ok(NodeClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// The servers an agent may use and the one it is on: it holds one
+/// connection at a time, starting at a server picked by a hash of its
+/// identity (so a fleet spreads over the servers) and moving on round the
+/// ring when a server cannot be reached or fails a call.
+#[derive(Debug)]
+pub struct Servers {
+    addresses: Vec<String>,
+    /// Index in the resolved ring to try first.
+    next: AtomicUsize,
+    /// The server of the last connection, for the log.
+    current: Mutex<Option<String>>,
+}
+
+impl Servers {
+    /// The servers at `addresses` (`host:port` each), starting at the one
+    /// `seed` (the agent's identity) hashes to.
+    pub fn new(addresses: Vec<String>, seed: &str) -> Self {
+        // FNV-1a: stable across runs and platforms, unlike std's hasher.
+        let hash = seed
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        Self { addresses, next: AtomicUsize::new(hash as usize), current: Mutex::new(None) }
+    }
+
+    /// Every server, resolved now: a name with several addresses is
+    /// several servers. Each with the label the log shows.
+    async fn resolve(&self) -> Result<Vec<(String, SocketAddr)>, NodeClientError> {
+        let mut ring = Vec::new();
+        let mut problems = Vec::new();
+        for address in &self.addresses {
+            if !address.contains(':') {
+                return Err(NodeClientError::Address(address.clone()));
+            }
+            match tokio::net::lookup_host(address.as_str()).await {
+                Ok(found) => {
+                    let mut found: Vec<SocketAddr> = found.collect();
+                    found.sort();
+                    found.dedup();
+                    for addr in found {
+                        let label = if addr.to_string() == *address {
+                            address.clone()
+                        } else {
+                            format!("{address} ({addr})")
+                        };
+                        ring.push((label, addr));
+                    }
+                }
+                Err(e) => problems.push(format!("cannot resolve {address}: {e}")),
+            }
+        }
+        if ring.is_empty() {
+            return Err(NodeClientError::Connect {
+                address: self.addresses.join(","),
+                message: problems.join("; "),
+            });
+        }
+        for problem in problems {
+            warn!(problem = %problem, "server address skipped");
+        }
+        Ok(ring)
+    }
+
+    /// Connects to the first server, round the ring from the current one,
+    /// that answers; returns the client and the server's label.
+    pub async fn connect(
+        &self,
+        tls: &rustls::ClientConfig,
+    ) -> Result<(NodeClient<Channel>, String), NodeClientError> {
+        let ring = self.resolve().await?;
+        let start = self.next.load(Ordering::Relaxed) % ring.len();
+        let mut failures = Vec::new();
+        for step in 0..ring.len() {
+            let index = (start + step) % ring.len();
+            let (label, addr) = &ring[index];
+            let target = addr.to_string();
+            let attempt = connect_node(&target, tls.clone());
+            let problem = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                Ok(Ok(client)) => {
+                    self.next.store(index, Ordering::Relaxed);
+                    let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+                    if current.as_deref() != Some(label) {
+                        info!(server = %label, servers = ring.len(), "connected to server");
+                        *current = Some(label.clone());
+                    }
+                    return Ok((client, label.clone()));
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("server {label} did not answer in {}s", CONNECT_TIMEOUT.as_secs()),
+            };
+            if ring.len() > 1 {
+                warn!(server = %label, error = %problem, "server unreachable; trying the next");
+            }
+            failures.push(problem);
+        }
+        Err(NodeClientError::Connect {
+            address: self.addresses.join(","),
+            message: failures.join("; "),
+        })
+    }
+
+    /// The server of the last connection.
+    pub fn current(&self) -> Option<String> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// After a failure on the current server: the next connection tries
+    /// the next server first.
+    pub fn fail_over(&self) {
+        self.next.fetch_add(1, Ordering::Relaxed);
+    }
 }

@@ -21,6 +21,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+#[path = "../../common/pg_cluster.rs"]
+pub mod pg_cluster;
+
 /// The trust domain tests use.
 pub const TRUST_DOMAIN: &str = "example.org";
 
@@ -35,6 +38,8 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     /// The metrics endpoint, when the config asks for one.
     pub metrics_addr: Option<SocketAddr>,
+    /// The PostgreSQL datastore, when it shares one with other servers.
+    pub datastore: Option<String>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -56,6 +61,7 @@ impl TestServer {
     pub async fn start_with(config: Config, clock: Arc<dyn Clock>) -> Self {
         let admin_socket = config.admin_socket.clone();
         let data_dir = config.data_dir.clone();
+        let datastore = config.datastore.clone();
         let server = Server::bind(config, clock).await.expect("server binds");
         let addr = server.node_addr().unwrap();
         let metrics_addr = server.metrics_addr();
@@ -64,7 +70,7 @@ impl TestServer {
         let task = tokio::spawn(async move {
             server.run(stop).await.expect("server runs");
         });
-        Self { addr, admin_socket, data_dir, metrics_addr, shutdown, task }
+        Self { addr, admin_socket, data_dir, metrics_addr, datastore, shutdown, task }
     }
 
     /// Stops the server and waits until it has released its store.
@@ -75,10 +81,12 @@ impl TestServer {
 
     /// Stops the server and starts it again on the same address and data dir.
     pub async fn restart(self) -> Self {
-        let (addr, data_dir) = (self.addr, self.data_dir.clone());
+        let (addr, data_dir, datastore) =
+            (self.addr, self.data_dir.clone(), self.datastore.clone());
         self.stop().await;
         let mut config = test_config(&data_dir);
         config.bind = addr;
+        config.datastore = datastore;
         Self::start_with(config, Arc::new(SystemClock)).await
     }
 

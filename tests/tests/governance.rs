@@ -15,7 +15,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{serial_hex, uid_selector, within, workload_client, PROMPTLY};
+use common::{serial_hex, server_bin, uid_selector, within, workload_client, PROMPTLY};
 use serde_json::Value;
 use tessera_agent::AgentConfig;
 use tessera_server::{ApprovalPolicy, SystemClock};
@@ -28,22 +28,6 @@ const STRANGER: u32 = 5555;
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
-}
-
-/// The `tessera-server` binary `cargo test --workspace` built (built here
-/// when this test runs alone).
-fn server_bin() -> PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    let bin = deps.parent().unwrap().parent().unwrap().join("tessera-server");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "tessera-server", "--bin", "tessera-server"])
-            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap())
-            .status()
-            .unwrap();
-        assert!(status.success(), "building tessera-server failed");
-    }
-    bin
 }
 
 /// A temp dir every uid can traverse (the admin socket's directory is in it).

@@ -31,6 +31,7 @@ const SCENARIOS: &[&str] = &[
     "streams",
     "jwt",
     "events",
+    "ha",
     "all",
 ];
 
@@ -72,6 +73,8 @@ async fn main() -> ExitCode {
         "events_issue_ratio",
         "events_fetch_p99_ratio",
         "events_ingest_per_s",
+        "ha_propagate_p99_ms",
+        "ha_failover_resume_ms",
     ] {
         results.insert(key, Value::Null);
     }
@@ -183,8 +186,9 @@ async fn main() -> ExitCode {
         // Alternating off/on, twice, so that drift of the machine hits both.
         let (mut off, mut on) = (0.0, 0.0);
         for _ in 0..2 {
-            off += node_api_throughput(Duration::from_secs(secs), Signing::X509, false).await / 2.0;
-            on += node_api_throughput(Duration::from_secs(secs), Signing::X509, true).await / 2.0;
+            let d = Duration::from_secs(secs);
+            off += node_api_throughput(d, Signing::X509, false, None).await / 2.0;
+            on += node_api_throughput(d, Signing::X509, true, None).await / 2.0;
         }
         ratio_row("X509-SVIDs/s, events on; events off", on, off);
         results.insert("events_issue_on_per_s", json!(on.round()));
@@ -205,6 +209,12 @@ async fn main() -> ExitCode {
         let rate = bench_event_ingest(Duration::from_secs(secs)).await;
         println!("{:<44} {:>12.0}", "events/s stored from agents' pushes", rate);
         results.insert("events_ingest_per_s", json!(rate.round()));
+    }
+    if matches!(scenario, "ha" | "all") {
+        let quick = quick || scenario == "all";
+        for (key, value) in bench_ha(quick).await {
+            results.insert(key, value);
+        }
     }
     println!("{}", serde_json::to_string(&results).unwrap_or_default());
     ExitCode::SUCCESS
@@ -244,7 +254,7 @@ async fn bench_event_ingest(duration: Duration) -> f64 {
     use tessera_proto::node as node_pb;
     use tessera_proto::types::{Event, Workload};
 
-    let (_dir, server, mut admin, addr, bundle) = child_server_and_admin(true).await;
+    let (_dir, server, mut admin, addr, bundle) = child_server_and_admin(true, None).await;
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
@@ -304,7 +314,7 @@ async fn bench_event_ingest(duration: Duration) -> f64 {
 /// of 500, audience "bench"), and the raw ES256 signing rate of ring on
 /// every core, measured in the same run.
 async fn bench_jwt_issue(duration: Duration) -> (f64, f64) {
-    let rate = node_api_throughput(duration, Signing::Jwt, true).await;
+    let rate = node_api_throughput(duration, Signing::Jwt, true, None).await;
     (rate, ecdsa_limit(Duration::from_secs(2), Ecdsa::Es256Sign))
 }
 
@@ -717,9 +727,23 @@ async fn fetch_latency(agent: &RunningAgent, calls: usize) -> (f64, f64) {
 /// receiving the new SVID (entry pushed to the agent, signed, streamed).
 async fn bench_propagate(rounds: usize) -> (f64, f64) {
     let (_dir, server, agent) = setup().await;
-    server.create_entry("spiffe://example.org/base", &agent.id, &[&me()], None).await;
-    let (_client, mut stream, _) = open_stream(&agent).await;
-    let mut admin = server.admin().await;
+    let result = propagation(&server, &server, &agent, rounds).await;
+    agent.stop().await;
+    server.stop().await;
+    result
+}
+
+/// Entry created through `creator` → the new SVID on the open stream of a
+/// workload of `agent` (attested to `home`): p50 and p99 over `rounds`.
+async fn propagation(
+    creator: &TestServer,
+    home: &TestServer,
+    agent: &RunningAgent,
+    rounds: usize,
+) -> (f64, f64) {
+    home.create_entry("spiffe://example.org/base", &agent.id, &[&me()], None).await;
+    let (_client, mut stream, _) = open_stream(agent).await;
+    let mut admin = creator.admin().await;
     let mut samples = Vec::with_capacity(rounds);
     for i in 0..rounds {
         let id = format!("spiffe://example.org/propagate/{i}");
@@ -748,8 +772,6 @@ async fn bench_propagate(rounds: usize) -> (f64, f64) {
             }
         }
     }
-    agent.stop().await;
-    server.stop().await;
     percentiles(samples)
 }
 
@@ -1029,6 +1051,8 @@ async fn child_server(args: &[String]) -> ExitCode {
     config.sign_rate = 10_000_000;
     config.sign_burst = 10_000_000;
     config.events.enabled = !args.iter().any(|a| a == "--no-events");
+    config.datastore =
+        args.iter().find_map(|a| a.strip_prefix("--datastore=")).map(str::to_string);
     let server =
         tessera_server::Server::bind(config, std::sync::Arc::new(tessera_server::SystemClock))
             .await
@@ -1314,7 +1338,7 @@ async fn bench_scale(
 /// one ECDSA P-256 signature plus one verification per SVID, with ring, on
 /// every core.
 async fn bench_issue(duration: Duration) -> (f64, f64) {
-    let rate = node_api_throughput(duration, Signing::X509, true).await;
+    let rate = node_api_throughput(duration, Signing::X509, true, None).await;
     (rate, ecdsa_limit(Duration::from_secs(2), Ecdsa::SignAndVerify))
 }
 
@@ -1322,6 +1346,7 @@ async fn bench_issue(duration: Duration) -> (f64, f64) {
 /// its node API address and its bundle.
 async fn child_server_and_admin(
     events: bool,
+    datastore: Option<&str>,
 ) -> (
     tempfile::TempDir,
     Child,
@@ -1336,6 +1361,8 @@ async fn child_server_and_admin(
     if !events {
         args.push("--no-events");
     }
+    let datastore_arg = datastore.map(|url| format!("--datastore={url}"));
+    args.extend(datastore_arg.as_deref());
     let server = Child::start(&args);
     let mut admin = admin_at(&server_dir).await;
     let addr: std::net::SocketAddr = server.ready.parse().unwrap();
@@ -1388,12 +1415,17 @@ enum Batch {
 /// SVIDs signed per second by 8 simulated agents (each attested through
 /// the real node API, with 500 entries, sending one batch of 500 after
 /// another) against a server in its own process, after a 0.5 s warm-up.
-async fn node_api_throughput(duration: Duration, signing: Signing, events: bool) -> f64 {
+async fn node_api_throughput(
+    duration: Duration,
+    signing: Signing,
+    events: bool,
+    datastore: Option<&str>,
+) -> f64 {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     use tessera_proto::node as node_pb;
 
-    let (_dir, server, mut admin, addr, bundle) = child_server_and_admin(events).await;
+    let (_dir, server, mut admin, addr, bundle) = child_server_and_admin(events, datastore).await;
     let (agents, batch) = (8, 500);
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -1518,4 +1550,243 @@ fn ecdsa_limit(duration: Duration, op: Ecdsa) -> f64 {
         })
         .collect();
     threads.into_iter().map(|t| t.join().unwrap()).sum()
+}
+
+/// Several servers on PostgreSQL: the store's cost against sled, push
+/// across servers, agent failover, and 1,000 agents over two servers. The
+/// PostgreSQL cluster is private, local and durable (fsync on), like sled.
+async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
+    use tessera_tests::pg_cluster::PgCluster;
+    let mut out = Vec::new();
+    let cluster = PgCluster::start_with(true).expect("a PostgreSQL cluster for the bench");
+
+    // The store alone: entries and SVIDs per second, sled and PostgreSQL in the same run.
+    let entries = if quick { 10_000 } else { 50_000 };
+    let secs = if quick { 3 } else { 8 };
+    let mut rates = Vec::new();
+    for (name, url) in [("sled", None), ("postgres", Some(cluster.database()))] {
+        let (_dir, server, mut admin, _, _) = child_server_and_admin(true, url.as_deref()).await;
+        let start = Instant::now();
+        for chunk in (0..entries).step_by(1000) {
+            let batch = (chunk..chunk + 1000)
+                .map(|i| {
+                    entry(
+                        &format!("spiffe://example.org/ha/{i}"),
+                        &format!("spiffe://example.org/ha/agent-{}", i % 100),
+                        &[&format!("unix:uid:{}", i / 100 + 1)],
+                        None,
+                    )
+                })
+                .collect();
+            admin
+                .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: batch })
+                .await
+                .unwrap();
+        }
+        let entries_per_s = entries as f64 / start.elapsed().as_secs_f64();
+        server.stop();
+        let svids_per_s =
+            node_api_throughput(Duration::from_secs(secs), Signing::X509, true, url.as_deref())
+                .await;
+        rates.push((name, entries_per_s, svids_per_s));
+    }
+    for (name, entries_per_s, svids_per_s) in &rates {
+        println!("{:<44} {:>12.0} {:>12.0}", format!("{name}: entries/s, X509-SVIDs/s"), entries_per_s, svids_per_s);
+    }
+    out.push(("ha_sled_entries_per_s", json!(rates[0].1.round())));
+    out.push(("ha_pg_entries_per_s", json!(rates[1].1.round())));
+    out.push(("ha_sled_svids_per_s", json!(rates[0].2.round())));
+    out.push(("ha_pg_svids_per_s", json!(rates[1].2.round())));
+
+    // Two servers on one database, in this process, with metrics.
+    let url = cluster.database();
+    let dir = tempfile::tempdir().unwrap();
+    let ha_server = |name: &str| {
+        let mut config = tessera_tests::test_config(&dir.path().join(name));
+        config.datastore = Some(url.clone());
+        config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        config
+    };
+    let clock = || std::sync::Arc::new(tessera_server::SystemClock);
+    let a = TestServer::start_with(ha_server("a"), clock()).await;
+    let b = TestServer::start_with(ha_server("b"), clock()).await;
+    while a.bundle().await.len() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Created on B, served by a workload whose agent is on A.
+    let rounds = if quick { 100 } else { 500 };
+    let agent = RunningAgent::start_configured(&a, &dir.path().join("agent"), |config| {
+        config.server_addresses = vec![a.addr.to_string()];
+    })
+    .await;
+    let (p50, p99) = propagation(&b, &a, &agent, rounds).await;
+    row("create on B -> workload on A (ms)", p50, p99, rounds);
+    out.push(("ha_propagate_p50_ms", json!(round(p50))));
+    out.push(("ha_propagate_p99_ms", json!(round(p99))));
+    agent.stop().await;
+
+    // Failover: the server holding the agent's Sync stream stops; time
+    // until the stream is open on the other (its sync_streams gauge), and
+    // until a change made then reaches the workload.
+    let (mut a, mut b) = (Some(a), Some(b));
+    let agent = RunningAgent::start_configured(
+        a.as_ref().unwrap(),
+        &dir.path().join("agent-failover"),
+        |config| {
+            config.server_addresses = vec![
+                a.as_ref().unwrap().addr.to_string(),
+                b.as_ref().unwrap().addr.to_string(),
+            ]
+        },
+    )
+    .await;
+    let (_client, mut stream, _) = {
+        let home = a.as_ref().unwrap();
+        home.create_entry("spiffe://example.org/failover", &agent.id, &[&me()], None).await;
+        open_stream(&agent).await
+    };
+    let mut resumed = Vec::new();
+    let mut delivered = Vec::new();
+    let failovers = if quick { 5 } else { 10 };
+    for i in 0..failovers {
+        // Which server holds the stream now?
+        let on_a = sync_streams(a.as_ref().unwrap()).await >= 1.0;
+        let (dying, survivor) = if on_a { (&mut a, &mut b) } else { (&mut b, &mut a) };
+        let victim = dying.take().unwrap();
+        let restart_dir = victim.data_dir.clone();
+        let restart_addr = victim.addr;
+        let start = Instant::now();
+        victim.stop().await;
+        let live = survivor.as_ref().unwrap();
+        while sync_streams(live).await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        resumed.push(start.elapsed());
+        let id = format!("spiffe://example.org/failover/{i}");
+        live.create_entry(&id, &agent.id, &[&me()], None).await;
+        loop {
+            let update = stream.message().await.unwrap().unwrap();
+            if update.svids.iter().any(|s| s.spiffe_id == id) {
+                break;
+            }
+        }
+        delivered.push(start.elapsed());
+        // Bring the stopped server back on its address for the next round.
+        let mut config = tessera_tests::test_config(&restart_dir);
+        config.bind = restart_addr;
+        config.datastore = Some(url.clone());
+        config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        *dying = Some(TestServer::start_with(config, clock()).await);
+    }
+    let worst = |samples: &[Duration]| {
+        samples.iter().max().map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let (r50, _) = percentiles(resumed.clone());
+    let (d50, _) = percentiles(delivered.clone());
+    println!(
+        "{:<44} {:>12.1} {:>12.1} {:>12}",
+        "failover: stop -> Sync on the other (ms)", r50, worst(&resumed), failovers
+    );
+    println!(
+        "{:<44} {:>12.1} {:>12.1} {:>12}",
+        "  ... -> a change delivered through it (ms)", d50, worst(&delivered), failovers
+    );
+    out.push(("ha_failover_resume_ms", json!(round(r50))));
+    out.push(("ha_failover_resume_max_ms", json!(round(worst(&resumed)))));
+    out.push(("ha_failover_change_ms", json!(round(d50))));
+    out.push(("ha_failover_change_max_ms", json!(round(worst(&delivered)))));
+    agent.stop().await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+
+    // 1,000 agents, half on each server; then one batch of 1,000 entries
+    // (one per agent) created on A: when each agent hears of its entry.
+    let agents = 1_000;
+    let bundle = a.bundle().await;
+    let start = Instant::now();
+    let mut streams = Vec::with_capacity(agents);
+    for i in 0..agents {
+        let server = if i % 2 == 0 { &a } else { &b };
+        let id = format!("spiffe://example.org/ha/sim-{i}");
+        let token = server.join_token(&id, 0).await;
+        let agent = tessera_tests::TestAgent::attest_to(server.addr, bundle.clone(), &token.token)
+            .await
+            .unwrap();
+        let mut client = agent.connect().await;
+        let stream = client
+            .sync(tessera_proto::node::SyncRequest { revision: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push((id, agent, client, stream));
+    }
+    let connect_s = start.elapsed().as_secs_f64();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut held = Vec::new();
+    for (id, agent, client, mut stream) in streams {
+        let tx = tx.clone();
+        held.push((agent, client));
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = stream.message().await {
+                if let Some(tessera_proto::node::sync_message::Event::Change(_)) = message.event {
+                    let _ = tx.send((id.clone(), Instant::now()));
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let batch = (0..agents)
+        .map(|i| {
+            entry(
+                &format!("spiffe://example.org/ha/fan/{i}"),
+                &format!("spiffe://example.org/ha/sim-{i}"),
+                &[&me()],
+                None,
+            )
+        })
+        .collect();
+    let start = Instant::now();
+    a.admin()
+        .await
+        .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: batch })
+        .await
+        .unwrap();
+    let mut arrivals = Vec::with_capacity(agents);
+    while arrivals.len() < agents {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some((_, at))) => arrivals.push(at.duration_since(start)),
+            _ => break,
+        }
+    }
+    let heard = arrivals.len();
+    let (p50, p99) = percentiles(arrivals);
+    println!(
+        "{:<44} {:>12.1} {:>12} {:>12}",
+        "1,000 agents over 2 servers: connected in (s)", connect_s, "", agents
+    );
+    row("  ... 1,000 entries on A -> each agent (ms)", p50, p99, heard);
+    out.push(("ha_1000_agents_connect_s", json!(round(connect_s))));
+    out.push(("ha_1000_agents_fanout_p50_ms", json!(round(p50))));
+    out.push(("ha_1000_agents_fanout_p99_ms", json!(round(p99))));
+    out.push(("ha_1000_agents_heard", json!(heard)));
+    drop(held);
+    a.stop().await;
+    b.stop().await;
+    out
+}
+
+/// The `tessera_server_sync_streams` gauge of a server with metrics on.
+async fn sync_streams(server: &TestServer) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(addr) = server.metrics_addr else { return 0.0 };
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else { return 0.0 };
+    let _ = tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await;
+    let mut body = String::new();
+    let _ = tcp.read_to_string(&mut body).await;
+    body.lines()
+        .find_map(|l| l.strip_prefix("tessera_server_sync_streams "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }

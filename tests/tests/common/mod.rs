@@ -105,3 +105,19 @@ pub fn trimmed_hex(bytes: &[u8]) -> String {
     let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
     bytes[start..].iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The `tessera-server` binary `cargo test --workspace` built (built here
+/// when this test runs alone).
+pub fn server_bin() -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let bin = deps.parent().unwrap().parent().unwrap().join("tessera-server");
+    if !bin.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "tessera-server", "--bin", "tessera-server"])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap())
+            .status()
+            .unwrap();
+        assert!(status.success(), "building tessera-server failed");
+    }
+    bin
+}

@@ -1,0 +1,310 @@
+//! Several servers on one PostgreSQL database (a private cluster the tests
+//! start), end to end with real agents and the `spiffe` crate as the
+//! workload: a change made on one server reaches agents on the other,
+//! agents fail over when their server dies, join tokens work once across
+//! servers, and everything survives restarting every server.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spiffe::{WorkloadApiClient, WorkloadApiError, X509Svid};
+use tessera_proto::admin as admin_pb;
+use tessera_server::SystemClock;
+use tessera_tests::pg_cluster::PgCluster;
+use tessera_tests::{my_uid, test_config, RunningAgent, TestAgent, TestServer};
+use tokio_stream::{Stream, StreamExt as _};
+
+mod common;
+use common::{serial_hex, server_bin, within, PROMPTLY};
+
+/// A server of the shared datastore `url`, with its own data dir (its own CA key).
+async fn server(dir: &Path, url: &str) -> TestServer {
+    let mut config = test_config(dir);
+    config.datastore = Some(url.to_string());
+    TestServer::start_with(config, Arc::new(SystemClock)).await
+}
+
+/// Two servers on one fresh database, each with the other's CA in its bundle.
+async fn two_servers(dir: &Path) -> (String, TestServer, TestServer) {
+    let url = PgCluster::shared().database();
+    let a = server(&dir.join("server-a"), &url).await;
+    let b = server(&dir.join("server-b"), &url).await;
+    for s in [&a, &b] {
+        within(PROMPTLY, "each server's bundle holds both CAs", async {
+            while s.bundle().await.len() < 2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    (url, a, b)
+}
+
+/// An agent attested through `first` that knows every server in `servers`.
+async fn agent(first: &TestServer, servers: &[&TestServer], dir: &Path) -> RunningAgent {
+    let addresses: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
+    RunningAgent::start_configured(first, dir, |config| config.server_addresses = addresses).await
+}
+
+async fn create_entry(server: &TestServer, spiffe_id: &str, parent: &str) -> String {
+    server.create_entry(spiffe_id, parent, &[&format!("unix:uid:{}", my_uid())], None).await
+}
+
+/// The workload's X509-SVID stream (the `spiffe` crate), after its first SVID.
+async fn open_stream(
+    agent: &RunningAgent,
+) -> (impl Stream<Item = Result<X509Svid, WorkloadApiError>> + Unpin, X509Svid) {
+    let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
+    within(PROMPTLY, "the first SVID", async {
+        loop {
+            let mut stream = Box::pin(client.stream_x509_svids().await.unwrap());
+            match stream.next().await {
+                Some(Ok(svid)) => return (stream, svid),
+                Some(Err(WorkloadApiError::NoIdentityIssued)) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                other => panic!("unexpected first message: {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Reads the stream until an SVID for `spiffe_id` other than `except` arrives.
+async fn next_svid(
+    stream: &mut (impl Stream<Item = Result<X509Svid, WorkloadApiError>> + Unpin),
+    spiffe_id: &str,
+    except: Option<&str>,
+    why: &str,
+) -> X509Svid {
+    within(PROMPTLY, why, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(svid))
+                    if svid.spiffe_id().to_string() == spiffe_id
+                        && Some(serial_hex(svid.leaf().as_ref()).as_str()) != except =>
+                {
+                    return svid
+                }
+                Some(Ok(_)) | Some(Err(WorkloadApiError::NoIdentityIssued)) => {}
+                other => panic!("{why}: unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// One fetch of every SVID the workload has (the `spiffe` crate).
+async fn fetch_ids(agent: &RunningAgent) -> Vec<String> {
+    let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
+    let context = client.fetch_x509_context().await.unwrap();
+    let mut ids: Vec<String> = context.svids().iter().map(|s| s.spiffe_id().to_string()).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_created_on_b_reaches_a_workload_whose_agent_is_on_a() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_url, a, b) = two_servers(dir.path()).await;
+    let agent = agent(&a, &[&a], &dir.path().join("agent")).await;
+    create_entry(&b, "spiffe://example.org/web", &agent.id).await;
+    let (_stream, svid) = open_stream(&agent).await;
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+    // The workload's bundle holds both servers' CAs.
+    let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
+    let context = client.fetch_x509_context().await.unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let bundle = context.bundle_set().get(&td).expect("the trust domain's bundle");
+    assert_eq!(bundle.authorities().len(), 2, "the bundle is the union of both servers' CAs");
+    // A revocation made on B reaches the workload through A: a new SVID.
+    let serial = serial_hex(svid.leaf().as_ref());
+    let (mut stream, _) = open_stream(&agent).await;
+    b.admin()
+        .await
+        .revoke_svid(admin_pb::RevokeSvidRequest {
+            serial: serial.clone(),
+            reason: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let renewed =
+        next_svid(&mut stream, "spiffe://example.org/web", Some(&serial), "a replacement").await;
+    assert_ne!(serial_hex(renewed.leaf().as_ref()), serial);
+    agent.stop().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_its_server_dies_the_agent_moves_to_the_other_and_workloads_keep_their_svids() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_url, a, b) = two_servers(dir.path()).await;
+    // The agent is told A first, then B.
+    let agent = agent(&a, &[&a, &b], &dir.path().join("agent")).await;
+    create_entry(&b, "spiffe://example.org/web", &agent.id).await;
+    let (mut stream, first) = open_stream(&agent).await;
+    let first_serial = serial_hex(first.leaf().as_ref());
+
+    a.stop().await;
+    // The workload keeps its SVID while the agent moves.
+    assert_eq!(fetch_ids(&agent).await, ["spiffe://example.org/web"]);
+    // A change made on B after A died reaches the workload: the agent's
+    // Sync stream resumed on B.
+    create_entry(&b, "spiffe://example.org/api", &agent.id).await;
+    next_svid(&mut stream, "spiffe://example.org/api", None, "an SVID for the new entry").await;
+    let ids = fetch_ids(&agent).await;
+    assert_eq!(ids, ["spiffe://example.org/api", "spiffe://example.org/web"]);
+    // A revocation on B replaces the old SVID: it is signed through B.
+    b.admin()
+        .await
+        .revoke_svid(admin_pb::RevokeSvidRequest {
+            serial: first_serial.clone(),
+            reason: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let renewed =
+        next_svid(&mut stream, "spiffe://example.org/web", Some(&first_serial), "a new SVID").await;
+    assert_ne!(serial_hex(renewed.leaf().as_ref()), first_serial);
+    agent.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_from_a_works_on_b_once_and_never_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_url, a, b) = two_servers(dir.path()).await;
+    let token = a.join_token("", 0).await;
+    let agent = TestAgent::attest(&b, &token.token).await;
+    assert!(agent.is_ok(), "the token from A works on B: {:?}", agent.err());
+    for server in [&a, &b] {
+        let again = TestAgent::attest(server, &token.token).await;
+        let status = again.err().expect("a used token is refused");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_on_b_ends_an_agent_connected_to_a() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_url, a, b) = two_servers(dir.path()).await;
+    let agent = agent(&a, &[&a], &dir.path().join("agent")).await;
+    create_entry(&a, "spiffe://example.org/web", &agent.id).await;
+    let (mut stream, _) = open_stream(&agent).await;
+    b.admin()
+        .await
+        .ban_agent(admin_pb::BanAgentRequest { spiffe_id: agent.id.clone(), reason: "test".into() })
+        .await
+        .unwrap();
+    within(PROMPTLY, "the workload's identity ends", async {
+        loop {
+            match stream.next().await {
+                Some(Err(WorkloadApiError::NoIdentityIssued)) | None => return,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("unexpected {e:?}"),
+            }
+        }
+    })
+    .await;
+    agent.stop().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_survives_restarting_every_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_url, a, b) = two_servers(dir.path()).await;
+    let agent = agent(&a, &[&a, &b], &dir.path().join("agent")).await;
+    create_entry(&b, "spiffe://example.org/web", &agent.id).await;
+    let (_stream, before) = open_stream(&agent).await;
+    let bundle_before = a.bundle().await;
+
+    let (a_dir, b_dir) = (a.data_dir.clone(), b.data_dir.clone());
+    let (a, b) = (a.restart().await, b.restart().await);
+    assert_eq!(a_dir, a.data_dir);
+    assert_eq!(b_dir, b.data_dir);
+    let sorted = |certs: Vec<rustls_pki_types::CertificateDer<'static>>| {
+        let mut ders: Vec<Vec<u8>> = certs.iter().map(|c| c.to_vec()).collect();
+        ders.sort();
+        ders
+    };
+    let (bundle_after, expected) = (sorted(a.bundle().await), sorted(bundle_before));
+    assert_eq!(bundle_after, expected, "the same CAs after the restart");
+    // The entry is still there, served by either server, and the workload
+    // still has its SVID and gets one for a new entry.
+    for server in [&a, &b] {
+        let entries = server
+            .admin()
+            .await
+            .list_entries(admin_pb::ListEntriesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        assert_eq!(entries.len(), 1);
+    }
+    assert_eq!(fetch_ids(&agent).await, ["spiffe://example.org/web"]);
+    let (mut stream, _) = open_stream(&agent).await;
+    create_entry(&a, "spiffe://example.org/api", &agent.id).await;
+    next_svid(&mut stream, "spiffe://example.org/api", None, "an SVID after the restart").await;
+    assert_eq!(before.spiffe_id().to_string(), "spiffe://example.org/web");
+    agent.stop().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// `tessera-server healthcheck` against a server; its exit status and output.
+fn healthcheck(server: &TestServer) -> (bool, String) {
+    let out = std::process::Command::new(server_bin())
+        .arg("healthcheck")
+        .arg("--socket")
+        .arg(&server.admin_socket)
+        .output()
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_loses_its_database_says_so_keeps_serving_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    // A cluster of its own, to stop and start.
+    let cluster = PgCluster::start().unwrap();
+    let url = cluster.database();
+    let a = server(&dir.path().join("server-a"), &url).await;
+    let agent = agent(&a, &[&a], &dir.path().join("agent")).await;
+    create_entry(&a, "spiffe://example.org/web", &agent.id).await;
+    let (_stream, _) = open_stream(&agent).await;
+    let (ok, text) = healthcheck(&a);
+    assert!(ok, "{text}");
+    assert!(text.contains("Datastore: postgresql"), "{text}");
+
+    cluster.pause().unwrap();
+    let (ok, text) = healthcheck(&a);
+    assert!(!ok, "a server without its database is not healthy");
+    assert!(text.contains("datastore") && text.contains("fails"), "{text}");
+    // Workloads keep the SVIDs their agent holds.
+    assert_eq!(fetch_ids(&agent).await, ["spiffe://example.org/web"]);
+
+    cluster.resume().unwrap();
+    within(PROMPTLY, "the server recovers by itself", async {
+        while !healthcheck(&a).0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let (mut stream, _) = open_stream(&agent).await;
+    create_entry(&a, "spiffe://example.org/api", &agent.id).await;
+    next_svid(&mut stream, "spiffe://example.org/api", None, "an SVID after the recovery").await;
+    agent.stop().await;
+    a.stop().await;
+}
