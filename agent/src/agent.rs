@@ -146,18 +146,18 @@ impl Agent {
             let path = path.to_owned();
             move |source| AgentError::Io { what, path, source }
         };
+        if let Some(bad) = config.server_addresses.iter().find(|a| !a.contains(':')) {
+            return Err(NodeClientError::Address(bad.clone()).into());
+        }
+        if config.server_addresses.is_empty() {
+            return Err(NodeClientError::Address(String::new()).into());
+        }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(io("cannot create data dir", &config.data_dir))?;
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(io("cannot restrict data dir", &config.data_dir))?;
-        }
-        if let Some(bad) = config.server_addresses.iter().find(|a| !a.contains(':')) {
-            return Err(NodeClientError::Address(bad.clone()).into());
-        }
-        if config.server_addresses.is_empty() {
-            return Err(NodeClientError::Address(String::new()).into());
         }
         let bundle = load_bundle(&config)?;
         let trust_domain = match &config.trust_domain {

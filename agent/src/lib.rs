@@ -43,7 +43,7 @@ pub use attestor::{
 };
 pub use authority::{AuthorityError, AuthorityRewriter, RewriteAuthority};
 pub use node_client::{
-    connect_node, node_tls_config, ClientIdentity, NodeClientError, MAX_MESSAGE_BYTES,
+    connect_node, node_tls_config, ClientIdentity, NodeClientError, Servers, MAX_MESSAGE_BYTES,
 };
 pub use workload_client::{
     connect_workload_api, fetch_x509, with_header as cli_request, FetchedSvid,

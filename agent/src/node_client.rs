@@ -134,9 +134,9 @@ impl Servers {
     /// `seed` (the agent's identity) hashes to.
     pub fn new(addresses: Vec<String>, seed: &str) -> Self {
         // FNV-1a: stable across runs and platforms, unlike std's hasher.
-        let hash = seed
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let hash = seed.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
         Self { addresses, next: AtomicUsize::new(hash as usize), current: Mutex::new(None) }
     }
 
@@ -203,7 +203,9 @@ impl Servers {
                     return Ok((client, label.clone()));
                 }
                 Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("server {label} did not answer in {}s", CONNECT_TIMEOUT.as_secs()),
+                Err(_) => {
+                    format!("server {label} did not answer in {}s", CONNECT_TIMEOUT.as_secs())
+                }
             };
             if ring.len() > 1 {
                 warn!(server = %label, error = %problem, "server unreachable; trying the next");

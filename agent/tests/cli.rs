@@ -29,6 +29,10 @@ fn bad_input_gets_one_line_and_non_zero_exit() {
             "no CERTIFICATE",
         ),
         (vec!["run", "--no-such-flag"], "--no-such-flag"),
+        (
+            vec!["run", "--data-dir", &data_arg, "--server-address", "127.0.0.1:8081,no-port"],
+            "invalid server address \"no-port\": want host:port",
+        ),
         (vec!["run", "--data-dir", &data_arg, "--trust-domain", "Bad Domain"], "trust"),
         (vec!["api", "fetch", "--socket", "unix:///nonexistent/api.sock"], "does not exist"),
         (vec!["api", "fetch", "--socket", "tcp://127.0.0.1:1"], "invalid Workload API address"),

@@ -140,6 +140,10 @@ struct CaState {
 /// The certificate authority.
 pub struct Ca {
     dir: PathBuf,
+    /// This server's ID (`<data_dir>/server-id`), in its CAs' subject: CAs
+    /// of servers sharing a datastore differ by name, so a verifier finds
+    /// the right issuer of a certificate or CRL among them.
+    server_id: String,
     trust_domain: TrustDomain,
     policy: CaPolicy,
     clock: Arc<dyn Clock>,
@@ -165,6 +169,8 @@ impl Ca {
     ) -> Result<Self, CaError> {
         let dir = data_dir.join("ca");
         create_private_dir(&dir).map_err(|source| CaError::Io { path: dir.clone(), source })?;
+        let server_id = crate::fsutil::server_id(data_dir)
+            .map_err(|source| CaError::Io { path: data_dir.join("server-id"), source })?;
         let now = clock.now();
         let mut keys = load_keys(&dir, &trust_domain, policy.jwt_key_type)?;
         let last_seq = keys.iter().map(|k| k.seq).max().unwrap_or(0);
@@ -174,6 +180,7 @@ impl Ca {
         let (bundle, _) = watch::channel(Arc::new(Vec::new()));
         let ca = Self {
             dir,
+            server_id,
             trust_domain,
             policy,
             clock,
@@ -244,12 +251,23 @@ impl Ca {
         let now = self.clock.now();
         let peers: Vec<_> =
             records.into_iter().filter(|r| r.server_id != server_id && r.not_after > now).collect();
-        let mut current = self.peers.write().unwrap_or_else(|e| e.into_inner());
-        if *current == peers {
+        if *self.read_peers() == peers {
             return false;
         }
-        *current = peers;
-        drop(current);
+        let own: Vec<Vec<u8>> =
+            self.read().keys.iter().filter_map(|k| subject_of(&k.cert)).collect();
+        for peer in &peers {
+            if subject_of(&peer.cert_der).is_some_and(|subject| own.contains(&subject)) {
+                tracing::warn!(
+                    peer = %peer.server_id,
+                    seq = peer.seq,
+                    "another server's CA has the same subject as one of ours (CAs made before \
+                     servers shared a datastore): verifiers cannot tell them apart until \
+                     rotation replaces them (new CAs carry the server ID)"
+                );
+            }
+        }
+        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = peers;
         self.publish_bundle(&self.read());
         true
     }
@@ -465,6 +483,7 @@ impl Ca {
         params.not_after = to_datetime(not_after);
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Tessera");
+        dn.push(DnType::OrganizationalUnitName, format!("server {}", self.server_id));
         dn.push(DnType::CommonName, format!("Tessera CA {} #{seq}", self.trust_domain));
         params.distinguished_name = dn;
         params.subject_alt_names.push(SanType::URI(ia5(&self.trust_domain.id_string())?));
@@ -563,6 +582,11 @@ fn to_datetime(unix: i64) -> OffsetDateTime {
 
 fn ia5(s: &str) -> Result<rcgen::string::Ia5String, CaError> {
     rcgen::string::Ia5String::try_from(s).map_err(CaError::Sign)
+}
+
+/// A certificate's subject name, DER.
+fn subject_of(der: &[u8]) -> Option<Vec<u8>> {
+    x509_parser::parse_x509_certificate(der).ok().map(|(_, cert)| cert.subject().as_raw().to_vec())
 }
 
 #[cfg(test)]

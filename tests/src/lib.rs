@@ -90,6 +90,17 @@ impl TestServer {
         Self::start_with(config, Arc::new(SystemClock)).await
     }
 
+    /// How many agents' Sync streams this server holds (its
+    /// `tessera_server_sync_streams` gauge; 0 without metrics).
+    pub fn sync_streams(&self) -> u64 {
+        let Some(addr) = self.metrics_addr else { return 0 };
+        let (_, body) = http_get(addr, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix("tessera_server_sync_streams "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
     /// An admin API client.
     pub async fn admin(&self) -> AdminClient<Channel> {
         tessera_server::connect_admin(&self.admin_socket).await.expect("admin socket")
@@ -235,6 +246,13 @@ impl TestAgent {
             node_tls_config(anchors, &TrustDomain::new(TRUST_DOMAIN).unwrap(), Some(identity))
                 .unwrap();
         connect_node(&self.addr.to_string(), tls).await.unwrap()
+    }
+
+    /// The same agent, talking to the node API at `addr` (another server
+    /// of a shared datastore).
+    pub fn at(mut self, addr: SocketAddr) -> Self {
+        self.addr = addr;
+        self
     }
 
     /// Replaces the agent's SVID (after a renewal).
@@ -425,4 +443,16 @@ pub async fn sign(client: &mut NodeClient<Channel>, entry_ids: &[String]) -> Vec
         .filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
         .map(|r| (r.entry_id, r.serial))
         .collect()
+}
+
+/// A plain HTTP/1.1 GET: the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }

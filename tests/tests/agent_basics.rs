@@ -150,3 +150,68 @@ async fn agent_renews_its_own_svid_at_half_life_and_keeps_serving() {
     agent.stop().await;
     server.stop().await;
 }
+
+/// A port on 127.0.0.1 where nothing listens.
+fn dead_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// `--server-address` given several times: from whichever address its
+/// identity picks, the agent goes round the ring past dead servers to a
+/// live one; with none alive, the error names every address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_goes_round_its_server_addresses_past_dead_ones() {
+    use tessera_agent::{node_tls_config, Servers};
+    use tessera_workload_api::{TrustAnchors, TrustDomain};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let live = server.addr.to_string();
+    let (dead_1, dead_2) = (dead_address(), dead_address());
+    let tls = node_tls_config(
+        TrustAnchors::new(server.bundle().await),
+        &TrustDomain::new("example.org").unwrap(),
+        None,
+    )
+    .unwrap();
+    // Over many identities every starting point is taken, dead ones included.
+    for seed in 0..12 {
+        let ring = vec![dead_1.clone(), live.clone(), dead_2.clone()];
+        let servers = Servers::new(ring, &format!("spiffe://example.org/agent/{seed}"));
+        let (_, label) = servers.connect(&tls).await.unwrap();
+        assert_eq!(label, live, "seed {seed}");
+        servers.fail_over();
+        let (_, label) = servers.connect(&tls).await.unwrap();
+        assert_eq!(label, live, "after a failure, round the ring to the live one again");
+    }
+    // A name that resolves: the label shows the address it resolved to.
+    let by_name = format!("localhost:{}", server.addr.port());
+    let servers = Servers::new(vec![dead_1.clone(), by_name.clone()], "x");
+    let (_, label) = servers.connect(&tls).await.unwrap();
+    assert!(label.starts_with(&by_name) && label.contains("127.0.0.1"), "{label}");
+
+    let servers = Servers::new(vec![dead_1.clone(), dead_2.clone()], "x");
+    let err = servers.connect(&tls).await.unwrap_err().to_string();
+    assert!(err.contains(&dead_1) && err.contains(&dead_2), "{err}");
+    let err = Servers::new(vec!["no-port".into()], "x").connect(&tls).await.unwrap_err();
+    assert!(err.to_string().contains("want host:port"), "{err}");
+
+    // A real agent told a dead address first attests and serves.
+    let agent = RunningAgent::start_configured(&server, &dir.path().join("agent"), |config| {
+        config.server_addresses = vec![dead_1.clone(), dead_2.clone(), live.clone()];
+    })
+    .await;
+    server
+        .create_entry(
+            "spiffe://example.org/web",
+            &agent.id,
+            &[&format!("unix:uid:{}", my_uid())],
+            None,
+        )
+        .await;
+    let svids = fetch_x509(&agent.endpoint()).await.unwrap();
+    assert_eq!(svids[0].spiffe_id, "spiffe://example.org/web");
+    agent.stop().await;
+    server.stop().await;
+}

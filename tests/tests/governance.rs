@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -19,7 +18,7 @@ use common::{serial_hex, server_bin, uid_selector, within, workload_client, PROM
 use serde_json::Value;
 use tessera_agent::AgentConfig;
 use tessera_server::{ApprovalPolicy, SystemClock};
-use tessera_tests::{my_uid, test_config, RunningAgent, TestServer};
+use tessera_tests::{http_get, my_uid, test_config, RunningAgent, TestServer};
 
 /// Operator uids the tests name in `admin_uids`, and one that is not an operator.
 const OPERATOR_A: u32 = 4242;
@@ -109,18 +108,6 @@ fn field<'a>(e: &'a Value, key: &str) -> &'a str {
 
 fn names(e: &Value, key: &str, wanted: &str) -> bool {
     e[key].as_array().is_some_and(|a| a.iter().any(|v| v == wanted))
-}
-
-/// A plain HTTP/1.1 GET: the status code and body.
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -5,11 +5,12 @@
 //! servers, and everything survives restarting every server.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spiffe::{WorkloadApiClient, WorkloadApiError, X509Svid};
+use spiffe::{WorkloadApiClient, WorkloadApiError, X509Context, X509Svid};
 use tessera_proto::admin as admin_pb;
 use tessera_server::SystemClock;
 use tessera_tests::pg_cluster::PgCluster;
@@ -19,15 +20,27 @@ use tokio_stream::{Stream, StreamExt as _};
 mod common;
 use common::{serial_hex, server_bin, within, PROMPTLY};
 
-/// A server of the shared datastore `url`, with its own data dir (its own CA key).
+/// A server of the shared datastore `url`, with its own data dir (its own
+/// CA key) and metrics (to see which server holds an agent's Sync stream).
 async fn server(dir: &Path, url: &str) -> TestServer {
+    server_at(dir, url, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// [`server`] on the node API address `bind`.
+async fn server_at(dir: &Path, url: &str, bind: SocketAddr) -> TestServer {
     let mut config = test_config(dir);
     config.datastore = Some(url.to_string());
+    config.bind = bind;
+    config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
     TestServer::start_with(config, Arc::new(SystemClock)).await
 }
 
 /// Two servers on one fresh database, each with the other's CA in its bundle.
 async fn two_servers(dir: &Path) -> (String, TestServer, TestServer) {
+    // TESSERA_TEST_LOG=info shows what the servers and agents log.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("TESSERA_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
     let url = PgCluster::shared().database();
     let a = server(&dir.join("server-a"), &url).await;
     let b = server(&dir.join("server-b"), &url).await;
@@ -52,17 +65,26 @@ async fn create_entry(server: &TestServer, spiffe_id: &str, parent: &str) -> Str
     server.create_entry(spiffe_id, parent, &[&format!("unix:uid:{}", my_uid())], None).await
 }
 
-/// The workload's X509-SVID stream (the `spiffe` crate), after its first SVID.
+/// The workload's X.509 context stream (the `spiffe` crate: every SVID it
+/// has), after its first SVID; with that SVID.
 async fn open_stream(
     agent: &RunningAgent,
-) -> (impl Stream<Item = Result<X509Svid, WorkloadApiError>> + Unpin, X509Svid) {
+) -> (impl Stream<Item = Result<X509Context, WorkloadApiError>> + Unpin, Arc<X509Svid>) {
     let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
     within(PROMPTLY, "the first SVID", async {
         loop {
-            let mut stream = Box::pin(client.stream_x509_svids().await.unwrap());
+            // Until the agent has synced, the stream opens with Unavailable.
+            let Ok(stream) = client.stream_x509_contexts().await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let mut stream = Box::pin(stream);
             match stream.next().await {
-                Some(Ok(svid)) => return (stream, svid),
-                Some(Err(WorkloadApiError::NoIdentityIssued)) => {
+                Some(Ok(context)) if !context.svids().is_empty() => {
+                    let svid = context.svids()[0].clone();
+                    return (stream, svid);
+                }
+                Some(Ok(_)) | Some(Err(WorkloadApiError::NoIdentityIssued)) => {
                     tokio::time::sleep(Duration::from_millis(20)).await
                 }
                 other => panic!("unexpected first message: {other:?}"),
@@ -72,23 +94,26 @@ async fn open_stream(
     .await
 }
 
-/// Reads the stream until an SVID for `spiffe_id` other than `except` arrives.
+/// Reads the stream until it holds an SVID for `spiffe_id` other than `except`.
 async fn next_svid(
-    stream: &mut (impl Stream<Item = Result<X509Svid, WorkloadApiError>> + Unpin),
+    stream: &mut (impl Stream<Item = Result<X509Context, WorkloadApiError>> + Unpin),
     spiffe_id: &str,
     except: Option<&str>,
     why: &str,
-) -> X509Svid {
+) -> Arc<X509Svid> {
     within(PROMPTLY, why, async {
         loop {
             match stream.next().await {
-                Some(Ok(svid))
-                    if svid.spiffe_id().to_string() == spiffe_id
-                        && Some(serial_hex(svid.leaf().as_ref()).as_str()) != except =>
-                {
-                    return svid
+                Some(Ok(context)) => {
+                    let found = context.svids().iter().find(|svid| {
+                        svid.spiffe_id().to_string() == spiffe_id
+                            && Some(serial_hex(svid.leaf().as_ref()).as_str()) != except
+                    });
+                    if let Some(svid) = found {
+                        return svid.clone();
+                    }
                 }
-                Some(Ok(_)) | Some(Err(WorkloadApiError::NoIdentityIssued)) => {}
+                Some(Err(WorkloadApiError::NoIdentityIssued)) => {}
                 other => panic!("{why}: unexpected {other:?}"),
             }
         }
@@ -143,14 +168,26 @@ async fn an_entry_created_on_b_reaches_a_workload_whose_agent_is_on_a() {
 async fn when_its_server_dies_the_agent_moves_to_the_other_and_workloads_keep_their_svids() {
     let dir = tempfile::tempdir().unwrap();
     let (_url, a, b) = two_servers(dir.path()).await;
-    // The agent is told A first, then B.
     let agent = agent(&a, &[&a, &b], &dir.path().join("agent")).await;
     create_entry(&b, "spiffe://example.org/web", &agent.id).await;
     let (mut stream, first) = open_stream(&agent).await;
     let first_serial = serial_hex(first.leaf().as_ref());
 
+    // Whichever server the agent picked, that one dies.
+    let (a, b) = if a.sync_streams() == 1 {
+        (a, b)
+    } else {
+        assert_eq!(b.sync_streams(), 1, "the agent's Sync stream is on A or B");
+        (b, a)
+    };
     a.stop().await;
-    // The workload keeps its SVID while the agent moves.
+    within(PROMPTLY, "the agent's Sync stream resumes on B", async {
+        while b.sync_streams() != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // The workload kept its SVID while the agent moved.
     assert_eq!(fetch_ids(&agent).await, ["spiffe://example.org/web"]);
     // A change made on B after A died reaches the workload: the agent's
     // Sync stream resumed on B.
@@ -176,12 +213,21 @@ async fn when_its_server_dies_the_agent_moves_to_the_other_and_workloads_keep_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_join_token_from_a_works_on_b_once_and_never_twice() {
+async fn a_join_token_from_a_works_on_b_once_and_never_twice_and_a_trusts_its_svid() {
     let dir = tempfile::tempdir().unwrap();
     let (_url, a, b) = two_servers(dir.path()).await;
     let token = a.join_token("", 0).await;
     let agent = TestAgent::attest(&b, &token.token).await;
     assert!(agent.is_ok(), "the token from A works on B: {:?}", agent.err());
+    // The SVID B's CA signed opens a Sync stream on A (A trusts B's CA, and
+    // tells the CAs and their CRLs apart).
+    let mut on_a = agent.unwrap().at(a.addr).connect().await;
+    let mut sync = on_a
+        .sync(tessera_proto::node::SyncRequest { revision: 0 })
+        .await
+        .expect("A accepts an agent SVID signed by B")
+        .into_inner();
+    assert!(sync.message().await.expect("A serves the Sync stream").is_some());
     for server in [&a, &b] {
         let again = TestAgent::attest(server, &token.token).await;
         let status = again.err().expect("a used token is refused");
@@ -221,16 +267,18 @@ async fn a_ban_on_b_ends_an_agent_connected_to_a() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_survives_restarting_every_server() {
     let dir = tempfile::tempdir().unwrap();
-    let (_url, a, b) = two_servers(dir.path()).await;
+    let (url, a, b) = two_servers(dir.path()).await;
     let agent = agent(&a, &[&a, &b], &dir.path().join("agent")).await;
     create_entry(&b, "spiffe://example.org/web", &agent.id).await;
     let (_stream, before) = open_stream(&agent).await;
     let bundle_before = a.bundle().await;
 
-    let (a_dir, b_dir) = (a.data_dir.clone(), b.data_dir.clone());
-    let (a, b) = (a.restart().await, b.restart().await);
-    assert_eq!(a_dir, a.data_dir);
-    assert_eq!(b_dir, b.data_dir);
+    // Every server down at once, then every server back on its address.
+    let (a_dir, a_addr, b_dir, b_addr) = (a.data_dir.clone(), a.addr, b.data_dir.clone(), b.addr);
+    a.stop().await;
+    b.stop().await;
+    let a = server_at(&a_dir, &url, a_addr).await;
+    let b = server_at(&b_dir, &url, b_addr).await;
     let sorted = |certs: Vec<rustls_pki_types::CertificateDer<'static>>| {
         let mut ders: Vec<Vec<u8>> = certs.iter().map(|c| c.to_vec()).collect();
         ders.sort();

@@ -1051,8 +1051,7 @@ async fn child_server(args: &[String]) -> ExitCode {
     config.sign_rate = 10_000_000;
     config.sign_burst = 10_000_000;
     config.events.enabled = !args.iter().any(|a| a == "--no-events");
-    config.datastore =
-        args.iter().find_map(|a| a.strip_prefix("--datastore=")).map(str::to_string);
+    config.datastore = args.iter().find_map(|a| a.strip_prefix("--datastore=")).map(str::to_string);
     let server =
         tessera_server::Server::bind(config, std::sync::Arc::new(tessera_server::SystemClock))
             .await
@@ -1591,7 +1590,12 @@ async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
         rates.push((name, entries_per_s, svids_per_s));
     }
     for (name, entries_per_s, svids_per_s) in &rates {
-        println!("{:<44} {:>12.0} {:>12.0}", format!("{name}: entries/s, X509-SVIDs/s"), entries_per_s, svids_per_s);
+        println!(
+            "{:<44} {:>12.0} {:>12.0}",
+            format!("{name}: entries/s, X509-SVIDs/s"),
+            entries_per_s,
+            svids_per_s
+        );
     }
     out.push(("ha_sled_entries_per_s", json!(rates[0].1.round())));
     out.push(("ha_pg_entries_per_s", json!(rates[1].1.round())));
@@ -1634,10 +1638,8 @@ async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
         a.as_ref().unwrap(),
         &dir.path().join("agent-failover"),
         |config| {
-            config.server_addresses = vec![
-                a.as_ref().unwrap().addr.to_string(),
-                b.as_ref().unwrap().addr.to_string(),
-            ]
+            config.server_addresses =
+                vec![a.as_ref().unwrap().addr.to_string(), b.as_ref().unwrap().addr.to_string()]
         },
     )
     .await;
@@ -1651,7 +1653,7 @@ async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
     let failovers = if quick { 5 } else { 10 };
     for i in 0..failovers {
         // Which server holds the stream now?
-        let on_a = sync_streams(a.as_ref().unwrap()).await >= 1.0;
+        let on_a = a.as_ref().unwrap().sync_streams() >= 1;
         let (dying, survivor) = if on_a { (&mut a, &mut b) } else { (&mut b, &mut a) };
         let victim = dying.take().unwrap();
         let restart_dir = victim.data_dir.clone();
@@ -1659,7 +1661,7 @@ async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
         let start = Instant::now();
         victim.stop().await;
         let live = survivor.as_ref().unwrap();
-        while sync_streams(live).await < 1.0 {
+        while live.sync_streams() < 1 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         resumed.push(start.elapsed());
@@ -1679,18 +1681,23 @@ async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
         config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
         *dying = Some(TestServer::start_with(config, clock()).await);
     }
-    let worst = |samples: &[Duration]| {
-        samples.iter().max().map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
+    let worst =
+        |samples: &[Duration]| samples.iter().max().map_or(0.0, |d| d.as_secs_f64() * 1000.0);
     let (r50, _) = percentiles(resumed.clone());
     let (d50, _) = percentiles(delivered.clone());
     println!(
         "{:<44} {:>12.1} {:>12.1} {:>12}",
-        "failover: stop -> Sync on the other (ms)", r50, worst(&resumed), failovers
+        "failover: stop -> Sync on the other (ms)",
+        r50,
+        worst(&resumed),
+        failovers
     );
     println!(
         "{:<44} {:>12.1} {:>12.1} {:>12}",
-        "  ... -> a change delivered through it (ms)", d50, worst(&delivered), failovers
+        "  ... -> a change delivered through it (ms)",
+        d50,
+        worst(&delivered),
+        failovers
     );
     out.push(("ha_failover_resume_ms", json!(round(r50))));
     out.push(("ha_failover_resume_max_ms", json!(round(worst(&resumed)))));
@@ -1775,18 +1782,4 @@ async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
     a.stop().await;
     b.stop().await;
     out
-}
-
-/// The `tessera_server_sync_streams` gauge of a server with metrics on.
-async fn sync_streams(server: &TestServer) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Some(addr) = server.metrics_addr else { return 0.0 };
-    let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else { return 0.0 };
-    let _ = tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await;
-    let mut body = String::new();
-    let _ = tcp.read_to_string(&mut body).await;
-    body.lines()
-        .find_map(|l| l.strip_prefix("tessera_server_sync_streams "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
