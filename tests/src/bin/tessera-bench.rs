@@ -1709,6 +1709,24 @@ async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
     // 1,000 agents, half on each server; then one batch of 1,000 entries
     // (one per agent) created on A: when each agent hears of its entry.
     let agents = 1_000;
+    // For comparison: the same batch for agents that are not connected.
+    let control: Vec<_> = (0..agents)
+        .map(|i| {
+            entry(
+                &format!("spiffe://example.org/ha/control/{i}"),
+                &format!("spiffe://example.org/ha/absent-{i}"),
+                &[&me()],
+                None,
+            )
+        })
+        .collect();
+    let start = Instant::now();
+    a.admin()
+        .await
+        .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: control })
+        .await
+        .unwrap();
+    let control_ms = start.elapsed().as_secs_f64() * 1000.0;
     let bundle = a.bundle().await;
     let start = Instant::now();
     let mut streams = Vec::with_capacity(agents);
@@ -1755,28 +1773,44 @@ async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
         })
         .collect();
     let start = Instant::now();
-    a.admin()
-        .await
-        .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: batch })
-        .await
-        .unwrap();
-    let mut arrivals = Vec::with_capacity(agents);
-    while arrivals.len() < agents {
+    let mut admin = a.admin().await;
+    admin.batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: batch }).await.unwrap();
+    let committed = start.elapsed().as_secs_f64() * 1000.0;
+    // Agents with an even number are on A (where the entries were made),
+    // odd ones on B.
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    while on_a.len() + on_b.len() < agents {
         match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-            Ok(Some((_, at))) => arrivals.push(at.duration_since(start)),
+            Ok(Some((id, at))) => {
+                let n: usize = id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let side = if n % 2 == 0 { &mut on_a } else { &mut on_b };
+                side.push(at.duration_since(start));
+            }
             _ => break,
         }
     }
-    let heard = arrivals.len();
-    let (p50, p99) = percentiles(arrivals);
+    let heard = on_a.len() + on_b.len();
+    let (p50, p99) = percentiles(on_a.iter().chain(&on_b).copied().collect());
+    let (a50, a99) = percentiles(on_a);
+    let (b50, b99) = percentiles(on_b);
     println!(
         "{:<44} {:>12.1} {:>12} {:>12}",
-        "1,000 agents over 2 servers: connected in (s)", connect_s, "", agents
+        "1,000 agents attested + synced, one by one (s)", connect_s, "", agents
     );
-    row("  ... 1,000 entries on A -> each agent (ms)", p50, p99, heard);
+    println!(
+        "{:<44} {:>12.1} {:>12.1}",
+        "  ... 1,000 entries committed on A (ms; none connected)", committed, control_ms
+    );
+    row("  ... entries on A -> each agent (ms)", p50, p99, heard);
+    row("      agents on A (ms)", a50, a99, agents / 2);
+    row("      agents on B (ms)", b50, b99, agents / 2);
     out.push(("ha_1000_agents_connect_s", json!(round(connect_s))));
+    out.push(("ha_1000_entries_commit_ms", json!(round(committed))));
+    out.push(("ha_1000_entries_commit_unconnected_ms", json!(round(control_ms))));
     out.push(("ha_1000_agents_fanout_p50_ms", json!(round(p50))));
     out.push(("ha_1000_agents_fanout_p99_ms", json!(round(p99))));
+    out.push(("ha_1000_agents_on_a_p99_ms", json!(round(a99))));
+    out.push(("ha_1000_agents_on_b_p99_ms", json!(round(b99))));
     out.push(("ha_1000_agents_heard", json!(heard)));
     drop(held);
     a.stop().await;
