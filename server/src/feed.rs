@@ -33,6 +33,8 @@ pub struct ChangeFeed {
     latest: watch::Sender<u64>,
     /// The CRLs in force as of at least `latest`, read once for all streams.
     crls: RwLock<Arc<Vec<Vec<u8>>>>,
+    /// Why the last read of the store failed; `None` once a read succeeds.
+    store_error: RwLock<Option<String>>,
 }
 
 impl ChangeFeed {
@@ -42,7 +44,18 @@ impl ChangeFeed {
             window: RwLock::new(VecDeque::new()),
             latest: watch::channel(revision).0,
             crls: RwLock::new(Arc::new(crls)),
+            store_error: RwLock::new(None),
         }
+    }
+
+    /// Why the feed's last read of the store failed, if it did (a shared
+    /// datastore is read at least every second, so this is current).
+    pub fn store_error(&self) -> Option<String> {
+        self.store_error.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_store_error(&self, error: Option<String>) {
+        *self.store_error.write().unwrap_or_else(|e| e.into_inner()) = error;
     }
 
     /// The CRLs in force, at least as new as every change the feed holds.
@@ -94,6 +107,9 @@ impl ChangeFeed {
             let reader = store.clone();
             let read =
                 tokio::task::spawn_blocking(move || reader.changes_since(after, READ_PAGE)).await;
+            if matches!(read, Ok(Ok(_))) {
+                self.set_store_error(None);
+            }
             let changes = match read {
                 // CRLs change only with a `Crls` change (a revoking commit
                 // logs one too): read them once, before streams see it.
@@ -113,6 +129,7 @@ impl ChangeFeed {
                 Ok(Ok(changes)) => changes,
                 Ok(Err(e)) => {
                     warn!(error = %e, "reading the change log failed; retrying");
+                    self.set_store_error(Some(e.to_string()));
                     Vec::new()
                 }
                 Err(e) => {

@@ -198,7 +198,7 @@ impl Metrics {
 }
 
 /// `/metrics` and `/ready` for the server: ready when it serves with a
-/// current (unexpired) CA.
+/// current (unexpired) CA and its datastore answers.
 #[derive(Debug)]
 pub struct ServerHealth {
     /// The state, set once the server runs.
@@ -220,6 +220,9 @@ impl telemetry::Health for ServerHealth {
         }
         if state.ca.active_not_after() <= state.clock.now() {
             return Err("the CA has expired".into());
+        }
+        if let Some(error) = state.feed.store_error() {
+            return Err(format!("the datastore fails: {error}"));
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use spiffe::{WorkloadApiClient, WorkloadApiError, X509Context, X509Svid};
 use tessera_proto::admin as admin_pb;
 use tessera_server::SystemClock;
 use tessera_tests::pg_cluster::PgCluster;
-use tessera_tests::{my_uid, test_config, RunningAgent, TestAgent, TestServer};
+use tessera_tests::{http_get, my_uid, test_config, RunningAgent, TestAgent, TestServer};
 use tokio_stream::{Stream, StreamExt as _};
 
 mod common;
@@ -340,6 +340,18 @@ async fn a_server_that_loses_its_database_says_so_keeps_serving_and_recovers() {
     let (ok, text) = healthcheck(&a);
     assert!(!ok, "a server without its database is not healthy");
     assert!(text.contains("datastore") && text.contains("fails"), "{text}");
+    // A load balancer's probe sees it too.
+    let metrics = a.metrics_addr.unwrap();
+    within(PROMPTLY, "/ready reports the datastore", async {
+        loop {
+            let (status, body) = http_get(metrics, "/ready");
+            if status == 503 && body.contains("datastore fails") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     // Workloads keep the SVIDs their agent holds.
     assert_eq!(fetch_ids(&agent).await, ["spiffe://example.org/web"]);
 
@@ -350,9 +362,56 @@ async fn a_server_that_loses_its_database_says_so_keeps_serving_and_recovers() {
         }
     })
     .await;
+    within(PROMPTLY, "/ready again", async {
+        while http_get(metrics, "/ready").0 != 200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     let (mut stream, _) = open_stream(&agent).await;
     create_entry(&a, "spiffe://example.org/api", &agent.id).await;
     next_svid(&mut stream, "spiffe://example.org/api", None, "an SVID after the recovery").await;
     agent.stop().await;
     a.stop().await;
+}
+
+/// `tessera-server SUBCOMMAND... --socket` of `server`; its stdout, which must succeed.
+fn cli(server: &TestServer, args: &[&str]) -> String {
+    let out = std::process::Command::new(server_bin())
+        .args(args)
+        .arg("--socket")
+        .arg(&server.admin_socket)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_writing_events_at_once_keep_one_intact_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_url, a, b) = two_servers(dir.path()).await;
+    // Join tokens made on both servers at once: each is an event.
+    async fn tokens(server: &TestServer) {
+        for _ in 0..15 {
+            server.join_token("", 60).await;
+        }
+    }
+    tokio::join!(tokens(&a), tokens(&b));
+    for server in [&a, &b] {
+        let verified = cli(server, &["events", "verify"]);
+        assert!(verified.contains("Event chain is intact"), "{verified}");
+    }
+    let listed = |server: &TestServer| -> Vec<String> {
+        cli(server, &["events", "--json", "--kind", "admin.join_token.create"])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let (on_a, on_b) = (listed(&a), listed(&b));
+    assert_eq!(on_a.len(), 30, "every server's events, on A");
+    assert_eq!(on_a, on_b, "one stream, the same on both servers");
+    a.stop().await;
+    b.stop().await;
 }
