@@ -10,6 +10,11 @@
 //! and refuse every one it holds revoked (by jti, or with its entry deleted,
 //! expired, or changed in SPIFFE ID or DNS names).
 //!
+//! The same model runs on two servers sharing one PostgreSQL database: each
+//! operation goes to either server, servers stop, start and restart one at a
+//! time, and the agent (told both addresses) must fail over and converge
+//! just the same.
+//!
 //! Short run (in the suite): a few seeds. Long run, on demand:
 //! `TESSERA_MODEL_SECONDS=600 cargo test -p tessera-tests --test sync_model -- --nocapture`
 //! A failure prints its seed; `TESSERA_MODEL_SEED=N` replays it.
@@ -18,6 +23,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,9 +82,17 @@ struct ModelToken {
     revoked: bool,
 }
 
+/// A server of the model: running, or stopped with what restarts it.
+enum Slot {
+    Up(TestServer),
+    Down(PathBuf, SocketAddr),
+}
+
 struct World {
     dir: PathBuf,
-    server: Option<TestServer>,
+    /// One server on sled, or two on one PostgreSQL database (`datastore`).
+    servers: Vec<Slot>,
+    datastore: Option<String>,
     agent: Option<RunningAgent>,
     model: BTreeMap<String, ModelEntry>,
     tokens: Vec<ModelToken>,
@@ -86,15 +100,59 @@ struct World {
     log: Vec<String>,
 }
 
+/// A model server in `dir` on `bind`, with the model's short-lived CAs.
+async fn start_server(dir: &Path, bind: SocketAddr, datastore: Option<&str>) -> TestServer {
+    let mut config = test_config(dir);
+    config.ca_ttl = CA_TTL;
+    config.bind = bind;
+    config.datastore = datastore.map(str::to_string);
+    TestServer::start_with(config, Arc::new(SystemClock)).await
+}
+
 impl World {
+    /// The first running server (there always is one).
     fn server(&self) -> &TestServer {
-        self.server.as_ref().unwrap()
+        self.servers
+            .iter()
+            .find_map(|s| match s {
+                Slot::Up(server) => Some(server),
+                Slot::Down(..) => None,
+            })
+            .expect("a server runs")
+    }
+
+    /// A running server picked at random, when there are several.
+    fn any_server(&self, rng: &mut Rng) -> &TestServer {
+        let up: Vec<&TestServer> = self
+            .servers
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Up(server) => Some(server),
+                Slot::Down(..) => None,
+            })
+            .collect();
+        if up.len() == 1 {
+            return up[0];
+        }
+        up[rng.below(up.len() as u64) as usize]
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .map(|s| match s {
+                Slot::Up(server) => server.addr.to_string(),
+                Slot::Down(_, addr) => addr.to_string(),
+            })
+            .collect()
     }
 
     async fn start_agent(&mut self) {
         let token = self.server().join_token(AGENT_ID, 0).await.token;
+        let addresses = self.addresses();
         let agent = RunningAgent::start_configured(self.server(), &self.dir.join("agent"), |c| {
             c.join_token = Some(token);
+            c.server_addresses = addresses;
         })
         .await;
         assert_eq!(agent.id, AGENT_ID);
@@ -103,6 +161,42 @@ impl World {
 
     async fn admin(&self) -> admin_pb::admin_client::AdminClient<tonic::transport::Channel> {
         self.server().admin().await
+    }
+
+    /// The admin API of any running server (one of several at random).
+    async fn admin_of_any(
+        &self,
+        rng: &mut Rng,
+    ) -> admin_pb::admin_client::AdminClient<tonic::transport::Channel> {
+        self.any_server(rng).admin().await
+    }
+
+    /// Restarts a server, or (with several) stops one of two running or
+    /// starts the stopped one.
+    async fn server_event(&mut self, rng: &mut Rng) {
+        let i = rng.below(self.servers.len() as u64) as usize;
+        let up = self.servers.iter().filter(|s| matches!(s, Slot::Up(_))).count();
+        let toggle = self.servers.len() > 1 && rng.below(2) == 0;
+        let placeholder = Slot::Down(PathBuf::new(), SocketAddr::from(([127, 0, 0, 1], 0)));
+        let slot = std::mem::replace(&mut self.servers[i], placeholder);
+        self.servers[i] = match slot {
+            Slot::Up(server) if toggle && up > 1 => {
+                let (dir, addr) = (server.data_dir.clone(), server.addr);
+                server.stop().await;
+                self.log.push(format!("server {i} stopped"));
+                Slot::Down(dir, addr)
+            }
+            Slot::Up(server) => {
+                let (dir, addr) = (server.data_dir.clone(), server.addr);
+                server.stop().await;
+                self.log.push(format!("server {i} restarted"));
+                Slot::Up(start_server(&dir, addr, self.datastore.as_deref()).await)
+            }
+            Slot::Down(dir, addr) => {
+                self.log.push(format!("server {i} started"));
+                Slot::Up(start_server(&dir, addr, self.datastore.as_deref()).await)
+            }
+        };
     }
 
     fn to_proto(id: &str, e: &ModelEntry) -> tessera_proto::types::Entry {
@@ -131,7 +225,7 @@ impl World {
                     expires_at,
                 };
                 let created = self
-                    .admin()
+                    .admin_of_any(rng)
                     .await
                     .batch_create_entry(admin_pb::BatchCreateEntryRequest {
                         entries: vec![Self::to_proto("", &e)],
@@ -161,7 +255,7 @@ impl World {
                     }
                 }
                 let updated = self
-                    .admin()
+                    .admin_of_any(rng)
                     .await
                     .batch_update_entry(admin_pb::BatchUpdateEntryRequest {
                         entries: vec![Self::to_proto(&id, &e)],
@@ -185,7 +279,7 @@ impl World {
             }
             37..=49 => {
                 let Some(id) = pick(rng, &self.model) else { return };
-                self.admin()
+                self.admin_of_any(rng)
                     .await
                     .batch_delete_entry(admin_pb::BatchDeleteEntryRequest { ids: vec![id.clone()] })
                     .await
@@ -202,7 +296,7 @@ impl World {
                     return;
                 };
                 let revoked = self
-                    .admin()
+                    .admin_of_any(rng)
                     .await
                     .revoke_svid(admin_pb::RevokeSvidRequest {
                         serial: serial.clone(),
@@ -228,11 +322,7 @@ impl World {
                 self.start_agent().await;
                 self.log.push("agent restarted".into());
             }
-            73..=77 => {
-                let server = self.server.take().unwrap();
-                self.server = Some(server.restart().await);
-                self.log.push("server restarted".into());
-            }
+            73..=77 => self.server_event(rng).await,
             78..=90 => {
                 let Some(id) = pick(rng, &self.model) else { return };
                 let Some(agent) = &self.agent else { return };
@@ -267,7 +357,7 @@ impl World {
                 let Some(&i) = live.get(rng.below(live.len() as u64) as usize) else { return };
                 let jti = self.tokens[i].jti.clone();
                 let revoked = self
-                    .admin()
+                    .admin_of_any(rng)
                     .await
                     .revoke_svid(admin_pb::RevokeSvidRequest {
                         jti: jti.clone(),
@@ -441,14 +531,21 @@ async fn served(socket: &Path) -> Result<Vec<(String, String, i64)>, tonic::Stat
     served_with_crls(socket).await.map(|(svids, _)| svids)
 }
 
-async fn run_seed(seed: u64, steps: usize) {
+/// One seed's run: on one sled server, or (`datastore`) on two servers
+/// sharing that PostgreSQL database.
+async fn run_seed(seed: u64, steps: usize, datastore: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(&dir.path().join("server"));
-    config.ca_ttl = CA_TTL;
-    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+    let count = if datastore.is_some() { 2 } else { 1 };
+    let mut servers = Vec::new();
+    for i in 0..count {
+        let server_dir = dir.path().join(format!("server-{i}"));
+        servers.push(Slot::Up(start_server(&server_dir, any_port, datastore.as_deref()).await));
+    }
     let mut world = World {
         dir: dir.path().to_owned(),
-        server: Some(server),
+        servers,
+        datastore,
         agent: None,
         model: BTreeMap::new(),
         tokens: Vec::new(),
@@ -472,27 +569,47 @@ async fn run_seed(seed: u64, steps: usize) {
     if let Some(agent) = world.agent.take() {
         agent.stop().await;
     }
-    world.server.take().unwrap().stop().await;
+    for slot in world.servers {
+        if let Slot::Up(server) = slot {
+            server.stop().await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_converge_to_the_server_under_random_sequences() {
+    run_seeds(0x07e5_5e7a, 2, || None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_converge_to_two_servers_on_postgresql_under_random_sequences() {
+    use tessera_tests::pg_cluster::PgCluster;
+    run_seeds(0x2a5e_ed11, 1, || Some(PgCluster::shared().database())).await;
+}
+
+/// Runs `suite_runs` seeds from `base` (or, with TESSERA_MODEL_SECONDS, new
+/// seeds until the time is up; with TESSERA_MODEL_SEED, that one), each on
+/// a fresh datastore from `datastore`.
+async fn run_seeds(base: u64, suite_runs: u64, datastore: impl Fn() -> Option<String>) {
     let seconds: u64 =
         std::env::var("TESSERA_MODEL_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let steps = if seconds > 0 { LONG_STEPS } else { SHORT_STEPS };
     if let Some(seed) = std::env::var("TESSERA_MODEL_SEED").ok().and_then(|s| s.parse().ok()) {
         eprintln!("sync model: replaying seed {seed}");
-        run_seed(seed, if seconds > 0 { LONG_STEPS } else { SHORT_STEPS }).await;
+        run_seed(seed, steps, datastore()).await;
         return;
     }
     let started = Instant::now();
-    let base = if seconds > 0 { now_unix() as u64 } else { 0x07e5_5e7a };
+    let base = if seconds > 0 { now_unix() as u64 ^ base } else { base };
     let mut runs = 0u64;
     loop {
         let seed = base.wrapping_add(runs.wrapping_mul(0x9E37_79B9));
         eprintln!("sync model: seed {seed}");
-        run_seed(seed, if seconds > 0 { LONG_STEPS } else { SHORT_STEPS }).await;
+        run_seed(seed, steps, datastore()).await;
         runs += 1;
-        if (seconds == 0 && runs >= 2) || (seconds > 0 && started.elapsed().as_secs() >= seconds) {
+        if (seconds == 0 && runs >= suite_runs)
+            || (seconds > 0 && started.elapsed().as_secs() >= seconds)
+        {
             break;
         }
     }
