@@ -28,6 +28,9 @@ use crate::kv::{Kv, Lock, Op, Txn};
 use crate::metrics::Metrics;
 use crate::store::StoreError;
 
+/// Work done in an event commit before the events are stored (it may drop some).
+type InCommit<'f> = dyn Fn(&Txn<'_>, &mut Vec<Event>) -> Result<(), StoreError> + 'f;
+
 /// How long an event that answers nobody may wait for its fsync.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -272,11 +275,7 @@ impl EventLog {
 
     /// [`Self::append`], with `also` run first in the same commit (it may
     /// drop events); returns how many were stored.
-    fn append_with(
-        &self,
-        events: Vec<Event>,
-        also: &dyn Fn(&Txn<'_>, &mut Vec<Event>) -> Result<(), StoreError>,
-    ) -> Result<usize, StoreError> {
+    fn append_with(&self, events: Vec<Event>, also: &InCommit) -> Result<usize, StoreError> {
         let mut all = Vec::with_capacity(events.len());
         for e in events {
             schema::log(&e);

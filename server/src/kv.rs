@@ -19,8 +19,14 @@ use sled::Transactional;
 
 use crate::store::StoreError;
 
+/// A key and its value.
+pub type Pair = (Vec<u8>, Vec<u8>);
+
 /// Key-value pairs, in key order.
-pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+pub type Pairs = Vec<Pair>;
+
+/// A transaction's buffered writes: `None` deletes.
+type Writes = BTreeMap<(&'static str, Vec<u8>), Option<Vec<u8>>>;
 
 /// The exclusive locks transactions take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,14 +53,14 @@ pub trait TxRead {
     /// Keys starting with `prefix`, in order.
     fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StoreError>;
     /// The greatest key and its value.
-    fn last(&self, tree: &'static str) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn last(&self, tree: &'static str) -> Result<Option<Pair>, StoreError>;
 }
 
 /// A transaction's view: the committed state under the lock, plus its own
 /// writes, which are applied when the transaction's function succeeds.
 pub struct Txn<'a> {
     base: &'a dyn TxRead,
-    writes: RefCell<BTreeMap<(&'static str, Vec<u8>), Option<Vec<u8>>>>,
+    writes: RefCell<Writes>,
     notify: RefCell<Option<u64>>,
 }
 
@@ -94,7 +100,7 @@ impl<'a> Txn<'a> {
     }
 
     /// The greatest key of `tree` and its value, as this transaction left it.
-    pub fn last(&self, tree: &'static str) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn last(&self, tree: &'static str) -> Result<Option<Pair>, StoreError> {
         let writes = self.writes.borrow();
         let mut best = self.base.last(tree)?;
         // A removed last key: fall back to a scan (rare: only pruning removes).
@@ -301,7 +307,7 @@ impl TxRead for SledKv {
         scan_prefix(self, tree, prefix)
     }
 
-    fn last(&self, tree: &'static str) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn last(&self, tree: &'static str) -> Result<Option<Pair>, StoreError> {
         Ok(self.tree(tree)?.last()?.map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 }

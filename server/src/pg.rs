@@ -524,20 +524,22 @@ async fn listen(config: tokio_postgres::Config, f: OnRemoteChange) {
                     })
                     .await
                 };
-                while ready {
-                    let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
-                    match message {
-                        Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                            if let Ok(revision) = n.payload().parse::<u64>() {
-                                f(revision);
+                if ready {
+                    loop {
+                        let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+                        match message {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                                if let Ok(revision) = n.payload().parse::<u64>() {
+                                    f(revision);
+                                }
                             }
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => {
+                                warn!(error = %e, "change notifications lost; reconnecting");
+                                break;
+                            }
+                            None => break,
                         }
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => {
-                            warn!(error = %e, "change notifications lost; reconnecting");
-                            break;
-                        }
-                        None => break,
                     }
                 }
                 drop(client);

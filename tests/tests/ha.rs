@@ -230,7 +230,7 @@ async fn a_join_token_from_a_works_on_b_once_and_never_twice_and_a_trusts_its_sv
     assert!(sync.message().await.expect("A serves the Sync stream").is_some());
     for server in [&a, &b] {
         let again = TestAgent::attest(server, &token.token).await;
-        let status = again.err().expect("a used token is refused");
+        let status = again.expect_err("a used token is refused");
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     }
     a.stop().await;

@@ -1783,7 +1783,7 @@ async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
         match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
             Ok(Some((id, at))) => {
                 let n: usize = id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0);
-                let side = if n % 2 == 0 { &mut on_a } else { &mut on_b };
+                let side = if n.is_multiple_of(2) { &mut on_a } else { &mut on_b };
                 side.push(at.duration_since(start));
             }
             _ => break,
