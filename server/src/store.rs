@@ -1020,6 +1020,40 @@ impl KvStore {
         Ok(report)
     }
 
+    /// Calls `visit` with each pair of `tree` from `start` (after it, if
+    /// `skip_start`) to `end`, read in pages of up to 1,000 (at most
+    /// `limit`), until `visit` answers false: a filter that skips many pairs
+    /// costs no more than reading them.
+    fn page_through(
+        &self,
+        tree: usize,
+        mut start: Vec<u8>,
+        end: Option<Vec<u8>>,
+        mut skip_start: bool,
+        limit: usize,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let page = limit.clamp(1, 1000);
+        loop {
+            let pairs = self.kv.range(t(tree), &start, end.as_deref(), page + 1, false)?;
+            let Some((last, _)) = pairs.last() else { return Ok(()) };
+            let next = last.clone();
+            for (key, value) in &pairs {
+                if std::mem::take(&mut skip_start) && *key == start {
+                    continue;
+                }
+                if !visit(key, value)? {
+                    return Ok(());
+                }
+            }
+            if pairs.len() <= page {
+                return Ok(());
+            }
+            start = next;
+            skip_start = true;
+        }
+    }
+
     /// A whole copy of every tree, read under the lock: consistent.
     fn dump(&self) -> Result<Vec<Pairs>, StoreError> {
         self.commit_read(|tx| tx.dump())
@@ -1389,66 +1423,29 @@ impl Store for KvStore {
     ) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
         let keep = |e: &Entry| filter.spiffe_id.as_ref().is_none_or(|id| &e.spiffe_id == id);
-        // Pages of keys, so that a filter that skips many costs no more
-        // than reading them.
-        let page = limit.clamp(1, 1000);
         if let Some(parent) = &filter.parent_id {
             let prefix = parent_key(parent, "");
             let end = prefix_end(&prefix);
-            let mut start = parent_key(parent, after.unwrap_or(""));
-            let mut skip_first = after.is_some();
-            while out.len() < limit {
-                let keys = self.kv.range(t(BY_PARENT), &start, end.as_deref(), page + 1, false)?;
-                let Some((last, _)) = keys.last() else { break };
-                let next = last.clone();
-                let full = keys.len() > page;
-                for (key, _) in &keys {
-                    if std::mem::take(&mut skip_first) && *key == start {
-                        continue;
-                    }
-                    if out.len() >= limit {
-                        break;
-                    }
-                    let id = &key[prefix.len()..];
-                    if let Some(bytes) = self.kv.get(t(ENTRIES), id)? {
-                        let entry = decode_entry(id, &bytes)?;
-                        if keep(&entry) {
-                            out.push(entry);
-                        }
+            let start = parent_key(parent, after.unwrap_or(""));
+            self.page_through(BY_PARENT, start, end, after.is_some(), limit, &mut |key, _| {
+                let id = &key[prefix.len()..];
+                if let Some(bytes) = self.kv.get(t(ENTRIES), id)? {
+                    let entry = decode_entry(id, &bytes)?;
+                    if keep(&entry) {
+                        out.push(entry);
                     }
                 }
-                if !full {
-                    break;
-                }
-                start = next;
-                skip_first = true;
-            }
-            return Ok(out);
-        }
-        let mut start = after.unwrap_or("").as_bytes().to_vec();
-        let mut skip_first = after.is_some();
-        while out.len() < limit {
-            let items = self.kv.range(t(ENTRIES), &start, None, page + 1, false)?;
-            let Some((last, _)) = items.last() else { break };
-            let next = last.clone();
-            let full = items.len() > page;
-            for (key, bytes) in &items {
-                if std::mem::take(&mut skip_first) && *key == start {
-                    continue;
-                }
-                if out.len() >= limit {
-                    break;
-                }
+                Ok(out.len() < limit)
+            })?;
+        } else {
+            let start = after.unwrap_or("").as_bytes().to_vec();
+            self.page_through(ENTRIES, start, None, after.is_some(), limit, &mut |key, bytes| {
                 let entry = decode_entry(key, bytes)?;
                 if keep(&entry) {
                     out.push(entry);
                 }
-            }
-            if !full {
-                break;
-            }
-            start = next;
-            skip_first = true;
+                Ok(out.len() < limit)
+            })?;
         }
         Ok(out)
     }
@@ -1923,6 +1920,50 @@ mod tests {
         }
     }
 
+    /// Pages of every size, after every position, with each filter, give
+    /// exactly the matching entries in ID order.
+    fn entries_list_in_pages_with_and_without_filters(place: Place) {
+        let store = place.open();
+        let made: Vec<Entry> = (0..23)
+            .map(|i| {
+                let parent = if i % 3 == 0 { "agent-a" } else { "agent-b" };
+                let spiffe = if i % 4 == 0 { "shared".to_string() } else { format!("w{i}") };
+                entry(&format!("e{i:02}"), &spiffe, parent, i)
+            })
+            .collect();
+        assert!(store.create_entries(&made).unwrap().iter().all(Result::is_ok));
+        let id = |s: &str| SpiffeId::parse(&format!("spiffe://example.org/{s}")).unwrap();
+        let filters = [
+            EntryFilter::default(),
+            EntryFilter { parent_id: Some(id("agent-a")), spiffe_id: None },
+            EntryFilter { parent_id: Some(id("agent-b")), spiffe_id: Some(id("shared")) },
+            EntryFilter { parent_id: None, spiffe_id: Some(id("shared")) },
+            EntryFilter { parent_id: Some(id("nobody")), spiffe_id: None },
+        ];
+        for filter in &filters {
+            let mut want: Vec<String> = made
+                .iter()
+                .filter(|e| filter.parent_id.as_ref().is_none_or(|p| &e.parent_id == p))
+                .filter(|e| filter.spiffe_id.as_ref().is_none_or(|s| &e.spiffe_id == s))
+                .map(|e| e.id.clone())
+                .collect();
+            want.sort();
+            for page in [1, 2, 5, 100] {
+                let (mut got, mut after) = (Vec::new(), None::<String>);
+                loop {
+                    let listed = store.list_entries(filter, after.as_deref(), page).unwrap();
+                    assert!(listed.len() <= page);
+                    got.extend(listed.iter().map(|e| e.id.clone()));
+                    if listed.len() < page {
+                        break;
+                    }
+                    after = listed.last().map(|e| e.id.clone());
+                }
+                assert_eq!(got, want, "{filter:?}, pages of {page}");
+            }
+        }
+    }
+
     fn entries_are_indexed_by_parent_and_survive_reopen(place: Place) {
         {
             let store = place.open();
@@ -2191,6 +2232,7 @@ mod tests {
 
     conformance!(
         entries_are_indexed_by_parent_and_survive_reopen,
+        entries_list_in_pages_with_and_without_filters,
         duplicates_are_refused_per_item_and_store_unchanged,
         an_update_is_one_change_naming_old_and_new_parent,
         a_delete_and_its_revocations_are_one_commit,
