@@ -2245,15 +2245,20 @@ mod tests {
         a_ca_record_set_per_server_makes_one_bundle,
     );
 
-    fn a_ca_record_set_per_server_makes_one_bundle(place: Place) {
-        let store = place.open();
-        let record = |server: &str, seq: u32| pb::CaRecord {
+    /// A stand-in CA record of `server`, generation `seq`.
+    fn ca_record(server: &str, seq: u32) -> pb::CaRecord {
+        pb::CaRecord {
             server_id: server.into(),
             seq,
             cert_der: vec![seq as u8],
             jwt: None,
             not_after: 99,
-        };
+        }
+    }
+
+    fn a_ca_record_set_per_server_makes_one_bundle(place: Place) {
+        let store = place.open();
+        let record = ca_record;
         assert!(store.publish_cas("a", &[record("a", 1)]).unwrap());
         assert!(store.publish_cas("b", &[record("b", 1), record("b", 2)]).unwrap());
         assert!(!store.publish_cas("a", &[record("a", 1)]).unwrap(), "unchanged: no change logged");
@@ -2443,13 +2448,7 @@ mod tests {
         fn two_servers_rotating_at_once_keep_one_whole_bundle() {
             let (_place, a, b) = two();
             let (a, b) = (Arc::new(a), Arc::new(b));
-            let record = |server: &str, seq: u32| pb::CaRecord {
-                server_id: server.into(),
-                seq,
-                cert_der: vec![seq as u8],
-                jwt: None,
-                not_after: 99,
-            };
+            let record = ca_record;
             let rotators: Vec<_> = [("a", a.clone()), ("b", b.clone())]
                 .into_iter()
                 .map(|(name, store)| {
