@@ -35,6 +35,8 @@ pub enum Lock {
     Store = 1,
     /// The event chain.
     Events = 2,
+    /// Agents' signing budgets, when servers share them.
+    Limits = 3,
 }
 
 /// One write.
@@ -226,7 +228,7 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 pub struct SledKv {
     db: sled::Db,
     trees: std::sync::RwLock<std::collections::HashMap<&'static str, sled::Tree>>,
-    locks: [Mutex<()>; 2],
+    locks: [Mutex<()>; 3],
 }
 
 impl fmt::Debug for SledKv {
@@ -244,7 +246,7 @@ impl SledKv {
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(cache_bytes)
             .open()?;
-        Ok(Self { db, trees: Default::default(), locks: [Mutex::new(()), Mutex::new(())] })
+        Ok(Self { db, trees: Default::default(), locks: Default::default() })
     }
 
     fn tree(&self, name: &'static str) -> Result<sled::Tree, StoreError> {

@@ -131,9 +131,33 @@ impl NodeService {
         Ok(())
     }
 
-    /// Takes `n` CSRs from the agent's signing budget, or says when to retry.
-    fn take_sign_budget(&self, agent_id: &SpiffeId, n: usize) -> Result<(), Status> {
+    /// Takes `n` CSRs from the agent's signing budget, or says when to
+    /// retry. Servers sharing a datastore share the budget through it.
+    async fn take_sign_budget(&self, agent_id: &SpiffeId, n: usize) -> Result<(), Status> {
         let config = &self.state.config;
+        let over = || {
+            Status::resource_exhausted(format!(
+                "agent {agent_id} is over its signing limit ({} CSRs/s, burst {}); retry later",
+                config.sign_rate, config.sign_burst
+            ))
+        };
+        if config.datastore.is_some() {
+            let (agent, rate, burst) = (agent_id.to_string(), config.sign_rate, config.sign_burst);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let taken = self
+                .state
+                .store_op(move |store| {
+                    store.take_shared_budget(&agent, n as u64, rate, burst, now_ms)
+                })
+                .await?;
+            match taken {
+                Some(true) => return Ok(()),
+                Some(false) => return Err(over()),
+                None => {}
+            }
+        }
         let now = std::time::Instant::now();
         let mut limits = self.sign_limits.lock().unwrap_or_else(|e| e.into_inner());
         let bucket = limits
@@ -143,10 +167,7 @@ impl NodeService {
         bucket.tokens = (bucket.tokens + refill).min(f64::from(config.sign_burst));
         bucket.at = now;
         if bucket.tokens < n as f64 {
-            return Err(Status::resource_exhausted(format!(
-                "agent {agent_id} is over its signing limit ({} CSRs/s, burst {}); retry later",
-                config.sign_rate, config.sign_burst
-            )));
+            return Err(over());
         }
         bucket.tokens -= n as f64;
         Ok(())
@@ -239,6 +260,7 @@ impl NodeService {
             ));
         }
         self.take_sign_budget(&caller.id, ids.len())
+            .await
             .map_err(|e| self.refuse(op, caller.id.as_str(), e))?;
         self.state.store_op(move |store| ids.iter().map(|id| store.entry(id)).collect()).await
     }

@@ -309,6 +309,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn publish_cas(&self, server_id: &str, cas: &[pb::CaRecord]) -> Result<bool, StoreError>;
     /// Every server's CA records.
     fn cas(&self) -> Result<Vec<pb::CaRecord>, StoreError>;
+    /// Takes `n` from agent `agent`'s signing budget (a token bucket of
+    /// `burst`, refilled at `rate` per second; `now_ms` is Unix time in
+    /// milliseconds) when several servers share this store, so that the
+    /// limit holds across them: `Some(taken)`. `None` when the store is
+    /// not shared (the server keeps budgets in memory).
+    fn take_shared_budget(
+        &self,
+        agent: &str,
+        n: u64,
+        rate: u32,
+        burst: u32,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StoreError>;
     /// Sets who signs CRLs; until then commits store no CRLs.
     fn set_crl_signer(&self, signer: std::sync::Arc<dyn CrlSigner>);
     /// Re-signs the CRLs (CA rotation, before they go stale), stores them
@@ -410,6 +423,9 @@ const REVISION_KEY: &[u8] = b"revision";
 const WRITE_SEQ_KEY: &[u8] = b"write_seq";
 const CRL_NUMBER_KEY: &str = "crl_number";
 const CRLS_KEY: &str = "crls";
+/// Agents' signing budgets when servers share the store: not records (no
+/// backup, no check), only the state of a rate limit.
+const BUDGETS: &str = "sign_budgets";
 
 /// The trees, in the order of a backup.
 pub const TREE_NAMES: [&str; 13] = [
@@ -1537,6 +1553,43 @@ impl Store for KvStore {
             .collect()
     }
 
+    fn take_shared_budget(
+        &self,
+        agent: &str,
+        n: u64,
+        rate: u32,
+        burst: u32,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        if !self.kv.shared() {
+            return Ok(None);
+        }
+        let mut taken = false;
+        // Its own lock: budgets never wait for, or hold up, store commits.
+        self.kv.transaction(Lock::Limits, &mut |txn| {
+            let (mut tokens, at) = match txn.get(BUDGETS, agent.as_bytes())? {
+                Some(v) if v.len() == 16 => {
+                    let (tokens, at) = v.split_at(8);
+                    let tokens = f64::from_be_bytes(tokens.try_into().unwrap_or([0; 8]));
+                    (tokens, i64::from_be_bytes(at.try_into().unwrap_or([0; 8])))
+                }
+                _ => (f64::from(burst), now_ms),
+            };
+            // Servers' clocks differ a little: time never runs backwards here.
+            let elapsed = (now_ms - at).max(0) as f64 / 1000.0;
+            tokens = (tokens + elapsed * f64::from(rate)).min(f64::from(burst));
+            taken = tokens >= n as f64;
+            if taken {
+                tokens -= n as f64;
+            }
+            let mut value = tokens.to_be_bytes().to_vec();
+            value.extend_from_slice(&now_ms.max(at).to_be_bytes());
+            txn.put(BUDGETS, agent.as_bytes().to_vec(), value);
+            Ok(())
+        })?;
+        Ok(Some(taken))
+    }
+
     fn set_crl_signer(&self, signer: std::sync::Arc<dyn CrlSigner>) {
         let _ = self.crl_signer.set(signer);
     }
@@ -2245,6 +2298,13 @@ mod tests {
         a_ca_record_set_per_server_makes_one_bundle,
     );
 
+    /// One server on its embedded store keeps signing budgets in memory.
+    #[test]
+    fn an_embedded_store_leaves_signing_budgets_to_the_server() {
+        let store = Place::sled().open();
+        assert_eq!(store.take_shared_budget("agent", 1, 1, 1000, 0).unwrap(), None);
+    }
+
     /// A stand-in CA record of `server`, generation `seq`.
     fn ca_record(server: &str, seq: u32) -> pb::CaRecord {
         pb::CaRecord {
@@ -2473,6 +2533,24 @@ mod tests {
                     [("a".into(), 30), ("a".into(), 31), ("b".into(), 30), ("b".into(), 31)]
                 );
             }
+        }
+
+        /// An agent's signing budget is one across servers: what it took
+        /// on A is gone on B; time refills it.
+        #[test]
+        fn a_signing_budget_is_shared_across_servers() {
+            let (_place, a, b) = two();
+            let (rate, burst) = (100, 1000);
+            assert_eq!(a.take_shared_budget("agent", 600, rate, burst, 0).unwrap(), Some(true));
+            assert_eq!(b.take_shared_budget("agent", 600, rate, burst, 0).unwrap(), Some(false));
+            assert_eq!(b.take_shared_budget("agent", 400, rate, burst, 0).unwrap(), Some(true));
+            assert_eq!(a.take_shared_budget("agent", 1, rate, burst, 0).unwrap(), Some(false));
+            assert_eq!(a.take_shared_budget("other", 1000, rate, burst, 0).unwrap(), Some(true));
+            // One second later: 100 more, no more.
+            assert_eq!(a.take_shared_budget("agent", 100, rate, burst, 1000).unwrap(), Some(true));
+            assert_eq!(b.take_shared_budget("agent", 1, rate, burst, 1000).unwrap(), Some(false));
+            // A server whose clock is behind does not refill it.
+            assert_eq!(b.take_shared_budget("agent", 1, rate, burst, 500).unwrap(), Some(false));
         }
 
         /// A ban on one server is enforced by the other, and a renewal

@@ -28,10 +28,21 @@ async fn server(dir: &Path, url: &str) -> TestServer {
 
 /// [`server`] on the node API address `bind`.
 async fn server_at(dir: &Path, url: &str, bind: SocketAddr) -> TestServer {
+    server_configured(dir, url, bind, |_| {}).await
+}
+
+/// [`server_at`], with `configure` applied to its config.
+async fn server_configured(
+    dir: &Path,
+    url: &str,
+    bind: SocketAddr,
+    configure: impl FnOnce(&mut tessera_server::Config),
+) -> TestServer {
     let mut config = test_config(dir);
     config.datastore = Some(url.to_string());
     config.bind = bind;
     config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+    configure(&mut config);
     TestServer::start_with(config, Arc::new(SystemClock)).await
 }
 
@@ -412,6 +423,38 @@ async fn servers_writing_events_at_once_keep_one_intact_chain() {
     let (on_a, on_b) = (listed(&a), listed(&b));
     assert_eq!(on_a.len(), 30, "every server's events, on A");
     assert_eq!(on_a, on_b, "one stream, the same on both servers");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// An agent's signing budget (`sign_rate`, `sign_burst`) is one across the
+/// servers: what it spent on A is not there to spend again on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_signing_limit_holds_across_servers() {
+    use tessera_proto::node::{SignX509Item, SignX509Request};
+    let dir = tempfile::tempdir().unwrap();
+    let url = PgCluster::shared().database();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let limited = |c: &mut tessera_server::Config| {
+        c.sign_rate = 1;
+        c.sign_burst = 1000;
+    };
+    let a = server_configured(&dir.path().join("server-a"), &url, any, limited).await;
+    let b = server_configured(&dir.path().join("server-b"), &url, any, limited).await;
+    let token = a.join_token("", 0).await;
+    let agent = TestAgent::attest(&a, &token.token).await.unwrap();
+    // The budget is taken per CSR asked for, before anything is looked up.
+    let batch = |n: usize| SignX509Request {
+        items: (0..n)
+            .map(|i| SignX509Item { entry_id: format!("no-such-entry-{i}"), csr: vec![] })
+            .collect(),
+    };
+    let mut on_a = agent.clone().connect().await;
+    on_a.sign_x509(batch(900)).await.expect("within the burst on A");
+    let mut on_b = agent.at(b.addr).connect().await;
+    let refused = on_b.sign_x509(batch(200)).await.expect_err("over the shared budget on B");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    on_b.sign_x509(batch(50)).await.expect("what is left of the budget, on B");
     a.stop().await;
     b.stop().await;
 }
