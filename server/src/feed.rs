@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::entry::Entry;
 use crate::store::{Change, ChangeKind, Store};
 
 /// Changes kept in memory for streams to read.
@@ -23,12 +24,32 @@ const READ_PAGE: usize = 5_000;
 /// Called with each batch of changes the feed reads, before streams see them.
 pub type ChangeHook = Arc<dyn Fn(&dyn Store, &[Change]) + Send + Sync>;
 
+/// A change as the feed holds it, with what streams need of it read once
+/// for all of them.
+#[derive(Debug)]
+pub struct FedChange {
+    /// The change.
+    pub change: Change,
+    /// For an entry change, the entry as read right after the feed read the
+    /// change (`Some(None)`: gone by then); `None` when not read, and a
+    /// stream reads it itself. Either is at least as new as the change,
+    /// and any later change follows in the log.
+    pub entry: Option<Option<Entry>>,
+}
+
+impl FedChange {
+    /// A change whose entry the stream reads itself.
+    pub fn bare(change: Change) -> Self {
+        Self { change, entry: None }
+    }
+}
+
 /// Recent changes of the log, shared by every Sync stream.
 #[derive(Debug)]
 pub struct ChangeFeed {
     /// Contiguous revisions, oldest first, each with when the feed read it
     /// (right after its commit woke the feed).
-    window: RwLock<VecDeque<(Arc<Change>, std::time::Instant)>>,
+    window: RwLock<VecDeque<(Arc<FedChange>, std::time::Instant)>>,
     /// The last revision in the window (or the store's at start).
     latest: watch::Sender<u64>,
     /// The CRLs in force as of at least `latest`, read once for all streams.
@@ -70,13 +91,13 @@ impl ChangeFeed {
 
     /// Up to `limit` changes after `revision`, if the window covers them;
     /// `None` when the stream must read the store.
-    pub fn since(&self, revision: u64, limit: usize) -> Option<Vec<Arc<Change>>> {
+    pub fn since(&self, revision: u64, limit: usize) -> Option<Vec<Arc<FedChange>>> {
         let window = self.window.read().unwrap_or_else(|e| e.into_inner());
         let latest = *self.latest.borrow();
         if revision >= latest {
             return Some(Vec::new());
         }
-        let first = window.front()?.0.revision;
+        let first = window.front()?.0.change.revision;
         if revision + 1 < first {
             return None;
         }
@@ -87,7 +108,7 @@ impl ChangeFeed {
     /// When the feed read `revision` from the log, if it still holds it.
     pub fn seen_at(&self, revision: u64) -> Option<std::time::Instant> {
         let window = self.window.read().unwrap_or_else(|e| e.into_inner());
-        let first = window.front()?.0.revision;
+        let first = window.front()?.0.change.revision;
         let index = usize::try_from(revision.checked_sub(first)?).ok()?;
         window.get(index).map(|(_, at)| *at)
     }
@@ -144,9 +165,10 @@ impl ChangeFeed {
                 }
             }
             if let Some(last) = changes.last().map(|c| c.revision) {
+                let fed = with_entries(&store, changes).await;
                 let mut window = self.window.write().unwrap_or_else(|e| e.into_inner());
                 let now = std::time::Instant::now();
-                window.extend(changes.into_iter().map(|c| (Arc::new(c), now)));
+                window.extend(fed.into_iter().map(|c| (Arc::new(c), now)));
                 while window.len() > FEED_WINDOW {
                     window.pop_front();
                 }
@@ -164,12 +186,51 @@ impl ChangeFeed {
     }
 }
 
+/// The changes, each entry change with its entry read now, all in one
+/// read (one round trip to a network database, not one per stream).
+async fn with_entries(store: &Arc<dyn Store>, changes: Vec<Change>) -> Vec<FedChange> {
+    let ids: Vec<String> = changes
+        .iter()
+        .filter_map(|c| match &c.kind {
+            ChangeKind::Entry { entry_id, .. } => Some(entry_id.clone()),
+            _ => None,
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut current = std::collections::HashMap::new();
+    if !ids.is_empty() {
+        let reader = store.clone();
+        match tokio::task::spawn_blocking(move || {
+            let entries = reader.entries(&ids)?;
+            Ok::<_, crate::store::StoreError>(ids.into_iter().zip(entries).collect())
+        })
+        .await
+        {
+            Ok(Ok(read)) => current = read,
+            // The streams read the entries themselves.
+            Ok(Err(e)) => warn!(error = %e, "reading changed entries failed"),
+            Err(e) => warn!(error = %e, "entry reader failed"),
+        }
+    }
+    changes
+        .into_iter()
+        .map(|change| {
+            let entry = match &change.kind {
+                ChangeKind::Entry { entry_id, .. } => current.get(entry_id).cloned(),
+                _ => None,
+            };
+            FedChange { change, entry }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn change(revision: u64) -> Arc<Change> {
-        Arc::new(Change { revision, kind: ChangeKind::Bundle })
+    fn change(revision: u64) -> Arc<FedChange> {
+        Arc::new(FedChange::bare(Change { revision, kind: ChangeKind::Bundle }))
     }
 
     #[test]
@@ -179,7 +240,7 @@ mod tests {
         let now = std::time::Instant::now();
         feed.window.write().unwrap().extend((11..=20).map(|r| (change(r), now)));
         feed.latest.send_replace(20);
-        let got: Vec<u64> = feed.since(12, 3).unwrap().iter().map(|c| c.revision).collect();
+        let got: Vec<u64> = feed.since(12, 3).unwrap().iter().map(|c| c.change.revision).collect();
         assert_eq!(got, [13, 14, 15]);
         assert!(feed.since(9, 3).is_none(), "older than the window: read the store");
         assert_eq!(feed.since(20, 3).map(|c| c.len()), Some(0));

@@ -169,6 +169,15 @@ pub type OnRemoteChange = Box<dyn Fn(u64) + Send + Sync>;
 pub trait Kv: Send + Sync + fmt::Debug {
     /// One value.
     fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The values of `keys`, in their order (`None` where absent): one
+    /// round trip for a network database.
+    fn get_many(
+        &self,
+        tree: &'static str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|key| self.get(tree, key)).collect()
+    }
     /// Up to `limit` pairs with `start <= key` (and `key < end` if given),
     /// ascending, or descending from the greatest if `reverse`.
     fn range(

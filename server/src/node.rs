@@ -20,9 +20,10 @@ use crate::csr::parse_csr;
 use crate::entry::valid_audience;
 use crate::entry::Entry;
 use crate::event_schema::{self as schema, kind, EventExt};
+use crate::feed::FedChange;
 use crate::jwt::SignedJwt;
 use crate::state::State;
-use crate::store::{AgentRefusal, Change, ChangeKind, Signed, MAX_BATCH};
+use crate::store::{AgentRefusal, ChangeKind, Signed, MAX_BATCH};
 use crate::tls::NodePeer;
 
 /// JWT revocations per message at the start of a Sync stream (about 60
@@ -262,7 +263,7 @@ impl NodeService {
         self.take_sign_budget(&caller.id, ids.len())
             .await
             .map_err(|e| self.refuse(op, caller.id.as_str(), e))?;
-        self.state.store_op(move |store| ids.iter().map(|id| store.entry(id)).collect()).await
+        self.state.store_op(move |store| store.entries(&ids)).await
     }
 
     /// Records what a batch signed (durably) before the agent can use it,
@@ -897,7 +898,7 @@ impl NodeService {
                         .state
                         .store_op(move |store| store.changes_since(from, SYNC_CHANGES_PAGE))
                         .await?;
-                    read.into_iter().map(Arc::new).collect()
+                    read.into_iter().map(|c| Arc::new(FedChange::bare(c))).collect()
                 }
             };
             if changes.is_empty() {
@@ -914,11 +915,11 @@ impl NodeService {
                 }
                 continue;
             }
-            for change in changes {
-                cursor = change.revision;
-                if self.send_change(caller, &change, tx).await? {
-                    if let Some(at) = self.state.feed.seen_at(change.revision) {
-                        let revocation = matches!(change.kind, ChangeKind::Revoked { .. });
+            for fed in changes {
+                cursor = fed.change.revision;
+                if self.send_change(caller, &fed, tx).await? {
+                    if let Some(at) = self.state.feed.seen_at(cursor) {
+                        let revocation = matches!(fed.change.kind, ChangeKind::Revoked { .. });
                         self.state.metrics.pushed(revocation, at.elapsed().as_secs_f64());
                     }
                 }
@@ -932,19 +933,25 @@ impl NodeService {
     async fn send_change(
         &self,
         caller: &Caller,
-        change: &Change,
+        fed: &FedChange,
         tx: &SyncSender,
     ) -> Result<bool, Status> {
-        let agent_id = &caller.id;
+        let (agent_id, change) = (&caller.id, &fed.change);
         let revision = change.revision;
         match &change.kind {
             ChangeKind::Entry { entry_id, parents } => {
                 if !parents.iter().any(|p| p == agent_id.as_str()) {
                     return Ok(false);
                 }
-                // The entry as it is now decides: kept if still ours, else dropped.
-                let id = entry_id.clone();
-                let current = self.state.store_op(move |store| store.entry(&id)).await?;
+                // The entry as it is now (or as the feed read it, for every
+                // stream at once) decides: kept if still ours, else dropped.
+                let current = match &fed.entry {
+                    Some(read) => read.clone(),
+                    None => {
+                        let id = entry_id.clone();
+                        self.state.store_op(move |store| store.entry(&id)).await?
+                    }
+                };
                 let change = match current {
                     Some(entry) if &entry.parent_id == agent_id => {
                         pb::entry_change::Change::Upserted(entry.to_proto())

@@ -59,6 +59,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
 )];
 
 const SQL_GET: &str = "SELECT value FROM kv WHERE tree = $1 AND key = $2";
+const SQL_GET_MANY: &str = "SELECT key, value FROM kv WHERE tree = $1 AND key = ANY($2)";
 const SQL_ASC: &str = "SELECT key, value FROM kv WHERE tree = $1 AND key >= $2 \
      AND ($3::bytea IS NULL OR key < $3) ORDER BY key LIMIT $4";
 const SQL_DESC: &str = "SELECT key, value FROM kv WHERE tree = $1 AND key >= $2 \
@@ -74,6 +75,7 @@ const SQL_DELETE: &str = "DELETE FROM kv WHERE (tree, key) IN \
 struct Conn {
     client: Client,
     get: Statement,
+    get_many: Statement,
     asc: Statement,
     desc: Statement,
     len: Statement,
@@ -94,17 +96,30 @@ impl Conn {
             }
         });
         let get = client.prepare(SQL_GET).await.map_err(db_err)?;
+        let get_many = client.prepare(SQL_GET_MANY).await.map_err(db_err)?;
         let asc = client.prepare(SQL_ASC).await.map_err(db_err)?;
         let desc = client.prepare(SQL_DESC).await.map_err(db_err)?;
         let len = client.prepare(SQL_LEN).await.map_err(db_err)?;
         let put = client.prepare(SQL_PUT).await.map_err(db_err)?;
         let delete = client.prepare(SQL_DELETE).await.map_err(db_err)?;
-        Ok(Self { client, get, asc, desc, len, put, delete })
+        Ok(Self { client, get, get_many, asc, desc, len, put, delete })
     }
 
     async fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let row = self.client.query_opt(&self.get, &[&tree, &key]).await.map_err(db_err)?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// The values of `keys` (in their order; `None` where absent), in one query.
+    async fn get_many(
+        &self,
+        tree: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let rows = self.client.query(&self.get_many, &[&tree, &keys]).await.map_err(db_err)?;
+        let mut found: std::collections::HashMap<Vec<u8>, Vec<u8>> =
+            rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+        Ok(keys.iter().map(|k| found.remove(k)).collect())
     }
 
     async fn range(
@@ -383,6 +398,15 @@ impl Kv for PgKv {
     fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_vec();
         self.with_conn(|conn| async move { conn.get(tree, &key).await })
+    }
+
+    fn get_many(
+        &self,
+        tree: &'static str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let keys = keys.to_vec();
+        self.with_conn(|conn| async move { conn.get_many(tree, &keys).await })
     }
 
     fn range(

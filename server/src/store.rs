@@ -279,6 +279,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> Result<EntryWrite, StoreError>;
     /// One entry.
     fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError>;
+    /// Entries by ID, in the order asked (`None` where absent), read at once.
+    fn entries(&self, ids: &[String]) -> Result<Vec<Option<Entry>>, StoreError>;
     /// Every entry whose parent ID is `parent` (an index lookup, no scan).
     fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError>;
     /// The entries of `parent` and the revision they are current to, read
@@ -1403,6 +1405,15 @@ impl Store for KvStore {
             .get(t(ENTRIES), id.as_bytes())?
             .map(|bytes| decode_entry(id.as_bytes(), &bytes))
             .transpose()
+    }
+
+    fn entries(&self, ids: &[String]) -> Result<Vec<Option<Entry>>, StoreError> {
+        let keys: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
+        let values = self.kv.get_many(t(ENTRIES), &keys)?;
+        keys.iter()
+            .zip(values)
+            .map(|(key, value)| value.map(|bytes| decode_entry(key, &bytes)).transpose())
+            .collect()
     }
 
     fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError> {
