@@ -289,7 +289,11 @@ impl PgKv {
             Ok(conn) => Ok(Arc::new(conn)),
             Err(e) => {
                 self.release(None);
-                Err(StoreError::Database(format!("cannot reach the datastore {target}: {e}")))
+                let why = match e {
+                    StoreError::Database(why) => why,
+                    other => other.to_string(),
+                };
+                Err(StoreError::Database(format!("cannot reach the datastore {target}: {why}")))
             }
         }
     }
