@@ -35,12 +35,18 @@ pub struct FedChange {
     /// stream reads it itself. Either is at least as new as the change,
     /// and any later change follows in the log.
     pub entry: Option<Option<Entry>>,
+    /// When that read began: it saw every commit made before then. A
+    /// stream uses the read only if it began after the stream opened and
+    /// after the stream's own last read of the store, so that nothing it
+    /// sends is older than what it (or, before a failover, another server)
+    /// sent before.
+    pub read_at: std::time::Instant,
 }
 
 impl FedChange {
     /// A change whose entry the stream reads itself.
     pub fn bare(change: Change) -> Self {
-        Self { change, entry: None }
+        Self { change, entry: None, read_at: std::time::Instant::now() }
     }
 }
 
@@ -199,6 +205,7 @@ async fn with_entries(store: &Arc<dyn Store>, changes: Vec<Change>) -> Vec<FedCh
         .into_iter()
         .collect();
     let mut current = std::collections::HashMap::new();
+    let read_at = std::time::Instant::now();
     if !ids.is_empty() {
         let reader = store.clone();
         match tokio::task::spawn_blocking(move || {
@@ -220,7 +227,7 @@ async fn with_entries(store: &Arc<dyn Store>, changes: Vec<Change>) -> Vec<FedCh
                 ChangeKind::Entry { entry_id, .. } => current.get(entry_id).cloned(),
                 _ => None,
             };
-            FedChange { change, entry }
+            FedChange { change, entry, read_at }
         })
         .collect()
 }

@@ -826,6 +826,8 @@ impl NodeService {
         tx: &SyncSender,
     ) -> Result<(), Status> {
         let agent_id = &caller.id;
+        // The feed's reads of changed entries count only if made after this.
+        let mut fresh_since = std::time::Instant::now();
         let mut wake = self.state.feed.subscribe();
         send(tx, Event::Bundle(self.bundle_update())).await?;
         // The CRLs are read after the revision the stream starts from, so
@@ -917,7 +919,7 @@ impl NodeService {
             }
             for fed in changes {
                 cursor = fed.change.revision;
-                if self.send_change(caller, &fed, tx).await? {
+                if self.send_change(caller, &fed, &mut fresh_since, tx).await? {
                     if let Some(at) = self.state.feed.seen_at(cursor) {
                         let revocation = matches!(fed.change.kind, ChangeKind::Revoked { .. });
                         self.state.metrics.pushed(revocation, at.elapsed().as_secs_f64());
@@ -934,6 +936,7 @@ impl NodeService {
         &self,
         caller: &Caller,
         fed: &FedChange,
+        fresh_since: &mut std::time::Instant,
         tx: &SyncSender,
     ) -> Result<bool, Status> {
         let (agent_id, change) = (&caller.id, &fed.change);
@@ -946,10 +949,12 @@ impl NodeService {
                 // The entry as it is now (or as the feed read it, for every
                 // stream at once) decides: kept if still ours, else dropped.
                 let current = match &fed.entry {
-                    Some(read) => read.clone(),
-                    None => {
+                    Some(read) if fed.read_at >= *fresh_since => read.clone(),
+                    _ => {
                         let id = entry_id.clone();
-                        self.state.store_op(move |store| store.entry(&id)).await?
+                        let read = self.state.store_op(move |store| store.entry(&id)).await?;
+                        *fresh_since = std::time::Instant::now();
+                        read
                     }
                 };
                 let change = match current {

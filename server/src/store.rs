@@ -2028,6 +2028,19 @@ mod tests {
         }
     }
 
+    /// A multi-get answers each ID asked, in order, repeats and absent ones included.
+    fn entries_are_read_at_once_in_the_order_asked(place: Place) {
+        let store = place.open();
+        let made = [entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 2)];
+        assert!(store.create_entries(&made).unwrap().iter().all(Result::is_ok));
+        let ids: Vec<String> = ["b", "zz", "a", "b"].iter().map(|s| s.to_string()).collect();
+        let got: Vec<Option<String>> =
+            store.entries(&ids).unwrap().into_iter().map(|e| e.map(|e| e.id)).collect();
+        let want = [Some("b"), None, Some("a"), Some("b")].map(|s| s.map(str::to_string));
+        assert_eq!(got, want);
+        assert!(store.entries(&[]).unwrap().is_empty());
+    }
+
     fn entries_are_indexed_by_parent_and_survive_reopen(place: Place) {
         {
             let store = place.open();
@@ -2296,6 +2309,7 @@ mod tests {
 
     conformance!(
         entries_are_indexed_by_parent_and_survive_reopen,
+        entries_are_read_at_once_in_the_order_asked,
         entries_list_in_pages_with_and_without_filters,
         duplicates_are_refused_per_item_and_store_unchanged,
         an_update_is_one_change_naming_old_and_new_parent,
