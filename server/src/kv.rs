@@ -35,8 +35,6 @@ pub enum Lock {
     Store = 1,
     /// The event chain.
     Events = 2,
-    /// Agents' signing budgets, when servers share them.
-    Limits = 3,
 }
 
 /// One write.
@@ -169,6 +167,20 @@ pub type OnRemoteChange = Box<dyn Fn(u64) + Send + Sync>;
 pub trait Kv: Send + Sync + fmt::Debug {
     /// One value.
     fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Takes `n` from the signing budget `key` (a token bucket of `burst`,
+    /// refilled at `rate` per second; `now_ms` in Unix milliseconds) where
+    /// servers share it: `Some(taken)`; `None` where they do not (the
+    /// embedded database: the one server keeps budgets in memory).
+    fn take_budget(
+        &self,
+        _key: &str,
+        _n: u64,
+        _rate: u32,
+        _burst: u32,
+        _now_ms: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        Ok(None)
+    }
     /// The values of `keys`, in their order (`None` where absent): one
     /// round trip for a network database.
     fn get_many(
@@ -237,7 +249,7 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 pub struct SledKv {
     db: sled::Db,
     trees: std::sync::RwLock<std::collections::HashMap<&'static str, sled::Tree>>,
-    locks: [Mutex<()>; 3],
+    locks: [Mutex<()>; 2],
 }
 
 impl fmt::Debug for SledKv {

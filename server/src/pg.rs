@@ -27,6 +27,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Statement};
 use tracing::{info, warn};
 
@@ -48,15 +49,26 @@ const MIGRATION_LOCK: i64 = 0x7465_7373_0000;
 
 /// The schema, one step per version, applied in order and recorded in
 /// `tessera_migrations`.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE kv (
-        tree text NOT NULL,
-        key bytea NOT NULL,
-        value bytea NOT NULL,
-        PRIMARY KEY (tree, key)
-    )",
-)];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE kv (
+            tree text NOT NULL,
+            key bytea NOT NULL,
+            value bytea NOT NULL,
+            PRIMARY KEY (tree, key)
+        )",
+    ),
+    (
+        2,
+        "CREATE TABLE sign_budgets (
+            agent text PRIMARY KEY,
+            tokens double precision NOT NULL,
+            at_ms bigint NOT NULL,
+            taken boolean NOT NULL
+        )",
+    ),
+];
 
 const SQL_GET: &str = "SELECT value FROM kv WHERE tree = $1 AND key = $2";
 const SQL_GET_MANY: &str = "SELECT key, value FROM kv WHERE tree = $1 AND key = ANY($2)";
@@ -65,6 +77,18 @@ const SQL_ASC: &str = "SELECT key, value FROM kv WHERE tree = $1 AND key >= $2 \
 const SQL_DESC: &str = "SELECT key, value FROM kv WHERE tree = $1 AND key >= $2 \
      AND ($3::bytea IS NULL OR key < $3) ORDER BY key DESC LIMIT $4";
 const SQL_LEN: &str = "SELECT count(*) FROM kv WHERE tree = $1";
+/// Takes $3 tokens from agent $1's bucket (at most $2, refilled at $5 per
+/// second, now $4 ms) in one statement: the row lock serializes the
+/// agent's own calls, and no other agent's. Time never runs backwards.
+const SQL_TAKE_BUDGET: &str = "INSERT INTO sign_budgets AS b (agent, tokens, at_ms, taken) \
+     VALUES ($1, CASE WHEN $2 >= $3 THEN $2 - $3 ELSE $2 END, $4, $2 >= $3) \
+     ON CONFLICT (agent) DO UPDATE SET \
+     tokens = CASE WHEN LEAST($2, b.tokens + GREATEST($4 - b.at_ms, 0) / 1000.0 * $5) >= $3 \
+         THEN LEAST($2, b.tokens + GREATEST($4 - b.at_ms, 0) / 1000.0 * $5) - $3 \
+         ELSE LEAST($2, b.tokens + GREATEST($4 - b.at_ms, 0) / 1000.0 * $5) END, \
+     at_ms = GREATEST(b.at_ms, $4), \
+     taken = LEAST($2, b.tokens + GREATEST($4 - b.at_ms, 0) / 1000.0 * $5) >= $3 \
+     RETURNING taken";
 const SQL_PUT: &str = "INSERT INTO kv (tree, key, value) \
      SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
      ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value";
@@ -79,6 +103,7 @@ struct Conn {
     asc: Statement,
     desc: Statement,
     len: Statement,
+    take_budget: Statement,
     put: Statement,
     delete: Statement,
 }
@@ -100,9 +125,16 @@ impl Conn {
         let asc = client.prepare(SQL_ASC).await.map_err(db_err)?;
         let desc = client.prepare(SQL_DESC).await.map_err(db_err)?;
         let len = client.prepare(SQL_LEN).await.map_err(db_err)?;
+        let take_budget = client
+            .prepare_typed(
+                SQL_TAKE_BUDGET,
+                &[Type::TEXT, Type::FLOAT8, Type::FLOAT8, Type::INT8, Type::FLOAT8],
+            )
+            .await
+            .map_err(db_err)?;
         let put = client.prepare(SQL_PUT).await.map_err(db_err)?;
         let delete = client.prepare(SQL_DELETE).await.map_err(db_err)?;
-        Ok(Self { client, get, get_many, asc, desc, len, put, delete })
+        Ok(Self { client, get, get_many, asc, desc, len, take_budget, put, delete })
     }
 
     async fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -405,6 +437,26 @@ impl Kv for PgKv {
         self.with_conn(|conn| async move { conn.get(tree, &key).await })
     }
 
+    fn take_budget(
+        &self,
+        key: &str,
+        n: u64,
+        rate: u32,
+        burst: u32,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        let key = key.to_string();
+        let (n, rate, burst) = (n as f64, f64::from(rate), f64::from(burst));
+        self.with_conn(|conn| async move {
+            let row = conn
+                .client
+                .query_one(&conn.take_budget, &[&key, &burst, &n, &now_ms, &rate])
+                .await
+                .map_err(db_err)?;
+            Ok(Some(row.get(0)))
+        })
+    }
+
     fn get_many(
         &self,
         tree: &'static str,
@@ -442,12 +494,7 @@ impl Kv for PgKv {
     ) -> Result<(), StoreError> {
         let conn = self.checkout()?;
         // One round trip: the lock number is ours, not input.
-        let mut begin_sql = format!("BEGIN; SELECT pg_advisory_xact_lock({})", lock as i64);
-        if matches!(lock, Lock::Limits) {
-            // A rate limit's state need not survive a database crash: no
-            // waiting for the WAL flush on every signing call.
-            begin_sql.push_str("; SET LOCAL synchronous_commit TO OFF");
-        }
+        let begin_sql = format!("BEGIN; SELECT pg_advisory_xact_lock({})", lock as i64);
         let begin = {
             let conn = conn.clone();
             self.run(async move { conn.client.batch_execute(&begin_sql).await.map_err(db_err) })

@@ -425,9 +425,6 @@ const REVISION_KEY: &[u8] = b"revision";
 const WRITE_SEQ_KEY: &[u8] = b"write_seq";
 const CRL_NUMBER_KEY: &str = "crl_number";
 const CRLS_KEY: &str = "crls";
-/// Agents' signing budgets when servers share the store: not records (no
-/// backup, no check), only the state of a rate limit.
-const BUDGETS: &str = "sign_budgets";
 
 /// The trees, in the order of a backup.
 pub const TREE_NAMES: [&str; 13] = [
@@ -1572,33 +1569,7 @@ impl Store for KvStore {
         burst: u32,
         now_ms: i64,
     ) -> Result<Option<bool>, StoreError> {
-        if !self.kv.shared() {
-            return Ok(None);
-        }
-        let mut taken = false;
-        // Its own lock: budgets never wait for, or hold up, store commits.
-        self.kv.transaction(Lock::Limits, &mut |txn| {
-            let (mut tokens, at) = match txn.get(BUDGETS, agent.as_bytes())? {
-                Some(v) if v.len() == 16 => {
-                    let (tokens, at) = v.split_at(8);
-                    let tokens = f64::from_be_bytes(tokens.try_into().unwrap_or([0; 8]));
-                    (tokens, i64::from_be_bytes(at.try_into().unwrap_or([0; 8])))
-                }
-                _ => (f64::from(burst), now_ms),
-            };
-            // Servers' clocks differ a little: time never runs backwards here.
-            let elapsed = (now_ms - at).max(0) as f64 / 1000.0;
-            tokens = (tokens + elapsed * f64::from(rate)).min(f64::from(burst));
-            taken = tokens >= n as f64;
-            if taken {
-                tokens -= n as f64;
-            }
-            let mut value = tokens.to_be_bytes().to_vec();
-            value.extend_from_slice(&now_ms.max(at).to_be_bytes());
-            txn.put(BUDGETS, agent.as_bytes().to_vec(), value);
-            Ok(())
-        })?;
-        Ok(Some(taken))
+        self.kv.take_budget(agent, n, rate, burst, now_ms)
     }
 
     fn set_crl_signer(&self, signer: std::sync::Arc<dyn CrlSigner>) {
@@ -2576,6 +2547,29 @@ mod tests {
             assert_eq!(b.take_shared_budget("agent", 1, rate, burst, 1000).unwrap(), Some(false));
             // A server whose clock is behind does not refill it.
             assert_eq!(b.take_shared_budget("agent", 1, rate, burst, 500).unwrap(), Some(false));
+        }
+
+        /// Eight callers on two servers at once never take more than the
+        /// bucket holds.
+        #[test]
+        fn concurrent_takes_on_two_servers_never_exceed_the_budget() {
+            let (_place, a, b) = two();
+            let (a, b) = (Arc::new(a), Arc::new(b));
+            let callers: Vec<_> = (0..8)
+                .map(|i| {
+                    let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+                    std::thread::spawn(move || {
+                        (0..40)
+                            .filter(|_| {
+                                store.take_shared_budget("agent", 10, 0, 1000, 0).unwrap()
+                                    == Some(true)
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            let taken: usize = callers.into_iter().map(|c| c.join().unwrap()).sum();
+            assert_eq!(taken * 10, 1000, "exactly the burst, no more, no less");
         }
 
         /// A ban on one server is enforced by the other, and a renewal

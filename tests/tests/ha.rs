@@ -363,7 +363,11 @@ async fn a_server_that_loses_its_database_says_so_keeps_serving_and_recovers() {
         }
     })
     .await;
-    // Workloads keep the SVIDs their agent holds.
+    // Workloads keep the SVIDs their agent holds, also once the server has
+    // ended the agent's stream (it cannot check the agent) and the agent
+    // keeps retrying.
+    assert_eq!(fetch_ids(&agent).await, ["spiffe://example.org/web"]);
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(fetch_ids(&agent).await, ["spiffe://example.org/web"]);
 
     cluster.resume().unwrap();
