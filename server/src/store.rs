@@ -421,6 +421,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 // ---------------------------------------------------------------------------
 // The store over a key-value database (sled or PostgreSQL)
 
+/// Sees one key and value of a page; false stops the paging.
+type Visit<'f> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'f;
+
 const REVISION_KEY: &[u8] = b"revision";
 const WRITE_SEQ_KEY: &[u8] = b"write_seq";
 const CRL_NUMBER_KEY: &str = "crl_number";
@@ -1046,7 +1049,7 @@ impl KvStore {
         end: Option<Vec<u8>>,
         mut skip_start: bool,
         limit: usize,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+        visit: &mut Visit<'_>,
     ) -> Result<(), StoreError> {
         let page = limit.clamp(1, 1000);
         loop {
