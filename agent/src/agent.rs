@@ -347,13 +347,29 @@ async fn attest(
     let (key, csr) = new_key_and_csr()?;
     let tls = node_tls_config(anchors.clone(), trust_domain, None)?;
     // Any server will do; a join token works once on whichever takes it.
+    // A server that fails (not one that refuses) passes to the next.
     let servers = Servers::new(config.server_addresses.clone(), &token);
-    let (mut client, server) = servers.connect(&tls).await?;
-    let response = client
-        .attest(pb::AttestRequest { join_token: token, csr })
-        .await
-        .map_err(|s| AgentError::Attestation(format!("{server}: {}", s.message())))?
-        .into_inner();
+    let mut tries = config.server_addresses.len().max(1);
+    let response = loop {
+        let (mut client, server) = servers.connect(&tls).await?;
+        let request = pb::AttestRequest { join_token: token.clone(), csr: csr.clone() };
+        match client.attest(request).await {
+            Ok(response) => break response.into_inner(),
+            Err(status) => {
+                let failed = format!("{server}: {}", status.message());
+                tries -= 1;
+                let broken = matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::Unknown
+                );
+                if !broken || tries == 0 {
+                    return Err(AgentError::Attestation(failed));
+                }
+                warn!(error = %failed, "attestation failed on this server; trying the next");
+                servers.fail_over();
+            }
+        }
+    };
     let identity = AgentIdentity::new(response.x509_svid, key)?;
     identity.save(&config.data_dir)?;
     let bundle: Vec<CertificateDer<'static>> =
