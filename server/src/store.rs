@@ -1072,6 +1072,14 @@ impl KvStore {
         }
     }
 
+    /// Every record of `tree`, decoded.
+    fn decode_tree<M: Message + Default>(&self, tree: &'static str) -> Result<Vec<M>, StoreError> {
+        scan_prefix(&*self.kv, tree, b"")?
+            .into_iter()
+            .map(|(key, bytes)| decode(&key, &bytes))
+            .collect()
+    }
+
     /// A whole copy of every tree, read under the lock: consistent.
     fn dump(&self) -> Result<Vec<Pairs>, StoreError> {
         self.commit_read(|tx| tx.dump())
@@ -1558,10 +1566,7 @@ impl Store for KvStore {
     }
 
     fn cas(&self) -> Result<Vec<pb::CaRecord>, StoreError> {
-        scan_prefix(&*self.kv, t(CAS), b"")?
-            .into_iter()
-            .map(|(key, bytes)| decode(&key, &bytes))
-            .collect()
+        self.decode_tree(t(CAS))
     }
 
     fn take_shared_budget(
@@ -1773,10 +1778,7 @@ impl Store for KvStore {
     }
 
     fn agents(&self) -> Result<Vec<pb::Agent>, StoreError> {
-        scan_prefix(&*self.kv, t(AGENTS), b"")?
-            .into_iter()
-            .map(|(key, bytes)| decode(&key, &bytes))
-            .collect()
+        self.decode_tree(t(AGENTS))
     }
 
     fn record_issued(
@@ -1841,10 +1843,7 @@ impl Store for KvStore {
     }
 
     fn revocations(&self) -> Result<Vec<pb::Revocation>, StoreError> {
-        scan_prefix(&*self.kv, t(REVOCATIONS), b"")?
-            .into_iter()
-            .map(|(key, bytes)| decode(&key, &bytes))
-            .collect()
+        self.decode_tree(t(REVOCATIONS))
     }
 
     fn prune_expired(&self, now: i64) -> Result<usize, StoreError> {
