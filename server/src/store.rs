@@ -2420,27 +2420,35 @@ mod tests {
             (place, a, b)
         }
 
+        /// Runs `work(store, i)` for `i` in `0..n` on as many threads at
+        /// once, even `i` on server A and odd on B; the results in order.
+        fn at_once<T: Send + 'static>(
+            a: &Arc<KvStore>,
+            b: &Arc<KvStore>,
+            n: usize,
+            work: fn(&KvStore, usize) -> T,
+        ) -> Vec<T> {
+            let threads: Vec<_> = (0..n)
+                .map(|i| {
+                    let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+                    std::thread::spawn(move || work(&store, i))
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        }
+
         /// Writers on two servers at once: the log has every change once,
         /// numbered without holes, and both servers read the same log.
         #[test]
         fn two_servers_share_one_change_log_without_holes() {
             let (_place, a, b) = two();
             let (a, b) = (Arc::new(a), Arc::new(b));
-            let writers: Vec<_> = (0..4)
-                .map(|w| {
-                    let store = if w % 2 == 0 { a.clone() } else { b.clone() };
-                    std::thread::spawn(move || {
-                        for i in 0..25 {
-                            let e = entry(&format!("e{w}-{i}"), &format!("w{w}-{i}"), "agent", 1);
-                            let results = store.create_entries(&[e]).unwrap();
-                            assert!(results[0].is_ok());
-                        }
-                    })
-                })
-                .collect();
-            for w in writers {
-                w.join().unwrap();
-            }
+            at_once(&a, &b, 4, |store, w| {
+                for i in 0..25 {
+                    let e = entry(&format!("e{w}-{i}"), &format!("w{w}-{i}"), "agent", 1);
+                    assert!(store.create_entries(&[e]).unwrap()[0].is_ok());
+                }
+            });
             for store in [&a, &b] {
                 let revisions: Vec<u64> =
                     store.changes_since(0, 1000).unwrap().iter().map(|c| c.revision).collect();
@@ -2506,22 +2514,14 @@ mod tests {
         fn two_servers_rotating_at_once_keep_one_whole_bundle() {
             let (_place, a, b) = two();
             let (a, b) = (Arc::new(a), Arc::new(b));
-            let record = ca_record;
-            let rotators: Vec<_> = [("a", a.clone()), ("b", b.clone())]
-                .into_iter()
-                .map(|(name, store)| {
-                    std::thread::spawn(move || {
-                        for seq in 1..=30 {
-                            store
-                                .publish_cas(name, &[record(name, seq), record(name, seq + 1)])
-                                .unwrap();
-                        }
-                    })
-                })
-                .collect();
-            for r in rotators {
-                r.join().unwrap();
-            }
+            at_once(&a, &b, 2, |store, i| {
+                let name = ["a", "b"][i];
+                for seq in 1..=30 {
+                    store
+                        .publish_cas(name, &[ca_record(name, seq), ca_record(name, seq + 1)])
+                        .unwrap();
+                }
+            });
             for store in [&a, &b] {
                 let mut held: Vec<(String, u32)> =
                     store.cas().unwrap().into_iter().map(|r| (r.server_id, r.seq)).collect();
@@ -2557,20 +2557,15 @@ mod tests {
         fn concurrent_takes_on_two_servers_never_exceed_the_budget() {
             let (_place, a, b) = two();
             let (a, b) = (Arc::new(a), Arc::new(b));
-            let callers: Vec<_> = (0..8)
-                .map(|i| {
-                    let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-                    std::thread::spawn(move || {
-                        (0..40)
-                            .filter(|_| {
-                                store.take_shared_budget("agent", 10, 0, 1000, 0).unwrap()
-                                    == Some(true)
-                            })
-                            .count()
+            let taken: usize = at_once(&a, &b, 8, |store, _| {
+                (0..40)
+                    .filter(|_| {
+                        store.take_shared_budget("agent", 10, 0, 1000, 0).unwrap() == Some(true)
                     })
-                })
-                .collect();
-            let taken: usize = callers.into_iter().map(|c| c.join().unwrap()).sum();
+                    .count()
+            })
+            .into_iter()
+            .sum();
             assert_eq!(taken * 10, 1000, "exactly the burst, no more, no less");
         }
 
