@@ -203,9 +203,18 @@ impl JwtSvids {
             let request = pb::SignJwtRequest { items };
             let mut response = self.sign_once(request.clone()).await;
             // The connection may carry an agent SVID a renewal is replacing
-            // at this moment: a few more tries on a fresh connection.
+            // at this moment (refused whole, or item by item if the renewal
+            // landed while the server signed): a few more tries on a fresh
+            // connection.
             for delay in SIGN_RETRIES {
-                if response.is_ok() {
+                let superseded = response.as_ref().is_ok_and(|r| {
+                    r.get_ref().results.iter().any(|item| {
+                        item.status
+                            .as_ref()
+                            .is_some_and(|s| s.message == tessera_proto::AGENT_SVID_CHANGED)
+                    })
+                });
+                if response.is_ok() && !superseded {
                     break;
                 }
                 self.link.reset();

@@ -44,3 +44,8 @@ pub use tessera::types::v1 as types;
 /// reason as its value: `banned`, `revoked`, `superseded`, `unknown-agent`,
 /// `expired`, `evicted`.
 pub const REFUSAL_METADATA: &str = "tessera-refusal";
+
+/// A signing item's refusal when the agent's own SVID was renewed while
+/// the server signed (the batch is refused whole): the agent signs again
+/// with its new SVID.
+pub const AGENT_SVID_CHANGED: &str = "the agent's SVID changed while signing";

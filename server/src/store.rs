@@ -978,7 +978,7 @@ impl KvStore {
                         Some(format!("agent {} was banned while signing", job.agent_id))
                     }
                     Some(a) if a.x509_svid_serial != job.agent_serial => {
-                        Some("the agent's SVID changed while signing".to_string())
+                        Some(tessera_proto::AGENT_SVID_CHANGED.to_string())
                     }
                     Some(_) => None,
                 };
