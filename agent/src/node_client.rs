@@ -218,6 +218,12 @@ impl Servers {
         })
     }
 
+    /// Which of `servers` (the resolved ring's length) the next connection
+    /// tries first.
+    pub fn starts_at(&self, servers: usize) -> usize {
+        self.next.load(Ordering::Relaxed) % servers.max(1)
+    }
+
     /// The server of the last connection.
     pub fn current(&self) -> Option<String> {
         self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()

@@ -932,18 +932,24 @@ impl Admin for AdminService {
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
         // The server answers even when its datastore does not: it says so.
+        // The datastore's own error, for the operator (callers of other
+        // APIs get only that it is unavailable).
         let read = self
             .state
             .store_op(|store| {
-                Ok((
-                    store.health()?,
-                    store.revision()?,
-                    store.entry_count(),
-                    store.agents()?.len(),
-                    store.issued_count(),
-                ))
+                let read = || {
+                    Ok((
+                        store.health()?,
+                        store.revision()?,
+                        store.entry_count(),
+                        store.agents()?.len(),
+                        store.issued_count(),
+                    ))
+                };
+                Ok(read().map_err(|e: StoreError| e.to_string()))
             })
-            .await;
+            .await
+            .unwrap_or_else(|status| Err(status.message().to_string()));
         let mut health = pb::HealthResponse {
             trust_domain: self.state.config.trust_domain.to_string(),
             bundle_cas: self.state.ca.bundle().len() as u64,
@@ -964,7 +970,7 @@ impl Admin for AdminService {
                     .datastore
                     .as_deref()
                     .map_or_else(String::new, crate::pg::redact);
-                health.datastore_error = e.message().to_string();
+                health.datastore_error = e;
             }
         }
         Ok(Response::new(health))

@@ -54,7 +54,14 @@ impl State {
             .map_err(|e| tonic::Status::internal(format!("store task failed: {e}")))?
             .map_err(|e| {
                 tracing::error!(error = %e, "store failure");
-                tonic::Status::internal(e.to_string())
+                match e {
+                    // Where the database is, and why it fails, is for the
+                    // server's log (and `healthcheck`), not for callers.
+                    StoreError::Database(_) => {
+                        tonic::Status::unavailable("the server's datastore is unavailable; retry")
+                    }
+                    e => tonic::Status::internal(e.to_string()),
+                }
             })
     }
 }

@@ -38,6 +38,10 @@ async fn server_configured(
     bind: SocketAddr,
     configure: impl FnOnce(&mut tessera_server::Config),
 ) -> TestServer {
+    // TESSERA_TEST_LOG=info shows what the servers and agents log.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("TESSERA_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
     let mut config = test_config(dir);
     config.datastore = Some(url.to_string());
     config.bind = bind;
@@ -48,10 +52,6 @@ async fn server_configured(
 
 /// Two servers on one fresh database, each with the other's CA in its bundle.
 async fn two_servers(dir: &Path) -> (String, TestServer, TestServer) {
-    // TESSERA_TEST_LOG=info shows what the servers and agents log.
-    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("TESSERA_TEST_LOG") {
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
-    }
     let url = PgCluster::shared().database();
     let a = server(&dir.join("server-a"), &url).await;
     let b = server(&dir.join("server-b"), &url).await;
@@ -351,6 +351,15 @@ async fn a_server_that_loses_its_database_says_so_keeps_serving_and_recovers() {
     let (ok, text) = healthcheck(&a);
     assert!(!ok, "a server without its database is not healthy");
     assert!(text.contains("datastore") && text.contains("fails"), "{text}");
+    // Callers learn that the datastore is unavailable (retry), not where it is.
+    let refused = a
+        .admin()
+        .await
+        .get_bundle(admin_pb::GetBundleRequest {})
+        .await
+        .expect_err("no bundle without the datastore");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(!refused.message().contains("postgres"), "{refused:?}");
     // A load balancer's probe sees it too.
     let metrics = a.metrics_addr.unwrap();
     within(PROMPTLY, "/ready reports the datastore", async {
@@ -459,6 +468,43 @@ async fn an_agents_signing_limit_holds_across_servers() {
     let refused = on_b.sign_x509(batch(200)).await.expect_err("over the shared budget on B");
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
     on_b.sign_x509(batch(50)).await.expect("what is left of the budget, on B");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A server that cannot reach its database fails attestation (it cannot
+/// take the token); the agent passes to the next server instead of giving
+/// up. Server A here has a database of its own, stopped; B has the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attestation_passes_over_a_server_that_fails_to_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let lost = PgCluster::start().unwrap();
+    let a = server(&dir.path().join("server-a"), &lost.database()).await;
+    let b = server(&dir.path().join("server-b"), &PgCluster::shared().database()).await;
+    let a_bundle = a.bundle().await;
+    lost.pause().unwrap();
+    // The agent trusts both servers, and is told A first: a token whose
+    // ring starts at A.
+    let addresses = vec![a.addr.to_string(), b.addr.to_string()];
+    let token = loop {
+        let token = b.join_token("", 0).await.token;
+        if tessera_agent::Servers::new(addresses.clone(), &token).starts_at(2) == 0 {
+            break token;
+        }
+    };
+    let bundle = dir.path().join("both.pem");
+    let both: Vec<_> = a_bundle.into_iter().chain(b.bundle().await).collect();
+    std::fs::write(&bundle, tessera_tests::to_pem(&both)).unwrap();
+    let agent = RunningAgent::start_configured(&b, &dir.path().join("agent"), |config| {
+        config.server_addresses = addresses;
+        config.join_token = Some(token);
+        config.trust_bundle = Some(bundle);
+    })
+    .await;
+    create_entry(&b, "spiffe://example.org/web", &agent.id).await;
+    let (_stream, svid) = open_stream(&agent).await;
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+    agent.stop().await;
     a.stop().await;
     b.stop().await;
 }
