@@ -635,4 +635,16 @@ mod tests {
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("host=/tmp user=u"), "host=/tmp user=u");
     }
+
+    /// The README's Unix socket form: the socket directory, percent-encoded, as the host.
+    #[test]
+    fn a_unix_socket_url_reaches_the_database() {
+        let cluster = crate::pg_cluster::PgCluster::shared();
+        let tcp = cluster.database();
+        let name = tcp.rsplit('/').next().unwrap();
+        let dir = cluster.dir().display().to_string().replace('/', "%2F");
+        let url = format!("postgres://tessera@{dir}:{}/{name}", cluster.port());
+        let kv = PgKv::connect(&url).unwrap();
+        assert!(kv.health().unwrap().starts_with("postgresql"), "{url}");
+    }
 }
