@@ -35,27 +35,27 @@ pub struct FedChange {
     /// stream reads it itself. Either is at least as new as the change,
     /// and any later change follows in the log.
     pub entry: Option<Option<Entry>>,
-    /// When that read began: it saw every commit made before then. A
-    /// stream uses the read only if it began after the stream opened and
-    /// after the stream's own last read of the store, so that nothing it
-    /// sends is older than what it (or, before a failover, another server)
-    /// sent before.
-    pub read_at: std::time::Instant,
+    /// When the feed took the change in (`None` for one a stream read from
+    /// the store itself): push latency is counted from here. The entry
+    /// read began then and saw every commit made before; a stream uses it
+    /// only if it began after the stream opened and after the stream's own
+    /// last read of the store, so that nothing it sends is older than what
+    /// it (or, before a failover, another server) sent before.
+    pub read_at: Option<std::time::Instant>,
 }
 
 impl FedChange {
-    /// A change whose entry the stream reads itself.
+    /// A change a stream read from the store; it reads the entry itself.
     pub fn bare(change: Change) -> Self {
-        Self { change, entry: None, read_at: std::time::Instant::now() }
+        Self { change, entry: None, read_at: None }
     }
 }
 
 /// Recent changes of the log, shared by every Sync stream.
 #[derive(Debug)]
 pub struct ChangeFeed {
-    /// Contiguous revisions, oldest first, each with when the feed read it
-    /// (right after its commit woke the feed).
-    window: RwLock<VecDeque<(Arc<FedChange>, std::time::Instant)>>,
+    /// Contiguous revisions, oldest first.
+    window: RwLock<VecDeque<Arc<FedChange>>>,
     /// The last revision in the window (or the store's at start).
     latest: watch::Sender<u64>,
     /// The CRLs in force as of at least `latest`, read once for all streams.
@@ -103,20 +103,12 @@ impl ChangeFeed {
         if revision >= latest {
             return Some(Vec::new());
         }
-        let first = window.front()?.0.change.revision;
+        let first = window.front()?.change.revision;
         if revision + 1 < first {
             return None;
         }
         let skip = (revision + 1 - first) as usize;
-        Some(window.iter().skip(skip).take(limit).map(|(c, _)| c.clone()).collect())
-    }
-
-    /// When the feed read `revision` from the log, if it still holds it.
-    pub fn seen_at(&self, revision: u64) -> Option<std::time::Instant> {
-        let window = self.window.read().unwrap_or_else(|e| e.into_inner());
-        let first = window.front()?.0.change.revision;
-        let index = usize::try_from(revision.checked_sub(first)?).ok()?;
-        window.get(index).map(|(_, at)| *at)
+        Some(window.iter().skip(skip).take(limit).cloned().collect())
     }
 
     /// Tails the store's log until `shutdown`. `on_changes` sees each batch
@@ -173,8 +165,7 @@ impl ChangeFeed {
             if let Some(last) = changes.last().map(|c| c.revision) {
                 let fed = with_entries(&store, changes).await;
                 let mut window = self.window.write().unwrap_or_else(|e| e.into_inner());
-                let now = std::time::Instant::now();
-                window.extend(fed.into_iter().map(|c| (Arc::new(c), now)));
+                window.extend(fed.into_iter().map(Arc::new));
                 while window.len() > FEED_WINDOW {
                     window.pop_front();
                 }
@@ -205,7 +196,7 @@ async fn with_entries(store: &Arc<dyn Store>, changes: Vec<Change>) -> Vec<FedCh
         .into_iter()
         .collect();
     let mut current = std::collections::HashMap::new();
-    let read_at = std::time::Instant::now();
+    let read_at = Some(std::time::Instant::now());
     if !ids.is_empty() {
         let reader = store.clone();
         match tokio::task::spawn_blocking(move || {
@@ -244,8 +235,7 @@ mod tests {
     fn the_window_answers_only_what_it_holds_contiguously() {
         let feed = ChangeFeed::new(10, Vec::new());
         assert_eq!(feed.since(10, 5).map(|c| c.len()), Some(0), "nothing newer yet");
-        let now = std::time::Instant::now();
-        feed.window.write().unwrap().extend((11..=20).map(|r| (change(r), now)));
+        feed.window.write().unwrap().extend((11..=20).map(change));
         feed.latest.send_replace(20);
         let got: Vec<u64> = feed.since(12, 3).unwrap().iter().map(|c| c.change.revision).collect();
         assert_eq!(got, [13, 14, 15]);

@@ -920,7 +920,7 @@ impl NodeService {
             for fed in changes {
                 cursor = fed.change.revision;
                 if self.send_change(caller, &fed, &mut fresh_since, tx).await? {
-                    if let Some(at) = self.state.feed.seen_at(cursor) {
+                    if let Some(at) = fed.read_at {
                         let revocation = matches!(fed.change.kind, ChangeKind::Revoked { .. });
                         self.state.metrics.pushed(revocation, at.elapsed().as_secs_f64());
                     }
@@ -949,7 +949,7 @@ impl NodeService {
                 // The entry as it is now (or as the feed read it, for every
                 // stream at once) decides: kept if still ours, else dropped.
                 let current = match &fed.entry {
-                    Some(read) if fed.read_at >= *fresh_since => read.clone(),
+                    Some(read) if fed.read_at.is_some_and(|at| at >= *fresh_since) => read.clone(),
                     _ => {
                         let id = entry_id.clone();
                         let read = self.state.store_op(move |store| store.entry(&id)).await?;

@@ -14,11 +14,11 @@ use spiffe::{WorkloadApiClient, WorkloadApiError, X509Context, X509Svid};
 use tessera_proto::admin as admin_pb;
 use tessera_server::SystemClock;
 use tessera_tests::pg_cluster::PgCluster;
-use tessera_tests::{http_get, my_uid, test_config, RunningAgent, TestAgent, TestServer};
+use tessera_tests::{http_get, test_config, RunningAgent, TestAgent, TestServer};
 use tokio_stream::{Stream, StreamExt as _};
 
 mod common;
-use common::{serial_hex, server_bin, within, PROMPTLY};
+use common::{serial_hex, server_bin, uid_selector, within, PROMPTLY};
 
 /// A server of the shared datastore `url`, with its own data dir (its own
 /// CA key) and metrics (to see which server holds an agent's Sync stream).
@@ -73,7 +73,7 @@ async fn agent(first: &TestServer, servers: &[&TestServer], dir: &Path) -> Runni
 }
 
 async fn create_entry(server: &TestServer, spiffe_id: &str, parent: &str) -> String {
-    server.create_entry(spiffe_id, parent, &[&format!("unix:uid:{}", my_uid())], None).await
+    server.create_entry(spiffe_id, parent, &[&uid_selector()], None).await
 }
 
 /// The workload's X.509 context stream (the `spiffe` crate: every SVID it
