@@ -259,15 +259,32 @@ impl fmt::Debug for SledKv {
 }
 
 impl SledKv {
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates) the database in `dir`. A previous handle of the
+    /// same process releases the database's file lock only when sled's
+    /// background threads end, shortly after it is dropped (a restart in
+    /// place): a held lock is retried for up to 3 s before it is an error.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        // sled's default page cache is 1 GiB; the working set here is far smaller.
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .cache_capacity(cache_bytes)
-            .open()?;
-        Ok(Self { db, trees: Default::default(), locks: Default::default() })
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            // sled's default page cache is 1 GiB; the working set here is far smaller.
+            let opened = sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .cache_capacity(cache_bytes)
+                .open();
+            match opened {
+                Ok(db) => {
+                    return Ok(Self { db, trees: Default::default(), locks: Default::default() })
+                }
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     fn tree(&self, name: &'static str) -> Result<sled::Tree, StoreError> {
