@@ -15,7 +15,12 @@ use crate::event_schema::{self as schema, kind, EventExt};
 use crate::events::entry_json;
 use crate::revocation::{normalize_serial, revoke_issued};
 use crate::state::State;
-use crate::store::{svid_key, EntryFilter, EntryWrite, Store, StoreError, StoreReport, MAX_BATCH};
+use crate::admin_peer::AdminPeer;
+use crate::approval::ApprovalRefusal;
+use crate::store::{
+    join_token_key, svid_key, Approved, EntryFilter, EntryWrite, Store, StoreError, StoreReport,
+    MAX_BATCH,
+};
 
 /// A store batch write at a time: per-item results and what it revoked.
 type BatchWrite = fn(&dyn Store, &[Entry], i64) -> Result<EntryWrite, StoreError>;
@@ -43,11 +48,9 @@ pub fn report_proto(report: &StoreReport) -> pb::StoreReport {
 /// Largest page of a listing.
 pub const MAX_PAGE: usize = 10_000;
 
-/// The admin caller, from the socket's peer credentials.
+/// The admin caller, as pinned when its connection was accepted.
 pub fn operator_of<T>(request: &Request<T>) -> Option<Operator> {
-    let info = request.extensions().get::<tonic::transport::server::UdsConnectInfo>()?;
-    let cred = info.peer_cred?;
-    Some(Operator { uid: cred.uid(), gid: cred.gid(), pid: cred.pid().unwrap_or(0) })
+    Some(request.extensions().get::<AdminPeer>()?.operator)
 }
 
 /// Lets operators through (root, the server's uid, `admin_uids`,
@@ -58,9 +61,10 @@ pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Sta
         .get::<tonic::GrpcMethod>()
         .map(|m| m.method().to_string())
         .unwrap_or_default();
-    let operator = operator_of(&request);
-    let verdict = match &operator {
-        Some(op) => state.governance.operators.authorize(op),
+    let peer = request.extensions().get::<AdminPeer>();
+    let operator = peer.map(|p| p.operator);
+    let verdict = match peer {
+        Some(peer) => state.governance.operators.authorize(peer),
         None => Err("the caller's peer credentials are unknown".to_string()),
     };
     match verdict {
@@ -72,6 +76,17 @@ pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Sta
             state.events.record(vec![e]);
             Err(Status::permission_denied(why))
         }
+    }
+}
+
+/// The status of a refused proposal or approval.
+fn approval_code(refusal: &ApprovalRefusal) -> tonic::Code {
+    match refusal {
+        ApprovalRefusal::NotFound(_) => tonic::Code::NotFound,
+        ApprovalRefusal::HashRequired => tonic::Code::InvalidArgument,
+        ApprovalRefusal::SameOperator { .. } => tonic::Code::PermissionDenied,
+        ApprovalRefusal::Entry(e) => e.code(),
+        _ => tonic::Code::FailedPrecondition,
     }
 }
 
@@ -158,7 +173,7 @@ impl AdminService {
     ) -> Result<Response<pb::BatchEntryResponse>, Status> {
         Self::check_batch(inputs.len())?;
         let now = self.state.clock.now();
-        let event_kind = if op == "create" { kind::ENTRY_CREATE } else { kind::ENTRY_UPDATE };
+        let event_kind = if op == crate::approval::OP_CREATE { kind::ENTRY_CREATE } else { kind::ENTRY_UPDATE };
         let mut results: Vec<Option<Result<types::Entry, EntryError>>> =
             Vec::with_capacity(inputs.len());
         let mut valid = Vec::new();
@@ -201,18 +216,19 @@ impl AdminService {
                 // Once approval was required, every change needs it.
                 entry.require_approval |= old.require_approval;
             }
-            let mut reasons = self.state.governance.policy.reasons(&entry);
-            if let (Some(old), false) = (old, entry.require_approval) {
-                // An update is held only when it raises the entry above the threshold.
-                let before = self.state.governance.policy.reasons(old);
-                reasons.retain(|r| !before.contains(r));
-            }
+            let policy = &self.state.governance.policy;
+            // Any change to an entry the policy matches, before or after it,
+            // needs approval (so an approved entry cannot be changed alone).
+            let reasons = match old {
+                Some(old) => policy.update_reasons(old, &entry),
+                None => policy.reasons(&entry),
+            };
             if reasons.is_empty() || (op == "update" && old.is_none()) {
                 direct.push(entry);
                 direct_slots.push(slot);
                 continue;
             }
-            let proposal = crate::governance::proposal(
+            let proposal = crate::approval::proposal(
                 &entry,
                 op,
                 &caller,
@@ -222,11 +238,11 @@ impl AdminService {
                 old.map_or(0, |o| o.revision),
             );
             let stored = proposal.clone();
-            self.state
-                .governance
-                .pending
-                .put(&stored)
-                .map_err(|e| Status::internal(e.to_string()))?;
+            if let Err(refusal) = self.state.store_op(move |store| store.propose(&stored)).await? {
+                // Recorded as this item's refusal below.
+                results[slot] = Some(Err(EntryError::Pending(refusal.to_string())));
+                continue;
+            }
             let mut e = entry_event(
                 kind::ENTRY_PENDING,
                 &operator,
@@ -524,13 +540,48 @@ impl Admin for AdminService {
             }
             id
         };
+        let now = self.state.clock.now();
+        let reasons = self.state.governance.policy.agent_id_reasons(&spiffe_id);
+        if !reasons.is_empty() {
+            // Held for a second operator like an entry: the token is stored
+            // (hashed) only when the proposal is approved, and works for
+            // `ttl` seconds from then.
+            let proposal = crate::approval::join_token_proposal(
+                spiffe_id.as_str(),
+                String::from_utf8_lossy(&join_token_key(&token)).into_owned(),
+                ttl,
+                &operator.unwrap_or_default(),
+                reasons.clone(),
+                now,
+                config.pending_ttl(),
+            );
+            let stored = proposal.clone();
+            // Refused at once when the ID is an agent's or an entry's.
+            if let Err(refusal) = self.state.store_op(move |store| store.propose(&stored)).await? {
+                return Err(self.refuse(&operator, "join token", refusal.to_string()));
+            }
+            let mut e = entry_event(kind::ENTRY_PENDING, &operator, None, Some(&proposal))
+                .attr("op", crate::approval::OP_JOIN_TOKEN)
+                .attr("ttl", ttl);
+            e.reason = reasons.join("; ");
+            self.state.events.record_durable(vec![e]).await;
+            return Ok(Response::new(types::JoinToken {
+                token,
+                spiffe_id: spiffe_id.to_string(),
+                expires_at: 0,
+                pending: proposal.pending,
+            }));
+        }
         let record = types::JoinToken {
             token,
             spiffe_id: spiffe_id.to_string(),
-            expires_at: self.state.clock.now() + i64::from(ttl),
+            expires_at: now + i64::from(ttl),
+            pending: None,
         };
         let stored = record.clone();
-        self.state.store_op(move |store| store.put_join_token(&stored)).await?;
+        if let Err(refusal) = self.state.store_op(move |store| store.put_join_token(&stored)).await? {
+            return Err(self.refuse(&operator, "join token", refusal.to_string()));
+        }
         let e =
             admin_event(kind::JOIN_TOKEN, &operator).agent(spiffe_id.to_string()).attr("ttl", ttl);
         self.state.events.record_durable(vec![e]).await;
@@ -726,85 +777,36 @@ impl Admin for AdminService {
     ) -> Result<Response<types::Entry>, Status> {
         let operator = operator_of(&request);
         let caller = operator.unwrap_or_default();
-        let id = request.into_inner().id;
-        let internal = |e: StoreError| Status::internal(e.to_string());
-        let Some(proposal) = self.state.governance.pending.get(&id).map_err(internal)? else {
-            return Err(self.deny_approval(
-                &operator,
-                &id,
-                Status::not_found(format!("no entry {id} is waiting for approval")),
-            ));
-        };
-        let approval = proposal.pending.clone().unwrap_or_default();
-        if approval.requested_by_uid == caller.uid {
-            return Err(self.deny_approval(
-                &operator,
-                &id,
-                Status::permission_denied(format!(
-                    "uid {} proposed entry {id}; another operator must approve it",
-                    caller.uid
-                )),
-            ));
-        }
+        let req = request.into_inner();
+        let (id, hash) = (req.id.clone(), req.content_hash);
         let now = self.state.clock.now();
-        if approval.expires_at <= now {
-            return Err(self.deny_approval(
-                &operator,
-                &id,
-                Status::failed_precondition(format!(
-                    "the proposal of entry {id} has expired; propose it again"
-                )),
-            ));
-        }
-        let mut stored = proposal.clone();
-        stored.pending = None;
-        let entry = Entry::from_stored(stored).map_err(|e| Status::internal(e.to_string()))?;
-        let before = if approval.op == "update" {
-            let lookup = id.clone();
-            let current = self.state.store_op(move |store| store.entry(&lookup)).await?;
-            match current {
-                Some(current) if current.revision == approval.base_revision => Some(current),
-                _ => {
-                    return Err(self.deny_approval(&operator, &id, Status::failed_precondition(format!(
-                        "entry {id} changed (or was deleted) after this update was proposed; propose it again"
-                    ))))
-                }
-            }
-        } else {
-            None
+        // The checks (hash, proposer, expiry, unchanged entry) and the write
+        // are one commit.
+        let approved = self
+            .state
+            .store_op(move |store| store.approve(&req.id, &hash, caller.uid, now))
+            .await?
+            .map_err(|refusal| {
+                let status = Status::new(approval_code(&refusal), refusal.to_string());
+                self.deny_approval(&operator, &id, status)
+            })?;
+        let Approved { proposal, write } = approved;
+        let approval = proposal.pending.clone().unwrap_or_default();
+        let after = match write.results.into_iter().next() {
+            Some(Ok(entry)) => entry.to_proto(),
+            // A join token: the proposal is what was approved.
+            _ => types::Entry { pending: None, ..proposal.clone() },
         };
-        let entries = vec![entry];
-        let write = if approval.op == "update" {
-            self.state
-                .store_op(move |store| store.update_entries(&entries, now, "entry updated"))
-                .await?
-        } else {
-            self.state
-                .store_op(move |store| {
-                    Ok(EntryWrite {
-                        results: store.create_entries(&entries)?,
-                        ..Default::default()
-                    })
-                })
-                .await?
-        };
-        let result = write.results.into_iter().next().unwrap_or(Err(EntryError::MissingId));
-        self.state.governance.pending.remove(&id).map_err(internal)?;
-        let entry = result.map_err(|e| {
-            self.deny_approval(&operator, &id, Status::new(e.code(), e.to_string()))
-        })?;
-        let mut e = entry_event(
-            kind::ENTRY_APPROVE,
-            &operator,
-            before.map(|b| b.to_proto()).as_ref(),
-            Some(&entry.to_proto()),
-        )
-        .attr("op", &approval.op)
-        .attr("requested_by_uid", approval.requested_by_uid);
+        let before = write.previous.into_iter().flatten().next().map(|b| b.to_proto());
+        let mut e = entry_event(kind::ENTRY_APPROVE, &operator, before.as_ref(), Some(&after))
+            .attr("op", &approval.op)
+            .attr("proposal_id", &approval.proposal_id)
+            .attr("content_hash", &approval.content_hash)
+            .attr("requested_by_uid", approval.requested_by_uid);
         e.reason = approval.reasons.join("; ");
         self.state.events.record_durable(vec![e]).await;
         crate::revocation::revoked(&self.state, &write.revoked, operator.as_ref()).await?;
-        Ok(Response::new(entry.to_proto()))
+        Ok(Response::new(after))
     }
 
     async fn reject_entry(
@@ -814,15 +816,15 @@ impl Admin for AdminService {
         let operator = operator_of(&request);
         let req = request.into_inner();
         let internal = |e: StoreError| Status::internal(e.to_string());
-        let Some(proposal) = self.state.governance.pending.get(&req.id).map_err(internal)? else {
-            let status = Status::not_found(format!("no entry {} is waiting for approval", req.id));
+        let Some(proposal) = self.state.governance.pending.find(&req.id).map_err(internal)? else {
+            let status = Status::not_found(format!("no proposal {} is waiting for approval", req.id));
             let e = schema::denied(kind::ENTRY_REJECT, status.message())
                 .operator(operator)
                 .entry(req.id.clone());
             self.state.events.record(vec![e]);
             return Err(status);
         };
-        self.state.governance.pending.remove(&req.id).map_err(internal)?;
+        self.state.governance.pending.remove(&proposal.id).map_err(internal)?;
         let mut e = entry_event(kind::ENTRY_REJECT, &operator, Some(&proposal), None);
         e.reason = if req.reason.is_empty() { "rejected by operator".into() } else { req.reason };
         self.state.events.record_durable(vec![e]).await;

@@ -278,18 +278,23 @@ enum EntryCommand {
         #[command(flatten)]
         socket: SocketArg,
     },
-    /// Approve an entry (or update) waiting for approval; must come from
-    /// another operator uid than the one that proposed it.
+    /// Approve a proposal (an entry, an entry update or a join token)
+    /// waiting for approval; must come from another operator uid than the
+    /// one that proposed it, and name the content hash that `entry show
+    /// --pending` shows, so that only what was reviewed is approved.
     Approve {
-        /// The entry.
+        /// The entry ID or the proposal ID.
         #[arg(long)]
         id: String,
+        /// The proposal's content hash (`entry show --pending`).
+        #[arg(long)]
+        hash: String,
         #[command(flatten)]
         socket: SocketArg,
     },
-    /// Reject an entry (or update) waiting for approval.
+    /// Reject a proposal waiting for approval.
     Reject {
-        /// The entry.
+        /// The entry ID or the proposal ID.
         #[arg(long)]
         id: String,
         /// Why (recorded).
@@ -416,6 +421,14 @@ impl Cli {
                 let token = client.create_join_token(request).await?.into_inner();
                 println!("{}", token.token);
                 eprintln!("agent SPIFFE ID: {}", token.spiffe_id);
+                if let Some(p) = &token.pending {
+                    eprintln!(
+                        "This token is held for approval ({}): it works once another operator runs `tessera-server entry approve --id {} --hash {}`",
+                        p.reasons.join("; "),
+                        p.proposal_id,
+                        p.content_hash
+                    );
+                }
                 Ok(())
             }
             Command::Entry(command) => entry_command(command).await,
@@ -815,10 +828,15 @@ async fn entry_command(command: EntryCommand) -> Result<(), CliError> {
             report_pending(&entry);
             Ok(())
         }
-        EntryCommand::Approve { id, socket } => {
+        EntryCommand::Approve { id, hash, socket } => {
             let mut client = connect_admin(&socket.socket).await?;
-            let entry = client.approve_entry(pb::ApproveEntryRequest { id }).await?.into_inner();
-            println!("Approved entry {} ({})", entry.id, entry.spiffe_id);
+            let request = pb::ApproveEntryRequest { id, content_hash: hash };
+            let entry = client.approve_entry(request).await?.into_inner();
+            if entry.parent_id.is_empty() {
+                println!("Approved join token for agent {}", entry.spiffe_id);
+            } else {
+                println!("Approved entry {} ({})", entry.id, entry.spiffe_id);
+            }
             Ok(())
         }
         EntryCommand::Reject { id, reason, socket } => {
@@ -829,7 +847,7 @@ async fn entry_command(command: EntryCommand) -> Result<(), CliError> {
                     reason: reason.unwrap_or_default(),
                 })
                 .await?;
-            println!("Rejected entry {id}");
+            println!("Rejected proposal {id}");
             Ok(())
         }
         EntryCommand::Delete { id, socket } => {
@@ -901,6 +919,8 @@ fn entry_json(e: &types::Entry) -> serde_json::Value {
         "require_approval": e.require_approval,
         "pending": e.pending.as_ref().map(|p| json!({
             "op": p.op,
+            "proposal_id": p.proposal_id,
+            "content_hash": p.content_hash,
             "requested_by_uid": p.requested_by_uid,
             "reasons": p.reasons,
             "requested_at": p.requested_at,
@@ -913,10 +933,11 @@ fn entry_json(e: &types::Entry) -> serde_json::Value {
 fn report_pending(entry: &types::Entry) {
     if let Some(p) = &entry.pending {
         eprintln!(
-            "Entry {} is pending approval by another operator ({}); it is not signed or pushed until `entry approve --id {}`",
+            "Entry {} is pending approval by another operator ({}); it is not signed or pushed until `entry approve --id {} --hash {}`",
             entry.id,
             p.reasons.join("; "),
-            entry.id
+            entry.id,
+            p.content_hash
         );
     }
 }
@@ -928,6 +949,8 @@ fn print_entries(entries: &[types::Entry]) {
         println!("Entry ID         : {}", e.id);
         if let Some(p) = &e.pending {
             println!("Status           : pending approval ({})", p.op);
+            println!("Proposal ID      : {}", p.proposal_id);
+            println!("Content hash     : {}", p.content_hash);
             println!("Requested by uid : {}", p.requested_by_uid);
             for why in &p.reasons {
                 println!("Needs approval   : {why}");

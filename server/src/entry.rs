@@ -74,6 +74,12 @@ pub enum EntryError {
     /// An update did not name the entry.
     #[error("entry ID is required")]
     MissingId,
+    /// The entry has a proposal waiting; a second one is refused.
+    #[error("{0}")]
+    Pending(String),
+    /// The SPIFFE ID is an attested agent's: an agent ID is never an entry's.
+    #[error("{0} is the SPIFFE ID of an attested agent; an entry cannot have it")]
+    AgentIdentity(String),
 }
 
 impl EntryError {
@@ -82,6 +88,7 @@ impl EntryError {
         match self {
             Self::Duplicate(_) => tonic::Code::AlreadyExists,
             Self::NotFound(_) => tonic::Code::NotFound,
+            Self::AgentIdentity(_) | Self::Pending(_) => tonic::Code::FailedPrecondition,
             _ => tonic::Code::InvalidArgument,
         }
     }

@@ -11,10 +11,13 @@ use std::collections::BTreeSet;
 
 use prost::Message;
 use serde::Deserialize;
-use tessera_proto::types::{self as pb, Operator, PendingApproval};
+use tessera_proto::types::{self as pb, Operator};
 
+use tessera_workload_api::{Selector, SelectorScope, SpiffeId};
+
+use crate::admin_peer::AdminPeer;
 use crate::entry::Entry;
-use crate::kv::{Kv, Lock, Op};
+use crate::kv::{Kv, Lock};
 use crate::store::StoreError;
 
 /// The config file's `[approval]` table: what needs a second operator.
@@ -41,45 +44,30 @@ pub struct ApprovalPolicy {
 pub const DEFAULT_PENDING_TTL: u32 = 7 * 24 * 3600;
 
 impl ApprovalPolicy {
-    /// Why `entry` needs approval; empty when it does not.
+    /// Why `entry` needs approval; empty when it does not. Selectors are
+    /// judged by what they match ([`Selector::scope`]), one rule for every
+    /// kind: `unix:user:root` is `unix:uid:0`.
     pub fn reasons(&self, entry: &Entry) -> Vec<String> {
         let mut why = Vec::new();
         if entry.require_approval {
             why.push("created with --require-approval".to_string());
         }
-        let unix: Vec<(&str, &str)> = entry
-            .selectors
-            .iter()
-            .filter(|s| s.kind() == "unix")
-            .filter_map(|s| s.value().split_once(':'))
-            .collect();
-        if self.uid_gid_only_selectors
-            && entry.selectors.iter().all(|s| {
-                s.kind() == "unix"
-                    && s.value().split_once(':').is_some_and(|(k, _)| k == "uid" || k == "gid")
-            })
-        {
+        let scopes: Vec<SelectorScope> = entry.selectors.iter().map(Selector::scope).collect();
+        if self.uid_gid_only_selectors && !scopes.contains(&SelectorScope::Program) {
             why.push(
-                "selectors name only a uid/gid: every process of that user or group gets it".into(),
+                "selectors name only users or groups (no program): every process of that user or group gets it"
+                    .into(),
             );
         }
-        if self.root_selectors
-            && unix.iter().any(|(k, v)| (*k == "uid" || *k == "gid") && *v == "0")
-        {
-            why.push("selects uid or gid 0".into());
+        if self.root_selectors && scopes.contains(&SelectorScope::Principal { root: true }) {
+            why.push("selects uid or gid 0 (root)".into());
         }
         if let Some(max) = self.max_x509_svid_ttl {
             if entry.x509_svid_ttl > max {
                 why.push(format!("X509-SVID TTL {}s is above {max}s", entry.x509_svid_ttl));
             }
         }
-        let path = entry.spiffe_id.path();
-        for prefix in &self.protected_path_prefixes {
-            let prefix = prefix.trim_end_matches('/');
-            if path == prefix || path.starts_with(&format!("{prefix}/")) {
-                why.push(format!("SPIFFE ID under protected path {prefix}"));
-            }
-        }
+        why.extend(self.path_reasons(&entry.spiffe_id));
         if !self.protected_jwt_audiences.is_empty() {
             if entry.jwt_audiences.is_empty() {
                 why.push("may get JWT-SVIDs for any audience, protected ones included".into());
@@ -91,6 +79,42 @@ impl ApprovalPolicy {
             }
         }
         why
+    }
+
+    /// Why an agent SPIFFE ID (of a join token) needs approval: it is under
+    /// a protected path.
+    pub fn agent_id_reasons(&self, id: &SpiffeId) -> Vec<String> {
+        self.path_reasons(id)
+    }
+
+    /// Why an update from `old` to `new` needs approval: any change to an
+    /// entry the policy matches before or after it (an approved entry
+    /// cannot be changed by one operator, nor changed into one that needs
+    /// approval). Empty when nothing changes or neither side matches.
+    pub fn update_reasons(&self, old: &Entry, new: &Entry) -> Vec<String> {
+        let unchanged =
+            Entry { revision: old.revision, created_at: old.created_at, ..new.clone() } == *old;
+        if unchanged {
+            return Vec::new();
+        }
+        let mut why = self.reasons(new);
+        for reason in self.reasons(old) {
+            let reason = format!("the entry as it stands: {reason}");
+            if !why.contains(&reason) {
+                why.push(reason);
+            }
+        }
+        why
+    }
+
+    fn path_reasons(&self, id: &SpiffeId) -> Vec<String> {
+        let path = id.path();
+        self.protected_path_prefixes
+            .iter()
+            .map(|prefix| prefix.trim_end_matches('/'))
+            .filter(|prefix| path == *prefix || path.starts_with(&format!("{prefix}/")))
+            .map(|prefix| format!("SPIFFE ID under protected path {prefix}"))
+            .collect()
     }
 
     /// Checks the settings.
@@ -119,34 +143,22 @@ pub struct Operators {
 }
 
 impl Operators {
-    /// `Ok` when the caller may use the admin API; else why not.
-    pub fn authorize(&self, caller: &Operator) -> Result<(), String> {
+    /// `Ok` when the caller may use the admin API; else why not. Decided
+    /// on what the kernel pinned to the connection at accept
+    /// ([`AdminPeer`]), never on a PID looked up now.
+    pub fn authorize(&self, caller: &AdminPeer) -> Result<(), String> {
         let me = rustix::process::geteuid().as_raw();
-        if caller.uid == 0 || caller.uid == me || self.uids.contains(&caller.uid) {
+        let Operator { uid, gid, .. } = caller.operator;
+        if uid == 0 || uid == me || self.uids.contains(&uid) {
             return Ok(());
         }
-        if self.gids.contains(&caller.gid) {
+        if self.gids.contains(&gid) || caller.groups.iter().any(|g| self.gids.contains(g)) {
             return Ok(());
-        }
-        if !self.gids.is_empty() && caller.pid > 0 {
-            if let Some(groups) = supplementary_groups(caller.pid) {
-                if groups.iter().any(|g| self.gids.contains(g)) {
-                    return Ok(());
-                }
-            }
         }
         Err(format!(
-            "uid {} is not an operator of this server (root, uid {me}, admin_uids or admin_gids)",
-            caller.uid
+            "uid {uid} is not an operator of this server (root, uid {me}, admin_uids or admin_gids)"
         ))
     }
-}
-
-/// The caller's supplementary groups, from `/proc/<pid>/status`.
-fn supplementary_groups(pid: i32) -> Option<Vec<u32>> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("Groups:"))?;
-    Some(line["Groups:".len()..].split_whitespace().filter_map(|g| g.parse().ok()).collect())
 }
 
 /// Operators, the approval policy, and the proposals waiting for approval.
@@ -179,7 +191,7 @@ impl std::fmt::Debug for Pending {
     }
 }
 
-const PENDING: &str = "pending_entries";
+use crate::store::PENDING;
 
 fn decode_proposal(key: &[u8], value: &[u8]) -> Result<pb::Entry, StoreError> {
     pb::Entry::decode(value).map_err(|e| StoreError::Corrupt {
@@ -194,19 +206,20 @@ impl Pending {
         Ok(Self { kv })
     }
 
-    /// Stores (or replaces) a proposal, durably.
-    pub fn put(&self, proposal: &pb::Entry) -> Result<(), StoreError> {
-        self.kv.apply(vec![Op::Put(
-            PENDING,
-            proposal.id.as_bytes().to_vec(),
-            proposal.encode_to_vec(),
-        )])?;
-        self.kv.flush()
-    }
-
     /// A proposal by entry ID.
     pub fn get(&self, id: &str) -> Result<Option<pb::Entry>, StoreError> {
         self.kv.get(PENDING, id.as_bytes())?.map(|v| decode_proposal(id.as_bytes(), &v)).transpose()
+    }
+
+    /// A proposal by entry ID or by its own proposal ID.
+    pub fn find(&self, id: &str) -> Result<Option<pb::Entry>, StoreError> {
+        if let Some(p) = self.get(id)? {
+            return Ok(Some(p));
+        }
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|p| p.pending.as_ref().is_some_and(|a| a.proposal_id == id)))
     }
 
     /// Removes a proposal, durably; true for the one caller (of every
@@ -235,32 +248,11 @@ impl Pending {
     }
 }
 
-/// A proposal of `entry` (op `create` or `update`) by `caller`, for `reasons`.
-pub fn proposal(
-    entry: &Entry,
-    op: &str,
-    caller: &Operator,
-    reasons: Vec<String>,
-    now: i64,
-    ttl: u32,
-    base_revision: u64,
-) -> pb::Entry {
-    let mut p = entry.to_proto();
-    p.pending = Some(PendingApproval {
-        op: op.to_string(),
-        requested_by_uid: caller.uid,
-        reasons,
-        requested_at: now,
-        expires_at: now + i64::from(ttl),
-        base_revision,
-    });
-    p
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::kv::Op;
 
     /// Proposals live in the shared datastore: one made through one server
     /// is seen by another, and only one server can take it (approve,
@@ -273,7 +265,9 @@ mod tests {
         };
         let (a, b) = (Pending::open(kv("a")).unwrap(), Pending::open(kv("b")).unwrap());
         let proposal = pb::Entry { id: "e1".into(), ..Default::default() };
-        a.put(&proposal).unwrap();
+        kv("a")
+            .apply(vec![Op::Put(PENDING, b"e1".to_vec(), proposal.encode_to_vec())])
+            .unwrap();
         assert_eq!(b.get("e1").unwrap(), Some(proposal));
         assert_eq!(b.count(), 1);
         let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));

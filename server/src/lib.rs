@@ -17,6 +17,8 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod admin;
+mod admin_peer;
+mod approval;
 mod ca;
 pub mod cli;
 #[path = "../../common/cli_support.rs"]

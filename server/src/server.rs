@@ -12,7 +12,6 @@ use tessera_proto::node::node_server::NodeServer;
 use tessera_workload_api::TrustAnchors;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
@@ -258,7 +257,7 @@ impl Server {
                 tonic::transport::Server::builder()
                     .add_service(admin)
                     .serve_with_incoming_shutdown(
-                        UnixListenerStream::new(admin_listener),
+                        crate::admin_peer::incoming(admin_listener, stop.clone()),
                         stop.cancelled(),
                     )
                     .await

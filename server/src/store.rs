@@ -31,6 +31,7 @@ use tessera_proto::types as pb;
 use tessera_workload_api::SpiffeId;
 use tokio::sync::watch;
 
+use crate::approval::{self, ApprovalRefusal};
 use crate::entry::{Entry, EntryError};
 use crate::kv::{prefix_end, scan_prefix, Kv, Lock, Op, Pairs, SledKv, Txn};
 
@@ -202,6 +203,13 @@ pub enum AgentRefusal {
     /// The presented agent SVID is not the agent's current one.
     #[error("agent SVID {0} is not the agent's current SVID (superseded by a renewal)")]
     Superseded(String),
+    /// A join token (or attestation) for the ID of an agent on record, live
+    /// or banned: re-attesting a node is `agent evict` first.
+    #[error("agent {0} is already attested (or banned); evict it first: tessera-server agent evict --id {0}")]
+    Exists(String),
+    /// A join token (or attestation) for the SPIFFE ID of an entry.
+    #[error("{0} is the SPIFFE ID of a registration entry; an agent cannot have it")]
+    EntryIdentity(String),
 }
 
 impl AgentRefusal {
@@ -212,8 +220,28 @@ impl AgentRefusal {
             Self::Banned(_) => "banned",
             Self::Revoked(_) => "revoked",
             Self::Superseded(_) => "superseded",
+            Self::Exists(_) => "agent-exists",
+            Self::EntryIdentity(_) => "entry-identity",
         }
     }
+}
+
+/// What an approval wrote.
+#[derive(Debug)]
+pub struct Approved {
+    /// The proposal approved (now removed).
+    pub proposal: pb::Entry,
+    /// The entry write (empty for a join token).
+    pub write: EntryWrite,
+}
+
+/// The tree of proposals waiting for approval (shared by every server).
+pub const PENDING: &str = "pending_entries";
+
+/// A join token's key in the store: its SHA-256, so the tokens that are
+/// still usable cannot be read back from the datastore or a backup.
+pub fn join_token_key(token: &str) -> Vec<u8> {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes())).into_bytes()
 }
 
 /// A signed SVID to record, with the entry it was signed for.
@@ -333,17 +361,39 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn crls(&self) -> Result<Vec<Vec<u8>>, StoreError>;
 
     /// Stores a join token.
-    fn put_join_token(&self, token: &pb::JoinToken) -> Result<(), StoreError>;
+    /// Stores a join token (keyed by its SHA-256; the token itself is not
+    /// kept), in one commit with the checks that its agent ID is neither an
+    /// agent's on record (live or banned) nor an entry's.
+    fn put_join_token(
+        &self,
+        token: &pb::JoinToken,
+    ) -> Result<Result<(), AgentRefusal>, StoreError>;
     /// Removes and returns a join token: a token can be taken once.
     fn take_join_token(&self, token: &str) -> Result<Option<pb::JoinToken>, StoreError>;
 
     /// Records a newly attested agent and its first SVID; refused if the
     /// agent is banned.
+    /// Refused for the ID of an agent on record (live or banned) or of an
+    /// entry.
     fn register_agent(
         &self,
         agent: &pb::Agent,
         svid: &pb::IssuedSvid,
     ) -> Result<Result<(), AgentRefusal>, StoreError>;
+    /// Stores a proposal under its key (the entry ID; a join token's
+    /// proposal ID), refused while another waits under that key.
+    fn propose(&self, proposal: &pb::Entry) -> Result<Result<(), ApprovalRefusal>, StoreError>;
+    /// Approves the proposal under `key` (or with that proposal ID) if its
+    /// content hash is `content_hash`, and writes what it proposed, in one
+    /// commit with every check of [`crate::approval::check`] and, for an
+    /// update, that the entry is still at the proposed-against revision.
+    fn approve(
+        &self,
+        key: &str,
+        content_hash: &str,
+        approver_uid: u32,
+        now: i64,
+    ) -> Result<Result<Approved, ApprovalRefusal>, StoreError>;
     /// Checks that `serial` may act for `agent_id`: a known, unbanned
     /// agent's current SVID, not revoked.
     fn check_agent(
@@ -616,6 +666,87 @@ impl Tx<'_> {
             .get(BY_IDENTITY, entry.identity_key())?
             .map(|id| String::from_utf8_lossy(&id).into_owned())
             .filter(|id| *id != entry.id))
+    }
+
+    /// Creates `entry` (refused as a duplicate, or when its SPIFFE ID is an
+    /// agent's).
+    fn create_one(&self, entry: &Entry) -> TxResult<Result<Entry, EntryError>> {
+        if let Some(existing) = self.duplicate_of(entry)? {
+            return Ok(Err(EntryError::Duplicate(existing)));
+        }
+        if self.agent(entry.spiffe_id.as_str())?.is_some() {
+            return Ok(Err(EntryError::AgentIdentity(entry.spiffe_id.to_string())));
+        }
+        let mut entry = entry.clone();
+        entry.revision = self.log(ChangeKind::Entry {
+            entry_id: entry.id.clone(),
+            parents: vec![entry.parent_id.to_string()],
+        })?;
+        self.put_entry(&entry);
+        Ok(Ok(entry))
+    }
+
+    /// Replaces the stored entry with `entry`, adds its result and the
+    /// version it replaced to `write`, and what it no longer authorizes to
+    /// `revoke`; returns the result too.
+    fn update_one(
+        &self,
+        entry: &Entry,
+        now: i64,
+        reason: &str,
+        write: &mut EntryWrite,
+        revoke: &mut Vec<pb::Revocation>,
+    ) -> TxResult<Result<Entry, EntryError>> {
+        let refuse = |write: &mut EntryWrite, e: EntryError| {
+            write.results.push(Err(e.clone()));
+            write.previous.push(None);
+            Ok(Err(e))
+        };
+        let Some(old) = self.entry(&entry.id)? else {
+            return refuse(write, EntryError::NotFound(entry.id.clone()));
+        };
+        if let Some(existing) = self.duplicate_of(entry)? {
+            return refuse(write, EntryError::Duplicate(existing));
+        }
+        if entry.spiffe_id != old.spiffe_id && self.agent(entry.spiffe_id.as_str())?.is_some() {
+            return refuse(write, EntryError::AgentIdentity(entry.spiffe_id.to_string()));
+        }
+        // Read in the commit: nothing can be issued for the entry between
+        // this read and the revocation.
+        let issued = self.issued_by_owner(&entry.id)?;
+        self.remove_entry(&old)?;
+        let mut entry = entry.clone();
+        entry.created_at = old.created_at;
+        let mut parents = vec![old.parent_id.to_string()];
+        if entry.parent_id != old.parent_id {
+            parents.push(entry.parent_id.to_string());
+        }
+        entry.revision = self.log(ChangeKind::Entry { entry_id: entry.id.clone(), parents })?;
+        self.put_entry(&entry);
+        revoke.extend(
+            issued
+                .iter()
+                .filter(|svid| !entry.authorizes_svid_of(&old, svid.expires_at))
+                .map(|svid| revocation_of(svid, reason, now)),
+        );
+        write.results.push(Ok(entry.clone()));
+        write.previous.push(Some(old));
+        Ok(Ok(entry))
+    }
+
+    /// Whether `agent_id` may become an agent's: no agent on record (live
+    /// or banned) and no entry has it. Reads every entry (attestation and
+    /// token generation are rare; a bogus token never gets here).
+    fn agent_id_free(&self, agent_id: &str) -> TxResult<Result<(), AgentRefusal>> {
+        if self.agent(agent_id)?.is_some() {
+            return Ok(Err(AgentRefusal::Exists(agent_id.to_string())));
+        }
+        for (key, bytes) in self.txn.scan_prefix(t(ENTRIES), b"")? {
+            if decode_entry(&key, &bytes)?.spiffe_id.as_str() == agent_id {
+                return Ok(Err(AgentRefusal::EntryIdentity(agent_id.to_string())));
+            }
+        }
+        Ok(Ok(()))
     }
 
     fn agent(&self, id: &str) -> TxResult<Option<pb::Agent>> {
@@ -1311,23 +1442,7 @@ impl Store for KvStore {
         &self,
         entries: &[Entry],
     ) -> Result<Vec<Result<Entry, EntryError>>, StoreError> {
-        self.commit(|tx| {
-            let mut results = Vec::with_capacity(entries.len());
-            for entry in entries {
-                if let Some(existing) = tx.duplicate_of(entry)? {
-                    results.push(Err(EntryError::Duplicate(existing)));
-                    continue;
-                }
-                let mut entry = entry.clone();
-                entry.revision = tx.log(ChangeKind::Entry {
-                    entry_id: entry.id.clone(),
-                    parents: vec![entry.parent_id.to_string()],
-                })?;
-                tx.put_entry(&entry);
-                results.push(Ok(entry));
-            }
-            Ok(results)
-        })
+        self.commit(|tx| entries.iter().map(|entry| tx.create_one(entry)).collect())
     }
 
     fn update_entries(
@@ -1340,37 +1455,8 @@ impl Store for KvStore {
             let mut write = EntryWrite::default();
             let mut revoke = Vec::new();
             for entry in entries {
-                let Some(old) = tx.entry(&entry.id)? else {
-                    write.results.push(Err(EntryError::NotFound(entry.id.clone())));
-                    write.previous.push(None);
-                    continue;
-                };
-                if let Some(existing) = tx.duplicate_of(entry)? {
-                    write.results.push(Err(EntryError::Duplicate(existing)));
-                    write.previous.push(None);
-                    continue;
-                }
-                // Read in the commit: nothing can be issued for the entry
-                // between this read and the revocation.
-                let issued = tx.issued_by_owner(&entry.id)?;
-                tx.remove_entry(&old)?;
-                let mut entry = entry.clone();
-                entry.created_at = old.created_at;
-                let mut parents = vec![old.parent_id.to_string()];
-                if entry.parent_id != old.parent_id {
-                    parents.push(entry.parent_id.to_string());
-                }
-                entry.revision =
-                    tx.log(ChangeKind::Entry { entry_id: entry.id.clone(), parents })?;
-                tx.put_entry(&entry);
-                revoke.extend(
-                    issued
-                        .iter()
-                        .filter(|svid| !entry.authorizes_svid_of(&old, svid.expires_at))
-                        .map(|svid| revocation_of(svid, reason, now)),
-                );
-                write.results.push(Ok(entry));
-                write.previous.push(Some(old));
+                // The item's result is in `write`.
+                let _ = tx.update_one(entry, now, reason, &mut write, &mut revoke)?;
             }
             write.revoked = tx.revoke(&revoke)?;
             Ok(write)
@@ -1603,16 +1689,24 @@ impl Store for KvStore {
         Ok(out)
     }
 
-    fn put_join_token(&self, token: &pb::JoinToken) -> Result<(), StoreError> {
-        let bytes = token.encode_to_vec();
+    fn put_join_token(
+        &self,
+        token: &pb::JoinToken,
+    ) -> Result<Result<(), AgentRefusal>, StoreError> {
+        let key = join_token_key(&token.token);
+        let bytes = pb::JoinToken { token: String::new(), ..token.clone() }.encode_to_vec();
         self.commit(|tx| {
-            tx.put(JOIN_TOKENS, token.token.as_bytes(), bytes.as_slice());
-            Ok(())
+            if let Err(refusal) = tx.agent_id_free(&token.spiffe_id)? {
+                return Ok(Err(refusal));
+            }
+            tx.put(JOIN_TOKENS, &key, bytes.as_slice());
+            Ok(Ok(()))
         })
     }
 
     fn take_join_token(&self, token: &str) -> Result<Option<pb::JoinToken>, StoreError> {
-        let removed = self.commit(|tx| tx.remove(JOIN_TOKENS, token.as_bytes()))?;
+        let key = join_token_key(token);
+        let removed = self.commit(|tx| tx.remove(JOIN_TOKENS, &key))?;
         removed.map(|bytes| decode(b"join token", &bytes)).transpose()
     }
 
@@ -1622,12 +1716,105 @@ impl Store for KvStore {
         svid: &pb::IssuedSvid,
     ) -> Result<Result<(), AgentRefusal>, StoreError> {
         self.commit(|tx| {
-            if tx.agent(&agent.spiffe_id)?.is_some_and(|a| a.banned) {
-                return Ok(Err(AgentRefusal::Banned(agent.spiffe_id.clone())));
+            if let Err(refusal) = tx.agent_id_free(&agent.spiffe_id)? {
+                return Ok(Err(refusal));
             }
             tx.put_agent(agent);
             tx.record(svid);
             Ok(Ok(()))
+        })
+    }
+
+    fn propose(&self, proposal: &pb::Entry) -> Result<Result<(), ApprovalRefusal>, StoreError> {
+        let bytes = proposal.encode_to_vec();
+        self.commit(|tx| {
+            if let Some(waiting) = tx.txn.get(PENDING, proposal.id.as_bytes())? {
+                let waiting: pb::Entry = decode(proposal.id.as_bytes(), &waiting)?;
+                let id = waiting.pending.map(|p| p.proposal_id).unwrap_or_default();
+                return Ok(Err(ApprovalRefusal::AlreadyPending {
+                    entry: proposal.id.clone(),
+                    proposal: id,
+                }));
+            }
+            let op = proposal.pending.as_ref().map(|p| p.op.as_str());
+            if op == Some(approval::OP_JOIN_TOKEN) {
+                if let Err(refusal) = tx.agent_id_free(&proposal.spiffe_id)? {
+                    return Ok(Err(ApprovalRefusal::Agent(refusal.to_string())));
+                }
+            }
+            tx.txn.put(PENDING, proposal.id.as_bytes(), bytes.as_slice());
+            Ok(Ok(()))
+        })
+    }
+
+    fn approve(
+        &self,
+        key: &str,
+        content_hash: &str,
+        approver_uid: u32,
+        now: i64,
+    ) -> Result<Result<Approved, ApprovalRefusal>, StoreError> {
+        // A proposal ID names its key (the entry ID) through a scan; the
+        // commit then re-reads and checks the record under that key.
+        let key = match self.kv.get(PENDING, key.as_bytes())? {
+            Some(_) => key.to_string(),
+            None => crate::kv::scan_prefix(&*self.kv, PENDING, b"")?
+                .into_iter()
+                .find_map(|(k, v)| {
+                    let p: pb::Entry = decode(&k, &v).ok()?;
+                    (p.pending?.proposal_id == key).then(|| String::from_utf8_lossy(&k).into())
+                })
+                .unwrap_or_else(|| key.to_string()),
+        };
+        self.commit(|tx| {
+            let Some(bytes) = tx.txn.get(PENDING, key.as_bytes())? else {
+                return Ok(Err(ApprovalRefusal::NotFound(key.clone())));
+            };
+            let proposal: pb::Entry = decode(key.as_bytes(), &bytes)?;
+            let pending = match approval::check(&proposal, content_hash, approver_uid, now) {
+                Ok(pending) => pending,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            let mut write = EntryWrite::default();
+            match pending.op.as_str() {
+                approval::OP_JOIN_TOKEN => {
+                    if let Err(refusal) = tx.agent_id_free(&proposal.spiffe_id)? {
+                        return Ok(Err(ApprovalRefusal::Agent(refusal.to_string())));
+                    }
+                    let token = pb::JoinToken {
+                        token: String::new(),
+                        spiffe_id: proposal.spiffe_id.clone(),
+                        expires_at: now + i64::from(pending.join_token_ttl),
+                        pending: None,
+                    };
+                    tx.put(JOIN_TOKENS, pending.join_token_hash.as_bytes(), token.encode_to_vec());
+                }
+                op => {
+                    let stored = pb::Entry { pending: None, ..proposal.clone() };
+                    let entry = Entry::from_stored(stored).map_err(|e| corrupt("proposal", e))?;
+                    let result = if op == approval::OP_UPDATE {
+                        match tx.entry(&entry.id)? {
+                            Some(current) if current.revision == pending.base_revision => {}
+                            _ => return Ok(Err(ApprovalRefusal::Changed(entry.id.clone()))),
+                        }
+                        let mut revoke = Vec::new();
+                        let mut written = EntryWrite::default();
+                        let result =
+                            tx.update_one(&entry, now, "entry updated", &mut written, &mut revoke)?;
+                        write.previous = written.previous;
+                        write.revoked = tx.revoke(&revoke)?;
+                        result
+                    } else {
+                        tx.create_one(&entry)?
+                    };
+                    match result {
+                        Ok(entry) => write.results.push(Ok(entry)),
+                        Err(e) => return Ok(Err(ApprovalRefusal::Entry(e))),
+                    }
+                }
+            }
+            tx.txn.delete(PENDING, key.as_bytes())?;
+            Ok(Ok(Approved { proposal: proposal.clone(), write }))
         })
     }
 
@@ -2293,6 +2480,8 @@ mod tests {
         a_renewal_never_undoes_a_ban,
         backup_restores_every_record_and_a_damaged_backup_is_refused,
         join_token_can_be_taken_once,
+        join_tokens_are_hashed_and_never_name_an_agent_or_entry,
+        an_approval_writes_exactly_the_proposal_it_names,
         a_ca_record_set_per_server_makes_one_bundle,
     );
 
@@ -2404,10 +2593,88 @@ mod tests {
             token: "t".into(),
             spiffe_id: "spiffe://example.org/a".into(),
             expires_at: 5,
+            pending: None,
         };
-        store.put_join_token(&token).unwrap();
-        assert_eq!(store.take_join_token("t").unwrap(), Some(token));
+        store.put_join_token(&token).unwrap().unwrap();
+        let stored = pb::JoinToken { token: String::new(), ..token };
+        assert_eq!(store.take_join_token("t").unwrap(), Some(stored));
         assert_eq!(store.take_join_token("t").unwrap(), None);
+    }
+
+    /// Issue 19 (1, 11): a token is kept only as its hash; a token or an
+    /// attestation for the ID of an agent on record (live or banned) or of
+    /// an entry is refused, and an entry cannot take an agent's ID.
+    fn join_tokens_are_hashed_and_never_name_an_agent_or_entry(place: Place) {
+        let store = place.open();
+        let secret = "d3b07384-d9a0-4c4e-9b1e-secret-token";
+        let token = |id: &str| pb::JoinToken {
+            token: secret.into(),
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            expires_at: 5,
+            pending: None,
+        };
+        store.put_join_token(&token("node/1")).unwrap().unwrap();
+        let dump = store.dump().unwrap();
+        let all: Vec<u8> = dump.iter().flatten().flat_map(|(k, v)| [k.clone(), v.clone()].concat()).collect();
+        assert!(
+            !all.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the token is not stored in clear"
+        );
+        store.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
+        assert_eq!(
+            store.put_join_token(&token("agent")).unwrap(),
+            Err(AgentRefusal::Exists("spiffe://example.org/agent".into()))
+        );
+        assert_eq!(
+            store.register_agent(&agent("agent", "s1"), &agent_svid("agent", "s1")).unwrap(),
+            Err(AgentRefusal::Exists("spiffe://example.org/agent".into())),
+            "a second attestation does not take over a live agent's ID"
+        );
+        assert_eq!(store.agent("spiffe://example.org/agent").unwrap().unwrap().x509_svid_serial, "s0");
+        store.ban_agent("spiffe://example.org/agent", "test", 1).unwrap().unwrap();
+        assert!(matches!(store.put_join_token(&token("agent")).unwrap(), Err(AgentRefusal::Exists(_))));
+        store.create_entries(&[entry("e1", "prod/payments", "agent", 1)]).unwrap().remove(0).unwrap();
+        assert_eq!(
+            store.put_join_token(&token("prod/payments")).unwrap(),
+            Err(AgentRefusal::EntryIdentity("spiffe://example.org/prod/payments".into()))
+        );
+        assert!(matches!(
+            store.register_agent(&agent("prod/payments", "s2"), &agent_svid("prod/payments", "s2")).unwrap(),
+            Err(AgentRefusal::EntryIdentity(_))
+        ));
+        assert_eq!(
+            store.create_entries(&[entry("e2", "agent", "agent", 1)]).unwrap().remove(0),
+            Err(EntryError::AgentIdentity("spiffe://example.org/agent".into()))
+        );
+    }
+
+    /// Issue 19 (4): a proposal is taken by the approval that names its
+    /// hash, in the commit that writes it; a second proposal for the entry
+    /// is refused while one waits.
+    fn an_approval_writes_exactly_the_proposal_it_names(place: Place) {
+        let store = place.open();
+        let op = |uid| pb::Operator { uid, gid: uid, pid: 1 };
+        let e = entry("e1", "prod/a", "agent", 1);
+        let first = approval::proposal(&e, approval::OP_CREATE, &op(1), vec![], 10, 60, 0);
+        store.propose(&first).unwrap().unwrap();
+        let second = approval::proposal(&entry("e1", "prod/b", "agent", 1), approval::OP_CREATE, &op(1), vec![], 10, 60, 0);
+        assert!(matches!(store.propose(&second).unwrap(), Err(ApprovalRefusal::AlreadyPending { .. })));
+        let hash = |p: &pb::Entry| p.pending.clone().unwrap().content_hash;
+        assert!(matches!(store.approve("e1", &hash(&second), 2, 11).unwrap(), Err(ApprovalRefusal::HashMismatch { .. })));
+        assert!(matches!(store.approve("e1", &hash(&first), 1, 11).unwrap(), Err(ApprovalRefusal::SameOperator { .. })));
+        assert!(store.entry("e1").unwrap().is_none(), "nothing written by a refused approval");
+        let proposal_id = first.pending.clone().unwrap().proposal_id;
+        let approved = store.approve(&proposal_id, &hash(&first), 2, 11).unwrap().unwrap();
+        assert_eq!(approved.proposal, first);
+        assert_eq!(store.entry("e1").unwrap().unwrap().spiffe_id.path(), "/prod/a");
+        assert!(matches!(store.approve("e1", &hash(&first), 2, 11).unwrap(), Err(ApprovalRefusal::NotFound(_))), "taken once");
+        // An update proposed against a revision is refused once the entry moved on.
+        let current = store.entry("e1").unwrap().unwrap();
+        let update = approval::proposal(&entry("e1", "prod/c", "agent", 1), approval::OP_UPDATE, &op(1), vec![], 12, 60, current.revision);
+        store.propose(&update).unwrap().unwrap();
+        store.update_entries(&[entry("e1", "prod/d", "agent", 1)], 12, "test").unwrap();
+        assert!(matches!(store.approve("e1", &hash(&update), 2, 13).unwrap(), Err(ApprovalRefusal::Changed(_))));
+        assert_eq!(store.entry("e1").unwrap().unwrap().spiffe_id.path(), "/prod/d");
     }
 
     /// Several servers on one PostgreSQL database.
@@ -2491,8 +2758,9 @@ mod tests {
                     token: format!("t{i}"),
                     spiffe_id: "spiffe://example.org/a".into(),
                     expires_at: 5,
+                    pending: None,
                 };
-                a.put_join_token(&token).unwrap();
+                a.put_join_token(&token).unwrap().unwrap();
             }
             let takers: Vec<_> = [a.clone(), b.clone(), a, b]
                 .into_iter()

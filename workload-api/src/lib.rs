@@ -27,7 +27,7 @@ pub use client::{
 };
 pub use jwt::{JwtBundle, JwtError, JwtKey, UnverifiedJwt, ValidatedJwt};
 pub use mtls::{client_config, peer_spiffe_id, server_config, Authorize};
-pub use selector::{Selector, SelectorError};
+pub use selector::{Selector, SelectorError, SelectorScope};
 pub use source::{SourceError, X509Context, X509Source, FIRST_SVID_TIMEOUT};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use tls::{

@@ -61,6 +61,26 @@ pub enum SelectorError {
     },
 }
 
+/// What a selector narrows a workload down to: the one rule that says what a
+/// set of selectors *matches*, used by the server's approval policy for
+/// every selector kind (so `unix:user:root` and `unix:uid:0` are judged
+/// alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SelectorScope {
+    /// A user or group (`uid`, `gid`, `user`, `group`, `supplementary_gid`):
+    /// every process that user or group runs matches. `root` is set when it
+    /// names uid or gid 0 (by number, or by the name `root`).
+    Principal {
+        /// Names uid 0 or gid 0.
+        root: bool,
+    },
+    /// The program (`path`, `sha256`): only processes running that
+    /// executable match (what that proves: the README, "What process
+    /// attestation proves").
+    Program,
+}
+
 /// A validated selector: a type (`unix`) and a value (`uid:1000`).
 ///
 /// Displays as `type:value`; equality is exact string equality, the way
@@ -107,6 +127,19 @@ impl Selector {
     /// The selector value, e.g. `uid:1000`.
     pub fn value(&self) -> &str {
         &self.value
+    }
+
+    /// What this selector narrows a workload down to.
+    pub fn scope(&self) -> SelectorScope {
+        let (key, v) = self.value.split_once(':').unwrap_or((self.value.as_str(), ""));
+        match key {
+            "path" | "sha256" => SelectorScope::Program,
+            "uid" | "gid" | "supplementary_gid" => SelectorScope::Principal { root: v == "0" },
+            "user" | "group" => SelectorScope::Principal { root: v == "root" },
+            // Unknown keys never pass validation; judged as the widest
+            // scope should one ever get here.
+            _ => SelectorScope::Principal { root: false },
+        }
     }
 
     /// Whether every selector in `required` is also in `have`: an entry
@@ -365,5 +398,27 @@ mod tests {
         assert!(Selector::all_present(&[sel("unix:user:a"), sel("unix:uid:1000")], &have));
         assert!(!Selector::all_present(&[sel("unix:uid:1000"), sel("unix:gid:0")], &have));
         assert!(!Selector::all_present(&[sel("unix:uid:1000")], &[]));
+    }
+
+    #[test]
+    fn scope_judges_every_spelling_of_a_user_or_group_alike() {
+        for root in [
+            "unix:uid:0",
+            "unix:gid:0",
+            "unix:supplementary_gid:0",
+            "unix:user:root",
+            "unix:group:root",
+        ] {
+            let s = Selector::parse(root).unwrap();
+            assert_eq!(s.scope(), SelectorScope::Principal { root: true }, "{root}");
+        }
+        for user in ["unix:uid:65534", "unix:user:nobody", "unix:group:staff", "unix:gid:5"] {
+            let s = Selector::parse(user).unwrap();
+            assert_eq!(s.scope(), SelectorScope::Principal { root: false }, "{user}");
+        }
+        let hash = format!("unix:sha256:{}", "a".repeat(64));
+        for program in ["unix:path:/usr/bin/true", hash.as_str()] {
+            assert_eq!(Selector::parse(program).unwrap().scope(), SelectorScope::Program);
+        }
     }
 }
