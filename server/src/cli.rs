@@ -254,6 +254,12 @@ enum EntryCommand {
         /// Only entries with this parent ID.
         #[arg(long)]
         parent_id: Option<String>,
+        /// Only proposals waiting for approval (entries, entry updates and
+        /// join tokens), each with its proposal ID and the content hash an
+        /// approval must name; with --id, the proposal of that entry (or
+        /// with that proposal ID).
+        #[arg(long)]
+        pending: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -865,11 +871,13 @@ async fn entry_command(command: EntryCommand) -> Result<(), CliError> {
                 None => Err(CliError("server returned no result".into())),
             }
         }
-        EntryCommand::Show { id, spiffe_id, parent_id, json, socket } => {
+        EntryCommand::Show { id, spiffe_id, parent_id, pending, json, socket } => {
             let mut client = connect_admin(&socket.socket).await?;
-            let entries = match id {
-                Some(id) => vec![client.get_entry(pb::GetEntryRequest { id }).await?.into_inner()],
-                None => {
+            let entries = match id.clone() {
+                Some(id) if !pending => {
+                    vec![client.get_entry(pb::GetEntryRequest { id }).await?.into_inner()]
+                }
+                _ => {
                     let mut all = Vec::new();
                     let mut page_token = String::new();
                     loop {
@@ -890,6 +898,18 @@ async fn entry_command(command: EntryCommand) -> Result<(), CliError> {
                         page_token = page.next_page_token;
                     }
                 }
+            };
+            let entries: Vec<types::Entry> = if pending {
+                entries
+                    .into_iter()
+                    .filter(|e| {
+                        e.pending.as_ref().is_some_and(|p| {
+                            id.as_ref().is_none_or(|id| *id == e.id || *id == p.proposal_id)
+                        })
+                    })
+                    .collect()
+            } else {
+                entries
             };
             if json {
                 let list: Vec<_> = entries.iter().map(entry_json).collect();

@@ -7,108 +7,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+mod operators;
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{serial_hex, server_bin, uid_selector, within, workload_client, PROMPTLY};
+use common::{serial_hex, uid_selector, within, workload_client, PROMPTLY};
+use operators::{
+    field, governed_server, is_root, names, open_tempdir, proposal_hash, Cli, OPERATOR_A,
+    OPERATOR_B, STRANGER,
+};
 use serde_json::Value;
 use tessera_agent::AgentConfig;
 use tessera_server::{ApprovalPolicy, SystemClock};
 use tessera_tests::{http_get, my_uid, test_config, RunningAgent, TestServer};
-
-/// Operator uids the tests name in `admin_uids`, and one that is not an operator.
-const OPERATOR_A: u32 = 4242;
-const OPERATOR_B: u32 = 4343;
-const STRANGER: u32 = 5555;
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-/// A temp dir every uid can traverse (the admin socket's directory is in it).
-fn open_tempdir() -> tempfile::TempDir {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
-}
-
-/// A server whose admin socket other operator uids can reach.
-async fn governed_server(
-    dir: &Path,
-    configure: impl FnOnce(&mut tessera_server::Config),
-) -> TestServer {
-    let mut config = test_config(&dir.join("server"));
-    config.admin_socket = dir.join("admin/admin.sock");
-    config.admin_uids = vec![OPERATOR_A, OPERATOR_B];
-    configure(&mut config);
-    TestServer::start_with(config, Arc::new(SystemClock)).await
-}
-
-/// The operator CLI on a server's admin socket.
-struct Cli {
-    bin: PathBuf,
-    socket: PathBuf,
-}
-
-impl Cli {
-    fn new(server: &TestServer) -> Self {
-        Self { bin: server_bin(), socket: server.admin_socket.clone() }
-    }
-
-    /// Runs `tessera-server ARGS --socket S`, as `uid` when given.
-    fn run(&self, uid: Option<u32>, args: &[&str]) -> Output {
-        let mut command = Command::new(&self.bin);
-        command.args(args).arg("--socket").arg(&self.socket);
-        if let Some(uid) = uid {
-            command.uid(uid).gid(uid);
-        }
-        command.output().unwrap()
-    }
-
-    fn ok(&self, uid: Option<u32>, args: &[&str]) -> String {
-        let out = self.run(uid, args);
-        assert!(
-            out.status.success(),
-            "tessera-server {args:?} as {uid:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Every stored event, as `events --json` prints it.
-    fn events(&self) -> Vec<Value> {
-        self.ok(None, &["events", "--json"])
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
-            .collect()
-    }
-
-    /// The first event `matches` accepts, waiting for it (agents push theirs).
-    async fn wait_event(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
-        within(PROMPTLY, what, async {
-            loop {
-                if let Some(e) = self.events().into_iter().find(|e| matches(e)) {
-                    return e;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-    }
-}
-
-fn field<'a>(e: &'a Value, key: &str) -> &'a str {
-    e[key].as_str().unwrap_or("")
-}
-
-fn names(e: &Value, key: &str, wanted: &str) -> bool {
-    e[key].as_array().is_some_and(|a| a.iter().any(|v| v == wanted))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn decisions_appear_in_the_event_stream_with_agent_workload_and_decision() {
@@ -455,7 +369,7 @@ async fn entries_above_the_threshold_wait_for_a_second_operator() {
         (String::from_utf8_lossy(&out.stdout).trim().to_string(), stderr)
     };
     let (by_policy, said) = create("spiffe://example.org/by-policy", &[&uid_selector()], &[]);
-    assert!(said.contains("pending approval") && said.contains("only a uid/gid"), "{said}");
+    assert!(said.contains("pending approval") && said.contains("only users or groups"), "{said}");
     let (by_flag, said) = create(
         "spiffe://example.org/by-flag",
         &[&uid_selector(), &path_selector],
@@ -491,10 +405,11 @@ async fn entries_above_the_threshold_wait_for_a_second_operator() {
     let _ = ordinary;
 
     // The proposer cannot approve; nor can someone who is no operator.
-    let out = cli.run(Some(OPERATOR_A), &["entry", "approve", "--id", &by_policy]);
+    let hash = proposal_hash(&cli, &by_policy);
+    let out = cli.run(Some(OPERATOR_A), &["entry", "approve", "--id", &by_policy, "--hash", &hash]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another operator must approve it"));
-    let out = cli.run(Some(STRANGER), &["entry", "approve", "--id", &by_policy]);
+    let out = cli.run(Some(STRANGER), &["entry", "approve", "--id", &by_policy, "--hash", &hash]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an operator"));
     let events = cli.events();
@@ -506,7 +421,9 @@ async fn entries_above_the_threshold_wait_for_a_second_operator() {
 
     // A second operator approves both: the workload gets them.
     for id in [&by_policy, &by_flag] {
-        assert!(cli.ok(Some(OPERATOR_B), &["entry", "approve", "--id", id]).contains("Approved"));
+        let hash = proposal_hash(&cli, id);
+        let approve = ["entry", "approve", "--id", id, "--hash", &hash];
+        assert!(cli.ok(Some(OPERATOR_B), &approve).contains("Approved"));
     }
     within(PROMPTLY, "the approved identities", async {
         loop {
@@ -544,11 +461,12 @@ async fn entries_above_the_threshold_wait_for_a_second_operator() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("pending approval"));
     let shown = cli.ok(None, &["entry", "show", "--id", &by_flag, "--json"]);
     assert!(!shown.contains("changed"), "the held update was applied: {shown}");
+    let hash = proposal_hash(&cli, &by_flag);
     cli.ok(Some(OPERATOR_B), &["entry", "reject", "--id", &by_flag, "--reason", "no"]);
     cli.wait_event("the rejection", |e| field(e, "kind") == "admin.entry.reject").await;
-    let out = cli.run(Some(OPERATOR_B), &["entry", "approve", "--id", &by_flag]);
+    let out = cli.run(Some(OPERATOR_B), &["entry", "approve", "--id", &by_flag, "--hash", &hash]);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no entry"),
+        String::from_utf8_lossy(&out.stderr).contains("no proposal"),
         "a rejected proposal was approved"
     );
     agent.stop().await;
@@ -733,13 +651,15 @@ async fn a_proposal_nobody_approves_expires() {
         .trim()
         .to_string();
     assert!(cli.ok(None, &["entry", "show"]).contains("pending approval"));
+    let hash = proposal_hash(&cli, &id);
     let expired =
         cli.wait_event("the proposal's expiry", |e| field(e, "kind") == "admin.entry.reject").await;
     assert_eq!(field(&expired, "decision"), "deny");
     assert!(names(&expired, "entry_ids", &id));
     assert!(field(&expired, "reason").contains("in time"), "{expired}");
     assert!(cli.ok(None, &["entry", "show"]).contains("Found 0 entries"));
-    let out = cli.run(Some(OPERATOR_B).filter(|_| is_root()), &["entry", "approve", "--id", &id]);
+    let approve = ["entry", "approve", "--id", &id, "--hash", &hash];
+    let out = cli.run(Some(OPERATOR_B).filter(|_| is_root()), &approve);
     assert!(!out.status.success(), "an expired proposal was approved");
     server.stop().await;
 }
