@@ -195,11 +195,15 @@ impl JwtSigningKey {
         token.push_str(&self.header);
         URL_SAFE_NO_PAD.encode_string(claims, &mut token);
         let signature = match &self.signer {
-            Signer::Ec(pair) => pair
-                .sign(&self.rng, token.as_bytes())
-                .map_err(|_| JwtKeyError::Sign)?
-                .as_ref()
-                .to_vec(),
+            Signer::Ec(pair) => {
+                let mut sig = pair
+                    .sign(&self.rng, token.as_bytes())
+                    .map_err(|_| JwtKeyError::Sign)?
+                    .as_ref()
+                    .to_vec();
+                tessera_workload_api::jwt::ecdsa_to_low_s(&mut sig);
+                sig
+            }
             Signer::Rsa(pair) => {
                 let mut sig = vec![0u8; pair.public().modulus_len()];
                 pair.sign(&RSA_PKCS1_SHA256, &self.rng, token.as_bytes(), &mut sig)

@@ -126,7 +126,11 @@ fn es256_signer() -> impl Fn(&[u8]) -> Vec<u8> {
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
     let key =
         EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
-    move |input| key.sign(&SystemRandom::new(), input).unwrap().as_ref().to_vec()
+    move |input| {
+        let mut sig = key.sign(&SystemRandom::new(), input).unwrap().as_ref().to_vec();
+        tessera_workload_api::jwt::ecdsa_to_low_s(&mut sig);
+        sig
+    }
 }
 
 /// The claims of `token` as `jsonwebtoken` verifies it with `jwk` (as served

@@ -135,6 +135,12 @@ pub enum JwtError {
     #[error("JWT signature does not verify with the key its kid names")]
     BadSignature,
 
+    /// An ECDSA signature whose `s` is in the upper half of the curve
+    /// order. `(r, s)` and `(r, n - s)` both verify, so one token could be
+    /// sent as two strings; Tessera signs and accepts only the low-s form.
+    #[error("JWT ECDSA signature is not in low-s form (s > n/2); only low-s signatures are accepted")]
+    HighS,
+
     /// A required claim (`sub`, `aud` or `exp`) is missing.
     #[error("JWT claim {0:?} is missing (a JWT-SVID requires sub, aud and exp)")]
     MissingClaim(&'static str),
@@ -511,9 +517,75 @@ impl JwtKey {
                 alg: alg.as_str().to_string(),
                 allowed: self.kind.allowed_algs(),
             })?;
+        if matches!(self.kind, KeyKind::EcP256 { .. } | KeyKind::EcP384 { .. })
+            && !ecdsa_is_low_s(signature)
+        {
+            return Err(JwtError::HighS);
+        }
         UnparsedPublicKey::new(verification, &self.verify_bytes)
             .verify(message, signature)
             .map_err(|_| JwtError::BadSignature)
+    }
+}
+
+/// Order of the P-256 group, big-endian.
+const P256_ORDER: [u8; 32] = [
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+];
+/// Order of the P-384 group, big-endian.
+const P384_ORDER: [u8; 48] = [
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xc7, 0x63, 0x4d, 0x81, 0xf4, 0x37, 0x2d, 0xdf,
+    0x58, 0x1a, 0x0d, 0xb2, 0x48, 0xb0, 0xa7, 0x7a, 0xec, 0xec, 0x19, 0x6a, 0xcc, 0xc5, 0x29, 0x73,
+];
+
+/// The curve order for a fixed-size (`r || s`) signature of this length.
+fn ecdsa_order(signature_len: usize) -> Option<&'static [u8]> {
+    match signature_len {
+        64 => Some(&P256_ORDER),
+        96 => Some(&P384_ORDER),
+        _ => None,
+    }
+}
+
+/// Whether the `s` half of a fixed-size ECDSA signature is at most n/2
+/// (a signature of another length is not judged here: it fails to verify).
+pub fn ecdsa_is_low_s(signature: &[u8]) -> bool {
+    let Some(order) = ecdsa_order(signature.len()) else { return true };
+    let s = &signature[order.len()..];
+    // floor(n / 2), big-endian: s <= n >> 1.
+    let mut half = vec![0u8; order.len()];
+    let mut carry = 0u8;
+    for (h, n) in half.iter_mut().zip(order) {
+        *h = (n >> 1) | carry;
+        carry = (n & 1) << 7;
+    }
+    s <= half.as_slice()
+}
+
+/// Rewrites a fixed-size ECDSA signature into its low-s form (`s` := n - s
+/// when s > n/2), which verifies the same; every signer of JWTs in Tessera
+/// calls this, and [`ecdsa_is_low_s`] is what validators require.
+pub fn ecdsa_to_low_s(signature: &mut [u8]) {
+    if !ecdsa_is_low_s(signature) {
+        negate_s(signature);
+    }
+}
+
+/// `s` := n - s in a fixed-size ECDSA signature (the other signature of the
+/// same message under the same key).
+fn negate_s(signature: &mut [u8]) {
+    let Some(order) = ecdsa_order(signature.len()) else { return };
+    let s = &mut signature[order.len()..];
+    let mut borrow = 0i16;
+    for (s, n) in s.iter_mut().zip(order).rev() {
+        let mut d = i16::from(*n) - i16::from(*s) - borrow;
+        borrow = i16::from(d < 0);
+        if d < 0 {
+            d += 256;
+        }
+        *s = d as u8;
     }
 }
 
@@ -1048,7 +1120,11 @@ mod tests {
         fn sign(&self, alg: &str, message: &[u8]) -> Vec<u8> {
             let rng = SystemRandom::new();
             match self {
-                Self::Ec(k) => k.sign(&rng, message).unwrap().as_ref().to_vec(),
+                Self::Ec(k) => {
+                    let mut sig = k.sign(&rng, message).unwrap().as_ref().to_vec();
+                    ecdsa_to_low_s(&mut sig);
+                    sig
+                }
                 Self::Rsa(k) => {
                     let padding: &dyn ring::signature::RsaEncoding = match alg {
                         "RS256" => &RSA_PKCS1_SHA256,
@@ -1630,6 +1706,28 @@ mod tests {
         fn random_jwks_never_panic(n in proptest::collection::vec(any::<u8>(), 0..300), x in proptest::collection::vec(any::<u8>(), 0..50)) {
             let _ = JwtKey::from_jwk(&json!({"kty": "RSA", "kid": "k", "n": b64url(&n), "e": b64url(&x)}));
             let _ = JwtKey::from_jwk(&json!({"kty": "EC", "crv": "P-256", "kid": "k", "x": b64url(&x), "y": b64url(&x)}));
+        }
+    }
+
+    /// Issue 19 (11): `(r, n - s)` verifies as well as `(r, s)`; only the
+    /// low-s form is accepted, so a token has one string.
+    #[test]
+    fn only_low_s_ecdsa_signatures_are_accepted() {
+        for (signer, alg) in [(Signer::p256(), "ES256"), (Signer::p384(), "ES384")] {
+            let bundle = JwtBundle::new(td(), vec![signer.key("k")]);
+            let header = json!({"alg": alg, "kid": "k", "typ": "JWT"});
+            let claims = json!({"sub": "spiffe://example.org/w", "aud": ["svc"], "exp": NOW + 60});
+            let token = token(&header, &claims, &signer);
+            assert!(validate(&token, "svc", &bundle, NOW).is_ok());
+            let (input, sig) = token.rsplit_once('.').unwrap();
+            let mut sig = b64url_decode(sig).unwrap();
+            assert!(ecdsa_is_low_s(&sig));
+            negate_s(&mut sig);
+            assert!(!ecdsa_is_low_s(&sig));
+            let twin = format!("{input}.{}", b64url(&sig));
+            assert_eq!(validate(&twin, "svc", &bundle, NOW), Err(JwtError::HighS));
+            ecdsa_to_low_s(&mut sig);
+            assert_eq!(format!("{input}.{}", b64url(&sig)), token);
         }
     }
 }
