@@ -477,6 +477,33 @@ mod tests {
         assert_eq!(Kv::get(&kv, "t", b"c").unwrap(), None, "a failed transaction writes nothing");
     }
 
+    /// sled creates its files with the process umask; the store keeps them
+    /// to the owner (the test process's umask is usually 022).
+    #[test]
+    fn the_database_files_are_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let kv = SledKv::open(&store, 1 << 20).unwrap();
+        // A large value goes to a blob file of its own.
+        kv.apply(vec![Op::Put("t", b"k".to_vec(), vec![7; 1 << 20])]).unwrap();
+        kv.flush().unwrap();
+        let mut pending = vec![store.clone()];
+        let mut files = 0;
+        while let Some(path) = pending.pop() {
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                assert_eq!(mode, 0o700, "{}", path.display());
+                pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            } else {
+                assert_eq!(mode, 0o600, "{}", path.display());
+                files += 1;
+            }
+        }
+        assert!(files >= 2, "sled's files were found");
+    }
+
     #[test]
     fn prefix_end_is_the_next_prefix() {
         assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
