@@ -463,14 +463,17 @@ impl PgKv {
         let (config, tls) = (self.config.clone(), self.tls.clone());
         let target = self.target.clone();
         self.run(async move {
-            let (mut client, connection) = config.connect(tls).await.map_err(|e| {
+            let (client, connection) = config.connect(tls).await.map_err(|e| {
                 StoreError::Database(format!(
                     "cannot reach the datastore {target}: {}",
                     tessera_workload_api::error_chain(&e)
                 ))
             })?;
             let task = tokio::spawn(connection);
-            let tx = client.transaction().await.map_err(db_err)?;
+            // Ended by the checked commit (a failure drops the connection,
+            // which rolls back).
+            client.batch_execute("BEGIN").await.map_err(db_err)?;
+            let tx = &client;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                 .await
                 .map_err(db_err)?;
@@ -499,7 +502,7 @@ impl PgKv {
                     .map_err(db_err)?;
                 info!(version, "applied datastore migration");
             }
-            tx.commit().await.map_err(db_err)?;
+            commit(&client, None).await?;
             drop(client);
             let _ = task.await;
             Ok(())
