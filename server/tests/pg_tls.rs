@@ -20,13 +20,15 @@ struct RunningServer {
 }
 
 impl RunningServer {
-    fn start(data_dir: &Path, datastore: &str) -> Self {
+    /// Runs the server; its output goes to `log`.
+    fn start(data_dir: &Path, datastore: &str, log: &Path) -> Self {
+        let out = std::fs::File::create(log).unwrap();
         let child = Command::new(BIN)
             .args(["run", "--trust-domain", "example.org", "--bind", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(["--datastore", datastore])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
             .spawn()
             .unwrap();
         let server = Self { child, socket: data_dir.join("admin.sock") };
@@ -79,13 +81,16 @@ fn a_server_runs_on_postgresql_over_verified_tls() {
     let (cluster, ca) = tls_cluster();
     let db = cluster.database();
     let name = db.rsplit('/').next().unwrap();
+    // The cluster trusts its local users: the password is never asked for,
+    // but must never be shown either.
     let url = format!(
-        "postgres://tessera@localhost:{}/{name}?sslmode=verify-full&sslrootcert={}",
+        "postgres://tessera:s3cret-pw@localhost:{}/{name}?sslmode=verify-full&sslrootcert={}",
         cluster.port(),
         ca.display()
     );
     let dir = tempfile::tempdir().unwrap();
-    let server = RunningServer::start(dir.path(), &url);
+    let log = dir.path().join("server.log");
+    let server = RunningServer::start(&dir.path().join("data"), &url, &log);
     let health = server.cli(&["healthcheck"]);
     let said = String::from_utf8_lossy(&health.stdout);
     assert!(said.contains("sslmode verify-full"), "{said}");
@@ -102,6 +107,11 @@ fn a_server_runs_on_postgresql_over_verified_tls() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let list = server.cli(&["entry", "show", "--json"]);
     assert!(String::from_utf8_lossy(&list.stdout).contains("spiffe://example.org/web"));
+    assert!(!said.contains("s3cret-pw"), "{said}");
+    drop(server);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("sslmode=verify-full"), "{logged}");
+    assert!(!logged.contains("s3cret-pw"), "the password is never logged: {logged}");
 }
 
 #[test]
