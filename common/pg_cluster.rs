@@ -7,6 +7,10 @@
 //! `TESSERA_PG_BIN`. PostgreSQL refuses to run as root: as root, the
 //! cluster runs as the `postgres` user the package creates.
 //!
+//! [`PgCluster::start_tls`] starts one that serves TLS with a given
+//! certificate and key and refuses plain TCP connections (`hostssl` only
+//! in `pg_hba.conf`; the Unix socket stays open for the tools).
+//!
 //! The cluster outlives no test process: a watchdog started with it stops
 //! it (immediate shutdown) and removes its directory once the process that
 //! started it has exited, however it exits.
@@ -26,7 +30,18 @@ pub struct PgCluster {
     port: u16,
     user: Option<(u32, u32)>,
     fsync: bool,
+    /// TLS on, with `server.crt`/`server.key` in the cluster's dir.
+    tls: bool,
     next_db: AtomicU32,
+}
+
+/// The certificate (chain) and key a TLS cluster serves, in PEM.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The server certificate, then any intermediates.
+    pub cert_pem: String,
+    /// The private key (PKCS#8).
+    pub key_pem: String,
 }
 
 /// Where the PostgreSQL server binaries are.
@@ -116,6 +131,16 @@ impl PgCluster {
 
     /// Starts a new cluster; `fsync` on for measurements against a durable store.
     pub fn start_with(fsync: bool) -> Result<Self, String> {
+        Self::start_inner(fsync, None)
+    }
+
+    /// Starts a new cluster that speaks TLS with `tls` and accepts TCP
+    /// connections only over TLS (`hostssl`); plain ones are refused.
+    pub fn start_tls(tls: &ServerTls) -> Result<Self, String> {
+        Self::start_inner(false, Some(tls))
+    }
+
+    fn start_inner(fsync: bool, tls: Option<&ServerTls>) -> Result<Self, String> {
         let bin = pg_bin()?;
         let user = run_as()?;
         let dir = std::env::temp_dir().join(format!(
@@ -143,6 +168,30 @@ impl PgCluster {
             "--no-sync",
         ]);
         run(initdb, "initdb")?;
+        if let Some(tls) = tls {
+            // PostgreSQL wants its key readable by its user only.
+            for (name, pem) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
+                let path = dir.join(name);
+                std::fs::write(&path, pem).map_err(|e| format!("{}: {e}", path.display()))?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                if let Some((uid, gid)) = user {
+                    rustix::fs::chown(
+                        &path,
+                        Some(rustix::process::Uid::from_raw(uid)),
+                        Some(rustix::process::Gid::from_raw(gid)),
+                    )
+                    .map_err(|e| format!("chown {}: {e}", path.display()))?;
+                }
+            }
+            let hba = data.join("pg_hba.conf");
+            std::fs::write(
+                &hba,
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+            )
+            .map_err(|e| format!("{}: {e}", hba.display()))?;
+        }
         let port = free_port()?;
         let cluster = Self {
             dir: dir.clone(),
@@ -150,6 +199,7 @@ impl PgCluster {
             port,
             user,
             fsync,
+            tls: tls.is_some(),
             next_db: AtomicU32::new(1),
         };
         cluster.resume()?;
@@ -192,10 +242,19 @@ impl PgCluster {
             .arg("-w")
             .arg("-o")
             .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=300",
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=300{}",
                 self.port,
                 self.dir.display(),
-                if self.fsync { "on" } else { "off" }
+                if self.fsync { "on" } else { "off" },
+                if self.tls {
+                    format!(
+                        " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                        self.dir.join("server.crt").display(),
+                        self.dir.join("server.key").display()
+                    )
+                } else {
+                    String::new()
+                }
             ))
             .arg("start");
         run(start, "pg_ctl start")

@@ -339,7 +339,18 @@ impl EventSpool {
             let _ = std::fs::remove_file(&acked_path);
             return;
         }
-        let _ = std::fs::write(&acked_path, format!("{} {seq}\n", hex::encode(inner.spool_id)));
+        // The owner's only, like every file of the data dir (an older one too).
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&acked_path)
+            .and_then(|mut f| {
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                f.write_all(format!("{} {seq}\n", hex::encode(inner.spool_id)).as_bytes())
+            });
     }
 
     /// Events waiting for the server.
@@ -489,6 +500,9 @@ mod tests {
         assert_eq!(batch.len(), 5);
         first.ack(&spool_id, 3);
         assert_eq!(queued(&first).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4, 5]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("events.acked")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "events.acked is the owner's only");
         // An answer for another spool changes nothing.
         first.ack(&[9; 16], 5);
         assert_eq!(first.depth(), 2);

@@ -33,6 +33,49 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }
 
+/// Restricts everything under `dir` (and `dir` itself) to the owner:
+/// directories 0700, regular files 0600. For files a library creates with
+/// the process umask (sled's database, snapshots and blobs); symlinks and
+/// sockets are left alone, and a file removed meanwhile is no error.
+pub fn restrict_tree(dir: &Path) -> std::io::Result<()> {
+    let ignore_gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    let restrict = |path: &Path, mode: u32| -> std::io::Result<bool> {
+        let meta = fs::symlink_metadata(path)?;
+        let (is_dir, is_file) = (meta.file_type().is_dir(), meta.file_type().is_file());
+        if (is_dir || is_file) && meta.permissions().mode() & 0o7777 != mode {
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+        }
+        Ok(is_dir)
+    };
+    ignore_gone(restrict(dir, 0o700).map(drop))?;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        let entries = match fs::read_dir(&current) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let path = entry?.path();
+            let is_dir = match fs::symlink_metadata(&path) {
+                Ok(meta) => meta.file_type().is_dir(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            match restrict(&path, if is_dir { 0o700 } else { 0o600 }) {
+                Ok(true) => pending.push(path),
+                Ok(false) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// This server's stable ID, in `<data_dir>/server-id`, created on first
 /// use: it names the server's CAs and CRLs in a shared datastore.
 pub fn server_id(data_dir: &Path) -> std::io::Result<String> {
@@ -46,5 +89,34 @@ pub fn server_id(data_dir: &Path) -> std::io::Result<String> {
             Ok(id)
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restrict_tree_leaves_only_the_owner_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("blobs");
+        fs::create_dir(&sub).unwrap();
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o755)).unwrap();
+        for file in [dir.path().join("db"), sub.join("1")] {
+            fs::write(&file, b"x").unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("target");
+        fs::write(&target, b"y").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("link")).unwrap();
+        restrict_tree(dir.path()).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(dir.path()), 0o700);
+        assert_eq!(mode(&sub), 0o700);
+        assert_eq!(mode(&dir.path().join("db")), 0o600);
+        assert_eq!(mode(&sub.join("1")), 0o600);
+        assert_eq!(mode(&target), 0o644, "a symlink's target is not touched");
     }
 }

@@ -248,6 +248,9 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 /// One server's embedded database.
 pub struct SledKv {
     db: sled::Db,
+    /// The database's directory: its files are kept 0600 (sled creates
+    /// them with the process umask).
+    dir: std::path::PathBuf,
     trees: std::sync::RwLock<std::collections::HashMap<&'static str, sled::Tree>>,
     locks: [Mutex<()>; 2],
 }
@@ -263,7 +266,15 @@ impl SledKv {
     /// same process releases the database's file lock only when sled's
     /// background threads end, shortly after it is dropped (a restart in
     /// place): a held lock is retried for up to 3 s before it is an error.
+    ///
+    /// The directory is 0700 and its files 0600: sled creates files with
+    /// the process umask and offers no mode, so they are restricted after
+    /// opening and after every flush (new segments, snapshots and blobs
+    /// appear over time; a snapshot sled writes as it closes is restricted
+    /// at the next open, inside the 0700 directory meanwhile).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        crate::fsutil::create_private_dir(dir)
+            .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
         loop {
             // sled's default page cache is 1 GiB; the working set here is far smaller.
@@ -274,7 +285,14 @@ impl SledKv {
                 .open();
             match opened {
                 Ok(db) => {
-                    return Ok(Self { db, trees: Default::default(), locks: Default::default() })
+                    let kv = Self {
+                        db,
+                        dir: dir.to_path_buf(),
+                        trees: Default::default(),
+                        locks: Default::default(),
+                    };
+                    kv.restrict_files()?;
+                    return Ok(kv);
                 }
                 Err(sled::Error::Io(e))
                     if e.to_string().contains("could not acquire lock")
@@ -285,6 +303,13 @@ impl SledKv {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Makes the database's files private again (0600, directories 0700).
+    fn restrict_files(&self) -> Result<(), StoreError> {
+        crate::fsutil::restrict_tree(&self.dir).map_err(|e| {
+            StoreError::Io(format!("cannot restrict the files in {}: {e}", self.dir.display()))
+        })
     }
 
     fn tree(&self, name: &'static str) -> Result<sled::Tree, StoreError> {
@@ -408,7 +433,8 @@ impl Kv for SledKv {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
-        Ok(())
+        // A readdir of a handful of entries, beside the flush's fsync.
+        self.restrict_files()
     }
 
     fn shared(&self) -> bool {
@@ -449,6 +475,33 @@ mod tests {
         });
         assert!(failed.is_err());
         assert_eq!(Kv::get(&kv, "t", b"c").unwrap(), None, "a failed transaction writes nothing");
+    }
+
+    /// sled creates its files with the process umask; the store keeps them
+    /// to the owner (the test process's umask is usually 022).
+    #[test]
+    fn the_database_files_are_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let kv = SledKv::open(&store, 1 << 20).unwrap();
+        // A large value goes to a blob file of its own.
+        kv.apply(vec![Op::Put("t", b"k".to_vec(), vec![7; 1 << 20])]).unwrap();
+        kv.flush().unwrap();
+        let mut pending = vec![store.clone()];
+        let mut files = 0;
+        while let Some(path) = pending.pop() {
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                assert_eq!(mode, 0o700, "{}", path.display());
+                pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            } else {
+                assert_eq!(mode, 0o600, "{}", path.display());
+                files += 1;
+            }
+        }
+        assert!(files >= 2, "sled's files were found");
     }
 
     #[test]

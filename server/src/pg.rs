@@ -17,6 +17,12 @@
 //!   revision; every server LISTENs and wakes its change feed. The log
 //!   stays the truth: a missed notification only delays a change until the
 //!   feed's next poll.
+//! - **TLS** with libpq's `sslmode` and `sslrootcert` in the datastore
+//!   URL, on rustls ([`tls`]); without `sslmode`, a remote host is
+//!   verified (`verify-full`) and a local one is reached in plain.
+//! - **Commits are checked**: PostgreSQL answers the COMMIT of a
+//!   transaction an earlier error aborted with `ROLLBACK` and no error;
+//!   [`commit`] makes that an error instead of a success.
 //! - **Migrations** are embedded and versioned ([`MIGRATIONS`]), applied
 //!   at startup under an advisory lock so servers starting together apply
 //!   each once.
@@ -27,9 +33,13 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, SimpleQueryMessage, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
+
+pub mod tls;
 
 use crate::kv::{Kv, Lock, OnRemoteChange, Op, Pairs, TxRead, Txn};
 use crate::store::StoreError;
@@ -113,8 +123,11 @@ fn db_err(e: tokio_postgres::Error) -> StoreError {
 }
 
 impl Conn {
-    async fn open(config: &tokio_postgres::Config) -> Result<Self, StoreError> {
-        let (client, connection) = config.connect(NoTls).await.map_err(db_err)?;
+    async fn open(
+        config: &tokio_postgres::Config,
+        tls: MakeRustlsConnect,
+    ) -> Result<Self, StoreError> {
+        let (client, connection) = config.connect(tls).await.map_err(db_err)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 warn!(error = %e, "database connection closed");
@@ -203,6 +216,51 @@ impl Conn {
     }
 }
 
+/// Ends the transaction open on `client` with COMMIT (announcing `notify`
+/// to the other servers) and makes sure PostgreSQL committed it.
+///
+/// PostgreSQL answers the COMMIT of a transaction block that an earlier
+/// statement aborted with the command tag `ROLLBACK`, not an error, and
+/// tokio-postgres 0.7 does not hand command tags out
+/// (`SimpleQueryMessage::CommandComplete` carries the row count parsed
+/// from the tag: 0 for `COMMIT` and `ROLLBACK` alike). So COMMIT travels
+/// behind a guard statement in the same query string: in an aborted block
+/// every statement but COMMIT/ROLLBACK fails (SQLSTATE 25P02), which stops
+/// the string before COMMIT and comes back as an error. An abort decided
+/// by COMMIT itself (a deferred constraint, a serialization failure) is an
+/// error response anyway. Last, every statement must report completion.
+async fn commit(client: &Client, notify: Option<u64>) -> Result<(), StoreError> {
+    // A revision is a number and the channel ours: nothing here is input.
+    let mut sql = String::from("SELECT 1; ");
+    if let Some(revision) = notify {
+        sql.push_str(&format!("NOTIFY {CHANNEL}, '{revision}'; "));
+    }
+    sql.push_str("COMMIT");
+    let statements = 2 + usize::from(notify.is_some());
+    match client.simple_query(&sql).await {
+        Ok(messages) => {
+            let completed = messages
+                .iter()
+                .filter(|m| matches!(m, SimpleQueryMessage::CommandComplete(_)))
+                .count();
+            if completed == statements {
+                Ok(())
+            } else {
+                Err(StoreError::Database(format!(
+                    "COMMIT was not confirmed ({completed} of {statements} statements completed)"
+                )))
+            }
+        }
+        Err(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {
+            Err(StoreError::Database(
+                "the transaction was rolled back, not committed: a statement in it had failed"
+                    .into(),
+            ))
+        }
+        Err(e) => Err(db_err(e)),
+    }
+}
+
 /// Idle connections and how many are open.
 #[derive(Default)]
 struct PoolState {
@@ -215,6 +273,10 @@ pub struct PgKv {
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
     config: tokio_postgres::Config,
+    /// TLS as `sslmode` asks (unused for `disable`).
+    tls: MakeRustlsConnect,
+    /// The `sslmode` in force.
+    sslmode: tls::SslMode,
     /// Where it is, without a password, for messages.
     target: String,
     pool: Mutex<PoolState>,
@@ -236,27 +298,64 @@ impl Drop for PgKv {
     }
 }
 
-/// `postgres://user:secret@host/db` with the password hidden.
+/// A datastore URL with its password hidden: `postgres://user:***@host/db`,
+/// `?password=***`, `password=***` in the `key=value` form.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    if !tls::is_url(url) {
+        let Ok(pairs) = tls::conninfo_pairs(url) else {
+            return "(a malformed datastore setting)".to_string();
+        };
+        let mut out = String::new();
+        let mut copied = 0;
+        for pair in pairs.iter().filter(|p| p.key == "password") {
+            out.push_str(&url[copied..pair.value_start]);
+            out.push_str("***");
+            copied = pair.end;
+        }
+        out.push_str(&url[copied..]);
+        return out;
+    }
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+            let userinfo = &base[scheme + 3..at];
             match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
+                Some((user, _)) => format!("{}{user}:***{}", &base[..scheme + 3], &base[at..]),
+                None => base.to_string(),
             }
         }
-        _ => url.to_string(),
+        _ => base.to_string(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key == "password" => format!("{key}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
     }
+    out
 }
 
 impl PgKv {
-    /// Connects to `url` (a `postgres://` URL or a key=value string) and
-    /// applies the migrations this version knows.
+    /// Connects to `url` (a `postgres://` URL or a key=value string, with
+    /// libpq's `sslmode` and `sslrootcert`: see [`tls`]) and applies the
+    /// migrations this version knows.
     pub fn connect(url: &str) -> Result<Self, StoreError> {
         let target = redact(url);
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| StoreError::Database(format!("datastore {target}: {e}")))?;
+        let bad = |e: &dyn std::fmt::Display| StoreError::Database(format!("{target}: {e}"));
+        let (rest, params) = tls::split_params(url).map_err(|e| bad(&e))?;
+        let mut config: tokio_postgres::Config = rest.parse().map_err(|e| bad(&e))?;
+        let sslmode = tls::SslMode::resolve(&params, &config).map_err(|e| bad(&e))?;
+        let tls = tls::connector(sslmode, params.sslrootcert.as_deref()).map_err(|e| bad(&e))?;
+        config.ssl_mode(sslmode.driver_mode());
+        info!(datastore = %target, %sslmode, "datastore connection security");
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
@@ -271,6 +370,8 @@ impl PgKv {
             handle: runtime.handle().clone(),
             runtime: Some(runtime),
             config,
+            tls,
+            sslmode,
             target,
             pool: Mutex::default(),
             available: std::sync::Condvar::new(),
@@ -316,9 +417,9 @@ impl PgKv {
             pool = self.available.wait(pool).unwrap_or_else(|e| e.into_inner());
         }
         drop(pool);
-        let config = self.config.clone();
+        let (config, tls) = (self.config.clone(), self.tls.clone());
         let target = self.target.clone();
-        match self.run(async move { Conn::open(&config).await }) {
+        match self.run(async move { Conn::open(&config, tls).await }) {
             Ok(conn) => Ok(Arc::new(conn)),
             Err(e) => {
                 self.release(None);
@@ -359,17 +460,20 @@ impl PgKv {
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
-        let config = self.config.clone();
+        let (config, tls) = (self.config.clone(), self.tls.clone());
         let target = self.target.clone();
         self.run(async move {
-            let (mut client, connection) = config.connect(NoTls).await.map_err(|e| {
+            let (client, connection) = config.connect(tls).await.map_err(|e| {
                 StoreError::Database(format!(
                     "cannot reach the datastore {target}: {}",
                     tessera_workload_api::error_chain(&e)
                 ))
             })?;
             let task = tokio::spawn(connection);
-            let tx = client.transaction().await.map_err(db_err)?;
+            // Ended by the checked commit (a failure drops the connection,
+            // which rolls back).
+            client.batch_execute("BEGIN").await.map_err(db_err)?;
+            let tx = &client;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                 .await
                 .map_err(db_err)?;
@@ -398,7 +502,7 @@ impl PgKv {
                     .map_err(db_err)?;
                 info!(version, "applied datastore migration");
             }
-            tx.commit().await.map_err(db_err)?;
+            commit(&client, None).await?;
             drop(client);
             let _ = task.await;
             Ok(())
@@ -512,13 +616,8 @@ impl Kv for PgKv {
                 let conn = conn.clone();
                 self.run(async move {
                     conn.write(ops).await?;
-                    // The notification and the commit in one round trip (a
-                    // revision is a number, the channel ours).
-                    let commit = match notify {
-                        Some(revision) => format!("NOTIFY {CHANNEL}, '{revision}'; COMMIT"),
-                        None => "COMMIT".to_string(),
-                    };
-                    conn.client.batch_execute(&commit).await.map_err(db_err)
+                    // The notification and the commit in one round trip.
+                    commit(&conn.client, notify).await
                 })
             }
             Err(e) => {
@@ -547,7 +646,7 @@ impl Kv for PgKv {
         self.with_conn(|conn| async move {
             conn.client.batch_execute("BEGIN").await.map_err(db_err)?;
             conn.write(ops).await?;
-            conn.client.batch_execute("COMMIT").await.map_err(db_err)
+            commit(&conn.client, None).await
         })
     }
 
@@ -561,8 +660,8 @@ impl Kv for PgKv {
     }
 
     fn on_remote_change(&self, f: OnRemoteChange) {
-        let config = self.config.clone();
-        self.handle.spawn(listen(config, f));
+        let (config, tls) = (self.config.clone(), self.tls.clone());
+        self.handle.spawn(listen(config, tls, f));
     }
 
     fn health(&self) -> Result<String, StoreError> {
@@ -571,15 +670,18 @@ impl Kv for PgKv {
             Ok(conn.client.query_one("SHOW server_version", &[]).await.map_err(db_err)?.get(0))
         })?;
         let open = self.pool.lock().unwrap_or_else(|e| e.into_inner()).open;
-        Ok(format!("postgresql {version} at {target}, {open} connections open"))
+        Ok(format!(
+            "postgresql {version} at {target} (sslmode {}), {open} connections open",
+            self.sslmode
+        ))
     }
 }
 
 /// LISTENs for other servers' commits and calls `f` with each revision,
 /// reconnecting when the connection drops.
-async fn listen(config: tokio_postgres::Config, f: OnRemoteChange) {
+async fn listen(config: tokio_postgres::Config, tls: MakeRustlsConnect, f: OnRemoteChange) {
     loop {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 let ready = {
                     let sql = format!("LISTEN {CHANNEL}");
@@ -634,6 +736,208 @@ mod tests {
         assert_eq!(redact("postgres://u:pw@h:5/db"), "postgres://u:***@h:5/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("host=/tmp user=u"), "host=/tmp user=u");
+        assert_eq!(
+            redact("postgres://u:pw@h/db?sslmode=verify-full&password=secret"),
+            "postgres://u:***@h/db?sslmode=verify-full&password=***"
+        );
+        assert_eq!(redact("host=h password='s e\\'cret' user=u"), "host=h password=*** user=u");
+        assert_eq!(redact("host=h password='unterminated"), "(a malformed datastore setting)");
+    }
+
+    /// PostgreSQL answers the COMMIT of a transaction that an earlier
+    /// statement aborted with the tag ROLLBACK and no error: the store's
+    /// commit must say so, not report a write that never happened.
+    #[test]
+    fn a_commit_that_postgresql_turned_into_a_rollback_is_an_error() {
+        let kv = PgKv::connect(&crate::pg_cluster::PgCluster::shared().database()).unwrap();
+        let (config, tls) = (kv.config.clone(), kv.tls.clone());
+        let committed = kv
+            .run(async move {
+                let conn = Conn::open(&config, tls).await?;
+                conn.client.batch_execute("BEGIN").await.map_err(db_err)?;
+                conn.write(vec![Op::Put("t", b"k".to_vec(), b"v".to_vec())]).await?;
+                // A statement fails and its error is lost on the way: the
+                // transaction is aborted, and nothing says so any more.
+                assert!(conn.client.batch_execute("SELECT 1/0").await.is_err());
+                Ok(commit(&conn.client, None).await)
+            })
+            .unwrap();
+        let error = committed.expect_err("a rolled-back commit reported success").to_string();
+        assert!(error.contains("rolled back, not committed"), "{error}");
+        assert_eq!(Kv::get(&kv, "t", b"k").unwrap(), None, "nothing was written");
+    }
+
+    /// The same through the store's transactions: a read that failed on the
+    /// server (its error ignored by the caller) aborts the transaction, and
+    /// the transaction then fails instead of reporting a commit.
+    #[test]
+    fn a_transaction_with_an_ignored_failed_read_does_not_report_a_commit() {
+        let kv = PgKv::connect(&crate::pg_cluster::PgCluster::shared().database()).unwrap();
+        let out = kv.transaction(Lock::Store, &mut |tx| {
+            // A NUL byte is not text to PostgreSQL: the server refuses the read.
+            assert!(tx.get("t\0", b"k").is_err());
+            Ok(())
+        });
+        let error = out.expect_err("an aborted transaction reported a commit").to_string();
+        assert!(error.contains("rolled back, not committed"), "{error}");
+        // The store goes on: the next transaction commits.
+        kv.transaction(Lock::Store, &mut |tx| {
+            tx.put("t", b"k", b"v".to_vec());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(Kv::get(&kv, "t", b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    /// A cluster that serves TLS with a certificate for `localhost` and
+    /// 127.0.0.1 from a CA made here, and refuses plain TCP; the CA's PEM
+    /// file, and another CA's.
+    struct TlsCluster {
+        cluster: crate::pg_cluster::PgCluster,
+        ca: std::path::PathBuf,
+        other_ca: std::path::PathBuf,
+    }
+
+    fn ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.key_usages =
+            vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let pem = params.self_signed(&key).unwrap().pem();
+        (pem, rcgen::Issuer::new(params, key))
+    }
+
+    fn tls_cluster() -> &'static TlsCluster {
+        static CLUSTER: std::sync::OnceLock<TlsCluster> = std::sync::OnceLock::new();
+        CLUSTER.get_or_init(|| {
+            let (ca_pem, issuer) = ca("tessera test PostgreSQL CA");
+            let (other_pem, _) = ca("another CA");
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+            ])
+            .unwrap();
+            params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            let tls =
+                crate::pg_cluster::ServerTls { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
+            let cluster = crate::pg_cluster::PgCluster::start_tls(&tls).unwrap();
+            let ca = cluster.dir().join("ca.pem");
+            let other_ca = cluster.dir().join("other-ca.pem");
+            std::fs::write(&ca, ca_pem).unwrap();
+            std::fs::write(&other_ca, other_pem).unwrap();
+            TlsCluster { cluster, ca, other_ca }
+        })
+    }
+
+    impl TlsCluster {
+        /// A new database's URL at `host`, with `query`.
+        fn url(&self, host: &str, query: &str) -> String {
+            let db = self.cluster.database();
+            let name = db.rsplit('/').next().unwrap();
+            format!("postgres://tessera@{host}:{}/{name}?{query}", self.cluster.port())
+        }
+    }
+
+    /// Whether the store's connections are encrypted.
+    fn encrypted(kv: &PgKv) -> bool {
+        kv.with_conn(|conn| async move {
+            let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+            Ok(conn.client.query_one(sql, &[]).await.map_err(db_err)?.get(0))
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn sslmode_require_encrypts_without_checking_the_certificate() {
+        let pg = tls_cluster();
+        let kv = PgKv::connect(&pg.url("127.0.0.1", "sslmode=require")).unwrap();
+        assert!(encrypted(&kv));
+        kv.apply(vec![Op::Put("t", b"k".to_vec(), b"v".to_vec())]).unwrap();
+        assert_eq!(Kv::get(&kv, "t", b"k").unwrap(), Some(b"v".to_vec()));
+        assert!(kv.health().unwrap().contains("sslmode require"), "{}", kv.health().unwrap());
+    }
+
+    #[test]
+    fn verify_full_with_the_servers_ca_connects() {
+        let pg = tls_cluster();
+        for host in ["127.0.0.1", "localhost"] {
+            let query = format!("sslmode=verify-full&sslrootcert={}", pg.ca.display());
+            let kv = PgKv::connect(&pg.url(host, &query)).unwrap();
+            assert!(encrypted(&kv), "{host}");
+            kv.apply(vec![Op::Put("t", b"k".to_vec(), b"v".to_vec())]).unwrap();
+        }
+    }
+
+    #[test]
+    fn verify_full_with_another_ca_is_refused_and_says_why() {
+        let pg = tls_cluster();
+        let query = format!("sslmode=verify-full&sslrootcert={}", pg.other_ca.display());
+        let error = PgKv::connect(&pg.url("127.0.0.1", &query)).unwrap_err().to_string();
+        assert!(error.contains("invalid peer certificate: UnknownIssuer"), "{error}");
+        assert!(!error.contains('\n'), "{error}");
+        // verify-ca checks the chain too.
+        let query = format!("sslmode=verify-ca&sslrootcert={}", pg.other_ca.display());
+        let error = PgKv::connect(&pg.url("127.0.0.1", &query)).unwrap_err().to_string();
+        assert!(error.contains("UnknownIssuer"), "{error}");
+    }
+
+    #[test]
+    fn verify_full_refuses_a_certificate_for_another_host_name_and_verify_ca_does_not() {
+        let pg = tls_cluster();
+        // The name says db.example.test; the connection goes to 127.0.0.1.
+        let query = |mode: &str| {
+            format!("hostaddr=127.0.0.1&sslmode={mode}&sslrootcert={}", pg.ca.display())
+        };
+        let error = PgKv::connect(&pg.url("db.example.test", &query("verify-full")))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("certificate not valid for name \"db.example.test\""), "{error}");
+        let kv = PgKv::connect(&pg.url("db.example.test", &query("verify-ca"))).unwrap();
+        assert!(encrypted(&kv));
+    }
+
+    #[test]
+    fn sslmode_disable_is_refused_by_a_server_that_requires_tls() {
+        let pg = tls_cluster();
+        let error = PgKv::connect(&pg.url("127.0.0.1", "sslmode=disable")).unwrap_err().to_string();
+        assert!(error.contains("no encryption"), "{error}");
+    }
+
+    /// Without sslmode a remote host is verified (against the system's
+    /// roots here, which do not hold the test CA), never reached in plain.
+    #[test]
+    fn a_remote_host_without_sslmode_is_verified() {
+        let pg = tls_cluster();
+        let error = PgKv::connect(&pg.url("db.example.test", "hostaddr=127.0.0.1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("invalid peer certificate: UnknownIssuer")
+                || error.contains("needs trusted roots"),
+            "{error}"
+        );
+        // With the CA named, the host name is checked too (verify-full, not verify-ca).
+        let query = format!("hostaddr=127.0.0.1&sslrootcert={}", pg.ca.display());
+        let error = PgKv::connect(&pg.url("db.example.test", &query)).unwrap_err().to_string();
+        assert!(error.contains("certificate not valid for name"), "{error}");
+    }
+
+    #[test]
+    fn an_unknown_sslmode_or_an_unreadable_root_file_is_a_one_line_error() {
+        let error = PgKv::connect("postgres://u:pw@db.example.test/t?sslmode=verify").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "datastore: postgres://u:***@db.example.test/t?sslmode=verify: unknown sslmode \"verify\": use disable, prefer, require, verify-ca or verify-full"
+        );
+        let error = PgKv::connect("postgres://u@db.example.test/t?sslrootcert=/nonexistent.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("sslrootcert /nonexistent.pem: No such file"), "{error}");
     }
 
     /// The README's Unix socket form: the socket directory, percent-encoded, as the host.
