@@ -245,6 +245,97 @@ async fn a_connection_keeps_the_program_that_opened_it() {
     server.stop().await;
 }
 
+/// An open FetchX509SVID stream sends no further SVID once the process on
+/// its end has exec'd another program: the trusted program opens the stream,
+/// gets its SVID and execs untrusted code that reads the raw socket; a new
+/// identity for the trusted program then appears, and the untrusted code
+/// must not see it go by (before the fix, the update carried it, key
+/// included). The connection is closed instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_sends_nothing_more_after_its_process_execs() {
+    if !is_root() {
+        eprintln!("not root: cannot run a workload as another uid");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let programs = programs(dir.path());
+    let (server, agent) = setup(dir.path()).await;
+    let socket = agent.socket.to_str().unwrap().to_string();
+    let trusted = programs.trusted.to_str().unwrap();
+    let selectors = [
+        format!("unix:uid:{NOBODY}"),
+        format!("unix:path:{trusted}"),
+        format!("unix:sha256:{}", programs.trusted_sha256),
+    ];
+    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
+    server.create_entry("spiffe://example.org/trusted", &agent.id, &selectors, None).await;
+    // Wait until the agent serves it.
+    within(PROMPTLY, "the trusted program's SVID", async {
+        loop {
+            let mut child = as_nobody(&programs.trusted, &["fetch", "--socket", &socket]);
+            let line = first_line(&mut child).await;
+            let _ = child.wait();
+            if line == "svid spiffe://example.org/trusted" {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+
+    let mut children = Children(vec![as_nobody(
+        &programs.trusted,
+        &[
+            "watch-exec",
+            "--socket",
+            &socket,
+            "--",
+            programs.untrusted.to_str().unwrap(),
+            "raw-read",
+            "--stdin",
+            "--look-for",
+            "spiffe://example.org/second",
+        ],
+    )]);
+    let stdout = children.0[0].stdout.take().unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut read = Vec::new();
+    for _ in 0..3 {
+        if read.len() == 2 {
+            assert_eq!(read[0], "streaming spiffe://example.org/trusted");
+            assert_eq!(read[1], "ready", "the untrusted code runs");
+            server.create_entry("spiffe://example.org/second", &agent.id, &selectors, None).await;
+        }
+        read.push(within(PROMPTLY, "the probe's next line", lines.recv()).await.unwrap());
+    }
+    assert_eq!(read[2], "not-seen closed", "what the exec'd program read");
+    drop(children);
+    // The agent did serve the new identity (to the trusted program on a
+    // connection of its own).
+    within(PROMPTLY, "the second identity", async {
+        loop {
+            let mut child = as_nobody(&programs.trusted, &["fetch", "--socket", &socket]);
+            let line = first_line(&mut child).await;
+            let _ = child.wait();
+            if line.starts_with("svid ") {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    agent.stop().await;
+    server.stop().await;
+}
+
 /// A Python attacker, as uid 65534: opens `count` connections, on each
 /// sends the HTTP/2 preface and a FetchJWTSVID whose gRPC message claims
 /// `size` bytes, then keeps sending all of that message but its last byte

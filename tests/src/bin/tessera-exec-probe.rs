@@ -18,6 +18,15 @@
 //!     --stdin --after-exec-of <own PID> --not <own executable>` holding the
 //!     socket, then execs `PROG ARGS...` itself: the PID that connected now
 //!     runs PROG while the child, still this program, asks on its socket.
+//! tessera-exec-probe watch-exec --socket PATH -- PROG ARGS...
+//!     Connects, opens a FetchX509SVID stream, and once its first response
+//!     is in prints `streaming <spiffe_id>` and execs `PROG ARGS...` with
+//!     the socket as standard input: the stream stays open, with another
+//!     program on its end.
+//! tessera-exec-probe raw-read --stdin --look-for TEXT
+//!     Prints `ready`, then reads the raw bytes of the socket on standard
+//!     input (at most 30 s, until it is closed) and prints `saw` if TEXT came
+//!     by, else `not-seen`, and then `closed` or `timeout`.
 //! tessera-exec-probe sleep SECONDS
 //! ```
 #![forbid(unsafe_code)]
@@ -110,6 +119,70 @@ fn run(args: &[String]) -> Result<(), String> {
             let err = Command::new(&command[0]).args(&command[1..]).exec();
             Err(format!("exec {}: {err}", command[0]))
         }
+        Some("watch-exec") => {
+            let path = flag(args, "--socket").ok_or("missing --socket")?;
+            let command = command_after_dashes(args)?;
+            let socket = UnixStream::connect(path).map_err(|e| format!("connect {path}: {e}"))?;
+            let kept = socket.try_clone().map_err(|e| e.to_string())?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            let first = runtime.block_on(async move {
+                let mut client = client_over(socket).await?;
+                let mut stream = client
+                    .fetch_x509svid(with_header(pb::X509svidRequest {}))
+                    .await
+                    .map_err(|s| format!("FetchX509SVID: {s}"))?
+                    .into_inner();
+                let first = stream
+                    .message()
+                    .await
+                    .map_err(|s| format!("FetchX509SVID: {s}"))?
+                    .ok_or("the stream ended")?;
+                // Both stay open (leaked on purpose) through the exec.
+                std::mem::forget(stream);
+                std::mem::forget(client);
+                Ok::<_, String>(first)
+            })?;
+            let id = first.svids.first().map(|s| s.spiffe_id.clone()).unwrap_or_default();
+            println!("streaming {id}");
+            std::mem::forget(runtime);
+            let err = Command::new(&command[0])
+                .args(&command[1..])
+                .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(kept)))
+                .exec();
+            Err(format!("exec {}: {err}", command[0]))
+        }
+        Some("raw-read") => {
+            use std::io::Read;
+            let text = flag(args, "--look-for").ok_or("missing --look-for")?.as_bytes();
+            let fd = std::io::stdin().as_fd().try_clone_to_owned();
+            let mut socket = UnixStream::from(fd.map_err(|e| format!("standard input: {e}"))?);
+            // Whoever had it before may have left it non-blocking.
+            socket.set_nonblocking(false).map_err(|e| e.to_string())?;
+            println!("ready");
+            let deadline = std::time::Instant::now() + WAIT;
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            let ending = loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break "timeout";
+                }
+                socket.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+                match socket.read(&mut buf) {
+                    Ok(0) => break "closed",
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break "timeout",
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break "timeout",
+                    Err(_) => break "closed",
+                }
+            };
+            let saw = seen.windows(text.len()).any(|w| w == text);
+            println!("{} {ending}", if saw { "saw" } else { "not-seen" });
+            Ok(())
+        }
         Some("sleep") => {
             let seconds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(30);
             std::thread::sleep(Duration::from_secs(seconds));
@@ -151,13 +224,25 @@ fn wait_for_exec(pid: &str, not: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// One FetchX509SVID over `socket`.
-async fn fetch(socket: UnixStream) -> Result<String, String> {
+/// A Workload API request with the security header.
+fn with_header<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
+    request
+}
+
+/// A Workload API client over `socket` (one connection, never redialed).
+async fn client_over(
+    socket: UnixStream,
+) -> Result<
+    pb::spiffe_workload_api_client::SpiffeWorkloadApiClient<tonic::transport::Channel>,
+    String,
+> {
     socket.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let socket = std::sync::Mutex::new(Some(
-        tokio::net::UnixStream::from_std(socket).map_err(|e| e.to_string())?,
-    ));
-    let socket = std::sync::Arc::new(socket);
+    let socket = tokio::net::UnixStream::from_std(socket).map_err(|e| e.to_string())?;
+    let socket = std::sync::Arc::new(std::sync::Mutex::new(Some(socket)));
     let channel = tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let stream = socket.lock().map(|mut s| s.take()).ok().flatten();
@@ -169,12 +254,13 @@ async fn fetch(socket: UnixStream) -> Result<String, String> {
         }))
         .await
         .map_err(|e| format!("HTTP/2 connection: {e}"))?;
-    let mut client = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
-    let mut request = tonic::Request::new(pb::X509svidRequest {});
-    request
-        .metadata_mut()
-        .insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
-    let first = match client.fetch_x509svid(request).await {
+    Ok(pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel))
+}
+
+/// One FetchX509SVID over `socket`.
+async fn fetch(socket: UnixStream) -> Result<String, String> {
+    let mut client = client_over(socket).await?;
+    let first = match client.fetch_x509svid(with_header(pb::X509svidRequest {})).await {
         Ok(response) => response.into_inner().message().await,
         Err(status) => Err(status),
     };
