@@ -25,7 +25,7 @@ use crate::jwt::JwtSvids;
 use crate::manager::{agent_renewal_loop, now, signer_loop, sync_loop, NodeLink};
 use crate::metrics::{AgentHealth, AgentMetrics};
 use crate::node_client::{node_tls_config, NodeClientError, Servers};
-use crate::workload::{self, WorkloadLimits, WorkloadService};
+use crate::workload::{self, Attesting, WorkloadLimits, WorkloadService};
 
 /// The agent's default data directory.
 pub const DEFAULT_DATA_DIR: &str = ".tessera/agent";
@@ -278,23 +278,35 @@ impl Agent {
                     .instrument(tracing::info_span!("metrics")),
             );
         }
+        let attesting = Attesting::new(Arc::new(UnixAttestor::with_limits(limits.hashing)));
         let service = WorkloadService::new(
             cache,
             jwt,
-            Arc::new(UnixAttestor::with_limits(limits.hashing)),
+            attesting.clone(),
             trust_domain,
             limits,
             events.clone(),
             metrics,
             shutdown.clone(),
         );
-        let incoming = workload::incoming(listener, limits, events, shutdown.clone());
+        let incoming = workload::incoming(listener, limits, attesting, events, shutdown.clone());
         let stop = shutdown.clone();
         let server = tokio::spawn(
             async move {
+                // What one connection can make the agent buffer is bounded
+                // before any handler runs: small windows, header lists and
+                // frames, few streams, and requests decoded only up to
+                // MAX_REQUEST_BYTES (refused from their length prefix).
                 tonic::transport::Server::builder()
                     .max_concurrent_streams(limits.streams_per_connection)
-                    .add_service(SpiffeWorkloadApiServer::new(service))
+                    .initial_stream_window_size(workload::STREAM_WINDOW_BYTES)
+                    .initial_connection_window_size(workload::CONNECTION_WINDOW_BYTES)
+                    .http2_max_header_list_size(workload::MAX_HEADER_LIST_BYTES)
+                    .max_frame_size(16 * 1024)
+                    .add_service(
+                        SpiffeWorkloadApiServer::new(service)
+                            .max_decoding_message_size(workload::MAX_REQUEST_BYTES),
+                    )
                     .serve_with_incoming_shutdown(incoming, stop.cancelled())
                     .await
             }

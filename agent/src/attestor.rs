@@ -1,14 +1,62 @@
 //! The Unix workload attestor: who is on the other end of a Workload API
-//! connection. The kernel gives pid/uid/gid (SO_PEERCRED); the process is
-//! pinned with a pidfd right after accept, `/proc` is read, and the pidfd
-//! must still show the same live process afterwards, so a PID reused during
-//! attestation is never given another process's identity.
+//! connection, decided once, when the connection is accepted.
+//!
+//! # What is pinned, and when
+//!
+//! At accept the agent takes, from the socket itself, the peer's uid/gid/pid
+//! (`SO_PEERCRED`) and a pidfd of the peer process (`SO_PEERPIDFD`): both are
+//! recorded by the kernel at `connect()`, so no PID lookup can be answered by
+//! another process. Where the kernel lacks `SO_PEERPIDFD` (before Linux
+//! 6.5), the process is pinned with `pidfd_open(pid)` and `/proc/<pid>/status`
+//! must show the uid and gid `SO_PEERCRED` reported. Then `/proc/<pid>` is
+//! read (supplementary groups, the executable's path) and the executable is
+//! opened and `fstat`ed: its [`Executable`] identity is the device, inode,
+//! size, mtime and ctime of the file the process runs. Finally the pidfd must
+//! still show a live process: had it exited (and its PID been reused) while
+//! `/proc` was read, the reads could describe another process, and the
+//! connection is refused.
+//!
+//! Every request on the connection is served from that attestation: the
+//! selectors (path and sha256 included) are derived from what was recorded at
+//! accept, never looked up again. Before each request, [`WorkloadAttestor::verify`]
+//! checks that the same process (pidfd alive) still runs the same executable
+//! (same identity); a process that has exec'd something else since, or exited,
+//! gets no answer on that connection. This is what stops the fork-then-exec
+//! attack: code that connects, then execs (or has its parent exec) a trusted
+//! binary while it keeps the connection, is still the program it was at accept.
+//!
+//! # What `unix:path` and `unix:sha256` prove, and what they do not
+//!
+//! They prove that, when the connection was accepted, the connecting process
+//! was running the executable file with that path and content, and that it
+//! still runs it at each request. They do **not** prove:
+//!
+//! - that the code making the request is that program's own code: a process
+//!   of the same uid that may ptrace the workload (or read its memory through
+//!   `/proc/<pid>/mem`, or take its socket with `pidfd_getfd`) can act as it;
+//!   so can anyone who starts the trusted binary with their own arguments,
+//!   environment, `LD_PRELOAD`, or a debugger. Use a distinct uid (or
+//!   `unix:uid` plus a restrictive ptrace scope) for identities that matter;
+//! - anything about a script: for an interpreter the path and hash name the
+//!   interpreter (`/usr/bin/python3`), not the script it runs;
+//! - which program connected, when the connecting process exec'd between its
+//!   `connect()` and the agent's accept (microseconds, but a race that the
+//!   connecting code controls): the agent records the program it finds at
+//!   accept. The process then runs that program, so the requests come from
+//!   it or from a process it shares the socket with (a child forked before
+//!   the exec) — the reason `unix:path`/`unix:sha256` are selectors for
+//!   programs, not a sandbox for the code that started them;
+//! - that the file is still there: a running executable that was replaced on
+//!   disk keeps the identity of the file it runs (its path then ends in
+//!   ` (deleted)`).
+//!
+//! `unix:uid`, `unix:gid` come from `SO_PEERCRED` (the credentials at
+//! `connect()`); user and group names from `/etc/passwd` and `/etc/group`.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::io::Read;
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -44,6 +92,41 @@ pub enum AttestError {
         /// Why.
         source: std::io::Error,
     },
+    /// The socket's peer credentials could not be read.
+    #[error("cannot read the peer's credentials from the socket: {0}")]
+    PeerCredentials(std::io::Error),
+    /// Without `SO_PEERPIDFD`, the process pinned by PID does not have the
+    /// uid/gid the socket reported: the PID was reused before it was pinned.
+    #[error("process {pid} does not have the credentials of the connecting process (PID reused?)")]
+    CredentialsMismatch {
+        /// The PID.
+        pid: i32,
+    },
+    /// The process that opened the connection runs another executable than
+    /// it did when the connection was accepted (it exec'd since).
+    #[error(
+        "process {pid} runs another executable than when it connected (exec after connect); \
+         connect again"
+    )]
+    ExecutableChanged {
+        /// The PID.
+        pid: i32,
+    },
+}
+
+impl AttestError {
+    /// A short, stable code for events and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NoPid => "no_pid",
+            Self::Pin { .. } => "pin_failed",
+            Self::Exited(_) => "process_exited",
+            Self::Proc { .. } => "proc_unreadable",
+            Self::PeerCredentials(_) => "no_peer_credentials",
+            Self::CredentialsMismatch { .. } => "credentials_mismatch",
+            Self::ExecutableChanged { .. } => "executable_changed",
+        }
+    }
 }
 
 /// What the kernel told us about a connected peer, plus its pidfd.
@@ -54,8 +137,22 @@ pub struct PeerProcess {
     pub uid: u32,
     /// Effective gid.
     pub gid: u32,
-    /// The pinned process, opened right after accept.
+    /// The pinned process.
     pub pidfd: Option<OwnedFd>,
+    /// How it was pinned.
+    pub pinned_by: PinnedBy,
+}
+
+/// How a peer process was pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PinnedBy {
+    /// `SO_PEERPIDFD`: the kernel's own reference to the connecting
+    /// process, taken at `connect()`.
+    PeerPidfd,
+    /// `pidfd_open` of the `SO_PEERCRED` PID, checked against the
+    /// credentials in `/proc/<pid>/status` (kernels without `SO_PEERPIDFD`).
+    PidfdOpen,
 }
 
 impl fmt::Debug for PeerProcess {
@@ -64,35 +161,102 @@ impl fmt::Debug for PeerProcess {
             .field("pid", &self.pid)
             .field("uid", &self.uid)
             .field("gid", &self.gid)
+            .field("pinned_by", &self.pinned_by)
             .finish()
     }
 }
 
 impl PeerProcess {
-    /// Pins the peer's process with a pidfd.
+    /// Pins a process by PID with `pidfd_open` (no credential check: for
+    /// callers that know the PID is theirs, like tests).
     pub fn pin(pid: Option<i32>, uid: u32, gid: u32) -> Self {
         let pidfd =
             pid.and_then(Pid::from_raw).and_then(|p| pidfd_open(p, PidfdFlags::empty()).ok());
-        Self { pid, uid, gid, pidfd }
+        Self { pid, uid, gid, pidfd, pinned_by: PinnedBy::PidfdOpen }
+    }
+
+    /// The peer of an accepted Unix socket: its credentials and a pidfd,
+    /// both as the kernel recorded them at `connect()` (`SO_PEERCRED`,
+    /// `SO_PEERPIDFD`). On kernels without `SO_PEERPIDFD`, the PID is pinned
+    /// with `pidfd_open` and must show the reported uid/gid in `/proc`.
+    pub fn of_socket(socket: &impl AsFd) -> Result<Self, AttestError> {
+        let cred = rustix::net::sockopt::socket_peercred(socket)
+            .map_err(|e| AttestError::PeerCredentials(e.into()))?;
+        let (pid, uid, gid) =
+            (cred.pid.as_raw_nonzero().get(), cred.uid.as_raw(), cred.gid.as_raw());
+        match nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::PeerPidfd) {
+            Ok(pidfd) => Ok(Self {
+                pid: Some(pid),
+                uid,
+                gid,
+                pidfd: Some(pidfd),
+                pinned_by: PinnedBy::PeerPidfd,
+            }),
+            Err(nix::errno::Errno::ENOPROTOOPT | nix::errno::Errno::EINVAL) => {
+                let peer = Self::pin(Some(pid), uid, gid);
+                let pidfd = peer.pidfd.as_ref().ok_or_else(|| AttestError::Pin {
+                    pid,
+                    source: std::io::Error::other("pidfd_open failed (process gone?)"),
+                })?;
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .map_err(|source| AttestError::Proc { pid, source })?;
+                ensure_alive(pidfd, pid)?;
+                if effective_ids(&status) != Some((uid, gid)) {
+                    return Err(AttestError::CredentialsMismatch { pid });
+                }
+                Ok(peer)
+            }
+            Err(e) => Err(AttestError::Pin { pid, source: e.into() }),
+        }
     }
 }
 
-/// What attestation found: the selectors known at once, and possibly the
-/// executable's SHA-256 still to be computed (off the attestation path, so
-/// one caller's big executable delays no one else's attestation).
+/// The effective uid and gid in a `/proc/<pid>/status`.
+fn effective_ids(status: &str) -> Option<(u32, u32)> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            .and_then(|id| id.parse().ok())
+    };
+    Some((field("Uid:")?, field("Gid:")?))
+}
+
+/// What attestation found at accept: the selectors known at once, the
+/// executable the process ran, and possibly the executable's SHA-256 still
+/// to be computed (off the attestation path, so one caller's big executable
+/// delays no one else's attestation).
 #[derive(Debug)]
 pub struct Attestation {
     /// Selectors derived so far.
     pub selectors: Vec<Selector>,
-    /// The executable's hash, when it is not known yet.
+    /// The executable's hash, when it is not known yet: of the file opened
+    /// at accept.
     pub pending_hash: Option<PendingHash>,
+    /// The executable the process ran at accept (`None` when the agent could
+    /// not open it: then there are no path/sha256 selectors either).
+    pub executable: Option<Executable>,
 }
 
-/// Derives a caller's selectors.
+/// The identity of an executable file a process runs: device, inode, size,
+/// mtime and ctime (nanoseconds). Another file, or the same file rewritten
+/// (content changes move mtime and ctime; resetting mtime still moves
+/// ctime), has another identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Executable(ExeVersion);
+
+/// Derives a caller's selectors, once per connection, and checks before
+/// each request that they still describe the caller.
 pub trait WorkloadAttestor: Send + Sync + fmt::Debug + 'static {
-    /// The selectors of the process behind `peer`. Runs on a blocking
-    /// thread; must not do slow I/O (leave that to [`PendingHash`]).
+    /// The selectors of the process behind `peer`, at accept. Runs on a
+    /// blocking thread; must not do slow I/O (leave that to [`PendingHash`]).
     fn attest(&self, peer: &PeerProcess) -> Result<Attestation, AttestError>;
+
+    /// Whether the process pinned in `peer` still lives and still runs the
+    /// executable `attestation` recorded. Runs on a blocking thread before
+    /// every request and stream update.
+    fn verify(&self, peer: &PeerProcess, attestation: &Attestation) -> Result<(), AttestError>;
 }
 
 /// Limits on executable hashing.
@@ -154,7 +318,7 @@ const MAX_KNOWN_VERSIONS: usize = 4096;
 /// An executable hash that is not known yet: [`PendingHash::sha256`]
 /// computes it (or waits for the caller already computing it).
 pub struct PendingHash {
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
     version: ExeVersion,
     cell: Arc<OnceCell<String>>,
     hashes: Arc<ExeHashes>,
@@ -169,8 +333,9 @@ impl fmt::Debug for PendingHash {
 impl PendingHash {
     /// The executable's SHA-256 (hex), computed at most once per version on
     /// the bounded hashing pool; `None` if it could not be read.
-    pub async fn sha256(self) -> Option<String> {
+    pub async fn sha256(&self) -> Option<String> {
         let Self { file, version, cell, hashes } = self;
+        let (file, version) = (file.clone(), *version);
         let result = cell
             .get_or_try_init(|| async {
                 let _permit = hashes
@@ -212,10 +377,11 @@ impl Drop for AbandonOnDrop {
     }
 }
 
-/// Hashes an opened executable, reading at most `max` bytes, and checks it
-/// is still the version it was when opened. Stops when `abandoned` is set.
+/// Hashes an opened executable (positional reads: the file is shared),
+/// reading at most `max` bytes, and checks it is still the version it was
+/// when opened. Stops when `abandoned` is set.
 fn hash_file(
-    mut file: std::fs::File,
+    file: Arc<std::fs::File>,
     version: ExeVersion,
     max: u64,
     abandoned: &AtomicBool,
@@ -224,7 +390,7 @@ fn hash_file(
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     loop {
-        let n = file.read(&mut buf)?;
+        let n = file.read_at(&mut buf, total)?;
         if n == 0 {
             break;
         }
@@ -282,9 +448,12 @@ impl UnixAttestor {
 
     /// The executable's hash if known, else what computing it needs; `None`
     /// (no sha256 selector) when it is too big to hash.
-    fn exe_hash(&self, pid: i32) -> std::io::Result<Result<String, Option<PendingHash>>> {
-        let file = std::fs::File::open(format!("/proc/{pid}/exe"))?;
-        let version = ExeVersion::of(&file.metadata()?);
+    fn exe_hash(
+        &self,
+        pid: i32,
+        file: std::fs::File,
+        version: ExeVersion,
+    ) -> Result<String, Option<PendingHash>> {
         if version.size > self.hashes.limits.max_bytes {
             let mut too_large = self.hashes.too_large.lock().unwrap_or_else(|e| e.into_inner());
             if too_large.len() >= MAX_KNOWN_VERSIONS {
@@ -298,7 +467,7 @@ impl UnixAttestor {
                     "executable larger than the hashing limit: its callers get no sha256 selector"
                 );
             }
-            return Ok(Err(None));
+            return Err(None);
         }
         let cell = {
             let mut known = self.hashes.known.lock().unwrap_or_else(|e| e.into_inner());
@@ -308,9 +477,9 @@ impl UnixAttestor {
             known.entry(version).or_default().clone()
         };
         if let Some(hash) = cell.get() {
-            return Ok(Ok(hash.clone()));
+            return Ok(hash.clone());
         }
-        Ok(Err(Some(PendingHash { file, version, cell, hashes: self.hashes.clone() })))
+        Err(Some(PendingHash { file: Arc::new(file), version, cell, hashes: self.hashes.clone() }))
     }
 }
 
@@ -343,24 +512,60 @@ impl WorkloadAttestor for UnixAttestor {
         }
         // Path and hash need access to the executable; when the agent may
         // not read it, those selectors are simply absent. The executable is
-        // opened here, while the process is pinned: a hash computed later is
-        // still of this process's executable.
+        // opened (and its identity taken) before its path is read, both while
+        // the process is pinned: a hash computed later is of this file, and
+        // a path read after an exec is caught by `verify` on every request.
         let mut pending_hash = None;
-        if let Ok(path) = std::fs::read_link(format!("/proc/{pid}/exe")) {
-            if let Some(path) = path.to_str() {
-                push("path", path.to_string());
+        let mut executable = None;
+        if let Ok((file, version)) = open_exe(pid) {
+            executable = Some(Executable(version));
+            if let Ok(path) = std::fs::read_link(format!("/proc/{pid}/exe")) {
+                if let Some(path) = path.to_str() {
+                    push("path", path.to_string());
+                }
             }
-            match self.exe_hash(pid) {
-                Ok(Ok(hash)) => push("sha256", hash),
-                Ok(Err(pending)) => pending_hash = pending,
-                Err(_) => {}
+            match self.exe_hash(pid, file, version) {
+                Ok(hash) => push("sha256", hash),
+                Err(pending) => pending_hash = pending,
             }
         }
         // The process must still be the one pinned at accept: had it exited
         // (and its PID been reused), /proc would describe another process.
         ensure_alive(pidfd, pid)?;
-        Ok(Attestation { selectors, pending_hash })
+        // And it must still run what was opened: an exec while the path was
+        // read would pair this file with another's path.
+        let attestation = Attestation { selectors, pending_hash, executable };
+        self.verify(peer, &attestation)?;
+        Ok(attestation)
     }
+
+    fn verify(&self, peer: &PeerProcess, attestation: &Attestation) -> Result<(), AttestError> {
+        let pid = peer.pid.ok_or(AttestError::NoPid)?;
+        let pidfd = peer.pidfd.as_ref().ok_or_else(|| AttestError::Pin {
+            pid,
+            source: std::io::Error::other("pidfd_open failed (process gone?)"),
+        })?;
+        let now = match open_exe(pid) {
+            Ok((_, version)) => Some(Executable(version)),
+            // The executable may be unreadable to the agent (then it was at
+            // accept too), or the process gone (caught below).
+            Err(_) => None,
+        };
+        ensure_alive(pidfd, pid)?;
+        if let Some(then) = attestation.executable {
+            if now != Some(then) {
+                return Err(AttestError::ExecutableChanged { pid });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens the executable a process runs, and takes its identity.
+fn open_exe(pid: i32) -> std::io::Result<(std::fs::File, ExeVersion)> {
+    let file = std::fs::File::open(format!("/proc/{pid}/exe"))?;
+    let version = ExeVersion::of(&file.metadata()?);
+    Ok((file, version))
 }
 
 /// A pidfd becomes readable when its process exits.
@@ -458,7 +663,8 @@ mod tests {
             .iter()
             .map(|c| attestor.attest(&peer_of(c)).unwrap().pending_hash.expect("not known yet"))
             .collect();
-        let hashes = futures_join_all(pending.into_iter().map(PendingHash::sha256)).await;
+        let hashes =
+            futures_join_all(pending.into_iter().map(|p| async move { p.sha256().await })).await;
         for child in &mut children {
             let _ = child.kill();
             let _ = child.wait();
@@ -531,6 +737,58 @@ mod tests {
         child.wait().unwrap();
         let err = UnixAttestor::new().attest(&peer).map(|_| ()).unwrap_err();
         assert!(matches!(err, AttestError::Exited(p) if p == pid), "{err}");
+    }
+
+    /// A process that exec's another program after it was attested is
+    /// refused by `verify`; one that still runs its program is not.
+    #[test]
+    fn an_exec_after_attestation_is_caught_by_verify() {
+        use std::io::Write;
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "read line; exec /bin/sleep 30"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let peer = PeerProcess::pin(Some(pid), 0, 0);
+        let attestor = UnixAttestor::new();
+        let attestation = attestor.attest(&peer).unwrap();
+        assert!(attestation.executable.is_some());
+        attestor.verify(&peer, &attestation).unwrap();
+        let shell = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        // Wait (bounded) until the shell has exec'd sleep.
+        for _ in 0..3000 {
+            if std::fs::read_link(format!("/proc/{pid}/exe")).unwrap() != shell {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let err = attestor.verify(&peer, &attestation).unwrap_err();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(matches!(err, AttestError::ExecutableChanged { pid: p } if p == pid), "{err}");
+        assert_eq!(err.code(), "executable_changed");
+        let err = attestor.verify(&peer, &attestation).unwrap_err();
+        assert!(matches!(err, AttestError::Exited(_)), "{err}");
+    }
+
+    /// The peer of a socket pair is this process, pinned by `SO_PEERPIDFD`.
+    #[test]
+    fn a_socket_peer_is_pinned_by_its_peer_pidfd() {
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = PeerProcess::of_socket(&ours).unwrap();
+        assert_eq!(peer.pid, Some(std::process::id() as i32));
+        assert_eq!(peer.pinned_by, PinnedBy::PeerPidfd, "this kernel has SO_PEERPIDFD");
+        let attestation = UnixAttestor::new().attest(&peer).unwrap();
+        UnixAttestor::new().verify(&peer, &attestation).unwrap();
+    }
+
+    #[test]
+    fn effective_ids_are_read_from_status() {
+        let status = "Name:\tx\nUid:\t1000\t65534\t65534\t65534\nGid:\t10\t20\t20\t20\n";
+        assert_eq!(effective_ids(status), Some((65534, 20)));
+        assert_eq!(effective_ids("Name:\tx\n"), None);
     }
 
     #[test]

@@ -5,13 +5,20 @@
 //! once there is room again an `agent.spool_overflow` event says how many
 //! and which were lost.
 //!
+//! Refusals are folded per uid: in each [`FOLD_INTERVAL`], the first
+//! [`REFUSALS_PER_INTERVAL`] Workload API refusals of one uid and kind are
+//! recorded as they are; the rest are counted, and one event of that kind
+//! (attr `folded` = how many, `folded_interval_ms`, the last reason) is
+//! recorded for them when the interval ends. One local user cannot flood the
+//! server's event stream (or this spool) however fast it is refused.
+//!
 //! Spool file: a header (`TSPOOL1\n` and a 16-byte spool ID), then records
 //! of `[u32 length][u32 crc32][Event protobuf]`. A torn record at the end
 //! (a crash mid-write) is cut off when the spool is opened. What the
 //! server acknowledged is in `events.acked`; resending an acknowledged
 //! event is harmless (the server skips sequence numbers it has).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -44,6 +51,87 @@ pub const PUSH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Default spool size: 64 MiB of events not yet stored by the server.
 pub const DEFAULT_SPOOL_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Refusals of one uid and kind recorded one by one per [`FOLD_INTERVAL`].
+pub const REFUSALS_PER_INTERVAL: u64 = 10;
+
+/// The interval refusals past [`REFUSALS_PER_INTERVAL`] are folded over.
+pub const FOLD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// (uid, kind) pairs tracked at once; past it, refusals of new uids are
+/// tracked under [`ANY_UID`].
+const MAX_FOLD_KEYS: usize = 4096;
+
+/// The uid refusals are tracked under when the caller's is unknown or the
+/// table is full.
+const ANY_UID: u32 = u32::MAX;
+
+/// Refusals of one uid and kind in the current interval.
+#[derive(Debug)]
+struct FoldWindow {
+    started: tokio::time::Instant,
+    recorded: u64,
+    folded: u64,
+    /// The last folded refusal (its reason, workload and attrs are kept).
+    last: Option<Event>,
+}
+
+/// Per-uid refusal folding.
+#[derive(Debug, Default)]
+struct Folds {
+    windows: HashMap<(u32, String), FoldWindow>,
+}
+
+impl Folds {
+    /// Whether `e` is recorded as it is (`true`) or folded (`false`).
+    fn admit(&mut self, e: &Event, now: tokio::time::Instant) -> bool {
+        if e.decision != schema::DENY || !e.kind.starts_with("workload.") {
+            return true;
+        }
+        let mut uid = e.workload.as_ref().map_or(ANY_UID, |w| w.uid);
+        if self.windows.len() >= MAX_FOLD_KEYS && !self.windows.contains_key(&(uid, e.kind.clone()))
+        {
+            uid = ANY_UID;
+        }
+        let window = self.windows.entry((uid, e.kind.clone())).or_insert_with(|| FoldWindow {
+            started: now,
+            recorded: 0,
+            folded: 0,
+            last: None,
+        });
+        if window.recorded < REFUSALS_PER_INTERVAL {
+            window.recorded += 1;
+            return true;
+        }
+        window.folded += 1;
+        window.last = Some(e.clone());
+        false
+    }
+
+    /// One event for each window that ended with refusals folded; windows
+    /// that ended are forgotten.
+    fn flush(&mut self, now: tokio::time::Instant) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.windows.retain(|(uid, _), window| {
+            if now.duration_since(window.started) < FOLD_INTERVAL {
+                return true;
+            }
+            if let Some(mut e) = window.last.take() {
+                let interval = now.duration_since(window.started).as_millis() as u64;
+                e.reason = format!(
+                    "{} more refusals of uid {} folded into this event (last: {})",
+                    window.folded,
+                    if *uid == ANY_UID { "(any)".to_string() } else { uid.to_string() },
+                    e.reason
+                );
+                e.attrs.retain(|a| a.key != "folded" && a.key != "folded_interval_ms");
+                out.push(e.attr("folded", window.folded).attr("folded_interval_ms", interval));
+            }
+            false
+        });
+        out
+    }
+}
 
 /// Why the spool could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +174,7 @@ pub struct EventSpool {
     agent_id: String,
     wake: Notify,
     metrics: AgentMetrics,
+    folds: Mutex<Folds>,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SpoolError + '_ {
@@ -224,11 +313,39 @@ impl EventSpool {
             agent_id,
             wake: Notify::new(),
             metrics,
+            folds: Mutex::new(Folds::default()),
         })
     }
 
-    /// Records an event: logs it, counts it, and spools it for the server.
-    pub fn emit(&self, mut e: Event) {
+    /// Records an event: logs it, counts it, and spools it for the server;
+    /// a refusal past its uid's share of the interval is only counted, to
+    /// be recorded folded (see the module doc).
+    pub fn emit(&self, e: Event) {
+        let now = tokio::time::Instant::now();
+        let admitted = {
+            let mut folds = self.folds.lock().unwrap_or_else(|e| e.into_inner());
+            folds.admit(&e, now)
+        };
+        if !admitted {
+            self.metrics.refusal_folded();
+            return;
+        }
+        self.record(e);
+    }
+
+    /// Records the folded refusals of every interval that has ended.
+    pub fn flush_folded(&self) {
+        self.flush_folded_at(tokio::time::Instant::now());
+    }
+
+    fn flush_folded_at(&self, now: tokio::time::Instant) {
+        let folded = self.folds.lock().unwrap_or_else(|e| e.into_inner()).flush(now);
+        for e in folded {
+            self.record(e);
+        }
+    }
+
+    fn record(&self, mut e: Event) {
         e.source = "agent".into();
         if e.agent_id.is_empty() {
             e.agent_id = self.agent_id.clone();
@@ -369,6 +486,7 @@ impl EventSpool {
                     _ = stop.cancelled() => true,
                     _ = tokio::time::sleep(SYNC_INTERVAL) => false,
                 };
+                syncer.flush_folded();
                 let spool = syncer.clone();
                 let _ = tokio::task::spawn_blocking(move || spool.sync()).await;
                 if done {
@@ -518,6 +636,36 @@ mod tests {
         assert_ne!(third.batch(1).0, spool_id);
         third.emit(fetch(9));
         assert_eq!(queued(&third)[0].0, 1);
+    }
+
+    fn refused(uid: u32, n: u32) -> Event {
+        schema::denied(kind::WORKLOAD_REFUSED, format!("refusal {n}"))
+            .workload(tessera_proto::types::Workload { uid, ..Default::default() })
+    }
+
+    #[test]
+    fn refusals_past_a_uids_share_are_folded_into_one_event_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = spool(dir.path(), DEFAULT_SPOOL_BYTES);
+        for n in 0..1000 {
+            spool.emit(refused(65534, n));
+        }
+        // Another uid, and allowed events, are not held back by it.
+        spool.emit(refused(1000, 0));
+        spool.emit(fetch(0));
+        assert_eq!(spool.depth() as u64, REFUSALS_PER_INTERVAL + 2);
+        spool.flush_folded();
+        assert_eq!(spool.depth() as u64, REFUSALS_PER_INTERVAL + 2, "the interval has not ended");
+        spool.flush_folded_at(tokio::time::Instant::now() + FOLD_INTERVAL);
+        let inner = spool.inner.lock().unwrap();
+        let folded = &inner.queue.back().unwrap().0;
+        let attr = |k: &str| folded.attrs.iter().find(|a| a.key == k).map(|a| a.value.clone());
+        assert_eq!(attr("folded").as_deref(), Some("990"), "{folded:?}");
+        assert_eq!(folded.workload.as_ref().unwrap().uid, 65534);
+        assert_eq!(folded.kind, kind::WORKLOAD_REFUSED);
+        assert!(folded.reason.contains("refusal 999"), "{}", folded.reason);
+        assert_eq!(inner.queue.len() as u64, REFUSALS_PER_INTERVAL + 3);
+        drop(inner);
     }
 
     #[test]

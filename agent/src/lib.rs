@@ -39,7 +39,8 @@ mod workload_client;
 
 pub use agent::{Agent, AgentConfig, AgentError, DEFAULT_DATA_DIR, DEFAULT_SOCKET_PATH};
 pub use attestor::{
-    AttestError, Attestation, HashLimits, PeerProcess, PendingHash, UnixAttestor, WorkloadAttestor,
+    AttestError, Attestation, Executable, HashLimits, PeerProcess, PendingHash, PinnedBy,
+    UnixAttestor, WorkloadAttestor,
 };
 pub use authority::{AuthorityError, AuthorityRewriter, RewriteAuthority};
 pub use node_client::{

@@ -30,6 +30,7 @@ struct Inner {
     spool_events: Gauge,
     spool_bytes: Gauge,
     spool_dropped: Counter,
+    refusals_folded: Counter,
     push_failures: Counter,
     synced: Gauge,
     svids: Gauge,
@@ -53,6 +54,7 @@ impl AgentMetrics {
         let attestation_seconds = telemetry::latency_histogram();
         let (spool_events, spool_bytes) = (Gauge::default(), Gauge::default());
         let (spool_dropped, push_failures) = (Counter::default(), Counter::default());
+        let refusals_folded = Counter::default();
         let (synced, svids) = (Gauge::default(), Gauge::default());
         let svid_expiry = Gauge::<i64, AtomicI64>::default();
         registry.register(
@@ -81,6 +83,11 @@ impl AgentMetrics {
             spool_dropped.clone(),
         );
         registry.register(
+            "workload_refusals_folded",
+            "Workload API refusals folded into a per-uid summary event instead of one event each",
+            refusals_folded.clone(),
+        );
+        registry.register(
             "event_push_failures",
             "Failed pushes of events to the server",
             push_failures.clone(),
@@ -104,6 +111,7 @@ impl AgentMetrics {
             spool_events,
             spool_bytes,
             spool_dropped,
+            refusals_folded,
             push_failures,
             synced,
             svids,
@@ -139,6 +147,11 @@ impl AgentMetrics {
     /// An event was not spooled (spool full).
     pub fn spool_dropped(&self) {
         self.inner.spool_dropped.inc();
+    }
+
+    /// A refusal was folded (not recorded on its own).
+    pub fn refusal_folded(&self) {
+        self.inner.refusals_folded.inc();
     }
 
     /// A push of events failed.

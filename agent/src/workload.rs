@@ -1,13 +1,29 @@
-//! The SPIFFE Workload API on the agent's Unix socket. Each connection's
-//! peer is pinned at accept; each call attests it and serves the SVIDs of
-//! the entries whose selectors it has. Refusals are logged here, once.
+//! The SPIFFE Workload API on the agent's Unix socket. Refusals are
+//! logged here, once.
+//!
+//! Each connection is attested once, when it is accepted (see
+//! [`crate::attestor`]): the peer process is pinned by the kernel's own
+//! reference (`SO_PEERPIDFD`) and the executable it runs is recorded. Every
+//! call on the connection is served from that attestation, after checking
+//! that the same process still runs the same executable; one that has exec'd
+//! another program (or exited) is refused with `Unavailable` (retryable: the
+//! client's next connection is attested afresh as the program it is then) and
+//! the connection is closed shortly after the refusal is sent.
+//!
+//! Memory a caller can make the agent hold is bounded before anything is
+//! decoded: a uid past its connection limit is closed at accept (an HTTP/2
+//! GOAWAY saying why, then close; nothing of it is read); requests are at
+//! most [`MAX_REQUEST_BYTES`], header lists [`MAX_HEADER_LIST_BYTES`], with
+//! small flow-control windows and a cap on streams per connection; refusal
+//! events are folded per uid by the event spool.
 
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tessera_proto::workload::{self as pb, spiffe_workload_api_server::SpiffeWorkloadApi};
@@ -22,7 +38,7 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
-use crate::attestor::{HashLimits, PeerProcess, WorkloadAttestor};
+use crate::attestor::{AttestError, Attestation, HashLimits, PeerProcess, WorkloadAttestor};
 use crate::authority::RewriteAuthority;
 use crate::cache::{Cache, CacheState, CachedSvid};
 use crate::event_schema::{self as schema, kind, EventExt};
@@ -40,11 +56,29 @@ pub const FIRST_RESPONSE_WAIT: Duration = Duration::from_secs(10);
 /// replacement before it is sent anyway.
 pub const REPLACEMENT_WAIT: Duration = Duration::from_secs(2);
 
+/// Largest request message the Workload API decodes (its requests are a
+/// few hundred bytes: audiences, a token to validate). Larger ones are
+/// refused from the gRPC length prefix, before they are buffered.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Largest HTTP/2 header list a request may carry (SETTINGS_MAX_HEADER_LIST_SIZE).
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// HTTP/2 flow-control windows the agent grants: what one stream, and one
+/// connection, can make it buffer before the handler reads.
+pub const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+/// See [`STREAM_WINDOW_BYTES`].
+pub const CONNECTION_WINDOW_BYTES: u32 = 256 * 1024;
+
+/// How long a connection whose process exec'd stays open after its refusal,
+/// so the refusal reaches the client before the close.
+pub const CLOSE_AFTER_REFUSAL: Duration = Duration::from_millis(500);
+
 /// Per-caller limits of the Workload API.
 #[derive(Debug, Clone, Copy)]
 pub struct WorkloadLimits {
-    /// Open connections per caller uid; requests on connections past it
-    /// get `ResourceExhausted`.
+    /// Open connections per caller uid; connections past it are closed at
+    /// accept, before anything is read from them.
     pub connections_per_uid: usize,
     /// Open calls (streams) per caller uid, all connections together.
     pub streams_per_uid: usize,
@@ -67,7 +101,7 @@ impl Default for WorkloadLimits {
         Self {
             connections_per_uid: 64,
             streams_per_uid: 256,
-            streams_per_connection: 256,
+            streams_per_connection: 32,
             hashing: HashLimits::default(),
             jwt_signings_per_uid: 50,
             jwt_signing_burst: 500,
@@ -109,22 +143,72 @@ impl Drop for UidSlot {
     }
 }
 
-/// What every request on a connection knows about it.
+/// What every request on a connection knows about it: the peer pinned at
+/// accept and what its attestation found then.
 #[derive(Debug, Clone)]
-pub struct WorkloadPeer {
+pub struct WorkloadPeer(Arc<Connection>);
+
+#[derive(Debug)]
+struct Connection {
     process: Arc<PeerProcess>,
-    /// Set when the connection is past its uid's connection limit.
-    refused: Option<Arc<str>>,
+    attested: Result<Attestation, Refusal>,
+    closing: Closing,
 }
 
-/// An accepted Workload API connection and its pinned peer. What the
+/// Why a connection could not be attested at accept.
+#[derive(Debug, Clone)]
+struct Refusal {
+    /// A stable code (`AttestError::code`).
+    code: &'static str,
+    message: String,
+}
+
+impl From<AttestError> for Refusal {
+    fn from(e: AttestError) -> Self {
+        Self { code: e.code(), message: e.to_string() }
+    }
+}
+
+/// Closes a connection from the server side: once set, reads see the end
+/// of the stream and the HTTP/2 server lets the connection go.
+#[derive(Debug, Default)]
+struct Closing {
+    scheduled: AtomicBool,
+    closed: AtomicBool,
+    reader: Mutex<Option<Waker>>,
+}
+
+impl Closing {
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(waker) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            waker.wake();
+        }
+    }
+}
+
+impl WorkloadPeer {
+    /// Closes the connection after [`CLOSE_AFTER_REFUSAL`] (once).
+    fn close_soon(&self) {
+        if self.0.closing.scheduled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let connection = self.0.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CLOSE_AFTER_REFUSAL).await;
+            connection.closing.close();
+        });
+    }
+}
+
+/// An accepted Workload API connection and its attested peer. What the
 /// client sends goes through [`RewriteAuthority`], so clients that send the
 /// socket path as `:authority` (gRPC C-core, grpc-java) are served.
 #[derive(Debug)]
 pub struct WorkloadConn {
     stream: RewriteAuthority<UnixStream>,
     peer: WorkloadPeer,
-    _slot: Option<UidSlot>,
+    _slot: UidSlot,
 }
 
 impl Connected for WorkloadConn {
@@ -141,7 +225,22 @@ impl AsyncRead for WorkloadConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let closing = &this.peer.0.closing;
+        if closing.closed.load(Ordering::SeqCst) {
+            return Poll::Ready(Ok(())); // the end of the stream
+        }
+        // The task reading is woken by `Closing::close` as well as by the socket.
+        {
+            let mut reader = closing.reader.lock().unwrap_or_else(|e| e.into_inner());
+            if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *reader = Some(cx.waker().clone());
+            }
+        }
+        if closing.closed.load(Ordering::SeqCst) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
@@ -163,12 +262,81 @@ impl AsyncWrite for WorkloadConn {
     }
 }
 
-/// Accepts connections and pins each peer process before anything else.
-/// Connections past a uid's limit are kept open only to answer each request
-/// with `ResourceExhausted`.
+/// Attestation work shared by the accept path and the requests: the
+/// attestor, and a bound on how many attestations (each reads `/proc` on a
+/// blocking thread) run at once, so a burst of callers queues instead of
+/// spawning hundreds of threads. Executable hashing happens outside it, on
+/// the attestor's own bounded pool.
+#[derive(Debug, Clone)]
+pub struct Attesting {
+    attestor: Arc<dyn WorkloadAttestor>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Attesting {
+    /// Attestation with `attestor`, [`MAX_CONCURRENT_ATTESTATIONS`] at a time.
+    pub fn new(attestor: Arc<dyn WorkloadAttestor>) -> Self {
+        Self {
+            attestor,
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_ATTESTATIONS)),
+        }
+    }
+
+    /// Runs `work` on a blocking thread, under a permit.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&dyn WorkloadAttestor) -> Result<T, AttestError> + Send + 'static,
+    ) -> Result<T, Refusal> {
+        let unavailable = |message: String| Refusal { code: "agent_unavailable", message };
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| unavailable("agent is shutting down".into()))?;
+        let attestor = self.attestor.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(attestor.as_ref())
+        })
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .map_err(Refusal::from)
+    }
+}
+
+/// The first bytes the agent sends to a connection it refuses at accept:
+/// its HTTP/2 SETTINGS (empty) and a GOAWAY (ENHANCE_YOUR_CALM, no stream
+/// processed) whose debug data says why. Nothing the client sent is read.
+fn goaway_frames(why: &str) -> Vec<u8> {
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let debug = &why.as_bytes()[..why.len().min(1024)];
+    let mut out = Vec::with_capacity(9 + 9 + 8 + debug.len());
+    let mut frame = |kind: u8, payload: &[u8]| {
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        out.extend_from_slice(&[kind, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(payload);
+    };
+    frame(SETTINGS, &[]);
+    let mut goaway = Vec::with_capacity(8 + debug.len());
+    goaway.extend_from_slice(&0u32.to_be_bytes()); // last stream ID
+    goaway.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+    goaway.extend_from_slice(debug);
+    frame(GOAWAY, &goaway);
+    out
+}
+
+/// Accepts connections, closes those past their uid's connection limit at
+/// once (before reading anything from them), and attests each of the others
+/// (pinning its process, recording its executable) before its first request
+/// is read. Attestation runs in a task per connection, so one slow peer
+/// does not hold up the accept loop.
 pub fn incoming(
     listener: UnixListener,
     limits: WorkloadLimits,
+    attesting: Attesting,
     events: Arc<EventSpool>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<WorkloadConn>> {
@@ -187,36 +355,68 @@ pub fn incoming(
                     }
                 },
             };
-            let peer = match stream.peer_cred() {
-                Ok(cred) => PeerProcess::pin(cred.pid(), cred.uid(), cred.gid()),
+            let cred = match stream.peer_cred() {
+                Ok(cred) => cred,
                 Err(e) => {
                     warn!(error = %e, "cannot read Workload API peer credentials; closing");
                     continue;
                 }
             };
-            let slot = connections.try_take(peer.uid, limits.connections_per_uid);
-            let refused = if slot.is_none() {
+            let Some(slot) = connections.try_take(cred.uid(), limits.connections_per_uid) else {
                 let why = format!(
                     "too many Workload API connections for uid {} (limit {}); close some and retry",
-                    peer.uid, limits.connections_per_uid
+                    cred.uid(),
+                    limits.connections_per_uid
                 );
+                let _ = stream.try_write(&goaway_frames(&why));
+                drop(stream);
+                let caller = Workload {
+                    pid: cred.pid().unwrap_or(0),
+                    uid: cred.uid(),
+                    gid: cred.gid(),
+                    ..Default::default()
+                };
                 events.emit(
-                    schema::denied(kind::WORKLOAD_REFUSED, why.clone())
-                        .workload(workload_of(&peer, &[]))
+                    schema::denied(kind::WORKLOAD_REFUSED, why)
+                        .workload(caller)
+                        .attr("refusal", "connection_limit")
                         .attr("limit", limits.connections_per_uid),
                 );
-                Some(Arc::from(why))
-            } else {
-                None
+                continue;
             };
-            let peer = WorkloadPeer { process: Arc::new(peer), refused };
-            if tx
-                .send(Ok(WorkloadConn { stream: RewriteAuthority::new(stream), peer, _slot: slot }))
-                .await
-                .is_err()
-            {
-                return;
-            }
+            let attesting = attesting.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let result = attesting
+                    .run(move |attestor| {
+                        let process = PeerProcess::of_socket(&stream)?;
+                        let attested = attestor.attest(&process);
+                        Ok((stream, process, attested))
+                    })
+                    .await;
+                let (stream, process, attested) = match result {
+                    Ok((stream, process, attested)) => {
+                        (stream, process, attested.map_err(Refusal::from))
+                    }
+                    Err(refusal) => {
+                        // Not even pinned (it exited already): nothing to answer.
+                        debug!(code = refusal.code, error = %refusal.message, "Workload API peer could not be pinned; closing");
+                        return;
+                    }
+                };
+                let peer = WorkloadPeer(Arc::new(Connection {
+                    process: Arc::new(process),
+                    attested,
+                    closing: Closing::default(),
+                }));
+                let _ = tx
+                    .send(Ok(WorkloadConn {
+                        stream: RewriteAuthority::new(stream),
+                        peer,
+                        _slot: slot,
+                    }))
+                    .await;
+            });
         }
     });
     ReceiverStream::new(rx)
@@ -289,14 +489,11 @@ pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
 pub struct WorkloadService {
     cache: Cache,
     jwt: Arc<JwtSvids>,
-    attestor: Arc<dyn WorkloadAttestor>,
     trust_domain: TrustDomain,
     shutdown: CancellationToken,
-    /// Bounds concurrent attestations (each reads /proc on a blocking
-    /// thread): a burst of callers queues instead of spawning hundreds of
-    /// threads. Held only for the quick /proc reads: executable hashing
-    /// happens after it is released, on the attestor's own bounded pool.
-    attesting: Arc<tokio::sync::Semaphore>,
+    /// Checks, before each call, that the caller still runs what it was
+    /// attested as (shares the accept path's bound on /proc readers).
+    attesting: Attesting,
     limits: WorkloadLimits,
     streams: PerUid,
     events: Arc<EventSpool>,
@@ -331,13 +528,25 @@ fn peer_of<T>(request: &Request<T>) -> Option<WorkloadPeer> {
     request.extensions().get::<WorkloadPeer>().cloned()
 }
 
+/// An attested caller of one call.
+struct Caller {
+    /// Its connection.
+    conn: WorkloadPeer,
+    /// Its process.
+    peer: Arc<PeerProcess>,
+    /// Its selectors, from the connection's attestation.
+    selectors: Vec<Selector>,
+    /// Counts the call against its uid's stream limit until dropped.
+    slot: UidSlot,
+}
+
 impl WorkloadService {
     /// The service over the agent's cache.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cache: Cache,
         jwt: Arc<JwtSvids>,
-        attestor: Arc<dyn WorkloadAttestor>,
+        attesting: Attesting,
         trust_domain: TrustDomain,
         limits: WorkloadLimits,
         events: Arc<EventSpool>,
@@ -347,10 +556,9 @@ impl WorkloadService {
         Self {
             cache,
             jwt,
-            attestor,
             trust_domain,
             shutdown,
-            attesting: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_ATTESTATIONS)),
+            attesting,
             limits,
             streams: PerUid::default(),
             events,
@@ -373,13 +581,56 @@ impl WorkloadService {
         peer: Option<(&PeerProcess, &[Selector])>,
         status: Status,
     ) -> Status {
+        self.refuse_because(method, kind, peer, status, None)
+    }
+
+    /// [`Self::refuse`], with a stable code for the refusal (attr `refusal`).
+    fn refuse_because(
+        &self,
+        method: &str,
+        kind: &str,
+        peer: Option<(&PeerProcess, &[Selector])>,
+        status: Status,
+        refusal: Option<&str>,
+    ) -> Status {
         let mut e =
             schema::denied(kind, status.message()).attr("code", format!("{:?}", status.code()));
+        if let Some(refusal) = refusal {
+            e = e.attr("refusal", refusal);
+        }
         if let Some((peer, selectors)) = peer {
             e.workload = Some(workload_of(peer, selectors));
         }
         self.record(method, e);
         status
+    }
+
+    /// Checks that the connection's process still runs the executable it
+    /// was attested with (and lives). If not, the call is refused with
+    /// `Unavailable` and the connection is closed once the refusal is out:
+    /// a client that reconnects is attested as what it runs then.
+    async fn verify(&self, method: &str, conn: &WorkloadPeer) -> Result<(), Status> {
+        let connection = conn.0.clone();
+        let result = self
+            .attesting
+            .run(move |attestor| match &connection.attested {
+                Ok(attestation) => attestor.verify(&connection.process, attestation),
+                Err(_) => Ok(()),
+            })
+            .await;
+        let Err(refusal) = result else { return Ok(()) };
+        conn.close_soon();
+        let recorded = match &conn.0.attested {
+            Ok(attestation) => attestation.selectors.as_slice(),
+            Err(_) => &[],
+        };
+        Err(self.refuse_because(
+            method,
+            kind::WORKLOAD_REFUSED,
+            Some((&conn.0.process, recorded)),
+            Status::unavailable(format!("caller could not be attested: {}", refusal.message)),
+            Some(refusal.code),
+        ))
     }
 
     fn check_header<T>(&self, method: &str, request: &Request<T>) -> Result<(), Status> {
@@ -390,23 +641,20 @@ impl WorkloadService {
                 Err(self.refuse(
                     method,
                     kind::WORKLOAD_REFUSED,
-                    peer.as_ref().map(|p| (p.process.as_ref(), &[][..])),
+                    peer.as_ref().map(|p| (p.0.process.as_ref(), &[][..])),
                     Status::invalid_argument("security header missing from request"),
                 ))
             }
         }
     }
 
-    /// Checks the header and the caller's limits, and attests the caller.
-    /// The returned slot counts the call against its uid's stream limit
-    /// until dropped.
-    async fn caller<T>(
-        &self,
-        op: &str,
-        request: &Request<T>,
-    ) -> Result<(Arc<PeerProcess>, Vec<Selector>, UidSlot), Status> {
+    /// Checks the header and the caller's limits, checks that the caller
+    /// still runs what it was attested as at accept, and returns its
+    /// selectors (from that attestation; the executable's hash computed
+    /// once, from the file opened at accept).
+    async fn caller<T>(&self, op: &str, request: &Request<T>) -> Result<Caller, Status> {
         self.check_header(op, request)?;
-        let connection = peer_of(request).ok_or_else(|| {
+        let conn = peer_of(request).ok_or_else(|| {
             self.refuse(
                 op,
                 kind::WORKLOAD_REFUSED,
@@ -414,13 +662,24 @@ impl WorkloadService {
                 Status::unavailable("caller could not be attested: no peer credentials"),
             )
         })?;
-        let peer = connection.process;
-        if let Some(refused) = connection.refused {
-            self.metrics.request(op, "refused");
-            return Err(Status::resource_exhausted(refused.to_string()));
-        }
+        let peer = conn.0.process.clone();
+        let attestation = match &conn.0.attested {
+            Ok(attestation) => attestation,
+            Err(refusal) => {
+                return Err(self.refuse_because(
+                    op,
+                    kind::WORKLOAD_REFUSED,
+                    Some((&peer, &[])),
+                    Status::unavailable(format!(
+                        "caller could not be attested: {}",
+                        refusal.message
+                    )),
+                    Some(refusal.code),
+                ))
+            }
+        };
         let Some(slot) = self.streams.try_take(peer.uid, self.limits.streams_per_uid) else {
-            return Err(self.refuse(
+            return Err(self.refuse_because(
                 op,
                 kind::WORKLOAD_REFUSED,
                 Some((&peer, &[])),
@@ -428,35 +687,15 @@ impl WorkloadService {
                     "too many Workload API streams for uid {} (limit {}); close some and retry",
                     peer.uid, self.limits.streams_per_uid
                 )),
+                Some("stream_limit"),
             ));
         };
         let started = std::time::Instant::now();
-        let attestor = self.attestor.clone();
-        let attest_peer = peer.clone();
-        let permit = self
-            .attesting
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("agent is shutting down"))?;
-        let attestation = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            attestor.attest(&attest_peer)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| {
-            self.refuse(
-                op,
-                kind::WORKLOAD_REFUSED,
-                Some((&peer, &[])),
-                Status::unavailable(format!("caller could not be attested: {e}")),
-            )
-        })?;
-        let mut selectors = attestation.selectors;
+        self.verify(op, &conn).await?;
+        let mut selectors = attestation.selectors.clone();
         // Hashing a new executable happens here, with no permit held: it
         // delays only the callers of that executable, which share it.
-        if let Some(pending) = attestation.pending_hash {
+        if let Some(pending) = &attestation.pending_hash {
             if let Some(hash) = pending.sha256().await {
                 if let Ok(selector) = Selector::new("unix", format!("sha256:{hash}")) {
                     selectors.push(selector);
@@ -464,7 +703,7 @@ impl WorkloadService {
             }
         }
         self.metrics.attested(started.elapsed().as_secs_f64());
-        Ok((peer, selectors, slot))
+        Ok(Caller { conn, peer, selectors, slot })
     }
 
     fn bundle_bytes(&self, state: &CacheState) -> Vec<u8> {
@@ -512,7 +751,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (peer, selectors, slot) = self.caller("FetchX509SVID", &request).await?;
+        let Caller { conn, peer, selectors, slot } = self.caller("FetchX509SVID", &request).await?;
         let mut updates = self.cache.subscribe();
         let deadline = tokio::time::Instant::now() + FIRST_RESPONSE_WAIT;
         // Wait (briefly) for the first sync and for SVIDs still being signed.
@@ -628,6 +867,11 @@ impl SpiffeWorkloadApi for WorkloadService {
                 defer_until = None;
                 let current = fingerprint(&state, &svids);
                 if current != last {
+                    // Only to the program the connection was attested as.
+                    if let Err(status) = service.verify(METHOD, &conn).await {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
                     last = current;
                     if tx.send(Ok(service.x509_response(&state, &svids))).await.is_err() {
                         return;
@@ -644,7 +888,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let (peer, selectors, slot) = self.caller("FetchX509Bundles", &request).await?;
+        let Caller { peer, selectors, slot, .. } =
+            self.caller("FetchX509Bundles", &request).await?;
         self.record(
             "FetchX509Bundles",
             schema::event(kind::WORKLOAD_BUNDLE, schema::ALLOW)
@@ -671,7 +916,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        let (peer, selectors, _slot) = self.caller("FetchJWTSVID", &request).await?;
+        let Caller { peer, selectors, slot: _slot, .. } =
+            self.caller("FetchJWTSVID", &request).await?;
         const METHOD: &str = "FetchJWTSVID";
         let req = request.into_inner();
         let refuse = |status: Status| {
@@ -752,7 +998,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let (peer, selectors, slot) = self.caller("FetchJWTBundles", &request).await?;
+        let Caller { peer, selectors, slot, .. } = self.caller("FetchJWTBundles", &request).await?;
         self.record(
             "FetchJWTBundles",
             schema::event(kind::WORKLOAD_BUNDLE, schema::ALLOW)
@@ -784,12 +1030,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         const METHOD: &str = "ValidateJWTSVID";
         self.check_header(METHOD, &request)?;
         let peer = peer_of(&request);
-        if let Some(refused) = peer.as_ref().and_then(|p| p.refused.clone()) {
-            self.metrics.request(METHOD, "refused");
-            return Err(Status::resource_exhausted(refused.to_string()));
-        }
         let req = request.into_inner();
-        let caller = peer.as_ref().map(|p| workload_of(&p.process, &[]));
+        let caller = peer.as_ref().map(|p| workload_of(&p.0.process, &[]));
         let refuse = |reason: String| {
             let mut e = schema::denied(kind::WORKLOAD_VALIDATE, reason.clone());
             e.workload = caller.clone();
