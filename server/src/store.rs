@@ -336,6 +336,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn put_join_token(&self, token: &pb::JoinToken) -> Result<(), StoreError>;
     /// Removes and returns a join token: a token can be taken once.
     fn take_join_token(&self, token: &str) -> Result<Option<pb::JoinToken>, StoreError>;
+    /// Whether a join token is stored, read without writing anything (an
+    /// unknown token must cost no commit).
+    fn join_token_exists(&self, token: &str) -> Result<bool, StoreError>;
 
     /// Records a newly attested agent and its first SVID; refused if the
     /// agent is banned.
@@ -1302,6 +1305,11 @@ fn read_backup(input: &mut dyn Read) -> Result<Vec<BackupRecord>, StoreError> {
     Ok(records)
 }
 
+/// The key a join token is stored under.
+fn join_token_key(token: &str) -> Vec<u8> {
+    token.as_bytes().to_vec()
+}
+
 fn read_u32(bytes: &[u8]) -> u32 {
     <[u8; 4]>::try_from(bytes).map(u32::from_be_bytes).unwrap_or(0)
 }
@@ -1614,6 +1622,10 @@ impl Store for KvStore {
     fn take_join_token(&self, token: &str) -> Result<Option<pb::JoinToken>, StoreError> {
         let removed = self.commit(|tx| tx.remove(JOIN_TOKENS, token.as_bytes()))?;
         removed.map(|bytes| decode(b"join token", &bytes)).transpose()
+    }
+
+    fn join_token_exists(&self, token: &str) -> Result<bool, StoreError> {
+        Ok(self.kv.get(t(JOIN_TOKENS), &join_token_key(token))?.is_some())
     }
 
     fn register_agent(
@@ -2293,6 +2305,7 @@ mod tests {
         a_renewal_never_undoes_a_ban,
         backup_restores_every_record_and_a_damaged_backup_is_refused,
         join_token_can_be_taken_once,
+        join_token_exists_reads_without_writing,
         a_ca_record_set_per_server_makes_one_bundle,
     );
 
@@ -2408,6 +2421,22 @@ mod tests {
         store.put_join_token(&token).unwrap();
         assert_eq!(store.take_join_token("t").unwrap(), Some(token));
         assert_eq!(store.take_join_token("t").unwrap(), None);
+    }
+
+    fn join_token_exists_reads_without_writing(place: Place) {
+        let store = place.open();
+        let token = pb::JoinToken {
+            token: "t".into(),
+            spiffe_id: "spiffe://example.org/a".into(),
+            expires_at: 5,
+        };
+        store.put_join_token(&token).unwrap();
+        let before = store.check().unwrap().write_seq;
+        assert!(store.join_token_exists("t").unwrap());
+        assert!(!store.join_token_exists("bogus").unwrap());
+        assert_eq!(store.check().unwrap().write_seq, before, "a lookup commits nothing");
+        assert_eq!(store.take_join_token("t").unwrap(), Some(token));
+        assert!(!store.join_token_exists("t").unwrap());
     }
 
     /// Several servers on one PostgreSQL database.
