@@ -581,3 +581,63 @@ pub fn incoming(
         certless: ReceiverStream::new(certless),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(limits: NodeLimits) -> Arc<Gate> {
+        Arc::new(Gate {
+            limits,
+            counts: Mutex::new(Counts::default()),
+            metrics: Metrics::new(),
+            logged: Mutex::new((None, 0)),
+        })
+    }
+
+    #[test]
+    fn caps_count_unauthenticated_connections_per_address_and_all_in_total() {
+        let gate = gate(NodeLimits {
+            max_connections: 4,
+            max_unauthenticated: 3,
+            max_unauthenticated_per_ip: 2,
+            ..NodeLimits::default()
+        });
+        let (a, b, c) =
+            (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 0, 3]));
+        let mut a1 = gate.admit(a).unwrap();
+        let _a2 = gate.admit(a).unwrap();
+        assert_eq!(gate.admit(a).unwrap_err(), OverCap::PerIp);
+        // An agent that authenticates leaves the unauthenticated counts.
+        a1.authenticated();
+        let b1 = gate.admit(b).unwrap();
+        let _b2 = gate.admit(b).unwrap();
+        assert_eq!(gate.admit(c).unwrap_err(), OverCap::Total, "4 in all");
+        drop(a1);
+        assert_eq!(gate.admit(c).unwrap_err(), OverCap::Unauthenticated, "3 unauthenticated");
+        drop(b1);
+        assert!(gate.admit(c).is_ok(), "a closed connection gives its place back");
+    }
+
+    #[tokio::test]
+    async fn an_open_stream_keeps_a_connection_from_idling_out() {
+        let activity = Arc::new(Activity::default());
+        let mut timer = IdleTimer::new(activity.clone(), Duration::from_millis(20));
+        let stream = activity.begin();
+        let expired = |timer: &mut IdleTimer| {
+            let waker = std::task::Waker::noop();
+            timer.poll_expired(&mut Context::from_waker(waker)).is_ready()
+        };
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!expired(&mut timer), "a connection with an open stream idled out");
+        }
+        drop(stream);
+        let idled_out = tokio::time::timeout(
+            Duration::from_secs(30),
+            std::future::poll_fn(|cx| timer.poll_expired(cx)),
+        )
+        .await;
+        assert!(idled_out.is_ok(), "a connection without streams never idled out");
+    }
+}
