@@ -10,13 +10,13 @@ use tessera_workload_api::SpiffeId;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::admin_peer::AdminPeer;
+use crate::approval::ApprovalRefusal;
 use crate::entry::{Entry, EntryError};
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::events::entry_json;
 use crate::revocation::{normalize_serial, revoke_issued};
 use crate::state::State;
-use crate::admin_peer::AdminPeer;
-use crate::approval::ApprovalRefusal;
 use crate::store::{
     join_token_key, svid_key, Approved, EntryFilter, EntryWrite, Store, StoreError, StoreReport,
     MAX_BATCH,
@@ -173,7 +173,8 @@ impl AdminService {
     ) -> Result<Response<pb::BatchEntryResponse>, Status> {
         Self::check_batch(inputs.len())?;
         let now = self.state.clock.now();
-        let event_kind = if op == crate::approval::OP_CREATE { kind::ENTRY_CREATE } else { kind::ENTRY_UPDATE };
+        let event_kind =
+            if op == crate::approval::OP_CREATE { kind::ENTRY_CREATE } else { kind::ENTRY_UPDATE };
         let mut results: Vec<Option<Result<types::Entry, EntryError>>> =
             Vec::with_capacity(inputs.len());
         let mut valid = Vec::new();
@@ -579,7 +580,9 @@ impl Admin for AdminService {
             pending: None,
         };
         let stored = record.clone();
-        if let Err(refusal) = self.state.store_op(move |store| store.put_join_token(&stored)).await? {
+        if let Err(refusal) =
+            self.state.store_op(move |store| store.put_join_token(&stored)).await?
+        {
             return Err(self.refuse(&operator, "join token", refusal.to_string()));
         }
         let e =
@@ -817,7 +820,8 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let internal = |e: StoreError| Status::internal(e.to_string());
         let Some(proposal) = self.state.governance.pending.find(&req.id).map_err(internal)? else {
-            let status = Status::not_found(format!("no proposal {} is waiting for approval", req.id));
+            let status =
+                Status::not_found(format!("no proposal {} is waiting for approval", req.id));
             let e = schema::denied(kind::ENTRY_REJECT, status.message())
                 .operator(operator)
                 .entry(req.id.clone());

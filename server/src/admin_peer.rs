@@ -123,8 +123,7 @@ pub fn pin_peer(stream: &UnixStream) -> io::Result<AdminPeer> {
     let cred = stream.peer_cred()?;
     let pid = cred.pid().unwrap_or(0);
     let operator = Operator { uid: cred.uid(), gid: cred.gid(), pid };
-    let groups = match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd)
-    {
+    let groups = match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd) {
         Ok(pidfd) if pid > 0 => groups_of_pinned(pid, &pidfd).unwrap_or_default(),
         _ => Vec::new(),
     };

@@ -204,13 +204,19 @@ mod tests {
         assert_eq!(hash.len(), 64);
         assert!(check(&p, &hash, 2, 101).is_ok());
         assert_eq!(check(&p, "", 2, 101), Err(ApprovalRefusal::HashRequired));
-        assert!(matches!(check(&p, &"0".repeat(64), 2, 101), Err(ApprovalRefusal::HashMismatch { .. })));
+        assert!(matches!(
+            check(&p, &"0".repeat(64), 2, 101),
+            Err(ApprovalRefusal::HashMismatch { .. })
+        ));
         assert!(matches!(check(&p, &hash, 1, 101), Err(ApprovalRefusal::SameOperator { .. })));
         assert!(matches!(check(&p, &hash, 2, 160), Err(ApprovalRefusal::Expired(_))));
         // A record changed after it was sealed no longer matches its hash.
         let mut changed = p.clone();
         changed.spiffe_id = "spiffe://td/other".into();
-        assert!(matches!(check(&changed, &hash, 2, 101), Err(ApprovalRefusal::HashMismatch { .. })));
+        assert!(matches!(
+            check(&changed, &hash, 2, 101),
+            Err(ApprovalRefusal::HashMismatch { .. })
+        ));
         // Two proposals of the same content differ (own ID, own hash).
         assert_ne!(token_proposal().pending.unwrap().content_hash, hash);
     }

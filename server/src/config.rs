@@ -84,6 +84,18 @@ pub struct FileConfig {
     pub sign_rate: Option<u32>,
     /// CSRs an agent may have signed at once before `sign_rate` applies.
     pub sign_burst: Option<u32>,
+    /// Node API connections at once (default 10,000, lowered to fit the
+    /// file descriptor limit).
+    pub node_max_connections: Option<usize>,
+    /// Node API connections without a client certificate (handshaking or
+    /// attesting) from one source address at once (default 32).
+    pub node_max_unauthenticated_per_ip: Option<usize>,
+    /// Refused attestations per second one source address may make once its
+    /// burst is spent (SPIRE: 1 attestation per second per address).
+    pub attest_rate: Option<f64>,
+    /// Refused attestations one source address may make at once before
+    /// `attest_rate` applies (default 10).
+    pub attest_burst: Option<u32>,
     /// Log filter (`info`, `debug`, `tessera_server=debug`, ...).
     pub log_level: Option<String>,
     /// `text` (default) or `json`: one JSON object per log line.
@@ -157,6 +169,14 @@ pub struct Config {
     pub sign_rate: u32,
     /// Burst of CSRs per agent.
     pub sign_burst: u32,
+    /// Node API connections at once.
+    pub node_max_connections: usize,
+    /// Unauthenticated node API connections per source address at once.
+    pub node_max_unauthenticated_per_ip: usize,
+    /// Refused attestations per second per source address, after the burst.
+    pub attest_rate: f64,
+    /// Refused attestations per source address at once.
+    pub attest_burst: u32,
     /// Log filter.
     pub log_level: String,
     /// Log line format.
@@ -204,6 +224,10 @@ impl Config {
             join_token_ttl: 600,
             sign_rate: 500,
             sign_burst: 20_000,
+            node_max_connections: crate::tls::MAX_CONNECTIONS,
+            node_max_unauthenticated_per_ip: crate::tls::MAX_UNAUTHENTICATED_PER_IP,
+            attest_rate: 1.0,
+            attest_burst: 10,
             log_level: "info".into(),
             log_format: crate::cli_support::LogFormat::Text,
             metrics_addr: None,
@@ -257,6 +281,10 @@ impl Config {
             join_token_ttl,
             sign_rate,
             sign_burst,
+            node_max_connections,
+            node_max_unauthenticated_per_ip,
+            attest_rate,
+            attest_burst,
             log_level
         );
         if let Some(format) = flags.log_format.or(file.log_format) {
@@ -329,6 +357,15 @@ impl Config {
                 "sign_rate",
                 "sign_rate must be at least 1 and sign_burst at least 1000 (one batch)",
             );
+        }
+        if self.node_max_connections == 0 || self.node_max_unauthenticated_per_ip == 0 {
+            return invalid(
+                "node_max_connections",
+                "node_max_connections and node_max_unauthenticated_per_ip must be at least 1",
+            );
+        }
+        if !(self.attest_rate.is_finite() && self.attest_rate > 0.0) || self.attest_burst == 0 {
+            return invalid("attest_rate", "attest_rate must be > 0 and attest_burst at least 1");
         }
         Ok(())
     }

@@ -265,9 +265,7 @@ mod tests {
         };
         let (a, b) = (Pending::open(kv("a")).unwrap(), Pending::open(kv("b")).unwrap());
         let proposal = pb::Entry { id: "e1".into(), ..Default::default() };
-        kv("a")
-            .apply(vec![Op::Put(PENDING, b"e1".to_vec(), proposal.encode_to_vec())])
-            .unwrap();
+        kv("a").apply(vec![Op::Put(PENDING, b"e1".to_vec(), proposal.encode_to_vec())]).unwrap();
         assert_eq!(b.get("e1").unwrap(), Some(proposal));
         assert_eq!(b.count(), 1);
         let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));

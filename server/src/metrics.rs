@@ -37,6 +37,12 @@ struct Inner {
     push_seconds: Histogram,
     /// Revocation read from the log → sent on an agent's Sync stream.
     revocation_push_seconds: Histogram,
+    /// Node API connections at once, by state (`unauthenticated`, `total`).
+    node_connections: Family<Labels, Gauge>,
+    /// Node API connections closed at accept, by the cap they were over.
+    node_connections_refused: Family<Labels, Counter>,
+    /// Attestations refused by the per-address rate limit.
+    attestations_rate_limited: Counter,
     /// Events stored and pushed by agents.
     events_stored: Counter,
     events_ingested_: Counter,
@@ -71,6 +77,9 @@ impl Metrics {
             sync_streams: Gauge::default(),
             push_seconds: telemetry::latency_histogram(),
             revocation_push_seconds: telemetry::latency_histogram(),
+            node_connections: Family::default(),
+            node_connections_refused: Family::default(),
+            attestations_rate_limited: Counter::default(),
             events_stored: Counter::default(),
             events_ingested_: Counter::default(),
             ca_expiry: Gauge::default(),
@@ -96,6 +105,21 @@ impl Metrics {
             "node_attestation_seconds",
             "Time to answer a node attestation",
             inner.attestation_seconds.clone(),
+        );
+        registry.register(
+            "node_connections",
+            "Node API connections open, by state (unauthenticated: handshaking or certless)",
+            inner.node_connections.clone(),
+        );
+        registry.register(
+            "node_connections_refused",
+            "Node API connections closed at accept, by the cap they were over",
+            inner.node_connections_refused.clone(),
+        );
+        registry.register(
+            "node_attestations_rate_limited",
+            "Attestations refused by the per-address rate limit",
+            inner.attestations_rate_limited.clone(),
         );
         registry.register("sync_streams", "Open agent Sync streams", inner.sync_streams.clone());
         registry.register(
@@ -163,6 +187,25 @@ impl Metrics {
         let outcome = if ok { "ok" } else { "refused" };
         self.inner.attestations.get_or_create(&vec![("outcome", outcome.to_string())]).inc();
         self.inner.attestation_seconds.observe(seconds);
+    }
+
+    /// Node API connections open now: unauthenticated ones and all.
+    pub fn node_connections(&self, unauthenticated: usize, total: usize) {
+        let family = &self.inner.node_connections;
+        family
+            .get_or_create(&vec![("state", "unauthenticated".into())])
+            .set(unauthenticated as i64);
+        family.get_or_create(&vec![("state", "total".into())]).set(total as i64);
+    }
+
+    /// A node API connection closed at accept, over the cap `cap`.
+    pub fn node_connection_refused(&self, cap: &'static str) {
+        self.inner.node_connections_refused.get_or_create(&vec![("cap", cap.to_string())]).inc();
+    }
+
+    /// An attestation refused by the per-address rate limit.
+    pub fn attestation_rate_limited(&self) {
+        self.inner.attestations_rate_limited.inc();
     }
 
     /// The open Sync streams gauge.

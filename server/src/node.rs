@@ -1,8 +1,22 @@
 //! The node API (agent ↔ server): join-token attestation, agent SVID
 //! renewal, batch signing of workload SVIDs, and the Sync push stream.
 //! Refusals are logged here, once, with their reason.
+//!
+//! Attestation is the one call anyone may make, so what a stranger can make
+//! it cost is bounded: a join token is looked up read-only before anything
+//! is written (an unknown token costs no commit); refused attestations
+//! draw on a token bucket per source address ([`Config::attest_rate`] per
+//! second after a burst of [`Config::attest_burst`]; an address whose
+//! bucket is empty is answered `ResourceExhausted` with the typed refusal
+//! [`RATE_LIMITED`], even with a valid token); and the refusals of one
+//! address are folded into one event per [`ATTEST_REFUSAL_INTERVAL`]: the
+//! first is recorded at once, the rest as one event with `count`.
+//!
+//! [`Config::attest_rate`]: crate::config::Config::attest_rate
+//! [`Config::attest_burst`]: crate::config::Config::attest_burst
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -33,11 +47,41 @@ pub const JWT_REVOCATIONS_CHUNK: usize = 10_000;
 /// Entries per snapshot chunk in `Sync`, well under any message size limit.
 pub const SNAPSHOT_CHUNK: usize = 500;
 
+/// The typed refusal (see [`REFUSAL_METADATA`]) of an attestation from an
+/// address over its rate limit.
+pub const RATE_LIMITED: &str = "rate-limited";
+
+/// Refused attestations from one address are folded into one event per
+/// interval.
+pub const ATTEST_REFUSAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Addresses whose attestation buckets are kept before full ones are forgotten.
+const ATTEST_BUCKETS_KEPT: usize = 4096;
+
 /// The node API service.
 #[derive(Debug, Clone)]
 pub struct NodeService {
     state: Arc<State>,
     sign_limits: Arc<Mutex<HashMap<String, TokenBucket>>>,
+    attest_limits: Arc<Mutex<AttestLimits>>,
+}
+
+/// Per source address: the refused-attestation budget, and the refusals
+/// of callers without a client certificate not yet recorded as an event.
+#[derive(Debug, Default)]
+struct AttestLimits {
+    /// Tokens and when (Unix seconds, from the clock) they were counted.
+    buckets: HashMap<IpAddr, (f64, i64)>,
+    /// By address and operation.
+    folded: HashMap<(IpAddr, &'static str), Folded>,
+}
+
+/// Refusals of one address in the current interval after its first.
+#[derive(Debug, Default)]
+struct Folded {
+    count: u64,
+    rate_limited: u64,
+    last_reason: String,
 }
 
 /// The event kind of a refused node request.
@@ -76,7 +120,118 @@ struct Caller {
 impl NodeService {
     /// The service over shared server state.
     pub fn new(state: Arc<State>) -> Self {
-        Self { state, sign_limits: Arc::new(Mutex::new(HashMap::new())) }
+        Self {
+            state,
+            sign_limits: Arc::new(Mutex::new(HashMap::new())),
+            attest_limits: Arc::new(Mutex::new(AttestLimits::default())),
+        }
+    }
+
+    /// Refuses an attestation from `source` at once when its budget of
+    /// refusals is spent.
+    fn check_attest_rate(&self, source: IpAddr) -> Result<(), Status> {
+        let config = &self.state.config;
+        let now = self.state.clock.now();
+        let mut limits = self.attest_limits.lock().unwrap_or_else(|e| e.into_inner());
+        let burst = f64::from(config.attest_burst);
+        let (tokens, at) = limits.buckets.get(&source).copied().unwrap_or((burst, now));
+        let tokens = (tokens + (now - at).max(0) as f64 * config.attest_rate).min(burst);
+        limits.buckets.insert(source, (tokens, now));
+        if tokens >= 1.0 {
+            return Ok(());
+        }
+        let wait = ((1.0 - tokens) / config.attest_rate).ceil().max(1.0);
+        let mut status = Status::resource_exhausted(format!(
+            "too many refused attestations from {source}: at most {} per second after {}; retry in {wait} s",
+            config.attest_rate, config.attest_burst
+        ));
+        if let Ok(value) = RATE_LIMITED.parse() {
+            status.metadata_mut().insert(REFUSAL_METADATA, value);
+        }
+        Err(status)
+    }
+
+    /// Records a refusal of a caller not (yet) known as an agent: draws on
+    /// its address's attestation budget, and records its event (the first
+    /// of the interval from this address for `op`) or folds it into the
+    /// next [`Self::flush_attest_refusals`].
+    fn refuse_stranger(
+        &self,
+        op: &'static str,
+        source: Option<IpAddr>,
+        agent: &str,
+        status: Status,
+    ) -> Status {
+        let Some(source) = source else { return self.refuse(op, agent, status) };
+        let rate_limited = status.code() == tonic::Code::ResourceExhausted;
+        if rate_limited {
+            self.state.metrics.attestation_rate_limited();
+        }
+        let first = {
+            let mut limits = self.attest_limits.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((tokens, _)) = limits.buckets.get_mut(&source) {
+                *tokens = (*tokens - 1.0).max(0.0);
+            }
+            if limits.buckets.len() > ATTEST_BUCKETS_KEPT {
+                let burst = f64::from(self.state.config.attest_burst);
+                limits.buckets.retain(|_, (tokens, _)| *tokens < burst);
+            }
+            match limits.folded.get_mut(&(source, op)) {
+                Some(folded) => {
+                    folded.count += 1;
+                    folded.rate_limited += u64::from(rate_limited);
+                    folded.last_reason = status.message().to_string();
+                    false
+                }
+                None => {
+                    limits.folded.insert((source, op), Folded::default());
+                    true
+                }
+            }
+        };
+        if first {
+            let e = schema::denied(refusal_kind(op), status.message())
+                .agent(agent)
+                .attr("op", op)
+                .attr("code", format!("{:?}", status.code()))
+                .attr("source", source)
+                .attr("count", 1);
+            self.state.events.record(vec![e]);
+        } else {
+            tracing::debug!(%source, error = %status.message(), "attestation refused (folded into the next event)");
+        }
+        status
+    }
+
+    /// Records the refused attestations folded since the last call: one
+    /// event per address, with `count` (and how many of them were over the
+    /// rate limit).
+    pub fn flush_attest_refusals(&self) {
+        let folded = {
+            let mut limits = self.attest_limits.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut limits.folded)
+        };
+        let events: Vec<types::Event> = folded
+            .into_iter()
+            .filter(|(_, f)| f.count > 0)
+            .map(|((source, op), f)| {
+                warn!(%source, op, refused = f.count, rate_limited = f.rate_limited, "node requests refused");
+                schema::denied(
+                    refusal_kind(op),
+                    format!(
+                        "{} more {op} requests refused from {source} (last: {})",
+                        f.count, f.last_reason
+                    ),
+                )
+                .attr("op", op)
+                .attr("source", source)
+                .attr("count", f.count)
+                .attr("rate_limited", f.rate_limited)
+            })
+            .collect();
+        if !events.is_empty() {
+            self.state.events.record(events);
+        }
     }
 
     /// Records the refusal of a node request (event and log) and returns it.
@@ -89,12 +244,19 @@ impl NodeService {
         status
     }
 
-    /// The agent ID and serial of the verified client certificate.
-    fn presented<T>(&self, op: &str, request: &Request<T>) -> Result<Caller, Status> {
-        let certs =
-            request.extensions().get::<NodePeer>().and_then(|peer| peer.certs.clone()).ok_or_else(
-                || self.refuse(op, "", Status::unauthenticated("agent X509-SVID required (mTLS)")),
-            )?;
+    /// The agent ID and serial of the verified client certificate. A call
+    /// without one is a stranger's: refused like a bad attestation.
+    fn presented<T>(&self, op: &'static str, request: &Request<T>) -> Result<Caller, Status> {
+        let peer = request.extensions().get::<NodePeer>();
+        let source = peer.and_then(|p| p.remote).map(|r| r.ip().to_canonical());
+        let certs = peer.and_then(|peer| peer.certs.clone()).ok_or_else(|| {
+            self.refuse_stranger(
+                op,
+                source,
+                "",
+                Status::unauthenticated("agent X509-SVID required (mTLS)"),
+            )
+        })?;
         let leaf = certs.first().ok_or_else(|| {
             self.refuse(op, "", Status::unauthenticated("empty certificate chain"))
         })?;
@@ -108,7 +270,11 @@ impl NodeService {
 
     /// The calling agent, if it is a known agent, not banned, presenting
     /// its current SVID, unrevoked and unexpired.
-    async fn authenticate<T>(&self, op: &str, request: &Request<T>) -> Result<Caller, Status> {
+    async fn authenticate<T>(
+        &self,
+        op: &'static str,
+        request: &Request<T>,
+    ) -> Result<Caller, Status> {
         let caller = self.presented(op, request)?;
         self.check_caller(&caller).await.map_err(|e| self.refuse(op, caller.id.as_str(), e))?;
         Ok(caller)
@@ -526,27 +692,42 @@ impl NodeService {
     async fn attest_with_token(
         &self,
         req: pb::AttestRequest,
+        source: Option<IpAddr>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
         let op = "attest";
+        if let Some(source) = source {
+            self.check_attest_rate(source)
+                .map_err(|e| self.refuse_stranger(op, Some(source), "", e))?;
+        }
         // Check the CSR before spending the token on it.
-        parse_csr(&req.csr)
-            .map_err(|e| self.refuse(op, "", Status::invalid_argument(format!("CSR: {e}"))))?;
+        parse_csr(&req.csr).map_err(|e| {
+            self.refuse_stranger(op, source, "", Status::invalid_argument(format!("CSR: {e}")))
+        })?;
         if req.join_token.is_empty() {
-            return Err(self.refuse(op, "", Status::invalid_argument("join token is required")));
+            return Err(self.refuse_stranger(
+                op,
+                source,
+                "",
+                Status::invalid_argument("join token is required"),
+            ));
+        }
+        let unknown =
+            || Status::permission_denied("join token does not exist or has already been used");
+        // Read-only first: an unknown token costs no commit.
+        let token = req.join_token.clone();
+        if !self.state.store_op(move |store| store.join_token_exists(&token)).await? {
+            return Err(self.refuse_stranger(op, source, "", unknown()));
         }
         let token = req.join_token.clone();
         let record = self.state.store_op(move |store| store.take_join_token(&token)).await?;
         let Some(record) = record else {
-            return Err(self.refuse(
-                op,
-                "",
-                Status::permission_denied("join token does not exist or has already been used"),
-            ));
+            return Err(self.refuse_stranger(op, source, "", unknown()));
         };
         let now = self.state.clock.now();
         if now >= record.expires_at {
-            return Err(self.refuse(
+            return Err(self.refuse_stranger(
                 op,
+                source,
                 &record.spiffe_id,
                 Status::permission_denied("join token has expired"),
             ));
@@ -643,7 +824,12 @@ impl Node for NodeService {
         request: Request<pb::AttestRequest>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
         let started = std::time::Instant::now();
-        let result = self.attest_with_token(request.into_inner()).await;
+        let source = request
+            .extensions()
+            .get::<NodePeer>()
+            .and_then(|peer| peer.remote)
+            .map(|remote| remote.ip().to_canonical());
+        let result = self.attest_with_token(request.into_inner(), source).await;
         self.state.metrics.attestation(result.is_ok(), started.elapsed().as_secs_f64());
         result
     }

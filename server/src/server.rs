@@ -1,9 +1,13 @@
 //! The server component: binds its sockets, then runs the node API, the
 //! admin API and the CA rotation loop until shutdown.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
@@ -24,7 +28,7 @@ use crate::fsutil::create_private_dir;
 use crate::node::NodeService;
 use crate::state::State;
 use crate::store::{Change, ChangeKind, KvStore, Store, StoreError};
-use crate::tls::{self, ServerSvid};
+use crate::tls::{self, NodeLimits, NodePeer, ServerSvid};
 
 /// Largest gRPC message the server accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -35,6 +39,21 @@ pub const MAX_NODE_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Requests in flight on one node API connection.
 pub const NODE_CONCURRENCY_PER_CONNECTION: usize = 32;
+
+/// Largest request on a connection without a client certificate: an
+/// Attest request (join token and a CSR of at most 8 KiB).
+pub const MAX_UNAUTHENTICATED_REQUEST_BYTES: usize = 16 * 1024;
+
+/// HTTP/2 flow-control windows and largest frame for connections without
+/// a client certificate (16 KiB, HTTP/2's smallest frame size).
+pub const UNAUTHENTICATED_WINDOW: u32 = 16 * 1024;
+
+/// Largest HTTP/2 header list on a connection without a client certificate.
+pub const UNAUTHENTICATED_HEADER_BYTES: u32 = 8 * 1024;
+
+/// A connection without a client certificate is closed after this, open
+/// requests or not (attesting takes well under a second).
+pub const UNAUTHENTICATED_MAX_AGE: Duration = Duration::from_secs(10);
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -223,25 +242,82 @@ impl Server {
             streams_shutdown.cancel();
         });
 
-        let node = NodeServer::new(NodeService::new(state.clone()))
-            .max_decoding_message_size(MAX_NODE_REQUEST_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let incoming = tls::incoming(node_listener, acceptor, shutdown.clone());
+        // Two gRPC servers over one listener (see `tls`): connections with a
+        // verified agent SVID, and certless ones, which may only attest and
+        // get small HTTP/2 limits.
+        let service = NodeService::new(state.clone());
+        let refusals = service.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(
+            async move {
+                loop {
+                    let stopping = tokio::select! {
+                        _ = stop.cancelled() => true,
+                        _ = tokio::time::sleep(crate::node::ATTEST_REFUSAL_INTERVAL) => false,
+                    };
+                    refusals.flush_attest_refusals();
+                    if stopping {
+                        return Ok(());
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("node_refusals")),
+        );
+        let node = NodeRequests::new(
+            NodeServer::new(service.clone())
+                .max_decoding_message_size(MAX_NODE_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
+        let certless_node = NodeRequests::new(
+            NodeServer::new(service)
+                .max_decoding_message_size(MAX_UNAUTHENTICATED_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
+        let limits = node_limits(&state.config);
+        let incoming = tls::incoming(
+            node_listener,
+            acceptor,
+            limits.clone(),
+            state.metrics.clone(),
+            shutdown.clone(),
+        );
         let stop = shutdown.clone();
         tasks.spawn(
             async move {
                 tonic::transport::Server::builder()
                     .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                    // Bounds that hold before a caller is authenticated.
                     .concurrency_limit_per_connection(NODE_CONCURRENCY_PER_CONNECTION)
                     .max_concurrent_streams(Some(NODE_CONCURRENCY_PER_CONNECTION as u32))
                     .max_frame_size(Some(64 * 1024))
+                    .http2_max_header_list_size(Some(64 * 1024))
                     .add_service(node)
-                    .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                    .serve_with_incoming_shutdown(incoming.authenticated, stop.cancelled())
                     .await
                     .map_err(ServerError::from)
             }
             .instrument(tracing::info_span!("node_api")),
+        );
+        let stop = shutdown.clone();
+        tasks.spawn(
+            async move {
+                // Before a client certificate: one small request at a time.
+                tonic::transport::Server::builder()
+                    .concurrency_limit_per_connection(1)
+                    .max_concurrent_streams(Some(1))
+                    .initial_stream_window_size(Some(UNAUTHENTICATED_WINDOW))
+                    .initial_connection_window_size(Some(UNAUTHENTICATED_WINDOW))
+                    .max_frame_size(Some(UNAUTHENTICATED_WINDOW))
+                    .http2_max_header_list_size(Some(UNAUTHENTICATED_HEADER_BYTES))
+                    .http2_max_pending_accept_reset_streams(Some(4))
+                    .http2_max_local_error_reset_streams(Some(16))
+                    .max_connection_age(UNAUTHENTICATED_MAX_AGE)
+                    .max_connection_age_grace(Duration::from_secs(2))
+                    .add_service(certless_node)
+                    .serve_with_incoming_shutdown(incoming.certless, stop.cancelled())
+                    .await
+                    .map_err(ServerError::from)
+            }
+            .instrument(tracing::info_span!("node_api_certless")),
         );
 
         let admin = AdminServer::new(AdminService::new(state.clone()))
@@ -510,5 +586,92 @@ fn on_changes(state: &State, store: &dyn Store, changes: &[Change]) {
             }
             Err(e) => error!(error = %e, "reading the CRLs failed"),
         }
+    }
+}
+
+/// The node API's connection limits from the config.
+fn node_limits(config: &Config) -> NodeLimits {
+    NodeLimits {
+        max_connections: config.node_max_connections,
+        max_unauthenticated_per_ip: config.node_max_unauthenticated_per_ip,
+        ..NodeLimits::default()
+    }
+    .fitted_to_fd_limit()
+}
+
+/// The largest request body of a node API method, gRPC framing included:
+/// the messages of attestation, renewal and Sync are small; signing
+/// batches and event pushes get [`MAX_NODE_REQUEST_BYTES`].
+pub fn node_request_limit(path: &str) -> usize {
+    match path.rsplit('/').next() {
+        Some("Attest" | "RenewAgent") => MAX_UNAUTHENTICATED_REQUEST_BYTES,
+        Some("SignX509" | "SignJWT" | "PushEvents") => MAX_NODE_REQUEST_BYTES,
+        _ => 4 * 1024,
+    }
+}
+
+/// The node API service with what holds for every request: its stream
+/// counted on its connection (the idle timeout spares connections with an
+/// open stream, such as an agent's Sync), and its body limited by method
+/// ([`node_request_limit`]; over it the call fails `ResourceExhausted`).
+#[derive(Debug, Clone)]
+struct NodeRequests<S> {
+    inner: S,
+}
+
+impl<S> NodeRequests<S> {
+    fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for NodeRequests<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl<S> tonic::codegen::Service<HttpRequest> for NodeRequests<S>
+where
+    S: tonic::codegen::Service<HttpRequest, Response = HttpResponse, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: HttpRequest) -> Self::Future {
+        use http_body_util::BodyExt;
+        let open = request.extensions().get::<NodePeer>().map(|peer| peer.activity.begin());
+        let limit = node_request_limit(request.uri().path());
+        let request = request.map(|body| {
+            tonic::body::Body::new(http_body_util::Limited::new(body, limit).map_err(
+                move |e| -> tonic::codegen::StdError {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        Box::new(tonic::Status::resource_exhausted(format!(
+                            "request larger than the {limit} bytes this method takes"
+                        )))
+                    } else {
+                        e
+                    }
+                },
+            ))
+        });
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            // The stream counts as open until its response body is done.
+            Ok(response.map(move |body| {
+                tonic::body::Body::new(body.map_frame(move |frame| {
+                    let _open = &open;
+                    frame
+                }))
+            }))
+        })
     }
 }

@@ -364,17 +364,16 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Stores a join token (keyed by its SHA-256; the token itself is not
     /// kept), in one commit with the checks that its agent ID is neither an
     /// agent's on record (live or banned) nor an entry's.
-    fn put_join_token(
-        &self,
-        token: &pb::JoinToken,
-    ) -> Result<Result<(), AgentRefusal>, StoreError>;
+    fn put_join_token(&self, token: &pb::JoinToken)
+        -> Result<Result<(), AgentRefusal>, StoreError>;
     /// Removes and returns a join token: a token can be taken once.
     fn take_join_token(&self, token: &str) -> Result<Option<pb::JoinToken>, StoreError>;
+    /// Whether a join token is stored, read without writing anything (an
+    /// unknown token must cost no commit).
+    fn join_token_exists(&self, token: &str) -> Result<bool, StoreError>;
 
-    /// Records a newly attested agent and its first SVID; refused if the
-    /// agent is banned.
-    /// Refused for the ID of an agent on record (live or banned) or of an
-    /// entry.
+    /// Records a newly attested agent and its first SVID; refused for the
+    /// ID of an agent on record (live or banned) or of an entry.
     fn register_agent(
         &self,
         agent: &pb::Agent,
@@ -1710,6 +1709,10 @@ impl Store for KvStore {
         removed.map(|bytes| decode(b"join token", &bytes)).transpose()
     }
 
+    fn join_token_exists(&self, token: &str) -> Result<bool, StoreError> {
+        Ok(self.kv.get(t(JOIN_TOKENS), &join_token_key(token))?.is_some())
+    }
+
     fn register_agent(
         &self,
         agent: &pb::Agent,
@@ -2482,6 +2485,7 @@ mod tests {
         join_token_can_be_taken_once,
         join_tokens_are_hashed_and_never_name_an_agent_or_entry,
         an_approval_writes_exactly_the_proposal_it_names,
+        join_token_exists_reads_without_writing,
         a_ca_record_set_per_server_makes_one_bundle,
     );
 
@@ -2615,7 +2619,8 @@ mod tests {
         };
         store.put_join_token(&token("node/1")).unwrap().unwrap();
         let dump = store.dump().unwrap();
-        let all: Vec<u8> = dump.iter().flatten().flat_map(|(k, v)| [k.clone(), v.clone()].concat()).collect();
+        let all: Vec<u8> =
+            dump.iter().flatten().flat_map(|(k, v)| [k.clone(), v.clone()].concat()).collect();
         assert!(
             !all.windows(secret.len()).any(|w| w == secret.as_bytes()),
             "the token is not stored in clear"
@@ -2630,16 +2635,28 @@ mod tests {
             Err(AgentRefusal::Exists("spiffe://example.org/agent".into())),
             "a second attestation does not take over a live agent's ID"
         );
-        assert_eq!(store.agent("spiffe://example.org/agent").unwrap().unwrap().x509_svid_serial, "s0");
+        assert_eq!(
+            store.agent("spiffe://example.org/agent").unwrap().unwrap().x509_svid_serial,
+            "s0"
+        );
         store.ban_agent("spiffe://example.org/agent", "test", 1).unwrap().unwrap();
-        assert!(matches!(store.put_join_token(&token("agent")).unwrap(), Err(AgentRefusal::Exists(_))));
-        store.create_entries(&[entry("e1", "prod/payments", "agent", 1)]).unwrap().remove(0).unwrap();
+        assert!(matches!(
+            store.put_join_token(&token("agent")).unwrap(),
+            Err(AgentRefusal::Exists(_))
+        ));
+        store
+            .create_entries(&[entry("e1", "prod/payments", "agent", 1)])
+            .unwrap()
+            .remove(0)
+            .unwrap();
         assert_eq!(
             store.put_join_token(&token("prod/payments")).unwrap(),
             Err(AgentRefusal::EntryIdentity("spiffe://example.org/prod/payments".into()))
         );
         assert!(matches!(
-            store.register_agent(&agent("prod/payments", "s2"), &agent_svid("prod/payments", "s2")).unwrap(),
+            store
+                .register_agent(&agent("prod/payments", "s2"), &agent_svid("prod/payments", "s2"))
+                .unwrap(),
             Err(AgentRefusal::EntryIdentity(_))
         ));
         assert_eq!(
@@ -2657,24 +2674,76 @@ mod tests {
         let e = entry("e1", "prod/a", "agent", 1);
         let first = approval::proposal(&e, approval::OP_CREATE, &op(1), vec![], 10, 60, 0);
         store.propose(&first).unwrap().unwrap();
-        let second = approval::proposal(&entry("e1", "prod/b", "agent", 1), approval::OP_CREATE, &op(1), vec![], 10, 60, 0);
-        assert!(matches!(store.propose(&second).unwrap(), Err(ApprovalRefusal::AlreadyPending { .. })));
+        let second = approval::proposal(
+            &entry("e1", "prod/b", "agent", 1),
+            approval::OP_CREATE,
+            &op(1),
+            vec![],
+            10,
+            60,
+            0,
+        );
+        assert!(matches!(
+            store.propose(&second).unwrap(),
+            Err(ApprovalRefusal::AlreadyPending { .. })
+        ));
         let hash = |p: &pb::Entry| p.pending.clone().unwrap().content_hash;
-        assert!(matches!(store.approve("e1", &hash(&second), 2, 11).unwrap(), Err(ApprovalRefusal::HashMismatch { .. })));
-        assert!(matches!(store.approve("e1", &hash(&first), 1, 11).unwrap(), Err(ApprovalRefusal::SameOperator { .. })));
+        assert!(matches!(
+            store.approve("e1", &hash(&second), 2, 11).unwrap(),
+            Err(ApprovalRefusal::HashMismatch { .. })
+        ));
+        assert!(matches!(
+            store.approve("e1", &hash(&first), 1, 11).unwrap(),
+            Err(ApprovalRefusal::SameOperator { .. })
+        ));
         assert!(store.entry("e1").unwrap().is_none(), "nothing written by a refused approval");
         let proposal_id = first.pending.clone().unwrap().proposal_id;
         let approved = store.approve(&proposal_id, &hash(&first), 2, 11).unwrap().unwrap();
         assert_eq!(approved.proposal, first);
         assert_eq!(store.entry("e1").unwrap().unwrap().spiffe_id.path(), "/prod/a");
-        assert!(matches!(store.approve("e1", &hash(&first), 2, 11).unwrap(), Err(ApprovalRefusal::NotFound(_))), "taken once");
+        assert!(
+            matches!(
+                store.approve("e1", &hash(&first), 2, 11).unwrap(),
+                Err(ApprovalRefusal::NotFound(_))
+            ),
+            "taken once"
+        );
         // An update proposed against a revision is refused once the entry moved on.
         let current = store.entry("e1").unwrap().unwrap();
-        let update = approval::proposal(&entry("e1", "prod/c", "agent", 1), approval::OP_UPDATE, &op(1), vec![], 12, 60, current.revision);
+        let update = approval::proposal(
+            &entry("e1", "prod/c", "agent", 1),
+            approval::OP_UPDATE,
+            &op(1),
+            vec![],
+            12,
+            60,
+            current.revision,
+        );
         store.propose(&update).unwrap().unwrap();
         store.update_entries(&[entry("e1", "prod/d", "agent", 1)], 12, "test").unwrap();
-        assert!(matches!(store.approve("e1", &hash(&update), 2, 13).unwrap(), Err(ApprovalRefusal::Changed(_))));
+        assert!(matches!(
+            store.approve("e1", &hash(&update), 2, 13).unwrap(),
+            Err(ApprovalRefusal::Changed(_))
+        ));
         assert_eq!(store.entry("e1").unwrap().unwrap().spiffe_id.path(), "/prod/d");
+    }
+
+    fn join_token_exists_reads_without_writing(place: Place) {
+        let store = place.open();
+        let token = pb::JoinToken {
+            token: "t".into(),
+            spiffe_id: "spiffe://example.org/a".into(),
+            expires_at: 5,
+            pending: None,
+        };
+        store.put_join_token(&token).unwrap().unwrap();
+        let before = store.check().unwrap().write_seq;
+        assert!(store.join_token_exists("t").unwrap());
+        assert!(!store.join_token_exists("bogus").unwrap());
+        assert_eq!(store.check().unwrap().write_seq, before, "a lookup commits nothing");
+        let stored = pb::JoinToken { token: String::new(), ..token };
+        assert_eq!(store.take_join_token("t").unwrap(), Some(stored));
+        assert!(!store.join_token_exists("t").unwrap());
     }
 
     /// Several servers on one PostgreSQL database.

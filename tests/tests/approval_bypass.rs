@@ -312,8 +312,9 @@ async fn admin_authorization_survives_pid_reuse() {
         "uid {IMPOSTOR_UID} acted as an operator through a reused PID"
     );
     assert!(
-        events.iter().any(|e| field(e, "kind") == "admin.refused"
-            && e["operator"]["uid"] == IMPOSTOR_UID),
+        events
+            .iter()
+            .any(|e| field(e, "kind") == "admin.refused" && e["operator"]["uid"] == IMPOSTOR_UID),
         "the impostor's call was not refused (did it reach the server?)"
     );
     tokio::time::sleep(Duration::from_millis(10)).await;
