@@ -641,7 +641,22 @@ mod tests {
     fn run_copy_of_sleep(path: &std::path::Path) -> std::process::Child {
         let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
         std::fs::copy(&sleep, path).unwrap();
-        std::process::Command::new(path).arg("30").spawn().unwrap()
+        spawn_sleep(path)
+    }
+
+    /// Runs `path 30`. Another test's fork can briefly hold the write
+    /// descriptor of a just-written copy (ETXTBSY until that child execs):
+    /// retry, as a shell would.
+    fn spawn_sleep(path: &std::path::Path) -> std::process::Child {
+        for _ in 0..100 {
+            match std::process::Command::new(path).arg("30").spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                spawned => return spawned.unwrap(),
+            }
+        }
+        panic!("{} stayed busy", path.display());
     }
 
     fn peer_of(child: &std::process::Child) -> PeerProcess {
@@ -696,7 +711,7 @@ mod tests {
             std::fs::copy(&sleep, &path).unwrap();
             // Trailing bytes past the ELF contents: it still runs.
             std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(8 << 30).unwrap();
-            std::process::Command::new(&path).arg("30").spawn().unwrap()
+            spawn_sleep(&path)
         };
         let attestor = UnixAttestor::new();
         let attestation = attestor.attest(&peer_of(&child)).unwrap();

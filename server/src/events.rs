@@ -414,9 +414,18 @@ impl EventLog {
         if let Some(w) = &e.workload {
             keys.push((format!("agent {} uid {}", e.agent_id, w.uid), Some(w.uid)));
         }
+        // An agent folds a uid's excess refusals into one event that says
+        // how many it stands for (`folded`): each counts.
+        let weight = e
+            .attrs
+            .iter()
+            .find(|a| a.key == "folded")
+            .and_then(|a| a.value.parse::<u32>().ok())
+            .unwrap_or(1)
+            .max(1);
         for (key, uid) in keys {
             let (count, reported) = bursts.counts.entry(key).or_insert((0, false));
-            *count += 1;
+            *count = count.saturating_add(weight);
             if *count > limit && !*reported {
                 *reported = true;
                 let mut a = schema::event(kind::ANOMALY_REFUSAL_BURST, "")
@@ -759,6 +768,23 @@ mod tests {
         assert_eq!(bursts.len(), 2, "one for the agent, one for the uid: {bursts:?}");
         assert!(bursts.iter().any(|b| b.attrs.iter().any(|a| a.key == "uid" && a.value == "7")));
         assert!(log.verify().unwrap().ok);
+    }
+
+    /// An agent folds a uid's excess refusals into one event with
+    /// `folded=N`: the burst detector counts it as N.
+    #[test]
+    fn a_folded_refusal_counts_as_many_for_the_burst_detector() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EventConfig { refusals_per_minute: 30, ..Default::default() };
+        let log = log(dir.path(), config);
+        let mut folded = schema::denied(kind::WORKLOAD_X509, "no identity issued")
+            .agent("a")
+            .attr("folded", 4990);
+        folded.workload = Some(Workload { uid: 65534, ..Default::default() });
+        log.record(vec![folded]);
+        let bursts =
+            all(&log).into_iter().filter(|e| e.kind == kind::ANOMALY_REFUSAL_BURST).count();
+        assert_eq!(bursts, 2, "one folded event of 4,990 refusals is a burst (agent and uid)");
     }
 
     #[test]

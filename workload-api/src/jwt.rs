@@ -138,7 +138,9 @@ pub enum JwtError {
     /// An ECDSA signature whose `s` is in the upper half of the curve
     /// order. `(r, s)` and `(r, n - s)` both verify, so one token could be
     /// sent as two strings; Tessera signs and accepts only the low-s form.
-    #[error("JWT ECDSA signature is not in low-s form (s > n/2); only low-s signatures are accepted")]
+    #[error(
+        "JWT ECDSA signature is not in low-s form (s > n/2); only low-s signatures are accepted"
+    )]
     HighS,
 
     /// A required claim (`sub`, `aud` or `exp`) is missing.

@@ -331,13 +331,16 @@ pub fn connector(
     let config = match mode {
         SslMode::Disable | SslMode::Prefer | SslMode::Require => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoCertificateCheck(provider)))
+            .with_custom_certificate_verifier(Arc::new(LibpqCheck { roots: None, provider }))
             .with_no_client_auth(),
         SslMode::VerifyCa => {
             let roots = Arc::new(roots(mode, sslrootcert)?);
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly { roots, provider }))
+                .with_custom_certificate_verifier(Arc::new(LibpqCheck {
+                    roots: Some(roots),
+                    provider,
+                }))
                 .with_no_client_auth()
         }
         SslMode::VerifyFull => {
@@ -385,65 +388,22 @@ fn roots(mode: SslMode, sslrootcert: Option<&str>) -> Result<RootCertStore, TlsC
     Ok(store)
 }
 
-/// `prefer`/`require`: encryption without authentication, as in libpq. The
-/// handshake's signature is still checked against the certificate's key.
+/// What `prefer`/`require` and `verify-ca` check, which rustls's own
+/// verifier (chain and host name: `verify-full`) does not cover:
+/// - no `roots` (`prefer`/`require`): encryption without authentication, as
+///   in libpq;
+/// - `roots` (`verify-ca`): the certificate must chain to one of them and be
+///   valid now; its names are not checked.
+///
+/// The handshake's signature is checked against the certificate's key in
+/// both.
 #[derive(Debug)]
-struct NoCertificateCheck(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoCertificateCheck {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the certificate must chain to a trusted root and be valid
-/// now; its names are not checked.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct LibpqCheck {
+    roots: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for LibpqCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -452,14 +412,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
