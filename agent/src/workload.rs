@@ -386,6 +386,7 @@ pub fn incoming(
             };
             let attesting = attesting.clone();
             let tx = tx.clone();
+            let events = events.clone();
             tokio::spawn(async move {
                 let result = attesting
                     .run(move |attestor| {
@@ -399,8 +400,24 @@ pub fn incoming(
                         (stream, process, attested.map_err(Refusal::from))
                     }
                     Err(refusal) => {
-                        // Not even pinned (it exited already): nothing to answer.
+                        // Not pinned (it exited already, or, without
+                        // SO_PEERPIDFD, its PID now names another process):
+                        // nothing to answer; closed.
                         debug!(code = refusal.code, error = %refusal.message, "Workload API peer could not be pinned; closing");
+                        let caller = Workload {
+                            pid: cred.pid().unwrap_or(0),
+                            uid: cred.uid(),
+                            gid: cred.gid(),
+                            ..Default::default()
+                        };
+                        events.emit(
+                            schema::denied(
+                                kind::WORKLOAD_REFUSED,
+                                format!("caller could not be pinned: {}", refusal.message),
+                            )
+                            .workload(caller)
+                            .attr("refusal", refusal.code),
+                        );
                         return;
                     }
                 };
