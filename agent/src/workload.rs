@@ -952,7 +952,10 @@ impl SpiffeWorkloadApi for WorkloadService {
         let wanted = match req.spiffe_id.as_str() {
             "" => None,
             id => Some(SpiffeId::parse(id).map_err(|e| {
-                refuse(Status::invalid_argument(format!("invalid spiffe_id {id:?}: {e}")))
+                refuse(Status::invalid_argument(format!(
+                    "invalid spiffe_id {:?}: {e}",
+                    shortened(id)
+                )))
             })?),
         };
         let state = self.ready_state().await.map_err(refuse)?;
@@ -1164,10 +1167,20 @@ fn requested_audience(audience: &[String]) -> Result<Vec<String>, Status> {
     }
     if let Some(bad) = out.iter().find(|a| !jwt::valid_audience(a)) {
         return Err(Status::invalid_argument(format!(
-            "invalid audience {bad:?}: want 1-256 printable characters, no spaces"
+            "invalid audience {:?}: want 1-256 printable characters, no spaces",
+            shortened(bad)
         )));
     }
     Ok(out)
+}
+
+/// At most the first 64 characters of what a caller sent, for a refusal
+/// message (which travels back in a header and into the event stream).
+fn shortened(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
 }
 
 /// JSON claims as a `google.protobuf.Struct`.
