@@ -50,6 +50,11 @@
 //!   disk keeps the identity of the file it runs (its path then ends in
 //!   ` (deleted)`).
 //!
+//! A change of the running file's metadata (`chmod`, `chown`, `touch`) moves
+//! its ctime, so it counts as another executable: the open connections of its
+//! processes are refused once and closed, and the clients' new connections
+//! are attested (and the file hashed) afresh.
+//!
 //! `unix:uid`, `unix:gid` come from `SO_PEERCRED` (the credentials at
 //! `connect()`); user and group names from `/etc/passwd` and `/etc/group`.
 
@@ -193,21 +198,31 @@ impl PeerProcess {
                 pinned_by: PinnedBy::PeerPidfd,
             }),
             Err(nix::errno::Errno::ENOPROTOOPT | nix::errno::Errno::EINVAL) => {
-                let peer = Self::pin(Some(pid), uid, gid);
-                let pidfd = peer.pidfd.as_ref().ok_or_else(|| AttestError::Pin {
-                    pid,
-                    source: std::io::Error::other("pidfd_open failed (process gone?)"),
-                })?;
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .map_err(|source| AttestError::Proc { pid, source })?;
-                ensure_alive(pidfd, pid)?;
-                if effective_ids(&status) != Some((uid, gid)) {
-                    return Err(AttestError::CredentialsMismatch { pid });
-                }
-                Ok(peer)
+                Self::pin_checked(pid, uid, gid)
             }
             Err(e) => Err(AttestError::Pin { pid, source: e.into() }),
         }
+    }
+
+    /// Without `SO_PEERPIDFD`: pins `pid` with `pidfd_open`, then requires
+    /// `/proc/<pid>/status` (read while pinned, the process still alive
+    /// after) to show the effective `uid` and `gid` the socket reported. A
+    /// PID reused by a process of another uid between `connect()` and here
+    /// is refused; one reused by the same uid and gid is not detected
+    /// (which is why `SO_PEERPIDFD` is used where the kernel has it).
+    fn pin_checked(pid: i32, uid: u32, gid: u32) -> Result<Self, AttestError> {
+        let peer = Self::pin(Some(pid), uid, gid);
+        let pidfd = peer.pidfd.as_ref().ok_or_else(|| AttestError::Pin {
+            pid,
+            source: std::io::Error::other("pidfd_open failed (process gone?)"),
+        })?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|source| AttestError::Proc { pid, source })?;
+        ensure_alive(pidfd, pid)?;
+        if effective_ids(&status) != Some((uid, gid)) {
+            return Err(AttestError::CredentialsMismatch { pid });
+        }
+        Ok(peer)
     }
 }
 
@@ -797,6 +812,19 @@ mod tests {
         assert_eq!(peer.pinned_by, PinnedBy::PeerPidfd, "this kernel has SO_PEERPIDFD");
         let attestation = UnixAttestor::new().attest(&peer).unwrap();
         UnixAttestor::new().verify(&peer, &attestation).unwrap();
+    }
+
+    /// The fallback pin (kernels without `SO_PEERPIDFD`) accepts a process
+    /// with the reported credentials and refuses one without them.
+    #[test]
+    fn the_fallback_pin_checks_the_reported_credentials() {
+        let pid = std::process::id() as i32;
+        let meta = std::fs::metadata("/proc/self").unwrap();
+        let peer = PeerProcess::pin_checked(pid, meta.uid(), meta.gid()).unwrap();
+        assert_eq!(peer.pinned_by, PinnedBy::PidfdOpen);
+        let err = PeerProcess::pin_checked(pid, meta.uid() + 1, meta.gid()).unwrap_err();
+        assert!(matches!(err, AttestError::CredentialsMismatch { pid: p } if p == pid), "{err}");
+        assert_eq!(err.code(), "credentials_mismatch");
     }
 
     #[test]

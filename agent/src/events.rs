@@ -327,9 +327,12 @@ impl EventSpool {
             folds.admit(&e, now)
         };
         if !admitted {
+            // Still counted by the metrics, one by one.
+            self.metrics.event(&e);
             self.metrics.refusal_folded();
             return;
         }
+        self.metrics.event(&e);
         self.record(e);
     }
 
@@ -341,17 +344,18 @@ impl EventSpool {
     fn flush_folded_at(&self, now: tokio::time::Instant) {
         let folded = self.folds.lock().unwrap_or_else(|e| e.into_inner()).flush(now);
         for e in folded {
+            // Its refusals were counted by the metrics as they came.
             self.record(e);
         }
     }
 
+    /// Logs and spools `e` (already counted by the metrics).
     fn record(&self, mut e: Event) {
         e.source = "agent".into();
         if e.agent_id.is_empty() {
             e.agent_id = self.agent_id.clone();
         }
         schema::log(&e);
-        self.metrics.event(&e);
         if !self.enabled {
             return;
         }

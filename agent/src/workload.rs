@@ -386,6 +386,7 @@ pub fn incoming(
             };
             let attesting = attesting.clone();
             let tx = tx.clone();
+            let events = events.clone();
             tokio::spawn(async move {
                 let result = attesting
                     .run(move |attestor| {
@@ -399,8 +400,24 @@ pub fn incoming(
                         (stream, process, attested.map_err(Refusal::from))
                     }
                     Err(refusal) => {
-                        // Not even pinned (it exited already): nothing to answer.
+                        // Not pinned (it exited already, or, without
+                        // SO_PEERPIDFD, its PID now names another process):
+                        // nothing to answer; closed.
                         debug!(code = refusal.code, error = %refusal.message, "Workload API peer could not be pinned; closing");
+                        let caller = Workload {
+                            pid: cred.pid().unwrap_or(0),
+                            uid: cred.uid(),
+                            gid: cred.gid(),
+                            ..Default::default()
+                        };
+                        events.emit(
+                            schema::denied(
+                                kind::WORKLOAD_REFUSED,
+                                format!("caller could not be pinned: {}", refusal.message),
+                            )
+                            .workload(caller)
+                            .attr("refusal", refusal.code),
+                        );
                         return;
                     }
                 };
@@ -935,7 +952,10 @@ impl SpiffeWorkloadApi for WorkloadService {
         let wanted = match req.spiffe_id.as_str() {
             "" => None,
             id => Some(SpiffeId::parse(id).map_err(|e| {
-                refuse(Status::invalid_argument(format!("invalid spiffe_id {id:?}: {e}")))
+                refuse(Status::invalid_argument(format!(
+                    "invalid spiffe_id {:?}: {e}",
+                    shortened(id)
+                )))
             })?),
         };
         let state = self.ready_state().await.map_err(refuse)?;
@@ -1147,10 +1167,20 @@ fn requested_audience(audience: &[String]) -> Result<Vec<String>, Status> {
     }
     if let Some(bad) = out.iter().find(|a| !jwt::valid_audience(a)) {
         return Err(Status::invalid_argument(format!(
-            "invalid audience {bad:?}: want 1-256 printable characters, no spaces"
+            "invalid audience {:?}: want 1-256 printable characters, no spaces",
+            shortened(bad)
         )));
     }
     Ok(out)
+}
+
+/// At most the first 64 characters of what a caller sent, for a refusal
+/// message (which travels back in a header and into the event stream).
+fn shortened(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
 }
 
 /// JSON claims as a `google.protobuf.Struct`.

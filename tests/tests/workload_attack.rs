@@ -29,8 +29,9 @@ use tessera_tests::{RunningAgent, TestServer};
 
 const NOBODY: u32 = 65534;
 
-/// Tests of this file that measure the process's memory run one at a time.
-static MEMORY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The tests of this file run one at a time: some measure the memory of
+/// the process the agent runs in.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -138,6 +139,7 @@ fn attr<'a>(e: &'a Event, key: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_keeps_the_program_that_opened_it() {
+    let _serial = SERIAL.lock().await;
     if !is_root() {
         eprintln!("not root: cannot run a workload as another uid");
         return;
@@ -253,6 +255,7 @@ async fn a_connection_keeps_the_program_that_opened_it() {
 /// included). The connection is closed instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_stream_sends_nothing_more_after_its_process_execs() {
+    let _serial = SERIAL.lock().await;
     if !is_root() {
         eprintln!("not root: cannot run a workload as another uid");
         return;
@@ -438,11 +441,11 @@ fn watch_rss() -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<u64
 /// served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_connections_of_one_uid_do_not_grow_the_agent() {
+    let _serial = SERIAL.lock().await;
     if !is_root() {
         eprintln!("not root: cannot run an attacker as another uid");
         return;
     }
-    let _serial = MEMORY.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (server, agent) = setup(dir.path()).await;
     server.create_entry("spiffe://example.org/normal", &agent.id, &[&uid_selector()], None).await;
@@ -480,7 +483,7 @@ async fn a_thousand_connections_of_one_uid_do_not_grow_the_agent() {
 /// memory does not grow by its size per stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_request_is_refused_without_being_buffered() {
-    let _serial = MEMORY.lock().await;
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (server, agent) = setup(dir.path()).await;
     server.create_entry("spiffe://example.org/w", &agent.id, &[&uid_selector()], None).await;
@@ -523,6 +526,7 @@ async fn a_large_request_is_refused_without_being_buffered() {
 /// folded into one event with their count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_refusals_of_one_uid_are_folded_into_few_events() {
+    let _serial = SERIAL.lock().await;
     if !is_root() {
         eprintln!("not root: cannot run an attacker as another uid");
         return;

@@ -25,8 +25,9 @@
 //!     program on its end.
 //! tessera-exec-probe raw-read --stdin --look-for TEXT
 //!     Prints `ready`, then reads the raw bytes of the socket on standard
-//!     input (at most 30 s, until it is closed) and prints `saw` if TEXT came
-//!     by, else `not-seen`, and then `closed` or `timeout`.
+//!     input (at most 30 s, until it is closed, or until TEXT comes by) and
+//!     prints `saw` if TEXT came by, else `not-seen`, and then `open`,
+//!     `closed` or `timeout`.
 //! tessera-exec-probe sleep SECONDS
 //! ```
 #![forbid(unsafe_code)]
@@ -173,7 +174,12 @@ fn run(args: &[String]) -> Result<(), String> {
                 socket.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
                 match socket.read(&mut buf) {
                     Ok(0) => break "closed",
-                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    Ok(n) => {
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(text.len()).any(|w| w == text) {
+                            break "open";
+                        }
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break "timeout",
                     Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break "timeout",
                     Err(_) => break "closed",
