@@ -47,6 +47,7 @@ async fn main() -> ExitCode {
         Some("__server") => return child_server(&args[1..]).await,
         Some("__agent") => return child_agent(&args[1..]).await,
         Some("__workload_flood") => return child_workload_flood(&args[1..]).await,
+        Some("__node_attack") => return child_node_attack(&args[1..]).await,
         _ => {}
     }
     let scenario = args.first().map(String::as_str).unwrap_or("all");
@@ -1135,6 +1136,72 @@ async fn child_workload_flood(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// An attacker on the node API at `addr` (`hostile` scenario (a), (b) or
+/// (c)), until stdin closes; then writes how much it did (connections
+/// opened, bytes sent, bogus attestations) to the file named last.
+async fn child_node_attack(args: &[String]) -> ExitCode {
+    use tessera_tests::hostile::{self, loopback};
+    let (kind, addr) = (args[0].as_str(), args[1].parse::<std::net::SocketAddr>().unwrap());
+    let bundle: Vec<rustls_pki_types::CertificateDer<'static>> =
+        pem::parse_many(std::fs::read(&args[2]).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents().into())
+            .collect();
+    let sources =
+        |net: u8, n: u8| -> Vec<std::net::IpAddr> { (1..=n).map(|h| loopback(net, h)).collect() };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks: Vec<tokio::task::JoinHandle<u64>> = Vec::new();
+    match kind {
+        "a" => tasks.push(hostile::hold_idle_sockets(addr, sources(10, 32), 1_000, stop.clone())),
+        "b" => {
+            for source in sources(11, 4).into_iter().cycle().take(64) {
+                let (bundle, stop) = (bundle.clone(), stop.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut bytes = 0;
+                    while !stop.is_cancelled() {
+                        let report =
+                            hostile::large_frames(addr, &bundle, source, 4 << 20, 32, stop.clone())
+                                .await;
+                        bytes += report.bytes;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    bytes
+                }));
+            }
+        }
+        _ => {
+            for source in sources(12, 8) {
+                for _ in 0..4 {
+                    let (bundle, stop) = (bundle.clone(), stop.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut sent = 0u64;
+                        let Ok(mut client) =
+                            hostile::certless_client_from(addr, &bundle, source).await
+                        else {
+                            return 0;
+                        };
+                        while !stop.is_cancelled() {
+                            hostile::bogus_attest(&mut client, sent as usize).await;
+                            sent += 1;
+                        }
+                        sent
+                    }));
+                }
+            }
+        }
+    }
+    println!("READY {kind}");
+    until_stdin_closes().await;
+    stop.cancel();
+    let mut work = 0u64;
+    for task in tasks {
+        work += task.await.unwrap_or(0);
+    }
+    let _ = std::fs::write(&args[3], work.to_string());
+    ExitCode::SUCCESS
+}
+
 /// A child process started in one of the modes above.
 struct Child {
     process: std::process::Child,
@@ -1884,7 +1951,7 @@ async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
 /// (other machines); the normal agent and workload use 127.0.0.1 and this
 /// process's uid.
 async fn bench_hostile(quick: bool) -> Vec<(&'static str, Value)> {
-    use tessera_tests::hostile::{self, loopback};
+    use tessera_tests::hostile;
     let mut out = Vec::new();
     let calls = if quick { 300 } else { 2_000 };
     let dir = tempfile::tempdir().unwrap();
@@ -2038,64 +2105,18 @@ async fn bench_hostile(quick: bool) -> Vec<(&'static str, Value)> {
         warnings.push(format!("{failed_calm} of {rounds} attestations failed with no attacker"));
     }
 
-    let sources =
-        |net: u8, n: u8| -> Vec<std::net::IpAddr> { (1..=n).map(|h| loopback(net, h)).collect() };
     for attack in ["a", "b", "c", "d"] {
-        let stop = tokio_util::sync::CancellationToken::new();
-        let mut tasks: Vec<tokio::task::JoinHandle<u64>> = Vec::new();
         let mut flood = None;
+        let work_file = dir.path().join(format!("attack-{attack}.count"));
         let (label, before) = match attack {
-            "a" => {
-                tasks.push(hostile::hold_idle_sockets(addr, sources(10, 32), 1_000, stop.clone()));
-                ("(a) 1,000 idle TCP sockets", None)
-            }
-            "b" => {
-                for source in sources(11, 4).into_iter().cycle().take(64) {
-                    let (bundle, stop) = (bundle.clone(), stop.clone());
-                    tasks.push(tokio::spawn(async move {
-                        let mut bytes = 0;
-                        while !stop.is_cancelled() {
-                            let report = hostile::large_frames(
-                                addr,
-                                &bundle,
-                                source,
-                                4 << 20,
-                                32,
-                                stop.clone(),
-                            )
-                            .await;
-                            bytes += report.bytes;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        bytes
-                    }));
-                }
-                ("(b) 64 certless TLS conns, large frames", None)
-            }
+            "a" => ("(a) 1,000 idle TCP sockets", None),
+            "b" => ("(b) 64 certless TLS conns, large frames", None),
             "c" => {
                 let before = (
                     hostile::write_seq(&server_dir),
                     attest_events(&mut admin).await,
                     store_bytes(&server_dir),
                 );
-                for source in sources(12, 8) {
-                    for _ in 0..4 {
-                        let (bundle, stop) = (bundle.clone(), stop.clone());
-                        tasks.push(tokio::spawn(async move {
-                            let mut sent = 0u64;
-                            let Ok(mut client) =
-                                hostile::certless_client_from(addr, &bundle, source).await
-                            else {
-                                return 0;
-                            };
-                            while !stop.is_cancelled() {
-                                hostile::bogus_attest(&mut client, sent as usize).await;
-                                sent += 1;
-                            }
-                            sent
-                        }));
-                    }
-                }
                 ("(c) bogus Attest flood, 8 addresses", Some(before))
             }
             _ => {
@@ -2104,6 +2125,16 @@ async fn bench_hostile(quick: bool) -> Vec<(&'static str, Value)> {
                 ("(d) uid 65534: 1,000 Workload API conns", None)
             }
         };
+        // The attacker is a process of its own, as it would be.
+        let attacker = (attack != "d").then(|| {
+            Child::start(&[
+                "__node_attack",
+                attack,
+                &server.ready,
+                &bundle_path.display().to_string(),
+                &work_file.display().to_string(),
+            ])
+        });
         tokio::time::sleep(Duration::from_secs(1)).await;
         let sampling = tokio_util::sync::CancellationToken::new();
         let pid = server.process.id();
@@ -2124,14 +2155,16 @@ async fn bench_hostile(quick: bool) -> Vec<(&'static str, Value)> {
         let fetch = fetch_p99(&endpoint, calls).await;
         sampling.cancel();
         let (rss, agent_rss) = sampler.await.unwrap();
-        stop.cancel();
         if let Some(flood) = flood {
             flood.stop();
         }
-        let mut work = 0u64;
-        for task in tasks {
-            work += task.await.unwrap_or(0);
-        }
+        let work: u64 = match attacker {
+            Some(attacker) => {
+                attacker.stop();
+                std::fs::read_to_string(&work_file).ok().and_then(|w| w.parse().ok()).unwrap_or(0)
+            }
+            None => 0,
+        };
         println!("{label}");
         row("  attestation under attack, worst of 5 (ms)", attest, attest, rounds);
         row("  FetchX509SVID p99 under attack (ms)", fetch, fetch, calls);
