@@ -55,8 +55,13 @@ pub const RATE_LIMITED: &str = "rate-limited";
 /// interval.
 pub const ATTEST_REFUSAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Addresses whose attestation buckets are kept before full ones are forgotten.
-const ATTEST_BUCKETS_KEPT: usize = 4096;
+/// Addresses whose attestation budgets are kept (those with refusals);
+/// beyond it every address starts afresh.
+const MAX_ATTEST_BUCKETS: usize = 65_536;
+
+/// Addresses whose refusals get an event of their own per interval; the
+/// refusals of any more are folded under `0.0.0.0`.
+const MAX_FOLDED_ADDRESSES: usize = 1_024;
 
 /// The node API service.
 #[derive(Debug, Clone)]
@@ -136,7 +141,12 @@ impl NodeService {
         let burst = f64::from(config.attest_burst);
         let (tokens, at) = limits.buckets.get(&source).copied().unwrap_or((burst, now));
         let tokens = (tokens + (now - at).max(0) as f64 * config.attest_rate).min(burst);
-        limits.buckets.insert(source, (tokens, now));
+        // A full bucket is the default: only addresses with refusals are kept.
+        if tokens >= burst {
+            limits.buckets.remove(&source);
+        } else {
+            limits.buckets.insert(source, (tokens, now));
+        }
         if tokens >= 1.0 {
             return Ok(());
         }
@@ -169,14 +179,26 @@ impl NodeService {
         }
         let first = {
             let mut limits = self.attest_limits.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((tokens, _)) = limits.buckets.get_mut(&source) {
-                *tokens = (*tokens - 1.0).max(0.0);
+            let config = &self.state.config;
+            let (burst, now) = (f64::from(config.attest_burst), self.state.clock.now());
+            let (tokens, at) = limits.buckets.get(&source).copied().unwrap_or((burst, now));
+            let tokens = (tokens + (now - at).max(0) as f64 * config.attest_rate).min(burst);
+            if limits.buckets.len() >= MAX_ATTEST_BUCKETS && !limits.buckets.contains_key(&source) {
+                // Addresses beyond what is kept start afresh (with their
+                // burst): memory stays bounded under an attack from many.
+                limits.buckets.clear();
             }
-            if limits.buckets.len() > ATTEST_BUCKETS_KEPT {
-                let burst = f64::from(self.state.config.attest_burst);
-                limits.buckets.retain(|_, (tokens, _)| *tokens < burst);
-            }
-            match limits.folded.get_mut(&(source, op)) {
+            limits.buckets.insert(source, ((tokens - 1.0).max(0.0), now));
+            // Beyond so many addresses in one interval, the rest are folded
+            // together: a record at once for each is a write per address.
+            let key = if limits.folded.len() >= MAX_FOLDED_ADDRESSES
+                && !limits.folded.contains_key(&(source, op))
+            {
+                (IpAddr::from([0, 0, 0, 0]), op)
+            } else {
+                (source, op)
+            };
+            match limits.folded.get_mut(&key) {
                 Some(folded) => {
                     folded.count += 1;
                     folded.rate_limited += u64::from(rate_limited);
@@ -184,7 +206,7 @@ impl NodeService {
                     false
                 }
                 None => {
-                    limits.folded.insert((source, op), Folded::default());
+                    limits.folded.insert(key, Folded::default());
                     true
                 }
             }

@@ -650,7 +650,9 @@ where
         let open = request.extensions().get::<NodePeer>().map(|peer| peer.activity.begin());
         let limit = node_request_limit(request.uri().path());
         let request = request.map(|body| {
-            tonic::body::Body::new(http_body_util::Limited::new(body, limit).map_err(
+            // The limit is on the message; the body also holds gRPC's 5-byte prefix.
+            let bytes = limit + 5;
+            tonic::body::Body::new(http_body_util::Limited::new(body, bytes).map_err(
                 move |e| -> tonic::codegen::StdError {
                     if e.is::<http_body_util::LengthLimitError>() {
                         Box::new(tonic::Status::resource_exhausted(format!(

@@ -32,6 +32,7 @@ const SCENARIOS: &[&str] = &[
     "jwt",
     "events",
     "ha",
+    "hostile",
     "all",
 ];
 
@@ -45,6 +46,8 @@ async fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("__server") => return child_server(&args[1..]).await,
         Some("__agent") => return child_agent(&args[1..]).await,
+        Some("__workload_flood") => return child_workload_flood(&args[1..]).await,
+        Some("__node_attack") => return child_node_attack(&args[1..]).await,
         _ => {}
     }
     let scenario = args.first().map(String::as_str).unwrap_or("all");
@@ -213,6 +216,12 @@ async fn main() -> ExitCode {
     if matches!(scenario, "ha" | "all") {
         let quick = quick || scenario == "all";
         for (key, value) in bench_ha(quick).await {
+            results.insert(key, value);
+        }
+    }
+    if matches!(scenario, "hostile" | "all") {
+        let quick = quick || scenario == "all";
+        for (key, value) in bench_hostile(quick).await {
             results.insert(key, value);
         }
     }
@@ -1069,10 +1078,15 @@ async fn child_server(args: &[String]) -> ExitCode {
 
 async fn child_agent(args: &[String]) -> ExitCode {
     let mut config = tessera_agent::AgentConfig::new(args[0].clone().into(), args[1].clone());
-    config.socket_path = std::path::Path::new(&args[0]).join("public/api.sock");
-    // One uid stands in for 1,000 workloads here: lift the per-uid limits.
-    config.workload_limits.connections_per_uid = 100_000;
-    config.workload_limits.streams_per_uid = 100_000;
+    config.socket_path = match args.iter().find_map(|a| a.strip_prefix("--socket=")) {
+        Some(path) => path.into(),
+        None => std::path::Path::new(&args[0]).join("public/api.sock"),
+    };
+    if !args.iter().any(|a| a == "--default-limits") {
+        // One uid stands in for 1,000 workloads here: lift the per-uid limits.
+        config.workload_limits.connections_per_uid = 100_000;
+        config.workload_limits.streams_per_uid = 100_000;
+    }
     config.join_token = Some(args[2].clone());
     config.trust_bundle = Some(args[3].clone().into());
     let agent = tessera_agent::Agent::start(config).await.expect("agent starts");
@@ -1087,6 +1101,107 @@ async fn child_agent(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// An attacker on the Workload API, run as another uid: `N` connections
+/// each holding a FetchX509SVID stream (reopened a second after any
+/// refusal or end) until stdin closes.
+async fn child_workload_flood(args: &[String]) -> ExitCode {
+    let endpoint = args[0].clone();
+    let n: usize = args[1].parse().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    for _ in 0..n {
+        let (endpoint, stop) = (endpoint.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Ok(mut client) = connect_workload_api(&endpoint).await {
+                    if let Ok(response) =
+                        client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await
+                    {
+                        let mut stream = response.into_inner();
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = async { while let Ok(Some(_)) = stream.message().await {} } => {}
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
+    println!("READY {n}");
+    until_stdin_closes().await;
+    stop.cancel();
+    ExitCode::SUCCESS
+}
+
+/// An attacker on the node API at `addr` (`hostile` scenario (a), (b) or
+/// (c)), until stdin closes; then writes how much it did (connections
+/// opened, bytes sent, bogus attestations) to the file named last.
+async fn child_node_attack(args: &[String]) -> ExitCode {
+    use tessera_tests::hostile::{self, loopback};
+    let (kind, addr) = (args[0].as_str(), args[1].parse::<std::net::SocketAddr>().unwrap());
+    let bundle: Vec<rustls_pki_types::CertificateDer<'static>> =
+        pem::parse_many(std::fs::read(&args[2]).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents().into())
+            .collect();
+    let sources =
+        |net: u8, n: u8| -> Vec<std::net::IpAddr> { (1..=n).map(|h| loopback(net, h)).collect() };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks: Vec<tokio::task::JoinHandle<u64>> = Vec::new();
+    match kind {
+        "a" => tasks.push(hostile::hold_idle_sockets(addr, sources(10, 32), 1_000, stop.clone())),
+        "b" => {
+            for source in sources(11, 4).into_iter().cycle().take(64) {
+                let (bundle, stop) = (bundle.clone(), stop.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut bytes = 0;
+                    while !stop.is_cancelled() {
+                        let report =
+                            hostile::large_frames(addr, &bundle, source, 4 << 20, 32, stop.clone())
+                                .await;
+                        bytes += report.bytes;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    bytes
+                }));
+            }
+        }
+        _ => {
+            for source in sources(12, 8) {
+                for _ in 0..4 {
+                    let (bundle, stop) = (bundle.clone(), stop.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut sent = 0u64;
+                        let Ok(mut client) =
+                            hostile::certless_client_from(addr, &bundle, source).await
+                        else {
+                            return 0;
+                        };
+                        while !stop.is_cancelled() {
+                            hostile::bogus_attest(&mut client, sent as usize).await;
+                            sent += 1;
+                        }
+                        sent
+                    }));
+                }
+            }
+        }
+    }
+    println!("READY {kind}");
+    until_stdin_closes().await;
+    stop.cancel();
+    let mut work = 0u64;
+    for task in tasks {
+        work += task.await.unwrap_or(0);
+    }
+    let _ = std::fs::write(&args[3], work.to_string());
+    ExitCode::SUCCESS
+}
+
 /// A child process started in one of the modes above.
 struct Child {
     process: std::process::Child,
@@ -1095,8 +1210,18 @@ struct Child {
 
 impl Child {
     fn start(args: &[&str]) -> Self {
+        Self::start_as(None, args)
+    }
+
+    /// Starts a child as `uid` (and gid) when given.
+    fn start_as(uid: Option<u32>, args: &[&str]) -> Self {
         use std::io::BufRead;
-        let mut process = std::process::Command::new(std::env::current_exe().unwrap())
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+        let mut process = command
             .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -1817,3 +1942,309 @@ async fn bench_ha(quick: bool) -> Vec<(&'static str, Value)> {
     b.stop().await;
     out
 }
+
+/// The `hostile` scenario: a server and an agent in their own processes,
+/// and, one after another, four attackers without credentials; beside each,
+/// the same figures with no attacker: a normal agent's attestation time
+/// (connect, TLS, Attest), a normal workload's FetchX509SVID p99, the
+/// server's RSS. Attackers use loopback addresses other than 127.0.0.1
+/// (other machines); the normal agent and workload use 127.0.0.1 and this
+/// process's uid.
+async fn bench_hostile(quick: bool) -> Vec<(&'static str, Value)> {
+    use tessera_tests::hostile;
+    let mut out = Vec::new();
+    let calls = if quick { 300 } else { 2_000 };
+    let dir = tempfile::tempdir().unwrap();
+    // uid 65534 must reach the agent's public socket directory.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let server_dir = dir.path().join("server");
+    let server = Child::start(&["__server", &server_dir.display().to_string()]);
+    let mut admin = admin_at(&server_dir).await;
+    let addr: std::net::SocketAddr = server.ready.parse().unwrap();
+    let bundle: Vec<rustls_pki_types::CertificateDer<'static>> = admin
+        .get_bundle(admin_pb::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .authorities
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let agent_id = "spiffe://example.org/hostile/agent";
+    let token = admin
+        .create_join_token(admin_pb::CreateJoinTokenRequest {
+            ttl: 600,
+            spiffe_id: agent_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bundle_path = dir.path().join("bundle.pem");
+    std::fs::write(&bundle_path, tessera_tests::to_pem(&bundle)).unwrap();
+    let socket = dir.path().join("public/api.sock");
+    let agent = Child::start(&[
+        "__agent",
+        &dir.path().join("agent").display().to_string(),
+        &server.ready,
+        &token.token,
+        &bundle_path.display().to_string(),
+        &format!("--socket={}", socket.display()),
+        "--default-limits",
+    ]);
+    admin
+        .batch_create_entry(admin_pb::BatchCreateEntryRequest {
+            entries: vec![entry("spiffe://example.org/hostile/workload", agent_id, &[&me()], None)],
+        })
+        .await
+        .unwrap();
+    let endpoint = format!("unix://{}", socket.display());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fetch_x509(&endpoint).await.is_err() {
+        assert!(Instant::now() < deadline, "the workload never got its SVID");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A normal agent attesting: `rounds` times, each with a fresh token.
+    async fn attestations(
+        admin: &mut tessera_proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+        addr: std::net::SocketAddr,
+        bundle: &[rustls_pki_types::CertificateDer<'static>],
+        rounds: usize,
+    ) -> (f64, usize) {
+        let mut worst = Duration::ZERO;
+        let mut failed = 0;
+        for _ in 0..rounds {
+            let token = admin
+                .create_join_token(admin_pb::CreateJoinTokenRequest {
+                    ttl: 600,
+                    spiffe_id: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let start = Instant::now();
+            let attested = tokio::time::timeout(
+                Duration::from_secs(10),
+                tessera_tests::TestAgent::attest_to(addr, bundle.to_vec(), &token.token),
+            )
+            .await;
+            worst = worst.max(start.elapsed());
+            if !matches!(attested, Ok(Ok(_))) {
+                failed += 1;
+            }
+        }
+        (worst.as_secs_f64() * 1000.0, failed)
+    }
+    async fn fetch_p99(endpoint: &str, calls: usize) -> f64 {
+        let mut client = connect_workload_api(endpoint).await.unwrap();
+        let mut samples = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let start = Instant::now();
+            let first = async {
+                let mut stream =
+                    client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await?.into_inner();
+                stream.message().await
+            };
+            match tokio::time::timeout(Duration::from_secs(10), first).await {
+                Ok(Ok(Some(_))) => samples.push(start.elapsed()),
+                _ => samples.push(Duration::from_secs(10)),
+            }
+        }
+        percentiles(samples).1
+    }
+    // Refused attestations are `node.attest` events (the workload's
+    // fetches add `workload.x509` events of their own).
+    let attest_events =
+        |admin: &mut tessera_proto::admin::admin_client::AdminClient<tonic::transport::Channel>| {
+            let mut admin = admin.clone();
+            async move { hostile::events_of_kind(&mut admin, "node.attest").await.len() as u64 }
+        };
+    let store_bytes = |dir: &std::path::Path| -> u64 {
+        fn walk(path: &std::path::Path) -> u64 {
+            std::fs::read_dir(path)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| match e.metadata() {
+                            Ok(m) if m.is_dir() => walk(&e.path()),
+                            Ok(m) => m.len(),
+                            Err(_) => 0,
+                        })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        walk(&dir.join("store"))
+    };
+
+    let rounds = 5;
+    // What the normal attestations commit (token, its use, the agent) and
+    // record, to tell the bogus ones' share apart under attack (c).
+    let (writes, recorded) = (hostile::write_seq(&server_dir), attest_events(&mut admin).await);
+    let (attest_calm, failed_calm) = attestations(&mut admin, addr, &bundle, rounds).await;
+    let normal_writes = hostile::write_seq(&server_dir) - writes;
+    let normal_events = attest_events(&mut admin).await - recorded;
+    let fetch_calm = fetch_p99(&endpoint, calls).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_calm = server.rss_mb();
+    let agent_rss_calm = agent.rss_mb();
+    row("hostile: calm attestation, worst of 5 (ms)", attest_calm, attest_calm, rounds);
+    row("hostile: calm FetchX509SVID p99 (ms)", fetch_calm, fetch_calm, calls);
+    println!(
+        "{:<44} {:>12.1} {:>12.1}",
+        "hostile: calm RSS MB, server; agent", rss_calm, agent_rss_calm
+    );
+    out.push(("hostile_attest_calm_ms", json!(round(attest_calm))));
+    out.push(("hostile_fetch_p99_calm_ms", json!(round(fetch_calm))));
+    out.push(("hostile_server_rss_calm_mb", json!(round(rss_calm))));
+    let mut warnings = Vec::new();
+    if failed_calm > 0 {
+        warnings.push(format!("{failed_calm} of {rounds} attestations failed with no attacker"));
+    }
+
+    for attack in ["a", "b", "c", "d"] {
+        let mut flood = None;
+        let work_file = dir.path().join(format!("attack-{attack}.count"));
+        let (label, before) = match attack {
+            "a" => ("(a) 1,000 idle TCP sockets", None),
+            "b" => ("(b) 64 certless TLS conns, large frames", None),
+            "c" => {
+                let before = (
+                    hostile::write_seq(&server_dir),
+                    attest_events(&mut admin).await,
+                    store_bytes(&server_dir),
+                );
+                ("(c) bogus Attest flood, 8 addresses", Some(before))
+            }
+            _ => {
+                flood =
+                    Some(Child::start_as(Some(65534), &["__workload_flood", &endpoint, "1000"]));
+                ("(d) uid 65534: 1,000 Workload API conns", None)
+            }
+        };
+        // The attacker is a process of its own, as it would be.
+        let attacker = (attack != "d").then(|| {
+            Child::start(&[
+                "__node_attack",
+                attack,
+                &server.ready,
+                &bundle_path.display().to_string(),
+                &work_file.display().to_string(),
+            ])
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let sampling = tokio_util::sync::CancellationToken::new();
+        let pid = server.process.id();
+        let agent_pid = agent.process.id();
+        let sampler = {
+            let sampling = sampling.clone();
+            tokio::spawn(async move {
+                let (mut peak, mut agent_peak) = (0.0f64, 0.0f64);
+                while !sampling.is_cancelled() {
+                    peak = peak.max(hostile::rss_mb(pid));
+                    agent_peak = agent_peak.max(hostile::rss_mb(agent_pid));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                (peak, agent_peak)
+            })
+        };
+        let (attest, failed) = attestations(&mut admin, addr, &bundle, rounds).await;
+        let fetch = fetch_p99(&endpoint, calls).await;
+        sampling.cancel();
+        let (rss, agent_rss) = sampler.await.unwrap();
+        if let Some(flood) = flood {
+            flood.stop();
+        }
+        let work: u64 = match attacker {
+            Some(attacker) => {
+                attacker.stop();
+                std::fs::read_to_string(&work_file).ok().and_then(|w| w.parse().ok()).unwrap_or(0)
+            }
+            None => 0,
+        };
+        println!("{label}");
+        row("  attestation under attack, worst of 5 (ms)", attest, attest, rounds);
+        row("  FetchX509SVID p99 under attack (ms)", fetch, fetch, calls);
+        println!(
+            "{:<44} {:>12.1} {:>12.1} {:>12.2}",
+            "  RSS MB, server; agent; server / calm",
+            rss,
+            agent_rss,
+            rss / rss_calm
+        );
+        let key = |what: &str| -> &'static str {
+            Box::leak(format!("hostile_{attack}_{what}").into_boxed_str())
+        };
+        out.push((key("attest_ms"), json!(round(attest))));
+        out.push((key("fetch_p99_ms"), json!(round(fetch))));
+        out.push((key("fetch_p99_ratio"), json!(round(fetch / fetch_calm))));
+        out.push((key("server_rss_mb"), json!(round(rss))));
+        out.push((key("server_rss_ratio"), json!(round(rss / rss_calm))));
+        out.push((key("agent_rss_mb"), json!(round(agent_rss))));
+        if failed > 0 || attest >= 2_000.0 {
+            warnings.push(format!(
+                "{label}: attestation {attest:.0} ms, {failed} of {rounds} failed (target < 2 s)"
+            ));
+        }
+        if fetch >= 3.0 * fetch_calm {
+            warnings.push(format!(
+                "{label}: fetch p99 {fetch:.2} ms is {:.1}x calm (target < 3x)",
+                fetch / fetch_calm
+            ));
+        }
+        if rss >= 2.0 * rss_calm {
+            warnings.push(format!(
+                "{label}: server RSS {rss:.0} MB is {:.1}x calm (target < 2x)",
+                rss / rss_calm
+            ));
+        }
+        if let Some((writes, events_before, bytes_before)) = before {
+            // Refusals are folded into one event per address per interval.
+            tokio::time::sleep(REFUSAL_FOLD_INTERVAL + Duration::from_secs(1)).await;
+            let writes_added =
+                (hostile::write_seq(&server_dir) - writes).saturating_sub(normal_writes);
+            let events_added =
+                (attest_events(&mut admin).await - events_before).saturating_sub(normal_events);
+            let bytes_after = store_bytes(&server_dir);
+            println!(
+                "{:<44} {:>12} {:>12} {:>12}",
+                "  bogus Attests; their commits; their events", work, writes_added, events_added
+            );
+            // The database file also holds the event log, which the normal
+            // workload's fetches add to meanwhile.
+            println!(
+                "{:<44} {:>12} {:>12}",
+                "  store dir bytes before; after (all events)", bytes_before, bytes_after
+            );
+            out.push(("hostile_bogus_attests", json!(work)));
+            out.push(("hostile_bogus_store_commits", json!(writes_added)));
+            out.push(("hostile_bogus_events_added", json!(events_added)));
+            out.push(("hostile_store_bytes_before", json!(bytes_before)));
+            out.push(("hostile_store_bytes_after", json!(bytes_after)));
+            if writes_added > 0 {
+                warnings.push(format!(
+                    "{label}: the store took {writes_added} commits for {work} bogus Attests (target: none)"
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    println!(
+        "{:<44} {:>12} {:>12} {:>12}",
+        "hostile targets", "attest < 2s", "p99 < 3x", "RSS < 2x"
+    );
+    for warning in &warnings {
+        println!("WARNING hostile: {warning}");
+    }
+    out.push(("hostile_warnings", json!(warnings.len())));
+    agent.stop();
+    server.stop();
+    out
+}
+
+/// How long the server folds refused attestations into one event (its
+/// `node::ATTEST_REFUSAL_INTERVAL`).
+const REFUSAL_FOLD_INTERVAL: Duration = Duration::from_secs(10);
