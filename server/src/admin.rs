@@ -316,11 +316,17 @@ impl AdminService {
 
     /// Refuses a request for bad input, with an event.
     fn refuse(&self, operator: &Option<Operator>, what: &str, message: String) -> Status {
-        let e = schema::denied(kind::ADMIN_REFUSED, message.clone())
+        self.refuse_with(operator, what, Status::invalid_argument(message))
+    }
+
+    /// Refuses a request with `status` (e.g. one the store's state
+    /// refuses: `FailedPrecondition`), with an event.
+    fn refuse_with(&self, operator: &Option<Operator>, what: &str, status: Status) -> Status {
+        let e = schema::denied(kind::ADMIN_REFUSED, status.message())
             .operator(*operator)
             .attr("request", what);
         self.state.events.record(vec![e]);
-        Status::invalid_argument(message)
+        status
     }
 }
 
@@ -559,7 +565,8 @@ impl Admin for AdminService {
             let stored = proposal.clone();
             // Refused at once when the ID is an agent's or an entry's.
             if let Err(refusal) = self.state.store_op(move |store| store.propose(&stored)).await? {
-                return Err(self.refuse(&operator, "join token", refusal.to_string()));
+                let status = Status::new(approval_code(&refusal), refusal.to_string());
+                return Err(self.refuse_with(&operator, "join token", status));
             }
             let mut e = entry_event(kind::ENTRY_PENDING, &operator, None, Some(&proposal))
                 .attr("op", crate::approval::OP_JOIN_TOKEN)
@@ -583,7 +590,8 @@ impl Admin for AdminService {
         if let Err(refusal) =
             self.state.store_op(move |store| store.put_join_token(&stored)).await?
         {
-            return Err(self.refuse(&operator, "join token", refusal.to_string()));
+            let status = Status::failed_precondition(refusal.to_string());
+            return Err(self.refuse_with(&operator, "join token", status));
         }
         let e =
             admin_event(kind::JOIN_TOKEN, &operator).agent(spiffe_id.to_string()).attr("ttl", ttl);

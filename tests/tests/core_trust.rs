@@ -319,9 +319,12 @@ async fn evicting_a_banned_agent_keeps_it_banned_unless_unbanned() {
         .evict_agent(admin_pb::EvictAgentRequest { spiffe_id: id.into(), unban: false })
         .await
         .unwrap();
-    let token = server.join_token(id, 0).await;
-    let err = TestAgent::attest(&server, &token.token).await.expect_err("still banned");
-    assert_eq!(err.code(), Code::PermissionDenied);
+    // Still banned: no token is even made for its ID.
+    let err = admin
+        .create_join_token(admin_pb::CreateJoinTokenRequest { ttl: 0, spiffe_id: id.into() })
+        .await
+        .expect_err("still banned");
+    assert_eq!(err.code(), Code::FailedPrecondition);
     admin
         .evict_agent(admin_pb::EvictAgentRequest { spiffe_id: id.into(), unban: true })
         .await

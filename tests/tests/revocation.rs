@@ -168,10 +168,14 @@ async fn banned_agent_loses_every_identity_and_cannot_come_back() {
     assert!(banned.revoked_serials.contains(&serial_of(&svid)), "its workloads' SVIDs are revoked");
     expect_withdrawn(&mut stream, "withdrawal after the agent's ban").await;
 
-    // A new token for the same agent ID does not bring it back.
-    let token = server.join_token(&agent.id, 0).await;
-    let err = TestAgent::attest(&server, &token.token).await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    // No token is made for the banned agent's ID: it cannot come back.
+    let err = server
+        .admin()
+        .await
+        .create_join_token(admin_pb::CreateJoinTokenRequest { ttl: 0, spiffe_id: agent.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("banned"), "{}", err.message());
     agent.stop().await;
     server.stop().await;
