@@ -1,5 +1,15 @@
 //! The server component: binds its sockets, then runs the node API, the
 //! admin API and the CA rotation loop until shutdown.
+//!
+//! The node API is two gRPC servers over one listener (`tls::incoming`
+//! sorts connections after their handshake): one for connections that
+//! presented a verified agent SVID, with the usual HTTP/2 limits, and one
+//! for certless connections (attestation), with one stream, small windows
+//! and frames, a 16 KiB message limit and a maximum age. tonic's limits are
+//! per server and per service, so the split is made where the peer is
+//! known, before any request is read. Both serve the same `NodeService`
+//! behind `NodeRequests`, which limits each request body by method and
+//! counts open streams for the idle timeout.
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -238,3 +238,50 @@ async fn bogus_attestations_write_nothing_are_rate_limited_and_folded_into_one_e
     .await;
     server.stop().await;
 }
+
+/// Item 8: message limits per method. An Attest larger than an Attest can
+/// be (16 KiB) is refused before it is read, on a certless connection and
+/// on an agent's; an agent's RenewAgent likewise; a signing batch may
+/// still be large.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_their_methods_limit_are_refused_before_they_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let oversized = || vec![0u8; 20 * 1024];
+    let too_large = |status: &tonic::Status| {
+        matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted)
+    };
+    let mut certless = tessera_tests::anonymous_client(&server).await;
+    let refused = certless
+        .attest(tessera_proto::node::AttestRequest { join_token: "t".into(), csr: oversized() })
+        .await
+        .unwrap_err();
+    assert!(too_large(&refused), "{refused:?}");
+
+    let token = server.join_token("", 60).await;
+    let agent = TestAgent::attest(&server, &token.token).await.unwrap();
+    let mut client = agent.connect().await;
+    let refused = client
+        .renew_agent(tessera_proto::node::RenewAgentRequest { csr: oversized() })
+        .await
+        .unwrap_err();
+    assert!(too_large(&refused), "{refused:?}");
+    let refused = client
+        .attest(tessera_proto::node::AttestRequest { join_token: "t".into(), csr: oversized() })
+        .await
+        .unwrap_err();
+    assert!(too_large(&refused), "{refused:?}");
+    // A batch of 1,000 CSRs (about 300 KB) is still one request.
+    let items = (0..1000)
+        .map(|i| tessera_proto::node::SignX509Item {
+            entry_id: format!("missing-{i}"),
+            csr: tessera_tests::key_and_csr().1,
+        })
+        .collect();
+    let answered = client
+        .sign_x509(tessera_proto::node::SignX509Request { items })
+        .await
+        .expect("a full signing batch is within its limit");
+    assert_eq!(answered.into_inner().results.len(), 1000);
+    server.stop().await;
+}
