@@ -6,6 +6,14 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tessera_workload_api::TrustDomain;
 
+/// Connections on the node API at once, by default (`node_max_connections`;
+/// lowered to fit the process's file descriptor limit).
+pub const DEFAULT_NODE_MAX_CONNECTIONS: usize = 10_000;
+
+/// Connections without a verified agent SVID from one source address at
+/// once, by default (`node_max_unauthenticated_per_ip`).
+pub const DEFAULT_NODE_MAX_UNAUTHENTICATED_PER_IP: usize = 32;
+
 /// Errors in the server's configuration.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -224,8 +232,8 @@ impl Config {
             join_token_ttl: 600,
             sign_rate: 500,
             sign_burst: 20_000,
-            node_max_connections: crate::tls::MAX_CONNECTIONS,
-            node_max_unauthenticated_per_ip: crate::tls::MAX_UNAUTHENTICATED_PER_IP,
+            node_max_connections: DEFAULT_NODE_MAX_CONNECTIONS,
+            node_max_unauthenticated_per_ip: DEFAULT_NODE_MAX_UNAUTHENTICATED_PER_IP,
             attest_rate: 1.0,
             attest_burst: 10,
             log_level: "info".into(),

@@ -66,14 +66,16 @@ use crate::metrics::Metrics;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Connections on the node API at once, by default (lowered to fit the
-/// process's file descriptor limit).
-pub const MAX_CONNECTIONS: usize = 10_000;
+/// process's file descriptor limit); a setting of the config file.
+pub const MAX_CONNECTIONS: usize = crate::config::DEFAULT_NODE_MAX_CONNECTIONS;
 
 /// Unauthenticated connections (handshaking or certless) at once.
 pub const MAX_UNAUTHENTICATED: usize = 1_024;
 
-/// Unauthenticated connections from one source address at once, by default.
-pub const MAX_UNAUTHENTICATED_PER_IP: usize = 32;
+/// Unauthenticated connections from one source address at once, by
+/// default; a setting of the config file.
+pub const MAX_UNAUTHENTICATED_PER_IP: usize =
+    crate::config::DEFAULT_NODE_MAX_UNAUTHENTICATED_PER_IP;
 
 /// A certless connection without an open request is closed after this.
 pub const UNAUTHENTICATED_IDLE: Duration = Duration::from_secs(5);
