@@ -125,9 +125,15 @@ pub async fn expire_proposals(state: &State) {
     };
     for p in proposals {
         if p.pending.as_ref().is_some_and(|a| a.expires_at <= now) {
-            if let Err(e) = state.governance.pending.remove(&p.id) {
-                tracing::error!(error = %e, "dropping an expired proposal failed");
-                continue;
+            let proposal_id = p.pending.as_ref().map(|a| a.proposal_id.as_str());
+            match state.governance.pending.remove(&p.id, proposal_id) {
+                Ok(true) => {}
+                // Approved, rejected or replaced meanwhile (or by another server).
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "dropping an expired proposal failed");
+                    continue;
+                }
             }
             let mut e = entry_event(kind::ENTRY_REJECT, &None, Some(&p), None);
             e.decision = schema::DENY.into();
@@ -192,7 +198,7 @@ impl AdminService {
         // The versions being replaced (for updates): what the policy compares
         // against, and the events' "before".
         let ids: Vec<String> = valid.iter().map(|e| e.id.clone()).collect();
-        let olds: std::collections::HashMap<String, Entry> = if op == "update" {
+        let olds: std::collections::HashMap<String, Entry> = if op == crate::approval::OP_UPDATE {
             self.state
                 .store_op(move |store| {
                     let mut olds = std::collections::HashMap::new();
@@ -217,6 +223,25 @@ impl AdminService {
                 // Once approval was required, every change needs it.
                 entry.require_approval |= old.require_approval;
             }
+            if op == crate::approval::OP_UPDATE {
+                match old {
+                    // Nothing to judge against: never written unjudged.
+                    None => {
+                        results[slot] = Some(Err(EntryError::NotFound(entry.id.clone())));
+                        continue;
+                    }
+                    // Nothing changes: nothing is written (no new revision
+                    // that would void a proposal waiting for the entry).
+                    Some(old) if old.same_content(&entry) => {
+                        results[slot] = Some(Ok(old.to_proto()));
+                        continue;
+                    }
+                    // Decided against this revision: the write is refused
+                    // if the entry moved on meanwhile (an approval, another
+                    // operator), so what was judged is what is replaced.
+                    Some(old) => entry.revision = old.revision,
+                }
+            }
             let policy = &self.state.governance.policy;
             // Any change to an entry the policy matches, before or after it,
             // needs approval (so an approved entry cannot be changed alone).
@@ -224,7 +249,7 @@ impl AdminService {
                 Some(old) => policy.update_reasons(old, &entry),
                 None => policy.reasons(&entry),
             };
-            if reasons.is_empty() || (op == "update" && old.is_none()) {
+            if reasons.is_empty() {
                 direct.push(entry);
                 direct_slots.push(slot);
                 continue;
@@ -370,7 +395,7 @@ impl Admin for AdminService {
         // The store revokes, in the same commit, the SVIDs an update no
         // longer authorizes (new SPIFFE ID, parent or DNS names, earlier expiry).
         self.write_entries(
-            "update",
+            crate::approval::OP_UPDATE,
             operator,
             inputs,
             |input, mut entry| {
@@ -405,7 +430,7 @@ impl Admin for AdminService {
                 self.state
                     .governance
                     .pending
-                    .remove(id)
+                    .remove(id, None)
                     .map_err(|e| Status::internal(e.to_string()))?;
             }
             proposals.push(proposal);
@@ -548,7 +573,24 @@ impl Admin for AdminService {
             id
         };
         let now = self.state.clock.now();
-        let reasons = self.state.governance.policy.agent_id_reasons(&spiffe_id);
+        let mut reasons = self.state.governance.policy.agent_id_reasons(&spiffe_id);
+        // Whoever attests with the token serves the entries parented to its
+        // ID: when the policy matches any of them, the token needs the same
+        // second operator they did.
+        let parent = spiffe_id.clone();
+        let children = self.state.store_op(move |store| store.entries_by_parent(&parent)).await?;
+        let matched: Vec<&Entry> = children
+            .iter()
+            .filter(|e| !self.state.governance.policy.reasons(e).is_empty())
+            .collect();
+        if let Some(first) = matched.first() {
+            reasons.push(format!(
+                "the agent ID is the parent of {} entr{} the approval policy matches (e.g. {})",
+                matched.len(),
+                if matched.len() == 1 { "y" } else { "ies" },
+                first.spiffe_id
+            ));
+        }
         if !reasons.is_empty() {
             // Held for a second operator like an entry: the token is stored
             // (hashed) only when the proposal is approved, and works for
@@ -836,7 +878,14 @@ impl Admin for AdminService {
             self.state.events.record(vec![e]);
             return Err(status);
         };
-        self.state.governance.pending.remove(&proposal.id).map_err(internal)?;
+        let proposal_id = proposal.pending.as_ref().map(|a| a.proposal_id.as_str());
+        if !self.state.governance.pending.remove(&proposal.id, proposal_id).map_err(internal)? {
+            let status = Status::failed_precondition(format!(
+                "proposal {} was approved, rejected or replaced meanwhile; nothing rejected",
+                proposal_id.unwrap_or(&proposal.id)
+            ));
+            return Err(self.refuse_with(&operator, "reject", status));
+        }
         let mut e = entry_event(kind::ENTRY_REJECT, &operator, Some(&proposal), None);
         e.reason = if req.reason.is_empty() { "rejected by operator".into() } else { req.reason };
         self.state.events.record_durable(vec![e]).await;

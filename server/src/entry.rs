@@ -74,6 +74,10 @@ pub enum EntryError {
     /// An update did not name the entry.
     #[error("entry ID is required")]
     MissingId,
+    /// The entry changed between the policy's decision and the write (an
+    /// approval or another operator's change came first); retry.
+    #[error("entry {0} changed while this update was being decided; show it and try again")]
+    Changed(String),
     /// The entry has a proposal waiting; a second one is refused.
     #[error("{0}")]
     Pending(String),
@@ -89,6 +93,7 @@ impl EntryError {
             Self::Duplicate(_) => tonic::Code::AlreadyExists,
             Self::NotFound(_) => tonic::Code::NotFound,
             Self::AgentIdentity(_) | Self::Pending(_) => tonic::Code::FailedPrecondition,
+            Self::Changed(_) => tonic::Code::Aborted,
             _ => tonic::Code::InvalidArgument,
         }
     }
@@ -276,6 +281,13 @@ impl Entry {
             require_approval: p.require_approval,
             id: p.id,
         })
+    }
+
+    /// Whether `other` says the same as this entry: every field but the
+    /// store's (revision, creation time). An update to the same content
+    /// changes nothing.
+    pub fn same_content(&self, other: &Entry) -> bool {
+        Entry { revision: self.revision, created_at: self.created_at, ..other.clone() } == *self
     }
 
     /// The key that makes two entries duplicates: SPIFFE ID, parent ID and

@@ -92,9 +92,7 @@ impl ApprovalPolicy {
     /// cannot be changed by one operator, nor changed into one that needs
     /// approval). Empty when nothing changes or neither side matches.
     pub fn update_reasons(&self, old: &Entry, new: &Entry) -> Vec<String> {
-        let unchanged =
-            Entry { revision: old.revision, created_at: old.created_at, ..new.clone() } == *old;
-        if unchanged {
+        if old.same_content(new) {
             return Vec::new();
         }
         let mut why = self.reasons(new);
@@ -222,12 +220,22 @@ impl Pending {
             .find(|p| p.pending.as_ref().is_some_and(|a| a.proposal_id == id)))
     }
 
-    /// Removes a proposal, durably; true for the one caller (of every
-    /// server) that removed it.
-    pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
+    /// Removes the proposal under `key`, durably, if it is still the one
+    /// with ID `proposal_id` (any, when `None`): a reject or an expiry
+    /// never removes a newer proposal made under the same key meanwhile.
+    /// True for the one caller (of every server) that removed it.
+    pub fn remove(&self, key: &str, proposal_id: Option<&str>) -> Result<bool, StoreError> {
         let mut removed = false;
         self.kv.transaction(Lock::Store, &mut |tx| {
-            removed = tx.delete(PENDING, id.as_bytes())?.is_some();
+            removed = false;
+            let Some(bytes) = tx.get(PENDING, key.as_bytes())? else { return Ok(()) };
+            if let Some(wanted) = proposal_id {
+                let stored = decode_proposal(key.as_bytes(), &bytes)?;
+                if stored.pending.is_none_or(|p| p.proposal_id != wanted) {
+                    return Ok(());
+                }
+            }
+            removed = tx.delete(PENDING, key.as_bytes())?.is_some();
             Ok(())
         })?;
         self.kv.flush()?;
@@ -271,7 +279,7 @@ mod tests {
         let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
         let takers: Vec<_> = [a.clone(), b.clone(), a, b]
             .into_iter()
-            .map(|p| std::thread::spawn(move || p.remove("e1").unwrap()))
+            .map(|p| std::thread::spawn(move || p.remove("e1", None).unwrap()))
             .collect();
         let taken = takers.into_iter().map(|t| t.join().unwrap()).filter(|t| *t).count();
         assert_eq!(taken, 1, "exactly one server takes the proposal");

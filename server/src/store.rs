@@ -704,6 +704,11 @@ impl Tx<'_> {
         let Some(old) = self.entry(&entry.id)? else {
             return refuse(write, EntryError::NotFound(entry.id.clone()));
         };
+        // An update decided against a revision (`entry.revision`; 0: none)
+        // replaces only that revision.
+        if entry.revision != 0 && entry.revision != old.revision {
+            return refuse(write, EntryError::Changed(entry.id.clone()));
+        }
         if let Some(existing) = self.duplicate_of(entry)? {
             return refuse(write, EntryError::Duplicate(existing));
         }
@@ -2485,6 +2490,7 @@ mod tests {
         join_token_can_be_taken_once,
         join_tokens_are_hashed_and_never_name_an_agent_or_entry,
         an_approval_writes_exactly_the_proposal_it_names,
+        an_update_decided_against_a_revision_replaces_only_that_revision,
         join_token_exists_reads_without_writing,
         a_ca_record_set_per_server_makes_one_bundle,
     );
@@ -2726,6 +2732,21 @@ mod tests {
             Err(ApprovalRefusal::Changed(_))
         ));
         assert_eq!(store.entry("e1").unwrap().unwrap().spiffe_id.path(), "/prod/d");
+    }
+
+    /// An update judged against a revision (the approval policy's decision)
+    /// replaces only that revision: one that lands after an approval (or
+    /// another change) is refused, and the approved entry stays.
+    fn an_update_decided_against_a_revision_replaces_only_that_revision(place: Place) {
+        let store = place.open();
+        let created = store.create_entries(&[entry("e1", "dev/a", "agent", 1)]).unwrap();
+        let judged = created[0].clone().unwrap().revision;
+        store.update_entries(&[entry("e1", "prod/approved", "agent", 1)], 1, "approved").unwrap();
+        let mut late = entry("e1", "dev/b", "agent", 2);
+        late.revision = judged;
+        let write = store.update_entries(&[late], 2, "late").unwrap();
+        assert_eq!(write.results, vec![Err(EntryError::Changed("e1".into()))]);
+        assert_eq!(store.entry("e1").unwrap().unwrap().spiffe_id.path(), "/prod/approved");
     }
 
     fn join_token_exists_reads_without_writing(place: Place) {

@@ -84,6 +84,33 @@ async fn a_join_token_cannot_mint_a_taken_or_protected_identity() {
     let attested = TestAgent::attest(&server, &secret).await.unwrap();
     assert_eq!(attested.id, "spiffe://example.org/prod/payments");
 
+    // The parent of an entry the policy matches: whoever attests with the
+    // token serves that entry, so the token is held too (even once the
+    // entry was approved).
+    let out = cli.run(
+        Some(OPERATOR_A),
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/prod/ledger",
+            "--parent-id",
+            "spiffe://example.org/node/9",
+            "--selector",
+            &uid_selector(),
+            "--selector",
+            &format!("unix:path:{exe}"),
+        ],
+    );
+    let ledger = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let hash = proposal_hash(&cli, &ledger);
+    cli.ok(Some(OPERATOR_B), &["entry", "approve", "--id", &ledger, "--hash", &hash]);
+    let out = token("spiffe://example.org/node/9");
+    assert!(stderr(&out).contains("held for approval"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("parent of 1 entry"), "{}", stderr(&out));
+    let secret = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(TestAgent::attest(&server, &secret).await.is_err(), "the node was taken alone");
+
     // A banned agent's ID stays refused (re-attesting is `agent evict` first).
     cli.ok(None, &["agent", "ban", "--id", &agent.id]);
     let out = token(&agent.id);
