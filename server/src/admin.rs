@@ -70,12 +70,44 @@ pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Sta
     match verdict {
         Ok(()) => Ok(request),
         Err(why) => {
-            let e = schema::denied(kind::ADMIN_REFUSED, why.clone())
-                .operator(operator)
-                .attr("method", &method);
-            state.events.record(vec![e]);
+            // The first refusal of a uid in an interval is an event at once;
+            // the rest are folded into one with a count (`flush_refusals`).
+            let uid = operator.map_or(u32::MAX, |o| o.uid);
+            if state.governance.refused.note(uid, &why, false) {
+                let e = schema::denied(kind::ADMIN_REFUSED, why.clone())
+                    .operator(operator)
+                    .attr("method", &method)
+                    .attr("count", 1);
+                state.events.record(vec![e]);
+            }
             Err(Status::permission_denied(why))
         }
+    }
+}
+
+/// Records the admin refusals folded since the last call: one
+/// `admin.refused` event per uid with `count`.
+pub fn flush_refusals(state: &State) {
+    let events: Vec<types::Event> = state
+        .governance
+        .refused
+        .take()
+        .into_iter()
+        .map(|(uid, f)| {
+            tracing::warn!(uid, refused = f.count, "admin calls refused");
+            schema::denied(
+                kind::ADMIN_REFUSED,
+                format!(
+                    "{} more admin calls refused from uid {uid} (last: {})",
+                    f.count, f.last_reason
+                ),
+            )
+            .operator(Some(Operator { uid, gid: 0, pid: 0 }))
+            .attr("count", f.count)
+        })
+        .collect();
+    if !events.is_empty() {
+        state.events.record(events);
     }
 }
 

@@ -18,6 +18,7 @@ use tessera_workload_api::{Selector, SelectorScope, SpiffeId};
 use crate::admin_peer::AdminPeer;
 use crate::entry::Entry;
 use crate::kv::{Kv, Lock};
+use crate::refusals::RefusalFolder;
 use crate::store::StoreError;
 
 /// The config file's `[approval]` table: what needs a second operator.
@@ -168,7 +169,14 @@ pub struct Governance {
     pub policy: ApprovalPolicy,
     /// Proposals waiting for approval.
     pub pending: Pending,
+    /// Refused admin callers by uid, folded per interval (one local uid
+    /// cannot flood the event stream through the admin socket).
+    pub refused: RefusalFolder<u32>,
 }
+
+/// uids whose admin refusals get an event of their own per interval; the
+/// rest are folded under uid `u32::MAX`.
+pub const MAX_FOLDED_UIDS: usize = 1_024;
 
 impl Governance {
     /// Proposals waiting.

@@ -42,6 +42,7 @@ mod pg;
 #[cfg(test)]
 #[path = "../../common/pg_cluster.rs"]
 mod pg_cluster;
+mod refusals;
 mod revocation;
 mod server;
 mod state;

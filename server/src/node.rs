@@ -36,6 +36,7 @@ use crate::entry::Entry;
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::feed::FedChange;
 use crate::jwt::SignedJwt;
+use crate::refusals::RefusalFolder;
 use crate::state::State;
 use crate::store::{AgentRefusal, ChangeKind, Signed, MAX_BATCH};
 use crate::tls::NodePeer;
@@ -69,24 +70,16 @@ pub struct NodeService {
     state: Arc<State>,
     sign_limits: Arc<Mutex<HashMap<String, TokenBucket>>>,
     attest_limits: Arc<Mutex<AttestLimits>>,
+    /// Refusals of callers without a client certificate, by address and
+    /// operation, not yet recorded as an event.
+    stranger_refusals: Arc<RefusalFolder<(IpAddr, &'static str)>>,
 }
 
-/// Per source address: the refused-attestation budget, and the refusals
-/// of callers without a client certificate not yet recorded as an event.
+/// Per source address: the refused-attestation budget.
 #[derive(Debug, Default)]
 struct AttestLimits {
     /// Tokens and when (Unix seconds, from the clock) they were counted.
     buckets: HashMap<IpAddr, (f64, i64)>,
-    /// By address and operation.
-    folded: HashMap<(IpAddr, &'static str), Folded>,
-}
-
-/// Refusals of one address in the current interval after its first.
-#[derive(Debug, Default)]
-struct Folded {
-    count: u64,
-    rate_limited: u64,
-    last_reason: String,
 }
 
 /// The event kind of a refused node request.
@@ -129,6 +122,10 @@ impl NodeService {
             state,
             sign_limits: Arc::new(Mutex::new(HashMap::new())),
             attest_limits: Arc::new(Mutex::new(AttestLimits::default())),
+            stranger_refusals: Arc::new(RefusalFolder::new(
+                MAX_FOLDED_ADDRESSES,
+                (IpAddr::from([0, 0, 0, 0]), "any"),
+            )),
         }
     }
 
@@ -177,7 +174,7 @@ impl NodeService {
         if rate_limited {
             self.state.metrics.attestation_rate_limited();
         }
-        let first = {
+        {
             let mut limits = self.attest_limits.lock().unwrap_or_else(|e| e.into_inner());
             let config = &self.state.config;
             let (burst, now) = (f64::from(config.attest_burst), self.state.clock.now());
@@ -189,28 +186,11 @@ impl NodeService {
                 limits.buckets.clear();
             }
             limits.buckets.insert(source, ((tokens - 1.0).max(0.0), now));
-            // Beyond so many addresses in one interval, the rest are folded
-            // together: a record at once for each is a write per address.
-            let key = if limits.folded.len() >= MAX_FOLDED_ADDRESSES
-                && !limits.folded.contains_key(&(source, op))
-            {
-                (IpAddr::from([0, 0, 0, 0]), op)
-            } else {
-                (source, op)
-            };
-            match limits.folded.get_mut(&key) {
-                Some(folded) => {
-                    folded.count += 1;
-                    folded.rate_limited += u64::from(rate_limited);
-                    folded.last_reason = status.message().to_string();
-                    false
-                }
-                None => {
-                    limits.folded.insert(key, Folded::default());
-                    true
-                }
-            }
-        };
+        }
+        // Folded by address and operation; beyond so many addresses in one
+        // interval, the rest together (a record at once for each would be a
+        // write per address).
+        let first = self.stranger_refusals.note((source, op), status.message(), rate_limited);
         if first {
             let e = schema::denied(refusal_kind(op), status.message())
                 .agent(agent)
@@ -229,15 +209,12 @@ impl NodeService {
     /// event per address, with `count` (and how many of them were over the
     /// rate limit).
     pub fn flush_attest_refusals(&self) {
-        let folded = {
-            let mut limits = self.attest_limits.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut limits.folded)
-        };
-        let events: Vec<types::Event> = folded
+        let events: Vec<types::Event> = self
+            .stranger_refusals
+            .take()
             .into_iter()
-            .filter(|(_, f)| f.count > 0)
             .map(|((source, op), f)| {
-                warn!(%source, op, refused = f.count, rate_limited = f.rate_limited, "node requests refused");
+                warn!(%source, op, refused = f.count, rate_limited = f.flagged, "node requests refused");
                 schema::denied(
                     refusal_kind(op),
                     format!(
@@ -248,7 +225,7 @@ impl NodeService {
                 .attr("op", op)
                 .attr("source", source)
                 .attr("count", f.count)
-                .attr("rate_limited", f.rate_limited)
+                .attr("rate_limited", f.flagged)
             })
             .collect();
         if !events.is_empty() {

@@ -142,6 +142,10 @@ impl Server {
             },
             policy: config.approval.clone(),
             pending: crate::governance::Pending::open(store.kv())?,
+            refused: crate::refusals::RefusalFolder::new(
+                crate::governance::MAX_FOLDED_UIDS,
+                u32::MAX,
+            ),
         };
         let policy = CaPolicy {
             ttl: config.ca_ttl,
@@ -257,6 +261,7 @@ impl Server {
         // get small HTTP/2 limits.
         let service = NodeService::new(state.clone());
         let refusals = service.clone();
+        let admin_state = state.clone();
         let stop = shutdown.clone();
         tasks.spawn(
             async move {
@@ -266,12 +271,13 @@ impl Server {
                         _ = tokio::time::sleep(crate::node::ATTEST_REFUSAL_INTERVAL) => false,
                     };
                     refusals.flush_attest_refusals();
+                    crate::admin::flush_refusals(&admin_state);
                     if stopping {
                         return Ok(());
                     }
                 }
             }
-            .instrument(tracing::info_span!("node_refusals")),
+            .instrument(tracing::info_span!("refusals")),
         );
         let node = NodeRequests::new(
             NodeServer::new(service.clone())

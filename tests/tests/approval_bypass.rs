@@ -351,3 +351,46 @@ async fn admin_authorization_survives_pid_reuse() {
 fn operators_cli_path() -> String {
     common::server_bin().display().to_string()
 }
+
+/// Item 10 (the admin socket's side): a local uid that is refused over and
+/// over cannot flood the event stream: its first refusal of each interval
+/// is an event, the rest one event with a count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_non_operator_hammering_the_admin_socket_is_folded_into_few_events() {
+    if !is_root() {
+        eprintln!("SKIPPED: calling as another uid needs root");
+        return;
+    }
+    let dir = open_tempdir();
+    let server = governed_server(dir.path(), |_| {}).await;
+    let cli = Cli::new(&server);
+    const CALLS: usize = 100;
+    for _ in 0..CALLS {
+        let out = cli.run(Some(operators::STRANGER), &["entry", "show"]);
+        assert!(stderr(&out).contains("not an operator"), "{}", stderr(&out));
+    }
+    let refused = |events: &[Value]| -> Vec<u64> {
+        events
+            .iter()
+            .filter(|e| {
+                field(e, "kind") == "admin.refused" && e["operator"]["uid"] == operators::STRANGER
+            })
+            .map(|e| {
+                e["attrs"]["count"].as_str().and_then(|c| c.parse().ok()).unwrap_or(1)
+            })
+            .collect()
+    };
+    // Folded refusals are recorded at the end of their interval (10 s).
+    let counts = within(PROMPTLY, "the folded refusals", async {
+        loop {
+            let counts = refused(&cli.events());
+            if counts.iter().sum::<u64>() == CALLS as u64 {
+                return counts;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(counts.len() <= 4, "{CALLS} refusals made {} events: {counts:?}", counts.len());
+    server.stop().await;
+}
