@@ -2,54 +2,13 @@
 //! dir, then entry, token, agent and bundle commands over the admin socket.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera-server");
+mod common;
 
-struct RunningServer {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl RunningServer {
-    fn start(data_dir: &Path, extra: &[&str]) -> Self {
-        let child = Command::new(BIN)
-            .args(["run", "--trust-domain", "example.org", "--bind", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let socket = data_dir.join("admin.sock");
-        let server = Self { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !server.cli(&["healthcheck"]).status.success() {
-            assert!(Instant::now() < deadline, "server did not become healthy");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        let socket = self.socket.to_str().unwrap();
-        Command::new(BIN).args(args).args(["--socket", socket]).output().unwrap()
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RunningServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{RunningServer, BIN};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()

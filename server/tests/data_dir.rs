@@ -5,56 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera-server");
+mod common;
 
-struct RunningServer {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl RunningServer {
-    /// Runs the server with umask 022, as a service manager or a shell would.
-    fn start(data_dir: &Path) -> Self {
-        let child = Command::new("sh")
-            .args(["-c", "umask 022 && exec \"$0\" \"$@\"", BIN])
-            .args(["run", "--trust-domain", "example.org", "--bind", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Self { child, socket: data_dir.join("admin.sock") };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !server.cli(&["healthcheck"]).status.success() {
-            assert!(Instant::now() < deadline, "server did not become healthy");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        let socket = self.socket.to_str().unwrap();
-        Command::new(BIN).args(args).args(["--socket", socket]).output().unwrap()
-    }
-
-    /// SIGTERM, and wait for the server to exit (it closes its store).
-    fn stop(mut self) {
-        let pid = rustix::process::Pid::from_child(&self.child);
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RunningServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::RunningServer;
 
 /// Every path under `dir` whose mode is not private: files 0600, dirs 0700.
 fn not_private(dir: &Path) -> Vec<String> {
@@ -84,7 +39,7 @@ fn not_private(dir: &Path) -> Vec<String> {
 fn every_file_the_server_writes_in_its_data_dir_is_private() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("server");
-    let server = RunningServer::start(&data);
+    let server = RunningServer::start_with_umask_022(&data);
     for i in 0..20 {
         let spiffe_id = format!("spiffe://example.org/w{i}");
         let out = server.cli(&[
@@ -105,7 +60,7 @@ fn every_file_the_server_writes_in_its_data_dir_is_private() {
     assert_eq!(not_private(&data), Vec::<String>::new(), "while running");
     // sled writes a snapshot as it closes; the next start restricts it.
     server.stop();
-    let server = RunningServer::start(&data);
+    let server = RunningServer::start_with_umask_022(&data);
     assert_eq!(not_private(&data), Vec::<String>::new(), "after a restart");
     server.stop();
 }

@@ -3,55 +3,16 @@
 //! certificate made here and refuses plain connections.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
 #[path = "../../common/pg_cluster.rs"]
 mod pg_cluster;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 use pg_cluster::{PgCluster, ServerTls};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera-server");
-
-struct RunningServer {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl RunningServer {
-    /// Runs the server; its output goes to `log`.
-    fn start(data_dir: &Path, datastore: &str, log: &Path) -> Self {
-        let out = std::fs::File::create(log).unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "--trust-domain", "example.org", "--bind", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(["--datastore", datastore])
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let server = Self { child, socket: data_dir.join("admin.sock") };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !server.cli(&["healthcheck"]).status.success() {
-            assert!(Instant::now() < deadline, "server did not become healthy");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        let socket = self.socket.to_str().unwrap();
-        Command::new(BIN).args(args).args(["--socket", socket]).output().unwrap()
-    }
-}
-
-impl Drop for RunningServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{RunningServer, BIN};
 
 /// A TLS-only cluster with a certificate for localhost and 127.0.0.1, and
 /// the PEM file of the CA that signed it.
@@ -90,7 +51,8 @@ fn a_server_runs_on_postgresql_over_verified_tls() {
     );
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("server.log");
-    let server = RunningServer::start(&dir.path().join("data"), &url, &log);
+    let server =
+        RunningServer::start_logged(&dir.path().join("data"), &["--datastore", &url], &log);
     let health = server.cli(&["healthcheck"]);
     let said = String::from_utf8_lossy(&health.stdout);
     assert!(said.contains("sslmode verify-full"), "{said}");

@@ -375,9 +375,7 @@ async fn a_non_operator_hammering_the_admin_socket_is_folded_into_few_events() {
             .filter(|e| {
                 field(e, "kind") == "admin.refused" && e["operator"]["uid"] == operators::STRANGER
             })
-            .map(|e| {
-                e["attrs"]["count"].as_str().and_then(|c| c.parse().ok()).unwrap_or(1)
-            })
+            .map(|e| e["attrs"]["count"].as_str().and_then(|c| c.parse().ok()).unwrap_or(1))
             .collect()
     };
     // Folded refusals are recorded at the end of their interval (10 s).
