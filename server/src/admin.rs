@@ -652,6 +652,7 @@ impl Admin for AdminService {
                 spiffe_id: spiffe_id.to_string(),
                 expires_at: 0,
                 pending: proposal.pending,
+                approved: false,
             }));
         }
         let record = types::JoinToken {
@@ -659,6 +660,7 @@ impl Admin for AdminService {
             spiffe_id: spiffe_id.to_string(),
             expires_at: now + i64::from(ttl),
             pending: None,
+            approved: false,
         };
         let stored = record.clone();
         if let Err(refusal) =

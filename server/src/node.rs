@@ -733,6 +733,23 @@ impl NodeService {
         }
         let agent_id =
             SpiffeId::parse(&record.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
+        if !record.approved {
+            // Entries the policy matches may have been parented to this ID
+            // (and approved) after one operator made the token: whoever
+            // attests would serve them, so the token needs the approval
+            // they had.
+            let parent = agent_id.clone();
+            let children =
+                self.state.store_op(move |store| store.entries_by_parent(&parent)).await?;
+            let policy = &self.state.governance.policy;
+            let matched = children.iter().filter(|e| !policy.reasons(e).is_empty()).count();
+            if matched > 0 {
+                let status = Status::permission_denied(format!(
+                    "agent ID {agent_id} is the parent of {matched} entries the approval policy matches; its join token needs a second operator's approval (a new token for it is held for one)"
+                ));
+                return Err(self.refuse_stranger(op, source, agent_id.as_str(), status));
+            }
+        }
         let (svid, issued) = self
             .sign_agent_svid(&agent_id, &req.csr)
             .map_err(|e| self.refuse(op, agent_id.as_str(), e))?;

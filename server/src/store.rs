@@ -1794,6 +1794,7 @@ impl Store for KvStore {
                         spiffe_id: proposal.spiffe_id.clone(),
                         expires_at: now + i64::from(pending.join_token_ttl),
                         pending: None,
+                        approved: true,
                     };
                     tx.put(JOIN_TOKENS, pending.join_token_hash.as_bytes(), token.encode_to_vec());
                 }
@@ -2604,6 +2605,7 @@ mod tests {
             spiffe_id: "spiffe://example.org/a".into(),
             expires_at: 5,
             pending: None,
+            approved: false,
         };
         store.put_join_token(&token).unwrap().unwrap();
         let stored = pb::JoinToken { token: String::new(), ..token };
@@ -2622,6 +2624,7 @@ mod tests {
             spiffe_id: format!("spiffe://example.org/{id}"),
             expires_at: 5,
             pending: None,
+            approved: false,
         };
         store.put_join_token(&token("node/1")).unwrap().unwrap();
         let dump = store.dump().unwrap();
@@ -2756,6 +2759,7 @@ mod tests {
             spiffe_id: "spiffe://example.org/a".into(),
             expires_at: 5,
             pending: None,
+            approved: false,
         };
         store.put_join_token(&token).unwrap().unwrap();
         let before = store.check().unwrap().write_seq;
@@ -2849,6 +2853,7 @@ mod tests {
                     spiffe_id: "spiffe://example.org/a".into(),
                     expires_at: 5,
                     pending: None,
+                    approved: false,
                 };
                 a.put_join_token(&token).unwrap().unwrap();
             }

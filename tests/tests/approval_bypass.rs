@@ -111,6 +111,33 @@ async fn a_join_token_cannot_mint_a_taken_or_protected_identity() {
     let secret = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(TestAgent::attest(&server, &secret).await.is_err(), "the node was taken alone");
 
+    // The other order: one operator's token made first (nothing protected
+    // under node/10 yet), then a protected entry under node/10 approved:
+    // the token no longer attests.
+    let early = token("spiffe://example.org/node/10");
+    assert!(!stderr(&early).contains("held"), "{}", stderr(&early));
+    let early = String::from_utf8_lossy(&early.stdout).trim().to_string();
+    let out = cli.run(
+        Some(OPERATOR_A),
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/prod/t10",
+            "--parent-id",
+            "spiffe://example.org/node/10",
+            "--selector",
+            &uid_selector(),
+            "--selector",
+            &format!("unix:path:{exe}"),
+        ],
+    );
+    let t10 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let hash = proposal_hash(&cli, &t10);
+    cli.ok(Some(OPERATOR_B), &["entry", "approve", "--id", &t10, "--hash", &hash]);
+    let refused = TestAgent::attest(&server, &early).await.expect_err("an unapproved token");
+    assert!(refused.message().contains("needs a second operator"), "{}", refused.message());
+
     // A banned agent's ID stays refused (re-attesting is `agent evict` first).
     cli.ok(None, &["agent", "ban", "--id", &agent.id]);
     let out = token(&agent.id);
