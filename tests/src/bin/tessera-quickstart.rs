@@ -56,20 +56,13 @@ async fn run() -> Result<(), String> {
     );
 
     let mut admin = tessera_server::connect_admin(&admin_socket).await?;
-    let token = admin
-        .create_join_token(admin_pb::CreateJoinTokenRequest {
-            ttl: 600,
-            spiffe_id: AGENT_ID.into(),
-        })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
+    let agent_dir = base.join("agent");
+    let token = quickstart_token(&mut admin, &agent_dir).await?;
     let bundle = admin
         .get_bundle(admin_pb::GetBundleRequest {})
         .await
         .map_err(|s| s.message().to_string())?
         .into_inner();
-    let agent_dir = base.join("agent");
     std::fs::create_dir_all(&agent_dir).map_err(|e| format!("{}: {e}", agent_dir.display()))?;
     let bootstrap = agent_dir.join("bootstrap-bundle.pem");
     let pem: String = bundle
@@ -105,7 +98,7 @@ async fn run() -> Result<(), String> {
     }
 
     let mut agent_config = AgentConfig::new(agent_dir.clone(), node_addr.to_string());
-    agent_config.join_token = Some(token.token);
+    agent_config.join_token = token;
     agent_config.trust_bundle = Some(bootstrap);
     let agent =
         Agent::start(agent_config).await.map_err(|e| format!("cannot start the agent: {e}"))?;
@@ -136,4 +129,29 @@ async fn run() -> Result<(), String> {
     let _ = agent_task.await;
     let _ = server_task.await;
     Ok(())
+}
+
+/// A join token for the quickstart agent; none when the agent is already on
+/// record and keeps its SVID in `agent_dir` (a second run restarts it on
+/// that SVID, as a node does). An agent on record without its SVID (its data
+/// dir removed) is evicted first: a token for a live agent's ID is refused.
+async fn quickstart_token(
+    admin: &mut tessera_proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+    agent_dir: &std::path::Path,
+) -> Result<Option<String>, String> {
+    let request = || admin_pb::CreateJoinTokenRequest { ttl: 600, spiffe_id: AGENT_ID.into() };
+    match admin.create_join_token(request()).await {
+        Ok(token) => return Ok(Some(token.into_inner().token)),
+        Err(s) if s.code() != tonic::Code::FailedPrecondition => {
+            return Err(s.message().to_string())
+        }
+        Err(_) if agent_dir.join("agent_svid.pem").exists() => return Ok(None),
+        Err(_) => {}
+    }
+    admin
+        .evict_agent(admin_pb::EvictAgentRequest { spiffe_id: AGENT_ID.into(), unban: false })
+        .await
+        .map_err(|s| s.message().to_string())?;
+    let token = admin.create_join_token(request()).await.map_err(|s| s.message().to_string())?;
+    Ok(Some(token.into_inner().token))
 }
