@@ -42,8 +42,10 @@ pub use tessera::types::v1 as types;
 
 /// Metadata key of a node API refusal that the agent acts on, with a typed
 /// reason as its value: `banned`, `revoked`, `superseded`, `unknown-agent`,
-/// `expired`, `evicted`; and `rate-limited` (`ResourceExhausted`) for an
-/// attestation from an address over its budget of refused attestations.
+/// `expired`, `evicted`; `rate-limited` (`ResourceExhausted`) for an
+/// attestation from an address over its budget of refused attestations;
+/// `approval-required` for an attestation whose join token needs a second
+/// operator's approval.
 pub const REFUSAL_METADATA: &str = "tessera-refusal";
 
 /// A signing item's refusal when the agent's own SVID was renewed while

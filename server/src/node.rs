@@ -52,6 +52,11 @@ pub const SNAPSHOT_CHUNK: usize = 500;
 /// address over its rate limit.
 pub const RATE_LIMITED: &str = "rate-limited";
 
+/// The typed refusal (see [`REFUSAL_METADATA`]) of an attestation whose
+/// join token one operator made, for an agent ID that parents entries the
+/// approval policy matches.
+pub const APPROVAL_REQUIRED: &str = "approval-required";
+
 /// Refused attestations from one address are folded into one event per
 /// interval.
 pub const ATTEST_REFUSAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
@@ -744,9 +749,12 @@ impl NodeService {
             let policy = &self.state.governance.policy;
             let matched = children.iter().filter(|e| !policy.reasons(e).is_empty()).count();
             if matched > 0 {
-                let status = Status::permission_denied(format!(
-                    "agent ID {agent_id} is the parent of {matched} entries the approval policy matches; its join token needs a second operator's approval (a new token for it is held for one)"
-                ));
+                let status = agent_refused(
+                    APPROVAL_REQUIRED,
+                    format!(
+                        "agent ID {agent_id} is the parent of {matched} entries the approval policy matches; its join token needs a second operator's approval (a new token for it is held for one)"
+                    ),
+                );
                 return Err(self.refuse_stranger(op, source, agent_id.as_str(), status));
             }
         }

@@ -136,7 +136,8 @@ async fn a_join_token_cannot_mint_a_taken_or_protected_identity() {
     let hash = proposal_hash(&cli, &t10);
     cli.ok(Some(OPERATOR_B), &["entry", "approve", "--id", &t10, "--hash", &hash]);
     let refused = TestAgent::attest(&server, &early).await.expect_err("an unapproved token");
-    assert!(refused.message().contains("needs a second operator"), "{}", refused.message());
+    let code = refused.metadata().get(tessera_proto::REFUSAL_METADATA);
+    assert_eq!(code.and_then(|v| v.to_str().ok()), Some("approval-required"), "{refused:?}");
 
     // A banned agent's ID stays refused (re-attesting is `agent evict` first).
     cli.ok(None, &["agent", "ban", "--id", &agent.id]);
