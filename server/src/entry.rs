@@ -104,6 +104,12 @@ pub const MAX_JWT_AUDIENCES: usize = 64;
 
 pub use tessera_workload_api::jwt::valid_audience;
 
+/// Whether `id` is reserved for Tessera's own components (the trust domain
+/// itself, or under `/tessera/`): no entry ever has it.
+pub fn is_reserved(id: &SpiffeId) -> bool {
+    id.is_root() || id.path().starts_with("/tessera/")
+}
+
 /// A validated registration entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -169,7 +175,7 @@ impl EntryRules {
                 ));
             }
         }
-        if spiffe_id.is_root() || spiffe_id.path().starts_with("/tessera/") {
+        if is_reserved(&spiffe_id) {
             return Err(EntryError::Reserved(spiffe_id.to_string()));
         }
         let selectors = input

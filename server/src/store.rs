@@ -739,11 +739,16 @@ impl Tx<'_> {
     }
 
     /// Whether `agent_id` may become an agent's: no agent on record (live
-    /// or banned) and no entry has it. Reads every entry (attestation and
-    /// token generation are rare; a bogus token never gets here).
+    /// or banned) and no entry has it. Reads every entry, unless the ID is
+    /// reserved (default join-token IDs are: no entry can have them), so
+    /// only an operator-named agent ID costs the scan (a bogus token never
+    /// gets here).
     fn agent_id_free(&self, agent_id: &str) -> TxResult<Result<(), AgentRefusal>> {
         if self.agent(agent_id)?.is_some() {
             return Ok(Err(AgentRefusal::Exists(agent_id.to_string())));
+        }
+        if SpiffeId::parse(agent_id).is_ok_and(|id| crate::entry::is_reserved(&id)) {
+            return Ok(Ok(()));
         }
         for (key, bytes) in self.txn.scan_prefix(t(ENTRIES), b"")? {
             if decode_entry(&key, &bytes)?.spiffe_id.as_str() == agent_id {
