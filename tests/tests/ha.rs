@@ -55,7 +55,14 @@ async fn two_servers(dir: &Path) -> (String, TestServer, TestServer) {
     let url = PgCluster::shared().database();
     let a = server(&dir.join("server-a"), &url).await;
     let b = server(&dir.join("server-b"), &url).await;
-    for s in [&a, &b] {
+    each_trusts_the_other(&a, &b).await;
+    (url, a, b)
+}
+
+/// Waits until each server's bundle holds both CAs: an agent attested on
+/// one before then does not yet trust the other's serving certificate.
+async fn each_trusts_the_other(a: &TestServer, b: &TestServer) {
+    for s in [a, b] {
         within(PROMPTLY, "each server's bundle holds both CAs", async {
             while s.bundle().await.len() < 2 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -63,7 +70,6 @@ async fn two_servers(dir: &Path) -> (String, TestServer, TestServer) {
         })
         .await;
     }
-    (url, a, b)
 }
 
 /// An agent attested through `first` that knows every server in `servers`.
@@ -454,6 +460,7 @@ async fn an_agents_signing_limit_holds_across_servers() {
     };
     let a = server_configured(&dir.path().join("server-a"), &url, any, limited).await;
     let b = server_configured(&dir.path().join("server-b"), &url, any, limited).await;
+    each_trusts_the_other(&a, &b).await;
     let token = a.join_token("", 0).await;
     let agent = TestAgent::attest(&a, &token.token).await.unwrap();
     // The budget is taken per CSR asked for, before anything is looked up.
