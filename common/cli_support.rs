@@ -27,11 +27,144 @@ impl From<tonic::Status> for CliError {
     }
 }
 
+/// Flags as SPIRE spells them, and Tessera's spelling (empty: Tessera has
+/// no such flag, and the text says what to do instead). A spelling is
+/// suggested only when the binary has the flag.
+const SPIRE_SPELLINGS: &[(&str, &str)] = &[
+    ("-spiffeID", "--spiffe-id"),
+    ("-parentID", "--parent-id"),
+    ("-selector", "--selector"),
+    ("-audience", "--audience"),
+    ("-socketPath", "--socket"),
+    ("-write", "--write"),
+    ("-entryID", "--id"),
+    ("-id", "--id"),
+    ("-x509SVIDTTL", "--x509-svid-ttl"),
+    ("-jwtSVIDTTL", "--jwt-svid-ttl"),
+    ("-ttl", "--ttl"),
+    ("-dns", "--dns-name"),
+    ("-hint", "--hint"),
+    ("-entryExpiry", "--expires-at"),
+    ("-matchSelectorsOn", "--match"),
+    ("-expiredFor", "--expired-for"),
+    ("-config", "--config"),
+    ("-dataDir", "--data-dir"),
+    ("-trustDomain", "--trust-domain"),
+    ("-joinToken", "--join-token"),
+    ("-serverAddress", "--server-address"),
+    ("-logLevel", "--log-level"),
+    ("-token", "--token"),
+    ("-reason", "--reason"),
+    ("-output", "--json"),
+    ("-format", "--json"),
+    ("-svid", "--svid"),
+    ("-federatesWith", ""),
+    ("-node", ""),
+    ("-admin", ""),
+    ("-downstream", ""),
+    ("-storeSVID", ""),
+];
+
+/// What to tell someone who typed `arg` the way SPIRE spells it, if it is
+/// one of SPIRE's spellings: `long_flags` are the binary's long flags.
+pub fn spire_hint(arg: &str, long_flags: &[String]) -> Option<String> {
+    let name = arg.split_once('=').map_or(arg, |(name, _)| name);
+    if !name.starts_with('-') || name.starts_with("--") || name.len() < 3 {
+        return None;
+    }
+    let known = SPIRE_SPELLINGS.iter().find(|(spire, _)| *spire == name);
+    let ours = match known {
+        Some((_, "")) => {
+            return Some(format!(
+                "{name} is SPIRE's; Tessera has no such option (the README's \"SPIRE's CLI in Tessera\" table says what to use instead)"
+            ))
+        }
+        Some((_, ours)) => ours.to_string(),
+        // SPIRE's camelCase, in Tessera's kebab-case.
+        None => kebab(&name[1..]),
+    };
+    let flag = ours.trim_start_matches('-');
+    long_flags.iter().any(|f| f == flag).then(|| {
+        if name == "-output" || name == "-format" {
+            format!("{name} json is SPIRE's spelling; Tessera's is --json")
+        } else {
+            format!("{name} is SPIRE's spelling; Tessera's is {ours}")
+        }
+    })
+}
+
+/// `spiffeID` → `spiffe-id`, `socketPath` → `socket-path`.
+fn kebab(camel: &str) -> String {
+    let mut out = String::new();
+    let mut previous_upper = true;
+    for c in camel.chars() {
+        if c.is_ascii_uppercase() {
+            if !previous_upper {
+                out.push('-');
+            }
+            out.push(c.to_ascii_lowercase());
+            previous_upper = true;
+        } else {
+            out.push(c);
+            previous_upper = false;
+        }
+    }
+    out
+}
+
+/// Every long flag of a command and its subcommands.
+fn long_flags(command: &clap::Command) -> Vec<String> {
+    let mut flags: Vec<String> =
+        command.get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect();
+    for sub in command.get_subcommands() {
+        flags.extend(long_flags(sub));
+    }
+    flags
+}
+
+/// Clap's error as one line: its message with every detail line (the
+/// missing flags' names, a tip), without the usage that follows.
+pub fn one_line(rendered: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for line in rendered.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if !line.is_empty() {
+            parts.push(line);
+        }
+    }
+    let mut text = String::new();
+    for part in parts {
+        if !text.is_empty() {
+            text.push_str(if text.ends_with(':') { " " } else { "; " });
+        }
+        text.push_str(part);
+    }
+    if text.is_empty() {
+        "error: invalid arguments".into()
+    } else {
+        text
+    }
+}
+
 /// Parses the command line. Help and version are printed as clap renders
-/// them; any other problem becomes one line on stderr and exit code 2.
+/// them; any other problem becomes one line on stderr (naming the missing
+/// flags, or Tessera's spelling of a SPIRE flag) and exit code 2.
 pub fn parse_args<C: clap::Parser>() -> Result<C, ExitCode> {
+    parse_from(std::env::args_os())
+}
+
+/// [`parse_args`] over given arguments (the first is the program).
+pub fn parse_from<C: clap::Parser, I, T>(args: I) -> Result<C, ExitCode>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     use clap::error::ErrorKind;
-    C::try_parse().map_err(|e| match e.kind() {
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    C::try_parse_from(&args).map_err(|e| match e.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             let _ = e.print();
             ExitCode::SUCCESS
@@ -41,19 +174,28 @@ pub fn parse_args<C: clap::Parser>() -> Result<C, ExitCode> {
             ExitCode::from(2)
         }
         _ => {
-            // One line: clap's first line names the problem.
-            let rendered = e.render().to_string();
-            eprintln!(
-                "{} (see --help)",
-                rendered.lines().next().unwrap_or("error: invalid arguments")
-            );
+            let flags = long_flags(&C::command());
+            let hints: Vec<String> = args
+                .iter()
+                .skip(1)
+                .take_while(|a| *a != "--")
+                .filter_map(|a| a.to_str())
+                .filter_map(|a| spire_hint(a, &flags))
+                .collect();
+            if hints.is_empty() {
+                eprintln!("{} (see --help)", one_line(&e.render().to_string()));
+            } else {
+                eprintln!("error: {} (see --help)", hints.join("; "));
+            }
             ExitCode::from(2)
         }
     })
 }
 
 /// The exit code of a finished command; a failure is printed as one line.
+/// Log lines still queued are written first.
 pub fn exit_code<E: Display>(result: Result<(), E>) -> ExitCode {
+    flush_logs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -61,6 +203,37 @@ pub fn exit_code<E: Display>(result: Result<(), E>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes a command's output to stdout. When the reader has gone (`| head`),
+/// the command ends quietly with exit code 0 instead of panicking as
+/// `println!` does; any other write error ends it with one line.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        flush_logs();
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` for a command's output, quiet when the reader has gone.
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::cli_support::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => {
+        $crate::cli_support::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for a command's output, quiet when the reader has gone.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cli_support::write_stdout(format_args!($($arg)*)) };
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -81,17 +254,135 @@ pub async fn wait_for_signal() {
 
 /// Logs to stderr with the given filter (`RUST_LOG` wins when set); colour
 /// codes only when stderr is a terminal, so files and journals get plain text.
+/// Lines go through a bounded queue to a thread of their own: a log reader
+/// that stops reading or goes away never blocks the process (its
+/// shutdown included); lines that do not fit are dropped and counted.
 pub fn init_logging(filter: &str, format: LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let writer = log_queue::LogQueue::start();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
         // One JSON object per line: timestamp, level, target, fields.
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Writes the log lines still queued (waiting at most a second).
+pub fn flush_logs() {
+    log_queue::flush(std::time::Duration::from_secs(1));
+}
+
+mod log_queue {
+    //! The queue between the logging call sites and stderr.
+
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    /// Lines queued at most; beyond, lines are dropped.
+    const QUEUE_LINES: usize = 16 * 1024;
+
+    enum Message {
+        Line(Vec<u8>),
+        Flush(SyncSender<()>),
+    }
+
+    static QUEUE: OnceLock<SyncSender<Message>> = OnceLock::new();
+    static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+    /// The writer handed to `tracing_subscriber`.
+    #[derive(Debug, Clone, Copy)]
+    pub struct LogQueue;
+
+    impl LogQueue {
+        pub fn start() -> Self {
+            QUEUE.get_or_init(|| {
+                let (tx, rx) = sync_channel(QUEUE_LINES);
+                let spawned = std::thread::Builder::new()
+                    .name("log-writer".into())
+                    .spawn(move || write_lines(rx));
+                if spawned.is_err() {
+                    DROPPED.fetch_add(1, Ordering::Relaxed);
+                }
+                tx
+            });
+            Self
+        }
+    }
+
+    fn write_lines(rx: Receiver<Message>) {
+        let mut reported = 0;
+        for message in rx {
+            let mut stderr = std::io::stderr().lock();
+            match message {
+                Message::Line(line) => {
+                    let dropped = DROPPED.load(Ordering::Relaxed);
+                    if dropped > reported {
+                        let _ = writeln!(stderr, "({} log lines dropped: stderr is not read fast enough)", dropped - reported);
+                        reported = dropped;
+                    }
+                    // A reader that has gone is no reason to stop anything.
+                    let _ = stderr.write_all(&line);
+                }
+                Message::Flush(done) => {
+                    let _ = stderr.flush();
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    /// Waits until the lines queued so far are written, at most `wait`.
+    pub fn flush(wait: Duration) {
+        let Some(queue) = QUEUE.get() else { return };
+        let (done_tx, done_rx) = sync_channel(1);
+        if queue.try_send(Message::Flush(done_tx)).is_ok() {
+            let _ = done_rx.recv_timeout(wait);
+        }
+    }
+
+    /// One log line being formatted; queued whole when dropped.
+    pub struct Line(Vec<u8>);
+
+    impl Write for Line {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Drop for Line {
+        fn drop(&mut self) {
+            if self.0.is_empty() {
+                return;
+            }
+            let line = std::mem::take(&mut self.0);
+            match QUEUE.get().map(|q| q.try_send(Message::Line(line))) {
+                Some(Ok(())) => {}
+                Some(Err(TrySendError::Full(_) | TrySendError::Disconnected(_))) | None => {
+                    DROPPED.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogQueue {
+        type Writer = Line;
+
+        fn make_writer(&'a self) -> Self::Writer {
+            Line(Vec::with_capacity(256))
+        }
+    }
 }
 
 /// How log lines are written.
@@ -122,4 +413,53 @@ pub fn format_time(unix: i64) -> String {
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| unix.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_errors_keep_the_names_of_missing_flags_on_one_line() {
+        let rendered = "error: the following required arguments were not provided:\n  --spiffe-id <SPIFFE_ID>\n  --audience <AUDIENCE>\n\nUsage: tessera-agent api fetch jwt --spiffe-id <SPIFFE_ID>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            one_line(rendered),
+            "error: the following required arguments were not provided: --spiffe-id <SPIFFE_ID>; --audience <AUDIENCE>"
+        );
+        let tip = "error: unexpected argument '--spife-id' found\n\n  tip: a similar argument exists: '--spiffe-id'\n\nUsage: x\n";
+        assert_eq!(
+            one_line(tip),
+            "error: unexpected argument '--spife-id' found; tip: a similar argument exists: '--spiffe-id'"
+        );
+    }
+
+    #[test]
+    fn spire_spellings_name_the_tessera_flag_the_binary_has() {
+        let flags: Vec<String> =
+            ["spiffe-id", "parent-id", "socket", "json", "x509-svid-ttl"].map(String::from).to_vec();
+        assert_eq!(
+            spire_hint("-spiffeID", &flags).as_deref(),
+            Some("-spiffeID is SPIRE's spelling; Tessera's is --spiffe-id")
+        );
+        assert_eq!(
+            spire_hint("-socketPath=/tmp/x", &flags).as_deref(),
+            Some("-socketPath is SPIRE's spelling; Tessera's is --socket")
+        );
+        assert_eq!(
+            spire_hint("-output", &flags).as_deref(),
+            Some("-output json is SPIRE's spelling; Tessera's is --json")
+        );
+        // camelCase not in the table, by the kebab-case rule.
+        assert_eq!(
+            spire_hint("-parentID", &flags).as_deref(),
+            Some("-parentID is SPIRE's spelling; Tessera's is --parent-id")
+        );
+        assert!(spire_hint("-federatesWith", &flags).unwrap().contains("no such option"));
+        // Not suggested when this binary has no such flag; never for short or long flags.
+        assert_eq!(spire_hint("-write", &flags), None);
+        assert_eq!(spire_hint("-h", &flags), None);
+        assert_eq!(spire_hint("--spiffe-id", &flags), None);
+        assert_eq!(kebab("x509SVIDTTL"), "x509-svidttl");
+        assert_eq!(kebab("dataDir"), "data-dir");
+    }
 }
