@@ -324,7 +324,11 @@ mod log_queue {
                 Message::Line(line) => {
                     let dropped = DROPPED.load(Ordering::Relaxed);
                     if dropped > reported {
-                        let _ = writeln!(stderr, "({} log lines dropped: stderr is not read fast enough)", dropped - reported);
+                        let _ = writeln!(
+                            stderr,
+                            "({} log lines dropped: stderr is not read fast enough)",
+                            dropped - reported
+                        );
                         reported = dropped;
                     }
                     // A reader that has gone is no reason to stop anything.
@@ -435,8 +439,9 @@ mod tests {
 
     #[test]
     fn spire_spellings_name_the_tessera_flag_the_binary_has() {
-        let flags: Vec<String> =
-            ["spiffe-id", "parent-id", "socket", "json", "x509-svid-ttl"].map(String::from).to_vec();
+        let flags: Vec<String> = ["spiffe-id", "parent-id", "socket", "json", "x509-svid-ttl"]
+            .map(String::from)
+            .to_vec();
         assert_eq!(
             spire_hint("-spiffeID", &flags).as_deref(),
             Some("-spiffeID is SPIRE's spelling; Tessera's is --spiffe-id")

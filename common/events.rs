@@ -64,6 +64,47 @@ pub mod kind {
     pub const ANOMALY_REFUSAL_BURST: &str = "anomaly.refusal_burst";
     /// Anomaly: a JWT-SVID for an audience outside the entry's usual set.
     pub const ANOMALY_UNUSUAL_AUDIENCE: &str = "anomaly.unusual_audience";
+
+    /// Every kind above: what a metric label may hold.
+    pub const ALL: &[&str] = &[
+        NODE_ATTEST,
+        NODE_RENEW,
+        NODE_REFUSED,
+        X509_ISSUE,
+        JWT_ISSUE,
+        REVOKE,
+        WORKLOAD_X509,
+        WORKLOAD_JWT,
+        WORKLOAD_BUNDLE,
+        WORKLOAD_VALIDATE,
+        WORKLOAD_REFUSED,
+        ADMIN_REFUSED,
+        ENTRY_CREATE,
+        ENTRY_UPDATE,
+        ENTRY_DELETE,
+        ENTRY_PENDING,
+        ENTRY_APPROVE,
+        ENTRY_REJECT,
+        ENTRY_EXPIRE,
+        JOIN_TOKEN,
+        AGENT_BAN,
+        AGENT_EVICT,
+        BACKUP,
+        CA_ROTATE,
+        SPOOL_OVERFLOW,
+        ANOMALY_NEW_EXECUTABLE,
+        ANOMALY_REFUSAL_BURST,
+        ANOMALY_UNUSUAL_AUDIENCE,
+    ];
+
+    /// `kind` when it is one of [`ALL`], else `other`: a label's values stay few.
+    pub fn bounded(kind: &str) -> &str {
+        if ALL.contains(&kind) {
+            kind
+        } else {
+            "other"
+        }
+    }
 }
 
 /// `decision` of an allowed request.
@@ -96,8 +137,66 @@ pub fn denied(kind: &str, reason: impl Into<String>) -> Event {
     e
 }
 
+/// The code of an operator's own decision (a revocation, a ban).
+pub const OPERATOR: &str = "operator";
+
+/// A code fit for a metric label: lowercase letters, digits, `-` and `_`,
+/// at most 32 characters; anything else is `other`. Codes come from fixed
+/// vocabularies (typed refusals, gRPC codes), never from free text.
+pub fn bounded_code(code: &str) -> &str {
+    let fits = !code.is_empty()
+        && code.len() <= 32
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if fits {
+        code
+    } else {
+        "other"
+    }
+}
+
+/// A gRPC status code in kebab case: `permission-denied`, `invalid-argument`.
+pub fn grpc_code(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        Unknown => "unknown",
+        InvalidArgument => "invalid-argument",
+        DeadlineExceeded => "deadline-exceeded",
+        NotFound => "not-found",
+        AlreadyExists => "already-exists",
+        PermissionDenied => "permission-denied",
+        ResourceExhausted => "resource-exhausted",
+        FailedPrecondition => "failed-precondition",
+        Aborted => "aborted",
+        OutOfRange => "out-of-range",
+        Unimplemented => "unimplemented",
+        Internal => "internal",
+        Unavailable => "unavailable",
+        DataLoss => "data-loss",
+        Unauthenticated => "unauthenticated",
+    }
+}
+
+/// A denial of `kind` for a refused call: the status's message is the
+/// reason; its code is the typed refusal the status carries
+/// (`tessera-refusal`), else its gRPC code.
+pub fn refused(kind: &str, status: &tonic::Status) -> Event {
+    let typed = status
+        .metadata()
+        .get(tessera_proto::REFUSAL_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let code = typed.unwrap_or_else(|| grpc_code(status.code()).to_string());
+    denied(kind, status.message()).code(&code)
+}
+
 /// Builder-style setters for the fields most events carry.
 pub trait EventExt: Sized {
+    /// Sets the code of the decision (see [`bounded_code`]).
+    fn code(self, code: &str) -> Self;
     /// Sets the agent.
     fn agent(self, agent_id: impl Into<String>) -> Self;
     /// Adds a SPIFFE ID.
@@ -113,6 +212,10 @@ pub trait EventExt: Sized {
 }
 
 impl EventExt for Event {
+    fn code(mut self, code: &str) -> Self {
+        self.code = bounded_code(code).to_string();
+        self
+    }
     fn agent(mut self, agent_id: impl Into<String>) -> Self {
         self.agent_id = agent_id.into();
         self
@@ -180,6 +283,7 @@ pub fn to_json(e: &Event) -> serde_json::Value {
     put("time", json!(format_ms(e.time_ms)));
     put("kind", json!(e.kind));
     put("decision", json!(e.decision));
+    put("code", json!(e.code));
     put("reason", json!(e.reason));
     put("source", json!(e.source));
     put("agent_id", json!(e.agent_id));
@@ -253,6 +357,9 @@ pub fn to_text(e: &Event) -> String {
     for a in &e.attrs {
         line.push_str(&format!(" {}={}", a.key, a.value));
     }
+    if !e.code.is_empty() {
+        line.push_str(&format!(" code={}", e.code));
+    }
     if !e.reason.is_empty() {
         line.push_str(&format!(" reason={:?}", e.reason));
     }
@@ -273,6 +380,7 @@ pub fn log(e: &Event) {
                 target: "tessera::audit",
                 kind = %e.kind,
                 decision = text(&e.decision),
+                code = text(&e.code),
                 reason = text(&e.reason),
                 agent_id = text(&e.agent_id),
                 spiffe_ids = list(&e.spiffe_ids),

@@ -68,38 +68,33 @@ impl EventCounters {
         );
     }
 
-    /// Counts one event.
+    /// Counts one event. Labels hold only values from fixed sets: the
+    /// event's kind (one of `kind::ALL`), its decision and its code (a
+    /// typed refusal or gRPC code); the reason's words, which may be an
+    /// operator's free text or name a serial, stay in the event.
     pub fn count(&self, e: &Event) {
-        self.events
-            .get_or_create(&vec![("kind", e.kind.clone()), ("decision", e.decision.clone())])
-            .inc();
+        let kind = crate::event_schema::kind::bounded(&e.kind).to_string();
+        let decision = match e.decision.as_str() {
+            d @ ("allow" | "deny" | "") => d.to_string(),
+            _ => "other".to_string(),
+        };
+        self.events.get_or_create(&vec![("kind", kind.clone()), ("decision", decision)]).inc();
         if e.decision == "deny" {
-            let class = reason_class(&e.reason);
-            if class.contains("limit") || class.contains("too many") {
+            let code = if e.code.is_empty() {
+                "unspecified"
+            } else {
+                crate::event_schema::bounded_code(&e.code)
+            };
+            if matches!(code, "rate-limited" | "resource-exhausted") {
                 self.rate_limited.inc();
             }
-            self.refusals.get_or_create(&vec![("kind", e.kind.clone()), ("reason", class)]).inc();
+            self.refusals
+                .get_or_create(&vec![("kind", kind.clone()), ("reason", code.to_string())])
+                .inc();
         }
         if e.kind.starts_with("anomaly.") {
-            self.anomalies.get_or_create(&vec![("kind", e.kind.clone())]).inc();
+            self.anomalies.get_or_create(&vec![("kind", kind)]).inc();
         }
-    }
-}
-
-/// A refusal reason without the parts that vary (IDs, numbers, paths,
-/// quoted values), so that the label's values stay few: the first words
-/// up to a colon or parenthesis.
-pub fn reason_class(reason: &str) -> String {
-    let head = reason.split([':', '(', '"', ';']).next().unwrap_or("");
-    let words: Vec<&str> = head
-        .split_whitespace()
-        .filter(|w| !w.chars().any(|c| c.is_ascii_digit() || c == '/' || c == '.' || c == '='))
-        .take(8)
-        .collect();
-    if words.is_empty() {
-        "other".into()
-    } else {
-        words.join(" ")
     }
 }
 

@@ -378,6 +378,7 @@ pub fn incoming(
                 };
                 events.emit(
                     schema::denied(kind::WORKLOAD_REFUSED, why)
+                        .code("connection_limit")
                         .workload(caller)
                         .attr("refusal", "connection_limit")
                         .attr("limit", limits.connections_per_uid),
@@ -415,6 +416,7 @@ pub fn incoming(
                                 kind::WORKLOAD_REFUSED,
                                 format!("caller could not be pinned: {}", refusal.message),
                             )
+                            .code(refusal.code)
                             .workload(caller)
                             .attr("refusal", refusal.code),
                         );
@@ -610,10 +612,9 @@ impl WorkloadService {
         status: Status,
         refusal: Option<&str>,
     ) -> Status {
-        let mut e =
-            schema::denied(kind, status.message()).attr("code", format!("{:?}", status.code()));
+        let mut e = schema::refused(kind, &status);
         if let Some(refusal) = refusal {
-            e = e.attr("refusal", refusal);
+            e = e.code(refusal).attr("refusal", refusal);
         }
         if let Some((peer, selectors)) = peer {
             e.workload = Some(workload_of(peer, selectors));
@@ -938,9 +939,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         const METHOD: &str = "FetchJWTSVID";
         let req = request.into_inner();
         let refuse = |status: Status| {
-            let mut e = schema::denied(kind::WORKLOAD_JWT, status.message())
-                .workload(workload_of(&peer, &selectors))
-                .attr("code", format!("{:?}", status.code()));
+            let mut e = schema::refused(kind::WORKLOAD_JWT, &status)
+                .workload(workload_of(&peer, &selectors));
             e.audience = req.audience.clone();
             if !req.spiffe_id.is_empty() {
                 e.spiffe_ids.push(req.spiffe_id.clone());
@@ -1053,7 +1053,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         let req = request.into_inner();
         let caller = peer.as_ref().map(|p| workload_of(&p.0.process, &[]));
         let refuse = |reason: String| {
-            let mut e = schema::denied(kind::WORKLOAD_VALIDATE, reason.clone());
+            let mut e = schema::denied(kind::WORKLOAD_VALIDATE, reason.clone())
+                .code(schema::grpc_code(tonic::Code::InvalidArgument));
             e.workload = caller.clone();
             e.audience = vec![req.audience.clone()];
             self.record(METHOD, e);

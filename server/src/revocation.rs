@@ -89,7 +89,10 @@ pub async fn revoked(
     let events = revocations
         .iter()
         .map(|r| {
+            // The operator's words are the reason; the code is fixed.
+            let code = if operator.is_some() { schema::OPERATOR } else { "revoked" };
             let mut e = schema::denied(kind::REVOKE, r.reason.clone())
+                .code(code)
                 .agent(r.agent_id.clone())
                 .spiffe_id(r.spiffe_id.clone())
                 .operator(operator.cloned())

@@ -591,10 +591,43 @@ async fn metrics_move_with_traffic_and_ready_means_serving() {
         let a2 = parse_metrics(&text).unwrap();
         assert!(
             a2.keys().any(|k| k.starts_with(
-                "tessera_agent_refusals_total{kind=workload.jwt,reason=invalid audience"
+                "tessera_agent_refusals_total{kind=workload.jwt,reason=invalid-argument"
             )),
             "{a2:?}"
         );
+        // An operator's words never become a label: revoked "key leaked",
+        // the refusal is counted as the operator's, and every refusal
+        // label is a code (no spaces, no serial).
+        let svid = client.fetch_x509_svid().await.unwrap();
+        let serial = serial_hex(svid.leaf().as_bytes());
+        server
+            .admin()
+            .await
+            .revoke_svid(tessera_proto::admin::RevokeSvidRequest {
+                serial: serial.clone(),
+                reason: "key leaked on build host 7".into(),
+                jti: String::new(),
+            })
+            .await
+            .unwrap();
+        let (_, text) = http_get(server_metrics, "/metrics");
+        let s2 = parse_metrics(&text).unwrap();
+        assert!(
+            s2.contains_key("tessera_server_refusals_total{kind=svid.revoke,reason=operator}"),
+            "{s2:?}"
+        );
+        for text in [&text, &http_get(agent_metrics, "/metrics").1] {
+            assert!(!text.contains("key leaked") && !text.contains(&serial), "{text}");
+            for line in text.lines().filter(|l| l.contains("_refusals_total{")) {
+                let labels = &line[line.find('{').unwrap() + 1..line.find('}').unwrap()];
+                let reason = labels.split(',').find_map(|l| l.strip_prefix("reason=")).unwrap();
+                let code = reason.trim_matches('"');
+                assert!(
+                    code.bytes().all(|b| b.is_ascii_lowercase() || b == b'-' || b == b'_'),
+                    "a refusal label that is not a code: {line}"
+                );
+            }
+        }
     }
 
     // An agent whose server is away is live but not ready until it syncs.

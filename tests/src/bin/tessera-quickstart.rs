@@ -39,6 +39,19 @@ async fn main() -> ExitCode {
     }
 }
 
+/// How to run `name` from here: the binary built next to this one (the
+/// README's command builds them all), else through cargo.
+fn binary(name: &str) -> String {
+    let built = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join(name)));
+    match built.filter(|path| path.is_file()) {
+        Some(path) => {
+            let cwd = std::env::current_dir().unwrap_or_default();
+            path.strip_prefix(&cwd).map_or(path.clone(), PathBuf::from).display().to_string()
+        }
+        None => format!("cargo run -q --bin {name} --"),
+    }
+}
+
 async fn run() -> Result<(), String> {
     let base = std::env::current_dir().map_err(|e| e.to_string())?.join(".tessera");
     let trust_domain = TrustDomain::new(TRUST_DOMAIN).map_err(|e| e.to_string())?;
@@ -115,11 +128,12 @@ async fn run() -> Result<(), String> {
         tessera_agent::cli::print_svid(svid);
     }
     println!();
+    let (agent_bin, server_bin) = (binary("tessera-agent"), binary("tessera-server"));
     println!("Use it from another shell:");
     println!("  export SPIFFE_ENDPOINT_SOCKET={endpoint}");
-    println!("  cargo run -q --bin tessera-agent -- api fetch --write /tmp/svid");
-    println!("  cargo run -q --bin tessera-agent -- api fetch jwt --audience my-api");
-    println!("  cargo run -q --bin tessera-server -- entry show");
+    println!("  {agent_bin} api fetch --write /tmp/svid");
+    println!("  {agent_bin} api fetch jwt --audience my-api");
+    println!("  {server_bin} entry show");
     println!();
     println!("Server and agent are running; press Ctrl-C to stop.");
 
