@@ -28,8 +28,8 @@ impl From<tonic::Status> for CliError {
 }
 
 /// Flags as SPIRE spells them, and Tessera's spelling (empty: Tessera has
-/// no such flag, and the text says what to do instead). A spelling is
-/// suggested only when the binary has the flag.
+/// no such flag; `=text`: what to do instead). A spelling is suggested
+/// only when the binary has the flag.
 const SPIRE_SPELLINGS: &[(&str, &str)] = &[
     ("-spiffeID", "--spiffe-id"),
     ("-parentID", "--parent-id"),
@@ -57,7 +57,7 @@ const SPIRE_SPELLINGS: &[(&str, &str)] = &[
     ("-reason", "--reason"),
     ("-output", "--json"),
     ("-format", "--json"),
-    ("-svid", "--svid"),
+    ("-svid", "=Tessera takes the token as an argument: api validate jwt --audience A TOKEN"),
     ("-federatesWith", ""),
     ("-node", ""),
     ("-admin", ""),
@@ -78,6 +78,9 @@ pub fn spire_hint(arg: &str, long_flags: &[String]) -> Option<String> {
             return Some(format!(
                 "{name} is SPIRE's; Tessera has no such option (the README's \"SPIRE's CLI in Tessera\" table says what to use instead)"
             ))
+        }
+        Some((_, text)) if text.starts_with('=') => {
+            return Some(format!("{name} is SPIRE's; {}", &text[1..]))
         }
         Some((_, ours)) => ours.to_string(),
         // SPIRE's camelCase, in Tessera's kebab-case.
@@ -460,6 +463,7 @@ mod tests {
             Some("-parentID is SPIRE's spelling; Tessera's is --parent-id")
         );
         assert!(spire_hint("-federatesWith", &flags).unwrap().contains("no such option"));
+        assert!(spire_hint("-svid", &flags).unwrap().contains("TOKEN"));
         // Not suggested when this binary has no such flag; never for short or long flags.
         assert_eq!(spire_hint("-write", &flags), None);
         assert_eq!(spire_hint("-h", &flags), None);
