@@ -58,8 +58,8 @@ pub fn operator_of<T>(request: &Request<T>) -> Option<Operator> {
 pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Status> {
     let method = request
         .extensions()
-        .get::<tonic::GrpcMethod>()
-        .map(|m| m.method().to_string())
+        .get::<crate::admin_peer::CalledMethod>()
+        .map(|m| m.0.clone())
         .unwrap_or_default();
     let peer = request.extensions().get::<AdminPeer>();
     let operator = peer.map(|p| p.operator);

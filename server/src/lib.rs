@@ -18,6 +18,7 @@
 
 pub(crate) mod admin;
 mod admin_peer;
+mod admin_reach;
 mod approval;
 mod ca;
 pub mod cli;

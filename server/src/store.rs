@@ -84,6 +84,9 @@ pub enum StoreError {
     /// A file beside the database (the event sink) failed.
     #[error("{0}")]
     Io(String),
+    /// Another process (a running server) holds the embedded store open.
+    #[error("store {0} is in use by a running server")]
+    InUse(String),
     /// The PostgreSQL datastore failed or cannot be reached.
     #[error("datastore: {0}")]
     Database(String),
