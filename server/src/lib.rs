@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod admin;
+mod admin_ops;
 mod admin_peer;
 mod admin_reach;
 mod approval;
@@ -38,11 +39,13 @@ mod governance;
 mod jwt;
 pub mod kv;
 mod metrics;
+mod mint;
 mod node;
 mod pg;
 #[cfg(test)]
 #[path = "../../common/pg_cluster.rs"]
 mod pg_cluster;
+mod queries;
 mod refusals;
 mod revocation;
 mod server;

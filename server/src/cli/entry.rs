@@ -6,7 +6,7 @@ use tessera_proto::admin as pb;
 use tessera_proto::types;
 use tessera_workload_api::Selector;
 
-use super::{connect, format_time, json_time, CliError, SocketArg};
+use super::{connect, format_time, json_time, CliError, MatchMode, SocketArg};
 
 #[derive(Debug, Args)]
 pub(super) struct EntryFields {
@@ -73,9 +73,24 @@ pub(super) enum EntryCommand {
         /// with that proposal ID).
         #[arg(long)]
         pending: bool,
+        /// Only entries whose selectors match this one (repeatable), as
+        /// --match says.
+        #[arg(long = "selector", conflicts_with = "id")]
+        selectors: Vec<String>,
+        /// How --selector is compared: exact (same set), subset (the
+        /// entry's are among those given), superset (those given are among
+        /// the entry's), any (one in common).
+        #[arg(long = "match", value_enum, default_value = "superset", requires = "selectors")]
+        match_mode: MatchMode,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Count the stored entries (proposals waiting for approval are not
+    /// entries yet).
+    Count {
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -263,7 +278,30 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
                 None => Err(CliError("server returned no result".into())),
             }
         }
-        EntryCommand::Show { id, spiffe_id, parent_id, pending, json, socket } => {
+        EntryCommand::Count { socket } => {
+            let mut client = connect(&socket).await?;
+            let count = client.count_entries(pb::CountEntriesRequest {}).await?.into_inner().count;
+            println!("{count} registration entr{}", if count == 1 { "y" } else { "ies" });
+            Ok(())
+        }
+        EntryCommand::Show {
+            id,
+            spiffe_id,
+            parent_id,
+            pending,
+            selectors,
+            match_mode,
+            json,
+            socket,
+        } => {
+            let selectors = selectors
+                .iter()
+                .map(|s| {
+                    Selector::parse(s)
+                        .map(|s| s.to_string())
+                        .map_err(|e| CliError(format!("invalid selector {s:?}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let mut client = connect(&socket).await?;
             let entries = match id.clone() {
                 Some(id) if !pending => {
@@ -279,6 +317,8 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
                                 spiffe_id: spiffe_id.clone().unwrap_or_default(),
                                 page_size: 0,
                                 page_token,
+                                selectors: selectors.clone(),
+                                selector_match: match_mode.proto(),
                             })
                             .await?
                             .into_inner();

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tessera_proto::admin::admin_client::AdminClient;
 use tonic::transport::Channel;
 
@@ -18,6 +18,7 @@ mod bundle;
 mod entry;
 mod events;
 mod health;
+mod mint;
 mod run;
 mod store;
 mod svid;
@@ -50,6 +51,12 @@ enum Command {
     /// Issued X509-SVIDs: revocation.
     #[command(subcommand)]
     Svid(svid::SvidCommand),
+    /// X509-SVIDs for identities outside a node.
+    #[command(subcommand)]
+    X509(mint::X509Command),
+    /// JWT-SVIDs for identities outside a node.
+    #[command(subcommand)]
+    Jwt(mint::JwtCommand),
     /// Check that the server is up and serving.
     Healthcheck(SocketArg),
     /// The server's store: integrity check, backup, restore.
@@ -96,6 +103,66 @@ impl SocketArg {
     }
 }
 
+/// How `--selector`s are compared with an entry's or agent's selectors
+/// (SPIRE's `-matchSelectorsOn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MatchMode {
+    /// The same set.
+    Exact,
+    /// The entry's selectors are among those given.
+    Subset,
+    /// Those given are among the entry's (the default).
+    Superset,
+    /// At least one in common.
+    Any,
+}
+
+impl MatchMode {
+    fn proto(self) -> i32 {
+        use tessera_proto::admin::SelectorMatch;
+        (match self {
+            Self::Exact => SelectorMatch::Exact,
+            Self::Subset => SelectorMatch::Subset,
+            Self::Superset => SelectorMatch::Superset,
+            Self::Any => SelectorMatch::Any,
+        }) as i32
+    }
+}
+
+/// A duration flag: `90`, `90s`, `15m`, `24h`, `7d`, or a sum (`1h30m`).
+fn parse_duration(flag: &str, value: &str) -> Result<u64, CliError> {
+    let bad = || {
+        CliError(format!("invalid {flag} {value:?}: want a duration such as 90s, 15m, 24h or 7d"))
+    };
+    if value.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(secs) = value.parse::<u64>() {
+        return Ok(secs);
+    }
+    let (mut total, mut number) = (0u64, String::new());
+    for c in value.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+        number.clear();
+    }
+    if !number.is_empty() {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
 /// A time for JSON output: RFC 3339, like the text output (`null` for 0,
 /// which means "never" or "unknown"). Epoch twins are named `*_unix`.
 fn json_time(unix: i64) -> serde_json::Value {
@@ -132,6 +199,8 @@ impl Cli {
             } => events::verify_command(json, socket).await,
             Command::Events { command: None, filter } => events::events_command(filter).await,
             Command::Healthcheck(socket) => health::healthcheck(socket).await,
+            Command::X509(command) => mint::x509_command(command).await,
+            Command::Jwt(command) => mint::jwt_command(command).await,
         }
     }
 }
