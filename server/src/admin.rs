@@ -58,8 +58,8 @@ pub fn operator_of<T>(request: &Request<T>) -> Option<Operator> {
 pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Status> {
     let method = request
         .extensions()
-        .get::<tonic::GrpcMethod>()
-        .map(|m| m.method().to_string())
+        .get::<crate::admin_peer::CalledMethod>()
+        .map(|m| m.0.clone())
         .unwrap_or_default();
     let peer = request.extensions().get::<AdminPeer>();
     let operator = peer.map(|p| p.operator);
@@ -523,6 +523,7 @@ impl Admin for AdminService {
                 .then(|| self.parse_id(&operator, "SPIFFE ID", &req.spiffe_id))
                 .transpose()?,
         };
+        let query = crate::admin_ops::selector_query(&req.selectors, req.selector_match)?;
         let limit = match req.page_size {
             0 => MAX_PAGE,
             n => (n as usize).min(MAX_PAGE),
@@ -539,15 +540,19 @@ impl Admin for AdminService {
                 .filter(|p| {
                     filter.parent_id.as_ref().is_none_or(|id| p.parent_id == id.as_str())
                         && filter.spiffe_id.as_ref().is_none_or(|id| p.spiffe_id == id.as_str())
+                        && query.matches_proto(p)
                 })
                 .collect()
         } else {
             Vec::new()
         };
-        let entries = self
-            .state
-            .store_op(move |store| store.list_entries(&filter, after.as_deref(), limit))
-            .await?;
+        let entries = if query.selectors.is_empty() {
+            self.state
+                .store_op(move |store| store.list_entries(&filter, after.as_deref(), limit))
+                .await?
+        } else {
+            crate::admin_ops::matching_entries(&self.state, filter, query, after, limit).await?
+        };
         let next_page_token = if entries.len() == limit {
             entries.last().map(|e| e.id.clone()).unwrap_or_default()
         } else {
@@ -677,10 +682,44 @@ impl Admin for AdminService {
 
     async fn list_agents(
         &self,
-        _request: Request<pb::ListAgentsRequest>,
+        request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let agents = self.state.store_op(|store| store.agents()).await?;
-        Ok(Response::new(pb::ListAgentsResponse { agents }))
+        crate::admin_ops::list_agents(&self.state, request).await
+    }
+
+    async fn count_entries(
+        &self,
+        _request: Request<pb::CountEntriesRequest>,
+    ) -> Result<Response<pb::CountResponse>, Status> {
+        crate::admin_ops::count_entries(&self.state).await
+    }
+
+    async fn count_agents(
+        &self,
+        _request: Request<pb::CountAgentsRequest>,
+    ) -> Result<Response<pb::CountResponse>, Status> {
+        crate::admin_ops::count_agents(&self.state).await
+    }
+
+    async fn purge_agents(
+        &self,
+        request: Request<pb::PurgeAgentsRequest>,
+    ) -> Result<Response<pb::PurgeAgentsResponse>, Status> {
+        crate::admin_ops::purge_agents(&self.state, request).await
+    }
+
+    async fn mint_x509_svid(
+        &self,
+        request: Request<pb::MintX509SvidRequest>,
+    ) -> Result<Response<pb::MintX509SvidResponse>, Status> {
+        crate::admin_ops::mint_x509(&self.state, request).await
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        request: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        crate::admin_ops::mint_jwt(&self.state, request).await
     }
 
     async fn get_agent(

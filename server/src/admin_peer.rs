@@ -30,6 +30,40 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tracing::warn;
 
+/// The gRPC method of an admin request (`/tessera.admin.v1.Admin/Name`),
+/// taken from the request's path before the authorizing interceptor runs
+/// (tonic adds its own `GrpcMethod` only after it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalledMethod(pub String);
+
+/// Wraps the admin service so that each request carries its
+/// [`CalledMethod`] to the interceptor.
+#[derive(Debug, Clone)]
+pub struct WithMethod<S>(pub S);
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for WithMethod<S>
+where
+    S: tonic::codegen::Service<tonic::codegen::http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: tonic::codegen::http::Request<B>) -> Self::Future {
+        let method = CalledMethod(request.uri().path().to_string());
+        request.extensions_mut().insert(method);
+        self.0.call(request)
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for WithMethod<S> {
+    const NAME: &'static str = S::NAME;
+}
+
 /// The admin caller as pinned at accept.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AdminPeer {

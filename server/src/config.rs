@@ -65,7 +65,8 @@ pub struct FileConfig {
     pub datastore: Option<String>,
     /// Node API address.
     pub bind: Option<SocketAddr>,
-    /// Admin API Unix socket; default `<data_dir>/admin.sock`.
+    /// Admin API Unix socket; default `<data_dir>/admin.sock`, or with
+    /// operators configured one they can reach ([`default_admin_socket`]).
     pub admin_socket: Option<PathBuf>,
     /// CA certificate lifetime, seconds.
     pub ca_ttl: Option<u64>,
@@ -210,6 +211,28 @@ fn set_vec(target: &mut Vec<u32>, value: Option<Vec<u32>>) {
 /// The server's default data directory.
 pub const DEFAULT_DATA_DIR: &str = ".tessera/server";
 
+/// The admin socket of a server run by root with operators configured
+/// (as `deploy/` sets it up); the CLI tries it when the local one is missing.
+pub const SYSTEM_ADMIN_SOCKET: &str = "/run/tessera-server/admin.sock";
+
+/// Where the admin socket goes when the configuration names none. Alone
+/// (no `admin_uids`/`admin_gids`) it is `<data_dir>/admin.sock`, inside the
+/// private data dir. With operators it must be somewhere they can reach:
+/// [`SYSTEM_ADMIN_SOCKET`] when the server runs as root, else
+/// `<data_dir>-admin/admin.sock`, a sibling directory the server creates
+/// 0755 (the data dir stays 0700).
+pub fn default_admin_socket(data_dir: &Path, operators: bool, euid: u32) -> PathBuf {
+    if !operators {
+        return data_dir.join("admin.sock");
+    }
+    if euid == 0 {
+        return PathBuf::from(SYSTEM_ADMIN_SOCKET);
+    }
+    let mut sibling = data_dir.as_os_str().to_owned();
+    sibling.push("-admin");
+    PathBuf::from(sibling).join("admin.sock")
+}
+
 impl Config {
     /// Defaults for a trust domain and data directory.
     pub fn new(trust_domain: TrustDomain, data_dir: PathBuf) -> Self {
@@ -269,9 +292,6 @@ impl Config {
         if let Some(bind) = flags.bind.or(file.bind) {
             config.bind = bind;
         }
-        if let Some(path) = flags.admin_socket.or(file.admin_socket) {
-            config.admin_socket = path;
-        }
         macro_rules! set {
             ($($field:ident),*) => {$(
                 if let Some(v) = flags.$field.or(file.$field) { config.$field = v; }
@@ -303,6 +323,14 @@ impl Config {
         config.metrics_addr = flags.metrics_addr.or(file.metrics_addr);
         set_vec(&mut config.admin_uids, flags.admin_uids.or(file.admin_uids));
         set_vec(&mut config.admin_gids, flags.admin_gids.or(file.admin_gids));
+        config.admin_socket = match flags.admin_socket.or(file.admin_socket) {
+            Some(path) => path,
+            None => default_admin_socket(
+                &config.data_dir,
+                !config.admin_uids.is_empty() || !config.admin_gids.is_empty(),
+                rustix::process::geteuid().as_raw(),
+            ),
+        };
         if let Some(on) = flags.events.or(file.events) {
             config.events.enabled = on;
         }
@@ -394,6 +422,25 @@ mod tests {
         assert_eq!(config.ca_ttl, 600);
         assert_eq!(config.default_x509_svid_ttl, 60);
         assert_eq!(config.admin_socket, PathBuf::from(DEFAULT_DATA_DIR).join("admin.sock"));
+    }
+
+    #[test]
+    fn with_operators_the_default_admin_socket_is_outside_the_private_data_dir() {
+        let dir = Path::new("/var/lib/tessera");
+        assert_eq!(default_admin_socket(dir, false, 0), dir.join("admin.sock"));
+        assert_eq!(default_admin_socket(dir, true, 0), PathBuf::from(SYSTEM_ADMIN_SOCKET));
+        assert_eq!(
+            default_admin_socket(dir, true, 1000),
+            PathBuf::from("/var/lib/tessera-admin/admin.sock")
+        );
+        let file = FileConfig {
+            trust_domain: Some("a.org".into()),
+            admin_uids: Some(vec![4242]),
+            data_dir: Some(dir.into()),
+            ..Default::default()
+        };
+        let config = Config::resolve(file, FileConfig::default()).unwrap();
+        assert!(!config.admin_socket.starts_with(dir), "{}", config.admin_socket.display());
     }
 
     #[test]

@@ -350,7 +350,8 @@ impl Entry {
     }
 }
 
-fn is_dns_name(name: &str) -> bool {
+/// Whether `name` is a DNS name an SVID may carry as a SAN.
+pub fn is_dns_name(name: &str) -> bool {
     let name = name.strip_prefix("*.").unwrap_or(name);
     !name.is_empty()
         && name.len() <= 253

@@ -365,7 +365,6 @@ impl EventLog {
                             let mut a = schema::event(kind::ANOMALY_UNUSUAL_AUDIENCE, "")
                                 .agent(e.agent_id.clone())
                                 .entry(entry.clone())
-                                .attr("audience", aud)
                                 .attr(
                                     "reason",
                                     "JWT-SVID for an audience outside the entry's usual set",

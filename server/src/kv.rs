@@ -300,6 +300,10 @@ impl SledKv {
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
+                // Still locked: another process (a running server) has it open.
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    return Err(StoreError::InUse(dir.display().to_string()));
+                }
                 Err(e) => return Err(e.into()),
             }
         }

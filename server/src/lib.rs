@@ -17,7 +17,9 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod admin;
+mod admin_ops;
 mod admin_peer;
+mod admin_reach;
 mod approval;
 mod ca;
 pub mod cli;
@@ -37,11 +39,13 @@ mod governance;
 mod jwt;
 pub mod kv;
 mod metrics;
+mod mint;
 mod node;
 mod pg;
 #[cfg(test)]
 #[path = "../../common/pg_cluster.rs"]
 mod pg_cluster;
+mod queries;
 mod refusals;
 mod revocation;
 mod server;

@@ -168,6 +168,11 @@ impl Server {
         ))?;
         let shared = !config.admin_uids.is_empty() || !config.admin_gids.is_empty();
         let admin_listener = bind_admin_socket(&config.admin_socket, shared).await?;
+        crate::admin_reach::warn_unreachable(
+            &config.admin_socket,
+            &config.admin_uids,
+            &config.admin_gids,
+        );
         let metrics_listener =
             match config.metrics_addr {
                 Some(addr) => Some(crate::telemetry::bind(addr).await.map_err(io(
@@ -340,9 +345,11 @@ impl Server {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let gate = state.clone();
-        let admin = tonic::service::interceptor::InterceptedService::new(admin, move |request| {
-            crate::admin::authorize(&gate, request)
-        });
+        let admin = crate::admin_peer::WithMethod(
+            tonic::service::interceptor::InterceptedService::new(admin, move |request| {
+                crate::admin::authorize(&gate, request)
+            }),
+        );
         let stop = shutdown.clone();
         tasks.spawn(
             async move {
@@ -400,7 +407,7 @@ impl Server {
 
         info!(
             trust_domain = %state.config.trust_domain,
-            node_api = ?node_addr,
+            node_api = %node_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
             admin_socket = %state.config.admin_socket.display(),
             "tessera-server ready"
         );

@@ -35,6 +35,8 @@ use crate::approval::{self, ApprovalRefusal};
 use crate::entry::{Entry, EntryError};
 use crate::kv::{prefix_end, scan_prefix, Kv, Lock, Op, Pairs, SledKv, Txn};
 
+mod operator;
+
 /// The store's page cache.
 pub const STORE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -84,6 +86,9 @@ pub enum StoreError {
     /// A file beside the database (the event sink) failed.
     #[error("{0}")]
     Io(String),
+    /// Another process (a running server) holds the embedded store open.
+    #[error("store {0} is in use by a running server")]
+    InUse(String),
     /// The PostgreSQL datastore failed or cannot be reached.
     #[error("datastore: {0}")]
     Database(String),
@@ -446,6 +451,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         signed: &[Signed],
         now: i64,
     ) -> Result<Vec<Result<(), String>>, StoreError>;
+    /// Records an SVID an operator minted outside any node (no entry, no
+    /// agent), durable before it returns (`store/operator.rs`).
+    fn record_minted(&self, svid: &pb::IssuedSvid) -> Result<(), StoreError>;
+    /// Evicts an unbanned agent whose SVID expired at or before
+    /// `expired_before`, checked in the commit; `None` when it stays.
+    fn purge_agent(
+        &self,
+        agent_id: &str,
+        expired_before: i64,
+        now: i64,
+    ) -> Result<Option<Vec<pb::Revocation>>, StoreError>;
     /// An unexpired SVID by serial.
     fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError>;
     /// Number of issued SVIDs on record (unexpired or not yet pruned).
@@ -2019,6 +2035,19 @@ impl Store for KvStore {
             .recv()
             .map_err(|_| StoreError::Group("the commit of this batch was abandoned".into()))?
             .map_err(StoreError::Group)
+    }
+
+    fn record_minted(&self, svid: &pb::IssuedSvid) -> Result<(), StoreError> {
+        self.record_minted_svid(svid)
+    }
+
+    fn purge_agent(
+        &self,
+        agent_id: &str,
+        expired_before: i64,
+        now: i64,
+    ) -> Result<Option<Vec<pb::Revocation>>, StoreError> {
+        self.purge_expired_agent(agent_id, expired_before, now)
     }
 
     fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError> {

@@ -193,7 +193,7 @@ async fn evicted_agent_must_attest_again() {
         .await
         .unwrap();
     assert!(admin
-        .list_agents(admin_pb::ListAgentsRequest {})
+        .list_agents(admin_pb::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()

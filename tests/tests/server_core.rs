@@ -230,7 +230,7 @@ async fn agent_renewal_supersedes_the_old_svid() {
     let agents = server
         .admin()
         .await
-        .list_agents(admin_pb::ListAgentsRequest {})
+        .list_agents(admin_pb::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()

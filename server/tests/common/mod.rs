@@ -34,6 +34,15 @@ impl RunningServer {
         Self::launch(sh, data_dir, &[], None)
     }
 
+    /// As [`Self::start_logged`] with the admin socket at `socket`.
+    pub fn start_at(data_dir: &Path, socket: &Path, extra: &[&str], log: &Path) -> Self {
+        let mut args = vec!["--admin-socket", socket.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut server = Self::launch(Command::new(BIN), data_dir, &args, Some(log));
+        server.socket = socket.to_owned();
+        server
+    }
+
     fn launch(mut command: Command, data_dir: &Path, extra: &[&str], log: Option<&Path>) -> Self {
         let (out, err) = match log {
             Some(log) => {
@@ -50,7 +59,11 @@ impl RunningServer {
             .stderr(err)
             .spawn()
             .unwrap();
-        let server = Self { child, socket: data_dir.join("admin.sock") };
+        let socket = match extra.iter().position(|a| *a == "--admin-socket") {
+            Some(i) => PathBuf::from(extra[i + 1]),
+            None => data_dir.join("admin.sock"),
+        };
+        let server = Self { child, socket };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !server.cli(&["healthcheck"]).status.success() {
             assert!(Instant::now() < deadline, "server did not become healthy");
