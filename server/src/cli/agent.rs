@@ -96,15 +96,15 @@ pub(super) fn agent_json(a: &types::Agent) -> serde_json::Value {
 }
 
 pub(super) fn print_agent(a: &types::Agent) {
-    println!("SPIFFE ID         : {}", a.spiffe_id);
-    println!("Attestation type  : {}", a.attestation_type);
+    crate::outln!("SPIFFE ID         : {}", a.spiffe_id);
+    crate::outln!("Attestation type  : {}", a.attestation_type);
     for selector in crate::queries::agent_selectors(a) {
-        println!("Selector          : {selector}");
+        crate::outln!("Selector          : {selector}");
     }
-    println!("Expiration time   : {}", format_time(a.x509_svid_expires_at));
-    println!("Serial number     : {}", a.x509_svid_serial);
-    println!("Attested at       : {}", format_time(a.attested_at));
-    println!("Banned            : {}", a.banned);
+    crate::outln!("Expiration time   : {}", format_time(a.x509_svid_expires_at));
+    crate::outln!("Serial number     : {}", a.x509_svid_serial);
+    crate::outln!("Attested at       : {}", format_time(a.attested_at));
+    crate::outln!("Banned            : {}", a.banned);
 }
 
 pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError> {
@@ -112,7 +112,7 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
         AgentCommand::Count { socket } => {
             let mut client = connect(&socket).await?;
             let count = client.count_agents(pb::CountAgentsRequest {}).await?.into_inner().count;
-            println!("{count} attested agent{}", if count == 1 { "" } else { "s" });
+            crate::outln!("{count} attested agent{}", if count == 1 { "" } else { "s" });
             Ok(())
         }
         AgentCommand::Purge { expired_for, dry_run, json, socket } => {
@@ -128,17 +128,17 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
                     "dry_run": dry_run,
                     "agents": agents.iter().map(agent_json).collect::<Vec<_>>(),
                 });
-                println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+                crate::outln!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
                 return Ok(());
             }
             let verb = if dry_run { "Would purge" } else { "Purged" };
-            println!(
+            crate::outln!(
                 "{verb} {} agent{} whose SVID expired at least {expired_for}s ago",
                 agents.len(),
                 if agents.len() == 1 { "" } else { "s" }
             );
             for a in &agents {
-                println!("{} (SVID expired {})", a.spiffe_id, format_time(a.x509_svid_expires_at));
+                crate::outln!("{} (SVID expired {})", a.spiffe_id, format_time(a.x509_svid_expires_at));
             }
             Ok(())
         }
@@ -155,15 +155,15 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
             let agents = client.list_agents(request).await?.into_inner().agents;
             if json {
                 let list: Vec<_> = agents.iter().map(agent_json).collect();
-                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+                crate::outln!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
             } else {
-                println!(
+                crate::outln!(
                     "Found {} attested agent{}",
                     agents.len(),
                     if agents.len() == 1 { "" } else { "s" }
                 );
                 for a in &agents {
-                    println!();
+                    crate::outln!();
                     print_agent(a);
                 }
             }
@@ -178,7 +178,7 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
                 })
                 .await?
                 .into_inner();
-            println!(
+            crate::outln!(
                 "Banned {id}; revoked {} X509-SVID(s) and {} JWT-SVID(s)",
                 response.revoked_serials.len(),
                 response.revoked_jtis.len()
@@ -188,14 +188,14 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
         AgentCommand::Evict { id, unban, socket } => {
             let mut client = connect(&socket).await?;
             client.evict_agent(pb::EvictAgentRequest { spiffe_id: id.clone(), unban }).await?;
-            println!("Evicted {id}; it must attest again with a new join token");
+            crate::outln!("Evicted {id}; it must attest again with a new join token");
             Ok(())
         }
         AgentCommand::Show { id, json, socket } => {
             let mut client = connect(&socket).await?;
             let agent = client.get_agent(pb::GetAgentRequest { spiffe_id: id }).await?.into_inner();
             if json {
-                println!(
+                crate::outln!(
                     "{}",
                     serde_json::to_string_pretty(&agent_json(&agent)).unwrap_or_default()
                 );

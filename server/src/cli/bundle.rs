@@ -58,7 +58,7 @@ pub(super) async fn bundle_command(command: BundleCommand) -> Result<(), CliErro
         if crl {
             return Err(CliError("--crl has no SPIFFE format; use pem or der".into()));
         }
-        println!("{}", spiffe_bundle(&bundle)?);
+        crate::outln!("{}", spiffe_bundle(&bundle)?);
         return Ok(());
     }
     use std::io::Write;

@@ -225,7 +225,7 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
                 .batch_create_entry(pb::BatchCreateEntryRequest { entries: vec![entry] })
                 .await?;
             let entry = item_result(response.into_inner().results.into_iter().next())?;
-            println!("{}", entry.id);
+            crate::outln!("{}", entry.id);
             report_pending(&entry);
             Ok(())
         }
@@ -237,7 +237,7 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
                 .batch_update_entry(pb::BatchUpdateEntryRequest { entries: vec![entry] })
                 .await?;
             let entry = item_result(response.into_inner().results.into_iter().next())?;
-            println!("{}", entry.id);
+            crate::outln!("{}", entry.id);
             report_pending(&entry);
             Ok(())
         }
@@ -246,9 +246,9 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
             let request = pb::ApproveEntryRequest { id, content_hash: hash };
             let entry = client.approve_entry(request).await?.into_inner();
             if entry.parent_id.is_empty() {
-                println!("Approved join token for agent {}", entry.spiffe_id);
+                crate::outln!("Approved join token for agent {}", entry.spiffe_id);
             } else {
-                println!("Approved entry {} ({})", entry.id, entry.spiffe_id);
+                crate::outln!("Approved entry {} ({})", entry.id, entry.spiffe_id);
             }
             Ok(())
         }
@@ -260,7 +260,7 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
                     reason: reason.unwrap_or_default(),
                 })
                 .await?;
-            println!("Rejected proposal {id}");
+            crate::outln!("Rejected proposal {id}");
             Ok(())
         }
         EntryCommand::Delete { id, socket } => {
@@ -271,7 +271,7 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
             let result = response.into_inner().results.into_iter().next();
             match result.and_then(|r| r.status) {
                 Some(status) if status.code == 0 => {
-                    println!("Deleted entry {id}");
+                    crate::outln!("Deleted entry {id}");
                     Ok(())
                 }
                 Some(status) => Err(CliError(status.message)),
@@ -281,7 +281,7 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
         EntryCommand::Count { socket } => {
             let mut client = connect(&socket).await?;
             let count = client.count_entries(pb::CountEntriesRequest {}).await?.into_inner().count;
-            println!("{count} registration entr{}", if count == 1 { "y" } else { "ies" });
+            crate::outln!("{count} registration entr{}", if count == 1 { "y" } else { "ies" });
             Ok(())
         }
         EntryCommand::Show {
@@ -345,7 +345,7 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
             };
             if json {
                 let list: Vec<_> = entries.iter().map(entry_json).collect();
-                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+                crate::outln!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
             } else {
                 print_entries(&entries);
             }
@@ -398,47 +398,47 @@ pub(super) fn report_pending(entry: &types::Entry) {
 }
 
 pub(super) fn print_entries(entries: &[types::Entry]) {
-    println!("Found {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+    crate::outln!("Found {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
     for e in entries {
-        println!();
-        println!("Entry ID         : {}", e.id);
+        crate::outln!();
+        crate::outln!("Entry ID         : {}", e.id);
         if let Some(p) = &e.pending {
-            println!("Status           : pending approval ({})", p.op);
-            println!("Proposal ID      : {}", p.proposal_id);
-            println!("Content hash     : {}", p.content_hash);
-            println!("Requested by uid : {}", p.requested_by_uid);
+            crate::outln!("Status           : pending approval ({})", p.op);
+            crate::outln!("Proposal ID      : {}", p.proposal_id);
+            crate::outln!("Content hash     : {}", p.content_hash);
+            crate::outln!("Requested by uid : {}", p.requested_by_uid);
             for why in &p.reasons {
-                println!("Needs approval   : {why}");
+                crate::outln!("Needs approval   : {why}");
             }
-            println!("Pending until    : {}", format_time(p.expires_at));
+            crate::outln!("Pending until    : {}", format_time(p.expires_at));
         } else if e.require_approval {
-            println!("Status           : approved (changes need approval)");
+            crate::outln!("Status           : approved (changes need approval)");
         }
-        println!("SPIFFE ID        : {}", e.spiffe_id);
-        println!("Parent ID        : {}", e.parent_id);
-        println!("Revision         : {}", e.revision);
-        println!("X509-SVID TTL    : {}", e.x509_svid_ttl.unwrap_or(0));
+        crate::outln!("SPIFFE ID        : {}", e.spiffe_id);
+        crate::outln!("Parent ID        : {}", e.parent_id);
+        crate::outln!("Revision         : {}", e.revision);
+        crate::outln!("X509-SVID TTL    : {}", e.x509_svid_ttl.unwrap_or(0));
         match e.jwt_svid_ttl {
-            Some(ttl) => println!("JWT-SVID TTL     : {ttl}"),
-            None => println!("JWT-SVID TTL     : server default"),
+            Some(ttl) => crate::outln!("JWT-SVID TTL     : {ttl}"),
+            None => crate::outln!("JWT-SVID TTL     : server default"),
         }
         if e.jwt_audiences.is_empty() {
-            println!("JWT audiences    : any");
+            crate::outln!("JWT audiences    : any");
         }
         for audience in &e.jwt_audiences {
-            println!("JWT audience     : {audience}");
+            crate::outln!("JWT audience     : {audience}");
         }
         if e.expires_at != 0 {
-            println!("Expires at       : {}", format_time(e.expires_at));
+            crate::outln!("Expires at       : {}", format_time(e.expires_at));
         }
         for s in &e.selectors {
-            println!("Selector         : {}:{}", s.r#type, s.value);
+            crate::outln!("Selector         : {}:{}", s.r#type, s.value);
         }
         for d in &e.dns_names {
-            println!("DNS name         : {d}");
+            crate::outln!("DNS name         : {d}");
         }
         if !e.hint.is_empty() {
-            println!("Hint             : {}", e.hint);
+            crate::outln!("Hint             : {}", e.hint);
         }
     }
 }

@@ -100,9 +100,9 @@ pub(super) async fn verify_command(json: bool, socket: SocketArg) -> Result<(), 
             "last_seq": report.last_seq, "head_hash": hex::encode(&report.head_hash),
             "broken_at": report.broken_at, "problem": report.problem,
         });
-        println!("{value}");
+        crate::outln!("{value}");
     } else if report.ok {
-        println!(
+        crate::outln!(
             "Event chain is intact: {} events (#{}..#{}), head hash {}",
             report.checked,
             report.first_seq,

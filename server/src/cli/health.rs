@@ -18,10 +18,10 @@ pub(super) async fn healthcheck(socket: SocketArg) -> Result<(), CliError> {
             health.datastore, health.datastore_error
         )));
     }
-    println!(
+    crate::outln!(
             "Server is healthy (trust domain {}, {} entries, {} agents, revision {}, {} CAs in the bundle).",
             health.trust_domain, health.entries, health.agents, health.revision, health.bundle_cas
         );
-    println!("Datastore: {}.", health.datastore);
+    crate::outln!("Datastore: {}.", health.datastore);
     Ok(())
 }

@@ -100,7 +100,7 @@ pub(super) async fn x509_command(command: X509Command) -> Result<(), CliError> {
             crate::fsutil::write_private(&path, data.as_bytes())
                 .map_err(|e| CliError(format!("cannot write {}: {e}", path.display())))?;
         }
-        println!(
+        crate::outln!(
             "Minted X509-SVID {} for {spiffe_id} until {}; wrote svid.pem, svid.key, bundle.pem to {}",
             svid.serial,
             format_time(svid.expires_at),
@@ -118,16 +118,16 @@ pub(super) async fn x509_command(command: X509Command) -> Result<(), CliError> {
             "private_key": key_pem,
             "bundle": bundle,
         });
-        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        crate::outln!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
         return Ok(());
     }
-    println!("SPIFFE ID     : {spiffe_id}");
-    println!("Serial number : {}", svid.serial);
-    println!("Expires at    : {}", format_time(svid.expires_at));
-    println!();
-    println!("X509-SVID:\n{chain}");
-    println!("Private key:\n{key_pem}");
-    println!("Root CAs:\n{bundle}");
+    crate::outln!("SPIFFE ID     : {spiffe_id}");
+    crate::outln!("Serial number : {}", svid.serial);
+    crate::outln!("Expires at    : {}", format_time(svid.expires_at));
+    crate::outln!();
+    crate::outln!("X509-SVID:\n{chain}");
+    crate::outln!("Private key:\n{key_pem}");
+    crate::outln!("Root CAs:\n{bundle}");
     Ok(())
 }
 
@@ -150,10 +150,10 @@ pub(super) async fn jwt_command(command: JwtCommand) -> Result<(), CliError> {
             "expires_at_unix": jwt.expires_at,
             "token": jwt.token,
         });
-        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        crate::outln!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
         return Ok(());
     }
-    println!("{}", jwt.token);
+    crate::outln!("{}", jwt.token);
     eprintln!("jti {} for {spiffe_id}, until {}", jwt.jti, format_time(jwt.expires_at));
     Ok(())
 }

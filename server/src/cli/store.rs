@@ -40,7 +40,7 @@ pub(super) enum StoreCommand {
 }
 
 pub(super) fn print_report(report: &pb::StoreReport) {
-    println!(
+    crate::outln!(
         "Store is whole: revision {}, write #{}, {} entries, {} agents, {} issued SVIDs, {} revocations.",
         report.revision,
         report.write_seq,
@@ -92,7 +92,7 @@ pub(super) async fn store_command(command: StoreCommand) -> Result<(), CliError>
             }
             crate::fsutil::write_private(&out, &bytes)
                 .map_err(|e| CliError(format!("cannot write {}: {e}", out.display())))?;
-            println!("Wrote a backup of {} bytes to {}", bytes.len(), out.display());
+            crate::outln!("Wrote a backup of {} bytes to {}", bytes.len(), out.display());
             Ok(())
         }
         StoreCommand::Restore { input, data_dir } => {
@@ -103,7 +103,7 @@ pub(super) async fn store_command(command: StoreCommand) -> Result<(), CliError>
             let report =
                 KvStore::restore(&data_dir.join("store"), &mut file).map_err(|e| fail(&e))?;
             print_report(&crate::admin::report_proto(&report));
-            println!("Restored {} into {}", input.display(), data_dir.display());
+            crate::outln!("Restored {} into {}", input.display(), data_dir.display());
             Ok(())
         }
     }

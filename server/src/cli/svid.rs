@@ -53,7 +53,7 @@ pub(super) async fn svid_command(command: SvidCommand) -> Result<(), CliError> {
             } else {
                 format!("JWT-SVID {}", revoked.jti)
             };
-            println!(
+            crate::outln!(
                 "Revoked {what} ({}) until {}",
                 revoked.spiffe_id,
                 format_time(revoked.expires_at)
@@ -78,24 +78,24 @@ pub(super) async fn svid_command(command: SvidCommand) -> Result<(), CliError> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+                crate::outln!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
             } else {
-                println!(
+                crate::outln!(
                     "Found {} revoked SVID{}",
                     list.len(),
                     if list.len() == 1 { "" } else { "s" }
                 );
                 for r in &list {
-                    println!();
+                    crate::outln!();
                     if r.jti.is_empty() {
-                        println!("Serial            : {}", r.serial);
+                        crate::outln!("Serial            : {}", r.serial);
                     } else {
-                        println!("JWT-SVID jti      : {}", r.jti);
+                        crate::outln!("JWT-SVID jti      : {}", r.jti);
                     }
-                    println!("SPIFFE ID         : {}", r.spiffe_id);
-                    println!("Reason            : {}", r.reason);
-                    println!("Revoked at        : {}", format_time(r.revoked_at));
-                    println!("Listed until      : {}", format_time(r.expires_at));
+                    crate::outln!("SPIFFE ID         : {}", r.spiffe_id);
+                    crate::outln!("Reason            : {}", r.reason);
+                    crate::outln!("Revoked at        : {}", format_time(r.revoked_at));
+                    crate::outln!("Listed until      : {}", format_time(r.expires_at));
                 }
             }
             Ok(())

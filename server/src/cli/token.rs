@@ -31,7 +31,7 @@ pub(super) async fn token_command(command: TokenCommand) -> Result<(), CliError>
         spiffe_id: spiffe_id.unwrap_or_default(),
     };
     let token = client.create_join_token(request).await?.into_inner();
-    println!("{}", token.token);
+    crate::outln!("{}", token.token);
     eprintln!("agent SPIFFE ID: {}", token.spiffe_id);
     if let Some(p) = &token.pending {
         eprintln!(
