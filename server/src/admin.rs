@@ -75,6 +75,7 @@ pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Sta
             let uid = operator.map_or(u32::MAX, |o| o.uid);
             if state.governance.refused.note(uid, &why, false) {
                 let e = schema::denied(kind::ADMIN_REFUSED, why.clone())
+                    .code(schema::grpc_code(tonic::Code::PermissionDenied))
                     .operator(operator)
                     .attr("method", &method)
                     .attr("count", 1);
@@ -102,6 +103,7 @@ pub fn flush_refusals(state: &State) {
                     f.count, f.last_reason
                 ),
             )
+            .code(schema::grpc_code(tonic::Code::PermissionDenied))
             .operator(Some(Operator { uid, gid: 0, pid: 0 }))
             .attr("count", f.count)
         })
@@ -338,6 +340,7 @@ impl AdminService {
                 }
                 Err(e) => {
                     let mut event = schema::denied(event_kind, e.to_string())
+                        .code(schema::grpc_code(e.code()))
                         .operator(operator)
                         .spiffe_id(input.spiffe_id.clone());
                     if !input.id.is_empty() {
@@ -355,7 +358,7 @@ impl AdminService {
 
     /// Records a refused approval and returns the status.
     fn deny_approval(&self, operator: &Option<Operator>, id: &str, status: Status) -> Status {
-        let e = schema::denied(kind::ENTRY_APPROVE, status.message()).operator(*operator).entry(id);
+        let e = schema::refused(kind::ENTRY_APPROVE, &status).operator(*operator).entry(id);
         self.state.events.record(vec![e]);
         status
     }
@@ -379,9 +382,8 @@ impl AdminService {
     /// Refuses a request with `status` (e.g. one the store's state
     /// refuses: `FailedPrecondition`), with an event.
     fn refuse_with(&self, operator: &Option<Operator>, what: &str, status: Status) -> Status {
-        let e = schema::denied(kind::ADMIN_REFUSED, status.message())
-            .operator(*operator)
-            .attr("request", what);
+        let e =
+            schema::refused(kind::ADMIN_REFUSED, &status).operator(*operator).attr("request", what);
         self.state.events.record(vec![e]);
         status
     }
@@ -496,6 +498,7 @@ impl Admin for AdminService {
                 Err(e) => {
                     events.push(
                         schema::denied(kind::ENTRY_DELETE, e.to_string())
+                            .code(schema::grpc_code(e.code()))
                             .operator(operator)
                             .entry(id.clone()),
                     );
@@ -765,6 +768,7 @@ impl Admin for AdminService {
             self.state.store_op(move |store| store.ban_agent(&key, &why, now)).await?.map_err(
                 |refusal| {
                     let e = schema::denied(kind::AGENT_BAN, refusal.to_string())
+                        .code(refusal.kind())
                         .operator(operator)
                         .agent(id.to_string());
                     self.state.events.record(vec![e]);
@@ -796,6 +800,7 @@ impl Admin for AdminService {
             self.state.store_op(move |store| store.evict_agent(&key, unban, now)).await?.map_err(
                 |refusal| {
                     let e = schema::denied(kind::AGENT_EVICT, refusal.to_string())
+                        .code(refusal.kind())
                         .operator(operator)
                         .agent(id.to_string());
                     self.state.events.record(vec![e]);
@@ -816,8 +821,10 @@ impl Admin for AdminService {
         let operator = operator_of(&request);
         let req = request.into_inner();
         let refused = |what: &str, e: String| {
-            let event =
-                schema::denied(kind::REVOKE, e.clone()).operator(operator).attr("svid", what);
+            let event = schema::denied(kind::REVOKE, e.clone())
+                .code(schema::grpc_code(tonic::Code::InvalidArgument))
+                .operator(operator)
+                .attr("svid", what);
             self.state.events.record(vec![event]);
             Status::invalid_argument(e)
         };
@@ -847,6 +854,7 @@ impl Admin for AdminService {
         let Some(issued) = issued else {
             let message = format!("no unexpired SVID with {serial} was issued by this server");
             let event = schema::denied(kind::REVOKE, message.clone())
+                .code(schema::grpc_code(tonic::Code::NotFound))
                 .operator(operator)
                 .attr("svid", &serial);
             self.state.events.record(vec![event]);
@@ -945,7 +953,7 @@ impl Admin for AdminService {
         let Some(proposal) = self.state.governance.pending.find(&req.id).map_err(internal)? else {
             let status =
                 Status::not_found(format!("no proposal {} is waiting for approval", req.id));
-            let e = schema::denied(kind::ENTRY_REJECT, status.message())
+            let e = schema::refused(kind::ENTRY_REJECT, &status)
                 .operator(operator)
                 .entry(req.id.clone());
             self.state.events.record(vec![e]);

@@ -121,6 +121,7 @@ fn refuse_mint(
     e: &MintError,
 ) -> Status {
     let event = schema::denied(event_kind, e.to_string())
+        .code(schema::grpc_code(e.code()))
         .operator(operator)
         .spiffe_id(spiffe_id.to_string())
         .attr("minted", true);

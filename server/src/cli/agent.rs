@@ -138,7 +138,11 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
                 if agents.len() == 1 { "" } else { "s" }
             );
             for a in &agents {
-                crate::outln!("{} (SVID expired {})", a.spiffe_id, format_time(a.x509_svid_expires_at));
+                crate::outln!(
+                    "{} (SVID expired {})",
+                    a.spiffe_id,
+                    format_time(a.x509_svid_expires_at)
+                );
             }
             Ok(())
         }
