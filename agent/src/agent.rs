@@ -206,6 +206,7 @@ impl Agent {
         })?;
         // From here on a failure removes the socket it bound.
         let bound = SocketFile(Some(config.socket_path.clone()));
+        let _ = std::fs::remove_file(crate::health::stopped_note(&config.socket_path));
         let stored = match AgentIdentity::load(&config.data_dir) {
             Ok(stored) => stored.filter(|id| {
                 id.not_after > now() + 5 && id.spiffe_id.trust_domain() == &trust_domain
@@ -387,24 +388,28 @@ impl Agent {
             .instrument(tracing::info_span!("workload_api")),
         );
         info!(agent_id = %link.identity().spiffe_id, socket = %config.socket_path.display(), "tessera-agent ready");
-        let mut server = server;
-        let mut recovering = recovering;
+        let (mut server, mut recovering) = (server, recovering);
         // The agent stops on shutdown, or when its identity is dead and it
         // cannot attest again (the recovery task's error).
         let (result, fatal) = tokio::select! {
-            result = &mut server => (Some(result), None),
-            outcome = &mut recovering => (None, outcome.ok().and_then(Result::err)),
+            result = &mut server => {
+                shutdown.cancel();
+                (result, recovering.await.ok().and_then(Result::err))
+            }
+            outcome = &mut recovering => {
+                shutdown.cancel();
+                (server.await, outcome.ok().and_then(Result::err))
+            }
         };
-        shutdown.cancel();
-        let result = match result {
-            Some(result) => result,
-            None => server.await,
-        };
-        let _ = recovering.await;
         while tasks.join_next().await.is_some() {}
         let _ = std::fs::remove_file(&config.socket_path);
         info!("tessera-agent stopped");
         if let Some(fatal) = fatal {
+            // For `healthcheck`, which finds no socket now: why the agent stopped.
+            let note = crate::health::stopped_note(&config.socket_path);
+            if let Err(e) = std::fs::write(&note, format!("{fatal}\n")) {
+                warn!(path = %note.display(), error = %e, "cannot record why the agent stopped");
+            }
             return Err(fatal);
         }
         match result {

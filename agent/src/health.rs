@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cache::Cache;
 use crate::manager::{now, NodeLink};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Metadata key of the agent's health state (`healthy`, `degraded`,
@@ -183,12 +184,27 @@ impl health_server::Health for HealthProbe {
     }
 }
 
+/// Where an agent that stopped because its identity is dead leaves why,
+/// next to its socket (`api.sock.stopped`), for `healthcheck`; removed when
+/// an agent binds the socket again.
+pub fn stopped_note(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".stopped");
+    PathBuf::from(name)
+}
+
 /// Asks the agent at `address` (`unix:///path`) for its health: the
 /// state code and the reason.
 pub async fn check(address: &str) -> Result<(String, String), String> {
-    // Refuses bad addresses and missing sockets with their own messages.
-    drop(tessera_workload_api::connect_workload_api(address).await?);
     let path = tessera_workload_api::socket_path(address)?;
+    // Refuses bad addresses and missing sockets with their own messages,
+    // or says why the agent stopped, if it left a note.
+    if let Err(e) = tessera_workload_api::connect_workload_api(address).await {
+        return match std::fs::read_to_string(stopped_note(&path)) {
+            Ok(why) => Ok(("unhealthy".into(), format!("the agent stopped: {}", why.trim()))),
+            Err(_) => Err(e),
+        };
+    }
     let channel = tessera_workload_api::unix_channel(&path, "Workload API socket").await?;
     let response = pb::health_client::HealthClient::new(channel)
         .check(pb::HealthCheckRequest { service: String::new() })
