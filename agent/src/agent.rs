@@ -23,10 +23,11 @@ use crate::identity::{
     certs_pem, new_key_and_csr, read_pem, write_private, AgentIdentity, IdentityError,
 };
 use crate::jwt::JwtSvids;
-use crate::manager::{agent_renewal_loop, now, signer_loop, sync_loop, NodeLink};
+use crate::manager::{now, signer_loop, sync_loop, NodeLink};
 use crate::metrics::{AgentHealth, AgentMetrics};
 use crate::node_client::{node_tls_config, NodeClientError, Servers};
 use crate::recovery::{recovery_loop, Recovery};
+use crate::renewal::agent_renewal_loop;
 use crate::workload::{self, Attesting, WorkloadLimits, WorkloadService};
 use tessera_proto::health::v1::health_server::HealthServer;
 

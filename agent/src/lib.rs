@@ -34,6 +34,7 @@ mod manager;
 mod metrics;
 mod node_client;
 mod recovery;
+mod renewal;
 #[path = "../../common/telemetry.rs"]
 mod telemetry;
 mod workload;
