@@ -1,8 +1,12 @@
 //! Compiles the `.proto` files with protox (pure Rust, no system `protoc`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files =
-        ["protos/workload.proto", "protos/tessera/node.proto", "protos/tessera/admin.proto"];
+    let files = [
+        "protos/workload.proto",
+        "protos/tessera/node.proto",
+        "protos/tessera/admin.proto",
+        "protos/grpc/health/v1/health.proto",
+    ];
     for file in files.iter().chain(["protos/tessera/types.proto"].iter()) {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -18,14 +18,18 @@ use tracing::{info, warn, Instrument};
 use crate::attestor::UnixAttestor;
 use crate::cache::Cache;
 use crate::events::EventSpool;
+use crate::health::HealthProbe;
 use crate::identity::{
     certs_pem, new_key_and_csr, read_pem, write_private, AgentIdentity, IdentityError,
 };
 use crate::jwt::JwtSvids;
-use crate::manager::{agent_renewal_loop, now, signer_loop, sync_loop, NodeLink};
+use crate::manager::{now, signer_loop, sync_loop, NodeLink};
 use crate::metrics::{AgentHealth, AgentMetrics};
 use crate::node_client::{node_tls_config, NodeClientError, Servers};
+use crate::recovery::{recovery_loop, Recovery};
+use crate::renewal::agent_renewal_loop;
 use crate::workload::{self, Attesting, WorkloadLimits, WorkloadService};
+use tessera_proto::health::v1::health_server::HealthServer;
 
 /// The agent's default data directory.
 pub const DEFAULT_DATA_DIR: &str = ".tessera/agent";
@@ -125,6 +129,16 @@ pub enum AgentError {
     /// The Workload API server failed.
     #[error("Workload API: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The Workload API socket is served by a live process.
+    #[error("socket {0} is in use by another process (another agent?)")]
+    SocketInUse(PathBuf),
+    /// The metrics address is taken.
+    #[error("metrics address {0} is in use by another process (another agent?)")]
+    MetricsInUse(std::net::SocketAddr),
+    /// The server refused the agent's identity for good (banned, revoked,
+    /// evicted) and it could not attest again: the cause and the fix.
+    #[error("{0}")]
+    IdentityDead(String),
 }
 
 /// An attested agent with its socket bound.
@@ -137,6 +151,9 @@ pub struct Agent {
     metrics_listener: Option<tokio::net::TcpListener>,
     events: Arc<EventSpool>,
     metrics: AgentMetrics,
+    /// The join token given, when the start did not spend it (a stored SVID
+    /// was reused): spent only if that identity turns out dead.
+    unspent_token: Option<String>,
 }
 
 impl Agent {
@@ -169,6 +186,28 @@ impl Agent {
                 .ok_or(AgentError::NoTrustDomain)?,
         };
         let anchors = TrustAnchors::new(bundle);
+        // Both addresses are taken before a join token can be spent: an
+        // agent that cannot serve must not attest (and add an agent record).
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(crate::telemetry::bind(addr).await.map_err(|source| {
+                if source.kind() == std::io::ErrorKind::AddrInUse {
+                    AgentError::MetricsInUse(addr)
+                } else {
+                    io("cannot bind metrics to", Path::new(&addr.to_string()))(source)
+                }
+            })?),
+            None => None,
+        };
+        let listener = workload::bind_socket(&config.socket_path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AddrInUse {
+                AgentError::SocketInUse(config.socket_path.clone())
+            } else {
+                io("cannot bind Workload API socket", &config.socket_path)(source)
+            }
+        })?;
+        // From here on a failure removes the socket it bound.
+        let bound = SocketFile(Some(config.socket_path.clone()));
+        let _ = std::fs::remove_file(crate::health::stopped_note(&config.socket_path));
         let stored = match AgentIdentity::load(&config.data_dir) {
             Ok(stored) => stored.filter(|id| {
                 id.not_after > now() + 5 && id.spiffe_id.trust_domain() == &trust_domain
@@ -178,12 +217,24 @@ impl Agent {
                 None
             }
         };
+        let mut unspent_token = None;
         let identity = match stored {
             Some(identity) => {
+                unspent_token = config.join_token.clone();
                 info!(agent_id = %identity.spiffe_id, not_after = identity.not_after, "reusing stored agent SVID");
                 identity
             }
-            None => attest(&config, &trust_domain, &anchors).await?,
+            None => {
+                let token =
+                    config.join_token.clone().ok_or_else(|| match &config.join_token_problem {
+                        Some(problem) => {
+                            AgentError::JoinToken(config.data_dir.clone(), problem.clone())
+                        }
+                        None => AgentError::NoJoinToken(config.data_dir.clone()),
+                    })?;
+                attest(&config.data_dir, &config.server_addresses, &token, &trust_domain, &anchors)
+                    .await?
+            }
         };
         let metrics = AgentMetrics::new();
         let events = Arc::new(
@@ -200,16 +251,7 @@ impl Agent {
                 source: std::io::Error::other(e.to_string()),
             })?,
         );
-        let metrics_listener = match config.metrics_addr {
-            Some(addr) => Some(
-                crate::telemetry::bind(addr)
-                    .await
-                    .map_err(io("cannot bind metrics to", Path::new(&addr.to_string())))?,
-            ),
-            None => None,
-        };
-        let listener = workload::bind_socket(&config.socket_path)
-            .map_err(io("cannot bind Workload API socket", &config.socket_path))?;
+        bound.keep();
         info!(socket = %config.socket_path.display(), "Workload API socket bound (mode 0777)");
         let link = Arc::new(NodeLink::new(
             config.server_addresses.clone(),
@@ -218,7 +260,16 @@ impl Agent {
             identity,
             config.data_dir.clone(),
         ));
-        Ok(Self { config, link, trust_domain, listener, metrics_listener, events, metrics })
+        Ok(Self {
+            config,
+            link,
+            trust_domain,
+            listener,
+            metrics_listener,
+            events,
+            metrics,
+            unspent_token,
+        })
     }
 
     /// The metrics endpoint's bound address, when `metrics_addr` is set.
@@ -238,7 +289,16 @@ impl Agent {
 
     /// Runs until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        let Self { config, link, trust_domain, listener, metrics_listener, events, metrics } = self;
+        let Self {
+            config,
+            link,
+            trust_domain,
+            listener,
+            metrics_listener,
+            events,
+            metrics,
+            unspent_token,
+        } = self;
         let cache = Cache::new();
         let limits = config.workload_limits;
         let jwt = Arc::new(JwtSvids::new(
@@ -269,10 +329,22 @@ impl Agent {
                 .run(link.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("events")),
         );
+        let recovery = Recovery {
+            data_dir: config.data_dir.clone(),
+            server_addresses: config.server_addresses.clone(),
+            join_token: unspent_token,
+            join_token_problem: config.join_token_problem.clone(),
+            trust_domain: trust_domain.clone(),
+        };
+        let recovering = tokio::spawn(
+            recovery_loop(link.clone(), cache.clone(), recovery, shutdown.clone())
+                .instrument(tracing::info_span!("recovery")),
+        );
+        let probe = HealthProbe { cache: cache.clone(), link: link.clone() };
         if let Some(listener) = metrics_listener {
             let health =
                 Arc::new(AgentHealth { metrics: metrics.clone(), parts: Default::default() });
-            let _ = health.parts.set((cache.clone(), link.clone()));
+            let _ = health.parts.set(probe.clone());
             tasks.spawn(
                 crate::telemetry::serve(listener, health, shutdown.clone())
                     .instrument(tracing::info_span!("metrics")),
@@ -307,17 +379,40 @@ impl Agent {
                         SpiffeWorkloadApiServer::new(service)
                             .max_decoding_message_size(workload::MAX_REQUEST_BYTES),
                     )
+                    .add_service(
+                        HealthServer::new(probe)
+                            .max_decoding_message_size(workload::MAX_REQUEST_BYTES),
+                    )
                     .serve_with_incoming_shutdown(incoming, stop.cancelled())
                     .await
             }
             .instrument(tracing::info_span!("workload_api")),
         );
         info!(agent_id = %link.identity().spiffe_id, socket = %config.socket_path.display(), "tessera-agent ready");
-        let result = server.await;
-        shutdown.cancel();
+        let (mut server, mut recovering) = (server, recovering);
+        // The agent stops on shutdown, or when its identity is dead and it
+        // cannot attest again (the recovery task's error).
+        let (result, fatal) = tokio::select! {
+            result = &mut server => {
+                shutdown.cancel();
+                (result, recovering.await.ok().and_then(Result::err))
+            }
+            outcome = &mut recovering => {
+                shutdown.cancel();
+                (server.await, outcome.ok().and_then(Result::err))
+            }
+        };
         while tasks.join_next().await.is_some() {}
         let _ = std::fs::remove_file(&config.socket_path);
         info!("tessera-agent stopped");
+        if let Some(fatal) = fatal {
+            // For `healthcheck`, which finds no socket now: why the agent stopped.
+            let note = crate::health::stopped_note(&config.socket_path);
+            if let Err(e) = std::fs::write(&note, format!("{fatal}\n")) {
+                warn!(path = %note.display(), error = %e, "cannot record why the agent stopped");
+            }
+            return Err(fatal);
+        }
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
@@ -347,21 +442,40 @@ fn load_bundle(config: &AgentConfig) -> Result<Vec<CertificateDer<'static>>, Age
     Ok(certs)
 }
 
-async fn attest(
-    config: &AgentConfig,
+/// Removes the socket file it names when dropped (a start that failed
+/// after binding).
+struct SocketFile(Option<PathBuf>);
+
+impl SocketFile {
+    /// The start went through: the socket stays.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Attests with `token`, round the servers; stores the SVID, key and bundle.
+pub(crate) async fn attest(
+    data_dir: &Path,
+    server_addresses: &[String],
+    token: &str,
     trust_domain: &TrustDomain,
     anchors: &TrustAnchors,
 ) -> Result<AgentIdentity, AgentError> {
-    let token = config.join_token.clone().ok_or_else(|| match &config.join_token_problem {
-        Some(problem) => AgentError::JoinToken(config.data_dir.clone(), problem.clone()),
-        None => AgentError::NoJoinToken(config.data_dir.clone()),
-    })?;
+    let token = token.to_string();
     let (key, csr) = new_key_and_csr()?;
     let tls = node_tls_config(anchors.clone(), trust_domain, None)?;
     // Any server will do; a join token works once on whichever takes it.
     // A server that fails (not one that refuses) passes to the next.
-    let servers = Servers::new(config.server_addresses.clone(), &token);
-    let mut tries = config.server_addresses.len().max(1);
+    let servers = Servers::new(server_addresses.to_vec(), &token);
+    let mut tries = server_addresses.len().max(1);
     let response = loop {
         let (mut client, server) = servers.connect(&tls).await?;
         let request = pb::AttestRequest { join_token: token.clone(), csr: csr.clone() };
@@ -383,10 +497,10 @@ async fn attest(
         }
     };
     let identity = AgentIdentity::new(response.x509_svid, key)?;
-    identity.save(&config.data_dir)?;
+    identity.save(data_dir)?;
     let bundle: Vec<CertificateDer<'static>> =
         response.bundle.into_iter().map(Into::into).collect();
-    write_private(&config.data_dir.join("bundle.pem"), certs_pem(&bundle).as_bytes())?;
+    write_private(&data_dir.join("bundle.pem"), certs_pem(&bundle).as_bytes())?;
     anchors.update(bundle);
     info!(agent_id = %identity.spiffe_id, "attested with join token");
     Ok(identity)

@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentConfig, DEFAULT_DATA_DIR, DEFAULT_SOCKET_PATH};
 pub use crate::cli_support::{format_time, init_logging, wait_for_signal, CliError, LogFormat};
-use crate::identity::write_private;
+use crate::fetch::{jwt_json, report_written, svid_json, write_jwt, write_x509};
 use crate::workload_client::{
-    connect_workload_api, decode_response, fetch_x509, with_header, FetchedSvid,
+    connect_workload_api, decode_response, fetch_x509_with_federated, with_header, FetchedSvid,
 };
 
 /// Tessera agent: node attestation and the SPIFFE Workload API.
@@ -29,13 +29,14 @@ enum Command {
     /// Use the Workload API as a workload would.
     #[command(subcommand)]
     Api(ApiCommand),
-    /// Check that the agent serves the Workload API.
+    /// Check the agent's health: what a workload would get now (exits
+    /// non-zero when unhealthy, and says why).
     Healthcheck(SocketArg),
 }
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Data directory [default: ./.tessera/agent].
+    /// Data directory.
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
     /// Server node API address, host:port. Give it several times (or
@@ -131,13 +132,7 @@ enum ApiCommand {
         #[command(subcommand)]
         what: Option<FetchCommand>,
         #[command(flatten)]
-        socket: SocketArg,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        /// Write svid.pem, svid.key (0600) and bundle.pem into DIR.
-        #[arg(long)]
-        write: Option<PathBuf>,
+        x509: X509Args,
     },
     /// Print every X509-SVID update until interrupted.
     Watch {
@@ -149,8 +144,23 @@ enum ApiCommand {
     Validate(ValidateCommand),
 }
 
+#[derive(Debug, Args)]
+struct X509Args {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write every SVID into DIR: svid.N.pem, svid.N.key (0600),
+    /// bundle.N.pem, federated_bundle.N.M.pem; prints which holds which ID.
+    #[arg(long)]
+    write: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum FetchCommand {
+    /// Fetch this process's X509-SVIDs once (what `api fetch` does).
+    X509(X509Args),
     /// Fetch JWT-SVIDs for an audience (one per identity, unless --spiffe-id).
     Jwt {
         /// Audience the token is for (repeatable; at least one).
@@ -162,6 +172,10 @@ enum FetchCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Write each token into DIR as jwt_svid.N.token (0600); prints
+        /// which holds which ID.
+        #[arg(long)]
+        write: Option<PathBuf>,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -196,29 +210,6 @@ pub fn print_svid(svid: &FetchedSvid) {
     }
 }
 
-fn svid_json(svid: &FetchedSvid) -> serde_json::Value {
-    serde_json::json!({
-        "spiffe_id": svid.spiffe_id,
-        "serial": svid.serial,
-        "expires_at": svid.expires_at,
-        "hint": svid.hint,
-        "chain_length": svid.chain.len(),
-    })
-}
-
-fn write_files(dir: &std::path::Path, svid: &FetchedSvid) -> Result<(), CliError> {
-    std::fs::create_dir_all(dir).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
-    let certs = |der: &[Vec<u8>]| -> String {
-        der.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.clone()))).collect()
-    };
-    let write = |name: &str, data: String| -> Result<(), CliError> {
-        write_private(&dir.join(name), data.as_bytes()).map_err(|e| CliError(e.to_string()))
-    };
-    write("svid.key", pem::encode(&pem::Pem::new("PRIVATE KEY", svid.key.clone())))?;
-    write("svid.pem", certs(&svid.chain))?;
-    write("bundle.pem", certs(&svid.bundle))
-}
-
 impl Cli {
     /// Runs the parsed command.
     pub async fn run(self) -> Result<(), CliError> {
@@ -245,24 +236,7 @@ impl Cli {
                 println!("Claims    : {claims}");
                 Ok(())
             }
-            Command::Api(ApiCommand::Fetch { what: None, socket, json, write }) => {
-                let svids = fetch_x509(&socket.address()).await?;
-                if let (Some(dir), Some(first)) = (&write, svids.first()) {
-                    write_files(dir, first)?;
-                }
-                if json {
-                    let list: Vec<_> = svids.iter().map(svid_json).collect();
-                    println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
-                } else {
-                    for svid in &svids {
-                        print_svid(svid);
-                    }
-                    if let Some(dir) = &write {
-                        println!("Wrote svid.pem, svid.key and bundle.pem to {}", dir.display());
-                    }
-                }
-                Ok(())
-            }
+            Command::Api(ApiCommand::Fetch { what: None, x509 }) => fetch_x509_command(x509).await,
             Command::Api(ApiCommand::Watch { socket }) => {
                 let mut client = connect_workload_api(&socket.address()).await?;
                 let mut stream = client
@@ -285,30 +259,42 @@ impl Cli {
                 }
             }
             Command::Healthcheck(socket) => {
-                let mut client = connect_workload_api(&socket.address())
+                let (code, reason) = crate::health::check(&socket.address())
                     .await
                     .map_err(|e| CliError(format!("agent is unhealthy: {e}")))?;
-                let mut stream = client
-                    .fetch_x509_bundles(with_header(pb::X509BundlesRequest {}))
-                    .await
-                    .map_err(|s| CliError(format!("agent is unhealthy: {}", s.message())))?
-                    .into_inner();
-                match stream.message().await {
-                    Ok(Some(_)) => {
-                        println!("Agent is healthy.");
-                        Ok(())
-                    }
-                    Ok(None) => Err(CliError("agent is unhealthy: stream closed".into())),
-                    Err(s) => Err(CliError(format!("agent is unhealthy: {}", s.message()))),
+                match code.as_str() {
+                    "healthy" => println!("Agent is healthy."),
+                    "degraded" => println!("Agent is degraded: {reason}."),
+                    _ => return Err(CliError(format!("agent is unhealthy: {reason}"))),
                 }
+                Ok(())
             }
         }
     }
 }
 
+async fn fetch_x509_command(args: X509Args) -> Result<(), CliError> {
+    let X509Args { socket, json, write } = args;
+    let (svids, federated) = fetch_x509_with_federated(&socket.address()).await?;
+    if json {
+        let list: Vec<_> = svids.iter().map(svid_json).collect();
+        println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+    } else {
+        for svid in &svids {
+            print_svid(svid);
+        }
+    }
+    if let Some(dir) = &write {
+        let written = write_x509(dir, &svids, &federated)?;
+        report_written(dir, &written, json);
+    }
+    Ok(())
+}
+
 async fn fetch_command(what: FetchCommand) -> Result<(), CliError> {
     match what {
-        FetchCommand::Jwt { audience, spiffe_id, json, socket } => {
+        FetchCommand::X509(args) => fetch_x509_command(args).await,
+        FetchCommand::Jwt { audience, spiffe_id, json, write, socket } => {
             let mut client = connect_workload_api(&socket.address()).await?;
             let svids = client
                 .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
@@ -320,16 +306,19 @@ async fn fetch_command(what: FetchCommand) -> Result<(), CliError> {
                 .into_inner()
                 .svids;
             if json {
-                let list: Vec<_> = svids
-                    .iter()
-                    .map(|s| serde_json::json!({"spiffe_id": s.spiffe_id, "svid": s.svid, "hint": s.hint}))
-                    .collect();
+                let list: Vec<_> =
+                    svids.iter().map(|s| jwt_json(&s.spiffe_id, &s.svid, &s.hint)).collect();
                 println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
             } else {
                 for svid in &svids {
                     println!("token({}):", svid.spiffe_id);
                     println!("\t{}", svid.svid);
                 }
+            }
+            if let Some(dir) = &write {
+                let tokens: Vec<(String, String)> =
+                    svids.iter().map(|s| (s.spiffe_id.clone(), s.svid.clone())).collect();
+                report_written(dir, &write_jwt(dir, &tokens)?, json);
             }
             Ok(())
         }

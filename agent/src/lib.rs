@@ -26,11 +26,15 @@ pub mod cli_support;
 #[path = "../../common/events.rs"]
 pub mod event_schema;
 mod events;
+mod fetch;
+mod health;
 mod identity;
 mod jwt;
 mod manager;
 mod metrics;
 mod node_client;
+mod recovery;
+mod renewal;
 #[path = "../../common/telemetry.rs"]
 mod telemetry;
 mod workload;
@@ -43,8 +47,10 @@ pub use attestor::{
     UnixAttestor, WorkloadAttestor,
 };
 pub use authority::{AuthorityError, AuthorityRewriter, RewriteAuthority};
+pub use health::{decide as decide_health, Facts as HealthFacts, Health};
 pub use node_client::{
-    connect_node, node_tls_config, ClientIdentity, NodeClientError, Servers, MAX_MESSAGE_BYTES,
+    alert_refusal, connect_node, connect_node_watched, node_tls_config, refusal_in, AlertSlot,
+    ClientIdentity, NodeClientError, Servers, MAX_MESSAGE_BYTES,
 };
 pub use workload_client::{
     connect_workload_api, fetch_x509, with_header as cli_request, FetchedSvid,

@@ -11,8 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::CertificateDer;
 use tessera_proto::node::{self as pb, node_client::NodeClient, sync_message::Event};
+use tessera_proto::Refusal;
 use tessera_workload_api::{TrustAnchors, TrustDomain};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -21,11 +22,12 @@ use crate::cache::{AgentEntry, Cache, CacheState, CachedSvid};
 use crate::identity::{certs_pem, new_key_and_csr, write_private, AgentIdentity};
 use crate::jwt::JwtSvids;
 use crate::node_client::{node_tls_config, NodeClientError, Servers};
+use crate::recovery::{self, Call, Death, Standing};
 use tessera_workload_api::jwt::{JwtBundle, JwtKey};
 
 /// The server backdates NotBefore by this much for clock skew; lifetimes
 /// for renewal are counted from issuance, not from the backdated NotBefore.
-const BACKDATE_SECS: i64 = 10;
+pub const BACKDATE_SECS: i64 = 10;
 /// Most CSRs sent in one `SignX509` call.
 pub const SIGN_BATCH: usize = 500;
 /// Wait before retrying an entry whose signing failed.
@@ -95,6 +97,10 @@ pub struct NodeLink {
     /// Notified when the agent's SVID changed: the Sync stream reopens with
     /// the new one at once (the server closes streams of superseded SVIDs).
     resync: Notify,
+    /// Counts identity changes (renewal, attesting again).
+    generation: watch::Sender<u64>,
+    /// Whether the identity is dead, and since when no server answered.
+    pub standing: Standing,
 }
 
 impl NodeLink {
@@ -114,7 +120,43 @@ impl NodeLink {
             client: Mutex::new(None),
             data_dir,
             resync: Notify::new(),
+            generation: watch::Sender::new(0),
+            standing: Standing::default(),
         }
+    }
+
+    /// The serial of the agent's current SVID.
+    pub fn serial(&self) -> String {
+        let identity = self.identity.read().unwrap_or_else(|e| e.into_inner());
+        identity
+            .chain
+            .first()
+            .and_then(|leaf| tessera_workload_api::certificate_serial_hex(leaf).ok())
+            .unwrap_or_default()
+    }
+
+    /// Judges a failed `call` that presented the SVID with serial `used`:
+    /// with a typed refusal (from the status, else from a TLS alert seen
+    /// since), records the identity dead when the refusal ends it (see
+    /// [`recovery::ends_identity`]), and asks for a renewal when the SVID
+    /// was called superseded. Answers whether the identity is dead.
+    pub fn judge(&self, status: Option<&tonic::Status>, call: Call, used: &str) -> bool {
+        let alert = self.standing.alerts.take();
+        let Some(refusal) = status.and_then(Refusal::of).or(alert) else {
+            return self.standing.death().is_some();
+        };
+        if recovery::ends_identity(refusal, call, used, &self.serial()) {
+            let agent_id = self.identity().spiffe_id.to_string();
+            self.standing.die(Death { refusal, agent_id });
+        } else if refusal == Refusal::Superseded {
+            self.standing.renew_now.notify_one();
+        }
+        self.standing.death().is_some()
+    }
+
+    /// A receiver that sees every change of the agent's identity.
+    pub fn identity_changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// The agent's identity.
@@ -132,7 +174,7 @@ impl NodeLink {
             &self.trust_domain,
             Some(self.identity().client_identity()),
         )?;
-        let (client, _) = self.servers.connect(&tls).await?;
+        let (client, _) = self.servers.connect_watched(&tls, &self.standing.alerts).await?;
         *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
         Ok(client)
     }
@@ -154,9 +196,12 @@ impl NodeLink {
         self.servers.fail_over();
     }
 
-    fn set_identity(&self, identity: AgentIdentity) {
+    /// Replaces the agent's identity (renewed, or attested again): the
+    /// connection and the Sync stream reopen with it.
+    pub fn set_identity(&self, identity: AgentIdentity) {
         *self.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
         self.reset();
+        self.generation.send_modify(|g| *g += 1);
         self.resync.notify_one();
     }
 
@@ -181,10 +226,11 @@ pub async fn sync_loop(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     loop {
+        let used = link.serial();
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = link.resync.notified() => {
-                info!("agent SVID renewed: reopening the sync stream with it");
+                info!("agent SVID changed: reopening the sync stream with it");
                 continue;
             }
             result = sync_once(&link, &cache, &jwt, &wake, &mut backoff) => result,
@@ -195,16 +241,61 @@ pub async fn sync_loop(
                 info!(server = %server, "sync stream closed by server; reconnecting");
                 link.reset();
             }
-            Err(e) => {
-                warn!(server = %server, error = %e, "sync stream failed; reconnecting, to the next server if there are several");
+            Err(failure) => {
+                if failure.refusal_of_banned() {
+                    withdraw_everything(&cache);
+                }
+                let refused = failure.status.as_ref().and_then(Refusal::of).is_some();
+                if failure.banned {
+                    link.standing.die(Death {
+                        refusal: Refusal::Banned,
+                        agent_id: link.identity().spiffe_id.to_string(),
+                    });
+                } else if link.judge(failure.status.as_ref(), Call::Sync, &used) {
+                    // The recovery task says why, once; nothing to add here.
+                } else if !refused {
+                    link.standing.unreachable(now());
+                    warn!(server = %server, error = %failure.message, "sync stream failed; reconnecting, to the next server if there are several");
+                } else {
+                    warn!(server = %server, error = %failure.message, "sync stream refused; reconnecting, to the next server if there are several");
+                }
                 link.fail_over();
             }
         }
         let delay = backoff.next_delay();
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = link.resync.notified() => {}
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// Why a Sync stream ended.
+#[derive(Debug)]
+struct SyncFailure {
+    message: String,
+    /// The server's status, when it answered one.
+    status: Option<tonic::Status>,
+    /// The server said the agent is banned (in the stream).
+    banned: bool,
+}
+
+impl SyncFailure {
+    fn connect(e: NodeClientError) -> Self {
+        Self { message: e.to_string(), status: None, banned: false }
+    }
+
+    fn status(status: tonic::Status) -> Self {
+        Self {
+            message: format!("{:?}: {}", status.code(), status.message()),
+            status: Some(status),
+            banned: false,
+        }
+    }
+
+    fn refusal_of_banned(&self) -> bool {
+        self.banned || self.status.as_ref().and_then(Refusal::of) == Some(Refusal::Banned)
     }
 }
 
@@ -214,28 +305,19 @@ async fn sync_once(
     jwt: &JwtSvids,
     wake: &Notify,
     backoff: &mut Backoff,
-) -> Result<(), String> {
-    let mut client = link.client().await.map_err(|e| e.to_string())?;
+) -> Result<(), SyncFailure> {
+    let mut client = link.client().await.map_err(SyncFailure::connect)?;
     let state = cache.state();
     let revision = if state.ready { state.revision } else { 0 };
     let mut stream = match client.sync(pb::SyncRequest { revision }).await {
         Ok(response) => response.into_inner(),
-        Err(status) => {
-            if refusal_of(&status) == Some("banned") {
-                withdraw_everything(cache);
-            }
-            return Err(format!("{:?}: {}", status.code(), status.message()));
-        }
+        Err(status) => return Err(SyncFailure::status(status)),
     };
+    link.standing.reached();
     info!(revision, server = %link.server().unwrap_or_default(), "sync stream open");
     let mut snapshot: Vec<AgentEntry> = Vec::new();
     loop {
-        let message = stream.message().await.map_err(|status| {
-            if refusal_of(&status) == Some("banned") {
-                withdraw_everything(cache);
-            }
-            format!("{:?}: {}", status.code(), status.message())
-        })?;
+        let message = stream.message().await.map_err(SyncFailure::status)?;
         let Some(event) = message.and_then(|m| m.event) else { return Ok(()) };
         backoff.reset();
         match event {
@@ -322,7 +404,11 @@ async fn sync_once(
             Event::Banned(banned) => {
                 warn!(reason = %banned.reason, "this agent was banned: dropping every entry and SVID");
                 withdraw_everything(cache);
-                return Err(format!("agent banned: {}", banned.reason));
+                return Err(SyncFailure {
+                    message: format!("agent banned: {}", banned.reason),
+                    status: None,
+                    banned: true,
+                });
             }
             Event::Checkpoint(checkpoint) => {
                 cache.update(|s| {
@@ -348,11 +434,6 @@ async fn sync_once(
             }
         }
     }
-}
-
-/// The status's typed refusal (`banned`, `revoked`, ...), if the server sent one.
-fn refusal_of(status: &tonic::Status) -> Option<&str> {
-    status.metadata().get(tessera_proto::REFUSAL_METADATA).and_then(|v| v.to_str().ok())
 }
 
 /// Applies an upsert logged at `revision`, unless the agent is already past
@@ -436,10 +517,13 @@ pub async fn signer_loop(
         };
         let mut wait = Duration::from_secs(3600);
         if !due.is_empty() {
+            let used = link.serial();
             match sign(&link, &cache, &due, &mut retry_at).await {
                 Ok(()) => backoff.reset(),
-                Err(e) => {
-                    warn!(error = %e, entries = due.len(), "SVID signing failed; will retry");
+                Err((e, status)) => {
+                    if !link.judge(status.as_ref(), Call::Sign, &used) {
+                        warn!(error = %e, entries = due.len(), "SVID signing failed; will retry");
+                    }
                     link.fail_over();
                     wait = backoff.next_delay();
                 }
@@ -475,8 +559,8 @@ async fn sign(
     cache: &Cache,
     due: &[Arc<AgentEntry>],
     retry_at: &mut HashMap<String, i64>,
-) -> Result<(), String> {
-    let mut client = link.client().await.map_err(|e| e.to_string())?;
+) -> Result<(), (String, Option<tonic::Status>)> {
+    let mut client = link.client().await.map_err(|e| (e.to_string(), None))?;
     for chunk in due.chunks(SIGN_BATCH) {
         let entries = chunk.to_vec();
         let prepared = tokio::task::spawn_blocking(move || {
@@ -486,8 +570,8 @@ async fn sign(
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| (e.to_string(), None))?
+        .map_err(|e| (e.to_string(), None))?;
         let items = prepared
             .iter()
             .map(|(e, _, csr)| pb::SignX509Item { entry_id: e.id.clone(), csr: csr.clone() })
@@ -495,7 +579,7 @@ async fn sign(
         let response = client
             .sign_x509(pb::SignX509Request { items })
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .map_err(|s| (format!("{:?}: {}", s.code(), s.message()), Some(s)))?
             .into_inner();
         let now = now();
         let mut fresh = Vec::new();
@@ -534,63 +618,6 @@ async fn sign(
         });
     }
     Ok(())
-}
-
-/// Renews the agent's own SVID at half-life ± 10 %.
-pub async fn agent_renewal_loop(
-    link: Arc<NodeLink>,
-    data_dir: PathBuf,
-    shutdown: CancellationToken,
-) {
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-    let mut renew_at = {
-        let id = link.identity();
-        renew_point(id.not_before + BACKDATE_SECS, id.not_after)
-    };
-    loop {
-        // Never spin: at least a second between renewals.
-        let wait = Duration::from_secs((renew_at - now()).max(1) as u64);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        match renew_agent(&link, &data_dir).await {
-            Ok(identity) => {
-                info!(agent_id = %identity.spiffe_id, not_after = identity.not_after, "agent SVID renewed");
-                renew_at = renew_point(identity.not_before + BACKDATE_SECS, identity.not_after);
-                backoff.reset();
-            }
-            Err(e) => {
-                let identity = link.identity();
-                if identity.not_after <= now() {
-                    warn!(error = %e, "agent SVID expired and could not be renewed; the agent must re-attest with a new join token");
-                } else {
-                    warn!(error = %e, "agent SVID renewal failed; will retry");
-                }
-                link.fail_over();
-                renew_at = now() + backoff.next_delay().as_secs().max(1) as i64;
-            }
-        }
-    }
-}
-
-async fn renew_agent(link: &NodeLink, data_dir: &std::path::Path) -> Result<AgentIdentity, String> {
-    let (key, csr) = new_key_and_csr().map_err(|e| e.to_string())?;
-    let mut client = link.client().await.map_err(|e| e.to_string())?;
-    let response = client
-        .renew_agent(pb::RenewAgentRequest { csr })
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-        .into_inner();
-    let identity = AgentIdentity::new(response.x509_svid, key).map_err(|e| e.to_string())?;
-    identity.save(data_dir).map_err(|e| e.to_string())?;
-    let bundle: Vec<CertificateDer<'static>> =
-        response.bundle.into_iter().map(Into::into).collect();
-    if !bundle.is_empty() {
-        link.set_bundle(&bundle);
-    }
-    link.set_identity(identity.clone());
-    Ok(identity)
 }
 
 #[cfg(test)]

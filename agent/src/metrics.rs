@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 use tessera_proto::types::Event;
 
 use crate::cache::Cache;
+use crate::health::{Health, HealthProbe};
 use crate::manager::NodeLink;
 use crate::telemetry::{self, EventCounters, Labels};
 
@@ -169,31 +170,30 @@ impl AgentMetrics {
     }
 }
 
-/// `/metrics` and `/ready` for the agent: ready when attested and synced.
+/// `/metrics` and `/ready` for the agent: ready unless
+/// [`crate::health::decide`] calls it unhealthy (degraded is ready: the
+/// cached SVIDs are served).
 #[derive(Debug)]
 pub struct AgentHealth {
     /// Metrics.
     pub metrics: AgentMetrics,
-    /// The cache and the link, set once the agent runs.
-    pub parts: OnceLock<(Cache, Arc<NodeLink>)>,
+    /// The agent's state, set once the agent runs.
+    pub parts: OnceLock<HealthProbe>,
 }
 
 impl telemetry::Health for AgentHealth {
     fn metrics(&self) -> String {
         match self.parts.get() {
-            Some((cache, link)) => self.metrics.render(cache, link),
+            Some(probe) => self.metrics.render(&probe.cache, &probe.link),
             None => telemetry::encode(&self.metrics.inner.registry),
         }
     }
 
     fn ready(&self) -> Result<(), String> {
-        let (cache, link) = self.parts.get().ok_or("agent is starting")?;
-        if link.identity().not_after <= crate::manager::now() {
-            return Err("the agent's SVID has expired".into());
+        let probe = self.parts.get().ok_or("agent is starting")?;
+        match probe.assess() {
+            Health::Unhealthy(why) => Err(why),
+            Health::Healthy | Health::Degraded { .. } => Ok(()),
         }
-        if !cache.state().ready {
-            return Err("not synced with the server yet".into());
-        }
-        Ok(())
     }
 }

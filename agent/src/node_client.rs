@@ -2,17 +2,22 @@
 //! `spiffe://<td>/tessera/server` chained to the trust bundle, with the
 //! agent's X509-SVID as client certificate once it has one.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tessera_proto::node::node_client::NodeClient;
+use tessera_proto::Refusal;
 use tessera_workload_api::{
     error_chain, SpiffeId, SpiffeServerCertVerifier, TrustAnchors, TrustDomain,
 };
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -81,10 +86,112 @@ pub fn node_tls_config(
     Ok(config)
 }
 
+/// Where a connection records the refusal a TLS alert from the server
+/// carried (see [`alert_refusal`]); shared by the connections of one agent.
+#[derive(Debug, Clone, Default)]
+pub struct AlertSlot(Arc<Mutex<Option<Refusal>>>);
+
+impl AlertSlot {
+    /// The refusal seen since the last `take`, if any.
+    pub fn take(&self) -> Option<Refusal> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn set(&self, refusal: Refusal) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(refusal);
+    }
+}
+
+/// The refusal a TLS alert received from the server means. The node API
+/// checks client certificates against its CRLs in the handshake, and
+/// rustls answers a revoked one with the `certificate_revoked` alert; an
+/// alert is authenticated by the connection's keys, so it is the server's
+/// word. Found by type, never by message text.
+pub fn alert_refusal(e: &io::Error) -> Option<Refusal> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked) => {
+            Some(Refusal::Revoked)
+        }
+        _ => None,
+    }
+}
+
+/// The refusal a TLS alert anywhere in `e`'s chain of sources means.
+pub fn refusal_in(e: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<io::Error>().and_then(alert_refusal) {
+            return Some(found);
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// A TLS stream that records in its [`AlertSlot`] the refusal of any alert
+/// it reads. HTTP/2 turns I/O errors into text before a call sees them, so
+/// the typed alert is taken here, where the error is still an `io::Error`.
+struct Watched<S> {
+    inner: S,
+    alerts: AlertSlot,
+}
+
+impl<S> Watched<S> {
+    fn note<T>(&self, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &result {
+            if let Some(refusal) = alert_refusal(e) {
+                self.alerts.set(refusal);
+            }
+        }
+        result
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.note(result)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(result)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Connects to the node API at `address` (`host:port`).
 pub async fn connect_node(
     address: &str,
     tls: rustls::ClientConfig,
+) -> Result<NodeClient<Channel>, NodeClientError> {
+    connect_node_watched(address, tls, AlertSlot::default()).await
+}
+
+/// Connects to the node API at `address`, recording the refusal of any TLS
+/// alert the server sends on this connection in `alerts`.
+pub async fn connect_node_watched(
+    address: &str,
+    tls: rustls::ClientConfig,
+    alerts: AlertSlot,
 ) -> Result<NodeClient<Channel>, NodeClientError> {
     if !address.contains(':') {
         return Err(NodeClientError::Address(address.to_string()));
@@ -98,12 +205,17 @@ pub async fn connect_node(
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let connector = connector.clone();
             let target = target.clone();
+            let alerts = alerts.clone();
             async move {
                 let tcp = TcpStream::connect(&target).await?;
                 tcp.set_nodelay(true)?;
                 let name = ServerName::try_from("tessera-server").map_err(std::io::Error::other)?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
+                let tls = connector.connect(name, tcp).await.inspect_err(|e| {
+                    if let Some(refusal) = alert_refusal(e) {
+                        alerts.set(refusal);
+                    }
+                })?;
+                Ok::<_, std::io::Error>(TokioIo::new(Watched { inner: tls, alerts }))
             }
         }))
         .await
@@ -184,6 +296,16 @@ impl Servers {
         &self,
         tls: &rustls::ClientConfig,
     ) -> Result<(NodeClient<Channel>, String), NodeClientError> {
+        self.connect_watched(tls, &AlertSlot::default()).await
+    }
+
+    /// [`Servers::connect`], recording the refusal of any TLS alert a
+    /// server sends in `alerts`.
+    pub async fn connect_watched(
+        &self,
+        tls: &rustls::ClientConfig,
+        alerts: &AlertSlot,
+    ) -> Result<(NodeClient<Channel>, String), NodeClientError> {
         let ring = self.resolve().await?;
         let start = self.next.load(Ordering::Relaxed) % ring.len();
         let mut failures = Vec::new();
@@ -191,7 +313,7 @@ impl Servers {
             let index = (start + step) % ring.len();
             let (label, addr) = &ring[index];
             let target = addr.to_string();
-            let attempt = connect_node(&target, tls.clone());
+            let attempt = connect_node_watched(&target, tls.clone(), alerts.clone());
             let problem = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
                 Ok(Ok(client)) => {
                     self.next.store(index, Ordering::Relaxed);
@@ -202,15 +324,19 @@ impl Servers {
                     }
                     return Ok((client, label.clone()));
                 }
+                // The reason only: the address is said once, below.
+                Ok(Err(NodeClientError::Connect { message, .. })) => message,
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => {
-                    format!("server {label} did not answer in {}s", CONNECT_TIMEOUT.as_secs())
+                    format!("no answer in {}s", CONNECT_TIMEOUT.as_secs())
                 }
             };
             if ring.len() > 1 {
                 warn!(server = %label, error = %problem, "server unreachable; trying the next");
+                failures.push(format!("{label}: {problem}"));
+            } else {
+                failures.push(problem);
             }
-            failures.push(problem);
         }
         Err(NodeClientError::Connect {
             address: self.addresses.join(","),

@@ -66,6 +66,17 @@ pub fn decode_response(response: pb::X509svidResponse) -> Result<Vec<FetchedSvid
 
 /// Fetches the caller's current X509-SVIDs (the first message of the stream).
 pub async fn fetch_x509(address: &str) -> Result<Vec<FetchedSvid>, String> {
+    fetch_x509_with_federated(address).await.map(|(svids, _)| svids)
+}
+
+/// Federated bundles by trust domain (`spiffe://td`), each DER certificates.
+pub type FederatedBundles = Vec<(String, Vec<Vec<u8>>)>;
+
+/// Fetches the caller's current X509-SVIDs and the federated bundles sent
+/// with them, sorted by trust domain.
+pub async fn fetch_x509_with_federated(
+    address: &str,
+) -> Result<(Vec<FetchedSvid>, FederatedBundles), String> {
     let mut client = connect_workload_api(address).await?;
     let mut stream = client
         .fetch_x509svid(with_header(pb::X509svidRequest {}))
@@ -77,5 +88,18 @@ pub async fn fetch_x509(address: &str) -> Result<Vec<FetchedSvid>, String> {
         .await
         .map_err(|s| s.message().to_string())?
         .ok_or_else(|| "the agent closed the stream without an answer".to_string())?;
-    decode_response(response)
+    let mut federated = response
+        .federated_bundles
+        .iter()
+        .map(|(td, der)| {
+            let certs = split_der_chain(der)
+                .map_err(|e| format!("federated bundle {td}: {e}"))?
+                .into_iter()
+                .map(|c| c.to_vec())
+                .collect();
+            Ok((td.clone(), certs))
+        })
+        .collect::<Result<FederatedBundles, String>>()?;
+    federated.sort();
+    Ok((decode_response(response)?, federated))
 }

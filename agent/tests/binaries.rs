@@ -170,13 +170,13 @@ fn server_and_agent_binaries_serve_a_workload_end_to_end() {
     ));
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
-        std::fs::metadata(out.join("svid.key")).unwrap().permissions().mode() & 0o777,
+        std::fs::metadata(out.join("svid.0.key")).unwrap().permissions().mode() & 0o777,
         0o600
     );
     let verify = Command::new("openssl")
         .args(["verify", "-CAfile"])
-        .arg(out.join("bundle.pem"))
-        .arg(out.join("svid.pem"))
+        .arg(out.join("bundle.0.pem"))
+        .arg(out.join("svid.0.pem"))
         .output()
         .unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));

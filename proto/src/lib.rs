@@ -5,12 +5,22 @@
 //! - [`node`]: agent ↔ server (attestation, SVID signing, the `Sync` push stream).
 //! - [`admin`]: operator ↔ server (entries, join tokens, agents, bundle).
 //! - [`types`]: records shared by both Tessera APIs.
+//! - [`health`]: the standard gRPC health service.
+//! - [`Refusal`]: the typed refusals of the node API, for both sides.
 #![forbid(unsafe_code)]
 #![allow(missing_docs, clippy::all, missing_debug_implementations)]
 
 /// The SPIFFE Workload API (the `.proto` has no package).
 pub mod workload {
     tonic::include_proto!("_");
+}
+
+/// The standard gRPC health checking protocol (`grpc.health.v1.Health`),
+/// which the agent serves on its Workload API socket.
+pub mod health {
+    pub mod v1 {
+        tonic::include_proto!("grpc.health.v1");
+    }
 }
 
 /// Tessera's own packages, nested as their proto packages are (generated
@@ -40,13 +50,8 @@ pub use tessera::node::v1 as node;
 /// Records shared by the node and admin APIs.
 pub use tessera::types::v1 as types;
 
-/// Metadata key of a node API refusal that the agent acts on, with a typed
-/// reason as its value: `banned`, `revoked`, `superseded`, `unknown-agent`,
-/// `expired`, `evicted`; `rate-limited` (`ResourceExhausted`) for an
-/// attestation from an address over its budget of refused attestations;
-/// `approval-required` for an attestation whose join token needs a second
-/// operator's approval.
-pub const REFUSAL_METADATA: &str = "tessera-refusal";
+mod refusal;
+pub use refusal::{Refusal, UnknownRefusal, REFUSAL_METADATA};
 
 /// A signing item's refusal when the agent's own SVID was renewed while
 /// the server signed (the batch is refused whole): the agent signs again

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use tessera_proto::node::{self as pb, node_server::Node, sync_message::Event};
 use tessera_proto::types::{self as types, Status as ItemStatus};
+use tessera_proto::Refusal;
 use tessera_workload_api::SpiffeId;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -50,12 +51,12 @@ pub const SNAPSHOT_CHUNK: usize = 500;
 
 /// The typed refusal (see [`REFUSAL_METADATA`]) of an attestation from an
 /// address over its rate limit.
-pub const RATE_LIMITED: &str = "rate-limited";
+pub const RATE_LIMITED: Refusal = Refusal::RateLimited;
 
 /// The typed refusal (see [`REFUSAL_METADATA`]) of an attestation whose
 /// join token one operator made, for an agent ID that parents entries the
 /// approval policy matches.
-pub const APPROVAL_REQUIRED: &str = "approval-required";
+pub const APPROVAL_REQUIRED: Refusal = Refusal::ApprovalRequired;
 
 /// Refused attestations from one address are folded into one event per
 /// interval.
@@ -99,12 +100,8 @@ fn refusal_kind(op: &str) -> &'static str {
 pub use tessera_proto::REFUSAL_METADATA;
 
 /// A refusal of the calling agent, with its typed reason attached.
-fn agent_refused(kind: &str, message: String) -> Status {
-    let mut status = Status::permission_denied(message);
-    if let Ok(value) = kind.parse() {
-        status.metadata_mut().insert(REFUSAL_METADATA, value);
-    }
-    status
+fn agent_refused(kind: Refusal, message: String) -> Status {
+    kind.attach(Status::permission_denied(message))
 }
 
 impl From<AgentRefusal> for Status {
@@ -153,14 +150,10 @@ impl NodeService {
             return Ok(());
         }
         let wait = ((1.0 - tokens) / config.attest_rate).ceil().max(1.0);
-        let mut status = Status::resource_exhausted(format!(
+        Err(RATE_LIMITED.attach(Status::resource_exhausted(format!(
             "too many refused attestations from {source}: at most {} per second after {}; retry in {wait} s",
             config.attest_rate, config.attest_burst
-        ));
-        if let Ok(value) = RATE_LIMITED.parse() {
-            status.metadata_mut().insert(REFUSAL_METADATA, value);
-        }
-        Err(status)
+        ))))
     }
 
     /// Records a refusal of a caller not (yet) known as an agent: draws on
@@ -289,7 +282,7 @@ impl NodeService {
         let agent = self.state.store_op(move |store| store.check_agent(&key, &serial)).await??;
         if agent.x509_svid_expires_at <= self.state.clock.now() {
             return Err(agent_refused(
-                "expired",
+                Refusal::Expired,
                 format!("agent SVID {} has expired", caller.serial),
             ));
         }
@@ -1208,7 +1201,10 @@ impl NodeService {
             }
             ChangeKind::AgentEvicted { agent_id: evicted } if evicted == agent_id.as_str() => {
                 warn!(agent_id = %agent_id, "closing sync stream of evicted agent");
-                Err(agent_refused("evicted", format!("agent {agent_id} was evicted; attest again")))
+                Err(agent_refused(
+                    Refusal::Evicted,
+                    format!("agent {agent_id} was evicted; attest again"),
+                ))
             }
             _ => Ok(false),
         }

@@ -218,15 +218,16 @@ pub enum AgentRefusal {
 }
 
 impl AgentRefusal {
-    /// A stable, machine-readable name, sent to agents as typed detail.
-    pub fn kind(&self) -> &'static str {
+    /// The typed refusal sent to agents (the code shared with the agent).
+    pub fn kind(&self) -> tessera_proto::Refusal {
+        use tessera_proto::Refusal;
         match self {
-            Self::Unknown(_) => "unknown-agent",
-            Self::Banned(_) => "banned",
-            Self::Revoked(_) => "revoked",
-            Self::Superseded(_) => "superseded",
-            Self::Exists(_) => "agent-exists",
-            Self::EntryIdentity(_) => "entry-identity",
+            Self::Unknown(_) => Refusal::UnknownAgent,
+            Self::Banned(_) => Refusal::Banned,
+            Self::Revoked(_) => Refusal::Revoked,
+            Self::Superseded(_) => Refusal::Superseded,
+            Self::Exists(_) => Refusal::AgentExists,
+            Self::EntryIdentity(_) => Refusal::EntryIdentity,
         }
     }
 }

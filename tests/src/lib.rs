@@ -272,7 +272,7 @@ pub struct RunningAgent {
     /// The metrics endpoint, when the config asks for one.
     pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    task: JoinHandle<Result<(), tessera_agent::AgentError>>,
 }
 
 impl RunningAgent {
@@ -308,10 +308,19 @@ impl RunningAgent {
         let metrics_addr = agent.metrics_addr();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            agent.run(stop).await.expect("agent runs");
-        });
+        let task = tokio::spawn(agent.run(stop));
         Self { id, socket, metrics_addr, shutdown, task }
+    }
+
+    /// Waits up to `limit` for the agent to stop by itself; its result.
+    pub async fn stopped_within(
+        self,
+        limit: std::time::Duration,
+    ) -> Result<(), tessera_agent::AgentError> {
+        match tokio::time::timeout(limit, self.task).await {
+            Ok(result) => result.expect("agent task"),
+            Err(_) => panic!("the agent did not stop within {limit:?}"),
+        }
     }
 
     /// The Workload API address for clients, `unix:///...`.

@@ -1,0 +1,103 @@
+//! Renewal of the agent's own SVID: at half-life ± 10 %, at once when a
+//! call was refused as superseded, from the new schedule when the identity
+//! changed (attested again). A refusal of the renewal itself is judged by
+//! the recovery rule. Depends on `identity`, `manager`, `recovery`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use tessera_proto::node as pb;
+use tessera_proto::Refusal;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::identity::{new_key_and_csr, AgentIdentity};
+use crate::manager::{now, renew_point, Backoff, NodeLink, BACKDATE_SECS};
+use crate::recovery::{Call, Death};
+
+/// Renews the agent's own SVID at half-life ± 10 %, at once when a call
+/// was refused as superseded, and from the new schedule when the identity
+/// changed (attested again).
+pub async fn agent_renewal_loop(
+    link: Arc<NodeLink>,
+    data_dir: PathBuf,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut changes = link.identity_changes();
+    let schedule = |link: &NodeLink| {
+        let id = link.identity();
+        renew_point(id.not_before + BACKDATE_SECS, id.not_after)
+    };
+    let mut renew_at = schedule(&link);
+    loop {
+        // Never spin: at least a second between renewals.
+        let wait = Duration::from_secs((renew_at - now()).max(1) as u64);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = link.standing.renew_now.notified() => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                renew_at = schedule(&link);
+                continue;
+            }
+        }
+        if link.standing.death().is_some() {
+            // The recovery task attests again; nothing to renew.
+            renew_at = now() + backoff.next_delay().as_secs().max(1) as i64;
+            continue;
+        }
+        let used = link.serial();
+        match renew_agent(&link, &data_dir).await {
+            Ok(identity) => {
+                changes.mark_unchanged();
+                info!(agent_id = %identity.spiffe_id, not_after = identity.not_after, "agent SVID renewed");
+                renew_at = renew_point(identity.not_before + BACKDATE_SECS, identity.not_after);
+                backoff.reset();
+            }
+            Err((e, status)) => {
+                let identity = link.identity();
+                if link.judge(status.as_ref(), Call::Renew, &used) {
+                    // The recovery task says why.
+                } else if identity.not_after <= now() {
+                    link.standing.die(Death {
+                        refusal: Refusal::Expired,
+                        agent_id: identity.spiffe_id.to_string(),
+                    });
+                } else {
+                    warn!(error = %e, "agent SVID renewal failed; will retry");
+                }
+                link.fail_over();
+                renew_at = now() + backoff.next_delay().as_secs().max(1) as i64;
+            }
+        }
+    }
+}
+
+async fn renew_agent(
+    link: &NodeLink,
+    data_dir: &std::path::Path,
+) -> Result<AgentIdentity, (String, Option<tonic::Status>)> {
+    let (key, csr) = new_key_and_csr().map_err(|e| (e.to_string(), None))?;
+    let mut client = link.client().await.map_err(|e| (e.to_string(), None))?;
+    let response = client
+        .renew_agent(pb::RenewAgentRequest { csr })
+        .await
+        .map_err(|s| (format!("{:?}: {}", s.code(), s.message()), Some(s)))?
+        .into_inner();
+    let identity =
+        AgentIdentity::new(response.x509_svid, key).map_err(|e| (e.to_string(), None))?;
+    identity.save(data_dir).map_err(|e| (e.to_string(), None))?;
+    let bundle: Vec<CertificateDer<'static>> =
+        response.bundle.into_iter().map(Into::into).collect();
+    if !bundle.is_empty() {
+        link.set_bundle(&bundle);
+    }
+    link.set_identity(identity.clone());
+    Ok(identity)
+}
