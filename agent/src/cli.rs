@@ -202,11 +202,11 @@ enum ValidateCommand {
 
 /// Prints one SVID the way `api fetch` does.
 pub fn print_svid(svid: &FetchedSvid) {
-    println!("SPIFFE ID:     {}", svid.spiffe_id);
-    println!("Serial:        {}", svid.serial);
-    println!("Expires at:    {}", format_time(svid.expires_at));
+    crate::outln!("SPIFFE ID:     {}", svid.spiffe_id);
+    crate::outln!("Serial:        {}", svid.serial);
+    crate::outln!("Expires at:    {}", format_time(svid.expires_at));
     if !svid.hint.is_empty() {
-        println!("Hint:          {}", svid.hint);
+        crate::outln!("Hint:          {}", svid.hint);
     }
 }
 
@@ -230,10 +230,10 @@ impl Cli {
                     .await
                     .map_err(|s| CliError(format!("token is not valid: {}", s.message())))?
                     .into_inner();
-                println!("SVID is valid.");
-                println!("SPIFFE ID : {}", response.spiffe_id);
+                crate::outln!("SVID is valid.");
+                crate::outln!("SPIFFE ID : {}", response.spiffe_id);
                 let claims = response.claims.map(struct_json).unwrap_or_default();
-                println!("Claims    : {claims}");
+                crate::outln!("Claims    : {claims}");
                 Ok(())
             }
             Command::Api(ApiCommand::Fetch { what: None, x509 }) => fetch_x509_command(x509).await,
@@ -252,7 +252,7 @@ impl Cli {
                     let Some(response) = message else {
                         return Err(CliError("the agent closed the stream".into()));
                     };
-                    println!("--- update at {}", format_time(crate::manager::now()));
+                    crate::outln!("--- update at {}", format_time(crate::manager::now()));
                     for svid in decode_response(response)? {
                         print_svid(&svid);
                     }
@@ -263,8 +263,8 @@ impl Cli {
                     .await
                     .map_err(|e| CliError(format!("agent is unhealthy: {e}")))?;
                 match code.as_str() {
-                    "healthy" => println!("Agent is healthy."),
-                    "degraded" => println!("Agent is degraded: {reason}."),
+                    "healthy" => crate::outln!("Agent is healthy."),
+                    "degraded" => crate::outln!("Agent is degraded: {reason}."),
                     _ => return Err(CliError(format!("agent is unhealthy: {reason}"))),
                 }
                 Ok(())
@@ -278,7 +278,7 @@ async fn fetch_x509_command(args: X509Args) -> Result<(), CliError> {
     let (svids, federated) = fetch_x509_with_federated(&socket.address()).await?;
     if json {
         let list: Vec<_> = svids.iter().map(svid_json).collect();
-        println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+        crate::outln!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
     } else {
         for svid in &svids {
             print_svid(svid);
@@ -308,11 +308,11 @@ async fn fetch_command(what: FetchCommand) -> Result<(), CliError> {
             if json {
                 let list: Vec<_> =
                     svids.iter().map(|s| jwt_json(&s.spiffe_id, &s.svid, &s.hint)).collect();
-                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+                crate::outln!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
             } else {
                 for svid in &svids {
-                    println!("token({}):", svid.spiffe_id);
-                    println!("\t{}", svid.svid);
+                    crate::outln!("token({}):", svid.spiffe_id);
+                    crate::outln!("\t{}", svid.svid);
                 }
             }
             if let Some(dir) = &write {
@@ -336,8 +336,8 @@ async fn fetch_command(what: FetchCommand) -> Result<(), CliError> {
             let mut bundles: Vec<_> = response.bundles.into_iter().collect();
             bundles.sort();
             for (trust_domain, jwks) in bundles {
-                println!("bundle({trust_domain}):");
-                println!("\t{}", String::from_utf8_lossy(&jwks));
+                crate::outln!("bundle({trust_domain}):");
+                crate::outln!("\t{}", String::from_utf8_lossy(&jwks));
             }
             Ok(())
         }

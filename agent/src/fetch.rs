@@ -99,7 +99,7 @@ pub fn report_written(dir: &Path, written: &[(String, String)], json: bool) {
         if json {
             eprintln!("{line}");
         } else {
-            println!("{line}");
+            crate::outln!("{line}");
         }
     }
 }

@@ -768,7 +768,7 @@ impl Admin for AdminService {
             self.state.store_op(move |store| store.ban_agent(&key, &why, now)).await?.map_err(
                 |refusal| {
                     let e = schema::denied(kind::AGENT_BAN, refusal.to_string())
-                        .code(refusal.kind())
+                        .code(refusal.kind().as_str())
                         .operator(operator)
                         .agent(id.to_string());
                     self.state.events.record(vec![e]);
@@ -800,7 +800,7 @@ impl Admin for AdminService {
             self.state.store_op(move |store| store.evict_agent(&key, unban, now)).await?.map_err(
                 |refusal| {
                     let e = schema::denied(kind::AGENT_EVICT, refusal.to_string())
-                        .code(refusal.kind())
+                        .code(refusal.kind().as_str())
                         .operator(operator)
                         .agent(id.to_string());
                     self.state.events.record(vec![e]);

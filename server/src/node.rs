@@ -190,10 +190,9 @@ impl NodeService {
         // write per address).
         let first = self.stranger_refusals.note((source, op), status.message(), rate_limited);
         if first {
-            let e = schema::denied(refusal_kind(op), status.message())
+            let e = schema::refused(refusal_kind(op), &status)
                 .agent(agent)
                 .attr("op", op)
-                .attr("code", format!("{:?}", status.code()))
                 .attr("source", source)
                 .attr("count", 1);
             self.state.events.record(vec![e]);
@@ -220,6 +219,11 @@ impl NodeService {
                         f.count, f.last_reason
                     ),
                 )
+                .code(if f.flagged > 0 {
+                    tessera_proto::Refusal::RateLimited.as_str()
+                } else {
+                    schema::grpc_code(tonic::Code::PermissionDenied)
+                })
                 .attr("op", op)
                 .attr("source", source)
                 .attr("count", f.count)
@@ -233,10 +237,7 @@ impl NodeService {
 
     /// Records the refusal of a node request (event and log) and returns it.
     fn refuse(&self, op: &str, agent: &str, status: Status) -> Status {
-        let e = schema::denied(refusal_kind(op), status.message())
-            .agent(agent)
-            .attr("op", op)
-            .attr("code", format!("{:?}", status.code()));
+        let e = schema::refused(refusal_kind(op), &status).agent(agent).attr("op", op);
         self.state.events.record(vec![e]);
         status
     }
@@ -496,6 +497,7 @@ impl NodeService {
         let spiffe_id = entry.as_ref().map(|e| e.spiffe_id.to_string());
         let fail = |code: tonic::Code, message: String| {
             let mut e = schema::denied(kind::JWT_ISSUE, message.clone())
+                .code(schema::grpc_code(code))
                 .agent(agent_id.as_str())
                 .entry(item.entry_id.clone());
             e.spiffe_ids.extend(spiffe_id.clone());
@@ -567,6 +569,7 @@ impl NodeService {
         let spiffe_id = entry.as_ref().map(|e| e.spiffe_id.to_string());
         let fail = |code: tonic::Code, message: String| {
             let mut e = schema::denied(kind::X509_ISSUE, message.clone())
+                .code(schema::grpc_code(code))
                 .agent(agent_id.as_str())
                 .entry(item.entry_id.clone());
             e.spiffe_ids.extend(spiffe_id.clone());
