@@ -46,7 +46,8 @@ async fn evict(server: &TestServer, id: &str) {
 }
 
 async fn agent_ids(server: &TestServer) -> Vec<String> {
-    let agents = server.admin().await.list_agents(admin_pb::ListAgentsRequest::default()).await.unwrap();
+    let agents =
+        server.admin().await.list_agents(admin_pb::ListAgentsRequest::default()).await.unwrap();
     agents.into_inner().agents.into_iter().map(|a| a.spiffe_id).collect()
 }
 
