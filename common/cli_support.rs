@@ -239,6 +239,19 @@ macro_rules! out {
     ($($arg:tt)*) => { $crate::cli_support::write_stdout(format_args!($($arg)*)) };
 }
 
+/// A token cancelled on Ctrl-C or SIGTERM (logged as "shutting down"):
+/// what `run` stops on.
+pub fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    shutdown
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

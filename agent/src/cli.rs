@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use tessera_proto::workload as pb;
 use tessera_workload_api::TrustDomain;
-use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentConfig, DEFAULT_DATA_DIR, DEFAULT_SOCKET_PATH};
 pub use crate::cli_support::{format_time, init_logging, wait_for_signal, CliError, LogFormat};
@@ -403,13 +402,7 @@ async fn run_agent(args: RunArgs) -> Result<(), CliError> {
         config.event_spool_bytes = bytes;
     }
     let agent = Agent::start(config).await.map_err(|e| CliError(e.to_string()))?;
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        signal.cancel();
-    });
+    let shutdown = crate::cli_support::shutdown_on_signal();
     agent.run(shutdown).await.map_err(|e| CliError(e.to_string()))
 }
 

@@ -3,65 +3,12 @@
 //! the workload — every step through the documented CLI.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_tessera-agent");
+mod common;
 
-/// `tessera-server` is built next to `tessera-agent` by `cargo test --workspace`.
-fn server_bin() -> PathBuf {
-    let path = Path::new(AGENT).with_file_name("tessera-server");
-    assert!(path.exists(), "{} is missing: run `cargo test --workspace`", path.display());
-    path
-}
-
-struct Process(Child);
-
-impl Process {
-    fn spawn(command: &mut Command) -> Self {
-        Self(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
-    }
-
-    /// Spawns with stderr (the log) written to `log`.
-    fn spawn_logging(command: &mut Command, log: &Path) -> Self {
-        let file = std::fs::File::create(log).unwrap();
-        Self(command.stdout(Stdio::null()).stderr(file).spawn().unwrap())
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn run(bin: &Path, args: &[&str]) -> Output {
-    Command::new(bin).args(args).env_remove("SPIFFE_ENDPOINT_SOCKET").output().unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::{free_port, ok, run, server_bin, wait_until, Process, AGENT};
 
 fn fetch_json(socket: &str) -> serde_json::Value {
     serde_json::from_str(&ok(run(

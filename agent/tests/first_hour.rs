@@ -6,72 +6,15 @@
 //! times are RFC 3339; errors say the server once; `--help` one default.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_tessera-agent");
+mod common;
+
+use common::{free_port, ok, run, server_bin, wait_until, Process, AGENT};
+
 const NODE: &str = "spiffe://example.org/node/1";
-
-fn server_bin() -> PathBuf {
-    let path = Path::new(AGENT).with_file_name("tessera-server");
-    assert!(path.exists(), "{} is missing: run `cargo test --workspace`", path.display());
-    path
-}
-
-struct Process(Child);
-
-impl Process {
-    fn spawn(command: &mut Command, log: &Path) -> Self {
-        let file = std::fs::File::create(log).unwrap();
-        Self(command.stdout(Stdio::null()).stderr(file).spawn().unwrap())
-    }
-
-    fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-
-    /// Waits for the process to exit by itself; whether it succeeded.
-    fn exits_within(&mut self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status.success();
-            }
-            assert!(Instant::now() < deadline, "the process did not exit within {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn run(bin: &Path, args: &[&str]) -> Output {
-    Command::new(bin).args(args).env_remove("SPIFFE_ENDPOINT_SOCKET").output().unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -85,7 +28,7 @@ impl Setup {
     fn server(&self) -> Process {
         let data = self.dir.path().join("server").display().to_string();
         let log = self.dir.path().join("server.log");
-        let server = Process::spawn(
+        let server = Process::spawn_logging(
             Command::new(server_bin()).args([
                 "run",
                 "--trust-domain",
@@ -137,7 +80,7 @@ impl Setup {
         if let Some(file) = token_file {
             command.args(["--join-token-file", file]);
         }
-        Process::spawn(&mut command, &self.dir.path().join(log))
+        Process::spawn_logging(&mut command, &self.dir.path().join(log))
     }
 
     fn log(&self, name: &str) -> String {

@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use tokio_util::sync::CancellationToken;
 
-use super::{init_logging, wait_for_signal, CliError};
+use super::{init_logging, CliError};
 use crate::clock::SystemClock;
 use crate::config::{Config, FileConfig};
 use crate::server::Server;
@@ -64,12 +63,6 @@ pub(super) async fn run_server(args: RunArgs) -> Result<(), CliError> {
     init_logging(&config.log_level, config.log_format);
     let server =
         Server::bind(config, Arc::new(SystemClock)).await.map_err(|e| CliError(e.to_string()))?;
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        signal.cancel();
-    });
+    let shutdown = crate::cli_support::shutdown_on_signal();
     server.run(shutdown).await.map_err(|e| CliError(e.to_string()))
 }
