@@ -408,7 +408,7 @@ impl Agent {
         if let Some(fatal) = fatal {
             // For `healthcheck`, which finds no socket now: why the agent stopped.
             let note = crate::health::stopped_note(&config.socket_path);
-            if let Err(e) = std::fs::write(&note, format!("{fatal}\n")) {
+            if let Err(e) = crate::health::write_stopped_note(&note, &fatal.to_string()) {
                 warn!(path = %note.display(), error = %e, "cannot record why the agent stopped");
             }
             return Err(fatal);

@@ -193,6 +193,21 @@ pub fn stopped_note(socket: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Writes the note: never through a symbolic link someone planted in the
+/// socket's directory (`O_NOFOLLOW`), mode 0644 (it names no secret).
+pub fn write_stopped_note(note: &Path, why: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(note)?;
+    file.write_all(format!("{why}\n").as_bytes())
+}
+
 /// Asks the agent at `address` (`unix:///path`) for its health: the
 /// state code and the reason.
 pub async fn check(address: &str) -> Result<(String, String), String> {
@@ -237,6 +252,20 @@ mod tests {
             svid_expiries: vec![2_000, 3_000],
             ..Facts::default()
         }
+    }
+
+    #[test]
+    fn the_stopped_note_is_never_written_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "precious").unwrap();
+        let note = stopped_note(&dir.path().join("api.sock"));
+        std::os::unix::fs::symlink(&target, &note).unwrap();
+        assert!(write_stopped_note(&note, "banned").is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+        std::fs::remove_file(&note).unwrap();
+        write_stopped_note(&note, "banned").unwrap();
+        assert_eq!(std::fs::read_to_string(&note).unwrap(), "banned\n");
     }
 
     #[test]
