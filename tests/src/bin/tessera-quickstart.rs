@@ -131,6 +131,7 @@ async fn run() -> Result<(), String> {
     let (agent_bin, server_bin) = (binary("tessera-agent"), binary("tessera-server"));
     println!("Use it from another shell:");
     println!("  export SPIFFE_ENDPOINT_SOCKET={endpoint}");
+    println!("  export TESSERA_ADMIN_SOCKET={}", admin_socket.display());
     println!("  {agent_bin} api fetch --write /tmp/svid");
     println!("  {agent_bin} api fetch jwt --audience my-api");
     println!("  {server_bin} entry show");
