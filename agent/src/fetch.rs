@@ -11,7 +11,9 @@ use crate::cli_support::{format_time, CliError};
 use crate::identity::write_private;
 use crate::workload_client::{FederatedBundles, FetchedSvid};
 
-/// One X509-SVID as JSON.
+/// One X509-SVID as JSON: its certificates and the bundle as PEM (as
+/// SPIRE's `-output json`); the private key only ever goes to a 0600 file
+/// (`--write`), never to stdout.
 pub fn svid_json(svid: &FetchedSvid) -> serde_json::Value {
     serde_json::json!({
         "spiffe_id": svid.spiffe_id,
@@ -20,6 +22,8 @@ pub fn svid_json(svid: &FetchedSvid) -> serde_json::Value {
         "expires_at_unix": svid.expires_at,
         "hint": svid.hint,
         "chain_length": svid.chain.len(),
+        "x509_svid": certs_pem(&svid.chain),
+        "bundle": certs_pem(&svid.bundle),
     })
 }
 

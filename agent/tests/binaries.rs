@@ -110,6 +110,11 @@ fn server_and_agent_binaries_serve_a_workload_end_to_end() {
     let out = dir.path().join("out");
     let fetched = fetch_json(&socket);
     assert_eq!(fetched[0]["spiffe_id"], "spiffe://example.org/cli-workload");
+    // The JSON holds the certificates and the bundle, never the key.
+    for field in ["x509_svid", "bundle"] {
+        assert!(fetched[0][field].as_str().unwrap().contains("BEGIN CERTIFICATE"), "{fetched}");
+    }
+    assert!(!fetched.to_string().contains("PRIVATE KEY"), "{fetched}");
     let serial = fetched[0]["serial"].as_str().unwrap().to_string();
     ok(run(
         Path::new(AGENT),
