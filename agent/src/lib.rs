@@ -32,9 +32,11 @@ mod identity;
 mod jwt;
 mod manager;
 mod metrics;
+mod node_attestation;
 mod node_client;
 mod recovery;
 mod renewal;
+mod standing;
 #[path = "../../common/telemetry.rs"]
 mod telemetry;
 mod workload;

@@ -22,7 +22,7 @@ use crate::cache::{AgentEntry, Cache, CacheState, CachedSvid};
 use crate::identity::{certs_pem, new_key_and_csr, write_private, AgentIdentity};
 use crate::jwt::JwtSvids;
 use crate::node_client::{node_tls_config, NodeClientError, Servers};
-use crate::recovery::{self, Call, Death, Standing};
+use crate::standing::{self, Call, Death, Standing};
 use tessera_workload_api::jwt::{JwtBundle, JwtKey};
 
 /// The server backdates NotBefore by this much for clock skew; lifetimes
@@ -138,14 +138,14 @@ impl NodeLink {
     /// Judges a failed `call` that presented the SVID with serial `used`:
     /// with a typed refusal (from the status, else from a TLS alert seen
     /// since), records the identity dead when the refusal ends it (see
-    /// [`recovery::ends_identity`]), and asks for a renewal when the SVID
+    /// [`standing::ends_identity`]), and asks for a renewal when the SVID
     /// was called superseded. Answers whether the identity is dead.
     pub fn judge(&self, status: Option<&tonic::Status>, call: Call, used: &str) -> bool {
         let alert = self.standing.alerts.take();
         let Some(refusal) = status.and_then(Refusal::of).or(alert) else {
             return self.standing.death().is_some();
         };
-        if recovery::ends_identity(refusal, call, used, &self.serial()) {
+        if standing::ends_identity(refusal, call, used, &self.serial()) {
             let agent_id = self.identity().spiffe_id.to_string();
             self.standing.die(Death { refusal, agent_id });
         } else if refusal == Refusal::Superseded {

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::identity::{new_key_and_csr, AgentIdentity};
 use crate::manager::{now, renew_point, Backoff, NodeLink, BACKDATE_SECS};
-use crate::recovery::{Call, Death};
+use crate::standing::{Call, Death};
 
 /// Renews the agent's own SVID at half-life ± 10 %, at once when a call
 /// was refused as superseded, and from the new schedule when the identity

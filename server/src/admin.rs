@@ -10,7 +10,8 @@ use tessera_workload_api::SpiffeId;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::admin_peer::AdminPeer;
+use crate::admin_ops::MAX_PAGE;
+use crate::admin_peer::{operator_of, AdminPeer};
 use crate::approval::ApprovalRefusal;
 use crate::entry::{Entry, EntryError};
 use crate::event_schema::{self as schema, kind, EventExt};
@@ -43,14 +44,6 @@ pub fn report_proto(report: &StoreReport) -> pb::StoreReport {
         issued_svids: report.issued as u64,
         revocations: report.revocations as u64,
     }
-}
-
-/// Largest page of a listing.
-pub const MAX_PAGE: usize = 10_000;
-
-/// The admin caller, as pinned when its connection was accepted.
-pub fn operator_of<T>(request: &Request<T>) -> Option<Operator> {
-    Some(request.extensions().get::<AdminPeer>()?.operator)
 }
 
 /// Lets operators through (root, the server's uid, `admin_uids`,

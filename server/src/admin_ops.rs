@@ -8,12 +8,15 @@ use tessera_proto::admin as pb;
 use tessera_proto::types::{self as types, Operator};
 use tonic::{Request, Response, Status};
 
-use crate::admin::operator_of;
+use crate::admin_peer::operator_of;
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::mint::{self, MintError, Minted};
 use crate::queries::{self, SelectorQuery};
 use crate::state::State;
 use crate::store::EntryFilter;
+
+/// Largest page of a listing.
+pub const MAX_PAGE: usize = 10_000;
 
 /// The selector query of a listing request: each selector checked as
 /// `type:value`.
@@ -144,10 +147,7 @@ async fn mint_identity(
     let (agent, entries) = state
         .store_op(move |store| {
             let filter = EntryFilter { parent_id: None, spiffe_id: Some(lookup.clone()) };
-            Ok((
-                store.agent(lookup.as_str())?,
-                store.list_entries(&filter, None, crate::admin::MAX_PAGE)?,
-            ))
+            Ok((store.agent(lookup.as_str())?, store.list_entries(&filter, None, MAX_PAGE)?))
         })
         .await?;
     if agent.is_some() {

@@ -64,6 +64,11 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for WithMethod<
     const NAME: &'static str = S::NAME;
 }
 
+/// The admin caller, as pinned when its connection was accepted.
+pub fn operator_of<T>(request: &tonic::Request<T>) -> Option<Operator> {
+    Some(request.extensions().get::<AdminPeer>()?.operator)
+}
+
 /// The admin caller as pinned at accept.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AdminPeer {
