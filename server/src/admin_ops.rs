@@ -144,16 +144,33 @@ async fn mint_identity(
     let (agent, entries) = state
         .store_op(move |store| {
             let filter = EntryFilter { parent_id: None, spiffe_id: Some(lookup.clone()) };
-            Ok((
-                store.agent(lookup.as_str())?,
-                store.list_entries(&filter, None, crate::admin::MAX_PAGE)?,
-            ))
+            // Every entry with the ID, page by page: one the policy matches
+            // must not hide behind a page of others.
+            let mut entries = Vec::new();
+            loop {
+                let after = entries.last().map(|e: &crate::entry::Entry| e.id.clone());
+                let page =
+                    store.list_entries(&filter, after.as_deref(), crate::admin::MAX_PAGE)?;
+                let done = page.len() < crate::admin::MAX_PAGE;
+                entries.extend(page);
+                if done {
+                    break;
+                }
+            }
+            Ok((store.agent(lookup.as_str())?, entries))
         })
         .await?;
     if agent.is_some() {
         return Ok(Err(MintError::AgentIdentity(id.to_string())));
     }
-    let reasons = mint::approval_reasons(&state.governance.policy, &id, what, &entries);
+    let mut reasons = mint::approval_reasons(&state.governance.policy, &id, what, &entries);
+    // A proposal (an entry or a join token waiting for a second operator)
+    // for this ID: minting it now would skip that approval.
+    let proposals = state.governance.pending.list().map_err(|e| Status::internal(e.to_string()))?;
+    if let Some(p) = proposals.iter().find(|p| p.spiffe_id == id.as_str()) {
+        let proposal = p.pending.as_ref().map_or(p.id.as_str(), |a| a.proposal_id.as_str());
+        reasons.push(format!("proposal {proposal} for this SPIFFE ID awaits approval"));
+    }
     if !reasons.is_empty() {
         return Ok(Err(MintError::NeedsApproval { id: id.to_string(), reasons }));
     }
