@@ -71,6 +71,9 @@ pub async fn matching_entries(
         .await
 }
 
+/// Longest `--expired-for` a purge takes: ten years.
+pub const MAX_PURGE_EXPIRED_FOR: i64 = 3650 * 86_400;
+
 /// `PurgeAgents`: each agent whose SVID expired at least `expired_for`
 /// seconds ago is evicted in a commit of its own that checks it again
 /// (a renewal meanwhile keeps it), with an `admin.agent.evict` event.
@@ -80,8 +83,17 @@ pub async fn purge_agents(
 ) -> Result<Response<pb::PurgeAgentsResponse>, Status> {
     let operator = operator_of(&request);
     let req = request.into_inner();
+    // 0 would purge an agent the moment its SVID expires; more than ten
+    // years is a typo (no SVID lives that long).
+    if req.expired_for == 0 {
+        return Err(Status::invalid_argument(
+            "--expired-for must be at least 1s (e.g. 7d): 0 purges agents the moment their SVID expires",
+        ));
+    }
     let expired_for = i64::try_from(req.expired_for)
-        .map_err(|_| Status::invalid_argument("--expired-for is too large"))?;
+        .ok()
+        .filter(|&s| s <= MAX_PURGE_EXPIRED_FOR)
+        .ok_or_else(|| Status::invalid_argument("--expired-for is too large: at most 3650d"))?;
     let now = state.clock.now();
     let agents = state.store_op(|store| store.agents()).await?;
     let candidates: Vec<types::Agent> =

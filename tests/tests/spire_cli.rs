@@ -393,3 +393,24 @@ async fn an_identity_an_entry_awaits_approval_for_cannot_be_minted_meanwhile() {
     cli.ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/payments/free"]).await;
     server.stop().await;
 }
+
+/// `agent purge --expired-for` refuses durations that mean nothing (0
+/// would purge agents the moment their SVID expires; 99999999999d is a
+/// typo), in one line, and purges nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_refuses_durations_that_mean_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let cli = Cli::new(&server);
+    for d in ["0", "0s", "99999999999d", "", "-1", "--expired-for=-1"] {
+        let args: Vec<&str> = if d.starts_with("--") {
+            vec!["agent", "purge", d]
+        } else {
+            vec!["agent", "purge", "--expired-for", d]
+        };
+        let err = cli.refused(&args).await;
+        assert!(err.contains("expired-for") || err.contains("-1"), "{d:?}: {err}");
+    }
+    cli.ok(&["agent", "purge", "--expired-for", "7d", "--dry-run"]).await;
+    server.stop().await;
+}
