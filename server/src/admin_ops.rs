@@ -90,10 +90,11 @@ pub async fn purge_agents(
             "--expired-for must be at least 1s (e.g. 7d): 0 purges agents the moment their SVID expires",
         ));
     }
-    let expired_for = i64::try_from(req.expired_for)
-        .ok()
-        .filter(|&s| s <= MAX_PURGE_EXPIRED_FOR)
-        .ok_or_else(|| Status::invalid_argument("--expired-for is too large: at most 3650d"))?;
+    let expired_for =
+        i64::try_from(req.expired_for)
+            .ok()
+            .filter(|&s| s <= MAX_PURGE_EXPIRED_FOR)
+            .ok_or_else(|| Status::invalid_argument("--expired-for is too large: at most 3650d"))?;
     let now = state.clock.now();
     let agents = state.store_op(|store| store.agents()).await?;
     let candidates: Vec<types::Agent> =
@@ -161,8 +162,7 @@ async fn mint_identity(
             let mut entries = Vec::new();
             loop {
                 let after = entries.last().map(|e: &crate::entry::Entry| e.id.clone());
-                let page =
-                    store.list_entries(&filter, after.as_deref(), crate::admin::MAX_PAGE)?;
+                let page = store.list_entries(&filter, after.as_deref(), crate::admin::MAX_PAGE)?;
                 let done = page.len() < crate::admin::MAX_PAGE;
                 entries.extend(page);
                 if done {

@@ -92,35 +92,6 @@ pub fn server_id(data_dir: &Path) -> std::io::Result<String> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn restrict_tree_leaves_only_the_owner_in() {
-        let dir = tempfile::tempdir().unwrap();
-        let sub = dir.path().join("blobs");
-        fs::create_dir(&sub).unwrap();
-        fs::set_permissions(&sub, fs::Permissions::from_mode(0o755)).unwrap();
-        for file in [dir.path().join("db"), sub.join("1")] {
-            fs::write(&file, b"x").unwrap();
-            fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
-        }
-        let outside = tempfile::tempdir().unwrap();
-        let target = outside.path().join("target");
-        fs::write(&target, b"y").unwrap();
-        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
-        std::os::unix::fs::symlink(&target, dir.path().join("link")).unwrap();
-        restrict_tree(dir.path()).unwrap();
-        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode(dir.path()), 0o700);
-        assert_eq!(mode(&sub), 0o700);
-        assert_eq!(mode(&dir.path().join("db")), 0o600);
-        assert_eq!(mode(&sub.join("1")), 0o600);
-        assert_eq!(mode(&target), 0o644, "a symlink's target is not touched");
-    }
-}
-
 /// Checks that only this process's user (or root) can change what `dir`
 /// holds, so that a socket bound in it cannot be replaced or redirected
 /// by another local user: every directory on its real path is owned by
@@ -167,4 +138,33 @@ pub fn check_trusted_dir(dir: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restrict_tree_leaves_only_the_owner_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("blobs");
+        fs::create_dir(&sub).unwrap();
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o755)).unwrap();
+        for file in [dir.path().join("db"), sub.join("1")] {
+            fs::write(&file, b"x").unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("target");
+        fs::write(&target, b"y").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("link")).unwrap();
+        restrict_tree(dir.path()).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(dir.path()), 0o700);
+        assert_eq!(mode(&sub), 0o700);
+        assert_eq!(mode(&dir.path().join("db")), 0o600);
+        assert_eq!(mode(&sub.join("1")), 0o600);
+        assert_eq!(mode(&target), 0o644, "a symlink's target is not touched");
+    }
 }

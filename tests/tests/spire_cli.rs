@@ -364,8 +364,17 @@ async fn an_identity_an_entry_awaits_approval_for_cannot_be_minted_meanwhile() {
     let root_job = "spiffe://example.org/payments/root-job";
     let held = "spiffe://example.org/payments/held";
     let parent = "spiffe://example.org/node/1";
-    cli.ok(&["entry", "create", "--spiffe-id", root_job, "--parent-id", parent, "--selector", "unix:uid:0"])
-        .await;
+    cli.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        root_job,
+        "--parent-id",
+        parent,
+        "--selector",
+        "unix:uid:0",
+    ])
+    .await;
     cli.ok(&[
         "entry",
         "create",
