@@ -140,16 +140,32 @@ pub fn denied(kind: &str, reason: impl Into<String>) -> Event {
 /// The code of an operator's own decision (a revocation, a ban).
 pub const OPERATOR: &str = "operator";
 
-/// A code fit for a metric label: lowercase letters, digits, `-` and `_`,
-/// at most 32 characters; anything else is `other`. Codes come from fixed
-/// vocabularies (typed refusals, gRPC codes), never from free text.
+/// The codes of the Workload API's own refusals (the agent's
+/// `connection_limit`, `stream_limit`, `agent_unavailable`, and its
+/// attestor's `AttestError::code`), and of an operator's decision.
+pub const LOCAL_CODES: [&str; 11] = [
+    OPERATOR,
+    "agent_unavailable",
+    "connection_limit",
+    "stream_limit",
+    "no_pid",
+    "pin_failed",
+    "process_exited",
+    "proc_unreadable",
+    "no_peer_credentials",
+    "credentials_mismatch",
+    "executable_changed",
+];
+
+/// A code fit for a metric label: one of a fixed vocabulary (the typed
+/// refusals, the gRPC codes in kebab case, [`LOCAL_CODES`]); anything else
+/// is `other`. An agent pushes its events' codes as it likes, so a code
+/// merely shaped like one would let it add label values without bound.
 pub fn bounded_code(code: &str) -> &str {
-    let fits = !code.is_empty()
-        && code.len() <= 32
-        && code
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if fits {
+    let known = tessera_proto::Refusal::ALL.iter().any(|r| r.as_str() == code)
+        || LOCAL_CODES.contains(&code)
+        || (0..=16).any(|n| grpc_code(tonic::Code::from_i32(n)) == code);
+    if known {
         code
     } else {
         "other"

@@ -183,3 +183,40 @@ fn answer<B>(req: &Request<B>, health: &dyn Health) -> Response<Full<Bytes>> {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// An agent pushes its events as it likes (the server counts them
+    /// too): codes shaped like codes, and kinds, that are no real ones all
+    /// land in `other`, so a caller cannot add label values without bound.
+    #[test]
+    fn made_up_codes_and_kinds_add_no_label_values() {
+        let counters = EventCounters::default();
+        let mut registry = Registry::default();
+        counters.register(&mut registry);
+        for i in 0..500 {
+            let e = Event {
+                kind: if i % 2 == 0 { "workload.x509".into() } else { format!("workload.k{i}") },
+                decision: "deny".into(),
+                code: format!("made-up-{i}"),
+                ..Default::default()
+            };
+            counters.count(&e);
+        }
+        counters.count(&Event {
+            kind: "workload.x509".into(),
+            decision: "deny".into(),
+            code: "permission-denied".into(),
+            ..Default::default()
+        });
+        let text = encode(&registry);
+        let series = text.lines().filter(|l| l.contains("refusals_total{")).count();
+        assert!(series <= 3, "{text}");
+        assert!(text.contains("reason=\"other\""), "{text}");
+        assert!(text.contains("reason=\"permission-denied\""), "{text}");
+        assert!(!text.contains("made-up"), "{text}");
+    }
+}

@@ -51,8 +51,8 @@ pub use attestor::{
 pub use authority::{AuthorityError, AuthorityRewriter, RewriteAuthority};
 pub use health::{decide as decide_health, Facts as HealthFacts, Health};
 pub use node_client::{
-    alert_refusal, connect_node, connect_node_watched, node_tls_config, refusal_in, AlertSlot,
-    ClientIdentity, NodeClientError, Servers, MAX_MESSAGE_BYTES,
+    alert_refusal, connect_node, connect_node_watched, node_tls_config, AlertSlot, ClientIdentity,
+    NodeClientError, Servers, MAX_MESSAGE_BYTES,
 };
 pub use workload_client::{
     connect_workload_api, fetch_x509, with_header as cli_request, FetchedSvid,

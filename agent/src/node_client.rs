@@ -104,9 +104,13 @@ impl AlertSlot {
 
 /// The refusal a TLS alert received from the server means. The node API
 /// checks client certificates against its CRLs in the handshake, and
-/// rustls answers a revoked one with the `certificate_revoked` alert; an
-/// alert is authenticated by the connection's keys, so it is the server's
-/// word. Found by type, never by message text.
+/// rustls answers a revoked one with the `certificate_revoked` alert. Only
+/// an alert read after this side's handshake completed is the server's
+/// word (protected by keys the server's certificate authenticated); one
+/// read during the handshake may come from anyone on the path (a
+/// plaintext alert in place of the ServerHello), so callers look at
+/// alerts on established connections only ([`Watched`]). Found by type,
+/// never by message text.
 pub fn alert_refusal(e: &io::Error) -> Option<Refusal> {
     match e.get_ref()?.downcast_ref::<rustls::Error>()? {
         rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked) => {
@@ -116,21 +120,12 @@ pub fn alert_refusal(e: &io::Error) -> Option<Refusal> {
     }
 }
 
-/// The refusal a TLS alert anywhere in `e`'s chain of sources means.
-pub fn refusal_in(e: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
-    let mut next = Some(e);
-    while let Some(e) = next {
-        if let Some(found) = e.downcast_ref::<io::Error>().and_then(alert_refusal) {
-            return Some(found);
-        }
-        next = e.source();
-    }
-    None
-}
-
-/// A TLS stream that records in its [`AlertSlot`] the refusal of any alert
-/// it reads. HTTP/2 turns I/O errors into text before a call sees them, so
-/// the typed alert is taken here, where the error is still an `io::Error`.
+/// An established TLS stream (its handshake completed, so the server was
+/// authenticated) that records in its [`AlertSlot`] the refusal of any
+/// alert it reads. HTTP/2 turns I/O errors into text before a call sees
+/// them, so the typed alert is taken here, where the error is still an
+/// `io::Error`. With TLS 1.3 the server's `certificate_revoked` answer to
+/// the agent's certificate arrives here, after the client's handshake.
 struct Watched<S> {
     inner: S,
     alerts: AlertSlot,
@@ -187,7 +182,8 @@ pub async fn connect_node(
 }
 
 /// Connects to the node API at `address`, recording the refusal of any TLS
-/// alert the server sends on this connection in `alerts`.
+/// alert the server sends on this connection, once established, in
+/// `alerts`.
 pub async fn connect_node_watched(
     address: &str,
     tls: rustls::ClientConfig,
@@ -210,11 +206,9 @@ pub async fn connect_node_watched(
                 let tcp = TcpStream::connect(&target).await?;
                 tcp.set_nodelay(true)?;
                 let name = ServerName::try_from("tessera-server").map_err(std::io::Error::other)?;
-                let tls = connector.connect(name, tcp).await.inspect_err(|e| {
-                    if let Some(refusal) = alert_refusal(e) {
-                        alerts.set(refusal);
-                    }
-                })?;
+                // An alert during the handshake is not recorded: the server
+                // is not authenticated yet, so anyone on the path can send it.
+                let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(Watched { inner: tls, alerts }))
             }
         }))

@@ -74,6 +74,9 @@ pub async fn matching_entries(
         .await
 }
 
+/// Longest `--expired-for` a purge takes: ten years.
+pub const MAX_PURGE_EXPIRED_FOR: i64 = 3650 * 86_400;
+
 /// `PurgeAgents`: each agent whose SVID expired at least `expired_for`
 /// seconds ago is evicted in a commit of its own that checks it again
 /// (a renewal meanwhile keeps it), with an `admin.agent.evict` event.
@@ -83,8 +86,18 @@ pub async fn purge_agents(
 ) -> Result<Response<pb::PurgeAgentsResponse>, Status> {
     let operator = operator_of(&request);
     let req = request.into_inner();
-    let expired_for = i64::try_from(req.expired_for)
-        .map_err(|_| Status::invalid_argument("--expired-for is too large"))?;
+    // 0 would purge an agent the moment its SVID expires; more than ten
+    // years is a typo (no SVID lives that long).
+    if req.expired_for == 0 {
+        return Err(Status::invalid_argument(
+            "--expired-for must be at least 1s (e.g. 7d): 0 purges agents the moment their SVID expires",
+        ));
+    }
+    let expired_for =
+        i64::try_from(req.expired_for)
+            .ok()
+            .filter(|&s| s <= MAX_PURGE_EXPIRED_FOR)
+            .ok_or_else(|| Status::invalid_argument("--expired-for is too large: at most 3650d"))?;
     let now = state.clock.now();
     let agents = state.store_op(|store| store.agents()).await?;
     let candidates: Vec<types::Agent> =
@@ -147,13 +160,32 @@ async fn mint_identity(
     let (agent, entries) = state
         .store_op(move |store| {
             let filter = EntryFilter { parent_id: None, spiffe_id: Some(lookup.clone()) };
-            Ok((store.agent(lookup.as_str())?, store.list_entries(&filter, None, MAX_PAGE)?))
+            // Every entry with the ID, page by page: one the policy matches
+            // must not hide behind a page of others.
+            let mut entries = Vec::new();
+            loop {
+                let after = entries.last().map(|e: &crate::entry::Entry| e.id.clone());
+                let page = store.list_entries(&filter, after.as_deref(), MAX_PAGE)?;
+                let done = page.len() < MAX_PAGE;
+                entries.extend(page);
+                if done {
+                    break;
+                }
+            }
+            Ok((store.agent(lookup.as_str())?, entries))
         })
         .await?;
     if agent.is_some() {
         return Ok(Err(MintError::AgentIdentity(id.to_string())));
     }
-    let reasons = mint::approval_reasons(&state.governance.policy, &id, what, &entries);
+    let mut reasons = mint::approval_reasons(&state.governance.policy, &id, what, &entries);
+    // A proposal (an entry or a join token waiting for a second operator)
+    // for this ID: minting it now would skip that approval.
+    let proposals = state.governance.pending.list().map_err(|e| Status::internal(e.to_string()))?;
+    if let Some(p) = proposals.iter().find(|p| p.spiffe_id == id.as_str()) {
+        let proposal = p.pending.as_ref().map_or(p.id.as_str(), |a| a.proposal_id.as_str());
+        reasons.push(format!("proposal {proposal} for this SPIFFE ID awaits approval"));
+    }
     if !reasons.is_empty() {
         return Ok(Err(MintError::NeedsApproval { id: id.to_string(), reasons }));
     }

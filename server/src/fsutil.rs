@@ -92,6 +92,54 @@ pub fn server_id(data_dir: &Path) -> std::io::Result<String> {
     }
 }
 
+/// Checks that only this process's user (or root) can change what `dir`
+/// holds, so that a socket bound in it cannot be replaced or redirected
+/// by another local user: every directory on its real path is owned by
+/// root or the effective uid and writable by no one else (unless sticky,
+/// like `/tmp`, where others cannot rename or remove what is not theirs),
+/// and every symlink on the path as given is owned by root or the
+/// effective uid. `dir` itself must not be sticky-shared: it is the
+/// server's own. Returns why not, naming the path.
+pub fn check_trusted_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    let given = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for path in given.ancestors() {
+        let meta = fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if meta.file_type().is_symlink() && !trusted(meta.uid()) {
+            return Err(format!(
+                "{} is a symlink owned by uid {}, not by root or uid {me}",
+                path.display(),
+                meta.uid()
+            ));
+        }
+    }
+    let real = fs::canonicalize(&given).map_err(|e| format!("{}: {e}", given.display()))?;
+    for path in real.ancestors() {
+        let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !meta.is_dir() {
+            return Err(format!("{} is not a directory", path.display()));
+        }
+        if !trusted(meta.uid()) {
+            return Err(format!(
+                "{} is owned by uid {}, not by root or uid {me}",
+                path.display(),
+                meta.uid()
+            ));
+        }
+        let sticky = meta.mode() & 0o1000 != 0 && path != real;
+        if meta.mode() & 0o022 != 0 && !sticky {
+            return Err(format!(
+                "{} is writable by other users (mode {:o})",
+                path.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -536,14 +536,30 @@ async fn bind_admin_socket(
         let path = path.display().to_string();
         move |source| ServerError::Io { what, path, source }
     };
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            create_private_dir(dir).map_err(io("cannot create admin socket dir"))?;
-            if shared {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-                    .map_err(io("cannot open admin socket dir"))?;
-            }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Created 0700 (never wider, whatever the umask), checked, and only
+        // then opened: a directory another local user made first, or a
+        // symlink of theirs in its place, is refused before anything is
+        // bound or chmod'ed through it.
+        let created = !dir.exists();
+        if created {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io("cannot create admin socket dir"))?;
+        }
+        crate::fsutil::check_trusted_dir(dir).map_err(|why| ServerError::Io {
+            what: "cannot use admin socket",
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, why),
+        })?;
+        if created {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = if shared { 0o755 } else { 0o700 };
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(io("cannot open admin socket dir"))?;
         }
     }
     if path.exists() {

@@ -164,3 +164,75 @@ fn an_offline_store_check_of_a_running_server_names_the_online_check() {
     assert!(server.cli(&["store", "check"]).status.success());
     server.stop();
 }
+
+/// Starts `run` with the admin socket at `socket` and operators configured;
+/// expects it to refuse within 30 s; its stderr.
+fn refused_start(dir: &Path, socket: &Path) -> String {
+    let config = config(dir, "admin_uids = [4242]\n");
+    let mut child = Command::new(BIN)
+        .args(["run", "--trust-domain", "example.org", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--config", &config, "--admin-socket", socket.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the server started on {}", socket.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    stderr(&out)
+}
+
+/// A local user who creates the admin socket's directory first (e.g.
+/// `<data_dir>-admin` beside a data dir in a shared parent), or puts a
+/// symlink of theirs in its place, or a directory others may write, would
+/// own the socket the operators talk to (replace it, or have the server
+/// chmod through it). The server refuses to bind there and says why.
+#[test]
+fn an_admin_socket_dir_another_user_controls_is_refused() {
+    use std::os::unix::fs::{chown, symlink};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let theirs = dir.path().join("data-admin");
+    std::fs::create_dir(&theirs).unwrap();
+    chown(&theirs, Some(4242), Some(4242)).unwrap();
+    let err = refused_start(dir.path(), &theirs.join("admin.sock"));
+    assert!(err.contains("owned by uid 4242"), "{err}");
+    assert!(!theirs.join("admin.sock").exists());
+
+    let target = dir.path().join("elsewhere");
+    std::fs::create_dir(&target).unwrap();
+    let link = dir.path().join("link-admin");
+    symlink(&target, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(4242), Some(4242)).unwrap();
+    let err = refused_start(dir.path(), &link.join("admin.sock"));
+    assert!(err.contains("symlink owned by uid 4242"), "{err}");
+    assert!(!target.join("admin.sock").exists());
+
+    let open = dir.path().join("open-admin");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = refused_start(dir.path(), &open.join("admin.sock"));
+    assert!(err.contains("writable by other users"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // A directory the server creates itself is fine, and 0755 for operators.
+    let data = dir.path().join("data");
+    let mine = dir.path().join("mine-admin").join("admin.sock");
+    let log = dir.path().join("server.log");
+    let config = config(dir.path(), "admin_uids = [4242]\n");
+    let server = RunningServer::start_at(&data, &mine, &["--config", &config], &log);
+    let mode = std::fs::metadata(mine.parent().unwrap()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o755);
+    server.stop();
+}

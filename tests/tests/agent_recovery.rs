@@ -225,3 +225,47 @@ async fn health_says_the_server_is_away_and_how_long_the_cached_svids_last() {
     wait_for_svid(&agent, "spiffe://example.org/web").await;
     agent.stop().await;
 }
+
+/// A peer that is not the server (a MITM, or whoever answers at the server's
+/// address) sends a plaintext `certificate_revoked` alert in place of the
+/// ServerHello: it is unauthenticated, so the agent must not take it as the
+/// server's word. Its SVID stays on disk and its join token stays unspent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_certificate_revoked_alert_before_server_authentication_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let data = dir.path().join("agent");
+    let agent = agent_with_token(&server, &data, server.join_token(NODE_A, 0).await.token).await;
+    agent.stop().await;
+    let serial = stored_serial(&data);
+
+    // TLS record: alert (21), version 3.3, length 2, fatal (2), certificate_revoked (44).
+    let forger = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let forger_addr = forger.local_addr().unwrap();
+    let forging = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut served = 0u32;
+        loop {
+            let Ok((mut tcp, _)) = forger.accept().await else { return served };
+            let mut hello = [0u8; 512];
+            let _ = tcp.read(&mut hello).await;
+            let _ = tcp.write_all(&[21, 3, 3, 0, 2, 2, 44]).await;
+            served += 1;
+        }
+    });
+    let spare = server.join_token(NODE_B, 0).await.token;
+    let agent = RunningAgent::start_configured(&server, &data, |c| {
+        c.join_token = Some(spare.clone());
+        c.server_addresses = vec![forger_addr.to_string()];
+    })
+    .await;
+    assert_eq!(agent.id, NODE_A);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    forging.abort();
+    assert!(data.join("agent_svid.pem").exists(), "a forged alert made the agent drop its SVID");
+    assert_eq!(stored_serial(&data), serial);
+    agent.stop().await;
+    assert_eq!(agent_ids(&server).await, vec![NODE_A.to_string()]);
+    TestAgent::attest(&server, &spare).await.expect("the spare token is unspent");
+    server.stop().await;
+}

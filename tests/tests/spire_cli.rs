@@ -350,3 +350,76 @@ fn hex_of(bytes: &[u8]) -> String {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     hex.trim_start_matches('0').to_string()
 }
+
+/// An entry waiting for a second operator is an identity the policy
+/// protects: while it waits, its proposer (or any one operator) cannot mint
+/// its SPIFFE ID directly and so skip the approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_an_entry_awaits_approval_for_cannot_be_minted_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.approval = ApprovalPolicy { root_selectors: true, ..Default::default() };
+    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let cli = Cli::new(&server);
+    let root_job = "spiffe://example.org/payments/root-job";
+    let held = "spiffe://example.org/payments/held";
+    let parent = "spiffe://example.org/node/1";
+    cli.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        root_job,
+        "--parent-id",
+        parent,
+        "--selector",
+        "unix:uid:0",
+    ])
+    .await;
+    cli.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        held,
+        "--parent-id",
+        parent,
+        "--selector",
+        "unix:uid:1000",
+        "--require-approval",
+    ])
+    .await;
+    let pending = cli.ok(&["entry", "show", "--pending"]).await;
+    assert!(pending.contains(root_job) && pending.contains(held), "{pending}");
+    for id in [root_job, held] {
+        let err = cli.refused(&["x509", "mint", "--spiffe-id", id]).await;
+        assert!(err.contains("second operator"), "{id}: {err}");
+        let err = cli.refused(&["jwt", "mint", "--spiffe-id", id, "--audience", "a"]).await;
+        assert!(err.contains("second operator"), "{id}: {err}");
+    }
+    // Nothing was issued for them.
+    let issued = cli.events("svid.x509.issue").await;
+    assert!(issued.iter().all(|e| e["decision"] == "deny"), "{issued:?}");
+    // An identity nothing protects is still minted by one operator.
+    cli.ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/payments/free"]).await;
+    server.stop().await;
+}
+
+/// `agent purge --expired-for` refuses durations that mean nothing (0
+/// would purge agents the moment their SVID expires; 99999999999d is a
+/// typo), in one line, and purges nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_refuses_durations_that_mean_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let cli = Cli::new(&server);
+    for d in ["0", "0s", "99999999999d", "", "-1", "--expired-for=-1"] {
+        let args: Vec<&str> = if d.starts_with("--") {
+            vec!["agent", "purge", d]
+        } else {
+            vec!["agent", "purge", "--expired-for", d]
+        };
+        let err = cli.refused(&args).await;
+        assert!(err.contains("expired-for") || err.contains("-1"), "{d:?}: {err}");
+    }
+    cli.ok(&["agent", "purge", "--expired-for", "7d", "--dry-run"]).await;
+    server.stop().await;
+}
