@@ -145,10 +145,16 @@ impl NodeLink {
         let Some(refusal) = status.and_then(Refusal::of).or(alert) else {
             return self.standing.death().is_some();
         };
-        if standing::ends_identity(refusal, call, used, &self.serial()) {
+        let current = self.serial();
+        if standing::ends_identity(refusal, call, used, &current) {
             let agent_id = self.identity().spiffe_id.to_string();
             self.standing.die(Death { refusal, agent_id });
-        } else if refusal == Refusal::Superseded {
+        } else if refusal == Refusal::Superseded && used == current {
+            // The server holds another SVID as this agent's current one
+            // (a renewal whose answer was lost): renew now. A refusal of
+            // an SVID the agent has renewed since means nothing more than
+            // that the call raced the renewal: it reconnects with the new
+            // one (renewing again would supersede the retry too).
             self.standing.renew_now.notify_one();
         }
         self.standing.death().is_some()
