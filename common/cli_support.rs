@@ -27,11 +27,11 @@ impl From<tonic::Status> for CliError {
     }
 }
 
-/// Flags as SPIRE spells them, and Tessera's spelling (empty: Tessera has
-/// no such flag; `=text`: what to do instead). A spelling is suggested
-/// only when the binary has the flag.
+/// Flags as SPIRE spells them, and Tessera's spellings (`|`: the first one
+/// the command has; empty: Tessera has no such flag; `=text`: what to do
+/// instead). A spelling is suggested only when the command typed has it.
 const SPIRE_SPELLINGS: &[(&str, &str)] = &[
-    ("-spiffeID", "--spiffe-id"),
+    ("-spiffeID", "--spiffe-id|--id"),
     ("-parentID", "--parent-id"),
     ("-selector", "--selector"),
     ("-audience", "--audience"),
@@ -47,17 +47,20 @@ const SPIRE_SPELLINGS: &[(&str, &str)] = &[
     ("-entryExpiry", "--expires-at"),
     ("-matchSelectorsOn", "--match"),
     ("-expiredFor", "--expired-for"),
+    ("-dryRun", "--dry-run"),
     ("-config", "--config"),
     ("-dataDir", "--data-dir"),
     ("-trustDomain", "--trust-domain"),
-    ("-joinToken", "--join-token"),
+    ("-joinToken", "--join-token|--join-token-file"),
     ("-serverAddress", "--server-address"),
     ("-logLevel", "--log-level"),
     ("-token", "--token"),
     ("-reason", "--reason"),
     ("-output", "--json"),
-    ("-format", "--json"),
+    ("-format", "--format"),
     ("-svid", "=Tessera takes the token as an argument: api validate jwt --audience A TOKEN"),
+    ("-shallow", "=Tessera's healthcheck has one mode"),
+    ("-silent", "=Tessera's api fetch prints one block per SVID; --json for machines"),
     ("-federatesWith", ""),
     ("-node", ""),
     ("-admin", ""),
@@ -65,35 +68,43 @@ const SPIRE_SPELLINGS: &[(&str, &str)] = &[
     ("-storeSVID", ""),
 ];
 
-/// What to tell someone who typed `arg` the way SPIRE spells it, if it is
-/// one of SPIRE's spellings: `long_flags` are the binary's long flags.
+/// What to tell someone who typed `arg` the way SPIRE spells it (a single
+/// dash and a word), if it is not one of the command's own: `long_flags`
+/// are the long flags of the command typed.
 pub fn spire_hint(arg: &str, long_flags: &[String]) -> Option<String> {
     let name = arg.split_once('=').map_or(arg, |(name, _)| name);
-    if !name.starts_with('-') || name.starts_with("--") || name.len() < 3 {
+    let word = name.strip_prefix('-')?;
+    let starts_with_letter = word.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
+    if !starts_with_letter || word.len() < 2 || !word.chars().all(|c| c.is_ascii_alphanumeric()) {
         return None;
     }
-    let known = SPIRE_SPELLINGS.iter().find(|(spire, _)| *spire == name);
-    let ours = match known {
-        Some((_, "")) => {
+    let has = |flag: &str| long_flags.iter().any(|f| f == flag.trim_start_matches('-'));
+    let known = SPIRE_SPELLINGS.iter().find(|(spire, _)| *spire == name).map(|(_, ours)| *ours);
+    let candidates = match known {
+        Some("") => {
             return Some(format!(
                 "{name} is SPIRE's; Tessera has no such option (the README's \"SPIRE's CLI in Tessera\" table says what to use instead)"
             ))
         }
-        Some((_, text)) if text.starts_with('=') => {
+        Some(text) if text.starts_with('=') => {
             return Some(format!("{name} is SPIRE's; {}", &text[1..]))
         }
-        Some((_, ours)) => ours.to_string(),
+        Some(ours) => ours.split('|').map(str::to_string).collect(),
         // SPIRE's camelCase, in Tessera's kebab-case.
-        None => kebab(&name[1..]),
+        None => vec![format!("--{}", kebab(word))],
     };
-    let flag = ours.trim_start_matches('-');
-    long_flags.iter().any(|f| f == flag).then(|| {
-        if name == "-output" || name == "-format" {
-            format!("{name} json is SPIRE's spelling; Tessera's is --json")
-        } else {
-            format!("{name} is SPIRE's spelling; Tessera's is {ours}")
+    match candidates.iter().find(|flag| has(flag)) {
+        Some(ours) if name == "-output" => {
+            Some(format!("{name} json is SPIRE's spelling; Tessera's is {ours}"))
         }
-    })
+        Some(ours) => Some(format!("{name} is SPIRE's spelling; Tessera's is {ours}")),
+        // Single-dash words are never Tessera's: say so rather than let
+        // clap read `-spiffeID` as `-s -p -i ...`.
+        None if word.len() > 2 => Some(format!(
+            "{name} is not a flag of this command (Tessera's flags are --kebab-case: see --help)"
+        )),
+        None => None,
+    }
 }
 
 /// `spiffeID` → `spiffe-id`, `socketPath` → `socket-path`.
@@ -115,14 +126,20 @@ fn kebab(camel: &str) -> String {
     out
 }
 
-/// Every long flag of a command and its subcommands.
-fn long_flags(command: &clap::Command) -> Vec<String> {
-    let mut flags: Vec<String> =
-        command.get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect();
-    for sub in command.get_subcommands() {
-        flags.extend(long_flags(sub));
+/// The long flags of the (sub)command the arguments name: the words that
+/// name subcommands are followed down from the top.
+fn typed_command_flags(top: &clap::Command, args: &[std::ffi::OsString]) -> Vec<String> {
+    let mut command = top;
+    for arg in args.iter().skip(1).filter_map(|a| a.to_str()) {
+        if arg.starts_with('-') {
+            continue;
+        }
+        match command.find_subcommand(arg) {
+            Some(sub) => command = sub,
+            None => break,
+        }
     }
-    flags
+    command.get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect()
 }
 
 /// Clap's error as one line: its message with every detail line (the
@@ -177,7 +194,7 @@ where
             ExitCode::from(2)
         }
         _ => {
-            let flags = long_flags(&C::command());
+            let flags = typed_command_flags(&C::command(), &args);
             let hints: Vec<String> = args
                 .iter()
                 .skip(1)
@@ -455,12 +472,18 @@ mod tests {
 
     #[test]
     fn spire_spellings_name_the_tessera_flag_the_binary_has() {
-        let flags: Vec<String> = ["spiffe-id", "parent-id", "socket", "json", "x509-svid-ttl"]
-            .map(String::from)
-            .to_vec();
+        let flags: Vec<String> =
+            ["spiffe-id", "parent-id", "socket", "json", "x509-svid-ttl", "dry-run", "format"]
+                .map(String::from)
+                .to_vec();
         assert_eq!(
             spire_hint("-spiffeID", &flags).as_deref(),
             Some("-spiffeID is SPIRE's spelling; Tessera's is --spiffe-id")
+        );
+        assert_eq!(
+            spire_hint("-spiffeID", &["id".to_string()]).as_deref(),
+            Some("-spiffeID is SPIRE's spelling; Tessera's is --id"),
+            "a command that names agents by --id"
         );
         assert_eq!(
             spire_hint("-socketPath=/tmp/x", &flags).as_deref(),
@@ -470,17 +493,23 @@ mod tests {
             spire_hint("-output", &flags).as_deref(),
             Some("-output json is SPIRE's spelling; Tessera's is --json")
         );
-        // camelCase not in the table, by the kebab-case rule.
         assert_eq!(
-            spire_hint("-parentID", &flags).as_deref(),
-            Some("-parentID is SPIRE's spelling; Tessera's is --parent-id")
+            spire_hint("-format", &flags).as_deref(),
+            Some("-format is SPIRE's spelling; Tessera's is --format")
+        );
+        assert_eq!(
+            spire_hint("-dryRun", &flags).as_deref(),
+            Some("-dryRun is SPIRE's spelling; Tessera's is --dry-run")
         );
         assert!(spire_hint("-federatesWith", &flags).unwrap().contains("no such option"));
         assert!(spire_hint("-svid", &flags).unwrap().contains("TOKEN"));
-        // Not suggested when this binary has no such flag; never for short or long flags.
-        assert_eq!(spire_hint("-write", &flags), None);
+        assert!(spire_hint("-shallow", &flags).unwrap().contains("one mode"));
+        // A SPIRE-style word the command does not have is still not clap's `-s -p ...`.
+        assert!(spire_hint("-write", &flags).unwrap().contains("not a flag of this command"));
         assert_eq!(spire_hint("-h", &flags), None);
         assert_eq!(spire_hint("--spiffe-id", &flags), None);
+        assert_eq!(spire_hint("-", &flags), None);
+        assert_eq!(spire_hint("-100", &flags), None, "a negative number is a value");
         assert_eq!(kebab("x509SVIDTTL"), "x509-svidttl");
         assert_eq!(kebab("dataDir"), "data-dir");
     }

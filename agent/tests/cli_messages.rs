@@ -29,4 +29,7 @@ fn spire_spellings_are_answered_with_tesseras() {
         refused(&["api", "fetch", "jwt", "-audience", "db", "-spiffeID", "spiffe://example.org/w"]);
     assert!(stderr.contains("Tessera's is --audience"), "{stderr}");
     assert!(stderr.contains("Tessera's is --spiffe-id"), "{stderr}");
+    // A SPIRE flag this command lacks is named as such, not as `-c`.
+    let stderr = refused(&["run", "-config", "agent.conf"]);
+    assert!(stderr.contains("-config is not a flag of this command"), "{stderr}");
 }

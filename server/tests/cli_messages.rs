@@ -55,6 +55,16 @@ fn spire_spellings_are_answered_with_tesseras() {
     assert!(stderr.contains("Tessera's is --socket"), "{stderr}");
     let stderr = refused(&["entry", "create", "-federatesWith", "spiffe://other.org"]);
     assert!(stderr.contains("Tessera has no such option"), "{stderr}");
+    // Per command: agents are named by --id, bundles take --format.
+    let stderr = refused(&["agent", "evict", "-spiffeID", "spiffe://example.org/node/1"]);
+    assert!(stderr.contains("Tessera's is --id"), "{stderr}");
+    let stderr = refused(&["bundle", "show", "-format", "spiffe"]);
+    assert!(stderr.contains("Tessera's is --format"), "{stderr}");
+    let stderr = refused(&["agent", "purge", "-expiredFor", "24h", "-dryRun"]);
+    assert!(stderr.contains("Tessera's is --expired-for"), "{stderr}");
+    assert!(stderr.contains("Tessera's is --dry-run"), "{stderr}");
+    let stderr = refused(&["healthcheck", "-shallow"]);
+    assert!(stderr.contains("one mode"), "{stderr}");
     // A typo of Tessera's own flags keeps clap's tip, on the same line.
     let stderr = refused(&["entry", "show", "--spife-id", "x"]);
     assert!(stderr.contains("--spiffe-id"), "{stderr}");
