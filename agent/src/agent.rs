@@ -281,6 +281,7 @@ impl Agent {
         let recovery = Recovery {
             data_dir: config.data_dir.clone(),
             server_addresses: config.server_addresses.clone(),
+            token_spent: config.join_token.is_some() && unspent_token.is_none(),
             join_token: unspent_token,
             join_token_problem: config.join_token_problem.clone(),
             trust_domain: trust_domain.clone(),

@@ -30,6 +30,8 @@ pub struct Recovery {
     pub join_token: Option<String>,
     /// Why a join token given could not be read.
     pub join_token_problem: Option<String>,
+    /// A join token was given and spent when this agent started.
+    pub token_spent: bool,
     /// The trust domain.
     pub trust_domain: TrustDomain,
 }
@@ -60,6 +62,9 @@ pub async fn recovery_loop(
         let Some(token) = recovery.join_token.take() else {
             let why = match &recovery.join_token_problem {
                 Some(problem) => format!("the join token given is unusable ({problem})"),
+                None if recovery.token_spent => {
+                    "the join token given was spent when this agent attested".to_string()
+                }
                 None => "no join token was given".to_string(),
             };
             let message = format!("{cause}: dropped it, and {why}: {}", death.fix());

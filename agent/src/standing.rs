@@ -61,9 +61,9 @@ impl Death {
     pub fn fix(&self) -> &'static str {
         match self.refusal {
             Refusal::Banned => {
-                "a banned agent cannot come back: lift the ban (tessera-server agent evict --id ID --unban), then restart with --join-token (tessera-server token generate)"
+                "a banned agent cannot come back: lift the ban (tessera-server agent evict --id ID --unban), then restart with a new join token (--join-token-file F; tessera-server token generate)"
             }
-            _ => "restart with --join-token (tessera-server token generate)",
+            _ => "restart with a new join token (--join-token-file F; tessera-server token generate)",
         }
     }
 }

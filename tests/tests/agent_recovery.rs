@@ -130,7 +130,8 @@ async fn an_agent_without_a_token_stops_with_the_cause_when_evicted() {
     evict(&server, NODE_A).await;
     let err = agent.stopped_within(PROMPTLY).await.unwrap_err().to_string();
     assert!(err.contains("evicted") && err.contains(NODE_A), "names the cause: {err}");
-    assert!(err.contains("restart with --join-token"), "names the fix: {err}");
+    assert!(err.contains("restart with a new join token"), "names the fix: {err}");
+    assert!(err.contains("the join token given was spent when this agent attested"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(!data.join("agent_svid.pem").exists() && !data.join("agent_key.pem").exists());
     let note = std::fs::read_to_string(format!("{}.stopped", socket.display())).unwrap();
