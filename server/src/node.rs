@@ -156,6 +156,19 @@ impl NodeService {
         ))))
     }
 
+    /// Whether `token` is one held for a second operator's approval (not
+    /// yet usable). Only looked for when proposals wait, which operators
+    /// alone make: a stranger's bogus token costs no scan otherwise.
+    fn join_token_is_held(&self, token: &str) -> Result<bool, Status> {
+        let governance = &self.state.governance;
+        if governance.pending_count() == 0 {
+            return Ok(false);
+        }
+        let hash = String::from_utf8_lossy(&crate::store::join_token_key(token)).into_owned();
+        let held = governance.pending.list().map_err(|e| Status::internal(e.to_string()))?;
+        Ok(held.iter().any(|p| p.pending.as_ref().is_some_and(|a| a.join_token_hash == hash)))
+    }
+
     /// Records a refusal of a caller not (yet) known as an agent: draws on
     /// its address's attestation budget, and records its event (the first
     /// of the interval from this address for `op`) or folds it into the
@@ -716,7 +729,16 @@ impl NodeService {
         // Read-only first: an unknown token costs no commit.
         let token = req.join_token.clone();
         if !self.state.store_op(move |store| store.join_token_exists(&token)).await? {
-            return Err(self.refuse_stranger(op, source, "", unknown()));
+            let status = if self.join_token_is_held(&req.join_token)? {
+                agent_refused(
+                    APPROVAL_REQUIRED,
+                    "this join token is waiting for a second operator's approval (tessera-server entry show --pending)"
+                        .into(),
+                )
+            } else {
+                unknown()
+            };
+            return Err(self.refuse_stranger(op, source, "", status));
         }
         let token = req.join_token.clone();
         let record = self.state.store_op(move |store| store.take_join_token(&token)).await?;

@@ -72,8 +72,11 @@ async fn a_join_token_cannot_mint_a_taken_or_protected_identity() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("held for approval"), "{}", stderr(&out));
     let secret = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let refused = TestAgent::attest(&server, &secret).await;
-    assert!(refused.is_err(), "a held token attested an agent");
+    let refused = TestAgent::attest(&server, &secret).await.expect_err("a held token attested");
+    // Said as such (not "does not exist"), with its typed code.
+    let code = refused.metadata().get(tessera_proto::REFUSAL_METADATA);
+    assert_eq!(code.and_then(|v| v.to_str().ok()), Some("approval-required"), "{refused:?}");
+    assert!(refused.message().contains("waiting for a second operator"), "{refused:?}");
     let shown = cli.ok(None, &["entry", "show", "--pending", "--json"]);
     let pending: Value = serde_json::from_str(&shown).unwrap();
     let proposal = pending.as_array().unwrap()[0]["pending"]["proposal_id"].as_str().unwrap();
