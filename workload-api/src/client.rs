@@ -81,7 +81,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        message = format!("{message}: {s}");
+        // Errors that print their source already are not repeated.
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
         source = s.source();
     }
     message
@@ -107,5 +111,24 @@ mod tests {
         assert_eq!(socket_path("/run/a.sock").unwrap(), PathBuf::from("/run/a.sock"));
         assert!(socket_path("unix://relative").is_err());
         assert!(socket_path("tcp://127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "transport error: {}", self.0)
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let text = error_chain(&Outer(refused));
+        assert_eq!(text.matches("connection refused").count(), 1, "{text}");
     }
 }

@@ -192,7 +192,13 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
         AgentCommand::Evict { id, unban, socket } => {
             let mut client = connect(&socket).await?;
             client.evict_agent(pb::EvictAgentRequest { spiffe_id: id.clone(), unban }).await?;
-            crate::outln!("Evicted {id}; it must attest again with a new join token");
+            if unban {
+                crate::outln!(
+                    "Evicted {id} and lifted its ban; it must attest again with a new join token"
+                );
+            } else {
+                crate::outln!("Evicted {id}; it must attest again with a new join token");
+            }
             Ok(())
         }
         AgentCommand::Show { id, json, socket } => {

@@ -19,9 +19,13 @@ pub(super) async fn healthcheck(socket: SocketArg) -> Result<(), CliError> {
         )));
     }
     crate::outln!(
-            "Server is healthy (trust domain {}, {} entries, {} agents, revision {}, {} CAs in the bundle).",
-            health.trust_domain, health.entries, health.agents, health.revision, health.bundle_cas
-        );
+        "Server is healthy (trust domain {}, {}, {}, revision {}, {} in the bundle).",
+        health.trust_domain,
+        super::count(health.entries, "entry", "entries"),
+        super::count(health.agents, "agent", "agents"),
+        health.revision,
+        super::count(u64::from(health.bundle_cas), "CA", "CAs"),
+    );
     crate::outln!("Datastore: {}.", health.datastore);
     Ok(())
 }

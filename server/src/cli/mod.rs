@@ -165,6 +165,11 @@ fn parse_duration(flag: &str, value: &str) -> Result<u64, CliError> {
 
 /// A time for JSON output: RFC 3339, like the text output (`null` for 0,
 /// which means "never" or "unknown"). Epoch twins are named `*_unix`.
+/// `1 agent`, `2 agents`.
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn json_time(unix: i64) -> serde_json::Value {
     if unix == 0 {
         serde_json::Value::Null

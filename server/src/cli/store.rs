@@ -41,13 +41,13 @@ pub(super) enum StoreCommand {
 
 pub(super) fn print_report(report: &pb::StoreReport) {
     crate::outln!(
-        "Store is whole: revision {}, write #{}, {} entries, {} agents, {} issued SVIDs, {} revocations.",
+        "Store is whole: revision {}, write #{}, {}, {}, {}, {}.",
         report.revision,
         report.write_seq,
-        report.entries,
-        report.agents,
-        report.issued_svids,
-        report.revocations
+        super::count(report.entries, "entry", "entries"),
+        super::count(report.agents, "agent", "agents"),
+        super::count(report.issued_svids, "issued SVID", "issued SVIDs"),
+        super::count(report.revocations, "revocation", "revocations"),
     );
 }
 
