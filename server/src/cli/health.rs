@@ -24,7 +24,7 @@ pub(super) async fn healthcheck(socket: SocketArg) -> Result<(), CliError> {
         super::count(health.entries, "entry", "entries"),
         super::count(health.agents, "agent", "agents"),
         health.revision,
-        super::count(u64::from(health.bundle_cas), "CA", "CAs"),
+        super::count(health.bundle_cas, "CA", "CAs"),
     );
     crate::outln!("Datastore: {}.", health.datastore);
     Ok(())
