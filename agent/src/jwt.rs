@@ -209,9 +209,9 @@ impl JwtSvids {
             for delay in SIGN_RETRIES {
                 let superseded = response.as_ref().is_ok_and(|r| {
                     r.get_ref().results.iter().any(|item| {
-                        item.status
-                            .as_ref()
-                            .is_some_and(|s| s.message == tessera_proto::AGENT_SVID_CHANGED)
+                        item.status.as_ref().is_some_and(|s| {
+                            s.refusal == tessera_proto::Refusal::AgentSvidChanged.as_str()
+                        })
                     })
                 });
                 if response.is_ok() && !superseded {

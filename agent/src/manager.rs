@@ -592,6 +592,14 @@ async fn sign(
         for ((entry, key, _), result) in prepared.into_iter().zip(response.results) {
             let status = result.status.unwrap_or_default();
             if status.code != 0 {
+                if status.refusal == Refusal::AgentSvidChanged.as_str() {
+                    // Renewed while the server signed: again in a second,
+                    // on a connection with the new SVID.
+                    debug!(entry_id = %entry.id, "agent SVID renewed while signing; signing again");
+                    link.reset();
+                    retry_at.insert(entry.id.clone(), now + 1);
+                    continue;
+                }
                 warn!(entry_id = %entry.id, code = status.code, reason = %status.message, "server refused to sign SVID");
                 retry_at.insert(entry.id.clone(), now + SIGN_RETRY_SECS);
                 continue;

@@ -53,7 +53,7 @@ pub use tessera::types::v1 as types;
 mod refusal;
 pub use refusal::{Refusal, UnknownRefusal, REFUSAL_METADATA};
 
-/// A signing item's refusal when the agent's own SVID was renewed while
-/// the server signed (the batch is refused whole): the agent signs again
-/// with its new SVID.
+/// The words of a signing item's refusal when the agent's own SVID was
+/// renewed while the server signed (the batch is refused whole); the item
+/// carries [`Refusal::AgentSvidChanged`], which the agent acts on.
 pub const AGENT_SVID_CHANGED: &str = "the agent's SVID changed while signing";

@@ -38,11 +38,15 @@ pub enum Refusal {
     AgentExists,
     /// A token or attestation for the SPIFFE ID of an entry.
     EntryIdentity,
+    /// A signing item refused because the agent's SVID was renewed while
+    /// the server signed (in the item's status, not the call's): the agent
+    /// signs again at once with its new SVID.
+    AgentSvidChanged,
 }
 
 impl Refusal {
     /// Every code, for tests and documentation.
-    pub const ALL: [Refusal; 10] = [
+    pub const ALL: [Refusal; 11] = [
         Self::Banned,
         Self::Revoked,
         Self::Superseded,
@@ -53,6 +57,7 @@ impl Refusal {
         Self::ApprovalRequired,
         Self::AgentExists,
         Self::EntryIdentity,
+        Self::AgentSvidChanged,
     ];
 
     /// The code on the wire.
@@ -68,6 +73,7 @@ impl Refusal {
             Self::ApprovalRequired => "approval-required",
             Self::AgentExists => "agent-exists",
             Self::EntryIdentity => "entry-identity",
+            Self::AgentSvidChanged => "agent-svid-changed",
         }
     }
 

@@ -383,11 +383,11 @@ impl AdminService {
 }
 
 fn ok() -> ItemStatus {
-    ItemStatus { code: 0, message: String::new() }
+    ItemStatus { code: 0, ..Default::default() }
 }
 
 fn item_status(code: tonic::Code, message: &impl ToString) -> ItemStatus {
-    ItemStatus { code: code as i32, message: message.to_string() }
+    ItemStatus { code: code as i32, message: message.to_string(), ..Default::default() }
 }
 
 #[tonic::async_trait]

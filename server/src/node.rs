@@ -501,6 +501,8 @@ impl NodeService {
         Ok(out)
     }
 
+    // The refusal is the item's own answer, sent as it is: no box.
+    #[allow(clippy::result_large_err)]
     fn sign_jwt_item(
         &self,
         agent_id: &SpiffeId,
@@ -573,6 +575,8 @@ impl NodeService {
         }
     }
 
+    // The refusal is the item's own answer, sent as it is: no box.
+    #[allow(clippy::result_large_err)]
     fn sign_item(
         &self,
         agent_id: &SpiffeId,
@@ -647,15 +651,22 @@ fn issued_event(
 fn item_failure(entry_id: &str, code: tonic::Code, message: String) -> pb::SignX509Result {
     pb::SignX509Result {
         entry_id: entry_id.to_string(),
-        status: Some(ItemStatus { code: code as i32, message }),
+        status: Some(ItemStatus { code: code as i32, message, ..Default::default() }),
         ..Default::default()
+    }
+}
+
+/// Puts a typed refusal, if any, on an item's status.
+fn typed_item(status: Option<&mut ItemStatus>, refusal: Option<tessera_proto::Refusal>) {
+    if let (Some(status), Some(refusal)) = (status, refusal) {
+        status.refusal = refusal.as_str().to_string();
     }
 }
 
 fn jwt_item_failure(entry_id: &str, code: tonic::Code, message: String) -> pb::SignJwtResult {
     pb::SignJwtResult {
         entry_id: entry_id.to_string(),
-        status: Some(ItemStatus { code: code as i32, message }),
+        status: Some(ItemStatus { code: code as i32, message, ..Default::default() }),
         ..Default::default()
     }
 }
@@ -674,7 +685,7 @@ enum Recorded<T, F> {
     /// Signed and recorded.
     Issued(T, Signed),
     /// Signed, but revoked as it was recorded (why).
-    Revoked(Signed, String),
+    Revoked(Signed, crate::store::ItemRefused),
 }
 
 /// One result per item of a signing batch: a refusal as it is, an issued
@@ -682,7 +693,7 @@ enum Recorded<T, F> {
 fn answer<T, R>(
     outcomes: Vec<Recorded<T, R>>,
     mut issued: impl FnMut(T, Signed) -> R,
-    mut revoked: impl FnMut(Signed, String) -> R,
+    mut revoked: impl FnMut(Signed, crate::store::ItemRefused) -> R,
 ) -> Vec<R> {
     outcomes
         .into_iter()
@@ -903,18 +914,22 @@ impl Node for NodeService {
                 events.borrow_mut().push(e);
                 pb::SignX509Result {
                     entry_id: record.entry.id,
-                    status: Some(ItemStatus { code: 0, message: String::new() }),
+                    status: Some(ItemStatus { code: 0, ..Default::default() }),
                     x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
                     expires_at: svid.expires_at,
                     serial: svid.serial,
                 }
             },
-            |record, why| {
-                let mut e = issued_event(kind::X509_ISSUE, &caller, &record, schema::DENY, &why)
-                    .attr("revoked_as_issued", true);
+            |record, refused| {
+                let mut e =
+                    issued_event(kind::X509_ISSUE, &caller, &record, schema::DENY, &refused.why)
+                        .attr("revoked_as_issued", true);
                 e.serial = record.svid.serial.clone();
                 events.borrow_mut().push(e);
-                item_failure(&record.entry.id, tonic::Code::PermissionDenied, why)
+                let mut failure =
+                    item_failure(&record.entry.id, tonic::Code::PermissionDenied, refused.why);
+                typed_item(failure.status.as_mut(), refused.refusal);
+                failure
             },
         );
         self.issued("x509", started, events.into_inner());
@@ -942,19 +957,23 @@ impl Node for NodeService {
                 events.borrow_mut().push(e);
                 pb::SignJwtResult {
                     entry_id: record.entry.id,
-                    status: Some(ItemStatus { code: 0, message: String::new() }),
+                    status: Some(ItemStatus { code: 0, ..Default::default() }),
                     token: jwt.token,
                     expires_at: jwt.expires_at,
                     jti: jwt.jti,
                     issued_at: jwt.issued_at,
                 }
             },
-            |record, why| {
-                let mut e = issued_event(kind::JWT_ISSUE, &caller, &record, schema::DENY, &why)
-                    .attr("revoked_as_issued", true);
+            |record, refused| {
+                let mut e =
+                    issued_event(kind::JWT_ISSUE, &caller, &record, schema::DENY, &refused.why)
+                        .attr("revoked_as_issued", true);
                 e.jti = record.svid.jti.clone();
                 events.borrow_mut().push(e);
-                jwt_item_failure(&record.entry.id, tonic::Code::PermissionDenied, why)
+                let mut failure =
+                    jwt_item_failure(&record.entry.id, tonic::Code::PermissionDenied, refused.why);
+                typed_item(failure.status.as_mut(), refused.refusal);
+                failure
             },
         );
         self.issued("jwt", started, events.into_inner());

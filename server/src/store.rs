@@ -28,6 +28,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use sled::transaction::TransactionError;
 use tessera_proto::types as pb;
+use tessera_proto::Refusal;
 use tessera_workload_api::SpiffeId;
 use tokio::sync::watch;
 
@@ -215,6 +216,28 @@ pub enum AgentRefusal {
     /// A join token (or attestation) for the SPIFFE ID of an entry.
     #[error("{0} is the SPIFFE ID of a registration entry; an agent cannot have it")]
     EntryIdentity(String),
+}
+
+/// Why an SVID signed for an item was revoked as it was recorded: the
+/// words, and the typed refusal the agent acts on, when there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemRefused {
+    /// The typed refusal (`agent-svid-changed`: sign again at once).
+    pub refusal: Option<Refusal>,
+    /// Why, in words.
+    pub why: String,
+}
+
+impl ItemRefused {
+    fn typed(refusal: Refusal, why: String) -> Self {
+        Self { refusal: Some(refusal), why }
+    }
+}
+
+impl From<String> for ItemRefused {
+    fn from(why: String) -> Self {
+        Self { refusal: None, why }
+    }
 }
 
 impl AgentRefusal {
@@ -451,7 +474,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         agent_serial: &str,
         signed: &[Signed],
         now: i64,
-    ) -> Result<Vec<Result<(), String>>, StoreError>;
+    ) -> Result<Vec<Result<(), ItemRefused>>, StoreError>;
     /// Records an SVID an operator minted outside any node (no entry, no
     /// agent), durable before it returns (`store/operator.rs`).
     fn record_minted(&self, svid: &pb::IssuedSvid) -> Result<(), StoreError>;
@@ -866,7 +889,7 @@ struct IssueJob {
     /// the entry's encoding as it was read for signing.
     encoded: Vec<EncodedIssue>,
     now: i64,
-    done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), String>>, String>>,
+    done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), ItemRefused>>, String>>,
 }
 
 impl IssueJob {
@@ -875,7 +898,7 @@ impl IssueJob {
         agent_serial: &str,
         signed: &[Signed],
         now: i64,
-        done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), String>>, String>>,
+        done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), ItemRefused>>, String>>,
     ) -> Self {
         let encoded = signed
             .iter()
@@ -1116,7 +1139,7 @@ impl KvStore {
         &self,
         writer: &mut Writer,
         jobs: &[IssueJob],
-    ) -> Result<Vec<Vec<Result<(), String>>>, StoreError> {
+    ) -> Result<Vec<Vec<Result<(), ItemRefused>>>, StoreError> {
         let mut records = Vec::new();
         for job in jobs {
             for (key, record, index_key, _) in &job.encoded {
@@ -1130,13 +1153,18 @@ impl KvStore {
             let mut all = Vec::with_capacity(jobs.len());
             for job in jobs {
                 let agent_refusal = match tx.agent(&job.agent_id)? {
-                    None => Some(format!("agent {} was evicted while signing", job.agent_id)),
-                    Some(a) if a.banned => {
-                        Some(format!("agent {} was banned while signing", job.agent_id))
-                    }
-                    Some(a) if a.x509_svid_serial != job.agent_serial => {
-                        Some(tessera_proto::AGENT_SVID_CHANGED.to_string())
-                    }
+                    None => Some(ItemRefused::typed(
+                        Refusal::Evicted,
+                        format!("agent {} was evicted while signing", job.agent_id),
+                    )),
+                    Some(a) if a.banned => Some(ItemRefused::typed(
+                        Refusal::Banned,
+                        format!("agent {} was banned while signing", job.agent_id),
+                    )),
+                    Some(a) if a.x509_svid_serial != job.agent_serial => Some(ItemRefused::typed(
+                        Refusal::AgentSvidChanged,
+                        tessera_proto::AGENT_SVID_CHANGED.to_string(),
+                    )),
                     Some(_) => None,
                 };
                 let mut results = Vec::with_capacity(job.signed.len());
@@ -1144,9 +1172,10 @@ impl KvStore {
                     let id = item.entry.id.as_bytes();
                     let refusal = match (&agent_refusal, tx.get(ENTRIES, id)?) {
                         (Some(why), _) => Some(why.clone()),
-                        (None, None) => {
-                            Some(format!("entry {} was deleted while signing", item.entry.id))
-                        }
+                        (None, None) => Some(ItemRefused::from(format!(
+                            "entry {} was deleted while signing",
+                            item.entry.id
+                        ))),
                         (None, Some(stored)) if stored == *entry_bytes => None,
                         (None, Some(stored)) => {
                             if decode_entry(id, &stored)?
@@ -1154,13 +1183,16 @@ impl KvStore {
                             {
                                 None
                             } else {
-                                Some(format!("entry {} changed while signing", item.entry.id))
+                                Some(ItemRefused::from(format!(
+                                    "entry {} changed while signing",
+                                    item.entry.id
+                                )))
                             }
                         }
                     };
                     match refusal {
                         Some(why) => {
-                            revoke.push(revocation_of(&item.svid, &why, job.now));
+                            revoke.push(revocation_of(&item.svid, &why.why, job.now));
                             results.push(Err(why));
                         }
                         None => results.push(Ok(())),
@@ -2005,7 +2037,7 @@ impl Store for KvStore {
         agent_serial: &str,
         signed: &[Signed],
         now: i64,
-    ) -> Result<Vec<Result<(), String>>, StoreError> {
+    ) -> Result<Vec<Result<(), ItemRefused>>, StoreError> {
         // Group commit: concurrent batches (many agents signing at once)
         // share one commit and one fsync. Each caller encodes its batch and
         // queues it; whoever holds the writer lock records everything queued.
@@ -2361,12 +2393,25 @@ mod tests {
             store.revocation("0a").unwrap().is_some() && store.revocation("0b").unwrap().is_some()
         );
 
+        // Signed with an agent SVID a renewal replaced meanwhile: refused
+        // with the typed code the agent acts on (sign again at once).
+        let d = entry("d", "w4", "agent", 1);
+        store.create_entries(std::slice::from_ref(&d)).unwrap();
+        let signed = [Signed { svid: issued("0d", &d), entry: d }];
+        let results =
+            store.record_issued("spiffe://example.org/agent", "s-old", &signed, 3).unwrap();
+        assert_eq!(
+            results[0].as_ref().err().and_then(|r| r.refusal),
+            Some(Refusal::AgentSvidChanged),
+            "{results:?}"
+        );
+
         let c = entry("c", "w3", "agent", 1);
         store.create_entries(std::slice::from_ref(&c)).unwrap();
         store.ban_agent("spiffe://example.org/agent", "test", 3).unwrap().unwrap();
         let signed = [Signed { svid: issued("0c", &c), entry: c }];
         let results = store.record_issued("spiffe://example.org/agent", "s0", &signed, 4).unwrap();
-        assert!(results[0].is_err());
+        assert_eq!(results[0].as_ref().err().and_then(|r| r.refusal), Some(Refusal::Banned));
         assert!(store.revocation("0c").unwrap().is_some());
     }
 
