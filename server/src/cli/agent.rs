@@ -112,7 +112,7 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
         AgentCommand::Count { socket } => {
             let mut client = connect(&socket).await?;
             let count = client.count_agents(pb::CountAgentsRequest {}).await?.into_inner().count;
-            crate::outln!("{count} attested agent{}", if count == 1 { "" } else { "s" });
+            crate::outln!("{}", super::count(count, "attested agent", "attested agents"));
             Ok(())
         }
         AgentCommand::Purge { expired_for, dry_run, json, socket } => {
@@ -133,9 +133,8 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
             }
             let verb = if dry_run { "Would purge" } else { "Purged" };
             crate::outln!(
-                "{verb} {} agent{} whose SVID expired at least {expired_for}s ago",
-                agents.len(),
-                if agents.len() == 1 { "" } else { "s" }
+                "{verb} {} whose SVID expired at least {expired_for}s ago",
+                super::count(agents.len() as u64, "agent", "agents")
             );
             for a in &agents {
                 crate::outln!(
@@ -162,9 +161,8 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
                 crate::outln!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
             } else {
                 crate::outln!(
-                    "Found {} attested agent{}",
-                    agents.len(),
-                    if agents.len() == 1 { "" } else { "s" }
+                    "Found {}",
+                    super::count(agents.len() as u64, "attested agent", "attested agents")
                 );
                 for a in &agents {
                     crate::outln!();

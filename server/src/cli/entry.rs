@@ -281,7 +281,7 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
         EntryCommand::Count { socket } => {
             let mut client = connect(&socket).await?;
             let count = client.count_entries(pb::CountEntriesRequest {}).await?.into_inner().count;
-            crate::outln!("{count} registration entr{}", if count == 1 { "y" } else { "ies" });
+            crate::outln!("{}", super::count(count, "registration entry", "registration entries"));
             Ok(())
         }
         EntryCommand::Show {
@@ -398,7 +398,7 @@ pub(super) fn report_pending(entry: &types::Entry) {
 }
 
 pub(super) fn print_entries(entries: &[types::Entry]) {
-    crate::outln!("Found {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+    crate::outln!("Found {}", super::count(entries.len() as u64, "entry", "entries"));
     for e in entries {
         crate::outln!();
         crate::outln!("Entry ID         : {}", e.id);

@@ -81,9 +81,8 @@ pub(super) async fn svid_command(command: SvidCommand) -> Result<(), CliError> {
                 crate::outln!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
             } else {
                 crate::outln!(
-                    "Found {} revoked SVID{}",
-                    list.len(),
-                    if list.len() == 1 { "" } else { "s" }
+                    "Found {}",
+                    super::count(list.len() as u64, "revoked SVID", "revoked SVIDs")
                 );
                 for r in &list {
                     crate::outln!();
