@@ -21,10 +21,9 @@ mod attestor;
 mod authority;
 mod cache;
 pub mod cli;
-#[path = "../../common/cli_support.rs"]
-pub mod cli_support;
-#[path = "../../common/events.rs"]
-pub mod event_schema;
+pub use tessera_common::cli_support;
+pub use tessera_common::event_schema;
+pub use tessera_common::{out, outln};
 mod events;
 mod fetch;
 mod health;
@@ -37,8 +36,7 @@ mod node_client;
 mod recovery;
 mod renewal;
 mod standing;
-#[path = "../../common/telemetry.rs"]
-mod telemetry;
+use tessera_common::telemetry;
 mod workload;
 pub use workload::WorkloadLimits;
 mod workload_client;

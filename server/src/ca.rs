@@ -18,9 +18,9 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::clock::Clock;
 use crate::fsutil::{create_private_dir, write_private};
 use crate::jwt::{JwtKeyError, JwtKeyType, JwtSigningKey, SignedJwt};
+use tessera_common::clock::Clock;
 
 /// NotBefore of issued certificates is backdated by this many seconds to
 /// absorb clock skew between machines.
@@ -592,7 +592,7 @@ fn subject_of(der: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use tessera_common::clock::ManualClock;
 
     fn policy(ttl: u64) -> CaPolicy {
         CaPolicy { ttl, prepare_at: 0.5, activate_at: 5.0 / 6.0, jwt_key_type: JwtKeyType::EcP256 }

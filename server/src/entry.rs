@@ -313,19 +313,26 @@ impl Entry {
 
     /// Whether the entry has reached its `expires_at`.
     pub fn is_expired(&self, now: i64) -> bool {
-        self.expires_at != 0 && now >= self.expires_at
+        tessera_common::rules::entry_expired(self.expires_at, now)
+    }
+
+    /// What of this entry goes into, or authorizes, an X509-SVID.
+    pub fn svid_basis(&self) -> tessera_common::rules::SvidBasis<'_> {
+        tessera_common::rules::SvidBasis {
+            spiffe_id: self.spiffe_id.as_str(),
+            parent_id: self.parent_id.as_str(),
+            dns_names: &self.dns_names,
+            expires_at: self.expires_at,
+            x509_svid_ttl: self.x509_svid_ttl,
+        }
     }
 
     /// Whether this (current) entry still authorizes an SVID that was
-    /// signed for `signed_for` and is valid until `svid_expires_at`: same
-    /// SPIFFE ID, same parent (the agent it went to), same DNS names, and
-    /// not valid past the entry's expiry. The one rule that decides which
-    /// entry changes revoke; the agent re-issues on the same fields.
+    /// signed for `signed_for` and is valid until `svid_expires_at`
+    /// ([`tessera_common::rules::SvidBasis::authorizes_svid_of`], the rule
+    /// the agent's re-issuing follows too).
     pub fn authorizes_svid_of(&self, signed_for: &Entry, svid_expires_at: i64) -> bool {
-        self.spiffe_id == signed_for.spiffe_id
-            && self.parent_id == signed_for.parent_id
-            && self.dns_names == signed_for.dns_names
-            && (self.expires_at == 0 || svid_expires_at <= self.expires_at)
+        self.svid_basis().authorizes_svid_of(&signed_for.svid_basis(), svid_expires_at)
     }
 
     /// Whether the entry's audience policy allows a JWT-SVID for `audience`.

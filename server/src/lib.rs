@@ -23,15 +23,12 @@ mod admin_reach;
 mod approval;
 mod ca;
 pub mod cli;
-#[path = "../../common/cli_support.rs"]
-pub mod cli_support;
+pub use tessera_common::cli_support;
 mod client;
-mod clock;
 mod config;
 mod csr;
 mod entry;
-#[path = "../../common/events.rs"]
-pub mod event_schema;
+pub use tessera_common::event_schema;
 mod events;
 mod feed;
 mod fsutil;
@@ -43,21 +40,18 @@ mod mint;
 mod node;
 mod pg;
 #[cfg(test)]
-#[path = "../../common/pg_cluster.rs"]
-mod pg_cluster;
+use tessera_common::pg_cluster;
 mod queries;
 mod refusals;
 mod revocation;
 mod server;
 mod state;
 mod store;
-#[path = "../../common/telemetry.rs"]
-mod telemetry;
+use tessera_common::telemetry;
 mod tls;
 
 pub use ca::{Ca, CaError, CaPolicy, SignedSvid};
 pub use client::connect_admin;
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, ConfigError, FileConfig};
 pub use csr::{parse_csr, CsrError};
 pub use entry::{Entry, EntryError, EntryRules};
@@ -71,4 +65,6 @@ pub use store::{
     AgentRefusal, Change, ChangeKind, EntryFilter, EntryWrite, KvStore, Signed, Store, StoreError,
     StoreReport,
 };
+pub use tessera_common::clock::{Clock, ManualClock, SystemClock};
+pub use tessera_common::{out, outln};
 pub use tls::NodePeer;

@@ -32,7 +32,6 @@ use tracing::{info, warn, Instrument};
 
 use crate::ca::SignedSvid;
 use crate::csr::parse_csr;
-use crate::entry::valid_audience;
 use crate::entry::Entry;
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::feed::FedChange;
@@ -41,6 +40,7 @@ use crate::refusals::RefusalFolder;
 use crate::state::State;
 use crate::store::{AgentRefusal, ChangeKind, Signed, MAX_BATCH};
 use crate::tls::NodePeer;
+use tessera_common::rate::TokenBucket;
 
 /// JWT revocations per message at the start of a Sync stream (about 60
 /// bytes each).
@@ -84,8 +84,8 @@ pub struct NodeService {
 /// Per source address: the refused-attestation budget.
 #[derive(Debug, Default)]
 struct AttestLimits {
-    /// Tokens and when (Unix seconds, from the clock) they were counted.
-    buckets: HashMap<IpAddr, (f64, i64)>,
+    /// Budgets not full, read against the injected clock.
+    buckets: HashMap<IpAddr, TokenBucket>,
 }
 
 /// The event kind of a refused node request.
@@ -135,21 +135,22 @@ impl NodeService {
     /// refusals is spent.
     fn check_attest_rate(&self, source: IpAddr) -> Result<(), Status> {
         let config = &self.state.config;
-        let now = self.state.clock.now();
+        let (rate, burst, now_ms) =
+            (config.attest_rate, config.attest_burst, self.state.clock.now_ms());
         let mut limits = self.attest_limits.lock().unwrap_or_else(|e| e.into_inner());
-        let burst = f64::from(config.attest_burst);
-        let (tokens, at) = limits.buckets.get(&source).copied().unwrap_or((burst, now));
-        let tokens = (tokens + (now - at).max(0) as f64 * config.attest_rate).min(burst);
+        let mut bucket =
+            limits.buckets.get(&source).copied().unwrap_or(TokenBucket::full(burst, now_ms));
+        let allowed = bucket.has_token(rate, burst, now_ms);
         // A full bucket is the default: only addresses with refusals are kept.
-        if tokens >= burst {
+        if bucket.is_full(burst) {
             limits.buckets.remove(&source);
         } else {
-            limits.buckets.insert(source, (tokens, now));
+            limits.buckets.insert(source, bucket);
         }
-        if tokens >= 1.0 {
+        if allowed {
             return Ok(());
         }
-        let wait = ((1.0 - tokens) / config.attest_rate).ceil().max(1.0);
+        let wait = bucket.secs_to_next(rate);
         Err(RATE_LIMITED.attach(Status::resource_exhausted(format!(
             "too many refused attestations from {source}: at most {} per second after {}; retry in {wait} s",
             config.attest_rate, config.attest_burst
@@ -188,15 +189,17 @@ impl NodeService {
         {
             let mut limits = self.attest_limits.lock().unwrap_or_else(|e| e.into_inner());
             let config = &self.state.config;
-            let (burst, now) = (f64::from(config.attest_burst), self.state.clock.now());
-            let (tokens, at) = limits.buckets.get(&source).copied().unwrap_or((burst, now));
-            let tokens = (tokens + (now - at).max(0) as f64 * config.attest_rate).min(burst);
+            let (rate, burst, now_ms) =
+                (config.attest_rate, config.attest_burst, self.state.clock.now_ms());
+            let mut bucket =
+                limits.buckets.get(&source).copied().unwrap_or(TokenBucket::full(burst, now_ms));
+            bucket.spend(rate, burst, now_ms);
             if limits.buckets.len() >= MAX_ATTEST_BUCKETS && !limits.buckets.contains_key(&source) {
                 // Addresses beyond what is kept start afresh (with their
                 // burst): memory stays bounded under an attack from many.
                 limits.buckets.clear();
             }
-            limits.buckets.insert(source, ((tokens - 1.0).max(0.0), now));
+            limits.buckets.insert(source, bucket);
         }
         // Folded by address and operation; beyond so many addresses in one
         // interval, the rest together (a record at once for each would be a
@@ -321,9 +324,7 @@ impl NodeService {
         };
         if config.datastore.is_some() {
             let (agent, rate, burst) = (agent_id.to_string(), config.sign_rate, config.sign_burst);
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
+            let now_ms = self.state.clock.now_ms();
             let taken = self
                 .state
                 .store_op(move |store| {
@@ -336,18 +337,13 @@ impl NodeService {
                 None => {}
             }
         }
-        let now = std::time::Instant::now();
+        let (rate, burst, now_ms) =
+            (config.sign_rate, config.sign_burst, self.state.clock.now_ms());
         let mut limits = self.sign_limits.lock().unwrap_or_else(|e| e.into_inner());
-        let bucket = limits
-            .entry(agent_id.to_string())
-            .or_insert(TokenBucket { tokens: f64::from(config.sign_burst), at: now });
-        let refill = now.duration_since(bucket.at).as_secs_f64() * f64::from(config.sign_rate);
-        bucket.tokens = (bucket.tokens + refill).min(f64::from(config.sign_burst));
-        bucket.at = now;
-        if bucket.tokens < n as f64 {
+        let bucket = limits.entry(agent_id.to_string()).or_insert(TokenBucket::full(burst, now_ms));
+        if !bucket.take(n as f64, f64::from(rate), burst, now_ms) {
             return Err(over());
         }
-        bucket.tokens -= n as f64;
         Ok(())
     }
 
@@ -529,16 +525,11 @@ impl NodeService {
                 format!("entry {} is not parented to {agent_id}", entry.id),
             ));
         }
-        if item.audience.is_empty() || item.audience.len() > MAX_REQUEST_AUDIENCES {
-            return Err(fail(
-                tonic::Code::InvalidArgument,
-                format!("a JWT-SVID needs 1 to {MAX_REQUEST_AUDIENCES} audiences"),
-            ));
-        }
-        if let Some(bad) = item.audience.iter().find(|a| !valid_audience(a)) {
-            return Err(fail(tonic::Code::InvalidArgument, format!("invalid audience {bad:?}")));
-        }
-        if let Some(denied) = item.audience.iter().find(|a| !entry.allows_audience(a)) {
+        let audience = match tessera_common::rules::requested_audiences(&item.audience) {
+            Ok(audience) => audience,
+            Err(e) => return Err(fail(tonic::Code::InvalidArgument, e.to_string())),
+        };
+        if let Some(denied) = audience.iter().find(|a| !entry.allows_audience(a)) {
             return Err(fail(
                 tonic::Code::PermissionDenied,
                 format!(
@@ -558,7 +549,7 @@ impl NodeService {
                 format!("entry {} has expired", entry.id),
             ));
         }
-        match self.state.ca.sign_jwt(&entry.spiffe_id, &item.audience, ttl) {
+        match self.state.ca.sign_jwt(&entry.spiffe_id, &audience, ttl) {
             Ok((jwt, ca_seq)) => {
                 let issued = types::IssuedSvid {
                     serial: String::new(),
@@ -675,9 +666,6 @@ fn jwt_item_failure(entry_id: &str, code: tonic::Code, message: String) -> pb::S
 /// now: the signed credential and its record, or the item's refusal.
 type SignItem<I, T, F> = fn(&NodeService, &SpiffeId, I, Option<Entry>) -> Result<(T, Signed), F>;
 
-/// Audiences one JWT-SVID may carry.
-pub const MAX_REQUEST_AUDIENCES: usize = 16;
-
 /// What became of one signed item of a batch.
 enum Recorded<T, F> {
     /// Refused before signing.
@@ -703,13 +691,6 @@ fn answer<T, R>(
             Recorded::Revoked(record, why) => revoked(record, why),
         })
         .collect()
-}
-
-/// A per-agent signing budget.
-#[derive(Debug)]
-struct TokenBucket {
-    tokens: f64,
-    at: std::time::Instant,
 }
 
 impl NodeService {

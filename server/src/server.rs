@@ -31,7 +31,6 @@ use tracing::{error, info, warn, Instrument};
 
 use crate::admin::AdminService;
 use crate::ca::{Ca, CaError, CaPolicy};
-use crate::clock::Clock;
 use crate::config::Config;
 use crate::entry::EntryRules;
 use crate::fsutil::create_private_dir;
@@ -39,6 +38,7 @@ use crate::node::NodeService;
 use crate::state::State;
 use crate::store::{Change, ChangeKind, KvStore, Store, StoreError};
 use crate::tls::{self, NodeLimits, NodePeer, ServerSvid};
+use tessera_common::clock::Clock;
 
 /// Largest gRPC message the server accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

@@ -7,10 +7,10 @@ use tessera_workload_api::TrustAnchors;
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::Ca;
-use crate::clock::Clock;
 use crate::config::Config;
 use crate::entry::EntryRules;
 use crate::store::{Store, StoreError};
+use tessera_common::clock::Clock;
 
 /// Everything the APIs share.
 #[derive(Debug)]

@@ -4,13 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
-#[path = "../../common/pg_cluster.rs"]
-mod pg_cluster;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use pg_cluster::{PgCluster, ServerTls};
+use tessera_common::pg_cluster::{PgCluster, ServerTls};
 
 use common::{RunningServer, BIN};
 

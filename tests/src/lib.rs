@@ -21,8 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-#[path = "../../common/pg_cluster.rs"]
-pub mod pg_cluster;
+pub use tessera_common::pg_cluster;
 
 /// The trust domain tests use.
 pub const TRUST_DOMAIN: &str = "example.org";

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::{init_logging, CliError};
-use crate::clock::SystemClock;
 use crate::config::{Config, FileConfig};
 use crate::server::Server;
+use tessera_common::clock::SystemClock;
 
 #[derive(Debug, Args)]
 pub(super) struct RunArgs {
