@@ -48,6 +48,9 @@ pub mod kind {
     pub const ENTRY_EXPIRE: &str = "entry.expire";
     /// A join token created.
     pub const JOIN_TOKEN: &str = "admin.join_token.create";
+    /// A join token was spent by an attestation (in the commit that
+    /// removed it, whether or not the attestation then succeeds).
+    pub const JOIN_TOKEN_SPEND: &str = "node.join_token.spend";
     /// An agent banned.
     pub const AGENT_BAN: &str = "admin.agent.ban";
     /// An agent evicted.
@@ -87,6 +90,7 @@ pub mod kind {
         ENTRY_REJECT,
         ENTRY_EXPIRE,
         JOIN_TOKEN,
+        JOIN_TOKEN_SPEND,
         AGENT_BAN,
         AGENT_EVICT,
         BACKUP,

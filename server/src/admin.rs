@@ -18,13 +18,23 @@ use crate::event_schema::{self as schema, kind, EventExt};
 use crate::events::entry_json;
 use crate::revocation::{normalize_serial, revoke_issued};
 use crate::state::State;
+use crate::store::AgentRefusal;
 use crate::store::{
-    join_token_key, svid_key, Approved, EntryFilter, EntryWrite, Store, StoreError, StoreReport,
-    MAX_BATCH,
+    join_token_key, svid_key, Approved, Audit, EntryFilter, EntryWrite, Store, StoreError,
+    StoreReport, MAX_BATCH,
 };
 
 /// A store batch write at a time: per-item results and what it revoked.
-type BatchWrite = fn(&dyn Store, &[Entry], i64) -> Result<EntryWrite, StoreError>;
+type BatchWrite = fn(
+    &dyn Store,
+    &[Entry],
+    i64,
+    Option<Operator>,
+    DescribeItems,
+) -> Result<EntryWrite, StoreError>;
+
+/// Builds the events of a batch's stored items, inside its commit.
+type DescribeItems = Box<dyn Fn(&[Result<Entry, EntryError>]) -> Vec<types::Event> + Send>;
 
 /// Bytes per message of a streamed backup.
 const BACKUP_CHUNK: usize = 1024 * 1024;
@@ -140,6 +150,28 @@ fn entry_event(
     e
 }
 
+/// What an approval wrote: the entry, or for a join token the proposal.
+fn approved_entry(approved: &Approved) -> types::Entry {
+    match approved.write.results.first() {
+        Some(Ok(entry)) => entry.to_proto(),
+        _ => types::Entry { pending: None, ..approved.proposal.clone() },
+    }
+}
+
+/// The event of an approval, stored in its commit.
+fn approval_event(operator: &Option<Operator>, approved: &Approved) -> types::Event {
+    let approval = approved.proposal.pending.clone().unwrap_or_default();
+    let after = approved_entry(approved);
+    let before = approved.write.previous.iter().flatten().next().map(Entry::to_proto);
+    let mut e = entry_event(kind::ENTRY_APPROVE, operator, before.as_ref(), Some(&after))
+        .attr("op", &approval.op)
+        .attr("proposal_id", &approval.proposal_id)
+        .attr("content_hash", &approval.content_hash)
+        .attr("requested_by_uid", approval.requested_by_uid);
+    e.reason = approval.reasons.join("; ");
+    e
+}
+
 /// Drops proposals past their time, each with an event.
 pub async fn expire_proposals(state: &State) {
     let now = state.clock.now();
@@ -152,20 +184,19 @@ pub async fn expire_proposals(state: &State) {
     };
     for p in proposals {
         if p.pending.as_ref().is_some_and(|a| a.expires_at <= now) {
-            let proposal_id = p.pending.as_ref().map(|a| a.proposal_id.as_str());
-            match state.governance.pending.remove(&p.id, proposal_id) {
-                Ok(true) => {}
-                // Approved, rejected or replaced meanwhile (or by another server).
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "dropping an expired proposal failed");
-                    continue;
-                }
-            }
+            let proposal_id = p.pending.as_ref().map(|a| a.proposal_id.clone());
             let mut e = entry_event(kind::ENTRY_REJECT, &None, Some(&p), None);
             e.decision = schema::DENY.into();
             e.reason = "no operator approved it in time".into();
-            state.events.record_durable(vec![e]).await;
+            let audit = Audit::if_done(None, vec![e]);
+            let key = p.id.clone();
+            let removed = state
+                .store_op(move |store| store.remove_proposal(&key, proposal_id.as_deref(), &audit))
+                .await;
+            // Approved, rejected or replaced meanwhile (or by another server): false.
+            if let Err(e) = removed {
+                tracing::error!(error = %e.message(), "dropping an expired proposal failed");
+            }
         }
     }
 }
@@ -290,12 +321,6 @@ impl AdminService {
                 self.state.config.pending_ttl(),
                 old.map_or(0, |o| o.revision),
             );
-            let stored = proposal.clone();
-            if let Err(refusal) = self.state.store_op(move |store| store.propose(&stored)).await? {
-                // Recorded as this item's refusal below.
-                results[slot] = Some(Err(EntryError::Pending(refusal.to_string())));
-                continue;
-            }
             let mut e = entry_event(
                 kind::ENTRY_PENDING,
                 &operator,
@@ -304,12 +329,35 @@ impl AdminService {
             );
             e.reason = reasons.join("; ");
             e = e.attr("op", op);
-            events.push(e);
+            let audit = Audit::if_ok(operator, vec![e]);
+            let stored = proposal.clone();
+            let held = self.state.store_op(move |store| store.propose(&stored, &audit)).await?;
+            if let Err(refusal) = held {
+                // Recorded as this item's refusal below.
+                results[slot] = Some(Err(EntryError::Pending(refusal.to_string())));
+                continue;
+            }
             results[slot] = Some(Ok(proposal));
         }
         let mut revoked = Vec::new();
         if !direct.is_empty() {
-            let stored = self.state.store_op(move |store| write(store, &direct, now)).await?;
+            // Each stored item's event, in the commit that stores it.
+            let before: std::collections::HashMap<String, types::Entry> =
+                olds.iter().map(|(id, e)| (id.clone(), e.to_proto())).collect();
+            let describe: DescribeItems = Box::new(move |results| {
+                results
+                    .iter()
+                    .flatten()
+                    .map(|entry| {
+                        let after = entry.to_proto();
+                        entry_event(event_kind, &operator, before.get(&entry.id), Some(&after))
+                    })
+                    .collect()
+            });
+            let stored = self
+                .state
+                .store_op(move |store| write(store, &direct, now, operator, describe))
+                .await?;
             for (slot, result) in direct_slots.into_iter().zip(stored.results) {
                 results[slot] = Some(result.map(|e| e.to_proto()));
             }
@@ -319,18 +367,9 @@ impl AdminService {
         for (input, result) in inputs.iter().zip(results) {
             let result = result.unwrap_or(Err(EntryError::MissingId));
             response.results.push(match result {
-                Ok(entry) => {
-                    if entry.pending.is_none() {
-                        let before = olds.get(&entry.id).map(Entry::to_proto);
-                        events.push(entry_event(
-                            event_kind,
-                            &operator,
-                            before.as_ref(),
-                            Some(&entry),
-                        ));
-                    }
-                    pb::EntryResult { status: Some(ok()), entry: Some(entry) }
-                }
+                // Its event was stored with it (the entry or the proposal).
+                Ok(entry) => pb::EntryResult { status: Some(ok()), entry: Some(entry) },
+                // A refusal changes nothing: its event is best-effort.
                 Err(e) => {
                     let mut event = schema::denied(event_kind, e.to_string())
                         .code(schema::grpc_code(e.code()))
@@ -344,8 +383,8 @@ impl AdminService {
                 }
             });
         }
-        self.state.events.record_durable(events).await;
-        crate::revocation::revoked(&self.state, &revoked, operator.as_ref()).await?;
+        self.state.events.record(events);
+        crate::revocation::revoked(&self.state, &revoked).await?;
         Ok(Response::new(response))
     }
 
@@ -406,8 +445,10 @@ impl Admin for AdminService {
                 entry.id = uuid::Uuid::new_v4().to_string();
                 Ok(entry)
             },
-            |store, entries, _| {
-                Ok(EntryWrite { results: store.create_entries(entries)?, ..Default::default() })
+            |store, entries, _, operator, describe| {
+                let audit = Audit::new(operator, move |results: &Vec<_>| describe(results));
+                let results = store.create_entries(entries, &audit)?;
+                Ok(EntryWrite { results, ..Default::default() })
             },
         )
         .await
@@ -432,7 +473,11 @@ impl Admin for AdminService {
                 entry.id = input.id.clone();
                 Ok(entry)
             },
-            |store, entries, now| store.update_entries(entries, now, "entry updated"),
+            |store, entries, now, operator, describe| {
+                let audit =
+                    Audit::new(operator, move |write: &EntryWrite| describe(&write.results));
+                store.update_entries(entries, now, "entry updated", &audit)
+            },
         )
         .await
     }
@@ -444,7 +489,8 @@ impl Admin for AdminService {
         let operator = operator_of(&request);
         let ids = request.into_inner().ids;
         Self::check_batch(ids.len())?;
-        // A proposal with the ID goes too (deleting a pending entry rejects it).
+        // A proposal with the ID goes too (deleting a pending entry rejects
+        // it), with its event in the same commit.
         let mut proposals = Vec::new();
         for id in &ids {
             let proposal = self
@@ -453,40 +499,34 @@ impl Admin for AdminService {
                 .pending
                 .get(id)
                 .map_err(|e| Status::internal(e.to_string()))?;
-            if proposal.is_some() {
-                self.state
-                    .governance
-                    .pending
-                    .remove(id, None)
-                    .map_err(|e| Status::internal(e.to_string()))?;
+            if let Some(p) = &proposal {
+                let mut e = entry_event(kind::ENTRY_REJECT, &operator, Some(p), None);
+                e.reason = "deleted by operator".into();
+                let audit = Audit::if_done(operator, vec![e]);
+                let key = id.clone();
+                self.state.store_op(move |store| store.remove_proposal(&key, None, &audit)).await?;
             }
             proposals.push(proposal);
         }
         let request_ids = ids.clone();
         let now = self.state.clock.now();
-        // The delete and the revocation of the entries' SVIDs are one commit.
+        // The delete, the revocation of the entries' SVIDs and their events
+        // are one commit.
+        let audit = Audit::new(operator, move |write: &EntryWrite| {
+            let deleted = write.results.iter().flatten();
+            deleted
+                .map(|e| entry_event(kind::ENTRY_DELETE, &operator, Some(&e.to_proto()), None))
+                .collect()
+        });
         let write = self
             .state
-            .store_op(move |store| store.delete_entries(&ids, now, "entry deleted"))
+            .store_op(move |store| store.delete_entries(&ids, now, "entry deleted", &audit))
             .await?;
         let mut response = pb::BatchDeleteEntryResponse::default();
         let mut events = Vec::new();
         for ((id, result), proposal) in request_ids.into_iter().zip(write.results).zip(proposals) {
-            if let Some(p) = &proposal {
-                let mut e = entry_event(kind::ENTRY_REJECT, &operator, Some(p), None);
-                e.reason = "deleted by operator".into();
-                events.push(e);
-            }
             let status = match result {
-                Ok(entry) => {
-                    events.push(entry_event(
-                        kind::ENTRY_DELETE,
-                        &operator,
-                        Some(&entry.to_proto()),
-                        None,
-                    ));
-                    ok()
-                }
+                Ok(_) => ok(),
                 Err(_) if proposal.is_some() => ok(),
                 Err(e) => {
                     events.push(
@@ -500,8 +540,9 @@ impl Admin for AdminService {
             };
             response.results.push(pb::DeleteResult { id, status: Some(status) });
         }
-        self.state.events.record_durable(events).await;
-        crate::revocation::revoked(&self.state, &write.revoked, operator.as_ref()).await?;
+        // Refusals only (they change nothing): best-effort.
+        self.state.events.record(events);
+        crate::revocation::revoked(&self.state, &write.revoked).await?;
         Ok(Response::new(response))
     }
 
@@ -637,17 +678,17 @@ impl Admin for AdminService {
                 now,
                 config.pending_ttl(),
             );
-            let stored = proposal.clone();
-            // Refused at once when the ID is an agent's or an entry's.
-            if let Err(refusal) = self.state.store_op(move |store| store.propose(&stored)).await? {
-                let status = Status::new(approval_code(&refusal), refusal.to_string());
-                return Err(self.refuse_with(&operator, "join token", status));
-            }
             let mut e = entry_event(kind::ENTRY_PENDING, &operator, None, Some(&proposal))
                 .attr("op", crate::approval::OP_JOIN_TOKEN)
                 .attr("ttl", ttl);
             e.reason = reasons.join("; ");
-            self.state.events.record_durable(vec![e]).await;
+            let (stored, audit) = (proposal.clone(), Audit::if_ok(operator, vec![e]));
+            // Refused at once when the ID is an agent's or an entry's.
+            let held = self.state.store_op(move |store| store.propose(&stored, &audit)).await?;
+            if let Err(refusal) = held {
+                let status = Status::new(approval_code(&refusal), refusal.to_string());
+                return Err(self.refuse_with(&operator, "join token", status));
+            }
             return Ok(Response::new(types::JoinToken {
                 token,
                 spiffe_id: spiffe_id.to_string(),
@@ -663,16 +704,14 @@ impl Admin for AdminService {
             pending: None,
             approved: false,
         };
-        let stored = record.clone();
-        if let Err(refusal) =
-            self.state.store_op(move |store| store.put_join_token(&stored)).await?
-        {
+        let e =
+            admin_event(kind::JOIN_TOKEN, &operator).agent(spiffe_id.to_string()).attr("ttl", ttl);
+        let (stored, audit) = (record.clone(), Audit::if_ok(operator, vec![e]));
+        let put = self.state.store_op(move |store| store.put_join_token(&stored, &audit)).await?;
+        if let Err(refusal) = put {
             let status = Status::failed_precondition(refusal.to_string());
             return Err(self.refuse_with(&operator, "join token", status));
         }
-        let e =
-            admin_event(kind::JOIN_TOKEN, &operator).agent(spiffe_id.to_string()).attr("ttl", ttl);
-        self.state.events.record_durable(vec![e]).await;
         Ok(Response::new(record))
     }
 
@@ -755,25 +794,29 @@ impl Admin for AdminService {
         let reason =
             if req.reason.is_empty() { "banned by operator".to_string() } else { req.reason };
         let (key, why, now) = (id.to_string(), reason.clone(), self.state.clock.now());
+        let banned = admin_event(kind::AGENT_BAN, &operator).agent(id.to_string());
+        let audit =
+            Audit::new(operator, move |r: &Result<Vec<types::Revocation>, AgentRefusal>| {
+                let Ok(revoked) = r else { return Vec::new() };
+                let mut e = banned.clone().attr("revoked", revoked.len());
+                e.reason = reason.clone();
+                vec![e]
+            });
         // One commit: the ban, the revocation of everything issued to or
-        // through the agent, and the change that closes its stream.
-        let revoked =
-            self.state.store_op(move |store| store.ban_agent(&key, &why, now)).await?.map_err(
-                |refusal| {
-                    let e = schema::denied(kind::AGENT_BAN, refusal.to_string())
-                        .code(refusal.kind().as_str())
-                        .operator(operator)
-                        .agent(id.to_string());
-                    self.state.events.record(vec![e]);
-                    Status::not_found(format!("agent {id} not found"))
-                },
-            )?;
-        let mut e = admin_event(kind::AGENT_BAN, &operator)
-            .agent(id.to_string())
-            .attr("revoked", revoked.len());
-        e.reason = reason.clone();
-        self.state.events.record_durable(vec![e]).await;
-        crate::revocation::revoked(&self.state, &revoked, operator.as_ref()).await?;
+        // through the agent, the change that closes its stream, the events.
+        let revoked = self
+            .state
+            .store_op(move |store| store.ban_agent(&key, &why, now, &audit))
+            .await?
+            .map_err(|refusal| {
+                let e = schema::denied(kind::AGENT_BAN, refusal.to_string())
+                    .code(refusal.kind().as_str())
+                    .operator(operator)
+                    .agent(id.to_string());
+                self.state.events.record(vec![e]);
+                Status::not_found(format!("agent {id} not found"))
+            })?;
+        crate::revocation::revoked(&self.state, &revoked).await?;
         let (jwts, x509): (Vec<_>, Vec<_>) = revoked.into_iter().partition(|r| !r.jti.is_empty());
         Ok(Response::new(pb::BanAgentResponse {
             revoked_serials: x509.into_iter().map(|r| r.serial).collect(),
@@ -789,21 +832,22 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let id = self.parse_id(&operator, "agent SPIFFE ID", &req.spiffe_id)?;
         let (key, unban, now) = (id.to_string(), req.unban, self.state.clock.now());
-        let revoked =
-            self.state.store_op(move |store| store.evict_agent(&key, unban, now)).await?.map_err(
-                |refusal| {
-                    let e = schema::denied(kind::AGENT_EVICT, refusal.to_string())
-                        .code(refusal.kind().as_str())
-                        .operator(operator)
-                        .agent(id.to_string());
-                    self.state.events.record(vec![e]);
-                    Status::not_found(format!("agent {id} not found"))
-                },
-            )?;
         let e =
             admin_event(kind::AGENT_EVICT, &operator).agent(id.to_string()).attr("unban", unban);
-        self.state.events.record_durable(vec![e]).await;
-        crate::revocation::revoked(&self.state, &revoked, operator.as_ref()).await?;
+        let audit = Audit::if_ok(operator, vec![e]);
+        let revoked = self
+            .state
+            .store_op(move |store| store.evict_agent(&key, unban, now, &audit))
+            .await?
+            .map_err(|refusal| {
+                let e = schema::denied(kind::AGENT_EVICT, refusal.to_string())
+                    .code(refusal.kind().as_str())
+                    .operator(operator)
+                    .agent(id.to_string());
+                self.state.events.record(vec![e]);
+                Status::not_found(format!("agent {id} not found"))
+            })?;
+        crate::revocation::revoked(&self.state, &revoked).await?;
         Ok(Response::new(pb::EvictAgentResponse {}))
     }
 
@@ -909,31 +953,19 @@ impl Admin for AdminService {
         let now = self.state.clock.now();
         // The checks (hash, proposer, expiry, unchanged entry) and the write
         // are one commit.
+        let audit = Audit::new(operator, move |r: &Result<Approved, ApprovalRefusal>| {
+            r.iter().map(|approved| approval_event(&operator, approved)).collect()
+        });
         let approved = self
             .state
-            .store_op(move |store| store.approve(&req.id, &hash, caller.uid, now))
+            .store_op(move |store| store.approve(&req.id, &hash, caller.uid, now, &audit))
             .await?
             .map_err(|refusal| {
                 let status = Status::new(approval_code(&refusal), refusal.to_string());
                 self.deny_approval(&operator, &id, status)
             })?;
-        let Approved { proposal, write } = approved;
-        let approval = proposal.pending.clone().unwrap_or_default();
-        let after = match write.results.into_iter().next() {
-            Some(Ok(entry)) => entry.to_proto(),
-            // A join token: the proposal is what was approved.
-            _ => types::Entry { pending: None, ..proposal.clone() },
-        };
-        let before = write.previous.into_iter().flatten().next().map(|b| b.to_proto());
-        let mut e = entry_event(kind::ENTRY_APPROVE, &operator, before.as_ref(), Some(&after))
-            .attr("op", &approval.op)
-            .attr("proposal_id", &approval.proposal_id)
-            .attr("content_hash", &approval.content_hash)
-            .attr("requested_by_uid", approval.requested_by_uid);
-        e.reason = approval.reasons.join("; ");
-        self.state.events.record_durable(vec![e]).await;
-        crate::revocation::revoked(&self.state, &write.revoked, operator.as_ref()).await?;
-        Ok(Response::new(after))
+        crate::revocation::revoked(&self.state, &approved.write.revoked).await?;
+        Ok(Response::new(approved_entry(&approved)))
     }
 
     async fn reject_entry(
@@ -952,17 +984,22 @@ impl Admin for AdminService {
             self.state.events.record(vec![e]);
             return Err(status);
         };
-        let proposal_id = proposal.pending.as_ref().map(|a| a.proposal_id.as_str());
-        if !self.state.governance.pending.remove(&proposal.id, proposal_id).map_err(internal)? {
+        let proposal_id = proposal.pending.as_ref().map(|a| a.proposal_id.clone());
+        let mut e = entry_event(kind::ENTRY_REJECT, &operator, Some(&proposal), None);
+        e.reason = if req.reason.is_empty() { "rejected by operator".into() } else { req.reason };
+        let audit = Audit::if_done(operator, vec![e]);
+        let (key, id) = (proposal.id.clone(), proposal_id.clone());
+        let removed = self
+            .state
+            .store_op(move |store| store.remove_proposal(&key, id.as_deref(), &audit))
+            .await?;
+        if !removed {
             let status = Status::failed_precondition(format!(
                 "proposal {} was approved, rejected or replaced meanwhile; nothing rejected",
-                proposal_id.unwrap_or(&proposal.id)
+                proposal_id.as_deref().unwrap_or(&proposal.id)
             ));
             return Err(self.refuse_with(&operator, "reject", status));
         }
-        let mut e = entry_event(kind::ENTRY_REJECT, &operator, Some(&proposal), None);
-        e.reason = if req.reason.is_empty() { "rejected by operator".into() } else { req.reason };
-        self.state.events.record_durable(vec![e]).await;
         Ok(Response::new(pb::RejectEntryResponse {}))
     }
 

@@ -13,7 +13,7 @@ use crate::event_schema::{self as schema, kind, EventExt};
 use crate::mint::{self, MintError, Minted};
 use crate::queries::{self, SelectorQuery};
 use crate::state::State;
-use crate::store::EntryFilter;
+use crate::store::{Audit, EntryFilter};
 
 /// Largest page of a listing.
 pub const MAX_PAGE: usize = 10_000;
@@ -109,11 +109,6 @@ pub async fn purge_agents(
     let mut purged = Vec::new();
     for agent in candidates {
         let id = agent.spiffe_id.clone();
-        let Some(revoked) =
-            state.store_op(move |store| store.purge_agent(&id, expired_before, now)).await?
-        else {
-            continue;
-        };
         let mut e = schema::event(kind::AGENT_EVICT, schema::ALLOW)
             .operator(operator)
             .agent(agent.spiffe_id.clone())
@@ -121,8 +116,17 @@ pub async fn purge_agents(
             .attr("expired_for", expired_for)
             .attr("svid_expired_at", crate::cli_support::format_time(agent.x509_svid_expires_at));
         e.reason = format!("SVID expired at least {expired_for}s ago");
-        state.events.record_durable(vec![e]).await;
-        crate::revocation::revoked(state, &revoked, operator.as_ref()).await?;
+        // The eviction's event only if the commit evicts.
+        let audit = Audit::new(operator, move |purged: &Option<Vec<types::Revocation>>| {
+            purged.iter().map(|_| e.clone()).collect()
+        });
+        let Some(revoked) = state
+            .store_op(move |store| store.purge_agent(&id, expired_before, now, &audit))
+            .await?
+        else {
+            continue;
+        };
+        crate::revocation::revoked(state, &revoked).await?;
         purged.push(agent);
     }
     Ok(Response::new(pb::PurgeAgentsResponse { agents: purged }))
@@ -205,15 +209,14 @@ pub async fn mint_x509(
     let id = mint_identity(state, &req.spiffe_id, Minted::X509 { ttl }).await?.map_err(refuse)?;
     let (svid, record) =
         mint::mint_x509(&state.ca, &id, &req.csr, ttl, &req.dns_names).map_err(refuse)?;
-    let stored = record.clone();
-    state.store_op(move |store| store.record_minted(&stored)).await?;
     let mut e = schema::event(kind::X509_ISSUE, schema::ALLOW)
         .operator(operator)
         .spiffe_id(id.to_string())
         .attr("minted", true)
         .attr("ttl", ttl);
     e.serial = svid.serial.clone();
-    state.events.record_durable(vec![e]).await;
+    let audit = Audit::events(operator, vec![e]);
+    state.store_op(move |store| store.record_minted(&record, &audit)).await?;
     Ok(Response::new(pb::MintX509SvidResponse {
         x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
         bundle: state.ca.bundle().iter().map(|c| c.to_vec()).collect(),
@@ -237,8 +240,6 @@ pub async fn mint_jwt(
         .await?
         .map_err(refuse)?;
     let (jwt, record) = mint::mint_jwt(&state.ca, &id, &req.audience, ttl).map_err(refuse)?;
-    let stored = record.clone();
-    state.store_op(move |store| store.record_minted(&stored)).await?;
     let mut e = schema::event(kind::JWT_ISSUE, schema::ALLOW)
         .operator(operator)
         .spiffe_id(id.to_string())
@@ -246,7 +247,8 @@ pub async fn mint_jwt(
         .attr("ttl", ttl);
     e.jti = jwt.jti.clone();
     e.audience = jwt.audience.clone();
-    state.events.record_durable(vec![e]).await;
+    let audit = Audit::events(operator, vec![e]);
+    state.store_op(move |store| store.record_minted(&record, &audit)).await?;
     Ok(Response::new(pb::MintJwtSvidResponse {
         token: jwt.token,
         jti: jwt.jti,

@@ -26,7 +26,7 @@ use tracing::{error, warn};
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::kv::{Kv, Lock, Op, Txn};
 use crate::metrics::Metrics;
-use crate::store::StoreError;
+use crate::store::{EventSink, StoreError};
 
 /// Work done in an event commit before the events are stored (it may drop some).
 type InCommit<'f> = dyn Fn(&Txn<'_>, &mut Vec<Event>) -> Result<(), StoreError> + 'f;
@@ -85,6 +85,41 @@ fn read_head(tx: &Txn<'_>) -> Result<Head, StoreError> {
         }
         _ => Head { next_seq: 1, hash: Vec::new() },
     })
+}
+
+/// Chains `events` after the head of the log and stores them in `tx`
+/// (which holds the event lock).
+fn chain(tx: &Txn<'_>, events: &mut [Event]) -> Result<(), StoreError> {
+    let stored_ms = schema::now_ms();
+    let head = read_head(tx)?;
+    let (mut seq, mut hash) = (head.next_seq, head.hash);
+    for e in events.iter_mut() {
+        e.seq = seq;
+        e.stored_ms = stored_ms;
+        e.prev_hash = hash;
+        e.hash = schema::chain_hash(&e.prev_hash, e);
+        hash = e.hash.clone();
+        tx.put(EVENTS, seq.to_be_bytes(), e.encode_to_vec());
+        seq += 1;
+    }
+    Ok(())
+}
+
+/// The store's commits chain their events here, in the same commit as the
+/// change they describe.
+impl EventSink for EventLog {
+    fn chain_in(&self, tx: &Txn<'_>, events: Vec<Event>) -> Result<Vec<Event>, StoreError> {
+        let mut events = self.prepare(events);
+        if !self.config.enabled {
+            return Ok(Vec::new());
+        }
+        chain(tx, &mut events)?;
+        Ok(events)
+    }
+
+    fn committed(&self, stored: &[Event]) {
+        EventLog::committed(self, stored);
+    }
 }
 
 /// Refusal counts in the current minute, per key, and whether the burst
@@ -166,15 +201,6 @@ impl EventLog {
     /// Records server events: logs each, stores it (with any anomaly it
     /// reveals) in the chain. Not yet fsynced: see [`Self::record_durable`].
     pub fn record(&self, events: Vec<Event>) {
-        let events = events
-            .into_iter()
-            .map(|mut e| {
-                if e.source.is_empty() {
-                    e.source = "server".into();
-                }
-                e
-            })
-            .collect();
         if let Err(e) = self.append(events) {
             error!(error = %e, "storing events failed");
         }
@@ -276,8 +302,29 @@ impl EventLog {
     /// [`Self::append`], with `also` run first in the same commit (it may
     /// drop events); returns how many were stored.
     fn append_with(&self, events: Vec<Event>, also: &InCommit) -> Result<usize, StoreError> {
+        let all = self.prepare(events);
+        if !self.config.enabled {
+            return Ok(0);
+        }
+        let mut chained = Vec::new();
+        self.kv.transaction(Lock::Events, &mut |tx| {
+            let mut events = all.clone();
+            also(tx, &mut events)?;
+            chain(tx, &mut events)?;
+            chained = events;
+            Ok(())
+        })?;
+        self.committed(&chained);
+        Ok(chained.len())
+    }
+
+    /// Logs and counts `events` and adds the anomalies they reveal.
+    fn prepare(&self, events: Vec<Event>) -> Vec<Event> {
         let mut all = Vec::with_capacity(events.len());
-        for e in events {
+        for mut e in events {
+            if e.source.is_empty() {
+                e.source = "server".into();
+            }
             schema::log(&e);
             self.metrics.event(&e);
             let anomalies = self.detect(&e);
@@ -288,33 +335,17 @@ impl EventLog {
                 all.push(a);
             }
         }
-        if !self.config.enabled {
-            return Ok(0);
-        }
-        let stored_ms = schema::now_ms();
-        let mut chained = Vec::new();
-        self.kv.transaction(Lock::Events, &mut |tx| {
-            let mut events = all.clone();
-            also(tx, &mut events)?;
-            let head = read_head(tx)?;
-            let (mut seq, mut hash) = (head.next_seq, head.hash);
-            for e in events.iter_mut() {
-                e.seq = seq;
-                e.stored_ms = stored_ms;
-                e.prev_hash = hash;
-                e.hash = schema::chain_hash(&e.prev_hash, e);
-                hash = e.hash.clone();
-                tx.put(EVENTS, seq.to_be_bytes(), e.encode_to_vec());
-                seq += 1;
-            }
-            chained = events;
-            Ok(())
-        })?;
-        let Some(last) = chained.last().map(|e| e.seq) else { return Ok(0) };
+        all
+    }
+
+    /// After the commit that stored `chained`: the SIEM file, the metrics,
+    /// and everyone waiting for the sequence.
+    fn committed(&self, chained: &[Event]) {
+        let Some(last) = chained.last().map(|e| e.seq) else { return };
         self.metrics.stored(chained.len());
         if let Some(sink) = &self.sink {
             let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
-            for e in &chained {
+            for e in chained {
                 let _ = writeln!(sink, "{}", schema::to_json(e));
             }
         }
@@ -327,7 +358,6 @@ impl EventLog {
             }
             newer
         });
-        Ok(chained.len())
     }
 
     /// Anomalies `e` reveals, updating what is usual.

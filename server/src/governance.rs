@@ -17,7 +17,7 @@ use tessera_workload_api::{Selector, SelectorScope, SpiffeId};
 
 use crate::admin_peer::AdminPeer;
 use crate::entry::Entry;
-use crate::kv::{Kv, Lock};
+use crate::kv::Kv;
 use crate::refusals::RefusalFolder;
 use crate::store::StoreError;
 
@@ -228,28 +228,6 @@ impl Pending {
             .find(|p| p.pending.as_ref().is_some_and(|a| a.proposal_id == id)))
     }
 
-    /// Removes the proposal under `key`, durably, if it is still the one
-    /// with ID `proposal_id` (any, when `None`): a reject or an expiry
-    /// never removes a newer proposal made under the same key meanwhile.
-    /// True for the one caller (of every server) that removed it.
-    pub fn remove(&self, key: &str, proposal_id: Option<&str>) -> Result<bool, StoreError> {
-        let mut removed = false;
-        self.kv.transaction(Lock::Store, &mut |tx| {
-            removed = false;
-            let Some(bytes) = tx.get(PENDING, key.as_bytes())? else { return Ok(()) };
-            if let Some(wanted) = proposal_id {
-                let stored = decode_proposal(key.as_bytes(), &bytes)?;
-                if stored.pending.is_none_or(|p| p.proposal_id != wanted) {
-                    return Ok(());
-                }
-            }
-            removed = tx.delete(PENDING, key.as_bytes())?.is_some();
-            Ok(())
-        })?;
-        self.kv.flush()?;
-        Ok(removed)
-    }
-
     /// Every proposal.
     pub fn list(&self) -> Result<Vec<pb::Entry>, StoreError> {
         crate::kv::scan_prefix(&*self.kv, PENDING, b"")?
@@ -279,15 +257,21 @@ mod tests {
         let kv = |_: &str| -> std::sync::Arc<dyn Kv> {
             std::sync::Arc::new(crate::pg::PgKv::connect(&url).unwrap())
         };
-        let (a, b) = (Pending::open(kv("a")).unwrap(), Pending::open(kv("b")).unwrap());
+        let b = Pending::open(kv("b")).unwrap();
         let proposal = pb::Entry { id: "e1".into(), ..Default::default() };
         kv("a").apply(vec![Op::Put(PENDING, b"e1".to_vec(), proposal.encode_to_vec())]).unwrap();
         assert_eq!(b.get("e1").unwrap(), Some(proposal));
         assert_eq!(b.count(), 1);
-        let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
-        let takers: Vec<_> = [a.clone(), b.clone(), a, b]
+        let store =
+            |id: &str| std::sync::Arc::new(crate::store::KvStore::open_postgres(&url, id).unwrap());
+        let takers: Vec<_> = [store("a"), store("b"), store("a"), store("b")]
             .into_iter()
-            .map(|p| std::thread::spawn(move || p.remove("e1", None).unwrap()))
+            .map(|s| {
+                std::thread::spawn(move || {
+                    use crate::store::{Audit, Store};
+                    s.remove_proposal("e1", None, &Audit::quiet()).unwrap()
+                })
+            })
             .collect();
         let taken = takers.into_iter().map(|t| t.join().unwrap()).filter(|t| *t).count();
         assert_eq!(taken, 1, "exactly one server takes the proposal");

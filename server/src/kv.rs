@@ -35,6 +35,20 @@ pub enum Lock {
     Store = 1,
     /// The event chain.
     Events = 2,
+    /// Both, taken in that order (every holder of both takes `Store`
+    /// first): a change and its events in one commit.
+    StoreAndEvents = 3,
+}
+
+impl Lock {
+    /// The locks to take, in the order every transaction takes them.
+    pub fn parts(self) -> &'static [Lock] {
+        match self {
+            Lock::Store => &[Lock::Store],
+            Lock::Events => &[Lock::Events],
+            Lock::StoreAndEvents => &[Lock::Store, Lock::Events],
+        }
+    }
 }
 
 /// One write.
@@ -418,7 +432,11 @@ impl Kv for SledKv {
         lock: Lock,
         f: &mut dyn FnMut(&Txn<'_>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let _held = self.locks[lock as usize - 1].lock().unwrap_or_else(|e| e.into_inner());
+        let _held: Vec<_> = lock
+            .parts()
+            .iter()
+            .map(|part| self.locks[*part as usize - 1].lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
         let txn = Txn::new(self);
         f(&txn)?;
         let (ops, _) = txn.into_parts();

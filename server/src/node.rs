@@ -38,7 +38,7 @@ use crate::feed::FedChange;
 use crate::jwt::SignedJwt;
 use crate::refusals::RefusalFolder;
 use crate::state::State;
-use crate::store::{AgentRefusal, ChangeKind, Signed, MAX_BATCH};
+use crate::store::{AgentRefusal, Audit, ChangeKind, Signed, MAX_BATCH};
 use crate::tls::NodePeer;
 use tessera_common::rate::TokenBucket;
 
@@ -560,7 +560,11 @@ impl NodeService {
                     ca_seq,
                     jti: jwt.jti.clone(),
                 };
-                Ok((jwt, Signed { svid: issued, entry }))
+                let mut event = issued_event(kind::JWT_ISSUE, agent_id, &entry)
+                    .attr("expires_at", jwt.expires_at);
+                event.jti = jwt.jti.clone();
+                event.audience = jwt.audience.clone();
+                Ok((jwt, Signed { svid: issued, entry, event }))
             }
             Err(e) => Err(fail(tonic::Code::Internal, e.to_string())),
         }
@@ -616,27 +620,23 @@ impl NodeService {
                     ca_seq: svid.ca_seq,
                     jti: String::new(),
                 };
-                Ok((svid, Signed { svid: issued, entry }))
+                let mut event = issued_event(kind::X509_ISSUE, agent_id, &entry)
+                    .attr("expires_at", svid.expires_at);
+                event.serial = svid.serial.clone();
+                Ok((svid, Signed { svid: issued, entry, event }))
             }
             Err(e) => Err(fail(tonic::Code::Internal, e.to_string())),
         }
     }
 }
 
-/// The event of one signed (or revoked-as-signed) item.
-fn issued_event(
-    kind: &str,
-    caller: &Caller,
-    record: &Signed,
-    decision: &str,
-    reason: &str,
-) -> types::Event {
-    let mut e = schema::event(kind, decision)
-        .agent(caller.id.as_str())
-        .spiffe_id(record.entry.spiffe_id.as_str())
-        .entry(record.entry.id.clone());
-    e.reason = reason.to_string();
-    e
+/// The event of one signed item (the store turns it into a denial if the
+/// commit that records the item revokes it).
+fn issued_event(kind: &str, agent_id: &SpiffeId, entry: &Entry) -> types::Event {
+    schema::event(kind, schema::ALLOW)
+        .agent(agent_id.as_str())
+        .spiffe_id(entry.spiffe_id.as_str())
+        .entry(entry.id.clone())
 }
 
 fn item_failure(entry_id: &str, code: tonic::Code, message: String) -> pb::SignX509Result {
@@ -733,7 +733,21 @@ impl NodeService {
             return Err(self.refuse_stranger(op, source, "", status));
         }
         let token = req.join_token.clone();
-        let record = self.state.store_op(move |store| store.take_join_token(&token)).await?;
+        let spent = move |taken: &Option<types::JoinToken>| -> Vec<types::Event> {
+            taken
+                .iter()
+                .map(|t| {
+                    schema::event(kind::JOIN_TOKEN_SPEND, schema::ALLOW)
+                        .agent(t.spiffe_id.clone())
+                        .spiffe_id(t.spiffe_id.clone())
+                        .attr("source", source.map_or_else(String::new, |s| s.to_string()))
+                })
+                .collect()
+        };
+        let record = self
+            .state
+            .store_op(move |store| store.take_join_token(&token, &Audit::new(None, spent)))
+            .await?;
         let Some(record) = record else {
             return Err(self.refuse_stranger(op, source, "", unknown()));
         };
@@ -781,16 +795,18 @@ impl NodeService {
             last_seen_at: now,
             previous_x509_svid_serial: String::new(),
         };
-        self.state
-            .store_op(move |store| store.register_agent(&agent, &issued))
-            .await?
-            .map_err(|e| self.refuse(op, agent_id.as_str(), e.into()))?;
         let mut e = schema::event(kind::NODE_ATTEST, schema::ALLOW)
             .agent(agent_id.as_str())
             .spiffe_id(agent_id.as_str())
             .attr("attestation_type", "join_token");
         e.serial = svid.serial.clone();
-        self.state.events.record_durable(vec![e]).await;
+        let audit = Audit::new(None, move |registered: &Result<(), AgentRefusal>| {
+            registered.iter().map(|()| e.clone()).collect()
+        });
+        self.state
+            .store_op(move |store| store.register_agent(&agent, &issued, &audit))
+            .await?
+            .map_err(|e| self.refuse(op, agent_id.as_str(), e.into()))?;
         Ok(Response::new(pb::AttestResponse {
             agent_id: agent_id.to_string(),
             x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
@@ -829,19 +845,21 @@ impl NodeService {
             .map_err(|e| self.refuse(op, agent_id.as_str(), e))?;
         let now = self.state.clock.now();
         let (key, presented) = (agent_id.to_string(), caller.serial.clone());
-        let renewed = self
-            .state
-            .store_op(move |store| store.renew_agent(&key, &presented, &issued, now))
-            .await?
-            .map_err(|e| self.refuse(op, agent_id.as_str(), e.into()))?;
-        // A renewal after a lost reply revoked the lost SVID (CRLs re-signed
-        // in the same commit).
-        crate::revocation::revoked(&self.state, &renewed.1, None).await?;
         let mut e = schema::event(kind::NODE_RENEW, schema::ALLOW)
             .agent(agent_id.as_str())
             .spiffe_id(agent_id.as_str());
         e.serial = svid.serial.clone();
-        self.state.events.record(vec![e]);
+        let audit = Audit::new(None, move |renewed: &crate::store::RenewOutcome| {
+            renewed.iter().map(|_| e.clone()).collect()
+        });
+        let renewed = self
+            .state
+            .store_op(move |store| store.renew_agent(&key, &presented, &issued, now, &audit))
+            .await?
+            .map_err(|e| self.refuse(op, agent_id.as_str(), e.into()))?;
+        // A renewal after a lost reply revoked the lost SVID (CRLs re-signed
+        // in the same commit).
+        crate::revocation::revoked(&self.state, &renewed.1).await?;
         Ok(Response::new(pb::RenewAgentResponse {
             x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
             bundle: self.bundle(),
@@ -885,35 +903,24 @@ impl Node for NodeService {
         let items = request.into_inner().items;
         let ids = items.iter().map(|i| i.entry_id.clone()).collect();
         let outcomes = self.sign_batch(op, &caller, items, ids, Self::sign_item).await?;
-        let events = std::cell::RefCell::new(Vec::with_capacity(outcomes.len()));
         let results = answer(
             outcomes,
-            |svid, record| {
-                let mut e = issued_event(kind::X509_ISSUE, &caller, &record, schema::ALLOW, "")
-                    .attr("expires_at", svid.expires_at);
-                e.serial = svid.serial.clone();
-                events.borrow_mut().push(e);
-                pb::SignX509Result {
-                    entry_id: record.entry.id,
-                    status: Some(ItemStatus { code: 0, ..Default::default() }),
-                    x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
-                    expires_at: svid.expires_at,
-                    serial: svid.serial,
-                }
+            |svid, record| pb::SignX509Result {
+                entry_id: record.entry.id,
+                status: Some(ItemStatus { code: 0, ..Default::default() }),
+                x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
+                expires_at: svid.expires_at,
+                serial: svid.serial,
             },
             |record, refused| {
-                let mut e =
-                    issued_event(kind::X509_ISSUE, &caller, &record, schema::DENY, &refused.why)
-                        .attr("revoked_as_issued", true);
-                e.serial = record.svid.serial.clone();
-                events.borrow_mut().push(e);
                 let mut failure =
                     item_failure(&record.entry.id, tonic::Code::PermissionDenied, refused.why);
                 typed_item(failure.status.as_mut(), refused.refusal);
                 failure
             },
         );
-        self.issued("x509", started, events.into_inner());
+        let signed = results.iter().filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0));
+        self.issued("x509", started, signed.count());
         Ok(Response::new(pb::SignX509Response { results }))
     }
 
@@ -927,37 +934,25 @@ impl Node for NodeService {
         let items = request.into_inner().items;
         let ids = items.iter().map(|i| i.entry_id.clone()).collect();
         let outcomes = self.sign_batch(op, &caller, items, ids, Self::sign_jwt_item).await?;
-        let events = std::cell::RefCell::new(Vec::with_capacity(outcomes.len()));
         let results = answer(
             outcomes,
-            |jwt, record| {
-                let mut e = issued_event(kind::JWT_ISSUE, &caller, &record, schema::ALLOW, "")
-                    .attr("expires_at", jwt.expires_at);
-                e.jti = jwt.jti.clone();
-                e.audience = jwt.audience.clone();
-                events.borrow_mut().push(e);
-                pb::SignJwtResult {
-                    entry_id: record.entry.id,
-                    status: Some(ItemStatus { code: 0, ..Default::default() }),
-                    token: jwt.token,
-                    expires_at: jwt.expires_at,
-                    jti: jwt.jti,
-                    issued_at: jwt.issued_at,
-                }
+            |jwt, record| pb::SignJwtResult {
+                entry_id: record.entry.id,
+                status: Some(ItemStatus { code: 0, ..Default::default() }),
+                token: jwt.token,
+                expires_at: jwt.expires_at,
+                jti: jwt.jti,
+                issued_at: jwt.issued_at,
             },
             |record, refused| {
-                let mut e =
-                    issued_event(kind::JWT_ISSUE, &caller, &record, schema::DENY, &refused.why)
-                        .attr("revoked_as_issued", true);
-                e.jti = record.svid.jti.clone();
-                events.borrow_mut().push(e);
                 let mut failure =
                     jwt_item_failure(&record.entry.id, tonic::Code::PermissionDenied, refused.why);
                 typed_item(failure.status.as_mut(), refused.refusal);
                 failure
             },
         );
-        self.issued("jwt", started, events.into_inner());
+        let signed = results.iter().filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0));
+        self.issued("jwt", started, signed.count());
         Ok(Response::new(pb::SignJwtResponse { results }))
     }
 
@@ -1036,11 +1031,9 @@ async fn send(tx: &SyncSender, event: Event) -> Result<(), Status> {
 }
 
 impl NodeService {
-    /// Counts a signing batch and records its events.
-    fn issued(&self, kind: &'static str, started: std::time::Instant, events: Vec<types::Event>) {
-        let signed = events.iter().filter(|e| e.decision == schema::ALLOW).count();
+    /// Counts a signing batch (its events were stored with its records).
+    fn issued(&self, kind: &'static str, started: std::time::Instant, signed: usize) {
         self.state.metrics.issued(kind, signed, started.elapsed().as_secs_f64());
-        self.state.events.record(events);
     }
 
     /// One agent's Sync stream: the bundle and CRLs, then either the changes

@@ -598,7 +598,10 @@ impl Kv for PgKv {
     ) -> Result<(), StoreError> {
         let conn = self.checkout()?;
         // One round trip: the lock number is ours, not input.
-        let begin_sql = format!("BEGIN; SELECT pg_advisory_xact_lock({})", lock as i64);
+        let mut begin_sql = String::from("BEGIN");
+        for part in lock.parts() {
+            begin_sql.push_str(&format!("; SELECT pg_advisory_xact_lock({})", *part as i64));
+        }
         let begin = {
             let conn = conn.clone();
             self.run(async move { conn.client.batch_execute(&begin_sql).await.map_err(db_err) })

@@ -12,7 +12,7 @@ use tracing::warn;
 use crate::ca::{Ca, CrlEntry};
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::state::State;
-use crate::store::{revocation_of, CrlSigner};
+use crate::store::{revocation_of, Audit, CrlSigner, EntryWrite};
 
 /// CRLs are valid this long and re-signed at half of it.
 pub const CRL_VALIDITY_SECS: i64 = 24 * 3600;
@@ -76,42 +76,18 @@ pub async fn update_verifier_crls(state: &State) -> Result<(), Status> {
     Ok(())
 }
 
-/// Logs revocations a commit made (it stored CRLs listing them too) and
-/// hands the CRLs to the node API's verifier.
-pub async fn revoked(
-    state: &State,
-    revocations: &[pb::Revocation],
-    operator: Option<&pb::Operator>,
-) -> Result<(), Status> {
+/// After a commit that revoked (it stored CRLs listing what it revoked,
+/// and the revocations' events): hands the CRLs to the node API's verifier.
+pub async fn revoked(state: &State, revocations: &[pb::Revocation]) -> Result<(), Status> {
     if revocations.is_empty() {
         return Ok(());
     }
-    let events = revocations
-        .iter()
-        .map(|r| {
-            // The operator's words are the reason; the code is fixed.
-            let code = if operator.is_some() { schema::OPERATOR } else { "revoked" };
-            let mut e = schema::denied(kind::REVOKE, r.reason.clone())
-                .code(code)
-                .agent(r.agent_id.clone())
-                .spiffe_id(r.spiffe_id.clone())
-                .operator(operator.cloned())
-                .attr("type", if r.jti.is_empty() { "x509" } else { "jwt" })
-                .attr("expires_at", r.expires_at);
-            if !r.entry_id.is_empty() {
-                e.entry_ids.push(r.entry_id.clone());
-            }
-            e.serial = r.serial.clone();
-            e.jti = r.jti.clone();
-            e
-        })
-        .collect();
-    state.events.record_durable(events).await;
     update_verifier_crls(state).await
 }
 
 /// Revokes `issued` SVIDs: stored (durably, with the change logged for
-/// every agent) first, then CRLs re-signed. Returns the revocations.
+/// every agent and an event per revocation, made for `operator`) first,
+/// then CRLs re-signed. Returns the revocations.
 pub async fn revoke_issued(
     state: &State,
     issued: Vec<pb::IssuedSvid>,
@@ -121,39 +97,44 @@ pub async fn revoke_issued(
     let now = state.clock.now();
     let revocations: Vec<pb::Revocation> =
         issued.iter().map(|svid| revocation_of(svid, reason, now)).collect();
-    let stored = revocations.clone();
-    state.store_op(move |store| store.revoke(&stored)).await?;
-    revoked(state, &revocations, operator).await?;
+    let (stored, operator) = (revocations.clone(), operator.copied());
+    state
+        .store_op(move |store| store.revoke(&stored, &Audit::new(operator, |_| Vec::new())))
+        .await?;
+    revoked(state, &revocations).await?;
     Ok(revocations)
 }
 
 /// Deletes entries that reached their `expires_at` and revokes their SVIDs
-/// (one commit). Returns how many entries expired.
+/// (one commit, with the events). Returns how many entries expired.
 pub async fn expire_entries(state: &State) -> Result<usize, Status> {
     let now = state.clock.now();
     let ids = state.store_op(move |store| store.expired_entries(now)).await?;
     if ids.is_empty() {
         return Ok(0);
     }
-    let write =
-        state.store_op(move |store| store.delete_entries(&ids, now, "entry expired")).await?;
-    let events: Vec<pb::Event> = write
-        .results
-        .iter()
-        .flatten()
-        .map(|entry| {
-            let mut e = schema::event(kind::ENTRY_EXPIRE, "")
-                .agent(entry.parent_id.to_string())
-                .spiffe_id(entry.spiffe_id.to_string())
-                .entry(entry.id.clone());
-            e.before = crate::events::entry_json(&entry.to_proto());
-            e
+    let describe = |write: &EntryWrite| -> Vec<pb::Event> {
+        write
+            .results
+            .iter()
+            .flatten()
+            .map(|entry| {
+                let mut e = schema::event(kind::ENTRY_EXPIRE, "")
+                    .agent(entry.parent_id.to_string())
+                    .spiffe_id(entry.spiffe_id.to_string())
+                    .entry(entry.id.clone());
+                e.before = crate::events::entry_json(&entry.to_proto());
+                e
+            })
+            .collect()
+    };
+    let write = state
+        .store_op(move |store| {
+            store.delete_entries(&ids, now, "entry expired", &Audit::new(None, describe))
         })
-        .collect();
-    let count = events.len();
-    state.events.record_durable(events).await;
-    revoked(state, &write.revoked, None).await?;
-    Ok(count)
+        .await?;
+    revoked(state, &write.revoked).await?;
+    Ok(write.results.iter().flatten().count())
 }
 
 #[cfg(test)]

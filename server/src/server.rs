@@ -190,6 +190,8 @@ impl Server {
             max_jwt_ttl: config.max_jwt_svid_ttl,
         };
         store.set_crl_signer(Arc::new(crate::revocation::CaCrlSigner(ca.clone())));
+        // Every commit chains its events into the log in the same commit.
+        store.set_event_sink(events.clone());
         let feed = Arc::new(crate::feed::ChangeFeed::new(store.revision()?, store.crls()?));
         let state = Arc::new(State {
             config,
@@ -215,7 +217,7 @@ impl Server {
         // The bundle may have changed while the server was down (a CA
         // expired or was prepared): agents resuming from the log hear of it.
         state
-            .store_op(|store| store.log_bundle_change())
+            .store_op(|store| store.log_bundle_change(&crate::store::Audit::quiet()))
             .await
             .map_err(|e| ServerError::Crl(e.message().to_string()))?;
         crate::revocation::refresh_crls(&state)

@@ -34,6 +34,7 @@ use tokio::sync::watch;
 
 use crate::approval::{self, ApprovalRefusal};
 use crate::entry::{Entry, EntryError};
+use crate::event_schema::{self as schema, kind, EventExt};
 use crate::kv::{prefix_end, scan_prefix, Kv, Lock, Op, Pairs, SledKv, Txn};
 
 mod operator;
@@ -193,6 +194,10 @@ pub struct EntryWrite {
     pub revoked: Vec<pb::Revocation>,
 }
 
+/// What a renewal of an agent's SVID did: the agent as renewed and what
+/// it revoked (the SVID of a lost reply), or its refusal.
+pub type RenewOutcome = Result<(pb::Agent, Vec<pb::Revocation>), AgentRefusal>;
+
 /// Why the store refused an agent operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -280,6 +285,81 @@ pub struct Signed {
     pub svid: pb::IssuedSvid,
     /// The entry as it was read for signing.
     pub entry: Entry,
+    /// The issuance's event: stored with the record, or, if the commit
+    /// revokes the SVID, stored as a denial with the reason.
+    pub event: pb::Event,
+}
+
+/// Builds a commit's events from its outcome.
+type Describe<'a, T> = Box<dyn Fn(&T) -> Vec<pb::Event> + Send + 'a>;
+
+/// Who a commit acts for, and the events that describe its outcome: they
+/// are chained into the event log inside the same commit as the change
+/// (with an event per revocation the commit makes), so that no committed
+/// change exists without its event, whatever happens after the commit.
+pub struct Audit<'a, T> {
+    /// The operator the change is made for (`None`: the server or an agent).
+    pub operator: Option<pb::Operator>,
+    /// The events describing the commit's outcome (not its revocations).
+    describe: Describe<'a, T>,
+}
+
+impl<'a, X, Y> Audit<'a, Result<X, Y>> {
+    /// These events if the commit does what was asked (none if it refuses).
+    pub fn if_ok(operator: Option<pb::Operator>, events: Vec<pb::Event>) -> Self {
+        Self::new(
+            operator,
+            move |r: &Result<X, Y>| if r.is_ok() { events.clone() } else { Vec::new() },
+        )
+    }
+}
+
+impl<'a> Audit<'a, bool> {
+    /// These events if the commit did it (true).
+    pub fn if_done(operator: Option<pb::Operator>, events: Vec<pb::Event>) -> Self {
+        Self::new(operator, move |done: &bool| if *done { events.clone() } else { Vec::new() })
+    }
+}
+
+impl<T> fmt::Debug for Audit<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Audit").field("operator", &self.operator).finish_non_exhaustive()
+    }
+}
+
+impl<'a, T> Audit<'a, T> {
+    /// Events `describe` builds from the commit's outcome, made for `operator`.
+    pub fn new(
+        operator: Option<pb::Operator>,
+        describe: impl Fn(&T) -> Vec<pb::Event> + Send + 'a,
+    ) -> Self {
+        Self { operator, describe: Box::new(describe) }
+    }
+
+    /// These events, whatever the outcome (a change that cannot be refused).
+    pub fn events(operator: Option<pb::Operator>, events: Vec<pb::Event>) -> Self {
+        Self::new(operator, move |_| events.clone())
+    }
+
+    /// A commit with no event of its own (its revocations still get theirs).
+    pub fn quiet() -> Self {
+        Self::new(None, |_| Vec::new())
+    }
+
+    /// The events of the commit's outcome.
+    fn describe(&self, outcome: &T) -> Vec<pb::Event> {
+        (self.describe)(outcome)
+    }
+}
+
+/// Where commits chain their events: the event log, written inside the
+/// commit's transaction (which holds the event lock too).
+pub trait EventSink: Send + Sync + fmt::Debug {
+    /// Chains `events` (and what they reveal) into the log in `tx`; returns
+    /// them as stored (none when the log is off).
+    fn chain_in(&self, tx: &Txn<'_>, events: Vec<pb::Event>) -> Result<Vec<pb::Event>, StoreError>;
+    /// Called once the commit that chained `stored` is durable.
+    fn committed(&self, stored: &[pb::Event]);
 }
 
 /// Signs the CRLs for a set of revocations: given to the store so that a
@@ -318,6 +398,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn create_entries(
         &self,
         entries: &[Entry],
+        audit: &Audit<'_, Vec<Result<Entry, EntryError>>>,
     ) -> Result<Vec<Result<Entry, EntryError>>, StoreError>;
     /// Replaces entries by ID; SVIDs the new version no longer authorizes
     /// are revoked in the same commit.
@@ -326,6 +407,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         entries: &[Entry],
         now: i64,
         reason: &str,
+        audit: &Audit<'_, EntryWrite>,
     ) -> Result<EntryWrite, StoreError>;
     /// Deletes entries by ID and revokes their SVIDs, in one commit.
     fn delete_entries(
@@ -333,6 +415,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         ids: &[String],
         now: i64,
         reason: &str,
+        audit: &Audit<'_, EntryWrite>,
     ) -> Result<EntryWrite, StoreError>;
     /// One entry.
     fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError>;
@@ -362,7 +445,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The latest revision, updated after every commit that logged a change.
     fn subscribe(&self) -> watch::Receiver<u64>;
     /// Logs a trust bundle change.
-    fn log_bundle_change(&self) -> Result<u64, StoreError>;
+    fn log_bundle_change(&self, audit: &Audit<'_, u64>) -> Result<u64, StoreError>;
     /// Replaces `server_id`'s CA records (the trust bundle is the union of
     /// every server's) and logs a bundle change if they changed.
     fn publish_cas(&self, server_id: &str, cas: &[pb::CaRecord]) -> Result<bool, StoreError>;
@@ -383,6 +466,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Option<bool>, StoreError>;
     /// Sets who signs CRLs; until then commits store no CRLs.
     fn set_crl_signer(&self, signer: std::sync::Arc<dyn CrlSigner>);
+    /// Sets the event log every commit chains its events into; until then
+    /// commits store no events (unit tests of the store alone).
+    fn set_event_sink(&self, sink: std::sync::Arc<dyn EventSink>);
     /// Re-signs the CRLs (CA rotation, before they go stale), stores them
     /// and logs the change.
     fn resign_crls(&self) -> Result<u64, StoreError>;
@@ -393,10 +479,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Stores a join token (keyed by its SHA-256; the token itself is not
     /// kept), in one commit with the checks that its agent ID is neither an
     /// agent's on record (live or banned) nor an entry's.
-    fn put_join_token(&self, token: &pb::JoinToken)
-        -> Result<Result<(), AgentRefusal>, StoreError>;
+    fn put_join_token(
+        &self,
+        token: &pb::JoinToken,
+        audit: &Audit<'_, Result<(), AgentRefusal>>,
+    ) -> Result<Result<(), AgentRefusal>, StoreError>;
     /// Removes and returns a join token: a token can be taken once.
-    fn take_join_token(&self, token: &str) -> Result<Option<pb::JoinToken>, StoreError>;
+    fn take_join_token(
+        &self,
+        token: &str,
+        audit: &Audit<'_, Option<pb::JoinToken>>,
+    ) -> Result<Option<pb::JoinToken>, StoreError>;
     /// Whether a join token is stored, read without writing anything (an
     /// unknown token must cost no commit).
     fn join_token_exists(&self, token: &str) -> Result<bool, StoreError>;
@@ -407,10 +500,25 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         &self,
         agent: &pb::Agent,
         svid: &pb::IssuedSvid,
+        audit: &Audit<'_, Result<(), AgentRefusal>>,
     ) -> Result<Result<(), AgentRefusal>, StoreError>;
     /// Stores a proposal under its key (the entry ID; a join token's
     /// proposal ID), refused while another waits under that key.
-    fn propose(&self, proposal: &pb::Entry) -> Result<Result<(), ApprovalRefusal>, StoreError>;
+    fn propose(
+        &self,
+        proposal: &pb::Entry,
+        audit: &Audit<'_, Result<(), ApprovalRefusal>>,
+    ) -> Result<Result<(), ApprovalRefusal>, StoreError>;
+    /// Removes the proposal under `key` if it is still the one with ID
+    /// `proposal_id` (any, when `None`): a reject or an expiry never removes
+    /// a newer proposal made under the same key meanwhile. True for the one
+    /// caller (of every server) that removed it.
+    fn remove_proposal(
+        &self,
+        key: &str,
+        proposal_id: Option<&str>,
+        audit: &Audit<'_, bool>,
+    ) -> Result<bool, StoreError>;
     /// Approves the proposal under `key` (or with that proposal ID) if its
     /// content hash is `content_hash`, and writes what it proposed, in one
     /// commit with every check of [`crate::approval::check`] and, for an
@@ -421,6 +529,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         content_hash: &str,
         approver_uid: u32,
         now: i64,
+        audit: &Audit<'_, Result<Approved, ApprovalRefusal>>,
     ) -> Result<Result<Approved, ApprovalRefusal>, StoreError>;
     /// Checks that `serial` may act for `agent_id`: a known, unbanned
     /// agent's current SVID, not revoked.
@@ -439,6 +548,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         presented: &str,
         svid: &pb::IssuedSvid,
         now: i64,
+        audit: &Audit<'_, RenewOutcome>,
     ) -> Result<Result<(pb::Agent, Vec<pb::Revocation>), AgentRefusal>, StoreError>;
     /// Bans an agent and revokes every SVID issued to or through it, in one
     /// commit. Banning a banned agent revokes what is left.
@@ -447,6 +557,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         agent_id: &str,
         reason: &str,
         now: i64,
+        audit: &Audit<'_, Result<Vec<pb::Revocation>, AgentRefusal>>,
     ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError>;
     /// Forgets an agent (it must attest again) and revokes its own SVIDs.
     /// A banned agent stays banned unless `unban`.
@@ -455,6 +566,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         agent_id: &str,
         unban: bool,
         now: i64,
+        audit: &Audit<'_, Result<Vec<pb::Revocation>, AgentRefusal>>,
     ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError>;
     /// The agent used its current SVID `serial`: the reply to its last
     /// renewal arrived, so the SVID before it may no longer renew.
@@ -477,7 +589,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<Result<(), ItemRefused>>, StoreError>;
     /// Records an SVID an operator minted outside any node (no entry, no
     /// agent), durable before it returns (`store/operator.rs`).
-    fn record_minted(&self, svid: &pb::IssuedSvid) -> Result<(), StoreError>;
+    fn record_minted(&self, svid: &pb::IssuedSvid, audit: &Audit<'_, ()>)
+        -> Result<(), StoreError>;
     /// Evicts an unbanned agent whose SVID expired at or before
     /// `expired_before`, checked in the commit; `None` when it stays.
     fn purge_agent(
@@ -485,13 +598,18 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         agent_id: &str,
         expired_before: i64,
         now: i64,
+        audit: &Audit<'_, Option<Vec<pb::Revocation>>>,
     ) -> Result<Option<Vec<pb::Revocation>>, StoreError>;
     /// An unexpired SVID by serial.
     fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError>;
     /// Number of issued SVIDs on record (unexpired or not yet pruned).
     fn issued_count(&self) -> usize;
     /// Stores revocations and logs them.
-    fn revoke(&self, revocations: &[pb::Revocation]) -> Result<(), StoreError>;
+    fn revoke(
+        &self,
+        revocations: &[pb::Revocation],
+        audit: &Audit<'_, ()>,
+    ) -> Result<(), StoreError>;
     /// A revocation by serial.
     fn revocation(&self, serial: &str) -> Result<Option<pb::Revocation>, StoreError>;
     /// Every revocation whose certificate has not expired yet.
@@ -568,6 +686,8 @@ pub struct KvStore {
     watermark: Option<Watermark>,
     revision: Arc<watch::Sender<u64>>,
     crl_signer: std::sync::OnceLock<std::sync::Arc<dyn CrlSigner>>,
+    /// The event log every commit chains its events into.
+    event_sink: std::sync::OnceLock<std::sync::Arc<dyn EventSink>>,
     /// This server's ID, naming its CRLs in a shared database ("" on sled).
     server_id: String,
 }
@@ -650,6 +770,10 @@ struct Tx<'a> {
     /// Revocations stored by this commit: the CRLs are re-signed in it.
     revoked: std::cell::RefCell<Vec<pb::Revocation>>,
     resign: Cell<bool>,
+    /// Who the commit acts for (named in its revocations' events).
+    operator: Option<pb::Operator>,
+    /// Events the commit's own steps add (revocations, issuance).
+    events: std::cell::RefCell<Vec<pb::Event>>,
 }
 
 impl Tx<'_> {
@@ -821,6 +945,7 @@ impl Tx<'_> {
                 continue;
             }
             self.put(REVOCATIONS, key.as_bytes(), revocation.encode_to_vec());
+            self.events.borrow_mut().push(revocation_event(revocation, self.operator.as_ref()));
             stored.push(revocation.clone());
         }
         if !stored.is_empty() {
@@ -938,6 +1063,25 @@ pub fn revocation_of(svid: &pb::IssuedSvid, reason: &str, now: i64) -> pb::Revoc
     }
 }
 
+/// The event of a stored revocation, made for `operator` (whose words are
+/// the reason; the code is fixed) or by the server.
+pub fn revocation_event(r: &pb::Revocation, operator: Option<&pb::Operator>) -> pb::Event {
+    let code = if operator.is_some() { schema::OPERATOR } else { "revoked" };
+    let mut e = schema::denied(kind::REVOKE, r.reason.clone())
+        .code(code)
+        .agent(r.agent_id.clone())
+        .spiffe_id(r.spiffe_id.clone())
+        .operator(operator.cloned())
+        .attr("type", if r.jti.is_empty() { "x509" } else { "jwt" })
+        .attr("expires_at", r.expires_at);
+    if !r.entry_id.is_empty() {
+        e.entry_ids.push(r.entry_id.clone());
+    }
+    e.serial = r.serial.clone();
+    e.jti = r.jti.clone();
+    e
+}
+
 impl KvStore {
     /// Opens (or creates) the sled store in `dir`, refusing one that is
     /// damaged or behind its watermark.
@@ -1000,6 +1144,7 @@ impl KvStore {
             watermark,
             revision: Arc::new(watch::channel(revision).0),
             crl_signer: std::sync::OnceLock::new(),
+            event_sink: std::sync::OnceLock::new(),
             server_id: server_id.to_string(),
         })
     }
@@ -1028,9 +1173,13 @@ impl KvStore {
     /// Runs `f` as one commit: serialized with every other commit (of
     /// every server), atomic across trees, durable (and watermarked on
     /// sled) before it returns; wakes Sync streams if it logged a change.
-    fn commit<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
+    fn commit<T>(
+        &self,
+        audit: &Audit<'_, T>,
+        f: impl Fn(&Tx<'_>) -> TxResult<T>,
+    ) -> Result<T, StoreError> {
         let mut writer = self.lock();
-        self.commit_locked(&mut writer, f)
+        self.commit_locked(&mut writer, audit, f)
     }
 
     fn lock(&self) -> MutexGuard<'_, Writer> {
@@ -1040,23 +1189,35 @@ impl KvStore {
     fn commit_locked<T>(
         &self,
         writer: &mut Writer,
+        audit: &Audit<'_, T>,
         f: impl Fn(&Tx<'_>) -> TxResult<T>,
     ) -> Result<T, StoreError> {
         let mut out = None;
-        let (mut revision, mut seq, mut added) = (0, 0, Vec::new());
+        let (mut revision, mut seq, mut added, mut chained) = (0, 0, Vec::new(), Vec::new());
         let stored = &writer.revocations;
-        self.kv.transaction(Lock::Store, &mut |txn| {
+        let sink = self.event_sink.get();
+        let lock = if sink.is_some() { Lock::StoreAndEvents } else { Lock::Store };
+        self.kv.transaction(lock, &mut |txn| {
             let start = read_u64(txn.get(t(META), REVISION_KEY)?.as_deref());
             let tx = Tx {
                 txn,
                 revision: Cell::new(start),
                 revoked: Default::default(),
                 resign: Cell::new(false),
+                operator: audit.operator,
+                events: Default::default(),
             };
             let value = f(&tx)?;
             if tx.resign.get() {
                 self.sign_crls_in(stored, &tx)?;
             }
+            // The change's events, in the change's commit.
+            let mut events = audit.describe(&value);
+            events.append(&mut tx.events.borrow_mut());
+            chained = match sink {
+                Some(sink) if !events.is_empty() => sink.chain_in(txn, events)?,
+                _ => Vec::new(),
+            };
             seq = read_u64(txn.get(t(META), WRITE_SEQ_KEY)?.as_deref()) + 1;
             txn.put(t(META), WRITE_SEQ_KEY, seq.to_be_bytes());
             revision = tx.revision.get();
@@ -1074,6 +1235,9 @@ impl KvStore {
         self.kv.flush()?;
         if let Some(watermark) = &self.watermark {
             watermark.write(seq)?;
+        }
+        if let Some(sink) = sink {
+            sink.committed(&chained);
         }
         self.revision.send_if_modified(|current| {
             let newer = revision > *current;
@@ -1148,7 +1312,7 @@ impl KvStore {
             }
         }
         self.kv.apply(records)?;
-        self.commit_locked(writer, |tx| {
+        self.commit_locked(writer, &Audit::quiet(), |tx| {
             let mut revoke = Vec::new();
             let mut all = Vec::with_capacity(jobs.len());
             for job in jobs {
@@ -1190,12 +1354,20 @@ impl KvStore {
                             }
                         }
                     };
+                    // The issuance's event, in the commit that records it.
+                    let mut event = item.event.clone();
                     match refusal {
                         Some(why) => {
                             revoke.push(revocation_of(&item.svid, &why.why, job.now));
+                            event.decision = schema::DENY.into();
+                            event.reason.clone_from(&why.why);
+                            tx.events.borrow_mut().push(event.attr("revoked_as_issued", true));
                             results.push(Err(why));
                         }
-                        None => results.push(Ok(())),
+                        None => {
+                            tx.events.borrow_mut().push(event);
+                            results.push(Ok(()));
+                        }
                     }
                 }
                 all.push(results);
@@ -1284,6 +1456,8 @@ impl KvStore {
                 revision: Cell::new(0),
                 revoked: Default::default(),
                 resign: Cell::new(false),
+                operator: None,
+                events: Default::default(),
             };
             out = Some(f(&tx)?);
             Ok(())
@@ -1499,8 +1673,9 @@ impl Store for KvStore {
     fn create_entries(
         &self,
         entries: &[Entry],
+        audit: &Audit<'_, Vec<Result<Entry, EntryError>>>,
     ) -> Result<Vec<Result<Entry, EntryError>>, StoreError> {
-        self.commit(|tx| entries.iter().map(|entry| tx.create_one(entry)).collect())
+        self.commit(audit, |tx| entries.iter().map(|entry| tx.create_one(entry)).collect())
     }
 
     fn update_entries(
@@ -1508,8 +1683,9 @@ impl Store for KvStore {
         entries: &[Entry],
         now: i64,
         reason: &str,
+        audit: &Audit<'_, EntryWrite>,
     ) -> Result<EntryWrite, StoreError> {
-        self.commit(|tx| {
+        self.commit(audit, |tx| {
             let mut write = EntryWrite::default();
             let mut revoke = Vec::new();
             for entry in entries {
@@ -1526,8 +1702,9 @@ impl Store for KvStore {
         ids: &[String],
         now: i64,
         reason: &str,
+        audit: &Audit<'_, EntryWrite>,
     ) -> Result<EntryWrite, StoreError> {
-        self.commit(|tx| {
+        self.commit(audit, |tx| {
             let mut write = EntryWrite::default();
             let mut revoke = Vec::new();
             for id in ids {
@@ -1680,13 +1857,13 @@ impl Store for KvStore {
         self.revision.subscribe()
     }
 
-    fn log_bundle_change(&self) -> Result<u64, StoreError> {
-        self.commit(|tx| tx.log(ChangeKind::Bundle))
+    fn log_bundle_change(&self, audit: &Audit<'_, u64>) -> Result<u64, StoreError> {
+        self.commit(audit, |tx| tx.log(ChangeKind::Bundle))
     }
 
     fn publish_cas(&self, server_id: &str, cas: &[pb::CaRecord]) -> Result<bool, StoreError> {
         let prefix = format!("{server_id}\0");
-        self.commit(|tx| {
+        self.commit(&Audit::quiet(), |tx| {
             let before = tx.txn.scan_prefix(t(CAS), prefix.as_bytes())?;
             let after: Pairs = cas
                 .iter()
@@ -1728,8 +1905,12 @@ impl Store for KvStore {
         let _ = self.crl_signer.set(signer);
     }
 
+    fn set_event_sink(&self, sink: std::sync::Arc<dyn EventSink>) {
+        let _ = self.event_sink.set(sink);
+    }
+
     fn resign_crls(&self) -> Result<u64, StoreError> {
-        self.commit(|tx| {
+        self.commit(&Audit::quiet(), |tx| {
             tx.resign.set(true);
             Ok(())
         })?;
@@ -1750,10 +1931,11 @@ impl Store for KvStore {
     fn put_join_token(
         &self,
         token: &pb::JoinToken,
+        audit: &Audit<'_, Result<(), AgentRefusal>>,
     ) -> Result<Result<(), AgentRefusal>, StoreError> {
         let key = join_token_key(&token.token);
         let bytes = pb::JoinToken { token: String::new(), ..token.clone() }.encode_to_vec();
-        self.commit(|tx| {
+        self.commit(audit, |tx| {
             if let Err(refusal) = tx.agent_id_free(&token.spiffe_id)? {
                 return Ok(Err(refusal));
             }
@@ -1762,10 +1944,15 @@ impl Store for KvStore {
         })
     }
 
-    fn take_join_token(&self, token: &str) -> Result<Option<pb::JoinToken>, StoreError> {
+    fn take_join_token(
+        &self,
+        token: &str,
+        audit: &Audit<'_, Option<pb::JoinToken>>,
+    ) -> Result<Option<pb::JoinToken>, StoreError> {
         let key = join_token_key(token);
-        let removed = self.commit(|tx| tx.remove(JOIN_TOKENS, &key))?;
-        removed.map(|bytes| decode(b"join token", &bytes)).transpose()
+        self.commit(audit, |tx| {
+            tx.remove(JOIN_TOKENS, &key)?.map(|bytes| decode(b"join token", &bytes)).transpose()
+        })
     }
 
     fn join_token_exists(&self, token: &str) -> Result<bool, StoreError> {
@@ -1776,8 +1963,9 @@ impl Store for KvStore {
         &self,
         agent: &pb::Agent,
         svid: &pb::IssuedSvid,
+        audit: &Audit<'_, Result<(), AgentRefusal>>,
     ) -> Result<Result<(), AgentRefusal>, StoreError> {
-        self.commit(|tx| {
+        self.commit(audit, |tx| {
             if let Err(refusal) = tx.agent_id_free(&agent.spiffe_id)? {
                 return Ok(Err(refusal));
             }
@@ -1787,9 +1975,13 @@ impl Store for KvStore {
         })
     }
 
-    fn propose(&self, proposal: &pb::Entry) -> Result<Result<(), ApprovalRefusal>, StoreError> {
+    fn propose(
+        &self,
+        proposal: &pb::Entry,
+        audit: &Audit<'_, Result<(), ApprovalRefusal>>,
+    ) -> Result<Result<(), ApprovalRefusal>, StoreError> {
         let bytes = proposal.encode_to_vec();
-        self.commit(|tx| {
+        self.commit(audit, |tx| {
             if let Some(waiting) = tx.txn.get(PENDING, proposal.id.as_bytes())? {
                 let waiting: pb::Entry = decode(proposal.id.as_bytes(), &waiting)?;
                 let id = waiting.pending.map(|p| p.proposal_id).unwrap_or_default();
@@ -1809,12 +2001,31 @@ impl Store for KvStore {
         })
     }
 
+    fn remove_proposal(
+        &self,
+        key: &str,
+        proposal_id: Option<&str>,
+        audit: &Audit<'_, bool>,
+    ) -> Result<bool, StoreError> {
+        self.commit(audit, |tx| {
+            let Some(bytes) = tx.txn.get(PENDING, key.as_bytes())? else { return Ok(false) };
+            if let Some(wanted) = proposal_id {
+                let stored: pb::Entry = decode(key.as_bytes(), &bytes)?;
+                if stored.pending.is_none_or(|p| p.proposal_id != wanted) {
+                    return Ok(false);
+                }
+            }
+            Ok(tx.txn.delete(PENDING, key.as_bytes())?.is_some())
+        })
+    }
+
     fn approve(
         &self,
         key: &str,
         content_hash: &str,
         approver_uid: u32,
         now: i64,
+        audit: &Audit<'_, Result<Approved, ApprovalRefusal>>,
     ) -> Result<Result<Approved, ApprovalRefusal>, StoreError> {
         // A proposal ID names its key (the entry ID) through a scan; the
         // commit then re-reads and checks the record under that key.
@@ -1828,7 +2039,7 @@ impl Store for KvStore {
                 })
                 .unwrap_or_else(|| key.to_string()),
         };
-        self.commit(|tx| {
+        self.commit(audit, |tx| {
             let Some(bytes) = tx.txn.get(PENDING, key.as_bytes())? else {
                 return Ok(Err(ApprovalRefusal::NotFound(key.clone())));
             };
@@ -1907,8 +2118,9 @@ impl Store for KvStore {
         presented: &str,
         svid: &pb::IssuedSvid,
         now: i64,
+        audit: &Audit<'_, RenewOutcome>,
     ) -> Result<Result<(pb::Agent, Vec<pb::Revocation>), AgentRefusal>, StoreError> {
-        self.commit(|tx| {
+        self.commit(audit, |tx| {
             let Some(mut agent) = tx.agent(agent_id)? else {
                 return Ok(Err(AgentRefusal::Unknown(agent_id.to_string())));
             };
@@ -1949,9 +2161,10 @@ impl Store for KvStore {
         agent_id: &str,
         reason: &str,
         now: i64,
+        audit: &Audit<'_, Result<Vec<pb::Revocation>, AgentRefusal>>,
     ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError> {
         let why = format!("agent banned: {reason}");
-        self.commit(|tx| {
+        self.commit(audit, |tx| {
             let Some(mut agent) = tx.agent(agent_id)? else {
                 return Ok(Err(AgentRefusal::Unknown(agent_id.to_string())));
             };
@@ -1975,8 +2188,9 @@ impl Store for KvStore {
         agent_id: &str,
         unban: bool,
         now: i64,
+        audit: &Audit<'_, Result<Vec<pb::Revocation>, AgentRefusal>>,
     ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError> {
-        self.commit(|tx| {
+        self.commit(audit, |tx| {
             let Some(agent) = tx.agent(agent_id)? else {
                 return Ok(Err(AgentRefusal::Unknown(agent_id.to_string())));
             };
@@ -2009,7 +2223,7 @@ impl Store for KvStore {
             Some(a) if a.x509_svid_serial == serial && !a.previous_x509_svid_serial.is_empty() => {}
             _ => return Ok(()),
         }
-        self.commit(|tx| {
+        self.commit(&Audit::quiet(), |tx| {
             if let Some(mut agent) = tx.agent(agent_id)? {
                 if agent.x509_svid_serial == serial && !agent.previous_x509_svid_serial.is_empty() {
                     agent.previous_x509_svid_serial.clear();
@@ -2070,8 +2284,12 @@ impl Store for KvStore {
             .map_err(StoreError::Group)
     }
 
-    fn record_minted(&self, svid: &pb::IssuedSvid) -> Result<(), StoreError> {
-        self.record_minted_svid(svid)
+    fn record_minted(
+        &self,
+        svid: &pb::IssuedSvid,
+        audit: &Audit<'_, ()>,
+    ) -> Result<(), StoreError> {
+        self.record_minted_svid(svid, audit)
     }
 
     fn purge_agent(
@@ -2079,8 +2297,9 @@ impl Store for KvStore {
         agent_id: &str,
         expired_before: i64,
         now: i64,
+        audit: &Audit<'_, Option<Vec<pb::Revocation>>>,
     ) -> Result<Option<Vec<pb::Revocation>>, StoreError> {
-        self.purge_expired_agent(agent_id, expired_before, now)
+        self.purge_expired_agent(agent_id, expired_before, now, audit)
     }
 
     fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError> {
@@ -2094,8 +2313,12 @@ impl Store for KvStore {
         self.kv.len(t(ISSUED)).unwrap_or(0)
     }
 
-    fn revoke(&self, revocations: &[pb::Revocation]) -> Result<(), StoreError> {
-        self.commit(|tx| tx.revoke(revocations).map(drop))
+    fn revoke(
+        &self,
+        revocations: &[pb::Revocation],
+        audit: &Audit<'_, ()>,
+    ) -> Result<(), StoreError> {
+        self.commit(audit, |tx| tx.revoke(revocations).map(drop))
     }
 
     fn revocation(&self, serial: &str) -> Result<Option<pb::Revocation>, StoreError> {
@@ -2129,7 +2352,7 @@ impl Store for KvStore {
             return Ok(0);
         }
         let mut writer = self.lock();
-        let pruned = self.commit_locked(&mut writer, |tx| {
+        let pruned = self.commit_locked(&mut writer, &Audit::quiet(), |tx| {
             for svid in &issued {
                 let key = svid_key(&svid.serial, &svid.jti);
                 tx.remove(ISSUED, key.as_bytes())?;
@@ -2231,7 +2454,7 @@ mod tests {
                 entry(&format!("e{i:02}"), &spiffe, parent, i)
             })
             .collect();
-        assert!(store.create_entries(&made).unwrap().iter().all(Result::is_ok));
+        assert!(store.create_entries(&made, &Audit::quiet()).unwrap().iter().all(Result::is_ok));
         let id = |s: &str| SpiffeId::parse(&format!("spiffe://example.org/{s}")).unwrap();
         let filters = [
             EntryFilter::default(),
@@ -2268,7 +2491,7 @@ mod tests {
     fn entries_are_read_at_once_in_the_order_asked(place: Place) {
         let store = place.open();
         let made = [entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 2)];
-        assert!(store.create_entries(&made).unwrap().iter().all(Result::is_ok));
+        assert!(store.create_entries(&made, &Audit::quiet()).unwrap().iter().all(Result::is_ok));
         let ids: Vec<String> = ["b", "zz", "a", "b"].iter().map(|s| s.to_string()).collect();
         let got: Vec<Option<String>> =
             store.entries(&ids).unwrap().into_iter().map(|e| e.map(|e| e.id)).collect();
@@ -2281,11 +2504,14 @@ mod tests {
         {
             let store = place.open();
             let results = store
-                .create_entries(&[
-                    entry("a", "w1", "agent1", 1),
-                    entry("b", "w2", "agent2", 1),
-                    entry("c", "w3", "agent1", 2),
-                ])
+                .create_entries(
+                    &[
+                        entry("a", "w1", "agent1", 1),
+                        entry("b", "w2", "agent2", 1),
+                        entry("c", "w3", "agent1", 2),
+                    ],
+                    &Audit::quiet(),
+                )
                 .unwrap();
             assert!(results.iter().all(Result::is_ok));
             assert_eq!(store.revision().unwrap(), 3);
@@ -2300,13 +2526,16 @@ mod tests {
 
     fn duplicates_are_refused_per_item_and_store_unchanged(place: Place) {
         let store = place.open();
-        store.create_entries(&[entry("a", "w", "agent", 1)]).unwrap();
+        store.create_entries(&[entry("a", "w", "agent", 1)], &Audit::quiet()).unwrap();
         let results = store
-            .create_entries(&[
-                entry("b", "w", "agent", 1),
-                entry("c", "w", "agent", 2),
-                entry("d", "w", "agent", 2),
-            ])
+            .create_entries(
+                &[
+                    entry("b", "w", "agent", 1),
+                    entry("c", "w", "agent", 2),
+                    entry("d", "w", "agent", 2),
+                ],
+                &Audit::quiet(),
+            )
             .unwrap();
         assert_eq!(results[0], Err(EntryError::Duplicate("a".into())));
         assert!(results[1].is_ok());
@@ -2319,8 +2548,10 @@ mod tests {
     /// parents in one record, so a resume decides from the entry as it is.
     fn an_update_is_one_change_naming_old_and_new_parent(place: Place) {
         let store = place.open();
-        store.create_entries(&[entry("a", "w", "agent1", 1)]).unwrap();
-        let write = store.update_entries(&[entry("a", "w", "agent2", 1)], 0, "moved").unwrap();
+        store.create_entries(&[entry("a", "w", "agent1", 1)], &Audit::quiet()).unwrap();
+        let write = store
+            .update_entries(&[entry("a", "w", "agent2", 1)], 0, "moved", &Audit::quiet())
+            .unwrap();
         assert_eq!(write.results[0].as_ref().unwrap().revision, 2);
         let changes = store.changes_since(1, 100).unwrap();
         assert_eq!(
@@ -2347,17 +2578,19 @@ mod tests {
         {
             let store = place.open();
             let e = entry("a", "w", "agent", 1);
-            store.create_entries(std::slice::from_ref(&e)).unwrap();
+            store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
             store
-                .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"))
+                .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
                 .unwrap()
                 .unwrap();
-            let signed = [Signed { svid: issued("01", &e), entry: e.clone() }];
+            let signed =
+                [Signed { svid: issued("01", &e), entry: e.clone(), event: Default::default() }];
             assert_eq!(
                 store.record_issued(&e.parent_id.to_string(), "s0", &signed, 5).unwrap(),
                 [Ok(())]
             );
-            let write = store.delete_entries(&["a".into()], 7, "entry deleted").unwrap();
+            let write =
+                store.delete_entries(&["a".into()], 7, "entry deleted", &Audit::quiet()).unwrap();
             assert_eq!(write.revoked.len(), 1);
             let kinds: Vec<_> =
                 store.changes_since(1, 100).unwrap().into_iter().map(|c| c.kind).collect();
@@ -2368,7 +2601,7 @@ mod tests {
         let store = place.open();
         assert!(store.entry("a").unwrap().is_none());
         assert_eq!(store.revocation("01").unwrap().map(|r| r.revoked_at), Some(7));
-        let retry = store.delete_entries(&["a".into()], 8, "again").unwrap();
+        let retry = store.delete_entries(&["a".into()], 8, "again", &Audit::quiet()).unwrap();
         assert_eq!(retry.results[0], Err(EntryError::NotFound("a".into())));
     }
 
@@ -2377,15 +2610,18 @@ mod tests {
     fn svids_recorded_after_their_entry_changed_are_revoked(place: Place) {
         let store = place.open();
         let (a, b) = (entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 1));
-        store.create_entries(&[a.clone(), b.clone()]).unwrap();
-        store.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
-        store.delete_entries(&["a".into()], 1, "deleted").unwrap();
+        store.create_entries(&[a.clone(), b.clone()], &Audit::quiet()).unwrap();
+        store
+            .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
+            .unwrap()
+            .unwrap();
+        store.delete_entries(&["a".into()], 1, "deleted", &Audit::quiet()).unwrap();
         let mut renamed = b.clone();
         renamed.spiffe_id = SpiffeId::parse("spiffe://example.org/other").unwrap();
-        store.update_entries(&[renamed], 1, "renamed").unwrap();
+        store.update_entries(&[renamed], 1, "renamed", &Audit::quiet()).unwrap();
         let signed = [
-            Signed { svid: issued("0a", &a), entry: a.clone() },
-            Signed { svid: issued("0b", &b), entry: b.clone() },
+            Signed { svid: issued("0a", &a), entry: a.clone(), event: Default::default() },
+            Signed { svid: issued("0b", &b), entry: b.clone(), event: Default::default() },
         ];
         let results = store.record_issued("spiffe://example.org/agent", "s0", &signed, 2).unwrap();
         assert!(results.iter().all(Result::is_err), "{results:?}");
@@ -2396,8 +2632,8 @@ mod tests {
         // Signed with an agent SVID a renewal replaced meanwhile: refused
         // with the typed code the agent acts on (sign again at once).
         let d = entry("d", "w4", "agent", 1);
-        store.create_entries(std::slice::from_ref(&d)).unwrap();
-        let signed = [Signed { svid: issued("0d", &d), entry: d }];
+        store.create_entries(std::slice::from_ref(&d), &Audit::quiet()).unwrap();
+        let signed = [Signed { svid: issued("0d", &d), entry: d, event: Default::default() }];
         let results =
             store.record_issued("spiffe://example.org/agent", "s-old", &signed, 3).unwrap();
         assert_eq!(
@@ -2407,9 +2643,9 @@ mod tests {
         );
 
         let c = entry("c", "w3", "agent", 1);
-        store.create_entries(std::slice::from_ref(&c)).unwrap();
-        store.ban_agent("spiffe://example.org/agent", "test", 3).unwrap().unwrap();
-        let signed = [Signed { svid: issued("0c", &c), entry: c }];
+        store.create_entries(std::slice::from_ref(&c), &Audit::quiet()).unwrap();
+        store.ban_agent("spiffe://example.org/agent", "test", 3, &Audit::quiet()).unwrap().unwrap();
+        let signed = [Signed { svid: issued("0c", &c), entry: c, event: Default::default() }];
         let results = store.record_issued("spiffe://example.org/agent", "s0", &signed, 4).unwrap();
         assert_eq!(results[0].as_ref().err().and_then(|r| r.refusal), Some(Refusal::Banned));
         assert!(store.revocation("0c").unwrap().is_some());
@@ -2429,15 +2665,15 @@ mod tests {
         {
             let store = place.open();
             let (a, b) = (entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 1));
-            store.create_entries(&[a.clone(), b.clone()]).unwrap();
+            store.create_entries(&[a.clone(), b.clone()], &Audit::quiet()).unwrap();
             store
-                .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"))
+                .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
                 .unwrap()
                 .unwrap();
             let signed = [
-                Signed { svid: jwt("j1", &a), entry: a.clone() },
-                Signed { svid: jwt("j2", &b), entry: b.clone() },
-                Signed { svid: issued("0b", &b), entry: b.clone() },
+                Signed { svid: jwt("j1", &a), entry: a.clone(), event: Default::default() },
+                Signed { svid: jwt("j2", &b), entry: b.clone(), event: Default::default() },
+                Signed { svid: issued("0b", &b), entry: b.clone(), event: Default::default() },
             ];
             let results =
                 store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
@@ -2445,10 +2681,12 @@ mod tests {
             assert!(store.issued("jwt:j1").unwrap().is_some());
             let mut renamed = a.clone();
             renamed.spiffe_id = SpiffeId::parse("spiffe://example.org/renamed").unwrap();
-            let write = store.update_entries(&[renamed], 2, "renamed").unwrap();
+            let write = store.update_entries(&[renamed], 2, "renamed", &Audit::quiet()).unwrap();
             assert_eq!(write.revoked.iter().map(|r| r.jti.as_str()).collect::<Vec<_>>(), ["j1"]);
-            let revoked =
-                store.ban_agent("spiffe://example.org/agent", "test", 3).unwrap().unwrap();
+            let revoked = store
+                .ban_agent("spiffe://example.org/agent", "test", 3, &Audit::quiet())
+                .unwrap()
+                .unwrap();
             let mut jtis: Vec<&str> =
                 revoked.iter().filter(|r| !r.jti.is_empty()).map(|r| r.jti.as_str()).collect();
             jtis.sort_unstable();
@@ -2487,16 +2725,24 @@ mod tests {
     fn a_dns_name_change_revokes_and_a_ttl_change_does_not(place: Place) {
         let store = place.open();
         let e = entry("a", "w", "agent", 1);
-        store.create_entries(std::slice::from_ref(&e)).unwrap();
-        store.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
-        let signed = [Signed { svid: issued("0a", &e), entry: e.clone() }];
+        store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
+        store
+            .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
+            .unwrap()
+            .unwrap();
+        let signed =
+            [Signed { svid: issued("0a", &e), entry: e.clone(), event: Default::default() }];
         store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
         let mut longer = e.clone();
         longer.x509_svid_ttl = 600;
-        assert!(store.update_entries(&[longer.clone()], 2, "ttl").unwrap().revoked.is_empty());
+        assert!(store
+            .update_entries(&[longer.clone()], 2, "ttl", &Audit::quiet())
+            .unwrap()
+            .revoked
+            .is_empty());
         let mut named = longer;
         named.dns_names = vec!["web.internal".into()];
-        let revoked = store.update_entries(&[named], 3, "dns").unwrap().revoked;
+        let revoked = store.update_entries(&[named], 3, "dns", &Audit::quiet()).unwrap().revoked;
         assert_eq!(revoked.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(), ["0a"]);
     }
 
@@ -2504,9 +2750,13 @@ mod tests {
     fn a_renewal_never_undoes_a_ban(place: Place) {
         let store = place.open();
         let id = "spiffe://example.org/agent";
-        store.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
-        store.ban_agent(id, "test", 1).unwrap().unwrap();
-        let refused = store.renew_agent(id, "s0", &agent_svid("agent", "s1"), 2).unwrap();
+        store
+            .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
+            .unwrap()
+            .unwrap();
+        store.ban_agent(id, "test", 1, &Audit::quiet()).unwrap().unwrap();
+        let refused =
+            store.renew_agent(id, "s0", &agent_svid("agent", "s1"), 2, &Audit::quiet()).unwrap();
         assert_eq!(refused.err(), Some(AgentRefusal::Banned(id.into())));
         assert!(store.agent(id).unwrap().unwrap().banned);
         assert_eq!(store.check_agent(id, "s0").unwrap(), Err(AgentRefusal::Banned(id.into())));
@@ -2620,12 +2870,12 @@ mod tests {
         let old = tempfile::tempdir().unwrap();
         {
             let store = KvStore::open(dir.path()).unwrap();
-            store.create_entries(&[entry("a", "w1", "agent", 1)]).unwrap();
+            store.create_entries(&[entry("a", "w1", "agent", 1)], &Audit::quiet()).unwrap();
         }
         copy_dir(dir.path(), old.path());
         {
             let store = KvStore::open(dir.path()).unwrap();
-            store.create_entries(&[entry("b", "w2", "agent", 1)]).unwrap();
+            store.create_entries(&[entry("b", "w2", "agent", 1)], &Audit::quiet()).unwrap();
         }
         // Put the old database back, keeping the newer watermark.
         std::fs::copy(dir.path().join("tessera.watermark"), old.path().join("tessera.watermark"))
@@ -2638,9 +2888,15 @@ mod tests {
     fn backup_restores_every_record_and_a_damaged_backup_is_refused(place: Place) {
         let store = place.open();
         store
-            .create_entries(&[entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 2)])
+            .create_entries(
+                &[entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 2)],
+                &Audit::quiet(),
+            )
             .unwrap();
-        store.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
+        store
+            .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
+            .unwrap()
+            .unwrap();
         let mut backup = Vec::new();
         store.backup(&mut backup).unwrap();
         let before = store.check().unwrap();
@@ -2687,10 +2943,10 @@ mod tests {
             pending: None,
             approved: false,
         };
-        store.put_join_token(&token).unwrap().unwrap();
+        store.put_join_token(&token, &Audit::quiet()).unwrap().unwrap();
         let stored = pb::JoinToken { token: String::new(), ..token };
-        assert_eq!(store.take_join_token("t").unwrap(), Some(stored));
-        assert_eq!(store.take_join_token("t").unwrap(), None);
+        assert_eq!(store.take_join_token("t", &Audit::quiet()).unwrap(), Some(stored));
+        assert_eq!(store.take_join_token("t", &Audit::quiet()).unwrap(), None);
     }
 
     /// Issue 19 (1, 11): a token is kept only as its hash; a token or an
@@ -2706,7 +2962,7 @@ mod tests {
             pending: None,
             approved: false,
         };
-        store.put_join_token(&token("node/1")).unwrap().unwrap();
+        store.put_join_token(&token("node/1"), &Audit::quiet()).unwrap().unwrap();
         let dump = store.dump().unwrap();
         let all: Vec<u8> =
             dump.iter().flatten().flat_map(|(k, v)| [k.clone(), v.clone()].concat()).collect();
@@ -2714,13 +2970,18 @@ mod tests {
             !all.windows(secret.len()).any(|w| w == secret.as_bytes()),
             "the token is not stored in clear"
         );
-        store.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
+        store
+            .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
+            .unwrap()
+            .unwrap();
         assert_eq!(
-            store.put_join_token(&token("agent")).unwrap(),
+            store.put_join_token(&token("agent"), &Audit::quiet()).unwrap(),
             Err(AgentRefusal::Exists("spiffe://example.org/agent".into()))
         );
         assert_eq!(
-            store.register_agent(&agent("agent", "s1"), &agent_svid("agent", "s1")).unwrap(),
+            store
+                .register_agent(&agent("agent", "s1"), &agent_svid("agent", "s1"), &Audit::quiet())
+                .unwrap(),
             Err(AgentRefusal::Exists("spiffe://example.org/agent".into())),
             "a second attestation does not take over a live agent's ID"
         );
@@ -2728,28 +2989,35 @@ mod tests {
             store.agent("spiffe://example.org/agent").unwrap().unwrap().x509_svid_serial,
             "s0"
         );
-        store.ban_agent("spiffe://example.org/agent", "test", 1).unwrap().unwrap();
+        store.ban_agent("spiffe://example.org/agent", "test", 1, &Audit::quiet()).unwrap().unwrap();
         assert!(matches!(
-            store.put_join_token(&token("agent")).unwrap(),
+            store.put_join_token(&token("agent"), &Audit::quiet()).unwrap(),
             Err(AgentRefusal::Exists(_))
         ));
         store
-            .create_entries(&[entry("e1", "prod/payments", "agent", 1)])
+            .create_entries(&[entry("e1", "prod/payments", "agent", 1)], &Audit::quiet())
             .unwrap()
             .remove(0)
             .unwrap();
         assert_eq!(
-            store.put_join_token(&token("prod/payments")).unwrap(),
+            store.put_join_token(&token("prod/payments"), &Audit::quiet()).unwrap(),
             Err(AgentRefusal::EntryIdentity("spiffe://example.org/prod/payments".into()))
         );
         assert!(matches!(
             store
-                .register_agent(&agent("prod/payments", "s2"), &agent_svid("prod/payments", "s2"))
+                .register_agent(
+                    &agent("prod/payments", "s2"),
+                    &agent_svid("prod/payments", "s2"),
+                    &Audit::quiet()
+                )
                 .unwrap(),
             Err(AgentRefusal::EntryIdentity(_))
         ));
         assert_eq!(
-            store.create_entries(&[entry("e2", "agent", "agent", 1)]).unwrap().remove(0),
+            store
+                .create_entries(&[entry("e2", "agent", "agent", 1)], &Audit::quiet())
+                .unwrap()
+                .remove(0),
             Err(EntryError::AgentIdentity("spiffe://example.org/agent".into()))
         );
     }
@@ -2762,7 +3030,7 @@ mod tests {
         let op = |uid| pb::Operator { uid, gid: uid, pid: 1 };
         let e = entry("e1", "prod/a", "agent", 1);
         let first = approval::proposal(&e, approval::OP_CREATE, &op(1), vec![], 10, 60, 0);
-        store.propose(&first).unwrap().unwrap();
+        store.propose(&first, &Audit::quiet()).unwrap().unwrap();
         let second = approval::proposal(
             &entry("e1", "prod/b", "agent", 1),
             approval::OP_CREATE,
@@ -2773,26 +3041,27 @@ mod tests {
             0,
         );
         assert!(matches!(
-            store.propose(&second).unwrap(),
+            store.propose(&second, &Audit::quiet()).unwrap(),
             Err(ApprovalRefusal::AlreadyPending { .. })
         ));
         let hash = |p: &pb::Entry| p.pending.clone().unwrap().content_hash;
         assert!(matches!(
-            store.approve("e1", &hash(&second), 2, 11).unwrap(),
+            store.approve("e1", &hash(&second), 2, 11, &Audit::quiet()).unwrap(),
             Err(ApprovalRefusal::HashMismatch { .. })
         ));
         assert!(matches!(
-            store.approve("e1", &hash(&first), 1, 11).unwrap(),
+            store.approve("e1", &hash(&first), 1, 11, &Audit::quiet()).unwrap(),
             Err(ApprovalRefusal::SameOperator { .. })
         ));
         assert!(store.entry("e1").unwrap().is_none(), "nothing written by a refused approval");
         let proposal_id = first.pending.clone().unwrap().proposal_id;
-        let approved = store.approve(&proposal_id, &hash(&first), 2, 11).unwrap().unwrap();
+        let approved =
+            store.approve(&proposal_id, &hash(&first), 2, 11, &Audit::quiet()).unwrap().unwrap();
         assert_eq!(approved.proposal, first);
         assert_eq!(store.entry("e1").unwrap().unwrap().spiffe_id.path(), "/prod/a");
         assert!(
             matches!(
-                store.approve("e1", &hash(&first), 2, 11).unwrap(),
+                store.approve("e1", &hash(&first), 2, 11, &Audit::quiet()).unwrap(),
                 Err(ApprovalRefusal::NotFound(_))
             ),
             "taken once"
@@ -2808,10 +3077,12 @@ mod tests {
             60,
             current.revision,
         );
-        store.propose(&update).unwrap().unwrap();
-        store.update_entries(&[entry("e1", "prod/d", "agent", 1)], 12, "test").unwrap();
+        store.propose(&update, &Audit::quiet()).unwrap().unwrap();
+        store
+            .update_entries(&[entry("e1", "prod/d", "agent", 1)], 12, "test", &Audit::quiet())
+            .unwrap();
         assert!(matches!(
-            store.approve("e1", &hash(&update), 2, 13).unwrap(),
+            store.approve("e1", &hash(&update), 2, 13, &Audit::quiet()).unwrap(),
             Err(ApprovalRefusal::Changed(_))
         ));
         assert_eq!(store.entry("e1").unwrap().unwrap().spiffe_id.path(), "/prod/d");
@@ -2822,12 +3093,20 @@ mod tests {
     /// another change) is refused, and the approved entry stays.
     fn an_update_decided_against_a_revision_replaces_only_that_revision(place: Place) {
         let store = place.open();
-        let created = store.create_entries(&[entry("e1", "dev/a", "agent", 1)]).unwrap();
+        let created =
+            store.create_entries(&[entry("e1", "dev/a", "agent", 1)], &Audit::quiet()).unwrap();
         let judged = created[0].clone().unwrap().revision;
-        store.update_entries(&[entry("e1", "prod/approved", "agent", 1)], 1, "approved").unwrap();
+        store
+            .update_entries(
+                &[entry("e1", "prod/approved", "agent", 1)],
+                1,
+                "approved",
+                &Audit::quiet(),
+            )
+            .unwrap();
         let mut late = entry("e1", "dev/b", "agent", 2);
         late.revision = judged;
-        let write = store.update_entries(&[late], 2, "late").unwrap();
+        let write = store.update_entries(&[late], 2, "late", &Audit::quiet()).unwrap();
         assert_eq!(write.results, vec![Err(EntryError::Changed("e1".into()))]);
         assert_eq!(store.entry("e1").unwrap().unwrap().spiffe_id.path(), "/prod/approved");
     }
@@ -2841,13 +3120,13 @@ mod tests {
             pending: None,
             approved: false,
         };
-        store.put_join_token(&token).unwrap().unwrap();
+        store.put_join_token(&token, &Audit::quiet()).unwrap().unwrap();
         let before = store.check().unwrap().write_seq;
         assert!(store.join_token_exists("t").unwrap());
         assert!(!store.join_token_exists("bogus").unwrap());
         assert_eq!(store.check().unwrap().write_seq, before, "a lookup commits nothing");
         let stored = pb::JoinToken { token: String::new(), ..token };
-        assert_eq!(store.take_join_token("t").unwrap(), Some(stored));
+        assert_eq!(store.take_join_token("t", &Audit::quiet()).unwrap(), Some(stored));
         assert!(!store.join_token_exists("t").unwrap());
     }
 
@@ -2887,7 +3166,7 @@ mod tests {
             at_once(&a, &b, 4, |store, w| {
                 for i in 0..25 {
                     let e = entry(&format!("e{w}-{i}"), &format!("w{w}-{i}"), "agent", 1);
-                    assert!(store.create_entries(&[e]).unwrap()[0].is_ok());
+                    assert!(store.create_entries(&[e], &Audit::quiet()).unwrap()[0].is_ok());
                 }
             });
             for store in [&a, &b] {
@@ -2909,7 +3188,11 @@ mod tests {
             let mut n = 0;
             loop {
                 n += 1;
-                a.create_entries(&[entry(&format!("e{n}"), &format!("w{n}"), "agent", 1)]).unwrap();
+                a.create_entries(
+                    &[entry(&format!("e{n}"), &format!("w{n}"), "agent", 1)],
+                    &Audit::quiet(),
+                )
+                .unwrap();
                 std::thread::sleep(std::time::Duration::from_millis(100));
                 if woken.has_changed().unwrap() && *woken.borrow_and_update() >= 1 {
                     break;
@@ -2935,14 +3218,19 @@ mod tests {
                     pending: None,
                     approved: false,
                 };
-                a.put_join_token(&token).unwrap().unwrap();
+                a.put_join_token(&token, &Audit::quiet()).unwrap().unwrap();
             }
             let takers: Vec<_> = [a.clone(), b.clone(), a, b]
                 .into_iter()
                 .map(|store| {
                     std::thread::spawn(move || {
                         (0..20)
-                            .filter(|i| store.take_join_token(&format!("t{i}")).unwrap().is_some())
+                            .filter(|i| {
+                                store
+                                    .take_join_token(&format!("t{i}"), &Audit::quiet())
+                                    .unwrap()
+                                    .is_some()
+                            })
                             .count()
                     })
                 })
@@ -3018,10 +3306,13 @@ mod tests {
         fn a_ban_on_one_server_holds_on_the_other() {
             let (_place, a, b) = two();
             let id = "spiffe://example.org/agent";
-            a.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0")).unwrap().unwrap();
-            b.ban_agent(id, "test", 1).unwrap().unwrap();
+            a.register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
+                .unwrap()
+                .unwrap();
+            b.ban_agent(id, "test", 1, &Audit::quiet()).unwrap().unwrap();
             assert_eq!(a.check_agent(id, "s0").unwrap(), Err(AgentRefusal::Banned(id.into())));
-            let refused = a.renew_agent(id, "s0", &agent_svid("agent", "s1"), 2).unwrap();
+            let refused =
+                a.renew_agent(id, "s0", &agent_svid("agent", "s1"), 2, &Audit::quiet()).unwrap();
             assert_eq!(refused.err(), Some(AgentRefusal::Banned(id.into())));
         }
     }

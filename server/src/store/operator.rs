@@ -4,13 +4,17 @@
 
 use tessera_proto::types as pb;
 
-use super::{agent_owner, revocation_of, ChangeKind, KvStore, StoreError, AGENTS};
+use super::{agent_owner, revocation_of, Audit, ChangeKind, KvStore, StoreError, AGENTS};
 
 impl KvStore {
     /// Records a minted SVID (no entry, no agent) in one commit, durable
     /// before it returns: revocable by serial or `jti` like any other.
-    pub(super) fn record_minted_svid(&self, svid: &pb::IssuedSvid) -> Result<(), StoreError> {
-        self.commit(|tx| {
+    pub(super) fn record_minted_svid(
+        &self,
+        svid: &pb::IssuedSvid,
+        audit: &Audit<'_, ()>,
+    ) -> Result<(), StoreError> {
+        self.commit(audit, |tx| {
             tx.record(svid);
             Ok(())
         })
@@ -24,8 +28,9 @@ impl KvStore {
         agent_id: &str,
         expired_before: i64,
         now: i64,
+        audit: &Audit<'_, Option<Vec<pb::Revocation>>>,
     ) -> Result<Option<Vec<pb::Revocation>>, StoreError> {
-        self.commit(|tx| {
+        self.commit(audit, |tx| {
             let Some(agent) = tx.agent(agent_id)? else {
                 return Ok(None);
             };
