@@ -1,0 +1,158 @@
+//! Signing throughput: SVIDs signed per second through the node API by
+//! simulated agents against a server in its own process, and the rate at
+//! which ring signs and verifies on every core (the machine's limit). Uses
+//! `stats` and `children`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_proto::admin as admin_pb;
+use tessera_proto::node as node_pb;
+use tessera_tests::entry;
+
+use crate::children::{attest_simulated, server_and_admin};
+use crate::stats::measure_rate;
+
+/// What the simulated agents of [`node_api_throughput`] have signed.
+#[derive(Debug, Clone, Copy)]
+pub enum Signing {
+    X509,
+    Jwt,
+}
+
+/// The requests one simulated agent sends over and over.
+#[derive(Clone)]
+enum Batch {
+    X509(node_pb::SignX509Request),
+    Jwt(node_pb::SignJwtRequest),
+}
+
+/// SVIDs signed per second by 8 simulated agents (each attested through
+/// the real node API, with 500 entries, sending one batch of 500 after
+/// another) against a server in its own process, after a 0.5 s warm-up.
+pub async fn node_api_throughput(
+    duration: Duration,
+    signing: Signing,
+    events: bool,
+    datastore: Option<&str>,
+) -> f64 {
+    let (_dir, server, mut admin, addr, bundle) = server_and_admin(events, datastore).await;
+    let (agents, batch) = (8, 500);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for i in 0..agents {
+        let id = format!("spiffe://example.org/issue/agent-{i}");
+        let entries = (0..batch)
+            .map(|j| {
+                entry(
+                    &format!("spiffe://example.org/issue/{i}/{j}"),
+                    &id,
+                    &[&format!("unix:uid:{}", j + 1)],
+                    None,
+                )
+            })
+            .collect();
+        let created = admin
+            .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries })
+            .await
+            .unwrap()
+            .into_inner();
+        let ids = created.results.into_iter().map(|r| r.entry.unwrap().id);
+        let request = match signing {
+            Signing::X509 => Batch::X509(node_pb::SignX509Request {
+                items: ids
+                    .map(|entry_id| node_pb::SignX509Item {
+                        entry_id,
+                        csr: tessera_tests::key_and_csr().1,
+                    })
+                    .collect(),
+            }),
+            Signing::Jwt => Batch::Jwt(node_pb::SignJwtRequest {
+                items: ids
+                    .map(|entry_id| node_pb::SignJwtItem {
+                        entry_id,
+                        audience: vec!["bench".into()],
+                    })
+                    .collect(),
+            }),
+        };
+        let mut client = attest_simulated(&mut admin, addr, &bundle, &id).await.connect().await;
+        let (done, stop) = (done.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let ok =
+                |status: Option<&tessera_proto::types::Status>| status.is_some_and(|s| s.code == 0);
+            while !stop.load(Ordering::Relaxed) {
+                let signed = match request.clone() {
+                    Batch::X509(request) => {
+                        let results = client.sign_x509(request).await.unwrap().into_inner().results;
+                        results.iter().filter(|r| ok(r.status.as_ref())).count()
+                    }
+                    Batch::Jwt(request) => {
+                        let results = client.sign_jwt(request).await.unwrap().into_inner().results;
+                        results.iter().filter(|r| ok(r.status.as_ref())).count()
+                    }
+                };
+                done.fetch_add(signed as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    let rate = measure_rate(&done, &stop, workers, duration).await;
+    server.stop();
+    rate
+}
+
+/// What [`ecdsa_limit`] measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ecdsa {
+    /// A P-256 signature plus its verification over a TBSCertificate-sized
+    /// message (DER signatures): what issuing an X509-SVID costs at least.
+    SignAndVerify,
+    /// ES256 signatures (fixed-length) over a JWT-sized signing input.
+    Es256Sign,
+    /// ES256 verifications.
+    Es256Verify,
+}
+
+/// Operations per second with ring on every core.
+pub fn ecdsa_limit(duration: Duration, op: Ecdsa) -> f64 {
+    use ring::rand::SystemRandom;
+    use ring::signature::{
+        EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
+        ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING,
+    };
+    let (signing, verifying, size) = match op {
+        Ecdsa::SignAndVerify => (&ECDSA_P256_SHA256_ASN1_SIGNING, &ECDSA_P256_SHA256_ASN1, 600),
+        Ecdsa::Es256Sign | Ecdsa::Es256Verify => {
+            (&ECDSA_P256_SHA256_FIXED_SIGNING, &ECDSA_P256_SHA256_FIXED, 250)
+        }
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: Vec<_> = (0..cores)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let rng = SystemRandom::new();
+                let pkcs8 = EcdsaKeyPair::generate_pkcs8(signing, &rng).unwrap();
+                let key = EcdsaKeyPair::from_pkcs8(signing, pkcs8.as_ref(), &rng).unwrap();
+                let public = UnparsedPublicKey::new(verifying, key.public_key().as_ref().to_vec());
+                let message = vec![7u8; size];
+                let signature = key.sign(&rng, &message).unwrap();
+                let (start, mut ops) = (Instant::now(), 0u64);
+                while start.elapsed() < duration {
+                    match op {
+                        Ecdsa::SignAndVerify => {
+                            let signature = key.sign(&rng, &message).unwrap();
+                            public.verify(&message, signature.as_ref()).unwrap();
+                        }
+                        Ecdsa::Es256Sign => drop(key.sign(&rng, &message).unwrap()),
+                        Ecdsa::Es256Verify => public.verify(&message, signature.as_ref()).unwrap(),
+                    }
+                    ops += 1;
+                }
+                ops as f64 / start.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).sum()
+}
