@@ -171,7 +171,7 @@ pub struct Config {
     /// Maximum JWT-SVID TTL, seconds.
     pub max_jwt_svid_ttl: u32,
     /// Kind of new JWT signing keys.
-    pub jwt_key_type: crate::jwt::JwtKeyType,
+    pub jwt_key_type: crate::ca::jwt::JwtKeyType,
     /// Default join token TTL, seconds.
     pub join_token_ttl: u32,
     /// CSRs per second per agent.
@@ -251,7 +251,7 @@ impl Config {
             agent_svid_ttl: 3600,
             default_jwt_svid_ttl: 300,
             max_jwt_svid_ttl: 24 * 3600,
-            jwt_key_type: crate::jwt::JwtKeyType::EcP256,
+            jwt_key_type: crate::ca::jwt::JwtKeyType::EcP256,
             join_token_ttl: 600,
             sign_rate: 500,
             sign_burst: 20_000,

@@ -2,7 +2,7 @@
 //! `--metrics-addr` with `/live` and `/ready`.
 
 use std::sync::atomic::AtomicI64;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,7 +11,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tessera_proto::types::Event;
 
-use crate::state::State;
 use crate::telemetry::{self, EventCounters, Labels, LatencyFamily};
 
 /// Every server metric. Cloning shares them.
@@ -222,51 +221,36 @@ impl Metrics {
         }
     }
 
-    /// Reads the gauges that are computed at scrape time and encodes everything.
-    pub fn render(&self, state: &State) -> String {
-        let now = state.clock.now();
+    /// Sets the gauges read at scrape time and encodes everything.
+    pub fn render(&self, gauges: &ScrapeGauges) -> String {
         let inner = &self.inner;
-        inner.ca_expiry.set(state.ca.active_not_after() - now);
-        inner.jwt_key_expiry.set(state.ca.active_not_after() - now);
-        inner.entries.set(state.store.entry_count() as i64);
-        inner.pending.set(state.governance.pending_count() as i64);
-        if let Ok(agents) = state.store.agents() {
-            inner.agents.set(agents.len() as i64);
+        inner.ca_expiry.set(gauges.ca_expires_in);
+        inner.jwt_key_expiry.set(gauges.jwt_key_expires_in);
+        inner.entries.set(gauges.entries as i64);
+        inner.pending.set(gauges.pending as i64);
+        if let Some(agents) = gauges.agents {
+            inner.agents.set(agents as i64);
         }
-        if let Ok(revision) = state.store.revision() {
+        if let Some(revision) = gauges.revision {
             inner.revision.set(revision as i64);
         }
         telemetry::encode(&inner.registry)
     }
 }
 
-/// `/metrics` and `/ready` for the server: ready when it serves with a
-/// current (unexpired) CA and its datastore answers.
-#[derive(Debug)]
-pub struct ServerHealth {
-    /// The state, set once the server runs.
-    pub state: OnceLock<Arc<State>>,
-}
-
-impl telemetry::Health for ServerHealth {
-    fn metrics(&self) -> String {
-        match self.state.get() {
-            Some(state) => state.metrics.render(state),
-            None => String::new(),
-        }
-    }
-
-    fn ready(&self) -> Result<(), String> {
-        let state = self.state.get().ok_or("server is starting")?;
-        if state.shutdown.is_cancelled() {
-            return Err("server is shutting down".into());
-        }
-        if state.ca.active_not_after() <= state.clock.now() {
-            return Err("the CA has expired".into());
-        }
-        if let Some(error) = state.feed.store_error() {
-            return Err(format!("the datastore fails: {error}"));
-        }
-        Ok(())
-    }
+/// What the server reads at scrape time (`None`: the store did not answer).
+#[derive(Debug, Clone, Default)]
+pub struct ScrapeGauges {
+    /// Seconds until the active CA expires.
+    pub ca_expires_in: i64,
+    /// Seconds until the active JWT key expires.
+    pub jwt_key_expires_in: i64,
+    /// Entries.
+    pub entries: usize,
+    /// Proposals waiting.
+    pub pending: usize,
+    /// Agents.
+    pub agents: Option<usize>,
+    /// The change log's revision.
+    pub revision: Option<u64>,
 }

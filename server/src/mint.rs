@@ -22,7 +22,7 @@ use crate::ca::{Ca, SignedSvid};
 use crate::config::Config;
 use crate::entry::{is_dns_name, is_reserved, valid_audience, Entry, MAX_JWT_AUDIENCES};
 use crate::governance::ApprovalPolicy;
-use crate::jwt::SignedJwt;
+use crate::ca::jwt::SignedJwt;
 
 /// Why a mint is refused.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +173,7 @@ pub fn mint_x509(
     if let Some(bad) = dns_names.iter().find(|n| !is_dns_name(n)) {
         return Err(MintError::DnsName(bad.clone()));
     }
-    let key = crate::csr::parse_csr(csr).map_err(|e| MintError::Csr(e.to_string()))?;
+    let key = crate::ca::csr::parse_csr(csr).map_err(|e| MintError::Csr(e.to_string()))?;
     let svid = ca.sign_svid(&key, id, ttl, dns_names).map_err(|e| MintError::Ca(e.to_string()))?;
     let record = pb::IssuedSvid {
         serial: svid.serial.clone(),

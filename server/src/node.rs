@@ -31,11 +31,11 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn, Instrument};
 
 use crate::ca::SignedSvid;
-use crate::csr::parse_csr;
+use crate::ca::csr::parse_csr;
 use crate::entry::Entry;
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::feed::FedChange;
-use crate::jwt::SignedJwt;
+use crate::ca::jwt::SignedJwt;
 use crate::refusals::RefusalFolder;
 use crate::state::State;
 use crate::store::{AgentRefusal, Audit, ChangeKind, Signed, MAX_BATCH};

@@ -384,7 +384,7 @@ impl Server {
             .instrument(tracing::info_span!("events")),
         );
         if let Some(listener) = metrics_listener {
-            let health = Arc::new(crate::metrics::ServerHealth { state: Default::default() });
+            let health = Arc::new(crate::health::ServerHealth { state: Default::default() });
             let _ = health.state.set(state.clone());
             let stop = shutdown.clone();
             tasks.spawn(

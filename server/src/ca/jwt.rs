@@ -229,7 +229,7 @@ fn new_jti() -> String {
     let stamp = LAST
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now.max(last + 1)))
         .map_or(now, |last| now.max(last + 1));
-    let random = crate::ca::random_serial();
+    let random = super::serial::random_serial();
     format!("{stamp:016x}{}", hex::encode(&random[..8]))
 }
 

@@ -2,6 +2,18 @@
 //! persisted in `<data_dir>/ca`, rotated by preparing the next CA (published
 //! in the bundle, not yet signing) and activating it later. Signs X509-SVIDs
 //! that follow the SPIFFE X509-SVID profile.
+//!
+//! The folder: `mod.rs` (the X.509 CA, its rotation and CRLs), `jwt.rs`
+//! (the JWT-SVID signing keys, rotated with the CA), `csr.rs` (agents' and
+//! operators' CSRs), `serial.rs` (serial numbers). It depends on nothing
+//! else of the server but `fsutil`; the APIs and the store's CRL signer
+//! depend on it.
+
+pub mod csr;
+pub mod jwt;
+mod serial;
+
+pub use serial::random_serial;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -11,7 +23,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
-use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::CertificateDer;
 use tessera_workload_api::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
@@ -19,7 +30,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::fsutil::{create_private_dir, write_private};
-use crate::jwt::{JwtKeyError, JwtKeyType, JwtSigningKey, SignedJwt};
+use jwt::{JwtKeyError, JwtKeyType, JwtSigningKey, SignedJwt};
 use tessera_common::clock::Clock;
 
 /// NotBefore of issued certificates is backdated by this many seconds to
@@ -560,21 +571,6 @@ fn load_keys(
     Ok(keys)
 }
 
-/// A random positive serial number of 128 bits (top bit clear, never zero-led).
-pub fn random_serial() -> [u8; 16] {
-    let mut serial = [0u8; 16];
-    // SystemRandom only fails if the OS has no entropy source at all; then
-    // fall back to the clock rather than issue a fixed serial.
-    if SystemRandom::new().fill(&mut serial).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(1);
-        serial = nanos.to_be_bytes();
-    }
-    serial[0] = (serial[0] & 0x7f) | 0x40;
-    serial
-}
 
 fn to_datetime(unix: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(unix).unwrap_or(OffsetDateTime::UNIX_EPOCH)
