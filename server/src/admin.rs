@@ -12,10 +12,10 @@ use tonic::{Request, Response, Status};
 
 use crate::admin_ops::MAX_PAGE;
 use crate::admin_peer::{operator_of, AdminPeer};
-use crate::approval::ApprovalRefusal;
 use crate::entry::{Entry, EntryError};
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::events::entry_json;
+use crate::policy::approval::ApprovalRefusal;
 use crate::revocation::{normalize_serial, revoke_issued};
 use crate::state::State;
 use crate::store::AgentRefusal;
@@ -237,8 +237,11 @@ impl AdminService {
     ) -> Result<Response<pb::BatchEntryResponse>, Status> {
         Self::check_batch(inputs.len())?;
         let now = self.state.clock.now();
-        let event_kind =
-            if op == crate::approval::OP_CREATE { kind::ENTRY_CREATE } else { kind::ENTRY_UPDATE };
+        let event_kind = if op == crate::policy::approval::OP_CREATE {
+            kind::ENTRY_CREATE
+        } else {
+            kind::ENTRY_UPDATE
+        };
         let mut results: Vec<Option<Result<types::Entry, EntryError>>> =
             Vec::with_capacity(inputs.len());
         let mut valid = Vec::new();
@@ -256,21 +259,22 @@ impl AdminService {
         // The versions being replaced (for updates): what the policy compares
         // against, and the events' "before".
         let ids: Vec<String> = valid.iter().map(|e| e.id.clone()).collect();
-        let olds: std::collections::HashMap<String, Entry> = if op == crate::approval::OP_UPDATE {
-            self.state
-                .store_op(move |store| {
-                    let mut olds = std::collections::HashMap::new();
-                    for id in ids {
-                        if let Some(old) = store.entry(&id)? {
-                            olds.insert(id, old);
+        let olds: std::collections::HashMap<String, Entry> =
+            if op == crate::policy::approval::OP_UPDATE {
+                self.state
+                    .store_op(move |store| {
+                        let mut olds = std::collections::HashMap::new();
+                        for id in ids {
+                            if let Some(old) = store.entry(&id)? {
+                                olds.insert(id, old);
+                            }
                         }
-                    }
-                    Ok(olds)
-                })
-                .await?
-        } else {
-            Default::default()
-        };
+                        Ok(olds)
+                    })
+                    .await?
+            } else {
+                Default::default()
+            };
         let caller = operator.unwrap_or_default();
         let mut events = Vec::new();
         let mut direct = Vec::new();
@@ -281,7 +285,7 @@ impl AdminService {
                 // Once approval was required, every change needs it.
                 entry.require_approval |= old.require_approval;
             }
-            if op == crate::approval::OP_UPDATE {
+            if op == crate::policy::approval::OP_UPDATE {
                 match old {
                     // Nothing to judge against: never written unjudged.
                     None => {
@@ -312,7 +316,7 @@ impl AdminService {
                 direct_slots.push(slot);
                 continue;
             }
-            let proposal = crate::approval::proposal(
+            let proposal = crate::policy::approval::proposal(
                 &entry,
                 op,
                 &caller,
@@ -463,7 +467,7 @@ impl Admin for AdminService {
         // The store revokes, in the same commit, the SVIDs an update no
         // longer authorizes (new SPIFFE ID, parent or DNS names, earlier expiry).
         self.write_entries(
-            crate::approval::OP_UPDATE,
+            crate::policy::approval::OP_UPDATE,
             operator,
             inputs,
             |input, mut entry| {
@@ -669,7 +673,7 @@ impl Admin for AdminService {
             // Held for a second operator like an entry: the token is stored
             // (hashed) only when the proposal is approved, and works for
             // `ttl` seconds from then.
-            let proposal = crate::approval::join_token_proposal(
+            let proposal = crate::policy::approval::join_token_proposal(
                 spiffe_id.as_str(),
                 String::from_utf8_lossy(&join_token_key(&token)).into_owned(),
                 ttl,
@@ -679,7 +683,7 @@ impl Admin for AdminService {
                 config.pending_ttl(),
             );
             let mut e = entry_event(kind::ENTRY_PENDING, &operator, None, Some(&proposal))
-                .attr("op", crate::approval::OP_JOIN_TOKEN)
+                .attr("op", crate::policy::approval::OP_JOIN_TOKEN)
                 .attr("ttl", ttl);
             e.reason = reasons.join("; ");
             let (stored, audit) = (proposal.clone(), Audit::if_ok(operator, vec![e]));

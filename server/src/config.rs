@@ -125,7 +125,7 @@ pub struct FileConfig {
     /// `anomaly.refusal_burst` event is recorded (default 30; 0: off).
     pub anomaly_refusals_per_minute: Option<u32>,
     /// What needs a second operator's approval.
-    pub approval: Option<crate::governance::ApprovalPolicy>,
+    pub approval: Option<crate::policy::governance::ApprovalPolicy>,
 }
 
 impl FileConfig {
@@ -199,7 +199,7 @@ pub struct Config {
     /// Event log settings.
     pub events: crate::events::EventConfig,
     /// The approval policy.
-    pub approval: crate::governance::ApprovalPolicy,
+    pub approval: crate::policy::governance::ApprovalPolicy,
 }
 
 fn set_vec(target: &mut Vec<u32>, value: Option<Vec<u32>>) {
@@ -265,7 +265,7 @@ impl Config {
             admin_uids: Vec::new(),
             admin_gids: Vec::new(),
             events: crate::events::EventConfig::default(),
-            approval: crate::governance::ApprovalPolicy::default(),
+            approval: crate::policy::governance::ApprovalPolicy::default(),
         }
     }
 
@@ -356,7 +356,7 @@ impl Config {
 
     /// Seconds a proposal waits for approval.
     pub fn pending_ttl(&self) -> u32 {
-        self.approval.pending_ttl.unwrap_or(crate::governance::DEFAULT_PENDING_TTL)
+        self.approval.pending_ttl.unwrap_or(crate::policy::governance::DEFAULT_PENDING_TTL)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

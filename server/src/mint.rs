@@ -18,11 +18,11 @@
 use tessera_proto::types as pb;
 use tessera_workload_api::SpiffeId;
 
+use crate::ca::jwt::SignedJwt;
 use crate::ca::{Ca, SignedSvid};
 use crate::config::Config;
 use crate::entry::{is_dns_name, is_reserved, valid_audience, Entry, MAX_JWT_AUDIENCES};
-use crate::governance::ApprovalPolicy;
-use crate::ca::jwt::SignedJwt;
+use crate::policy::governance::ApprovalPolicy;
 
 /// Why a mint is refused.
 #[derive(Debug, thiserror::Error)]

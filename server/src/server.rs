@@ -30,11 +30,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
 use crate::admin::AdminService;
+use crate::api::node::NodeService;
 use crate::ca::{Ca, CaError, CaPolicy};
 use crate::config::Config;
 use crate::entry::EntryRules;
 use crate::fsutil::create_private_dir;
-use crate::node::NodeService;
 use crate::state::State;
 use crate::store::{Change, ChangeKind, KvStore, Store, StoreError};
 use crate::tls::{self, NodeLimits, NodePeer, ServerSvid};
@@ -135,15 +135,15 @@ impl Server {
             config.events.clone(),
             metrics.clone(),
         )?);
-        let governance = crate::governance::Governance {
-            operators: crate::governance::Operators {
+        let governance = crate::policy::governance::Governance {
+            operators: crate::policy::governance::Operators {
                 uids: config.admin_uids.iter().copied().collect(),
                 gids: config.admin_gids.iter().copied().collect(),
             },
             policy: config.approval.clone(),
-            pending: crate::governance::Pending::open(store.kv())?,
+            pending: crate::policy::governance::Pending::open(store.kv())?,
             refused: crate::refusals::RefusalFolder::new(
-                crate::governance::MAX_FOLDED_UIDS,
+                crate::policy::governance::MAX_FOLDED_UIDS,
                 u32::MAX,
             ),
         };
@@ -275,7 +275,7 @@ impl Server {
                 loop {
                     let stopping = tokio::select! {
                         _ = stop.cancelled() => true,
-                        _ = tokio::time::sleep(crate::node::ATTEST_REFUSAL_INTERVAL) => false,
+                        _ = tokio::time::sleep(crate::api::node::ATTEST_REFUSAL_INTERVAL) => false,
                     };
                     refusals.flush_attest_refusals();
                     crate::admin::flush_refusals(&admin_state);

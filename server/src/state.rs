@@ -36,7 +36,7 @@ pub struct State {
     /// Metrics.
     pub metrics: crate::metrics::Metrics,
     /// Operators, the approval policy and the proposals waiting for it.
-    pub governance: crate::governance::Governance,
+    pub governance: crate::policy::governance::Governance,
     /// This server's stable ID (`<data_dir>/server-id`), naming its CAs
     /// and CRLs in a datastore shared with other servers.
     pub server_id: String,

@@ -32,10 +32,10 @@ use tessera_proto::Refusal;
 use tessera_workload_api::SpiffeId;
 use tokio::sync::watch;
 
-use crate::approval::{self, ApprovalRefusal};
 use crate::entry::{Entry, EntryError};
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::kv::{prefix_end, scan_prefix, Kv, Lock, Op, Pairs, SledKv, Txn};
+use crate::policy::approval::{self, ApprovalRefusal};
 
 mod operator;
 
@@ -521,7 +521,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> Result<bool, StoreError>;
     /// Approves the proposal under `key` (or with that proposal ID) if its
     /// content hash is `content_hash`, and writes what it proposed, in one
-    /// commit with every check of [`crate::approval::check`] and, for an
+    /// commit with every check of [`crate::policy::approval::check`] and, for an
     /// update, that the entry is still at the proposed-against revision.
     fn approve(
         &self,

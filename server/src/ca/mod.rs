@@ -571,7 +571,6 @@ fn load_keys(
     Ok(keys)
 }
 
-
 fn to_datetime(unix: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(unix).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }

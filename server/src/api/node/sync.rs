@@ -1,0 +1,227 @@
+//! An agent's Sync stream: the bundle and CRLs, then the changes since
+//! its revision (or a snapshot), then every change of the log as it
+//! commits, from the change feed.
+
+use std::sync::Arc;
+
+use tessera_proto::node::{self as pb, sync_message::Event};
+use tessera_proto::Refusal;
+use tokio::sync::mpsc;
+use tonic::Status;
+use tracing::{info, warn};
+
+use crate::entry::Entry;
+use crate::feed::FedChange;
+use crate::store::{AgentRefusal, ChangeKind};
+
+use super::*;
+
+/// How often an open Sync stream re-checks its agent's SVID (superseded by
+/// a renewal, expired) when no change wakes it.
+const SYNC_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Changes read from the log at a time.
+const SYNC_CHANGES_PAGE: usize = 1000;
+
+type SyncSender = mpsc::Sender<Result<pb::SyncMessage, Status>>;
+
+/// Sends one message; an error when the agent has gone away.
+async fn send(tx: &SyncSender, event: Event) -> Result<(), Status> {
+    tx.send(Ok(pb::SyncMessage { event: Some(event) }))
+        .await
+        .map_err(|_| Status::cancelled("agent disconnected"))
+}
+
+impl NodeService {
+    /// One agent's Sync stream: the bundle and CRLs, then either the changes
+    /// since `resume_from` or a snapshot, then every change of the log as
+    /// it commits. Returns when the agent goes away, the server shuts
+    /// down, or the agent may no longer sync (the error says why).
+    pub(super) async fn run_sync(
+        &self,
+        caller: &Caller,
+        resume_from: u64,
+        tx: &SyncSender,
+    ) -> Result<(), Status> {
+        let agent_id = &caller.id;
+        // The feed's reads of changed entries count only if made after this.
+        let mut fresh_since = std::time::Instant::now();
+        let mut wake = self.state.feed.subscribe();
+        send(tx, Event::Bundle(self.bundle_update())).await?;
+        // The CRLs are read after the revision the stream starts from, so
+        // they are at least that new: a CRL change before it is not lost.
+        let parent = agent_id.clone();
+        // So are the JWT revocations: every one in force (the agent may
+        // have missed some while disconnected; it merges them).
+        let now = self.state.clock.now();
+        let (snapshot, crls, jwts) = self
+            .state
+            .store_op(move |store| {
+                let latest = store.revision()?;
+                let snapshot = if resume_from > 0 && resume_from <= latest {
+                    None
+                } else {
+                    Some(store.snapshot(&parent)?)
+                };
+                let jwts = store
+                    .revocations()?
+                    .into_iter()
+                    // A minute of grace for agents whose clocks are behind.
+                    .filter(|r| !r.jti.is_empty() && r.expires_at > now - 60)
+                    .map(|r| pb::RevokedJwt { jti: r.jti, expires_at: r.expires_at })
+                    .collect();
+                Ok((snapshot, store.crls()?, jwts))
+            })
+            .await?;
+        // In chunks that stay far below the message size limit; the CRLs
+        // go with the first.
+        let (mut jwts, mut crls): (Vec<pb::RevokedJwt>, _) = (jwts, crls);
+        loop {
+            let rest = jwts.split_off(jwts.len().min(JWT_REVOCATIONS_CHUNK));
+            let crls = std::mem::take(&mut crls);
+            let revocation = pb::Revocation { serials: Vec::new(), crls, jwts };
+            send(tx, Event::Revocation(revocation)).await?;
+            if rest.is_empty() {
+                break;
+            }
+            jwts = rest;
+        }
+        let mut cursor = match snapshot {
+            None => resume_from,
+            Some((revision, entries)) => {
+                let chunks: Vec<&[Entry]> = if entries.is_empty() {
+                    vec![&[]]
+                } else {
+                    entries.chunks(SNAPSHOT_CHUNK).collect()
+                };
+                let last = chunks.len() - 1;
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    let snapshot = pb::EntrySnapshot {
+                        entries: chunk.iter().map(Entry::to_proto).collect(),
+                        revision,
+                        complete: i == last,
+                    };
+                    send(tx, Event::Snapshot(snapshot)).await?;
+                }
+                revision
+            }
+        };
+        info!(agent_id = %agent_id, revision = cursor, resumed_from = resume_from, "agent sync started");
+        let shutdown = self.state.shutdown.clone();
+        loop {
+            let changes = match self.state.feed.since(cursor, SYNC_CHANGES_PAGE) {
+                Some(changes) => changes,
+                // Older than the shared window: read the log itself.
+                None => {
+                    let from = cursor;
+                    let read = self
+                        .state
+                        .store_op(move |store| store.changes_since(from, SYNC_CHANGES_PAGE))
+                        .await?;
+                    read.into_iter().map(|c| Arc::new(FedChange::bare(c))).collect()
+                }
+            };
+            if changes.is_empty() {
+                tokio::select! {
+                    _ = tx.closed() => return Ok(()),
+                    // End the stream so the server's graceful shutdown can finish.
+                    _ = shutdown.cancelled() => return Ok(()),
+                    changed = wake.changed() => if changed.is_err() { return Ok(()) },
+                    _ = tokio::time::sleep(SYNC_RECHECK) => {
+                        // Revocations and bans arrive through the log; a
+                        // renewal (superseded SVID) or expiry is checked here.
+                        self.check_caller(caller).await.map_err(|e| self.refuse("sync", agent_id.as_str(), e))?;
+                    }
+                }
+                continue;
+            }
+            for fed in changes {
+                cursor = fed.change.revision;
+                if self.send_change(caller, &fed, &mut fresh_since, tx).await? {
+                    if let Some(at) = fed.read_at {
+                        let revocation = matches!(fed.change.kind, ChangeKind::Revoked { .. });
+                        self.state.metrics.pushed(revocation, at.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            send(tx, Event::Checkpoint(pb::Checkpoint { revision: cursor })).await?;
+        }
+    }
+
+    /// Sends what one change means for this agent, if anything; true when
+    /// something was sent.
+    pub(super) async fn send_change(
+        &self,
+        caller: &Caller,
+        fed: &FedChange,
+        fresh_since: &mut std::time::Instant,
+        tx: &SyncSender,
+    ) -> Result<bool, Status> {
+        let (agent_id, change) = (&caller.id, &fed.change);
+        let revision = change.revision;
+        match &change.kind {
+            ChangeKind::Entry { entry_id, parents } => {
+                if !parents.iter().any(|p| p == agent_id.as_str()) {
+                    return Ok(false);
+                }
+                // The entry as it is now (or as the feed read it, for every
+                // stream at once) decides: kept if still ours, else dropped.
+                let current = match &fed.entry {
+                    Some(read) if fed.read_at.is_some_and(|at| at >= *fresh_since) => read.clone(),
+                    _ => {
+                        let id = entry_id.clone();
+                        let read = self.state.store_op(move |store| store.entry(&id)).await?;
+                        *fresh_since = std::time::Instant::now();
+                        read
+                    }
+                };
+                let change = match current {
+                    Some(entry) if &entry.parent_id == agent_id => {
+                        pb::entry_change::Change::Upserted(entry.to_proto())
+                    }
+                    _ => pb::entry_change::Change::RemovedEntryId(entry_id.clone()),
+                };
+                send(tx, Event::Change(pb::EntryChange { revision, change: Some(change) })).await?;
+                Ok(true)
+            }
+            ChangeKind::Revoked { serials, jwts } => {
+                if serials.contains(&caller.serial) {
+                    warn!(agent_id = %agent_id, "closing sync stream: the agent's SVID was revoked");
+                    return Err(AgentRefusal::Revoked(caller.serial.clone()).into());
+                }
+                // The commit that revoked also signed CRLs listing them:
+                // the agent gets both in one message.
+                let crls = self.state.feed.crls().as_ref().clone();
+                let jwts = jwts
+                    .iter()
+                    .map(|j| pb::RevokedJwt { jti: j.jti.clone(), expires_at: j.expires_at })
+                    .collect();
+                let revocation = pb::Revocation { serials: serials.clone(), crls, jwts };
+                send(tx, Event::Revocation(revocation)).await?;
+                Ok(true)
+            }
+            ChangeKind::Crls => {
+                let crls = self.state.feed.crls().as_ref().clone();
+                send(tx, Event::Revocation(pb::Revocation { crls, ..Default::default() })).await?;
+                Ok(false)
+            }
+            ChangeKind::Bundle => {
+                send(tx, Event::Bundle(self.bundle_update())).await?;
+                Ok(false)
+            }
+            ChangeKind::AgentBanned { agent_id: banned, reason } if banned == agent_id.as_str() => {
+                warn!(agent_id = %agent_id, "closing sync stream of banned agent");
+                send(tx, Event::Banned(pb::AgentBanned { reason: reason.clone() })).await?;
+                Err(AgentRefusal::Banned(banned.clone()).into())
+            }
+            ChangeKind::AgentEvicted { agent_id: evicted } if evicted == agent_id.as_str() => {
+                warn!(agent_id = %agent_id, "closing sync stream of evicted agent");
+                Err(agent_refused(
+                    Refusal::Evicted,
+                    format!("agent {agent_id} was evicted; attest again"),
+                ))
+            }
+            _ => Ok(false),
+        }
+    }
+}
