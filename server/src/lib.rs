@@ -16,10 +16,6 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub(crate) mod admin;
-mod admin_ops;
-mod admin_peer;
-mod admin_reach;
 mod ca;
 pub mod cli;
 mod policy;

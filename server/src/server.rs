@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
-use crate::admin::AdminService;
+use crate::api::admin::AdminService;
 use crate::api::node::NodeService;
 use crate::ca::{Ca, CaError, CaPolicy};
 use crate::config::Config;
@@ -168,7 +168,7 @@ impl Server {
         ))?;
         let shared = !config.admin_uids.is_empty() || !config.admin_gids.is_empty();
         let admin_listener = bind_admin_socket(&config.admin_socket, shared).await?;
-        crate::admin_reach::warn_unreachable(
+        crate::api::admin::reach::warn_unreachable(
             &config.admin_socket,
             &config.admin_uids,
             &config.admin_gids,
@@ -278,7 +278,7 @@ impl Server {
                         _ = tokio::time::sleep(crate::api::node::ATTEST_REFUSAL_INTERVAL) => false,
                     };
                     refusals.flush_attest_refusals();
-                    crate::admin::flush_refusals(&admin_state);
+                    crate::api::admin::flush_refusals(&admin_state);
                     if stopping {
                         return Ok(());
                     }
@@ -347,9 +347,9 @@ impl Server {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let gate = state.clone();
-        let admin = crate::admin_peer::WithMethod(
+        let admin = crate::api::admin::peer::WithMethod(
             tonic::service::interceptor::InterceptedService::new(admin, move |request| {
-                crate::admin::authorize(&gate, request)
+                crate::api::admin::authorize(&gate, request)
             }),
         );
         let stop = shutdown.clone();
@@ -358,7 +358,7 @@ impl Server {
                 tonic::transport::Server::builder()
                     .add_service(admin)
                     .serve_with_incoming_shutdown(
-                        crate::admin_peer::incoming(admin_listener, stop.clone()),
+                        crate::api::admin::peer::incoming(admin_listener, stop.clone()),
                         stop.cancelled(),
                     )
                     .await
@@ -504,7 +504,7 @@ async fn expiry_loop(state: Arc<State>, shutdown: CancellationToken) -> Result<(
         if let Err(e) = crate::revocation::expire_entries(&state).await {
             error!(error = %e.message(), "expiring entries failed");
         }
-        crate::admin::expire_proposals(&state).await;
+        crate::api::admin::expire_proposals(&state).await;
         let now = state.clock.now();
         if now - last_prune >= 60 {
             last_prune = now;

@@ -6,4 +6,5 @@
 //!
 //! Depends on every domain room; nothing but `server.rs` depends on it.
 
+pub mod admin;
 pub mod node;

@@ -74,7 +74,7 @@ pub(super) async fn store_command(command: StoreCommand) -> Result<(), CliError>
                 e => fail(&e),
             })?;
             let report = store.check().map_err(|e| fail(&e))?;
-            print_report(&crate::admin::report_proto(&report));
+            print_report(&crate::api::admin::report_proto(&report));
             Ok(())
         }
         StoreCommand::Check { data_dir: None, socket } => {
@@ -102,7 +102,7 @@ pub(super) async fn store_command(command: StoreCommand) -> Result<(), CliError>
                 .map_err(|e| CliError(format!("cannot create {}: {e}", data_dir.display())))?;
             let report =
                 KvStore::restore(&data_dir.join("store"), &mut file).map_err(|e| fail(&e))?;
-            print_report(&crate::admin::report_proto(&report));
+            print_report(&crate::api::admin::report_proto(&report));
             crate::outln!("Restored {} into {}", input.display(), data_dir.display());
             Ok(())
         }

@@ -15,9 +15,9 @@ use tessera_proto::types::{self as pb, Operator};
 
 use tessera_workload_api::{Selector, SelectorScope, SpiffeId};
 
-use crate::admin_peer::AdminPeer;
 use crate::entry::Entry;
 use crate::kv::Kv;
+use crate::policy::caller::AdminPeer;
 use crate::refusals::RefusalFolder;
 use crate::store::StoreError;
 

@@ -7,4 +7,5 @@
 //! store's approval commit use it.
 
 pub mod approval;
+pub mod caller;
 pub mod governance;

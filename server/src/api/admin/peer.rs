@@ -16,10 +16,10 @@
 //! May depend on: the proto types. Used by `server.rs` (the accept loop) and
 //! `admin.rs` (the caller of a request).
 
+use crate::policy::caller::AdminPeer;
 use std::io;
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tessera_proto::types::Operator;
@@ -67,16 +67,6 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for WithMethod<
 /// The admin caller, as pinned when its connection was accepted.
 pub fn operator_of<T>(request: &tonic::Request<T>) -> Option<Operator> {
     Some(request.extensions().get::<AdminPeer>()?.operator)
-}
-
-/// The admin caller as pinned at accept.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AdminPeer {
-    /// uid, primary gid and pid from `SO_PEERCRED`.
-    pub operator: Operator,
-    /// Supplementary groups of the connecting process, read while the
-    /// kernel's pidfd proved it was still that process; empty otherwise.
-    pub groups: Arc<[u32]>,
 }
 
 /// An accepted admin connection with its pinned peer.

@@ -8,7 +8,7 @@ use tessera_proto::admin as pb;
 use tessera_proto::types::{self as types, Operator};
 use tonic::{Request, Response, Status};
 
-use crate::admin_peer::operator_of;
+use crate::api::admin::peer::operator_of;
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::mint::{self, MintError, Minted};
 use crate::queries::{self, SelectorQuery};

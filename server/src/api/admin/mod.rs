@@ -1,0 +1,507 @@
+//! The admin API (operator ↔ server) on the server's Unix socket. Refusals
+//! are logged here, once, with their reason.
+
+mod agents;
+mod approvals;
+mod entries;
+mod events;
+pub mod ops;
+pub mod peer;
+pub mod reach;
+
+pub use approvals::expire_proposals;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tessera_proto::admin::{self as pb, admin_server::Admin};
+use tessera_proto::types::{self as types, Operator, Status as ItemStatus};
+use tessera_workload_api::SpiffeId;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::api::admin::ops::MAX_PAGE;
+use crate::api::admin::peer::operator_of;
+use crate::entry::{Entry, EntryError};
+use crate::event_schema::{self as schema, kind, EventExt};
+use crate::events::entry_json;
+use crate::policy::approval::ApprovalRefusal;
+use crate::policy::caller::AdminPeer;
+use crate::revocation::{normalize_serial, revoke_issued};
+use crate::state::State;
+use crate::store::AgentRefusal;
+use crate::store::{
+    join_token_key, svid_key, Approved, Audit, EntryFilter, EntryWrite, Store, StoreError,
+    StoreReport, MAX_BATCH,
+};
+
+/// Bytes per message of a streamed backup.
+const BACKUP_CHUNK: usize = 1024 * 1024;
+
+/// How often relying parties should re-read the bundle (the SPIFFE
+/// bundle's `spiffe_refresh_hint`): well within a CA's prepare-to-activate
+/// window at the default CA lifetime.
+pub const BUNDLE_REFRESH_HINT_SECS: u64 = 300;
+
+/// The store check's report as the admin API sends it.
+pub fn report_proto(report: &StoreReport) -> pb::StoreReport {
+    pb::StoreReport {
+        revision: report.revision,
+        write_seq: report.write_seq,
+        entries: report.entries as u64,
+        agents: report.agents as u64,
+        issued_svids: report.issued as u64,
+        revocations: report.revocations as u64,
+    }
+}
+
+/// Lets operators through (root, the server's uid, `admin_uids`,
+/// `admin_gids`); refuses, records and logs anyone else.
+pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Status> {
+    let method = request
+        .extensions()
+        .get::<crate::api::admin::peer::CalledMethod>()
+        .map(|m| m.0.clone())
+        .unwrap_or_default();
+    let peer = request.extensions().get::<AdminPeer>();
+    let operator = peer.map(|p| p.operator);
+    let verdict = match peer {
+        Some(peer) => state.governance.operators.authorize(peer),
+        None => Err("the caller's peer credentials are unknown".to_string()),
+    };
+    match verdict {
+        Ok(()) => Ok(request),
+        Err(why) => {
+            // The first refusal of a uid in an interval is an event at once;
+            // the rest are folded into one with a count (`flush_refusals`).
+            let uid = operator.map_or(u32::MAX, |o| o.uid);
+            if state.governance.refused.note(uid, &why, false) {
+                let e = schema::denied(kind::ADMIN_REFUSED, why.clone())
+                    .code(schema::grpc_code(tonic::Code::PermissionDenied))
+                    .operator(operator)
+                    .attr("method", &method)
+                    .attr("count", 1);
+                state.events.record(vec![e]);
+            }
+            Err(Status::permission_denied(why))
+        }
+    }
+}
+
+/// Records the admin refusals folded since the last call: one
+/// `admin.refused` event per uid with `count`.
+pub fn flush_refusals(state: &State) {
+    let events: Vec<types::Event> = state
+        .governance
+        .refused
+        .take()
+        .into_iter()
+        .map(|(uid, f)| {
+            tracing::warn!(uid, refused = f.count, "admin calls refused");
+            schema::denied(
+                kind::ADMIN_REFUSED,
+                format!(
+                    "{} more admin calls refused from uid {uid} (last: {})",
+                    f.count, f.last_reason
+                ),
+            )
+            .code(schema::grpc_code(tonic::Code::PermissionDenied))
+            .operator(Some(Operator { uid, gid: 0, pid: 0 }))
+            .attr("count", f.count)
+        })
+        .collect();
+    if !events.is_empty() {
+        state.events.record(events);
+    }
+}
+
+/// The status of a refused proposal or approval.
+fn approval_code(refusal: &ApprovalRefusal) -> tonic::Code {
+    match refusal {
+        ApprovalRefusal::NotFound(_) => tonic::Code::NotFound,
+        ApprovalRefusal::HashRequired => tonic::Code::InvalidArgument,
+        ApprovalRefusal::SameOperator { .. } => tonic::Code::PermissionDenied,
+        ApprovalRefusal::Entry(e) => e.code(),
+        _ => tonic::Code::FailedPrecondition,
+    }
+}
+
+/// An admin event: `kind` allowed for `operator`.
+fn admin_event(kind: &str, operator: &Option<Operator>) -> types::Event {
+    schema::event(kind, schema::ALLOW).operator(*operator)
+}
+
+/// The event of an entry written, proposed, approved or deleted.
+fn entry_event(
+    kind: &str,
+    operator: &Option<Operator>,
+    before: Option<&types::Entry>,
+    after: Option<&types::Entry>,
+) -> types::Event {
+    let mut e = admin_event(kind, operator);
+    if let Some(entry) = after.or(before) {
+        e.spiffe_ids.push(entry.spiffe_id.clone());
+        e.entry_ids.push(entry.id.clone());
+        e.agent_id = entry.parent_id.clone();
+    }
+    e.before = before.map(entry_json).unwrap_or_default();
+    e.after = after.map(entry_json).unwrap_or_default();
+    e
+}
+
+/// The admin API service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    state: Arc<State>,
+}
+
+impl AdminService {
+    /// The service over shared server state.
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+
+    fn check_batch(len: usize) -> Result<(), Status> {
+        if len == 0 {
+            return Err(Status::invalid_argument("batch is empty"));
+        }
+        if len > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "batch has {len} items, more than the {MAX_BATCH} allowed"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records a refused approval and returns the status.
+    fn deny_approval(&self, operator: &Option<Operator>, id: &str, status: Status) -> Status {
+        let e = schema::refused(kind::ENTRY_APPROVE, &status).operator(*operator).entry(id);
+        self.state.events.record(vec![e]);
+        status
+    }
+
+    /// A SPIFFE ID from a request, or its refusal.
+    fn parse_id(
+        &self,
+        operator: &Option<Operator>,
+        field: &str,
+        value: &str,
+    ) -> Result<SpiffeId, Status> {
+        SpiffeId::parse(value)
+            .map_err(|e| self.refuse(operator, field, format!("invalid {field}: {e}")))
+    }
+
+    /// Refuses a request for bad input, with an event.
+    fn refuse(&self, operator: &Option<Operator>, what: &str, message: String) -> Status {
+        self.refuse_with(operator, what, Status::invalid_argument(message))
+    }
+
+    /// Refuses a request with `status` (e.g. one the store's state
+    /// refuses: `FailedPrecondition`), with an event.
+    fn refuse_with(&self, operator: &Option<Operator>, what: &str, status: Status) -> Status {
+        let e =
+            schema::refused(kind::ADMIN_REFUSED, &status).operator(*operator).attr("request", what);
+        self.state.events.record(vec![e]);
+        status
+    }
+}
+
+fn ok() -> ItemStatus {
+    ItemStatus { code: 0, ..Default::default() }
+}
+
+fn item_status(code: tonic::Code, message: &impl ToString) -> ItemStatus {
+    ItemStatus { code: code as i32, message: message.to_string(), ..Default::default() }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn batch_create_entry(
+        &self,
+        request: Request<pb::BatchCreateEntryRequest>,
+    ) -> Result<Response<pb::BatchEntryResponse>, Status> {
+        AdminService::batch_create_entry(self, request).await
+    }
+
+    async fn batch_update_entry(
+        &self,
+        request: Request<pb::BatchUpdateEntryRequest>,
+    ) -> Result<Response<pb::BatchEntryResponse>, Status> {
+        AdminService::batch_update_entry(self, request).await
+    }
+
+    async fn batch_delete_entry(
+        &self,
+        request: Request<pb::BatchDeleteEntryRequest>,
+    ) -> Result<Response<pb::BatchDeleteEntryResponse>, Status> {
+        AdminService::batch_delete_entry(self, request).await
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        AdminService::list_entries(self, request).await
+    }
+
+    async fn get_entry(
+        &self,
+        request: Request<pb::GetEntryRequest>,
+    ) -> Result<Response<types::Entry>, Status> {
+        AdminService::get_entry(self, request).await
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<types::JoinToken>, Status> {
+        AdminService::create_join_token(self, request).await
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        crate::api::admin::ops::list_agents(&self.state, request).await
+    }
+
+    async fn count_entries(
+        &self,
+        _request: Request<pb::CountEntriesRequest>,
+    ) -> Result<Response<pb::CountResponse>, Status> {
+        crate::api::admin::ops::count_entries(&self.state).await
+    }
+
+    async fn count_agents(
+        &self,
+        _request: Request<pb::CountAgentsRequest>,
+    ) -> Result<Response<pb::CountResponse>, Status> {
+        crate::api::admin::ops::count_agents(&self.state).await
+    }
+
+    async fn purge_agents(
+        &self,
+        request: Request<pb::PurgeAgentsRequest>,
+    ) -> Result<Response<pb::PurgeAgentsResponse>, Status> {
+        crate::api::admin::ops::purge_agents(&self.state, request).await
+    }
+
+    async fn mint_x509_svid(
+        &self,
+        request: Request<pb::MintX509SvidRequest>,
+    ) -> Result<Response<pb::MintX509SvidResponse>, Status> {
+        crate::api::admin::ops::mint_x509(&self.state, request).await
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        request: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        crate::api::admin::ops::mint_jwt(&self.state, request).await
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<types::Agent>, Status> {
+        AdminService::get_agent(self, request).await
+    }
+
+    async fn get_bundle(
+        &self,
+        _request: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        Ok(Response::new(pb::Bundle {
+            trust_domain: self.state.config.trust_domain.to_string(),
+            authorities: self.state.ca.bundle().iter().map(|c| c.to_vec()).collect(),
+            crls: self.state.store_op(|store| store.crls()).await?,
+            jwt_authorities: self.state.ca.jwt_authorities(),
+            sequence: self.state.ca.bundle_sequence(),
+            refresh_hint: BUNDLE_REFRESH_HINT_SECS,
+        }))
+    }
+
+    async fn ban_agent(
+        &self,
+        request: Request<pb::BanAgentRequest>,
+    ) -> Result<Response<pb::BanAgentResponse>, Status> {
+        AdminService::ban_agent(self, request).await
+    }
+
+    async fn evict_agent(
+        &self,
+        request: Request<pb::EvictAgentRequest>,
+    ) -> Result<Response<pb::EvictAgentResponse>, Status> {
+        AdminService::evict_agent(self, request).await
+    }
+
+    async fn revoke_svid(
+        &self,
+        request: Request<pb::RevokeSvidRequest>,
+    ) -> Result<Response<types::Revocation>, Status> {
+        let operator = operator_of(&request);
+        let req = request.into_inner();
+        let refused = |what: &str, e: String| {
+            let event = schema::denied(kind::REVOKE, e.clone())
+                .code(schema::grpc_code(tonic::Code::InvalidArgument))
+                .operator(operator)
+                .attr("svid", what);
+            self.state.events.record(vec![event]);
+            Status::invalid_argument(e)
+        };
+        let (lookup, serial) = match (req.serial.is_empty(), req.jti.is_empty()) {
+            (false, true) => {
+                let serial = normalize_serial(&req.serial).map_err(|e| refused(&req.serial, e))?;
+                (serial.clone(), format!("serial {serial}"))
+            }
+            (true, false) => {
+                if req.jti.len() > 256 || req.jti.chars().any(char::is_control) {
+                    return Err(refused(
+                        &req.jti,
+                        "invalid jti: want up to 256 printable characters".into(),
+                    ));
+                }
+                (svid_key("", &req.jti), format!("jti {}", req.jti))
+            }
+            _ => return Err(refused("", "give exactly one of a serial and a jti".into())),
+        };
+        let (issued, existing) = self
+            .state
+            .store_op(move |store| Ok((store.issued(&lookup)?, store.revocation(&lookup)?)))
+            .await?;
+        if let Some(existing) = existing {
+            return Ok(Response::new(existing));
+        }
+        let Some(issued) = issued else {
+            let message = format!("no unexpired SVID with {serial} was issued by this server");
+            let event = schema::denied(kind::REVOKE, message.clone())
+                .code(schema::grpc_code(tonic::Code::NotFound))
+                .operator(operator)
+                .attr("svid", &serial);
+            self.state.events.record(vec![event]);
+            return Err(Status::not_found(message));
+        };
+        let reason =
+            if req.reason.is_empty() { "revoked by operator".to_string() } else { req.reason };
+        let mut revoked =
+            revoke_issued(&self.state, vec![issued], &reason, operator.as_ref()).await?;
+        revoked.pop().map(Response::new).ok_or_else(|| Status::internal("revocation not stored"))
+    }
+
+    async fn list_revocations(
+        &self,
+        _request: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
+        let revocations = self.state.store_op(|store| store.revocations()).await?;
+        Ok(Response::new(pb::ListRevocationsResponse { revocations }))
+    }
+
+    async fn check_store(
+        &self,
+        _request: Request<pb::CheckStoreRequest>,
+    ) -> Result<Response<pb::StoreReport>, Status> {
+        let report = self.state.store_op(|store| store.check()).await?;
+        Ok(Response::new(report_proto(&report)))
+    }
+
+    type BackupStoreStream = Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+    async fn backup_store(
+        &self,
+        request: Request<pb::BackupStoreRequest>,
+    ) -> Result<Response<Self::BackupStoreStream>, Status> {
+        let operator = operator_of(&request);
+        let mut bytes = Vec::new();
+        let backup = self
+            .state
+            .store_op(move |store| {
+                store.backup(&mut bytes)?;
+                Ok(bytes)
+            })
+            .await?;
+        let e = admin_event(kind::BACKUP, &operator).attr("bytes", backup.len());
+        self.state.events.record_durable(vec![e]).await;
+        let chunks: Vec<Result<pb::BackupChunk, Status>> =
+            backup.chunks(BACKUP_CHUNK).map(|c| Ok(pb::BackupChunk { data: c.to_vec() })).collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn approve_entry(
+        &self,
+        request: Request<pb::ApproveEntryRequest>,
+    ) -> Result<Response<types::Entry>, Status> {
+        AdminService::approve_entry(self, request).await
+    }
+
+    async fn reject_entry(
+        &self,
+        request: Request<pb::RejectEntryRequest>,
+    ) -> Result<Response<pb::RejectEntryResponse>, Status> {
+        AdminService::reject_entry(self, request).await
+    }
+
+    type ListEventsStream = Pin<Box<dyn Stream<Item = Result<types::Event, Status>> + Send>>;
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<Self::ListEventsStream>, Status> {
+        AdminService::list_events(self, request).await
+    }
+
+    async fn verify_events(
+        &self,
+        _request: Request<pb::VerifyEventsRequest>,
+    ) -> Result<Response<pb::VerifyEventsReport>, Status> {
+        AdminService::verify_events(self, _request).await
+    }
+
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        // The server answers even when its datastore does not: it says so.
+        // The datastore's own error, for the operator (callers of other
+        // APIs get only that it is unavailable).
+        let read = self
+            .state
+            .store_op(|store| {
+                let read = || {
+                    Ok((
+                        store.health()?,
+                        store.revision()?,
+                        store.entry_count(),
+                        store.agents()?.len(),
+                        store.issued_count(),
+                    ))
+                };
+                Ok(read().map_err(|e: StoreError| e.to_string()))
+            })
+            .await
+            .unwrap_or_else(|status| Err(status.message().to_string()));
+        let mut health = pb::HealthResponse {
+            trust_domain: self.state.config.trust_domain.to_string(),
+            bundle_cas: self.state.ca.bundle().len() as u64,
+            ..Default::default()
+        };
+        match read {
+            Ok((datastore, revision, entries, agents, issued)) => {
+                health.datastore = datastore;
+                health.revision = revision;
+                health.entries = entries as u64;
+                health.agents = agents as u64;
+                health.issued_svids = issued as u64;
+            }
+            Err(e) => {
+                health.datastore = self
+                    .state
+                    .config
+                    .datastore
+                    .as_deref()
+                    .map_or_else(String::new, crate::pg::redact);
+                health.datastore_error = e;
+            }
+        }
+        Ok(Response::new(health))
+    }
+}
