@@ -42,8 +42,8 @@ mod server;
 mod state;
 mod store;
 use tessera_common::telemetry;
-mod tls;
 
+pub use api::node::tls::NodePeer;
 pub use api::node::REFUSAL_METADATA;
 pub use ca::csr::{parse_csr, CsrError};
 pub use ca::jwt::JwtKeyType;
@@ -61,4 +61,3 @@ pub use store::{
 };
 pub use tessera_common::clock::{Clock, ManualClock, SystemClock};
 pub use tessera_common::{out, outln};
-pub use tls::NodePeer;

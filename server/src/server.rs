@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
 use crate::api::admin::AdminService;
+use crate::api::node::tls::{self, NodeLimits, NodePeer, ServerSvid};
 use crate::api::node::NodeService;
 use crate::ca::{Ca, CaError, CaPolicy};
 use crate::config::Config;
@@ -37,7 +38,6 @@ use crate::entry::EntryRules;
 use crate::fsutil::create_private_dir;
 use crate::state::State;
 use crate::store::{Change, ChangeKind, KvStore, Store, StoreError};
-use crate::tls::{self, NodeLimits, NodePeer, ServerSvid};
 use tessera_common::clock::Clock;
 
 /// Largest gRPC message the server accepts or sends.

@@ -30,16 +30,17 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::api::node::tls::NodePeer;
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::refusals::RefusalFolder;
 use crate::state::State;
 use crate::store::AgentRefusal;
-use crate::tls::NodePeer;
 use tessera_common::rate::TokenBucket;
 
 mod attest;
 mod signing;
 mod sync;
+pub mod tls;
 
 use signing::{answer, item_failure, jwt_item_failure, typed_item};
 

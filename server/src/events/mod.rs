@@ -8,8 +8,23 @@
 //! PostgreSQL store: each append reads the chain's head under the lock). Events that answer an operator or acknowledge an
 //! agent's batch are flushed to disk before the answer; the rest are
 //! flushed by [`EventLog::flush_loop`] within [`FLUSH_INTERVAL`].
+//!
+//! Changes the store commits carry their events in the same commit: the
+//! store calls this log's [`EventSink`] inside its transaction. What is
+//! appended here on its own (refusals, which change nothing; CA rotations;
+//! backups; agents' pushed events) is best-effort for refusals and durable
+//! before the answer for the rest.
+//!
+//! The folder: `mod.rs` (the chain, appends, listing, verification,
+//! pruning), `ingest.rs` (agents' pushed events), `anomaly.rs` (anomalies
+//! the stream reveals). Depends on the store's key-value layer and types
+//! and on metrics; the APIs and the server depend on it.
 
-use std::collections::HashMap;
+mod anomaly;
+mod ingest;
+
+use anomaly::Bursts;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,10 +36,10 @@ use tessera_proto::admin::{ListEventsRequest, VerifyEventsReport};
 use tessera_proto::types::Event;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::error;
 
-use crate::event_schema::{self as schema, kind, EventExt};
-use crate::kv::{Kv, Lock, Op, Txn};
+use crate::event_schema as schema;
+use crate::kv::{Kv, Lock, Txn};
 use crate::metrics::Metrics;
 use crate::store::{EventSink, StoreError};
 
@@ -120,14 +135,6 @@ impl EventSink for EventLog {
     fn committed(&self, stored: &[Event]) {
         EventLog::committed(self, stored);
     }
-}
-
-/// Refusal counts in the current minute, per key, and whether the burst
-/// was reported.
-#[derive(Debug, Default)]
-struct Bursts {
-    minute: i64,
-    counts: HashMap<String, (u32, bool)>,
 }
 
 /// The event log.
@@ -226,74 +233,6 @@ impl EventLog {
         Ok(())
     }
 
-    /// Stores an agent's pushed events (those after what was already stored
-    /// from the same spool), fsynced, and returns the spool position stored.
-    /// The CPU work runs on a blocking thread, off the async workers.
-    pub async fn ingest(
-        self: &Arc<Self>,
-        agent_id: &str,
-        spool_id: &[u8],
-        events: Vec<Event>,
-    ) -> Result<u64, StoreError> {
-        let (log, agent_id, spool_id) = (self.clone(), agent_id.to_string(), spool_id.to_vec());
-        let acked =
-            tokio::task::spawn_blocking(move || log.store_pushed(&agent_id, &spool_id, events))
-                .await
-                .map_err(|e| StoreError::Io(format!("event ingestion task failed: {e}")))??;
-        self.flush().await?;
-        Ok(acked)
-    }
-
-    fn store_pushed(
-        &self,
-        agent_id: &str,
-        spool_id: &[u8],
-        events: Vec<Event>,
-    ) -> Result<u64, StoreError> {
-        let key = format!("{SPOOL_PREFIX}{agent_id}");
-        let position_of = |position: Option<Vec<u8>>| match position {
-            Some(p) if p.len() == spool_id.len() + 8 && &p[8..] == spool_id => seq_of(&p[..8]),
-            _ => 0,
-        };
-        let mut acked = position_of(self.kv.get(META, key.as_bytes())?);
-        let mut fresh = Vec::new();
-        for mut e in events {
-            if e.agent_seq <= acked {
-                continue; // a retry of a batch whose answer was lost
-            }
-            acked = e.agent_seq;
-            // The sender is the authenticated agent, whatever the event says,
-            // and it reports only its own kinds of decision.
-            e.agent_id = agent_id.to_string();
-            e.source = "agent".into();
-            if !(e.kind.starts_with("workload.") || e.kind.starts_with("agent.")) {
-                let claimed = std::mem::replace(&mut e.kind, "agent.unknown".into());
-                e = e.attr("claimed_kind", claimed);
-            }
-            e.operator = None;
-            e.seq = 0;
-            e.hash.clear();
-            e.prev_hash.clear();
-            fresh.push(e);
-        }
-        let mut position = acked.to_be_bytes().to_vec();
-        position.extend_from_slice(spool_id);
-        let count = fresh.len();
-        // The position is stored with the events, in one commit; a batch
-        // another server stored meanwhile (an agent that failed over) is
-        // not stored twice.
-        let stored = self.append_with(fresh, &|tx, events| {
-            let now = position_of(tx.get(META, key.as_bytes())?);
-            events.retain(|e| e.agent_seq == 0 || e.agent_seq > now);
-            tx.put(META, key.as_bytes(), position.clone());
-            Ok(())
-        })?;
-        if count > 0 {
-            self.metrics.events_ingested().inc_by(stored as u64);
-        }
-        Ok(acked)
-    }
-
     /// Logs, chains and stores events, with the anomalies they reveal.
     fn append(&self, events: Vec<Event>) -> Result<(), StoreError> {
         self.append_with(events, &|_, _| Ok(())).map(drop)
@@ -358,117 +297,6 @@ impl EventLog {
             }
             newer
         });
-    }
-
-    /// Anomalies `e` reveals, updating what is usual.
-    fn detect(&self, e: &Event) -> Vec<Event> {
-        let mut found = Vec::new();
-        let result = (|| -> Result<(), StoreError> {
-            if e.decision == schema::DENY {
-                self.count_refusal(e, &mut found);
-            }
-            if e.decision != schema::ALLOW {
-                return Ok(());
-            }
-            let exe = e.workload.as_ref().map(|w| w.sha256.as_str()).unwrap_or("");
-            if (e.kind == kind::WORKLOAD_X509 || e.kind == kind::WORKLOAD_JWT) && !exe.is_empty() {
-                for entry in &e.entry_ids {
-                    if self.learn(&format!("exe/{entry}/"), exe)? {
-                        let mut a = schema::event(kind::ANOMALY_NEW_EXECUTABLE, "")
-                            .agent(e.agent_id.clone())
-                            .entry(entry.clone())
-                            .attr("sha256", exe)
-                            .attr(
-                                "reason",
-                                "identity served to an executable never seen before for this entry",
-                            );
-                        a.spiffe_ids = e.spiffe_ids.clone();
-                        a.workload = e.workload.clone();
-                        found.push(a);
-                    }
-                }
-            }
-            if e.kind == kind::JWT_ISSUE {
-                for entry in &e.entry_ids {
-                    for aud in &e.audience {
-                        if self.learn(&format!("aud/{entry}/"), aud)? {
-                            let mut a = schema::event(kind::ANOMALY_UNUSUAL_AUDIENCE, "")
-                                .agent(e.agent_id.clone())
-                                .entry(entry.clone())
-                                .attr(
-                                    "reason",
-                                    "JWT-SVID for an audience outside the entry's usual set",
-                                );
-                            a.spiffe_ids = e.spiffe_ids.clone();
-                            a.audience = vec![aud.clone()];
-                            found.push(a);
-                        }
-                    }
-                }
-            }
-            Ok(())
-        })();
-        if let Err(err) = result {
-            warn!(error = %err, "anomaly detection failed");
-        }
-        found
-    }
-
-    /// Remembers `value` under `prefix`; true when it is new and the prefix
-    /// already had a value (the first one seen sets the baseline).
-    fn learn(&self, prefix: &str, value: &str) -> Result<bool, StoreError> {
-        let key = format!("{prefix}{value}");
-        if self.kv.get(BASELINES, key.as_bytes())?.is_some() {
-            return Ok(false);
-        }
-        let end = crate::kv::prefix_end(prefix.as_bytes());
-        let known =
-            !self.kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), 1, false)?.is_empty();
-        self.kv.apply(vec![Op::Put(BASELINES, key.into_bytes(), Vec::new())])?;
-        Ok(known)
-    }
-
-    fn count_refusal(&self, e: &Event, found: &mut Vec<Event>) {
-        let limit = self.config.refusals_per_minute;
-        if limit == 0 || e.agent_id.is_empty() {
-            return;
-        }
-        let minute = e.time_ms.div_euclid(60_000);
-        let mut bursts = self.bursts.lock().unwrap_or_else(|e| e.into_inner());
-        if bursts.minute != minute {
-            bursts.minute = minute;
-            bursts.counts.clear();
-        }
-        let mut keys = vec![(format!("agent {}", e.agent_id), None)];
-        if let Some(w) = &e.workload {
-            keys.push((format!("agent {} uid {}", e.agent_id, w.uid), Some(w.uid)));
-        }
-        // An agent folds a uid's excess refusals into one event that says
-        // how many it stands for (`folded`): each counts.
-        let weight = e
-            .attrs
-            .iter()
-            .find(|a| a.key == "folded")
-            .and_then(|a| a.value.parse::<u32>().ok())
-            .unwrap_or(1)
-            .max(1);
-        for (key, uid) in keys {
-            let (count, reported) = bursts.counts.entry(key).or_insert((0, false));
-            *count = count.saturating_add(weight);
-            if *count > limit && !*reported {
-                *reported = true;
-                let mut a = schema::event(kind::ANOMALY_REFUSAL_BURST, "")
-                    .agent(e.agent_id.clone())
-                    .attr("refusals_per_minute", *count)
-                    .attr("limit", limit)
-                    .attr("reason", "refusals above the configured rate");
-                if let Some(uid) = uid {
-                    a = a.attr("uid", uid);
-                    a.workload = e.workload.clone();
-                }
-                found.push(a);
-            }
-        }
     }
 
     /// Stored events matching `filter`, oldest first, after `after_seq`, at
@@ -704,138 +532,4 @@ pub fn entry_json(entry: &tessera_proto::types::Entry) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use tessera_proto::types::Workload;
-
-    fn log(dir: &std::path::Path, config: EventConfig) -> EventLog {
-        let kv = Arc::new(crate::kv::SledKv::open(dir, 1 << 24).unwrap());
-        EventLog::open(kv, config, Metrics::new()).unwrap()
-    }
-
-    fn all(log: &EventLog) -> Vec<Event> {
-        log.list(&ListEventsRequest::default(), 0, 0).unwrap().0
-    }
-
-    fn served(exe: &str, uid: u32) -> Event {
-        schema::event(kind::WORKLOAD_X509, schema::ALLOW)
-            .agent("spiffe://example.org/agent")
-            .entry("entry-1")
-            .workload(Workload { uid, sha256: exe.into(), ..Default::default() })
-    }
-
-    #[tokio::test]
-    async fn pushed_events_are_stored_once_and_attributed_to_their_agent() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(log(dir.path(), EventConfig::default()));
-        let batch = |from: u64, to: u64| -> Vec<Event> {
-            (from..=to)
-                .map(|seq| {
-                    let mut e = served("aa", 1).agent("spiffe://example.org/someone-else");
-                    e.agent_seq = seq;
-                    e
-                })
-                .collect()
-        };
-        let agent = "spiffe://example.org/agent";
-        assert_eq!(log.ingest(agent, b"spool-1", batch(1, 3)).await.unwrap(), 3);
-        // The answer was lost: the agent sends 1..3 again, and 4.
-        assert_eq!(log.ingest(agent, b"spool-1", batch(1, 4)).await.unwrap(), 4);
-        // A new spool starts from 1 again.
-        assert_eq!(log.ingest(agent, b"spool-2", batch(1, 1)).await.unwrap(), 1);
-        let mut forged = schema::event(kind::ENTRY_CREATE, schema::ALLOW);
-        forged.agent_seq = 2;
-        log.ingest(agent, b"spool-2", vec![forged]).await.unwrap();
-        let events = all(&log);
-        let pushed: Vec<&Event> = events.iter().filter(|e| e.source == "agent").collect();
-        assert_eq!(pushed.len(), 6, "each event once");
-        assert!(
-            pushed.iter().all(|e| e.agent_id == agent),
-            "attributed to the authenticated agent"
-        );
-        let last = pushed.last().unwrap();
-        assert_eq!(last.kind, "agent.unknown", "an agent cannot report admin decisions");
-        assert!(last
-            .attrs
-            .iter()
-            .any(|a| a.key == "claimed_kind" && a.value == kind::ENTRY_CREATE));
-        assert!(log.verify().unwrap().ok);
-    }
-
-    #[test]
-    fn anomalies_are_recorded_as_their_own_events() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = EventConfig { refusals_per_minute: 3, ..Default::default() };
-        let log = log(dir.path(), config);
-        // The first executable is the baseline; a second one is an anomaly, once.
-        log.record(vec![served("aa", 1), served("aa", 1), served("bb", 1), served("bb", 1)]);
-        // The first audience is the baseline; a new one is an anomaly.
-        let jwt = |aud: &str| {
-            let mut e = schema::event(kind::JWT_ISSUE, schema::ALLOW).agent("a").entry("entry-1");
-            e.audience = vec![aud.into()];
-            e
-        };
-        log.record(vec![jwt("api"), jwt("api"), jwt("other")]);
-        // Four refusals in a minute from one uid, limit 3: one burst per key.
-        let refused = || {
-            let mut e = schema::denied(kind::WORKLOAD_X509, "no identity issued").agent("a");
-            e.workload = Some(Workload { uid: 7, ..Default::default() });
-            e.time_ms = 60_000 * 1000 + 5;
-            e
-        };
-        log.record((0..6).map(|_| refused()).collect());
-        let events = all(&log);
-        let of = |k: &str| events.iter().filter(|e| e.kind == k).collect::<Vec<_>>();
-        let exe = of(kind::ANOMALY_NEW_EXECUTABLE);
-        assert_eq!(exe.len(), 1);
-        assert!(exe[0].attrs.iter().any(|a| a.key == "sha256" && a.value == "bb"));
-        let aud = of(kind::ANOMALY_UNUSUAL_AUDIENCE);
-        assert_eq!(aud.len(), 1);
-        assert_eq!(aud[0].audience, vec!["other".to_string()]);
-        let bursts = of(kind::ANOMALY_REFUSAL_BURST);
-        assert_eq!(bursts.len(), 2, "one for the agent, one for the uid: {bursts:?}");
-        assert!(bursts.iter().any(|b| b.attrs.iter().any(|a| a.key == "uid" && a.value == "7")));
-        assert!(log.verify().unwrap().ok);
-    }
-
-    /// An agent folds a uid's excess refusals into one event with
-    /// `folded=N`: the burst detector counts it as N.
-    #[test]
-    fn a_folded_refusal_counts_as_many_for_the_burst_detector() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = EventConfig { refusals_per_minute: 30, ..Default::default() };
-        let log = log(dir.path(), config);
-        let mut folded = schema::denied(kind::WORKLOAD_X509, "no identity issued")
-            .agent("a")
-            .attr("folded", 4990);
-        folded.workload = Some(Workload { uid: 65534, ..Default::default() });
-        log.record(vec![folded]);
-        let bursts =
-            all(&log).into_iter().filter(|e| e.kind == kind::ANOMALY_REFUSAL_BURST).count();
-        assert_eq!(bursts, 2, "one folded event of 4,990 refusals is a burst (agent and uid)");
-    }
-
-    #[test]
-    fn pruning_moves_the_anchor_and_the_chain_still_verifies() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = EventConfig { retention_secs: 60, ..Default::default() };
-        {
-            let log = log(dir.path(), config.clone());
-            log.record((0..5).map(|_| schema::event(kind::JOIN_TOKEN, schema::ALLOW)).collect());
-            // Two minutes later, everything is past its retention.
-            assert_eq!(log.prune(schema::now_ms() + 120_000).unwrap(), 5);
-            assert!(all(&log).is_empty());
-            log.record(vec![schema::event(kind::JOIN_TOKEN, schema::ALLOW)]);
-            let report = log.verify().unwrap();
-            assert!(report.ok, "{report:?}");
-            assert_eq!((report.first_seq, report.last_seq), (6, 6));
-        }
-        // Reopened, the chain continues from the anchor.
-        let log = log(dir.path(), config);
-        log.record(vec![schema::event(kind::JOIN_TOKEN, schema::ALLOW)]);
-        let report = log.verify().unwrap();
-        assert!(report.ok, "{report:?}");
-        assert_eq!(report.last_seq, 7);
-    }
-}
+mod tests;

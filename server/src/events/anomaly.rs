@@ -1,0 +1,134 @@
+//! Anomalies the stream reveals, recorded as events of their own: an
+//! executable never seen for an entry, an audience outside its usual set,
+//! a burst of refusals from one agent or uid.
+
+use std::collections::HashMap;
+
+use tessera_proto::types::Event;
+use tracing::warn;
+
+use super::{EventLog, BASELINES};
+use crate::event_schema::{self as schema, kind, EventExt};
+use crate::kv::Op;
+use crate::store::StoreError;
+
+/// Refusal counts in the current minute, per key, and whether the burst
+/// was reported.
+#[derive(Debug, Default)]
+pub(super) struct Bursts {
+    minute: i64,
+    counts: HashMap<String, (u32, bool)>,
+}
+
+impl EventLog {
+    /// Anomalies `e` reveals, updating what is usual.
+    pub(super) fn detect(&self, e: &Event) -> Vec<Event> {
+        let mut found = Vec::new();
+        let result = (|| -> Result<(), StoreError> {
+            if e.decision == schema::DENY {
+                self.count_refusal(e, &mut found);
+            }
+            if e.decision != schema::ALLOW {
+                return Ok(());
+            }
+            let exe = e.workload.as_ref().map(|w| w.sha256.as_str()).unwrap_or("");
+            if (e.kind == kind::WORKLOAD_X509 || e.kind == kind::WORKLOAD_JWT) && !exe.is_empty() {
+                for entry in &e.entry_ids {
+                    if self.learn(&format!("exe/{entry}/"), exe)? {
+                        let mut a = schema::event(kind::ANOMALY_NEW_EXECUTABLE, "")
+                            .agent(e.agent_id.clone())
+                            .entry(entry.clone())
+                            .attr("sha256", exe)
+                            .attr(
+                                "reason",
+                                "identity served to an executable never seen before for this entry",
+                            );
+                        a.spiffe_ids = e.spiffe_ids.clone();
+                        a.workload = e.workload.clone();
+                        found.push(a);
+                    }
+                }
+            }
+            if e.kind == kind::JWT_ISSUE {
+                for entry in &e.entry_ids {
+                    for aud in &e.audience {
+                        if self.learn(&format!("aud/{entry}/"), aud)? {
+                            let mut a = schema::event(kind::ANOMALY_UNUSUAL_AUDIENCE, "")
+                                .agent(e.agent_id.clone())
+                                .entry(entry.clone())
+                                .attr(
+                                    "reason",
+                                    "JWT-SVID for an audience outside the entry's usual set",
+                                );
+                            a.spiffe_ids = e.spiffe_ids.clone();
+                            a.audience = vec![aud.clone()];
+                            found.push(a);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(err) = result {
+            warn!(error = %err, "anomaly detection failed");
+        }
+        found
+    }
+
+    /// Remembers `value` under `prefix`; true when it is new and the prefix
+    /// already had a value (the first one seen sets the baseline).
+    pub(super) fn learn(&self, prefix: &str, value: &str) -> Result<bool, StoreError> {
+        let key = format!("{prefix}{value}");
+        if self.kv.get(BASELINES, key.as_bytes())?.is_some() {
+            return Ok(false);
+        }
+        let end = crate::kv::prefix_end(prefix.as_bytes());
+        let known =
+            !self.kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), 1, false)?.is_empty();
+        self.kv.apply(vec![Op::Put(BASELINES, key.into_bytes(), Vec::new())])?;
+        Ok(known)
+    }
+
+    pub(super) fn count_refusal(&self, e: &Event, found: &mut Vec<Event>) {
+        let limit = self.config.refusals_per_minute;
+        if limit == 0 || e.agent_id.is_empty() {
+            return;
+        }
+        let minute = e.time_ms.div_euclid(60_000);
+        let mut bursts = self.bursts.lock().unwrap_or_else(|e| e.into_inner());
+        if bursts.minute != minute {
+            bursts.minute = minute;
+            bursts.counts.clear();
+        }
+        let mut keys = vec![(format!("agent {}", e.agent_id), None)];
+        if let Some(w) = &e.workload {
+            keys.push((format!("agent {} uid {}", e.agent_id, w.uid), Some(w.uid)));
+        }
+        // An agent folds a uid's excess refusals into one event that says
+        // how many it stands for (`folded`): each counts.
+        let weight = e
+            .attrs
+            .iter()
+            .find(|a| a.key == "folded")
+            .and_then(|a| a.value.parse::<u32>().ok())
+            .unwrap_or(1)
+            .max(1);
+        for (key, uid) in keys {
+            let (count, reported) = bursts.counts.entry(key).or_insert((0, false));
+            *count = count.saturating_add(weight);
+            if *count > limit && !*reported {
+                *reported = true;
+                let mut a = schema::event(kind::ANOMALY_REFUSAL_BURST, "")
+                    .agent(e.agent_id.clone())
+                    .attr("refusals_per_minute", *count)
+                    .attr("limit", limit)
+                    .attr("reason", "refusals above the configured rate");
+                if let Some(uid) = uid {
+                    a = a.attr("uid", uid);
+                    a.workload = e.workload.clone();
+                }
+                found.push(a);
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+#![allow(clippy::unwrap_used)]
+use super::*;
+use crate::event_schema::{kind, EventExt};
+use tessera_proto::types::Workload;
+
+fn log(dir: &std::path::Path, config: EventConfig) -> EventLog {
+    let kv = Arc::new(crate::kv::SledKv::open(dir, 1 << 24).unwrap());
+    EventLog::open(kv, config, Metrics::new()).unwrap()
+}
+
+fn all(log: &EventLog) -> Vec<Event> {
+    log.list(&ListEventsRequest::default(), 0, 0).unwrap().0
+}
+
+fn served(exe: &str, uid: u32) -> Event {
+    schema::event(kind::WORKLOAD_X509, schema::ALLOW)
+        .agent("spiffe://example.org/agent")
+        .entry("entry-1")
+        .workload(Workload { uid, sha256: exe.into(), ..Default::default() })
+}
+
+#[tokio::test]
+async fn pushed_events_are_stored_once_and_attributed_to_their_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(log(dir.path(), EventConfig::default()));
+    let batch = |from: u64, to: u64| -> Vec<Event> {
+        (from..=to)
+            .map(|seq| {
+                let mut e = served("aa", 1).agent("spiffe://example.org/someone-else");
+                e.agent_seq = seq;
+                e
+            })
+            .collect()
+    };
+    let agent = "spiffe://example.org/agent";
+    assert_eq!(log.ingest(agent, b"spool-1", batch(1, 3)).await.unwrap(), 3);
+    // The answer was lost: the agent sends 1..3 again, and 4.
+    assert_eq!(log.ingest(agent, b"spool-1", batch(1, 4)).await.unwrap(), 4);
+    // A new spool starts from 1 again.
+    assert_eq!(log.ingest(agent, b"spool-2", batch(1, 1)).await.unwrap(), 1);
+    let mut forged = schema::event(kind::ENTRY_CREATE, schema::ALLOW);
+    forged.agent_seq = 2;
+    log.ingest(agent, b"spool-2", vec![forged]).await.unwrap();
+    let events = all(&log);
+    let pushed: Vec<&Event> = events.iter().filter(|e| e.source == "agent").collect();
+    assert_eq!(pushed.len(), 6, "each event once");
+    assert!(pushed.iter().all(|e| e.agent_id == agent), "attributed to the authenticated agent");
+    let last = pushed.last().unwrap();
+    assert_eq!(last.kind, "agent.unknown", "an agent cannot report admin decisions");
+    assert!(last.attrs.iter().any(|a| a.key == "claimed_kind" && a.value == kind::ENTRY_CREATE));
+    assert!(log.verify().unwrap().ok);
+}
+
+#[test]
+fn anomalies_are_recorded_as_their_own_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EventConfig { refusals_per_minute: 3, ..Default::default() };
+    let log = log(dir.path(), config);
+    // The first executable is the baseline; a second one is an anomaly, once.
+    log.record(vec![served("aa", 1), served("aa", 1), served("bb", 1), served("bb", 1)]);
+    // The first audience is the baseline; a new one is an anomaly.
+    let jwt = |aud: &str| {
+        let mut e = schema::event(kind::JWT_ISSUE, schema::ALLOW).agent("a").entry("entry-1");
+        e.audience = vec![aud.into()];
+        e
+    };
+    log.record(vec![jwt("api"), jwt("api"), jwt("other")]);
+    // Four refusals in a minute from one uid, limit 3: one burst per key.
+    let refused = || {
+        let mut e = schema::denied(kind::WORKLOAD_X509, "no identity issued").agent("a");
+        e.workload = Some(Workload { uid: 7, ..Default::default() });
+        e.time_ms = 60_000 * 1000 + 5;
+        e
+    };
+    log.record((0..6).map(|_| refused()).collect());
+    let events = all(&log);
+    let of = |k: &str| events.iter().filter(|e| e.kind == k).collect::<Vec<_>>();
+    let exe = of(kind::ANOMALY_NEW_EXECUTABLE);
+    assert_eq!(exe.len(), 1);
+    assert!(exe[0].attrs.iter().any(|a| a.key == "sha256" && a.value == "bb"));
+    let aud = of(kind::ANOMALY_UNUSUAL_AUDIENCE);
+    assert_eq!(aud.len(), 1);
+    assert_eq!(aud[0].audience, vec!["other".to_string()]);
+    let bursts = of(kind::ANOMALY_REFUSAL_BURST);
+    assert_eq!(bursts.len(), 2, "one for the agent, one for the uid: {bursts:?}");
+    assert!(bursts.iter().any(|b| b.attrs.iter().any(|a| a.key == "uid" && a.value == "7")));
+    assert!(log.verify().unwrap().ok);
+}
+
+/// An agent folds a uid's excess refusals into one event with
+/// `folded=N`: the burst detector counts it as N.
+#[test]
+fn a_folded_refusal_counts_as_many_for_the_burst_detector() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EventConfig { refusals_per_minute: 30, ..Default::default() };
+    let log = log(dir.path(), config);
+    let mut folded =
+        schema::denied(kind::WORKLOAD_X509, "no identity issued").agent("a").attr("folded", 4990);
+    folded.workload = Some(Workload { uid: 65534, ..Default::default() });
+    log.record(vec![folded]);
+    let bursts = all(&log).into_iter().filter(|e| e.kind == kind::ANOMALY_REFUSAL_BURST).count();
+    assert_eq!(bursts, 2, "one folded event of 4,990 refusals is a burst (agent and uid)");
+}
+
+#[test]
+fn pruning_moves_the_anchor_and_the_chain_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EventConfig { retention_secs: 60, ..Default::default() };
+    {
+        let log = log(dir.path(), config.clone());
+        log.record((0..5).map(|_| schema::event(kind::JOIN_TOKEN, schema::ALLOW)).collect());
+        // Two minutes later, everything is past its retention.
+        assert_eq!(log.prune(schema::now_ms() + 120_000).unwrap(), 5);
+        assert!(all(&log).is_empty());
+        log.record(vec![schema::event(kind::JOIN_TOKEN, schema::ALLOW)]);
+        let report = log.verify().unwrap();
+        assert!(report.ok, "{report:?}");
+        assert_eq!((report.first_seq, report.last_seq), (6, 6));
+    }
+    // Reopened, the chain continues from the anchor.
+    let log = log(dir.path(), config);
+    log.record(vec![schema::event(kind::JOIN_TOKEN, schema::ALLOW)]);
+    let report = log.verify().unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.last_seq, 7);
+}
