@@ -159,6 +159,14 @@ pub struct EntryRules {
 }
 
 impl EntryRules {
+    /// The JWT-SVID lifetime for an entry's `jwt_svid_ttl` (0: the server's
+    /// default), never past the server's maximum: the one place the
+    /// default is applied.
+    pub fn jwt_ttl(&self, entry_ttl: u32) -> u32 {
+        let ttl = if entry_ttl == 0 { self.default_jwt_ttl } else { entry_ttl };
+        ttl.min(self.max_jwt_ttl)
+    }
+
     /// Validates an entry from the admin API. `id`, `revision` and
     /// `created_at` of the input are ignored; the caller sets them.
     pub fn validate(&self, input: &pb::Entry, now: i64) -> Result<Entry, EntryError> {
@@ -199,14 +207,15 @@ impl EntryRules {
                 return Err(EntryError::DnsName(name.clone()));
             }
         }
-        if input.expires_at != 0 && input.expires_at <= now {
+        if tessera_common::rules::entry_expired(input.expires_at, now) {
             return Err(EntryError::AlreadyExpired);
         }
         if input.hint.len() > 1024 {
             return Err(EntryError::HintTooLong);
         }
+        // 0: the server's default, resolved when signing (`jwt_ttl`).
         let jwt_svid_ttl = match input.jwt_svid_ttl {
-            None => self.default_jwt_ttl,
+            None => 0,
             Some(ttl) if ttl == 0 || ttl > self.max_jwt_ttl => {
                 return Err(EntryError::JwtTtl { ttl, max: self.max_jwt_ttl })
             }

@@ -446,7 +446,7 @@ async fn rotation_loop(
         let wait = state.ca.next_rotation_in().min(svid_refresh).clamp(1, 3600);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
+            _ = state.clock.sleep_until((now + wait) * 1000) => {}
         }
         let now = state.clock.now();
         match state.ca.rotate() {
@@ -499,7 +499,7 @@ async fn expiry_loop(state: Arc<State>, shutdown: CancellationToken) -> Result<(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = state.clock.sleep(Duration::from_millis(250)) => {}
         }
         if let Err(e) = crate::revocation::expire_entries(&state).await {
             error!(error = %e.message(), "expiring entries failed");

@@ -177,7 +177,7 @@ impl JwtSigningKey {
         now: i64,
         expires_at: i64,
     ) -> Result<SignedJwt, JwtKeyError> {
-        let jti = new_jti();
+        let jti = new_jti(now);
         // Written by hand (strings escaped by serde_json): this runs once
         // per token, and a JSON tree would cost more than the rest.
         let mut claims = String::with_capacity(160 + subject.len());
@@ -217,15 +217,15 @@ impl JwtSigningKey {
     }
 }
 
-/// A unique `jti`: a strictly increasing 64-bit issuance stamp (microseconds)
-/// and 64 random bits, in hex. Increasing IDs make the server's issuance
-/// records append at the end of their tree instead of landing anywhere.
-fn new_jti() -> String {
+/// A unique `jti`: a strictly increasing 64-bit issuance stamp (in
+/// microseconds from `now_secs`, the injected clock's time, then counting
+/// up) and 64 random bits, in hex. Increasing IDs make the server's
+/// issuance records append at the end of their tree instead of landing
+/// anywhere.
+fn new_jti(now_secs: i64) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64);
+    let now = u64::try_from(now_secs).unwrap_or(0).saturating_mul(1_000_000);
     let stamp = LAST
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now.max(last + 1)))
         .map_or(now, |last| now.max(last + 1));

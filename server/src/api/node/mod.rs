@@ -276,6 +276,7 @@ impl Node for NodeService {
         let results = answer(
             outcomes,
             |jwt, record| pb::SignJwtResult {
+                spiffe_id: record.entry.spiffe_id.to_string(),
                 entry_id: record.entry.id,
                 status: Some(ItemStatus { code: 0, ..Default::default() }),
                 token: jwt.token,

@@ -213,10 +213,7 @@ impl NodeService {
             ));
         }
         let now = self.state.clock.now();
-        let config = &self.state.config;
-        let ttl =
-            if entry.jwt_svid_ttl == 0 { config.default_jwt_svid_ttl } else { entry.jwt_svid_ttl };
-        let ttl = entry.ttl_at(ttl.min(config.max_jwt_svid_ttl), now);
+        let ttl = entry.ttl_at(self.state.rules.jwt_ttl(entry.jwt_svid_ttl), now);
         if entry.is_expired(now) || ttl == 0 {
             return Err(fail(
                 tonic::Code::PermissionDenied,
