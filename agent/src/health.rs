@@ -217,7 +217,7 @@ pub async fn check(address: &str) -> Result<(String, String), String> {
     if let Err(e) = tessera_workload_api::connect_workload_api(address).await {
         return match std::fs::read_to_string(stopped_note(&path)) {
             Ok(why) => Ok(("unhealthy".into(), format!("the agent stopped: {}", why.trim()))),
-            Err(_) => Err(e),
+            Err(_) => Err(e.to_string()),
         };
     }
     let channel = tessera_workload_api::unix_channel(&path, "Workload API socket").await?;

@@ -21,6 +21,12 @@ impl From<String> for CliError {
     }
 }
 
+impl From<tessera_workload_api::ClientError> for CliError {
+    fn from(e: tessera_workload_api::ClientError) -> Self {
+        Self(e.to_string())
+    }
+}
+
 impl From<tonic::Status> for CliError {
     fn from(status: tonic::Status) -> Self {
         Self(status.message().to_string())

@@ -20,7 +20,9 @@ pub async fn connect_admin(socket: &Path) -> Result<AdminClient<Channel>, String
         // The transport's error hides the cause: ask the kernel once more.
         Err(message) => {
             let kind = std::os::unix::net::UnixStream::connect(socket).err().map(|e| e.kind());
-            return Err(kind.and_then(|kind| unreachable(socket, kind)).unwrap_or(message));
+            return Err(kind
+                .and_then(|kind| unreachable(socket, kind))
+                .unwrap_or(message.to_string()));
         }
     };
     Ok(AdminClient::new(channel)

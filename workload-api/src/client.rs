@@ -10,16 +10,49 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// The environment variable SPIFFE clients read the agent's address from.
 pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
 
+/// Why the Workload API (or another local gRPC socket) cannot be reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The address is not a Unix socket path.
+    #[error("invalid Workload API address {0:?}: want unix:///absolute/path")]
+    InvalidAddress(String),
+    /// Nothing at the socket's path.
+    #[error("Workload API socket {} does not exist (is the agent running?)", .0.display())]
+    NoSocket(PathBuf),
+    /// The caller may not reach the socket or a directory above it.
+    #[error(
+        "permission denied connecting to the Workload API socket {} (this user may not reach \
+         the socket or a directory above it)",
+        .0.display()
+    )]
+    PermissionDenied(PathBuf),
+    /// The connection failed (`what` names the socket).
+    #[error("cannot connect to {what} {}: {reason}", path.display())]
+    Connect {
+        /// What the socket is, for the message.
+        what: String,
+        /// The socket.
+        path: PathBuf,
+        /// The transport error and its causes.
+        reason: String,
+    },
+}
+
+impl From<ClientError> for String {
+    fn from(e: ClientError) -> Self {
+        e.to_string()
+    }
+}
+
 /// Socket path from `unix:///path`, `unix:/path` or a plain absolute path.
-pub fn socket_path(address: &str) -> Result<PathBuf, String> {
+pub fn socket_path(address: &str) -> Result<PathBuf, ClientError> {
     let path = address
         .strip_prefix("unix://")
         .or_else(|| address.strip_prefix("unix:"))
         .unwrap_or(address);
     if !path.starts_with('/') {
-        return Err(format!(
-            "invalid Workload API address {address:?}: want unix:///absolute/path"
-        ));
+        return Err(ClientError::InvalidAddress(address.to_string()));
     }
     Ok(PathBuf::from(path))
 }
@@ -27,43 +60,31 @@ pub fn socket_path(address: &str) -> Result<PathBuf, String> {
 /// Connects to the Workload API at `address` (`unix:///path`).
 pub async fn connect_workload_api(
     address: &str,
-) -> Result<SpiffeWorkloadApiClient<Channel>, String> {
+) -> Result<SpiffeWorkloadApiClient<Channel>, ClientError> {
     let path = socket_path(address)?;
     // `Path::exists` says "no" for a socket behind a directory the caller
     // may not search: tell that case apart.
     match std::fs::metadata(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Err(permission_denied(&path));
+            return Err(ClientError::PermissionDenied(path));
         }
-        Err(_) => {
-            return Err(format!(
-                "Workload API socket {} does not exist (is the agent running?)",
-                path.display()
-            ));
-        }
+        Err(_) => return Err(ClientError::NoSocket(path)),
         Ok(_) => {}
     }
-    let channel = unix_channel(&path, "Workload API socket").await.map_err(|e| {
-        if e.contains("Permission denied") || e.contains("permission denied") {
-            permission_denied(&path)
-        } else {
-            e
+    let channel = unix_channel(&path, "Workload API socket").await.map_err(|e| match e {
+        ClientError::Connect { ref reason, .. }
+            if reason.to_ascii_lowercase().contains("permission denied") =>
+        {
+            ClientError::PermissionDenied(path.clone())
         }
+        e => e,
     })?;
     Ok(SpiffeWorkloadApiClient::new(channel))
 }
 
-fn permission_denied(path: &Path) -> String {
-    format!(
-        "permission denied connecting to the Workload API socket {} (this user may not reach \
-         the socket or a directory above it)",
-        path.display()
-    )
-}
-
 /// A gRPC channel over the Unix socket at `path`; `what` names the socket
 /// in the error.
-pub async fn unix_channel(path: &Path, what: &str) -> Result<Channel, String> {
+pub async fn unix_channel(path: &Path, what: &str) -> Result<Channel, ClientError> {
     let dial = path.to_owned();
     // The URI is required by the API but unused: the connector dials the socket.
     Endpoint::from_static("http://unix-socket.invalid")
@@ -72,7 +93,11 @@ pub async fn unix_channel(path: &Path, what: &str) -> Result<Channel, String> {
             async move { UnixStream::connect(path).await.map(TokioIo::new) }
         }))
         .await
-        .map_err(|e| format!("cannot connect to {what} {}: {}", path.display(), error_chain(&e)))
+        .map_err(|e| ClientError::Connect {
+            what: what.to_string(),
+            path: path.to_owned(),
+            reason: error_chain(&e),
+        })
 }
 
 /// An error and its sources, `outer: inner: ...` on one line (transport

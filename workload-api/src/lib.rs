@@ -23,7 +23,8 @@ mod tls;
 mod x509;
 
 pub use client::{
-    connect_workload_api, error_chain, socket_path, unix_channel, with_header, ENDPOINT_ENV,
+    connect_workload_api, error_chain, socket_path, unix_channel, with_header, ClientError,
+    ENDPOINT_ENV,
 };
 pub use jwt::{JwtBundle, JwtError, JwtKey, UnverifiedJwt, ValidatedJwt};
 pub use mtls::{client_config, peer_spiffe_id, server_config, Authorize};
