@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::event_schema::{self as schema, kind, EventExt};
-use crate::kv::{Kv, Lock, Op, Txn};
 use crate::metrics::Metrics;
+use crate::store::kv::{Kv, Lock, Op, Txn};
 use crate::store::{EventSink, StoreError};
 
 /// Work done in an event commit before the events are stored (it may drop some).
@@ -421,7 +421,7 @@ impl EventLog {
         if self.kv.get(BASELINES, key.as_bytes())?.is_some() {
             return Ok(false);
         }
-        let end = crate::kv::prefix_end(prefix.as_bytes());
+        let end = crate::store::kv::prefix_end(prefix.as_bytes());
         let known =
             !self.kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), 1, false)?.is_empty();
         self.kv.apply(vec![Op::Put(BASELINES, key.into_bytes(), Vec::new())])?;
@@ -710,7 +710,7 @@ mod tests {
     use tessera_proto::types::Workload;
 
     fn log(dir: &std::path::Path, config: EventConfig) -> EventLog {
-        let kv = Arc::new(crate::kv::SledKv::open(dir, 1 << 24).unwrap());
+        let kv = Arc::new(crate::store::kv::SledKv::open(dir, 1 << 24).unwrap());
         EventLog::open(kv, config, Metrics::new()).unwrap()
     }
 

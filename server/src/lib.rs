@@ -34,11 +34,9 @@ mod feed;
 mod fsutil;
 mod governance;
 mod jwt;
-pub mod kv;
 mod metrics;
 mod mint;
 mod node;
-mod pg;
 #[cfg(test)]
 use tessera_common::pg_cluster;
 mod queries;
@@ -47,6 +45,7 @@ mod revocation;
 mod server;
 mod state;
 mod store;
+pub use store::kv;
 use tessera_common::telemetry;
 mod tls;
 

@@ -35,9 +35,11 @@ use tokio::sync::watch;
 use crate::approval::{self, ApprovalRefusal};
 use crate::entry::{Entry, EntryError};
 use crate::event_schema::{self as schema, kind, EventExt};
-use crate::kv::{prefix_end, scan_prefix, Kv, Lock, Op, Pairs, SledKv, Txn};
+use kv::{prefix_end, scan_prefix, Kv, Lock, Op, Pairs, SledKv, Txn};
 
+pub mod kv;
 mod operator;
+pub(crate) mod postgres;
 
 /// The store's page cache.
 pub const STORE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -1116,7 +1118,7 @@ impl KvStore {
     /// Connects to the PostgreSQL store at `url`, shared with the other
     /// servers of the trust domain; `server_id` names this server's CRLs.
     pub fn open_postgres(url: &str, server_id: &str) -> Result<Self, StoreError> {
-        let kv: Arc<dyn Kv> = Arc::new(crate::pg::PgKv::connect(url)?);
+        let kv: Arc<dyn Kv> = Arc::new(postgres::PgKv::connect(url)?);
         let store = Self::with_kv(kv, None, server_id)?;
         let revision = store.revision.clone();
         store.kv.on_remote_change(Box::new(move |remote| {
@@ -2031,7 +2033,7 @@ impl Store for KvStore {
         // commit then re-reads and checks the record under that key.
         let key = match self.kv.get(PENDING, key.as_bytes())? {
             Some(_) => key.to_string(),
-            None => crate::kv::scan_prefix(&*self.kv, PENDING, b"")?
+            None => kv::scan_prefix(&*self.kv, PENDING, b"")?
                 .into_iter()
                 .find_map(|(k, v)| {
                     let p: pb::Entry = decode(&k, &v).ok()?;

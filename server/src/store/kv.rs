@@ -1,7 +1,7 @@
 //! The ordered key-value layer under the store, the event log and the
 //! proposals: named trees of byte keys and values, read directly or inside
 //! a locked transaction. [`SledKv`] is one server's embedded database;
-//! [`crate::pg::PgKv`] is PostgreSQL, shared by several servers.
+//! [`crate::store::postgres::PgKv`] is PostgreSQL, shared by several servers.
 //!
 //! A transaction holds an exclusive [`Lock`] for its whole life: on sled a
 //! mutex, on PostgreSQL an advisory lock held until commit, so every

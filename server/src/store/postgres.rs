@@ -41,7 +41,7 @@ use tracing::{info, warn};
 
 pub mod tls;
 
-use crate::kv::{Kv, Lock, OnRemoteChange, Op, Pairs, TxRead, Txn};
+use super::kv::{Kv, Lock, OnRemoteChange, Op, Pairs, TxRead, Txn};
 use crate::store::StoreError;
 
 /// Most connections one server opens.
@@ -524,7 +524,7 @@ impl TxRead for PgTxRead<'_> {
 
     fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StoreError> {
         let (conn, prefix) = (self.conn.clone(), prefix.to_vec());
-        let end = crate::kv::prefix_end(&prefix);
+        let end = super::kv::prefix_end(&prefix);
         self.kv
             .run(async move { conn.range(tree, &prefix, end.as_deref(), usize::MAX, false).await })
     }
