@@ -710,7 +710,7 @@ mod tests {
     use tessera_proto::types::Workload;
 
     fn log(dir: &std::path::Path, config: EventConfig) -> EventLog {
-        let kv = Arc::new(crate::store::kv::SledKv::open(dir, 1 << 24).unwrap());
+        let kv = Arc::new(crate::store::sled::SledKv::open(dir, 1 << 24).unwrap());
         EventLog::open(kv, config, Metrics::new()).unwrap()
     }
 

@@ -45,7 +45,7 @@ mod revocation;
 mod server;
 mod state;
 mod store;
-pub use store::kv;
+pub use store::kv_api as kv;
 use tessera_common::telemetry;
 mod tls;
 

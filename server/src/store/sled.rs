@@ -1,0 +1,279 @@
+//! sled under the [`Kv`] layer: one server's embedded database in its
+//! data directory, its files kept to the owner.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use sled::Transactional;
+
+use super::error::StoreError;
+use super::kv::{scan_prefix, Kv, Lock, OnRemoteChange, Op, Pair, Pairs, TxRead, Txn};
+
+/// One server's embedded database.
+pub struct SledKv {
+    db: sled::Db,
+    /// The database's directory: its files are kept 0600 (sled creates
+    /// them with the process umask).
+    dir: std::path::PathBuf,
+    trees: std::sync::RwLock<std::collections::HashMap<&'static str, sled::Tree>>,
+    locks: [Mutex<()>; 2],
+}
+
+impl fmt::Debug for SledKv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledKv").finish_non_exhaustive()
+    }
+}
+
+impl SledKv {
+    /// Opens (or creates) the database in `dir`. A previous handle of the
+    /// same process releases the database's file lock only when sled's
+    /// background threads end, shortly after it is dropped (a restart in
+    /// place): a held lock is retried for up to 3 s before it is an error.
+    ///
+    /// The directory is 0700 and its files 0600: sled creates files with
+    /// the process umask and offers no mode, so they are restricted after
+    /// opening and after every flush (new segments, snapshots and blobs
+    /// appear over time; a snapshot sled writes as it closes is restricted
+    /// at the next open, inside the 0700 directory meanwhile).
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        crate::fsutil::create_private_dir(dir)
+            .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            // sled's default page cache is 1 GiB; the working set here is far smaller.
+            let opened = sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .cache_capacity(cache_bytes)
+                .open();
+            match opened {
+                Ok(db) => {
+                    let kv = Self {
+                        db,
+                        dir: dir.to_path_buf(),
+                        trees: Default::default(),
+                        locks: Default::default(),
+                    };
+                    kv.restrict_files()?;
+                    return Ok(kv);
+                }
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                // Still locked: another process (a running server) has it open.
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    return Err(StoreError::InUse(dir.display().to_string()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Makes the database's files private again (0600, directories 0700).
+    fn restrict_files(&self) -> Result<(), StoreError> {
+        crate::fsutil::restrict_tree(&self.dir).map_err(|e| {
+            StoreError::Io(format!("cannot restrict the files in {}: {e}", self.dir.display()))
+        })
+    }
+
+    fn tree(&self, name: &'static str) -> Result<sled::Tree, StoreError> {
+        if let Some(tree) = self.trees.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Ok(tree.clone());
+        }
+        let tree = self.db.open_tree(name)?;
+        self.trees.write().unwrap_or_else(|e| e.into_inner()).insert(name, tree.clone());
+        Ok(tree)
+    }
+
+    fn commit(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let mut names: Vec<&'static str> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(t, ..) | Op::Delete(t, _) => *t,
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let trees = names.iter().map(|n| self.tree(n)).collect::<Result<Vec<_>, _>>()?;
+        if let [tree] = trees.as_slice() {
+            // One tree: a batch is atomic, and cheaper than a transaction.
+            let mut batch = sled::Batch::default();
+            for op in ops {
+                match op {
+                    Op::Put(_, k, v) => batch.insert(k, v),
+                    Op::Delete(_, k) => batch.remove(k),
+                }
+            }
+            return Ok(tree.apply_batch(batch)?);
+        }
+        let refs: Vec<&sled::Tree> = trees.iter().collect();
+        refs.as_slice()
+            .transaction(|trees| {
+                for op in &ops {
+                    match op {
+                        Op::Put(t, k, v) => {
+                            let i = names.binary_search(t).unwrap_or_default();
+                            trees[i].insert(k.as_slice(), v.as_slice())?;
+                        }
+                        Op::Delete(t, k) => {
+                            let i = names.binary_search(t).unwrap_or_default();
+                            trees[i].remove(k.as_slice())?;
+                        }
+                    }
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(StoreError::from)
+    }
+}
+
+impl TxRead for SledKv {
+    fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Kv::get(self, tree, key)
+    }
+
+    fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StoreError> {
+        scan_prefix(self, tree, prefix)
+    }
+
+    fn last(&self, tree: &'static str) -> Result<Option<Pair>, StoreError> {
+        Ok(self.tree(tree)?.last()?.map(|(k, v)| (k.to_vec(), v.to_vec())))
+    }
+}
+
+impl Kv for SledKv {
+    fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree(tree)?.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn range(
+        &self,
+        tree: &'static str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Pairs, StoreError> {
+        let tree = self.tree(tree)?;
+        let iter = match end {
+            Some(end) => tree.range(start..end),
+            None => tree.range(start..),
+        };
+        let pair = |item: sled::Result<(sled::IVec, sled::IVec)>| {
+            item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from)
+        };
+        if reverse {
+            iter.rev().take(limit).map(pair).collect()
+        } else {
+            iter.take(limit).map(pair).collect()
+        }
+    }
+
+    fn len(&self, tree: &'static str) -> Result<usize, StoreError> {
+        Ok(self.tree(tree)?.len())
+    }
+
+    fn transaction(
+        &self,
+        lock: Lock,
+        f: &mut dyn FnMut(&Txn<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let _held: Vec<_> = lock
+            .parts()
+            .iter()
+            .map(|part| self.locks[*part as usize - 1].lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let txn = Txn::new(self);
+        f(&txn)?;
+        let (ops, _) = txn.into_parts();
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.commit(ops)
+    }
+
+    fn apply(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.commit(ops)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        // A readdir of a handful of entries, beside the flush's fsync.
+        self.restrict_files()
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn on_remote_change(&self, _f: OnRemoteChange) {}
+
+    fn health(&self) -> Result<String, StoreError> {
+        Ok(format!("sled, {} bytes on disk", self.db.size_on_disk()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transaction_reads_its_own_writes_and_applies_them_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        kv.apply(vec![Op::Put("t", b"a".to_vec(), b"1".to_vec())]).unwrap();
+        kv.transaction(Lock::Store, &mut |tx| {
+            tx.put("t", b"b", b"2".to_vec());
+            tx.put("u", b"x", b"9".to_vec());
+            assert_eq!(tx.delete("t", b"a")?, Some(b"1".to_vec()));
+            assert_eq!(tx.get("t", b"a")?, None);
+            assert_eq!(tx.last("t")?, Some((b"b".to_vec(), b"2".to_vec())));
+            assert_eq!(tx.scan_prefix("t", b"")?.len(), 1);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(kv.range("t", b"", None, 10, false).unwrap(), [(b"b".to_vec(), b"2".to_vec())]);
+        assert_eq!(Kv::get(&kv, "u", b"x").unwrap(), Some(b"9".to_vec()));
+        let failed = kv.transaction(Lock::Store, &mut |tx| {
+            tx.put("t", b"c", b"3".to_vec());
+            Err(StoreError::Io("no".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(Kv::get(&kv, "t", b"c").unwrap(), None, "a failed transaction writes nothing");
+    }
+
+    /// sled creates its files with the process umask; the store keeps them
+    /// to the owner (the test process's umask is usually 022).
+    #[test]
+    fn the_database_files_are_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let kv = SledKv::open(&store, 1 << 20).unwrap();
+        // A large value goes to a blob file of its own.
+        kv.apply(vec![Op::Put("t", b"k".to_vec(), vec![7; 1 << 20])]).unwrap();
+        kv.flush().unwrap();
+        let mut pending = vec![store.clone()];
+        let mut files = 0;
+        while let Some(path) = pending.pop() {
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                assert_eq!(mode, 0o700, "{}", path.display());
+                pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            } else {
+                assert_eq!(mode, 0o600, "{}", path.display());
+                files += 1;
+            }
+        }
+        assert!(files >= 2, "sled's files were found");
+    }
+}
