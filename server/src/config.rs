@@ -284,7 +284,7 @@ impl Config {
                     key: "datastore",
                     reason: format!(
                         "{:?} is not a postgres:// URL (leave it unset for the embedded store)",
-                        crate::pg::redact(url)
+                        crate::store::postgres::redact(url)
                     ),
                 });
             }

@@ -29,10 +29,8 @@ mod events;
 mod feed;
 mod fsutil;
 mod health;
-pub mod kv;
 mod metrics;
 mod mint;
-mod pg;
 #[cfg(test)]
 use tessera_common::pg_cluster;
 mod queries;
@@ -41,6 +39,7 @@ mod revocation;
 mod server;
 mod state;
 mod store;
+pub use store::kv_api as kv;
 use tessera_common::telemetry;
 
 pub use api::node::tls::NodePeer;

@@ -125,7 +125,7 @@ impl Server {
             None => KvStore::open(&config.data_dir.join("store"))?,
             Some(url) => {
                 let store = KvStore::open_postgres(url, &server_id)?;
-                info!(datastore = %crate::pg::redact(url), server_id = %server_id, "using the shared PostgreSQL datastore");
+                info!(datastore = %crate::store::postgres::redact(url), server_id = %server_id, "using the shared PostgreSQL datastore");
                 store
             }
         };

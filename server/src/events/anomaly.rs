@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::{EventLog, BASELINES};
 use crate::event_schema::{self as schema, kind, EventExt};
-use crate::kv::Op;
+use crate::store::kv::Op;
 use crate::store::StoreError;
 
 /// Refusal counts in the current minute, per key, and whether the burst
@@ -82,7 +82,7 @@ impl EventLog {
         if self.kv.get(BASELINES, key.as_bytes())?.is_some() {
             return Ok(false);
         }
-        let end = crate::kv::prefix_end(prefix.as_bytes());
+        let end = crate::store::kv::prefix_end(prefix.as_bytes());
         let known =
             !self.kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), 1, false)?.is_empty();
         self.kv.apply(vec![Op::Put(BASELINES, key.into_bytes(), Vec::new())])?;

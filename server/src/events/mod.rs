@@ -39,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use crate::event_schema as schema;
-use crate::kv::{Kv, Lock, Txn};
 use crate::metrics::Metrics;
+use crate::store::kv::{Kv, Lock, Txn};
 use crate::store::{EventSink, StoreError};
 
 /// Work done in an event commit before the events are stored (it may drop some).

@@ -4,7 +4,7 @@ use crate::event_schema::{kind, EventExt};
 use tessera_proto::types::Workload;
 
 fn log(dir: &std::path::Path, config: EventConfig) -> EventLog {
-    let kv = Arc::new(crate::kv::SledKv::open(dir, 1 << 24).unwrap());
+    let kv = Arc::new(crate::store::sled::SledKv::open(dir, 1 << 24).unwrap());
     EventLog::open(kv, config, Metrics::new()).unwrap()
 }
 

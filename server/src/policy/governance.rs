@@ -16,9 +16,9 @@ use tessera_proto::types::{self as pb, Operator};
 use tessera_workload_api::{Selector, SelectorScope, SpiffeId};
 
 use crate::entry::Entry;
-use crate::kv::Kv;
 use crate::policy::caller::AdminPeer;
 use crate::refusals::RefusalFolder;
+use crate::store::kv::Kv;
 use crate::store::StoreError;
 
 /// The config file's `[approval]` table: what needs a second operator.
@@ -230,7 +230,7 @@ impl Pending {
 
     /// Every proposal.
     pub fn list(&self) -> Result<Vec<pb::Entry>, StoreError> {
-        crate::kv::scan_prefix(&*self.kv, PENDING, b"")?
+        crate::store::kv::scan_prefix(&*self.kv, PENDING, b"")?
             .into_iter()
             .map(|(key, value)| decode_proposal(&key, &value))
             .collect()
@@ -246,7 +246,7 @@ impl Pending {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::kv::Op;
+    use crate::store::kv::Op;
 
     /// Proposals live in the shared datastore: one made through one server
     /// is seen by another, and only one server can take it (approve,
@@ -255,7 +255,7 @@ mod tests {
     fn a_proposal_is_shared_and_taken_once_across_servers() {
         let url = crate::pg_cluster::PgCluster::shared().database();
         let kv = |_: &str| -> std::sync::Arc<dyn Kv> {
-            std::sync::Arc::new(crate::pg::PgKv::connect(&url).unwrap())
+            std::sync::Arc::new(crate::store::postgres::PgKv::connect(&url).unwrap())
         };
         let b = Pending::open(kv("b")).unwrap();
         let proposal = pb::Entry { id: "e1".into(), ..Default::default() };

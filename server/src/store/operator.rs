@@ -1,10 +1,15 @@
 //! Store writes for operator commands that came with SPIRE's CLI: an SVID
 //! minted outside any node, and a purge of long-expired agents. Kept out
-//! of `store.rs`; a child module so it commits through the same `Tx`.
+//! of the store's other files; it commits through the same `Tx`.
 
 use tessera_proto::types as pb;
 
-use super::{agent_owner, revocation_of, Audit, ChangeKind, KvStore, StoreError, AGENTS};
+use super::audit::Audit;
+use super::error::StoreError;
+use super::kv_store::KvStore;
+use super::layout::{agent_owner, AGENTS};
+use super::revocations::revocation_of;
+use super::ChangeKind;
 
 impl KvStore {
     /// Records a minted SVID (no entry, no agent) in one commit, durable

@@ -498,7 +498,7 @@ impl Admin for AdminService {
                     .config
                     .datastore
                     .as_deref()
-                    .map_or_else(String::new, crate::pg::redact);
+                    .map_or_else(String::new, crate::store::postgres::redact);
                 health.datastore_error = e;
             }
         }

@@ -22,27 +22,25 @@
 //!   verified (`verify-full`) and a local one is reached in plain.
 //! - **Commits are checked**: PostgreSQL answers the COMMIT of a
 //!   transaction an earlier error aborted with `ROLLBACK` and no error;
-//!   [`commit`] makes that an error instead of a success.
+//!   [`conn::commit`] makes that an error instead of a success.
 //! - **Migrations** are embedded and versioned ([`MIGRATIONS`]), applied
 //!   at startup under an advisory lock so servers starting together apply
 //!   each once.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type;
-use tokio_postgres::{Client, SimpleQueryMessage, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
+mod conn;
 pub mod tls;
 
-use crate::kv::{Kv, Lock, OnRemoteChange, Op, Pairs, TxRead, Txn};
-use crate::store::StoreError;
+use super::error::StoreError;
+use super::kv::{Kv, Lock, OnRemoteChange, Op, Pairs, TxRead, Txn};
+use conn::{commit, db_err, Conn, CHANNEL};
 
 /// Most connections one server opens.
 pub const POOL_SIZE: usize = 16;
@@ -50,9 +48,6 @@ pub const POOL_SIZE: usize = 16;
 /// How long one database call may take before the server gives up on it
 /// (and on its connection).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The channel commits are announced on.
-const CHANNEL: &str = "tessera_changes";
 
 /// Serializes migrations across servers.
 const MIGRATION_LOCK: i64 = 0x7465_7373_0000;
@@ -79,187 +74,6 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         )",
     ),
 ];
-
-const SQL_GET: &str = "SELECT value FROM kv WHERE tree = $1 AND key = $2";
-const SQL_GET_MANY: &str = "SELECT key, value FROM kv WHERE tree = $1 AND key = ANY($2)";
-const SQL_ASC: &str = "SELECT key, value FROM kv WHERE tree = $1 AND key >= $2 \
-     AND ($3::bytea IS NULL OR key < $3) ORDER BY key LIMIT $4";
-const SQL_DESC: &str = "SELECT key, value FROM kv WHERE tree = $1 AND key >= $2 \
-     AND ($3::bytea IS NULL OR key < $3) ORDER BY key DESC LIMIT $4";
-const SQL_LEN: &str = "SELECT count(*) FROM kv WHERE tree = $1";
-/// Takes $3 tokens from agent $1's bucket (at most $2, refilled at $5 per
-/// second, now $4 ms) in one statement: the row lock serializes the
-/// agent's own calls, and no other agent's. Time never runs backwards.
-const SQL_TAKE_BUDGET: &str = "INSERT INTO sign_budgets AS b (agent, tokens, at_ms, taken) \
-     VALUES ($1, CASE WHEN $2 >= $3 THEN $2 - $3 ELSE $2 END, $4, $2 >= $3) \
-     ON CONFLICT (agent) DO UPDATE SET \
-     tokens = CASE WHEN LEAST($2, b.tokens + GREATEST($4 - b.at_ms, 0) / 1000.0 * $5) >= $3 \
-         THEN LEAST($2, b.tokens + GREATEST($4 - b.at_ms, 0) / 1000.0 * $5) - $3 \
-         ELSE LEAST($2, b.tokens + GREATEST($4 - b.at_ms, 0) / 1000.0 * $5) END, \
-     at_ms = GREATEST(b.at_ms, $4), \
-     taken = LEAST($2, b.tokens + GREATEST($4 - b.at_ms, 0) / 1000.0 * $5) >= $3 \
-     RETURNING taken";
-const SQL_PUT: &str = "INSERT INTO kv (tree, key, value) \
-     SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
-     ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value";
-const SQL_DELETE: &str = "DELETE FROM kv WHERE (tree, key) IN \
-     (SELECT * FROM unnest($1::text[], $2::bytea[]))";
-
-/// One pooled connection and its prepared statements.
-struct Conn {
-    client: Client,
-    get: Statement,
-    get_many: Statement,
-    asc: Statement,
-    desc: Statement,
-    len: Statement,
-    take_budget: Statement,
-    put: Statement,
-    delete: Statement,
-}
-
-fn db_err(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Database(tessera_workload_api::error_chain(&e))
-}
-
-impl Conn {
-    async fn open(
-        config: &tokio_postgres::Config,
-        tls: MakeRustlsConnect,
-    ) -> Result<Self, StoreError> {
-        let (client, connection) = config.connect(tls).await.map_err(db_err)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                warn!(error = %e, "database connection closed");
-            }
-        });
-        let get = client.prepare(SQL_GET).await.map_err(db_err)?;
-        let get_many = client.prepare(SQL_GET_MANY).await.map_err(db_err)?;
-        let asc = client.prepare(SQL_ASC).await.map_err(db_err)?;
-        let desc = client.prepare(SQL_DESC).await.map_err(db_err)?;
-        let len = client.prepare(SQL_LEN).await.map_err(db_err)?;
-        let take_budget = client
-            .prepare_typed(
-                SQL_TAKE_BUDGET,
-                &[Type::TEXT, Type::FLOAT8, Type::FLOAT8, Type::INT8, Type::FLOAT8],
-            )
-            .await
-            .map_err(db_err)?;
-        let put = client.prepare(SQL_PUT).await.map_err(db_err)?;
-        let delete = client.prepare(SQL_DELETE).await.map_err(db_err)?;
-        Ok(Self { client, get, get_many, asc, desc, len, take_budget, put, delete })
-    }
-
-    async fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let row = self.client.query_opt(&self.get, &[&tree, &key]).await.map_err(db_err)?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
-    /// The values of `keys` (in their order; `None` where absent), in one query.
-    async fn get_many(
-        &self,
-        tree: &str,
-        keys: &[Vec<u8>],
-    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        let rows = self.client.query(&self.get_many, &[&tree, &keys]).await.map_err(db_err)?;
-        let found: std::collections::HashMap<Vec<u8>, Vec<u8>> =
-            rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
-        // A key asked for twice is answered twice.
-        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
-    }
-
-    async fn range(
-        &self,
-        tree: &str,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-        reverse: bool,
-    ) -> Result<Pairs, StoreError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let statement = if reverse { &self.desc } else { &self.asc };
-        let rows =
-            self.client.query(statement, &[&tree, &start, &end, &limit]).await.map_err(db_err)?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
-    }
-
-    async fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        // Last write of a key wins, as in one transaction.
-        let mut last = BTreeMap::new();
-        for op in ops {
-            match op {
-                Op::Put(t, k, v) => last.insert((t, k), Some(v)),
-                Op::Delete(t, k) => last.insert((t, k), None),
-            };
-        }
-        let (mut put, mut delete) = ((vec![], vec![], vec![]), (vec![], vec![]));
-        for ((tree, key), value) in last {
-            match value {
-                Some(v) => {
-                    put.0.push(tree);
-                    put.1.push(key);
-                    put.2.push(v);
-                }
-                None => {
-                    delete.0.push(tree);
-                    delete.1.push(key);
-                }
-            }
-        }
-        if !delete.0.is_empty() {
-            self.client.execute(&self.delete, &[&delete.0, &delete.1]).await.map_err(db_err)?;
-        }
-        if !put.0.is_empty() {
-            self.client.execute(&self.put, &[&put.0, &put.1, &put.2]).await.map_err(db_err)?;
-        }
-        Ok(())
-    }
-}
-
-/// Ends the transaction open on `client` with COMMIT (announcing `notify`
-/// to the other servers) and makes sure PostgreSQL committed it.
-///
-/// PostgreSQL answers the COMMIT of a transaction block that an earlier
-/// statement aborted with the command tag `ROLLBACK`, not an error, and
-/// tokio-postgres 0.7 does not hand command tags out
-/// (`SimpleQueryMessage::CommandComplete` carries the row count parsed
-/// from the tag: 0 for `COMMIT` and `ROLLBACK` alike). So COMMIT travels
-/// behind a guard statement in the same query string: in an aborted block
-/// every statement but COMMIT/ROLLBACK fails (SQLSTATE 25P02), which stops
-/// the string before COMMIT and comes back as an error. An abort decided
-/// by COMMIT itself (a deferred constraint, a serialization failure) is an
-/// error response anyway. Last, every statement must report completion.
-async fn commit(client: &Client, notify: Option<u64>) -> Result<(), StoreError> {
-    // A revision is a number and the channel ours: nothing here is input.
-    let mut sql = String::from("SELECT 1; ");
-    if let Some(revision) = notify {
-        sql.push_str(&format!("NOTIFY {CHANNEL}, '{revision}'; "));
-    }
-    sql.push_str("COMMIT");
-    let statements = 2 + usize::from(notify.is_some());
-    match client.simple_query(&sql).await {
-        Ok(messages) => {
-            let completed = messages
-                .iter()
-                .filter(|m| matches!(m, SimpleQueryMessage::CommandComplete(_)))
-                .count();
-            if completed == statements {
-                Ok(())
-            } else {
-                Err(StoreError::Database(format!(
-                    "COMMIT was not confirmed ({completed} of {statements} statements completed)"
-                )))
-            }
-        }
-        Err(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {
-            Err(StoreError::Database(
-                "the transaction was rolled back, not committed: a statement in it had failed"
-                    .into(),
-            ))
-        }
-        Err(e) => Err(db_err(e)),
-    }
-}
 
 /// Idle connections and how many are open.
 #[derive(Default)]
@@ -524,7 +338,7 @@ impl TxRead for PgTxRead<'_> {
 
     fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StoreError> {
         let (conn, prefix) = (self.conn.clone(), prefix.to_vec());
-        let end = crate::kv::prefix_end(&prefix);
+        let end = super::kv::prefix_end(&prefix);
         self.kv
             .run(async move { conn.range(tree, &prefix, end.as_deref(), usize::MAX, false).await })
     }
@@ -731,227 +545,4 @@ async fn listen(config: tokio_postgres::Config, tls: MakeRustlsConnect, f: OnRem
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_hidden_in_messages() {
-        assert_eq!(redact("postgres://u:pw@h:5/db"), "postgres://u:***@h:5/db");
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact("host=/tmp user=u"), "host=/tmp user=u");
-        assert_eq!(
-            redact("postgres://u:pw@h/db?sslmode=verify-full&password=secret"),
-            "postgres://u:***@h/db?sslmode=verify-full&password=***"
-        );
-        assert_eq!(redact("host=h password='s e\\'cret' user=u"), "host=h password=*** user=u");
-        assert_eq!(redact("host=h password='unterminated"), "(a malformed datastore setting)");
-    }
-
-    /// PostgreSQL answers the COMMIT of a transaction that an earlier
-    /// statement aborted with the tag ROLLBACK and no error: the store's
-    /// commit must say so, not report a write that never happened.
-    #[test]
-    fn a_commit_that_postgresql_turned_into_a_rollback_is_an_error() {
-        let kv = PgKv::connect(&crate::pg_cluster::PgCluster::shared().database()).unwrap();
-        let (config, tls) = (kv.config.clone(), kv.tls.clone());
-        let committed = kv
-            .run(async move {
-                let conn = Conn::open(&config, tls).await?;
-                conn.client.batch_execute("BEGIN").await.map_err(db_err)?;
-                conn.write(vec![Op::Put("t", b"k".to_vec(), b"v".to_vec())]).await?;
-                // A statement fails and its error is lost on the way: the
-                // transaction is aborted, and nothing says so any more.
-                assert!(conn.client.batch_execute("SELECT 1/0").await.is_err());
-                Ok(commit(&conn.client, None).await)
-            })
-            .unwrap();
-        let error = committed.expect_err("a rolled-back commit reported success").to_string();
-        assert!(error.contains("rolled back, not committed"), "{error}");
-        assert_eq!(Kv::get(&kv, "t", b"k").unwrap(), None, "nothing was written");
-    }
-
-    /// The same through the store's transactions: a read that failed on the
-    /// server (its error ignored by the caller) aborts the transaction, and
-    /// the transaction then fails instead of reporting a commit.
-    #[test]
-    fn a_transaction_with_an_ignored_failed_read_does_not_report_a_commit() {
-        let kv = PgKv::connect(&crate::pg_cluster::PgCluster::shared().database()).unwrap();
-        let out = kv.transaction(Lock::Store, &mut |tx| {
-            // A NUL byte is not text to PostgreSQL: the server refuses the read.
-            assert!(tx.get("t\0", b"k").is_err());
-            Ok(())
-        });
-        let error = out.expect_err("an aborted transaction reported a commit").to_string();
-        assert!(error.contains("rolled back, not committed"), "{error}");
-        // The store goes on: the next transaction commits.
-        kv.transaction(Lock::Store, &mut |tx| {
-            tx.put("t", b"k", b"v".to_vec());
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(Kv::get(&kv, "t", b"k").unwrap(), Some(b"v".to_vec()));
-    }
-
-    /// A cluster that serves TLS with a certificate for `localhost` and
-    /// 127.0.0.1 from a CA made here, and refuses plain TCP; the CA's PEM
-    /// file, and another CA's.
-    struct TlsCluster {
-        cluster: crate::pg_cluster::PgCluster,
-        ca: std::path::PathBuf,
-        other_ca: std::path::PathBuf,
-    }
-
-    fn ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        params.key_usages =
-            vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-        let pem = params.self_signed(&key).unwrap().pem();
-        (pem, rcgen::Issuer::new(params, key))
-    }
-
-    fn tls_cluster() -> &'static TlsCluster {
-        static CLUSTER: std::sync::OnceLock<TlsCluster> = std::sync::OnceLock::new();
-        CLUSTER.get_or_init(|| {
-            let (ca_pem, issuer) = ca("tessera test PostgreSQL CA");
-            let (other_pem, _) = ca("another CA");
-            let key = rcgen::KeyPair::generate().unwrap();
-            let mut params = rcgen::CertificateParams::new(vec![
-                "localhost".to_string(),
-                "127.0.0.1".to_string(),
-            ])
-            .unwrap();
-            params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
-            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-            let cert = params.signed_by(&key, &issuer).unwrap();
-            let tls =
-                crate::pg_cluster::ServerTls { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
-            let cluster = crate::pg_cluster::PgCluster::start_tls(&tls).unwrap();
-            let ca = cluster.dir().join("ca.pem");
-            let other_ca = cluster.dir().join("other-ca.pem");
-            std::fs::write(&ca, ca_pem).unwrap();
-            std::fs::write(&other_ca, other_pem).unwrap();
-            TlsCluster { cluster, ca, other_ca }
-        })
-    }
-
-    impl TlsCluster {
-        /// A new database's URL at `host`, with `query`.
-        fn url(&self, host: &str, query: &str) -> String {
-            let db = self.cluster.database();
-            let name = db.rsplit('/').next().unwrap();
-            format!("postgres://tessera@{host}:{}/{name}?{query}", self.cluster.port())
-        }
-    }
-
-    /// Whether the store's connections are encrypted.
-    fn encrypted(kv: &PgKv) -> bool {
-        kv.with_conn(|conn| async move {
-            let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
-            Ok(conn.client.query_one(sql, &[]).await.map_err(db_err)?.get(0))
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn sslmode_require_encrypts_without_checking_the_certificate() {
-        let pg = tls_cluster();
-        let kv = PgKv::connect(&pg.url("127.0.0.1", "sslmode=require")).unwrap();
-        assert!(encrypted(&kv));
-        kv.apply(vec![Op::Put("t", b"k".to_vec(), b"v".to_vec())]).unwrap();
-        assert_eq!(Kv::get(&kv, "t", b"k").unwrap(), Some(b"v".to_vec()));
-        assert!(kv.health().unwrap().contains("sslmode require"), "{}", kv.health().unwrap());
-    }
-
-    #[test]
-    fn verify_full_with_the_servers_ca_connects() {
-        let pg = tls_cluster();
-        for host in ["127.0.0.1", "localhost"] {
-            let query = format!("sslmode=verify-full&sslrootcert={}", pg.ca.display());
-            let kv = PgKv::connect(&pg.url(host, &query)).unwrap();
-            assert!(encrypted(&kv), "{host}");
-            kv.apply(vec![Op::Put("t", b"k".to_vec(), b"v".to_vec())]).unwrap();
-        }
-    }
-
-    #[test]
-    fn verify_full_with_another_ca_is_refused_and_says_why() {
-        let pg = tls_cluster();
-        let query = format!("sslmode=verify-full&sslrootcert={}", pg.other_ca.display());
-        let error = PgKv::connect(&pg.url("127.0.0.1", &query)).unwrap_err().to_string();
-        assert!(error.contains("invalid peer certificate: UnknownIssuer"), "{error}");
-        assert!(!error.contains('\n'), "{error}");
-        // verify-ca checks the chain too.
-        let query = format!("sslmode=verify-ca&sslrootcert={}", pg.other_ca.display());
-        let error = PgKv::connect(&pg.url("127.0.0.1", &query)).unwrap_err().to_string();
-        assert!(error.contains("UnknownIssuer"), "{error}");
-    }
-
-    #[test]
-    fn verify_full_refuses_a_certificate_for_another_host_name_and_verify_ca_does_not() {
-        let pg = tls_cluster();
-        // The name says db.example.test; the connection goes to 127.0.0.1.
-        let query = |mode: &str| {
-            format!("hostaddr=127.0.0.1&sslmode={mode}&sslrootcert={}", pg.ca.display())
-        };
-        let error = PgKv::connect(&pg.url("db.example.test", &query("verify-full")))
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("certificate not valid for name \"db.example.test\""), "{error}");
-        let kv = PgKv::connect(&pg.url("db.example.test", &query("verify-ca"))).unwrap();
-        assert!(encrypted(&kv));
-    }
-
-    #[test]
-    fn sslmode_disable_is_refused_by_a_server_that_requires_tls() {
-        let pg = tls_cluster();
-        let error = PgKv::connect(&pg.url("127.0.0.1", "sslmode=disable")).unwrap_err().to_string();
-        assert!(error.contains("no encryption"), "{error}");
-    }
-
-    /// Without sslmode a remote host is verified (against the system's
-    /// roots here, which do not hold the test CA), never reached in plain.
-    #[test]
-    fn a_remote_host_without_sslmode_is_verified() {
-        let pg = tls_cluster();
-        let error = PgKv::connect(&pg.url("db.example.test", "hostaddr=127.0.0.1"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("invalid peer certificate: UnknownIssuer")
-                || error.contains("needs trusted roots"),
-            "{error}"
-        );
-        // With the CA named, the host name is checked too (verify-full, not verify-ca).
-        let query = format!("hostaddr=127.0.0.1&sslrootcert={}", pg.ca.display());
-        let error = PgKv::connect(&pg.url("db.example.test", &query)).unwrap_err().to_string();
-        assert!(error.contains("certificate not valid for name"), "{error}");
-    }
-
-    #[test]
-    fn an_unknown_sslmode_or_an_unreadable_root_file_is_a_one_line_error() {
-        let error = PgKv::connect("postgres://u:pw@db.example.test/t?sslmode=verify").unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "datastore: postgres://u:***@db.example.test/t?sslmode=verify: unknown sslmode \"verify\": use disable, prefer, require, verify-ca or verify-full"
-        );
-        let error = PgKv::connect("postgres://u@db.example.test/t?sslrootcert=/nonexistent.pem")
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("sslrootcert /nonexistent.pem: No such file"), "{error}");
-    }
-
-    /// The README's Unix socket form: the socket directory, percent-encoded, as the host.
-    #[test]
-    fn a_unix_socket_url_reaches_the_database() {
-        let cluster = crate::pg_cluster::PgCluster::shared();
-        let tcp = cluster.database();
-        let name = tcp.rsplit('/').next().unwrap();
-        let dir = cluster.dir().display().to_string().replace('/', "%2F");
-        let url = format!("postgres://tessera@{dir}:{}/{name}", cluster.port());
-        let kv = PgKv::connect(&url).unwrap();
-        assert!(kv.health().unwrap().starts_with("postgresql"), "{url}");
-    }
-}
+mod tests;

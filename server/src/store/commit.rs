@@ -1,0 +1,266 @@
+//! One commit: serialized with every other (of every server), atomic
+//! across trees, durable (and watermarked on sled) before it returns, with
+//! its events chained into the event log and, when it revoked X509-SVIDs,
+//! the CRLs re-signed inside it. [`Tx`] is a commit's view of the trees,
+//! with the reads and writes of records the other files build on.
+
+use std::cell::Cell;
+use std::sync::MutexGuard;
+
+use prost::Message;
+use tessera_proto::types as pb;
+
+use super::audit::Audit;
+use super::error::StoreError;
+use super::kv::{Lock, Pairs, Txn};
+use super::kv_store::{KvStore, Writer};
+use super::layout::{
+    corrupt, decode, decode_entry, expiry_key, index_key, owner_of, parent_key, read_u64, svid_key,
+    t, AGENTS, BY_EXPIRY, BY_IDENTITY, BY_PARENT, CHANGES, CRLS_KEY, CRL_NUMBER_KEY, ENTRIES,
+    ISSUED, ISSUED_BY_OWNER, META, REVISION_KEY, REVOCATIONS, TREE_NAMES, WRITE_SEQ_KEY,
+};
+use super::{Change, ChangeKind};
+use crate::entry::Entry;
+
+pub(super) type TxResult<T> = Result<T, StoreError>;
+
+/// One commit's view of every tree.
+pub(super) struct Tx<'a> {
+    pub(super) txn: &'a Txn<'a>,
+    pub(super) revision: Cell<u64>,
+    /// Revocations stored by this commit: the CRLs are re-signed in it.
+    pub(super) revoked: std::cell::RefCell<Vec<pb::Revocation>>,
+    pub(super) resign: Cell<bool>,
+    /// Who the commit acts for (named in its revocations' events).
+    pub(super) operator: Option<pb::Operator>,
+    /// Events the commit's own steps add (revocations, issuance).
+    pub(super) events: std::cell::RefCell<Vec<pb::Event>>,
+}
+
+impl Tx<'_> {
+    pub(super) fn get(&self, i: usize, key: impl AsRef<[u8]>) -> TxResult<Option<Vec<u8>>> {
+        self.txn.get(t(i), key.as_ref())
+    }
+
+    pub(super) fn put(&self, i: usize, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
+        self.txn.put(t(i), key, value);
+    }
+
+    pub(super) fn remove(&self, i: usize, key: impl AsRef<[u8]>) -> TxResult<Option<Vec<u8>>> {
+        self.txn.delete(t(i), key)
+    }
+
+    pub(super) fn log(&self, kind: ChangeKind) -> TxResult<u64> {
+        let revision = self.revision.get() + 1;
+        let change = Change { revision, kind };
+        let bytes = serde_json::to_vec(&change).map_err(|e| corrupt("change", e))?;
+        self.put(CHANGES, revision.to_be_bytes(), bytes);
+        self.revision.set(revision);
+        Ok(revision)
+    }
+
+    pub(super) fn entry(&self, id: &str) -> TxResult<Option<Entry>> {
+        match self.get(ENTRIES, id)? {
+            None => Ok(None),
+            Some(bytes) => decode_entry(id.as_bytes(), &bytes).map(Some),
+        }
+    }
+
+    pub(super) fn put_entry(&self, entry: &Entry) {
+        self.put(ENTRIES, entry.id.as_bytes(), entry.to_proto().encode_to_vec());
+        self.put(BY_PARENT, parent_key(&entry.parent_id, &entry.id), []);
+        self.put(BY_IDENTITY, entry.identity_key(), entry.id.as_bytes());
+        if entry.expires_at != 0 {
+            self.put(BY_EXPIRY, expiry_key(entry.expires_at, &entry.id), []);
+        }
+    }
+
+    pub(super) fn remove_entry(&self, entry: &Entry) -> TxResult<()> {
+        self.remove(ENTRIES, entry.id.as_bytes())?;
+        self.remove(BY_PARENT, parent_key(&entry.parent_id, &entry.id))?;
+        self.remove(BY_IDENTITY, entry.identity_key())?;
+        if entry.expires_at != 0 {
+            self.remove(BY_EXPIRY, expiry_key(entry.expires_at, &entry.id))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn agent(&self, id: &str) -> TxResult<Option<pb::Agent>> {
+        self.get(AGENTS, id)?.map(|bytes| decode(id.as_bytes(), &bytes)).transpose()
+    }
+
+    pub(super) fn put_agent(&self, agent: &pb::Agent) {
+        self.put(AGENTS, agent.spiffe_id.as_bytes(), agent.encode_to_vec());
+    }
+
+    pub(super) fn record(&self, svid: &pb::IssuedSvid) {
+        let key = svid_key(&svid.serial, &svid.jti);
+        self.put(ISSUED, key.as_bytes(), svid.encode_to_vec());
+        self.put(ISSUED_BY_OWNER, index_key(&owner_of(svid), &key), []);
+    }
+
+    /// The unexpired-or-unpruned SVIDs issued for an entry or an agent.
+    pub(super) fn issued_by_owner(&self, owner: &str) -> TxResult<Vec<pb::IssuedSvid>> {
+        let prefix = index_key(owner, "");
+        let mut out = Vec::new();
+        for (key, _) in self.txn.scan_prefix(t(ISSUED_BY_OWNER), &prefix)? {
+            if let Some(bytes) = self.get(ISSUED, &key[prefix.len()..])? {
+                out.push(decode(&key, &bytes)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every record of every tree, read under the lock.
+    pub(super) fn dump(&self) -> TxResult<Vec<Pairs>> {
+        TREE_NAMES.iter().map(|name| self.txn.scan_prefix(name, b"")).collect()
+    }
+}
+
+impl KvStore {
+    /// Runs `f` as one commit: serialized with every other commit (of
+    /// every server), atomic across trees, durable (and watermarked on
+    /// sled) before it returns; wakes Sync streams if it logged a change.
+    pub(super) fn commit<T>(
+        &self,
+        audit: &Audit<'_, T>,
+        f: impl Fn(&Tx<'_>) -> TxResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut writer = self.lock();
+        self.commit_locked(&mut writer, audit, f)
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn commit_locked<T>(
+        &self,
+        writer: &mut Writer,
+        audit: &Audit<'_, T>,
+        f: impl Fn(&Tx<'_>) -> TxResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut out = None;
+        let (mut revision, mut seq, mut added, mut chained) = (0, 0, Vec::new(), Vec::new());
+        let stored = &writer.revocations;
+        let sink = self.event_sink.get();
+        let lock = if sink.is_some() { Lock::StoreAndEvents } else { Lock::Store };
+        self.kv.transaction(lock, &mut |txn| {
+            let start = read_u64(txn.get(t(META), REVISION_KEY)?.as_deref());
+            let tx = Tx {
+                txn,
+                revision: Cell::new(start),
+                revoked: Default::default(),
+                resign: Cell::new(false),
+                operator: audit.operator,
+                events: Default::default(),
+            };
+            let value = f(&tx)?;
+            if tx.resign.get() {
+                self.sign_crls_in(stored, &tx)?;
+            }
+            // The change's events, in the change's commit.
+            let mut events = audit.describe(&value);
+            events.append(&mut tx.events.borrow_mut());
+            chained = match sink {
+                Some(sink) if !events.is_empty() => sink.chain_in(txn, events)?,
+                _ => Vec::new(),
+            };
+            seq = read_u64(txn.get(t(META), WRITE_SEQ_KEY)?.as_deref()) + 1;
+            txn.put(t(META), WRITE_SEQ_KEY, seq.to_be_bytes());
+            revision = tx.revision.get();
+            if revision != start {
+                txn.put(t(META), REVISION_KEY, revision.to_be_bytes());
+                txn.notify(revision);
+            }
+            added = tx.revoked.take();
+            out = Some(value);
+            Ok(())
+        })?;
+        if !self.kv.shared() {
+            writer.revocations.extend(added);
+        }
+        self.kv.flush()?;
+        if let Some(watermark) = &self.watermark {
+            watermark.write(seq)?;
+        }
+        if let Some(sink) = sink {
+            sink.committed(&chained);
+        }
+        self.revision.send_if_modified(|current| {
+            let newer = revision > *current;
+            if newer {
+                *current = revision;
+            }
+            newer
+        });
+        out.ok_or_else(|| StoreError::Group("the commit produced no result".into()))
+    }
+
+    /// Runs `f` under the store's lock (of every server) without writing.
+    pub(super) fn commit_read<T>(
+        &self,
+        f: impl Fn(&Tx<'_>) -> TxResult<T>,
+    ) -> Result<T, StoreError> {
+        let _writer = self.lock();
+        let mut out = None;
+        self.kv.transaction(Lock::Store, &mut |txn| {
+            let tx = Tx {
+                txn,
+                revision: Cell::new(0),
+                revoked: Default::default(),
+                resign: Cell::new(false),
+                operator: None,
+                events: Default::default(),
+            };
+            out = Some(f(&tx)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| StoreError::Group("the read produced no result".into()))
+    }
+
+    /// A whole copy of every tree, read under the lock: consistent.
+    pub(super) fn dump(&self) -> Result<Vec<Pairs>, StoreError> {
+        self.commit_read(|tx| tx.dump())
+    }
+
+    /// This server's key for a per-server record in `meta`.
+    pub(super) fn own_key(&self, name: &str) -> String {
+        if self.server_id.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}/{}", self.server_id)
+        }
+    }
+
+    /// Signs this server's CRLs for every stored revocation (`stored` on
+    /// sled; read in the commit from a shared database) plus this commit's,
+    /// stores them and logs the change, inside the commit.
+    pub(super) fn sign_crls_in(&self, stored: &[pb::Revocation], tx: &Tx<'_>) -> TxResult<()> {
+        let Some(signer) = self.crl_signer.get() else { return Ok(()) };
+        let mut all = if self.kv.shared() {
+            let mut all = Vec::new();
+            for (key, bytes) in tx.txn.scan_prefix(t(REVOCATIONS), b"")? {
+                let revocation: pb::Revocation = decode(&key, &bytes)?;
+                if revocation.jti.is_empty() {
+                    all.push(revocation);
+                }
+            }
+            all
+        } else {
+            stored.to_vec()
+        };
+        all.extend(tx.revoked.borrow().iter().cloned());
+        all.sort_by(|a, b| a.serial.cmp(&b.serial));
+        all.dedup_by(|a, b| a.serial == b.serial);
+        let number_key = self.own_key(CRL_NUMBER_KEY);
+        let number = read_u64(tx.get(META, &number_key)?.as_deref()) + 1;
+        let crls = signer
+            .sign_crls(&all, number)
+            .map_err(|reason| StoreError::Corrupt { key: "CRL".into(), reason })?;
+        tx.put(META, number_key, number.to_be_bytes());
+        tx.put(META, self.own_key(CRLS_KEY), pb::Crls { crls }.encode_to_vec());
+        tx.log(ChangeKind::Crls)?;
+        Ok(())
+    }
+}

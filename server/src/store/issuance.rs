@@ -1,0 +1,156 @@
+//! Issued SVIDs: recorded by group commit (concurrent batches share one
+//! commit and one fsync), each checked in the commit against its agent and
+//! entry as they are now, and revoked at once if no longer authorized.
+
+use tessera_proto::types as pb;
+use tessera_proto::Refusal;
+
+use super::audit::Audit;
+use super::error::StoreError;
+use super::issue_queue::IssueJob;
+use super::kv::Op;
+use super::kv_store::{KvStore, Writer};
+use super::layout::{decode, decode_entry, t, ENTRIES, ISSUED, ISSUED_BY_OWNER};
+use super::revocations::revocation_of;
+use super::{ItemRefused, Signed};
+use crate::event_schema::{self as schema, EventExt};
+
+impl KvStore {
+    pub(super) fn record_issued(
+        &self,
+        agent_id: &str,
+        agent_serial: &str,
+        signed: &[Signed],
+        now: i64,
+    ) -> Result<Vec<Result<(), ItemRefused>>, StoreError> {
+        // Group commit: concurrent batches (many agents signing at once)
+        // share one commit and one fsync. Each caller encodes its batch and
+        // queues it; whoever holds the writer lock records everything queued.
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let job = IssueJob::new(agent_id, agent_serial, signed, now, done);
+        self.issue_queue.lock().unwrap_or_else(|e| e.into_inner()).push(job);
+        {
+            let mut writer = self.lock();
+            let jobs =
+                std::mem::take(&mut *self.issue_queue.lock().unwrap_or_else(|e| e.into_inner()));
+            if !jobs.is_empty() {
+                match self.record_jobs(&mut writer, &jobs) {
+                    Ok(all) => {
+                        for (job, results) in jobs.iter().zip(all) {
+                            let _ = job.done.send(Ok(results));
+                        }
+                    }
+                    Err(e) => {
+                        let why = e.to_string();
+                        for job in &jobs {
+                            let _ = job.done.send(Err(why.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        result
+            .recv()
+            .map_err(|_| StoreError::Group("the commit of this batch was abandoned".into()))?
+            .map_err(StoreError::Group)
+    }
+
+    /// Records queued issuance batches. The records are written first, one
+    /// batch per tree (sled's transactional insert reads every key first,
+    /// which cost more than the rest of issuance): recorded either way, so
+    /// that the record outlives no revocation; a crash before the commit
+    /// leaves records of SVIDs never handed out, which is harmless. Then
+    /// one commit checks each against the agent (still current and
+    /// unbanned) and the entry as it is now (unchanged, compared by its
+    /// encoding, or still authorizing the SVID), bumps the write sequence
+    /// and revokes the SVIDs no longer authorized; everything is durable
+    /// before anyone is answered.
+    fn record_jobs(
+        &self,
+        writer: &mut Writer,
+        jobs: &[IssueJob],
+    ) -> Result<Vec<Vec<Result<(), ItemRefused>>>, StoreError> {
+        let mut records = Vec::new();
+        for job in jobs {
+            for (key, record, index_key, _) in &job.encoded {
+                records.push(Op::Put(t(ISSUED), key.as_bytes().to_vec(), record.clone()));
+                records.push(Op::Put(t(ISSUED_BY_OWNER), index_key.clone(), Vec::new()));
+            }
+        }
+        self.kv.apply(records)?;
+        self.commit_locked(writer, &Audit::quiet(), |tx| {
+            let mut revoke = Vec::new();
+            let mut all = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                let agent_refusal = match tx.agent(&job.agent_id)? {
+                    None => Some(ItemRefused::typed(
+                        Refusal::Evicted,
+                        format!("agent {} was evicted while signing", job.agent_id),
+                    )),
+                    Some(a) if a.banned => Some(ItemRefused::typed(
+                        Refusal::Banned,
+                        format!("agent {} was banned while signing", job.agent_id),
+                    )),
+                    Some(a) if a.x509_svid_serial != job.agent_serial => Some(ItemRefused::typed(
+                        Refusal::AgentSvidChanged,
+                        tessera_proto::AGENT_SVID_CHANGED.to_string(),
+                    )),
+                    Some(_) => None,
+                };
+                let mut results = Vec::with_capacity(job.signed.len());
+                for (item, (_, _, _, entry_bytes)) in job.signed.iter().zip(&job.encoded) {
+                    let id = item.entry.id.as_bytes();
+                    let refusal = match (&agent_refusal, tx.get(ENTRIES, id)?) {
+                        (Some(why), _) => Some(why.clone()),
+                        (None, None) => Some(ItemRefused::from(format!(
+                            "entry {} was deleted while signing",
+                            item.entry.id
+                        ))),
+                        (None, Some(stored)) if stored == *entry_bytes => None,
+                        (None, Some(stored)) => {
+                            if decode_entry(id, &stored)?
+                                .authorizes_svid_of(&item.entry, item.svid.expires_at)
+                            {
+                                None
+                            } else {
+                                Some(ItemRefused::from(format!(
+                                    "entry {} changed while signing",
+                                    item.entry.id
+                                )))
+                            }
+                        }
+                    };
+                    // The issuance's event, in the commit that records it.
+                    let mut event = item.event.clone();
+                    match refusal {
+                        Some(why) => {
+                            revoke.push(revocation_of(&item.svid, &why.why, job.now));
+                            event.decision = schema::DENY.into();
+                            event.reason.clone_from(&why.why);
+                            tx.events.borrow_mut().push(event.attr("revoked_as_issued", true));
+                            results.push(Err(why));
+                        }
+                        None => {
+                            tx.events.borrow_mut().push(event);
+                            results.push(Ok(()));
+                        }
+                    }
+                }
+                all.push(results);
+            }
+            tx.revoke(&revoke)?;
+            Ok(all)
+        })
+    }
+
+    pub(super) fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError> {
+        self.kv
+            .get(t(ISSUED), serial.as_bytes())?
+            .map(|b| decode(serial.as_bytes(), &b))
+            .transpose()
+    }
+
+    pub(super) fn issued_count(&self) -> usize {
+        self.kv.len(t(ISSUED)).unwrap_or(0)
+    }
+}

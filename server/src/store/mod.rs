@@ -1,0 +1,522 @@
+//! Durable storage: the `Store` trait the server needs, and its
+//! implementation over a key-value database, sled or PostgreSQL.
+//!
+//! Every write is one atomic commit, serialized with every other write, and
+//! on disk before the method returns. A commit that changes anything an
+//! agent must hear appends to the **change log** with the next revision, so
+//! revision order is commit order and the log is the one source of truth
+//! for Sync streams: a stream (live or resumed) sends exactly the changes
+//! after the agent's revision, in order. Decisions that must not race
+//! (a ban against a renewal, an entry delete against a signing batch) are
+//! made inside the commit, never read-modify-written across two.
+//!
+//! Integrity: each commit bumps a write sequence, and a watermark file
+//! beside the database records the last sequence acknowledged. A store
+//! that opens behind its watermark (sled's recovery drops what follows a
+//! damaged record, a restored old copy) is refused instead of being served
+//! as if it were whole.
+//!
+//! # Where things are
+//!
+//! This file has the [`Store`] trait and the types it speaks (with the
+//! [`Audit`] of `audit.rs` and the [`StoreError`] of `error.rs`). The rest
+//! is one concept per file, each using (importing, or calling a method of)
+//! only this file and the files listed before it:
+//!
+//! - the key-value layer: `error.rs`, `kv.rs` (the `Kv` trait,
+//!   transactions, locks), `sled.rs`, `postgres.rs` (with `postgres/`:
+//!   a connection, TLS), and `kv_api.rs`, the crate's public `kv` module.
+//!   It knows nothing of the store but `StoreError`.
+//! - the records: `layout.rs` (trees, keys, decoding), `audit.rs` (the
+//!   events a commit chains into the event log), `watermark.rs`,
+//!   `issue_queue.rs` (issuance's group commit).
+//! - the [`KvStore`]: `kv_store.rs` (what it holds) and `commit.rs` (one
+//!   commit, and its view of the trees, `Tx`).
+//! - one file per concept of the [`Store`] trait: `changes.rs` (the change
+//!   log), `revocations.rs` (with the CRLs), `entries.rs`, `cas.rs`,
+//!   `agents.rs`, `join_tokens.rs`, `approvals.rs`, `issuance.rs`,
+//!   `operator.rs`, `check.rs`; then `open.rs` (opening a store checks it),
+//!   `backup.rs` (a restore opens one), and `store_impl.rs`, which
+//!   implements the trait by calling them.
+//!
+//! The rest of the server uses the re-exports below, and of the files only
+//! the key-value layer (`kv`, for the event log and the proposals, and
+//! `postgres::redact`).
+
+use std::fmt;
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+use tessera_proto::types as pb;
+use tessera_proto::Refusal;
+use tessera_workload_api::SpiffeId;
+use tokio::sync::watch;
+
+use crate::entry::{Entry, EntryError};
+use crate::policy::approval::ApprovalRefusal;
+
+mod agents;
+mod approvals;
+mod audit;
+mod backup;
+mod cas;
+mod changes;
+mod check;
+mod commit;
+mod entries;
+mod error;
+mod issuance;
+mod issue_queue;
+mod join_tokens;
+pub mod kv;
+pub mod kv_api;
+mod kv_store;
+mod layout;
+mod open;
+mod operator;
+pub(crate) mod postgres;
+mod revocations;
+pub(crate) mod sled;
+mod store_impl;
+#[cfg(test)]
+mod tests;
+mod watermark;
+
+pub use approvals::PENDING;
+pub use audit::{Audit, EventSink};
+pub use error::StoreError;
+pub use join_tokens::join_token_key;
+pub use kv_store::KvStore;
+pub use layout::svid_key;
+pub use revocations::revocation_of;
+
+/// Largest number of items in one batch write.
+pub const MAX_BATCH: usize = 1000;
+
+/// What changed at one revision of the change log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ChangeKind {
+    /// An entry was created, updated or deleted. `parents` are the agents
+    /// concerned (the old and the new parent of an update that moved it):
+    /// each re-reads the entry and keeps it or drops it.
+    Entry {
+        /// The entry.
+        entry_id: String,
+        /// The parent IDs before and after the change.
+        parents: Vec<String>,
+    },
+    /// SVIDs were revoked (every agent drops them; JWT-SVIDs are refused
+    /// by every agent's validation until they expire).
+    Revoked {
+        /// Lowercase hex serials of X509-SVIDs.
+        serials: Vec<String>,
+        /// JWT-SVIDs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        jwts: Vec<RevokedJwt>,
+    },
+    /// The CRLs were re-signed ([`Store::crls`] has them).
+    Crls,
+    /// The trust bundle changed (CA prepared, activated or retired).
+    Bundle,
+    /// An agent was banned.
+    AgentBanned {
+        /// The agent.
+        agent_id: String,
+        /// The operator's reason.
+        reason: String,
+    },
+    /// An agent was evicted: it must attest again.
+    AgentEvicted {
+        /// The agent.
+        agent_id: String,
+    },
+}
+
+/// A revoked JWT-SVID in the change log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedJwt {
+    /// The token's `jti`.
+    pub jti: String,
+    /// The token's `exp`: validators keep the revocation until then.
+    pub expires_at: i64,
+}
+
+/// One record of the change log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Its revision: commit order, no gaps.
+    pub revision: u64,
+    /// What changed.
+    pub kind: ChangeKind,
+}
+
+/// Filters for listing entries.
+#[derive(Debug, Clone, Default)]
+pub struct EntryFilter {
+    /// Only entries with this parent.
+    pub parent_id: Option<SpiffeId>,
+    /// Only entries with this SPIFFE ID.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+/// The outcome of an entry update or delete batch.
+#[derive(Debug, Default)]
+pub struct EntryWrite {
+    /// Per-item results, in request order (a delete's carries the deleted entry).
+    pub results: Vec<Result<Entry, EntryError>>,
+    /// The entries as they were before, per item (`None` when refused).
+    pub previous: Vec<Option<Entry>>,
+    /// SVIDs the batch revoked, in the same commit.
+    pub revoked: Vec<pb::Revocation>,
+}
+
+/// What a renewal of an agent's SVID did: the agent as renewed and what
+/// it revoked (the SVID of a lost reply), or its refusal.
+pub type RenewOutcome = Result<(pb::Agent, Vec<pb::Revocation>), AgentRefusal>;
+
+/// Why the store refused an agent operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentRefusal {
+    /// No such agent (never attested, or evicted).
+    #[error("{0} is not an attested agent")]
+    Unknown(String),
+    /// The agent is banned.
+    #[error("agent {0} is banned")]
+    Banned(String),
+    /// The presented agent SVID was revoked.
+    #[error("agent SVID {0} is revoked")]
+    Revoked(String),
+    /// The presented agent SVID is not the agent's current one.
+    #[error("agent SVID {0} is not the agent's current SVID (superseded by a renewal)")]
+    Superseded(String),
+    /// A join token (or attestation) for the ID of an agent on record, live
+    /// or banned: re-attesting a node is `agent evict` first.
+    #[error("agent {0} is already attested (or banned); evict it first: tessera-server agent evict --id {0}")]
+    Exists(String),
+    /// A join token (or attestation) for the SPIFFE ID of an entry.
+    #[error("{0} is the SPIFFE ID of a registration entry; an agent cannot have it")]
+    EntryIdentity(String),
+}
+
+/// Why an SVID signed for an item was revoked as it was recorded: the
+/// words, and the typed refusal the agent acts on, when there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemRefused {
+    /// The typed refusal (`agent-svid-changed`: sign again at once).
+    pub refusal: Option<Refusal>,
+    /// Why, in words.
+    pub why: String,
+}
+
+impl ItemRefused {
+    fn typed(refusal: Refusal, why: String) -> Self {
+        Self { refusal: Some(refusal), why }
+    }
+}
+
+impl From<String> for ItemRefused {
+    fn from(why: String) -> Self {
+        Self { refusal: None, why }
+    }
+}
+
+impl AgentRefusal {
+    /// The typed refusal sent to agents (the code shared with the agent).
+    pub fn kind(&self) -> tessera_proto::Refusal {
+        use tessera_proto::Refusal;
+        match self {
+            Self::Unknown(_) => Refusal::UnknownAgent,
+            Self::Banned(_) => Refusal::Banned,
+            Self::Revoked(_) => Refusal::Revoked,
+            Self::Superseded(_) => Refusal::Superseded,
+            Self::Exists(_) => Refusal::AgentExists,
+            Self::EntryIdentity(_) => Refusal::EntryIdentity,
+        }
+    }
+}
+
+/// What an approval wrote.
+#[derive(Debug)]
+pub struct Approved {
+    /// The proposal approved (now removed).
+    pub proposal: pb::Entry,
+    /// The entry write (empty for a join token).
+    pub write: EntryWrite,
+}
+
+/// A signed SVID to record, with the entry it was signed for.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    /// The record.
+    pub svid: pb::IssuedSvid,
+    /// The entry as it was read for signing.
+    pub entry: Entry,
+    /// The issuance's event: stored with the record, or, if the commit
+    /// revokes the SVID, stored as a denial with the reason.
+    pub event: pb::Event,
+}
+
+/// Signs the CRLs for a set of revocations: given to the store so that a
+/// commit that revokes also stores CRLs listing what it revoked (agents
+/// and workloads never see a revocation without its CRL).
+pub trait CrlSigner: Send + Sync + fmt::Debug {
+    /// One DER CRL per CA in the bundle, numbered `crl_number`.
+    fn sign_crls(
+        &self,
+        revocations: &[pb::Revocation],
+        crl_number: u64,
+    ) -> Result<Vec<Vec<u8>>, String>;
+}
+
+/// What [`Store::check`] found in a healthy store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreReport {
+    /// The change log's revision.
+    pub revision: u64,
+    /// The write sequence (and the watermark's).
+    pub write_seq: u64,
+    /// Entries.
+    pub entries: usize,
+    /// Agents.
+    pub agents: usize,
+    /// Issued-SVID records.
+    pub issued: usize,
+    /// Revocations.
+    pub revocations: usize,
+}
+
+/// What the server needs from storage.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Stores new entries (IDs already assigned); per-item results. Items
+    /// that duplicate an existing entry (or an earlier item) are refused.
+    fn create_entries(
+        &self,
+        entries: &[Entry],
+        audit: &Audit<'_, Vec<Result<Entry, EntryError>>>,
+    ) -> Result<Vec<Result<Entry, EntryError>>, StoreError>;
+    /// Replaces entries by ID; SVIDs the new version no longer authorizes
+    /// are revoked in the same commit.
+    fn update_entries(
+        &self,
+        entries: &[Entry],
+        now: i64,
+        reason: &str,
+        audit: &Audit<'_, EntryWrite>,
+    ) -> Result<EntryWrite, StoreError>;
+    /// Deletes entries by ID and revokes their SVIDs, in one commit.
+    fn delete_entries(
+        &self,
+        ids: &[String],
+        now: i64,
+        reason: &str,
+        audit: &Audit<'_, EntryWrite>,
+    ) -> Result<EntryWrite, StoreError>;
+    /// One entry.
+    fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError>;
+    /// Entries by ID, in the order asked (`None` where absent), read at once.
+    fn entries(&self, ids: &[String]) -> Result<Vec<Option<Entry>>, StoreError>;
+    /// Every entry whose parent ID is `parent` (an index lookup, no scan).
+    fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError>;
+    /// The entries of `parent` and the revision they are current to, read
+    /// with no write in between.
+    fn snapshot(&self, parent: &SpiffeId) -> Result<(u64, Vec<Entry>), StoreError>;
+    /// A page of entries ordered by ID, starting after `after`.
+    fn list_entries(
+        &self,
+        filter: &EntryFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError>;
+    /// Number of entries.
+    fn entry_count(&self) -> usize;
+    /// IDs of entries whose `expires_at` is at or before `now`.
+    fn expired_entries(&self, now: i64) -> Result<Vec<String>, StoreError>;
+
+    /// Up to `limit` changes after `revision`, in revision order.
+    fn changes_since(&self, revision: u64, limit: usize) -> Result<Vec<Change>, StoreError>;
+    /// The latest revision.
+    fn revision(&self) -> Result<u64, StoreError>;
+    /// The latest revision, updated after every commit that logged a change.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+    /// Logs a trust bundle change.
+    fn log_bundle_change(&self, audit: &Audit<'_, u64>) -> Result<u64, StoreError>;
+    /// Replaces `server_id`'s CA records (the trust bundle is the union of
+    /// every server's) and logs a bundle change if they changed.
+    fn publish_cas(&self, server_id: &str, cas: &[pb::CaRecord]) -> Result<bool, StoreError>;
+    /// Every server's CA records.
+    fn cas(&self) -> Result<Vec<pb::CaRecord>, StoreError>;
+    /// Takes `n` from agent `agent`'s signing budget (a token bucket of
+    /// `burst`, refilled at `rate` per second; `now_ms` is Unix time in
+    /// milliseconds) when several servers share this store, so that the
+    /// limit holds across them: `Some(taken)`. `None` when the store is
+    /// not shared (the server keeps budgets in memory).
+    fn take_shared_budget(
+        &self,
+        agent: &str,
+        n: u64,
+        rate: u32,
+        burst: u32,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StoreError>;
+    /// Sets who signs CRLs; until then commits store no CRLs.
+    fn set_crl_signer(&self, signer: std::sync::Arc<dyn CrlSigner>);
+    /// Sets the event log every commit chains its events into; until then
+    /// commits store no events (unit tests of the store alone).
+    fn set_event_sink(&self, sink: std::sync::Arc<dyn EventSink>);
+    /// Re-signs the CRLs (CA rotation, before they go stale), stores them
+    /// and logs the change.
+    fn resign_crls(&self) -> Result<u64, StoreError>;
+    /// The CRLs in force (DER, one per CA).
+    fn crls(&self) -> Result<Vec<Vec<u8>>, StoreError>;
+
+    /// Stores a join token.
+    /// Stores a join token (keyed by its SHA-256; the token itself is not
+    /// kept), in one commit with the checks that its agent ID is neither an
+    /// agent's on record (live or banned) nor an entry's.
+    fn put_join_token(
+        &self,
+        token: &pb::JoinToken,
+        audit: &Audit<'_, Result<(), AgentRefusal>>,
+    ) -> Result<Result<(), AgentRefusal>, StoreError>;
+    /// Removes and returns a join token: a token can be taken once.
+    fn take_join_token(
+        &self,
+        token: &str,
+        audit: &Audit<'_, Option<pb::JoinToken>>,
+    ) -> Result<Option<pb::JoinToken>, StoreError>;
+    /// Whether a join token is stored, read without writing anything (an
+    /// unknown token must cost no commit).
+    fn join_token_exists(&self, token: &str) -> Result<bool, StoreError>;
+
+    /// Records a newly attested agent and its first SVID; refused for the
+    /// ID of an agent on record (live or banned) or of an entry.
+    fn register_agent(
+        &self,
+        agent: &pb::Agent,
+        svid: &pb::IssuedSvid,
+        audit: &Audit<'_, Result<(), AgentRefusal>>,
+    ) -> Result<Result<(), AgentRefusal>, StoreError>;
+    /// Stores a proposal under its key (the entry ID; a join token's
+    /// proposal ID), refused while another waits under that key.
+    fn propose(
+        &self,
+        proposal: &pb::Entry,
+        audit: &Audit<'_, Result<(), ApprovalRefusal>>,
+    ) -> Result<Result<(), ApprovalRefusal>, StoreError>;
+    /// Removes the proposal under `key` if it is still the one with ID
+    /// `proposal_id` (any, when `None`): a reject or an expiry never removes
+    /// a newer proposal made under the same key meanwhile. True for the one
+    /// caller (of every server) that removed it.
+    fn remove_proposal(
+        &self,
+        key: &str,
+        proposal_id: Option<&str>,
+        audit: &Audit<'_, bool>,
+    ) -> Result<bool, StoreError>;
+    /// Approves the proposal under `key` (or with that proposal ID) if its
+    /// content hash is `content_hash`, and writes what it proposed, in one
+    /// commit with every check of [`crate::policy::approval::check`] and, for an
+    /// update, that the entry is still at the proposed-against revision.
+    fn approve(
+        &self,
+        key: &str,
+        content_hash: &str,
+        approver_uid: u32,
+        now: i64,
+        audit: &Audit<'_, Result<Approved, ApprovalRefusal>>,
+    ) -> Result<Result<Approved, ApprovalRefusal>, StoreError>;
+    /// Checks that `serial` may act for `agent_id`: a known, unbanned
+    /// agent's current SVID, not revoked.
+    fn check_agent(
+        &self,
+        agent_id: &str,
+        serial: &str,
+    ) -> Result<Result<pb::Agent, AgentRefusal>, StoreError>;
+    /// Replaces the agent's SVID with `svid`, in one commit with the
+    /// checks: the agent is known and unbanned, and `presented` is its
+    /// current SVID or, when the reply to the last renewal was lost, the one
+    /// before it (the lost one is then revoked, and returned).
+    fn renew_agent(
+        &self,
+        agent_id: &str,
+        presented: &str,
+        svid: &pb::IssuedSvid,
+        now: i64,
+        audit: &Audit<'_, RenewOutcome>,
+    ) -> Result<Result<(pb::Agent, Vec<pb::Revocation>), AgentRefusal>, StoreError>;
+    /// Bans an agent and revokes every SVID issued to or through it, in one
+    /// commit. Banning a banned agent revokes what is left.
+    fn ban_agent(
+        &self,
+        agent_id: &str,
+        reason: &str,
+        now: i64,
+        audit: &Audit<'_, Result<Vec<pb::Revocation>, AgentRefusal>>,
+    ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError>;
+    /// Forgets an agent (it must attest again) and revokes its own SVIDs.
+    /// A banned agent stays banned unless `unban`.
+    fn evict_agent(
+        &self,
+        agent_id: &str,
+        unban: bool,
+        now: i64,
+        audit: &Audit<'_, Result<Vec<pb::Revocation>, AgentRefusal>>,
+    ) -> Result<Result<Vec<pb::Revocation>, AgentRefusal>, StoreError>;
+    /// The agent used its current SVID `serial`: the reply to its last
+    /// renewal arrived, so the SVID before it may no longer renew.
+    fn confirm_agent_svid(&self, agent_id: &str, serial: &str) -> Result<(), StoreError>;
+    /// One agent.
+    fn agent(&self, spiffe_id: &str) -> Result<Option<pb::Agent>, StoreError>;
+    /// All agents.
+    fn agents(&self) -> Result<Vec<pb::Agent>, StoreError>;
+
+    /// Records SVIDs signed for `agent_id`'s entries. Each is checked, in
+    /// the commit, against the agent (still current and unbanned) and the
+    /// entry as it is now; one no longer authorized is revoked at once and
+    /// its item says why.
+    fn record_issued(
+        &self,
+        agent_id: &str,
+        agent_serial: &str,
+        signed: &[Signed],
+        now: i64,
+    ) -> Result<Vec<Result<(), ItemRefused>>, StoreError>;
+    /// Records an SVID an operator minted outside any node (no entry, no
+    /// agent), durable before it returns (`store/operator.rs`).
+    fn record_minted(&self, svid: &pb::IssuedSvid, audit: &Audit<'_, ()>)
+        -> Result<(), StoreError>;
+    /// Evicts an unbanned agent whose SVID expired at or before
+    /// `expired_before`, checked in the commit; `None` when it stays.
+    fn purge_agent(
+        &self,
+        agent_id: &str,
+        expired_before: i64,
+        now: i64,
+        audit: &Audit<'_, Option<Vec<pb::Revocation>>>,
+    ) -> Result<Option<Vec<pb::Revocation>>, StoreError>;
+    /// An unexpired SVID by serial.
+    fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError>;
+    /// Number of issued SVIDs on record (unexpired or not yet pruned).
+    fn issued_count(&self) -> usize;
+    /// Stores revocations and logs them.
+    fn revoke(
+        &self,
+        revocations: &[pb::Revocation],
+        audit: &Audit<'_, ()>,
+    ) -> Result<(), StoreError>;
+    /// A revocation by serial.
+    fn revocation(&self, serial: &str) -> Result<Option<pb::Revocation>, StoreError>;
+    /// Every revocation whose certificate has not expired yet.
+    fn revocations(&self) -> Result<Vec<pb::Revocation>, StoreError>;
+    /// Forgets issued SVIDs and revocations of certificates expired at `now`.
+    fn prune_expired(&self, now: i64) -> Result<usize, StoreError>;
+
+    /// Reads every record and checks the indexes and the watermark.
+    fn check(&self) -> Result<StoreReport, StoreError>;
+    /// Writes a consistent copy of every record to `out`.
+    fn backup(&self, out: &mut dyn Write) -> Result<(), StoreError>;
+    /// Whether the database answers, and what it is.
+    fn health(&self) -> Result<String, StoreError>;
+}
