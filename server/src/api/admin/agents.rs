@@ -1,7 +1,18 @@
 //! Agents over the admin API: join tokens (held for approval when the
 //! policy matches), ban, evict, lookup.
 
-use super::*;
+use tessera_proto::admin as pb;
+use tessera_proto::types::{self as types};
+use tessera_workload_api::SpiffeId;
+use tonic::{Request, Response, Status};
+
+use crate::api::admin::peer::operator_of;
+use crate::entry::Entry;
+use crate::event_schema::{self as schema, kind, EventExt};
+use crate::store::AgentRefusal;
+use crate::store::{join_token_key, Audit};
+
+use super::service::*;
 
 impl AdminService {
     pub(super) async fn create_join_token(

@@ -1,7 +1,18 @@
 //! Approvals: a second operator approves or rejects a proposal; the
 //! approval's checks, the write and its event are one commit.
 
-use super::*;
+use tessera_proto::admin::{self as pb};
+use tessera_proto::types::{self as types, Operator};
+use tonic::{Request, Response, Status};
+
+use crate::api::admin::peer::operator_of;
+use crate::entry::Entry;
+use crate::event_schema::{self as schema, kind, EventExt};
+use crate::policy::approval::ApprovalRefusal;
+use crate::state::State;
+use crate::store::{Approved, Audit, StoreError};
+
+use super::service::*;
 
 /// What an approval wrote: the entry, or for a join token the proposal.
 fn approved_entry(approved: &Approved) -> types::Entry {

@@ -2,7 +2,17 @@
 //! delete (each item's event in the commit that stores it; items the
 //! approval policy matches held as proposals), listing and lookup.
 
-use super::*;
+use tessera_proto::admin as pb;
+use tessera_proto::types::{self as types, Operator};
+use tonic::{Request, Response, Status};
+
+use crate::api::admin::ops::MAX_PAGE;
+use crate::api::admin::peer::operator_of;
+use crate::entry::{Entry, EntryError};
+use crate::event_schema::{self as schema, kind, EventExt};
+use crate::store::{Audit, EntryFilter, EntryWrite, Store, StoreError};
+
+use super::service::*;
 
 /// A store batch write at a time: per-item results and what it revoked.
 type BatchWrite = fn(

@@ -1,7 +1,12 @@
 //! The event stream over the admin API: listing (and following) events,
 //! and verifying the hash chain.
 
-use super::*;
+use tessera_proto::admin::{self as pb, admin_server::Admin};
+use tonic::{Request, Response, Status};
+
+use crate::event_schema::{self as schema};
+
+use super::service::*;
 
 impl AdminService {
     pub(super) async fn list_events(

@@ -8,211 +8,26 @@ mod events;
 pub mod ops;
 pub mod peer;
 pub mod reach;
+mod service;
+
+use service::*;
+pub use service::{
+    authorize, flush_refusals, report_proto, AdminService, BUNDLE_REFRESH_HINT_SECS,
+};
 
 pub use approvals::expire_proposals;
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use tessera_proto::admin::{self as pb, admin_server::Admin};
-use tessera_proto::types::{self as types, Operator, Status as ItemStatus};
-use tessera_workload_api::SpiffeId;
+use tessera_proto::types::{self as types};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::api::admin::ops::MAX_PAGE;
 use crate::api::admin::peer::operator_of;
-use crate::entry::{Entry, EntryError};
 use crate::event_schema::{self as schema, kind, EventExt};
-use crate::events::entry_json;
-use crate::policy::approval::ApprovalRefusal;
-use crate::policy::caller::AdminPeer;
 use crate::revocation::{normalize_serial, revoke_issued};
-use crate::state::State;
-use crate::store::AgentRefusal;
-use crate::store::{
-    join_token_key, svid_key, Approved, Audit, EntryFilter, EntryWrite, Store, StoreError,
-    StoreReport, MAX_BATCH,
-};
-
-/// Bytes per message of a streamed backup.
-const BACKUP_CHUNK: usize = 1024 * 1024;
-
-/// How often relying parties should re-read the bundle (the SPIFFE
-/// bundle's `spiffe_refresh_hint`): well within a CA's prepare-to-activate
-/// window at the default CA lifetime.
-pub const BUNDLE_REFRESH_HINT_SECS: u64 = 300;
-
-/// The store check's report as the admin API sends it.
-pub fn report_proto(report: &StoreReport) -> pb::StoreReport {
-    pb::StoreReport {
-        revision: report.revision,
-        write_seq: report.write_seq,
-        entries: report.entries as u64,
-        agents: report.agents as u64,
-        issued_svids: report.issued as u64,
-        revocations: report.revocations as u64,
-    }
-}
-
-/// Lets operators through (root, the server's uid, `admin_uids`,
-/// `admin_gids`); refuses, records and logs anyone else.
-pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Status> {
-    let method = request
-        .extensions()
-        .get::<crate::api::admin::peer::CalledMethod>()
-        .map(|m| m.0.clone())
-        .unwrap_or_default();
-    let peer = request.extensions().get::<AdminPeer>();
-    let operator = peer.map(|p| p.operator);
-    let verdict = match peer {
-        Some(peer) => state.governance.operators.authorize(peer),
-        None => Err("the caller's peer credentials are unknown".to_string()),
-    };
-    match verdict {
-        Ok(()) => Ok(request),
-        Err(why) => {
-            // The first refusal of a uid in an interval is an event at once;
-            // the rest are folded into one with a count (`flush_refusals`).
-            let uid = operator.map_or(u32::MAX, |o| o.uid);
-            if state.governance.refused.note(uid, &why, false) {
-                let e = schema::denied(kind::ADMIN_REFUSED, why.clone())
-                    .code(schema::grpc_code(tonic::Code::PermissionDenied))
-                    .operator(operator)
-                    .attr("method", &method)
-                    .attr("count", 1);
-                state.events.record(vec![e]);
-            }
-            Err(Status::permission_denied(why))
-        }
-    }
-}
-
-/// Records the admin refusals folded since the last call: one
-/// `admin.refused` event per uid with `count`.
-pub fn flush_refusals(state: &State) {
-    let events: Vec<types::Event> = state
-        .governance
-        .refused
-        .take()
-        .into_iter()
-        .map(|(uid, f)| {
-            tracing::warn!(uid, refused = f.count, "admin calls refused");
-            schema::denied(
-                kind::ADMIN_REFUSED,
-                format!(
-                    "{} more admin calls refused from uid {uid} (last: {})",
-                    f.count, f.last_reason
-                ),
-            )
-            .code(schema::grpc_code(tonic::Code::PermissionDenied))
-            .operator(Some(Operator { uid, gid: 0, pid: 0 }))
-            .attr("count", f.count)
-        })
-        .collect();
-    if !events.is_empty() {
-        state.events.record(events);
-    }
-}
-
-/// The status of a refused proposal or approval.
-fn approval_code(refusal: &ApprovalRefusal) -> tonic::Code {
-    match refusal {
-        ApprovalRefusal::NotFound(_) => tonic::Code::NotFound,
-        ApprovalRefusal::HashRequired => tonic::Code::InvalidArgument,
-        ApprovalRefusal::SameOperator { .. } => tonic::Code::PermissionDenied,
-        ApprovalRefusal::Entry(e) => e.code(),
-        _ => tonic::Code::FailedPrecondition,
-    }
-}
-
-/// An admin event: `kind` allowed for `operator`.
-fn admin_event(kind: &str, operator: &Option<Operator>) -> types::Event {
-    schema::event(kind, schema::ALLOW).operator(*operator)
-}
-
-/// The event of an entry written, proposed, approved or deleted.
-fn entry_event(
-    kind: &str,
-    operator: &Option<Operator>,
-    before: Option<&types::Entry>,
-    after: Option<&types::Entry>,
-) -> types::Event {
-    let mut e = admin_event(kind, operator);
-    if let Some(entry) = after.or(before) {
-        e.spiffe_ids.push(entry.spiffe_id.clone());
-        e.entry_ids.push(entry.id.clone());
-        e.agent_id = entry.parent_id.clone();
-    }
-    e.before = before.map(entry_json).unwrap_or_default();
-    e.after = after.map(entry_json).unwrap_or_default();
-    e
-}
-
-/// The admin API service.
-#[derive(Debug, Clone)]
-pub struct AdminService {
-    state: Arc<State>,
-}
-
-impl AdminService {
-    /// The service over shared server state.
-    pub fn new(state: Arc<State>) -> Self {
-        Self { state }
-    }
-
-    fn check_batch(len: usize) -> Result<(), Status> {
-        if len == 0 {
-            return Err(Status::invalid_argument("batch is empty"));
-        }
-        if len > MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "batch has {len} items, more than the {MAX_BATCH} allowed"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Records a refused approval and returns the status.
-    fn deny_approval(&self, operator: &Option<Operator>, id: &str, status: Status) -> Status {
-        let e = schema::refused(kind::ENTRY_APPROVE, &status).operator(*operator).entry(id);
-        self.state.events.record(vec![e]);
-        status
-    }
-
-    /// A SPIFFE ID from a request, or its refusal.
-    fn parse_id(
-        &self,
-        operator: &Option<Operator>,
-        field: &str,
-        value: &str,
-    ) -> Result<SpiffeId, Status> {
-        SpiffeId::parse(value)
-            .map_err(|e| self.refuse(operator, field, format!("invalid {field}: {e}")))
-    }
-
-    /// Refuses a request for bad input, with an event.
-    fn refuse(&self, operator: &Option<Operator>, what: &str, message: String) -> Status {
-        self.refuse_with(operator, what, Status::invalid_argument(message))
-    }
-
-    /// Refuses a request with `status` (e.g. one the store's state
-    /// refuses: `FailedPrecondition`), with an event.
-    fn refuse_with(&self, operator: &Option<Operator>, what: &str, status: Status) -> Status {
-        let e =
-            schema::refused(kind::ADMIN_REFUSED, &status).operator(*operator).attr("request", what);
-        self.state.events.record(vec![e]);
-        status
-    }
-}
-
-fn ok() -> ItemStatus {
-    ItemStatus { code: 0, ..Default::default() }
-}
-
-fn item_status(code: tonic::Code, message: &impl ToString) -> ItemStatus {
-    ItemStatus { code: code as i32, message: message.to_string(), ..Default::default() }
-}
+use crate::store::{svid_key, StoreError};
 
 #[tonic::async_trait]
 impl Admin for AdminService {

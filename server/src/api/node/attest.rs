@@ -15,7 +15,7 @@ use crate::event_schema::{self as schema, kind, EventExt};
 use crate::store::{AgentRefusal, Audit};
 use tessera_common::rate::TokenBucket;
 
-use super::*;
+use super::service::*;
 
 impl NodeService {
     /// Refuses an attestation from `source` at once when its budget of

@@ -15,7 +15,7 @@ use crate::event_schema::{self as schema, kind, EventExt};
 use crate::store::{Signed, MAX_BATCH};
 use tessera_common::rate::TokenBucket;
 
-use super::*;
+use super::service::*;
 
 impl NodeService {
     /// Takes `n` CSRs from the agent's signing budget, or says when to

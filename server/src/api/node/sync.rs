@@ -14,7 +14,7 @@ use crate::entry::Entry;
 use crate::feed::FedChange;
 use crate::store::{AgentRefusal, ChangeKind};
 
-use super::*;
+use super::service::*;
 
 /// How often an open Sync stream re-checks its agent's SVID (superseded by
 /// a renewal, expired) when no change wakes it.
