@@ -5,7 +5,8 @@ use serde_json::json;
 use tessera_proto::admin as pb;
 use tessera_proto::types;
 
-use super::{connect, format_time, json_time, parse_duration, CliError, MatchMode, SocketArg};
+use super::args::{connect, json_time, parse_duration, MatchMode, SocketArg};
+use crate::cli_support::{format_time, CliError};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum AgentCommand {
@@ -112,7 +113,7 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
         AgentCommand::Count { socket } => {
             let mut client = connect(&socket).await?;
             let count = client.count_agents(pb::CountAgentsRequest {}).await?.into_inner().count;
-            crate::outln!("{}", super::count(count, "attested agent", "attested agents"));
+            crate::outln!("{}", super::args::count(count, "attested agent", "attested agents"));
             Ok(())
         }
         AgentCommand::Purge { expired_for, dry_run, json, socket } => {
@@ -134,7 +135,7 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
             let verb = if dry_run { "Would purge" } else { "Purged" };
             crate::outln!(
                 "{verb} {} whose SVID expired at least {expired_for}s ago",
-                super::count(agents.len() as u64, "agent", "agents")
+                super::args::count(agents.len() as u64, "agent", "agents")
             );
             for a in &agents {
                 crate::outln!(
@@ -162,7 +163,7 @@ pub(super) async fn agent_command(command: AgentCommand) -> Result<(), CliError>
             } else {
                 crate::outln!(
                     "Found {}",
-                    super::count(agents.len() as u64, "attested agent", "attested agents")
+                    super::args::count(agents.len() as u64, "attested agent", "attested agents")
                 );
                 for a in &agents {
                     crate::outln!();

@@ -3,7 +3,8 @@
 use clap::{Subcommand, ValueEnum};
 use tessera_proto::admin as pb;
 
-use super::{connect, CliError, SocketArg};
+use super::args::{connect, SocketArg};
+use crate::cli_support::CliError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(super) enum BundleFormat {

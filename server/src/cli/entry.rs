@@ -6,7 +6,8 @@ use tessera_proto::admin as pb;
 use tessera_proto::types;
 use tessera_workload_api::Selector;
 
-use super::{connect, format_time, json_time, CliError, MatchMode, SocketArg};
+use super::args::{connect, json_time, MatchMode, SocketArg};
+use crate::cli_support::{format_time, CliError};
 
 #[derive(Debug, Args)]
 pub(super) struct EntryFields {
@@ -281,7 +282,10 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
         EntryCommand::Count { socket } => {
             let mut client = connect(&socket).await?;
             let count = client.count_entries(pb::CountEntriesRequest {}).await?.into_inner().count;
-            crate::outln!("{}", super::count(count, "registration entry", "registration entries"));
+            crate::outln!(
+                "{}",
+                super::args::count(count, "registration entry", "registration entries")
+            );
             Ok(())
         }
         EntryCommand::Show {
@@ -398,7 +402,7 @@ pub(super) fn report_pending(entry: &types::Entry) {
 }
 
 pub(super) fn print_entries(entries: &[types::Entry]) {
-    crate::outln!("Found {}", super::count(entries.len() as u64, "entry", "entries"));
+    crate::outln!("Found {}", super::args::count(entries.len() as u64, "entry", "entries"));
     for e in entries {
         crate::outln!();
         crate::outln!("Entry ID         : {}", e.id);

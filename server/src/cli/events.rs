@@ -4,7 +4,8 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use tessera_proto::admin as pb;
 
-use super::{connect, CliError, SocketArg};
+use super::args::{connect, SocketArg};
+use crate::cli_support::CliError;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum EventsCommand {

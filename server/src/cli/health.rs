@@ -2,7 +2,8 @@
 
 use tessera_proto::admin as pb;
 
-use super::{connect, CliError, SocketArg};
+use super::args::{connect, SocketArg};
+use crate::cli_support::CliError;
 
 pub(super) async fn healthcheck(socket: SocketArg) -> Result<(), CliError> {
     let mut client =
@@ -21,10 +22,10 @@ pub(super) async fn healthcheck(socket: SocketArg) -> Result<(), CliError> {
     crate::outln!(
         "Server is healthy (trust domain {}, {}, {}, revision {}, {} in the bundle).",
         health.trust_domain,
-        super::count(health.entries, "entry", "entries"),
-        super::count(health.agents, "agent", "agents"),
+        super::args::count(health.entries, "entry", "entries"),
+        super::args::count(health.agents, "agent", "agents"),
         health.revision,
-        super::count(health.bundle_cas, "CA", "CAs"),
+        super::args::count(health.bundle_cas, "CA", "CAs"),
     );
     crate::outln!("Datastore: {}.", health.datastore);
     Ok(())

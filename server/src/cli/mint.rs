@@ -8,7 +8,8 @@ use clap::Subcommand;
 use serde_json::json;
 use tessera_proto::admin as pb;
 
-use super::{connect, format_time, json_time, parse_duration, CliError, SocketArg};
+use super::args::{connect, json_time, parse_duration, SocketArg};
+use crate::cli_support::{format_time, CliError};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum X509Command {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use super::{init_logging, CliError};
+use crate::cli_support::{init_logging, CliError};
 use crate::config::{Config, FileConfig};
 use crate::server::Server;
 use tessera_common::clock::SystemClock;

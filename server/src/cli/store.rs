@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use tessera_proto::admin as pb;
 
-use super::{connect, CliError, SocketArg};
+use super::args::{connect, SocketArg};
+use crate::cli_support::CliError;
 use crate::config::DEFAULT_DATA_DIR;
 use crate::store::{KvStore, Store, StoreError};
 
@@ -44,10 +45,10 @@ pub(super) fn print_report(report: &pb::StoreReport) {
         "Store is whole: revision {}, write #{}, {}, {}, {}, {}.",
         report.revision,
         report.write_seq,
-        super::count(report.entries, "entry", "entries"),
-        super::count(report.agents, "agent", "agents"),
-        super::count(report.issued_svids, "issued SVID", "issued SVIDs"),
-        super::count(report.revocations, "revocation", "revocations"),
+        super::args::count(report.entries, "entry", "entries"),
+        super::args::count(report.agents, "agent", "agents"),
+        super::args::count(report.issued_svids, "issued SVID", "issued SVIDs"),
+        super::args::count(report.revocations, "revocation", "revocations"),
     );
 }
 

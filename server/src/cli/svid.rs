@@ -4,7 +4,8 @@ use clap::Subcommand;
 use serde_json::json;
 use tessera_proto::admin as pb;
 
-use super::{connect, format_time, json_time, CliError, SocketArg};
+use super::args::{connect, json_time, SocketArg};
+use crate::cli_support::{format_time, CliError};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum SvidCommand {
@@ -82,7 +83,7 @@ pub(super) async fn svid_command(command: SvidCommand) -> Result<(), CliError> {
             } else {
                 crate::outln!(
                     "Found {}",
-                    super::count(list.len() as u64, "revoked SVID", "revoked SVIDs")
+                    super::args::count(list.len() as u64, "revoked SVID", "revoked SVIDs")
                 );
                 for r in &list {
                     crate::outln!();

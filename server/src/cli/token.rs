@@ -3,7 +3,8 @@
 use clap::Subcommand;
 use tessera_proto::admin as pb;
 
-use super::{connect, CliError, SocketArg};
+use super::args::{connect, SocketArg};
+use crate::cli_support::CliError;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum TokenCommand {
