@@ -29,6 +29,7 @@ mod events;
 mod feed;
 mod fsutil;
 mod health;
+mod maintenance;
 mod metrics;
 mod mint;
 #[cfg(test)]

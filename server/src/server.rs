@@ -209,7 +209,7 @@ impl Server {
         });
         let shared = {
             let state = state.clone();
-            tokio::task::spawn_blocking(move || share_bundle(&state))
+            tokio::task::spawn_blocking(move || crate::maintenance::share_bundle(&state))
                 .await
                 .map_err(|e| ServerError::Crl(e.to_string()))?
         };
@@ -368,11 +368,12 @@ impl Server {
         );
 
         tasks.spawn(
-            rotation_loop(state.clone(), svid, shutdown.clone())
+            crate::maintenance::rotation_loop(state.clone(), svid, shutdown.clone())
                 .instrument(tracing::info_span!("ca_rotation")),
         );
         tasks.spawn(
-            expiry_loop(state.clone(), shutdown.clone()).instrument(tracing::info_span!("expiry")),
+            crate::maintenance::expiry_loop(state.clone(), shutdown.clone())
+                .instrument(tracing::info_span!("expiry")),
         );
         let events = state.events.clone();
         let stop = shutdown.clone();
@@ -434,99 +435,6 @@ impl Server {
     }
 }
 
-/// Keeps the CA rotated and the server's own SVID fresh.
-async fn rotation_loop(
-    state: Arc<State>,
-    svid: Arc<ServerSvid>,
-    shutdown: CancellationToken,
-) -> Result<(), ServerError> {
-    loop {
-        let now = state.clock.now();
-        let svid_refresh = (svid.expires_at() - now) / 2;
-        let wait = state.ca.next_rotation_in().min(svid_refresh).clamp(1, 3600);
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = state.clock.sleep_until((now + wait) * 1000) => {}
-        }
-        let now = state.clock.now();
-        match state.ca.rotate() {
-            Ok(changed) => {
-                if changed {
-                    let e = crate::event_schema::event(crate::event_schema::kind::CA_ROTATE, "");
-                    let e = crate::event_schema::EventExt::attr(
-                        e,
-                        "bundle_cas",
-                        state.ca.bundle().len(),
-                    );
-                    let e = crate::event_schema::EventExt::attr(
-                        e,
-                        "active_ca_not_after",
-                        state.ca.active_not_after(),
-                    );
-                    let kids: Vec<String> =
-                        state.ca.jwt_authorities().into_iter().map(|k| k.kid).collect();
-                    let e = crate::event_schema::EventExt::attr(e, "jwt_kids", kids.join(","));
-                    state.events.record_durable(vec![e]).await;
-                    let shared = state.clone();
-                    match tokio::task::spawn_blocking(move || share_bundle(&shared)).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => error!(error = %e, "publishing the bundle change failed"),
-                        Err(e) => error!(error = %e, "publishing the bundle change failed"),
-                    }
-                    // One CRL per CA in the bundle: a new CA needs its own.
-                    if let Err(e) = crate::revocation::refresh_crls(&state).await {
-                        error!(error = %e.message(), "CRL refresh after CA rotation failed");
-                    }
-                }
-                let half_life_passed =
-                    svid.expires_at() - now <= i64::from(tls::SERVER_SVID_TTL) / 2;
-                if changed || half_life_passed {
-                    if let Err(e) = svid.renew(&state.ca) {
-                        error!(error = %e, "server SVID renewal failed");
-                    }
-                }
-            }
-            Err(e) => error!(error = %e, "CA rotation failed"),
-        }
-    }
-}
-
-/// Expires task-scoped entries the moment they reach `expires_at`, forgets
-/// records of expired certificates, and re-signs the CRLs before they go stale.
-async fn expiry_loop(state: Arc<State>, shutdown: CancellationToken) -> Result<(), ServerError> {
-    let mut last_prune = state.clock.now();
-    let mut last_crl = state.clock.now();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = state.clock.sleep(Duration::from_millis(250)) => {}
-        }
-        if let Err(e) = crate::revocation::expire_entries(&state).await {
-            error!(error = %e.message(), "expiring entries failed");
-        }
-        crate::api::admin::expire_proposals(&state).await;
-        let now = state.clock.now();
-        if now - last_prune >= 60 {
-            last_prune = now;
-            match state.store_op(move |store| store.prune_expired(now)).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    info!(records = n, "forgot records of expired certificates");
-                    let _ = crate::revocation::refresh_crls(&state).await;
-                    last_crl = now;
-                }
-                Err(e) => error!(error = %e.message(), "pruning expired records failed"),
-            }
-        }
-        if now - last_crl >= crate::revocation::CRL_VALIDITY_SECS / 2 {
-            last_crl = now;
-            if let Err(e) = crate::revocation::refresh_crls(&state).await {
-                error!(error = %e.message(), "periodic CRL refresh failed");
-            }
-        }
-    }
-}
-
 /// Binds the admin socket: mode 0600, or 0666 in a directory others can
 /// reach when operators other than the server's user are configured
 /// (`shared`): callers are then authorized by their peer credentials.
@@ -576,18 +484,6 @@ async fn bind_admin_socket(
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io("cannot restrict admin socket"))?;
     Ok(listener)
-}
-
-/// Publishes this server's CAs to the store and takes in every other
-/// server's: the bundle agents and workloads receive is their union, and
-/// the node API accepts agents whose SVIDs any of them signed. Publishing
-/// logs a bundle change when this server's CAs changed.
-fn share_bundle(state: &State) -> Result<bool, StoreError> {
-    let own = state.ca.records(&state.server_id);
-    state.store.publish_cas(&state.server_id, &own)?;
-    let changed = state.ca.set_peers(&state.server_id, state.store.cas()?);
-    state.anchors.update(state.ca.bundle().to_vec());
-    Ok(changed)
 }
 
 /// What the server itself does with changes other servers committed,
