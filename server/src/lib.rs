@@ -23,6 +23,7 @@ pub use tessera_common::cli_support;
 mod client;
 mod config;
 mod entry;
+mod error;
 pub use tessera_common::event_schema;
 mod api;
 mod events;
@@ -51,10 +52,11 @@ pub use ca::{Ca, CaError, CaPolicy, SignedSvid};
 pub use client::connect_admin;
 pub use config::{Config, ConfigError, FileConfig};
 pub use entry::{Entry, EntryError, EntryRules};
+pub use error::ServerError;
 pub use events::EventConfig;
 pub use policy::governance::ApprovalPolicy;
 pub use revocation::normalize_serial;
-pub use server::{Server, ServerError, MAX_MESSAGE_BYTES};
+pub use server::{Server, MAX_MESSAGE_BYTES};
 pub use store::{
     AgentRefusal, Change, ChangeKind, EntryFilter, EntryWrite, KvStore, Signed, Store, StoreError,
     StoreReport,

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::api::node::tls::{self, ServerSvid};
-use crate::server::ServerError;
+use crate::error::ServerError;
 use crate::state::State;
 use crate::store::StoreError;
 

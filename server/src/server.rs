@@ -14,7 +14,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -32,12 +31,13 @@ use tracing::{error, info, warn, Instrument};
 use crate::api::admin::AdminService;
 use crate::api::node::tls::{self, NodeLimits, NodePeer, ServerSvid};
 use crate::api::node::NodeService;
-use crate::ca::{Ca, CaError, CaPolicy};
+use crate::ca::{Ca, CaPolicy};
 use crate::config::Config;
 use crate::entry::EntryRules;
+use crate::error::ServerError;
 use crate::fsutil::create_private_dir;
 use crate::state::State;
-use crate::store::{Change, ChangeKind, KvStore, Store, StoreError};
+use crate::store::{Change, ChangeKind, KvStore, Store};
 use tessera_common::clock::Clock;
 
 /// Largest gRPC message the server accepts or sends.
@@ -64,40 +64,6 @@ pub const UNAUTHENTICATED_HEADER_BYTES: u32 = 8 * 1024;
 /// A connection without a client certificate is closed after this, open
 /// requests or not (attesting takes well under a second).
 pub const UNAUTHENTICATED_MAX_AGE: Duration = Duration::from_secs(10);
-
-/// Why the server could not start or stopped.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServerError {
-    /// A file or socket operation failed.
-    #[error("{what} {path}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The path or address.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Another server already serves this admin socket.
-    #[error("admin socket {0} is in use by a running server")]
-    AdminSocketInUse(PathBuf),
-    /// The store could not be opened.
-    #[error("{0}")]
-    Store(#[from] StoreError),
-    /// The CA could not be loaded or created.
-    #[error("{0}")]
-    Ca(#[from] CaError),
-    /// TLS setup failed.
-    #[error("TLS setup: {0}")]
-    Tls(#[from] rustls::Error),
-    /// The CRLs could not be built.
-    #[error("CRL: {0}")]
-    Crl(String),
-    /// A gRPC server failed.
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
-}
 
 /// A bound, ready-to-run server.
 #[derive(Debug)]
