@@ -17,30 +17,43 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+#[path = "workload/attestor.rs"]
 mod attestor;
+#[path = "workload/authority.rs"]
 mod authority;
+#[path = "svid/cache.rs"]
 mod cache;
 pub mod cli;
 #[path = "../../common/cli_support.rs"]
 pub mod cli_support;
 #[path = "../../common/events.rs"]
 pub mod event_schema;
+#[path = "event_spool.rs"]
 mod events;
 mod fetch;
 mod health;
 mod identity;
+#[path = "svid/jwt.rs"]
 mod jwt;
+#[path = "node/sync.rs"]
 mod manager;
 mod metrics;
+#[path = "node/attestation.rs"]
 mod node_attestation;
+#[path = "node/client.rs"]
 mod node_client;
+#[path = "node/recovery.rs"]
 mod recovery;
+#[path = "node/renewal.rs"]
 mod renewal;
+#[path = "node/standing.rs"]
 mod standing;
 #[path = "../../common/telemetry.rs"]
 mod telemetry;
+#[path = "workload/service.rs"]
 mod workload;
 pub use workload::WorkloadLimits;
+#[path = "workload/client.rs"]
 mod workload_client;
 
 pub use agent::{Agent, AgentConfig, AgentError, DEFAULT_DATA_DIR, DEFAULT_SOCKET_PATH};
