@@ -11,7 +11,7 @@ use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tessera_workload_api::{SpiffeId, X509Svid};
 
-use crate::node_client::ClientIdentity;
+use crate::node::client::ClientIdentity;
 
 /// Identity storage errors.
 #[derive(Debug, thiserror::Error)]

@@ -17,56 +17,34 @@
 #![forbid(unsafe_code)]
 
 mod agent;
-#[path = "workload/attestor.rs"]
-mod attestor;
-#[path = "workload/authority.rs"]
-mod authority;
-#[path = "svid/cache.rs"]
-mod cache;
 pub mod cli;
 #[path = "../../common/cli_support.rs"]
 pub mod cli_support;
 #[path = "../../common/events.rs"]
 pub mod event_schema;
-#[path = "event_spool.rs"]
-mod events;
+mod event_spool;
 mod fetch;
 mod health;
 mod identity;
-#[path = "svid/jwt.rs"]
-mod jwt;
-#[path = "node/sync.rs"]
-mod manager;
 mod metrics;
-#[path = "node/attestation.rs"]
-mod node_attestation;
-#[path = "node/client.rs"]
-mod node_client;
-#[path = "node/recovery.rs"]
-mod recovery;
-#[path = "node/renewal.rs"]
-mod renewal;
-#[path = "node/standing.rs"]
-mod standing;
+mod node;
+mod schedule;
+mod svid;
 #[path = "../../common/telemetry.rs"]
 mod telemetry;
-#[path = "workload/service.rs"]
 mod workload;
-pub use workload::WorkloadLimits;
-#[path = "workload/client.rs"]
-mod workload_client;
+pub use workload::limits::WorkloadLimits;
 
 pub use agent::{Agent, AgentConfig, AgentError, DEFAULT_DATA_DIR, DEFAULT_SOCKET_PATH};
-pub use attestor::{
-    AttestError, Attestation, Executable, HashLimits, PeerProcess, PendingHash, PinnedBy,
-    UnixAttestor, WorkloadAttestor,
-};
-pub use authority::{AuthorityError, AuthorityRewriter, RewriteAuthority};
 pub use health::{decide as decide_health, Facts as HealthFacts, Health};
-pub use node_client::{
+pub use node::client::{
     alert_refusal, connect_node, connect_node_watched, node_tls_config, AlertSlot, ClientIdentity,
     NodeClientError, Servers, MAX_MESSAGE_BYTES,
 };
-pub use workload_client::{
+pub use workload::attestor::{Attestation, UnixAttestor, WorkloadAttestor};
+pub use workload::authority::{AuthorityError, AuthorityRewriter, RewriteAuthority};
+pub use workload::client::{
     connect_workload_api, fetch_x509, with_header as cli_request, FetchedSvid,
 };
+pub use workload::executable::{Executable, HashLimits, PendingHash};
+pub use workload::peer::{AttestError, PeerProcess, PinnedBy};

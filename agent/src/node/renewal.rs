@@ -1,7 +1,8 @@
 //! Renewal of the agent's own SVID: at half-life ± 10 %, at once when a
 //! call was refused as superseded, from the new schedule when the identity
 //! changed (attested again). A refusal of the renewal itself is judged by
-//! the recovery rule. Depends on `identity`, `manager`, `recovery`.
+//! the recovery rule. Depends on `identity`, `schedule`, the link and
+//! `standing`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::identity::{new_key_and_csr, AgentIdentity};
-use crate::manager::{now, renew_point, Backoff, NodeLink, BACKDATE_SECS};
-use crate::standing::{Call, Death};
+use crate::node::link::NodeLink;
+use crate::node::standing::{Call, Death};
+use crate::schedule::{now, renew_point, Backoff, BACKDATE_SECS};
 
 /// Renews the agent's own SVID at half-life ± 10 %, at once when a call
 /// was refused as superseded, and from the new schedule when the identity

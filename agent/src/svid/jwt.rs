@@ -16,8 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{debug, info, warn};
 
-use crate::cache::AgentEntry;
-use crate::manager::{now, NodeLink, SIGN_BATCH};
+use crate::node::link::NodeLink;
+use crate::schedule::now;
+use crate::svid::cache::AgentEntry;
+use crate::svid::SIGN_BATCH;
 
 /// Audiences one request may name.
 pub const MAX_AUDIENCES: usize = 16;

@@ -1,0 +1,18 @@
+//! The agent's side of the server: its own identity there (node
+//! attestation, renewal of the agent SVID, recovery when the server ends
+//! it, its standing) and the clients of the node API that share one link
+//! to the server (the `Sync` stream, the event pusher).
+//!
+//! Dependencies: `client` (TLS, the server ring) and `standing` are the
+//! bottom of this folder; `link` builds on them; the loops build on the
+//! link. `sync` is the only file here that uses `svid/` (it fills the cache
+//! and the JWT revocations); nothing here uses `workload/`.
+
+pub mod attestation;
+pub mod client;
+pub mod event_push;
+pub mod link;
+pub mod recovery;
+pub mod renewal;
+pub mod standing;
+pub mod sync;

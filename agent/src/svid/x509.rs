@@ -1,0 +1,174 @@
+//! The X.509 signer: keeps an SVID for every entry the agent serves (new
+//! entries at once, renewal at half-life ± 10 % jitter), drops SVIDs that
+//! expire while the server is away.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use tessera_proto::node as pb;
+use tessera_proto::Refusal;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::identity::new_key_and_csr;
+use crate::node::link::NodeLink;
+use crate::node::standing::Call;
+use crate::schedule::{now, renew_point, Backoff};
+use crate::svid::cache::{AgentEntry, Cache, CachedSvid};
+use crate::svid::SIGN_BATCH;
+
+/// Wait before retrying an entry whose signing failed.
+const SIGN_RETRY_SECS: i64 = 5;
+
+/// Keeps an SVID for every entry: signs new entries at once and renews at
+/// half-life; drops SVIDs that expire (e.g. while the server is down).
+pub async fn signer_loop(
+    link: Arc<NodeLink>,
+    cache: Cache,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut retry_at: HashMap<String, i64> = HashMap::new();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let now = now();
+        cache.update(|s| {
+            let before = s.svids.len();
+            s.svids.retain(|_, svid| svid.expires_at > now);
+            before != s.svids.len()
+        });
+        let state = cache.state();
+        retry_at.retain(|id, at| *at > now && state.entries.contains_key(id));
+        let due: Vec<Arc<AgentEntry>> = if state.ready {
+            state
+                .entries
+                .values()
+                .filter(|e| e.expires_at == 0 || e.expires_at > now)
+                // Renew at the renewal point, unless the SVID already runs to
+                // the entry's expiry: a new one could not last longer.
+                .filter(|e| {
+                    state.svids.get(&e.id).is_none_or(|s| {
+                        s.renew_at <= now && (e.expires_at == 0 || s.expires_at < e.expires_at)
+                    })
+                })
+                .filter(|e| !retry_at.contains_key(&e.id))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut wait = Duration::from_secs(3600);
+        if !due.is_empty() {
+            let used = link.serial();
+            match sign(&link, &cache, &due, &mut retry_at).await {
+                Ok(()) => backoff.reset(),
+                Err((e, status)) => {
+                    if !link.judge(status.as_ref(), Call::Sign, &used) {
+                        warn!(error = %e, entries = due.len(), "SVID signing failed; will retry");
+                    }
+                    link.fail_over();
+                    wait = backoff.next_delay();
+                }
+            }
+        }
+        let state = cache.state();
+        let now = crate::schedule::now();
+        let next = state
+            .svids
+            .values()
+            .flat_map(|s| {
+                let capped = state
+                    .entries
+                    .get(&s.entry_id)
+                    .is_some_and(|e| e.expires_at != 0 && s.expires_at >= e.expires_at);
+                [if capped { s.expires_at } else { s.renew_at }, s.expires_at]
+            })
+            .chain(retry_at.values().copied())
+            .min();
+        if let Some(next) = next {
+            wait = wait.min(Duration::from_secs((next - now).max(0) as u64));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn sign(
+    link: &NodeLink,
+    cache: &Cache,
+    due: &[Arc<AgentEntry>],
+    retry_at: &mut HashMap<String, i64>,
+) -> Result<(), (String, Option<tonic::Status>)> {
+    let mut client = link.client().await.map_err(|e| (e.to_string(), None))?;
+    for chunk in due.chunks(SIGN_BATCH) {
+        let entries = chunk.to_vec();
+        let prepared = tokio::task::spawn_blocking(move || {
+            entries
+                .into_iter()
+                .map(|e| new_key_and_csr().map(|(key, csr)| (e, key, csr)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| (e.to_string(), None))?
+        .map_err(|e| (e.to_string(), None))?;
+        let items = prepared
+            .iter()
+            .map(|(e, _, csr)| pb::SignX509Item { entry_id: e.id.clone(), csr: csr.clone() })
+            .collect();
+        let response = client
+            .sign_x509(pb::SignX509Request { items })
+            .await
+            .map_err(|s| (format!("{:?}: {}", s.code(), s.message()), Some(s)))?
+            .into_inner();
+        let now = now();
+        let mut fresh = Vec::new();
+        for ((entry, key, _), result) in prepared.into_iter().zip(response.results) {
+            let status = result.status.unwrap_or_default();
+            if status.code != 0 {
+                if status.refusal == Refusal::AgentSvidChanged.as_str() {
+                    // Renewed while the server signed: again in a second,
+                    // on a connection with the new SVID.
+                    debug!(entry_id = %entry.id, "agent SVID renewed while signing; signing again");
+                    link.reset();
+                    retry_at.insert(entry.id.clone(), now + 1);
+                    continue;
+                }
+                warn!(entry_id = %entry.id, code = status.code, reason = %status.message, "server refused to sign SVID");
+                retry_at.insert(entry.id.clone(), now + SIGN_RETRY_SECS);
+                continue;
+            }
+            let chain: Vec<CertificateDer<'static>> =
+                result.x509_svid.into_iter().map(Into::into).collect();
+            let svid = CachedSvid {
+                entry_id: entry.id.clone(),
+                spiffe_id: entry.spiffe_id.clone(),
+                chain,
+                key_pkcs8: Arc::new(key),
+                serial: result.serial,
+                expires_at: result.expires_at,
+                renew_at: renew_point(now, result.expires_at),
+                hint: entry.hint.clone(),
+            };
+            debug!(entry_id = %entry.id, serial = %svid.serial, expires_at = svid.expires_at, "SVID cached");
+            fresh.push(svid);
+        }
+        cache.update(|s| {
+            let mut changed = false;
+            for svid in fresh {
+                // The entry may have changed or gone while we were signing.
+                if s.entries.get(&svid.entry_id).is_some_and(|e| e.spiffe_id == svid.spiffe_id) {
+                    s.svids.insert(svid.entry_id.clone(), Arc::new(svid));
+                    changed = true;
+                }
+            }
+            changed
+        });
+    }
+    Ok(())
+}
