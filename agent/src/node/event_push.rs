@@ -1,6 +1,8 @@
 //! The event pusher: sends the spooled events to the server in batches
 //! (a few pushes a second) and has them acknowledged; fsyncs the spool.
-//! Depends on `event_spool` and the link.
+//! A push refused for the agent SVID being replaced goes again at once
+//! with the new one (the link's rule); other failures back off. Depends on
+//! `event_spool` and the link.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::event_spool::{EventSpool, PUSH_BATCH, SYNC_INTERVAL};
-use crate::node::link::NodeLink;
+use crate::node::link::{Next, NodeLink};
+use crate::node::standing::Call;
 use crate::schedule::Backoff;
 
 /// How long events gather before a push that is not full: a few pushes a
@@ -49,20 +52,20 @@ pub async fn push_events(spool: Arc<EventSpool>, link: Arc<NodeLink>, shutdown: 
             continue;
         }
         let full = batch.len() == PUSH_BATCH;
-        let sent = async {
-            let mut client = link.client().await.map_err(|e| e.to_string())?;
-            client
-                .push_events(pb::PushEventsRequest { spool_id: spool_id.clone(), events: batch })
-                .await
-                .map(|r| r.into_inner().acked_seq)
-                .map_err(|s| s.message().to_string())
-        };
+        let request = pb::PushEventsRequest { spool_id: spool_id.clone(), events: batch };
+        // A push refused for the SVID a renewal is replacing goes again at
+        // once with the new one (the link's rule): no back-off.
+        let sent = link.call(Call::Push, |mut client| {
+            let request = request.clone();
+            async move { client.push_events(request).await }
+        });
         let result = tokio::select! {
             _ = shutdown.cancelled() => break,
             result = sent => result,
         };
         match result {
-            Ok(acked) => {
+            Ok((response, _)) => {
+                let acked = response.acked_seq;
                 backoff.reset();
                 spool.ack(&spool_id, acked);
                 if !full {
@@ -73,13 +76,16 @@ pub async fn push_events(spool: Arc<EventSpool>, link: Arc<NodeLink>, shutdown: 
                     }
                 }
             }
-            Err(e) => {
+            Err((failure, next)) => {
                 spool.metrics.push_failed();
                 let delay = backoff.next_delay();
-                warn!(error = %e, spooled = spool.depth(), retry_in = ?delay, "cannot push events to the server; they stay spooled");
+                if next != Next::Dead {
+                    warn!(error = %failure.message, spooled = spool.depth(), retry_in = ?delay, "cannot push events to the server; they stay spooled");
+                }
+                // A new SVID ends the back-off: the next push goes with it.
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = link.pause(&failure.used, delay) => {}
                 }
             }
         }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::identity::{new_key_and_csr, AgentIdentity};
-use crate::node::link::NodeLink;
+use crate::node::link::{CallFailure, Next, NodeLink};
 use crate::node::standing::{Call, Death};
 use crate::schedule::{now, renew_point, Backoff, BACKDATE_SECS};
 
@@ -54,7 +54,6 @@ pub async fn agent_renewal_loop(
             renew_at = now() + backoff.next_delay().as_secs().max(1) as i64;
             continue;
         }
-        let used = link.serial();
         match renew_agent(&link, &data_dir).await {
             Ok(identity) => {
                 changes.mark_unchanged();
@@ -62,17 +61,26 @@ pub async fn agent_renewal_loop(
                 renew_at = renew_point(identity.not_before + BACKDATE_SECS, identity.not_after);
                 backoff.reset();
             }
-            Err((e, status)) => {
+            Err(failure) => {
                 let identity = link.identity();
-                if link.judge(status.as_ref(), Call::Renew, &used) {
+                match link.after_failure(Call::Renew, &failure).await {
                     // The recovery task says why.
-                } else if identity.not_after <= now() {
-                    link.standing.die(Death {
-                        refusal: Refusal::Expired,
-                        agent_id: identity.spiffe_id.to_string(),
-                    });
-                } else {
-                    warn!(error = %e, "agent SVID renewal failed; will retry");
+                    Next::Dead => {}
+                    // The identity changed meanwhile (attested again): its
+                    // own schedule.
+                    Next::Now => {
+                        renew_at = schedule(&link);
+                        continue;
+                    }
+                    Next::BackOff if identity.not_after <= now() => {
+                        link.standing.die(Death {
+                            refusal: Refusal::Expired,
+                            agent_id: identity.spiffe_id.to_string(),
+                        });
+                    }
+                    Next::BackOff => {
+                        warn!(error = %failure.message, "agent SVID renewal failed; will retry");
+                    }
                 }
                 link.fail_over();
                 renew_at = now() + backoff.next_delay().as_secs().max(1) as i64;
@@ -84,17 +92,22 @@ pub async fn agent_renewal_loop(
 async fn renew_agent(
     link: &NodeLink,
     data_dir: &std::path::Path,
-) -> Result<AgentIdentity, (String, Option<tonic::Status>)> {
-    let (key, csr) = new_key_and_csr().map_err(|e| (e.to_string(), None))?;
-    let mut client = link.client().await.map_err(|e| (e.to_string(), None))?;
+) -> Result<AgentIdentity, CallFailure> {
+    let (key, csr) = new_key_and_csr().map_err(|e| CallFailure::local(link.serial(), e))?;
+    let conn = link.connect().await.map_err(|e| CallFailure::local(link.serial(), e))?;
+    let (mut client, used) = (conn.client, conn.serial);
+    // From here until the new SVID is in place (or the renewal failed) the
+    // other node clients wait: the server may refuse the SVID being
+    // replaced from any moment on.
+    let _under_way = link.renewing();
     let response = client
         .renew_agent(pb::RenewAgentRequest { csr })
         .await
-        .map_err(|s| (format!("{:?}: {}", s.code(), s.message()), Some(s)))?
+        .map_err(|s| CallFailure::status(used.clone(), s))?
         .into_inner();
-    let identity =
-        AgentIdentity::new(response.x509_svid, key).map_err(|e| (e.to_string(), None))?;
-    identity.save(data_dir).map_err(|e| (e.to_string(), None))?;
+    let local = |e: &dyn std::fmt::Display| CallFailure::local(used.clone(), e);
+    let identity = AgentIdentity::new(response.x509_svid, key).map_err(|e| local(&e))?;
+    identity.save(data_dir).map_err(|e| local(&e))?;
     let bundle: Vec<CertificateDer<'static>> =
         response.bundle.into_iter().map(Into::into).collect();
     if !bundle.is_empty() {

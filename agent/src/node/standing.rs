@@ -26,6 +26,8 @@ pub enum Call {
     Sign,
     /// Renewing the agent's own SVID.
     Renew,
+    /// Pushing events.
+    Push,
 }
 
 /// Why the agent's identity is dead.

@@ -14,13 +14,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::node::client::NodeClientError;
-use crate::node::link::NodeLink;
+use crate::node::link::{CallFailure, Next, NodeLink};
 use crate::node::standing::{Call, Death};
 use crate::schedule::{now, Backoff};
 use crate::svid::cache::{AgentEntry, Cache, CacheState};
 use crate::svid::jwt::JwtSvids;
 
-/// Follows the server's Sync stream forever, reconnecting with backoff.
+/// Follows the server's Sync stream forever: reopened at once with the
+/// agent's new SVID when it changes (the server closes the streams of a
+/// replaced SVID), after a failure as the link's rule says.
 pub async fn sync_loop(
     link: Arc<NodeLink>,
     cache: Cache,
@@ -29,11 +31,15 @@ pub async fn sync_loop(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    let mut changes = link.identity_changes();
     loop {
-        let used = link.serial();
+        changes.mark_unchanged();
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = link.resync.notified() => {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
                 info!("agent SVID changed: reopening the sync stream with it");
                 continue;
             }
@@ -49,19 +55,32 @@ pub async fn sync_loop(
                 if failure.refusal_of_banned() {
                     withdraw_everything(&cache);
                 }
-                let refused = failure.status.as_ref().and_then(Refusal::of).is_some();
+                let refused = failure.call.status.as_ref().and_then(Refusal::of).is_some();
                 if failure.banned {
                     link.standing.die(Death {
                         refusal: Refusal::Banned,
                         agent_id: link.identity().spiffe_id.to_string(),
                     });
-                } else if link.judge(failure.status.as_ref(), Call::Sync, &used) {
-                    // The recovery task says why, once; nothing to add here.
-                } else if !refused {
-                    link.standing.unreachable(now());
-                    warn!(server = %server, error = %failure.message, "sync stream failed; reconnecting, to the next server if there are several");
                 } else {
-                    warn!(server = %server, error = %failure.message, "sync stream refused; reconnecting, to the next server if there are several");
+                    let next = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        next = link.after_failure(Call::Sync, &failure.call) => next,
+                    };
+                    match next {
+                        // The recovery task says why, once; nothing to add here.
+                        Next::Dead => {}
+                        Next::Now => {
+                            info!(server = %server, "sync stream refused for the agent SVID being replaced; reopening it with the new one");
+                            continue;
+                        }
+                        Next::BackOff if !refused => {
+                            link.standing.unreachable(now());
+                            warn!(server = %server, error = %failure.call.message, "sync stream failed; reconnecting, to the next server if there are several");
+                        }
+                        Next::BackOff => {
+                            warn!(server = %server, error = %failure.call.message, "sync stream refused; reconnecting, to the next server if there are several");
+                        }
+                    }
                 }
                 link.fail_over();
             }
@@ -69,7 +88,7 @@ pub async fn sync_loop(
         let delay = backoff.next_delay();
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = link.resync.notified() => {}
+            _ = changes.changed() => {}
             _ = tokio::time::sleep(delay) => {}
         }
     }
@@ -78,28 +97,23 @@ pub async fn sync_loop(
 /// Why a Sync stream ended.
 #[derive(Debug)]
 struct SyncFailure {
-    message: String,
-    /// The server's status, when it answered one.
-    status: Option<tonic::Status>,
+    /// The call, the SVID it presented and the server's status.
+    call: CallFailure,
     /// The server said the agent is banned (in the stream).
     banned: bool,
 }
 
 impl SyncFailure {
-    fn connect(e: NodeClientError) -> Self {
-        Self { message: e.to_string(), status: None, banned: false }
+    fn connect(used: String, e: NodeClientError) -> Self {
+        Self { call: CallFailure::local(used, e), banned: false }
     }
 
-    fn status(status: tonic::Status) -> Self {
-        Self {
-            message: format!("{:?}: {}", status.code(), status.message()),
-            status: Some(status),
-            banned: false,
-        }
+    fn status(used: &str, status: tonic::Status) -> Self {
+        Self { call: CallFailure::status(used.to_string(), status), banned: false }
     }
 
     fn refusal_of_banned(&self) -> bool {
-        self.banned || self.status.as_ref().and_then(Refusal::of) == Some(Refusal::Banned)
+        self.banned || self.call.status.as_ref().and_then(Refusal::of) == Some(Refusal::Banned)
     }
 }
 
@@ -110,18 +124,19 @@ async fn sync_once(
     wake: &Notify,
     backoff: &mut Backoff,
 ) -> Result<(), SyncFailure> {
-    let mut client = link.client().await.map_err(SyncFailure::connect)?;
+    let conn = link.connect().await.map_err(|e| SyncFailure::connect(link.serial(), e))?;
+    let (mut client, used) = (conn.client, conn.serial);
     let state = cache.state();
     let revision = if state.ready { state.revision } else { 0 };
     let mut stream = match client.sync(pb::SyncRequest { revision }).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return Err(SyncFailure::status(status)),
+        Err(status) => return Err(SyncFailure::status(&used, status)),
     };
     link.standing.reached();
     info!(revision, server = %link.server().unwrap_or_default(), "sync stream open");
     let mut snapshot: Vec<AgentEntry> = Vec::new();
     loop {
-        let message = stream.message().await.map_err(SyncFailure::status)?;
+        let message = stream.message().await.map_err(|s| SyncFailure::status(&used, s))?;
         let Some(event) = message.and_then(|m| m.event) else { return Ok(()) };
         backoff.reset();
         match event {
@@ -209,8 +224,7 @@ async fn sync_once(
                 warn!(reason = %banned.reason, "this agent was banned: dropping every entry and SVID");
                 withdraw_everything(cache);
                 return Err(SyncFailure {
-                    message: format!("agent banned: {}", banned.reason),
-                    status: None,
+                    call: CallFailure::local(used, format!("agent banned: {}", banned.reason)),
                     banned: true,
                 });
             }

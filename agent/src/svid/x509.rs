@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::identity::new_key_and_csr;
-use crate::node::link::NodeLink;
+use crate::node::link::{Next, NodeLink};
 use crate::node::standing::Call;
 use crate::schedule::{now, renew_point, Backoff};
 use crate::svid::cache::{AgentEntry, Cache, CachedSvid};
@@ -62,11 +62,16 @@ pub async fn signer_loop(
         };
         let mut wait = Duration::from_secs(3600);
         if !due.is_empty() {
-            let used = link.serial();
             match sign(&link, &cache, &due, &mut retry_at).await {
-                Ok(()) => backoff.reset(),
-                Err((e, status)) => {
-                    if !link.judge(status.as_ref(), Call::Sign, &used) {
+                Ok(Again::Later) => backoff.reset(),
+                Ok(Again::Now) => {
+                    // Items refused for the agent SVID being replaced:
+                    // signed again at once with the new one.
+                    backoff.reset();
+                    continue;
+                }
+                Err((e, next)) => {
+                    if next != Next::Dead {
                         warn!(error = %e, entries = due.len(), "SVID signing failed; will retry");
                     }
                     link.fail_over();
@@ -99,13 +104,19 @@ pub async fn signer_loop(
     }
 }
 
+/// Whether [`sign`] left entries to sign again at once.
+enum Again {
+    Now,
+    Later,
+}
+
 async fn sign(
     link: &NodeLink,
     cache: &Cache,
     due: &[Arc<AgentEntry>],
     retry_at: &mut HashMap<String, i64>,
-) -> Result<(), (String, Option<tonic::Status>)> {
-    let mut client = link.client().await.map_err(|e| (e.to_string(), None))?;
+) -> Result<Again, (String, Next)> {
+    let mut again = Again::Later;
     for chunk in due.chunks(SIGN_BATCH) {
         let entries = chunk.to_vec();
         let prepared = tokio::task::spawn_blocking(move || {
@@ -115,28 +126,41 @@ async fn sign(
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
-        .map_err(|e| (e.to_string(), None))?
-        .map_err(|e| (e.to_string(), None))?;
-        let items = prepared
+        .map_err(|e| (e.to_string(), Next::BackOff))?
+        .map_err(|e| (e.to_string(), Next::BackOff))?;
+        let items: Vec<pb::SignX509Item> = prepared
             .iter()
             .map(|(e, _, csr)| pb::SignX509Item { entry_id: e.id.clone(), csr: csr.clone() })
             .collect();
-        let response = client
-            .sign_x509(pb::SignX509Request { items })
+        let (response, used) = link
+            .call(Call::Sign, |mut client| {
+                let items = items.clone();
+                async move { client.sign_x509(pb::SignX509Request { items }).await }
+            })
             .await
-            .map_err(|s| (format!("{:?}: {}", s.code(), s.message()), Some(s)))?
-            .into_inner();
+            .map_err(|(failure, next)| (failure.message, next))?;
+        // Renewed while the server signed: the link's rule says whether to
+        // sign these again at once (with the new SVID) or in a second.
+        let changed = response.results.iter().any(|r| {
+            r.status.as_ref().is_some_and(|s| s.refusal == Refusal::AgentSvidChanged.as_str())
+        });
+        let next = if changed {
+            link.after_refusal(Call::Sign, &used, Some(Refusal::AgentSvidChanged)).await
+        } else {
+            Next::BackOff
+        };
         let now = now();
         let mut fresh = Vec::new();
         for ((entry, key, _), result) in prepared.into_iter().zip(response.results) {
             let status = result.status.unwrap_or_default();
             if status.code != 0 {
                 if status.refusal == Refusal::AgentSvidChanged.as_str() {
-                    // Renewed while the server signed: again in a second,
-                    // on a connection with the new SVID.
                     debug!(entry_id = %entry.id, "agent SVID renewed while signing; signing again");
-                    link.reset();
-                    retry_at.insert(entry.id.clone(), now + 1);
+                    if next == Next::Now {
+                        again = Again::Now;
+                    } else {
+                        retry_at.insert(entry.id.clone(), now + 1);
+                    }
                     continue;
                 }
                 warn!(entry_id = %entry.id, code = status.code, reason = %status.message, "server refused to sign SVID");
@@ -170,5 +194,5 @@ async fn sign(
             changed
         });
     }
-    Ok(())
+    Ok(again)
 }
