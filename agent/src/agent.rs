@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use crate::clock::{Clock, SystemClock};
 use crate::event_spool::EventSpool;
 use crate::health::HealthProbe;
 use crate::identity::{read_pem, AgentIdentity, IdentityError};
@@ -26,7 +27,6 @@ use crate::node::link::NodeLink;
 use crate::node::recovery::{recovery_loop, Recovery};
 use crate::node::renewal::agent_renewal_loop;
 use crate::node::sync::sync_loop;
-use crate::schedule::now;
 use crate::svid::cache::Cache;
 use crate::svid::jwt::JwtSvids;
 use crate::svid::x509::signer_loop;
@@ -163,9 +163,10 @@ impl Agent {
         // From here on a failure removes the socket it bound.
         let bound = SocketFile(Some(config.socket_path.clone()));
         let _ = std::fs::remove_file(crate::health::stopped_note(&config.socket_path));
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let stored = match AgentIdentity::load(&config.data_dir) {
             Ok(stored) => stored.filter(|id| {
-                id.not_after > now() + 5 && id.spiffe_id.trust_domain() == &trust_domain
+                id.not_after > clock.now_unix() + 5 && id.spiffe_id.trust_domain() == &trust_domain
             }),
             Err(e) => {
                 warn!(error = %e, "stored agent SVID unusable; attesting again");
@@ -214,6 +215,7 @@ impl Agent {
             anchors,
             identity,
             config.data_dir.clone(),
+            clock,
         ));
         Ok(Self {
             config,
@@ -313,6 +315,7 @@ impl Agent {
             limits,
             events.clone(),
             metrics,
+            link.clock.clone(),
             shutdown.clone(),
         );
         let incoming = listener::incoming(listener, limits, attesting, events, shutdown.clone());

@@ -251,7 +251,10 @@ impl Cli {
                     let Some(response) = message else {
                         return Err(CliError("the agent closed the stream".into()));
                     };
-                    crate::outln!("--- update at {}", format_time(crate::schedule::now()));
+                    crate::outln!(
+                        "--- update at {}",
+                        format_time(crate::clock::Clock::now_unix(&crate::clock::SystemClock))
+                    );
                     for svid in decode_response(response)? {
                         print_svid(&svid);
                     }

@@ -20,7 +20,6 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use crate::node::link::NodeLink;
-use crate::schedule::now;
 use crate::svid::cache::Cache;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -143,7 +142,7 @@ impl HealthProbe {
             )
         });
         decide(&Facts {
-            now: now(),
+            now: self.link.clock.now_unix(),
             dead,
             agent_not_after: self.link.identity().not_after,
             synced: state.ready,

@@ -20,6 +20,7 @@ mod agent;
 pub mod cli;
 #[path = "../../common/cli_support.rs"]
 pub mod cli_support;
+mod clock;
 #[path = "../../common/events.rs"]
 pub mod event_schema;
 mod event_spool;

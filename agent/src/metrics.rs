@@ -165,7 +165,7 @@ impl AgentMetrics {
         let inner = &self.inner;
         inner.synced.set(i64::from(state.ready));
         inner.svids.set(state.svids.len() as i64);
-        inner.svid_expiry.set(link.identity().not_after - crate::schedule::now());
+        inner.svid_expiry.set(link.identity().not_after - link.clock.now_unix());
         telemetry::encode(&inner.registry)
     }
 }

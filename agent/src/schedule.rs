@@ -1,19 +1,14 @@
-//! When the agent acts: Unix time now, the renewal point of a certificate
-//! (half-life with jitter) and exponential back-off with jitter. Depends on
-//! nothing in the crate; everything that waits or schedules uses it.
+//! When the agent acts: the renewal point of a certificate (half-life with
+//! jitter) and exponential back-off with jitter; the time itself comes
+//! from the `clock`. Depends on nothing in the crate.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
 
 /// The server backdates NotBefore by this much for clock skew; lifetimes
 /// for renewal are counted from issuance, not from the backdated NotBefore.
 pub const BACKDATE_SECS: i64 = 10;
-
-/// Unix seconds now.
-pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
 
 /// A uniformly random factor in `[1 - spread, 1 + spread]`.
 pub fn jitter(spread: f64) -> f64 {

@@ -20,7 +20,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{debug, warn};
 
+use crate::clock::Clock;
 use crate::identity::{certs_pem, write_private, AgentIdentity};
 use crate::node::client::{node_tls_config, NodeClientError, Servers};
 use crate::node::standing::{self, Call, Death, Standing};
@@ -121,6 +122,8 @@ pub struct NodeLink {
     renewing: watch::Sender<bool>,
     /// Whether the identity is dead, and since when no server answered.
     pub standing: Standing,
+    /// The time, for every decision of the agent's loops.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// A renewal under way ([`NodeLink::renewing`]); over when dropped.
@@ -141,6 +144,7 @@ impl NodeLink {
         anchors: TrustAnchors,
         identity: AgentIdentity,
         data_dir: PathBuf,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             servers: Servers::new(addresses, identity.spiffe_id.as_str()),
@@ -152,6 +156,7 @@ impl NodeLink {
             generation: watch::Sender::new(0),
             renewing: watch::Sender::new(false),
             standing: Standing::default(),
+            clock,
         }
     }
 
@@ -305,7 +310,7 @@ impl NodeLink {
             return;
         }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = self.clock.sleep(delay) => {}
             _ = changes.changed() => {}
         }
     }
@@ -376,28 +381,8 @@ impl NodeLink {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::sync::Arc;
-
-    use rcgen::{
-        CertificateParams, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-        PKCS_ECDSA_P256_SHA256,
-    };
-
     use super::*;
-
-    /// An agent identity whose SVID has serial `serial` (self-signed: the
-    /// link never checks the chain itself).
-    fn identity(serial: u8) -> AgentIdentity {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.serial_number = Some(SerialNumber::from(vec![serial]));
-        params.subject_alt_names =
-            vec![SanType::URI("spiffe://example.org/agent".try_into().unwrap())];
-        let cert = params.self_signed(&key).unwrap();
-        AgentIdentity::new(vec![cert.der().to_vec()], key.serialize_der()).unwrap()
-    }
+    use crate::identity::test_identity as identity;
 
     fn link() -> Arc<NodeLink> {
         Arc::new(NodeLink::new(
@@ -406,6 +391,7 @@ mod tests {
             TrustAnchors::new(Vec::new()),
             identity(1),
             std::env::temp_dir(),
+            Arc::new(crate::clock::SystemClock),
         ))
     }
 

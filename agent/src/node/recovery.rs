@@ -95,7 +95,7 @@ pub async fn recovery_loop(
                 let delay = backoff.next_delay();
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => continue,
+                    _ = link.clock.sleep(delay) => continue,
                 }
             }
             let message =

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::identity::{new_key_and_csr, AgentIdentity};
 use crate::node::link::{CallFailure, Next, NodeLink};
 use crate::node::standing::{Call, Death};
-use crate::schedule::{now, renew_point, Backoff, BACKDATE_SECS};
+use crate::schedule::{renew_point, Backoff, BACKDATE_SECS};
 
 /// Renews the agent's own SVID at half-life ± 10 %, at once when a call
 /// was refused as superseded, and from the new schedule when the identity
@@ -33,13 +33,14 @@ pub async fn agent_renewal_loop(
         let id = link.identity();
         renew_point(id.not_before + BACKDATE_SECS, id.not_after)
     };
+    let now = || link.clock.now_unix();
     let mut renew_at = schedule(&link);
     loop {
         // Never spin: at least a second between renewals.
-        let wait = Duration::from_secs((renew_at - now()).max(1) as u64);
+        let wait = renew_at.max(now() + 1);
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = link.clock.sleep_until(wait) => {}
             _ = link.standing.renew_now.notified() => {}
             changed = changes.changed() => {
                 if changed.is_err() {

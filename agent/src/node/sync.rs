@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::node::client::NodeClientError;
 use crate::node::link::{CallFailure, Next, NodeLink};
 use crate::node::standing::{Call, Death};
-use crate::schedule::{now, Backoff};
+use crate::schedule::Backoff;
 use crate::svid::cache::{AgentEntry, Cache, CacheState};
 use crate::svid::jwt::JwtSvids;
 
@@ -74,7 +74,7 @@ pub async fn sync_loop(
                             continue;
                         }
                         Next::BackOff if !refused => {
-                            link.standing.unreachable(now());
+                            link.standing.unreachable(link.clock.now_unix());
                             warn!(server = %server, error = %failure.call.message, "sync stream failed; reconnecting, to the next server if there are several");
                         }
                         Next::BackOff => {
@@ -89,7 +89,7 @@ pub async fn sync_loop(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = changes.changed() => {}
-            _ = tokio::time::sleep(delay) => {}
+            _ = link.clock.sleep(delay) => {}
         }
     }
 }

@@ -19,7 +19,6 @@ use tracing::{debug, info, warn};
 
 use crate::node::link::{CallFailure, Next, NodeLink};
 use crate::node::standing::Call;
-use crate::schedule::now;
 use crate::svid::cache::AgentEntry;
 use crate::svid::SIGN_BATCH;
 
@@ -124,7 +123,7 @@ impl JwtSvids {
         audience: &[String],
         uid: u32,
     ) -> Result<Vec<IssuedJwt>, Status> {
-        let now = now();
+        let now = self.link.clock.now_unix();
         let keys: Vec<Key> = entries
             .iter()
             .map(|e| (e.id.clone(), e.spiffe_id.to_string(), audience.to_vec()))
@@ -225,7 +224,7 @@ impl JwtSvids {
                     Next::Now => {}
                     Next::BackOff => {
                         self.link.reset();
-                        tokio::time::sleep(delay).await;
+                        self.link.clock.sleep(delay).await;
                     }
                     Next::Dead => break,
                 }
@@ -249,7 +248,7 @@ impl JwtSvids {
                     continue;
                 }
             };
-            let now = now();
+            let now = self.link.clock.now_unix();
             let mut inner = self.lock();
             let mut results = results.into_iter();
             for (key, tx) in chunk {
@@ -351,9 +350,9 @@ impl JwtSvids {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.link.clock.sleep(Duration::from_secs(1)) => {}
             }
-            let now = now();
+            let now = self.link.clock.now_unix();
             let to_sign = {
                 let mut inner = self.lock();
                 inner.revoked.retain(|_, expires_at| *expires_at > now);

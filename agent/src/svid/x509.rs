@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use crate::identity::new_key_and_csr;
 use crate::node::link::{Next, NodeLink};
 use crate::node::standing::Call;
-use crate::schedule::{now, renew_point, Backoff};
+use crate::schedule::{renew_point, Backoff};
 use crate::svid::cache::{AgentEntry, Cache, CachedSvid};
 use crate::svid::SIGN_BATCH;
 
@@ -34,7 +34,7 @@ pub async fn signer_loop(
     let mut retry_at: HashMap<String, i64> = HashMap::new();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
-        let now = now();
+        let now = link.clock.now_unix();
         cache.update(|s| {
             let before = s.svids.len();
             s.svids.retain(|_, svid| svid.expires_at > now);
@@ -80,7 +80,7 @@ pub async fn signer_loop(
             }
         }
         let state = cache.state();
-        let now = crate::schedule::now();
+        let now = link.clock.now_unix();
         let next = state
             .svids
             .values()
@@ -99,7 +99,7 @@ pub async fn signer_loop(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
+            _ = link.clock.sleep(wait) => {}
         }
     }
 }
@@ -149,7 +149,7 @@ async fn sign(
         } else {
             Next::BackOff
         };
-        let now = now();
+        let now = link.clock.now_unix();
         let mut fresh = Vec::new();
         for ((entry, key, _), result) in prepared.into_iter().zip(response.results) {
             let status = result.status.unwrap_or_default();
@@ -195,4 +195,77 @@ async fn sign(
         });
     }
     Ok(again)
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_workload_api::{TrustAnchors, TrustDomain};
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::identity::test_identity;
+
+    /// An SVID held for an entry expires at the clock's time while no
+    /// server answers: the signer drops it then, not before.
+    #[tokio::test]
+    async fn svids_expire_by_the_clock_while_the_server_is_away() {
+        let clock = Arc::new(ManualClock::at(1_000_000));
+        let link = Arc::new(NodeLink::new(
+            vec!["127.0.0.1:1".into()], // nothing listens: every signing fails
+            TrustDomain::new("example.org").unwrap(),
+            TrustAnchors::new(Vec::new()),
+            test_identity(1),
+            std::env::temp_dir(),
+            clock.clone(),
+        ));
+        let entry = AgentEntry {
+            id: "e".into(),
+            spiffe_id: "spiffe://example.org/w".parse().unwrap(),
+            selectors: vec!["unix:uid:1".parse().unwrap()],
+            x509_svid_ttl: 60,
+            dns_names: vec![],
+            expires_at: 0,
+            revision: 1,
+            hint: String::new(),
+            jwt_audiences: vec![],
+        };
+        let svid = CachedSvid {
+            entry_id: "e".into(),
+            spiffe_id: entry.spiffe_id.clone(),
+            chain: Vec::new(),
+            key_pkcs8: Arc::new(Vec::new()),
+            serial: "01".into(),
+            expires_at: 1_000_060,
+            // Renewed only when it expires, so the server is not asked before.
+            renew_at: 1_000_060,
+            hint: String::new(),
+        };
+        let cache = Cache::new();
+        cache.update(|s| {
+            s.insert_entry(Arc::new(entry));
+            s.svids.insert("e".into(), Arc::new(svid));
+            s.ready = true;
+            true
+        });
+        let shutdown = CancellationToken::new();
+        let signer = tokio::spawn(signer_loop(
+            link,
+            cache.clone(),
+            Arc::new(Notify::new()),
+            shutdown.clone(),
+        ));
+        let held = || cache.state().svids.contains_key("e");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        clock.advance(Duration::from_secs(59));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(held(), "valid for another second");
+        clock.advance(Duration::from_secs(2));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while held() {
+            assert!(tokio::time::Instant::now() < deadline, "the expired SVID is still served");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        signer.await.unwrap();
+    }
 }

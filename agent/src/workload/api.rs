@@ -14,7 +14,6 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::event_schema::{self as schema, kind, EventExt};
-use crate::schedule::now;
 use crate::svid::jwt::MAX_AUDIENCES;
 use crate::workload::service::{
     fingerprint, peer_of, workload_of, Caller, Stream_, WorkloadService, FIRST_RESPONSE_WAIT,
@@ -35,7 +34,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         // Wait (briefly) for the first sync and for SVIDs still being signed.
         let (state, svids) = loop {
             let state = updates.borrow_and_update().clone();
-            let now = now();
+            let now = self.clock.now_unix();
             let svids = state.svids_for(&selectors, now);
             if !svids.is_empty() || (state.ready && !state.has_entries_for(&selectors, now)) {
                 break (state, svids);
@@ -55,7 +54,7 @@ impl SpiffeWorkloadApi for WorkloadService {
                     Status::unavailable("agent has not synced with the server yet; retry"),
                 ));
             }
-            if state.has_entries_for(&selectors, now()) {
+            if state.has_entries_for(&selectors, self.clock.now_unix()) {
                 // Entitled, but the SVID could not be signed yet (the server
                 // may be unreachable): a retryable answer, not a denial.
                 return Err(self.refuse(
@@ -93,24 +92,29 @@ impl SpiffeWorkloadApi for WorkloadService {
                 // Wake for cache changes, and for an SVID expiring on its own.
                 let next_expiry = updates
                     .borrow()
-                    .svids_for(&selectors, now())
+                    .svids_for(&selectors, service.clock.now_unix())
                     .iter()
                     .map(|s| s.expires_at)
                     .min();
-                let mut wait = next_expiry.map_or(Duration::from_secs(3600), |at| {
-                    Duration::from_secs((at - now()).max(0) as u64 + 1)
-                });
-                if let Some(until) = defer_until {
-                    wait = wait.min(until.saturating_duration_since(tokio::time::Instant::now()));
-                }
+                let expiry = match next_expiry {
+                    Some(at) => service.clock.sleep_until(at + 1),
+                    None => service.clock.sleep(Duration::from_secs(3600)),
+                };
+                let deferred = async move {
+                    match defer_until {
+                        Some(until) => tokio::time::sleep_until(until).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = tx.closed() => return,
                     _ = service.shutdown.cancelled() => return,
                     changed = updates.changed() => if changed.is_err() { return },
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = expiry => {}
+                    _ = deferred => {}
                 }
                 let state = updates.borrow_and_update().clone();
-                let now = now();
+                let now = service.clock.now_unix();
                 let svids = state.svids_for(&selectors, now);
                 if svids.is_empty() {
                     if state.has_entries_for(&selectors, now) {
@@ -219,7 +223,7 @@ impl SpiffeWorkloadApi for WorkloadService {
             })?),
         };
         let state = self.ready_state().await.map_err(refuse)?;
-        let mut entries = state.entries_for(&selectors, now());
+        let mut entries = state.entries_for(&selectors, self.clock.now_unix());
         if let Some(wanted) = &wanted {
             entries.retain(|e| &e.spiffe_id == wanted);
         }
@@ -330,7 +334,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         let Some(bundle) = state.jwt_bundle.clone() else {
             return Err(Status::unavailable("agent has no JWT bundle yet; retry"));
         };
-        let valid = jwt::validate(&req.svid, &req.audience, &bundle, now())
+        let valid = jwt::validate(&req.svid, &req.audience, &bundle, self.clock.now_unix())
             .map_err(|e| refuse(format!("invalid JWT-SVID: {e}")))?;
         if let Some(jti) = &valid.jti {
             if self.jwt.is_revoked(jti) {

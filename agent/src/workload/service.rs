@@ -31,6 +31,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
+use crate::clock::Clock;
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::event_spool::EventSpool;
 use crate::metrics::AgentMetrics;
@@ -63,6 +64,8 @@ pub struct WorkloadService {
     pub(crate) streams: PerUid,
     pub(crate) events: Arc<EventSpool>,
     pub(crate) metrics: AgentMetrics,
+    /// The time: what is served, and when an SVID has expired.
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 pub(crate) type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -113,6 +116,7 @@ impl WorkloadService {
         limits: WorkloadLimits,
         events: Arc<EventSpool>,
         metrics: AgentMetrics,
+        clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -125,6 +129,7 @@ impl WorkloadService {
             streams: PerUid::default(),
             events,
             metrics,
+            clock,
         }
     }
 
