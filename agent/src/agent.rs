@@ -14,20 +14,26 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use crate::attestor::UnixAttestor;
-use crate::cache::Cache;
-use crate::events::EventSpool;
+use crate::clock::{Clock, SystemClock};
+use crate::event_spool::EventSpool;
 use crate::health::HealthProbe;
 use crate::identity::{read_pem, AgentIdentity, IdentityError};
-use crate::jwt::JwtSvids;
-use crate::manager::{now, signer_loop, sync_loop, NodeLink};
 use crate::metrics::{AgentHealth, AgentMetrics};
-use crate::node_attestation::attest;
-pub use crate::node_attestation::AgentError;
-use crate::node_client::NodeClientError;
-use crate::recovery::{recovery_loop, Recovery};
-use crate::renewal::agent_renewal_loop;
-use crate::workload::{self, Attesting, WorkloadLimits, WorkloadService};
+use crate::node::attestation::attest;
+pub use crate::node::attestation::AgentError;
+use crate::node::client::NodeClientError;
+use crate::node::event_push::push_events;
+use crate::node::link::NodeLink;
+use crate::node::recovery::{recovery_loop, Recovery};
+use crate::node::renewal::agent_renewal_loop;
+use crate::node::sync::sync_loop;
+use crate::svid::cache::Cache;
+use crate::svid::jwt::JwtSvids;
+use crate::svid::x509::signer_loop;
+use crate::workload::attestor::UnixAttestor;
+use crate::workload::limits::{self, WorkloadLimits};
+use crate::workload::listener::{self, Attesting};
+use crate::workload::service::WorkloadService;
 use tessera_proto::health::v1::health_server::HealthServer;
 
 /// The agent's default data directory.
@@ -85,7 +91,7 @@ impl AgentConfig {
             workload_limits: WorkloadLimits::default(),
             metrics_addr: None,
             events: true,
-            event_spool_bytes: crate::events::DEFAULT_SPOOL_BYTES,
+            event_spool_bytes: crate::event_spool::DEFAULT_SPOOL_BYTES,
         }
     }
 }
@@ -147,7 +153,7 @@ impl Agent {
             })?),
             None => None,
         };
-        let listener = workload::bind_socket(&config.socket_path).map_err(|source| {
+        let listener = listener::bind_socket(&config.socket_path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::AddrInUse {
                 AgentError::SocketInUse(config.socket_path.clone())
             } else {
@@ -157,9 +163,10 @@ impl Agent {
         // From here on a failure removes the socket it bound.
         let bound = SocketFile(Some(config.socket_path.clone()));
         let _ = std::fs::remove_file(crate::health::stopped_note(&config.socket_path));
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let stored = match AgentIdentity::load(&config.data_dir) {
             Ok(stored) => stored.filter(|id| {
-                id.not_after > now() + 5 && id.spiffe_id.trust_domain() == &trust_domain
+                id.not_after > clock.now() + 5 && id.spiffe_id.trust_domain() == &trust_domain
             }),
             Err(e) => {
                 warn!(error = %e, "stored agent SVID unusable; attesting again");
@@ -208,6 +215,7 @@ impl Agent {
             anchors,
             identity,
             config.data_dir.clone(),
+            clock,
         ));
         Ok(Self {
             config,
@@ -273,9 +281,7 @@ impl Agent {
                 .instrument(tracing::info_span!("agent_svid")),
         );
         tasks.spawn(
-            events
-                .clone()
-                .run(link.clone(), shutdown.clone())
+            push_events(events.clone(), link.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("events")),
         );
         let recovery = Recovery {
@@ -309,9 +315,10 @@ impl Agent {
             limits,
             events.clone(),
             metrics,
+            link.clock.clone(),
             shutdown.clone(),
         );
-        let incoming = workload::incoming(listener, limits, attesting, events, shutdown.clone());
+        let incoming = listener::incoming(listener, limits, attesting, events, shutdown.clone());
         let stop = shutdown.clone();
         let server = tokio::spawn(
             async move {
@@ -321,17 +328,17 @@ impl Agent {
                 // MAX_REQUEST_BYTES (refused from their length prefix).
                 tonic::transport::Server::builder()
                     .max_concurrent_streams(limits.streams_per_connection)
-                    .initial_stream_window_size(workload::STREAM_WINDOW_BYTES)
-                    .initial_connection_window_size(workload::CONNECTION_WINDOW_BYTES)
-                    .http2_max_header_list_size(workload::MAX_HEADER_LIST_BYTES)
+                    .initial_stream_window_size(limits::STREAM_WINDOW_BYTES)
+                    .initial_connection_window_size(limits::CONNECTION_WINDOW_BYTES)
+                    .http2_max_header_list_size(limits::MAX_HEADER_LIST_BYTES)
                     .max_frame_size(16 * 1024)
                     .add_service(
                         SpiffeWorkloadApiServer::new(service)
-                            .max_decoding_message_size(workload::MAX_REQUEST_BYTES),
+                            .max_decoding_message_size(limits::MAX_REQUEST_BYTES),
                     )
                     .add_service(
                         HealthServer::new(probe)
-                            .max_decoding_message_size(workload::MAX_REQUEST_BYTES),
+                            .max_decoding_message_size(limits::MAX_REQUEST_BYTES),
                     )
                     .serve_with_incoming_shutdown(incoming, stop.cancelled())
                     .await

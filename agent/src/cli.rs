@@ -9,7 +9,7 @@ use tessera_workload_api::TrustDomain;
 use crate::agent::{Agent, AgentConfig, DEFAULT_DATA_DIR, DEFAULT_SOCKET_PATH};
 pub use crate::cli_support::{format_time, init_logging, wait_for_signal, CliError, LogFormat};
 use crate::fetch::{jwt_json, report_written, svid_json, write_jwt, write_x509};
-use crate::workload_client::{
+use crate::workload::client::{
     connect_workload_api, decode_response, fetch_x509_with_federated, with_header, FetchedSvid,
 };
 
@@ -251,7 +251,10 @@ impl Cli {
                     let Some(response) = message else {
                         return Err(CliError("the agent closed the stream".into()));
                     };
-                    crate::outln!("--- update at {}", format_time(crate::manager::now()));
+                    crate::outln!(
+                        "--- update at {}",
+                        format_time(crate::clock::Clock::now(&crate::clock::SystemClock))
+                    );
                     for svid in decode_response(response)? {
                         print_svid(&svid);
                     }

@@ -3,13 +3,13 @@
 //! `federated_bundle.N.M.pem`), every JWT-SVID as `jwt_svid.N.token`, and
 //! which file holds which SPIFFE ID. JSON times are RFC 3339
 //! (`expires_at`), with the Unix seconds beside them (`expires_at_unix`).
-//! Depends on `identity` (private files) and `workload_client`.
+//! Depends on `identity` (private files) and `workload::client`.
 
 use std::path::Path;
 
 use crate::cli_support::{format_time, CliError};
 use crate::identity::write_private;
-use crate::workload_client::{FederatedBundles, FetchedSvid};
+use crate::workload::client::{FederatedBundles, FetchedSvid};
 
 /// One X509-SVID as JSON: its certificates and the bundle as PEM (as
 /// SPIRE's `-output json`); the private key only ever goes to a 0600 file

@@ -12,14 +12,15 @@
 //!
 //! The state travels in the response's metadata as a typed value
 //! ([`HEALTH_METADATA`]: `healthy`, `degraded`, `unhealthy`) with the
-//! reason ([`REASON_METADATA`]). Depends on `cache`, `manager`, `recovery`.
+//! reason ([`REASON_METADATA`]). Depends on `svid::cache` and
+//! `node::link`.
 
 use tessera_proto::health::v1::{self as pb, health_check_response::ServingStatus, health_server};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use crate::cache::Cache;
-use crate::manager::{now, NodeLink};
+use crate::node::link::NodeLink;
+use crate::svid::cache::Cache;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -141,7 +142,7 @@ impl HealthProbe {
             )
         });
         decide(&Facts {
-            now: now(),
+            now: self.link.clock.now(),
             dead,
             agent_not_after: self.link.identity().not_after,
             synced: state.ready,

@@ -11,7 +11,7 @@ use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tessera_workload_api::{SpiffeId, X509Svid};
 
-use crate::node_client::ClientIdentity;
+use crate::node::client::ClientIdentity;
 
 /// Identity storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -141,4 +141,19 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), IdentityError> {
     file.write_all(data).map_err(io)?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// An agent identity (`spiffe://example.org/agent`) whose SVID has serial
+/// `serial`; self-signed, since nothing in the agent checks its chain.
+#[cfg(test)]
+pub(crate) fn test_identity(serial: u8) -> AgentIdentity {
+    use rcgen::{IsCa, KeyUsagePurpose, SanType, SerialNumber};
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.serial_number = Some(SerialNumber::from(vec![serial]));
+    params.subject_alt_names = vec![SanType::URI("spiffe://example.org/agent".try_into().unwrap())];
+    let cert = params.self_signed(&key).unwrap();
+    AgentIdentity::new(vec![cert.der().to_vec()], key.serialize_der()).unwrap()
 }

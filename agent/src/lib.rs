@@ -17,41 +17,33 @@
 #![forbid(unsafe_code)]
 
 mod agent;
-mod attestor;
-mod authority;
-mod cache;
 pub mod cli;
 pub use tessera_common::cli_support;
+use tessera_common::clock;
 pub use tessera_common::event_schema;
 pub use tessera_common::{out, outln};
-mod events;
+mod event_spool;
 mod fetch;
 mod health;
 mod identity;
-mod jwt;
-mod manager;
 mod metrics;
-mod node_attestation;
-mod node_client;
-mod recovery;
-mod renewal;
-mod standing;
+mod node;
+mod schedule;
+mod svid;
 use tessera_common::telemetry;
 mod workload;
-pub use workload::WorkloadLimits;
-mod workload_client;
+pub use workload::limits::WorkloadLimits;
 
 pub use agent::{Agent, AgentConfig, AgentError, DEFAULT_DATA_DIR, DEFAULT_SOCKET_PATH};
-pub use attestor::{
-    AttestError, Attestation, Executable, HashLimits, PeerProcess, PendingHash, PinnedBy,
-    UnixAttestor, WorkloadAttestor,
-};
-pub use authority::{AuthorityError, AuthorityRewriter, RewriteAuthority};
 pub use health::{decide as decide_health, Facts as HealthFacts, Health};
-pub use node_client::{
+pub use node::client::{
     alert_refusal, connect_node, connect_node_watched, node_tls_config, AlertSlot, ClientIdentity,
     NodeClientError, Servers, MAX_MESSAGE_BYTES,
 };
-pub use workload_client::{
+pub use workload::attestor::{Attestation, UnixAttestor, WorkloadAttestor};
+pub use workload::authority::{AuthorityError, AuthorityRewriter, RewriteAuthority};
+pub use workload::client::{
     connect_workload_api, fetch_x509, with_header as cli_request, FetchedSvid,
 };
+pub use workload::executable::{Executable, HashLimits, PendingHash};
+pub use workload::peer::{AttestError, PeerProcess, PinnedBy};

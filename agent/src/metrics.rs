@@ -11,9 +11,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tessera_proto::types::Event;
 
-use crate::cache::Cache;
 use crate::health::{Health, HealthProbe};
-use crate::manager::NodeLink;
+use crate::node::link::NodeLink;
+use crate::svid::cache::Cache;
 use crate::telemetry::{self, EventCounters, Labels};
 
 /// Every agent metric. Cloning shares them.
@@ -165,7 +165,7 @@ impl AgentMetrics {
         let inner = &self.inner;
         inner.synced.set(i64::from(state.ready));
         inner.svids.set(state.svids.len() as i64);
-        inner.svid_expiry.set(link.identity().not_after - crate::manager::now());
+        inner.svid_expiry.set(link.identity().not_after - link.clock.now());
         telemetry::encode(&inner.registry)
     }
 }

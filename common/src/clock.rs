@@ -10,8 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-/// A future that ends when the clock reaches a time.
-pub type Sleep<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+/// A future that ends when the clock reaches a time (it borrows nothing,
+/// so it can be spawned or kept).
+pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
@@ -24,10 +25,10 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
     }
 
     /// Ends once the clock reads `unix_ms` or later.
-    fn sleep_until(&self, unix_ms: i64) -> Sleep<'_>;
+    fn sleep_until(&self, unix_ms: i64) -> Sleep;
 
     /// Ends once `duration` has passed on this clock.
-    fn sleep(&self, duration: Duration) -> Sleep<'_> {
+    fn sleep(&self, duration: Duration) -> Sleep {
         let ms = i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
         self.sleep_until(self.now_ms().saturating_add(ms))
     }
@@ -45,7 +46,7 @@ impl Clock for SystemClock {
             .unwrap_or(0)
     }
 
-    fn sleep_until(&self, unix_ms: i64) -> Sleep<'_> {
+    fn sleep_until(&self, unix_ms: i64) -> Sleep {
         let wait = unix_ms.saturating_sub(self.now_ms()).max(0);
         Box::pin(tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())))
     }
@@ -85,7 +86,7 @@ impl Clock for ManualClock {
         *self.now_ms.borrow()
     }
 
-    fn sleep_until(&self, unix_ms: i64) -> Sleep<'_> {
+    fn sleep_until(&self, unix_ms: i64) -> Sleep {
         let mut moved = self.now_ms.subscribe();
         Box::pin(async move {
             // The sender lives as long as `self`: `wait_for` ends only when

@@ -31,19 +31,11 @@ use std::task::{ready, Context, Poll};
 use loona_hpack::{Decoder, Encoder};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The client connection preface (RFC 9113 §3.4).
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const FRAME_HEADER_LEN: usize = 9;
-const FRAME_HEADERS: u8 = 0x1;
-const FRAME_CONTINUATION: u8 = 0x9;
-const FLAG_END_STREAM: u8 = 0x1;
-const FLAG_END_HEADERS: u8 = 0x4;
-const FLAG_PADDED: u8 = 0x8;
-const FLAG_PRIORITY: u8 = 0x20;
-/// Length of the PRIORITY fields of a HEADERS frame (dependency + weight).
-const PRIORITY_LEN: usize = 5;
-/// Largest payload of a frame we write: the default SETTINGS_MAX_FRAME_SIZE.
-pub const MAX_FRAME_PAYLOAD: usize = 16_384;
+use crate::workload::h2_frames::{
+    split_headers_payload, write_header_frames, FLAG_END_HEADERS, FLAG_END_STREAM,
+    FRAME_CONTINUATION, FRAME_HEADERS, FRAME_HEADER_LEN, PREFACE, PRIORITY_LEN,
+};
+
 /// Largest header block (HEADERS + CONTINUATION payloads) accepted.
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// Largest decoded header list accepted (RFC 7541 sizes: name + value + 32
@@ -250,7 +242,8 @@ impl AuthorityRewriter {
                         return Ok(());
                     };
                     if frame_type == FRAME_HEADERS {
-                        let (priority, fragment) = split_headers_payload(flags, payload)?;
+                        let (priority, fragment) = split_headers_payload(flags, payload)
+                            .ok_or(AuthorityError::BadPadding)?;
                         self.open = Some(OpenBlock {
                             stream,
                             end_stream: flags & FLAG_END_STREAM != 0,
@@ -301,69 +294,9 @@ impl AuthorityRewriter {
             return Err(AuthorityError::HeaderListTooLarge);
         }
         let encoded = self.encoder.encode(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
-        write_header_frames(block, &encoded, out);
+        write_header_frames(block.stream, block.end_stream, block.priority, &encoded, out);
         Ok(())
     }
-}
-
-/// Splits a HEADERS payload into its PRIORITY fields and its header block
-/// fragment, dropping padding.
-fn split_headers_payload(
-    flags: u8,
-    payload: &[u8],
-) -> Result<(Option<[u8; PRIORITY_LEN]>, &[u8]), AuthorityError> {
-    let mut rest = payload;
-    if flags & FLAG_PADDED != 0 {
-        let (&pad, after) = rest.split_first().ok_or(AuthorityError::BadPadding)?;
-        let keep = after.len().checked_sub(usize::from(pad)).ok_or(AuthorityError::BadPadding)?;
-        rest = &after[..keep];
-    }
-    let mut priority = None;
-    if flags & FLAG_PRIORITY != 0 {
-        let fields = rest.get(..PRIORITY_LEN).ok_or(AuthorityError::BadPadding)?;
-        let mut bytes = [0u8; PRIORITY_LEN];
-        bytes.copy_from_slice(fields);
-        priority = Some(bytes);
-        rest = &rest[PRIORITY_LEN..];
-    }
-    Ok((priority, rest))
-}
-
-/// Writes a header block as one HEADERS frame and as many CONTINUATION
-/// frames as needed, no payload over [`MAX_FRAME_PAYLOAD`].
-fn write_header_frames(block: &OpenBlock, encoded: &[u8], out: &mut Vec<u8>) {
-    let priority_len = if block.priority.is_some() { PRIORITY_LEN } else { 0 };
-    let first_len = encoded.len().min(MAX_FRAME_PAYLOAD - priority_len);
-    let (first, mut rest) = encoded.split_at(first_len);
-    let mut flags = 0;
-    if block.end_stream {
-        flags |= FLAG_END_STREAM;
-    }
-    if block.priority.is_some() {
-        flags |= FLAG_PRIORITY;
-    }
-    if rest.is_empty() {
-        flags |= FLAG_END_HEADERS;
-    }
-    write_frame_header(out, priority_len + first.len(), FRAME_HEADERS, flags, block.stream);
-    if let Some(priority) = &block.priority {
-        out.extend_from_slice(priority);
-    }
-    out.extend_from_slice(first);
-    while !rest.is_empty() {
-        let (chunk, after) = rest.split_at(rest.len().min(MAX_FRAME_PAYLOAD));
-        let flags = if after.is_empty() { FLAG_END_HEADERS } else { 0 };
-        write_frame_header(out, chunk.len(), FRAME_CONTINUATION, flags, block.stream);
-        out.extend_from_slice(chunk);
-        rest = after;
-    }
-}
-
-fn write_frame_header(out: &mut Vec<u8>, len: usize, frame_type: u8, flags: u8, stream: u32) {
-    // `len` is at most MAX_FRAME_PAYLOAD (< 2^24): the top byte is zero.
-    let len = (len as u32).to_be_bytes();
-    out.extend_from_slice(&[len[1], len[2], len[3], frame_type, flags]);
-    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
 }
 
 /// A connection whose client-to-server bytes go through an
@@ -457,6 +390,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RewriteAuthority<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workload::h2_frames::{
+        write_frame_header, FLAG_PADDED, FLAG_PRIORITY, MAX_FRAME_PAYLOAD,
+    };
     use proptest::prelude::*;
 
     /// The HEADERS frame grpcio 1.85.1 (grpc-c 58) sent for FetchX509SVID

@@ -4,7 +4,7 @@
 //! in a call's metadata, or the `certificate_revoked` TLS alert of a
 //! handshake — and since when no server could be reached, for health.
 //! The rule ([`ends_identity`]) is decided here once; the link, the
-//! renewal and `recovery` act on it. Depends on `node_client` (the alert
+//! renewal and `recovery` act on it. Depends on `node::client` (the alert
 //! slot) only.
 
 use std::sync::Mutex;
@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use tessera_proto::Refusal;
 use tokio::sync::Notify;
 
-use crate::node_client::AlertSlot;
+use crate::node::client::AlertSlot;
 
 /// The stored identity's files, deleted when it is dead.
 pub const IDENTITY_FILES: [&str; 2] = ["agent_svid.pem", "agent_key.pem"];
@@ -26,6 +26,8 @@ pub enum Call {
     Sign,
     /// Renewing the agent's own SVID.
     Renew,
+    /// Pushing events.
+    Push,
 }
 
 /// Why the agent's identity is dead.

@@ -4,7 +4,7 @@
 //! with the join token it was started with, or stops with that message
 //! when it has none. A token given while a stored SVID was valid is spent
 //! only here, when that identity turns out dead. Depends on `standing`,
-//! `manager` (the link), `cache`, `node_attestation`.
+//! the link, `svid::cache`, `node::attestation`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,10 +14,11 @@ use tessera_workload_api::TrustDomain;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::cache::Cache;
-use crate::manager::{Backoff, NodeLink};
-use crate::node_attestation::{attest, AgentError};
-use crate::standing::IDENTITY_FILES;
+use crate::node::attestation::{attest, AgentError};
+use crate::node::link::NodeLink;
+use crate::node::standing::IDENTITY_FILES;
+use crate::schedule::Backoff;
+use crate::svid::cache::Cache;
 
 /// What the agent needs to attest again.
 #[derive(Debug)]
@@ -94,7 +95,7 @@ pub async fn recovery_loop(
                 let delay = backoff.next_delay();
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => continue,
+                    _ = link.clock.sleep(delay) => continue,
                 }
             }
             let message =

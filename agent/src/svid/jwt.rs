@@ -11,13 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_proto::node as pb;
+use tessera_proto::Refusal;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{debug, info, warn};
 
-use crate::cache::AgentEntry;
-use crate::manager::{now, NodeLink, SIGN_BATCH};
+use crate::node::link::{CallFailure, Next, NodeLink};
+use crate::node::standing::Call;
+use crate::svid::cache::AgentEntry;
+use crate::svid::SIGN_BATCH;
 
 /// Audiences one request may name.
 pub const MAX_AUDIENCES: usize = 16;
@@ -120,7 +123,7 @@ impl JwtSvids {
         audience: &[String],
         uid: u32,
     ) -> Result<Vec<IssuedJwt>, Status> {
-        let now = now();
+        let now = self.link.clock.now();
         let keys: Vec<Key> = entries
             .iter()
             .map(|e| (e.id.clone(), e.spiffe_id.to_string(), audience.to_vec()))
@@ -201,34 +204,41 @@ impl JwtSvids {
                 })
                 .collect();
             let request = pb::SignJwtRequest { items };
-            let mut response = self.sign_once(request.clone()).await;
-            // The connection may carry an agent SVID a renewal is replacing
-            // at this moment (refused whole, or item by item if the renewal
-            // landed while the server signed): a few more tries on a fresh
-            // connection.
+            let mut response = self.sign_once(&request).await;
+            // A call made with the agent SVID a renewal is replacing is the
+            // link's to make again at once with the new one, and so are
+            // items refused because the renewal landed while the server
+            // signed (the link's rule). Other failures get a few more
+            // tries, after a short wait, on a fresh connection.
             for delay in SIGN_RETRIES {
-                let superseded = response.as_ref().is_ok_and(|r| {
-                    r.get_ref().results.iter().any(|item| {
-                        item.status.as_ref().is_some_and(|s| {
-                            s.refusal == tessera_proto::Refusal::AgentSvidChanged.as_str()
-                        })
-                    })
-                });
-                if response.is_ok() && !superseded {
-                    break;
+                let next = match &response {
+                    Ok((answer, used)) if answer.results.iter().any(svid_changed) => {
+                        self.link
+                            .after_refusal(Call::Sign, used, Some(Refusal::AgentSvidChanged))
+                            .await
+                    }
+                    Ok(_) | Err((_, Next::Dead)) => break,
+                    Err(_) => Next::BackOff,
+                };
+                match next {
+                    Next::Now => {}
+                    Next::BackOff => {
+                        self.link.reset();
+                        self.link.clock.sleep(delay).await;
+                    }
+                    Next::Dead => break,
                 }
-                self.link.reset();
-                tokio::time::sleep(delay).await;
-                response = self.sign_once(request.clone()).await;
+                response = self.sign_once(&request).await;
             }
             let results = match response {
-                Ok(response) => response.into_inner().results,
-                Err(status) => {
-                    warn!(code = ?status.code(), reason = status.message(), "JWT-SVID signing failed");
+                Ok((answer, _)) => answer.results,
+                Err((failure, _)) => {
+                    warn!(error = %failure.message, "JWT-SVID signing failed");
                     self.link.reset();
+                    let reason =
+                        failure.status.as_ref().map_or(&failure.message[..], |s| s.message());
                     let status = Status::unavailable(format!(
-                        "cannot get a JWT-SVID from the server: {}",
-                        status.message()
+                        "cannot get a JWT-SVID from the server: {reason}"
                     ));
                     let mut inner = self.lock();
                     for (key, tx) in chunk {
@@ -238,7 +248,7 @@ impl JwtSvids {
                     continue;
                 }
             };
-            let now = now();
+            let now = self.link.clock.now();
             let mut inner = self.lock();
             let mut results = results.into_iter();
             for (key, tx) in chunk {
@@ -299,12 +309,14 @@ impl JwtSvids {
 
     async fn sign_once(
         &self,
-        request: pb::SignJwtRequest,
-    ) -> Result<tonic::Response<pb::SignJwtResponse>, Status> {
-        match self.link.client().await {
-            Ok(mut client) => client.sign_jwt(request).await,
-            Err(e) => Err(Status::unavailable(e.to_string())),
-        }
+        request: &pb::SignJwtRequest,
+    ) -> Result<(pb::SignJwtResponse, String), (CallFailure, Next)> {
+        self.link
+            .call(Call::Sign, |mut client| {
+                let request = request.clone();
+                async move { client.sign_jwt(request).await }
+            })
+            .await
     }
 
     /// Adds revocations pushed by the server. A revocation is never undone,
@@ -338,9 +350,9 @@ impl JwtSvids {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.link.clock.sleep(Duration::from_secs(1)) => {}
             }
-            let now = now();
+            let now = self.link.clock.now();
             let to_sign = {
                 let mut inner = self.lock();
                 inner.revoked.retain(|_, expires_at| *expires_at > now);
@@ -389,6 +401,12 @@ fn evict(tokens: &mut HashMap<Key, Arc<CachedJwt>>, now: i64) {
     for (_, key) in by_use.into_iter().take(tokens.len() / 10) {
         tokens.remove(&key);
     }
+}
+
+/// Whether a signing item was refused because the agent's SVID was renewed
+/// while the server signed.
+fn svid_changed(item: &pb::SignJwtResult) -> bool {
+    item.status.as_ref().is_some_and(|s| s.refusal == Refusal::AgentSvidChanged.as_str())
 }
 
 /// Whether `token`'s `sub` is `spiffe_id`.

@@ -1,7 +1,8 @@
 //! Renewal of the agent's own SVID: at half-life ± 10 %, at once when a
 //! call was refused as superseded, from the new schedule when the identity
 //! changed (attested again). A refusal of the renewal itself is judged by
-//! the recovery rule. Depends on `identity`, `manager`, `recovery`.
+//! the recovery rule. Depends on `identity`, `schedule`, the link and
+//! `standing`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::identity::{new_key_and_csr, AgentIdentity};
-use crate::manager::{now, renew_point, Backoff, NodeLink, BACKDATE_SECS};
-use crate::standing::{Call, Death};
+use crate::node::link::{CallFailure, Next, NodeLink};
+use crate::node::standing::{Call, Death};
+use crate::schedule::{renew_point, Backoff, BACKDATE_SECS};
 
 /// Renews the agent's own SVID at half-life ± 10 %, at once when a call
 /// was refused as superseded, and from the new schedule when the identity
@@ -31,13 +33,14 @@ pub async fn agent_renewal_loop(
         let id = link.identity();
         renew_point(id.not_before + BACKDATE_SECS, id.not_after)
     };
+    let now = || link.clock.now();
     let mut renew_at = schedule(&link);
     loop {
         // Never spin: at least a second between renewals.
-        let wait = Duration::from_secs((renew_at - now()).max(1) as u64);
+        let wait = renew_at.max(now() + 1);
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = link.clock.sleep_until(wait.saturating_mul(1000)) => {}
             _ = link.standing.renew_now.notified() => {}
             changed = changes.changed() => {
                 if changed.is_err() {
@@ -52,7 +55,6 @@ pub async fn agent_renewal_loop(
             renew_at = now() + backoff.next_delay().as_secs().max(1) as i64;
             continue;
         }
-        let used = link.serial();
         match renew_agent(&link, &data_dir).await {
             Ok(identity) => {
                 changes.mark_unchanged();
@@ -60,17 +62,26 @@ pub async fn agent_renewal_loop(
                 renew_at = renew_point(identity.not_before + BACKDATE_SECS, identity.not_after);
                 backoff.reset();
             }
-            Err((e, status)) => {
+            Err(failure) => {
                 let identity = link.identity();
-                if link.judge(status.as_ref(), Call::Renew, &used) {
+                match link.after_failure(Call::Renew, &failure).await {
                     // The recovery task says why.
-                } else if identity.not_after <= now() {
-                    link.standing.die(Death {
-                        refusal: Refusal::Expired,
-                        agent_id: identity.spiffe_id.to_string(),
-                    });
-                } else {
-                    warn!(error = %e, "agent SVID renewal failed; will retry");
+                    Next::Dead => {}
+                    // The identity changed meanwhile (attested again): its
+                    // own schedule.
+                    Next::Now => {
+                        renew_at = schedule(&link);
+                        continue;
+                    }
+                    Next::BackOff if identity.not_after <= now() => {
+                        link.standing.die(Death {
+                            refusal: Refusal::Expired,
+                            agent_id: identity.spiffe_id.to_string(),
+                        });
+                    }
+                    Next::BackOff => {
+                        warn!(error = %failure.message, "agent SVID renewal failed; will retry");
+                    }
                 }
                 link.fail_over();
                 renew_at = now() + backoff.next_delay().as_secs().max(1) as i64;
@@ -82,17 +93,22 @@ pub async fn agent_renewal_loop(
 async fn renew_agent(
     link: &NodeLink,
     data_dir: &std::path::Path,
-) -> Result<AgentIdentity, (String, Option<tonic::Status>)> {
-    let (key, csr) = new_key_and_csr().map_err(|e| (e.to_string(), None))?;
-    let mut client = link.client().await.map_err(|e| (e.to_string(), None))?;
+) -> Result<AgentIdentity, CallFailure> {
+    let (key, csr) = new_key_and_csr().map_err(|e| CallFailure::local(link.serial(), e))?;
+    let conn = link.connect().await.map_err(|e| CallFailure::local(link.serial(), e))?;
+    let (mut client, used) = (conn.client, conn.serial);
+    // From here until the new SVID is in place (or the renewal failed) the
+    // other node clients wait: the server may refuse the SVID being
+    // replaced from any moment on.
+    let _under_way = link.renewing();
     let response = client
         .renew_agent(pb::RenewAgentRequest { csr })
         .await
-        .map_err(|s| (format!("{:?}: {}", s.code(), s.message()), Some(s)))?
+        .map_err(|s| CallFailure::status(used.clone(), s))?
         .into_inner();
-    let identity =
-        AgentIdentity::new(response.x509_svid, key).map_err(|e| (e.to_string(), None))?;
-    identity.save(data_dir).map_err(|e| (e.to_string(), None))?;
+    let local = |e: &dyn std::fmt::Display| CallFailure::local(used.clone(), e);
+    let identity = AgentIdentity::new(response.x509_svid, key).map_err(|e| local(&e))?;
+    identity.save(data_dir).map_err(|e| local(&e))?;
     let bundle: Vec<CertificateDer<'static>> =
         response.bundle.into_iter().map(Into::into).collect();
     if !bundle.is_empty() {

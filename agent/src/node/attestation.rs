@@ -10,7 +10,7 @@ use tessera_workload_api::{TrustAnchors, TrustDomain};
 use tracing::{info, warn};
 
 use crate::identity::{certs_pem, new_key_and_csr, write_private, AgentIdentity, IdentityError};
-use crate::node_client::{node_tls_config, NodeClientError, Servers};
+use crate::node::client::{node_tls_config, NodeClientError, Servers};
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! The agent's events (Workload API decisions): spooled durably in
-//! `<data_dir>/events.spool` and pushed to the server in batches, kept
-//! until the server has stored them. Nothing is dropped silently: when the
+//! `<data_dir>/events.spool` until the server has stored them (pushed in
+//! batches by `node::event_push`). Nothing is dropped silently: when the
 //! spool is full, new events are counted (by kind) instead of spooled, and
 //! once there is room again an `agent.spool_overflow` event says how many
 //! and which were lost.
@@ -21,18 +21,15 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prost::Message;
-use tessera_proto::node as pb;
 use tessera_proto::types::Event;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::event_schema::{self as schema, kind, EventExt};
-use crate::manager::{Backoff, NodeLink};
 use crate::metrics::AgentMetrics;
 
 const MAGIC: &[u8] = b"TSPOOL1\n";
@@ -43,11 +40,6 @@ pub const PUSH_BATCH: usize = 500;
 
 /// How often spooled events are fsynced.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
-
-/// How long events gather before a push that is not full: a few pushes a
-/// second instead of one per request keeps the stream's cost off the
-/// Workload API's tail latency.
-pub const PUSH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Default spool size: 64 MiB of events not yet stored by the server.
 pub const DEFAULT_SPOOL_BYTES: u64 = 64 * 1024 * 1024;
@@ -160,7 +152,7 @@ struct Inner {
     dirty: bool,
 }
 
-/// The agent's event spool and its sender.
+/// The agent's event spool.
 #[derive(Debug)]
 pub struct EventSpool {
     /// The spool file. Taken before `inner` when both are needed; writes
@@ -172,8 +164,9 @@ pub struct EventSpool {
     max_bytes: u64,
     enabled: bool,
     agent_id: String,
-    wake: Notify,
-    metrics: AgentMetrics,
+    /// Notified when an event is spooled.
+    pub(crate) wake: Notify,
+    pub(crate) metrics: AgentMetrics,
     folds: Mutex<Folds>,
 }
 
@@ -400,7 +393,7 @@ impl EventSpool {
     }
 
     /// Writes and fsyncs what was spooled since the last call.
-    fn sync(&self) {
+    pub(crate) fn sync(&self) {
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let data = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -417,13 +410,13 @@ impl EventSpool {
     }
 
     /// The oldest unacknowledged events, up to `n`, and the spool ID.
-    fn batch(&self, n: usize) -> (Vec<u8>, Vec<Event>) {
+    pub(crate) fn batch(&self, n: usize) -> (Vec<u8>, Vec<Event>) {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         (inner.spool_id.to_vec(), inner.queue.iter().take(n).map(|(e, _)| e.clone()).collect())
     }
 
     /// The server stored events of `spool_id` up to `seq`.
-    fn ack(&self, spool_id: &[u8], seq: u64) {
+    pub(crate) fn ack(&self, spool_id: &[u8], seq: u64) {
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.spool_id.as_slice() != spool_id {
@@ -477,79 +470,6 @@ impl EventSpool {
     /// Events waiting for the server.
     pub fn depth(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).queue.len()
-    }
-
-    /// Fsyncs the spool every [`SYNC_INTERVAL`] and pushes events to the
-    /// server, retrying with backoff while it is away.
-    pub async fn run(self: Arc<Self>, link: Arc<NodeLink>, shutdown: CancellationToken) {
-        let syncer = self.clone();
-        let stop = shutdown.clone();
-        let sync_task = tokio::spawn(async move {
-            loop {
-                let done = tokio::select! {
-                    _ = stop.cancelled() => true,
-                    _ = tokio::time::sleep(SYNC_INTERVAL) => false,
-                };
-                syncer.flush_folded();
-                let spool = syncer.clone();
-                let _ = tokio::task::spawn_blocking(move || spool.sync()).await;
-                if done {
-                    return;
-                }
-            }
-        });
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        loop {
-            let (spool_id, batch) = self.batch(PUSH_BATCH);
-            if batch.is_empty() {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                continue;
-            }
-            let full = batch.len() == PUSH_BATCH;
-            let sent = async {
-                let mut client = link.client().await.map_err(|e| e.to_string())?;
-                client
-                    .push_events(pb::PushEventsRequest {
-                        spool_id: spool_id.clone(),
-                        events: batch,
-                    })
-                    .await
-                    .map(|r| r.into_inner().acked_seq)
-                    .map_err(|s| s.message().to_string())
-            };
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                result = sent => result,
-            };
-            match result {
-                Ok(acked) => {
-                    backoff.reset();
-                    self.ack(&spool_id, acked);
-                    if !full {
-                        // Gather what arrives next into one push.
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(PUSH_INTERVAL) => {}
-                        }
-                    }
-                }
-                Err(e) => {
-                    self.metrics.push_failed();
-                    let delay = backoff.next_delay();
-                    warn!(error = %e, spooled = self.depth(), retry_in = ?delay, "cannot push events to the server; they stay spooled");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
-        }
-        let _ = sync_task.await;
-        self.sync();
     }
 }
 

@@ -1,0 +1,20 @@
+//! The SPIFFE Workload API on the agent's Unix socket: the listener that
+//! attests every connection at accept (`peer`, `executable`, `attestor`),
+//! the HTTP/2 adapter in front of the server (`authority`, `h2_frames`),
+//! the service (`service`, `api`) and its limits; and `client`, the
+//! agent CLI's own Workload API client.
+//!
+//! Dependencies: the service reads `svid/` (cache, JWT-SVIDs) and records
+//! to the event spool; nothing here uses `node/`, and nothing outside this
+//! folder but `agent.rs`, `cli.rs` and `fetch.rs` uses it.
+
+pub mod api;
+pub mod attestor;
+pub mod authority;
+pub mod client;
+pub mod executable;
+pub mod h2_frames;
+pub mod limits;
+pub mod listener;
+pub mod peer;
+pub mod service;
