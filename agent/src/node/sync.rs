@@ -179,11 +179,16 @@ async fn sync_once(
                         "entry snapshot applied"
                     );
                     cache.update(|s| {
-                        s.entries =
-                            entries.into_iter().map(|e| (e.id.clone(), Arc::new(e))).collect();
+                        let old = std::mem::replace(
+                            &mut s.entries,
+                            entries.into_iter().map(|e| (e.id.clone(), Arc::new(e))).collect(),
+                        );
+                        // An SVID stays only if it is still right for its
+                        // entry as the snapshot has it (the one rule).
                         let entries = &s.entries;
-                        s.svids.retain(|id, svid| {
-                            entries.get(id).is_some_and(|e| e.spiffe_id == svid.spiffe_id)
+                        s.svids.retain(|id, _| match (old.get(id), entries.get(id)) {
+                            (Some(was), Some(now)) => now.same_certificate_content(was),
+                            _ => false,
                         });
                         s.revision = chunk.revision;
                         s.ready = true;

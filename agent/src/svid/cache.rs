@@ -61,17 +61,25 @@ impl AgentEntry {
         tessera_workload_api::jwt::audience_allowed(&self.jwt_audiences, audience)
     }
 
-    /// Whether an SVID signed for `other` is still right for this entry.
-    /// The agent re-issues on every field that goes into the certificate;
-    /// the server revokes on the ones that change what it authorizes (SPIFFE
-    /// ID, parent, DNS names, an expiry before the SVID's NotAfter: see
-    /// `Entry::authorizes_svid_of`), so no revoked SVID is left in use and
-    /// no valid one is kept after its content went stale.
+    /// Whether an SVID signed for `other` is still right for this entry:
+    /// `tessera_common::rules::SvidBasis::serves_svid_of`, the rule beside
+    /// the one the server revokes by. The agent re-issues on every field
+    /// that goes into the certificate, so no revoked SVID is left in use
+    /// and no valid one is kept after its content went stale.
     pub fn same_certificate_content(&self, other: &AgentEntry) -> bool {
-        self.spiffe_id == other.spiffe_id
-            && self.dns_names == other.dns_names
-            && self.x509_svid_ttl == other.x509_svid_ttl
-            && self.expires_at == other.expires_at
+        self.svid_basis().serves_svid_of(&other.svid_basis())
+    }
+
+    /// What of this entry goes into an X509-SVID (every entry the agent
+    /// holds is parented to it: the parent is not compared here).
+    fn svid_basis(&self) -> tessera_common::rules::SvidBasis<'_> {
+        tessera_common::rules::SvidBasis {
+            spiffe_id: self.spiffe_id.as_str(),
+            parent_id: "",
+            dns_names: &self.dns_names,
+            expires_at: self.expires_at,
+            x509_svid_ttl: self.x509_svid_ttl,
+        }
     }
 }
 

@@ -20,10 +20,8 @@ use tracing::{debug, info, warn};
 use crate::node::link::{CallFailure, Next, NodeLink};
 use crate::node::standing::Call;
 use crate::svid::cache::AgentEntry;
-use crate::svid::SIGN_BATCH;
+use crate::svid::{ItemOutcome, SIGN_BATCH};
 
-/// Audiences one request may name.
-pub const MAX_AUDIENCES: usize = 16;
 /// Tokens kept at most; past it, tokens not in use are dropped first.
 pub const MAX_CACHED_TOKENS: usize = 50_000;
 /// A token in use is re-signed in the background at this fraction of its life...
@@ -262,7 +260,7 @@ impl JwtSvids {
                             Err(Status::new(tonic::Code::from(status.code), status.message))
                         } else if inner.revoked.contains_key(&result.jti) {
                             Err(Status::unavailable("the new JWT-SVID was revoked at once; retry"))
-                        } else if !issued_for(&result.token, &key.1) {
+                        } else if result.spiffe_id != key.1 {
                             // Signed for the entry as the server has it now:
                             // its SPIFFE ID changed and the change has not
                             // reached this agent yet.
@@ -404,13 +402,7 @@ fn evict(tokens: &mut HashMap<Key, Arc<CachedJwt>>, now: i64) {
 }
 
 /// Whether a signing item was refused because the agent's SVID was renewed
-/// while the server signed.
+/// while the server signed (by its typed refusal).
 fn svid_changed(item: &pb::SignJwtResult) -> bool {
-    item.status.as_ref().is_some_and(|s| s.refusal == Refusal::AgentSvidChanged.as_str())
-}
-
-/// Whether `token`'s `sub` is `spiffe_id`.
-fn issued_for(token: &str, spiffe_id: &str) -> bool {
-    tessera_workload_api::jwt::UnverifiedJwt::decode(token)
-        .is_ok_and(|t| t.claims.get("sub").and_then(|s| s.as_str()) == Some(spiffe_id))
+    ItemOutcome::of(item.status.as_ref()) == ItemOutcome::SignAgain
 }

@@ -18,7 +18,7 @@ use crate::node::link::{Next, NodeLink};
 use crate::node::standing::Call;
 use crate::schedule::{renew_point, Backoff};
 use crate::svid::cache::{AgentEntry, Cache, CachedSvid};
-use crate::svid::SIGN_BATCH;
+use crate::svid::{ItemOutcome, SIGN_BATCH};
 
 /// Wait before retrying an entry whose signing failed.
 const SIGN_RETRY_SECS: i64 = 5;
@@ -85,10 +85,9 @@ pub async fn signer_loop(
             .svids
             .values()
             .flat_map(|s| {
-                let capped = state
-                    .entries
-                    .get(&s.entry_id)
-                    .is_some_and(|e| e.expires_at != 0 && s.expires_at >= e.expires_at);
+                let capped = state.entries.get(&s.entry_id).is_some_and(|e| {
+                    tessera_common::rules::entry_expired(e.expires_at, s.expires_at)
+                });
                 [if capped { s.expires_at } else { s.renew_at }, s.expires_at]
             })
             .chain(retry_at.values().copied())
@@ -141,9 +140,10 @@ async fn sign(
             .map_err(|(failure, next)| (failure.message, next))?;
         // Renewed while the server signed: the link's rule says whether to
         // sign these again at once (with the new SVID) or in a second.
-        let changed = response.results.iter().any(|r| {
-            r.status.as_ref().is_some_and(|s| s.refusal == Refusal::AgentSvidChanged.as_str())
-        });
+        let changed = response
+            .results
+            .iter()
+            .any(|r| ItemOutcome::of(r.status.as_ref()) == ItemOutcome::SignAgain);
         let next = if changed {
             link.after_refusal(Call::Sign, &used, Some(Refusal::AgentSvidChanged)).await
         } else {
@@ -152,9 +152,10 @@ async fn sign(
         let now = link.clock.now();
         let mut fresh = Vec::new();
         for ((entry, key, _), result) in prepared.into_iter().zip(response.results) {
+            let outcome = ItemOutcome::of(result.status.as_ref());
             let status = result.status.unwrap_or_default();
-            if status.code != 0 {
-                if status.refusal == Refusal::AgentSvidChanged.as_str() {
+            if outcome != ItemOutcome::Signed {
+                if outcome == ItemOutcome::SignAgain {
                     debug!(entry_id = %entry.id, "agent SVID renewed while signing; signing again");
                     if next == Next::Now {
                         again = Again::Now;
@@ -180,13 +181,15 @@ async fn sign(
                 hint: entry.hint.clone(),
             };
             debug!(entry_id = %entry.id, serial = %svid.serial, expires_at = svid.expires_at, "SVID cached");
-            fresh.push(svid);
+            fresh.push((svid, entry));
         }
         cache.update(|s| {
             let mut changed = false;
-            for svid in fresh {
-                // The entry may have changed or gone while we were signing.
-                if s.entries.get(&svid.entry_id).is_some_and(|e| e.spiffe_id == svid.spiffe_id) {
+            for (svid, signed_for) in fresh {
+                // The entry may have changed or gone while we were signing:
+                // the SVID is kept only if it is still right for the entry.
+                let current = s.entries.get(&svid.entry_id);
+                if current.is_some_and(|e| e.same_certificate_content(&signed_for)) {
                     s.svids.insert(svid.entry_id.clone(), Arc::new(svid));
                     changed = true;
                 }

@@ -14,7 +14,6 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::event_schema::{self as schema, kind, EventExt};
-use crate::svid::jwt::MAX_AUDIENCES;
 use crate::workload::service::{
     fingerprint, peer_of, workload_of, Caller, Stream_, WorkloadService, FIRST_RESPONSE_WAIT,
     REPLACEMENT_WAIT,
@@ -218,7 +217,7 @@ impl SpiffeWorkloadApi for WorkloadService {
             id => Some(SpiffeId::parse(id).map_err(|e| {
                 refuse(Status::invalid_argument(format!(
                     "invalid spiffe_id {:?}: {e}",
-                    shortened(id)
+                    tessera_common::rules::shortened(id)
                 )))
             })?),
         };
@@ -354,35 +353,11 @@ impl SpiffeWorkloadApi for WorkloadService {
     }
 }
 
-/// The requested audiences, checked, sorted and deduplicated.
+/// The requested audiences, checked, sorted and deduplicated by the rule
+/// the server applies too.
 fn requested_audience(audience: &[String]) -> Result<Vec<String>, Status> {
-    if audience.is_empty() {
-        return Err(Status::invalid_argument("audience must be specified"));
-    }
-    let mut out: Vec<String> = audience.to_vec();
-    out.sort_unstable();
-    out.dedup();
-    if out.len() > MAX_AUDIENCES {
-        return Err(Status::invalid_argument(format!(
-            "at most {MAX_AUDIENCES} audiences per JWT-SVID"
-        )));
-    }
-    if let Some(bad) = out.iter().find(|a| !jwt::valid_audience(a)) {
-        return Err(Status::invalid_argument(format!(
-            "invalid audience {:?}: want 1-256 printable characters, no spaces",
-            shortened(bad)
-        )));
-    }
-    Ok(out)
-}
-
-/// At most the first 64 characters of what a caller sent, for a refusal
-/// message (which travels back in a header and into the event stream).
-fn shortened(text: &str) -> String {
-    match text.char_indices().nth(64) {
-        Some((end, _)) => format!("{}...", &text[..end]),
-        None => text.to_string(),
-    }
+    tessera_common::rules::requested_audiences(audience)
+        .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// JSON claims as a `google.protobuf.Struct`.
