@@ -47,6 +47,13 @@ impl TokenBucket {
         self.tokens >= 1.0
     }
 
+    /// Whether, refilled to `now_ms`, the bucket is full (a full bucket is
+    /// the same as none: it need not be kept).
+    pub fn full_at(&mut self, rate: f64, burst: u32, now_ms: i64) -> bool {
+        self.refill(rate, burst, now_ms);
+        self.is_full(burst)
+    }
+
     /// Whether the bucket is full (a full bucket need not be kept).
     pub fn is_full(&self, burst: u32) -> bool {
         self.tokens >= f64::from(burst)

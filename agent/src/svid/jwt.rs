@@ -21,6 +21,7 @@ use crate::node::link::{CallFailure, Next, NodeLink};
 use crate::node::standing::Call;
 use crate::svid::cache::AgentEntry;
 use crate::svid::{ItemOutcome, SIGN_BATCH};
+use tessera_common::rate::TokenBucket;
 
 /// Tokens kept at most; past it, tokens not in use are dropped first.
 pub const MAX_CACHED_TOKENS: usize = 50_000;
@@ -66,7 +67,7 @@ type Outcome = Option<Result<Arc<CachedJwt>, Status>>;
 struct Inner {
     tokens: HashMap<Key, Arc<CachedJwt>>,
     /// Signing budget per caller uid: tokens left, and when last refilled.
-    budgets: HashMap<u32, (f64, std::time::Instant)>,
+    budgets: HashMap<u32, TokenBucket>,
     /// Signings under way: later callers for the same key wait for them.
     inflight: HashMap<Key, watch::Receiver<Outcome>>,
     /// Revoked jti → the token's expiry.
@@ -290,18 +291,14 @@ impl JwtSvids {
     /// Takes `n` signings from `uid`'s budget, or refuses.
     fn take_budget(&self, inner: &mut Inner, uid: u32, n: usize) -> Result<(), Status> {
         let (rate, burst) = self.per_uid;
-        let now = std::time::Instant::now();
-        let (tokens, at) = inner.budgets.entry(uid).or_insert((f64::from(burst), now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * f64::from(rate))
-            .min(f64::from(burst));
-        *at = now;
-        if *tokens < n as f64 {
+        let now_ms = self.link.clock.now_ms();
+        let bucket = inner.budgets.entry(uid).or_insert(TokenBucket::full(burst, now_ms));
+        if !bucket.take(n as f64, f64::from(rate), burst, now_ms) {
             return Err(Status::resource_exhausted(format!(
                 "uid {uid} asked for too many new JWT-SVIDs (limit {rate}/s, burst {burst}); \
                  reuse audiences or retry later"
             )));
         }
-        *tokens -= n as f64;
         Ok(())
     }
 
@@ -355,9 +352,9 @@ impl JwtSvids {
                 let mut inner = self.lock();
                 inner.revoked.retain(|_, expires_at| *expires_at > now);
                 let (rate, burst) = self.per_uid;
-                let full = f64::from(burst) / f64::from(rate.max(1));
+                let now_ms = self.link.clock.now_ms();
                 // A budget that has refilled is the same as none.
-                inner.budgets.retain(|_, (_, at)| at.elapsed().as_secs_f64() < full);
+                inner.budgets.retain(|_, b| !b.full_at(f64::from(rate), burst, now_ms));
                 inner.tokens.retain(|_, t| t.servable(now));
                 let due: Vec<Key> = inner
                     .tokens
