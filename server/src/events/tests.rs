@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)]
 use super::*;
 use crate::event_schema::{kind, EventExt};
+use crate::store::kv::Op;
 use tessera_proto::types::Workload;
 
 fn log(dir: &std::path::Path, config: EventConfig) -> EventLog {
@@ -123,4 +124,49 @@ fn pruning_moves_the_anchor_and_the_chain_still_verifies() {
     let report = log.verify().unwrap();
     assert!(report.ok, "{report:?}");
     assert_eq!(report.last_seq, 7);
+}
+
+/// On PostgreSQL (shared by several servers) as on sled: an edited event,
+/// a removed one, and a cut-off tail are each found — the first two by
+/// `verify` itself, the last by the head hash recorded before.
+#[test]
+fn a_tampered_or_truncated_chain_on_postgresql_is_found() {
+    let url = crate::pg_cluster::PgCluster::shared().database();
+    let kv: Arc<dyn Kv> = Arc::new(crate::store::postgres::PgKv::connect(&url).unwrap());
+    let log = EventLog::open(kv.clone(), EventConfig::default(), Metrics::new()).unwrap();
+    log.record((0..6).map(|_| schema::event(kind::JOIN_TOKEN, schema::ALLOW)).collect());
+    let whole = log.verify().unwrap();
+    assert!(whole.ok && whole.checked == 6, "{whole:?}");
+
+    // An edited event: its hash no longer matches.
+    let key = 3u64.to_be_bytes().to_vec();
+    let mut third = Event::decode(kv.get(EVENTS, &key).unwrap().unwrap().as_slice()).unwrap();
+    third.reason = "edited".into();
+    kv.apply(vec![Op::Put(EVENTS, key.clone(), third.encode_to_vec())]).unwrap();
+    let report = log.verify().unwrap();
+    assert!(!report.ok && report.broken_at == 3, "{report:?}");
+
+    // A removed event: the sequence has a hole.
+    kv.apply(vec![Op::Delete(EVENTS, key)]).unwrap();
+    let report = log.verify().unwrap();
+    assert!(!report.ok && report.broken_at == 3, "{report:?}");
+    assert!(report.problem.contains("missing"), "{report:?}");
+
+    // A cut-off tail: the chain left is whole, but its head is not the one
+    // recorded before.
+    let url = crate::pg_cluster::PgCluster::shared().database();
+    let kv: Arc<dyn Kv> = Arc::new(crate::store::postgres::PgKv::connect(&url).unwrap());
+    let log = EventLog::open(kv.clone(), EventConfig::default(), Metrics::new()).unwrap();
+    log.record((0..4).map(|_| schema::event(kind::JOIN_TOKEN, schema::ALLOW)).collect());
+    let recorded = log.verify().unwrap().head_hash;
+    kv.apply(vec![Op::Delete(EVENTS, 4u64.to_be_bytes().to_vec())]).unwrap();
+    // The server that wrote event 4 knows it is gone.
+    let report = log.verify().unwrap();
+    assert!(!report.ok && report.broken_at == 4, "{report:?}");
+    // A server started afresh (or another one) sees a whole, shorter
+    // chain: only the head recorded before tells.
+    let fresh = EventLog::open(kv, EventConfig::default(), Metrics::new()).unwrap();
+    let report = fresh.verify().unwrap();
+    assert!(report.ok && report.last_seq == 3, "{report:?}");
+    assert_ne!(report.head_hash, recorded, "a cut-off tail changes the head");
 }

@@ -86,3 +86,103 @@ fn verify_records(trees: &[Pairs]) -> Result<StoreReport, StoreError> {
         revocations: trees[REVOCATIONS].len(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::Audit;
+
+    /// A store with two entries (one task-scoped), dumped.
+    fn healthy() -> Vec<Pairs> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(dir.path()).unwrap();
+        let rules = crate::entry::EntryRules {
+            trust_domain: tessera_workload_api::TrustDomain::new("example.org").unwrap(),
+            default_ttl: 60,
+            max_ttl: 600,
+            default_jwt_ttl: 300,
+            max_jwt_ttl: 600,
+        };
+        let entries: Vec<_> = [("a", 0), ("b", i64::MAX / 2)]
+            .into_iter()
+            .map(|(id, expires_at)| {
+                let mut e = rules
+                    .validate(
+                        &pb::Entry {
+                            spiffe_id: format!("spiffe://example.org/{id}"),
+                            parent_id: "spiffe://example.org/agent".into(),
+                            selectors: vec![pb::Selector {
+                                r#type: "unix".into(),
+                                value: "uid:1".into(),
+                            }],
+                            expires_at,
+                            ..Default::default()
+                        },
+                        0,
+                    )
+                    .unwrap();
+                e.id = id.into();
+                e
+            })
+            .collect();
+        store.create_entries(&entries, &Audit::quiet()).unwrap();
+        store.dump().unwrap()
+    }
+
+    fn refusal(trees: &[Pairs]) -> String {
+        match verify_records(trees) {
+            Err(StoreError::Corrupt { key, reason }) => format!("{key}: {reason}"),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_healthy_store_checks_out() {
+        let report = verify_records(&healthy()).unwrap();
+        assert_eq!(report.entries, 2);
+    }
+
+    #[test]
+    fn an_entry_under_another_id_is_refused() {
+        let mut trees = healthy();
+        let (_, value) = trees[ENTRIES][0].clone();
+        trees[ENTRIES][0] = (b"zz".to_vec(), value);
+        assert!(refusal(&trees).contains("stored under another entry's ID"));
+    }
+
+    #[test]
+    fn an_entry_missing_from_an_index_is_refused() {
+        let mut trees = healthy();
+        trees[BY_PARENT].remove(0);
+        assert!(refusal(&trees).contains("missing from the parent index"));
+        let mut trees = healthy();
+        for (_, id) in trees[BY_IDENTITY].iter_mut() {
+            *id = b"someone-else".to_vec();
+        }
+        assert!(refusal(&trees).contains("missing from the identity index"));
+    }
+
+    #[test]
+    fn an_index_with_records_no_entry_has_is_refused() {
+        for (tree, what) in
+            [(BY_PARENT, "parent index"), (BY_IDENTITY, "identity index"), (BY_EXPIRY, "expiry")]
+        {
+            let mut trees = healthy();
+            trees[tree].push((b"\xffstray".to_vec(), Vec::new()));
+            let why = refusal(&trees);
+            assert!(why.contains(what) && why.contains("records for"), "{what}: {why}");
+        }
+    }
+
+    #[test]
+    fn a_change_log_that_does_not_end_at_the_revision_is_refused() {
+        let mut trees = healthy();
+        let (_, value) = trees[CHANGES].last().unwrap().clone();
+        trees[CHANGES].push((99u64.to_be_bytes().to_vec(), value));
+        assert!(refusal(&trees).contains("change log: ends at 99"));
+        let mut trees = healthy();
+        trees[CHANGES].pop();
+        assert!(refusal(&trees).contains("change log: ends at"));
+    }
+}

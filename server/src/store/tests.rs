@@ -210,9 +210,12 @@ fn a_delete_and_its_revocations_are_one_commit(place: Place) {
             store.record_issued(&e.parent_id.to_string(), "s0", &signed, 5).unwrap(),
             [Ok(())]
         );
+        let commits_before = store.check().unwrap().write_seq;
         let write =
             store.delete_entries(&["a".into()], 7, "entry deleted", &Audit::quiet()).unwrap();
         assert_eq!(write.revoked.len(), 1);
+        // One commit: the write sequence moved by exactly one.
+        assert_eq!(store.check().unwrap().write_seq, commits_before + 1);
         let kinds: Vec<_> =
             store.changes_since(1, 100).unwrap().into_iter().map(|c| c.kind).collect();
         assert!(
@@ -375,6 +378,62 @@ fn a_renewal_never_undoes_a_ban(place: Place) {
     assert_eq!(store.check_agent(id, "s0").unwrap(), Err(AgentRefusal::Banned(id.into())));
 }
 
+/// A ban and a renewal started together (a barrier), over many trials:
+/// whichever commits first, the agent ends banned, the renewed SVID (if
+/// the renewal won) is revoked, and neither SVID passes `check_agent`. The
+/// calls are shown to overlap (both under way at once) in some trial.
+fn a_ban_racing_a_renewal_is_never_undone(place: Place) {
+    let store = Arc::new(place.open());
+    let (mut overlapped, mut renewals_won) = (0, 0);
+    for trial in 0..30 {
+        let id = format!("spiffe://example.org/racer{trial}");
+        let name = format!("racer{trial}");
+        let (old, new) = (format!("{trial:02x}00"), format!("{trial:02x}01"));
+        store
+            .register_agent(&agent(&name, &old), &agent_svid(&name, &old), &Audit::quiet())
+            .unwrap()
+            .unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let timed = |f: Box<dyn FnOnce() -> bool + Send>, barrier: Arc<std::sync::Barrier>| {
+            std::thread::spawn(move || {
+                barrier.wait();
+                let start = std::time::Instant::now();
+                let ok = f();
+                (start, std::time::Instant::now(), ok)
+            })
+        };
+        let (s, i) = (store.clone(), id.clone());
+        let ban = timed(
+            Box::new(move || s.ban_agent(&i, "race", 1, &Audit::quiet()).unwrap().is_ok()),
+            barrier.clone(),
+        );
+        let (s, i, n, o, w) = (store.clone(), id.clone(), name.clone(), old.clone(), new.clone());
+        let renew = timed(
+            Box::new(move || {
+                let svid = agent_svid(&n, &w);
+                s.renew_agent(&i, &o, &svid, 1, &Audit::quiet()).unwrap().is_ok()
+            }),
+            barrier,
+        );
+        let (ban, renew) = (ban.join().unwrap(), renew.join().unwrap());
+        assert!(ban.2, "the ban of {id} commits");
+        if ban.0 < renew.1 && renew.0 < ban.1 {
+            overlapped += 1;
+        }
+        let stored = store.agent(&id).unwrap().unwrap();
+        assert!(stored.banned, "trial {trial}: the renewal undid the ban");
+        if renew.2 {
+            renewals_won += 1;
+            assert!(store.revocation(&new).unwrap().is_some(), "trial {trial}: {new} not revoked");
+        }
+        for serial in [&old, &new] {
+            assert!(store.check_agent(&id, serial).unwrap().is_err(), "{serial} still passes");
+        }
+    }
+    assert!(overlapped > 0, "the ban and the renewal never overlapped in 30 trials");
+    println!("ban vs renewal: {overlapped} of 30 overlapped, the renewal committed first {renewals_won} times");
+}
+
 /// Item 7: a store behind its watermark (data lost, or an old copy put
 /// back) is refused, never served as what is left.
 /// Where a conformance test's store lives: each `open` is a new handle
@@ -430,6 +489,7 @@ conformance!(
     jwt_svids_are_revoked_with_their_entry_and_agent,
     a_dns_name_change_revokes_and_a_ttl_change_does_not,
     a_renewal_never_undoes_a_ban,
+    a_ban_racing_a_renewal_is_never_undone,
     backup_restores_every_record_and_a_damaged_backup_is_refused,
     join_token_can_be_taken_once,
     join_tokens_are_hashed_and_never_name_an_agent_or_entry,
