@@ -48,12 +48,103 @@ fn the_default_socket_is_outside_the_data_dir() {
     assert!(!config.socket_path.starts_with(&config.data_dir));
 }
 
-/// The default socket path itself (`/tmp/tessera-agent/public/api.sock`)
-/// is shared by every agent and test run on the machine, so this test
-/// binds the same path under a temp root: a `tmp` made like `/tmp`
-/// (1777), under which the agent creates `tessera-agent/public` and the
-/// socket, as it does for the default. The agent's config is the default
-/// one with only the socket path re-rooted.
+/// A process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The default socket itself: `tessera-agent run` without `--socket`
+/// binds `/tmp/tessera-agent/public/api.sock`, creating what it needs. The
+/// agent runs in a mount namespace of its own whose `/tmp` is a fresh
+/// tmpfs made like `/tmp` (1777), so the path is the real default without
+/// touching the machine's `/tmp` (where another agent or test run may
+/// be). Another uid, in that namespace, connects to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_uid_can_connect_to_the_socket_the_agent_creates() {
+    use std::os::unix::process::CommandExt;
+    if !root_or_skip("a private /tmp (a mount namespace) and connecting as another uid") {
+        return;
+    }
+    // Outside /tmp, which the agent's namespace hides.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let data_dir = dir.path().join("agent");
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, to_pem(&server.bundle().await)).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, server.join_token("", 0).await.token).unwrap();
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let agent = Killed(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount -t tmpfs -o mode=1777 tessera-test-tmp /tmp && exec \"$@\"")
+            .arg("sh")
+            .arg(common::agent_bin())
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--server-address")
+            .arg(server.addr.to_string())
+            .arg("--join-token-file")
+            .arg(&token)
+            .arg("--trust-bundle")
+            .arg(&bundle)
+            .arg("--log-level")
+            .arg("warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    // unshare and sh exec: the agent keeps the child's PID. Its /tmp, seen
+    // from here:
+    let pid = agent.0.id();
+    let tmp = std::path::PathBuf::from(format!("/proc/{pid}/root/tmp"));
+    let socket = tmp.join(Path::new(DEFAULT_SOCKET_PATH).strip_prefix("/tmp").unwrap());
+    common::within(common::PROMPTLY, "the agent's default socket", async {
+        while !socket.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let said = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    assert_eq!(mode(&socket), 0o777, "the socket; agent log: {}", said());
+    for created in ["tessera-agent", "tessera-agent/public"] {
+        assert_eq!(mode(&tmp.join(created)), 0o755, "/tmp/{created}, created by the agent");
+    }
+    assert_eq!(mode(&tmp), 0o1777, "/tmp keeps its mode");
+    assert_eq!(mode(&data_dir), 0o700, "the data dir stays private");
+
+    // uid 65534, in the agent's mount namespace, connects to the default path.
+    let out = Command::new("nsenter")
+        .arg(format!("--mount=/proc/{pid}/ns/mnt"))
+        .args(["--", "setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c"])
+        .arg("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n")
+        .arg(DEFAULT_SOCKET_PATH)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "uid 65534 cannot connect to {DEFAULT_SOCKET_PATH}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(agent);
+    server.stop().await;
+}
+
+/// The default socket's layout re-rooted under a temp dir (a `tmp` made
+/// like `/tmp`, 1777, under which the agent creates `tessera-agent/public`
+/// and the socket), in process: the agent's config is the default one with
+/// only the socket path re-rooted. Here the test also sees that a
+/// directory the agent did not create keeps its mode, and what the old
+/// default (a socket inside the data dir) did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_uid_can_connect_to_a_socket_the_agent_creates_at_the_default_path_under_a_temp_root(
 ) {

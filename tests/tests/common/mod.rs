@@ -147,3 +147,19 @@ pub fn root_or_skip(what: &str) -> bool {
     skip_or_fail(&format!("{what} needs root (not root)"));
     false
 }
+
+/// The `tessera-agent` binary `cargo test --workspace` built (built here
+/// when this test runs alone).
+pub fn agent_bin() -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let bin = deps.parent().unwrap().parent().unwrap().join("tessera-agent");
+    if !bin.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "tessera-agent", "--bin", "tessera-agent"])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap())
+            .status()
+            .unwrap();
+        assert!(status.success(), "building tessera-agent failed");
+    }
+    bin
+}
