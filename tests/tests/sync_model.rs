@@ -207,14 +207,38 @@ impl World {
             // On record already: it restarts on its stored SVID, as a node
             // does (a token for a live agent's ID is refused).
             Err(status) if status.code() == tonic::Code::FailedPrecondition => None,
-            Err(status) => panic!("join token: {status}"),
+            Err(status) => self.diverged(&format!("join token: {status}")),
         };
         let addresses = self.addresses();
-        let agent = RunningAgent::start_configured(self.server(), &self.dir.join("agent"), |c| {
+        let had_token = token.is_some();
+        let agent_dir = self.dir.join("agent");
+        let agent = RunningAgent::start_configured(self.server(), &agent_dir, |c| {
             c.join_token = token;
             c.server_addresses = addresses;
-        })
-        .await;
+        });
+        // A failed start fails the seed with its log (not a bare panic).
+        let agent = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(agent))
+            .await
+        {
+            Ok(agent) => agent,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                // The stored agent SVID's expiry: one too close to it is
+                // not reused, and the model has no token for a live agent.
+                let stored = std::fs::read(agent_dir.join("agent_svid.pem")).unwrap_or_default();
+                let not_after = pem::parse_many(&stored)
+                    .ok()
+                    .and_then(|certs| certs.first().map(|c| not_after_unix(c.contents())));
+                self.diverged(&format!(
+                    "the agent did not start (join token: {had_token}; stored agent SVID's NotAfter {not_after:?}, now {}): {why}",
+                    now_unix()
+                ))
+            }
+        };
         assert_eq!(agent.id, AGENT_ID);
         self.agent = Some(agent);
     }
