@@ -40,7 +40,46 @@ pub struct TestServer {
     /// The PostgreSQL datastore, when it shares one with other servers.
     pub datastore: Option<String>,
     shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    /// `None` once stopped.
+    task: Option<JoinHandle<()>>,
+}
+
+/// What a task's panic said.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// A task's end: a panic in it (the server's or the agent's) fails the
+/// test, unless the test is already failing. A task ended otherwise gives
+/// its output, if any.
+fn surfaced<T>(what: &str, result: Result<T, tokio::task::JoinError>) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(e) if e.is_panic() => {
+            let message = panic_message(&*e.into_panic());
+            if !std::thread::panicking() {
+                panic!("the {what} task panicked: {message}");
+            }
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// On drop: stops `task` and, if it already ended with a panic, fails the
+/// test with it (a server or agent dropped without `stop` must not hide one).
+fn drop_task<T>(what: &str, shutdown: &CancellationToken, task: Option<JoinHandle<T>>) {
+    shutdown.cancel();
+    let Some(mut task) = task else { return };
+    if task.is_finished() {
+        if let Some(result) = futures::FutureExt::now_or_never(&mut task) {
+            surfaced(what, result);
+        }
+    }
 }
 
 /// Server config for tests: loopback, ephemeral port, `data_dir`.
@@ -69,13 +108,16 @@ impl TestServer {
         let task = tokio::spawn(async move {
             server.run(stop).await.expect("server runs");
         });
-        Self { addr, admin_socket, data_dir, metrics_addr, datastore, shutdown, task }
+        Self { addr, admin_socket, data_dir, metrics_addr, datastore, shutdown, task: Some(task) }
     }
 
-    /// Stops the server and waits until it has released its store.
-    pub async fn stop(self) {
+    /// Stops the server and waits until it has released its store; a
+    /// panic of the server's task fails the test here.
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        if let Some(task) = self.task.take() {
+            surfaced("server", task.await);
+        }
     }
 
     /// Stops the server and starts it again on the same address and data dir.
@@ -236,15 +278,23 @@ impl TestAgent {
 
     /// A node API client authenticated with this agent's SVID.
     pub async fn connect(&self) -> NodeClient<Channel> {
+        connect_node(&self.addr.to_string(), self.tls_config()).await.unwrap()
+    }
+
+    /// The TLS client config the agent's node API connections use (its
+    /// SVID as client certificate). Clones share one session cache.
+    pub fn tls_config(&self) -> rustls::ClientConfig {
         let identity = ClientIdentity {
             chain: self.chain.clone(),
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone())),
         };
         let anchors = TrustAnchors::new(self.bundle.clone());
-        let tls =
-            node_tls_config(anchors, &TrustDomain::new(TRUST_DOMAIN).unwrap(), Some(identity))
-                .unwrap();
-        connect_node(&self.addr.to_string(), tls).await.unwrap()
+        node_tls_config(anchors, &TrustDomain::new(TRUST_DOMAIN).unwrap(), Some(identity)).unwrap()
+    }
+
+    /// The node API address the agent talks to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// The same agent, talking to the node API at `addr` (another server
@@ -271,7 +321,20 @@ pub struct RunningAgent {
     /// The metrics endpoint, when the config asks for one.
     pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
-    task: JoinHandle<Result<(), tessera_agent::AgentError>>,
+    /// `None` once stopped.
+    task: Option<JoinHandle<Result<(), tessera_agent::AgentError>>>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        drop_task("server", &self.shutdown, self.task.take());
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        drop_task("agent", &self.shutdown, self.task.take());
+    }
 }
 
 impl RunningAgent {
@@ -308,16 +371,17 @@ impl RunningAgent {
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(agent.run(stop));
-        Self { id, socket, metrics_addr, shutdown, task }
+        Self { id, socket, metrics_addr, shutdown, task: Some(task) }
     }
 
     /// Waits up to `limit` for the agent to stop by itself; its result.
     pub async fn stopped_within(
-        self,
+        mut self,
         limit: std::time::Duration,
     ) -> Result<(), tessera_agent::AgentError> {
-        match tokio::time::timeout(limit, self.task).await {
-            Ok(result) => result.expect("agent task"),
+        let task = self.task.take().expect("the agent runs");
+        match tokio::time::timeout(limit, task).await {
+            Ok(result) => surfaced("agent", result).expect("agent task"),
             Err(_) => panic!("the agent did not stop within {limit:?}"),
         }
     }
@@ -327,10 +391,14 @@ impl RunningAgent {
         format!("unix://{}", self.socket.display())
     }
 
-    /// Stops the agent.
-    pub async fn stop(self) {
+    /// Stops the agent; a panic of the agent's task fails the test here
+    /// (an error it stopped with does not: the test asks for that through
+    /// [`RunningAgent::stopped_within`]).
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        if let Some(task) = self.task.take() {
+            surfaced("agent", task.await);
+        }
     }
 }
 
@@ -432,8 +500,14 @@ impl SimulatedAgent {
         Self { id, serials, task }
     }
 
-    /// Stops following the stream.
-    pub fn stop(self) {
+    /// Stops following the stream; if the follower already ended with a
+    /// panic, fails with it.
+    pub fn stop(mut self) {
+        if self.task.is_finished() {
+            if let Some(result) = futures::FutureExt::now_or_never(&mut self.task) {
+                surfaced("simulated agent", result);
+            }
+        }
         self.task.abort();
     }
 }

@@ -1,7 +1,8 @@
 //! Issue 19, items 1-5: the controls an operator relies on cannot be walked
 //! around. Each test runs the real `tessera-server` CLI under other uids
 //! against a real server (and, for join tokens, real attestation over TLS);
-//! they need root to switch uids and say SKIPPED otherwise.
+//! they need root to switch uids, and fail without it (unless
+//! TESSERA_TESTS_ALLOW_SKIP=1, when they say SKIPPED).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -11,10 +12,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{uid_selector, within, PROMPTLY};
-use operators::{
-    field, governed_server, is_root, open_tempdir, proposal_hash, Cli, OPERATOR_A, OPERATOR_B,
-};
+use common::{root_or_skip, skip_or_fail, uid_selector, within, PROMPTLY};
+use operators::{field, governed_server, open_tempdir, proposal_hash, Cli, OPERATOR_A, OPERATOR_B};
 use serde_json::Value;
 use tessera_server::ApprovalPolicy;
 use tessera_tests::{RunningAgent, TestAgent};
@@ -28,8 +27,7 @@ fn stderr(out: &std::process::Output) -> String {
 /// once a second operator approved it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_join_token_cannot_mint_a_taken_or_protected_identity() {
-    if !is_root() {
-        eprintln!("SKIPPED: approval by a second operator needs two uids (not root)");
+    if !root_or_skip("approval by a second operator (two uids)") {
         return;
     }
     let dir = open_tempdir();
@@ -158,8 +156,7 @@ async fn a_join_token_cannot_mint_a_taken_or_protected_identity() {
 /// approves, and a second proposal cannot replace the one under review.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn approval_holds_for_every_spelling_every_change_and_only_what_was_seen() {
-    if !is_root() {
-        eprintln!("SKIPPED: approval by a second operator needs two uids (not root)");
+    if !root_or_skip("approval by a second operator (two uids)") {
         return;
     }
     let dir = open_tempdir();
@@ -292,8 +289,11 @@ print("done", flush=True)
 /// forced through `/proc/sys/kernel/ns_last_pid`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_authorization_survives_pid_reuse() {
-    if !is_root() || std::fs::metadata("/proc/sys/kernel/ns_last_pid").is_err() {
-        eprintln!("SKIPPED: forcing PID reuse needs root and /proc/sys/kernel/ns_last_pid");
+    if !root_or_skip("forcing PID reuse") {
+        return;
+    }
+    if std::fs::metadata("/proc/sys/kernel/ns_last_pid").is_err() {
+        skip_or_fail("forcing PID reuse needs /proc/sys/kernel/ns_last_pid (absent)");
         return;
     }
     let dir = open_tempdir();
@@ -388,8 +388,7 @@ fn operators_cli_path() -> String {
 /// is an event, the rest one event with a count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_non_operator_hammering_the_admin_socket_is_folded_into_few_events() {
-    if !is_root() {
-        eprintln!("SKIPPED: calling as another uid needs root");
+    if !root_or_skip("calling as another uid") {
         return;
     }
     let dir = open_tempdir();

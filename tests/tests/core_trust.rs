@@ -6,16 +6,22 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{serial_hex, within, PROMPTLY};
+use rustls::HandshakeKind;
 use rustls_pki_types::CertificateDer;
+use tessera_agent::{connect_node, connect_node_watched, AlertSlot};
 use tessera_proto::admin as admin_pb;
+use tessera_proto::node::node_client::NodeClient;
 use tessera_proto::node::{self as node_pb, entry_change::Change, sync_message::Event};
+use tessera_proto::Refusal;
 use tessera_server::SystemClock;
 use tessera_tests::{key_and_csr, test_config, TestAgent, TestServer};
+use tokio::sync::Barrier;
+use tonic::transport::Channel;
 use tonic::Code;
 
 type SyncStream = tonic::Streaming<node_pb::SyncMessage>;
@@ -63,10 +69,6 @@ async fn renew(agent: &mut TestAgent) -> Result<(), tonic::Status> {
     let chain = response.into_inner().x509_svid.into_iter().map(CertificateDer::from).collect();
     agent.set_svid(chain, key.serialize_der());
     Ok(())
-}
-
-fn refusal(status: &tonic::Status) -> Option<&str> {
-    status.metadata().get(tessera_server::REFUSAL_METADATA).and_then(|v| v.to_str().ok())
 }
 
 /// Every serial the server lists as revoked, and every serial its CRLs list.
@@ -130,15 +132,105 @@ async fn entry_updated_while_the_agent_is_away_is_kept_on_resume() {
     server.stop().await;
 }
 
-/// Item 3: a revoked agent SVID kept working at the server.
+/// The node API's calls, each made once by [`call`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rpc {
+    Attest,
+    RenewAgent,
+    SignX509,
+    SignJwt,
+    Sync,
+    PushEvents,
+}
+
+const EVERY_RPC: [Rpc; 6] =
+    [Rpc::Attest, Rpc::RenewAgent, Rpc::SignX509, Rpc::SignJwt, Rpc::Sync, Rpc::PushEvents];
+
+/// Makes one `rpc` call on `client` (`token` for Attest, `entry_id` for
+/// the signing calls); only whether it was answered or refused.
+async fn call(
+    client: &mut NodeClient<Channel>,
+    rpc: Rpc,
+    token: &str,
+    entry_id: &str,
+) -> Result<(), tonic::Status> {
+    match rpc {
+        Rpc::Attest => client
+            .attest(node_pb::AttestRequest { join_token: token.into(), csr: key_and_csr().1 })
+            .await
+            .map(drop),
+        Rpc::RenewAgent => {
+            client.renew_agent(node_pb::RenewAgentRequest { csr: key_and_csr().1 }).await.map(drop)
+        }
+        Rpc::SignX509 => {
+            let item = node_pb::SignX509Item { entry_id: entry_id.into(), csr: key_and_csr().1 };
+            let response = client.sign_x509(node_pb::SignX509Request { items: vec![item] }).await?;
+            let status = response.into_inner().results[0].status.clone().unwrap();
+            assert_eq!(status.code, 0, "an item refused while the call was not: {status:?}");
+            Ok(())
+        }
+        Rpc::SignJwt => {
+            let item =
+                node_pb::SignJwtItem { entry_id: entry_id.into(), audience: vec!["api".into()] };
+            let response = client.sign_jwt(node_pb::SignJwtRequest { items: vec![item] }).await?;
+            let status = response.into_inner().results[0].status.clone().unwrap();
+            assert_eq!(status.code, 0, "an item refused while the call was not: {status:?}");
+            Ok(())
+        }
+        Rpc::Sync => {
+            let mut stream = client.sync(node_pb::SyncRequest { revision: 0 }).await?.into_inner();
+            stream.message().await?.expect("a first sync message");
+            Ok(())
+        }
+        Rpc::PushEvents => client
+            .push_events(node_pb::PushEventsRequest { spool_id: vec![7; 16], events: Vec::new() })
+            .await
+            .map(drop),
+    }
+}
+
+/// Whether a TLS handshake with `config` (a full one, or one resuming a
+/// session the config cached) completes at `addr`, and how.
+async fn handshake_kind(
+    addr: std::net::SocketAddr,
+    config: &rustls::ClientConfig,
+) -> HandshakeKind {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config.clone()));
+    let name = rustls_pki_types::ServerName::try_from("tessera-server").unwrap();
+    let tls = connector.connect(name, tcp).await.expect("the handshake completes");
+    tls.get_ref().1.handshake_kind().expect("the handshake is done")
+}
+
+/// Item 3: a revoked agent SVID kept working at the server. Every node
+/// API call is refused with the typed `revoked`: on a connection opened
+/// before the revocation, by the call's authentication (PermissionDenied);
+/// on a new one, by the TLS handshake (the verifier has the CRL; the
+/// `certificate_revoked` alert). Every connection uses one TLS config, so
+/// a session the server let it resume (which skips the certificate and
+/// CRL checks) would show: none is resumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_agent_svid_is_refused_by_every_node_call() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
-    let mut agent = attest(&server, "spiffe://example.org/node/revoked").await;
+    let id = "spiffe://example.org/node/revoked";
+    let token = server.join_token(id, 0).await.token;
+    let agent = TestAgent::attest(&server, &token).await.unwrap();
     let entry_id =
         server.create_entry("spiffe://example.org/web", &agent.id, &["unix:uid:1000"], None).await;
     let (mut stream, _) = open_sync(&agent, 0).await;
+    let tls = agent.tls_config();
+    let addr = agent.addr().to_string();
+
+    // Before the revocation the same calls work, on a connection kept
+    // open and on new ones, with the one config.
+    let mut kept = connect_node(&addr, tls.clone()).await.unwrap();
+    for rpc in [Rpc::SignX509, Rpc::SignJwt, Rpc::Sync, Rpc::PushEvents] {
+        call(&mut kept, rpc, &token, &entry_id).await.unwrap_or_else(|e| panic!("{rpc:?}: {e:?}"));
+        let mut fresh = connect_node(&addr, tls.clone()).await.unwrap();
+        call(&mut fresh, rpc, &token, &entry_id).await.unwrap_or_else(|e| panic!("{rpc:?}: {e:?}"));
+    }
+    assert_eq!(handshake_kind(agent.addr(), &tls).await, HandshakeKind::Full);
 
     let serial = serial_hex(agent.chain[0].as_ref());
     server
@@ -161,43 +253,109 @@ async fn a_revoked_agent_svid_is_refused_by_every_node_call() {
         }
     };
     assert_eq!(closed.code(), Code::PermissionDenied, "{closed:?}");
-    assert_eq!(refusal(&closed), Some("revoked"), "{closed:?}");
+    assert_eq!(Refusal::of(&closed), Some(Refusal::Revoked), "{closed:?}");
 
-    // New calls are refused: at the TLS handshake (the node API's verifier
-    // has the CRL) or at authentication.
-    let signed = agent
-        .connect()
-        .await
-        .sign_x509(node_pb::SignX509Request {
-            items: vec![node_pb::SignX509Item { entry_id, csr: key_and_csr().1 }],
-        })
-        .await;
-    assert!(signed.is_err(), "a revoked agent SVID got an SVID signed: {signed:?}");
-    let renewed = renew(&mut agent).await;
-    assert!(renewed.is_err(), "a revoked agent SVID was renewed");
+    // On the connection opened before: refused by authentication, typed.
+    // (Attest authenticates no one: a join token is spent, whoever calls.)
+    for rpc in EVERY_RPC {
+        let refused = call(&mut kept, rpc, &token, &entry_id)
+            .await
+            .expect_err(&format!("{rpc:?} answered a revoked agent SVID"));
+        assert_eq!(refused.code(), Code::PermissionDenied, "{rpc:?}: {refused:?}");
+        if rpc != Rpc::Attest {
+            assert_eq!(Refusal::of(&refused), Some(Refusal::Revoked), "{rpc:?}: {refused:?}");
+        }
+    }
+    // On new connections with the same config: refused at the handshake
+    // with `certificate_revoked`, every call, Attest included. (A client
+    // that writes its request before it reads the alert sees a broken pipe
+    // instead, as the agent would: each call is tried until the alert is
+    // read, and is never answered.)
+    for rpc in EVERY_RPC {
+        let mut failures = Vec::new();
+        let alerted = loop {
+            let alerts = AlertSlot::default();
+            let result = match connect_node_watched(&addr, tls.clone(), alerts.clone()).await {
+                Ok(mut client) => call(&mut client, rpc, &token, &entry_id).await,
+                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+            };
+            let refused = result.expect_err("a call answered a revoked agent SVID");
+            match alerts.take() {
+                Some(refusal) => break refusal,
+                None if failures.len() < 5 => failures.push(refused),
+                None => panic!("{rpc:?}: no certificate_revoked alert read: {failures:?}"),
+            }
+        };
+        assert_eq!(alerted, Refusal::Revoked, "{rpc:?}");
+    }
+    // And no session was resumed: each handshake checked the certificate.
+    assert_eq!(handshake_kind(agent.addr(), &agent.tls_config()).await, HandshakeKind::Full);
     server.stop().await;
 }
 
+/// What one trial of a renewal racing a ban or an eviction showed.
+#[derive(Debug, Default)]
+struct RaceOutcomes {
+    /// Overlapping trials whose raced renewal committed first, by op.
+    renewed: BTreeMap<&'static str, usize>,
+    /// Overlapping trials whose raced renewal was refused, by op.
+    refused: BTreeMap<&'static str, usize>,
+}
+
+impl RaceOutcomes {
+    fn complete(&self) -> bool {
+        ["ban", "evict"].iter().all(|op| {
+            self.renewed.get(op).is_some_and(|n| *n > 0)
+                && self.refused.get(op).is_some_and(|n| *n > 0)
+        })
+    }
+}
+
 /// Item 4: a ban racing renewals was lost (the renewal wrote `banned:
-/// false` back), and an eviction racing one re-created the agent.
+/// false` back), and an eviction racing one re-created the agent. Each
+/// trial starts a renewal (on a connection already open) and the ban or
+/// eviction together; trials go on until, for each op, a renewal that
+/// overlapped it has both won and lost the race.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bans_and_evictions_racing_renewals_are_never_lost() {
+    const MIN_TRIALS: u64 = 16;
+    const MAX_TRIALS: u64 = 96;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
     let mut admin = server.admin().await;
-    for trial in 0..16u64 {
+    let mut outcomes = RaceOutcomes::default();
+    let mut trial = 0u64;
+    while trial < MIN_TRIALS || (!outcomes.complete() && trial < MAX_TRIALS) {
         let id = format!("spiffe://example.org/node/race-{trial}");
         let mut agent = attest(&server, &id).await;
+        let mut client = agent.connect().await;
+        let start = Arc::new(Barrier::new(2));
+        let go = start.clone();
         let renewals = tokio::spawn(async move {
-            for _ in 0..8 {
-                if renew(&mut agent).await.is_err() {
-                    break;
+            let (key, csr) = key_and_csr();
+            go.wait().await;
+            let started = Instant::now();
+            let first = client.renew_agent(node_pb::RenewAgentRequest { csr }).await;
+            let ended = Instant::now();
+            let first = first.map(|response| {
+                let chain = response.into_inner().x509_svid;
+                agent.set_svid(
+                    chain.into_iter().map(CertificateDer::from).collect(),
+                    key.serialize_der(),
+                );
+            });
+            if first.is_ok() {
+                for _ in 0..7 {
+                    if renew(&mut agent).await.is_err() {
+                        break;
+                    }
                 }
             }
-            agent
+            (agent, first, started, ended)
         });
-        tokio::time::sleep(Duration::from_millis(trial % 6)).await;
         let evict = trial % 2 == 1;
+        start.wait().await;
+        let op_started = Instant::now();
         if evict {
             admin
                 .evict_agent(admin_pb::EvictAgentRequest { spiffe_id: id.clone(), unban: false })
@@ -212,7 +370,27 @@ async fn bans_and_evictions_racing_renewals_are_never_lost() {
                 .await
                 .unwrap();
         }
-        let mut agent = renewals.await.unwrap();
+        let op_ended = Instant::now();
+        let (mut agent, first, started, ended) = renewals.await.unwrap();
+        let op = if evict { "evict" } else { "ban" };
+        if let Err(refused) = &first {
+            // Refused for the op, and saying so: not a transport failure.
+            assert_eq!(refused.code(), Code::PermissionDenied, "trial {trial}: {refused:?}");
+            let expected: &[Refusal] = if evict {
+                &[Refusal::UnknownAgent, Refusal::Evicted, Refusal::Revoked]
+            } else {
+                &[Refusal::Banned, Refusal::Revoked]
+            };
+            let refusal = Refusal::of(refused);
+            assert!(
+                refusal.is_some_and(|r| expected.contains(&r)),
+                "trial {trial} ({op}): refused with {refusal:?}: {refused:?}"
+            );
+        }
+        if started < op_ended && op_started < ended {
+            let counts = if first.is_ok() { &mut outcomes.renewed } else { &mut outcomes.refused };
+            *counts.entry(op).or_default() += 1;
+        }
         let record = admin.get_agent(admin_pb::GetAgentRequest { spiffe_id: id.clone() }).await;
         if evict {
             let err = record.expect_err("an evicted agent was re-created by a racing renewal");
@@ -221,32 +399,90 @@ async fn bans_and_evictions_racing_renewals_are_never_lost() {
             assert!(record.unwrap().into_inner().banned, "trial {trial}: the ban was lost");
         }
         assert!(renew(&mut agent).await.is_err(), "trial {trial}: the agent still renews");
+        trial += 1;
     }
+    eprintln!("{trial} trials; overlapping renewals: {outcomes:?}");
+    assert!(
+        outcomes.complete(),
+        "after {trial} trials, a renewal overlapping each op did not both win and lose the race: {outcomes:?}"
+    );
     server.stop().await;
+}
+
+/// How the items of one signing call that raced a delete or a ban ended.
+#[derive(Debug, Default, Clone, Copy)]
+struct SigningOutcome {
+    /// Signed and handed out (to be revoked by the op).
+    handed_out: usize,
+    /// Signed, then found deleted or banned as they were recorded: the
+    /// race the item is about.
+    refused_while_signing: usize,
+    /// Refused before signing (the op came first).
+    refused_before: usize,
 }
 
 /// Item 4: SVIDs signed in a batch racing an entry delete or an agent ban
 /// were recorded after the revocation read the records, and stayed valid.
+/// The signing call and the op start together (the op a part of the
+/// signing time later, varied over trials); trials go on until, for each
+/// op, one landing while the batch was signed refused its SVIDs as they
+/// were recorded and one landing after handed them out (then revoked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn svids_signed_while_the_entry_is_deleted_or_the_agent_banned_are_revoked() {
+    const ITEMS: usize = 200;
+    const MIN_TRIALS: u64 = 12;
+    const MAX_TRIALS: u64 = 72;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
     let mut admin = server.admin().await;
+    let batch = |entry_id: &str| node_pb::SignX509Request {
+        items: (0..ITEMS)
+            .map(|_| node_pb::SignX509Item { entry_id: entry_id.into(), csr: key_and_csr().1 })
+            .collect(),
+    };
+    // How long a batch takes here, to spread the ops over it.
+    let signing_time = {
+        let agent = attest(&server, "spiffe://example.org/node/calibration").await;
+        let entry_id = server
+            .create_entry("spiffe://example.org/w/calibration", &agent.id, &["unix:uid:1"], None)
+            .await;
+        let mut client = agent.connect().await;
+        let request = batch(&entry_id);
+        let started = Instant::now();
+        client.sign_x509(request).await.unwrap();
+        started.elapsed()
+    };
     let mut handed_out = BTreeSet::new();
-    for trial in 0..12u64 {
+    // Per op: (trials that refused while signing, trials that handed out).
+    let mut seen: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    let complete = |seen: &BTreeMap<&str, (usize, usize)>| {
+        ["delete", "ban"].iter().all(|op| seen.get(op).is_some_and(|(r, h)| *r > 0 && *h > 0))
+    };
+    let mut trial = 0u64;
+    while trial < MIN_TRIALS || (!complete(&seen) && trial < MAX_TRIALS) {
         let id = format!("spiffe://example.org/node/signer-{trial}");
         let agent = attest(&server, &id).await;
         let entry_id = server
             .create_entry(&format!("spiffe://example.org/w/{trial}"), &id, &["unix:uid:1"], None)
             .await;
-        let items: Vec<_> = (0..200)
-            .map(|_| node_pb::SignX509Item { entry_id: entry_id.clone(), csr: key_and_csr().1 })
-            .collect();
+        let request = batch(&entry_id);
         let mut client = agent.connect().await;
-        let signing =
-            tokio::spawn(async move { client.sign_x509(node_pb::SignX509Request { items }).await });
-        tokio::time::sleep(Duration::from_millis(trial % 4 * 5)).await;
-        if trial % 2 == 0 {
+        let start = Arc::new(Barrier::new(2));
+        let go = start.clone();
+        let signing = tokio::spawn(async move {
+            go.wait().await;
+            let started = Instant::now();
+            let response = client.sign_x509(request).await;
+            (response, started, Instant::now())
+        });
+        let delete = trial.is_multiple_of(2);
+        let op = if delete { "delete" } else { "ban" };
+        // 0, 1/4, ... 5/4 of the signing time after the start.
+        let delay = signing_time * ((trial / 2) % 6) as u32 / 4;
+        start.wait().await;
+        tokio::time::sleep(delay).await;
+        let op_started = Instant::now();
+        if delete {
             admin
                 .batch_delete_entry(admin_pb::BatchDeleteEntryRequest { ids: vec![entry_id] })
                 .await
@@ -257,14 +493,57 @@ async fn svids_signed_while_the_entry_is_deleted_or_the_agent_banned_are_revoked
                 .await
                 .unwrap();
         }
-        if let Ok(response) = signing.await.unwrap() {
-            for result in response.into_inner().results {
-                if result.status.as_ref().is_some_and(|s| s.code == 0) {
-                    handed_out.insert(result.serial);
+        let op_ended = Instant::now();
+        let (response, started, ended) = signing.await.unwrap();
+        let mut outcome = SigningOutcome::default();
+        match response {
+            Ok(response) => {
+                for result in response.into_inner().results {
+                    let status = result.status.unwrap_or_default();
+                    if status.code == 0 {
+                        outcome.handed_out += 1;
+                        handed_out.insert(result.serial);
+                    } else if status.refusal == Refusal::Banned.as_str()
+                        || (delete && status.message.contains("deleted while signing"))
+                    {
+                        outcome.refused_while_signing += 1;
+                    } else if delete && status.code == Code::NotFound as i32 {
+                        outcome.refused_before += 1;
+                    } else {
+                        panic!(
+                            "trial {trial} ({op}): an item refused for another reason: {status:?}"
+                        );
+                    }
                 }
             }
+            // The ban came before the call was authenticated.
+            Err(refused) if !delete => {
+                assert_eq!(refused.code(), Code::PermissionDenied, "trial {trial}: {refused:?}");
+                let refusal = Refusal::of(&refused);
+                assert!(
+                    matches!(refusal, Some(Refusal::Banned | Refusal::Revoked)),
+                    "trial {trial}: refused with {refusal:?}: {refused:?}"
+                );
+                outcome.refused_before = ITEMS;
+            }
+            Err(failed) => panic!("trial {trial} ({op}): the signing call failed: {failed:?}"),
         }
+        let overlapped = started < op_ended && op_started < ended;
+        let counts = seen.entry(op).or_default();
+        if overlapped && outcome.refused_while_signing > 0 {
+            counts.0 += 1;
+        }
+        if outcome.handed_out > 0 {
+            counts.1 += 1;
+        }
+        trial += 1;
     }
+    eprintln!("{trial} trials; (refused while signing, handed out) per op: {seen:?}");
+    assert!(
+        complete(&seen),
+        "after {trial} trials, not every op both landed while a batch was signed and after one: {seen:?}"
+    );
+    assert!(!handed_out.is_empty());
     let (revoked, listed) = revoked_and_listed(&server).await;
     let escaped: Vec<_> = handed_out.iter().filter(|s| !revoked.contains(*s)).collect();
     assert!(escaped.is_empty(), "{} SVIDs escaped revocation: {escaped:?}", escaped.len());

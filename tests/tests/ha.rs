@@ -5,6 +5,7 @@
 //! servers, and everything survives restarting every server.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -138,6 +139,38 @@ async fn next_svid(
     .await
 }
 
+/// One fetch of every SVID the workload has (the `spiffe` crate): SPIFFE
+/// ID to serial.
+async fn fetch_serials(agent: &RunningAgent) -> BTreeMap<String, String> {
+    let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
+    let context = client.fetch_x509_context().await.unwrap();
+    context
+        .svids()
+        .iter()
+        .map(|s| (s.spiffe_id().to_string(), serial_hex(s.leaf().as_ref())))
+        .collect()
+}
+
+/// Which of `a` and `b` holds the agent's Sync stream: (that one, the other).
+fn by_stream(a: TestServer, b: TestServer) -> (TestServer, TestServer) {
+    if a.sync_streams() == 1 {
+        (a, b)
+    } else {
+        assert_eq!(b.sync_streams(), 1, "the agent's Sync stream is on A or B");
+        (b, a)
+    }
+}
+
+/// Waits until `server` holds the agent's Sync stream.
+async fn stream_moves_to(server: &TestServer, why: &str) {
+    within(PROMPTLY, why, async {
+        while server.sync_streams() != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
 /// One fetch of every SVID the workload has (the `spiffe` crate).
 async fn fetch_ids(agent: &RunningAgent) -> Vec<String> {
     let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
@@ -191,21 +224,12 @@ async fn when_its_server_dies_the_agent_moves_to_the_other_and_workloads_keep_th
     let first_serial = serial_hex(first.leaf().as_ref());
 
     // Whichever server the agent picked, that one dies.
-    let (a, b) = if a.sync_streams() == 1 {
-        (a, b)
-    } else {
-        assert_eq!(b.sync_streams(), 1, "the agent's Sync stream is on A or B");
-        (b, a)
-    };
+    let (a, b) = by_stream(a, b);
     a.stop().await;
-    within(PROMPTLY, "the agent's Sync stream resumes on B", async {
-        while b.sync_streams() != 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    // The workload kept its SVID while the agent moved.
-    assert_eq!(fetch_ids(&agent).await, ["spiffe://example.org/web"]);
+    stream_moves_to(&b, "the agent's Sync stream resumes on B").await;
+    // The workload kept its SVID (the same one) while the agent moved.
+    let kept = fetch_serials(&agent).await;
+    assert_eq!(kept, BTreeMap::from([("spiffe://example.org/web".into(), first_serial.clone())]));
     // A change made on B after A died reaches the workload: the agent's
     // Sync stream resumed on B.
     create_entry(&b, "spiffe://example.org/api", &agent.id).await;
@@ -227,6 +251,55 @@ async fn when_its_server_dies_the_agent_moves_to_the_other_and_workloads_keep_th
     assert_ne!(serial_hex(renewed.leaf().as_ref()), first_serial);
     agent.stop().await;
     b.stop().await;
+}
+
+/// Failover and failback: the agent's server dies, the agent moves to the
+/// other; the first comes back and the other dies: the agent is back on
+/// the first, its workload keeps the same SVID throughout, and changes
+/// made on the first reach it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_failover_and_failback_the_agent_is_served_by_its_first_server_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, a, b) = two_servers(dir.path()).await;
+    let agent = agent(&a, &[&a, &b], &dir.path().join("agent")).await;
+    create_entry(&a, "spiffe://example.org/web", &agent.id).await;
+    let (mut stream, first) = open_stream(&agent).await;
+    let web = |serial: &str| BTreeMap::from([("spiffe://example.org/web".into(), serial.into())]);
+    let first_serial = serial_hex(first.leaf().as_ref());
+
+    // The agent's server (call it the first) dies: the agent moves over.
+    let (first_server, other) = by_stream(a, b);
+    let (first_dir, first_addr) = (first_server.data_dir.clone(), first_server.addr);
+    first_server.stop().await;
+    stream_moves_to(&other, "the agent's Sync stream moves to the other server").await;
+    assert_eq!(fetch_serials(&agent).await, web(&first_serial), "the SVID kept on failover");
+
+    // The first comes back on its address, then the other dies.
+    let first_server = server_at(&first_dir, &url, first_addr).await;
+    other.stop().await;
+    stream_moves_to(&first_server, "the agent's Sync stream back on the first server").await;
+    assert_eq!(fetch_serials(&agent).await, web(&first_serial), "the SVID kept on failback");
+
+    // Still served by the first: a new entry made there reaches the
+    // workload, and a revocation there is replaced with an SVID it signs.
+    create_entry(&first_server, "spiffe://example.org/api", &agent.id).await;
+    next_svid(&mut stream, "spiffe://example.org/api", None, "an SVID after failback").await;
+    first_server
+        .admin()
+        .await
+        .revoke_svid(admin_pb::RevokeSvidRequest {
+            serial: first_serial.clone(),
+            reason: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let renewed =
+        next_svid(&mut stream, "spiffe://example.org/web", Some(&first_serial), "a new SVID").await;
+    assert_ne!(serial_hex(renewed.leaf().as_ref()), first_serial);
+    assert_eq!(first_server.sync_streams(), 1, "the agent stayed on the first server");
+    agent.stop().await;
+    first_server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,6 +339,7 @@ async fn a_ban_on_b_ends_an_agent_connected_to_a() {
         .ban_agent(admin_pb::BanAgentRequest { spiffe_id: agent.id.clone(), reason: "test".into() })
         .await
         .unwrap();
+    // The workload's identity is withdrawn (or the agent is gone) ...
     within(PROMPTLY, "the workload's identity ends", async {
         loop {
             match stream.next().await {
@@ -276,7 +350,16 @@ async fn a_ban_on_b_ends_an_agent_connected_to_a() {
         }
     })
     .await;
-    agent.stop().await;
+    // ... because the agent was told it is banned: it stops, saying so
+    // (its token is spent, it cannot attest again).
+    let id = agent.id.clone();
+    let stopped = agent.stopped_within(PROMPTLY).await;
+    match &stopped {
+        Err(tessera_agent::AgentError::IdentityDead(cause)) => {
+            assert!(cause.contains(&format!("this agent ({id}) is banned")), "{cause}");
+        }
+        other => panic!("the banned agent did not stop for its ban: {other:?}"),
+    }
     a.stop().await;
     b.stop().await;
 }
@@ -499,6 +582,13 @@ async fn attestation_passes_over_a_server_that_fails_to_the_next() {
             break token;
         }
     };
+    // A answers an attestation with Unavailable (retry elsewhere), not
+    // where its database is.
+    let refused = TestAgent::attest_to(a.addr, a_bundle.clone(), &token)
+        .await
+        .expect_err("A attested without its database");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(!refused.message().contains("postgres"), "{refused:?}");
     let bundle = dir.path().join("both.pem");
     let both: Vec<_> = a_bundle.into_iter().chain(b.bundle().await).collect();
     std::fs::write(&bundle, tessera_tests::to_pem(&both)).unwrap();

@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicI64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -445,16 +446,43 @@ async fn revocation_reaches_every_agent() {
     server.stop().await;
 }
 
+/// The server's clock in the rotation test: `ahead` seconds ahead of the
+/// system clock, and stopped at `stop_at`.
+#[derive(Debug)]
+struct SteeredClock {
+    ahead: i64,
+    stop_at: AtomicI64,
+}
+
+impl tessera_server::Clock for SteeredClock {
+    fn now(&self) -> i64 {
+        (now_unix() + self.ahead).min(self.stop_at.load(SeqCst))
+    }
+}
+
 /// JWT keys rotate with the CA (20 s here): the next key reaches
 /// `FetchJWTBundles` by push before it signs, tokens signed after the
 /// switch carry it, and a token signed by the previous key still validates
 /// until it expires (which is never after that key leaves the bundle).
+///
+/// The old token's check must always run, however slow the machine: the
+/// server's clock runs 8 s ahead (its certificates are backdated 10 s), so
+/// the old token, capped at its key's expiry, expires 8 s later by the
+/// agent's clock than by the server's; and it stops between the next key's
+/// activation (at 5/6 of the CA's life) and the old key's expiry, so the
+/// old key stays in the bundle until the check ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_keys_rotate_with_the_ca() {
+    const CA_TTL: i64 = 20;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(&dir.path().join("server"));
-    config.ca_ttl = 20;
-    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    config.ca_ttl = CA_TTL as u64;
+    let clock = Arc::new(SteeredClock { ahead: 8, stop_at: AtomicI64::new(i64::MAX) });
+    let started = tessera_server::Clock::now(&*clock);
+    // The first CA is made at `started` or a second later: its successor
+    // is active by `started + 18`, and it expires at `started + 20` at the earliest.
+    clock.stop_at.store(started + CA_TTL * 5 / 6 + 2, SeqCst);
+    let server = TestServer::start_with(config, clock.clone()).await;
     let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
     jwt_entry(&server, &agent.id, API_ID, None, &[]).await;
     let old = fetch_token(&agent, &["api"]).await;
@@ -494,18 +522,33 @@ async fn jwt_keys_rotate_with_the_ca() {
             if parts(&token).0["kid"] == json!(new_kid) {
                 return token;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
     .await;
     validate(&agent, parts(&rotated).1["aud"][0].as_str().unwrap(), &rotated).await.unwrap();
     let exp = old_claims["exp"].as_i64().unwrap();
-    if now_unix() < exp {
-        validate(&agent, "api", &old).await.expect("the previous key's token until it expires");
-    }
-    assert!(exp <= old_claims["iat"].as_i64().unwrap() + 20, "capped at the old key's expiry");
+    // Always checked: a late check fails instead of being skipped.
+    assert!(
+        now_unix() < exp,
+        "the previous key's token expired (exp {exp}) before the check ran (now {})",
+        now_unix()
+    );
+    assert!(jwks_kids(&agent).await.contains(&old_kid), "the previous key left the bundle early");
+    validate(&agent, "api", &old).await.expect("the previous key's token until it expires");
+    assert!(exp <= old_claims["iat"].as_i64().unwrap() + CA_TTL, "capped at the old key's expiry");
     agent.stop().await;
     server.stop().await;
+}
+
+/// The kids of the JWT bundle the agent serves now.
+async fn jwks_kids(agent: &RunningAgent) -> Vec<String> {
+    jwks(agent).await["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// With `jwt_key_type = "rsa-2048"` tokens are RS256: the agent validates

@@ -25,6 +25,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,58 @@ struct World {
     tokens: Vec<ModelToken>,
     next_name: u64,
     log: Vec<String>,
+    /// The seed, for failure messages.
+    seed: u64,
+    /// The jti of the last JWT-SVID fetched.
+    last_jti: Option<String>,
+    /// Steps that took effect, by kind.
+    counts: BTreeMap<Kind, usize>,
+    /// Tokens the agent's ValidateJWTSVID was seen to accept as the model
+    /// holds them valid, and to refuse as the model holds them revoked.
+    checked_valid: AtomicUsize,
+    checked_revoked: AtomicUsize,
+}
+
+/// The kinds of random step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Create,
+    Update,
+    Delete,
+    RevokeX509,
+    AgentStopStart,
+    AgentRestart,
+    ServerEvent,
+    FetchJwt,
+    RevokeJwt,
+    Pause,
+}
+
+const KINDS: [Kind; 10] = [
+    Kind::Create,
+    Kind::Update,
+    Kind::Delete,
+    Kind::RevokeX509,
+    Kind::AgentStopStart,
+    Kind::AgentRestart,
+    Kind::ServerEvent,
+    Kind::FetchJwt,
+    Kind::RevokeJwt,
+    Kind::Pause,
+];
+
+/// A refusal of the Workload API the model allows at any time: the agent
+/// has not synced yet or not caught up with an entry (or its change, or
+/// its deletion), or the server could not sign just then (restarting,
+/// failing over, or the entry deleted or expired while it signed).
+fn expected_fetch_refusal(status: &tonic::Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::NotFound => true,
+        Code::PermissionDenied => {
+            status.message() == "no identity issued" || status.message().contains("while signing")
+        }
+        _ => false,
+    }
 }
 
 /// A model server in `dir` on `bind`, with the model's short-lived CAs.
@@ -154,14 +207,38 @@ impl World {
             // On record already: it restarts on its stored SVID, as a node
             // does (a token for a live agent's ID is refused).
             Err(status) if status.code() == tonic::Code::FailedPrecondition => None,
-            Err(status) => panic!("join token: {status}"),
+            Err(status) => self.diverged(&format!("join token: {status}")),
         };
         let addresses = self.addresses();
-        let agent = RunningAgent::start_configured(self.server(), &self.dir.join("agent"), |c| {
+        let had_token = token.is_some();
+        let agent_dir = self.dir.join("agent");
+        let agent = RunningAgent::start_configured(self.server(), &agent_dir, |c| {
             c.join_token = token;
             c.server_addresses = addresses;
-        })
-        .await;
+        });
+        // A failed start fails the seed with its log (not a bare panic).
+        let agent = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(agent))
+            .await
+        {
+            Ok(agent) => agent,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                // The stored agent SVID's expiry: one too close to it is
+                // not reused, and the model has no token for a live agent.
+                let stored = std::fs::read(agent_dir.join("agent_svid.pem")).unwrap_or_default();
+                let not_after = pem::parse_many(&stored)
+                    .ok()
+                    .and_then(|certs| certs.first().map(|c| not_after_unix(c.contents())));
+                self.diverged(&format!(
+                    "the agent did not start (join token: {had_token}; stored agent SVID's NotAfter {not_after:?}, now {}): {why}",
+                    now_unix()
+                ))
+            }
+        };
         assert_eq!(agent.id, AGENT_ID);
         self.agent = Some(agent);
     }
@@ -214,14 +291,55 @@ impl World {
         p
     }
 
+    /// The kind of the next random step.
+    fn pick(&self, rng: &mut Rng) -> Kind {
+        match rng.below(100) {
+            0..=19 if self.model.len() < 6 => Kind::Create,
+            20..=36 => Kind::Update,
+            37..=49 => Kind::Delete,
+            50..=60 => Kind::RevokeX509,
+            61..=67 => Kind::AgentStopStart,
+            68..=72 => Kind::AgentRestart,
+            73..=77 => Kind::ServerEvent,
+            78..=90 => Kind::FetchJwt,
+            91..=96 => Kind::RevokeJwt,
+            _ => Kind::Pause,
+        }
+    }
+
     async fn step(&mut self, rng: &mut Rng) {
         self.model.retain(|_, e| e.expires_at == 0 || e.expires_at > now_unix());
-        let op = rng.below(100);
+        let kind = self.pick(rng);
+        self.run_counted(kind, rng).await;
+    }
+
+    /// Runs a step of `kind`; counts it when it took effect.
+    async fn run_counted(&mut self, kind: Kind, rng: &mut Rng) -> bool {
+        let ran = self.run(kind, rng).await;
+        if ran {
+            *self.counts.entry(kind).or_default() += 1;
+        }
+        ran
+    }
+
+    /// Fails the seed: the system did what the model does not allow.
+    fn diverged(&self, problem: &str) -> ! {
+        let tail = self.log.iter().rev().take(60).rev().cloned().collect::<Vec<_>>();
+        panic!(
+            "seed {}: divergence: {problem}\nlast operations:\n  {}",
+            self.seed,
+            tail.join("\n  ")
+        );
+    }
+
+    /// One step of `kind`; whether it took effect (false when there was
+    /// nothing to do it to, e.g. no entry, or the agent had not caught up).
+    async fn run(&mut self, kind: Kind, rng: &mut Rng) -> bool {
         let pick = |rng: &mut Rng, model: &BTreeMap<String, ModelEntry>| {
             model.keys().nth(rng.below(model.len() as u64) as usize).cloned()
         };
-        match op {
-            0..=19 if self.model.len() < 6 => {
+        match kind {
+            Kind::Create => {
                 self.next_name += 1;
                 let expires_at =
                     if rng.below(4) == 0 { now_unix() + 2 + rng.below(4) as i64 } else { 0 };
@@ -243,9 +361,10 @@ impl World {
                 let id = created.results[0].entry.as_ref().expect("entry created").id.clone();
                 self.log.push(format!("{} create {id} {e:?}", now_unix()));
                 self.model.insert(id, e);
+                true
             }
-            20..=36 => {
-                let Some(id) = pick(rng, &self.model) else { return };
+            Kind::Update => {
+                let Some(id) = pick(rng, &self.model) else { return false };
                 let mut e = self.model[&id].clone();
                 match rng.below(3) {
                     0 => e.ttl = 30 + rng.below(600) as u32,
@@ -278,14 +397,18 @@ impl World {
                         self.revoke_tokens_of(&id);
                     }
                     self.model.insert(id, e);
+                    true
                 } else {
                     // Only an entry that expired in between may be gone.
-                    assert_eq!(status.code, Code::NotFound as i32, "{status:?}");
+                    if status.code != Code::NotFound as i32 || self.model[&id].expires_at == 0 {
+                        self.diverged(&format!("update of {id} refused: {status:?}"));
+                    }
                     self.model.remove(&id);
+                    false
                 }
             }
-            37..=49 => {
-                let Some(id) = pick(rng, &self.model) else { return };
+            Kind::Delete => {
+                let Some(id) = pick(rng, &self.model) else { return false };
                 self.admin_of_any(rng)
                     .await
                     .batch_delete_entry(admin_pb::BatchDeleteEntryRequest { ids: vec![id.clone()] })
@@ -294,13 +417,20 @@ impl World {
                 self.log.push(format!("delete {id}"));
                 self.model.remove(&id);
                 self.revoke_tokens_of(&id);
+                true
             }
-            50..=60 => {
-                let Some(agent) = &self.agent else { return };
-                let Ok(served) = served(&agent.socket).await else { return };
-                let Some((_, serial, _)) = served.get(rng.below(served.len() as u64) as usize)
+            Kind::RevokeX509 => {
+                let Some(agent) = &self.agent else { return false };
+                let served = match served(&agent.socket).await {
+                    Ok(served) => served,
+                    // Not synced yet, or nothing to serve (yet).
+                    Err(status) if expected_fetch_refusal(&status) => return false,
+                    Err(status) => self.diverged(&format!("FetchX509SVID failed: {status:?}")),
+                };
+                let Some((_, serial, not_after)) =
+                    served.get(rng.below(served.len() as u64) as usize).cloned()
                 else {
-                    return;
+                    return false;
                 };
                 let revoked = self
                     .admin_of_any(rng)
@@ -311,9 +441,20 @@ impl World {
                         ..Default::default()
                     })
                     .await;
-                self.log.push(format!("revoke {serial}: {:?}", revoked.map(|_| ())));
+                self.log.push(format!("revoke {serial}: {:?}", revoked.as_ref().map(|_| ())));
+                match revoked {
+                    Ok(_) => true,
+                    // Forgotten by the server as it expired.
+                    Err(status) if not_after <= now_unix() + 1 => {
+                        self.log.push(format!("(expired: {status:?})"));
+                        false
+                    }
+                    Err(status) => {
+                        self.diverged(&format!("revoking served serial {serial}: {status:?}"))
+                    }
+                }
             }
-            61..=67 => {
+            Kind::AgentStopStart => {
                 if let Some(agent) = self.agent.take() {
                     agent.stop().await;
                     self.log.push("agent stopped".into());
@@ -321,30 +462,45 @@ impl World {
                     self.start_agent().await;
                     self.log.push("agent started".into());
                 }
+                true
             }
-            68..=72 => {
+            Kind::AgentRestart => {
                 if let Some(agent) = self.agent.take() {
                     agent.stop().await;
                 }
                 self.start_agent().await;
                 self.log.push("agent restarted".into());
+                true
             }
-            73..=77 => self.server_event(rng).await,
-            78..=90 => {
-                let Some(id) = pick(rng, &self.model) else { return };
-                let Some(agent) = &self.agent else { return };
+            Kind::ServerEvent => {
+                self.server_event(rng).await;
+                true
+            }
+            Kind::FetchJwt => {
+                let Some(id) = pick(rng, &self.model) else { return false };
+                let Some(agent) = &self.agent else { return false };
                 let audience = ["a", "b", "c"][rng.below(3) as usize].to_string();
                 let request = JwtsvidRequest {
                     audience: vec![audience.clone()],
                     spiffe_id: self.model[&id].spiffe_id.clone(),
                 };
                 let mut client = raw_client(&agent.socket).await;
-                // The agent may not have the entry (or its change) yet.
-                let Ok(response) = client.fetch_jwtsvid(with_header(request)).await else { return };
+                let response = match client.fetch_jwtsvid(with_header(request)).await {
+                    Ok(response) => response,
+                    // The agent may not have the entry (or its change) yet.
+                    Err(status) if expected_fetch_refusal(&status) => {
+                        self.log.push(format!("jwt for {id}: {status:?}"));
+                        return false;
+                    }
+                    Err(status) => {
+                        self.diverged(&format!("FetchJWTSVID for {id} failed: {status:?}"))
+                    }
+                };
                 let token = response.into_inner().svids.remove(0).svid;
                 let claims = UnverifiedJwt::decode(&token).unwrap();
                 let jti = claims.jti().unwrap().to_string();
                 self.log.push(format!("jwt {jti} for {id} audience {audience}"));
+                self.last_jti = Some(jti.clone());
                 if !self.tokens.iter().any(|t| t.jti == jti) {
                     let expires_at = claims.expires_at().unwrap();
                     let entry_id = id;
@@ -357,11 +513,14 @@ impl World {
                         revoked: false,
                     });
                 }
+                true
             }
-            91..=96 => {
+            Kind::RevokeJwt => {
                 let live: Vec<usize> =
                     (0..self.tokens.len()).filter(|i| !self.tokens[*i].revoked).collect();
-                let Some(&i) = live.get(rng.below(live.len() as u64) as usize) else { return };
+                let Some(&i) = live.get(rng.below(live.len() as u64) as usize) else {
+                    return false;
+                };
                 let jti = self.tokens[i].jti.clone();
                 let revoked = self
                     .admin_of_any(rng)
@@ -372,18 +531,101 @@ impl World {
                         ..Default::default()
                     })
                     .await;
-                // Refused only for a token already expired and forgotten.
-                if revoked.is_ok() || self.tokens[i].expires_at <= now_unix() {
-                    self.tokens[i].revoked = true;
+                self.log.push(format!("revoke jwt {jti}: {:?}", revoked.as_ref().map(|_| ())));
+                match revoked {
+                    Ok(_) => {
+                        self.tokens[i].revoked = true;
+                        true
+                    }
+                    // Refused only for a token already expired and forgotten.
+                    Err(_) if self.tokens[i].expires_at <= now_unix() + 1 => {
+                        self.tokens[i].revoked = true;
+                        false
+                    }
+                    Err(status) => self.diverged(&format!("revoking live JWT {jti}: {status:?}")),
                 }
-                self.log.push(format!("revoke jwt {jti}: {:?}", revoked.map(|_| ())));
             }
-            _ => {
+            Kind::Pause => {
                 let pause = rng.below(400);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
                 self.log.push(format!("pause {pause} ms"));
+                true
             }
         }
+    }
+
+    /// The kinds of step that have not taken effect in this seed yet.
+    fn missing(&self) -> Vec<Kind> {
+        KINDS.into_iter().filter(|k| !self.counts.contains_key(k)).collect()
+    }
+
+    /// Makes sure every kind of step took effect at least once in this
+    /// seed and that the JWT checks judged at least one token valid and
+    /// one revoked: what the random steps left out is run now, each from a
+    /// quiet point. Fails the seed if that cannot be done.
+    async fn cover(&mut self, rng: &mut Rng) {
+        for _ in 0..8 {
+            let missing = self.missing();
+            let checked = (self.checked_valid.load(SeqCst), self.checked_revoked.load(SeqCst));
+            if missing.is_empty() && checked.0 > 0 && checked.1 > 0 {
+                return;
+            }
+            self.log.push(format!("covering {missing:?}, JWT checks {checked:?}"));
+            self.converge().await;
+            if self.model.is_empty() || missing.contains(&Kind::Create) {
+                self.run_counted(Kind::Create, rng).await;
+                self.converge().await;
+            }
+            // Deleting last: the others want an entry.
+            let jwt = [Kind::FetchJwt, Kind::RevokeJwt];
+            let others = missing
+                .iter()
+                .filter(|k| !matches!(k, Kind::Create | Kind::Delete) && !jwt.contains(k));
+            for kind in others {
+                self.run_counted(*kind, rng).await;
+                self.converge().await;
+            }
+            if checked.0 == 0 || checked.1 == 0 || jwt.iter().any(|k| missing.contains(k)) {
+                // A fresh token, checked valid, then revoked and checked so.
+                if self.run_counted(Kind::FetchJwt, rng).await {
+                    self.converge().await;
+                    let jti = self.last_jti.clone().expect("a token was fetched");
+                    let i = self.tokens.iter().position(|t| t.jti == jti).unwrap();
+                    let revoked = self
+                        .admin()
+                        .await
+                        .revoke_svid(admin_pb::RevokeSvidRequest {
+                            jti: jti.clone(),
+                            reason: "model".into(),
+                            ..Default::default()
+                        })
+                        .await;
+                    self.log.push(format!(
+                        "revoke jwt {jti} (cover): {:?}",
+                        revoked.as_ref().map(|_| ())
+                    ));
+                    match revoked {
+                        Ok(_) => *self.counts.entry(Kind::RevokeJwt).or_default() += 1,
+                        Err(_) if self.tokens[i].expires_at <= now_unix() + 1 => {}
+                        Err(status) => {
+                            self.diverged(&format!("revoking live JWT {jti}: {status:?}"))
+                        }
+                    }
+                    self.tokens[i].revoked = true;
+                    self.converge().await;
+                }
+            }
+            if missing.contains(&Kind::Delete) {
+                self.run_counted(Kind::Delete, rng).await;
+                self.converge().await;
+            }
+        }
+        self.diverged(&format!(
+            "could not run every kind of step: ran {:?}; JWT checks valid {}, revoked {}",
+            self.counts,
+            self.checked_valid.load(SeqCst),
+            self.checked_revoked.load(SeqCst)
+        ));
     }
 
     /// The model's tokens of an entry are revoked (deleted, expired, or its
@@ -396,7 +638,7 @@ impl World {
 
     /// Waits until what the workload is served matches the model and the
     /// server; panics with the difference if it never does.
-    async fn converge(&mut self, seed: u64) {
+    async fn converge(&mut self) {
         if self.agent.is_none() {
             self.start_agent().await;
             self.log.push("agent started (quiet point)".into());
@@ -429,12 +671,10 @@ impl World {
             }
             let Some(problem) = problem else { return };
             if Instant::now() > deadline {
-                let tail = self.log.iter().rev().take(60).rev().cloned().collect::<Vec<_>>();
-                panic!(
-                    "seed {seed}: the agent did not converge in {CONVERGE:?}: {problem} (first seen: {})\nlast operations:\n  {}",
+                self.diverged(&format!(
+                    "the agent did not converge in {CONVERGE:?}: {problem} (first seen: {})",
                     first_problem.unwrap_or_default(),
-                    tail.join("\n  ")
-                );
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -505,8 +745,9 @@ impl World {
                 (Err(status), false) => {
                     return Some(format!("valid JWT-SVID {} refused: {status:?}", t.jti))
                 }
-                _ => {}
-            }
+                (Ok(_), false) => self.checked_valid.fetch_add(1, SeqCst),
+                (Err(_), true) => self.checked_revoked.fetch_add(1, SeqCst),
+            };
         }
         None
     }
@@ -558,21 +799,33 @@ async fn run_seed(seed: u64, steps: usize, datastore: Option<String>) {
         tokens: Vec::new(),
         next_name: 0,
         log: Vec::new(),
+        seed,
+        last_jti: None,
+        counts: BTreeMap::new(),
+        checked_valid: AtomicUsize::new(0),
+        checked_revoked: AtomicUsize::new(0),
     };
     world.start_agent().await;
     let mut rng = Rng(seed | 1);
     for step in 0..steps {
         world.step(&mut rng).await;
         if step % 6 == 5 {
-            world.converge(seed).await;
+            world.converge().await;
         }
     }
-    world.converge(seed).await;
+    let random = world.counts.clone();
+    world.cover(&mut rng).await;
+    world.converge().await;
     eprintln!(
-        "sync model: seed {seed}: {} JWT-SVIDs followed, {} of them revoked",
+        "sync model: seed {seed}: steps by kind {random:?} (with the covering ones {:?}); {} JWT-SVIDs followed, {} of them revoked; ValidateJWTSVID checks: {} valid, {} revoked",
+        world.counts,
         world.tokens.len(),
-        world.tokens.iter().filter(|t| t.revoked).count()
+        world.tokens.iter().filter(|t| t.revoked).count(),
+        world.checked_valid.load(SeqCst),
+        world.checked_revoked.load(SeqCst),
     );
+    let missing = world.missing();
+    assert!(missing.is_empty(), "seed {seed}: no step of kind {missing:?} took effect");
     if let Some(agent) = world.agent.take() {
         agent.stop().await;
     }

@@ -22,7 +22,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::{uid_selector, within, PROMPTLY};
+use common::{root_or_skip, uid_selector, within, PROMPTLY};
 use tessera_proto::admin::ListEventsRequest;
 use tessera_proto::types::Event;
 use tessera_tests::{RunningAgent, TestServer};
@@ -32,10 +32,6 @@ const NOBODY: u32 = 65534;
 /// The tests of this file run one at a time: some measure the memory of
 /// the process the agent runs in.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
 
 /// Processes killed when the test ends, however it ends.
 struct Children(Vec<Child>);
@@ -140,8 +136,7 @@ fn attr<'a>(e: &'a Event, key: &str) -> Option<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_keeps_the_program_that_opened_it() {
     let _serial = SERIAL.lock().await;
-    if !is_root() {
-        eprintln!("not root: cannot run a workload as another uid");
+    if !root_or_skip("running a workload as another uid") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -256,8 +251,7 @@ async fn a_connection_keeps_the_program_that_opened_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_stream_sends_nothing_more_after_its_process_execs() {
     let _serial = SERIAL.lock().await;
-    if !is_root() {
-        eprintln!("not root: cannot run a workload as another uid");
+    if !root_or_skip("running a workload as another uid") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -442,8 +436,7 @@ fn watch_rss() -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<u64
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_connections_of_one_uid_do_not_grow_the_agent() {
     let _serial = SERIAL.lock().await;
-    if !is_root() {
-        eprintln!("not root: cannot run an attacker as another uid");
+    if !root_or_skip("running an attacker as another uid") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -527,8 +520,7 @@ async fn a_large_request_is_refused_without_being_buffered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_refusals_of_one_uid_are_folded_into_few_events() {
     let _serial = SERIAL.lock().await;
-    if !is_root() {
-        eprintln!("not root: cannot run an attacker as another uid");
+    if !root_or_skip("running an attacker as another uid") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

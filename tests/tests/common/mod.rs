@@ -121,3 +121,45 @@ pub fn server_bin() -> PathBuf {
     }
     bin
 }
+
+/// Set to `1` to let a test whose claim needs root (running processes as
+/// other uids) pass without root, skipping that part and saying so.
+/// Without it such a test fails when not run as root: a skipped check must
+/// never pass as a proven one.
+pub const ALLOW_SKIP: &str = "TESSERA_TESTS_ALLOW_SKIP";
+
+/// A part of a test that cannot run here (`why`): fails the test, unless
+/// [`ALLOW_SKIP`]`=1`, when it prints SKIPPED and the caller skips it.
+pub fn skip_or_fail(why: &str) {
+    if std::env::var(ALLOW_SKIP).is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED ({ALLOW_SKIP}=1): {why}");
+        return;
+    }
+    panic!("{why}: this test cannot prove its claim here; run the tests as root, or set {ALLOW_SKIP}=1 to skip what needs root");
+}
+
+/// Whether this process is root; if not, [`skip_or_fail`] for `what`
+/// (false only when skipping is allowed).
+pub fn root_or_skip(what: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    skip_or_fail(&format!("{what} needs root (not root)"));
+    false
+}
+
+/// The `tessera-agent` binary `cargo test --workspace` built (built here
+/// when this test runs alone).
+pub fn agent_bin() -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let bin = deps.parent().unwrap().parent().unwrap().join("tessera-agent");
+    if !bin.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "tessera-agent", "--bin", "tessera-agent"])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap())
+            .status()
+            .unwrap();
+        assert!(status.success(), "building tessera-agent failed");
+    }
+    bin
+}
