@@ -451,12 +451,29 @@ async fn revocation_reaches_every_agent() {
 #[derive(Debug)]
 struct SteeredClock {
     ahead: i64,
-    stop_at: AtomicI64,
+    stop_at: Arc<AtomicI64>,
+}
+
+/// Milliseconds on a clock `ahead` seconds ahead of the system's, stopped
+/// at `stop_at` (Unix seconds).
+fn steered_ms(ahead: i64, stop_at: &AtomicI64) -> i64 {
+    let system = tessera_server::Clock::now_ms(&SystemClock);
+    (system + ahead * 1000).min(stop_at.load(SeqCst).saturating_mul(1000))
 }
 
 impl tessera_server::Clock for SteeredClock {
-    fn now(&self) -> i64 {
-        (now_unix() + self.ahead).min(self.stop_at.load(SeqCst))
+    fn now_ms(&self) -> i64 {
+        steered_ms(self.ahead, &self.stop_at)
+    }
+
+    fn sleep_until(&self, unix_ms: i64) -> tessera_common::clock::Sleep {
+        let (ahead, stop_at) = (self.ahead, self.stop_at.clone());
+        Box::pin(async move {
+            // A stopped clock never reaches a time past its stop.
+            while steered_ms(ahead, &stop_at) < unix_ms {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
     }
 }
 
@@ -477,7 +494,7 @@ async fn jwt_keys_rotate_with_the_ca() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(&dir.path().join("server"));
     config.ca_ttl = CA_TTL as u64;
-    let clock = Arc::new(SteeredClock { ahead: 8, stop_at: AtomicI64::new(i64::MAX) });
+    let clock = Arc::new(SteeredClock { ahead: 8, stop_at: Arc::new(AtomicI64::new(i64::MAX)) });
     let started = tessera_server::Clock::now(&*clock);
     // The first CA is made at `started` or a second later: its successor
     // is active by `started + 18`, and it expires at `started + 20` at the earliest.
