@@ -17,34 +17,34 @@ pub struct ServerHealth {
 
 /// The gauges read at scrape time.
 fn gauges(state: &State) -> ScrapeGauges {
-    let now = state.clock.now();
+    let now = state.clock().now();
     ScrapeGauges {
-        ca_expires_in: state.ca.active_not_after() - now,
-        jwt_key_expires_in: state.ca.active_not_after() - now,
-        entries: state.store.entry_count(),
-        pending: state.governance.pending_count(),
-        agents: state.store.agents().ok().map(|a| a.len()),
-        revision: state.store.revision().ok(),
+        ca_expires_in: state.ca().active_not_after() - now,
+        jwt_key_expires_in: state.ca().active_not_after() - now,
+        entries: state.store().entry_count(),
+        pending: state.governance().pending_count(),
+        agents: state.store().agents().ok().map(|a| a.len()),
+        revision: state.store().revision().ok(),
     }
 }
 
 impl telemetry::Health for ServerHealth {
     fn metrics(&self) -> String {
         match self.state.get() {
-            Some(state) => state.metrics.render(&gauges(state)),
+            Some(state) => state.metrics().render(&gauges(state)),
             None => String::new(),
         }
     }
 
     fn ready(&self) -> Result<(), String> {
         let state = self.state.get().ok_or("server is starting")?;
-        if state.shutdown.is_cancelled() {
+        if state.shutdown().is_cancelled() {
             return Err("server is shutting down".into());
         }
-        if state.ca.active_not_after() <= state.clock.now() {
+        if state.ca().active_not_after() <= state.clock().now() {
             return Err("the CA has expired".into());
         }
-        if let Some(error) = state.feed.store_error() {
+        if let Some(error) = state.feed().store_error() {
             return Err(format!("the datastore fails: {error}"));
         }
         Ok(())

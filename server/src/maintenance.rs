@@ -21,32 +21,32 @@ pub(crate) async fn rotation_loop(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     loop {
-        let now = state.clock.now();
+        let now = state.clock().now();
         let svid_refresh = (svid.expires_at() - now) / 2;
-        let wait = state.ca.next_rotation_in().min(svid_refresh).clamp(1, 3600);
+        let wait = state.ca().next_rotation_in().min(svid_refresh).clamp(1, 3600);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = state.clock.sleep_until((now + wait) * 1000) => {}
+            _ = state.clock().sleep_until((now + wait) * 1000) => {}
         }
-        let now = state.clock.now();
-        match state.ca.rotate() {
+        let now = state.clock().now();
+        match state.ca().rotate() {
             Ok(changed) => {
                 if changed {
                     let e = crate::event_schema::event(crate::event_schema::kind::CA_ROTATE, "");
                     let e = crate::event_schema::EventExt::attr(
                         e,
                         "bundle_cas",
-                        state.ca.bundle().len(),
+                        state.ca().bundle().len(),
                     );
                     let e = crate::event_schema::EventExt::attr(
                         e,
                         "active_ca_not_after",
-                        state.ca.active_not_after(),
+                        state.ca().active_not_after(),
                     );
                     let kids: Vec<String> =
-                        state.ca.jwt_authorities().into_iter().map(|k| k.kid).collect();
+                        state.ca().jwt_authorities().into_iter().map(|k| k.kid).collect();
                     let e = crate::event_schema::EventExt::attr(e, "jwt_kids", kids.join(","));
-                    state.events.record_durable(vec![e]).await;
+                    state.events().record_durable(vec![e]).await;
                     let shared = state.clone();
                     match tokio::task::spawn_blocking(move || share_bundle(&shared)).await {
                         Ok(Ok(_)) => {}
@@ -61,7 +61,7 @@ pub(crate) async fn rotation_loop(
                 let half_life_passed =
                     svid.expires_at() - now <= i64::from(tls::SERVER_SVID_TTL) / 2;
                 if changed || half_life_passed {
-                    if let Err(e) = svid.renew(&state.ca) {
+                    if let Err(e) = svid.renew(state.ca()) {
                         error!(error = %e, "server SVID renewal failed");
                     }
                 }
@@ -77,18 +77,18 @@ pub(crate) async fn expiry_loop(
     state: Arc<State>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let mut last_prune = state.clock.now();
-    let mut last_crl = state.clock.now();
+    let mut last_prune = state.clock().now();
+    let mut last_crl = state.clock().now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = state.clock.sleep(Duration::from_millis(250)) => {}
+            _ = state.clock().sleep(Duration::from_millis(250)) => {}
         }
         if let Err(e) = crate::revocation::expire_entries(&state).await {
             error!(error = %e.message(), "expiring entries failed");
         }
         crate::api::admin::expire_proposals(&state).await;
-        let now = state.clock.now();
+        let now = state.clock().now();
         if now - last_prune >= 60 {
             last_prune = now;
             match state.store_op(move |store| store.prune_expired(now)).await {
@@ -115,9 +115,9 @@ pub(crate) async fn expiry_loop(
 /// the node API accepts agents whose SVIDs any of them signed. Publishing
 /// logs a bundle change when this server's CAs changed.
 pub(crate) fn share_bundle(state: &State) -> Result<bool, StoreError> {
-    let own = state.ca.records(&state.server_id);
-    state.store.publish_cas(&state.server_id, &own)?;
-    let changed = state.ca.set_peers(&state.server_id, state.store.cas()?);
-    state.anchors.update(state.ca.bundle().to_vec());
+    let own = state.ca().records(state.server_id());
+    state.store().publish_cas(state.server_id(), &own)?;
+    let changed = state.ca().set_peers(state.server_id(), state.store().cas()?);
+    state.anchors().update(state.ca().bundle().to_vec());
     Ok(changed)
 }

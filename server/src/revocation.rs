@@ -70,7 +70,7 @@ pub async fn refresh_crls(state: &State) -> Result<(), Status> {
 /// Gives the node API's TLS verifier the CRLs in force.
 pub async fn update_verifier_crls(state: &State) -> Result<(), Status> {
     let crls = state.store_op(|store| store.crls()).await?;
-    if let Err(e) = state.anchors.update_crls(&crls) {
+    if let Err(e) = state.anchors().update_crls(&crls) {
         warn!(error = %e, "node API verifier refused the new CRLs");
     }
     Ok(())
@@ -94,7 +94,7 @@ pub async fn revoke_issued(
     reason: &str,
     operator: Option<&pb::Operator>,
 ) -> Result<Vec<pb::Revocation>, Status> {
-    let now = state.clock.now();
+    let now = state.clock().now();
     let revocations: Vec<pb::Revocation> =
         issued.iter().map(|svid| revocation_of(svid, reason, now)).collect();
     let (stored, operator) = (revocations.clone(), operator.copied());
@@ -108,7 +108,7 @@ pub async fn revoke_issued(
 /// Deletes entries that reached their `expires_at` and revokes their SVIDs
 /// (one commit, with the events). Returns how many entries expired.
 pub async fn expire_entries(state: &State) -> Result<usize, Status> {
-    let now = state.clock.now();
+    let now = state.clock().now();
     let ids = state.store_op(move |store| store.expired_entries(now)).await?;
     if ids.is_empty() {
         return Ok(0);

@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::entry::EntryRules;
 use crate::error::ServerError;
 use crate::fsutil::create_private_dir;
-use crate::state::State;
+use crate::state::{State, StateParts};
 use crate::store::{Change, ChangeKind, KvStore, Store};
 use tessera_common::clock::Clock;
 
@@ -159,7 +159,7 @@ impl Server {
         // Every commit chains its events into the log in the same commit.
         store.set_event_sink(events.clone());
         let feed = Arc::new(crate::feed::ChangeFeed::new(store.revision()?, store.crls()?));
-        let state = Arc::new(State {
+        let state = Arc::new(State::new(StateParts {
             config,
             clock,
             store: Arc::new(store),
@@ -172,7 +172,7 @@ impl Server {
             metrics,
             governance,
             server_id,
-        });
+        }));
         let shared = {
             let state = state.clone();
             tokio::task::spawn_blocking(move || crate::maintenance::share_bundle(&state))
@@ -208,7 +208,7 @@ impl Server {
 
     /// The current trust bundle.
     pub fn bundle(&self) -> Vec<CertificateDer<'static>> {
-        self.state.ca.bundle().to_vec()
+        self.state.ca().bundle().to_vec()
     }
 
     /// Serves until `shutdown` is cancelled.
@@ -217,12 +217,12 @@ impl Server {
         let node_addr = node_listener.local_addr().ok();
         let tls_config = tls::server_config(
             svid.clone(),
-            state.anchors.clone(),
-            state.config.trust_domain.clone(),
+            state.anchors().clone(),
+            state.config().trust_domain.clone(),
         )?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
         let mut tasks = JoinSet::new();
-        let streams_shutdown = state.shutdown.clone();
+        let streams_shutdown = state.shutdown().clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
             stop.cancelled().await;
@@ -262,12 +262,12 @@ impl Server {
                 .max_decoding_message_size(MAX_UNAUTHENTICATED_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
-        let limits = node_limits(&state.config);
+        let limits = node_limits(state.config());
         let incoming = tls::incoming(
             node_listener,
             acceptor,
             limits.clone(),
-            state.metrics.clone(),
+            state.metrics().clone(),
             shutdown.clone(),
         );
         let stop = shutdown.clone();
@@ -341,7 +341,7 @@ impl Server {
             crate::maintenance::expiry_loop(state.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("expiry")),
         );
-        let events = state.events.clone();
+        let events = state.events().clone();
         let stop = shutdown.clone();
         tasks.spawn(
             async move {
@@ -365,7 +365,7 @@ impl Server {
         let hook_state = state.clone();
         let hook: crate::feed::ChangeHook =
             Arc::new(move |store, changes| on_changes(&hook_state, store, changes));
-        let feed = state.feed.clone().run(state.store.clone(), shutdown.clone(), hook);
+        let feed = state.feed().clone().run(state.store().clone(), shutdown.clone(), hook);
         tasks.spawn(
             async move {
                 feed.await;
@@ -375,9 +375,9 @@ impl Server {
         );
 
         info!(
-            trust_domain = %state.config.trust_domain,
+            trust_domain = %state.config().trust_domain,
             node_api = %node_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
-            admin_socket = %state.config.admin_socket.display(),
+            admin_socket = %state.config().admin_socket.display(),
             "tessera-server ready"
         );
         let mut result = Ok(());
@@ -395,7 +395,7 @@ impl Server {
                 }
             }
         }
-        let _ = std::fs::remove_file(&state.config.admin_socket);
+        let _ = std::fs::remove_file(&state.config().admin_socket);
         info!("tessera-server stopped");
         result
     }
@@ -461,15 +461,18 @@ fn on_changes(state: &State, store: &dyn Store, changes: &[Change]) {
     if bundle {
         match store.cas() {
             Ok(records) => {
-                if state.ca.set_peers(&state.server_id, records) {
-                    state.anchors.update(state.ca.bundle().to_vec());
-                    info!(cas = state.ca.bundle().len(), "trust bundle changed on another server");
+                if state.ca().set_peers(state.server_id(), records) {
+                    state.anchors().update(state.ca().bundle().to_vec());
+                    info!(
+                        cas = state.ca().bundle().len(),
+                        "trust bundle changed on another server"
+                    );
                 }
             }
             Err(e) => error!(error = %e, "reading other servers' CAs failed"),
         }
     }
-    if state.config.datastore.is_none() {
+    if state.config().datastore.is_none() {
         return;
     }
     let revoked = changes
@@ -483,7 +486,7 @@ fn on_changes(state: &State, store: &dyn Store, changes: &[Change]) {
     if revoked || changes.iter().any(|c| matches!(c.kind, ChangeKind::Crls)) {
         match store.crls() {
             Ok(crls) => {
-                if let Err(e) = state.anchors.update_crls(&crls) {
+                if let Err(e) = state.anchors().update_crls(&crls) {
                     warn!(error = %e, "node API verifier refused the new CRLs");
                 }
             }

@@ -12,9 +12,9 @@ use crate::entry::EntryRules;
 use crate::store::{Store, StoreError};
 use tessera_common::clock::Clock;
 
-/// Everything the APIs share.
+/// What a [`State`] is made of (only `server.rs` builds one).
 #[derive(Debug)]
-pub struct State {
+pub struct StateParts {
     /// Resolved configuration.
     pub config: Config,
     /// Time source.
@@ -42,7 +42,129 @@ pub struct State {
     pub server_id: String,
 }
 
+/// Everything the APIs share.
+#[derive(Debug)]
+pub struct State {
+    /// Resolved configuration.
+    config: Config,
+    /// Time source.
+    clock: Arc<dyn Clock>,
+    /// Durable storage.
+    store: Arc<dyn Store>,
+    /// The CA.
+    ca: Arc<Ca>,
+    /// Entry validation rules.
+    rules: EntryRules,
+    /// The bundle as trust anchors for verifying agents.
+    anchors: TrustAnchors,
+    /// The change log's recent changes, decoded once for every Sync stream.
+    feed: Arc<crate::feed::ChangeFeed>,
+    /// Cancelled when the server shuts down; long-lived streams end on it.
+    shutdown: CancellationToken,
+    /// The event log.
+    events: Arc<crate::events::EventLog>,
+    /// Metrics.
+    metrics: crate::metrics::Metrics,
+    /// Operators, the approval policy and the proposals waiting for it.
+    governance: crate::policy::governance::Governance,
+    /// This server's stable ID (`<data_dir>/server-id`), naming its CAs
+    /// and CRLs in a datastore shared with other servers.
+    server_id: String,
+}
+
 impl State {
+    /// The state made of `parts`.
+    pub fn new(parts: StateParts) -> Self {
+        let StateParts {
+            config,
+            clock,
+            store,
+            ca,
+            rules,
+            anchors,
+            feed,
+            shutdown,
+            events,
+            metrics,
+            governance,
+            server_id,
+        } = parts;
+        Self {
+            config,
+            clock,
+            store,
+            ca,
+            rules,
+            anchors,
+            feed,
+            shutdown,
+            events,
+            metrics,
+            governance,
+            server_id,
+        }
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The injected clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The store, for blocking callers (async handlers use `store_op`).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &Arc<Ca> {
+        &self.ca
+    }
+
+    /// Entry validation rules.
+    pub fn rules(&self) -> &EntryRules {
+        &self.rules
+    }
+
+    /// The bundle and CRLs the node API verifies agents with.
+    pub fn anchors(&self) -> &TrustAnchors {
+        &self.anchors
+    }
+
+    /// The change feed.
+    pub fn feed(&self) -> &Arc<crate::feed::ChangeFeed> {
+        &self.feed
+    }
+
+    /// Cancelled when the server shuts down.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// The event log.
+    pub fn events(&self) -> &Arc<crate::events::EventLog> {
+        &self.events
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Operators, the approval policy and the proposals.
+    pub fn governance(&self) -> &crate::policy::governance::Governance {
+        &self.governance
+    }
+
+    /// This server's stable ID.
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
     /// Runs a blocking store operation off the async workers.
     pub async fn store_op<T: Send + 'static>(
         &self,

@@ -21,7 +21,7 @@ impl AdminService {
     ) -> Result<Response<types::JoinToken>, Status> {
         let operator = operator_of(&request);
         let req = request.into_inner();
-        let config = &self.state.config;
+        let config = &self.state.config();
         let ttl = if req.ttl == 0 { config.join_token_ttl } else { req.ttl };
         let token = uuid::Uuid::new_v4().to_string();
         let spiffe_id = if req.spiffe_id.is_empty() {
@@ -43,8 +43,8 @@ impl AdminService {
             }
             id
         };
-        let now = self.state.clock.now();
-        let mut reasons = self.state.governance.policy.agent_id_reasons(&spiffe_id);
+        let now = self.state.clock().now();
+        let mut reasons = self.state.governance().policy.agent_id_reasons(&spiffe_id);
         // Whoever attests with the token serves the entries parented to its
         // ID: when the policy matches any of them, the token needs the same
         // second operator they did.
@@ -52,7 +52,7 @@ impl AdminService {
         let children = self.state.store_op(move |store| store.entries_by_parent(&parent)).await?;
         let matched: Vec<&Entry> = children
             .iter()
-            .filter(|e| !self.state.governance.policy.reasons(e).is_empty())
+            .filter(|e| !self.state.governance().policy.reasons(e).is_empty())
             .collect();
         if let Some(first) = matched.first() {
             reasons.push(format!(
@@ -134,7 +134,7 @@ impl AdminService {
         let id = self.parse_id(&operator, "agent SPIFFE ID", &req.spiffe_id)?;
         let reason =
             if req.reason.is_empty() { "banned by operator".to_string() } else { req.reason };
-        let (key, why, now) = (id.to_string(), reason.clone(), self.state.clock.now());
+        let (key, why, now) = (id.to_string(), reason.clone(), self.state.clock().now());
         let banned = admin_event(kind::AGENT_BAN, &operator).agent(id.to_string());
         let audit =
             Audit::new(operator, move |r: &Result<Vec<types::Revocation>, AgentRefusal>| {
@@ -154,7 +154,7 @@ impl AdminService {
                     .code(refusal.kind().as_str())
                     .operator(operator)
                     .agent(id.to_string());
-                self.state.events.record(vec![e]);
+                self.state.events().record(vec![e]);
                 Status::not_found(format!("agent {id} not found"))
             })?;
         crate::revocation::revoked(&self.state, &revoked).await?;
@@ -172,7 +172,7 @@ impl AdminService {
         let operator = operator_of(&request);
         let req = request.into_inner();
         let id = self.parse_id(&operator, "agent SPIFFE ID", &req.spiffe_id)?;
-        let (key, unban, now) = (id.to_string(), req.unban, self.state.clock.now());
+        let (key, unban, now) = (id.to_string(), req.unban, self.state.clock().now());
         let e =
             admin_event(kind::AGENT_EVICT, &operator).agent(id.to_string()).attr("unban", unban);
         let audit = Audit::if_ok(operator, vec![e]);
@@ -185,7 +185,7 @@ impl AdminService {
                     .code(refusal.kind().as_str())
                     .operator(operator)
                     .agent(id.to_string());
-                self.state.events.record(vec![e]);
+                self.state.events().record(vec![e]);
                 Status::not_found(format!("agent {id} not found"))
             })?;
         crate::revocation::revoked(&self.state, &revoked).await?;

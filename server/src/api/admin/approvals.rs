@@ -38,8 +38,8 @@ fn approval_event(operator: &Option<Operator>, approved: &Approved) -> types::Ev
 
 /// Drops proposals past their time, each with an event.
 pub async fn expire_proposals(state: &State) {
-    let now = state.clock.now();
-    let proposals = match state.governance.pending.list() {
+    let now = state.clock().now();
+    let proposals = match state.governance().pending.list() {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "reading proposals failed");
@@ -74,7 +74,7 @@ impl AdminService {
         let caller = operator.unwrap_or_default();
         let req = request.into_inner();
         let (id, hash) = (req.id.clone(), req.content_hash);
-        let now = self.state.clock.now();
+        let now = self.state.clock().now();
         // The checks (hash, proposer, expiry, unchanged entry) and the write
         // are one commit.
         let audit = Audit::new(operator, move |r: &Result<Approved, ApprovalRefusal>| {
@@ -99,13 +99,14 @@ impl AdminService {
         let operator = operator_of(&request);
         let req = request.into_inner();
         let internal = |e: StoreError| Status::internal(e.to_string());
-        let Some(proposal) = self.state.governance.pending.find(&req.id).map_err(internal)? else {
+        let Some(proposal) = self.state.governance().pending.find(&req.id).map_err(internal)?
+        else {
             let status =
                 Status::not_found(format!("no proposal {} is waiting for approval", req.id));
             let e = schema::refused(kind::ENTRY_REJECT, &status)
                 .operator(operator)
                 .entry(req.id.clone());
-            self.state.events.record(vec![e]);
+            self.state.events().record(vec![e]);
             return Err(status);
         };
         let proposal_id = proposal.pending.as_ref().map(|a| a.proposal_id.clone());

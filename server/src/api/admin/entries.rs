@@ -38,7 +38,7 @@ impl AdminService {
         write: BatchWrite,
     ) -> Result<Response<pb::BatchEntryResponse>, Status> {
         Self::check_batch(inputs.len())?;
-        let now = self.state.clock.now();
+        let now = self.state.clock().now();
         let event_kind = if op == crate::policy::approval::OP_CREATE {
             kind::ENTRY_CREATE
         } else {
@@ -49,7 +49,7 @@ impl AdminService {
         let mut valid = Vec::new();
         let mut slots = Vec::new();
         for input in &inputs {
-            match self.state.rules.validate(input, now).and_then(|e| prepare(input, e)) {
+            match self.state.rules().validate(input, now).and_then(|e| prepare(input, e)) {
                 Ok(entry) => {
                     valid.push(entry);
                     slots.push(results.len());
@@ -106,7 +106,7 @@ impl AdminService {
                     Some(old) => entry.revision = old.revision,
                 }
             }
-            let policy = &self.state.governance.policy;
+            let policy = &self.state.governance().policy;
             // Any change to an entry the policy matches, before or after it,
             // needs approval (so an approved entry cannot be changed alone).
             let reasons = match old {
@@ -124,7 +124,7 @@ impl AdminService {
                 &caller,
                 reasons.clone(),
                 now,
-                self.state.config.pending_ttl(),
+                self.state.config().pending_ttl(),
                 old.map_or(0, |o| o.revision),
             );
             let mut e = entry_event(
@@ -189,7 +189,7 @@ impl AdminService {
                 }
             });
         }
-        self.state.events.record(events);
+        self.state.events().record(events);
         crate::revocation::revoked(&self.state, &revoked).await?;
         Ok(Response::new(response))
     }
@@ -258,7 +258,7 @@ impl AdminService {
         for id in &ids {
             let proposal = self
                 .state
-                .governance
+                .governance()
                 .pending
                 .get(id)
                 .map_err(|e| Status::internal(e.to_string()))?;
@@ -272,7 +272,7 @@ impl AdminService {
             proposals.push(proposal);
         }
         let request_ids = ids.clone();
-        let now = self.state.clock.now();
+        let now = self.state.clock().now();
         // The delete, the revocation of the entries' SVIDs and their events
         // are one commit.
         let audit = Audit::new(operator, move |write: &EntryWrite| {
@@ -304,7 +304,7 @@ impl AdminService {
             response.results.push(pb::DeleteResult { id, status: Some(status) });
         }
         // Refusals only (they change nothing): best-effort.
-        self.state.events.record(events);
+        self.state.events().record(events);
         crate::revocation::revoked(&self.state, &write.revoked).await?;
         Ok(Response::new(response))
     }
@@ -332,7 +332,7 @@ impl AdminService {
         let after = (!req.page_token.is_empty()).then_some(req.page_token);
         let pending = if first_page {
             self.state
-                .governance
+                .governance()
                 .pending
                 .list()
                 .map_err(|e| Status::internal(e.to_string()))?
@@ -374,7 +374,7 @@ impl AdminService {
         let lookup = id.clone();
         match self.state.store_op(move |store| store.entry(&lookup)).await? {
             Some(entry) => Ok(Response::new(entry.to_proto())),
-            None => match self.state.governance.pending.get(&id) {
+            None => match self.state.governance().pending.get(&id) {
                 Ok(Some(proposal)) => Ok(Response::new(proposal)),
                 Ok(None) => Err(Status::not_found(format!("entry {id} not found"))),
                 Err(e) => Err(Status::internal(e.to_string())),

@@ -26,7 +26,7 @@ impl AdminService {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let state = self.state.clone();
         tokio::spawn(async move {
-            let events = state.events.clone();
+            let events = state.events().clone();
             let mut stored = events.subscribe();
             let mut after = filter.after_seq;
             // `limit` bounds the stored events sent; following then sends
@@ -81,10 +81,10 @@ impl AdminService {
                 }
                 // Other servers sharing the datastore store events too, and
                 // this server hears of them only by reading: poll as well.
-                let shared = state.config.datastore.is_some();
+                let shared = state.config().datastore.is_some();
                 tokio::select! {
                     _ = tx.closed() => return,
-                    _ = state.shutdown.cancelled() => return,
+                    _ = state.shutdown().cancelled() => return,
                     changed = stored.changed() => if changed.is_err() { return },
                     _ = tokio::time::sleep(std::time::Duration::from_millis(500)), if shared => {}
                 }
@@ -97,7 +97,7 @@ impl AdminService {
         &self,
         _request: Request<pb::VerifyEventsRequest>,
     ) -> Result<Response<pb::VerifyEventsReport>, Status> {
-        let events = self.state.events.clone();
+        let events = self.state.events().clone();
         let report = tokio::task::spawn_blocking(move || events.verify())
             .await
             .map_err(|e| Status::internal(e.to_string()))?

@@ -127,11 +127,11 @@ impl Admin for AdminService {
         _request: Request<pb::GetBundleRequest>,
     ) -> Result<Response<pb::Bundle>, Status> {
         Ok(Response::new(pb::Bundle {
-            trust_domain: self.state.config.trust_domain.to_string(),
-            authorities: self.state.ca.bundle().iter().map(|c| c.to_vec()).collect(),
+            trust_domain: self.state.config().trust_domain.to_string(),
+            authorities: self.state.ca().bundle().iter().map(|c| c.to_vec()).collect(),
             crls: self.state.store_op(|store| store.crls()).await?,
-            jwt_authorities: self.state.ca.jwt_authorities(),
-            sequence: self.state.ca.bundle_sequence(),
+            jwt_authorities: self.state.ca().jwt_authorities(),
+            sequence: self.state.ca().bundle_sequence(),
             refresh_hint: BUNDLE_REFRESH_HINT_SECS,
         }))
     }
@@ -161,7 +161,7 @@ impl Admin for AdminService {
                 .code(schema::grpc_code(tonic::Code::InvalidArgument))
                 .operator(operator)
                 .attr("svid", what);
-            self.state.events.record(vec![event]);
+            self.state.events().record(vec![event]);
             Status::invalid_argument(e)
         };
         let (lookup, serial) = match (req.serial.is_empty(), req.jti.is_empty()) {
@@ -193,7 +193,7 @@ impl Admin for AdminService {
                 .code(schema::grpc_code(tonic::Code::NotFound))
                 .operator(operator)
                 .attr("svid", &serial);
-            self.state.events.record(vec![event]);
+            self.state.events().record(vec![event]);
             return Err(Status::not_found(message));
         };
         let reason =
@@ -235,7 +235,7 @@ impl Admin for AdminService {
             })
             .await?;
         let e = admin_event(kind::BACKUP, &operator).attr("bytes", backup.len());
-        self.state.events.record_durable(vec![e]).await;
+        self.state.events().record_durable(vec![e]).await;
         let chunks: Vec<Result<pb::BackupChunk, Status>> =
             backup.chunks(BACKUP_CHUNK).map(|c| Ok(pb::BackupChunk { data: c.to_vec() })).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
@@ -295,8 +295,8 @@ impl Admin for AdminService {
             .await
             .unwrap_or_else(|status| Err(status.message().to_string()));
         let mut health = pb::HealthResponse {
-            trust_domain: self.state.config.trust_domain.to_string(),
-            bundle_cas: self.state.ca.bundle().len() as u64,
+            trust_domain: self.state.config().trust_domain.to_string(),
+            bundle_cas: self.state.ca().bundle().len() as u64,
             ..Default::default()
         };
         match read {
@@ -310,7 +310,7 @@ impl Admin for AdminService {
             Err(e) => {
                 health.datastore = self
                     .state
-                    .config
+                    .config()
                     .datastore
                     .as_deref()
                     .map_or_else(String::new, crate::store::postgres::redact);

@@ -98,7 +98,7 @@ pub async fn purge_agents(
             .ok()
             .filter(|&s| s <= MAX_PURGE_EXPIRED_FOR)
             .ok_or_else(|| Status::invalid_argument("--expired-for is too large: at most 3650d"))?;
-    let now = state.clock.now();
+    let now = state.clock().now();
     let agents = state.store_op(|store| store.agents()).await?;
     let candidates: Vec<types::Agent> =
         agents.into_iter().filter(|a| queries::purgeable(a, now, expired_for)).collect();
@@ -145,7 +145,7 @@ fn refuse_mint(
         .operator(operator)
         .spiffe_id(spiffe_id.to_string())
         .attr("minted", true);
-    state.events.record(vec![event]);
+    state.events().record(vec![event]);
     Status::new(e.code(), e.to_string())
 }
 
@@ -156,7 +156,7 @@ async fn mint_identity(
     spiffe_id: &str,
     what: Minted<'_>,
 ) -> Result<Result<tessera_workload_api::SpiffeId, MintError>, Status> {
-    let id = match mint::identity(&state.config, spiffe_id) {
+    let id = match mint::identity(state.config(), spiffe_id) {
         Ok(id) => id,
         Err(e) => return Ok(Err(e)),
     };
@@ -182,10 +182,11 @@ async fn mint_identity(
     if agent.is_some() {
         return Ok(Err(MintError::AgentIdentity(id.to_string())));
     }
-    let mut reasons = mint::approval_reasons(&state.governance.policy, &id, what, &entries);
+    let mut reasons = mint::approval_reasons(&state.governance().policy, &id, what, &entries);
     // A proposal (an entry or a join token waiting for a second operator)
     // for this ID: minting it now would skip that approval.
-    let proposals = state.governance.pending.list().map_err(|e| Status::internal(e.to_string()))?;
+    let proposals =
+        state.governance().pending.list().map_err(|e| Status::internal(e.to_string()))?;
     if let Some(p) = proposals.iter().find(|p| p.spiffe_id == id.as_str()) {
         let proposal = p.pending.as_ref().map_or(p.id.as_str(), |a| a.proposal_id.as_str());
         reasons.push(format!("proposal {proposal} for this SPIFFE ID awaits approval"));
@@ -205,10 +206,10 @@ pub async fn mint_x509(
     let operator = operator_of(&request);
     let req = request.into_inner();
     let refuse = |e: MintError| refuse_mint(state, kind::X509_ISSUE, operator, &req.spiffe_id, &e);
-    let ttl = mint::x509_ttl(&state.config, req.ttl).map_err(refuse)?;
+    let ttl = mint::x509_ttl(state.config(), req.ttl).map_err(refuse)?;
     let id = mint_identity(state, &req.spiffe_id, Minted::X509 { ttl }).await?.map_err(refuse)?;
     let (svid, record) =
-        mint::mint_x509(&state.ca, &id, &req.csr, ttl, &req.dns_names).map_err(refuse)?;
+        mint::mint_x509(state.ca(), &id, &req.csr, ttl, &req.dns_names).map_err(refuse)?;
     let mut e = schema::event(kind::X509_ISSUE, schema::ALLOW)
         .operator(operator)
         .spiffe_id(id.to_string())
@@ -219,7 +220,7 @@ pub async fn mint_x509(
     state.store_op(move |store| store.record_minted(&record, &audit)).await?;
     Ok(Response::new(pb::MintX509SvidResponse {
         x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
-        bundle: state.ca.bundle().iter().map(|c| c.to_vec()).collect(),
+        bundle: state.ca().bundle().iter().map(|c| c.to_vec()).collect(),
         serial: svid.serial,
         expires_at: svid.expires_at,
     }))
@@ -234,12 +235,12 @@ pub async fn mint_jwt(
     let operator = operator_of(&request);
     let req = request.into_inner();
     let refuse = |e: MintError| refuse_mint(state, kind::JWT_ISSUE, operator, &req.spiffe_id, &e);
-    let ttl = mint::jwt_ttl(&state.config, req.ttl).map_err(refuse)?;
+    let ttl = mint::jwt_ttl(state.config(), req.ttl).map_err(refuse)?;
     mint::check_audience(&req.audience).map_err(refuse)?;
     let id = mint_identity(state, &req.spiffe_id, Minted::Jwt { audience: &req.audience })
         .await?
         .map_err(refuse)?;
-    let (jwt, record) = mint::mint_jwt(&state.ca, &id, &req.audience, ttl).map_err(refuse)?;
+    let (jwt, record) = mint::mint_jwt(state.ca(), &id, &req.audience, ttl).map_err(refuse)?;
     let mut e = schema::event(kind::JWT_ISSUE, schema::ALLOW)
         .operator(operator)
         .spiffe_id(id.to_string())

@@ -49,7 +49,7 @@ pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Sta
     let peer = request.extensions().get::<AdminPeer>();
     let operator = peer.map(|p| p.operator);
     let verdict = match peer {
-        Some(peer) => state.governance.operators.authorize(peer),
+        Some(peer) => state.governance().operators.authorize(peer),
         None => Err("the caller's peer credentials are unknown".to_string()),
     };
     match verdict {
@@ -58,13 +58,13 @@ pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Sta
             // The first refusal of a uid in an interval is an event at once;
             // the rest are folded into one with a count (`flush_refusals`).
             let uid = operator.map_or(u32::MAX, |o| o.uid);
-            if state.governance.refused.note(uid, &why, false) {
+            if state.governance().refused.note(uid, &why, false) {
                 let e = schema::denied(kind::ADMIN_REFUSED, why.clone())
                     .code(schema::grpc_code(tonic::Code::PermissionDenied))
                     .operator(operator)
                     .attr("method", &method)
                     .attr("count", 1);
-                state.events.record(vec![e]);
+                state.events().record(vec![e]);
             }
             Err(Status::permission_denied(why))
         }
@@ -75,7 +75,7 @@ pub fn authorize(state: &State, request: Request<()>) -> Result<Request<()>, Sta
 /// `admin.refused` event per uid with `count`.
 pub fn flush_refusals(state: &State) {
     let events: Vec<types::Event> = state
-        .governance
+        .governance()
         .refused
         .take()
         .into_iter()
@@ -94,7 +94,7 @@ pub fn flush_refusals(state: &State) {
         })
         .collect();
     if !events.is_empty() {
-        state.events.record(events);
+        state.events().record(events);
     }
 }
 
@@ -164,7 +164,7 @@ impl AdminService {
         status: Status,
     ) -> Status {
         let e = schema::refused(kind::ENTRY_APPROVE, &status).operator(*operator).entry(id);
-        self.state.events.record(vec![e]);
+        self.state.events().record(vec![e]);
         status
     }
 
@@ -199,7 +199,7 @@ impl AdminService {
     ) -> Status {
         let e =
             schema::refused(kind::ADMIN_REFUSED, &status).operator(*operator).attr("request", what);
-        self.state.events.record(vec![e]);
+        self.state.events().record(vec![e]);
         status
     }
 }

@@ -21,9 +21,9 @@ impl NodeService {
     /// Refuses an attestation from `source` at once when its budget of
     /// refusals is spent.
     pub(super) fn check_attest_rate(&self, source: IpAddr) -> Result<(), Status> {
-        let config = &self.state.config;
+        let config = &self.state.config();
         let (rate, burst, now_ms) =
-            (config.attest_rate, config.attest_burst, self.state.clock.now_ms());
+            (config.attest_rate, config.attest_burst, self.state.clock().now_ms());
         let mut limits = self.attest_limits.lock().unwrap_or_else(|e| e.into_inner());
         let mut bucket =
             limits.buckets.get(&source).copied().unwrap_or(TokenBucket::full(burst, now_ms));
@@ -48,7 +48,7 @@ impl NodeService {
     /// yet usable). Only looked for when proposals wait, which operators
     /// alone make: a stranger's bogus token costs no scan otherwise.
     pub(super) fn join_token_is_held(&self, token: &str) -> Result<bool, Status> {
-        let governance = &self.state.governance;
+        let governance = &self.state.governance();
         if governance.pending_count() == 0 {
             return Ok(false);
         }
@@ -71,13 +71,13 @@ impl NodeService {
         let Some(source) = source else { return self.refuse(op, agent, status) };
         let rate_limited = status.code() == tonic::Code::ResourceExhausted;
         if rate_limited {
-            self.state.metrics.attestation_rate_limited();
+            self.state.metrics().attestation_rate_limited();
         }
         {
             let mut limits = self.attest_limits.lock().unwrap_or_else(|e| e.into_inner());
-            let config = &self.state.config;
+            let config = &self.state.config();
             let (rate, burst, now_ms) =
-                (config.attest_rate, config.attest_burst, self.state.clock.now_ms());
+                (config.attest_rate, config.attest_burst, self.state.clock().now_ms());
             let mut bucket =
                 limits.buckets.get(&source).copied().unwrap_or(TokenBucket::full(burst, now_ms));
             bucket.spend(rate, burst, now_ms);
@@ -98,7 +98,7 @@ impl NodeService {
                 .attr("op", op)
                 .attr("source", source)
                 .attr("count", 1);
-            self.state.events.record(vec![e]);
+            self.state.events().record(vec![e]);
         } else {
             tracing::debug!(%source, error = %status.message(), "attestation refused (folded into the next event)");
         }
@@ -134,7 +134,7 @@ impl NodeService {
             })
             .collect();
         if !events.is_empty() {
-            self.state.events.record(events);
+            self.state.events().record(events);
         }
     }
 
@@ -145,10 +145,10 @@ impl NodeService {
         csr: &[u8],
     ) -> Result<(SignedSvid, types::IssuedSvid), Status> {
         let key = parse_csr(csr).map_err(|e| Status::invalid_argument(format!("CSR: {e}")))?;
-        let ttl = self.state.config.agent_svid_ttl;
+        let ttl = self.state.config().agent_svid_ttl;
         let svid = self
             .state
-            .ca
+            .ca()
             .sign_svid(&key, agent_id, ttl, &[])
             .map_err(|e| Status::internal(e.to_string()))?;
         let issued = types::IssuedSvid {
@@ -220,7 +220,7 @@ impl NodeService {
         let Some(record) = record else {
             return Err(self.refuse_stranger(op, source, "", unknown()));
         };
-        let now = self.state.clock.now();
+        let now = self.state.clock().now();
         if now >= record.expires_at {
             return Err(self.refuse_stranger(
                 op,
@@ -239,7 +239,7 @@ impl NodeService {
             let parent = agent_id.clone();
             let children =
                 self.state.store_op(move |store| store.entries_by_parent(&parent)).await?;
-            let policy = &self.state.governance.policy;
+            let policy = &self.state.governance().policy;
             let matched = children.iter().filter(|e| !policy.reasons(e).is_empty()).count();
             if matched > 0 {
                 let status = agent_refused(
@@ -312,7 +312,7 @@ impl NodeService {
         let (svid, issued) = self
             .sign_agent_svid(&agent_id, &request.get_ref().csr)
             .map_err(|e| self.refuse(op, agent_id.as_str(), e))?;
-        let now = self.state.clock.now();
+        let now = self.state.clock().now();
         let (key, presented) = (agent_id.to_string(), caller.serial.clone());
         let mut e = schema::event(kind::NODE_RENEW, schema::ALLOW)
             .agent(agent_id.as_str())

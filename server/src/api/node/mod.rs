@@ -53,7 +53,7 @@ impl Node for NodeService {
             .and_then(|peer| peer.remote)
             .map(|remote| remote.ip().to_canonical());
         let result = self.attest_with_token(request.into_inner(), source).await;
-        self.state.metrics.attestation(result.is_ok(), started.elapsed().as_secs_f64());
+        self.state.metrics().attestation(result.is_ok(), started.elapsed().as_secs_f64());
         result
     }
 
@@ -156,7 +156,7 @@ impl Node for NodeService {
         }
         let acked_seq = self
             .state
-            .events
+            .events()
             .ingest(caller.id.as_str(), &req.spool_id, req.events)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -173,7 +173,7 @@ impl Node for NodeService {
         let service = self.clone();
         tokio::spawn(
             async move {
-                let streams = service.state.metrics.sync_streams().clone();
+                let streams = service.state.metrics().sync_streams().clone();
                 streams.inc();
                 if let Err(status) = service.run_sync(&caller, resume_from, &tx).await {
                     let _ = tx.send(Err(status)).await;

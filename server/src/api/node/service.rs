@@ -109,7 +109,7 @@ impl NodeService {
     /// Records the refusal of a node request (event and log) and returns it.
     pub(super) fn refuse(&self, op: &str, agent: &str, status: Status) -> Status {
         let e = schema::refused(refusal_kind(op), &status).agent(agent).attr("op", op);
-        self.state.events.record(vec![e]);
+        self.state.events().record(vec![e]);
         status
     }
 
@@ -156,7 +156,7 @@ impl NodeService {
     pub(super) async fn check_caller(&self, caller: &Caller) -> Result<(), Status> {
         let (key, serial) = (caller.id.to_string(), caller.serial.clone());
         let agent = self.state.store_op(move |store| store.check_agent(&key, &serial)).await??;
-        if agent.x509_svid_expires_at <= self.state.clock.now() {
+        if agent.x509_svid_expires_at <= self.state.clock().now() {
             return Err(agent_refused(
                 Refusal::Expired,
                 format!("agent SVID {} has expired", caller.serial),
@@ -172,13 +172,13 @@ impl NodeService {
     }
 
     pub(super) fn bundle(&self) -> Vec<Vec<u8>> {
-        self.state.ca.bundle().iter().map(|c| c.to_vec()).collect()
+        self.state.ca().bundle().iter().map(|c| c.to_vec()).collect()
     }
 
     pub(super) fn bundle_update(&self) -> pb::BundleUpdate {
         pb::BundleUpdate {
             authorities: self.bundle(),
-            jwt_authorities: self.state.ca.jwt_authorities(),
+            jwt_authorities: self.state.ca().jwt_authorities(),
         }
     }
 }

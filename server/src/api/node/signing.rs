@@ -25,7 +25,7 @@ impl NodeService {
         agent_id: &SpiffeId,
         n: usize,
     ) -> Result<(), Status> {
-        let config = &self.state.config;
+        let config = &self.state.config();
         let over = || {
             Status::resource_exhausted(format!(
                 "agent {agent_id} is over its signing limit ({} CSRs/s, burst {}); retry later",
@@ -34,7 +34,7 @@ impl NodeService {
         };
         if config.datastore.is_some() {
             let (agent, rate, burst) = (agent_id.to_string(), config.sign_rate, config.sign_burst);
-            let now_ms = self.state.clock.now_ms();
+            let now_ms = self.state.clock().now_ms();
             let taken = self
                 .state
                 .store_op(move |store| {
@@ -48,7 +48,7 @@ impl NodeService {
             }
         }
         let (rate, burst, now_ms) =
-            (config.sign_rate, config.sign_burst, self.state.clock.now_ms());
+            (config.sign_rate, config.sign_burst, self.state.clock().now_ms());
         let mut limits = self.sign_limits.lock().unwrap_or_else(|e| e.into_inner());
         let bucket = limits.entry(agent_id.to_string()).or_insert(TokenBucket::full(burst, now_ms));
         if !bucket.take(n as f64, f64::from(rate), burst, now_ms) {
@@ -130,7 +130,7 @@ impl NodeService {
                 signed
             }));
         }
-        let now = self.state.clock.now();
+        let now = self.state.clock().now();
         let (key, serial) = (caller.id.to_string(), caller.serial.clone());
         let (recorded, records) = if records.is_empty() {
             (Vec::new(), records)
@@ -187,7 +187,7 @@ impl NodeService {
                 .entry(item.entry_id.clone());
             e.spiffe_ids.extend(spiffe_id.clone());
             e.audience = item.audience.clone();
-            self.state.events.record(vec![e]);
+            self.state.events().record(vec![e]);
             jwt_item_failure(&item.entry_id, code, message)
         };
         let Some(entry) = entry else {
@@ -212,15 +212,15 @@ impl NodeService {
                 ),
             ));
         }
-        let now = self.state.clock.now();
-        let ttl = entry.ttl_at(self.state.rules.jwt_ttl(entry.jwt_svid_ttl), now);
+        let now = self.state.clock().now();
+        let ttl = entry.ttl_at(self.state.rules().jwt_ttl(entry.jwt_svid_ttl), now);
         if entry.is_expired(now) || ttl == 0 {
             return Err(fail(
                 tonic::Code::PermissionDenied,
                 format!("entry {} has expired", entry.id),
             ));
         }
-        match self.state.ca.sign_jwt(&entry.spiffe_id, &audience, ttl) {
+        match self.state.ca().sign_jwt(&entry.spiffe_id, &audience, ttl) {
             Ok((jwt, ca_seq)) => {
                 let issued = types::IssuedSvid {
                     serial: String::new(),
@@ -256,7 +256,7 @@ impl NodeService {
                 .agent(agent_id.as_str())
                 .entry(item.entry_id.clone());
             e.spiffe_ids.extend(spiffe_id.clone());
-            self.state.events.record(vec![e]);
+            self.state.events().record(vec![e]);
             item_failure(&item.entry_id, code, message)
         };
         let Some(entry) = entry else {
@@ -268,7 +268,7 @@ impl NodeService {
                 format!("entry {} is not parented to {agent_id}", entry.id),
             ));
         }
-        let now = self.state.clock.now();
+        let now = self.state.clock().now();
         let ttl = entry.svid_ttl_at(now);
         if entry.is_expired(now) || ttl == 0 {
             return Err(fail(
@@ -280,7 +280,7 @@ impl NodeService {
             Ok(key) => key,
             Err(e) => return Err(fail(tonic::Code::InvalidArgument, e.to_string())),
         };
-        match self.state.ca.sign_svid(&key, &entry.spiffe_id, ttl, &entry.dns_names) {
+        match self.state.ca().sign_svid(&key, &entry.spiffe_id, ttl, &entry.dns_names) {
             Ok(svid) => {
                 let issued = types::IssuedSvid {
                     serial: svid.serial.clone(),
@@ -376,6 +376,6 @@ pub(super) fn answer<T, R>(
 impl NodeService {
     /// Counts a signing batch (its events were stored with its records).
     pub(super) fn issued(&self, kind: &'static str, started: std::time::Instant, signed: usize) {
-        self.state.metrics.issued(kind, signed, started.elapsed().as_secs_f64());
+        self.state.metrics().issued(kind, signed, started.elapsed().as_secs_f64());
     }
 }

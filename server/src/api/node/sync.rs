@@ -46,14 +46,14 @@ impl NodeService {
         let agent_id = &caller.id;
         // The feed's reads of changed entries count only if made after this.
         let mut fresh_since = std::time::Instant::now();
-        let mut wake = self.state.feed.subscribe();
+        let mut wake = self.state.feed().subscribe();
         send(tx, Event::Bundle(self.bundle_update())).await?;
         // The CRLs are read after the revision the stream starts from, so
         // they are at least that new: a CRL change before it is not lost.
         let parent = agent_id.clone();
         // So are the JWT revocations: every one in force (the agent may
         // have missed some while disconnected; it merges them).
-        let now = self.state.clock.now();
+        let now = self.state.clock().now();
         let (snapshot, crls, jwts) = self
             .state
             .store_op(move |store| {
@@ -107,9 +107,9 @@ impl NodeService {
             }
         };
         info!(agent_id = %agent_id, revision = cursor, resumed_from = resume_from, "agent sync started");
-        let shutdown = self.state.shutdown.clone();
+        let shutdown = self.state.shutdown().clone();
         loop {
-            let changes = match self.state.feed.since(cursor, SYNC_CHANGES_PAGE) {
+            let changes = match self.state.feed().since(cursor, SYNC_CHANGES_PAGE) {
                 Some(changes) => changes,
                 // Older than the shared window: read the log itself.
                 None => {
@@ -140,7 +140,7 @@ impl NodeService {
                 if self.send_change(caller, &fed, &mut fresh_since, tx).await? {
                     if let Some(at) = fed.read_at {
                         let revocation = matches!(fed.change.kind, ChangeKind::Revoked { .. });
-                        self.state.metrics.pushed(revocation, at.elapsed().as_secs_f64());
+                        self.state.metrics().pushed(revocation, at.elapsed().as_secs_f64());
                     }
                 }
             }
@@ -191,7 +191,7 @@ impl NodeService {
                 }
                 // The commit that revoked also signed CRLs listing them:
                 // the agent gets both in one message.
-                let crls = self.state.feed.crls().as_ref().clone();
+                let crls = self.state.feed().crls().as_ref().clone();
                 let jwts = jwts
                     .iter()
                     .map(|j| pb::RevokedJwt { jti: j.jti.clone(), expires_at: j.expires_at })
@@ -201,7 +201,7 @@ impl NodeService {
                 Ok(true)
             }
             ChangeKind::Crls => {
-                let crls = self.state.feed.crls().as_ref().clone();
+                let crls = self.state.feed().crls().as_ref().clone();
                 send(tx, Event::Revocation(pb::Revocation { crls, ..Default::default() })).await?;
                 Ok(false)
             }
