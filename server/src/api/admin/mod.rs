@@ -1,5 +1,13 @@
 //! The admin API (operator ↔ server) on the server's Unix socket. Refusals
 //! are logged here, once, with their reason.
+//!
+//! The folder: `service.rs` (the service, the `authorize` interceptor,
+//! refusal records, event forms) at the bottom; the handlers build on it:
+//! `entries.rs`, `agents.rs`, `approvals.rs`, `events.rs`, `ops.rs`
+//! (SPIRE's operator commands); `peer.rs` pins each caller at accept and
+//! `reach.rs` checks operators can reach the socket. This file is the
+//! `Admin` trait's glue, delegating to the handlers. Nothing outside
+//! `api/` but `server.rs` and the CLI's report form depends on it.
 
 mod agents;
 mod approvals;

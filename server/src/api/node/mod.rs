@@ -12,6 +12,11 @@
 //! address are folded into one event per [`ATTEST_REFUSAL_INTERVAL`]: the
 //! first is recorded at once, the rest as one event with `count`.
 //!
+//! The folder: `service.rs` (the service, the caller's checks, refusal
+//! records) at the bottom; `attest.rs`, `signing.rs` and `sync.rs` build on
+//! it; `tls.rs` is the listener's transport. This file is the `Node`
+//! trait's glue. Only `server.rs` depends on it.
+//!
 //! [`Config::attest_rate`]: crate::config::Config::attest_rate
 //! [`Config::attest_burst`]: crate::config::Config::attest_burst
 
