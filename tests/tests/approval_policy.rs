@@ -269,12 +269,14 @@ async fn approving_an_update_whose_entry_changed_since_it_was_proposed_is_refuse
     let now = now.into_inner();
     assert_eq!((now.x509_svid_ttl, now.hint.as_str()), (Some(600), "changed meanwhile"));
 
-    // The stale proposal still waits (it can never be approved) and blocks
-    // a new one until it is rejected. Proposed again against the entry as
-    // it stands: approved and applied.
-    let out = cli.run(Some(OPERATOR_A), &raise);
-    assert!(stderr(&out).contains("already has proposal"), "{}", stderr(&out));
-    cli.ok(Some(OPERATOR_B), &["entry", "reject", "--id", &id, "--reason", "stale"]);
+    // The stale proposal (never approvable) was dropped with the refusal,
+    // with its event: proposed again against the entry as it stands, it is
+    // held, then approved and applied.
+    let events = tessera_tests::hostile::events_of_kind(&mut admin, "admin.entry.reject").await;
+    assert!(
+        events.iter().any(|e| e.entry_ids.contains(&id) && e.reason.contains("changed after")),
+        "no event for the dropped proposal: {events:?}"
+    );
     let out = cli.run(Some(OPERATOR_A), &raise);
     assert!(stderr(&out).contains("pending approval"), "{}", stderr(&out));
     let hash = proposal_hash(&cli, &id);

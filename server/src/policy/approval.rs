@@ -58,7 +58,9 @@ pub enum ApprovalRefusal {
     #[error("proposal {0} has expired; propose it again")]
     Expired(String),
     /// The entry changed after the update was proposed.
-    #[error("entry {0} changed (or was deleted) after this update was proposed; propose it again")]
+    #[error(
+        "entry {0} changed (or was deleted) after this update was proposed; the proposal was dropped: propose it again"
+    )]
     Changed(String),
     /// A second proposal for an entry that has one waiting.
     #[error("entry {entry} already has proposal {proposal} waiting; approve or reject it first")]

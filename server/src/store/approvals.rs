@@ -111,7 +111,12 @@ impl KvStore {
                     let result = if op == approval::OP_UPDATE {
                         match tx.entry(&entry.id)? {
                             Some(current) if current.revision == pending.base_revision => {}
-                            _ => return Ok(Err(ApprovalRefusal::Changed(entry.id.clone()))),
+                            // Never approvable again: dropped in this
+                            // commit, so that it can be proposed anew.
+                            _ => {
+                                tx.txn.delete(PENDING, key.as_bytes())?;
+                                return Ok(Err(ApprovalRefusal::Changed(entry.id.clone())));
+                            }
                         }
                         let mut revoke = Vec::new();
                         let mut written = EntryWrite::default();

@@ -77,8 +77,16 @@ impl AdminService {
         let now = self.state.clock().now();
         // The checks (hash, proposer, expiry, unchanged entry) and the write
         // are one commit.
-        let audit = Audit::new(operator, move |r: &Result<Approved, ApprovalRefusal>| {
-            r.iter().map(|approved| approval_event(&operator, approved)).collect()
+        let audit = Audit::new(operator, move |r: &Result<Approved, ApprovalRefusal>| match r {
+            Ok(approved) => vec![approval_event(&operator, approved)],
+            // The commit dropped the stale proposal: its event is in it.
+            Err(ApprovalRefusal::Changed(entry)) => {
+                let mut e = admin_event(kind::ENTRY_REJECT, &operator).entry(entry.clone());
+                e.decision = schema::DENY.into();
+                e.reason = "the entry changed after this update was proposed".into();
+                vec![e]
+            }
+            Err(_) => Vec::new(),
         });
         let approved = self
             .state
