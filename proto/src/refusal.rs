@@ -42,11 +42,15 @@ pub enum Refusal {
     /// the server signed (in the item's status, not the call's): the agent
     /// signs again at once with its new SVID.
     AgentSvidChanged,
+    /// A signing item whose entry was deleted, or changed so that it no
+    /// longer authorizes the SVID, while the server signed (in the item's
+    /// status): the SVID was revoked as it was recorded.
+    EntryChanged,
 }
 
 impl Refusal {
     /// Every code, for tests and documentation.
-    pub const ALL: [Refusal; 11] = [
+    pub const ALL: [Refusal; 12] = [
         Self::Banned,
         Self::Revoked,
         Self::Superseded,
@@ -58,6 +62,7 @@ impl Refusal {
         Self::AgentExists,
         Self::EntryIdentity,
         Self::AgentSvidChanged,
+        Self::EntryChanged,
     ];
 
     /// The code on the wire.
@@ -74,6 +79,7 @@ impl Refusal {
             Self::AgentExists => "agent-exists",
             Self::EntryIdentity => "entry-identity",
             Self::AgentSvidChanged => "agent-svid-changed",
+            Self::EntryChanged => "entry-changed",
         }
     }
 

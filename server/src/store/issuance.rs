@@ -102,10 +102,10 @@ impl KvStore {
                     let id = item.entry.id.as_bytes();
                     let refusal = match (&agent_refusal, tx.get(ENTRIES, id)?) {
                         (Some(why), _) => Some(why.clone()),
-                        (None, None) => Some(ItemRefused::from(format!(
-                            "entry {} was deleted while signing",
-                            item.entry.id
-                        ))),
+                        (None, None) => Some(ItemRefused::typed(
+                            Refusal::EntryChanged,
+                            format!("entry {} was deleted while signing", item.entry.id),
+                        )),
                         (None, Some(stored)) if stored == *entry_bytes => None,
                         (None, Some(stored)) => {
                             if decode_entry(id, &stored)?
@@ -113,10 +113,10 @@ impl KvStore {
                             {
                                 None
                             } else {
-                                Some(ItemRefused::from(format!(
-                                    "entry {} changed while signing",
-                                    item.entry.id
-                                )))
+                                Some(ItemRefused::typed(
+                                    Refusal::EntryChanged,
+                                    format!("entry {} changed while signing", item.entry.id),
+                                ))
                             }
                         }
                     };

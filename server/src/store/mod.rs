@@ -204,21 +204,16 @@ pub enum AgentRefusal {
 /// words, and the typed refusal the agent acts on, when there is one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ItemRefused {
-    /// The typed refusal (`agent-svid-changed`: sign again at once).
-    pub refusal: Option<Refusal>,
+    /// The typed refusal (`agent-svid-changed`: sign again at once;
+    /// `entry-changed`, `banned`, `evicted`: revoked as recorded).
+    pub refusal: Refusal,
     /// Why, in words.
     pub why: String,
 }
 
 impl ItemRefused {
     fn typed(refusal: Refusal, why: String) -> Self {
-        Self { refusal: Some(refusal), why }
-    }
-}
-
-impl From<String> for ItemRefused {
-    fn from(why: String) -> Self {
-        Self { refusal: None, why }
+        Self { refusal, why }
     }
 }
 

@@ -258,7 +258,7 @@ fn svids_recorded_after_their_entry_changed_are_revoked(place: Place) {
     let signed = [Signed { svid: issued("0d", &d), entry: d, event: Default::default() }];
     let results = store.record_issued("spiffe://example.org/agent", "s-old", &signed, 3).unwrap();
     assert_eq!(
-        results[0].as_ref().err().and_then(|r| r.refusal),
+        results[0].as_ref().err().map(|r| r.refusal),
         Some(Refusal::AgentSvidChanged),
         "{results:?}"
     );
@@ -268,7 +268,7 @@ fn svids_recorded_after_their_entry_changed_are_revoked(place: Place) {
     store.ban_agent("spiffe://example.org/agent", "test", 3, &Audit::quiet()).unwrap().unwrap();
     let signed = [Signed { svid: issued("0c", &c), entry: c, event: Default::default() }];
     let results = store.record_issued("spiffe://example.org/agent", "s0", &signed, 4).unwrap();
-    assert_eq!(results[0].as_ref().err().and_then(|r| r.refusal), Some(Refusal::Banned));
+    assert_eq!(results[0].as_ref().err().map(|r| r.refusal), Some(Refusal::Banned));
     assert!(store.revocation("0c").unwrap().is_some());
 }
 

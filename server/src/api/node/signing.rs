@@ -323,8 +323,8 @@ pub(super) fn item_failure(
 }
 
 /// Puts a typed refusal, if any, on an item's status.
-pub(super) fn typed_item(status: Option<&mut ItemStatus>, refusal: Option<tessera_proto::Refusal>) {
-    if let (Some(status), Some(refusal)) = (status, refusal) {
+pub(super) fn typed_item(status: Option<&mut ItemStatus>, refusal: tessera_proto::Refusal) {
+    if let Some(status) = status {
         status.refusal = refusal.as_str().to_string();
     }
 }
