@@ -1,0 +1,130 @@
+//! Conformance: entries, their indexes, pages, duplicates and updates.
+
+use super::*;
+
+/// Pages of every size, after every position, with each filter, give
+/// exactly the matching entries in ID order.
+pub(super) fn entries_list_in_pages_with_and_without_filters(place: Place) {
+    let store = place.open();
+    let made: Vec<Entry> = (0..23)
+        .map(|i| {
+            let parent = if i % 3 == 0 { "agent-a" } else { "agent-b" };
+            let spiffe = if i % 4 == 0 { "shared".to_string() } else { format!("w{i}") };
+            entry(&format!("e{i:02}"), &spiffe, parent, i)
+        })
+        .collect();
+    assert!(store.create_entries(&made, &Audit::quiet()).unwrap().iter().all(Result::is_ok));
+    let id = |s: &str| SpiffeId::parse(&format!("spiffe://example.org/{s}")).unwrap();
+    let filters = [
+        EntryFilter::default(),
+        EntryFilter { parent_id: Some(id("agent-a")), spiffe_id: None },
+        EntryFilter { parent_id: Some(id("agent-b")), spiffe_id: Some(id("shared")) },
+        EntryFilter { parent_id: None, spiffe_id: Some(id("shared")) },
+        EntryFilter { parent_id: Some(id("nobody")), spiffe_id: None },
+    ];
+    for filter in &filters {
+        let mut want: Vec<String> = made
+            .iter()
+            .filter(|e| filter.parent_id.as_ref().is_none_or(|p| &e.parent_id == p))
+            .filter(|e| filter.spiffe_id.as_ref().is_none_or(|s| &e.spiffe_id == s))
+            .map(|e| e.id.clone())
+            .collect();
+        want.sort();
+        for page in [1, 2, 5, 100] {
+            let (mut got, mut after) = (Vec::new(), None::<String>);
+            loop {
+                let listed = store.list_entries(filter, after.as_deref(), page).unwrap();
+                assert!(listed.len() <= page);
+                got.extend(listed.iter().map(|e| e.id.clone()));
+                if listed.len() < page {
+                    break;
+                }
+                after = listed.last().map(|e| e.id.clone());
+            }
+            assert_eq!(got, want, "{filter:?}, pages of {page}");
+        }
+    }
+}
+
+/// A multi-get answers each ID asked, in order, repeats and absent ones included.
+pub(super) fn entries_are_read_at_once_in_the_order_asked(place: Place) {
+    let store = place.open();
+    let made = [entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 2)];
+    assert!(store.create_entries(&made, &Audit::quiet()).unwrap().iter().all(Result::is_ok));
+    let ids: Vec<String> = ["b", "zz", "a", "b"].iter().map(|s| s.to_string()).collect();
+    let got: Vec<Option<String>> =
+        store.entries(&ids).unwrap().into_iter().map(|e| e.map(|e| e.id)).collect();
+    let want = [Some("b"), None, Some("a"), Some("b")].map(|s| s.map(str::to_string));
+    assert_eq!(got, want);
+    assert!(store.entries(&[]).unwrap().is_empty());
+}
+
+pub(super) fn entries_are_indexed_by_parent_and_survive_reopen(place: Place) {
+    {
+        let store = place.open();
+        let results = store
+            .create_entries(
+                &[
+                    entry("a", "w1", "agent1", 1),
+                    entry("b", "w2", "agent2", 1),
+                    entry("c", "w3", "agent1", 2),
+                ],
+                &Audit::quiet(),
+            )
+            .unwrap();
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(store.revision().unwrap(), 3);
+    }
+    let store = place.open();
+    let parent = SpiffeId::parse("spiffe://example.org/agent1").unwrap();
+    let ids: Vec<_> = store.entries_by_parent(&parent).unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, ["a", "c"]);
+    assert_eq!(store.entry_count(), 3);
+}
+
+pub(super) fn duplicates_are_refused_per_item_and_store_unchanged(place: Place) {
+    let store = place.open();
+    store.create_entries(&[entry("a", "w", "agent", 1)], &Audit::quiet()).unwrap();
+    let results = store
+        .create_entries(
+            &[
+                entry("b", "w", "agent", 1),
+                entry("c", "w", "agent", 2),
+                entry("d", "w", "agent", 2),
+            ],
+            &Audit::quiet(),
+        )
+        .unwrap();
+    assert_eq!(results[0], Err(EntryError::Duplicate("a".into())));
+    assert!(results[1].is_ok());
+    assert_eq!(results[2], Err(EntryError::Duplicate("c".into())));
+    assert_eq!(store.entry_count(), 2);
+    assert_eq!(store.revision().unwrap(), 2);
+}
+
+/// One change per revision: an update that moves an entry names both
+/// parents in one record, so a resume decides from the entry as it is.
+pub(super) fn an_update_is_one_change_naming_old_and_new_parent(place: Place) {
+    let store = place.open();
+    store.create_entries(&[entry("a", "w", "agent1", 1)], &Audit::quiet()).unwrap();
+    let write =
+        store.update_entries(&[entry("a", "w", "agent2", 1)], 0, "moved", &Audit::quiet()).unwrap();
+    assert_eq!(write.results[0].as_ref().unwrap().revision, 2);
+    let changes = store.changes_since(1, 100).unwrap();
+    assert_eq!(
+        changes,
+        [Change {
+            revision: 2,
+            kind: ChangeKind::Entry {
+                entry_id: "a".into(),
+                parents: vec![
+                    "spiffe://example.org/agent1".into(),
+                    "spiffe://example.org/agent2".into()
+                ]
+            }
+        }]
+    );
+    let revisions: Vec<u64> =
+        store.changes_since(0, 100).unwrap().iter().map(|c| c.revision).collect();
+    assert_eq!(revisions, [1, 2], "revisions are commit order, without gaps");
+}

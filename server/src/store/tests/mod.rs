@@ -1,0 +1,174 @@
+//! The store's unit tests: a conformance suite every test of which runs
+//! on sled and on PostgreSQL, tests of sled alone, and of several servers
+//! sharing one PostgreSQL database.
+//!
+//! Here: the fixtures, `Place` (where a conformance test's store lives)
+//! and the suite's list, and the sled-only tests. The conformance tests
+//! live by concept in `entries.rs`, `revocations.rs` and `records.rs`;
+//! several servers in `shared_postgres.rs`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::*;
+use crate::entry::EntryRules;
+use crate::policy::approval;
+use tessera_workload_api::TrustDomain;
+
+mod entries;
+mod records;
+mod revocations;
+mod shared_postgres;
+
+use entries::*;
+use records::*;
+use revocations::*;
+
+pub(super) fn entry(id: &str, spiffe: &str, parent: &str, uid: u32) -> Entry {
+    let rules = EntryRules {
+        trust_domain: TrustDomain::new("example.org").unwrap(),
+        default_ttl: 60,
+        max_ttl: 600,
+        default_jwt_ttl: 300,
+        max_jwt_ttl: 600,
+    };
+    let mut e = rules
+        .validate(
+            &pb::Entry {
+                spiffe_id: format!("spiffe://example.org/{spiffe}"),
+                parent_id: format!("spiffe://example.org/{parent}"),
+                selectors: vec![pb::Selector {
+                    r#type: "unix".into(),
+                    value: format!("uid:{uid}"),
+                }],
+                ..Default::default()
+            },
+            1,
+        )
+        .unwrap();
+    e.id = id.into();
+    e
+}
+
+pub(super) fn issued(serial: &str, entry: &Entry) -> pb::IssuedSvid {
+    pb::IssuedSvid {
+        serial: serial.into(),
+        spiffe_id: entry.spiffe_id.to_string(),
+        entry_id: entry.id.clone(),
+        agent_id: entry.parent_id.to_string(),
+        expires_at: i64::MAX,
+        ca_seq: 1,
+        jti: String::new(),
+    }
+}
+
+pub(super) fn agent(id: &str, serial: &str) -> pb::Agent {
+    pb::Agent {
+        spiffe_id: format!("spiffe://example.org/{id}"),
+        x509_svid_serial: serial.into(),
+        x509_svid_expires_at: i64::MAX,
+        ..Default::default()
+    }
+}
+
+pub(super) fn agent_svid(id: &str, serial: &str) -> pb::IssuedSvid {
+    pb::IssuedSvid {
+        serial: serial.into(),
+        agent_id: format!("spiffe://example.org/{id}"),
+        expires_at: i64::MAX,
+        ..Default::default()
+    }
+}
+
+/// Where a conformance test's store lives: each `open` is a new handle
+/// on the same records (a restart).
+enum Place {
+    Sled(tempfile::TempDir),
+    Postgres(String),
+}
+
+impl Place {
+    fn sled() -> Self {
+        Place::Sled(tempfile::tempdir().unwrap())
+    }
+
+    fn postgres() -> Self {
+        Place::Postgres(crate::pg_cluster::PgCluster::shared().database())
+    }
+
+    fn open(&self) -> KvStore {
+        self.open_as("server-a")
+    }
+
+    /// Another server's handle (on sled: the same store).
+    fn open_as(&self, server_id: &str) -> KvStore {
+        match self {
+            Place::Sled(dir) => KvStore::open(dir.path()).unwrap(),
+            Place::Postgres(url) => KvStore::open_postgres(url, server_id).unwrap(),
+        }
+    }
+}
+
+/// The conformance suite: every test runs against sled and against
+/// PostgreSQL (a private cluster, a database per test).
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sled_store {
+            $( #[test] fn $name() { super::$name(super::Place::sled()) } )*
+        }
+        mod postgres_store {
+            $( #[test] fn $name() { super::$name(super::Place::postgres()) } )*
+        }
+    };
+}
+
+conformance!(
+    entries_are_indexed_by_parent_and_survive_reopen,
+    entries_are_read_at_once_in_the_order_asked,
+    entries_list_in_pages_with_and_without_filters,
+    duplicates_are_refused_per_item_and_store_unchanged,
+    an_update_is_one_change_naming_old_and_new_parent,
+    a_delete_and_its_revocations_are_one_commit,
+    svids_recorded_after_their_entry_changed_are_revoked,
+    jwt_svids_are_revoked_with_their_entry_and_agent,
+    a_dns_name_change_revokes_and_a_ttl_change_does_not,
+    a_renewal_never_undoes_a_ban,
+    a_ban_racing_a_renewal_is_never_undone,
+    backup_restores_every_record_and_a_damaged_backup_is_refused,
+    join_token_can_be_taken_once,
+    join_tokens_are_hashed_and_never_name_an_agent_or_entry,
+    an_approval_writes_exactly_the_proposal_it_names,
+    an_update_decided_against_a_revision_replaces_only_that_revision,
+    join_token_exists_reads_without_writing,
+    a_ca_record_set_per_server_makes_one_bundle,
+);
+
+/// One server on its embedded store keeps signing budgets in memory.
+#[test]
+fn an_embedded_store_leaves_signing_budgets_to_the_server() {
+    let store = Place::sled().open();
+    assert_eq!(store.take_shared_budget("agent", 1, 1, 1000, 0).unwrap(), None);
+}
+
+/// Item 7: a store behind its watermark (data lost, or an old copy put
+/// back) is refused, never served as what is left.
+#[test]
+fn a_store_behind_its_watermark_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = tempfile::tempdir().unwrap();
+    {
+        let store = KvStore::open(dir.path()).unwrap();
+        store.create_entries(&[entry("a", "w1", "agent", 1)], &Audit::quiet()).unwrap();
+    }
+    copy_dir(dir.path(), old.path());
+    {
+        let store = KvStore::open(dir.path()).unwrap();
+        store.create_entries(&[entry("b", "w2", "agent", 1)], &Audit::quiet()).unwrap();
+    }
+    // Put the old database back, keeping the newer watermark.
+    std::fs::copy(dir.path().join("tessera.watermark"), old.path().join("tessera.watermark"))
+        .unwrap();
+    let err = KvStore::open(old.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+    assert!(err.to_string().contains("acknowledged"), "{err}");
+}
