@@ -190,15 +190,7 @@ impl NodeService {
             self.state.events().record(vec![e]);
             jwt_item_failure(&item.entry_id, code, message)
         };
-        let Some(entry) = entry else {
-            return Err(fail(tonic::Code::NotFound, format!("entry {} not found", item.entry_id)));
-        };
-        if &entry.parent_id != agent_id {
-            return Err(fail(
-                tonic::Code::PermissionDenied,
-                format!("entry {} is not parented to {agent_id}", entry.id),
-            ));
-        }
+        let entry = parented_entry(agent_id, &item.entry_id, entry).map_err(|(c, m)| fail(c, m))?;
         let audience = match tessera_common::rules::requested_audiences(&item.audience) {
             Ok(audience) => audience,
             Err(e) => return Err(fail(tonic::Code::InvalidArgument, e.to_string())),
@@ -259,15 +251,7 @@ impl NodeService {
             self.state.events().record(vec![e]);
             item_failure(&item.entry_id, code, message)
         };
-        let Some(entry) = entry else {
-            return Err(fail(tonic::Code::NotFound, format!("entry {} not found", item.entry_id)));
-        };
-        if &entry.parent_id != agent_id {
-            return Err(fail(
-                tonic::Code::PermissionDenied,
-                format!("entry {} is not parented to {agent_id}", entry.id),
-            ));
-        }
+        let entry = parented_entry(agent_id, &item.entry_id, entry).map_err(|(c, m)| fail(c, m))?;
         let now = self.state.clock().now();
         let ttl = entry.svid_ttl_at(now);
         if entry.is_expired(now) || ttl == 0 {
@@ -299,6 +283,24 @@ impl NodeService {
             Err(e) => Err(fail(tonic::Code::Internal, e.to_string())),
         }
     }
+}
+
+/// The entry a signing item names, if it exists and is parented to the
+/// calling agent; else the item's refusal (code and words).
+fn parented_entry(
+    agent_id: &SpiffeId,
+    entry_id: &str,
+    entry: Option<Entry>,
+) -> Result<Entry, (tonic::Code, String)> {
+    let entry =
+        entry.ok_or_else(|| (tonic::Code::NotFound, format!("entry {entry_id} not found")))?;
+    if &entry.parent_id != agent_id {
+        return Err((
+            tonic::Code::PermissionDenied,
+            format!("entry {} is not parented to {agent_id}", entry.id),
+        ));
+    }
+    Ok(entry)
 }
 
 /// The event of one signed item (the store turns it into a denial if the
