@@ -68,6 +68,29 @@ pub mod kind {
     /// Anomaly: a JWT-SVID for an audience outside the entry's usual set.
     pub const ANOMALY_UNUSUAL_AUDIENCE: &str = "anomaly.unusual_audience";
 
+    /// A token broker decision on a token request (allow or deny).
+    pub const BROKER_TOKEN: &str = "broker.token";
+    /// A token request held for an operator's approval.
+    pub const BROKER_PENDING: &str = "broker.request.pending";
+    /// A held token request approved by an operator.
+    pub const BROKER_APPROVE: &str = "broker.request.approve";
+    /// A held token request denied by an operator.
+    pub const BROKER_DENY: &str = "broker.request.deny";
+    /// A held token request (or an unused approval) lapsed.
+    pub const BROKER_REQUEST_EXPIRE: &str = "broker.request.expire";
+    /// A task started (by an operator, or a workload for a sub-task).
+    pub const BROKER_TASK_START: &str = "broker.task.start";
+    /// A task ended by an operator: every token issued under it is revoked.
+    pub const BROKER_TASK_END: &str = "broker.task.end";
+    /// A task reached its expiry: every token issued under it is revoked.
+    pub const BROKER_TASK_EXPIRE: &str = "broker.task.expire";
+    /// Anomaly: a workload's first token request for a tool.
+    pub const ANOMALY_BROKER_FIRST_TOOL: &str = "anomaly.broker_first_tool";
+    /// Anomaly: a burst of broker denials for one workload.
+    pub const ANOMALY_BROKER_DENIAL_BURST: &str = "anomaly.broker_denial_burst";
+    /// Anomaly: a blast radius far above the workload's usual.
+    pub const ANOMALY_BROKER_BLAST_RADIUS: &str = "anomaly.broker_blast_radius";
+
     /// Every kind above: what a metric label may hold.
     pub const ALL: &[&str] = &[
         NODE_ATTEST,
@@ -99,6 +122,17 @@ pub mod kind {
         ANOMALY_NEW_EXECUTABLE,
         ANOMALY_REFUSAL_BURST,
         ANOMALY_UNUSUAL_AUDIENCE,
+        BROKER_TOKEN,
+        BROKER_PENDING,
+        BROKER_APPROVE,
+        BROKER_DENY,
+        BROKER_REQUEST_EXPIRE,
+        BROKER_TASK_START,
+        BROKER_TASK_END,
+        BROKER_TASK_EXPIRE,
+        ANOMALY_BROKER_FIRST_TOOL,
+        ANOMALY_BROKER_DENIAL_BURST,
+        ANOMALY_BROKER_BLAST_RADIUS,
     ];
 
     /// `kind` when it is one of [`ALL`], else `other`: a label's values stay few.

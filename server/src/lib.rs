@@ -16,6 +16,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod broker;
 mod ca;
 pub mod cli;
 mod policy;

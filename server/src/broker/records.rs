@@ -1,0 +1,221 @@
+//! The broker's durable records: tasks, the access tokens issued under
+//! them, and requests held for an operator's approval. The store keeps
+//! them (`store/broker.rs`, JSON in its own trees, shared by every server
+//! on PostgreSQL); this file says what they are and the rules read off
+//! them (is a token active now, may this operator decide this request).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A task: the span a workload acts within. Every access token is issued
+/// under one and never outlives it; ending it (or its expiry) makes every
+/// token issued under it inactive at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// `task-<uuid>`.
+    pub id: String,
+    /// The workload it is for (the only principal that may use it).
+    pub spiffe_id: String,
+    /// Operator labels (`--label k=v`), given to policy.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The task it was started within (a sub-task a workload started), or empty.
+    #[serde(default)]
+    pub parent: String,
+    /// Who started it: `uid:N` for an operator, or the workload's SPIFFE ID.
+    pub started_by: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds: it ends by itself then.
+    pub expires_at: i64,
+    /// Unix seconds when it was ended (0: not ended).
+    #[serde(default)]
+    pub ended_at: i64,
+    /// Who ended it and why (`uid:N: reason`, or `expired`).
+    #[serde(default)]
+    pub ended_by: String,
+    /// Access tokens issued under it.
+    #[serde(default)]
+    pub tokens_issued: u64,
+    /// What it has done: `action resource` pairs granted, oldest first,
+    /// at most [`Task::MAX_DONE`] (policy sees them as `context.task.done`).
+    #[serde(default)]
+    pub done: Vec<String>,
+}
+
+impl Task {
+    /// The most `done` pairs kept.
+    pub const MAX_DONE: usize = 256;
+
+    /// Whether the task is live at `now` (Unix seconds): not ended, not expired.
+    pub fn is_live(&self, now: i64) -> bool {
+        self.ended_at == 0 && now < self.expires_at
+    }
+
+    /// Records that `pairs` were granted (keeps the newest [`Task::MAX_DONE`], no duplicates).
+    pub fn note_done(&mut self, pairs: &[String]) {
+        self.tokens_issued += 1;
+        for p in pairs {
+            if !self.done.contains(p) {
+                self.done.push(p.clone());
+            }
+        }
+        let extra = self.done.len().saturating_sub(Self::MAX_DONE);
+        self.done.drain(..extra);
+    }
+}
+
+/// An access token the broker issued (the token itself is not kept).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessToken {
+    /// The token's `jti`.
+    pub jti: String,
+    /// `sub`: the workload's SPIFFE ID.
+    pub sub: String,
+    /// `aud`: the tool.
+    pub aud: String,
+    /// The task it was issued under.
+    pub task: String,
+    /// Granted scope, space-separated (may be empty).
+    #[serde(default)]
+    pub scope: String,
+    /// Granted `authorization_details`, as JSON (may be empty).
+    #[serde(default)]
+    pub authorization_details: String,
+    /// The actor chain's outermost `sub`, when issued on behalf of another workload.
+    #[serde(default)]
+    pub actor: String,
+    /// `client_id`: the SPIFFE ID of the caller that authenticated.
+    pub client_id: String,
+    /// Unix seconds.
+    pub iat: i64,
+    /// Unix seconds.
+    pub exp: i64,
+    /// The approved request it was issued for, if it needed approval.
+    #[serde(default)]
+    pub request: String,
+    /// Unix seconds when it was revoked (0: not revoked).
+    #[serde(default)]
+    pub revoked_at: i64,
+}
+
+impl AccessToken {
+    /// Whether the token is active at `now` given its task (RFC 7662
+    /// `active`): issued, unexpired, not revoked, its task live.
+    pub fn is_active(&self, task: Option<&Task>, now: i64) -> bool {
+        self.revoked_at == 0 && now < self.exp && task.is_some_and(|t| t.is_live(now))
+    }
+}
+
+/// Where a request held for approval stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestState {
+    /// Waiting for an operator.
+    Pending,
+    /// Approved: the next poll with the same content gets the token.
+    Approved,
+    /// Denied by an operator.
+    Denied,
+    /// The approved token was issued (an approval is used once).
+    Issued,
+}
+
+/// A token request held for an operator's approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRequest {
+    /// `req-<uuid>`: given to the caller with `authorization_pending`.
+    pub id: String,
+    /// SHA-256 (hex) of the request's canonical content: an approval binds
+    /// it, and a poll whose content differs is refused.
+    pub content_hash: String,
+    /// The workload asking.
+    pub spiffe_id: String,
+    /// Its agent (empty if unknown).
+    #[serde(default)]
+    pub agent_id: String,
+    /// The task.
+    pub task: String,
+    /// The tool (`audience`/`resource`).
+    pub tool: String,
+    /// Requested actions.
+    pub actions: Vec<String>,
+    /// Requested targets.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// The request's canonical content, as JSON (what the hash covers).
+    pub content: String,
+    /// The computed blast radius.
+    pub blast_radius: i64,
+    /// The policies that permitted it and asked for approval.
+    pub policies: Vec<String>,
+    /// Why approval is needed (the `@approval` annotation, or the threshold).
+    pub why: String,
+    /// Uids that may not decide it (the workload's own, from its entry's
+    /// `unix:uid` selectors).
+    #[serde(default)]
+    pub excluded_uids: Vec<u32>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds: a pending request, or an unused approval, lapses then.
+    pub expires_at: i64,
+    /// Where it stands.
+    pub state: RequestState,
+    /// The operator who decided (`uid:N`), and why.
+    #[serde(default)]
+    pub decided_by: String,
+    /// The operator's reason.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Why the store refused a broker write: typed, so the HTTP side maps
+/// each to its OAuth error in one place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerRefusal {
+    /// No such task.
+    #[error("task {0} does not exist")]
+    UnknownTask(String),
+    /// The task has ended or expired.
+    #[error("task {0} has ended")]
+    TaskEnded(String),
+    /// The task belongs to another workload.
+    #[error("task {task} belongs to {owner}, not to the caller")]
+    TaskNotYours {
+        /// The task.
+        task: String,
+        /// Its workload.
+        owner: String,
+    },
+    /// No such request.
+    #[error("request {0} does not exist")]
+    UnknownRequest(String),
+    /// The request is not in the state the operation needs.
+    #[error("request {id} is {state:?}, not {wanted}")]
+    RequestState {
+        /// The request.
+        id: String,
+        /// Its state.
+        state: RequestState,
+        /// What was needed.
+        wanted: &'static str,
+    },
+    /// The request's content is not what was approved (or shown).
+    #[error("request {id}'s content hash is {actual}, not {expected}: an approval binds the exact request")]
+    ContentChanged {
+        /// The request.
+        id: String,
+        /// The hash given.
+        expected: String,
+        /// The stored hash.
+        actual: String,
+    },
+    /// The request (or its approval) lapsed.
+    #[error("request {0} expired")]
+    RequestExpired(String),
+    /// The operator is the workload's own uid.
+    #[error("uid {0} is the requesting workload's own uid; another operator must decide")]
+    OwnUid(u32),
+}
