@@ -219,3 +219,19 @@ pub enum BrokerRefusal {
     #[error("uid {0} is the requesting workload's own uid; another operator must decide")]
     OwnUid(u32),
 }
+
+/// A broker signing key as a server publishes it to the others (the
+/// JWKS is the union of every server's): the public half only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedKey {
+    /// The JWK's `kid`.
+    pub kid: String,
+    /// The JWS algorithm (`ES256`); empty: the broker's default.
+    #[serde(default)]
+    pub alg: String,
+    /// SubjectPublicKeyInfo, DER, standard base64.
+    pub public_key_der_b64: String,
+    /// Unix seconds: the key leaves the JWKS then (every token it signed
+    /// has expired by that time).
+    pub expires_at: i64,
+}

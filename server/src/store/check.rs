@@ -1,5 +1,5 @@
-//! The integrity check: every record decodes, the indexes match the
-//! entries, and the change log ends at the revision.
+//! The integrity check: every record decodes (the broker's JSON ones too),
+//! the indexes match the entries, and the change log ends at the revision.
 
 use tessera_proto::types as pb;
 
@@ -7,10 +7,12 @@ use super::error::StoreError;
 use super::kv::Pairs;
 use super::kv_store::KvStore;
 use super::layout::{
-    decode, decode_entry, parent_key, read_u64, AGENTS, BY_EXPIRY, BY_IDENTITY, BY_PARENT, CHANGES,
-    ENTRIES, ISSUED, META, REVISION_KEY, REVOCATIONS, WRITE_SEQ_KEY,
+    decode, decode_entry, decode_json, parent_key, read_u64, AGENTS, BROKER_KEYS, BROKER_REQUESTS,
+    BROKER_TASKS, BROKER_TOKENS, BY_EXPIRY, BY_IDENTITY, BY_PARENT, CHANGES, ENTRIES, ISSUED, META,
+    REVISION_KEY, REVOCATIONS, WRITE_SEQ_KEY,
 };
 use super::StoreReport;
+use crate::broker::records::{AccessToken, PendingRequest, PublishedKey, Task};
 
 impl KvStore {
     pub(super) fn check(&self) -> Result<StoreReport, StoreError> {
@@ -66,6 +68,7 @@ fn verify_records(trees: &[Pairs]) -> Result<StoreReport, StoreError> {
     for (key, bytes) in &trees[REVOCATIONS] {
         decode::<pb::Revocation>(key, bytes)?;
     }
+    check_broker_records(trees, &corrupt)?;
     let meta: std::collections::HashMap<&[u8], &[u8]> =
         trees[META].iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
     let revision = read_u64(meta.get(REVISION_KEY).copied());
@@ -85,6 +88,33 @@ fn verify_records(trees: &[Pairs]) -> Result<StoreReport, StoreError> {
         issued: trees[ISSUED].len(),
         revocations: trees[REVOCATIONS].len(),
     })
+}
+
+/// Every broker record decodes and is stored under its own ID.
+fn check_broker_records(
+    trees: &[Pairs],
+    corrupt: &dyn Fn(&[u8], &str) -> StoreError,
+) -> Result<(), StoreError> {
+    let under_own = |key: &[u8], id: &str| {
+        if key == id.as_bytes() {
+            Ok(())
+        } else {
+            Err(corrupt(key, "stored under another record's ID"))
+        }
+    };
+    for (key, bytes) in &trees[BROKER_TASKS] {
+        under_own(key, &decode_json::<Task>(key, bytes)?.id)?;
+    }
+    for (key, bytes) in &trees[BROKER_TOKENS] {
+        under_own(key, &decode_json::<AccessToken>(key, bytes)?.jti)?;
+    }
+    for (key, bytes) in &trees[BROKER_REQUESTS] {
+        under_own(key, &decode_json::<PendingRequest>(key, bytes)?.id)?;
+    }
+    for (key, bytes) in &trees[BROKER_KEYS] {
+        decode_json::<Vec<PublishedKey>>(key, bytes)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

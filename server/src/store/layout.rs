@@ -12,7 +12,7 @@ use super::error::StoreError;
 use crate::entry::Entry;
 
 /// The trees, in the order of a backup.
-pub(super) const TREE_NAMES: [&str; 13] = [
+pub(super) const TREE_NAMES: [&str; 17] = [
     "entries",
     "entries_by_parent",
     "entries_by_identity",
@@ -26,6 +26,11 @@ pub(super) const TREE_NAMES: [&str; 13] = [
     "revocations",
     "crls",
     "cas",
+    // The token broker's records (JSON), appended: older backups restore.
+    "broker_tasks",
+    "broker_tokens",
+    "broker_requests",
+    "broker_keys",
 ];
 
 pub(super) const ENTRIES: usize = 0;
@@ -40,6 +45,10 @@ pub(super) const ISSUED: usize = 8;
 pub(super) const ISSUED_BY_OWNER: usize = 9;
 pub(super) const REVOCATIONS: usize = 10;
 pub(super) const CAS: usize = 12;
+pub(super) const BROKER_TASKS: usize = 13;
+pub(super) const BROKER_TOKENS: usize = 14;
+pub(super) const BROKER_REQUESTS: usize = 15;
+pub(super) const BROKER_KEYS: usize = 16;
 
 pub(super) fn t(i: usize) -> &'static str {
     TREE_NAMES[i]
@@ -102,6 +111,25 @@ pub(super) fn decode<M: Message + Default>(key: &[u8], bytes: &[u8]) -> Result<M
         key: String::from_utf8_lossy(key).into_owned(),
         reason: e.to_string(),
     })
+}
+
+/// A record stored as JSON (the broker's).
+pub(super) fn decode_json<T: serde::de::DeserializeOwned>(
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// A record's JSON for storing.
+pub(super) fn encode_json<T: serde::Serialize>(
+    key: &str,
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| corrupt(key, e))
 }
 
 pub(super) fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<Entry, StoreError> {

@@ -35,7 +35,8 @@
 //! - one file per concept of the [`Store`] trait: `changes.rs` (the change
 //!   log), `revocations.rs` (with the CRLs), `entries.rs`, `cas.rs`,
 //!   `agents.rs`, `join_tokens.rs`, `approvals.rs`, `issuance.rs`,
-//!   `operator.rs`, `check.rs`; then `open.rs` (opening a store checks it),
+//!   `operator.rs`, `broker.rs` (the token broker's tasks, access tokens,
+//!   held requests and keys), `check.rs`; then `open.rs` (opening a store checks it),
 //!   `backup.rs` (a restore opens one), and `store_impl.rs`, which
 //!   implements the trait by calling them.
 //!
@@ -52,6 +53,7 @@ use tessera_proto::Refusal;
 use tessera_workload_api::SpiffeId;
 use tokio::sync::watch;
 
+use crate::broker::records::{AccessToken, BrokerRefusal, PendingRequest, PublishedKey, Task};
 use crate::entry::{Entry, EntryError};
 use crate::policy::approval::ApprovalRefusal;
 
@@ -59,6 +61,7 @@ mod agents;
 mod approvals;
 mod audit;
 mod backup;
+mod broker;
 mod cas;
 mod changes;
 mod check;
@@ -507,6 +510,97 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn revocations(&self) -> Result<Vec<pb::Revocation>, StoreError>;
     /// Forgets issued SVIDs and revocations of certificates expired at `now`.
     fn prune_expired(&self, now: i64) -> Result<usize, StoreError>;
+
+    /// Stores a new broker task, in one commit with the checks: its ID is
+    /// not taken (refused as [`BrokerRefusal::TaskNotYours`], naming the
+    /// task under it), and a sub-task's parent exists, is live at the
+    /// task's `created_at` and belongs to the same workload. The caller
+    /// has clamped a sub-task's `expires_at` to its parent's.
+    fn start_task(
+        &self,
+        task: &Task,
+        audit: &Audit<'_, Result<(), BrokerRefusal>>,
+    ) -> Result<Result<(), BrokerRefusal>, StoreError>;
+    /// Ends a task at `now` (`ended_by`: `uid:N: reason`, or `expired`)
+    /// and its live sub-tasks, in one commit (each sub-task with its own
+    /// `broker.task.end` event): from that commit every token issued under
+    /// them is inactive ([`AccessToken::is_active`] reads the task).
+    /// Refused: unknown ([`BrokerRefusal::UnknownTask`]), already ended
+    /// ([`BrokerRefusal::TaskEnded`]). Returns the task as ended.
+    fn end_task(
+        &self,
+        id: &str,
+        now: i64,
+        ended_by: &str,
+        audit: &Audit<'_, Result<Task, BrokerRefusal>>,
+    ) -> Result<Result<Task, BrokerRefusal>, StoreError>;
+    /// One task (ended and expired ones until pruned).
+    fn task(&self, id: &str) -> Result<Option<Task>, StoreError>;
+    /// Every task on record, by `created_at`.
+    fn tasks(&self) -> Result<Vec<Task>, StoreError>;
+    /// IDs of tasks not ended whose `expires_at` is at or before `now`:
+    /// for the expiry loop to end them.
+    fn expired_tasks(&self, now: i64) -> Result<Vec<String>, StoreError>;
+    /// Records an issued access token, durable before it returns, in one
+    /// commit with the checks: its task exists, is live at `now` and is
+    /// `token.sub`'s; for a token issued on an approval (`token.request`),
+    /// the request exists, is approved and unexpired — it is then marked
+    /// issued (an approval is used once). The task notes `done` (and one
+    /// more token issued).
+    fn record_access_token(
+        &self,
+        token: &AccessToken,
+        done: &[String],
+        now: i64,
+        audit: &Audit<'_, Result<(), BrokerRefusal>>,
+    ) -> Result<Result<(), BrokerRefusal>, StoreError>;
+    /// An access token's record, by `jti` (until pruned).
+    fn access_token(&self, jti: &str) -> Result<Option<AccessToken>, StoreError>;
+    /// Holds a new request for an operator; refused when its ID is taken
+    /// ([`BrokerRefusal::RequestState`], wanted `new`).
+    fn put_request(
+        &self,
+        request: &PendingRequest,
+        audit: &Audit<'_, Result<(), BrokerRefusal>>,
+    ) -> Result<Result<(), BrokerRefusal>, StoreError>;
+    /// One held request (decided ones until they are dropped).
+    fn request(&self, id: &str) -> Result<Option<PendingRequest>, StoreError>;
+    /// Every held request, by `created_at`.
+    fn requests(&self) -> Result<Vec<PendingRequest>, StoreError>;
+    /// An operator's decision on a held request, in one commit with the
+    /// checks: it exists, is pending, has not expired at `now`, its content
+    /// hash is `content_hash` (the approval binds what the operator saw:
+    /// [`BrokerRefusal::ContentChanged`]), and `approver_uid` is not one
+    /// of the workload's own ([`BrokerRefusal::OwnUid`]). Sets its state,
+    /// `decided_by` (`uid:N`) and `reason`; an approval keeps `expires_at`.
+    #[allow(clippy::too_many_arguments)]
+    fn decide_request(
+        &self,
+        id: &str,
+        content_hash: &str,
+        approve: bool,
+        approver_uid: u32,
+        reason: &str,
+        now: i64,
+        audit: &Audit<'_, Result<PendingRequest, BrokerRefusal>>,
+    ) -> Result<Result<PendingRequest, BrokerRefusal>, StoreError>;
+    /// Drops pending requests and unused approvals whose `expires_at` is
+    /// at or before `now` (and returns them, for their events), and denied
+    /// or used ones a day after that; one commit, none when nothing goes.
+    fn expire_requests(
+        &self,
+        now: i64,
+        audit: &Audit<'_, Vec<PendingRequest>>,
+    ) -> Result<Vec<PendingRequest>, StoreError>;
+    /// Replaces `server_id`'s published broker keys (no event, like
+    /// [`Store::publish_cas`]).
+    fn publish_broker_keys(&self, server_id: &str, keys: &[PublishedKey])
+        -> Result<(), StoreError>;
+    /// Every server's published broker keys: the JWKS is their union.
+    fn broker_keys(&self) -> Result<Vec<PublishedKey>, StoreError>;
+    /// Forgets access tokens expired for over a minute and tasks ended or
+    /// expired over a day ago; how many records went.
+    fn prune_access_tokens(&self, now: i64) -> Result<usize, StoreError>;
 
     /// Reads every record and checks the indexes and the watermark.
     fn check(&self) -> Result<StoreReport, StoreError>;

@@ -4,8 +4,8 @@
 //! change log in `changes.rs`, CA records in `cas.rs`, join tokens in
 //! `join_tokens.rs`, agents in `agents.rs`, proposals in `approvals.rs`,
 //! issued SVIDs in `issuance.rs`, revocations and CRLs in `revocations.rs`,
-//! operator commands in `operator.rs`, `check` in `check.rs` and `backup`
-//! in `backup.rs`. Only the settings and the database's own answers are
+//! operator commands in `operator.rs`, the token broker's records in
+//! `broker.rs`, `check` in `check.rs` and `backup` in `backup.rs`. Only the settings and the database's own answers are
 //! here.
 
 use std::io::Write;
@@ -21,6 +21,7 @@ use super::{
     AgentRefusal, Approved, Change, CrlSigner, EntryFilter, EntryWrite, ItemRefused, RenewOutcome,
     Signed, Store, StoreReport,
 };
+use crate::broker::records::{AccessToken, BrokerRefusal, PendingRequest, PublishedKey, Task};
 use crate::entry::{Entry, EntryError};
 use crate::policy::approval::ApprovalRefusal;
 
@@ -299,6 +300,103 @@ impl Store for KvStore {
 
     fn prune_expired(&self, now: i64) -> Result<usize, StoreError> {
         KvStore::prune_expired(self, now)
+    }
+
+    fn start_task(
+        &self,
+        task: &Task,
+        audit: &Audit<'_, Result<(), BrokerRefusal>>,
+    ) -> Result<Result<(), BrokerRefusal>, StoreError> {
+        KvStore::start_task(self, task, audit)
+    }
+
+    fn end_task(
+        &self,
+        id: &str,
+        now: i64,
+        ended_by: &str,
+        audit: &Audit<'_, Result<Task, BrokerRefusal>>,
+    ) -> Result<Result<Task, BrokerRefusal>, StoreError> {
+        KvStore::end_task(self, id, now, ended_by, audit)
+    }
+
+    fn task(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        KvStore::task(self, id)
+    }
+
+    fn tasks(&self) -> Result<Vec<Task>, StoreError> {
+        KvStore::tasks(self)
+    }
+
+    fn expired_tasks(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        KvStore::expired_tasks(self, now)
+    }
+
+    fn record_access_token(
+        &self,
+        token: &AccessToken,
+        done: &[String],
+        now: i64,
+        audit: &Audit<'_, Result<(), BrokerRefusal>>,
+    ) -> Result<Result<(), BrokerRefusal>, StoreError> {
+        KvStore::record_access_token(self, token, done, now, audit)
+    }
+
+    fn access_token(&self, jti: &str) -> Result<Option<AccessToken>, StoreError> {
+        KvStore::access_token(self, jti)
+    }
+
+    fn put_request(
+        &self,
+        request: &PendingRequest,
+        audit: &Audit<'_, Result<(), BrokerRefusal>>,
+    ) -> Result<Result<(), BrokerRefusal>, StoreError> {
+        KvStore::put_request(self, request, audit)
+    }
+
+    fn request(&self, id: &str) -> Result<Option<PendingRequest>, StoreError> {
+        KvStore::request(self, id)
+    }
+
+    fn requests(&self) -> Result<Vec<PendingRequest>, StoreError> {
+        KvStore::requests(self)
+    }
+
+    fn decide_request(
+        &self,
+        id: &str,
+        content_hash: &str,
+        approve: bool,
+        approver_uid: u32,
+        reason: &str,
+        now: i64,
+        audit: &Audit<'_, Result<PendingRequest, BrokerRefusal>>,
+    ) -> Result<Result<PendingRequest, BrokerRefusal>, StoreError> {
+        KvStore::decide_request(self, id, content_hash, approve, approver_uid, reason, now, audit)
+    }
+
+    fn expire_requests(
+        &self,
+        now: i64,
+        audit: &Audit<'_, Vec<PendingRequest>>,
+    ) -> Result<Vec<PendingRequest>, StoreError> {
+        KvStore::expire_requests(self, now, audit)
+    }
+
+    fn publish_broker_keys(
+        &self,
+        server_id: &str,
+        keys: &[PublishedKey],
+    ) -> Result<(), StoreError> {
+        KvStore::publish_broker_keys(self, server_id, keys)
+    }
+
+    fn broker_keys(&self) -> Result<Vec<PublishedKey>, StoreError> {
+        KvStore::broker_keys(self)
+    }
+
+    fn prune_access_tokens(&self, now: i64) -> Result<usize, StoreError> {
+        KvStore::prune_access_tokens(self, now)
     }
 
     fn check(&self) -> Result<StoreReport, StoreError> {
