@@ -4,8 +4,9 @@
 //!
 //! Here: the fixtures, `Place` (where a conformance test's store lives)
 //! and the suite's list, and the sled-only tests. The conformance tests
-//! live by concept in `entries.rs`, `revocations.rs` and `records.rs`;
-//! several servers in `shared_postgres.rs`.
+//! live by concept in `entries.rs`, `revocations.rs`, `records.rs` and
+//! `broker.rs` (the token broker's records, with its own test of two
+//! servers); several servers in `shared_postgres.rs`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,11 +16,13 @@ use crate::entry::EntryRules;
 use crate::policy::approval;
 use tessera_workload_api::TrustDomain;
 
+mod broker;
 mod entries;
 mod records;
 mod revocations;
 mod shared_postgres;
 
+use broker::*;
 use entries::*;
 use records::*;
 use revocations::*;
@@ -141,6 +144,12 @@ conformance!(
     an_update_decided_against_a_revision_replaces_only_that_revision,
     join_token_exists_reads_without_writing,
     a_ca_record_set_per_server_makes_one_bundle,
+    a_task_ends_once_with_its_sub_tasks_and_its_tokens_go_inactive,
+    an_access_token_is_recorded_only_under_a_live_task_of_its_workload,
+    a_decision_binds_the_content_and_never_the_workloads_own_uid,
+    lapsed_requests_are_dropped_and_returned_for_their_events,
+    old_tokens_and_tasks_are_pruned_and_keys_are_every_servers,
+    broker_records_are_checked_and_survive_a_backup,
 );
 
 /// One server on its embedded store keeps signing budgets in memory.
