@@ -17,9 +17,11 @@ mod entry;
 mod events;
 mod health;
 mod mint;
+mod request;
 mod run;
 mod store;
 mod svid;
+mod task;
 mod token;
 
 /// Tessera server: the trust domain's CA and registration authority.
@@ -55,6 +57,12 @@ enum Command {
     /// JWT-SVIDs for identities outside a node.
     #[command(subcommand)]
     Jwt(mint::JwtCommand),
+    /// Token broker tasks: every access token is issued under one.
+    #[command(subcommand)]
+    Task(task::TaskCommand),
+    /// Token requests held for an operator's approval.
+    #[command(subcommand)]
+    Request(request::RequestCommand),
     /// Check that the server is up and serving.
     Healthcheck(SocketArg),
     /// The server's store: integrity check, backup, restore.
@@ -90,6 +98,8 @@ impl Cli {
             Command::Healthcheck(socket) => health::healthcheck(socket).await,
             Command::X509(command) => mint::x509_command(command).await,
             Command::Jwt(command) => mint::jwt_command(command).await,
+            Command::Task(command) => task::task_command(command).await,
+            Command::Request(command) => request::request_command(command).await,
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! The folder: `service.rs` (the service, the `authorize` interceptor,
 //! refusal records, event forms) at the bottom; the handlers build on it:
-//! `entries.rs`, `agents.rs`, `approvals.rs`, `events.rs`, `ops.rs`
+//! `entries.rs`, `agents.rs`, `approvals.rs`, `broker.rs` (the token
+//! broker's tasks and held requests), `events.rs`, `ops.rs`
 //! (SPIRE's operator commands); `peer.rs` pins each caller at accept and
 //! `reach.rs` checks operators can reach the socket. This file is the
 //! `Admin` trait's glue, delegating to the handlers. Nothing outside
@@ -11,6 +12,7 @@
 
 mod agents;
 mod approvals;
+mod broker;
 mod entries;
 mod events;
 pub mod ops;
@@ -277,6 +279,55 @@ impl Admin for AdminService {
         _request: Request<pb::VerifyEventsRequest>,
     ) -> Result<Response<pb::VerifyEventsReport>, Status> {
         AdminService::verify_events(self, _request).await
+    }
+
+    async fn start_task(
+        &self,
+        request: Request<pb::StartTaskRequest>,
+    ) -> Result<Response<pb::BrokerTask>, Status> {
+        AdminService::start_task(self, request).await
+    }
+
+    async fn end_task(
+        &self,
+        request: Request<pb::EndTaskRequest>,
+    ) -> Result<Response<pb::BrokerTask>, Status> {
+        AdminService::end_task(self, request).await
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        AdminService::list_tasks(self, request).await
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::BrokerTask>, Status> {
+        AdminService::get_task(self, request).await
+    }
+
+    async fn list_broker_requests(
+        &self,
+        request: Request<pb::ListBrokerRequestsRequest>,
+    ) -> Result<Response<pb::ListBrokerRequestsResponse>, Status> {
+        AdminService::list_broker_requests(self, request).await
+    }
+
+    async fn get_broker_request(
+        &self,
+        request: Request<pb::GetBrokerRequestRequest>,
+    ) -> Result<Response<pb::BrokerRequest>, Status> {
+        AdminService::get_broker_request(self, request).await
+    }
+
+    async fn decide_broker_request(
+        &self,
+        request: Request<pb::DecideBrokerRequestRequest>,
+    ) -> Result<Response<pb::BrokerRequest>, Status> {
+        AdminService::decide_broker_request(self, request).await
     }
 
     async fn health(

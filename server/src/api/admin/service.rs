@@ -1,7 +1,7 @@
 //! The admin API service: its state, the socket's authorizing
 //! interceptor, how refusals are recorded, and the event and status forms
 //! its handlers share. The handlers (`entries.rs`, `agents.rs`,
-//! `approvals.rs`, `events.rs`, `ops.rs`) and the gRPC glue (`mod.rs`)
+//! `approvals.rs`, `broker.rs`, `events.rs`, `ops.rs`) and the gRPC glue (`mod.rs`)
 //! build on it; it depends on none of them.
 
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use tessera_proto::types::{self as types, Operator, Status as ItemStatus};
 use tessera_workload_api::SpiffeId;
 use tonic::{Request, Status};
 
+use crate::broker::records::BrokerRefusal;
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::events::entry_json;
 use crate::policy::approval::ApprovalRefusal;
@@ -107,6 +108,21 @@ pub(super) fn approval_code(refusal: &ApprovalRefusal) -> tonic::Code {
         ApprovalRefusal::Entry(e) => e.code(),
         _ => tonic::Code::FailedPrecondition,
     }
+}
+
+/// The status of a refused broker operation (task or held request).
+pub(super) fn broker_status(refusal: &BrokerRefusal) -> Status {
+    let code = match refusal {
+        BrokerRefusal::UnknownTask(_) | BrokerRefusal::UnknownRequest(_) => tonic::Code::NotFound,
+        BrokerRefusal::TaskNotYours { .. } | BrokerRefusal::OwnUid(_) => {
+            tonic::Code::PermissionDenied
+        }
+        BrokerRefusal::TaskEnded(_)
+        | BrokerRefusal::RequestState { .. }
+        | BrokerRefusal::ContentChanged { .. }
+        | BrokerRefusal::RequestExpired(_) => tonic::Code::FailedPrecondition,
+    };
+    Status::new(code, refusal.to_string())
 }
 
 /// An admin event: `kind` allowed for `operator`.
