@@ -16,7 +16,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
-mod broker;
+/// The token broker (its policy engine is public for `tessera-bench`).
+pub mod broker;
 mod ca;
 pub mod cli;
 mod policy;

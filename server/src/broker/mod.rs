@@ -4,5 +4,8 @@
 //! operator's approval above a blast-radius threshold.
 //!
 //! - `records.rs`: tasks, issued access tokens and held requests (the store keeps them).
+//! - `policy/`: the Cedar policy engine (policy directory, resources file,
+//!   blast radius, decisions, reload on change).
 
+pub mod policy;
 pub mod records;
