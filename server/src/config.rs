@@ -126,6 +126,8 @@ pub struct FileConfig {
     pub anomaly_refusals_per_minute: Option<u32>,
     /// What needs a second operator's approval.
     pub approval: Option<crate::policy::governance::ApprovalPolicy>,
+    /// The token broker (off when unset).
+    pub broker: Option<crate::broker::config::BrokerFileConfig>,
 }
 
 impl FileConfig {
@@ -200,6 +202,8 @@ pub struct Config {
     pub events: crate::events::EventConfig,
     /// The approval policy.
     pub approval: crate::policy::governance::ApprovalPolicy,
+    /// The token broker, when configured.
+    pub broker: Option<crate::broker::config::BrokerConfig>,
 }
 
 fn set_vec(target: &mut Vec<u32>, value: Option<Vec<u32>>) {
@@ -266,6 +270,7 @@ impl Config {
             admin_gids: Vec::new(),
             events: crate::events::EventConfig::default(),
             approval: crate::policy::governance::ApprovalPolicy::default(),
+            broker: None,
         }
     }
 
@@ -344,6 +349,11 @@ impl Config {
         if let Some(policy) = flags.approval.or(file.approval) {
             policy.validate().map_err(|reason| ConfigError::Invalid { key: "approval", reason })?;
             config.approval = policy;
+        }
+        if let Some(broker) = flags.broker.or(file.broker) {
+            config.broker = Some(
+                broker.resolve().map_err(|(key, reason)| ConfigError::Invalid { key, reason })?,
+            );
         }
         if let Some(kind) = flags.jwt_key_type.or(file.jwt_key_type) {
             config.jwt_key_type = kind

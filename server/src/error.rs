@@ -34,6 +34,9 @@ pub enum ServerError {
     /// The CRLs could not be built.
     #[error("CRL: {0}")]
     Crl(String),
+    /// The token broker could not start (its policy, keys, TLS or address).
+    #[error("token broker: {0}")]
+    Broker(String),
     /// A gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),

@@ -16,7 +16,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
-/// The token broker (its policy engine is public for `tessera-bench`).
+/// The token broker (public for its config in tests and its policy engine in `tessera-bench`).
 pub mod broker;
 mod ca;
 pub mod cli;

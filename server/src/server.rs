@@ -73,6 +73,7 @@ pub struct Server {
     node_listener: TcpListener,
     admin_listener: UnixListener,
     metrics_listener: Option<TcpListener>,
+    broker: Option<crate::broker::Bound>,
 }
 
 impl Server {
@@ -118,6 +119,7 @@ impl Server {
             prepare_at: config.ca_prepare_at,
             activate_at: config.ca_activate_at,
             jwt_key_type: config.jwt_key_type,
+            jwt_issuer: config.broker.as_ref().and_then(|b| b.jwt_svid_issuer.clone()),
         };
         let ca = Arc::new(Ca::load_or_create(
             &config.data_dir,
@@ -189,7 +191,15 @@ impl Server {
         crate::revocation::refresh_crls(&state)
             .await
             .map_err(|e| ServerError::Crl(e.message().to_string()))?;
-        Ok(Self { state, svid, node_listener, admin_listener, metrics_listener })
+        let broker = match state.config().broker.clone() {
+            Some(config) => Some(
+                crate::broker::Bound::bind(config, state.clone(), svid.clone())
+                    .await
+                    .map_err(|e| ServerError::Broker(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Self { state, svid, node_listener, admin_listener, metrics_listener, broker })
     }
 
     /// The metrics endpoint's bound address, when `metrics_addr` is set.
@@ -206,6 +216,11 @@ impl Server {
         })
     }
 
+    /// The token broker's bound address, when `[broker]` is configured.
+    pub fn broker_addr(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().and_then(|b| b.local_addr())
+    }
+
     /// The current trust bundle.
     pub fn bundle(&self) -> Vec<CertificateDer<'static>> {
         self.state.ca().bundle().to_vec()
@@ -213,7 +228,7 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let Self { state, svid, node_listener, admin_listener, metrics_listener } = self;
+        let Self { state, svid, node_listener, admin_listener, metrics_listener, broker } = self;
         let node_addr = node_listener.local_addr().ok();
         let tls_config = tls::server_config(
             svid.clone(),
@@ -350,6 +365,16 @@ impl Server {
             }
             .instrument(tracing::info_span!("events")),
         );
+        if let Some(broker) = broker {
+            let stop = shutdown.clone();
+            tasks.spawn(
+                async move {
+                    broker.run(stop).await;
+                    Ok(())
+                }
+                .instrument(tracing::info_span!("broker")),
+            );
+        }
         if let Some(listener) = metrics_listener {
             let health = Arc::new(crate::health::ServerHealth { state: Default::default() });
             let _ = health.state.set(state.clone());

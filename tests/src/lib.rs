@@ -39,6 +39,8 @@ pub struct TestServer {
     pub metrics_addr: Option<SocketAddr>,
     /// The PostgreSQL datastore, when it shares one with other servers.
     pub datastore: Option<String>,
+    /// The token broker's address, when the config has a `[broker]`.
+    pub broker_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     /// `None` once stopped.
     task: Option<JoinHandle<()>>,
@@ -103,12 +105,22 @@ impl TestServer {
         let server = Server::bind(config, clock).await.expect("server binds");
         let addr = server.node_addr().unwrap();
         let metrics_addr = server.metrics_addr();
+        let broker_addr = server.broker_addr();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
             server.run(stop).await.expect("server runs");
         });
-        Self { addr, admin_socket, data_dir, metrics_addr, datastore, shutdown, task: Some(task) }
+        Self {
+            addr,
+            admin_socket,
+            data_dir,
+            metrics_addr,
+            datastore,
+            broker_addr,
+            shutdown,
+            task: Some(task),
+        }
     }
 
     /// Stops the server and waits until it has released its store; a

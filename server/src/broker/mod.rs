@@ -1,11 +1,157 @@
 //! The token broker: an OAuth 2.0 authorization server inside Tessera that
 //! turns a proven SPIFFE identity into a short-lived, task-scoped access
-//! token for one tool, decided per request by Cedar policy, held for an
-//! operator's approval above a blast-radius threshold.
+//! token for one tool, decided per request by Cedar policy and held for
+//! an operator's approval above a blast-radius threshold. Enabled by the
+//! config's `[broker]` section; the README's "Token broker" section is
+//! the user's guide.
 //!
-//! - `records.rs`: tasks, issued access tokens and held requests (the store keeps them).
-//! - `policy/`: the Cedar policy engine (policy directory, resources file,
-//!   blast radius, decisions, reload on change).
+//! One file per concept, glue apart from the domain:
+//!
+//! - `config.rs`: the `[broker]` section.
+//! - `records.rs`: tasks, issued access tokens, held requests (the store
+//!   keeps them: `store/broker*.rs`).
+//! - `error.rs`: [`BrokerError`], and the one place it becomes an OAuth
+//!   error response.
+//! - `policy/`: the Cedar engine, the blast-radius score, the resources file.
+//! - `form.rs`: reading a request form and what it asks for.
+//! - `authn.rs`: the caller's SPIFFE credentials.
+//! - `keys.rs`: the broker's signing keys and JWKS.
+//! - `anomaly.rs`: per-workload anomaly signals.
+//! - `exchange.rs`: token exchange (RFC 8693): decide, hold, issue.
+//! - `introspect.rs`: introspection (RFC 7662).
+//! - `http.rs`: the HTTPS listener and routes (axum on tokio-rustls),
+//!   metadata (RFC 8414) and discovery documents.
+//! - `upkeep.rs`: expiring tasks and held requests, rotating and
+//!   publishing keys.
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tessera_workload_api::jwt::{JwtBundle, JwtKey};
+
+pub mod anomaly;
+pub mod authn;
+pub mod config;
+pub mod error;
+pub mod exchange;
+pub mod form;
+pub mod http;
+pub mod introspect;
+pub mod keys;
 pub mod policy;
 pub mod records;
+pub mod upkeep;
+
+pub use error::BrokerError;
+
+use crate::state::State;
+use config::BrokerConfig;
+use keys::BrokerKeys;
+use policy::PolicyEngine;
+
+/// A broker ready to serve: its listener bound and TLS set up, so a bad
+/// policy, key or address stops the server at startup with one line.
+#[derive(Debug)]
+pub struct Bound {
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    tls: rustls::ServerConfig,
+}
+
+impl Bound {
+    /// Loads the broker and binds its address; `svid` serves TLS unless
+    /// the config names an operator certificate.
+    pub async fn bind(
+        config: BrokerConfig,
+        state: Arc<State>,
+        svid: Arc<dyn rustls::server::ResolvesServerCert>,
+    ) -> Result<Self, BrokerError> {
+        let resolver = match &config.tls {
+            Some((cert, key)) => http::operator_cert(cert, key).map_err(BrokerError::Internal)?,
+            None => svid,
+        };
+        let tls = http::tls_config(resolver, state.anchors().clone())
+            .map_err(|e| BrokerError::Internal(format!("TLS: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(config.bind)
+            .await
+            .map_err(|e| BrokerError::Internal(format!("cannot bind {}: {e}", config.bind)))?;
+        let broker = Arc::new(Broker::new(config, state)?);
+        let first = broker.clone();
+        tokio::task::spawn_blocking(move || first.upkeep_once(true))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        Ok(Self { broker, listener, tls })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves, keeps up and watches the policy until `shutdown`.
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        let Self { broker, listener, tls } = self;
+        let watch = broker.policy.clone().watch(std::time::Duration::from_secs(1), shutdown.clone());
+        let upkeep = broker.clone().upkeep(shutdown.clone());
+        let serve = http::serve(broker, listener, tls, shutdown);
+        tokio::join!(watch, upkeep, serve);
+    }
+}
+
+/// The broker: its settings, policy, keys and the server's state.
+#[derive(Debug)]
+pub struct Broker {
+    config: BrokerConfig,
+    state: Arc<State>,
+    policy: Arc<PolicyEngine>,
+    keys: BrokerKeys,
+    anomalies: anomaly::Tracker,
+    /// The trust domain's JWT authorities, by bundle sequence.
+    bundle: ArcSwap<(u64, JwtBundle)>,
+}
+
+impl Broker {
+    /// Loads the policy (refusing to start on a bad one) and the keys.
+    pub fn new(config: BrokerConfig, state: Arc<State>) -> Result<Self, BrokerError> {
+        let policy = PolicyEngine::load(&config.policy_dir, config.resources.as_deref(), config.weights.clone())
+            .map_err(|e| BrokerError::Internal(format!("broker policy: {e}")))?;
+        let now = state.clock().now();
+        let keys = BrokerKeys::open(&state.config().data_dir, config.key_rotation, config.token_ttl, now)?;
+        let bundle = ArcSwap::from_pointee((u64::MAX, JwtBundle::new(state.config().trust_domain.clone(), Vec::new())));
+        Ok(Self { config, state, policy: Arc::new(policy), keys, anomalies: anomaly::Tracker::default(), bundle })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// The policy engine (for reloads).
+    pub fn policy(&self) -> &Arc<PolicyEngine> {
+        &self.policy
+    }
+
+    /// Unix seconds, from the server's clock.
+    fn now(&self) -> i64 {
+        self.state.clock().now()
+    }
+
+    /// The trust domain's JWT authorities, rebuilt when the bundle changes.
+    pub fn jwt_bundle(&self) -> Arc<(u64, JwtBundle)> {
+        let seq = self.state.ca().bundle_sequence();
+        let current = self.bundle.load_full();
+        if current.0 == seq {
+            return current;
+        }
+        let keys = self
+            .state
+            .ca()
+            .jwt_authorities()
+            .into_iter()
+            .filter_map(|k| JwtKey::from_spki_der(&k.kid, &k.public_key).ok())
+            .collect();
+        let fresh = Arc::new((seq, JwtBundle::new(self.state.config().trust_domain.clone(), keys)));
+        self.bundle.store(fresh.clone());
+        fresh
+    }
+}

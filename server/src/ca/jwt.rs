@@ -2,7 +2,8 @@
 //! activated and retired on the CA's schedule), private PKCS#8 files (0600)
 //! beside the CA's, never sent anywhere. Tokens follow the SPIFFE JWT-SVID
 //! standard: header `alg`, `kid`, `typ: JWT`; claims `sub`, `aud`, `exp`,
-//! `iat`, `jti` and nothing else.
+//! `iat`, `jti`, and `iss` when the server is configured with a JWT-SVID
+//! issuer (the broker's OIDC discovery for JWT-SVIDs).
 
 use std::fmt;
 use std::path::Path;
@@ -168,20 +169,35 @@ impl JwtSigningKey {
         &self.spki_der
     }
 
+    /// The same key, signing tokens whose header says `typ` (the broker's
+    /// access tokens say `at+jwt`, so that one can never pass as the other).
+    pub fn with_typ(mut self, typ: &str) -> Self {
+        let header = serde_json::json!({ "alg": self.alg(), "kid": self.kid, "typ": typ });
+        self.header = format!("{}.", URL_SAFE_NO_PAD.encode(header.to_string()));
+        self
+    }
+
     /// Signs a JWT-SVID for `subject` with `audience`, valid from `now`
-    /// until `expires_at`.
+    /// until `expires_at`, with an `iss` claim when `issuer` is given.
     pub fn sign(
         &self,
         subject: &str,
         audience: &[String],
         now: i64,
         expires_at: i64,
+        issuer: Option<&str>,
     ) -> Result<SignedJwt, JwtKeyError> {
         let jti = new_jti(now);
         // Written by hand (strings escaped by serde_json): this runs once
         // per token, and a JSON tree would cost more than the rest.
         let mut claims = String::with_capacity(160 + subject.len());
-        claims.push_str("{\"sub\":");
+        claims.push('{');
+        if let Some(issuer) = issuer {
+            claims.push_str("\"iss\":");
+            claims.push_str(&json_string(issuer));
+            claims.push(',');
+        }
+        claims.push_str("\"sub\":");
         claims.push_str(&json_string(subject));
         claims.push_str(",\"aud\":[");
         for (i, audience) in audience.iter().enumerate() {
@@ -191,6 +207,13 @@ impl JwtSigningKey {
             claims.push_str(&json_string(audience));
         }
         claims.push_str(&format!("],\"exp\":{expires_at},\"iat\":{now},\"jti\":\"{jti}\"}}"));
+        let token = self.sign_claims(&claims)?;
+        Ok(SignedJwt { token, jti, issued_at: now, expires_at, audience: audience.to_vec() })
+    }
+
+    /// Signs `claims` (a serialized JSON object) under this key's header:
+    /// the JWS compact serialization.
+    pub fn sign_claims(&self, claims: &str) -> Result<String, JwtKeyError> {
         let mut token = String::with_capacity(self.header.len() + claims.len() * 4 / 3 + 100);
         token.push_str(&self.header);
         URL_SAFE_NO_PAD.encode_string(claims, &mut token);
@@ -213,7 +236,7 @@ impl JwtSigningKey {
         };
         token.push('.');
         token.push_str(&URL_SAFE_NO_PAD.encode(signature));
-        Ok(SignedJwt { token, jti, issued_at: now, expires_at, audience: audience.to_vec() })
+        Ok(token)
     }
 }
 
@@ -315,7 +338,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jwt.key.pem");
         let key = JwtSigningKey::load_or_create(&path, JwtKeyType::EcP256).unwrap();
-        let signed = key.sign("spiffe://example.org/w", &["db".to_string()], 1000, 1300).unwrap();
+        let signed = key.sign("spiffe://example.org/w", &["db".to_string()], 1000, 1300, None).unwrap();
         let p = parts(&signed.token);
         assert_eq!(p[0], serde_json::json!({"alg": "ES256", "kid": key.kid(), "typ": "JWT"}));
         let claims = p[1].as_object().unwrap();
@@ -341,7 +364,7 @@ mod tests {
         let key =
             JwtSigningKey::load_or_create(&dir.path().join("k.pem"), JwtKeyType::Rsa2048).unwrap();
         assert_eq!(key.alg(), "RS256");
-        let signed = key.sign("spiffe://example.org/w", &["a".into()], 1, 2).unwrap();
+        let signed = key.sign("spiffe://example.org/w", &["a".into()], 1, 2, None).unwrap();
         let (signing_input, sig) = signed.token.rsplit_once('.').unwrap();
         let (_, spki) = SubjectPublicKeyInfo::from_der(key.spki_der()).unwrap();
         ring::signature::UnparsedPublicKey::new(

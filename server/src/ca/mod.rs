@@ -94,7 +94,7 @@ pub struct CrlEntry {
 }
 
 /// The CA's lifetime policy.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CaPolicy {
     /// CA certificate lifetime, seconds.
     pub ttl: u64,
@@ -104,6 +104,9 @@ pub struct CaPolicy {
     pub activate_at: f64,
     /// The kind of JWT signing key each new CA generation gets.
     pub jwt_key_type: JwtKeyType,
+    /// The `iss` claim of JWT-SVIDs, when they carry one (the broker
+    /// publishes an OIDC discovery document for it).
+    pub jwt_issuer: Option<String>,
 }
 
 /// One CA generation: certificate and key, and the JWT signing key that
@@ -321,7 +324,7 @@ impl Ca {
         if expires_at <= now {
             return Err(CaError::Expired);
         }
-        Ok((key.jwt.sign(spiffe_id.as_str(), audience, now, expires_at)?, key.seq))
+        Ok((key.jwt.sign(spiffe_id.as_str(), audience, now, expires_at, self.policy.jwt_issuer.as_deref())?, key.seq))
     }
 
     /// When the active CA expires (Unix seconds).
@@ -590,7 +593,13 @@ mod tests {
     use tessera_common::clock::ManualClock;
 
     fn policy(ttl: u64) -> CaPolicy {
-        CaPolicy { ttl, prepare_at: 0.5, activate_at: 5.0 / 6.0, jwt_key_type: JwtKeyType::EcP256 }
+        CaPolicy {
+            ttl,
+            prepare_at: 0.5,
+            activate_at: 5.0 / 6.0,
+            jwt_key_type: JwtKeyType::EcP256,
+            jwt_issuer: None,
+        }
     }
 
     fn td() -> TrustDomain {
