@@ -23,6 +23,8 @@ use tonic::transport::Channel;
 
 pub use tessera_common::pg_cluster;
 
+pub mod broker;
+
 /// The trust domain tests use.
 pub const TRUST_DOMAIN: &str = "example.org";
 

@@ -14,14 +14,13 @@
 mod common;
 mod operators;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{server_bin, uid_selector, within, PROMPTLY};
 use operators::{governed_server, is_root, open_tempdir, Cli, OPERATOR_B};
 use serde_json::Value;
-use tessera_server::broker::config::BrokerFileConfig;
+use tessera_tests::broker::{broker_config, free_port};
 use tessera_tests::RunningAgent;
 
 const AGENT: &str = "spiffe://example.org/agents/reporter";
@@ -47,57 +46,6 @@ fn python() -> Option<PathBuf> {
         return None;
     }
     panic!("no Python with py-spiffe, PyJWT and requests at {}: run scripts/test.sh", python.display());
-}
-
-/// A free loopback port (the issuer URL names it before the server binds).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem).
-fn operator_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(rcgen::DnType::CommonName, "broker test CA");
-    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    leaf.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
-    leaf.distinguished_name.push(rcgen::DnType::CommonName, "broker");
-    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let cert = leaf.signed_by(&key, &issuer).unwrap();
-    let paths = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    (paths.0, paths.1, paths.2)
-}
-
-fn broker_config(dir: &Path, port: u16) -> BrokerFileConfig {
-    let (_, cert, key) = operator_certificate(dir);
-    let examples = workspace().join("examples/broker");
-    BrokerFileConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], port)),
-        issuer: format!("https://127.0.0.1:{port}"),
-        tls_cert: Some(cert),
-        tls_key: Some(key),
-        policy_dir: examples.join("policies"),
-        resources: Some(examples.join("resources.toml")),
-        token_ttl: None,
-        task_ttl: None,
-        max_task_ttl: None,
-        approval_ttl: None,
-        poll_interval: Some(1),
-        approval_above: None,
-        key_rotation: None,
-        authorization_details_types: None,
-        blast_radius: None,
-        jwt_svid_path: Some("/svid".into()),
-    }
 }
 
 fn step<'a>(lines: &'a [Value], name: &str) -> &'a Value {
