@@ -70,6 +70,8 @@ pub mod kind {
 
     /// A token broker decision on a token request (allow or deny).
     pub const BROKER_TOKEN: &str = "broker.token";
+    /// An access token revoked by an operator.
+    pub const BROKER_TOKEN_REVOKE: &str = "broker.token.revoke";
     /// A token request held for an operator's approval.
     pub const BROKER_PENDING: &str = "broker.request.pending";
     /// A held token request approved by an operator.
@@ -123,6 +125,7 @@ pub mod kind {
         ANOMALY_REFUSAL_BURST,
         ANOMALY_UNUSUAL_AUDIENCE,
         BROKER_TOKEN,
+        BROKER_TOKEN_REVOKE,
         BROKER_PENDING,
         BROKER_APPROVE,
         BROKER_DENY,

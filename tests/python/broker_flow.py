@@ -129,6 +129,25 @@ check("mtls", status == 200, body)
 check("mtls claims", tool_validates(body["access_token"])["sub"] == AGENT, body)
 emit(step="mtls", ok=True)
 
+# --- A sub-task the agent starts for itself; a token under it; one token revoked ---
+status, body = post("/task", {"subject_token": svid_for(ISSUER), "subject_token_type": JWT_TYPE, "parent": task, "ttl": "60"})
+check("sub-task", status == 200 and body["parent"] == task and body["expires_in"] <= 60, body)
+sub_task = body["task"]
+status, body = exchange(subject_token=svid_for(ISSUER), scope="read", task=sub_task)
+check("token under sub-task", status == 200, body)
+sub_token = body["access_token"]
+status, body = post("/task", {"subject_token": svid_for(ISSUER, subject=TOOL_ID), "subject_token_type": JWT_TYPE, "parent": task})
+check("sub-task of another's task", status == 400 and body["error"] == "invalid_grant", body)
+status, body = exchange(subject_token=svid_for(ISSUER), scope="read", task=task)
+revoked_jti = tool_validates(body["access_token"])["jti"]
+code, out, err = cli("task", "revoke-token", "--jti", revoked_jti, "--reason", "leaked")
+check("revoke token", code == 0, err)
+status, seen = tool_introspects(body["access_token"])
+check("revoked token inactive", seen == {"active": False}, seen)
+status, seen = tool_introspects(read_token)
+check("other tokens stay active", seen["active"] is True, seen)
+emit(step="sub_task", task=sub_task)
+
 # --- Denied by policy ---
 status, body = exchange(subject_token=svid_for(ISSUER), scope="delete", task=task)
 check("deny", status == 400 and body["error"] == "access_denied" and "no-crm-delete" in body["error_description"], body)
@@ -175,7 +194,8 @@ check("task end", code == 0, err)
 ended = time.monotonic()
 status, r1 = tool_introspects(read_token)
 status, r2 = tool_introspects(write_token)
-check("inactive after task end", r1 == {"active": False} and r2 == {"active": False}, (r1, r2))
+status, r3 = tool_introspects(sub_token)
+check("inactive after task end", r1 == r2 == r3 == {"active": False}, (r1, r2, r3))
 seen_after_ms = (time.monotonic() - ended) * 1000
 status, body = exchange(subject_token=svid_for(ISSUER), scope="read", task=task)
 check("no token after task end", status == 400 and body["error"] == "invalid_grant", body)

@@ -142,7 +142,15 @@ async fn an_agent_gets_is_denied_waits_for_approval_and_loses_its_tokens_with_it
     let refused = of("broker.request.approve", "deny");
     assert!(refused.len() == 1 && refused[0].to_string().contains("own uid"), "{refused:?}");
     assert!(!of("broker.task.start", "").is_empty());
-    assert_eq!(of("broker.task.end", "").len(), 1);
+    // The task and the sub-task it ended in the same commit.
+    let sub_task = step(&lines, "sub_task")["task"].as_str().unwrap().to_string();
+    let ended = of("broker.task.end", "");
+    assert_eq!(ended.len(), 2, "{ended:?}");
+    for id in [&task, &sub_task] {
+        assert!(ended.iter().any(|e| e.to_string().contains(id.as_str())), "{id} not ended: {ended:?}");
+    }
+    assert!(of("broker.task.start", "allow").iter().any(|e| e.to_string().contains("agents-start-sub-tasks")));
+    assert_eq!(of("broker.token.revoke", "").len(), 1);
     assert!(!of("anomaly.broker_first_tool", "").is_empty());
     let verified = cli.ok(None, &["events", "verify"]);
     assert!(verified.contains("chain is intact"), "{verified}");

@@ -130,7 +130,7 @@ impl Broker {
 
     /// The subject's agent and the selectors of its entry (from the
     /// record of the SVID it proved itself with; else from its entries).
-    fn whereabouts(&self, store: &dyn Store, parties: &Parties) -> Result<(String, Vec<String>), BrokerError> {
+    pub(super) fn whereabouts(&self, store: &dyn Store, parties: &Parties) -> Result<(String, Vec<String>), BrokerError> {
         let subject = &parties.subject;
         if let Some(issued) = store.issued(&subject.record)? {
             if let Some(entry) = store.entry(&issued.entry_id)? {
@@ -149,7 +149,7 @@ impl Broker {
         Ok((agents.join(","), selectors))
     }
 
-    fn access_request(
+    pub(super) fn access_request(
         &self,
         parties: &Parties,
         agent: &str,

@@ -5,7 +5,7 @@
 //! bounded before anyone is authenticated: a cap on connections, a
 //! handshake deadline, a header deadline, and a body limit.
 //!
-//! Routes: `POST /token`, `POST /introspect`, `GET /jwks`,
+//! Routes: `POST /token`, `POST /introspect`, `POST /task` (a sub-task), `GET /jwks`,
 //! `GET /.well-known/oauth-authorization-server` (RFC 8414),
 //! `GET /.well-known/openid-configuration`, and with `jwt_svid_path` set,
 //! `GET <path>/.well-known/openid-configuration` and `GET <path>/jwks` for
@@ -15,7 +15,7 @@ use std::io::BufReader;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State as AxumState};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use super::authn::PeerSvid;
 use super::error::BrokerError;
+use super::exchange::Refused;
 use super::form::{Form, ASSERTION_JWT_SPIFFE, GRANT_TOKEN_EXCHANGE, MAX_BODY};
 use super::Broker;
 
@@ -43,6 +44,11 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request headers must arrive within this.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request body must arrive within this.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// An oversized body is read and dropped up to this many bytes (so that
+/// the client hears the 413), and refused at once when it declares more.
+pub const DRAIN_LIMIT: usize = 1024 * 1024;
 
 /// The peer's certificate, as the handlers see it.
 #[derive(Debug, Clone, Default)]
@@ -100,6 +106,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
     let mut router = Router::new()
         .route("/token", post(token))
         .route("/introspect", post(introspect))
+        .route("/task", post(sub_task))
         .route("/jwks", get(jwks))
         .route("/.well-known/oauth-authorization-server", get(metadata))
         .route("/.well-known/openid-configuration", get(openid_configuration));
@@ -196,12 +203,39 @@ async fn read_form(headers: &HeaderMap, body: Body) -> Result<Form, BrokerError>
             "content type {media:?} is not application/x-www-form-urlencoded"
         )));
     }
-    let limited = http_body_util::Limited::new(body, MAX_BODY);
-    let bytes: Bytes = match limited.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(BrokerError::TooLarge(MAX_BODY)),
-        Err(e) => return Err(BrokerError::InvalidRequest(format!("cannot read the body: {e}"))),
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > DRAIN_LIMIT) {
+        return Err(BrokerError::TooLarge(MAX_BODY));
+    }
+    let mut body = body;
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BrokerError::InvalidRequest(format!("cannot read the body: {e}")))?;
+            let Ok(data) = frame.into_data() else { continue };
+            seen += data.len();
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+            if seen <= MAX_BODY {
+                bytes.extend_from_slice(&data);
+            }
+        }
+        Ok::<(), BrokerError>(())
     };
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(result) => result?,
+        Err(_) => return Err(BrokerError::InvalidRequest("the body did not arrive in time".into())),
+    }
+    if seen > MAX_BODY {
+        // Read (and dropped) up to DRAIN_LIMIT so that the client, still
+        // sending, hears the answer instead of a reset.
+        return Err(BrokerError::TooLarge(MAX_BODY));
+    }
     Form::parse(&bytes)
 }
 
@@ -226,19 +260,36 @@ async fn token(
         Err(e) => return e.into_response(),
     };
     let worker = broker.clone();
-    let outcome = blocking(move || worker.exchange(&form, peer.0.as_ref())).await;
+    answer(&broker, blocking(move || worker.exchange(&form, peer.0.as_ref())).await).await
+}
+
+/// The answer to a decision: the JSON, or the refusal, whose event (a
+/// refusal changes nothing) is stored durably before the answer goes out.
+async fn answer(broker: &Broker, outcome: Result<Result<Value, Refused>, BrokerError>) -> Response {
     match outcome {
         Ok(Ok(answer)) => no_store(answer),
         Ok(Err(refused)) => {
             if let Some(event) = refused.event {
-                // A refusal changes nothing: its event is stored durably
-                // before the answer goes out.
                 broker.state.events().record_durable(vec![event.code(refused.error.event_code())]).await;
             }
             refused.error.into_response()
         }
         Err(e) => e.into_response(),
     }
+}
+
+async fn sub_task(
+    AxumState(broker): AxumState<Arc<Broker>>,
+    Extension(peer): Extension<Peer>,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let form = match read_form(&parts.headers, body).await {
+        Ok(form) => form,
+        Err(e) => return e.into_response(),
+    };
+    let worker = broker.clone();
+    answer(&broker, blocking(move || worker.start_sub_task(&form, peer.0.as_ref())).await).await
 }
 
 async fn introspect(

@@ -19,6 +19,7 @@
 //! - `anomaly.rs`: per-workload anomaly signals.
 //! - `exchange.rs`: token exchange (RFC 8693): decide, hold, issue.
 //! - `introspect.rs`: introspection (RFC 7662).
+//! - `tasks.rs`: sub-tasks a workload starts for itself (`POST /task`).
 //! - `http.rs`: the HTTPS listener and routes (axum on tokio-rustls),
 //!   metadata (RFC 8414) and discovery documents.
 //! - `upkeep.rs`: expiring tasks and held requests, rotating and
@@ -40,6 +41,7 @@ pub mod introspect;
 pub mod keys;
 pub mod policy;
 pub mod records;
+pub mod tasks;
 pub mod upkeep;
 
 pub use error::BrokerError;

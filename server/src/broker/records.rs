@@ -178,6 +178,9 @@ pub enum BrokerRefusal {
     /// No such task.
     #[error("task {0} does not exist")]
     UnknownTask(String),
+    /// A task with this ID exists already.
+    #[error("task {0} exists already")]
+    TaskExists(String),
     /// The task has ended or expired.
     #[error("task {0} has ended")]
     TaskEnded(String),
@@ -189,6 +192,12 @@ pub enum BrokerRefusal {
         /// Its workload.
         owner: String,
     },
+    /// No access token with this jti on record.
+    #[error("no access token with jti {0} is on record")]
+    UnknownToken(String),
+    /// The access token is revoked already.
+    #[error("access token {0} is revoked already")]
+    TokenRevoked(String),
     /// No such request.
     #[error("request {0} does not exist")]
     UnknownRequest(String),

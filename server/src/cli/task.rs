@@ -49,6 +49,18 @@ pub(super) enum TaskCommand {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Revoke one access token the broker issued (by its jti):
+    /// introspection answers `active: false` for it at once.
+    RevokeToken {
+        /// The token's `jti`.
+        #[arg(long)]
+        jti: String,
+        /// Why (recorded in its event).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// List the tasks on record (ended ones for a day after).
     List {
         /// Print JSON.
@@ -190,6 +202,23 @@ pub(super) async fn task_command(command: TaskCommand) -> Result<(), CliError> {
                     task.tokens_issued
                 );
             }
+            Ok(())
+        }
+        TaskCommand::RevokeToken { jti, reason, socket } => {
+            let mut client = connect(&socket).await?;
+            let reply = client
+                .revoke_access_token(pb::RevokeAccessTokenRequest { jti, reason: reason.unwrap_or_default() })
+                .await?
+                .into_inner();
+            let token: serde_json::Value = serde_json::from_str(&reply.json)
+                .map_err(|e| CliError(format!("the server sent an unreadable token record: {e}")))?;
+            crate::outln!(
+                "Revoked access token {} of {} for {} (task {})",
+                token["jti"].as_str().unwrap_or_default(),
+                token["sub"].as_str().unwrap_or_default(),
+                token["aud"].as_str().unwrap_or_default(),
+                token["task"].as_str().unwrap_or_default()
+            );
             Ok(())
         }
         TaskCommand::List { json, socket } => {

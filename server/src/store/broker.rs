@@ -115,10 +115,7 @@ impl KvStore {
         self.commit(audit, |tx| {
             if let Some(taken) = tx.task(&task.id)? {
                 // IDs are random: only a caller reusing one gets here.
-                return Ok(Err(BrokerRefusal::TaskNotYours {
-                    task: taken.id,
-                    owner: taken.spiffe_id,
-                }));
+                return Ok(Err(BrokerRefusal::TaskExists(taken.id)));
             }
             if !task.parent.is_empty() {
                 let Some(parent) = tx.task(&task.parent)? else {
@@ -207,6 +204,12 @@ impl KvStore {
                 let Some(mut request) = tx.broker_request(&token.request)? else {
                     return Ok(Err(BrokerRefusal::UnknownRequest(token.request.clone())));
                 };
+                if request.spiffe_id != token.sub {
+                    return Ok(Err(BrokerRefusal::TaskNotYours {
+                        task: request.id,
+                        owner: request.spiffe_id,
+                    }));
+                }
                 if request.state != RequestState::Approved {
                     return Ok(Err(BrokerRefusal::RequestState {
                         id: request.id,
@@ -225,6 +228,26 @@ impl KvStore {
             task.note_done(done);
             tx.put_task(&task)?;
             Ok(Ok(()))
+        })
+    }
+
+    pub(super) fn revoke_access_token(
+        &self,
+        jti: &str,
+        now: i64,
+        audit: &Audit<'_, Result<AccessToken, BrokerRefusal>>,
+    ) -> Result<Result<AccessToken, BrokerRefusal>, StoreError> {
+        self.commit(audit, |tx| {
+            let Some(bytes) = tx.get(BROKER_TOKENS, jti)? else {
+                return Ok(Err(BrokerRefusal::UnknownToken(jti.to_string())));
+            };
+            let mut token: AccessToken = decode_json(jti.as_bytes(), &bytes)?;
+            if token.revoked_at != 0 {
+                return Ok(Err(BrokerRefusal::TokenRevoked(jti.to_string())));
+            }
+            token.revoked_at = now;
+            tx.put(BROKER_TOKENS, jti.as_bytes(), encode_json(jti, &token)?);
+            Ok(Ok(token))
         })
     }
 

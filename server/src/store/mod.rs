@@ -512,8 +512,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn prune_expired(&self, now: i64) -> Result<usize, StoreError>;
 
     /// Stores a new broker task, in one commit with the checks: its ID is
-    /// not taken (refused as [`BrokerRefusal::TaskNotYours`], naming the
-    /// task under it), and a sub-task's parent exists, is live at the
+    /// not taken ([`BrokerRefusal::TaskExists`]), and a sub-task's parent exists, is live at the
     /// task's `created_at` and belongs to the same workload. The caller
     /// has clamped a sub-task's `expires_at` to its parent's.
     fn start_task(
@@ -554,6 +553,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         now: i64,
         audit: &Audit<'_, Result<(), BrokerRefusal>>,
     ) -> Result<Result<(), BrokerRefusal>, StoreError>;
+    /// Revokes one access token (refused for an unknown or revoked one).
+    fn revoke_access_token(
+        &self,
+        jti: &str,
+        now: i64,
+        audit: &Audit<'_, Result<AccessToken, BrokerRefusal>>,
+    ) -> Result<Result<AccessToken, BrokerRefusal>, StoreError>;
     /// An access token's record, by `jti` (until pruned).
     fn access_token(&self, jti: &str) -> Result<Option<AccessToken>, StoreError>;
     /// Holds a new request for an operator; refused when its ID is taken

@@ -342,6 +342,15 @@ impl Store for KvStore {
         KvStore::record_access_token(self, token, done, now, audit)
     }
 
+    fn revoke_access_token(
+        &self,
+        jti: &str,
+        now: i64,
+        audit: &Audit<'_, Result<AccessToken, BrokerRefusal>>,
+    ) -> Result<Result<AccessToken, BrokerRefusal>, StoreError> {
+        KvStore::revoke_access_token(self, jti, now, audit)
+    }
+
     fn access_token(&self, jti: &str) -> Result<Option<AccessToken>, StoreError> {
         KvStore::access_token(self, jti)
     }

@@ -9,7 +9,7 @@ use tessera_proto::types::{self as types, Operator};
 use tonic::{Request, Response, Status};
 
 use crate::api::admin::peer::operator_of;
-use crate::broker::records::{BrokerRefusal, PendingRequest, Task};
+use crate::broker::records::{AccessToken, BrokerRefusal, PendingRequest, Task};
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::store::Audit;
 
@@ -125,9 +125,14 @@ impl AdminService {
                 "task SPIFFE ID {spiffe_id} is not in trust domain {trust_domain}"
             )));
         }
-        let ttl = if req.ttl == 0 { DEFAULT_TASK_TTL } else { req.ttl };
-        if ttl > MAX_TASK_TTL {
-            return Err(refuse(format!("a task may last at most {MAX_TASK_TTL}s, not {ttl}s")));
+        // The `[broker]` section's lifetimes when there is one.
+        let (default_ttl, max_ttl) = match &self.state.config().broker {
+            Some(b) => (u64::from(b.task_ttl), u64::from(b.max_task_ttl)),
+            None => (DEFAULT_TASK_TTL, MAX_TASK_TTL),
+        };
+        let ttl = if req.ttl == 0 { default_ttl } else { req.ttl };
+        if ttl > max_ttl {
+            return Err(refuse(format!("a task may last at most {max_ttl}s, not {ttl}s")));
         }
         if req.labels.len() > MAX_LABELS {
             return Err(refuse(format!("at most {MAX_LABELS} labels, not {}", req.labels.len())));
@@ -197,6 +202,41 @@ impl AdminService {
             .await?
             .map_err(|refusal| refuse(broker_status(&refusal)))?;
         Ok(Response::new(pb::BrokerTask { json: json_of(&task)? }))
+    }
+
+    pub(super) async fn revoke_access_token(
+        &self,
+        request: Request<pb::RevokeAccessTokenRequest>,
+    ) -> Result<Response<pb::AccessTokenRecord>, Status> {
+        let operator = operator_of(&request);
+        let req = request.into_inner();
+        let refuse = |status: Status| {
+            self.refuse_broker(kind::BROKER_TOKEN_REVOKE, &operator, ("jti", &req.jti), status)
+        };
+        id_arg("jti", &req.jti)
+            .and_then(|()| text_arg("reason", &req.reason))
+            .map_err(|message| refuse(Status::invalid_argument(message)))?;
+        let reason = if req.reason.is_empty() { "revoked by operator".to_string() } else { req.reason.clone() };
+        let audit = Audit::new(operator, move |revoked: &Result<AccessToken, BrokerRefusal>| match revoked {
+            Ok(token) => {
+                let mut e = admin_event(kind::BROKER_TOKEN_REVOKE, &operator)
+                    .spiffe_id(token.sub.clone())
+                    .attr("task", &token.task)
+                    .attr("tool", &token.aud)
+                    .attr("actions", token.scope.replace(' ', ","));
+                e.jti = token.jti.clone();
+                e.reason = reason.clone();
+                vec![e]
+            }
+            Err(_) => Vec::new(),
+        });
+        let (jti, now) = (req.jti.clone(), self.state.clock().now());
+        let token = self
+            .state
+            .store_op(move |store| store.revoke_access_token(&jti, now, &audit))
+            .await?
+            .map_err(|refusal| refuse(broker_status(&refusal)))?;
+        Ok(Response::new(pb::AccessTokenRecord { json: json_of(&token)? }))
     }
 
     pub(super) async fn list_tasks(

@@ -295,6 +295,13 @@ impl Admin for AdminService {
         AdminService::end_task(self, request).await
     }
 
+    async fn revoke_access_token(
+        &self,
+        request: Request<pb::RevokeAccessTokenRequest>,
+    ) -> Result<Response<pb::AccessTokenRecord>, Status> {
+        AdminService::revoke_access_token(self, request).await
+    }
+
     async fn list_tasks(
         &self,
         request: Request<pb::ListTasksRequest>,

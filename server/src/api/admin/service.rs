@@ -113,7 +113,9 @@ pub(super) fn approval_code(refusal: &ApprovalRefusal) -> tonic::Code {
 /// The status of a refused broker operation (task or held request).
 pub(super) fn broker_status(refusal: &BrokerRefusal) -> Status {
     let code = match refusal {
-        BrokerRefusal::UnknownTask(_) | BrokerRefusal::UnknownRequest(_) => tonic::Code::NotFound,
+        BrokerRefusal::UnknownTask(_)
+        | BrokerRefusal::UnknownRequest(_)
+        | BrokerRefusal::UnknownToken(_) => tonic::Code::NotFound,
         BrokerRefusal::TaskNotYours { .. } | BrokerRefusal::OwnUid(_) => {
             tonic::Code::PermissionDenied
         }
@@ -121,6 +123,8 @@ pub(super) fn broker_status(refusal: &BrokerRefusal) -> Status {
         | BrokerRefusal::RequestState { .. }
         | BrokerRefusal::ContentChanged { .. }
         | BrokerRefusal::RequestExpired(_) => tonic::Code::FailedPrecondition,
+        BrokerRefusal::TaskExists(_) => tonic::Code::AlreadyExists,
+        BrokerRefusal::TokenRevoked(_) => tonic::Code::FailedPrecondition,
     };
     Status::new(code, refusal.to_string())
 }

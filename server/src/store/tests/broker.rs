@@ -99,7 +99,7 @@ pub(super) fn a_task_ends_once_with_its_sub_tasks_and_its_tokens_go_inactive(pla
     assert!(
         matches!(
             start(&store, &task("task-1", W, 0, 1000)),
-            Err(BrokerRefusal::TaskNotYours { .. })
+            Err(BrokerRefusal::TaskExists(_))
         ),
         "an ID is never taken twice"
     );
