@@ -159,6 +159,9 @@ status, body = exchange(subject_token=svid_for(ISSUER), authorization_details=br
 check("pending", status == 400 and body["error"] == "authorization_pending" and body["interval"] >= 1, body)
 request_id = body["request_id"]
 status, again = exchange(subject_token=svid_for(ISSUER), authorization_details=broad, task=task, request_id=request_id)
+check("slow down", again["error"] == "slow_down" and again["interval"] == body["interval"] + 5, again)
+time.sleep(again["interval"] + 0.3)
+status, again = exchange(subject_token=svid_for(ISSUER), authorization_details=broad, task=task, request_id=request_id)
 check("still pending", again["error"] == "authorization_pending" and again["request_id"] == request_id, again)
 code, out, err = cli("request", "show", "--id", request_id, "--json")
 check("request show", code == 0, err)
@@ -173,6 +176,7 @@ check("changed", status == 400 and body["error"] == "invalid_request" and "chang
 # The workload's own uid (its entry's unix:uid selector) may not approve it.
 code, out, err = cli("request", "approve", "--id", request_id, "--reason", "self-approval")
 check("own uid refused", code != 0 and "own uid" in err and len(err.splitlines()) == 1, (code, out, err))
+time.sleep(6.3)
 status, again = exchange(subject_token=svid_for(ISSUER), authorization_details=broad, task=task, request_id=request_id)
 check("still pending after a refused approval", again["error"] == "authorization_pending", again)
 code, out, err = cli("request", "approve", "--id", request_id, "--reason", "OPS-1 bulk update", uid=APPROVER)

@@ -43,11 +43,16 @@ pub fn operator_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 pub fn broker_config(dir: &Path, port: u16) -> BrokerFileConfig {
+    broker_config_for(dir, port, &format!("https://127.0.0.1:{port}"))
+}
+
+/// [`broker_config`] with another issuer URL (several servers behind one name).
+pub fn broker_config_for(dir: &Path, port: u16, issuer: &str) -> BrokerFileConfig {
     let (_, cert, key) = operator_certificate(dir);
     let examples = workspace().join("examples/broker");
     BrokerFileConfig {
         bind: SocketAddr::from(([127, 0, 0, 1], port)),
-        issuer: format!("https://127.0.0.1:{port}"),
+        issuer: issuer.to_string(),
         tls_cert: Some(cert),
         tls_key: Some(key),
         policy_dir: examples.join("policies"),
@@ -101,6 +106,19 @@ impl Https {
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
         tokio::spawn(conn);
         Self { sender }
+    }
+
+    /// GETs `path`; the status and the JSON answer.
+    pub async fn get(&mut self, path: &str) -> (u16, serde_json::Value) {
+        let request = hyper::Request::get(path)
+            .header("host", "127.0.0.1")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.sender.ready().await.unwrap();
+        let response = self.sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
     }
 
     /// POSTs a form; the status and the JSON answer.

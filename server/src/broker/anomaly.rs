@@ -93,6 +93,34 @@ impl Tracker {
     }
 }
 
+/// When each held request was last polled, to tell a caller that polls
+/// sooner than its interval to slow down (RFC 8628 §3.5: 5 s more each
+/// time). In memory: a restart forgets it, which costs nothing.
+#[derive(Debug, Default)]
+pub struct Polls {
+    last: Mutex<HashMap<String, (i64, u32)>>,
+}
+
+impl Polls {
+    /// Records a poll of `request` at `now_ms` whose interval is
+    /// `interval` s; the interval to use from now on when it came too soon.
+    pub fn too_soon(&self, request: &str, now_ms: i64, interval: u32) -> Option<u32> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.len() >= MAX_WORKLOADS {
+            last.clear();
+        }
+        let (at, wait) = last.get(request).copied().unwrap_or((i64::MIN, interval));
+        // A little slack: clocks and schedulers are not exact.
+        if now_ms.saturating_sub(at) + 200 < i64::from(wait) * 1000 {
+            let slower = wait.saturating_add(5);
+            last.insert(request.to_string(), (now_ms, slower));
+            return Some(slower);
+        }
+        last.insert(request.to_string(), (now_ms, wait));
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +138,14 @@ mod tests {
         let recent = t.recent("w", 11);
         assert_eq!(recent.len(), 3, "{recent:?}");
         assert!(t.recent("w", 10_000).is_empty());
+    }
+
+    #[test]
+    fn a_poll_sooner_than_its_interval_is_told_to_slow_down_by_five_seconds() {
+        let p = Polls::default();
+        assert_eq!(p.too_soon("r", 0, 2), None);
+        assert_eq!(p.too_soon("r", 500, 2), Some(7));
+        assert_eq!(p.too_soon("r", 3_000, 2), Some(12), "the slower interval holds");
+        assert_eq!(p.too_soon("r", 16_000, 2), None);
     }
 }

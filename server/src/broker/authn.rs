@@ -51,6 +51,34 @@ pub struct Parties {
     pub client: SpiffeId,
 }
 
+/// JWT-SVIDs whose signature and claims checked out, by the SHA-256 of
+/// the token, for the bundle they were checked against: a workload that
+/// presents the same JWT-SVID again (every exchange of its task) costs no
+/// signature verification. Expiry and revocation are checked every time.
+#[derive(Debug, Default)]
+pub struct SvidCache {
+    inner: std::sync::Mutex<(u64, std::collections::HashMap<[u8; 32], Proven>)>,
+}
+
+/// Most tokens the cache holds (it is emptied when full).
+pub const SVID_CACHE_SIZE: usize = 10_000;
+
+impl SvidCache {
+    fn get(&self, bundle_seq: u64, key: &[u8; 32]) -> Option<Proven> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (inner.0 == bundle_seq).then(|| inner.1.get(key).cloned()).flatten()
+    }
+
+    fn put(&self, bundle_seq: u64, key: [u8; 32], proven: Proven) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.0 != bundle_seq || inner.1.len() >= SVID_CACHE_SIZE {
+            inner.1.clear();
+            inner.0 = bundle_seq;
+        }
+        inner.1.insert(key, proven);
+    }
+}
+
 /// What credentials are checked against.
 #[derive(Debug)]
 pub struct Verifier<'a> {
@@ -62,22 +90,41 @@ pub struct Verifier<'a> {
     pub store: &'a dyn Store,
     /// Unix seconds.
     pub now: i64,
+    /// Checked JWT-SVIDs, and the bundle sequence they were checked for.
+    pub cache: Option<(&'a SvidCache, u64)>,
 }
 
 impl Verifier<'_> {
     /// Checks a JWT-SVID; `what` names it in the error.
     pub fn jwt_svid(&self, token: &str, what: &str) -> Result<Proven, BrokerError> {
-        let valid = jwt::validate(token, self.issuer, self.bundle, self.now).map_err(|e| {
-            BrokerError::InvalidGrant(format!("{what} is not a valid JWT-SVID for this broker: {e}"))
-        })?;
-        let Some(jti) = valid.jti else {
-            return Err(BrokerError::InvalidGrant(format!("{what} has no jti, so it cannot be checked for revocation")));
+        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .unwrap_or([0; 32]);
+        let cached = self.cache.and_then(|(cache, seq)| cache.get(seq, &key));
+        let proven = match cached {
+            Some(proven) if proven.expires_at > self.now => proven,
+            _ => {
+                let valid = jwt::validate(token, self.issuer, self.bundle, self.now).map_err(|e| {
+                    BrokerError::InvalidGrant(format!("{what} is not a valid JWT-SVID for this broker: {e}"))
+                })?;
+                let Some(jti) = valid.jti else {
+                    return Err(BrokerError::InvalidGrant(format!(
+                        "{what} has no jti, so it cannot be checked for revocation"
+                    )));
+                };
+                let proven =
+                    Proven { spiffe_id: valid.spiffe_id, expires_at: valid.expires_at, record: svid_key("", &jti) };
+                if let Some((cache, seq)) = self.cache {
+                    cache.put(seq, key, proven.clone());
+                }
+                proven
+            }
         };
-        let record = svid_key("", &jti);
-        if self.store.revocation(&record)?.is_some() {
-            return Err(BrokerError::InvalidGrant(format!("{what} (jti {jti}) is revoked")));
+        if self.store.revocation(&proven.record)?.is_some() {
+            return Err(BrokerError::InvalidGrant(format!("{what} ({}) is revoked", proven.record)));
         }
-        Ok(Proven { spiffe_id: valid.spiffe_id, expires_at: valid.expires_at, record })
+        Ok(proven)
     }
 
     /// Checks a mutual-TLS client's X509-SVID for revocation.

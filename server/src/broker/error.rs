@@ -47,6 +47,15 @@ pub enum BrokerError {
         /// Why approval is needed.
         why: String,
     },
+    /// A held request polled sooner than its interval (RFC 8628 §3.5):
+    /// wait `interval` seconds (5 more than before) between polls.
+    #[error("request {request_id} was polled too soon; poll every {interval} s")]
+    SlowDown {
+        /// The held request.
+        request_id: String,
+        /// The interval from now on.
+        interval: u32,
+    },
     /// The held request (or its approval) lapsed.
     #[error("{0}")]
     Expired(String),
@@ -71,6 +80,7 @@ impl BrokerError {
             Self::InvalidDetails(_) => "invalid_authorization_details",
             Self::AccessDenied(_) => "access_denied",
             Self::Pending { .. } => "authorization_pending",
+            Self::SlowDown { .. } => "slow_down",
             Self::Expired(_) => "expired_token",
             Self::Internal(_) => "server_error",
         }
@@ -117,7 +127,7 @@ impl IntoResponse for BrokerError {
             "error": self.code(),
             "error_description": one_line(&self.to_string()),
         });
-        if let Self::Pending { request_id, interval, .. } = &self {
+        if let Self::Pending { request_id, interval, .. } | Self::SlowDown { request_id, interval } = &self {
             body["interval"] = (*interval).into();
             body["request_id"] = request_id.clone().into();
         }

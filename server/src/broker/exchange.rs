@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use tessera_common::event_schema::{self, kind, EventExt};
 use tessera_proto::types as pb;
 
-use super::authn::{Parties, PeerSvid, Verifier};
+use super::authn::{Parties, PeerSvid};
 use super::error::{one_line, BrokerError};
 use super::form::{Ask, Form, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JWT};
 use super::policy::{AccessRequest, Decision, Outcome, Principal, RequestContext, TaskContext};
@@ -83,7 +83,7 @@ impl Broker {
         let now = self.now();
         let store = self.state.store().as_ref();
         let bundle = self.jwt_bundle();
-        let verifier = Verifier { issuer: &self.config.issuer, bundle: &bundle.1, store, now };
+        let verifier = self.verifier(&bundle, store, now);
         let parties = verifier.exchange(form, peer)?;
         let subject = parties.subject.spiffe_id.as_str().to_string();
 
@@ -281,6 +281,9 @@ impl Broker {
         };
         match held.state {
             RequestState::Pending if held.expires_at > now => {
+                if let Some(wait) = self.polls.too_soon(&held.id, self.state.clock().now_ms(), interval) {
+                    return Err(BrokerError::SlowDown { request_id: held.id, interval: wait }.into());
+                }
                 Err(BrokerError::Pending { request_id: held.id, interval, why: held.why }.into())
             }
             RequestState::Approved if held.expires_at > now => Ok(held.id),

@@ -315,6 +315,18 @@ async fn introspect(
 }
 
 async fn jwks(AxumState(broker): AxumState<Arc<Broker>>) -> Response {
+    // Every server's keys as the store has them now (a relying party that
+    // meets an unknown kid fetches the JWKS again, and must find it).
+    let worker = broker.clone();
+    let refreshed = blocking(move || {
+        let keys = worker.state.store().broker_keys()?;
+        worker.keys.set_published(keys, worker.now());
+        Ok::<(), BrokerError>(())
+    })
+    .await;
+    if let Ok(Err(e)) | Err(e) = refreshed {
+        warn!(error = %e, "broker JWKS: cannot read other servers' keys; serving what is known");
+    }
     Json(broker.keys.jwks()).into_response()
 }
 

@@ -8,7 +8,7 @@
 
 use serde_json::{json, Value};
 
-use super::authn::{PeerSvid, Verifier};
+use super::authn::PeerSvid;
 use super::error::BrokerError;
 use super::form::Form;
 use super::Broker;
@@ -19,7 +19,7 @@ impl Broker {
         let now = self.now();
         let store = self.state.store().as_ref();
         let bundle = self.jwt_bundle();
-        let verifier = Verifier { issuer: &self.config.issuer, bundle: &bundle.1, store, now };
+        let verifier = self.verifier(&bundle, store, now);
         let caller = match verifier.client(form, peer)? {
             Some(c) => c,
             None => match bearer {
@@ -35,7 +35,19 @@ impl Broker {
         };
         let token = form.require("token")?;
         let inactive = json!({ "active": false });
-        let Ok(claims) = self.keys.verify(token) else { return Ok(inactive) };
+        let claims = match self.keys.verify(token) {
+            Ok(claims) => claims,
+            // Signed by another server's key not yet seen here: read every
+            // server's keys from the store once, and try again.
+            Err(e) if e.contains("unknown kid") => {
+                self.keys.set_published(store.broker_keys()?, now);
+                match self.keys.verify(token) {
+                    Ok(claims) => claims,
+                    Err(_) => return Ok(inactive),
+                }
+            }
+            Err(_) => return Ok(inactive),
+        };
         let Some(jti) = claims.get("jti").and_then(Value::as_str) else { return Ok(inactive) };
         let Some(record) = store.access_token(jti)? else { return Ok(inactive) };
         let task = store.task(&record.task)?;

@@ -16,7 +16,8 @@
 //! - `form.rs`: reading a request form and what it asks for.
 //! - `authn.rs`: the caller's SPIFFE credentials.
 //! - `keys.rs`: the broker's signing keys and JWKS.
-//! - `anomaly.rs`: per-workload anomaly signals.
+//! - `anomaly.rs`: per-workload anomaly signals, and the polls of held
+//!   requests (`slow_down`).
 //! - `exchange.rs`: token exchange (RFC 8693): decide, hold, issue.
 //! - `introspect.rs`: introspection (RFC 7662).
 //! - `tasks.rs`: sub-tasks a workload starts for itself (`POST /task`).
@@ -110,6 +111,10 @@ pub struct Broker {
     anomalies: anomaly::Tracker,
     /// The trust domain's JWT authorities, by bundle sequence.
     bundle: ArcSwap<(u64, JwtBundle)>,
+    /// JWT-SVIDs already checked.
+    svids: authn::SvidCache,
+    /// Polls of held requests.
+    polls: anomaly::Polls,
 }
 
 impl Broker {
@@ -120,7 +125,7 @@ impl Broker {
         let now = state.clock().now();
         let keys = BrokerKeys::open(&state.config().data_dir, config.key_rotation, config.token_ttl, now)?;
         let bundle = ArcSwap::from_pointee((u64::MAX, JwtBundle::new(state.config().trust_domain.clone(), Vec::new())));
-        Ok(Self { config, state, policy: Arc::new(policy), keys, anomalies: anomaly::Tracker::default(), bundle })
+        Ok(Self { config, state, policy: Arc::new(policy), keys, anomalies: anomaly::Tracker::default(), bundle, svids: Default::default(), polls: Default::default() })
     }
 
     /// The settings.
@@ -136,6 +141,22 @@ impl Broker {
     /// Unix seconds, from the server's clock.
     fn now(&self) -> i64 {
         self.state.clock().now()
+    }
+
+    /// A verifier of callers' credentials against `bundle`, now.
+    fn verifier<'a>(
+        &'a self,
+        bundle: &'a (u64, JwtBundle),
+        store: &'a dyn crate::store::Store,
+        now: i64,
+    ) -> authn::Verifier<'a> {
+        authn::Verifier {
+            issuer: &self.config.issuer,
+            bundle: &bundle.1,
+            store,
+            now,
+            cache: Some((&self.svids, bundle.0)),
+        }
     }
 
     /// The trust domain's JWT authorities, rebuilt when the bundle changes.

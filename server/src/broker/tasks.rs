@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 use tessera_common::event_schema::{self, kind, EventExt};
 
-use super::authn::{PeerSvid, Verifier};
+use super::authn::PeerSvid;
 use super::error::BrokerError;
 use super::exchange::Refused;
 use super::form::Form;
@@ -26,7 +26,7 @@ impl Broker {
         let now = self.now();
         let store = self.state.store().as_ref();
         let bundle = self.jwt_bundle();
-        let verifier = Verifier { issuer: &self.config.issuer, bundle: &bundle.1, store, now };
+        let verifier = self.verifier(&bundle, store, now);
         let parties = verifier.exchange(form, peer)?;
         if parties.actor.is_some() {
             return Err(BrokerError::InvalidRequest("a workload starts sub-tasks for itself only".into()).into());
