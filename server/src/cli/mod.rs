@@ -12,6 +12,7 @@ pub use args::ADMIN_SOCKET_ENV;
 
 mod agent;
 mod args;
+mod broker;
 mod bundle;
 mod entry;
 mod events;
@@ -69,6 +70,9 @@ enum Command {
         #[command(flatten)]
         filter: events::EventsArgs,
     },
+    /// The token broker: its Cedar policies, offline.
+    #[command(subcommand)]
+    Broker(broker::BrokerCommand),
 }
 
 impl Cli {
@@ -90,6 +94,7 @@ impl Cli {
             Command::Healthcheck(socket) => health::healthcheck(socket).await,
             Command::X509(command) => mint::x509_command(command).await,
             Command::Jwt(command) => mint::jwt_command(command).await,
+            Command::Broker(command) => broker::broker_command(command).await,
         }
     }
 }

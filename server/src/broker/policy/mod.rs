@@ -209,12 +209,12 @@ impl fmt::Display for PolicySummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} policies ({} permit, {} forbid, {} with @approval) in {} files, {} resources, schema {}",
+            "{} policies ({} permit, {} forbid, {} with @approval) from {}, {} resources, schema {}",
             self.policies,
             self.permits,
             self.forbids,
             self.approvals,
-            self.files.len(),
+            if self.files.is_empty() { "no files".into() } else { self.files.join(", ") },
             self.resources,
             self.schema
         )
