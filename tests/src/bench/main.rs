@@ -39,6 +39,7 @@ mod stats;
 mod workload;
 
 // Scenarios.
+mod broker_policy;
 mod events;
 mod fairness;
 mod fetch;
@@ -65,6 +66,7 @@ const SCENARIOS: &[&str] = &[
     "events",
     "ha",
     "hostile",
+    "broker-policy",
     "all",
 ];
 
@@ -124,6 +126,9 @@ async fn main() -> ExitCode {
     }
     if runs("hostile") {
         results.extend(hostile::run(quick).await);
+    }
+    if runs("broker-policy") {
+        results.extend(broker_policy::run(quick).await);
     }
     results.print();
     ExitCode::SUCCESS
