@@ -12,6 +12,7 @@ pub use args::ADMIN_SOCKET_ENV;
 
 mod agent;
 mod args;
+mod broker;
 mod bundle;
 mod entry;
 mod events;
@@ -77,6 +78,9 @@ enum Command {
         #[command(flatten)]
         filter: events::EventsArgs,
     },
+    /// The token broker: its Cedar policies, offline.
+    #[command(subcommand)]
+    Broker(broker::BrokerCommand),
 }
 
 impl Cli {
@@ -100,6 +104,7 @@ impl Cli {
             Command::Jwt(command) => mint::jwt_command(command).await,
             Command::Task(command) => task::task_command(command).await,
             Command::Request(command) => request::request_command(command).await,
+            Command::Broker(command) => broker::broker_command(command).await,
         }
     }
 }

@@ -40,6 +40,7 @@ mod workload;
 
 // Scenarios.
 mod broker;
+mod broker_policy;
 mod events;
 mod fairness;
 mod fetch;
@@ -67,6 +68,7 @@ const SCENARIOS: &[&str] = &[
     "ha",
     "hostile",
     "broker",
+    "broker-policy",
     "all",
 ];
 
@@ -129,6 +131,9 @@ async fn main() -> ExitCode {
     }
     if runs("broker") {
         results.extend(broker::run(quick).await);
+    }
+    if runs("broker-policy") {
+        results.extend(broker_policy::run(quick).await);
     }
     results.print();
     ExitCode::SUCCESS

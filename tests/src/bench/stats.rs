@@ -38,6 +38,7 @@ impl Results {
             "events_ingest_per_s",
             "ha_propagate_p99_ms",
             "ha_failover_resume_ms",
+            "broker_policy_decide_p99_us",
         ] {
             results.insert(key, Value::Null);
         }

@@ -66,16 +66,25 @@ pub(super) fn decide(loaded: &Loaded, weights: &BlastWeights, req: &AccessReques
                     continue;
                 }
             };
-            let response =
-                loaded.authorizer.is_authorized(&cedar_request, &loaded.policies, &entities);
-            let diagnostics = response.diagnostics();
-            errors.extend(diagnostics.errors().map(one_line));
-            let deciding = diagnostics.reason().map(ToString::to_string);
-            match response.decision() {
-                CedarDecision::Allow => permits.extend(deciding),
-                CedarDecision::Deny => {
-                    denied.push(Denied { action, resource, forbids: deciding.collect() })
+            // Each slice decides on its own; together they are the whole set.
+            let (mut satisfied_permits, mut satisfied_forbids) = (Vec::new(), Vec::new());
+            let within = request::resource_and_ancestors(req, &loaded.resources, resource);
+            for slice in loaded.slices.for_request(&req.principal.spiffe_id, action, &within) {
+                let response = loaded.authorizer.is_authorized(&cedar_request, slice, &entities);
+                let diagnostics = response.diagnostics();
+                errors.extend(diagnostics.errors().map(one_line));
+                let deciding = diagnostics.reason().map(ToString::to_string);
+                match response.decision() {
+                    CedarDecision::Allow => satisfied_permits.extend(deciding),
+                    CedarDecision::Deny => satisfied_forbids.extend(deciding),
                 }
+            }
+            if !satisfied_forbids.is_empty() || satisfied_permits.is_empty() {
+                satisfied_forbids.sort_unstable();
+                satisfied_forbids.dedup();
+                denied.push(Denied { action, resource, forbids: satisfied_forbids });
+            } else {
+                permits.extend(satisfied_permits);
             }
         }
     }

@@ -12,13 +12,15 @@ use cedar_policy::{Authorizer, Effect, PolicyId, PolicySet, Schema, ValidationMo
 use super::error::{first_offset, one_line, Location, PolicyError};
 use super::request::ResourceEntities;
 use super::resources::Resources;
+use super::slices::Slices;
 use super::{BlastWeights, PolicySummary};
 
 /// A loaded, validated policy set and what decisions read with it.
 #[derive(Debug)]
 pub(super) struct Loaded {
     pub schema: Schema,
-    pub policies: PolicySet,
+    /// The validated set, sliced by principal and action scope.
+    pub slices: Slices,
     /// `@approval` values by policy id.
     pub approvals: HashMap<String, String>,
     pub resources: Resources,
@@ -149,6 +151,8 @@ pub(super) fn load(
         return Err(PolicyError::Validation { at, policy, message: one_line(e) });
     }
 
+    let slices = Slices::build(&policies, &schema)
+        .map_err(|message| PolicyError::Syntax { at: Location::file(dir), message })?;
     let resources_map = Resources::load(resources, weights.default_sensitivity)?;
     let entities = ResourceEntities::build(&resources_map, weights.default_sensitivity);
     let summary = PolicySummary {
@@ -165,7 +169,7 @@ pub(super) fn load(
     };
     Ok(Loaded {
         schema,
-        policies,
+        slices,
         approvals,
         resources: resources_map,
         entities,

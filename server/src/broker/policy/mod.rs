@@ -79,7 +79,8 @@
 //!
 //! Files: `load.rs` (the directory), `resources.rs` (the resources file),
 //! `request.rs` (entities and context), `blast.rs` (the formula),
-//! `decide.rs` (one decision), `watch.rs` (reload on change or SIGHUP),
+//! `slices.rs` (the set cut by principal and action, so a decision reads
+//! only what can apply), `decide.rs` (one decision), `watch.rs` (reload on change or SIGHUP),
 //! `error.rs`. They use nothing of the broker outside this folder.
 
 use std::collections::BTreeMap;
@@ -98,6 +99,7 @@ mod error;
 mod load;
 mod request;
 mod resources;
+mod slices;
 mod watch;
 
 pub use blast::BlastWeights;
@@ -209,12 +211,12 @@ impl fmt::Display for PolicySummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} policies ({} permit, {} forbid, {} with @approval) in {} files, {} resources, schema {}",
+            "{} policies ({} permit, {} forbid, {} with @approval) from {}, {} resources, schema {}",
             self.policies,
             self.permits,
             self.forbids,
             self.approvals,
-            self.files.len(),
+            if self.files.is_empty() { "no files".into() } else { self.files.join(", ") },
             self.resources,
             self.schema
         )

@@ -26,6 +26,21 @@ static WORKLOAD: LazyLock<EntityTypeName> = LazyLock::new(|| type_name("Tessera:
 static RESOURCE: LazyLock<EntityTypeName> = LazyLock::new(|| type_name("Tessera::Resource"));
 static ACTION: LazyLock<EntityTypeName> = LazyLock::new(|| type_name("Tessera::Action"));
 
+/// Whether `uid` is a `Tessera::Workload`.
+pub(super) fn is_workload(uid: &EntityUid) -> bool {
+    uid.type_name() == &*WORKLOAD
+}
+
+/// Whether `uid` is a `Tessera::Resource`.
+pub(super) fn is_resource(uid: &EntityUid) -> bool {
+    uid.type_name() == &*RESOURCE
+}
+
+/// Whether `uid` is a `Tessera::Action`.
+pub(super) fn is_action(uid: &EntityUid) -> bool {
+    uid.type_name() == &*ACTION
+}
+
 /// `Tessera::Workload::"<spiffe id>"`.
 pub(super) fn workload_uid(spiffe_id: &str) -> EntityUid {
     EntityUid::from_type_name_and_id(WORKLOAD.clone(), EntityId::new(spiffe_id))
@@ -125,6 +140,28 @@ pub(super) fn resources_of(req: &AccessRequest) -> Vec<&str> {
         targets.push(&req.tool);
     }
     targets
+}
+
+/// `resource` and every resource it is in: itself, its `parent` chain
+/// and, for a target, the tool and the tool's chain (what `resource in`
+/// can match; the slices are looked up by these).
+pub(super) fn resource_and_ancestors<'a>(
+    req: &'a AccessRequest,
+    resources: &'a Resources,
+    resource: &'a str,
+) -> Vec<&'a str> {
+    let chain = |id: &'a str| {
+        std::iter::once(id).chain(
+            resources.get(id).into_iter().flat_map(|r| r.ancestors.iter().map(String::as_str)),
+        )
+    };
+    let mut all: Vec<&str> = chain(resource).collect();
+    if resource != req.tool {
+        all.extend(chain(&req.tool));
+    }
+    all.sort_unstable();
+    all.dedup();
+    all
 }
 
 /// The request's entities: the principal, the tool and every target

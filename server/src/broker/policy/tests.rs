@@ -370,3 +370,89 @@ async fn watch_reloads_on_change() {
     assert!(allowed, "the new file was loaded");
     assert_eq!(engine.summary().files, ["p.cedar", "q.cedar"]);
 }
+
+#[test]
+fn slices_decide_as_the_whole_set_does() {
+    use std::str::FromStr;
+
+    use cedar_policy::{Authorizer, PolicyId, PolicySet, Request};
+
+    let dir = dir_with(
+        r#"@id("mutate-narrow") permit (principal, action in [Tessera::Action::"mutate"], resource)
+             when { context.breadth < 2 };
+           @id("reporter-reads") permit (
+             principal == Tessera::Workload::"spiffe://example.org/agents/reporter",
+             action in [Tessera::Action::"read", Tessera::Action::"list"], resource);
+           @id("reporter-no-delete") forbid (
+             principal in Tessera::Workload::"spiffe://example.org/agents/reporter",
+             action == Tessera::Action::"delete", resource);
+           @id("crm-amount") permit (principal is Tessera::Workload, action,
+             resource in Tessera::Resource::"https://tools.example/crm") when { context.amount > 5 };
+           @id("billing-all") permit (
+             principal == Tessera::Workload::"spiffe://example.org/agents/billing", action, resource);
+           @id("no-weekend") forbid (principal, action == Tessera::Action::"transfer", resource)
+             when { context.weekday >= 5 };
+           @id("accounts-read") permit (principal, action == Tessera::Action::"read",
+             resource == Tessera::Resource::"https://tools.example/crm/accounts");
+           @id("legal-no-write") forbid (principal, action in [Tessera::Action::"mutate"],
+             resource is Tessera::Resource in Tessera::Resource::"https://tools.example/crm/contracts");
+           @id("payments-tree") permit (principal, action == Tessera::Action::"list",
+             resource in Tessera::Resource::"https://payments.example");"#,
+    );
+    // An action group: `mutate` holds the writing actions.
+    let schema_path = dir.path().join("schema.cedarschema");
+    let schema = std::fs::read_to_string(&schema_path).unwrap().replace(
+        "  action read, list, write, create, update, delete, transfer appliesTo {",
+        "  action mutate;\n  action write, create, update, delete in [mutate] appliesTo {\n    principal: [Workload], resource: [Resource], context: Request,\n  };\n  action read, list, transfer appliesTo {",
+    );
+    std::fs::write(&schema_path, schema).unwrap();
+    let resources = examples().join("resources.toml");
+    let engine = PolicyEngine::load(dir.path(), Some(&resources), BlastWeights::default()).unwrap();
+
+    let mut whole = PolicySet::new();
+    let text = std::fs::read_to_string(dir.path().join("p.cedar")).unwrap();
+    for p in PolicySet::from_str(&text).unwrap().policies() {
+        whole.add(p.new_id(PolicyId::new(p.annotation("id").unwrap()))).unwrap();
+    }
+    let loaded = engine.loaded.load();
+    let mut checked = 0;
+    for who in [REPORTER, BILLING, "spiffe://example.org/agents/other"] {
+        for action in ["read", "list", "write", "create", "update", "delete", "transfer"] {
+            for (tool, target, amount, now) in [
+                (CRM, None, 0, 1_700_000_000),
+                (CRM, None, 9, 1_700_300_000),
+                (PAYMENTS, None, 9, 0),
+                (CRM, Some("https://tools.example/crm/accounts"), 0, 0),
+                (CRM, Some("https://tools.example/crm/contracts"), 9, 0),
+                (CRM, Some("https://tools.example/crm/other"), 0, 0),
+                (PAYMENTS, Some("https://payments.example/accounts/operating"), 0, 0),
+                ("https://payments.example/accounts/operating", None, 0, 0),
+            ] {
+                let mut req = request(who, &[action], tool, target.as_slice());
+                req.context.amount = Some(amount);
+                req.context.now = now;
+                let decision = engine.decide(&req);
+                let blast = blast::Blast::of(&req, &engine.weights, &loaded.resources);
+                let cedar_request = Request::new(
+                    request::workload_uid(who),
+                    request::action_uid(action),
+                    request::resource_uid(target.unwrap_or(tool)),
+                    request::context(&req, &blast).unwrap(),
+                    Some(&loaded.schema),
+                )
+                .unwrap();
+                let entities = request::entities(&req, &loaded.entities, &loaded.schema).unwrap();
+                let response = Authorizer::new().is_authorized(&cedar_request, &whole, &entities);
+                let mut expected: Vec<String> =
+                    response.diagnostics().reason().map(ToString::to_string).collect();
+                expected.sort();
+                let allowed = response.decision() == cedar_policy::Decision::Allow;
+                let case = format!("{who} {action} {tool} {target:?} {amount} {now}");
+                assert_eq!(decision.outcome == Outcome::Allow, allowed, "{case}: {decision:?}");
+                assert_eq!(decision.policies, expected, "{case}");
+                checked += usize::from(allowed);
+            }
+        }
+    }
+    assert!(checked > 10, "the cases exercise permits too ({checked} allowed)");
+}
