@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(files, ["protos"])?;
     tonic_prost_build::configure()
+        // Sorted, so that an entry encodes the same every time: a
+        // proposal's content hash is taken over its encoding.
+        .btree_map(".tessera.types.v1.Entry.labels")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -1,7 +1,7 @@
 //! Registration entries: the validated domain type, and the rules an entry
 //! must follow before it is stored.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tessera_proto::types as pb;
 use tessera_workload_api::{Selector, SelectorError, SpiffeId, SpiffeIdError, TrustDomain};
@@ -56,6 +56,16 @@ pub enum EntryError {
     /// Too many JWT audiences.
     #[error("an entry may list at most {MAX_JWT_AUDIENCES} JWT audiences")]
     TooManyAudiences,
+    /// A label's key is empty, too long, or has characters outside
+    /// `[A-Za-z0-9._/-]`.
+    #[error("invalid label key {0:?}: want 1-63 characters of A-Z a-z 0-9 . _ - /")]
+    LabelKey(String),
+    /// A label's value is too long or has control characters.
+    #[error("invalid value for label {0:?}: want at most 256 printable characters")]
+    LabelValue(String),
+    /// Too many labels.
+    #[error("an entry may have at most {MAX_LABELS} labels")]
+    TooManyLabels,
     /// A DNS name is not a valid hostname.
     #[error("invalid DNS name {0:?}")]
     DnsName(String),
@@ -104,6 +114,38 @@ pub const MAX_JWT_AUDIENCES: usize = 64;
 
 pub use tessera_workload_api::jwt::valid_audience;
 
+/// Most labels an entry may have.
+pub const MAX_LABELS: usize = 32;
+
+/// Whether `key` may name a label: 1-63 characters of `[A-Za-z0-9._/-]`.
+pub fn valid_label_key(key: &str) -> bool {
+    (1..=63).contains(&key.len())
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+}
+
+/// Whether `value` may be a label's value: at most 256 characters, none of
+/// them a control character (empty is allowed).
+pub fn valid_label_value(value: &str) -> bool {
+    value.chars().count() <= 256 && !value.chars().any(char::is_control)
+}
+
+/// Checks an entry's labels: at most [`MAX_LABELS`], each key and value as
+/// [`valid_label_key`] and [`valid_label_value`] say.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), EntryError> {
+    if labels.len() > MAX_LABELS {
+        return Err(EntryError::TooManyLabels);
+    }
+    for (key, value) in labels {
+        if !valid_label_key(key) {
+            return Err(EntryError::LabelKey(shorten(key)));
+        }
+        if !valid_label_value(value) {
+            return Err(EntryError::LabelValue(shorten(key)));
+        }
+    }
+    Ok(())
+}
+
 /// Whether `id` is reserved for Tessera's own components (the trust domain
 /// itself, or under `/tessera/`): no entry ever has it.
 pub fn is_reserved(id: &SpiffeId) -> bool {
@@ -141,6 +183,9 @@ pub struct Entry {
     /// Created with `--require-approval`: it and every update to it need a
     /// second operator.
     pub require_approval: bool,
+    /// Policy metadata for the token broker (its policy's principal tags);
+    /// no part of any SVID.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Limits applied when validating entries.
@@ -228,6 +273,7 @@ impl EntryRules {
         if jwt_audiences.len() > MAX_JWT_AUDIENCES {
             return Err(EntryError::TooManyAudiences);
         }
+        check_labels(&input.labels)?;
         Ok(Entry {
             id: String::new(),
             spiffe_id,
@@ -242,6 +288,7 @@ impl EntryRules {
             jwt_svid_ttl,
             jwt_audiences: jwt_audiences.into_iter().collect(),
             require_approval: input.require_approval,
+            labels: input.labels.clone(),
         })
     }
 }
@@ -271,6 +318,7 @@ impl Entry {
             jwt_audiences: self.jwt_audiences.clone(),
             pending: None,
             require_approval: self.require_approval,
+            labels: self.labels.clone(),
         }
     }
 
@@ -294,6 +342,7 @@ impl Entry {
             jwt_svid_ttl: p.jwt_svid_ttl.unwrap_or(0),
             jwt_audiences: p.jwt_audiences,
             require_approval: p.require_approval,
+            labels: p.labels,
             id: p.id,
         })
     }
@@ -363,6 +412,14 @@ impl Entry {
         }
         let left = (self.expires_at - now).clamp(0, i64::from(u32::MAX));
         ttl.min(left as u32)
+    }
+}
+
+/// `s` cut to 64 characters for an error message.
+fn shorten(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_string(),
     }
 }
 
@@ -449,6 +506,68 @@ mod tests {
         let mut one_second = input();
         one_second.x509_svid_ttl = Some(1);
         assert_eq!(rules().validate(&one_second, 100).unwrap().x509_svid_ttl, 1);
+    }
+
+    #[test]
+    fn labels_are_checked_and_name_the_bad_label() {
+        let with = |pairs: &[(&str, &str)]| {
+            let mut e = input();
+            e.labels = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            rules().validate(&e, 100)
+        };
+        let ok = with(&[("team", "finance"), ("app.example/tier-1_x", ""), ("note", "a b=c")]);
+        assert_eq!(ok.unwrap().labels.len(), 3);
+        let long_key = "k".repeat(63);
+        let long_value = "é".repeat(256);
+        assert!(with(&[(&long_key, &long_value)]).is_ok(), "limits count characters");
+        for bad_key in ["", "has space", "k=v", "ünïcode", &"k".repeat(64)] {
+            let err = with(&[(bad_key, "v")]).unwrap_err();
+            assert_eq!(err, EntryError::LabelKey(bad_key.to_string()));
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        }
+        for bad_value in ["line\nbreak", "tab\t", "nul\0", &"v".repeat(257)] {
+            let err = with(&[("team", bad_value)]).unwrap_err();
+            assert_eq!(err, EntryError::LabelValue("team".into()));
+            let message = err.to_string();
+            assert!(message.contains("\"team\"") && !message.contains('\n'), "{message}");
+        }
+        let err = with(&[(&"x\n".repeat(100), "v")]).unwrap_err().to_string();
+        assert!(!err.contains('\n') && err.len() < 300, "one short line: {err}");
+        let many: Vec<(String, String)> =
+            (0..=MAX_LABELS).map(|i| (format!("k{i}"), String::new())).collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(with(&many).unwrap_err(), EntryError::TooManyLabels);
+        assert!(with(&many[..MAX_LABELS]).is_ok());
+    }
+
+    #[test]
+    fn labels_round_trip_through_the_stored_form() {
+        use prost::Message;
+        let mut e = input();
+        e.labels.insert("team".into(), "finance".into());
+        e.labels.insert("env".into(), "prod".into());
+        let mut entry = rules().validate(&e, 100).unwrap();
+        entry.id = "e1".into();
+        let bytes = entry.to_proto().encode_to_vec();
+        let back = Entry::from_stored(pb::Entry::decode(bytes.as_slice()).unwrap()).unwrap();
+        assert_eq!(back, entry);
+        assert_eq!(back.labels.get("team").map(String::as_str), Some("finance"));
+        // Labels are encoded sorted: the same entry always encodes the same.
+        let mut reversed = e.clone();
+        reversed.labels = e.labels.clone().into_iter().rev().collect();
+        let mut again = rules().validate(&reversed, 100).unwrap();
+        again.id = "e1".into();
+        assert_eq!(again.to_proto().encode_to_vec(), bytes);
+        // An entry stored before labels existed reads back with none.
+        let mut old = entry.to_proto();
+        old.labels.clear();
+        assert!(Entry::from_stored(old).unwrap().labels.is_empty());
+        // A change of labels alone is a change, but not of what an SVID says.
+        let mut relabelled = entry.clone();
+        relabelled.labels.insert("team".into(), "sales".into());
+        assert!(!entry.same_content(&relabelled));
+        assert!(relabelled.authorizes_svid_of(&entry, i64::MAX));
+        assert!(relabelled.svid_basis().serves_svid_of(&entry.svid_basis()));
     }
 
     #[test]

@@ -171,6 +171,88 @@ fn operator_workflow_and_bad_input() {
     server.stop();
 }
 
+/// Labels: set on create, shown as text and JSON, replaced by `update
+/// --label`, kept by an update without one, removed by `--clear-labels`,
+/// in the update event's before and after; a bad label is one line.
+#[test]
+fn entry_labels_are_set_shown_replaced_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RunningServer::start(dir.path(), &[]);
+    let base = [
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/agents/finance-bot",
+        "--parent-id",
+        "spiffe://example.org/node/1",
+        "--selector",
+        "unix:uid:1000",
+    ];
+    let labels = |id: &str| {
+        let out = server.cli(&["entry", "show", "--id", id, "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        shown[0]["labels"].clone()
+    };
+
+    let mut create = base.to_vec();
+    create.extend(["--label", "team=finance", "--label", "app.example/tier=gold plated"]);
+    let out = server.cli(&create);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out);
+    assert_eq!(
+        labels(&id),
+        serde_json::json!({"team": "finance", "app.example/tier": "gold plated"})
+    );
+    let text = stdout(&server.cli(&["entry", "show", "--id", &id]));
+    assert!(text.contains("Label            : team=finance"), "{text}");
+    assert!(text.contains("Label            : app.example/tier=gold plated"), "{text}");
+
+    // --label replaces the set; an update without it keeps it.
+    let out = server.cli(&["entry", "update", "--id", &id, "--label", "team=sales"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(labels(&id), serde_json::json!({"team": "sales"}));
+    let out = server.cli(&["entry", "update", "--id", &id, "--x509-svid-ttl", "120"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(labels(&id), serde_json::json!({"team": "sales"}));
+    let out = server.cli(&["events", "--json", "--kind", "admin.entry.update"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first: serde_json::Value =
+        serde_json::from_str(stdout(&out).lines().next().unwrap()).unwrap();
+    assert_eq!(first["before"]["labels"]["team"], "finance", "{first}");
+    assert_eq!(first["after"]["labels"], serde_json::json!({"team": "sales"}), "{first}");
+    let out = server.cli(&["entry", "update", "--id", &id, "--clear-labels"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(labels(&id), serde_json::json!({}));
+    let out = server.cli(&["entry", "update", "--id", &id, "--clear-labels", "--label", "a=b"]);
+    assert!(!out.status.success(), "--clear-labels with --label is refused");
+
+    let long_value = format!("team={}", "v".repeat(257));
+    let bad: &[(&str, &[&str])] = &[
+        ("bad key=v", &["invalid label key", "bad key"]),
+        ("=v", &["invalid label key"]),
+        ("team=line\nbreak", &["invalid value for label", "team"]),
+        (&long_value, &["invalid value for label", "team"]),
+        ("novalue", &["--label", "key=value"]),
+    ];
+    for (label, expected) in bad {
+        let mut args = base.to_vec();
+        args[3] = "spiffe://example.org/agents/other";
+        args.extend(["--label", label]);
+        let out = server.cli(&args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{label:?} must fail");
+        assert_eq!(err.lines().count(), 1, "one-line error for {label:?}: {err}");
+        for want in *expected {
+            assert!(err.contains(want), "{label:?}: {err}");
+        }
+    }
+    let out = server.cli(&["entry", "update", "--id", &id, "--label", "k\tey=v"]);
+    assert!(!out.status.success() && stderr(&out).lines().count() == 1, "{}", stderr(&out));
+    assert_eq!(entry_count(&server), 1, "refused requests change nothing");
+    server.stop();
+}
+
 #[test]
 fn bad_config_and_flags_exit_non_zero_with_one_line() {
     let dir = tempfile::tempdir().unwrap();

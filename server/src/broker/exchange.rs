@@ -3,6 +3,8 @@
 //! held request, or a refusal — each with its event, the token's and the
 //! held request's in the same commit as their record.
 
+use std::collections::BTreeMap;
+
 use serde_json::{json, Map, Value};
 use tessera_common::event_schema::{self, kind, EventExt};
 use tessera_proto::types as pb;
@@ -29,6 +31,14 @@ impl From<BrokerError> for Refused {
     fn from(error: BrokerError) -> Self {
         Self { error, event: None }
     }
+}
+
+/// What the subject's registration entry says about it, for policy: its
+/// selectors (`type:value`) and its labels (the principal's tags).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct EntryFacts {
+    pub(super) selectors: Vec<String>,
+    pub(super) labels: BTreeMap<String, String>,
 }
 
 /// What the broker knows of the request while deciding it: for events.
@@ -101,8 +111,8 @@ impl Broker {
             return Err(BrokerError::InvalidGrant(format!("task {} has ended", task.id)).into());
         }
 
-        let (agent, selectors) = self.whereabouts(store, &parties)?;
-        let request = self.access_request(&parties, &agent, &selectors, &ask, &task, now);
+        let (agent, facts) = self.whereabouts(store, &parties)?;
+        let request = self.access_request(&parties, &agent, &facts, &ask, &task, now);
         let decision = self.policy.decide(&request);
         let content = canonical(&parties, &ask);
         let hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, content.as_bytes()));
@@ -123,21 +133,29 @@ impl Broker {
         };
         let approved = match needs_approval {
             None => None,
-            Some(why) => Some(self.held(store, form, &described, &decision, &content, &hash, &selectors, &why, now)?),
+            Some(why) => Some(self.held(store, form, &described, &decision, &content, &hash, &facts.selectors, &why, now)?),
         };
         self.issue(store, &described, &task, approved, &decision, now)
     }
 
-    /// The subject's agent and the selectors of its entry (from the
-    /// record of the SVID it proved itself with; else from its entries).
-    pub(super) fn whereabouts(&self, store: &dyn Store, parties: &Parties) -> Result<(String, Vec<String>), BrokerError> {
+    /// The subject's agent, and the selectors and labels of its entry:
+    /// from the record of the SVID it proved itself with (the entry it was
+    /// issued for, as that entry stands now; an SVID an operator minted is
+    /// recorded without one: no selectors, no labels), else from the
+    /// entries with its SPIFFE ID.
+    ///
+    /// From several entries: every entry's selectors, and only the labels
+    /// they all agree on — a key is kept when every entry has it with the
+    /// same value, so a label one entry lacks or contradicts is not one
+    /// the workload can be said to carry.
+    pub(super) fn whereabouts(&self, store: &dyn Store, parties: &Parties) -> Result<(String, EntryFacts), BrokerError> {
         let subject = &parties.subject;
         if let Some(issued) = store.issued(&subject.record)? {
             if let Some(entry) = store.entry(&issued.entry_id)? {
                 let selectors = entry.selectors.iter().map(ToString::to_string).collect();
-                return Ok((issued.agent_id, selectors));
+                return Ok((issued.agent_id, EntryFacts { selectors, labels: entry.labels }));
             }
-            return Ok((issued.agent_id, Vec::new()));
+            return Ok((issued.agent_id, EntryFacts::default()));
         }
         let filter = EntryFilter { spiffe_id: Some(subject.spiffe_id.clone()), ..Default::default() };
         let entries = store.list_entries(&filter, None, 16)?;
@@ -145,15 +163,16 @@ impl Broker {
             entries.iter().flat_map(|e| e.selectors.iter().map(ToString::to_string)).collect();
         selectors.sort();
         selectors.dedup();
+        let labels = agreed_labels(entries.iter().map(|e| &e.labels));
         let agents: Vec<String> = entries.iter().map(|e| e.parent_id.as_str().to_string()).collect();
-        Ok((agents.join(","), selectors))
+        Ok((agents.join(","), EntryFacts { selectors, labels }))
     }
 
     pub(super) fn access_request(
         &self,
         parties: &Parties,
         agent: &str,
-        selectors: &[String],
+        facts: &EntryFacts,
         ask: &Ask,
         task: &Task,
         now: i64,
@@ -165,8 +184,8 @@ impl Broker {
                 trust_domain: id.trust_domain().as_str().to_string(),
                 path: id.path().to_string(),
                 agent: agent.to_string(),
-                selectors: selectors.to_vec(),
-                labels: Default::default(),
+                selectors: facts.selectors.clone(),
+                labels: facts.labels.clone(),
             },
             actions: ask.actions.clone(),
             tool: ask.tool.clone(),
@@ -407,8 +426,42 @@ fn canonical(parties: &Parties, ask: &Ask) -> String {
     .to_string()
 }
 
+/// The labels every one of `sets` has with the same value (none when
+/// there are no sets).
+fn agreed_labels<'a>(
+    mut sets: impl Iterator<Item = &'a BTreeMap<String, String>>,
+) -> BTreeMap<String, String> {
+    let Some(first) = sets.next() else {
+        return BTreeMap::new();
+    };
+    let mut agreed = first.clone();
+    for set in sets {
+        agreed.retain(|key, value| set.get(key) == Some(value));
+    }
+    agreed
+}
+
 /// The uids a workload runs as, from its entry's `unix:uid:N` selectors:
 /// they may not approve its requests.
 fn own_uids(selectors: &[String]) -> Vec<u32> {
     selectors.iter().filter_map(|s| s.strip_prefix("unix:uid:")).filter_map(|u| u.parse().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn several_entries_give_only_the_labels_they_agree_on() {
+        let a = set(&[("team", "finance"), ("env", "prod"), ("tier", "1")]);
+        let b = set(&[("team", "finance"), ("env", "staging")]);
+        assert_eq!(agreed_labels([&a, &b].into_iter()), set(&[("team", "finance")]));
+        assert_eq!(agreed_labels([&a].into_iter()), a);
+        assert_eq!(agreed_labels([&a, &set(&[])].into_iter()), set(&[]));
+        assert_eq!(agreed_labels(std::iter::empty()), set(&[]));
+    }
 }

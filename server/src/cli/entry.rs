@@ -1,5 +1,7 @@
 //! `entry create|show|update|delete|approve|reject`: registration entries.
 
+use std::collections::BTreeMap;
+
 use clap::{Args, Subcommand};
 use serde_json::json;
 use tessera_proto::admin as pb;
@@ -46,6 +48,10 @@ pub(super) struct EntryFields {
     /// with another uid approves it.
     #[arg(long)]
     require_approval: bool,
+    /// A label key=value for the token broker's policy (repeatable; on
+    /// update, replaces the entry's labels). Changing labels revokes no SVID.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +108,9 @@ pub(super) enum EntryCommand {
         id: String,
         #[command(flatten)]
         fields: EntryFields,
+        /// Remove every label.
+        #[arg(long, conflicts_with = "labels")]
+        clear_labels: bool,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -195,7 +204,24 @@ pub(super) fn apply_fields(entry: &mut types::Entry, fields: EntryFields) -> Res
     if fields.require_approval {
         entry.require_approval = true;
     }
+    if !fields.labels.is_empty() {
+        entry.labels = parse_labels(&fields.labels)?;
+    }
     Ok(())
+}
+
+/// `--label key=value` arguments (the server checks keys and values).
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+    let mut out = BTreeMap::new();
+    for label in labels {
+        let Some((key, value)) = label.split_once('=') else {
+            return Err(CliError(format!("invalid --label {label:?}: want key=value")));
+        };
+        if out.insert(key.to_string(), value.to_string()).is_some() {
+            return Err(CliError(format!("--label {key:?} is given twice")));
+        }
+    }
+    Ok(out)
 }
 
 pub(super) fn item_result(result: Option<pb::EntryResult>) -> Result<types::Entry, CliError> {
@@ -230,10 +256,13 @@ pub(super) async fn entry_command(command: EntryCommand) -> Result<(), CliError>
             report_pending(&entry);
             Ok(())
         }
-        EntryCommand::Update { id, fields, socket } => {
+        EntryCommand::Update { id, fields, clear_labels, socket } => {
             let mut client = connect(&socket).await?;
             let mut entry = client.get_entry(pb::GetEntryRequest { id }).await?.into_inner();
             apply_fields(&mut entry, fields)?;
+            if clear_labels {
+                entry.labels.clear();
+            }
             let response = client
                 .batch_update_entry(pb::BatchUpdateEntryRequest { entries: vec![entry] })
                 .await?;
@@ -375,6 +404,7 @@ pub(super) fn entry_json(e: &types::Entry) -> serde_json::Value {
         "jwt_svid_ttl": e.jwt_svid_ttl,
         "jwt_audiences": e.jwt_audiences,
         "require_approval": e.require_approval,
+        "labels": e.labels,
         "pending": e.pending.as_ref().map(|p| json!({
             "op": p.op,
             "proposal_id": p.proposal_id,
@@ -443,6 +473,9 @@ pub(super) fn print_entries(entries: &[types::Entry]) {
         }
         if !e.hint.is_empty() {
             crate::outln!("Hint             : {}", e.hint);
+        }
+        for (key, value) in &e.labels {
+            crate::outln!("Label            : {key}={value}");
         }
     }
 }

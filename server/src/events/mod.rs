@@ -527,6 +527,7 @@ pub fn entry_json(entry: &tessera_proto::types::Entry) -> String {
         "hint": entry.hint,
         "revision": entry.revision,
         "require_approval": entry.require_approval,
+        "labels": entry.labels,
     })
     .to_string()
 }

@@ -7,7 +7,7 @@
 //! A proposal is a `types.Entry` with `pending` set, stored under its key
 //! (the entry ID; for a join token, the proposal ID). Its `content_hash` is
 //! SHA-256 over the whole record with the hash left empty: the entry as
-//! proposed, the operation, the proposer, the times, the revision an update
+//! proposed (its labels included), the operation, the proposer, the times, the revision an update
 //! was proposed against and the proposal's own ID. An approver names that
 //! hash, so they approve exactly what they were shown, never a proposal
 //! that replaced it.
@@ -147,8 +147,9 @@ fn seal(p: &mut pb::Entry) {
     }
 }
 
-/// SHA-256 (hex) of the proposal with its hash field empty. The record has
-/// no map fields, so its encoding is deterministic.
+/// SHA-256 (hex) of the proposal with its hash field empty. Its one map
+/// field, the entry's labels, is a sorted map (proto/build.rs), so its
+/// encoding is deterministic and the hash covers the labels too.
 pub fn content_hash(p: &pb::Entry) -> String {
     let mut unsealed = p.clone();
     if let Some(pending) = &mut unsealed.pending {
@@ -221,5 +222,37 @@ mod tests {
         ));
         // Two proposals of the same content differ (own ID, own hash).
         assert_ne!(token_proposal().pending.unwrap().content_hash, hash);
+    }
+
+    #[test]
+    fn an_approval_binds_the_proposed_labels() {
+        use tessera_workload_api::TrustDomain;
+        let rules = crate::entry::EntryRules {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            default_ttl: 60,
+            max_ttl: 600,
+            default_jwt_ttl: 60,
+            max_jwt_ttl: 600,
+        };
+        let mut input = pb::Entry {
+            spiffe_id: "spiffe://example.org/bot".into(),
+            parent_id: "spiffe://example.org/node".into(),
+            selectors: vec![pb::Selector { r#type: "unix".into(), value: "uid:7".into() }],
+            ..Default::default()
+        };
+        input.labels.insert("team".into(), "sales".into());
+        input.labels.insert("env".into(), "prod".into());
+        let entry = rules.validate(&input, 1).unwrap();
+        let op = Operator { uid: 1, gid: 1, pid: 1 };
+        let p = proposal(&entry, OP_CREATE, &op, vec![], 1, 60, 0);
+        let hash = p.pending.as_ref().unwrap().content_hash.clone();
+        assert_eq!(content_hash(&p), hash, "the same record hashes the same every time");
+        assert!(check(&p, &hash, 2, 2).is_ok());
+        let mut swapped = p.clone();
+        swapped.labels.insert("team".into(), "finance".into());
+        assert!(matches!(check(&swapped, &hash, 2, 2), Err(ApprovalRefusal::HashMismatch { .. })));
+        let mut dropped = p;
+        dropped.labels.clear();
+        assert!(matches!(check(&dropped, &hash, 2, 2), Err(ApprovalRefusal::HashMismatch { .. })));
     }
 }

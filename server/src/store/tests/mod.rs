@@ -135,6 +135,7 @@ conformance!(
     svids_recorded_after_their_entry_changed_are_revoked,
     jwt_svids_are_revoked_with_their_entry_and_agent,
     a_dns_name_change_revokes_and_a_ttl_change_does_not,
+    a_label_change_alone_revokes_nothing,
     a_renewal_never_undoes_a_ban,
     a_ban_racing_a_renewal_is_never_undone,
     backup_restores_every_record_and_a_damaged_backup_is_refused,

@@ -172,6 +172,36 @@ pub(super) fn a_dns_name_change_revokes_and_a_ttl_change_does_not(place: Place) 
     assert_eq!(revoked.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(), ["0a"]);
 }
 
+/// Labels are policy metadata, in no SVID: an update that changes only
+/// them is a new revision and revokes nothing, and they survive a reopen.
+pub(super) fn a_label_change_alone_revokes_nothing(place: Place) {
+    let store = place.open();
+    let e = entry("a", "w", "agent", 1);
+    store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
+    store
+        .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
+        .unwrap()
+        .unwrap();
+    let signed = [Signed { svid: issued("0a", &e), entry: e.clone(), event: Default::default() }];
+    store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
+    let before = store.entry("a").unwrap().unwrap().revision;
+    let mut labelled = e.clone();
+    labelled.labels.insert("team".into(), "finance".into());
+    let write = store.update_entries(&[labelled], 2, "labels", &Audit::quiet()).unwrap();
+    assert!(write.revoked.is_empty(), "{:?}", write.revoked);
+    assert!(matches!(write.results.as_slice(), [Ok(_)]), "{:?}", write.results);
+    let mut relabelled = store.entry("a").unwrap().unwrap();
+    assert!(relabelled.revision > before, "a label change is a change");
+    relabelled.labels = [("team".to_string(), "sales".to_string())].into();
+    let write = store.update_entries(&[relabelled], 3, "labels", &Audit::quiet()).unwrap();
+    assert!(write.revoked.is_empty(), "{:?}", write.revoked);
+    drop(store);
+    let store = place.open();
+    let stored = store.entry("a").unwrap().unwrap();
+    assert_eq!(stored.labels.get("team").map(String::as_str), Some("sales"));
+    assert!(store.revocation("0a").unwrap().is_none());
+}
+
 /// Item 4: a renewal cannot undo a ban, and is refused once banned.
 pub(super) fn a_renewal_never_undoes_a_ban(place: Place) {
     let store = place.open();
