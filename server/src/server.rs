@@ -73,7 +73,7 @@ pub struct Server {
     node_listener: TcpListener,
     admin_listener: UnixListener,
     metrics_listener: Option<TcpListener>,
-    broker: Option<crate::broker::Bound>,
+    broker: Option<crate::broker::http::Bound>,
 }
 
 impl Server {
@@ -193,7 +193,7 @@ impl Server {
             .map_err(|e| ServerError::Crl(e.message().to_string()))?;
         let broker = match state.config().broker.clone() {
             Some(config) => Some(
-                crate::broker::Bound::bind(config, state.clone(), svid.clone())
+                crate::broker::http::Bound::bind(config, state.clone(), svid.clone())
                     .await
                     .map_err(|e| ServerError::Broker(e.to_string()))?,
             ),

@@ -45,11 +45,17 @@ fn python() -> Option<PathBuf> {
         eprintln!("SKIPPED: no Python with py-spiffe, PyJWT and requests");
         return None;
     }
-    panic!("no Python with py-spiffe, PyJWT and requests at {}: run scripts/test.sh", python.display());
+    panic!(
+        "no Python with py-spiffe, PyJWT and requests at {}: run scripts/test.sh",
+        python.display()
+    );
 }
 
 fn step<'a>(lines: &'a [Value], name: &str) -> &'a Value {
-    lines.iter().find(|l| l["step"] == name).unwrap_or_else(|| panic!("no step {name} in {lines:?}"))
+    lines
+        .iter()
+        .find(|l| l["step"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {lines:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,14 +127,19 @@ async fn an_agent_gets_is_denied_waits_for_approval_and_loses_its_tokens_with_it
     let cli = Cli::new(&server);
     let events = cli.events();
     let of = |kind: &str, decision: &str| -> Vec<&Value> {
-        events.iter().filter(|e| e["kind"] == kind && (decision.is_empty() || e["decision"] == decision)).collect()
+        events
+            .iter()
+            .filter(|e| e["kind"] == kind && (decision.is_empty() || e["decision"] == decision))
+            .collect()
     };
     let task = step(&lines, "task")["task"].as_str().unwrap().to_string();
     let allowed = of("broker.token", "allow");
     assert!(allowed.len() >= 3, "{allowed:?}");
     let read = allowed[0];
     let text = read.to_string();
-    for needle in [AGENT, "https://tools.example/crm", "reporter-read-crm", task.as_str(), "blast_radius"] {
+    for needle in
+        [AGENT, "https://tools.example/crm", "reporter-read-crm", task.as_str(), "blast_radius"]
+    {
         assert!(text.contains(needle), "{needle} missing from {text}");
     }
     let denied = of("broker.token", "deny");
@@ -147,9 +158,14 @@ async fn an_agent_gets_is_denied_waits_for_approval_and_loses_its_tokens_with_it
     let ended = of("broker.task.end", "");
     assert_eq!(ended.len(), 2, "{ended:?}");
     for id in [&task, &sub_task] {
-        assert!(ended.iter().any(|e| e.to_string().contains(id.as_str())), "{id} not ended: {ended:?}");
+        assert!(
+            ended.iter().any(|e| e.to_string().contains(id.as_str())),
+            "{id} not ended: {ended:?}"
+        );
     }
-    assert!(of("broker.task.start", "allow").iter().any(|e| e.to_string().contains("agents-start-sub-tasks")));
+    assert!(of("broker.task.start", "allow")
+        .iter()
+        .any(|e| e.to_string().contains("agents-start-sub-tasks")));
     assert_eq!(of("broker.token.revoke", "").len(), 1);
     assert!(!of("anomaly.broker_first_tool", "").is_empty());
     let verified = cli.ok(None, &["events", "verify"]);

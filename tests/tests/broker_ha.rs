@@ -32,7 +32,11 @@ async fn server(dir: &Path, url: &str) -> TestServer {
 }
 
 async fn mint(server: &TestServer, id: &str) -> String {
-    let request = admin_pb::MintJwtSvidRequest { spiffe_id: id.into(), audience: vec![ISSUER.into()], ttl: 600 };
+    let request = admin_pb::MintJwtSvidRequest {
+        spiffe_id: id.into(),
+        audience: vec![ISSUER.into()],
+        ttl: 600,
+    };
     server.admin().await.mint_jwt_svid(request).await.unwrap().into_inner().token
 }
 
@@ -54,7 +58,11 @@ async fn a_token_issued_on_one_server_is_introspected_and_revoked_on_the_other()
     let task = a
         .admin()
         .await
-        .start_task(admin_pb::StartTaskRequest { spiffe_id: AGENT.into(), ttl: 600, ..Default::default() })
+        .start_task(admin_pb::StartTaskRequest {
+            spiffe_id: AGENT.into(),
+            ttl: 600,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -93,10 +101,14 @@ async fn a_token_issued_on_one_server_is_introspected_and_revoked_on_the_other()
         serde_json::from_slice::<Value>(&header).unwrap()["kid"].as_str().unwrap().to_string()
     };
     for (name, s) in [("a", &a), ("b", &b)] {
-        let mut https = Https::connect(s.broker_addr.unwrap(), &dir.path().join(name).join("ca.pem")).await;
+        let mut https =
+            Https::connect(s.broker_addr.unwrap(), &dir.path().join(name).join("ca.pem")).await;
         let (status, jwks) = https.get("/jwks").await;
         assert_eq!(status, 200);
-        assert!(jwks["keys"].as_array().unwrap().iter().any(|k| k["kid"] == kid.as_str()), "{name}: {jwks}");
+        assert!(
+            jwks["keys"].as_array().unwrap().iter().any(|k| k["kid"] == kid.as_str()),
+            "{name}: {jwks}"
+        );
     }
 
     // The task ends through server A: the token is inactive at B at once.

@@ -109,9 +109,12 @@ impl Polls {
         if last.len() >= MAX_WORKLOADS {
             last.clear();
         }
-        let (at, wait) = last.get(request).copied().unwrap_or((i64::MIN, interval));
+        let Some((at, wait)) = last.get(request).copied() else {
+            last.insert(request.to_string(), (now_ms, interval));
+            return None;
+        };
         // A little slack: clocks and schedulers are not exact.
-        if now_ms.saturating_sub(at) + 200 < i64::from(wait) * 1000 {
+        if now_ms.saturating_sub(at).saturating_add(200) < i64::from(wait) * 1000 {
             let slower = wait.saturating_add(5);
             last.insert(request.to_string(), (now_ms, slower));
             return Some(slower);

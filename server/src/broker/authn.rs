@@ -105,16 +105,22 @@ impl Verifier<'_> {
         let proven = match cached {
             Some(proven) if proven.expires_at > self.now => proven,
             _ => {
-                let valid = jwt::validate(token, self.issuer, self.bundle, self.now).map_err(|e| {
-                    BrokerError::InvalidGrant(format!("{what} is not a valid JWT-SVID for this broker: {e}"))
-                })?;
+                let valid =
+                    jwt::validate(token, self.issuer, self.bundle, self.now).map_err(|e| {
+                        BrokerError::InvalidGrant(format!(
+                            "{what} is not a valid JWT-SVID for this broker: {e}"
+                        ))
+                    })?;
                 let Some(jti) = valid.jti else {
                     return Err(BrokerError::InvalidGrant(format!(
                         "{what} has no jti, so it cannot be checked for revocation"
                     )));
                 };
-                let proven =
-                    Proven { spiffe_id: valid.spiffe_id, expires_at: valid.expires_at, record: svid_key("", &jti) };
+                let proven = Proven {
+                    spiffe_id: valid.spiffe_id,
+                    expires_at: valid.expires_at,
+                    record: svid_key("", &jti),
+                };
                 if let Some((cache, seq)) = self.cache {
                     cache.put(seq, key, proven.clone());
                 }
@@ -122,7 +128,10 @@ impl Verifier<'_> {
             }
         };
         if self.store.revocation(&proven.record)?.is_some() {
-            return Err(BrokerError::InvalidGrant(format!("{what} ({}) is revoked", proven.record)));
+            return Err(BrokerError::InvalidGrant(format!(
+                "{what} ({}) is revoked",
+                proven.record
+            )));
         }
         Ok(proven)
     }
@@ -142,12 +151,20 @@ impl Verifier<'_> {
                 peer.serial
             )));
         }
-        Ok(Proven { spiffe_id: peer.spiffe_id.clone(), expires_at: peer.not_after, record: peer.serial.clone() })
+        Ok(Proven {
+            spiffe_id: peer.spiffe_id.clone(),
+            expires_at: peer.not_after,
+            record: peer.serial.clone(),
+        })
     }
 
     /// The authenticated client: its mutual-TLS certificate and/or its
     /// `client_assertion` (which must agree); `None` when neither is given.
-    pub fn client(&self, form: &Form, peer: Option<&PeerSvid>) -> Result<Option<Proven>, BrokerError> {
+    pub fn client(
+        &self,
+        form: &Form,
+        peer: Option<&PeerSvid>,
+    ) -> Result<Option<Proven>, BrokerError> {
         let by_tls = peer.map(|p| self.peer(p)).transpose()?;
         let by_assertion = match (form.get("client_assertion_type"), form.get("client_assertion")) {
             (None, None) => None,
@@ -204,7 +221,9 @@ impl Verifier<'_> {
                 Some(self.jwt_svid(token, "actor_token")?)
             }
             None if form.get("actor_token_type").is_some() => {
-                return Err(BrokerError::InvalidRequest("actor_token_type without actor_token".into()))
+                return Err(BrokerError::InvalidRequest(
+                    "actor_token_type without actor_token".into(),
+                ))
             }
             None => None,
         };

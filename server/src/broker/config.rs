@@ -129,10 +129,18 @@ impl BrokerFileConfig {
             Some(path) => {
                 let path = path.trim_end_matches('/');
                 if !path.starts_with('/') || path.len() < 2 || path.contains(['?', '#', ' ']) {
-                    return Err(("broker.jwt_svid_path", format!("{path:?} is not a path like /svid")));
+                    return Err((
+                        "broker.jwt_svid_path",
+                        format!("{path:?} is not a path like /svid"),
+                    ));
                 }
-                if path.starts_with("/.well-known") || ["/token", "/introspect", "/jwks"].contains(&path) {
-                    return Err(("broker.jwt_svid_path", format!("{path} is one of the broker's own paths")));
+                if path.starts_with("/.well-known")
+                    || ["/token", "/introspect", "/jwks"].contains(&path)
+                {
+                    return Err((
+                        "broker.jwt_svid_path",
+                        format!("{path} is one of the broker's own paths"),
+                    ));
                 }
                 Some(format!("{issuer}{path}"))
             }

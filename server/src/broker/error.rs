@@ -38,7 +38,9 @@ pub enum BrokerError {
     #[error("{0}")]
     AccessDenied(String),
     /// The request waits for an operator's approval.
-    #[error("request {request_id} waits for an operator's approval ({why}); poll again in {interval} s")]
+    #[error(
+        "request {request_id} waits for an operator's approval ({why}); poll again in {interval} s"
+    )]
     Pending {
         /// The held request.
         request_id: String,
@@ -127,7 +129,9 @@ impl IntoResponse for BrokerError {
             "error": self.code(),
             "error_description": one_line(&self.to_string()),
         });
-        if let Self::Pending { request_id, interval, .. } | Self::SlowDown { request_id, interval } = &self {
+        if let Self::Pending { request_id, interval, .. }
+        | Self::SlowDown { request_id, interval } = &self
+        {
             body["interval"] = (*interval).into();
             body["request_id"] = request_id.clone().into();
         }

@@ -24,7 +24,7 @@ pub struct Refused {
     /// What the caller is told.
     pub error: BrokerError,
     /// The decision's event, if the request got as far as a decision.
-    pub event: Option<pb::Event>,
+    pub event: Option<Box<pb::Event>>,
 }
 
 impl From<BrokerError> for Refused {
@@ -116,13 +116,22 @@ impl Broker {
         let decision = self.policy.decide(&request);
         let content = canonical(&parties, &ask);
         let hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, content.as_bytes()));
-        let described =
-            Described { parties: &parties, agent: agent.clone(), ask: &ask, blast: decision.blast_radius, policies: &decision.policies };
+        let described = Described {
+            parties: &parties,
+            agent: agent.clone(),
+            ask: &ask,
+            blast: decision.blast_radius,
+            policies: &decision.policies,
+        };
         self.raise_anomalies(&described, now);
 
         let needs_approval = match decision.outcome {
             Outcome::Deny => {
-                return Err(self.denied(&described, BrokerError::AccessDenied(decision.reason.clone()), now))
+                return Err(self.denied(
+                    &described,
+                    BrokerError::AccessDenied(decision.reason.clone()),
+                    now,
+                ))
             }
             Outcome::Approval => decision.approval.clone(),
             Outcome::Allow => self
@@ -133,7 +142,17 @@ impl Broker {
         };
         let approved = match needs_approval {
             None => None,
-            Some(why) => Some(self.held(store, form, &described, &decision, &content, &hash, &facts.selectors, &why, now)?),
+            Some(why) => Some(self.held(
+                store,
+                form,
+                &described,
+                &decision,
+                &content,
+                &hash,
+                &facts.selectors,
+                &why,
+                now,
+            )?),
         };
         self.issue(store, &described, &task, approved, &decision, now)
     }
@@ -148,7 +167,11 @@ impl Broker {
     /// they all agree on — a key is kept when every entry has it with the
     /// same value, so a label one entry lacks or contradicts is not one
     /// the workload can be said to carry.
-    pub(super) fn whereabouts(&self, store: &dyn Store, parties: &Parties) -> Result<(String, EntryFacts), BrokerError> {
+    pub(super) fn whereabouts(
+        &self,
+        store: &dyn Store,
+        parties: &Parties,
+    ) -> Result<(String, EntryFacts), BrokerError> {
         let subject = &parties.subject;
         if let Some(issued) = store.issued(&subject.record)? {
             if let Some(entry) = store.entry(&issued.entry_id)? {
@@ -157,14 +180,16 @@ impl Broker {
             }
             return Ok((issued.agent_id, EntryFacts::default()));
         }
-        let filter = EntryFilter { spiffe_id: Some(subject.spiffe_id.clone()), ..Default::default() };
+        let filter =
+            EntryFilter { spiffe_id: Some(subject.spiffe_id.clone()), ..Default::default() };
         let entries = store.list_entries(&filter, None, 16)?;
         let mut selectors: Vec<String> =
             entries.iter().flat_map(|e| e.selectors.iter().map(ToString::to_string)).collect();
         selectors.sort();
         selectors.dedup();
         let labels = agreed_labels(entries.iter().map(|e| &e.labels));
-        let agents: Vec<String> = entries.iter().map(|e| e.parent_id.as_str().to_string()).collect();
+        let agents: Vec<String> =
+            entries.iter().map(|e| e.parent_id.as_str().to_string()).collect();
         Ok((agents.join(","), EntryFacts { selectors, labels }))
     }
 
@@ -210,10 +235,13 @@ impl Broker {
     }
 
     fn raise_anomalies(&self, d: &Described<'_>, now: i64) {
-        let raised = self.anomalies.observe(d.parties.subject.spiffe_id.as_str(), &d.ask.tool, d.blast, now);
+        let raised =
+            self.anomalies.observe(d.parties.subject.spiffe_id.as_str(), &d.ask.tool, d.blast, now);
         let events: Vec<pb::Event> = raised
             .into_iter()
-            .map(|k| d.event(k, "", &format!("{} on {}", k.trim_start_matches("anomaly."), d.ask.tool)))
+            .map(|k| {
+                d.event(k, "", &format!("{} on {}", k.trim_start_matches("anomaly."), d.ask.tool))
+            })
             .collect();
         if !events.is_empty() {
             self.state.events().record(events);
@@ -225,11 +253,16 @@ impl Broker {
             self.state.events().record(vec![d.event(
                 kind::ANOMALY_BROKER_DENIAL_BURST,
                 "",
-                &format!("{} denials within {} s", super::anomaly::BURST_DENIALS, super::anomaly::BURST_WINDOW),
+                &format!(
+                    "{} denials within {} s",
+                    super::anomaly::BURST_DENIALS,
+                    super::anomaly::BURST_WINDOW
+                ),
             )]);
         }
-        let event = d.event(kind::BROKER_TOKEN, event_schema::DENY, &error.to_string()).code(error.code());
-        Refused { error, event: Some(event) }
+        let event =
+            d.event(kind::BROKER_TOKEN, event_schema::DENY, &error.to_string()).code(error.code());
+        Refused { error, event: Some(Box::new(event)) }
     }
 
     /// A request that needs approval: the approved request to issue
@@ -251,10 +284,16 @@ impl Broker {
         let existing = match form.get("request_id") {
             Some(id) => {
                 let Some(held) = store.request(id).map_err(BrokerError::from)? else {
-                    return Err(BrokerError::Expired(format!("request {id} does not exist (or lapsed)")).into());
+                    return Err(BrokerError::Expired(format!(
+                        "request {id} does not exist (or lapsed)"
+                    ))
+                    .into());
                 };
                 if held.spiffe_id != subject {
-                    return Err(BrokerError::InvalidGrant(format!("request {id} is not the caller's")).into());
+                    return Err(BrokerError::InvalidGrant(format!(
+                        "request {id} is not the caller's"
+                    ))
+                    .into());
                 }
                 if held.content_hash != hash {
                     let error = BrokerError::InvalidRequest(format!(
@@ -265,11 +304,11 @@ impl Broker {
                 }
                 Some(held)
             }
-            None => store
-                .requests()
-                .map_err(BrokerError::from)?
-                .into_iter()
-                .find(|r| r.spiffe_id == subject && r.content_hash == hash && matches!(r.state, RequestState::Pending | RequestState::Approved)),
+            None => store.requests().map_err(BrokerError::from)?.into_iter().find(|r| {
+                r.spiffe_id == subject
+                    && r.content_hash == hash
+                    && matches!(r.state, RequestState::Pending | RequestState::Approved)
+            }),
         };
         let interval = self.config.poll_interval;
         let Some(held) = existing else {
@@ -294,21 +333,37 @@ impl Broker {
                 reason: String::new(),
             };
             let event = d.event(kind::BROKER_PENDING, "", why).attr("request", &request.id);
-            let stored = store.put_request(&request, &Audit::if_ok(None, vec![event])).map_err(BrokerError::from)?;
+            let stored = store
+                .put_request(&request, &Audit::if_ok(None, vec![event]))
+                .map_err(BrokerError::from)?;
             stored.map_err(BrokerError::from)?;
-            return Err(BrokerError::Pending { request_id: request.id, interval, why: why.to_string() }.into());
+            // The request itself counts as the first poll.
+            self.polls.too_soon(&request.id, self.state.clock().now_ms(), interval);
+            return Err(BrokerError::Pending {
+                request_id: request.id,
+                interval,
+                why: why.to_string(),
+            }
+            .into());
         };
         match held.state {
             RequestState::Pending if held.expires_at > now => {
-                if let Some(wait) = self.polls.too_soon(&held.id, self.state.clock().now_ms(), interval) {
-                    return Err(BrokerError::SlowDown { request_id: held.id, interval: wait }.into());
+                if let Some(wait) =
+                    self.polls.too_soon(&held.id, self.state.clock().now_ms(), interval)
+                {
+                    return Err(
+                        BrokerError::SlowDown { request_id: held.id, interval: wait }.into()
+                    );
                 }
                 Err(BrokerError::Pending { request_id: held.id, interval, why: held.why }.into())
             }
             RequestState::Approved if held.expires_at > now => Ok(held.id),
             RequestState::Denied => Err(self.denied(
                 d,
-                BrokerError::AccessDenied(format!("request {} was denied by {}: {}", held.id, held.decided_by, held.reason)),
+                BrokerError::AccessDenied(format!(
+                    "request {} was denied by {}: {}",
+                    held.id, held.decided_by, held.reason
+                )),
                 now,
             )),
             RequestState::Issued => Err(BrokerError::InvalidGrant(format!(
@@ -316,7 +371,11 @@ impl Broker {
                 held.id
             ))
             .into()),
-            _ => Err(self.denied(d, BrokerError::Expired(format!("request {} lapsed", held.id)), now)),
+            _ => Err(self.denied(
+                d,
+                BrokerError::Expired(format!("request {} lapsed", held.id)),
+                now,
+            )),
         }
     }
 
@@ -333,12 +392,16 @@ impl Broker {
     ) -> Result<Value, Refused> {
         let parties = d.parties;
         let ask = d.ask;
-        let mut exp = (now + i64::from(self.config.token_ttl)).min(task.expires_at).min(parties.subject.expires_at);
+        let mut exp = (now + i64::from(self.config.token_ttl))
+            .min(task.expires_at)
+            .min(parties.subject.expires_at);
         if let Some(actor) = &parties.actor {
             exp = exp.min(actor.expires_at);
         }
         if exp <= now {
-            return Err(BrokerError::InvalidGrant("the task or the credential expires now".into()).into());
+            return Err(
+                BrokerError::InvalidGrant("the task or the credential expires now".into()).into()
+            );
         }
         let jti = uuid::Uuid::new_v4().to_string();
         let mut claims = Map::new();
@@ -369,8 +432,16 @@ impl Broker {
             aud: ask.tool.clone(),
             task: ask.task.clone(),
             scope: scope.clone(),
-            authorization_details: if ask.details.is_empty() { String::new() } else { Value::Array(ask.details.clone()).to_string() },
-            actor: parties.actor.as_ref().map(|a| a.spiffe_id.as_str().to_string()).unwrap_or_default(),
+            authorization_details: if ask.details.is_empty() {
+                String::new()
+            } else {
+                Value::Array(ask.details.clone()).to_string()
+            },
+            actor: parties
+                .actor
+                .as_ref()
+                .map(|a| a.spiffe_id.as_str().to_string())
+                .unwrap_or_default(),
             client_id: parties.client.as_str().to_string(),
             iat: now,
             exp,
@@ -444,7 +515,11 @@ fn agreed_labels<'a>(
 /// The uids a workload runs as, from its entry's `unix:uid:N` selectors:
 /// they may not approve its requests.
 fn own_uids(selectors: &[String]) -> Vec<u32> {
-    selectors.iter().filter_map(|s| s.strip_prefix("unix:uid:")).filter_map(|u| u.parse().ok()).collect()
+    selectors
+        .iter()
+        .filter_map(|s| s.strip_prefix("unix:uid:"))
+        .filter_map(|u| u.parse().ok())
+        .collect()
 }
 
 #[cfg(test)]

@@ -16,8 +16,7 @@ pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 /// An access token, the default requested token type.
 pub const TOKEN_TYPE_ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
 /// SPIFFE client authentication (draft-ietf-oauth-spiffe-client-auth).
-pub const ASSERTION_JWT_SPIFFE: &str =
-    "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe";
+pub const ASSERTION_JWT_SPIFFE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe";
 
 /// Largest form body read, bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -99,7 +98,8 @@ impl Ask {
         let scope: Vec<String> = match form.get("scope") {
             None => Vec::new(),
             Some(s) => {
-                let tokens: BTreeSet<String> = s.split(' ').filter(|t| !t.is_empty()).map(str::to_string).collect();
+                let tokens: BTreeSet<String> =
+                    s.split(' ').filter(|t| !t.is_empty()).map(str::to_string).collect();
                 for t in &tokens {
                     check_item("scope token", t).map_err(BrokerError::InvalidScope)?;
                 }
@@ -116,7 +116,8 @@ impl Ask {
             Some(text) => parse_details(text)?,
         };
         for d in &details {
-            let obj = d.as_object().ok_or_else(|| details_err("every element must be an object"))?;
+            let obj =
+                d.as_object().ok_or_else(|| details_err("every element must be an object"))?;
             let ty = match obj.get("type") {
                 Some(Value::String(t)) if !t.is_empty() => t.clone(),
                 _ => return Err(details_err("every element needs a string \"type\"")),
@@ -144,7 +145,9 @@ impl Ask {
                 None => {}
                 Some(v) => {
                     let a = amount_of(v).ok_or_else(|| {
-                        details_err("\"amount\" must be a non-negative integer (or a string of one)")
+                        details_err(
+                            "\"amount\" must be a non-negative integer (or a string of one)",
+                        )
                     })?;
                     amount = Some(amount.map_or(a, |m: i64| m.max(a)));
                 }
@@ -156,7 +159,9 @@ impl Ask {
             ));
         }
         if actions.len() > MAX_ITEMS || targets.len() > MAX_ITEMS {
-            return Err(BrokerError::InvalidRequest(format!("more than {MAX_ITEMS} actions or targets")));
+            return Err(BrokerError::InvalidRequest(format!(
+                "more than {MAX_ITEMS} actions or targets"
+            )));
         }
         let task = form.require("task")?.to_string();
         check_item("task", &task).map_err(BrokerError::InvalidRequest)?;
@@ -175,12 +180,12 @@ impl Ask {
 
     /// `action target` pairs, what a task records as done.
     pub fn pairs(&self) -> Vec<String> {
-        let targets: Vec<&str> =
-            if self.targets.is_empty() { vec![self.tool.as_str()] } else { self.targets.iter().map(String::as_str).collect() };
-        self.actions
-            .iter()
-            .flat_map(|a| targets.iter().map(move |t| format!("{a} {t}")))
-            .collect()
+        let targets: Vec<&str> = if self.targets.is_empty() {
+            vec![self.tool.as_str()]
+        } else {
+            self.targets.iter().map(String::as_str).collect()
+        };
+        self.actions.iter().flat_map(|a| targets.iter().map(move |t| format!("{a} {t}"))).collect()
     }
 }
 
@@ -214,8 +219,9 @@ fn tool_of(form: &Form) -> Result<String, BrokerError> {
 }
 
 fn parse_details(text: &str) -> Result<Vec<Value>, BrokerError> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| details_err(&format!("not JSON: {}", super::error::one_line(&e.to_string()))))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        details_err(&format!("not JSON: {}", super::error::one_line(&e.to_string())))
+    })?;
     let Value::Array(items) = value else { return Err(details_err("must be a JSON array")) };
     if items.is_empty() {
         return Err(details_err("must not be empty"));
@@ -232,7 +238,9 @@ fn strings(obj: &Map<String, Value>, key: &str) -> Result<Vec<String>, BrokerErr
         Some(Value::Array(items)) => items
             .iter()
             .map(|v| match v {
-                Value::String(s) => check_item(key, s).map(|_| s.clone()).map_err(|e| details_err(&e)),
+                Value::String(s) => {
+                    check_item(key, s).map(|_| s.clone()).map_err(|e| details_err(&e))
+                }
                 _ => Err(details_err(&format!("\"{key}\" must be an array of strings"))),
             })
             .collect(),
@@ -293,8 +301,14 @@ mod tests {
         assert_eq!(code("audience=a&task=t"), "invalid_scope");
         assert_eq!(code("audience=a&scope=r"), "invalid_request");
         assert_eq!(code("audience=a&scope=r&task=t&task=u"), "invalid_request");
-        assert_eq!(code("audience=a&task=t&authorization_details=%5B"), "invalid_authorization_details");
-        assert_eq!(code("audience=a&task=t&authorization_details=%7B%7D"), "invalid_authorization_details");
+        assert_eq!(
+            code("audience=a&task=t&authorization_details=%5B"),
+            "invalid_authorization_details"
+        );
+        assert_eq!(
+            code("audience=a&task=t&authorization_details=%7B%7D"),
+            "invalid_authorization_details"
+        );
         assert_eq!(
             code("audience=a&task=t&authorization_details=%5B%7B%22type%22%3A%22x%22%7D%5D"),
             "invalid_authorization_details"

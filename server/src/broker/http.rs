@@ -77,15 +77,23 @@ pub fn tls_config(
 struct Fixed(Arc<rustls::sign::CertifiedKey>);
 
 impl ResolvesServerCert for Fixed {
-    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.0.clone())
     }
 }
 
 /// An operator certificate chain and key (PEM) as a resolver.
-pub fn operator_cert(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<dyn ResolvesServerCert>, String> {
+pub fn operator_cert(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<dyn ResolvesServerCert>, String> {
     use rustls_pki_types::pem::PemObject;
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
     let pem = read(cert)?;
     let certs: Vec<rustls_pki_types::CertificateDer<'static>> =
         rustls_pki_types::CertificateDer::pem_reader_iter(BufReader::new(pem.as_slice()))
@@ -101,6 +109,56 @@ pub fn operator_cert(cert: &std::path::Path, key: &std::path::Path) -> Result<Ar
     Ok(Arc::new(Fixed(Arc::new(rustls::sign::CertifiedKey::new(certs, signing)))))
 }
 
+/// A broker ready to serve: its listener bound and TLS set up, so a bad
+/// policy, key or address stops the server at startup with one line.
+#[derive(Debug)]
+pub struct Bound {
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    tls: rustls::ServerConfig,
+}
+
+impl Bound {
+    /// Loads the broker and binds its address; `svid` serves TLS unless
+    /// the config names an operator certificate.
+    pub async fn bind(
+        config: super::config::BrokerConfig,
+        state: Arc<crate::state::State>,
+        svid: Arc<dyn rustls::server::ResolvesServerCert>,
+    ) -> Result<Self, BrokerError> {
+        let resolver = match &config.tls {
+            Some((cert, key)) => operator_cert(cert, key).map_err(BrokerError::Internal)?,
+            None => svid,
+        };
+        let tls = tls_config(resolver, state.anchors().clone())
+            .map_err(|e| BrokerError::Internal(format!("TLS: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(config.bind)
+            .await
+            .map_err(|e| BrokerError::Internal(format!("cannot bind {}: {e}", config.bind)))?;
+        let broker = Arc::new(Broker::new(config, state)?);
+        let first = broker.clone();
+        tokio::task::spawn_blocking(move || first.upkeep_once(true))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        Ok(Self { broker, listener, tls })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves, keeps up and watches the policy until `shutdown`.
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        let Self { broker, listener, tls } = self;
+        let watch =
+            broker.policy.clone().watch(std::time::Duration::from_secs(1), shutdown.clone());
+        let upkeep = broker.clone().upkeep(shutdown.clone());
+        let serve = serve(broker, listener, tls, shutdown);
+        tokio::join!(watch, upkeep, serve);
+    }
+}
+
 /// The routes.
 pub fn router(broker: Arc<Broker>) -> Router {
     let mut router = Router::new()
@@ -113,7 +171,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
     let issuer_path = broker.config().issuer_path().to_string();
     if !issuer_path.is_empty() {
         // RFC 8414 §3: the well-known path with the issuer's path appended.
-        router = router.route(&format!("/.well-known/oauth-authorization-server{issuer_path}"), get(metadata));
+        router = router
+            .route(&format!("/.well-known/oauth-authorization-server{issuer_path}"), get(metadata));
     }
     if let Some(path) = broker.config().jwt_svid_path() {
         router = router
@@ -156,16 +215,21 @@ pub async fn serve(
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await else {
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+            else {
                 debug!(%addr, "broker TLS handshake failed or timed out");
                 return;
             };
-            let peer = Peer(tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(peer_svid));
-            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let mut req = req.map(Body::new);
-                req.extensions_mut().insert(peer.clone());
-                router.clone().oneshot(req)
-            });
+            let peer = Peer(
+                tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(peer_svid),
+            );
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let mut req = req.map(Body::new);
+                    req.extensions_mut().insert(peer.clone());
+                    router.clone().oneshot(req)
+                });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
@@ -196,7 +260,8 @@ fn peer_svid(der: &rustls_pki_types::CertificateDer<'_>) -> Option<PeerSvid> {
 
 /// Reads a form body: the content type, then at most [`MAX_BODY`] bytes.
 async fn read_form(headers: &HeaderMap, body: Body) -> Result<Form, BrokerError> {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type =
+        headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim();
     if !media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
         return Err(BrokerError::InvalidRequest(format!(
@@ -215,7 +280,8 @@ async fn read_form(headers: &HeaderMap, body: Body) -> Result<Form, BrokerError>
     let mut seen = 0usize;
     let read = async {
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| BrokerError::InvalidRequest(format!("cannot read the body: {e}")))?;
+            let frame = frame
+                .map_err(|e| BrokerError::InvalidRequest(format!("cannot read the body: {e}")))?;
             let Ok(data) = frame.into_data() else { continue };
             seen += data.len();
             if seen > DRAIN_LIMIT {
@@ -229,7 +295,9 @@ async fn read_form(headers: &HeaderMap, body: Body) -> Result<Form, BrokerError>
     };
     match tokio::time::timeout(BODY_TIMEOUT, read).await {
         Ok(result) => result?,
-        Err(_) => return Err(BrokerError::InvalidRequest("the body did not arrive in time".into())),
+        Err(_) => {
+            return Err(BrokerError::InvalidRequest("the body did not arrive in time".into()))
+        }
     }
     if seen > MAX_BODY {
         // Read (and dropped) up to DRAIN_LIMIT so that the client, still
@@ -241,12 +309,18 @@ async fn read_form(headers: &HeaderMap, body: Body) -> Result<Form, BrokerError>
 
 fn no_store(value: Value) -> Response {
     let mut response = Json(value).into_response();
-    response.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
     response
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, BrokerError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| BrokerError::Internal(format!("broker task failed: {e}")))
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BrokerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("broker task failed: {e}")))
 }
 
 async fn token(
@@ -270,7 +344,11 @@ async fn answer(broker: &Broker, outcome: Result<Result<Value, Refused>, BrokerE
         Ok(Ok(answer)) => no_store(answer),
         Ok(Err(refused)) => {
             if let Some(event) = refused.event {
-                broker.state.events().record_durable(vec![event.code(refused.error.event_code())]).await;
+                broker
+                    .state
+                    .events()
+                    .record_durable(vec![event.code(refused.error.event_code())])
+                    .await;
             }
             refused.error.into_response()
         }

@@ -15,7 +15,12 @@ use super::Broker;
 
 impl Broker {
     /// Answers an introspection form (blocking: reads the store).
-    pub fn introspect(&self, form: &Form, peer: Option<&PeerSvid>, bearer: Option<&str>) -> Result<Value, BrokerError> {
+    pub fn introspect(
+        &self,
+        form: &Form,
+        peer: Option<&PeerSvid>,
+        bearer: Option<&str>,
+    ) -> Result<Value, BrokerError> {
         let now = self.now();
         let store = self.state.store().as_ref();
         let bundle = self.jwt_bundle();

@@ -59,13 +59,18 @@ fn on_disk(dir: &Path) -> std::io::Result<Vec<(i64, PathBuf)>> {
             }
         }
     }
-    keys.sort_by(|a, b| b.0.cmp(&a.0));
+    keys.sort_by_key(|k| std::cmp::Reverse(k.0));
     Ok(keys)
 }
 
 impl BrokerKeys {
     /// Loads the newest key in `<data_dir>/broker`, or makes one.
-    pub fn open(data_dir: &Path, rotation: u64, overlap: u32, now: i64) -> Result<Self, BrokerError> {
+    pub fn open(
+        data_dir: &Path,
+        rotation: u64,
+        overlap: u32,
+        now: i64,
+    ) -> Result<Self, BrokerError> {
         let dir = data_dir.join("broker");
         crate::fsutil::create_private_dir(&dir)
             .map_err(|e| BrokerError::Internal(format!("cannot create {}: {e}", dir.display())))?;
@@ -118,8 +123,9 @@ impl BrokerKeys {
     /// This server's keys as published: each until its successor was made
     /// plus the longest token lifetime.
     pub fn own(&self) -> Result<Vec<PublishedKey>, BrokerError> {
-        let keys = on_disk(&self.dir)
-            .map_err(|e| BrokerError::Internal(format!("cannot read {}: {e}", self.dir.display())))?;
+        let keys = on_disk(&self.dir).map_err(|e| {
+            BrokerError::Internal(format!("cannot read {}: {e}", self.dir.display()))
+        })?;
         let mut out = Vec::new();
         let mut successor: Option<i64> = None;
         for (at, path) in keys {

@@ -52,55 +52,6 @@ use config::BrokerConfig;
 use keys::BrokerKeys;
 use policy::PolicyEngine;
 
-/// A broker ready to serve: its listener bound and TLS set up, so a bad
-/// policy, key or address stops the server at startup with one line.
-#[derive(Debug)]
-pub struct Bound {
-    broker: Arc<Broker>,
-    listener: tokio::net::TcpListener,
-    tls: rustls::ServerConfig,
-}
-
-impl Bound {
-    /// Loads the broker and binds its address; `svid` serves TLS unless
-    /// the config names an operator certificate.
-    pub async fn bind(
-        config: BrokerConfig,
-        state: Arc<State>,
-        svid: Arc<dyn rustls::server::ResolvesServerCert>,
-    ) -> Result<Self, BrokerError> {
-        let resolver = match &config.tls {
-            Some((cert, key)) => http::operator_cert(cert, key).map_err(BrokerError::Internal)?,
-            None => svid,
-        };
-        let tls = http::tls_config(resolver, state.anchors().clone())
-            .map_err(|e| BrokerError::Internal(format!("TLS: {e}")))?;
-        let listener = tokio::net::TcpListener::bind(config.bind)
-            .await
-            .map_err(|e| BrokerError::Internal(format!("cannot bind {}: {e}", config.bind)))?;
-        let broker = Arc::new(Broker::new(config, state)?);
-        let first = broker.clone();
-        tokio::task::spawn_blocking(move || first.upkeep_once(true))
-            .await
-            .map_err(|e| BrokerError::Internal(e.to_string()))??;
-        Ok(Self { broker, listener, tls })
-    }
-
-    /// The bound address.
-    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        self.listener.local_addr().ok()
-    }
-
-    /// Serves, keeps up and watches the policy until `shutdown`.
-    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
-        let Self { broker, listener, tls } = self;
-        let watch = broker.policy.clone().watch(std::time::Duration::from_secs(1), shutdown.clone());
-        let upkeep = broker.clone().upkeep(shutdown.clone());
-        let serve = http::serve(broker, listener, tls, shutdown);
-        tokio::join!(watch, upkeep, serve);
-    }
-}
-
 /// The broker: its settings, policy, keys and the server's state.
 #[derive(Debug)]
 pub struct Broker {
@@ -120,12 +71,29 @@ pub struct Broker {
 impl Broker {
     /// Loads the policy (refusing to start on a bad one) and the keys.
     pub fn new(config: BrokerConfig, state: Arc<State>) -> Result<Self, BrokerError> {
-        let policy = PolicyEngine::load(&config.policy_dir, config.resources.as_deref(), config.weights.clone())
-            .map_err(|e| BrokerError::Internal(format!("broker policy: {e}")))?;
+        let policy = PolicyEngine::load(
+            &config.policy_dir,
+            config.resources.as_deref(),
+            config.weights.clone(),
+        )
+        .map_err(|e| BrokerError::Internal(format!("broker policy: {e}")))?;
         let now = state.clock().now();
-        let keys = BrokerKeys::open(&state.config().data_dir, config.key_rotation, config.token_ttl, now)?;
-        let bundle = ArcSwap::from_pointee((u64::MAX, JwtBundle::new(state.config().trust_domain.clone(), Vec::new())));
-        Ok(Self { config, state, policy: Arc::new(policy), keys, anomalies: anomaly::Tracker::default(), bundle, svids: Default::default(), polls: Default::default() })
+        let keys =
+            BrokerKeys::open(&state.config().data_dir, config.key_rotation, config.token_ttl, now)?;
+        let bundle = ArcSwap::from_pointee((
+            u64::MAX,
+            JwtBundle::new(state.config().trust_domain.clone(), Vec::new()),
+        ));
+        Ok(Self {
+            config,
+            state,
+            policy: Arc::new(policy),
+            keys,
+            anomalies: anomaly::Tracker::default(),
+            bundle,
+            svids: Default::default(),
+            polls: Default::default(),
+        })
     }
 
     /// The settings.

@@ -29,7 +29,10 @@ impl Broker {
         let verifier = self.verifier(&bundle, store, now);
         let parties = verifier.exchange(form, peer)?;
         if parties.actor.is_some() {
-            return Err(BrokerError::InvalidRequest("a workload starts sub-tasks for itself only".into()).into());
+            return Err(BrokerError::InvalidRequest(
+                "a workload starts sub-tasks for itself only".into(),
+            )
+            .into());
         }
         let subject = parties.subject.spiffe_id.as_str().to_string();
         let parent_id = form.require("parent")?;
@@ -38,7 +41,9 @@ impl Broker {
             .map_err(BrokerError::from)?
             .ok_or_else(|| BrokerError::InvalidGrant(format!("task {parent_id} does not exist")))?;
         if parent.spiffe_id != subject {
-            return Err(BrokerError::InvalidGrant(format!("task {parent_id} is not the caller's")).into());
+            return Err(
+                BrokerError::InvalidGrant(format!("task {parent_id} is not the caller's")).into()
+            );
         }
         if !parent.is_live(now) {
             return Err(BrokerError::InvalidGrant(format!("task {parent_id} has ended")).into());
@@ -78,12 +83,17 @@ impl Broker {
             .attr("blast_radius", decision.blast_radius);
         if !matches!(decision.outcome, Outcome::Allow) {
             let why = match decision.outcome {
-                Outcome::Approval => "a sub-task cannot wait for approval; an operator starts it".to_string(),
+                Outcome::Approval => {
+                    "a sub-task cannot wait for approval; an operator starts it".to_string()
+                }
                 _ => decision.reason.clone(),
             };
             event.decision = event_schema::DENY.into();
             event.reason = super::error::one_line(&why);
-            return Err(Refused { error: BrokerError::AccessDenied(why), event: Some(event) });
+            return Err(Refused {
+                error: BrokerError::AccessDenied(why),
+                event: Some(Box::new(event)),
+            });
         }
         let task = Task {
             id: format!("task-{}", uuid::Uuid::new_v4()),
@@ -104,6 +114,8 @@ impl Broker {
             .start_task(&task, &Audit::if_ok(None, vec![event]))
             .map_err(BrokerError::from)?
             .map_err(BrokerError::from)?;
-        Ok(json!({ "task": task.id, "parent": task.parent, "expires_at": task.expires_at, "expires_in": task.expires_at - now }))
+        Ok(
+            json!({ "task": task.id, "parent": task.parent, "expires_at": task.expires_at, "expires_in": task.expires_at - now }),
+        )
     }
 }

@@ -26,7 +26,7 @@ impl Broker {
         let mut ticks: u64 = 0;
         loop {
             let broker = self.clone();
-            let keys_too = ticks % 5 == 0;
+            let keys_too = ticks.is_multiple_of(5);
             let done = tokio::task::spawn_blocking(move || broker.upkeep_once(keys_too)).await;
             if let Ok(Err(e)) = done {
                 warn!(error = %e, "broker upkeep failed; retrying");
@@ -45,7 +45,8 @@ impl Broker {
         let store = self.state.store().as_ref();
         for id in store.expired_tasks(now)? {
             let mut event = event_schema::event(kind::BROKER_TASK_EXPIRE, "").attr("task", &id);
-            event.reason = "the task reached its expiry: every token issued under it is revoked".into();
+            event.reason =
+                "the task reached its expiry: every token issued under it is revoked".into();
             let ended = store.end_task(&id, now, "expired", &Audit::if_ok(None, vec![event]))?;
             if ended.is_ok() {
                 info!(task = %id, "task expired: its tokens are revoked");
@@ -55,16 +56,17 @@ impl Broker {
             lapsed
                 .iter()
                 .map(|r| {
-                    let mut e = event_schema::event(kind::BROKER_REQUEST_EXPIRE, event_schema::DENY)
-                        .spiffe_id(r.spiffe_id.clone())
-                        .agent(r.agent_id.clone())
-                        .attr("request", &r.id)
-                        .attr("task", &r.task)
-                        .attr("tool", &r.tool)
-                        .attr("actions", r.actions.join(","))
-                        .attr("blast_radius", r.blast_radius)
-                        .attr("policies", r.policies.join(","))
-                        .code("expired_token");
+                    let mut e =
+                        event_schema::event(kind::BROKER_REQUEST_EXPIRE, event_schema::DENY)
+                            .spiffe_id(r.spiffe_id.clone())
+                            .agent(r.agent_id.clone())
+                            .attr("request", &r.id)
+                            .attr("task", &r.task)
+                            .attr("tool", &r.tool)
+                            .attr("actions", r.actions.join(","))
+                            .attr("blast_radius", r.blast_radius)
+                            .attr("policies", r.policies.join(","))
+                            .code("expired_token");
                     e.reason = format!("request {:?} lapsed unanswered or unused", r.state);
                     e
                 })

@@ -338,7 +338,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jwt.key.pem");
         let key = JwtSigningKey::load_or_create(&path, JwtKeyType::EcP256).unwrap();
-        let signed = key.sign("spiffe://example.org/w", &["db".to_string()], 1000, 1300, None).unwrap();
+        let signed =
+            key.sign("spiffe://example.org/w", &["db".to_string()], 1000, 1300, None).unwrap();
         let p = parts(&signed.token);
         assert_eq!(p[0], serde_json::json!({"alg": "ES256", "kid": key.kid(), "typ": "JWT"}));
         let claims = p[1].as_object().unwrap();

@@ -324,7 +324,16 @@ impl Ca {
         if expires_at <= now {
             return Err(CaError::Expired);
         }
-        Ok((key.jwt.sign(spiffe_id.as_str(), audience, now, expires_at, self.policy.jwt_issuer.as_deref())?, key.seq))
+        Ok((
+            key.jwt.sign(
+                spiffe_id.as_str(),
+                audience,
+                now,
+                expires_at,
+                self.policy.jwt_issuer.as_deref(),
+            )?,
+            key.seq,
+        ))
     }
 
     /// When the active CA expires (Unix seconds).

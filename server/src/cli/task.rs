@@ -207,11 +207,15 @@ pub(super) async fn task_command(command: TaskCommand) -> Result<(), CliError> {
         TaskCommand::RevokeToken { jti, reason, socket } => {
             let mut client = connect(&socket).await?;
             let reply = client
-                .revoke_access_token(pb::RevokeAccessTokenRequest { jti, reason: reason.unwrap_or_default() })
+                .revoke_access_token(pb::RevokeAccessTokenRequest {
+                    jti,
+                    reason: reason.unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
-            let token: serde_json::Value = serde_json::from_str(&reply.json)
-                .map_err(|e| CliError(format!("the server sent an unreadable token record: {e}")))?;
+            let token: serde_json::Value = serde_json::from_str(&reply.json).map_err(|e| {
+                CliError(format!("the server sent an unreadable token record: {e}"))
+            })?;
             crate::outln!(
                 "Revoked access token {} of {} for {} (task {})",
                 token["jti"].as_str().unwrap_or_default(),

@@ -69,7 +69,11 @@ impl Broker {
             .server
             .admin()
             .await
-            .start_task(admin_pb::StartTaskRequest { spiffe_id: AGENT.into(), ttl: 3600, ..Default::default() })
+            .start_task(admin_pb::StartTaskRequest {
+                spiffe_id: AGENT.into(),
+                ttl: 3600,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -196,16 +200,26 @@ async fn task_end_to_inactive(broker: &Broker, rounds: usize) -> (f64, f64) {
     for _ in 0..rounds {
         let task = broker.task().await;
         let token = broker.exchange(&mut https, &task).await;
-        let (_, seen) = introspect.post_form("/introspect", &[("token", &token)], Some(&broker.tool_svid)).await;
+        let (_, seen) = introspect
+            .post_form("/introspect", &[("token", &token)], Some(&broker.tool_svid))
+            .await;
         assert_eq!(seen["active"], true, "{seen}");
         let t = Instant::now();
-        admin.end_task(admin_pb::EndTaskRequest { id: task, reason: "bench".into() }).await.unwrap();
+        admin
+            .end_task(admin_pb::EndTaskRequest { id: task, reason: "bench".into() })
+            .await
+            .unwrap();
         loop {
-            let (_, seen) = introspect.post_form("/introspect", &[("token", &token)], Some(&broker.tool_svid)).await;
+            let (_, seen) = introspect
+                .post_form("/introspect", &[("token", &token)], Some(&broker.tool_svid))
+                .await;
             if seen["active"] == false {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(5), "the token stayed active after its task ended");
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the token stayed active after its task ended"
+            );
         }
         samples.push(t.elapsed());
     }

@@ -216,20 +216,28 @@ impl AdminService {
         id_arg("jti", &req.jti)
             .and_then(|()| text_arg("reason", &req.reason))
             .map_err(|message| refuse(Status::invalid_argument(message)))?;
-        let reason = if req.reason.is_empty() { "revoked by operator".to_string() } else { req.reason.clone() };
-        let audit = Audit::new(operator, move |revoked: &Result<AccessToken, BrokerRefusal>| match revoked {
-            Ok(token) => {
-                let mut e = admin_event(kind::BROKER_TOKEN_REVOKE, &operator)
-                    .spiffe_id(token.sub.clone())
-                    .attr("task", &token.task)
-                    .attr("tool", &token.aud)
-                    .attr("actions", token.scope.replace(' ', ","));
-                e.jti = token.jti.clone();
-                e.reason = reason.clone();
-                vec![e]
-            }
-            Err(_) => Vec::new(),
-        });
+        let reason = if req.reason.is_empty() {
+            "revoked by operator".to_string()
+        } else {
+            req.reason.clone()
+        };
+        let audit =
+            Audit::new(
+                operator,
+                move |revoked: &Result<AccessToken, BrokerRefusal>| match revoked {
+                    Ok(token) => {
+                        let mut e = admin_event(kind::BROKER_TOKEN_REVOKE, &operator)
+                            .spiffe_id(token.sub.clone())
+                            .attr("task", &token.task)
+                            .attr("tool", &token.aud)
+                            .attr("actions", token.scope.replace(' ', ","));
+                        e.jti = token.jti.clone();
+                        e.reason = reason.clone();
+                        vec![e]
+                    }
+                    Err(_) => Vec::new(),
+                },
+            );
         let (jti, now) = (req.jti.clone(), self.state.clock().now());
         let token = self
             .state

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer};
 
 use super::resources::Resources;
-use super::AccessRequest;
+use super::types::AccessRequest;
 
 /// The weights of the blast-radius formula (`[broker.blast_radius]` in
 /// the server's TOML; every field may be left out).

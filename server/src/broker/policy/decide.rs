@@ -10,7 +10,7 @@ use super::blast::{Blast, BlastWeights};
 use super::error::one_line;
 use super::load::Loaded;
 use super::request::{self, action_uid, resource_uid, workload_uid};
-use super::{AccessRequest, Decision, Outcome};
+use super::types::{AccessRequest, Decision, Outcome};
 
 /// A denied pair and the forbid policies that decided it (none: no permit).
 struct Denied<'a> {

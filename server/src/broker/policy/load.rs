@@ -9,11 +9,12 @@ use std::str::FromStr;
 
 use cedar_policy::{Authorizer, Effect, PolicyId, PolicySet, Schema, ValidationMode, Validator};
 
+use super::blast::BlastWeights;
 use super::error::{first_offset, one_line, Location, PolicyError};
 use super::request::ResourceEntities;
 use super::resources::Resources;
 use super::slices::Slices;
-use super::{BlastWeights, PolicySummary};
+use super::types::PolicySummary;
 
 /// A loaded, validated policy set and what decisions read with it.
 #[derive(Debug)]

@@ -14,7 +14,7 @@ use cedar_policy::{
 use super::blast::Blast;
 use super::error::one_line;
 use super::resources::Resources;
-use super::AccessRequest;
+use super::types::AccessRequest;
 
 /// Parses a constant entity type name.
 #[allow(clippy::expect_used)] // The three names below are constants that parse.

@@ -3,6 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
 use super::*;
 
 fn examples() -> PathBuf {
@@ -292,7 +297,7 @@ fn errors_name_file_and_line() {
 fn check_dir_summarises_the_examples() {
     let dir = examples();
     let s = check_dir(&dir.join("policies"), Some(&dir.join("resources.toml"))).unwrap();
-    assert_eq!((s.policies, s.permits, s.forbids, s.approvals), (8, 6, 2, 2));
+    assert_eq!((s.policies, s.permits, s.forbids, s.approvals), (9, 7, 2, 2));
     assert_eq!(
         (s.files, s.schema.as_str(), s.resources),
         (vec!["tools.cedar".into()], "schema.cedarschema", 5)
@@ -402,8 +407,8 @@ fn slices_decide_as_the_whole_set_does() {
     // An action group: `mutate` holds the writing actions.
     let schema_path = dir.path().join("schema.cedarschema");
     let schema = std::fs::read_to_string(&schema_path).unwrap().replace(
-        "  action read, list, write, create, update, delete, transfer appliesTo {",
-        "  action mutate;\n  action write, create, update, delete in [mutate] appliesTo {\n    principal: [Workload], resource: [Resource], context: Request,\n  };\n  action read, list, transfer appliesTo {",
+        "  action read, list, write, create, update, delete, transfer, start_task appliesTo {",
+        "  action mutate;\n  action write, create, update, delete in [mutate] appliesTo {\n    principal: [Workload], resource: [Resource], context: Request,\n  };\n  action read, list, transfer, start_task appliesTo {",
     );
     std::fs::write(&schema_path, schema).unwrap();
     let resources = examples().join("resources.toml");

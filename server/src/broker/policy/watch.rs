@@ -40,7 +40,17 @@ fn reload_and_log(engine: &PolicyEngine, why: &str) {
 }
 
 /// See [`PolicyEngine::watch`].
-pub(super) async fn watch(engine: Arc<PolicyEngine>, every: Duration, shutdown: CancellationToken) {
+impl PolicyEngine {
+    /// Reloads the set when a policy file or the resources file
+    /// changes — modification times and sizes polled every `every` — or on
+    /// SIGHUP, logging one line per reload (its summary or the error);
+    /// runs until `shutdown`.
+    pub async fn watch(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
+        watch(self, every, shutdown).await;
+    }
+}
+
+async fn watch(engine: Arc<PolicyEngine>, every: Duration, shutdown: CancellationToken) {
     let mut hangup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {

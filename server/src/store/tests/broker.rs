@@ -97,10 +97,7 @@ pub(super) fn a_task_ends_once_with_its_sub_tasks_and_its_tokens_go_inactive(pla
     let store = place.open();
     start(&store, &task("task-1", W, 0, 1000)).unwrap();
     assert!(
-        matches!(
-            start(&store, &task("task-1", W, 0, 1000)),
-            Err(BrokerRefusal::TaskExists(_))
-        ),
+        matches!(start(&store, &task("task-1", W, 0, 1000)), Err(BrokerRefusal::TaskExists(_))),
         "an ID is never taken twice"
     );
     start(&store, &sub_task("task-1a", "task-1", W)).unwrap();
