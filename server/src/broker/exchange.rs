@@ -13,7 +13,7 @@ use super::authn::{Parties, PeerSvid};
 use super::error::{one_line, BrokerError};
 use super::form::{Ask, Form, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JWT};
 use super::policy::{AccessRequest, Decision, Outcome, Principal, RequestContext, TaskContext};
-use super::records::{AccessToken, PendingRequest, RequestState, Task};
+use super::records::{AccessToken, PendingRequest, RequestState, Task, TokenToRecord};
 use super::Broker;
 use crate::store::{Audit, EntryFilter, Store};
 
@@ -154,7 +154,7 @@ impl Broker {
                 now,
             )?),
         };
-        self.issue(store, &described, &task, approved, &decision, now)
+        self.issue(&described, &task, approved, &decision, now)
     }
 
     /// The subject's agent, and the selectors and labels of its entry:
@@ -383,7 +383,6 @@ impl Broker {
     /// progress, the approval's use and the event in one commit).
     fn issue(
         &self,
-        store: &dyn Store,
         d: &Described<'_>,
         task: &Task,
         request: Option<String>,
@@ -458,9 +457,8 @@ impl Broker {
         if let Some(id) = &request {
             event = event.attr("request", id);
         }
-        let stored = store
-            .record_access_token(&record, &ask.pairs(), now, &Audit::if_ok(None, vec![event]))
-            .map_err(BrokerError::from)?;
+        let stored =
+            self.writer.record(TokenToRecord { token: record, done: ask.pairs(), now }, event)?;
         if let Err(refusal) = stored {
             return Err(self.denied(d, BrokerError::from(refusal), now));
         }

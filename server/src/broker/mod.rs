@@ -19,6 +19,7 @@
 //! - `anomaly.rs`: per-workload anomaly signals, and the polls of held
 //!   requests (`slow_down`).
 //! - `exchange.rs`: token exchange (RFC 8693): decide, hold, issue.
+//! - `batch.rs`: the group commit of issued tokens.
 //! - `introspect.rs`: introspection (RFC 7662).
 //! - `tasks.rs`: sub-tasks a workload starts for itself (`POST /task`).
 //! - `http.rs`: the HTTPS listener and routes (axum on tokio-rustls),
@@ -33,6 +34,7 @@ use tessera_workload_api::jwt::{JwtBundle, JwtKey};
 
 pub mod anomaly;
 pub mod authn;
+pub mod batch;
 pub mod config;
 pub mod error;
 pub mod exchange;
@@ -66,6 +68,8 @@ pub struct Broker {
     svids: authn::SvidCache,
     /// Polls of held requests.
     polls: anomaly::Polls,
+    /// The group commit of issued tokens.
+    writer: batch::TokenWriter,
 }
 
 impl Broker {
@@ -80,6 +84,7 @@ impl Broker {
         let now = state.clock().now();
         let keys =
             BrokerKeys::open(&state.config().data_dir, config.key_rotation, config.token_ttl, now)?;
+        let writer = batch::TokenWriter::start(state.store().clone())?;
         let bundle = ArcSwap::from_pointee((
             u64::MAX,
             JwtBundle::new(state.config().trust_domain.clone(), Vec::new()),
@@ -93,6 +98,7 @@ impl Broker {
             bundle,
             svids: Default::default(),
             polls: Default::default(),
+            writer,
         })
     }
 

@@ -108,6 +108,18 @@ impl AccessToken {
     }
 }
 
+/// An access token to record, with what its task has done by it and the
+/// time it was decided at (several are recorded in one commit).
+#[derive(Debug, Clone)]
+pub struct TokenToRecord {
+    /// The record.
+    pub token: AccessToken,
+    /// `action target` pairs it grants (the task's progress).
+    pub done: Vec<String>,
+    /// Unix seconds.
+    pub now: i64,
+}
+
 /// Where a request held for approval stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -17,7 +17,7 @@ use super::layout::{
     decode_json, encode_json, t, BROKER_KEYS, BROKER_REQUESTS, BROKER_TASKS, BROKER_TOKENS,
 };
 use crate::broker::records::{
-    AccessToken, BrokerRefusal, PendingRequest, PublishedKey, RequestState, Task,
+    AccessToken, BrokerRefusal, PendingRequest, PublishedKey, RequestState, Task, TokenToRecord,
 };
 use crate::event_schema::{self as schema, kind, EventExt};
 
@@ -51,6 +51,53 @@ fn prunable(tokens: &Pairs, tasks: &Pairs, now: i64) -> TxResult<Vec<(usize, Vec
 }
 
 impl Tx<'_> {
+    /// The checks and writes of one access token (see
+    /// [`super::Store::record_access_token`]).
+    fn record_access_token(
+        &self,
+        token: &AccessToken,
+        done: &[String],
+        now: i64,
+    ) -> TxResult<Result<(), BrokerRefusal>> {
+        let Some(mut task) = self.task(&token.task)? else {
+            return Ok(Err(BrokerRefusal::UnknownTask(token.task.clone())));
+        };
+        if !task.is_live(now) {
+            return Ok(Err(BrokerRefusal::TaskEnded(task.id)));
+        }
+        if task.spiffe_id != token.sub {
+            return Ok(Err(BrokerRefusal::TaskNotYours { task: task.id, owner: task.spiffe_id }));
+        }
+        if !token.request.is_empty() {
+            let Some(mut request) = self.broker_request(&token.request)? else {
+                return Ok(Err(BrokerRefusal::UnknownRequest(token.request.clone())));
+            };
+            if request.spiffe_id != token.sub {
+                return Ok(Err(BrokerRefusal::TaskNotYours {
+                    task: request.id,
+                    owner: request.spiffe_id,
+                }));
+            }
+            if request.state != RequestState::Approved {
+                return Ok(Err(BrokerRefusal::RequestState {
+                    id: request.id,
+                    state: request.state,
+                    wanted: "approved",
+                }));
+            }
+            if request.expires_at <= now {
+                return Ok(Err(BrokerRefusal::RequestExpired(request.id)));
+            }
+            // An approval is used once.
+            request.state = RequestState::Issued;
+            self.put_broker_request(&request)?;
+        }
+        self.put(BROKER_TOKENS, token.jti.as_bytes(), encode_json(&token.jti, token)?);
+        task.note_done(done);
+        self.put_task(&task)?;
+        Ok(Ok(()))
+    }
+
     fn task(&self, id: &str) -> TxResult<Option<Task>> {
         self.get(BROKER_TASKS, id)?.map(|b| decode_json(id.as_bytes(), &b)).transpose()
     }
@@ -187,47 +234,16 @@ impl KvStore {
         now: i64,
         audit: &Audit<'_, Result<(), BrokerRefusal>>,
     ) -> Result<Result<(), BrokerRefusal>, StoreError> {
+        self.commit(audit, |tx| tx.record_access_token(token, done, now))
+    }
+
+    pub(super) fn record_access_tokens(
+        &self,
+        tokens: &[TokenToRecord],
+        audit: &Audit<'_, Vec<Result<(), BrokerRefusal>>>,
+    ) -> Result<Vec<Result<(), BrokerRefusal>>, StoreError> {
         self.commit(audit, |tx| {
-            let Some(mut task) = tx.task(&token.task)? else {
-                return Ok(Err(BrokerRefusal::UnknownTask(token.task.clone())));
-            };
-            if !task.is_live(now) {
-                return Ok(Err(BrokerRefusal::TaskEnded(task.id)));
-            }
-            if task.spiffe_id != token.sub {
-                return Ok(Err(BrokerRefusal::TaskNotYours {
-                    task: task.id,
-                    owner: task.spiffe_id,
-                }));
-            }
-            if !token.request.is_empty() {
-                let Some(mut request) = tx.broker_request(&token.request)? else {
-                    return Ok(Err(BrokerRefusal::UnknownRequest(token.request.clone())));
-                };
-                if request.spiffe_id != token.sub {
-                    return Ok(Err(BrokerRefusal::TaskNotYours {
-                        task: request.id,
-                        owner: request.spiffe_id,
-                    }));
-                }
-                if request.state != RequestState::Approved {
-                    return Ok(Err(BrokerRefusal::RequestState {
-                        id: request.id,
-                        state: request.state,
-                        wanted: "approved",
-                    }));
-                }
-                if request.expires_at <= now {
-                    return Ok(Err(BrokerRefusal::RequestExpired(request.id)));
-                }
-                // An approval is used once.
-                request.state = RequestState::Issued;
-                tx.put_broker_request(&request)?;
-            }
-            tx.put(BROKER_TOKENS, token.jti.as_bytes(), encode_json(&token.jti, token)?);
-            task.note_done(done);
-            tx.put_task(&task)?;
-            Ok(Ok(()))
+            tokens.iter().map(|t| tx.record_access_token(&t.token, &t.done, t.now)).collect()
         })
     }
 

@@ -53,7 +53,9 @@ use tessera_proto::Refusal;
 use tessera_workload_api::SpiffeId;
 use tokio::sync::watch;
 
-use crate::broker::records::{AccessToken, BrokerRefusal, PendingRequest, PublishedKey, Task};
+use crate::broker::records::{
+    AccessToken, BrokerRefusal, PendingRequest, PublishedKey, Task, TokenToRecord,
+};
 use crate::entry::{Entry, EntryError};
 use crate::policy::approval::ApprovalRefusal;
 
@@ -540,6 +542,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// IDs of tasks not ended whose `expires_at` is at or before `now`:
     /// for the expiry loop to end them.
     fn expired_tasks(&self, now: i64) -> Result<Vec<String>, StoreError>;
+    /// Records several access tokens in one commit (the broker's group
+    /// commit), each with the checks of [`Store::record_access_token`] in
+    /// order; per-token results.
+    fn record_access_tokens(
+        &self,
+        tokens: &[TokenToRecord],
+        audit: &Audit<'_, Vec<Result<(), BrokerRefusal>>>,
+    ) -> Result<Vec<Result<(), BrokerRefusal>>, StoreError>;
     /// Records an issued access token, durable before it returns, in one
     /// commit with the checks: its task exists, is live at `now` and is
     /// `token.sub`'s; for a token issued on an approval (`token.request`),

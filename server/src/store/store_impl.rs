@@ -21,7 +21,9 @@ use super::{
     AgentRefusal, Approved, Change, CrlSigner, EntryFilter, EntryWrite, ItemRefused, RenewOutcome,
     Signed, Store, StoreReport,
 };
-use crate::broker::records::{AccessToken, BrokerRefusal, PendingRequest, PublishedKey, Task};
+use crate::broker::records::{
+    AccessToken, BrokerRefusal, PendingRequest, PublishedKey, Task, TokenToRecord,
+};
 use crate::entry::{Entry, EntryError};
 use crate::policy::approval::ApprovalRefusal;
 
@@ -330,6 +332,14 @@ impl Store for KvStore {
 
     fn expired_tasks(&self, now: i64) -> Result<Vec<String>, StoreError> {
         KvStore::expired_tasks(self, now)
+    }
+
+    fn record_access_tokens(
+        &self,
+        tokens: &[TokenToRecord],
+        audit: &Audit<'_, Vec<Result<(), BrokerRefusal>>>,
+    ) -> Result<Vec<Result<(), BrokerRefusal>>, StoreError> {
+        KvStore::record_access_tokens(self, tokens, audit)
     }
 
     fn record_access_token(

@@ -73,6 +73,17 @@ pub(super) fn decide(loaded: &Loaded, weights: &BlastWeights, req: &AccessReques
                 let response = loaded.authorizer.is_authorized(&cedar_request, slice, &entities);
                 let diagnostics = response.diagnostics();
                 errors.extend(diagnostics.errors().map(one_line));
+                // Fail closed: Cedar skips a policy whose evaluation errs,
+                // so a forbid that errs (a missing tag, an overflow) would
+                // otherwise let a permit through. It forbids instead.
+                for error in diagnostics.errors() {
+                    let cedar_policy::AuthorizationError::PolicyEvaluationError(error) = error;
+                    let id = error.policy_id();
+                    if slice.policy(id).is_some_and(|p| p.effect() == cedar_policy::Effect::Forbid)
+                    {
+                        satisfied_forbids.push(format!("{id} (its evaluation failed)"));
+                    }
+                }
                 let deciding = diagnostics.reason().map(ToString::to_string);
                 match response.decision() {
                     CedarDecision::Allow => satisfied_permits.extend(deciding),

@@ -461,3 +461,23 @@ fn slices_decide_as_the_whole_set_does() {
     }
     assert!(checked > 10, "the cases exercise permits too ({checked} allowed)");
 }
+
+#[test]
+fn a_forbid_whose_evaluation_fails_forbids() {
+    // An overflow is an evaluation error (strict validation cannot rule it
+    // out): Cedar skips the policy, which for a forbid would let the
+    // permit through.
+    let (_dir, engine) = engine_with(
+        r#"@id("read-all") permit (principal, action, resource);
+           @id("no-big-amounts") forbid (principal, action, resource)
+           when { context.amount * 9223372036854775807 > 1000 };"#,
+    );
+    let mut r = request(REPORTER, &["read"], CRM, &[]);
+    r.context.amount = Some(5);
+    let d = engine.decide(&r);
+    assert_eq!(d.outcome, Outcome::Deny, "{d:?}");
+    assert!(d.reason.contains("no-big-amounts"), "{}", d.reason);
+    // Without the error, the forbid does not apply.
+    r.context.amount = Some(0);
+    assert_eq!(engine.decide(&r).outcome, Outcome::Allow);
+}

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::broker::records::{
-    AccessToken, BrokerRefusal, PendingRequest, PublishedKey, RequestState, Task,
+    AccessToken, BrokerRefusal, PendingRequest, PublishedKey, RequestState, Task, TokenToRecord,
 };
 
 const W: &str = "spiffe://example.org/agent/w";
@@ -401,4 +401,34 @@ fn a_task_ended_on_one_server_makes_a_token_recorded_on_the_other_inactive() {
         Err(BrokerRefusal::TaskEnded("task-1".into())),
         "and records nothing more under it"
     );
+}
+
+/// The broker's group commit: each token in one commit is checked on its
+/// own (one refused does not refuse the others), in order (the task's
+/// progress counts every recorded token).
+pub(super) fn tokens_recorded_together_are_each_checked_on_their_own(place: Place) {
+    let store = place.open();
+    start(&store, &task("task-1", W, 0, 100)).unwrap();
+    let item = |jti: &str, task: &str, sub: &str| TokenToRecord {
+        token: token(jti, task, sub, 90),
+        done: vec![format!("read {jti}")],
+        now: 10,
+    };
+    let batch = [
+        item("a", "task-1", W),
+        item("b", "task-none", W),
+        item("c", "task-1", OTHER),
+        item("d", "task-1", W),
+    ];
+    let results = store.record_access_tokens(&batch, &Audit::quiet()).unwrap();
+    assert_eq!(results.len(), 4);
+    assert!(results[0].is_ok() && results[3].is_ok(), "{results:?}");
+    assert_eq!(results[1], Err(BrokerRefusal::UnknownTask("task-none".into())));
+    assert!(matches!(results[2], Err(BrokerRefusal::TaskNotYours { .. })));
+    for (jti, stored) in [("a", true), ("b", false), ("c", false), ("d", true)] {
+        assert_eq!(store.access_token(jti).unwrap().is_some(), stored, "{jti}");
+    }
+    let task = store.task("task-1").unwrap().unwrap();
+    assert_eq!(task.tokens_issued, 2);
+    assert_eq!(task.done, ["read a", "read d"]);
 }

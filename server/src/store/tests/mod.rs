@@ -146,6 +146,7 @@ conformance!(
     join_token_exists_reads_without_writing,
     a_ca_record_set_per_server_makes_one_bundle,
     a_task_ends_once_with_its_sub_tasks_and_its_tokens_go_inactive,
+    tokens_recorded_together_are_each_checked_on_their_own,
     an_access_token_is_recorded_only_under_a_live_task_of_its_workload,
     a_decision_binds_the_content_and_never_the_workloads_own_uid,
     lapsed_requests_are_dropped_and_returned_for_their_events,
