@@ -2,10 +2,11 @@
 //! recorded in one commit (each with its own checks and its own event),
 //! so that many callers share one durable write instead of queueing for
 //! one each. A caller waits for its token's outcome; nothing is answered
-//! before its record is durable.
+//! before its record is durable. No thread of its own: the caller that
+//! finds no commit under way leads.
 
-use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Mutex};
 
 use tessera_proto::types as pb;
 
@@ -25,10 +26,20 @@ struct Job {
     done: SyncSender<Outcome>,
 }
 
-/// The writer: one thread that records queued tokens in batches.
-#[derive(Debug)]
+/// The group commit: the first caller to find no commit under way
+/// becomes the leader and records its token and everything queued behind
+/// it, commit after commit, until the queue is empty; the others wait for
+/// their outcome. A lone caller commits at once, on its own thread.
 pub struct TokenWriter {
-    queue: SyncSender<Job>,
+    store: Arc<dyn Store>,
+    /// Whether a leader is committing, and the jobs waiting for it.
+    queue: Mutex<(bool, Vec<Job>)>,
+}
+
+impl std::fmt::Debug for TokenWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenWriter").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -38,55 +49,70 @@ impl std::fmt::Debug for Job {
 }
 
 impl TokenWriter {
-    /// Starts the writer thread on `store`.
-    pub fn start(store: Arc<dyn Store>) -> Result<Self, BrokerError> {
-        let (queue, jobs) = mpsc::sync_channel::<Job>(4 * MAX_BATCH);
-        std::thread::Builder::new()
-            .name("broker-tokens".into())
-            .spawn(move || write_loop(store.as_ref(), &jobs))
-            .map_err(|e| BrokerError::Internal(format!("cannot start the token writer: {e}")))?;
-        Ok(Self { queue })
+    /// A writer on `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store, queue: Mutex::new((false, Vec::new())) }
     }
 
-    /// Records `token` with its allow `event`, in the next commit; waits
-    /// until it is durable (or refused).
+    /// Records `token` with its allow `event`, in the next commit; returns
+    /// once it is durable (or refused). Blocking.
     pub fn record(&self, token: TokenToRecord, event: pb::Event) -> Outcome {
         let (done, outcome) = mpsc::sync_channel(1);
-        self.queue
-            .send(Job { token, event, done })
-            .map_err(|_| BrokerError::Internal("the token writer has stopped".into()))?;
-        outcome.recv().map_err(|_| BrokerError::Internal("the token writer has stopped".into()))?
+        let lead = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.1.push(Job { token, event, done });
+            !std::mem::replace(&mut queue.0, true)
+        };
+        if lead {
+            // Should a commit panic, the next caller leads (the waiters of
+            // the lost batch get an error, not a hang).
+            let _unlead = Unlead(&self.queue);
+            loop {
+                let batch: Vec<Job> = {
+                    let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                    if queue.1.is_empty() {
+                        queue.0 = false;
+                        break;
+                    }
+                    let n = queue.1.len().min(MAX_BATCH);
+                    queue.1.drain(..n).collect()
+                };
+                commit(self.store.as_ref(), batch);
+            }
+        }
+        outcome.recv().map_err(|_| BrokerError::Internal("the token's commit was lost".into()))?
     }
 }
 
-/// Takes what is queued (up to [`MAX_BATCH`]), records it in one commit,
-/// answers each caller; until every sender is gone.
-fn write_loop(store: &dyn Store, jobs: &Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+/// Clears the leader's flag if it unwinds.
+struct Unlead<'a>(&'a Mutex<(bool, Vec<Job>)>);
+
+impl Drop for Unlead<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).0 = false;
+        }
+    }
+}
+
+/// Records `batch` in one commit and answers each caller.
+fn commit(store: &dyn Store, batch: Vec<Job>) {
+    let tokens: Vec<TokenToRecord> = batch.iter().map(|j| j.token.clone()).collect();
+    let events: Vec<pb::Event> = batch.iter().map(|j| j.event.clone()).collect();
+    // Each token's event if (and only if) it was recorded.
+    let audit = Audit::new(None, move |results: &Vec<Result<(), BrokerRefusal>>| {
+        events.iter().zip(results).filter(|(_, r)| r.is_ok()).map(|(e, _)| e.clone()).collect()
+    });
+    match store.record_access_tokens(&tokens, &audit) {
+        Ok(results) => {
+            for (job, result) in batch.into_iter().zip(results) {
+                let _ = job.done.send(Ok(result));
             }
         }
-        let tokens: Vec<TokenToRecord> = batch.iter().map(|j| j.token.clone()).collect();
-        let events: Vec<pb::Event> = batch.iter().map(|j| j.event.clone()).collect();
-        // Each token's event if (and only if) it was recorded.
-        let audit = Audit::new(None, move |results: &Vec<Result<(), BrokerRefusal>>| {
-            events.iter().zip(results).filter(|(_, r)| r.is_ok()).map(|(e, _)| e.clone()).collect()
-        });
-        match store.record_access_tokens(&tokens, &audit) {
-            Ok(results) => {
-                for (job, result) in batch.into_iter().zip(results) {
-                    let _ = job.done.send(Ok(result));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "recording access tokens failed");
-                for job in batch {
-                    let _ = job.done.send(Err(BrokerError::Internal(format!("store: {e}"))));
-                }
+        Err(e) => {
+            tracing::error!(error = %e, "recording access tokens failed");
+            for job in batch {
+                let _ = job.done.send(Err(BrokerError::Internal(format!("store: {e}"))));
             }
         }
     }

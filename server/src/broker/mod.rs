@@ -84,7 +84,7 @@ impl Broker {
         let now = state.clock().now();
         let keys =
             BrokerKeys::open(&state.config().data_dir, config.key_rotation, config.token_ttl, now)?;
-        let writer = batch::TokenWriter::start(state.store().clone())?;
+        let writer = batch::TokenWriter::new(state.store().clone());
         let bundle = ArcSwap::from_pointee((
             u64::MAX,
             JwtBundle::new(state.config().trust_domain.clone(), Vec::new()),
