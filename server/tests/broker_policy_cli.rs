@@ -43,7 +43,7 @@ fn check_of_the_examples_says_ok() {
     ]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
-    assert!(stdout.starts_with("ok: 8 policies"), "{stdout}");
+    assert!(stdout.starts_with("ok: 9 policies"), "{stdout}");
     assert!(stdout.contains("5 resources, schema schema.cedarschema"), "{stdout}");
 }
 
@@ -150,4 +150,30 @@ fn decide_refuses_a_bad_spiffe_id_in_one_line() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--spiffe-id reporter"), "{stderr}");
+}
+
+/// A server whose `[broker]` names a policy directory with an error does
+/// not start: one line naming the file and line, a non-zero exit.
+#[test]
+fn a_server_with_a_bad_policy_does_not_start() {
+    let policies = copy_of_examples();
+    std::fs::write(policies.path().join("broken.cedar"), "permit (principal, action, resource)\n")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\nbind = \"127.0.0.1:0\"\n\n[broker]\nbind = \"127.0.0.1:0\"\nissuer = \"https://127.0.0.1:8443\"\npolicy_dir = \"{}\"\n",
+            dir.path().join("data").display(),
+            policies.path().display()
+        ),
+    )
+    .unwrap();
+    let out =
+        Command::new(BIN).args(["run", "--config", config.to_str().unwrap()]).output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let last = stderr.lines().filter(|l| !l.trim().is_empty()).next_back().unwrap_or_default();
+    assert!(last.contains("broken.cedar:1"), "{stderr}");
 }
