@@ -174,6 +174,6 @@ fn a_server_with_a_bad_policy_does_not_start() {
         Command::new(BIN).args(["run", "--config", config.to_str().unwrap()]).output().unwrap();
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    let last = stderr.lines().filter(|l| !l.trim().is_empty()).next_back().unwrap_or_default();
+    let last = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or_default();
     assert!(last.contains("broken.cedar:1"), "{stderr}");
 }

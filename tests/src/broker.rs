@@ -10,8 +10,35 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use tessera_server::broker::config::BrokerFileConfig;
 
-fn workspace() -> PathBuf {
+/// The workspace's root.
+pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// The Python with the broker tests' clients (py-spiffe, PyJWT, requests):
+/// `TESSERA_PYTHON`, else `scripts/test.sh`'s `target/py-venv`. `None`
+/// when it is missing and `TESSERA_SKIP_PYTHON=1` (the test then says it
+/// skipped); a panic when it is missing otherwise.
+pub fn python() -> Option<PathBuf> {
+    let python = std::env::var_os("TESSERA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/py-venv/bin/python"));
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import spiffe, jwt, requests"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(python);
+    }
+    if std::env::var("TESSERA_SKIP_PYTHON").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED: no Python with py-spiffe, PyJWT and requests at {}", python.display());
+        return None;
+    }
+    panic!(
+        "no Python with py-spiffe, PyJWT and requests at {}: run scripts/test.sh (it creates \
+         target/py-venv), set TESSERA_PYTHON, or set TESSERA_SKIP_PYTHON=1 to skip",
+        python.display()
+    );
 }
 
 /// A free loopback port (the issuer URL names it before the server binds).

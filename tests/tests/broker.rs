@@ -14,42 +14,16 @@
 mod common;
 mod operators;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{server_bin, uid_selector, within, PROMPTLY};
 use operators::{governed_server, is_root, open_tempdir, Cli, OPERATOR_B};
 use serde_json::Value;
-use tessera_tests::broker::{broker_config, free_port};
+use tessera_tests::broker::{broker_config, free_port, python, workspace};
 use tessera_tests::RunningAgent;
 
 const AGENT: &str = "spiffe://example.org/agents/reporter";
 const TOOL: &str = "spiffe://example.org/tools/crm";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
-
-fn python() -> Option<PathBuf> {
-    let python = std::env::var_os("TESSERA_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/py-venv/bin/python"));
-    let ok = Command::new(&python)
-        .args(["-c", "import spiffe, jwt, requests"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(python);
-    }
-    if std::env::var("TESSERA_SKIP_PYTHON").is_ok_and(|v| v == "1") {
-        eprintln!("SKIPPED: no Python with py-spiffe, PyJWT and requests");
-        return None;
-    }
-    panic!(
-        "no Python with py-spiffe, PyJWT and requests at {}: run scripts/test.sh",
-        python.display()
-    );
-}
 
 fn step<'a>(lines: &'a [Value], name: &str) -> &'a Value {
     lines

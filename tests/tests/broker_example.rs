@@ -13,41 +13,15 @@
 mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{agent_bin, server_bin};
-use tessera_tests::broker::free_port;
+use tessera_tests::broker::{free_port, python, workspace};
 
 /// The whole example takes seconds; this is for a machine under load.
 const LIMIT: Duration = Duration::from_secs(240);
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
-
-fn python() -> Option<PathBuf> {
-    let python = std::env::var_os("TESSERA_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/py-venv/bin/python"));
-    let ok = Command::new(&python)
-        .args(["-c", "import spiffe, jwt, requests"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(python);
-    }
-    if std::env::var("TESSERA_SKIP_PYTHON").is_ok_and(|v| v == "1") {
-        eprintln!("SKIPPED: no Python with py-spiffe, PyJWT and requests at {}", python.display());
-        return None;
-    }
-    panic!(
-        "no Python with py-spiffe, PyJWT and requests at {}: run scripts/test.sh (it creates \
-         target/py-venv), set TESSERA_PYTHON, or set TESSERA_SKIP_PYTHON=1 to skip the example",
-        python.display()
-    );
-}
 
 /// Runs `run.sh`, killing it (it stops what it started) past [`LIMIT`].
 fn run_example(python: &Path, port: u16) -> (bool, String, String) {

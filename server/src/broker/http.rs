@@ -328,13 +328,23 @@ async fn token(
     Extension(peer): Extension<Peer>,
     request: Request,
 ) -> Response {
+    decided(broker, peer, request, |b, form, peer| b.exchange(form, peer)).await
+}
+
+/// Reads the form, decides it on the blocking pool with `decide`, answers.
+async fn decided(
+    broker: Arc<Broker>,
+    peer: Peer,
+    request: Request,
+    decide: fn(&Broker, &Form, Option<&PeerSvid>) -> Result<Value, Refused>,
+) -> Response {
     let (parts, body) = request.into_parts();
     let form = match read_form(&parts.headers, body).await {
         Ok(form) => form,
         Err(e) => return e.into_response(),
     };
     let worker = broker.clone();
-    answer(&broker, blocking(move || worker.exchange(&form, peer.0.as_ref())).await).await
+    answer(&broker, blocking(move || decide(&worker, &form, peer.0.as_ref())).await).await
 }
 
 /// The answer to a decision: the JSON, or the refusal, whose event (a
@@ -361,13 +371,7 @@ async fn sub_task(
     Extension(peer): Extension<Peer>,
     request: Request,
 ) -> Response {
-    let (parts, body) = request.into_parts();
-    let form = match read_form(&parts.headers, body).await {
-        Ok(form) => form,
-        Err(e) => return e.into_response(),
-    };
-    let worker = broker.clone();
-    answer(&broker, blocking(move || worker.start_sub_task(&form, peer.0.as_ref())).await).await
+    decided(broker, peer, request, |b, form, peer| b.start_sub_task(form, peer)).await
 }
 
 async fn introspect(
