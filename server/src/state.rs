@@ -42,127 +42,77 @@ pub struct StateParts {
     pub server_id: String,
 }
 
-/// Everything the APIs share.
+/// Everything the APIs share: its parts, private (handlers reach them
+/// through the methods below).
 #[derive(Debug)]
 pub struct State {
-    /// Resolved configuration.
-    config: Config,
-    /// Time source.
-    clock: Arc<dyn Clock>,
-    /// Durable storage.
-    store: Arc<dyn Store>,
-    /// The CA.
-    ca: Arc<Ca>,
-    /// Entry validation rules.
-    rules: EntryRules,
-    /// The bundle as trust anchors for verifying agents.
-    anchors: TrustAnchors,
-    /// The change log's recent changes, decoded once for every Sync stream.
-    feed: Arc<crate::feed::ChangeFeed>,
-    /// Cancelled when the server shuts down; long-lived streams end on it.
-    shutdown: CancellationToken,
-    /// The event log.
-    events: Arc<crate::events::EventLog>,
-    /// Metrics.
-    metrics: crate::metrics::Metrics,
-    /// Operators, the approval policy and the proposals waiting for it.
-    governance: crate::policy::governance::Governance,
-    /// This server's stable ID (`<data_dir>/server-id`), naming its CAs
-    /// and CRLs in a datastore shared with other servers.
-    server_id: String,
+    parts: StateParts,
 }
 
 impl State {
     /// The state made of `parts`.
     pub fn new(parts: StateParts) -> Self {
-        let StateParts {
-            config,
-            clock,
-            store,
-            ca,
-            rules,
-            anchors,
-            feed,
-            shutdown,
-            events,
-            metrics,
-            governance,
-            server_id,
-        } = parts;
-        Self {
-            config,
-            clock,
-            store,
-            ca,
-            rules,
-            anchors,
-            feed,
-            shutdown,
-            events,
-            metrics,
-            governance,
-            server_id,
-        }
+        Self { parts }
     }
 
     /// The resolved configuration.
     pub fn config(&self) -> &Config {
-        &self.config
+        &self.parts.config
     }
 
     /// The injected clock.
     pub fn clock(&self) -> &Arc<dyn Clock> {
-        &self.clock
+        &self.parts.clock
     }
 
     /// The store, for blocking callers (async handlers use `store_op`).
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+        &self.parts.store
     }
 
     /// The CA.
     pub fn ca(&self) -> &Arc<Ca> {
-        &self.ca
+        &self.parts.ca
     }
 
     /// Entry validation rules.
     pub fn rules(&self) -> &EntryRules {
-        &self.rules
+        &self.parts.rules
     }
 
     /// The bundle and CRLs the node API verifies agents with.
     pub fn anchors(&self) -> &TrustAnchors {
-        &self.anchors
+        &self.parts.anchors
     }
 
     /// The change feed.
     pub fn feed(&self) -> &Arc<crate::feed::ChangeFeed> {
-        &self.feed
+        &self.parts.feed
     }
 
     /// Cancelled when the server shuts down.
     pub fn shutdown(&self) -> &CancellationToken {
-        &self.shutdown
+        &self.parts.shutdown
     }
 
     /// The event log.
     pub fn events(&self) -> &Arc<crate::events::EventLog> {
-        &self.events
+        &self.parts.events
     }
 
     /// Metrics.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
-        &self.metrics
+        &self.parts.metrics
     }
 
     /// Operators, the approval policy and the proposals.
     pub fn governance(&self) -> &crate::policy::governance::Governance {
-        &self.governance
+        &self.parts.governance
     }
 
     /// This server's stable ID.
     pub fn server_id(&self) -> &str {
-        &self.server_id
+        &self.parts.server_id
     }
 
     /// Runs a blocking store operation off the async workers.
@@ -170,7 +120,7 @@ impl State {
         &self,
         op: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, tonic::Status> {
-        let store = self.store.clone();
+        let store = self.parts.store.clone();
         tokio::task::spawn_blocking(move || op(store.as_ref()))
             .await
             .map_err(|e| tonic::Status::internal(format!("store task failed: {e}")))?
