@@ -97,11 +97,6 @@ impl BrokerError {
             _ => StatusCode::BAD_REQUEST,
         }
     }
-
-    /// The event code of a refusal (a metric label: few values).
-    pub fn event_code(&self) -> &'static str {
-        self.code()
-    }
 }
 
 impl From<BrokerRefusal> for BrokerError {

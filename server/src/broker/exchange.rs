@@ -97,19 +97,7 @@ impl Broker {
         let parties = verifier.exchange(form, peer)?;
         let subject = parties.subject.spiffe_id.as_str().to_string();
 
-        let task = store.task(&ask.task).map_err(BrokerError::from)?.ok_or_else(|| {
-            BrokerError::InvalidGrant(format!("task {} does not exist", ask.task))
-        })?;
-        if task.spiffe_id != subject {
-            return Err(BrokerError::InvalidGrant(format!(
-                "task {} belongs to {}, not to {subject}",
-                task.id, task.spiffe_id
-            ))
-            .into());
-        }
-        if !task.is_live(now) {
-            return Err(BrokerError::InvalidGrant(format!("task {} has ended", task.id)).into());
-        }
+        let task = live_task(store, &ask.task, &subject, now)?;
 
         let (agent, facts) = self.whereabouts(store, &parties)?;
         let request = self.access_request(&parties, &agent, &facts, &ask, &task, now);
@@ -477,6 +465,29 @@ impl Broker {
         }
         Ok(answer)
     }
+}
+
+/// The task `id` if it exists, is `subject`'s and is live at `now`: a
+/// token is issued, or a sub-task started, only within one.
+pub(super) fn live_task(
+    store: &dyn Store,
+    id: &str,
+    subject: &str,
+    now: i64,
+) -> Result<Task, BrokerError> {
+    let task = store
+        .task(id)?
+        .ok_or_else(|| BrokerError::InvalidGrant(format!("task {id} does not exist")))?;
+    if task.spiffe_id != subject {
+        return Err(BrokerError::InvalidGrant(format!(
+            "task {} belongs to {}, not to {subject}",
+            task.id, task.spiffe_id
+        )));
+    }
+    if !task.is_live(now) {
+        return Err(BrokerError::InvalidGrant(format!("task {} has ended", task.id)));
+    }
+    Ok(task)
 }
 
 /// The request's canonical content (what an approval binds): the parties

@@ -354,11 +354,7 @@ async fn answer(broker: &Broker, outcome: Result<Result<Value, Refused>, BrokerE
         Ok(Ok(answer)) => no_store(answer),
         Ok(Err(refused)) => {
             if let Some(event) = refused.event {
-                broker
-                    .state
-                    .events()
-                    .record_durable(vec![event.code(refused.error.event_code())])
-                    .await;
+                broker.state.events().record_durable(vec![event.code(refused.error.code())]).await;
             }
             refused.error.into_response()
         }
@@ -400,12 +396,7 @@ async fn jwks(AxumState(broker): AxumState<Arc<Broker>>) -> Response {
     // Every server's keys as the store has them now (a relying party that
     // meets an unknown kid fetches the JWKS again, and must find it).
     let worker = broker.clone();
-    let refreshed = blocking(move || {
-        let keys = worker.state.store().broker_keys()?;
-        worker.keys.set_published(keys, worker.now());
-        Ok::<(), BrokerError>(())
-    })
-    .await;
+    let refreshed = blocking(move || worker.refresh_keys()).await;
     if let Ok(Err(e)) | Err(e) = refreshed {
         warn!(error = %e, "broker JWKS: cannot read other servers' keys; serving what is known");
     }

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use super::authn::PeerSvid;
 use super::error::BrokerError;
 use super::form::Form;
+use super::keys::Unverified;
 use super::Broker;
 
 impl Broker {
@@ -44,8 +45,8 @@ impl Broker {
             Ok(claims) => claims,
             // Signed by another server's key not yet seen here: read every
             // server's keys from the store once, and try again.
-            Err(e) if e.contains("unknown kid") => {
-                self.keys.set_published(store.broker_keys()?, now);
+            Err(Unverified::UnknownKid) => {
+                self.refresh_keys()?;
                 match self.keys.verify(token) {
                     Ok(claims) => claims,
                     Err(_) => return Ok(inactive),

@@ -22,7 +22,40 @@ pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
 
 struct Current {
     key: Arc<JwtSigningKey>,
+    /// Its public half, as `verify` and the JWKS use it.
+    public: Option<Public>,
     created_at: i64,
+}
+
+/// A key's public half, decoded once: its JWK form and its EC point.
+#[derive(Debug, Clone)]
+struct Public {
+    kid: String,
+    jwk: JwtKey,
+    /// The uncompressed P-256 point `ring` verifies with.
+    point: Vec<u8>,
+}
+
+impl Public {
+    /// From a kid and a SubjectPublicKeyInfo DER (`None` unless P-256).
+    fn of(kid: &str, spki_der: &[u8]) -> Option<Self> {
+        use x509_parser::prelude::FromDer;
+        let jwk = JwtKey::from_spki_der(kid, spki_der).ok()?;
+        let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der).ok()?;
+        let point = spki.subject_public_key.data.to_vec();
+        (jwk.default_alg() == "ES256" && point.len() == 65 && point[0] == 4).then(|| Self {
+            kid: kid.to_string(),
+            jwk,
+            point,
+        })
+    }
+}
+
+impl Current {
+    fn new(key: JwtSigningKey, created_at: i64) -> Self {
+        let public = Public::of(key.kid(), key.spki_der());
+        Self { key: Arc::new(key), public, created_at }
+    }
 }
 
 /// This server's broker keys, and the keys of every server (for the JWKS
@@ -34,7 +67,7 @@ pub struct BrokerKeys {
     overlap: i64,
     current: RwLock<Current>,
     /// Every server's published keys, as verification keys.
-    published: RwLock<Vec<(PublishedKey, JwtKey)>>,
+    published: RwLock<Vec<Public>>,
 }
 
 impl std::fmt::Debug for BrokerKeys {
@@ -85,7 +118,7 @@ impl BrokerKeys {
             dir,
             rotation,
             overlap: i64::from(overlap) + 60,
-            current: RwLock::new(Current { key: Arc::new(key), created_at }),
+            current: RwLock::new(Current::new(key, created_at)),
             published: RwLock::new(Vec::new()),
         };
         Ok(keys)
@@ -106,8 +139,7 @@ impl BrokerKeys {
             return Ok(false);
         }
         let key = create(&self.dir, now)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
-            Current { key: Arc::new(key), created_at: now };
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Current::new(key, now);
         // Keys whose every token has expired are removed from disk.
         if let Ok(keys) = on_disk(&self.dir) {
             for (i, (at, path)) in keys.iter().enumerate() {
@@ -143,41 +175,38 @@ impl BrokerKeys {
 
     /// Replaces the keys known of every server (from the store).
     pub fn set_published(&self, keys: Vec<PublishedKey>, now: i64) {
-        let mut parsed = Vec::new();
-        for k in keys.into_iter().filter(|k| k.expires_at > now) {
-            let Ok(der) = STANDARD.decode(&k.public_key_der_b64) else { continue };
-            if let Ok(jwk) = JwtKey::from_spki_der(&k.kid, &der) {
-                parsed.push((k, jwk));
-            }
-        }
-        parsed.sort_by(|a, b| a.0.kid.cmp(&b.0.kid));
-        parsed.dedup_by(|a, b| a.0.kid == b.0.kid);
+        let mut parsed: Vec<Public> = keys
+            .into_iter()
+            .filter(|k| k.expires_at > now)
+            .filter_map(|k| Public::of(&k.kid, &STANDARD.decode(&k.public_key_der_b64).ok()?))
+            .collect();
+        parsed.sort_by(|a, b| a.kid.cmp(&b.kid));
+        parsed.dedup_by(|a, b| a.kid == b.kid);
         *self.published.write().unwrap_or_else(|e| e.into_inner()) = parsed;
     }
 
-    /// The verification key with this kid (this server's current key
+    /// The EC point of the key with this kid (this server's current key
     /// always, others once published).
-    pub fn verifier(&self, kid: &str) -> Option<JwtKey> {
-        let current = self.signer();
-        if current.kid() == kid {
-            return JwtKey::from_spki_der(kid, current.spki_der()).ok();
+    fn point(&self, kid: &str) -> Option<Vec<u8>> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(public) = current.public.as_ref().filter(|p| p.kid == kid) {
+            return Some(public.point.clone());
         }
         let published = self.published.read().unwrap_or_else(|e| e.into_inner());
-        published.iter().find(|(k, _)| k.kid == kid).map(|(_, j)| j.clone())
+        published.iter().find(|p| p.kid == kid).map(|p| p.point.clone())
     }
 
     /// The JWKS document (RFC 7517) of every published key.
     pub fn jwks(&self) -> Value {
         let mut keys: Vec<Value> = Vec::new();
-        let current = self.signer();
         let mut kids = Vec::new();
-        if let Ok(j) = JwtKey::from_spki_der(current.kid(), current.spki_der()) {
-            keys.push(access_token_jwk(&j));
-            kids.push(current.kid().to_string());
+        if let Some(public) = &self.current.read().unwrap_or_else(|e| e.into_inner()).public {
+            keys.push(access_token_jwk(&public.jwk));
+            kids.push(public.kid.clone());
         }
-        for (k, j) in self.published.read().unwrap_or_else(|e| e.into_inner()).iter() {
-            if !kids.contains(&k.kid) {
-                keys.push(access_token_jwk(j));
+        for public in self.published.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            if !kids.contains(&public.kid) {
+                keys.push(access_token_jwk(&public.jwk));
             }
         }
         serde_json::json!({ "keys": keys })
@@ -211,53 +240,50 @@ fn create(dir: &Path, now: i64) -> Result<JwtSigningKey, BrokerError> {
         .map_err(|e| BrokerError::Internal(format!("broker key {}: {e}", path.display())))
 }
 
+/// Why an access token did not verify: a kid this server has not seen
+/// (read every server's keys and try again), or anything else (the token
+/// is not one of ours, or not intact).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unverified {
+    /// Signed with a key not known here (yet).
+    UnknownKid,
+    /// Not an intact access token of this broker: why.
+    Invalid(&'static str),
+}
+
 impl BrokerKeys {
     /// Checks an access token's signature and header (`typ: at+jwt`,
     /// ES256, a known kid) and returns its claims. Expiry and revocation
     /// are the caller's to check.
-    pub fn verify(&self, token: &str) -> Result<serde_json::Map<String, Value>, String> {
+    pub fn verify(&self, token: &str) -> Result<serde_json::Map<String, Value>, Unverified> {
         use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use Unverified::Invalid;
         if token.len() > tessera_workload_api::jwt::MAX_TOKEN_LEN {
-            return Err("token too large".into());
+            return Err(Invalid("token too large"));
         }
-        let (signing_input, signature) = token.rsplit_once('.').ok_or("not a JWS")?;
-        let (header, claims) = signing_input.split_once('.').ok_or("not a JWS")?;
-        let object = |part: &str| -> Result<serde_json::Map<String, Value>, String> {
-            let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| "not base64url")?;
+        let (signing_input, signature) = token.rsplit_once('.').ok_or(Invalid("not a JWS"))?;
+        let (header, claims) = signing_input.split_once('.').ok_or(Invalid("not a JWS"))?;
+        let object = |part: &str| -> Result<serde_json::Map<String, Value>, Unverified> {
+            let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| Invalid("not base64url"))?;
             match serde_json::from_slice(&bytes) {
                 Ok(Value::Object(map)) => Ok(map),
-                _ => Err("not a JSON object".into()),
+                _ => Err(Invalid("not a JSON object")),
             }
         };
         let header = object(header)?;
         if header.get("typ").and_then(Value::as_str) != Some(ACCESS_TOKEN_TYP) {
-            return Err("not an access token (typ is not at+jwt)".into());
+            return Err(Invalid("not an access token (typ is not at+jwt)"));
         }
         if header.get("alg").and_then(Value::as_str) != Some("ES256") {
-            return Err("alg is not ES256".into());
+            return Err(Invalid("alg is not ES256"));
         }
-        let kid = header.get("kid").and_then(Value::as_str).ok_or("no kid")?;
-        let key = self.verifier(kid).ok_or("unknown kid")?;
-        let spki = key_spki(&key).ok_or("unusable key")?;
-        let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| "signature not base64url")?;
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, spki)
+        let kid = header.get("kid").and_then(Value::as_str).ok_or(Invalid("no kid"))?;
+        let point = self.point(kid).ok_or(Unverified::UnknownKid)?;
+        let signature =
+            URL_SAFE_NO_PAD.decode(signature).map_err(|_| Invalid("signature not base64url"))?;
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point)
             .verify(signing_input.as_bytes(), &signature)
-            .map_err(|_| "bad signature")?;
+            .map_err(|_| Invalid("bad signature"))?;
         object(claims)
     }
-}
-
-/// The uncompressed EC point of a P-256 key, from its JWK.
-fn key_spki(key: &JwtKey) -> Option<Vec<u8>> {
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let jwk = key.to_jwk();
-    if jwk.get("crv").and_then(Value::as_str) != Some("P-256") {
-        return None;
-    }
-    let x = URL_SAFE_NO_PAD.decode(jwk.get("x")?.as_str()?).ok()?;
-    let y = URL_SAFE_NO_PAD.decode(jwk.get("y")?.as_str()?).ok()?;
-    let mut point = vec![4u8];
-    point.extend(x);
-    point.extend(y);
-    Some(point)
 }

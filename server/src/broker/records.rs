@@ -7,6 +7,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use tessera_proto::types as pb;
+
+use crate::event_schema::{self, EventExt};
 
 /// A task: the span a workload acts within. Every access token is issued
 /// under one and never outlives it; ending it (or its expiry) makes every
@@ -180,6 +183,24 @@ pub struct PendingRequest {
     /// The operator's reason.
     #[serde(default)]
     pub reason: String,
+}
+
+impl PendingRequest {
+    /// An event about this request (held, decided, lapsed): the workload,
+    /// its agent, the task, the request, the tool, the actions and targets,
+    /// the score and the policies that held it.
+    pub fn event(&self, kind: &str, decision: &str) -> pb::Event {
+        event_schema::event(kind, decision)
+            .spiffe_id(self.spiffe_id.clone())
+            .agent(self.agent_id.clone())
+            .attr("task", &self.task)
+            .attr("request", &self.id)
+            .attr("tool", &self.tool)
+            .attr("actions", self.actions.join(","))
+            .attr("targets", self.targets.join(","))
+            .attr("blast_radius", self.blast_radius)
+            .attr("policies", self.policies.join(","))
+    }
 }
 
 /// Why the store refused a broker write: typed, so the HTTP side maps

@@ -36,18 +36,7 @@ impl Broker {
         }
         let subject = parties.subject.spiffe_id.as_str().to_string();
         let parent_id = form.require("parent")?;
-        let parent = store
-            .task(parent_id)
-            .map_err(BrokerError::from)?
-            .ok_or_else(|| BrokerError::InvalidGrant(format!("task {parent_id} does not exist")))?;
-        if parent.spiffe_id != subject {
-            return Err(
-                BrokerError::InvalidGrant(format!("task {parent_id} is not the caller's")).into()
-            );
-        }
-        if !parent.is_live(now) {
-            return Err(BrokerError::InvalidGrant(format!("task {parent_id} has ended")).into());
-        }
+        let parent = super::exchange::live_task(store, parent_id, &subject, now)?;
         let ttl: i64 = match form.get("ttl") {
             None => i64::from(self.config.task_ttl),
             Some(t) => t

@@ -56,17 +56,9 @@ impl Broker {
             lapsed
                 .iter()
                 .map(|r| {
-                    let mut e =
-                        event_schema::event(kind::BROKER_REQUEST_EXPIRE, event_schema::DENY)
-                            .spiffe_id(r.spiffe_id.clone())
-                            .agent(r.agent_id.clone())
-                            .attr("request", &r.id)
-                            .attr("task", &r.task)
-                            .attr("tool", &r.tool)
-                            .attr("actions", r.actions.join(","))
-                            .attr("blast_radius", r.blast_radius)
-                            .attr("policies", r.policies.join(","))
-                            .code("expired_token");
+                    let mut e = r
+                        .event(kind::BROKER_REQUEST_EXPIRE, event_schema::DENY)
+                        .code("expired_token");
                     e.reason = format!("request {:?} lapsed unanswered or unused", r.state);
                     e
                 })
@@ -79,8 +71,15 @@ impl Broker {
                 info!("broker signing key rotated");
             }
             store.publish_broker_keys(self.state.server_id(), &self.keys.own()?)?;
-            self.keys.set_published(store.broker_keys()?, now);
+            self.refresh_keys()?;
         }
+        Ok(())
+    }
+
+    /// Reads every server's published signing keys from the store: for
+    /// the JWKS, and to verify tokens other servers signed (blocking).
+    pub(super) fn refresh_keys(&self) -> Result<(), super::BrokerError> {
+        self.keys.set_published(self.state.store().broker_keys()?, self.now());
         Ok(())
     }
 }

@@ -125,3 +125,8 @@ pub(super) async fn connect(socket: &SocketArg) -> Result<AdminClient<Channel>, 
 pub(super) async fn connect_path(path: &Path) -> Result<AdminClient<Channel>, CliError> {
     Ok(crate::client::connect_admin(path).await?)
 }
+
+/// Prints a JSON document, pretty, on stdout (`--json`).
+pub(super) fn print_json(value: &serde_json::Value) {
+    crate::outln!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}

@@ -9,7 +9,7 @@ use tessera_proto::admin as pb;
 use tessera_proto::admin::admin_client::AdminClient;
 use tonic::transport::Channel;
 
-use super::args::{connect, json_time, SocketArg};
+use super::args::{connect, json_time, print_json, SocketArg};
 use crate::broker::records::{PendingRequest, RequestState};
 use crate::cli_support::{format_time, CliError};
 
@@ -112,10 +112,6 @@ fn request_json(r: &PendingRequest) -> serde_json::Value {
         "decided_by": r.decided_by,
         "reason": r.reason,
     })
-}
-
-fn print_json(value: &serde_json::Value) {
-    crate::outln!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
 /// What the request asks: `transfer, read on TOOL (targets: a, b)`.

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use serde_json::json;
 use tessera_proto::admin as pb;
 
-use super::args::{connect, json_time, parse_duration, SocketArg};
+use super::args::{connect, json_time, parse_duration, print_json, SocketArg};
 use crate::broker::records::Task;
 use crate::cli_support::{format_time, CliError};
 
@@ -123,10 +123,6 @@ fn task_json(task: &Task, now: i64) -> serde_json::Value {
         "tokens_issued": task.tokens_issued,
         "done": task.done,
     })
-}
-
-fn print_json(value: &serde_json::Value) {
-    crate::outln!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
 fn print_task(task: &Task, now: i64) {

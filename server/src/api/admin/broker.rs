@@ -49,17 +49,9 @@ fn decision_event(operator: &Option<Operator>, held: &PendingRequest) -> types::
     } else {
         (kind::BROKER_DENY, schema::DENY)
     };
-    let mut e = schema::event(kind, decision)
+    let mut e = held
+        .event(kind, decision)
         .operator(*operator)
-        .spiffe_id(&held.spiffe_id)
-        .agent(&held.agent_id)
-        .attr("task", &held.task)
-        .attr("request", &held.id)
-        .attr("tool", &held.tool)
-        .attr("actions", held.actions.join(","))
-        .attr("targets", held.targets.join(","))
-        .attr("blast_radius", held.blast_radius)
-        .attr("policies", held.policies.join(","))
         .attr("content_hash", &held.content_hash)
         .attr("decided_by", &held.decided_by);
     if !approved {
