@@ -226,3 +226,40 @@ async fn evicted_agent_must_attest_again() {
     assert_eq!(err.code(), Code::NotFound);
     server.stop().await;
 }
+
+/// An agent whose own SVID is revoked (and that has no unspent join token
+/// to attest again) stops; its workloads are told their identity is
+/// withdrawn before their streams end, not left with a closed stream that
+/// clients read as the agent restarting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_stops_for_a_dead_identity_withdraws_its_workloads_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
+    server
+        .create_entry(
+            "spiffe://example.org/web",
+            &agent.id,
+            &[&format!("unix:uid:{}", my_uid())],
+            None,
+        )
+        .await;
+    let (mut stream, _svid) = open_stream(&agent).await;
+    let agent_serial = {
+        let get = admin_pb::GetAgentRequest { spiffe_id: agent.id.clone() };
+        server.admin().await.get_agent(get).await.unwrap().into_inner().x509_svid_serial
+    };
+    server
+        .admin()
+        .await
+        .revoke_svid(admin_pb::RevokeSvidRequest {
+            serial: agent_serial,
+            reason: "node key leaked".into(),
+            jti: String::new(),
+        })
+        .await
+        .unwrap();
+    expect_withdrawn(&mut stream, "withdrawal when the agent's own SVID is revoked").await;
+    agent.stop().await;
+    server.stop().await;
+}

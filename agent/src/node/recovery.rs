@@ -69,8 +69,7 @@ pub async fn recovery_loop(
                 None => "no join token was given".to_string(),
             };
             let message = format!("{cause}: dropped it, and {why}: {}", death.fix());
-            error!("{message}");
-            return Err(AgentError::IdentityDead(message));
+            return Err(give_up(&cache, message));
         };
         warn!("{cause}: dropping it and attesting again with the join token given");
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -100,8 +99,7 @@ pub async fn recovery_loop(
             }
             let message =
                 format!("{cause}: dropped it, and attesting again with the join token given failed: {failure}");
-            error!("{message}");
-            return Err(AgentError::IdentityDead(message));
+            return Err(give_up(&cache, message));
         };
         info!(agent_id = %identity.spiffe_id, previous = %death.agent_id, "attested again with the join token given");
         // The entries of the new identity come in a fresh snapshot; the
@@ -113,4 +111,13 @@ pub async fn recovery_loop(
         link.standing.revive();
         link.set_identity(identity);
     }
+}
+
+/// The identity is dead for good and the agent stops: every workload is
+/// told its identity is withdrawn before its stream ends (not left to see a
+/// closed stream, which clients read as the agent restarting).
+fn give_up(cache: &Cache, message: String) -> AgentError {
+    error!("{message}");
+    cache.withdraw_all();
+    AgentError::IdentityDead(message)
 }

@@ -53,7 +53,7 @@ pub async fn sync_loop(
             }
             Err(failure) => {
                 if failure.refusal_of_banned() {
-                    withdraw_everything(&cache);
+                    cache.withdraw_all();
                 }
                 let refused = failure.call.status.as_ref().and_then(Refusal::of).is_some();
                 if failure.banned {
@@ -227,7 +227,7 @@ async fn sync_once(
             }
             Event::Banned(banned) => {
                 warn!(reason = %banned.reason, "this agent was banned: dropping every entry and SVID");
-                withdraw_everything(cache);
+                cache.withdraw_all();
                 return Err(SyncFailure {
                     call: CallFailure::local(used, format!("agent banned: {}", banned.reason)),
                     banned: true,
@@ -287,18 +287,6 @@ fn apply_removal(s: &mut CacheState, id: &str, revision: u64) -> bool {
     s.svids.remove(id);
     s.revision = s.revision.max(revision);
     true
-}
-
-/// A banned agent serves nothing: every workload loses its identity.
-fn withdraw_everything(cache: &Cache) {
-    cache.update(|s| {
-        let changed = !s.entries.is_empty() || !s.svids.is_empty();
-        s.entries.clear();
-        s.reindex();
-        s.svids.clear();
-        s.ready = true;
-        changed
-    });
 }
 
 #[cfg(test)]

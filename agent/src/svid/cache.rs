@@ -255,6 +255,19 @@ impl Cache {
     pub fn update(&self, change: impl FnOnce(&mut CacheState) -> bool) {
         self.tx.send_if_modified(|state| change(Arc::make_mut(state)));
     }
+
+    /// Withdraws every identity: an agent that is banned, or whose identity
+    /// is dead for good, serves nothing (each stream says so before it ends).
+    pub fn withdraw_all(&self) {
+        self.update(|s| {
+            let changed = !s.entries.is_empty() || !s.svids.is_empty();
+            s.entries.clear();
+            s.reindex();
+            s.svids.clear();
+            s.ready = true;
+            changed
+        });
+    }
 }
 
 #[cfg(test)]

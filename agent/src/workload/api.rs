@@ -105,10 +105,14 @@ impl SpiffeWorkloadApi for WorkloadService {
                         None => std::future::pending().await,
                     }
                 };
+                // A change seen before shutdown is delivered first: an
+                // agent that stops because its identity is dead withdraws
+                // every identity, then shuts down.
                 tokio::select! {
+                    biased;
                     _ = tx.closed() => return,
-                    _ = service.shutdown.cancelled() => return,
                     changed = updates.changed() => if changed.is_err() { return },
+                    _ = service.shutdown.cancelled() => return,
                     _ = expiry => {}
                     _ = deferred => {}
                 }
