@@ -52,6 +52,9 @@ async fn child_server(args: &[String]) -> ExitCode {
     config.sign_burst = 10_000_000;
     config.events.enabled = !args.iter().any(|a| a == "--no-events");
     config.datastore = args.iter().find_map(|a| a.strip_prefix("--datastore=")).map(str::to_string);
+    if let Some(max) = args.iter().find_map(|a| a.strip_prefix("--max-connections=")) {
+        config.node_max_connections = max.parse().expect("--max-connections=N");
+    }
     let server =
         tessera_server::Server::bind(config, std::sync::Arc::new(tessera_server::SystemClock))
             .await
@@ -202,7 +205,7 @@ pub struct Child {
 
 impl Child {
     /// A server on the data dir `dir`; `flags`: `--no-events`,
-    /// `--datastore=URL`.
+    /// `--datastore=URL`, `--max-connections=N` (node API).
     pub fn server(dir: &Path, flags: &[&str]) -> Self {
         let dir = dir.display().to_string();
         Self::start(None, &[SERVER, &dir], flags)

@@ -1,15 +1,19 @@
 //! `tessera-bench`: measures Tessera on this machine with real server and
 //! agent code on loopback and temp data dirs. Prints a table and, as its last
-//! line, one JSON object of results. Scenarios: see `SCENARIOS` (`all` runs each).
+//! line, one JSON object of results. Scenarios: see `SCENARIOS` (`all` runs
+//! each but `scale10k` and `soak`, which run only when named: they take
+//! minutes to an hour).
 //!
 //! ```sh
 //! cargo run --release -p tessera-tests --bin tessera-bench -- all
+//! cargo run --release -p tessera-tests --bin tessera-bench -- scale10k [--agents N] [--entries N] [--servers 1|2|both]
+//! cargo run --release -p tessera-tests --bin tessera-bench -- soak --duration 60m
 //! ```
 //!
 //! What lives here. This file only reads the command line and runs the
 //! scenarios in order. Each scenario has a file of its own (`issue.rs` …
-//! `hostile.rs`) with a `run` that prints its rows and returns its JSON
-//! results. The shared helpers:
+//! `hostile.rs`, `scale10k.rs`, `soak.rs`) with a `run` that prints its rows
+//! and returns its JSON results. The shared helpers:
 //!
 //! - `stats.rs` — percentiles, rates, rounding, table rows, the JSON result;
 //! - `children.rs` — the re-exec children (`__server`, `__agent`,
@@ -19,7 +23,10 @@
 //! - `workload.rs` — servers and agents in this process, and a workload's
 //!   view of them (warm clients, open streams, first-response latencies,
 //!   entry propagation);
-//! - `signing.rs` — node API signing throughput and ring's ECDSA limits.
+//! - `signing.rs` — node API signing throughput and ring's ECDSA limits;
+//! - `bounds.rs` — each figure's target and regression bound: after the
+//!   scenarios, the figures against their targets and a `WARNING` line for
+//!   each past its bound.
 //!
 //! What may depend on what: scenario files use the helpers, never each
 //! other. Among the helpers, each uses only those listed before it
@@ -33,6 +40,7 @@
 use std::process::ExitCode;
 
 // Shared helpers.
+mod bounds;
 mod children;
 mod signing;
 mod stats;
@@ -52,6 +60,8 @@ mod jwt;
 mod propagate;
 mod revoke;
 mod scale;
+mod scale10k;
+mod soak;
 mod streams;
 
 const SCENARIOS: &[&str] = &[
@@ -69,6 +79,8 @@ const SCENARIOS: &[&str] = &[
     "hostile",
     "broker",
     "broker-policy",
+    "scale10k",
+    "soak",
     "all",
 ];
 
@@ -87,6 +99,14 @@ async fn main() -> ExitCode {
         eprintln!("error: unknown scenario {scenario:?}; choose one of {}", SCENARIOS.join(", "));
         return ExitCode::from(2);
     }
+    // The soak's length, read before anything runs: a bad one is a usage error.
+    let soak = match (scenario == "soak").then(|| soak::duration_from(&args[1..])).transpose() {
+        Ok(soak) => soak,
+        Err(why) => {
+            eprintln!("error: --duration: {why}");
+            return ExitCode::from(2);
+        }
+    };
     // `all` takes the short form of every scenario that has one.
     let quick = args.iter().any(|a| a == "--quick") || scenario == "all";
     let runs = |name: &str| scenario == name || scenario == "all";
@@ -135,6 +155,20 @@ async fn main() -> ExitCode {
     if runs("broker-policy") {
         results.extend(broker_policy::run(quick).await);
     }
+    // Long runs of their own, never part of `all`.
+    if scenario == "scale10k" {
+        match scale10k::run(&args).await {
+            Ok(figures) => results.extend(figures),
+            Err(e) => {
+                eprintln!("error: scale10k: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(duration) = soak {
+        results.extend(soak::run(duration).await);
+    }
+    bounds::report(&results);
     results.print();
     ExitCode::SUCCESS
 }

@@ -128,9 +128,16 @@ async fn scale(entries: usize, agents: usize, big_agent: usize, streams: usize) 
             .await
             .unwrap();
     }
-    let token = join_token(&mut admin, big_id).await;
     let bundle_path = dir.path().join("bundle.pem");
     std::fs::write(&bundle_path, tessera_tests::to_pem(&bundle)).unwrap();
+    // The same agent with no entries, for the memory one cached SVID costs.
+    let idle_token = join_token(&mut admin, "spiffe://example.org/idle-agent").await;
+    let idle =
+        Child::agent(&dir.path().join("idle"), &server.ready, &idle_token, &bundle_path, &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_rss = idle.rss_mb();
+    idle.stop();
+    let token = join_token(&mut admin, big_id).await;
     let start = Instant::now();
     let agent = Child::agent(&dir.path().join("agent"), &server.ready, &token, &bundle_path, &[]);
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -150,7 +157,14 @@ async fn scale(entries: usize, agents: usize, big_agent: usize, streams: usize) 
         "{:<44} {:>12.1} {:>12.1} {:>12}",
         "agent RSS MB with 20k SVIDs; all signed in (s)", agent_rss, sync_s, big_agent
     );
+    let per_svid = (agent_rss - idle_rss) * 1024.0 * 1024.0 / big_agent as f64;
+    println!(
+        "{:<44} {:>12.0} {:>12.1} {:>12}",
+        "  ... bytes per cached SVID; idle agent RSS MB", per_svid, idle_rss, big_agent
+    );
     out.push(("agent_20k_rss_mb", json!(round(agent_rss))));
+    out.push(("agent_idle_rss_mb", json!(round(idle_rss))));
+    out.push(("agent_bytes_per_svid", json!(per_svid.round())));
     out.push(("agent_20k_sync_s", json!(round(sync_s))));
 
     // `streams` workloads open FetchX509SVID at once (one connection each).

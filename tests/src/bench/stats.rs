@@ -50,6 +50,11 @@ impl Results {
         self.0.extend(figures);
     }
 
+    /// A figure, if measured.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key)
+    }
+
     /// The last line of the output.
     pub fn print(&self) {
         println!("{}", serde_json::to_string(&self.0).unwrap_or_default());
