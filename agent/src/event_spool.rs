@@ -35,8 +35,14 @@ use crate::metrics::AgentMetrics;
 const MAGIC: &[u8] = b"TSPOOL1\n";
 const HEADER_LEN: u64 = 8 + 16;
 
-/// Events sent per push.
+/// Events sent per push, at most.
 pub const PUSH_BATCH: usize = 500;
+
+/// Encoded bytes of events per push, at most (a single larger event goes
+/// alone): a quarter of what the server decodes in one request, so a push
+/// of big events (a fetch serving hundreds of SVIDs names each) is never
+/// refused for its size and retried forever while the spool fills.
+pub const PUSH_BYTES: usize = tessera_common::rules::MAX_NODE_REQUEST_BYTES / 4;
 
 /// How often spooled events are fsynced.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
@@ -409,10 +415,22 @@ impl EventSpool {
         }
     }
 
-    /// The oldest unacknowledged events, up to `n`, and the spool ID.
+    /// The oldest unacknowledged events, up to `n` and [`PUSH_BYTES`]
+    /// (always at least one), and the spool ID.
     pub(crate) fn batch(&self, n: usize) -> (Vec<u8>, Vec<Event>) {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        (inner.spool_id.to_vec(), inner.queue.iter().take(n).map(|(e, _)| e.clone()).collect())
+        let mut bytes = 0u64;
+        let events = inner
+            .queue
+            .iter()
+            .take(n)
+            .take_while(|(_, size)| {
+                bytes += size;
+                bytes == *size || bytes <= PUSH_BYTES as u64
+            })
+            .map(|(e, _)| e.clone())
+            .collect();
+        (inner.spool_id.to_vec(), events)
     }
 
     /// The server stored events of `spool_id` up to `seq`.
@@ -615,5 +633,43 @@ mod tests {
             .iter()
             .any(|a| a.key == "dropped.workload.x509" && a.value == dropped.to_string()));
         assert_eq!(inner.queue[1].0.kind, kind::WORKLOAD_X509);
+    }
+
+    /// A fetch that serves hundreds of SVIDs names each: 500 such events are
+    /// larger than the server decodes in one request. A push takes what fits
+    /// in PUSH_BYTES (one event at least, however large), so the spool drains
+    /// instead of retrying a refused push while it fills.
+    #[test]
+    fn a_push_batch_stays_under_the_byte_budget_and_never_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let spooled = spool(dir.path(), DEFAULT_SPOOL_BYTES);
+        let big = |n: u32, svids: usize| {
+            let mut e = fetch(n);
+            for i in 0..svids {
+                e = e.spiffe_id(format!("spiffe://example.org/soak/{i}")).entry(format!("{i:036}"));
+            }
+            e.serial = (0..svids).map(|i| format!("{i:032x}")).collect::<Vec<_>>().join(",");
+            e
+        };
+        for n in 0..500 {
+            spooled.emit(big(n, 200));
+        }
+        let (_, batch) = spooled.batch(PUSH_BATCH);
+        let bytes: usize = batch.iter().map(|e| e.encoded_len() + 8).sum();
+        assert!(!batch.is_empty() && batch.len() < 500, "{} events", batch.len());
+        assert!(bytes <= PUSH_BYTES, "{bytes} bytes in one push");
+        let all: usize =
+            spooled.inner.lock().unwrap().queue.iter().map(|(e, _)| e.encoded_len()).sum();
+        assert!(
+            all > tessera_common::rules::MAX_NODE_REQUEST_BYTES,
+            "the test needs {all} > the limit"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let alone = spool(dir.path(), DEFAULT_SPOOL_BYTES);
+        alone.emit(big(0, 20_000));
+        alone.emit(fetch(1));
+        let (_, batch) = alone.batch(PUSH_BATCH);
+        assert_eq!(batch.len(), 1, "an event past the budget goes alone");
     }
 }

@@ -4,6 +4,11 @@
 
 use std::fmt;
 
+/// Largest node API request the server decodes (`SignX509`, `SignJWT`,
+/// `PushEvents`): a full `SignX509` batch of 1,000 P-256 CSRs is about
+/// 300 KB. The agent sizes its event pushes to stay under it.
+pub const MAX_NODE_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
 /// Most audiences one JWT-SVID request may name.
 pub const MAX_REQUEST_AUDIENCES: usize = 16;
 

@@ -4,7 +4,7 @@
 //! revision is older than the window reads the store directly, and the
 //! feed only ever holds a contiguous run of the log.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -51,11 +51,91 @@ impl FedChange {
     }
 }
 
+/// The window's changes, and which of them concern whom: a stream reads
+/// only the revisions of its agent and those for every agent, instead of
+/// every change of the window (with 10,000 streams, scanning each change
+/// once per stream was the cost of a fan-out).
+#[derive(Debug, Default)]
+struct Window {
+    /// Contiguous revisions, oldest first.
+    changes: VecDeque<Arc<FedChange>>,
+    /// Revisions (ascending) of the changes that concern one agent: entry
+    /// changes under each of their parents, a ban or an eviction.
+    by_agent: HashMap<String, VecDeque<u64>>,
+    /// Revisions (ascending) of the changes every agent reads:
+    /// revocations, CRLs, the bundle.
+    everyone: VecDeque<u64>,
+}
+
+/// Whom a change concerns: the agents it names, or `None` for every agent.
+fn concerns(kind: &ChangeKind) -> Option<Vec<&str>> {
+    match kind {
+        ChangeKind::Entry { parents, .. } => Some(parents.iter().map(String::as_str).collect()),
+        ChangeKind::AgentBanned { agent_id, .. } | ChangeKind::AgentEvicted { agent_id } => {
+            Some(vec![agent_id.as_str()])
+        }
+        ChangeKind::Revoked { .. } | ChangeKind::Crls | ChangeKind::Bundle => None,
+    }
+}
+
+impl Window {
+    fn push(&mut self, fed: Arc<FedChange>) {
+        let revision = fed.change.revision;
+        match concerns(&fed.change.kind) {
+            Some(agents) => {
+                for agent in agents {
+                    let revisions = self.by_agent.entry(agent.to_string()).or_default();
+                    // An entry moved within one agent names it twice.
+                    if revisions.back() != Some(&revision) {
+                        revisions.push_back(revision);
+                    }
+                }
+            }
+            None => self.everyone.push_back(revision),
+        }
+        self.changes.push_back(fed);
+    }
+
+    fn pop(&mut self) {
+        let Some(fed) = self.changes.pop_front() else { return };
+        let revision = fed.change.revision;
+        match concerns(&fed.change.kind) {
+            Some(agents) => {
+                for agent in agents {
+                    if let Some(revisions) = self.by_agent.get_mut(agent) {
+                        while revisions.front().is_some_and(|r| *r <= revision) {
+                            revisions.pop_front();
+                        }
+                        if revisions.is_empty() {
+                            self.by_agent.remove(agent);
+                        }
+                    }
+                }
+            }
+            None => {
+                while self.everyone.front().is_some_and(|r| *r <= revision) {
+                    self.everyone.pop_front();
+                }
+            }
+        }
+    }
+}
+
+/// What a stream reads from the feed: the changes after its revision that
+/// concern its agent or every agent (in order, at most a page), and the
+/// revision it is current to once it has sent them.
+#[derive(Debug)]
+pub struct ForAgent {
+    /// The changes to send.
+    pub changes: Vec<Arc<FedChange>>,
+    /// The revision the stream has covered after them.
+    pub covered: u64,
+}
+
 /// Recent changes of the log, shared by every Sync stream.
 #[derive(Debug)]
 pub struct ChangeFeed {
-    /// Contiguous revisions, oldest first.
-    window: RwLock<VecDeque<Arc<FedChange>>>,
+    window: RwLock<Window>,
     /// The last revision in the window (or the store's at start).
     latest: watch::Sender<u64>,
     /// The CRLs in force as of at least `latest`, read once for all streams.
@@ -68,7 +148,7 @@ impl ChangeFeed {
     /// An empty feed starting after `revision`, with the CRLs then in force.
     pub fn new(revision: u64, crls: Vec<Vec<u8>>) -> Self {
         Self {
-            window: RwLock::new(VecDeque::new()),
+            window: RwLock::new(Window::default()),
             latest: watch::channel(revision).0,
             crls: RwLock::new(Arc::new(crls)),
             store_error: RwLock::new(None),
@@ -95,20 +175,50 @@ impl ChangeFeed {
         self.latest.subscribe()
     }
 
-    /// Up to `limit` changes after `revision`, if the window covers them;
-    /// `None` when the stream must read the store.
-    pub fn since(&self, revision: u64, limit: usize) -> Option<Vec<Arc<FedChange>>> {
+    /// The changes after `revision` that concern `agent` or every agent,
+    /// up to `limit`, if the window covers them; `None` when the stream
+    /// must read the store. Costs the changes found, not the window's size.
+    pub fn for_agent(&self, agent: &str, revision: u64, limit: usize) -> Option<ForAgent> {
         let window = self.window.read().unwrap_or_else(|e| e.into_inner());
         let latest = *self.latest.borrow();
         if revision >= latest {
-            return Some(Vec::new());
+            return Some(ForAgent { changes: Vec::new(), covered: revision });
         }
-        let first = window.front()?.change.revision;
+        let first = window.changes.front()?.change.revision;
         if revision + 1 < first {
             return None;
         }
-        let skip = (revision + 1 - first) as usize;
-        Some(window.iter().skip(skip).take(limit).cloned().collect())
+        let after = |revisions: &VecDeque<u64>| {
+            let start = revisions.partition_point(|r| *r <= revision);
+            revisions.range(start..).copied().collect::<Vec<u64>>()
+        };
+        let mine = window.by_agent.get(agent).map(after).unwrap_or_default();
+        let all = after(&window.everyone);
+        // Merge the two ascending lists, up to `limit`.
+        let (mut i, mut j, mut picked) = (0, 0, Vec::new());
+        while picked.len() < limit && (i < mine.len() || j < all.len()) {
+            let next = match (mine.get(i), all.get(j)) {
+                (Some(a), Some(b)) if a <= b => {
+                    i += 1;
+                    *a
+                }
+                (_, Some(b)) => {
+                    j += 1;
+                    *b
+                }
+                (Some(a), None) => {
+                    i += 1;
+                    *a
+                }
+                (None, None) => break,
+            };
+            picked.push(next);
+        }
+        let back = window.changes.back().map_or(latest, |c| c.change.revision);
+        // A full page covers up to its last change; else everything held.
+        let covered = if picked.len() == limit { picked[limit - 1] } else { back };
+        let changes = picked.iter().map(|r| window.changes[(r - first) as usize].clone()).collect();
+        Some(ForAgent { changes, covered })
     }
 
     /// Tails the store's log until `shutdown`. `on_changes` sees each batch
@@ -165,9 +275,11 @@ impl ChangeFeed {
             if let Some(last) = changes.last().map(|c| c.revision) {
                 let fed = with_entries(&store, changes).await;
                 let mut window = self.window.write().unwrap_or_else(|e| e.into_inner());
-                window.extend(fed.into_iter().map(Arc::new));
-                while window.len() > FEED_WINDOW {
-                    window.pop_front();
+                for change in fed {
+                    window.push(Arc::new(change));
+                }
+                while window.changes.len() > FEED_WINDOW {
+                    window.pop();
                 }
                 drop(window);
                 self.latest.send_replace(last);
@@ -231,15 +343,62 @@ mod tests {
         Arc::new(FedChange::bare(Change { revision, kind: ChangeKind::Bundle }))
     }
 
+    fn entry_change(revision: u64, parents: &[&str]) -> Arc<FedChange> {
+        Arc::new(FedChange::bare(Change {
+            revision,
+            kind: ChangeKind::Entry {
+                entry_id: format!("e{revision}"),
+                parents: parents.iter().map(|p| p.to_string()).collect(),
+            },
+        }))
+    }
+
+    fn revisions(got: &ForAgent) -> Vec<u64> {
+        got.changes.iter().map(|c| c.change.revision).collect()
+    }
+
+    /// A stream reads its agent's changes and everyone's, in log order,
+    /// never another agent's; the revision it covers is the window's end
+    /// (or a full page's last change).
     #[test]
-    fn the_window_answers_only_what_it_holds_contiguously() {
+    fn a_stream_reads_only_what_concerns_its_agent_in_order() {
         let feed = ChangeFeed::new(10, Vec::new());
-        assert_eq!(feed.since(10, 5).map(|c| c.len()), Some(0), "nothing newer yet");
-        feed.window.write().unwrap().extend((11..=20).map(change));
-        feed.latest.send_replace(20);
-        let got: Vec<u64> = feed.since(12, 3).unwrap().iter().map(|c| c.change.revision).collect();
-        assert_eq!(got, [13, 14, 15]);
-        assert!(feed.since(9, 3).is_none(), "older than the window: read the store");
-        assert_eq!(feed.since(20, 3).map(|c| c.len()), Some(0));
+        let empty = feed.for_agent("a", 10, 100).unwrap();
+        assert_eq!((empty.changes.len(), empty.covered), (0, 10), "nothing newer yet");
+        {
+            let mut window = feed.window.write().unwrap();
+            window.push(entry_change(11, &["a"]));
+            window.push(entry_change(12, &["b"]));
+            window.push(change(13));
+            window.push(entry_change(14, &["b", "a"]));
+            window.push(entry_change(15, &["a", "a"]));
+            window.push(Arc::new(FedChange::bare(Change {
+                revision: 16,
+                kind: ChangeKind::AgentBanned { agent_id: "b".into(), reason: "r".into() },
+            })));
+            window.push(entry_change(17, &["c"]));
+        }
+        feed.latest.send_replace(17);
+        let a = feed.for_agent("a", 10, 100).unwrap();
+        assert_eq!((revisions(&a), a.covered), (vec![11, 13, 14, 15], 17));
+        let b = feed.for_agent("b", 12, 100).unwrap();
+        assert_eq!((revisions(&b), b.covered), (vec![13, 14, 16], 17));
+        let page = feed.for_agent("a", 10, 2).unwrap();
+        assert_eq!((revisions(&page), page.covered), (vec![11, 13], 13), "a full page");
+        let nobody = feed.for_agent("z", 10, 100).unwrap();
+        assert_eq!((revisions(&nobody), nobody.covered), (vec![13], 17));
+        assert_eq!(feed.for_agent("a", 17, 100).unwrap().covered, 17, "current");
+        // The window drops its oldest changes, and their index with them.
+        {
+            let mut window = feed.window.write().unwrap();
+            for _ in 0..4 {
+                window.pop();
+            }
+            assert!(!window.by_agent.contains_key("c") || window.by_agent["c"] == [17]);
+            assert_eq!(window.by_agent["a"], [15]);
+            assert!(window.everyone.is_empty());
+        }
+        assert!(feed.for_agent("a", 10, 100).is_none(), "older than the window");
+        assert_eq!(revisions(&feed.for_agent("a", 14, 100).unwrap()), [15]);
     }
 }

@@ -43,9 +43,8 @@ use tessera_common::clock::Clock;
 /// Largest gRPC message the server accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
-/// Largest node API request: a full `SignX509` batch of 1,000 P-256 CSRs is
-/// about 300 KB.
-pub const MAX_NODE_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest node API request (the rule both sides use).
+pub use tessera_common::rules::MAX_NODE_REQUEST_BYTES;
 
 /// Requests in flight on one node API connection.
 pub const NODE_CONCURRENCY_PER_CONNECTION: usize = 32;

@@ -282,7 +282,9 @@ async fn a_revoked_agent_svid_is_refused_by_every_node_call() {
             let refused = result.expect_err("a call answered a revoked agent SVID");
             match alerts.take() {
                 Some(refusal) => break refusal,
-                None if failures.len() < 5 => failures.push(refused),
+                // A client that wrote first can see the broken pipe many
+                // times in a row on a busy machine (CI saw 5).
+                None if failures.len() < 40 => failures.push(refused),
                 None => panic!("{rpc:?}: no certificate_revoked alert read: {failures:?}"),
             }
         };

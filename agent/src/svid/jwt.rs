@@ -162,6 +162,9 @@ impl JwtSvids {
             let this = self.clone();
             tokio::spawn(async move { this.sign(to_sign).await });
         }
+        // An entry the server no longer has (deleted there, its removal not
+        // here yet) gets no token; the call still serves the others.
+        let mut gone = None;
         for (i, mut rx) in waits {
             let waited = rx.wait_for(Option::is_some).await.map(|outcome| outcome.clone());
             let outcome = match waited {
@@ -181,15 +184,12 @@ impl JwtSvids {
                     cached.last_used.store(now, Ordering::Relaxed);
                     found[i] = Some(cached);
                 }
+                Some(Err(status)) if status.code() == tonic::Code::NotFound => gone = Some(status),
                 Some(Err(status)) => return Err(status),
                 None => return Err(Status::unavailable("JWT-SVID not signed; retry")),
             }
         }
-        Ok(found
-            .into_iter()
-            .flatten()
-            .map(|c| IssuedJwt { token: c.token.clone(), jti: c.jti.clone() })
-            .collect())
+        served(found, gone)
     }
 
     /// Signs tokens for `keys` (in batches), caches them and tells whoever waits.
@@ -398,8 +398,52 @@ fn evict(tokens: &mut HashMap<Key, Arc<CachedJwt>>, now: i64) {
     }
 }
 
+/// The tokens of a fetch: those found, unless none was because every entry
+/// asked for is gone on the server (then why).
+fn served(
+    found: Vec<Option<Arc<CachedJwt>>>,
+    gone: Option<Status>,
+) -> Result<Vec<IssuedJwt>, Status> {
+    let tokens: Vec<IssuedJwt> = found
+        .into_iter()
+        .flatten()
+        .map(|c| IssuedJwt { token: c.token.clone(), jti: c.jti.clone() })
+        .collect();
+    match gone {
+        Some(status) if tokens.is_empty() => Err(status),
+        _ => Ok(tokens),
+    }
+}
+
 /// Whether a signing item was refused because the agent's SVID was renewed
 /// while the server signed (by its typed refusal).
 fn svid_changed(item: &pb::SignJwtResult) -> bool {
     ItemOutcome::of(item.status.as_ref()) == ItemOutcome::SignAgain
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(jti: &str) -> Option<Arc<CachedJwt>> {
+        Some(Arc::new(CachedJwt {
+            token: format!("t.{jti}"),
+            jti: jti.into(),
+            issued_at: 0,
+            expires_at: 100,
+            last_used: AtomicI64::new(0),
+        }))
+    }
+
+    /// FetchJWTSVID for every identity: one entry deleted on the server
+    /// (its removal not on the agent yet) does not fail the others.
+    #[test]
+    fn an_entry_gone_on_the_server_is_skipped_and_the_rest_served() {
+        let gone = || Some(Status::not_found("entry e2 not found"));
+        let served_now = served(vec![token("a"), None, token("c")], gone()).unwrap();
+        assert_eq!(served_now.iter().map(|t| t.jti.as_str()).collect::<Vec<_>>(), ["a", "c"]);
+        let err = served(vec![None], gone()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "nothing left: the caller hears why");
+        assert_eq!(served(vec![token("a")], None).unwrap().len(), 1);
+    }
 }

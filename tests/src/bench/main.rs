@@ -90,6 +90,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // As the server and agent binaries run (the children are this binary).
+    tessera_common::cli_support::small_pages_only();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(code) = children::run_child(&args).await {
         return code;

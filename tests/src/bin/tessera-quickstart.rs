@@ -26,6 +26,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    tessera_common::cli_support::small_pages_only();
     tessera_server::cli::init_logging(
         "warn,tessera::audit=error",
         tessera_server::cli::LogFormat::Text,

@@ -23,6 +23,10 @@ const SYNC_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 /// Changes read from the log at a time.
 const SYNC_CHANGES_PAGE: usize = 1000;
 
+/// A stream that moved past other agents' changes only says so (a
+/// checkpoint) at most this often; its own changes are checkpointed at once.
+const CHECKPOINT_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 type SyncSender = mpsc::Sender<Result<pb::SyncMessage, Status>>;
 
 /// Sends one message; an error when the agent has gone away.
@@ -108,25 +112,42 @@ impl NodeService {
         };
         info!(agent_id = %agent_id, revision = cursor, resumed_from = resume_from, "agent sync started");
         let shutdown = self.state.shutdown().clone();
+        // The revision last checkpointed, and when.
+        let (mut checkpointed, mut checkpoint_at) = (cursor, tokio::time::Instant::now());
         loop {
-            let changes = match self.state.feed().since(cursor, SYNC_CHANGES_PAGE) {
-                Some(changes) => changes,
-                // Older than the shared window: read the log itself.
-                None => {
-                    let from = cursor;
-                    let read = self
-                        .state
-                        .store_op(move |store| store.changes_since(from, SYNC_CHANGES_PAGE))
-                        .await?;
-                    read.into_iter().map(|c| Arc::new(FedChange::bare(c))).collect()
-                }
-            };
+            let (changes, covered) =
+                match self.state.feed().for_agent(agent_id.as_str(), cursor, SYNC_CHANGES_PAGE) {
+                    Some(read) => (read.changes, read.covered),
+                    // Older than the shared window: read the log itself.
+                    None => {
+                        let from = cursor;
+                        let read = self
+                            .state
+                            .store_op(move |store| store.changes_since(from, SYNC_CHANGES_PAGE))
+                            .await?;
+                        let covered = read.last().map_or(cursor, |c| c.revision);
+                        (read.into_iter().map(|c| Arc::new(FedChange::bare(c))).collect(), covered)
+                    }
+                };
             if changes.is_empty() {
+                if covered > cursor {
+                    // Only other agents' changes: nothing to send now.
+                    cursor = covered;
+                    continue;
+                }
+                let owed = cursor > checkpointed;
                 tokio::select! {
                     _ = tx.closed() => return Ok(()),
                     // End the stream so the server's graceful shutdown can finish.
                     _ = shutdown.cancelled() => return Ok(()),
                     changed = wake.changed() => if changed.is_err() { return Ok(()) },
+                    // Other agents' changes are checkpointed at most once per
+                    // CHECKPOINT_IDLE: 10,000 streams do not each send one per
+                    // page of changes none of them is concerned by.
+                    _ = tokio::time::sleep_until(checkpoint_at + CHECKPOINT_IDLE), if owed => {
+                        send(tx, Event::Checkpoint(pb::Checkpoint { revision: cursor })).await?;
+                        (checkpointed, checkpoint_at) = (cursor, tokio::time::Instant::now());
+                    }
                     _ = tokio::time::sleep(SYNC_RECHECK) => {
                         // Revocations and bans arrive through the log; a
                         // renewal (superseded SVID) or expiry is checked here.
@@ -144,7 +165,9 @@ impl NodeService {
                     }
                 }
             }
+            cursor = cursor.max(covered);
             send(tx, Event::Checkpoint(pb::Checkpoint { revision: cursor })).await?;
+            (checkpointed, checkpoint_at) = (cursor, tokio::time::Instant::now());
         }
     }
 
