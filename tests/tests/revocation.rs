@@ -39,6 +39,28 @@ async fn open_stream(
     .await
 }
 
+/// A server, an agent with one entry for this process, the process's open
+/// stream and SVID, and the agent's own SVID serial.
+async fn served_workload(
+    dir: &std::path::Path,
+) -> (
+    TestServer,
+    RunningAgent,
+    impl Stream<Item = Result<X509Svid, WorkloadApiError>> + Unpin,
+    X509Svid,
+    String,
+) {
+    let server = TestServer::start(&dir.join("server")).await;
+    let agent = RunningAgent::start(&server, &dir.join("agent")).await;
+    let me = format!("unix:uid:{}", my_uid());
+    server.create_entry("spiffe://example.org/web", &agent.id, &[&me], None).await;
+    let (stream, svid) = open_stream(&agent).await;
+    let get = admin_pb::GetAgentRequest { spiffe_id: agent.id.clone() };
+    let agent_serial =
+        server.admin().await.get_agent(get).await.unwrap().into_inner().x509_svid_serial;
+    (server, agent, stream, svid, agent_serial)
+}
+
 /// Reads the stream until it reports that the identity was withdrawn.
 async fn expect_withdrawn(
     stream: &mut (impl Stream<Item = Result<X509Svid, WorkloadApiError>> + Unpin),
@@ -138,21 +160,7 @@ async fn expired_jit_entry_ends_the_identity_with_no_operator_action() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn banned_agent_loses_every_identity_and_cannot_come_back() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("server")).await;
-    let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
-    server
-        .create_entry(
-            "spiffe://example.org/web",
-            &agent.id,
-            &[&format!("unix:uid:{}", my_uid())],
-            None,
-        )
-        .await;
-    let (mut stream, svid) = open_stream(&agent).await;
-    let agent_serial = {
-        let get = admin_pb::GetAgentRequest { spiffe_id: agent.id.clone() };
-        server.admin().await.get_agent(get).await.unwrap().into_inner().x509_svid_serial
-    };
+    let (server, agent, mut stream, svid, agent_serial) = served_workload(dir.path()).await;
 
     let banned = server
         .admin()
@@ -234,21 +242,7 @@ async fn evicted_agent_must_attest_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_stops_for_a_dead_identity_withdraws_its_workloads_first() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("server")).await;
-    let agent = RunningAgent::start(&server, &dir.path().join("agent")).await;
-    server
-        .create_entry(
-            "spiffe://example.org/web",
-            &agent.id,
-            &[&format!("unix:uid:{}", my_uid())],
-            None,
-        )
-        .await;
-    let (mut stream, _svid) = open_stream(&agent).await;
-    let agent_serial = {
-        let get = admin_pb::GetAgentRequest { spiffe_id: agent.id.clone() };
-        server.admin().await.get_agent(get).await.unwrap().into_inner().x509_svid_serial
-    };
+    let (server, agent, mut stream, _svid, agent_serial) = served_workload(dir.path()).await;
     server
         .admin()
         .await

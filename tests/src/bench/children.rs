@@ -333,3 +333,17 @@ pub async fn attest_simulated(
     let token = join_token(admin, id).await;
     tessera_tests::TestAgent::attest_to(addr, bundle.to_vec(), &token).await.unwrap()
 }
+
+/// A simulated agent's node API client and its Sync stream, opened with no
+/// revision (so it starts with a snapshot of the agent's entries).
+pub async fn open_sync(
+    agent: &tessera_tests::TestAgent,
+) -> (
+    tessera_proto::node::node_client::NodeClient<tonic::transport::Channel>,
+    tonic::Streaming<tessera_proto::node::SyncMessage>,
+) {
+    let mut client = agent.connect().await;
+    let stream =
+        client.sync(tessera_proto::node::SyncRequest { revision: 0 }).await.unwrap().into_inner();
+    (client, stream)
+}

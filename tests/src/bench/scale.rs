@@ -10,7 +10,9 @@ use tessera_agent::fetch_x509;
 use tessera_proto::admin as admin_pb;
 use tessera_tests::entry;
 
-use crate::children::{admin_at, attest_simulated, bundle_of, join_token, AdminClient, Child};
+use crate::children::{
+    admin_at, attest_simulated, bundle_of, join_token, open_sync, AdminClient, Child,
+};
 use crate::stats::{round, row, Figures};
 use crate::workload::{concurrent_first_responses, me};
 
@@ -85,12 +87,7 @@ async fn scale(entries: usize, agents: usize, big_agent: usize, streams: usize) 
     for i in 0..agents {
         let id = format!("spiffe://example.org/sim/agent-{i}");
         let agent = attest_simulated(&mut admin, addr, &bundle, &id).await;
-        let mut client = agent.connect().await;
-        let mut stream = client
-            .sync(tessera_proto::node::SyncRequest { revision: 0 })
-            .await
-            .unwrap()
-            .into_inner();
+        let (client, mut stream) = open_sync(&agent).await;
         let mut got = 0;
         while got < per_agent {
             if let Some(tessera_proto::node::sync_message::Event::Snapshot(chunk)) =

@@ -23,7 +23,7 @@ use tessera_proto::admin as admin_pb;
 use tessera_proto::node::sync_message::Event;
 use tessera_tests::entry;
 
-use crate::children::{admin_at, bundle_of, join_token, AdminClient, Child};
+use crate::children::{admin_at, bundle_of, join_token, open_sync, AdminClient, Child};
 use crate::stats::{percentiles, round, row, Figures};
 
 /// Attestations in flight at once (under the server's 32 unauthenticated
@@ -147,12 +147,7 @@ async fn setup(plan: &Plan, servers: usize) -> Figures {
                 let agent = tessera_tests::TestAgent::attest_to(addr, bundle.clone(), &token)
                     .await
                     .unwrap();
-                let mut client = agent.connect().await;
-                let mut stream = client
-                    .sync(tessera_proto::node::SyncRequest { revision: 0 })
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let (client, mut stream) = open_sync(&agent).await;
                 // The stream is live once its (empty) snapshot is complete.
                 loop {
                     let message = stream.message().await.unwrap().unwrap();
