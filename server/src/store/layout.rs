@@ -141,6 +141,24 @@ pub(super) fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<Entry, StoreError
     Entry::from_stored(p).map_err(|e| corrupt(e.to_string()))
 }
 
+/// A stored entry's SPIFFE ID alone (field 2 of `types.Entry`; prost skips
+/// the other fields): for scans that compare only it, without decoding and
+/// validating the whole entry. Stored IDs are written from parsed ones, so
+/// they are already in canonical form.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredSpiffeId {
+    #[prost(string, tag = "2")]
+    spiffe_id: String,
+}
+
+/// A stored entry's SPIFFE ID (see [`StoredSpiffeId`]).
+pub(super) fn entry_spiffe_id(key: &[u8], bytes: &[u8]) -> Result<String, StoreError> {
+    StoredSpiffeId::decode(bytes).map(|e| e.spiffe_id).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
 pub(super) fn read_u64(value: Option<&[u8]>) -> u64 {
     value.and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes).unwrap_or(0)
 }
