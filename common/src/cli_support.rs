@@ -179,7 +179,6 @@ pub fn one_line(rendered: &str) -> String {
 /// them; any other problem becomes one line on stderr (naming the missing
 /// flags, or Tessera's spelling of a SPIRE flag) and exit code 2.
 pub fn parse_args<C: clap::Parser>() -> Result<C, ExitCode> {
-    small_pages_only();
     parse_from(std::env::args_os())
 }
 

@@ -188,32 +188,17 @@ impl ChangeFeed {
         if revision + 1 < first {
             return None;
         }
+        // The first `limit` of each list after `revision`; the lists are
+        // disjoint (a change concerns named agents or everyone), so the
+        // page is the first `limit` of both in revision order.
         let after = |revisions: &VecDeque<u64>| {
             let start = revisions.partition_point(|r| *r <= revision);
-            revisions.range(start..).copied().collect::<Vec<u64>>()
+            revisions.range(start..).take(limit).copied().collect::<Vec<u64>>()
         };
-        let mine = window.by_agent.get(agent).map(after).unwrap_or_default();
-        let all = after(&window.everyone);
-        // Merge the two ascending lists, up to `limit`.
-        let (mut i, mut j, mut picked) = (0, 0, Vec::new());
-        while picked.len() < limit && (i < mine.len() || j < all.len()) {
-            let next = match (mine.get(i), all.get(j)) {
-                (Some(a), Some(b)) if a <= b => {
-                    i += 1;
-                    *a
-                }
-                (_, Some(b)) => {
-                    j += 1;
-                    *b
-                }
-                (Some(a), None) => {
-                    i += 1;
-                    *a
-                }
-                (None, None) => break,
-            };
-            picked.push(next);
-        }
+        let mut picked = window.by_agent.get(agent).map(after).unwrap_or_default();
+        picked.extend(after(&window.everyone));
+        picked.sort_unstable();
+        picked.truncate(limit);
         let back = window.changes.back().map_or(latest, |c| c.change.revision);
         // A full page covers up to its last change; else everything held.
         let covered = if picked.len() == limit { picked[limit - 1] } else { back };

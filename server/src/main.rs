@@ -11,6 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    tessera_common::cli_support::small_pages_only();
     match tessera_server::cli_support::parse_args::<Cli>() {
         Ok(cli) => tessera_server::cli_support::exit_code(cli.run().await),
         Err(code) => code,

@@ -69,7 +69,7 @@ impl MatchMode {
 }
 
 /// A duration flag: `90`, `90s`, `15m`, `24h`, `7d`, or a sum (`1h30m`).
-pub(super) fn parse_duration(flag: &str, value: &str) -> Result<u64, CliError> {
+pub fn parse_duration(flag: &str, value: &str) -> Result<u64, CliError> {
     let bad = || {
         CliError(format!("invalid {flag} {value:?}: want a duration such as 90s, 15m, 24h or 7d"))
     };

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 pub use crate::cli_support::{format_time, init_logging, wait_for_signal, CliError, LogFormat};
 use args::SocketArg;
-pub use args::ADMIN_SOCKET_ENV;
+pub use args::{parse_duration, ADMIN_SOCKET_ENV};
 
 mod agent;
 mod args;

@@ -105,7 +105,7 @@ async fn main() -> ExitCode {
     let soak = match (scenario == "soak").then(|| soak::duration_from(&args[1..])).transpose() {
         Ok(soak) => soak,
         Err(why) => {
-            eprintln!("error: --duration: {why}");
+            eprintln!("error: {why}");
             return ExitCode::from(2);
         }
     };

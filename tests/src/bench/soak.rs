@@ -55,7 +55,8 @@ pub fn duration_from(args: &[String]) -> Result<Duration, String> {
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         if arg == "--duration" {
-            value = Some(rest.next().ok_or("needs a value, e.g. 60m, 600s or 90")?.as_str());
+            value =
+                Some(rest.next().ok_or("--duration needs a value, e.g. 60m, 600s or 90")?.as_str());
         } else if let Some(v) = arg.strip_prefix("--duration=") {
             value = Some(v);
         }
@@ -63,21 +64,13 @@ pub fn duration_from(args: &[String]) -> Result<Duration, String> {
     value.map_or(Ok(DEFAULT_DURATION), parse_duration)
 }
 
+/// `text` as the server's CLI reads durations (`90`, `600s`, `60m`, `2h`,
+/// `1h30m`), at least a second.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration (e.g. 60m, 600s, 2h or 90 for seconds)");
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let scale = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => return Err(bad()),
-    };
-    match n.checked_mul(scale) {
-        Some(0) => Err("must be at least 1 s".into()),
-        Some(secs) => Ok(Duration::from_secs(secs)),
-        None => Err(bad()),
+    match tessera_server::cli::parse_duration("--duration", text) {
+        Ok(0) => Err("--duration must be at least 1 s".into()),
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(e) => Err(e.to_string()),
     }
 }
 
