@@ -36,3 +36,5 @@ if ! cmp -s "$requirements" "$venv/requirements.installed" 2>/dev/null \
 fi
 
 cargo test --workspace "$@"
+# The patched HPACK crate (vendor/loona-hpack/PATCHED.md) against its own tests.
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" cargo test --manifest-path vendor/loona-hpack/Cargo.toml
