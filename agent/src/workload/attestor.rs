@@ -56,7 +56,8 @@
 //! are attested (and the file hashed) afresh.
 //!
 //! `unix:uid`, `unix:gid` come from `SO_PEERCRED` (the credentials at
-//! `connect()`); user and group names from `/etc/passwd` and `/etc/group`.
+//! `connect()`); user and group names from `/etc/passwd` and `/etc/group`
+//! (parsed once per version of each file, see [`super::names`]).
 
 use std::fmt;
 use std::sync::Arc;
@@ -64,6 +65,7 @@ use std::sync::Arc;
 use tessera_workload_api::Selector;
 
 use crate::workload::executable::{open_exe, ExeHashes, Executable, HashLimits, PendingHash};
+use crate::workload::names::Names;
 use crate::workload::peer::{ensure_alive, AttestError, PeerProcess};
 
 /// What attestation found at accept: the selectors known at once, the
@@ -100,6 +102,8 @@ pub trait WorkloadAttestor: Send + Sync + fmt::Debug + 'static {
 #[derive(Debug)]
 pub struct UnixAttestor {
     hashes: Arc<ExeHashes>,
+    users: Names,
+    groups: Names,
 }
 
 impl Default for UnixAttestor {
@@ -116,7 +120,11 @@ impl UnixAttestor {
 
     /// A new attestor with an empty hash cache.
     pub fn with_limits(limits: HashLimits) -> Self {
-        Self { hashes: Arc::new(ExeHashes::new(limits)) }
+        Self {
+            hashes: Arc::new(ExeHashes::new(limits)),
+            users: Names::new("/etc/passwd"),
+            groups: Names::new("/etc/group"),
+        }
     }
 
     /// How many executable hashes this attestor has computed.
@@ -142,10 +150,10 @@ impl WorkloadAttestor for UnixAttestor {
         };
         push("uid", peer.uid.to_string());
         push("gid", peer.gid.to_string());
-        if let Some(user) = name_of("/etc/passwd", peer.uid) {
+        if let Some(user) = self.users.name_of(peer.uid) {
             push("user", user);
         }
-        if let Some(group) = name_of("/etc/group", peer.gid) {
+        if let Some(group) = self.groups.name_of(peer.gid) {
             push("group", group);
         }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(proc_err)?;
@@ -209,18 +217,6 @@ fn supplementary_gids(status: &str) -> Vec<u32> {
         .find_map(|line| line.strip_prefix("Groups:"))
         .map(|groups| groups.split_whitespace().filter_map(|g| g.parse().ok()).collect())
         .unwrap_or_default()
-}
-
-/// Looks up the name for an id in an /etc/passwd-style file.
-fn name_of(file: &str, id: u32) -> Option<String> {
-    let text = std::fs::read_to_string(file).ok()?;
-    text.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        let _password = fields.next()?;
-        let value: u32 = fields.next()?.parse().ok()?;
-        (value == id && !name.is_empty()).then(|| name.to_string())
-    })
 }
 
 #[cfg(test)]
@@ -437,6 +433,5 @@ mod tests {
     fn parses_groups_and_passwd_lines() {
         assert_eq!(supplementary_gids("Name:\tx\nGroups:\t4 24 27 \n"), [4, 24, 27]);
         assert!(supplementary_gids("Groups:\n").is_empty());
-        assert_eq!(name_of("/etc/passwd", 0).as_deref(), Some("root"));
     }
 }

@@ -1,5 +1,6 @@
 //! The SPIFFE Workload API on the agent's Unix socket: the listener that
-//! attests every connection at accept (`peer`, `executable`, `attestor`),
+//! attests every connection at accept (`peer`, `executable`, `names`,
+//! `attestor`),
 //! the HTTP/2 adapter in front of the server (`authority`, `h2_frames`),
 //! the service (`service`, `api`) and its limits; and `client`, the
 //! agent CLI's own Workload API client.
@@ -16,5 +17,6 @@ pub mod executable;
 pub mod h2_frames;
 pub mod limits;
 pub mod listener;
+pub(crate) mod names;
 pub mod peer;
 pub mod service;
