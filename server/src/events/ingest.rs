@@ -13,7 +13,9 @@ use crate::store::StoreError;
 impl EventLog {
     /// Stores an agent's pushed events (those after what was already stored
     /// from the same spool), fsynced, and returns the spool position stored.
-    /// The CPU work runs on a blocking thread, off the async workers.
+    /// The CPU work runs on the ingestion thread (see `background.rs`), off
+    /// the async workers and below the priority of the threads that answer
+    /// requests.
     pub async fn ingest(
         self: &Arc<Self>,
         agent_id: &str,
@@ -22,9 +24,7 @@ impl EventLog {
     ) -> Result<u64, StoreError> {
         let (log, agent_id, spool_id) = (self.clone(), agent_id.to_string(), spool_id.to_vec());
         let acked =
-            tokio::task::spawn_blocking(move || log.store_pushed(&agent_id, &spool_id, events))
-                .await
-                .map_err(|e| StoreError::Io(format!("event ingestion task failed: {e}")))??;
+            self.ingest.run(move || log.store_pushed(&agent_id, &spool_id, events)).await??;
         self.flush().await?;
         Ok(acked)
     }

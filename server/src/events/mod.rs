@@ -16,11 +16,13 @@
 //! before the answer for the rest.
 //!
 //! The folder: `mod.rs` (the chain, appends, listing, verification,
-//! pruning), `ingest.rs` (agents' pushed events), `anomaly.rs` (anomalies
-//! the stream reveals). Depends on the store's key-value layer and types
+//! pruning), `ingest.rs` (agents' pushed events), `background.rs` (the
+//! lower-priority thread that stores them), `anomaly.rs` (anomalies the
+//! stream reveals). Depends on the store's key-value layer and types
 //! and on metrics; the APIs and the server depend on it.
 
 mod anomaly;
+mod background;
 mod ingest;
 
 use anomaly::Bursts;
@@ -148,6 +150,8 @@ pub struct EventLog {
     bursts: Mutex<Bursts>,
     config: EventConfig,
     metrics: Metrics,
+    /// Stores agents' pushes, below the request threads' priority.
+    ingest: background::Background,
 }
 
 impl std::fmt::Debug for EventLog {
@@ -197,6 +201,7 @@ impl EventLog {
             bursts: Mutex::new(Bursts::default()),
             config,
             metrics,
+            ingest: background::Background::start(),
         })
     }
 
