@@ -70,14 +70,21 @@ impl KvStore {
         writer: &mut Writer,
         jobs: &[IssueJob],
     ) -> Result<Vec<Vec<Result<(), ItemRefused>>>, StoreError> {
+        // The records, then their owner index: a crash between the two
+        // leaves records of SVIDs never handed out, with or without their
+        // index, which is harmless (nothing is answered before the commit
+        // below, and sled makes a later write durable only with every
+        // earlier one).
         let mut records = Vec::new();
+        let mut index = Vec::new();
         for job in jobs {
             for (key, record, index_key, _) in &job.encoded {
                 records.push(Op::Put(t(ISSUED), key.as_bytes().to_vec(), record.clone()));
-                records.push(Op::Put(t(ISSUED_BY_OWNER), index_key.clone(), Vec::new()));
+                index.push(Op::Put(t(ISSUED_BY_OWNER), index_key.clone(), Vec::new()));
             }
         }
-        self.kv.apply(records)?;
+        records.append(&mut index);
+        self.kv.apply_per_tree(records)?;
         self.commit_locked(writer, &Audit::quiet(), |tx| {
             let mut revoke = Vec::new();
             let mut all = Vec::with_capacity(jobs.len());

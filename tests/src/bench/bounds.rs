@@ -66,7 +66,7 @@ const BOUNDS: &[Bound] = &[
         key: "streams_p99_ratio",
         what: "1,000 streams p99, agent / no-attestation server",
         target: Good::AtMost(2.0),
-        bound: Good::AtMost(6.0),
+        bound: Good::AtMost(5.5),
     },
     Bound {
         key: "events_issue_ratio",
@@ -84,7 +84,7 @@ const BOUNDS: &[Bound] = &[
         key: "fetch_p99_ms",
         what: "FetchX509SVID first response p99 (ms), warm agent",
         target: Good::AtMost(0.5),
-        bound: Good::AtMost(4.0),
+        bound: Good::AtMost(1.5),
     },
     Bound {
         key: "handshake_ratio",
