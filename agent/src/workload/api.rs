@@ -153,7 +153,7 @@ impl SpiffeWorkloadApi for WorkloadService {
                 let current = fingerprint(&state, &svids);
                 if current != last {
                     // Only to the program the connection was attested as.
-                    if let Err(status) = service.verify(METHOD, &conn).await {
+                    if let Err(status) = service.verify(METHOD, &conn) {
                         let _ = tx.send(Err(status)).await;
                         return;
                     }

@@ -64,7 +64,9 @@ use std::sync::Arc;
 
 use tessera_workload_api::Selector;
 
-use crate::workload::executable::{open_exe, ExeHashes, Executable, HashLimits, PendingHash};
+use crate::workload::executable::{
+    open_exe, running_exe, ExeHashes, Executable, HashLimits, PendingHash,
+};
 use crate::workload::names::Names;
 use crate::workload::peer::{ensure_alive, AttestError, PeerProcess};
 
@@ -92,8 +94,10 @@ pub trait WorkloadAttestor: Send + Sync + fmt::Debug + 'static {
     fn attest(&self, peer: &PeerProcess) -> Result<Attestation, AttestError>;
 
     /// Whether the process pinned in `peer` still lives and still runs the
-    /// executable `attestation` recorded. Runs on a blocking thread before
-    /// every request and stream update.
+    /// executable `attestation` recorded. Runs on the async worker before
+    /// every request and stream update, so it must not wait on I/O (the
+    /// Unix attestor's is one `statx` of cached attributes and one `poll`
+    /// of the pidfd).
     fn verify(&self, peer: &PeerProcess, attestation: &Attestation) -> Result<(), AttestError>;
 }
 
@@ -195,8 +199,8 @@ impl WorkloadAttestor for UnixAttestor {
             pid,
             source: std::io::Error::other("pidfd_open failed (process gone?)"),
         })?;
-        let now = match open_exe(pid) {
-            Ok((_, version)) => Some(Executable(version)),
+        let now = match running_exe(pid) {
+            Ok(version) => Some(Executable(version)),
             // The executable may be unreadable to the agent (then it was at
             // accept too), or the process gone (caught below).
             Err(_) => None,
@@ -364,6 +368,27 @@ mod tests {
             let _ = child.wait();
         }
         assert!(attestation.pending_hash.is_some(), "a new ctime is not the cached version");
+    }
+
+    /// The check before each request (a `statx` of cached attributes, not
+    /// an open) sees the same identity as the attestation's `fstat`, and a
+    /// metadata change of the running file (ctime) as another executable.
+    #[test]
+    fn verify_sees_a_chmod_of_the_running_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prog");
+        let mut child = run_copy_of_sleep(&path);
+        let peer = peer_of(&child);
+        let attestor = UnixAttestor::new();
+        let attestation = attestor.attest(&peer).unwrap();
+        attestor.verify(&peer, &attestation).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = attestor.verify(&peer, &attestation).unwrap_err();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(matches!(err, AttestError::ExecutableChanged { .. }), "{err}");
     }
 
     #[test]

@@ -230,3 +230,23 @@ pub(crate) fn open_exe(pid: i32) -> std::io::Result<(std::fs::File, ExeVersion)>
     let version = ExeVersion::of(&file.metadata()?);
     Ok((file, version))
 }
+
+/// The identity of the executable process `pid` runs now, without opening
+/// it: one `statx` of `/proc/<pid>/exe` with `AT_STATX_DONT_SYNC`, so a
+/// network filesystem answers from its cached attributes and the call never
+/// waits on I/O. Cheap enough for the async workers, before every request.
+/// An exec shows as another device or inode, which no attribute cache
+/// hides; a running executable cannot be written (`ETXTBSY`), and a
+/// `chmod`/`touch` seen late only refuses a request later.
+pub(crate) fn running_exe(pid: i32) -> std::io::Result<ExeVersion> {
+    use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
+    let x =
+        statx(CWD, format!("/proc/{pid}/exe"), AtFlags::STATX_DONT_SYNC, StatxFlags::BASIC_STATS)?;
+    Ok(ExeVersion {
+        dev: rustix::fs::makedev(x.stx_dev_major, x.stx_dev_minor),
+        ino: x.stx_ino,
+        size: x.stx_size,
+        mtime: (x.stx_mtime.tv_sec, i64::from(x.stx_mtime.tv_nsec)),
+        ctime: (x.stx_ctime.tv_sec, i64::from(x.stx_ctime.tv_nsec)),
+    })
+}

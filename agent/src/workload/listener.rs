@@ -174,6 +174,18 @@ impl Attesting {
         }
     }
 
+    /// Whether the connection's process still runs what it was attested
+    /// as: [`WorkloadAttestor::verify`], here on the caller's thread (it
+    /// does no I/O that can wait), with no permit and no thread hop.
+    pub(crate) fn verify(&self, connection: &Connection) -> Result<(), Refusal> {
+        match &connection.attested {
+            Ok(attestation) => {
+                self.attestor.verify(&connection.process, attestation).map_err(Refusal::from)
+            }
+            Err(_) => Ok(()),
+        }
+    }
+
     /// Runs `work` on a blocking thread, under a permit.
     pub(crate) async fn run<T: Send + 'static>(
         &self,

@@ -57,8 +57,9 @@ pub struct WorkloadService {
     pub(crate) jwt: Arc<JwtSvids>,
     pub(crate) trust_domain: TrustDomain,
     pub(crate) shutdown: CancellationToken,
-    /// Checks, before each call, that the caller still runs what it was
-    /// attested as (shares the accept path's bound on /proc readers).
+    /// Attests at accept (on the blocking pool, a bounded number at once)
+    /// and checks, before each call, that the caller still runs what it was
+    /// attested as (on the caller's thread: a `statx` and a `poll`).
     pub(crate) attesting: Attesting,
     pub(crate) limits: WorkloadLimits,
     pub(crate) streams: PerUid,
@@ -175,16 +176,8 @@ impl WorkloadService {
     /// was attested with (and lives). If not, the call is refused with
     /// `Unavailable` and the connection is closed once the refusal is out:
     /// a client that reconnects is attested as what it runs then.
-    pub(crate) async fn verify(&self, method: &str, conn: &WorkloadPeer) -> Result<(), Status> {
-        let connection = conn.0.clone();
-        let result = self
-            .attesting
-            .run(move |attestor| match &connection.attested {
-                Ok(attestation) => attestor.verify(&connection.process, attestation),
-                Err(_) => Ok(()),
-            })
-            .await;
-        let Err(refusal) = result else { return Ok(()) };
+    pub(crate) fn verify(&self, method: &str, conn: &WorkloadPeer) -> Result<(), Status> {
+        let Err(refusal) = self.attesting.verify(&conn.0) else { return Ok(()) };
         conn.close_soon();
         let recorded = match &conn.0.attested {
             Ok(attestation) => attestation.selectors.as_slice(),
@@ -257,7 +250,7 @@ impl WorkloadService {
             ));
         };
         let started = std::time::Instant::now();
-        self.verify(op, &conn).await?;
+        self.verify(op, &conn)?;
         let mut selectors = attestation.selectors.clone();
         // Hashing a new executable happens here, with no permit held: it
         // delays only the callers of that executable, which share it.
