@@ -3,40 +3,24 @@
 //! once per connection. A version is the file's identity as `stat` reports
 //! it (device, inode, size, mtime and ctime to the nanosecond): any write,
 //! rename over it or `touch` moves one of them, and the next attestation
-//! reads the file again. Depends on nothing in the crate.
+//! reads the file again. Depends on `executable` (a file's version).
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// One version of a names file: what `stat` says of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Version {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
+use crate::workload::executable::ExeVersion;
 
-impl Version {
-    fn of(path: &Path) -> Option<Self> {
-        let meta = std::fs::metadata(path).ok()?;
-        Some(Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        })
-    }
+/// One version of a names file: what `stat` says of it (the same
+/// identity an executable's version has).
+fn version_of(path: &Path) -> Option<ExeVersion> {
+    std::fs::metadata(path).ok().map(|meta| ExeVersion::of(&meta))
 }
 
 /// The ids → names of one `/etc/passwd`-style file, as of one version.
 #[derive(Debug)]
 struct Parsed {
-    version: Version,
+    version: ExeVersion,
     names: HashMap<u32, String>,
 }
 
@@ -58,7 +42,7 @@ impl Names {
     /// The version is taken before the file is read, so a file changed
     /// while it is read is read again at the next call.
     pub(crate) fn name_of(&self, id: u32) -> Option<String> {
-        let version = Version::of(&self.path)?;
+        let version = version_of(&self.path)?;
         let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
         if parsed.as_ref().is_none_or(|p| p.version != version) {
             let text = std::fs::read_to_string(&self.path).ok()?;
