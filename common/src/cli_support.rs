@@ -193,14 +193,18 @@ pub fn small_pages_only() {
 }
 
 /// Lowers the calling thread's CPU priority to `nice` (only this thread:
-/// Linux keeps a nice value per thread). For threads doing background work
-/// that must not take the CPU from the threads answering requests when
-/// both want it; the kernel still gives them their share (a thread at
-/// nice 10 gets about a tenth of what one at 0 does), so they are slowed,
-/// never starved. Best effort: where it is refused, the thread keeps its
-/// priority.
+/// Linux keeps a nice value per thread); a thread already at `nice` or
+/// lower (a process started with `nice -n 15`) is left as it is, never
+/// raised. For threads doing background work that must not take the CPU
+/// from the threads answering requests when both want it; the kernel still
+/// gives them their share (a thread at nice 10 gets about a tenth of what
+/// one at 0 does), so they are slowed, never starved. Best effort: where
+/// it is refused, the thread keeps its priority.
 pub fn lower_this_thread_priority(nice: i32) {
-    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice);
+    let me = Some(rustix::thread::gettid());
+    if rustix::process::getpriority_process(me).is_ok_and(|now| now < nice) {
+        let _ = rustix::process::setpriority_process(me, nice);
+    }
 }
 
 /// [`parse_args`] over given arguments (the first is the program).
