@@ -379,7 +379,8 @@ mod tests {
             for _ in 0..4 {
                 window.pop();
             }
-            assert!(!window.by_agent.contains_key("c") || window.by_agent["c"] == [17]);
+            assert_eq!(window.by_agent["c"], [17]);
+            assert_eq!(window.by_agent["b"], [16]);
             assert_eq!(window.by_agent["a"], [15]);
             assert!(window.everyone.is_empty());
         }

@@ -153,10 +153,7 @@ struct StoredSpiffeId {
 
 /// A stored entry's SPIFFE ID (see [`StoredSpiffeId`]).
 pub(super) fn entry_spiffe_id(key: &[u8], bytes: &[u8]) -> Result<String, StoreError> {
-    StoredSpiffeId::decode(bytes).map(|e| e.spiffe_id).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: e.to_string(),
-    })
+    decode::<StoredSpiffeId>(key, bytes).map(|e| e.spiffe_id)
 }
 
 pub(super) fn read_u64(value: Option<&[u8]>) -> u64 {

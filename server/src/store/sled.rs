@@ -99,18 +99,11 @@ impl SledKv {
             .collect();
         names.sort_unstable();
         names.dedup();
-        let trees = names.iter().map(|n| self.tree(n)).collect::<Result<Vec<_>, _>>()?;
-        if let [tree] = trees.as_slice() {
+        if names.len() == 1 {
             // One tree: a batch is atomic, and cheaper than a transaction.
-            let mut batch = sled::Batch::default();
-            for op in ops {
-                match op {
-                    Op::Put(_, k, v) => batch.insert(k, v),
-                    Op::Delete(_, k) => batch.remove(k),
-                }
-            }
-            return Ok(tree.apply_batch(batch)?);
+            return self.apply_per_tree(ops);
         }
+        let trees = names.iter().map(|n| self.tree(n)).collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&sled::Tree> = trees.iter().collect();
         refs.as_slice()
             .transaction(|trees| {
