@@ -1,7 +1,7 @@
 //! Rewrites the HTTP/2 `:authority` of requests on the Workload API socket.
 //!
-//! gRPC C-core (grpcio, py-spiffe, Ruby, C++) and grpc-java send the Unix
-//! socket path as the `:authority` of every request (grpcio 1.85 sends
+//! gRPC C-core (grpcio, py-spiffe, Ruby, C++) sends the Unix socket path
+//! as the `:authority` of every request (grpcio 1.85 sends
 //! `tmp%2Fdir%2Fapi.sock`). hyper's `h2` server refuses such a value as a
 //! malformed authority and resets the stream with PROTOCOL_ERROR, and its
 //! maintainers will not relax that check. On a Unix socket the authority

@@ -95,7 +95,7 @@ impl WorkloadPeer {
 
 /// An accepted Workload API connection and its attested peer. What the
 /// client sends goes through [`RewriteAuthority`], so clients that send the
-/// socket path as `:authority` (gRPC C-core, grpc-java) are served.
+/// socket path as `:authority` (gRPC C-core) are served.
 #[derive(Debug)]
 pub struct WorkloadConn {
     stream: RewriteAuthority<UnixStream>,

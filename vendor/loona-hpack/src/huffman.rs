@@ -75,7 +75,9 @@ impl ByLength {
         ByLength {
             first,
             symbols,
-            eos_codepoint: eos_codepoint.unwrap(),
+            // The table has exactly 257 symbols (checked above), so symbol
+            // 256, EOS, was met in the loop.
+            eos_codepoint: eos_codepoint.expect("a 257-symbol table has EOS"),
         }
     }
 
