@@ -132,12 +132,41 @@ pub struct ForAgent {
     pub covered: u64,
 }
 
+/// Wakes one Sync stream when the feed takes in a change that concerns
+/// its agent or every agent, and not for other agents' changes: a commit
+/// of 1,000 entries for 1,000 agents wakes those 1,000 streams, not all
+/// 10,000 (which cost more than the commit itself).
+#[derive(Debug)]
+pub struct Wake {
+    agent: watch::Receiver<u64>,
+    everyone: watch::Receiver<u64>,
+}
+
+impl Wake {
+    /// Waits until a change for this stream's agent or for every agent
+    /// has been taken in since the last wake (or since the subscription:
+    /// one taken in before the stream read the feed may wake it once for
+    /// nothing, never the reverse). False once the feed is gone.
+    pub async fn changed(&mut self) -> bool {
+        tokio::select! {
+            changed = self.agent.changed() => changed.is_ok(),
+            changed = self.everyone.changed() => changed.is_ok(),
+        }
+    }
+}
+
 /// Recent changes of the log, shared by every Sync stream.
 #[derive(Debug)]
 pub struct ChangeFeed {
     window: RwLock<Window>,
     /// The last revision in the window (or the store's at start).
     latest: watch::Sender<u64>,
+    /// Per agent with a stream open: the last revision taken in that
+    /// concerns it. Senders whose streams are all gone are dropped as the
+    /// feed takes in changes.
+    agent_wakes: std::sync::Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// The last revision taken in that concerns every agent.
+    everyone_wake: watch::Sender<u64>,
     /// The CRLs in force as of at least `latest`, read once for all streams.
     crls: RwLock<Arc<Vec<Vec<u8>>>>,
     /// Why the last read of the store failed; `None` once a read succeeds.
@@ -150,6 +179,8 @@ impl ChangeFeed {
         Self {
             window: RwLock::new(Window::default()),
             latest: watch::channel(revision).0,
+            agent_wakes: Default::default(),
+            everyone_wake: watch::channel(revision).0,
             crls: RwLock::new(Arc::new(crls)),
             store_error: RwLock::new(None),
         }
@@ -170,9 +201,45 @@ impl ChangeFeed {
         self.crls.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Wakes whenever the feed holds newer changes.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.latest.subscribe()
+    /// Wakes when the feed holds newer changes for `agent` or for every
+    /// agent. Subscribe before reading the feed: a change taken in after
+    /// the subscription wakes it.
+    pub fn subscribe(&self, agent: &str) -> Wake {
+        let mut wakes = self.agent_wakes.lock().unwrap_or_else(|e| e.into_inner());
+        let latest = *self.latest.borrow();
+        let agent = wakes.entry(agent.to_string()).or_insert_with(|| watch::channel(latest).0);
+        Wake { agent: agent.subscribe(), everyone: self.everyone_wake.subscribe() }
+    }
+
+    /// The last revision the feed holds (or the store's at start).
+    pub fn latest(&self) -> u64 {
+        *self.latest.borrow()
+    }
+
+    /// Wakes the streams the changes just taken in concern (after the
+    /// window holds them, so that a woken stream finds them), and drops
+    /// the wakes of agents whose streams are all gone.
+    fn wake(&self, changes: &[Arc<FedChange>]) {
+        let Some(last) = changes.last().map(|c| c.change.revision) else { return };
+        let mut wakes = self.agent_wakes.lock().unwrap_or_else(|e| e.into_inner());
+        wakes.retain(|_, wake| !wake.is_closed());
+        let mut everyone = false;
+        for fed in changes {
+            match concerns(&fed.change.kind) {
+                Some(agents) => {
+                    for agent in agents {
+                        if let Some(wake) = wakes.get(agent) {
+                            wake.send_replace(fed.change.revision);
+                        }
+                    }
+                }
+                None => everyone = true,
+            }
+        }
+        drop(wakes);
+        if everyone {
+            self.everyone_wake.send_replace(last);
+        }
     }
 
     /// The changes after `revision` that concern `agent` or every agent,
@@ -258,16 +325,18 @@ impl ChangeFeed {
                 }
             }
             if let Some(last) = changes.last().map(|c| c.revision) {
-                let fed = with_entries(&store, changes).await;
+                let fed: Vec<_> =
+                    with_entries(&store, changes).await.into_iter().map(Arc::new).collect();
                 let mut window = self.window.write().unwrap_or_else(|e| e.into_inner());
-                for change in fed {
-                    window.push(Arc::new(change));
+                for change in &fed {
+                    window.push(change.clone());
                 }
                 while window.changes.len() > FEED_WINDOW {
                     window.pop();
                 }
                 drop(window);
                 self.latest.send_replace(last);
+                self.wake(&fed);
                 continue;
             }
             tokio::select! {
@@ -386,5 +455,34 @@ mod tests {
         }
         assert!(feed.for_agent("a", 10, 100).is_none(), "older than the window");
         assert_eq!(revisions(&feed.for_agent("a", 14, 100).unwrap()), [15]);
+    }
+
+    async fn woken(wake: &mut Wake) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), wake.changed()).await.is_ok()
+    }
+
+    /// A change wakes the streams of the agents it names, and every stream
+    /// for a change that concerns everyone, no other; the wake of an agent
+    /// whose streams are all gone is dropped.
+    #[tokio::test]
+    async fn a_change_wakes_only_the_streams_it_concerns() {
+        let feed = ChangeFeed::new(10, Vec::new());
+        let (mut a, mut b, mut a2) =
+            (feed.subscribe("a"), feed.subscribe("b"), feed.subscribe("a"));
+        feed.wake(&[entry_change(11, &["a"])]);
+        assert!(woken(&mut a).await && woken(&mut a2).await, "both of a's streams");
+        assert!(!woken(&mut b).await, "not b's");
+        assert!(!woken(&mut a).await, "once per change");
+        feed.wake(&[entry_change(12, &["c"])]);
+        assert!(!woken(&mut a).await && !woken(&mut b).await, "nobody's but c's");
+        feed.wake(&[entry_change(13, &["c"]), change(14)]);
+        assert!(woken(&mut a).await && woken(&mut b).await, "a change for everyone");
+        feed.wake(&[entry_change(15, &["b", "a"])]);
+        assert!(woken(&mut a).await && woken(&mut b).await, "an entry moved from b to a");
+        drop((a, a2));
+        feed.wake(&[entry_change(16, &["b"])]);
+        assert!(woken(&mut b).await);
+        let wakes = feed.agent_wakes.lock().unwrap();
+        assert!(wakes.contains_key("b") && !wakes.contains_key("a"), "a's wake dropped");
     }
 }

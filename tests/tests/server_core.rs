@@ -346,6 +346,34 @@ async fn sync_streams_snapshot_then_pushes_changes() {
         }
         other => panic!("expected removal, got {other:?}"),
     }
+    // Another agent's change wakes only that agent's streams; this one still
+    // moves past it and checkpoints (at most once a second), sending nothing
+    // else for it.
+    let covered = loop {
+        if let Event::Checkpoint(c) = stream.message().await.unwrap().unwrap().event.unwrap() {
+            break c.revision;
+        }
+    };
+    server
+        .create_entry(
+            "spiffe://example.org/elsewhere",
+            "spiffe://example.org/spire/agent/join_token/another",
+            &["unix:uid:3"],
+            None,
+        )
+        .await;
+    let past = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match stream.message().await.unwrap().unwrap().event.unwrap() {
+                Event::Checkpoint(c) if c.revision > covered => break c.revision,
+                Event::Checkpoint(_) | Event::Revocation(_) => continue,
+                other => panic!("another agent's change reached this stream: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a checkpoint past another agent's change");
+    assert!(past > covered);
     server.stop().await;
 }
 

@@ -26,7 +26,7 @@ use tessera_proto::node::{self as pb, node_server::Node};
 use tessera_proto::types::Status as ItemStatus;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -174,19 +174,19 @@ impl Node for NodeService {
     ) -> Result<Response<SyncStream>, Status> {
         let caller = self.authenticate("sync", &request).await?;
         let resume_from = request.get_ref().revision;
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx): (sync::SyncSender, _) = mpsc::channel(64);
         let service = self.clone();
         tokio::spawn(
             async move {
                 let streams = service.state.metrics().sync_streams().clone();
                 streams.inc();
                 if let Err(status) = service.run_sync(&caller, resume_from, &tx).await {
-                    let _ = tx.send(Err(status)).await;
+                    let _ = tx.send(Box::new(Err(status))).await;
                 }
                 streams.dec();
             }
             .instrument(tracing::info_span!("sync")),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|message| *message))))
     }
 }
