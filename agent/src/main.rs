@@ -9,11 +9,16 @@ use tessera_agent::cli::Cli;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tessera_common::cli_support::small_pages_only();
-    match tessera_agent::cli_support::parse_args::<Cli>() {
-        Ok(cli) => tessera_agent::cli_support::exit_code(cli.run().await),
-        Err(code) => code,
+    let cli = match tessera_agent::cli_support::parse_args::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    match tessera_common::cli_support::runtime() {
+        Ok(runtime) => tessera_agent::cli_support::exit_code(runtime.block_on(cli.run())),
+        Err(e) => {
+            tessera_agent::cli_support::exit_code(Err(format!("cannot start the runtime: {e}")))
+        }
     }
 }

@@ -42,6 +42,11 @@ impl Tx<'_> {
         self.txn.get(t(i), key.as_ref())
     }
 
+    /// Reads `keys` of tree `i` ahead in one go (see [`Txn::prefetch`]).
+    pub(super) fn prefetch(&self, i: usize, keys: impl Iterator<Item = Vec<u8>>) -> TxResult<()> {
+        self.txn.prefetch(t(i), &keys.collect::<Vec<_>>())
+    }
+
     pub(super) fn put(&self, i: usize, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
         self.txn.put(t(i), key, value);
     }

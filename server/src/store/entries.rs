@@ -11,8 +11,8 @@ use super::error::StoreError;
 use super::kv::{prefix_end, scan_prefix};
 use super::kv_store::KvStore;
 use super::layout::{
-    decode_entry, parent_key, read_u64, t, BY_EXPIRY, BY_IDENTITY, BY_PARENT, ENTRIES, META,
-    REVISION_KEY,
+    decode_entry, parent_key, read_u64, t, AGENTS, BY_EXPIRY, BY_IDENTITY, BY_PARENT, ENTRIES,
+    META, REVISION_KEY,
 };
 use super::revocations::revocation_of;
 use super::{ChangeKind, EntryFilter, EntryWrite};
@@ -22,6 +22,14 @@ use crate::entry::{Entry, EntryError};
 type Visit<'f> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'f;
 
 impl Tx<'_> {
+    /// Reads ahead, in one go per tree, what [`Tx::create_one`] and
+    /// [`Tx::update_one`] look up for each of `entries`: the entry holding
+    /// each identity, and the agents the SPIFFE IDs might name.
+    fn read_ahead_for(&self, entries: &[Entry]) -> TxResult<()> {
+        self.prefetch(BY_IDENTITY, entries.iter().map(Entry::identity_key))?;
+        self.prefetch(AGENTS, entries.iter().map(|e| e.spiffe_id.as_str().as_bytes().to_vec()))
+    }
+
     pub(super) fn duplicate_of(&self, entry: &Entry) -> TxResult<Option<String>> {
         Ok(self
             .get(BY_IDENTITY, entry.identity_key())?
@@ -107,7 +115,10 @@ impl KvStore {
         entries: &[Entry],
         audit: &Audit<'_, Vec<Result<Entry, EntryError>>>,
     ) -> Result<Vec<Result<Entry, EntryError>>, StoreError> {
-        self.commit(audit, |tx| entries.iter().map(|entry| tx.create_one(entry)).collect())
+        self.commit(audit, |tx| {
+            tx.read_ahead_for(entries)?;
+            entries.iter().map(|entry| tx.create_one(entry)).collect()
+        })
     }
 
     pub(super) fn update_entries(
@@ -118,6 +129,8 @@ impl KvStore {
         audit: &Audit<'_, EntryWrite>,
     ) -> Result<EntryWrite, StoreError> {
         self.commit(audit, |tx| {
+            tx.prefetch(ENTRIES, entries.iter().map(|e| e.id.as_bytes().to_vec()))?;
+            tx.read_ahead_for(entries)?;
             let mut write = EntryWrite::default();
             let mut revoke = Vec::new();
             for entry in entries {
@@ -139,6 +152,7 @@ impl KvStore {
         self.commit(audit, |tx| {
             let mut write = EntryWrite::default();
             let mut revoke = Vec::new();
+            tx.prefetch(ENTRIES, ids.iter().map(|id| id.as_bytes().to_vec()))?;
             for id in ids {
                 let Some(mut old) = tx.entry(id)? else {
                     write.results.push(Err(EntryError::NotFound(id.clone())));

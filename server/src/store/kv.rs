@@ -12,7 +12,7 @@
 
 use super::error::StoreError;
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 /// A key and its value.
@@ -23,6 +23,9 @@ pub type Pairs = Vec<Pair>;
 
 /// A transaction's buffered writes: `None` deletes.
 type Writes = BTreeMap<(&'static str, Vec<u8>), Option<Vec<u8>>>;
+
+/// Committed values a transaction read ahead: `None` is absent.
+type ReadAhead = HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>;
 
 /// The exclusive locks transactions take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +67,15 @@ pub trait TxRead {
     fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StoreError>;
     /// The greatest key and its value.
     fn last(&self, tree: &'static str) -> Result<Option<Pair>, StoreError>;
+    /// The values of `keys`, in their order (`None` where absent): one
+    /// round trip for a network database.
+    fn get_many(
+        &self,
+        tree: &'static str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|key| self.get(tree, key)).collect()
+    }
 }
 
 /// A transaction's view: the committed state under the lock, plus its own
@@ -71,6 +83,9 @@ pub trait TxRead {
 pub struct Txn<'a> {
     base: &'a dyn TxRead,
     writes: RefCell<Writes>,
+    /// What [`Txn::prefetch`] read: the committed state, which the lock
+    /// keeps still until the transaction ends.
+    read_ahead: RefCell<ReadAhead>,
     notify: RefCell<Option<u64>>,
 }
 
@@ -83,15 +98,51 @@ impl fmt::Debug for Txn<'_> {
 impl<'a> Txn<'a> {
     /// A transaction reading `base`.
     pub fn new(base: &'a dyn TxRead) -> Self {
-        Self { base, writes: RefCell::default(), notify: RefCell::default() }
+        Self {
+            base,
+            writes: RefCell::default(),
+            read_ahead: RefCell::default(),
+            notify: RefCell::default(),
+        }
     }
 
     /// One value, as this transaction left it.
     pub fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(write) = self.writes.borrow().get(&(tree, key.to_vec())) {
+        let at = (tree, key.to_vec());
+        if let Some(write) = self.writes.borrow().get(&at) {
             return Ok(write.clone());
         }
+        if let Some(read) = self.read_ahead.borrow().get(&at) {
+            return Ok(read.clone());
+        }
         self.base.get(tree, key)
+    }
+
+    /// Reads the committed values of `keys` in one go (one round trip on
+    /// PostgreSQL), so that the [`Txn::get`]s of a batch that follow do
+    /// not each wait for the database. Keys this transaction wrote keep
+    /// their written values.
+    pub fn prefetch(&self, tree: &'static str, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        let wanted: Vec<Vec<u8>> = {
+            let (writes, read) = (self.writes.borrow(), self.read_ahead.borrow());
+            let mut seen = std::collections::HashSet::new();
+            keys.iter()
+                .filter(|k| {
+                    let at = (tree, k.to_vec());
+                    !writes.contains_key(&at) && !read.contains_key(&at) && seen.insert(*k)
+                })
+                .cloned()
+                .collect()
+        };
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let values = self.base.get_many(tree, &wanted)?;
+        let mut read = self.read_ahead.borrow_mut();
+        for (key, value) in wanted.into_iter().zip(values) {
+            read.insert((tree, key), value);
+        }
+        Ok(())
     }
 
     /// Keys starting with `prefix`, as this transaction left them.
@@ -264,6 +315,63 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The committed state, counting how often it is asked.
+    #[derive(Default)]
+    struct Counted {
+        values: BTreeMap<Vec<u8>, Vec<u8>>,
+        gets: std::cell::Cell<usize>,
+        batches: std::cell::Cell<usize>,
+    }
+
+    impl TxRead for Counted {
+        fn get(&self, _: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.gets.set(self.gets.get() + 1);
+            Ok(self.values.get(key).cloned())
+        }
+        fn scan_prefix(&self, _: &'static str, _: &[u8]) -> Result<Pairs, StoreError> {
+            Ok(Vec::new())
+        }
+        fn last(&self, _: &'static str) -> Result<Option<Pair>, StoreError> {
+            Ok(None)
+        }
+        fn get_many(
+            &self,
+            _: &'static str,
+            keys: &[Vec<u8>],
+        ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+            self.batches.set(self.batches.get() + 1);
+            Ok(keys.iter().map(|k| self.values.get(k).cloned()).collect())
+        }
+    }
+
+    /// A batch's lookups read ahead are one read of the base; what the
+    /// transaction wrote, before or after, still wins over what was read.
+    #[test]
+    fn read_ahead_answers_gets_and_never_hides_the_transactions_writes() {
+        let mut base = Counted::default();
+        base.values.insert(b"a".to_vec(), b"1".to_vec());
+        base.values.insert(b"b".to_vec(), b"2".to_vec());
+        base.values.insert(b"c".to_vec(), b"3".to_vec());
+        let tx = Txn::new(&base);
+        tx.put("t", b"c", b"written".to_vec());
+        let keys: Vec<Vec<u8>> =
+            [&b"a"[..], b"b", b"c", b"a", b"absent"].map(<[u8]>::to_vec).into();
+        tx.prefetch("t", &keys).unwrap();
+        assert_eq!(base.batches.get(), 1);
+        tx.delete("t", b"b").unwrap();
+        assert_eq!(tx.get("t", b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(tx.get("t", b"b").unwrap(), None, "deleted after the read-ahead");
+        assert_eq!(tx.get("t", b"c").unwrap(), Some(b"written".to_vec()), "written before it");
+        assert_eq!(tx.get("t", b"absent").unwrap(), None);
+        assert_eq!(base.gets.get(), 0, "every key was read ahead");
+        // Another tree is not answered from this one's read-ahead.
+        assert_eq!(tx.get("u", b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(base.gets.get(), 1);
+        // Keys already read are not read again.
+        tx.prefetch("t", &keys).unwrap();
+        assert_eq!(base.batches.get(), 1);
+    }
 
     #[test]
     fn prefix_end_is_the_next_prefix() {

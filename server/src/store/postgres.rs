@@ -347,6 +347,15 @@ impl TxRead for PgTxRead<'_> {
         let conn = self.conn.clone();
         self.kv.run(async move { Ok(conn.range(tree, b"", None, 1, true).await?.pop()) })
     }
+
+    fn get_many(
+        &self,
+        tree: &'static str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let (conn, keys) = (self.conn.clone(), keys.to_vec());
+        self.kv.run(async move { conn.get_many(tree, &keys).await })
+    }
 }
 
 impl Kv for PgKv {

@@ -88,10 +88,19 @@ const SCENARIOS: &[&str] = &[
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     // As the server and agent binaries run (the children are this binary).
     tessera_common::cli_support::small_pages_only();
+    match tessera_common::cli_support::runtime() {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(code) = children::run_child(&args).await {
         return code;
