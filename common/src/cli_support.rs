@@ -214,6 +214,25 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// A binary's `main`: small pages only, the arguments parsed as `C` (a
+/// one-line error and exit code 2 when they are not), then `run` on
+/// [`runtime`], its error printed as one line with exit code 1.
+pub fn main_with<C, F>(run: impl FnOnce(C) -> F) -> ExitCode
+where
+    C: clap::Parser,
+    F: std::future::Future<Output = Result<(), CliError>>,
+{
+    small_pages_only();
+    let cli = match parse_args::<C>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    match runtime() {
+        Ok(runtime) => exit_code(runtime.block_on(run(cli))),
+        Err(e) => exit_code(Err(format!("cannot start the runtime: {e}"))),
+    }
+}
+
 /// Lowers the calling thread's CPU priority to `nice` (only this thread:
 /// Linux keeps a nice value per thread); a thread already at `nice` or
 /// lower (a process started with `nice -n 15`) is left as it is, never

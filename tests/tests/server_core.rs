@@ -275,6 +275,42 @@ async fn one_second_ttl_is_accepted_and_honoured() {
     server.stop().await;
 }
 
+/// A Sync stream whose SVID a renewal replaced ends with `superseded`
+/// within the re-check interval (5 s), even while its agent's entries keep
+/// changing: a busy stream is re-checked too (a per-stream timer that
+/// each change restarted never fired for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_sync_stream_of_a_renewed_svid_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let agent = TestAgent::attest(&server, &server.join_token("", 0).await.token).await.unwrap();
+    let request = node_pb::SyncRequest { revision: 0 };
+    let mut stream = agent.connect().await.sync(request).await.unwrap().into_inner();
+    stream.message().await.unwrap().expect("the bundle");
+    let (_, csr) = key_and_csr();
+    agent.connect().await.renew_agent(node_pb::RenewAgentRequest { csr }).await.unwrap();
+    let renewed = std::time::Instant::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(300));
+    let mut created = 0;
+    let ended = loop {
+        assert!(renewed.elapsed().as_secs() < 20, "the stream outlived its SVID's renewal by 20 s");
+        tokio::select! {
+            message = stream.message() => match message {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a refusal"),
+                Err(status) => break status,
+            },
+            _ = tick.tick() => {
+                created += 1;
+                let id = format!("spiffe://example.org/busy/{created}");
+                server.create_entry(&id, &agent.id, &["unix:uid:1"], None).await;
+            }
+        }
+    };
+    assert_eq!(tessera_proto::Refusal::of(&ended), Some(tessera_proto::Refusal::Superseded));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn sync_streams_snapshot_then_pushes_changes() {
     let dir = tempfile::tempdir().unwrap();

@@ -77,19 +77,28 @@ impl KvStore {
         agent_id: &str,
         serial: &str,
     ) -> Result<Result<pb::Agent, AgentRefusal>, StoreError> {
-        let Some(agent) = self.agent(agent_id)? else {
-            return Ok(Err(AgentRefusal::Unknown(agent_id.to_string())));
-        };
-        if agent.banned {
-            return Ok(Err(AgentRefusal::Banned(agent_id.to_string())));
-        }
-        if self.kv.get(t(REVOCATIONS), serial.as_bytes())?.is_some() {
-            return Ok(Err(AgentRefusal::Revoked(serial.to_string())));
-        }
-        if agent.x509_svid_serial != serial {
-            return Ok(Err(AgentRefusal::Superseded(serial.to_string())));
-        }
-        Ok(Ok(agent))
+        let mut checked = self.check_agents(&[(agent_id.to_string(), serial.to_string())])?;
+        Ok(checked.pop().unwrap_or_else(|| Err(AgentRefusal::Unknown(agent_id.to_string()))))
+    }
+
+    /// [`KvStore::check_agent`] for each `(agent_id, serial)`, in order:
+    /// one read of the agents and one of the revocations for all of them.
+    pub(super) fn check_agents(
+        &self,
+        callers: &[(String, String)],
+    ) -> Result<Vec<Result<pb::Agent, AgentRefusal>>, StoreError> {
+        let ids: Vec<Vec<u8>> = callers.iter().map(|(id, _)| id.as_bytes().to_vec()).collect();
+        let serials: Vec<Vec<u8>> = callers.iter().map(|(_, s)| s.as_bytes().to_vec()).collect();
+        let agents = self.kv.get_many(t(AGENTS), &ids)?;
+        let revoked = self.kv.get_many(t(REVOCATIONS), &serials)?;
+        callers
+            .iter()
+            .zip(agents.into_iter().zip(revoked))
+            .map(|((agent_id, serial), (agent, revoked))| {
+                let agent = agent.map(|b| decode(agent_id.as_bytes(), &b)).transpose()?;
+                Ok(standing(agent_id, serial, agent, revoked.is_some()))
+            })
+            .collect()
     }
 
     pub(super) fn renew_agent(
@@ -228,4 +237,27 @@ impl KvStore {
     pub(super) fn agents(&self) -> Result<Vec<pb::Agent>, StoreError> {
         self.decode_tree(t(AGENTS))
     }
+}
+
+/// Whether `serial` may act for `agent_id`, given its stored record and
+/// whether the serial is revoked: a known, unbanned agent's current SVID.
+fn standing(
+    agent_id: &str,
+    serial: &str,
+    agent: Option<pb::Agent>,
+    revoked: bool,
+) -> Result<pb::Agent, AgentRefusal> {
+    let Some(agent) = agent else {
+        return Err(AgentRefusal::Unknown(agent_id.to_string()));
+    };
+    if agent.banned {
+        return Err(AgentRefusal::Banned(agent_id.to_string()));
+    }
+    if revoked {
+        return Err(AgentRefusal::Revoked(serial.to_string()));
+    }
+    if agent.x509_svid_serial != serial {
+        return Err(AgentRefusal::Superseded(serial.to_string()));
+    }
+    Ok(agent)
 }

@@ -434,6 +434,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         agent_id: &str,
         serial: &str,
     ) -> Result<Result<pb::Agent, AgentRefusal>, StoreError>;
+    /// [`Store::check_agent`] for each `(agent_id, serial)`, in order, in
+    /// one read per tree (the periodic re-check of every Sync stream).
+    fn check_agents(
+        &self,
+        callers: &[(String, String)],
+    ) -> Result<Vec<Result<pb::Agent, AgentRefusal>>, StoreError>;
     /// Replaces the agent's SVID with `svid`, in one commit with the
     /// checks: the agent is known and unbanned, and `presented` is its
     /// current SVID or, when the reply to the last renewal was lost, the one

@@ -205,6 +205,13 @@ impl Store for KvStore {
         KvStore::check_agent(self, agent_id, serial)
     }
 
+    fn check_agents(
+        &self,
+        callers: &[(String, String)],
+    ) -> Result<Vec<Result<pb::Agent, AgentRefusal>>, StoreError> {
+        KvStore::check_agents(self, callers)
+    }
+
     fn renew_agent(
         &self,
         agent_id: &str,

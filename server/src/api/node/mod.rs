@@ -33,6 +33,7 @@ use tracing::Instrument;
 use crate::api::node::tls::NodePeer;
 
 mod attest;
+mod recheck;
 mod service;
 mod signing;
 mod sync;

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use tessera_proto::node::{self as pb};
+use tessera_proto::types;
 use tessera_proto::Refusal;
 use tessera_workload_api::SpiffeId;
 use tonic::{Request, Status};
@@ -56,6 +57,8 @@ pub struct NodeService {
     /// Refusals of callers without a client certificate, by address and
     /// operation, not yet recorded as an event.
     pub(super) stranger_refusals: Arc<RefusalFolder<(IpAddr, &'static str)>>,
+    /// The open Sync streams' callers, checked again every few seconds.
+    pub(super) rechecks: Arc<super::recheck::Rechecks<Caller>>,
 }
 
 /// Per source address: the refused-attestation budget.
@@ -103,6 +106,7 @@ impl NodeService {
                 MAX_FOLDED_ADDRESSES,
                 (IpAddr::from([0, 0, 0, 0]), "any"),
             )),
+            rechecks: Arc::default(),
         }
     }
 
@@ -155,20 +159,38 @@ impl NodeService {
 
     pub(super) async fn check_caller(&self, caller: &Caller) -> Result<(), Status> {
         let (key, serial) = (caller.id.to_string(), caller.serial.clone());
-        let agent = self.state.store_op(move |store| store.check_agent(&key, &serial)).await??;
+        let checked = self.state.store_op(move |store| store.check_agent(&key, &serial)).await?;
+        if self.standing(caller, checked)? {
+            self.confirm(caller).await?;
+        }
+        Ok(())
+    }
+
+    /// What the agent's stored record, as checked, says of `caller`:
+    /// refused (and why), or whether the SVID it presented must still be
+    /// confirmed as the one in use. Decided here for every call and for
+    /// the periodic re-check of Sync streams (`recheck.rs`).
+    pub(super) fn standing(
+        &self,
+        caller: &Caller,
+        checked: Result<types::Agent, AgentRefusal>,
+    ) -> Result<bool, Status> {
+        let agent = checked?;
         if agent.x509_svid_expires_at <= self.state.clock().now() {
             return Err(agent_refused(
                 Refusal::Expired,
                 format!("agent SVID {} has expired", caller.serial),
             ));
         }
-        if !agent.previous_x509_svid_serial.is_empty() {
-            // The agent has its renewed SVID: the one before may no longer
-            // renew (whoever else holds its key could take the agent over).
-            let (key, serial) = (caller.id.to_string(), caller.serial.clone());
-            self.state.store_op(move |store| store.confirm_agent_svid(&key, &serial)).await?;
-        }
-        Ok(())
+        // The agent has its renewed SVID: the one before may no longer
+        // renew (whoever else holds its key could take the agent over).
+        Ok(!agent.previous_x509_svid_serial.is_empty())
+    }
+
+    /// Records that the caller's SVID, its agent's newest, is in use.
+    pub(super) async fn confirm(&self, caller: &Caller) -> Result<(), Status> {
+        let (key, serial) = (caller.id.to_string(), caller.serial.clone());
+        self.state.store_op(move |store| store.confirm_agent_svid(&key, &serial)).await
     }
 
     pub(super) fn bundle(&self) -> Vec<Vec<u8>> {

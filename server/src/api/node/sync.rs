@@ -14,11 +14,12 @@ use crate::entry::Entry;
 use crate::feed::FedChange;
 use crate::store::{AgentRefusal, ChangeKind};
 
+use super::recheck::{Recheck, RECHECK_CHUNK, SYNC_RECHECK};
 use super::service::*;
 
-/// How often an open Sync stream re-checks its agent's SVID (superseded by
-/// a renewal, expired) when no change wakes it.
-const SYNC_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+/// An idle stream catches up with other agents' changes (and checkpoints
+/// past them) at least this often; nothing wakes it for them.
+const CATCH_UP_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Changes read from the log at a time.
 const SYNC_CHANGES_PAGE: usize = 1000;
@@ -55,6 +56,7 @@ impl NodeService {
         // The feed's reads of changed entries count only if made after this.
         let mut fresh_since = std::time::Instant::now();
         let mut wake = self.state.feed().subscribe(agent_id.as_str());
+        let mut recheck = self.recheck(caller);
         send(tx, Event::Bundle(self.bundle_update())).await?;
         // The CRLs are read after the revision the stream starts from, so
         // they are at least that new: a CRL change before it is not lost.
@@ -120,6 +122,9 @@ impl NodeService {
         let (mut checkpointed, mut checkpoint_at) = (cursor, tokio::time::Instant::now());
         let mut checkpoint_due = false;
         loop {
+            if let Some(status) = recheck.verdict() {
+                return Err(self.refuse("sync", agent_id.as_str(), status));
+            }
             let (changes, covered) =
                 match self.state.feed().for_agent(agent_id.as_str(), cursor, SYNC_CHANGES_PAGE) {
                     Some(read) => (read.changes, read.covered),
@@ -157,11 +162,13 @@ impl NodeService {
                     _ = tokio::time::sleep_until(checkpoint_at + CHECKPOINT_IDLE), if owed => {
                         checkpoint_due = true;
                     }
-                    _ = tokio::time::sleep(SYNC_RECHECK) => {
-                        // Revocations and bans arrive through the log; a
-                        // renewal (superseded SVID) or expiry is checked here.
-                        self.check_caller(caller).await.map_err(|e| self.refuse("sync", agent_id.as_str(), e))?;
+                    // Revocations and bans arrive through the log; a
+                    // renewal (superseded SVID) or expiry, through the
+                    // periodic re-check of every stream's caller.
+                    status = recheck.refused() => {
+                        return Err(self.refuse("sync", agent_id.as_str(), status));
                     }
+                    _ = tokio::time::sleep(CATCH_UP_IDLE) => {}
                 }
                 continue;
             }
@@ -178,6 +185,58 @@ impl NodeService {
             send(tx, Event::Checkpoint(pb::Checkpoint { revision: cursor })).await?;
             (checkpointed, checkpoint_at) = (cursor, tokio::time::Instant::now());
             checkpoint_due = false;
+        }
+    }
+
+    /// Registers an open Sync stream's caller for the re-check every
+    /// [`SYNC_RECHECK`], starting the task that runs it on first use.
+    fn recheck(&self, caller: &Caller) -> Recheck<Caller> {
+        let (recheck, start) = self.rechecks.register(caller);
+        if start {
+            tokio::spawn(self.clone().run_rechecks());
+        }
+        recheck
+    }
+
+    /// Until shutdown, every [`SYNC_RECHECK`]: checks every open stream's
+    /// caller against the store, [`RECHECK_CHUNK`] callers per store call.
+    async fn run_rechecks(self) {
+        let shutdown = self.state.shutdown().clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SYNC_RECHECK) => {}
+            }
+            let callers = self.rechecks.snapshot();
+            for chunk in callers.chunks(RECHECK_CHUNK) {
+                self.recheck_chunk(chunk).await;
+            }
+        }
+    }
+
+    async fn recheck_chunk(&self, chunk: &[(u64, Caller)]) {
+        let pairs: Vec<(String, String)> =
+            chunk.iter().map(|(_, c)| (c.id.to_string(), c.serial.clone())).collect();
+        let checked = match self.state.store_op(move |store| store.check_agents(&pairs)).await {
+            Ok(checked) => checked,
+            Err(status) => {
+                // As each stream's own check did: the stream ends with the
+                // error, and its agent reconnects.
+                for (id, _) in chunk {
+                    self.rechecks.refuse(*id, status.clone());
+                }
+                return;
+            }
+        };
+        for ((id, caller), checked) in chunk.iter().zip(checked) {
+            let confirmed = match self.standing(caller, checked) {
+                Ok(true) => self.confirm(caller).await,
+                Ok(false) => Ok(()),
+                Err(status) => Err(status),
+            };
+            if let Err(status) = confirmed {
+                self.rechecks.refuse(*id, status);
+            }
         }
     }
 
