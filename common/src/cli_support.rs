@@ -198,8 +198,10 @@ pub fn small_pages_only() {
 /// else keeps (an entry read for the change feed, a snapshot) pins that
 /// heap's pages. With 10,000 agents the server grew ~60 such threads and
 /// held 1,314 MB with 100,000 entries; with this bound it held
-/// 912–914 MB in two runs (`tessera-bench scale10k --servers 1`). Blocking work
-/// past the bound queues; none of it waits for other blocking work.
+/// 897–914 MB in three runs (`tessera-bench scale10k --servers 1`).
+/// Blocking work past the bound queues. Blocking work that waits, waits
+/// only for work already running (a writer lock, a batch's leader, a
+/// PostgreSQL connection in use), so the bound cannot deadlock.
 pub const MAX_BLOCKING_THREADS: usize = 16;
 
 /// The multi-threaded runtime `tessera-server`, `tessera-agent` and the

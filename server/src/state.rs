@@ -124,16 +124,19 @@ impl State {
         tokio::task::spawn_blocking(move || op(store.as_ref()))
             .await
             .map_err(|e| tonic::Status::internal(format!("store task failed: {e}")))?
-            .map_err(|e| {
-                tracing::error!(error = %e, "store failure");
-                match e {
-                    // Where the database is, and why it fails, is for the
-                    // server's log (and `healthcheck`), not for callers.
-                    StoreError::Database(_) => {
-                        tonic::Status::unavailable("the server's datastore is unavailable; retry")
-                    }
-                    e => tonic::Status::internal(e.to_string()),
-                }
-            })
+            .map_err(store_status)
+    }
+}
+
+/// The status a store failure is answered with (logged here).
+pub fn store_status(e: StoreError) -> tonic::Status {
+    tracing::error!(error = %e, "store failure");
+    match e {
+        // Where the database is, and why it fails, is for the server's log
+        // (and `healthcheck`), not for callers.
+        StoreError::Database(_) => {
+            tonic::Status::unavailable("the server's datastore is unavailable; retry")
+        }
+        e => tonic::Status::internal(e.to_string()),
     }
 }

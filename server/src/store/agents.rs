@@ -13,7 +13,7 @@ use super::layout::{
     REVOCATIONS,
 };
 use super::revocations::revocation_of;
-use super::{AgentRefusal, ChangeKind, RenewOutcome};
+use super::{AgentCheck, AgentRefusal, ChangeKind, RenewOutcome};
 
 impl Tx<'_> {
     /// Whether `agent_id` may become an agent's: no agent on record (live
@@ -77,28 +77,30 @@ impl KvStore {
         agent_id: &str,
         serial: &str,
     ) -> Result<Result<pb::Agent, AgentRefusal>, StoreError> {
-        let mut checked = self.check_agents(&[(agent_id.to_string(), serial.to_string())])?;
-        Ok(checked.pop().unwrap_or_else(|| Err(AgentRefusal::Unknown(agent_id.to_string()))))
+        let checked = self.check_agents(&[(agent_id.to_string(), serial.to_string())])?.pop();
+        checked.unwrap_or_else(|| Ok(Err(AgentRefusal::Unknown(agent_id.to_string()))))
     }
 
     /// [`KvStore::check_agent`] for each `(agent_id, serial)`, in order:
     /// one read of the agents and one of the revocations for all of them.
+    /// An agent record that cannot be decoded fails only its own caller.
     pub(super) fn check_agents(
         &self,
         callers: &[(String, String)],
-    ) -> Result<Vec<Result<pb::Agent, AgentRefusal>>, StoreError> {
+    ) -> Result<Vec<AgentCheck>, StoreError> {
         let ids: Vec<Vec<u8>> = callers.iter().map(|(id, _)| id.as_bytes().to_vec()).collect();
         let serials: Vec<Vec<u8>> = callers.iter().map(|(_, s)| s.as_bytes().to_vec()).collect();
         let agents = self.kv.get_many(t(AGENTS), &ids)?;
         let revoked = self.kv.get_many(t(REVOCATIONS), &serials)?;
-        callers
+        let checked = callers
             .iter()
             .zip(agents.into_iter().zip(revoked))
-            .map(|((agent_id, serial), (agent, revoked))| {
+            .map(|((agent_id, serial), (agent, revoked))| -> AgentCheck {
                 let agent = agent.map(|b| decode(agent_id.as_bytes(), &b)).transpose()?;
                 Ok(standing(agent_id, serial, agent, revoked.is_some()))
             })
-            .collect()
+            .collect();
+        Ok(checked)
     }
 
     pub(super) fn renew_agent(

@@ -180,6 +180,11 @@ pub struct EntryWrite {
 /// it revoked (the SVID of a lost reply), or its refusal.
 pub type RenewOutcome = Result<(pb::Agent, Vec<pb::Revocation>), AgentRefusal>;
 
+/// One caller's check against its agent's record: the record when the
+/// caller may act for the agent, a refusal when it may not, an error when
+/// the record could not be read.
+pub type AgentCheck = Result<Result<pb::Agent, AgentRefusal>, StoreError>;
+
 /// Why the store refused an agent operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -435,11 +440,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         serial: &str,
     ) -> Result<Result<pb::Agent, AgentRefusal>, StoreError>;
     /// [`Store::check_agent`] for each `(agent_id, serial)`, in order, in
-    /// one read per tree (the periodic re-check of every Sync stream).
-    fn check_agents(
-        &self,
-        callers: &[(String, String)],
-    ) -> Result<Vec<Result<pb::Agent, AgentRefusal>>, StoreError>;
+    /// one read per tree (the periodic re-check of every Sync stream); a
+    /// record that cannot be read fails only its own item.
+    fn check_agents(&self, callers: &[(String, String)]) -> Result<Vec<AgentCheck>, StoreError>;
     /// Replaces the agent's SVID with `svid`, in one commit with the
     /// checks: the agent is known and unbanned, and `presented` is its
     /// current SVID or, when the reply to the last renewal was lost, the one

@@ -18,8 +18,8 @@ use super::audit::{Audit, EventSink};
 use super::error::StoreError;
 use super::kv_store::KvStore;
 use super::{
-    AgentRefusal, Approved, Change, CrlSigner, EntryFilter, EntryWrite, ItemRefused, RenewOutcome,
-    Signed, Store, StoreReport,
+    AgentCheck, AgentRefusal, Approved, Change, CrlSigner, EntryFilter, EntryWrite, ItemRefused,
+    RenewOutcome, Signed, Store, StoreReport,
 };
 use crate::broker::records::{
     AccessToken, BrokerRefusal, PendingRequest, PublishedKey, Task, TokenToRecord,
@@ -205,10 +205,7 @@ impl Store for KvStore {
         KvStore::check_agent(self, agent_id, serial)
     }
 
-    fn check_agents(
-        &self,
-        callers: &[(String, String)],
-    ) -> Result<Vec<Result<pb::Agent, AgentRefusal>>, StoreError> {
+    fn check_agents(&self, callers: &[(String, String)]) -> Result<Vec<AgentCheck>, StoreError> {
         KvStore::check_agents(self, callers)
     }
 

@@ -3,7 +3,12 @@
 //! of all the agents whose streams are open, a thousand per store call,
 //! and tells each stream whose caller may no longer sync (renewed past,
 //! expired; bans, evictions and revocations also arrive through the
-//! change log). One read per thousand streams instead of one per stream:
+//! change log). A round whose store read fails tries again at the next;
+//! the streams it could not check twice in a row end with the store's
+//! error, as each stream's own check ended it before (one failed query
+//! does not disconnect a thousand agents at once); a record that cannot be
+//! decoded ends only its own stream. One read per thousand streams instead
+//! of one per stream:
 //! with 10,000 agents on PostgreSQL the per-stream checks were 4,000 round
 //! trips a second sharing the pool with the commits. Every stream is
 //! checked on every round, however busy (a per-stream timer restarted on
@@ -96,6 +101,12 @@ impl<C: Clone> Rechecks<C> {
         (Recheck { id, verdict: receiver, rechecks: self.clone() }, start)
     }
 
+    /// Held by the task that runs the rounds: when it ends (shutdown, or
+    /// a panic), the next registration starts another.
+    pub(super) fn running(self: &Arc<Self>) -> Running<C> {
+        Running(self.clone())
+    }
+
     /// Every registered caller, for a round.
     pub(super) fn snapshot(&self) -> Vec<(u64, C)> {
         let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
@@ -107,6 +118,15 @@ impl<C: Clone> Rechecks<C> {
         if let Some(watched) = self.streams.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
             watched.verdict.send_replace(Some(status));
         }
+    }
+}
+
+/// See [`Rechecks::running`].
+pub(super) struct Running<C>(Arc<Rechecks<C>>);
+
+impl<C> Drop for Running<C> {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
     }
 }
 
@@ -129,5 +149,9 @@ mod tests {
         assert_eq!(rechecks.snapshot().len(), 1, "b's registration ended with it");
         // A refusal for a stream that is gone is dropped.
         rechecks.refuse(ids["b"], Status::permission_denied("late"));
+        // A task that ended (shut down, or panicked) is started again.
+        drop(rechecks.running());
+        let (_c, again) = rechecks.register(&"c");
+        assert!(again, "the next registration restarts the task");
     }
 }

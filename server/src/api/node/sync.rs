@@ -2,6 +2,7 @@
 //! its revision (or a snapshot), then every change of the log as it
 //! commits, from the change feed.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use tessera_proto::node::{self as pb, sync_message::Event};
@@ -12,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::entry::Entry;
 use crate::feed::FedChange;
+use crate::state::store_status;
 use crate::store::{AgentRefusal, ChangeKind};
 
 use super::recheck::{Recheck, RECHECK_CHUNK, SYNC_RECHECK};
@@ -201,40 +203,59 @@ impl NodeService {
     /// Until shutdown, every [`SYNC_RECHECK`]: checks every open stream's
     /// caller against the store, [`RECHECK_CHUNK`] callers per store call.
     async fn run_rechecks(self) {
+        let _running = self.rechecks.running();
         let shutdown = self.state.shutdown().clone();
+        let mut tick = tokio::time::interval(SYNC_RECHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        // Streams a round could not check because the store failed: a
+        // second failure in a row ends them (one failed query does not
+        // disconnect a thousand agents at once).
+        let mut unchecked = HashSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(SYNC_RECHECK) => {}
+                _ = tick.tick() => {}
             }
-            let callers = self.rechecks.snapshot();
-            for chunk in callers.chunks(RECHECK_CHUNK) {
-                self.recheck_chunk(chunk).await;
+            let mut failed = HashSet::new();
+            for chunk in self.rechecks.snapshot().chunks(RECHECK_CHUNK) {
+                self.recheck_chunk(chunk, &unchecked, &mut failed).await;
             }
+            unchecked = failed;
         }
     }
 
-    async fn recheck_chunk(&self, chunk: &[(u64, Caller)]) {
+    async fn recheck_chunk(
+        &self,
+        chunk: &[(u64, Caller)],
+        unchecked: &HashSet<u64>,
+        failed: &mut HashSet<u64>,
+    ) {
         let pairs: Vec<(String, String)> =
             chunk.iter().map(|(_, c)| (c.id.to_string(), c.serial.clone())).collect();
         let checked = match self.state.store_op(move |store| store.check_agents(&pairs)).await {
-            Ok(checked) => checked,
-            Err(status) => {
-                // As each stream's own check did: the stream ends with the
-                // error, and its agent reconnects.
+            Ok(checked) if checked.len() == chunk.len() => checked,
+            read => {
+                let status = read.err().unwrap_or_else(|| {
+                    Status::internal("the re-check read a different number of agents")
+                });
                 for (id, _) in chunk {
-                    self.rechecks.refuse(*id, status.clone());
+                    if unchecked.contains(id) {
+                        self.rechecks.refuse(*id, status.clone());
+                    } else {
+                        failed.insert(*id);
+                    }
                 }
                 return;
             }
         };
         for ((id, caller), checked) in chunk.iter().zip(checked) {
-            let confirmed = match self.standing(caller, checked) {
-                Ok(true) => self.confirm(caller).await,
-                Ok(false) => Ok(()),
-                Err(status) => Err(status),
+            let verdict = match checked.map_err(store_status).map(|c| self.standing(caller, c)) {
+                Ok(Ok(true)) => self.confirm(caller).await,
+                Ok(Ok(false)) => Ok(()),
+                Ok(Err(status)) | Err(status) => Err(status),
             };
-            if let Err(status) = confirmed {
+            if let Err(status) = verdict {
                 self.rechecks.refuse(*id, status);
             }
         }

@@ -138,6 +138,7 @@ conformance!(
     a_label_change_alone_revokes_nothing,
     a_renewal_never_undoes_a_ban,
     a_ban_racing_a_renewal_is_never_undone,
+    agents_are_checked_many_at_once_as_one_at_a_time,
     backup_restores_every_record_and_a_damaged_backup_is_refused,
     join_token_can_be_taken_once,
     join_tokens_are_hashed_and_never_name_an_agent_or_entry,

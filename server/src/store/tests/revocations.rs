@@ -273,3 +273,32 @@ pub(super) fn a_ban_racing_a_renewal_is_never_undone(place: Place) {
     assert!(overlapped > 0, "the ban and the renewal never overlapped in 30 trials");
     println!("ban vs renewal: {overlapped} of 30 overlapped, the renewal committed first {renewals_won} times");
 }
+
+/// The Sync re-check reads many callers at once: each gets what
+/// `check_agent` alone says of it, in order, a caller asked twice included.
+pub(super) fn agents_are_checked_many_at_once_as_one_at_a_time(place: Place) {
+    let store = place.open();
+    let id = |name: &str| format!("spiffe://example.org/{name}");
+    for name in ["a", "b", "c"] {
+        let registered =
+            store.register_agent(&agent(name, "s0"), &agent_svid(name, "s0"), &Audit::quiet());
+        registered.unwrap().unwrap();
+    }
+    let svid = agent_svid("b", "s1");
+    store.renew_agent(&id("b"), "s0", &svid, 2, &Audit::quiet()).unwrap().unwrap();
+    store.ban_agent(&id("c"), "test", 3, &Audit::quiet()).unwrap().unwrap();
+    let asked = [("a", "s0"), ("b", "s0"), ("b", "s1"), ("c", "s0"), ("nobody", "s0"), ("a", "s0")];
+    let callers: Vec<(String, String)> =
+        asked.iter().map(|(name, serial)| (id(name), serial.to_string())).collect();
+    let many = store.check_agents(&callers).unwrap();
+    assert_eq!(many.len(), callers.len());
+    for ((agent_id, serial), checked) in callers.iter().zip(many) {
+        let alone = store.check_agent(agent_id, serial).unwrap();
+        assert_eq!(checked.unwrap(), alone, "{agent_id} {serial}");
+    }
+    let replaced = store.check_agents(&callers[1..2]).unwrap().pop().unwrap().unwrap();
+    assert!(replaced.is_err(), "the SVID a renewal replaced still passes: {replaced:?}");
+    let banned = store.check_agents(&callers[3..4]).unwrap().pop().unwrap().unwrap();
+    assert_eq!(banned, Err(AgentRefusal::Banned(id("c"))));
+    assert!(store.check_agents(&callers[2..3]).unwrap().pop().unwrap().unwrap().is_ok());
+}
