@@ -216,23 +216,27 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// A binary's `main`: small pages only, the arguments parsed as `C` (a
-/// one-line error and exit code 2 when they are not), then `run` on
-/// [`runtime`], its error printed as one line with exit code 1.
+/// A binary's `main`: the arguments parsed as `C` (a one-line error and
+/// exit code 2 when they are not), then `run` [`on_runtime`], its error
+/// printed as one line with exit code 1.
 pub fn main_with<C, F>(run: impl FnOnce(C) -> F) -> ExitCode
 where
     C: clap::Parser,
     F: std::future::Future<Output = Result<(), CliError>>,
 {
-    small_pages_only();
     let cli = match parse_args::<C>() {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    match runtime() {
-        Ok(runtime) => exit_code(runtime.block_on(run(cli))),
-        Err(e) => exit_code(Err(format!("cannot start the runtime: {e}"))),
-    }
+    exit_code(on_runtime(run(cli)).and_then(|ran| ran))
+}
+
+/// Runs `fut` to completion as the binaries run: small pages only, on
+/// [`runtime`].
+pub fn on_runtime<T>(fut: impl std::future::Future<Output = T>) -> Result<T, CliError> {
+    small_pages_only();
+    let runtime = runtime().map_err(|e| CliError(format!("cannot start the runtime: {e}")))?;
+    Ok(runtime.block_on(fut))
 }
 
 /// Lowers the calling thread's CPU priority to `nice` (only this thread:

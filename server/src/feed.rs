@@ -5,6 +5,7 @@
 //! feed only ever holds a contiguous run of the log.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -160,7 +161,7 @@ impl Wake {
 pub struct ChangeFeed {
     window: RwLock<Window>,
     /// The last revision in the window (or the store's at start).
-    latest: watch::Sender<u64>,
+    latest: AtomicU64,
     /// Per agent with a stream open: the last revision taken in that
     /// concerns it. Senders whose streams are all gone are dropped as the
     /// feed takes in changes.
@@ -178,7 +179,7 @@ impl ChangeFeed {
     pub fn new(revision: u64, crls: Vec<Vec<u8>>) -> Self {
         Self {
             window: RwLock::new(Window::default()),
-            latest: watch::channel(revision).0,
+            latest: AtomicU64::new(revision),
             agent_wakes: Default::default(),
             everyone_wake: watch::channel(revision).0,
             crls: RwLock::new(Arc::new(crls)),
@@ -206,14 +207,14 @@ impl ChangeFeed {
     /// the subscription wakes it.
     pub fn subscribe(&self, agent: &str) -> Wake {
         let mut wakes = self.agent_wakes.lock().unwrap_or_else(|e| e.into_inner());
-        let latest = *self.latest.borrow();
+        let latest = self.latest();
         let agent = wakes.entry(agent.to_string()).or_insert_with(|| watch::channel(latest).0);
         Wake { agent: agent.subscribe(), everyone: self.everyone_wake.subscribe() }
     }
 
     /// The last revision the feed holds (or the store's at start).
     pub fn latest(&self) -> u64 {
-        *self.latest.borrow()
+        self.latest.load(Ordering::Acquire)
     }
 
     /// Wakes the streams the changes just taken in concern (after the
@@ -247,7 +248,7 @@ impl ChangeFeed {
     /// must read the store. Costs the changes found, not the window's size.
     pub fn for_agent(&self, agent: &str, revision: u64, limit: usize) -> Option<ForAgent> {
         let window = self.window.read().unwrap_or_else(|e| e.into_inner());
-        let latest = *self.latest.borrow();
+        let latest = self.latest();
         if revision >= latest {
             return Some(ForAgent { changes: Vec::new(), covered: revision });
         }
@@ -284,7 +285,7 @@ impl ChangeFeed {
     ) {
         let mut wake = store.subscribe();
         loop {
-            let after = *self.latest.borrow();
+            let after = self.latest();
             let reader = store.clone();
             let read =
                 tokio::task::spawn_blocking(move || reader.changes_since(after, READ_PAGE)).await;
@@ -335,7 +336,7 @@ impl ChangeFeed {
                     window.pop();
                 }
                 drop(window);
-                self.latest.send_replace(last);
+                self.latest.store(last, Ordering::Release);
                 self.wake(&fed);
                 continue;
             }
@@ -432,7 +433,7 @@ mod tests {
             })));
             window.push(entry_change(17, &["c"]));
         }
-        feed.latest.send_replace(17);
+        feed.latest.store(17, Ordering::Release);
         let a = feed.for_agent("a", 10, 100).unwrap();
         assert_eq!((revisions(&a), a.covered), (vec![11, 13, 14, 15], 17));
         let b = feed.for_agent("b", 12, 100).unwrap();

@@ -90,13 +90,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     // As the server and agent binaries run (the children are this binary).
-    tessera_common::cli_support::small_pages_only();
-    match tessera_common::cli_support::runtime() {
-        Ok(runtime) => runtime.block_on(run()),
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            ExitCode::FAILURE
-        }
+    match tessera_common::cli_support::on_runtime(run()) {
+        Ok(code) => code,
+        Err(e) => tessera_common::cli_support::exit_code(Err(e)),
     }
 }
 
