@@ -32,6 +32,7 @@ struct Inner {
     spool_bytes: Gauge,
     spool_dropped: Counter,
     refusals_folded: Counter,
+    repeats_folded: Counter,
     push_failures: Counter,
     synced: Gauge,
     svids: Gauge,
@@ -55,7 +56,7 @@ impl AgentMetrics {
         let attestation_seconds = telemetry::latency_histogram();
         let (spool_events, spool_bytes) = (Gauge::default(), Gauge::default());
         let (spool_dropped, push_failures) = (Counter::default(), Counter::default());
-        let refusals_folded = Counter::default();
+        let (refusals_folded, repeats_folded) = (Counter::default(), Counter::default());
         let (synced, svids) = (Gauge::default(), Gauge::default());
         let svid_expiry = Gauge::<i64, AtomicI64>::default();
         registry.register(
@@ -89,6 +90,11 @@ impl AgentMetrics {
             refusals_folded.clone(),
         );
         registry.register(
+            "workload_repeats_folded",
+            "Workload API answers identical to one already recorded in the interval, folded into one event",
+            repeats_folded.clone(),
+        );
+        registry.register(
             "event_push_failures",
             "Failed pushes of events to the server",
             push_failures.clone(),
@@ -113,6 +119,7 @@ impl AgentMetrics {
             spool_bytes,
             spool_dropped,
             refusals_folded,
+            repeats_folded,
             push_failures,
             synced,
             svids,
@@ -153,6 +160,11 @@ impl AgentMetrics {
     /// A refusal was folded (not recorded on its own).
     pub fn refusal_folded(&self) {
         self.inner.refusals_folded.inc();
+    }
+
+    /// An answer repeating one already recorded was folded.
+    pub fn repeat_folded(&self) {
+        self.inner.repeats_folded.inc();
     }
 
     /// A push of events failed.

@@ -32,7 +32,12 @@ pub async fn push_events(spool: Arc<EventSpool>, link: Arc<NodeLink>, shutdown: 
                 _ = stop.cancelled() => true,
                 _ = tokio::time::sleep(SYNC_INTERVAL) => false,
             };
-            syncer.flush_folded();
+            if done {
+                // What is folded lives only in memory: into the spool now.
+                syncer.flush_all_folded();
+            } else {
+                syncer.flush_folded();
+            }
             let spool = syncer.clone();
             let _ = tokio::task::spawn_blocking(move || spool.sync()).await;
             if done {
@@ -42,7 +47,13 @@ pub async fn push_events(spool: Arc<EventSpool>, link: Arc<NodeLink>, shutdown: 
     });
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
-        let (spool_id, batch) = spool.batch(PUSH_BATCH);
+        // Reads the spool file (and waits for an fsync in progress).
+        let reader = spool.clone();
+        let Ok((spool_id, batch)) =
+            tokio::task::spawn_blocking(move || reader.batch(PUSH_BATCH)).await
+        else {
+            break;
+        };
         if batch.is_empty() {
             tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -135,12 +135,14 @@ pub async fn run(duration: Duration) -> Figures {
 
     // The rows: every 30 s, at the end of the warm-up, and at the end.
     let pids = (server.process.id(), agent.process.id());
+    let spool = dir.path().join("agent/events.spool");
     let start = Instant::now();
     println!(
-        "{:>9} {:>10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}",
+        "{:>9} {:>10} {:>10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}",
         "elapsed_s",
         "srv_rss_mb",
         "agt_rss_mb",
+        "spool_mb",
         "srv_fds",
         "agt_fds",
         "x509_updates",
@@ -151,7 +153,7 @@ pub async fn run(duration: Duration) -> Figures {
     let mut samples = Vec::new();
     for at in sample_times(duration, warm_up) {
         tokio::time::sleep_until((start + at).into()).await;
-        let sample = Sample::take(start, pids, &counters);
+        let sample = Sample::take(start, pids, &spool, &counters);
         sample.print(at == warm_up);
         samples.push(sample);
     }
@@ -233,7 +235,7 @@ impl Counters {
             })
             .collect::<Vec<_>>()
             .join(" ");
-        let why: String = why.chars().take(100).collect();
+        let why: String = why.chars().take(240).collect();
         let mut reasons = self.reasons.lock().unwrap();
         let key = format!("{what}: {why}");
         let key = if reasons.len() < 40 || reasons.contains_key(&key) {
@@ -251,6 +253,9 @@ struct Sample {
     at: f64,
     server_rss: f64,
     agent_rss: f64,
+    /// The agent's event spool file (events not yet stored by the server,
+    /// and acknowledged ones until the file is compacted).
+    spool_mb: f64,
     server_fds: usize,
     agent_fds: usize,
     updates: u64,
@@ -260,13 +265,19 @@ struct Sample {
 }
 
 impl Sample {
-    fn take(start: Instant, (server, agent): (u32, u32), counters: &Counters) -> Self {
+    fn take(
+        start: Instant,
+        (server, agent): (u32, u32),
+        spool: &std::path::Path,
+        counters: &Counters,
+    ) -> Self {
         let fds =
             |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
         Self {
             at: start.elapsed().as_secs_f64(),
             server_rss: tessera_tests::hostile::rss_mb(server),
             agent_rss: tessera_tests::hostile::rss_mb(agent),
+            spool_mb: std::fs::metadata(spool).map_or(0.0, |m| m.len() as f64 / 1e6),
             server_fds: fds(server),
             agent_fds: fds(agent),
             updates: counters.updates.load(Ordering::Relaxed),
@@ -278,10 +289,11 @@ impl Sample {
 
     fn print(&self, warm_up_end: bool) {
         println!(
-            "{:>9.0} {:>10.1} {:>10.1} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}{}",
+            "{:>9.0} {:>10.1} {:>10.1} {:>10.1} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}{}",
             self.at,
             self.server_rss,
             self.agent_rss,
+            self.spool_mb,
             self.server_fds,
             self.agent_fds,
             self.updates,
@@ -324,14 +336,14 @@ async fn watch_once(
     };
     let mut stream = match client.fetch_x509svid(cli_request(pb::X509svidRequest {})).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return status.message().to_string(),
+        Err(status) => return why(&status),
     };
     let mut opened = false;
     loop {
         let update = match stream.message().await {
             Ok(Some(update)) => update,
             Ok(None) => return "the agent ended the stream".into(),
-            Err(status) => return status.message().to_string(),
+            Err(status) => return why(&status),
         };
         if opened {
             counters.updates.fetch_add(1, Ordering::Relaxed);
@@ -344,6 +356,20 @@ async fn watch_once(
             counters.issued.fetch_add(new as u64, Ordering::Relaxed);
             *certs = now;
         }
+    }
+}
+
+/// Why a call failed: the status's message and, when it came from the
+/// transport, its innermost cause (an HTTP/2 GOAWAY says which side sent
+/// it and why only there).
+fn why(status: &tonic::Status) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(next) = cause.and_then(std::error::Error::source) {
+        cause = Some(next);
+    }
+    match cause {
+        Some(cause) => format!("{} ({cause:?})", status.message()),
+        None => status.message().to_string(),
     }
 }
 
@@ -399,7 +425,7 @@ async fn fetch_loop(
                 continue;
             }
             Ok(n) => counters.error(what, &format!("{n} SVIDs, not {ENTRIES}")),
-            Err(status) => counters.error(what, status.message()),
+            Err(status) => counters.error(what, &why(&status)),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
