@@ -318,6 +318,7 @@ impl Agent {
             link.clock.clone(),
             shutdown.clone(),
         );
+        let spool = events.clone();
         let incoming = listener::incoming(listener, limits, attesting, events, shutdown.clone());
         let stop = shutdown.clone();
         let server = tokio::spawn(
@@ -360,6 +361,11 @@ impl Agent {
             }
         };
         while tasks.join_next().await.is_some() {}
+        // The Workload API has answered its last call: what is folded
+        // (held only in memory) and not yet written goes to the spool, for
+        // the next run to push.
+        spool.flush_all_folded();
+        let _ = tokio::task::spawn_blocking(move || spool.sync()).await;
         let _ = std::fs::remove_file(&config.socket_path);
         info!("tessera-agent stopped");
         if let Some(fatal) = fatal {

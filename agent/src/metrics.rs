@@ -81,7 +81,7 @@ impl AgentMetrics {
         );
         registry.register(
             "event_spool_dropped",
-            "Events not recorded because the spool was full",
+            "Events not recorded because the spool was full, or lost to a damaged spool record",
             spool_dropped.clone(),
         );
         registry.register(
@@ -152,9 +152,14 @@ impl AgentMetrics {
         self.inner.spool_bytes.set(bytes as i64);
     }
 
-    /// An event was not spooled (spool full).
+    /// An event was not spooled (spool full), or was found damaged in it.
     pub fn spool_dropped(&self) {
         self.inner.spool_dropped.inc();
+    }
+
+    /// `n` events found damaged in the spool when it was opened.
+    pub fn spool_dropped_n(&self, n: u64) {
+        self.inner.spool_dropped.inc_by(n);
     }
 
     /// A refusal was folded (not recorded on its own).

@@ -33,25 +33,19 @@ pub const REFUSALS_PER_INTERVAL: u64 = 10;
 /// The window refusals and repeats are folded over.
 pub const FOLD_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Windows tracked at once. Past it, refusals of new uids are tracked under
-/// [`ANY_UID`], and answers that would open a new window are recorded as
-/// they are.
-const MAX_FOLD_KEYS: usize = 4096;
+/// Refusal windows tracked at once; past it, refusals of new uids are
+/// tracked under [`ANY_UID`].
+const MAX_REFUSAL_WINDOWS: usize = 4096;
+
+/// Repeat windows tracked at once (each holds its last event); past it,
+/// answers that would open a new one are recorded as they are. Apart from
+/// the refusals' table, so that many processes of one uid cannot push
+/// other uids' refusals under [`ANY_UID`].
+const MAX_REPEAT_WINDOWS: usize = 1024;
 
 /// The uid refusals are tracked under when the caller's is unknown or the
 /// table is full.
 pub(super) const ANY_UID: u32 = u32::MAX;
-
-/// What a window folds.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum FoldKey {
-    /// Refusals of one uid and kind.
-    Refusals { uid: u32, kind: String },
-    /// Answers identical to the one that opened the window: the SHA-256 of
-    /// the event's encoding with its time left out (it names the kind,
-    /// the process and everything served).
-    Repeats { digest: [u8; 32] },
-}
 
 /// One window.
 #[derive(Debug)]
@@ -63,10 +57,40 @@ struct FoldWindow {
     last: Option<Event>,
 }
 
+impl FoldWindow {
+    fn new(started: tokio::time::Instant) -> Self {
+        Self { started, recorded: 0, folded: 0, last: None }
+    }
+
+    /// `e` back if it is one of the first `recorded_per_window`; else
+    /// counted and kept as the last.
+    fn admit(&mut self, e: Event, recorded_per_window: u64) -> Option<Event> {
+        if self.recorded < recorded_per_window {
+            self.recorded += 1;
+            return Some(e);
+        }
+        self.folded += 1;
+        self.last = Some(e);
+        None
+    }
+
+    /// The event that closes the window, if anything was folded into it.
+    fn close(&mut self, now: tokio::time::Instant) -> Option<Event> {
+        let mut e = self.last.take()?;
+        let interval = now.duration_since(self.started).as_millis() as u64;
+        e.attrs.retain(|a| a.key != "folded" && a.key != "folded_interval_ms");
+        Some(e.attr("folded", self.folded).attr("folded_interval_ms", interval))
+    }
+}
+
 /// The open windows.
 #[derive(Debug, Default)]
 pub(super) struct Folds {
-    windows: HashMap<FoldKey, FoldWindow>,
+    /// By uid and kind.
+    refusals: HashMap<(u32, String), FoldWindow>,
+    /// By the SHA-256 of the answer with its time left out (it names the
+    /// kind, the process and everything served).
+    repeats: HashMap<[u8; 32], FoldWindow>,
 }
 
 impl Folds {
@@ -76,59 +100,51 @@ impl Folds {
         if !e.kind.starts_with("workload.") {
             return Some(e);
         }
-        let (key, recorded_per_window) = if e.decision == schema::DENY {
-            let mut uid = e.workload.as_ref().map_or(ANY_UID, |w| w.uid);
-            let key = FoldKey::Refusals { uid, kind: e.kind.clone() };
-            if self.windows.len() >= MAX_FOLD_KEYS && !self.windows.contains_key(&key) {
-                uid = ANY_UID;
+        if e.decision == schema::DENY {
+            let mut key = (e.workload.as_ref().map_or(ANY_UID, |w| w.uid), e.kind.clone());
+            if self.refusals.len() >= MAX_REFUSAL_WINDOWS && !self.refusals.contains_key(&key) {
+                key.0 = ANY_UID;
             }
-            (FoldKey::Refusals { uid, kind: e.kind.clone() }, REFUSALS_PER_INTERVAL)
-        } else if e.decision == schema::ALLOW {
-            let key = FoldKey::Repeats { digest: timeless_digest(&mut e) };
-            if self.windows.len() >= MAX_FOLD_KEYS && !self.windows.contains_key(&key) {
+            let window = self.refusals.entry(key).or_insert_with(|| FoldWindow::new(now));
+            return window.admit(e, REFUSALS_PER_INTERVAL);
+        }
+        if e.decision == schema::ALLOW {
+            let key = timeless_digest(&mut e);
+            if self.repeats.len() >= MAX_REPEAT_WINDOWS && !self.repeats.contains_key(&key) {
                 return Some(e);
             }
-            (key, 1)
-        } else {
-            return Some(e);
-        };
-        let window = self.windows.entry(key).or_insert_with(|| FoldWindow {
-            started: now,
-            recorded: 0,
-            folded: 0,
-            last: None,
-        });
-        if window.recorded < recorded_per_window {
-            window.recorded += 1;
-            return Some(e);
+            let window = self.repeats.entry(key).or_insert_with(|| FoldWindow::new(now));
+            return window.admit(e, 1);
         }
-        window.folded += 1;
-        window.last = Some(e);
-        None
+        Some(e)
     }
 
     /// One event for each window that ended (every window when `all`: the
     /// agent is stopping) with events folded into it; windows that ended
     /// are forgotten.
     pub(super) fn flush(&mut self, now: tokio::time::Instant, all: bool) -> Vec<Event> {
+        let ended = |w: &FoldWindow| all || now.duration_since(w.started) >= FOLD_INTERVAL;
         let mut out = Vec::new();
-        self.windows.retain(|key, window| {
-            if !all && now.duration_since(window.started) < FOLD_INTERVAL {
+        self.refusals.retain(|(uid, _), window| {
+            if !ended(window) {
                 return true;
             }
-            if let Some(mut e) = window.last.take() {
-                let interval = now.duration_since(window.started).as_millis() as u64;
-                if let FoldKey::Refusals { uid, .. } = key {
-                    e.reason = format!(
-                        "{} more refusals of uid {} folded into this event (last: {})",
-                        window.folded,
-                        if *uid == ANY_UID { "(any)".to_string() } else { uid.to_string() },
-                        e.reason
-                    );
-                }
-                e.attrs.retain(|a| a.key != "folded" && a.key != "folded_interval_ms");
-                out.push(e.attr("folded", window.folded).attr("folded_interval_ms", interval));
+            if let Some(mut e) = window.close(now) {
+                e.reason = format!(
+                    "{} more refusals of uid {} folded into this event (last: {})",
+                    window.folded,
+                    if *uid == ANY_UID { "(any)".to_string() } else { uid.to_string() },
+                    e.reason
+                );
+                out.push(e);
             }
+            false
+        });
+        self.repeats.retain(|_, window| {
+            if !ended(window) {
+                return true;
+            }
+            out.extend(window.close(now));
             false
         });
         out
@@ -196,10 +212,10 @@ mod tests {
     fn a_full_table_records_answers_as_they_are() {
         let mut folds = Folds::default();
         let t0 = tokio::time::Instant::now();
-        for pid in 0..MAX_FOLD_KEYS as i32 {
+        for pid in 0..MAX_REPEAT_WINDOWS as i32 {
             assert!(folds.admit(served(pid, "aa"), t0).is_some());
         }
-        let pid = MAX_FOLD_KEYS as i32;
+        let pid = MAX_REPEAT_WINDOWS as i32;
         assert!(folds.admit(served(pid, "aa"), t0).is_some());
         assert!(folds.admit(served(pid, "aa"), t0).is_some(), "no window: recorded again");
         assert!(folds.admit(served(0, "aa"), t0).is_none(), "its window is open");

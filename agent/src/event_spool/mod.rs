@@ -65,6 +65,19 @@ pub struct SpoolError {
     source: std::io::Error,
 }
 
+/// Events for one push.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    /// The spool they belong to.
+    pub spool_id: Vec<u8>,
+    /// The events, in order.
+    pub events: Vec<Event>,
+    /// The last damaged record skipped, if any: given up (acknowledged
+    /// locally) when nothing after it is pushed, so that it cannot hold
+    /// the spool back.
+    pub damaged: Option<u64>,
+}
+
 /// Where one unacknowledged record is.
 #[derive(Debug, Clone, Copy)]
 struct Queued {
@@ -93,7 +106,6 @@ struct Inner {
     acked_bytes: u64,
     /// Events refused while the spool was full, by kind.
     dropped: BTreeMap<String, u64>,
-    dirty: bool,
 }
 
 impl Inner {
@@ -153,16 +165,36 @@ fn decode_record(record: &[u8]) -> Option<Event> {
     Event::decode(body).ok()
 }
 
-/// The next whole record of `input`, or `None` at its end or at a torn or
-/// damaged record.
-fn read_record(input: &mut impl BufRead) -> Option<(Vec<u8>, Event)> {
+/// What [`read_record`] found.
+enum Found {
+    /// A whole record and its event.
+    Record(Vec<u8>, Box<Event>),
+    /// A whole record (its length held) whose CRC or event does not: it is
+    /// skipped, and reading goes on after it. Its length.
+    Damaged(u64),
+    /// The end of the file, or a record cut short (a torn write).
+    End,
+}
+
+/// The next record of `input`; an error only when the file cannot be read.
+fn read_record(input: &mut impl BufRead) -> std::io::Result<Found> {
     let mut head = [0u8; 8];
-    input.read_exact(&mut head).ok()?;
+    match input.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Found::End),
+        Err(e) => return Err(e),
+    }
     let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as u64;
     let mut record = head.to_vec();
-    input.take(len).read_to_end(&mut record).ok()?;
-    let e = decode_record(&record)?;
-    Some((record, e))
+    input.take(len).read_to_end(&mut record)?;
+    if record.len() as u64 != 8 + len {
+        return Ok(Found::End);
+    }
+    // A record is never empty and is numbered from 1: zeros are not a record.
+    Ok(match decode_record(&record).filter(|e| len > 0 && e.agent_seq > 0) {
+        Some(e) => Found::Record(record, Box::new(e)),
+        None => Found::Damaged(record.len() as u64),
+    })
 }
 
 /// Creates `path`'s replacement beside it (`.spool.tmp`) with the header
@@ -233,11 +265,20 @@ impl EventSpool {
         };
         let (tmp, mut file) = new_spool_file(&path, &spool_id).map_err(io_err(&path))?;
         let mut queue = VecDeque::new();
-        let (mut last_seq, mut offset, mut read) = (0, HEADER_LEN, HEADER_LEN);
+        let (mut last_seq, mut offset, mut read, mut damaged) = (0, HEADER_LEN, HEADER_LEN, 0u64);
         if let Some(input) = old.as_mut().filter(|_| had_header) {
-            while let Some((record, e)) = read_record(input) {
+            loop {
+                let (record, e) = match read_record(input).map_err(io_err(&path))? {
+                    Found::Record(record, e) => (record, e),
+                    Found::Damaged(len) => {
+                        read += len;
+                        damaged += 1;
+                        continue;
+                    }
+                    Found::End => break,
+                };
                 read += record.len() as u64;
-                last_seq = e.agent_seq;
+                last_seq = last_seq.max(e.agent_seq);
                 if e.agent_seq > acked_seq {
                     file.write_all(&record).map_err(io_err(&path))?;
                     let len = record.len() as u64;
@@ -256,6 +297,10 @@ impl EventSpool {
         }
         if torn {
             warn!(path = %path.display(), "event spool ended in a torn record (a crash mid-write); cut it off");
+        }
+        if damaged > 0 {
+            warn!(path = %path.display(), damaged, "damaged records in the event spool were dropped");
+            metrics.spool_dropped_n(damaged);
         }
         if !queue.is_empty() {
             info!(
@@ -277,7 +322,6 @@ impl EventSpool {
                 unwritten: Vec::new(),
                 acked_bytes: 0,
                 dropped: BTreeMap::new(),
-                dirty: false,
             }),
             dir: dir.to_owned(),
             max_bytes,
@@ -371,48 +415,61 @@ impl EventSpool {
         inner.queue.push_back(Queued { seq: e.agent_seq, offset: inner.file_len, len });
         inner.file_len += len;
         inner.bytes += len;
-        inner.dirty = true;
         self.metrics.spool_depth(inner.queue.len(), inner.bytes);
     }
 
-    /// Writes and fsyncs what was spooled since the last call.
+    /// Writes and fsyncs what was spooled since the last call, then wakes
+    /// the pusher: only records on disk are pushed, so a sequence number
+    /// the server has stored is never given again after a crash.
     pub(crate) fn sync(&self) {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let (data, written) = {
-            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            if !inner.dirty {
-                return;
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        match self.write_unwritten(&file) {
+            Ok(false) => {}
+            Ok(true) => match file.sync_data() {
+                Ok(()) => self.wake.notify_one(),
+                Err(e) => warn!(error = %e, "fsyncing the event spool failed; retrying"),
+            },
+            Err(e) => {
+                warn!(error = %e, "writing the event spool failed; its events stay in memory")
             }
-            inner.dirty = false;
-            (std::mem::take(&mut inner.unwritten), inner.written())
-        };
-        if let Err(e) = file.write_all(&data) {
-            // The records are read back from where they are: undo a partial
-            // write and keep them unwritten, to be written again.
-            warn!(error = %e, "writing the event spool failed; its events stay in memory");
-            let _ = file.set_len(written).and_then(|()| file.seek(std::io::SeekFrom::End(0)));
-            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let newer = std::mem::replace(&mut inner.unwritten, data);
-            inner.unwritten.extend_from_slice(&newer);
-            inner.dirty = true;
-            return;
-        }
-        if let Err(e) = file.sync_data() {
-            warn!(error = %e, "fsyncing the event spool failed");
         }
     }
 
-    /// The oldest unacknowledged events, up to `n` and [`PUSH_BYTES`]
-    /// (always at least one), and the spool ID. Reads the file: call it
-    /// from a blocking thread.
-    pub(crate) fn batch(&self, n: usize) -> (Vec<u8>, Vec<Event>) {
+    /// Writes the bytes not written yet at the end of `file` (whose lock
+    /// the caller holds); false when there were none. On an error nothing
+    /// moved: a partial write is cut off and the bytes stay unwritten.
+    fn write_unwritten(&self, file: &std::fs::File) -> std::io::Result<bool> {
+        let (data, at) = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if inner.unwritten.is_empty() {
+                return Ok(false);
+            }
+            let at = inner.written();
+            (std::mem::take(&mut inner.unwritten), at)
+        };
+        if let Err(e) = file.write_all_at(&data, at) {
+            let _ = file.set_len(at);
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let newer = std::mem::replace(&mut inner.unwritten, data);
+            inner.unwritten.extend_from_slice(&newer);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// The oldest unacknowledged events on disk, up to `n` and
+    /// [`PUSH_BYTES`] (at least one when there is one). Reads the file:
+    /// call it from a blocking thread.
+    pub(crate) fn batch(&self, n: usize) -> Batch {
         let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let (spool_id, picked, written, tail) = {
+        let (spool_id, picked) = {
             let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let written = inner.written();
             let mut bytes = 0u64;
             let picked: Vec<Queued> = inner
                 .queue
                 .iter()
+                .take_while(|q| q.offset + q.len <= written)
                 .take(n)
                 .take_while(|q| {
                     bytes += q.len;
@@ -420,95 +477,57 @@ impl EventSpool {
                 })
                 .copied()
                 .collect();
-            let written = inner.written();
-            // The picked records not written yet, copied while `inner` is held.
-            let tail = match picked.iter().find(|q| q.offset >= written) {
-                Some(first) => {
-                    let from = (first.offset - written) as usize;
-                    let to = picked.last().map_or(from, |q| (q.offset + q.len - written) as usize);
-                    inner.unwritten.get(from..to).unwrap_or_default().to_vec()
-                }
-                None => Vec::new(),
-            };
-            (inner.spool_id.to_vec(), picked, written, tail)
+            (inner.spool_id.to_vec(), picked)
         };
-        let tail_start = picked.iter().find(|q| q.offset >= written).map_or(0, |q| q.offset);
-        let mut events = Vec::with_capacity(picked.len());
+        // What is written cannot change while the file lock is held.
+        let mut batch = Batch { spool_id, events: Vec::with_capacity(picked.len()), damaged: None };
         let mut buf = Vec::new();
         for q in &picked {
-            let record = if q.offset >= written {
-                let at = (q.offset - tail_start) as usize;
-                tail.get(at..at + q.len as usize)
-            } else {
-                buf.resize(q.len as usize, 0);
-                match file.read_exact_at(&mut buf, q.offset) {
-                    Ok(()) => Some(buf.as_slice()),
-                    Err(e) => {
-                        warn!(error = %e, "cannot read the event spool; retrying later");
-                        break;
-                    }
+            buf.resize(q.len as usize, 0);
+            if let Err(e) = file.read_exact_at(&mut buf, q.offset) {
+                warn!(error = %e, "cannot read the event spool; retrying later");
+                break;
+            }
+            match decode_record(&buf) {
+                Some(e) if e.agent_seq == q.seq => batch.events.push(e),
+                _ => {
+                    warn!(seq = q.seq, "an event in the spool is damaged; dropping it");
+                    self.metrics.spool_dropped();
+                    batch.damaged = Some(q.seq);
                 }
-            };
-            match record.and_then(decode_record) {
-                Some(e) if e.agent_seq == q.seq => events.push(e),
-                // Acknowledged with the events after it, so it is not read again.
-                _ => warn!(seq = q.seq, "an event in the spool is damaged; skipping it"),
             }
         }
-        (spool_id, events)
+        batch
     }
 
-    /// The server stored events of `spool_id` up to `seq`. Compacts the
-    /// file when most of it is acknowledged: its unacknowledged tail is
-    /// copied into a new file while events go on being spooled.
+    /// The server stored events of `spool_id` up to `seq` (or they were
+    /// damaged, and are given up). Compacts the file when most of it is
+    /// acknowledged: its unacknowledged tail is copied into a new file
+    /// while events go on being spooled. Call it from a blocking thread.
     pub(crate) fn ack(&self, spool_id: &[u8], seq: u64) {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.spool_id.as_slice() != spool_id {
-            return;
-        }
-        while inner.queue.front().is_some_and(|q| q.seq <= seq) {
-            if let Some(q) = inner.queue.pop_front() {
-                inner.bytes -= q.len;
-                inner.acked_bytes += q.len;
-            }
-        }
-        self.metrics.spool_depth(inner.queue.len(), inner.bytes);
-        let path = self.dir.join("events.spool");
-        let acked_path = self.dir.join("events.acked");
-        if inner.acked_bytes > 64 * 1024 && inner.acked_bytes * 2 > inner.file_len {
-            // Everything so far goes into the file first; then the copy
-            // needs only the file (and the file lock).
-            let data = std::mem::take(&mut inner.unwritten);
-            if let Err(e) = file.write_all(&data) {
-                inner.unwritten = data;
-                warn!(error = %e, "compacting the event spool failed");
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let compact = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if inner.spool_id.as_slice() != spool_id {
                 return;
             }
-            // The spool ID and its numbering go on (the server skips only
-            // sequence numbers it has).
-            let (spool_id, from, to) = (
-                inner.spool_id,
-                inner.queue.front().map_or(inner.file_len, |q| q.offset),
-                inner.file_len,
-            );
-            drop(inner);
-            match copy_tail(&file, &path, &spool_id, from, to) {
-                Ok(new) => {
-                    *file = new;
-                    let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-                    let shift = from - HEADER_LEN;
-                    for q in inner.queue.iter_mut() {
-                        q.offset -= shift;
-                    }
-                    inner.file_len -= shift;
-                    inner.acked_bytes = 0;
+            while inner.queue.front().is_some_and(|q| q.seq <= seq) {
+                if let Some(q) = inner.queue.pop_front() {
+                    inner.bytes -= q.len;
+                    inner.acked_bytes += q.len;
                 }
-                Err(e) => warn!(error = %e, "compacting the event spool failed"),
             }
-            let _ = std::fs::remove_file(&acked_path);
-            return;
+            self.metrics.spool_depth(inner.queue.len(), inner.bytes);
+            inner.acked_bytes > 64 * 1024 && inner.acked_bytes * 2 > inner.file_len
+        };
+        self.write_acked(spool_id, seq);
+        if compact {
+            self.compact(file);
         }
+    }
+
+    /// Records in `events.acked` that the server has `spool_id` up to `seq`.
+    fn write_acked(&self, spool_id: &[u8], seq: u64) {
         // The owner's only, like every file of the data dir (an older one too).
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let _ = std::fs::OpenOptions::new()
@@ -516,11 +535,50 @@ impl EventSpool {
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&acked_path)
+            .open(self.dir.join("events.acked"))
             .and_then(|mut f| {
                 f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-                f.write_all(format!("{} {seq}\n", hex::encode(inner.spool_id)).as_bytes())
+                f.write_all(format!("{} {seq}\n", hex::encode(spool_id)).as_bytes())
             });
+    }
+
+    /// Replaces the file with its unacknowledged records. Only the file
+    /// lock is held while the disk works; the spool ID and its numbering
+    /// go on (the server skips only sequence numbers it has).
+    fn compact(&self, mut file: std::sync::MutexGuard<'_, std::fs::File>) {
+        let path = self.dir.join("events.spool");
+        // Everything so far goes into the old file first; then the copy
+        // reads only the file.
+        if let Err(e) = self.write_unwritten(&file) {
+            warn!(error = %e, "compacting the event spool failed");
+            return;
+        }
+        let (spool_id, from, to) = {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let to = inner.written();
+            (inner.spool_id, inner.queue.front().map_or(to, |q| q.offset), to)
+        };
+        match copy_tail(&file, &path, &spool_id, from, to) {
+            Ok(new) => {
+                *file = new;
+                let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                let shift = from - HEADER_LEN;
+                for q in inner.queue.iter_mut() {
+                    q.offset -= shift;
+                }
+                inner.file_len -= shift;
+                inner.acked_bytes = 0;
+                drop(inner);
+                // Every record in the new file is unacknowledged.
+                let _ = std::fs::remove_file(self.dir.join("events.acked"));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(path.with_extension("spool.tmp"));
+                // Tried again once as many bytes again are acknowledged.
+                self.inner.lock().unwrap_or_else(|e| e.into_inner()).acked_bytes = 0;
+                warn!(error = %e, "compacting the event spool failed");
+            }
+        }
     }
 
     /// Events waiting for the server.

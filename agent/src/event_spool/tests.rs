@@ -14,7 +14,8 @@ fn fetch(n: u32) -> Event {
 
 /// Every spooled event, read back as a push reads them.
 fn events(spool: &EventSpool) -> Vec<Event> {
-    let (_, events) = spool.batch(usize::MAX);
+    spool.sync();
+    let events = spool.batch(usize::MAX).events;
     assert_eq!(events.len(), spool.depth(), "the test's events fit in one push");
     events
 }
@@ -35,7 +36,7 @@ fn spooled_events_survive_a_reopen_and_a_torn_tail_is_cut_off() {
     }
     first.sync();
     let before = queued(&first);
-    let spool_id = first.batch(1).0;
+    let spool_id = first.batch(1).spool_id;
     drop(first);
     // A crash in the middle of the next record.
     let mut file =
@@ -44,7 +45,7 @@ fn spooled_events_survive_a_reopen_and_a_torn_tail_is_cut_off() {
     drop(file);
     let second = spool(dir.path(), DEFAULT_SPOOL_BYTES);
     assert_eq!(queued(&second), before);
-    assert_eq!(second.batch(1).0, spool_id, "the same spool continues");
+    assert_eq!(second.batch(1).spool_id, spool_id, "the same spool continues");
     second.emit(fetch(3));
     assert_eq!(queued(&second).last().unwrap().0, 4, "sequence numbers continue");
     use std::os::unix::fs::PermissionsExt;
@@ -60,7 +61,7 @@ fn acknowledged_events_are_not_sent_again() {
         first.emit(fetch(n));
     }
     first.sync();
-    let (spool_id, batch) = first.batch(PUSH_BATCH);
+    let Batch { spool_id, events: batch, .. } = first.batch(PUSH_BATCH);
     assert_eq!(batch.len(), 5);
     first.ack(&spool_id, 3);
     assert_eq!(queued(&first).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4, 5]);
@@ -73,13 +74,13 @@ fn acknowledged_events_are_not_sent_again() {
     drop(first);
     let second = spool(dir.path(), DEFAULT_SPOOL_BYTES);
     assert_eq!(queued(&second).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4, 5]);
-    let (id, _) = second.batch(1);
+    let id = second.batch(1).spool_id;
     second.ack(&id, 5);
     assert_eq!(second.depth(), 0);
     drop(second);
     // Nothing left: the next run starts a new spool from 1.
     let third = spool(dir.path(), DEFAULT_SPOOL_BYTES);
-    assert_ne!(third.batch(1).0, spool_id);
+    assert_ne!(third.batch(1).spool_id, spool_id);
     third.emit(fetch(9));
     assert_eq!(queued(&third)[0].0, 1);
 }
@@ -123,7 +124,7 @@ fn a_full_spool_counts_what_it_drops_and_reports_it_when_there_is_room() {
     }
     let kept = spool.depth();
     assert!((3..=4).contains(&kept), "{kept} events kept");
-    let (id, _) = spool.batch(PUSH_BATCH);
+    let id = spool.batch(PUSH_BATCH).spool_id;
     spool.ack(&id, 100);
     spool.emit(fetch(10));
     let queue = events(&spool);
@@ -157,7 +158,8 @@ fn a_push_batch_stays_under_the_byte_budget_and_never_empty() {
     for n in 0..500 {
         spooled.emit(big(n, 200));
     }
-    let (_, batch) = spooled.batch(PUSH_BATCH);
+    spooled.sync();
+    let batch = spooled.batch(PUSH_BATCH).events;
     let bytes: usize = batch.iter().map(|e| e.encoded_len() + 8).sum();
     assert!(!batch.is_empty() && batch.len() < 500, "{} events", batch.len());
     assert!(bytes <= PUSH_BYTES, "{bytes} bytes in one push");
@@ -171,13 +173,15 @@ fn a_push_batch_stays_under_the_byte_budget_and_never_empty() {
     let alone = spool(dir.path(), DEFAULT_SPOOL_BYTES);
     alone.emit(big(0, 20_000));
     alone.emit(fetch(1));
-    let (_, batch) = alone.batch(PUSH_BATCH);
+    alone.sync();
+    let batch = alone.batch(PUSH_BATCH).events;
     assert_eq!(batch.len(), 1, "an event past the budget goes alone");
 }
 
 /// Memory holds where records are, not the events: a push reads them back
-/// from the file, from the bytes not written yet, and after a compaction
-/// that moved them; a restart finds the same events.
+/// from the file, only once they are on disk (a sequence number the server
+/// stored is never given again after a crash), and after a compaction
+/// that moved them while more were spooled; a restart finds the same events.
 #[test]
 fn events_are_read_back_from_the_file_across_writes_compactions_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
@@ -189,28 +193,65 @@ fn events_are_read_back_from_the_file_across_writes_compactions_and_restarts() {
     for n in 2000..2010 {
         spooled.emit(fetch(n)); // not written yet
     }
-    let seqs =
-        |s: &EventSpool| s.batch(usize::MAX).1.iter().map(|e| e.agent_seq).collect::<Vec<_>>();
-    assert_eq!(seqs(&spooled), (1..=2010).collect::<Vec<_>>());
+    let pushed =
+        |s: &EventSpool| s.batch(usize::MAX).events.iter().map(|e| e.agent_seq).collect::<Vec<_>>();
+    assert_eq!(pushed(&spooled), (1..=2000).collect::<Vec<_>>(), "only what is on disk");
     let file_len = std::fs::metadata(dir.path().join("events.spool")).unwrap().len();
-    let (id, _) = spooled.batch(1);
-    // Most of the file acknowledged: it is compacted, the rest moves.
+    let id = spooled.batch(1).spool_id;
+    // Most of the file acknowledged: it is compacted (the 10 unwritten
+    // records go with it), the rest moves.
     spooled.ack(&id, 1500);
     let compacted = std::fs::metadata(dir.path().join("events.spool")).unwrap().len();
     assert!(compacted < file_len / 2, "{compacted} bytes after compaction, {file_len} before");
-    assert_eq!(seqs(&spooled), (1501..=2010).collect::<Vec<_>>());
+    assert_eq!(pushed(&spooled), (1501..=2010).collect::<Vec<_>>());
     spooled.emit(fetch(2010));
-    assert_eq!(queued(&spooled).last().unwrap(), &(2011, "2010".to_string()));
+    assert_eq!(pushed(&spooled), (1501..=2010).collect::<Vec<_>>());
     spooled.sync();
-    assert_eq!(seqs(&spooled), (1501..=2011).collect::<Vec<_>>());
-    assert_eq!(spooled.batch(1).0, id, "a compaction keeps the spool and its numbering");
+    assert_eq!(pushed(&spooled), (1501..=2011).collect::<Vec<_>>());
+    assert_eq!(queued(&spooled).last().unwrap(), &(2011, "2010".to_string()));
+    assert_eq!(spooled.batch(1).spool_id, id, "a compaction keeps the spool and its numbering");
     drop(spooled);
     let again = spool(dir.path(), DEFAULT_SPOOL_BYTES);
-    assert_eq!(seqs(&again), (1501..=2011).collect::<Vec<_>>());
-    let (_, batch) = again.batch(usize::MAX);
-    assert_eq!(batch.last().unwrap().attrs[0].value, "2010");
+    assert_eq!(pushed(&again), (1501..=2011).collect::<Vec<_>>());
     again.emit(fetch(2011));
     assert_eq!(queued(&again).last().unwrap().0, 2012, "numbering goes on after a restart");
+}
+
+/// A damaged record is skipped and named, so that the pusher can give it
+/// up when nothing after it can be pushed; it never holds the spool back.
+/// A tail of zeros (a file extended but not written) is not a record.
+#[test]
+fn a_damaged_record_is_given_up_and_zeros_are_not_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let spooled = spool(dir.path(), DEFAULT_SPOOL_BYTES);
+    spooled.emit(fetch(0));
+    spooled.emit(fetch(1));
+    spooled.sync();
+    // Flip a byte inside the first record's event.
+    let path = dir.path().join("events.spool");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = HEADER_LEN as usize + 10;
+    bytes[at] ^= 0xff;
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&bytes[at..=at], at as u64).unwrap();
+    let first = spooled.batch(1);
+    assert!(first.events.is_empty());
+    assert_eq!(first.damaged, Some(1));
+    spooled.ack(&first.spool_id, 1);
+    assert_eq!(
+        spooled.batch(usize::MAX).events.iter().map(|e| e.agent_seq).collect::<Vec<_>>(),
+        [2]
+    );
+    drop(spooled);
+
+    // At the next start the damaged record is skipped, what follows it is
+    // kept, and zeros after the last record are cut off; numbering goes on.
+    let file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    (&file).write_all(&[0u8; 64]).unwrap();
+    let again = spool(dir.path(), DEFAULT_SPOOL_BYTES);
+    assert_eq!(queued(&again), [(2, "1".to_string())]);
+    again.emit(fetch(2));
+    assert_eq!(queued(&again).last().unwrap().0, 3);
 }
 
 /// A fetch loop answered with the same SVIDs thousands of times in an

@@ -11,7 +11,7 @@ use tessera_proto::node as pb;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::event_spool::{EventSpool, PUSH_BATCH, SYNC_INTERVAL};
+use crate::event_spool::{Batch, EventSpool, PUSH_BATCH, SYNC_INTERVAL};
 use crate::node::link::{Next, NodeLink};
 use crate::node::standing::Call;
 use crate::schedule::Backoff;
@@ -32,12 +32,7 @@ pub async fn push_events(spool: Arc<EventSpool>, link: Arc<NodeLink>, shutdown: 
                 _ = stop.cancelled() => true,
                 _ = tokio::time::sleep(SYNC_INTERVAL) => false,
             };
-            if done {
-                // What is folded lives only in memory: into the spool now.
-                syncer.flush_all_folded();
-            } else {
-                syncer.flush_folded();
-            }
+            syncer.flush_folded();
             let spool = syncer.clone();
             let _ = tokio::task::spawn_blocking(move || spool.sync()).await;
             if done {
@@ -49,11 +44,17 @@ pub async fn push_events(spool: Arc<EventSpool>, link: Arc<NodeLink>, shutdown: 
     loop {
         // Reads the spool file (and waits for an fsync in progress).
         let reader = spool.clone();
-        let Ok((spool_id, batch)) =
+        let Ok(Batch { spool_id, events: batch, damaged }) =
             tokio::task::spawn_blocking(move || reader.batch(PUSH_BATCH)).await
         else {
             break;
         };
+        if let (true, Some(damaged)) = (batch.is_empty(), damaged) {
+            // Nothing readable after a damaged record: give it up here, so
+            // that it cannot hold back what comes after it.
+            acknowledge(&spool, spool_id, damaged).await;
+            continue;
+        }
         if batch.is_empty() {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -78,7 +79,7 @@ pub async fn push_events(spool: Arc<EventSpool>, link: Arc<NodeLink>, shutdown: 
             Ok((response, _)) => {
                 let acked = response.acked_seq;
                 backoff.reset();
-                spool.ack(&spool_id, acked);
+                acknowledge(&spool, spool_id, acked).await;
                 if !full {
                     // Gather what arrives next into one push.
                     tokio::select! {
@@ -103,4 +104,11 @@ pub async fn push_events(spool: Arc<EventSpool>, link: Arc<NodeLink>, shutdown: 
     }
     let _ = sync_task.await;
     spool.sync();
+}
+
+/// Acknowledges `spool_id` up to `seq` on a blocking thread (a compaction
+/// copies the file).
+async fn acknowledge(spool: &Arc<EventSpool>, spool_id: Vec<u8>, seq: u64) {
+    let spool = spool.clone();
+    let _ = tokio::task::spawn_blocking(move || spool.ack(&spool_id, seq)).await;
 }
