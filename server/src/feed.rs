@@ -19,6 +19,13 @@ use crate::store::{Change, ChangeKind, Store};
 /// Changes kept in memory for streams to read.
 pub const FEED_WINDOW: usize = 50_000;
 
+/// How long a change stays in the window. The window is for the streams
+/// that are keeping up (a fan-out reaches them within a second); a stream
+/// further behind reads the store. Without an age bound the window held
+/// the last 50,000 changes whatever their age: at a steady 8 changes a
+/// second (the soak's churn) it grew for 1.7 hours, about 1 KB a change.
+pub const FEED_MAX_AGE: Duration = Duration::from_secs(120);
+
 /// Changes read from the store at a time.
 const READ_PAGE: usize = 5_000;
 
@@ -95,6 +102,17 @@ impl Window {
             None => self.everyone.push_back(revision),
         }
         self.changes.push_back(fed);
+    }
+
+    /// Drops the oldest changes until at most [`FEED_WINDOW`] are held and
+    /// none was taken in more than [`FEED_MAX_AGE`] before `now`.
+    fn trim(&mut self, now: std::time::Instant) {
+        while self.changes.front().is_some_and(|oldest| {
+            self.changes.len() > FEED_WINDOW
+                || oldest.read_at.is_none_or(|at| now.saturating_duration_since(at) > FEED_MAX_AGE)
+        }) {
+            self.pop();
+        }
     }
 
     fn pop(&mut self) {
@@ -332,14 +350,14 @@ impl ChangeFeed {
                 for change in &fed {
                     window.push(change.clone());
                 }
-                while window.changes.len() > FEED_WINDOW {
-                    window.pop();
-                }
+                window.trim(std::time::Instant::now());
                 drop(window);
                 self.latest.store(last, Ordering::Release);
                 self.wake(&fed);
                 continue;
             }
+            // Quiet: changes age out of the window all the same.
+            self.window.write().unwrap_or_else(|e| e.into_inner()).trim(std::time::Instant::now());
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 changed = wake.changed() => if changed.is_err() { return },
@@ -456,6 +474,43 @@ mod tests {
         }
         assert!(feed.for_agent("a", 10, 100).is_none(), "older than the window");
         assert_eq!(revisions(&feed.for_agent("a", 14, 100).unwrap()), [15]);
+    }
+
+    /// The window holds no change taken in more than [`FEED_MAX_AGE`] ago
+    /// (however few it holds), nor more than [`FEED_WINDOW`] changes; a
+    /// stream behind what it holds reads the store.
+    #[test]
+    fn the_window_is_bounded_by_age_and_by_count() {
+        let now = std::time::Instant::now();
+        let aged = |revision: u64, parents: &[&str], age_secs: u64| {
+            let mut fed = Arc::into_inner(entry_change(revision, parents)).unwrap();
+            fed.read_at = Some(now - Duration::from_secs(age_secs));
+            Arc::new(fed)
+        };
+        let feed = ChangeFeed::new(10, Vec::new());
+        {
+            let mut window = feed.window.write().unwrap();
+            window.push(aged(11, &["a"], FEED_MAX_AGE.as_secs() + 5));
+            window.push(aged(12, &["b"], FEED_MAX_AGE.as_secs() + 1));
+            window.push(aged(13, &["a"], 3));
+            window.trim(now);
+            assert_eq!(window.changes.len(), 1, "the two older than the age bound are gone");
+            assert!(!window.by_agent.contains_key("b"), "with their index");
+            assert_eq!(window.by_agent["a"], [13]);
+        }
+        feed.latest.store(13, Ordering::Release);
+        assert!(feed.for_agent("a", 10, 100).is_none(), "behind the window: read the store");
+        assert_eq!(revisions(&feed.for_agent("a", 12, 100).unwrap()), [13]);
+        {
+            let mut window = feed.window.write().unwrap();
+            for revision in 14..14 + FEED_WINDOW as u64 {
+                window.push(aged(revision, &["c"], 0));
+            }
+            window.trim(now);
+            assert_eq!(window.changes.len(), FEED_WINDOW, "the count bound");
+            assert_eq!(window.changes.front().unwrap().change.revision, 14);
+            assert!(!window.by_agent.contains_key("a"));
+        }
     }
 
     async fn woken(wake: &mut Wake) -> bool {
