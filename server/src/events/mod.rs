@@ -24,6 +24,7 @@
 mod anomaly;
 mod background;
 mod ingest;
+mod stored;
 
 use anomaly::Bursts;
 
@@ -33,7 +34,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prost::Message;
 use tessera_proto::admin::{ListEventsRequest, VerifyEventsReport};
 use tessera_proto::types::Event;
 use tokio::sync::watch;
@@ -116,7 +116,7 @@ fn chain(tx: &Txn<'_>, events: &mut [Event]) -> Result<(), StoreError> {
         e.prev_hash = hash;
         e.hash = schema::chain_hash(&e.prev_hash, e);
         hash = e.hash.clone();
-        tx.put(EVENTS, seq.to_be_bytes(), e.encode_to_vec());
+        tx.put(EVENTS, seq.to_be_bytes(), stored::encode(e));
         seq += 1;
     }
     Ok(())
@@ -161,8 +161,7 @@ impl std::fmt::Debug for EventLog {
 }
 
 fn decode(bytes: &[u8], seq: u64) -> Result<Event, StoreError> {
-    Event::decode(bytes)
-        .map_err(|e| StoreError::Corrupt { key: format!("event {seq}"), reason: e.to_string() })
+    stored::decode(bytes, seq)
 }
 
 fn seq_of(key: &[u8]) -> u64 {
@@ -364,10 +363,14 @@ impl EventLog {
                 );
             }
             expect_seq = seq + 1;
-            let e = match Event::decode(value.as_ref()) {
+            let e = match decode(value.as_ref(), seq) {
                 Ok(e) => e,
                 Err(err) => {
-                    broken(&mut report, seq, format!("event {seq} cannot be decoded: {err}"));
+                    let why = match err {
+                        StoreError::Corrupt { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    broken(&mut report, seq, format!("event {seq} cannot be decoded: {why}"));
                     prev = Vec::new();
                     continue;
                 }
@@ -439,9 +442,11 @@ impl EventLog {
         let cutoff = now_ms - (self.config.retention_secs as i64) * 1000;
         let mut dropped = 0;
         let mut anchor = None;
+        let mut first = None;
         let mut events = self.pages();
         while let Some((key, value)) = events.next().transpose()? {
             let seq = seq_of(&key);
+            first.get_or_insert(seq);
             let e = decode(&value, seq)?;
             if e.stored_ms >= cutoff {
                 break;
@@ -455,12 +460,12 @@ impl EventLog {
         if let Some((seq, hash)) = anchor {
             let mut value = seq.to_be_bytes().to_vec();
             value.extend_from_slice(&hash);
-            let old =
-                self.kv.range(EVENTS, b"", Some(&(seq + 1).to_be_bytes()), usize::MAX, false)?;
+            // The sequence is gapless: the keys, without reading the events again.
+            let old = first.unwrap_or(seq)..=seq;
             self.kv.transaction(Lock::Events, &mut |tx| {
                 tx.put(META, ANCHOR_KEY, value.clone());
-                for (key, _) in &old {
-                    tx.delete(EVENTS, key)?;
+                for seq in old.clone() {
+                    tx.delete(EVENTS, seq.to_be_bytes())?;
                 }
                 Ok(())
             })?;

@@ -2,6 +2,7 @@
 use super::*;
 use crate::event_schema::{kind, EventExt};
 use crate::store::kv::Op;
+use prost::Message;
 use tessera_proto::types::Workload;
 
 fn log(dir: &std::path::Path, config: EventConfig) -> EventLog {
@@ -169,4 +170,40 @@ fn a_tampered_or_truncated_chain_on_postgresql_is_found() {
     let report = fresh.verify().unwrap();
     assert!(report.ok && report.last_seq == 3, "{report:?}");
     assert_ne!(report.head_hash, recorded, "a cut-off tail changes the head");
+}
+
+/// An agent's answer naming 200 SVIDs is stored deflated (at least halved),
+/// listed as it was recorded, and the chain over it verifies; damaged
+/// stored bytes are found by `verify` as an event that cannot be decoded.
+#[test]
+fn large_events_are_stored_deflated_and_damage_to_them_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = Arc::new(crate::store::sled::SledKv::open(dir.path(), 1 << 24).unwrap());
+    let log = EventLog::open(kv.clone(), EventConfig::default(), Metrics::new()).unwrap();
+    let mut answer = served("aa", 1);
+    for i in 0..200 {
+        answer = answer
+            .spiffe_id(format!("spiffe://example.org/soak/workload/{i}"))
+            .entry(uuid::Uuid::new_v4().to_string());
+    }
+    log.record(vec![schema::event(kind::JOIN_TOKEN, schema::ALLOW), answer.clone(), answer]);
+    let listed = all(&log);
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[1].spiffe_ids.len(), 200);
+    assert_eq!(
+        (&listed[1].entry_ids, &listed[1].spiffe_ids),
+        (&listed[2].entry_ids, &listed[2].spiffe_ids)
+    );
+    let key = 2u64.to_be_bytes();
+    let mut bytes = kv.get(EVENTS, &key).unwrap().unwrap();
+    assert!(bytes.len() * 2 < listed[1].encode_to_vec().len(), "{} bytes stored", bytes.len());
+    assert!(log.verify().unwrap().ok);
+
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    kv.apply(vec![Op::Put(EVENTS, key.to_vec(), bytes)]).unwrap();
+    let report = log.verify().unwrap();
+    assert!(!report.ok && report.broken_at == 2, "{report:?}");
+    assert!(report.problem.contains("cannot be decoded"), "{report:?}");
+    assert!(log.list(&ListEventsRequest::default(), 0, 0).is_err(), "listing says so too");
 }

@@ -139,13 +139,15 @@ pub async fn run(duration: Duration) -> Figures {
     // The rows: every 30 s, at the end of the warm-up, and at the end.
     let pids = (server.process.id(), agent.process.id());
     let spool = dir.path().join("agent/events.spool");
+    let store = server_dir.join("store");
     let start = Instant::now();
     println!(
-        "{:>9} {:>10} {:>10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}",
+        "{:>9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}",
         "elapsed_s",
         "srv_rss_mb",
         "agt_rss_mb",
         "spool_mb",
+        "store_mb",
         "srv_fds",
         "agt_fds",
         "x509_updates",
@@ -156,7 +158,7 @@ pub async fn run(duration: Duration) -> Figures {
     let mut samples = Vec::new();
     for at in sample_times(duration, warm_up) {
         tokio::time::sleep_until((start + at).into()).await;
-        let sample = Sample::take(start, pids, &spool, &counters);
+        let sample = Sample::take(start, pids, (&spool, &store), &counters);
         sample.print(at == warm_up);
         samples.push(sample);
     }
@@ -259,6 +261,8 @@ struct Sample {
     /// The agent's event spool file (events not yet stored by the server,
     /// and acknowledged ones until the file is compacted).
     spool_mb: f64,
+    /// The server's database directory (events are most of it).
+    store_mb: f64,
     server_fds: usize,
     agent_fds: usize,
     updates: u64,
@@ -271,9 +275,12 @@ impl Sample {
     fn take(
         start: Instant,
         (server, agent): (u32, u32),
-        spool: &std::path::Path,
+        (spool, store): (&std::path::Path, &std::path::Path),
         counters: &Counters,
     ) -> Self {
+        let store_bytes: u64 = std::fs::read_dir(store).map_or(0, |files| {
+            files.flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum()
+        });
         let fds =
             |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
         Self {
@@ -281,6 +288,7 @@ impl Sample {
             server_rss: tessera_tests::hostile::rss_mb(server),
             agent_rss: tessera_tests::hostile::rss_mb(agent),
             spool_mb: std::fs::metadata(spool).map_or(0.0, |m| m.len() as f64 / 1e6),
+            store_mb: store_bytes as f64 / 1e6,
             server_fds: fds(server),
             agent_fds: fds(agent),
             updates: counters.updates.load(Ordering::Relaxed),
@@ -292,11 +300,12 @@ impl Sample {
 
     fn print(&self, warm_up_end: bool) {
         println!(
-            "{:>9.0} {:>10.1} {:>10.1} {:>10.1} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}{}",
+            "{:>9.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}{}",
             self.at,
             self.server_rss,
             self.agent_rss,
             self.spool_mb,
+            self.store_mb,
             self.server_fds,
             self.agent_fds,
             self.updates,
