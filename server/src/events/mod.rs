@@ -16,7 +16,8 @@
 //! before the answer for the rest.
 //!
 //! The folder: `mod.rs` (the chain, appends, listing, verification,
-//! pruning), `ingest.rs` (agents' pushed events), `background.rs` (the
+//! pruning), `stored.rs` (an event's bytes in the database: deflated
+//! when large), `ingest.rs` (agents' pushed events), `background.rs` (the
 //! lower-priority thread that stores them), `anomaly.rs` (anomalies the
 //! stream reveals). Depends on the store's key-value layer and types
 //! and on metrics; the APIs and the server depend on it.
