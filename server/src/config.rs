@@ -93,6 +93,9 @@ pub struct FileConfig {
     pub sign_rate: Option<u32>,
     /// CSRs an agent may have signed at once before `sign_rate` applies.
     pub sign_burst: Option<u32>,
+    /// Changes the change log keeps (default 100,000); an agent whose
+    /// revision is older gets a snapshot of its entries instead.
+    pub change_log_keep: Option<u64>,
     /// Node API connections at once (default 10,000, lowered to fit the
     /// file descriptor limit).
     pub node_max_connections: Option<usize>,
@@ -180,6 +183,8 @@ pub struct Config {
     pub sign_rate: u32,
     /// Burst of CSRs per agent.
     pub sign_burst: u32,
+    /// Changes the change log keeps.
+    pub change_log_keep: u64,
     /// Node API connections at once.
     pub node_max_connections: usize,
     /// Unauthenticated node API connections per source address at once.
@@ -259,6 +264,7 @@ impl Config {
             join_token_ttl: 600,
             sign_rate: 500,
             sign_burst: 20_000,
+            change_log_keep: 100_000,
             node_max_connections: DEFAULT_NODE_MAX_CONNECTIONS,
             node_max_unauthenticated_per_ip: DEFAULT_NODE_MAX_UNAUTHENTICATED_PER_IP,
             attest_rate: 1.0,
@@ -314,6 +320,7 @@ impl Config {
             join_token_ttl,
             sign_rate,
             sign_burst,
+            change_log_keep,
             node_max_connections,
             node_max_unauthenticated_per_ip,
             attest_rate,
@@ -404,6 +411,9 @@ impl Config {
                 "sign_rate must be at least 1 and sign_burst at least 1000 (one batch)",
             );
         }
+        if self.change_log_keep == 0 {
+            return invalid("change_log_keep", "must be at least 1");
+        }
         if self.node_max_connections == 0 || self.node_max_unauthenticated_per_ip == 0 {
             return invalid(
                 "node_max_connections",
@@ -475,6 +485,15 @@ mod tests {
         assert!(matches!(
             Config::resolve(file, FileConfig::default()),
             Err(ConfigError::Invalid { key: "default_x509_svid_ttl", .. })
+        ));
+        let file = FileConfig {
+            trust_domain: Some("a.org".into()),
+            change_log_keep: Some(0),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::resolve(file, FileConfig::default()),
+            Err(ConfigError::Invalid { key: "change_log_keep", .. })
         ));
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::entry::Entry;
-use crate::store::{Change, ChangeKind, Store};
+use crate::store::{Change, ChangeKind, Store, StoreError};
 
 /// Changes kept in memory for streams to read.
 pub const FEED_WINDOW: usize = 50_000;
@@ -327,6 +327,10 @@ impl ChangeFeed {
                     }
                 }
                 Ok(Ok(changes)) => changes,
+                Ok(Err(StoreError::ChangesTrimmed { start, .. })) => {
+                    self.skip_to(start - 1, &store, &on_changes).await;
+                    continue;
+                }
                 Ok(Err(e)) => {
                     warn!(error = %e, "reading the change log failed; retrying");
                     self.set_store_error(Some(e.to_string()));
@@ -365,6 +369,34 @@ impl ChangeFeed {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
+    }
+}
+
+impl ChangeFeed {
+    /// The log no longer holds the changes after the feed's last (the feed
+    /// fell further behind than the log keeps): the feed goes on after
+    /// `revision` with an empty window. Streams behind it read the store,
+    /// are told the log was trimmed, and connect again for a snapshot; the
+    /// server takes in the CAs and CRLs as they are now (its own CRLs are
+    /// re-signed by the periodic refresh).
+    async fn skip_to(&self, revision: u64, store: &Arc<dyn Store>, on_changes: &ChangeHook) {
+        warn!(
+            revision,
+            "the change log was trimmed past the feed; streams behind it get snapshots"
+        );
+        let (hook, reader) = (on_changes.clone(), store.clone());
+        let now = [ChangeKind::Bundle, ChangeKind::Crls].map(|kind| Change { revision, kind });
+        let read = tokio::task::spawn_blocking(move || {
+            hook(&*reader, &now);
+            reader.crls()
+        })
+        .await;
+        if let Ok(Ok(crls)) = read {
+            *self.crls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(crls);
+        }
+        *self.window.write().unwrap_or_else(|e| e.into_inner()) = Window::default();
+        self.latest.store(revision, Ordering::Release);
+        self.everyone_wake.send_replace(revision);
     }
 }
 
@@ -511,6 +543,45 @@ mod tests {
             assert_eq!(window.changes.front().unwrap().change.revision, 14);
             assert!(!window.by_agent.contains_key("a"));
         }
+    }
+
+    /// A feed further behind than the log keeps goes on from the log's
+    /// start: its window emptied, the server shown the CAs and CRLs as
+    /// they are, every stream woken (and one behind told to resync).
+    #[tokio::test]
+    async fn a_feed_behind_the_trimmed_log_goes_on_from_its_start() {
+        use crate::store::{Audit, KvStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(KvStore::open(dir.path()).unwrap());
+        for _ in 0..30 {
+            store.log_bundle_change(&Audit::quiet()).unwrap();
+        }
+        store.trim_changes(5).unwrap();
+        assert_eq!(store.changes_start().unwrap(), 26);
+        let feed = Arc::new(ChangeFeed::new(2, Vec::new()));
+        feed.window.write().unwrap().push(change(2));
+        let mut wake = feed.subscribe("a");
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook: ChangeHook = {
+            let seen = seen.clone();
+            Arc::new(move |_: &dyn Store, changes: &[Change]| {
+                seen.lock().unwrap().extend(changes.iter().map(|c| c.revision));
+            })
+        };
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(feed.clone().run(store.clone(), shutdown.clone(), hook));
+        assert!(woken(&mut wake).await, "streams are woken");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while feed.latest() < 30 {
+            assert!(std::time::Instant::now() < deadline, "the feed is stuck at {}", feed.latest());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(feed.for_agent("a", 3, 100).is_none(), "behind the window: the store says trimmed");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen[..2], [25, 25], "the CAs and CRLs as of the log's start");
+        assert_eq!(seen[2..], (26..=30).collect::<Vec<_>>(), "then every change it holds");
+        shutdown.cancel();
+        running.await.unwrap();
     }
 
     async fn woken(wake: &mut Wake) -> bool {

@@ -71,6 +71,28 @@ pub(crate) async fn rotation_loop(
     }
 }
 
+/// Keeps the change log to its newest `change_log_keep` changes, once at
+/// least a tenth more (up to 1,000) have accumulated: deletions go in
+/// chunks, not one commit per change.
+async fn trim_change_log(state: &Arc<State>) {
+    let keep = state.config().change_log_keep;
+    let slack = (keep / 10).clamp(1, 1_000);
+    let trimmed = state
+        .store_op(move |store| {
+            let (revision, start) = (store.revision()?, store.changes_start()?);
+            if revision.saturating_sub(start) < keep + slack {
+                return Ok(0);
+            }
+            store.trim_changes(keep)
+        })
+        .await;
+    match trimmed {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(changes = n, keep, "change log trimmed"),
+        Err(e) => error!(error = %e.message(), "trimming the change log failed"),
+    }
+}
+
 /// Expires task-scoped entries the moment they reach `expires_at`, forgets
 /// records of expired certificates, and re-signs the CRLs before they go stale.
 pub(crate) async fn expiry_loop(
@@ -88,6 +110,7 @@ pub(crate) async fn expiry_loop(
             error!(error = %e.message(), "expiring entries failed");
         }
         crate::api::admin::expire_proposals(&state).await;
+        trim_change_log(&state).await;
         let now = state.clock().now();
         if now - last_prune >= 60 {
             last_prune = now;

@@ -130,12 +130,21 @@ impl State {
 
 /// The status a store failure is answered with (logged here).
 pub fn store_status(e: StoreError) -> tonic::Status {
-    tracing::error!(error = %e, "store failure");
+    if matches!(e, StoreError::ChangesTrimmed { .. }) {
+        tracing::info!(error = %e, "a reader is behind the trimmed change log");
+    } else {
+        tracing::error!(error = %e, "store failure");
+    }
     match e {
         // Where the database is, and why it fails, is for the server's log
         // (and `healthcheck`), not for callers.
         StoreError::Database(_) => {
             tonic::Status::unavailable("the server's datastore is unavailable; retry")
+        }
+        // A Sync stream that fell behind the trimmed change log: the agent
+        // connects again and gets a snapshot.
+        e @ StoreError::ChangesTrimmed { .. } => {
+            tonic::Status::aborted(format!("{e}; connect again"))
         }
         e => tonic::Status::internal(e.to_string()),
     }

@@ -495,3 +495,94 @@ async fn sync_resumes_from_a_revision_with_only_the_changes() {
     drop(stream);
     server.stop().await;
 }
+
+/// The change log keeps its newest `change_log_keep` changes. An agent
+/// away for more than that resumes with a snapshot of its entries as they
+/// are (never with a log that has a hole); a stream that kept up got
+/// every change.
+#[tokio::test]
+async fn an_agent_behind_the_trimmed_change_log_gets_a_snapshot() {
+    use node_pb::entry_change::Change;
+    use node_pb::sync_message::Event;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.change_log_keep = 5;
+    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let agent = TestAgent::attest(&server, &server.join_token("", 0).await.token).await.unwrap();
+    let kept =
+        server.create_entry("spiffe://example.org/kept", &agent.id, &["unix:uid:1"], None).await;
+    let health = || async {
+        server.admin().await.health(admin_pb::HealthRequest {}).await.unwrap().into_inner()
+    };
+    let away_at = health().await.revision;
+    let mut client = agent.client(&server).await;
+    let mut live =
+        client.sync(node_pb::SyncRequest { revision: away_at }).await.unwrap().into_inner();
+
+    let mut added = Vec::new();
+    for i in 0..20 {
+        let id = format!("spiffe://example.org/added/{i}");
+        added.push(
+            server.create_entry(&id, &agent.id, &[&format!("unix:uid:{}", i + 10)], None).await,
+        );
+    }
+    server
+        .admin()
+        .await
+        .batch_delete_entry(admin_pb::BatchDeleteEntryRequest { ids: vec![added.remove(0)] })
+        .await
+        .unwrap();
+
+    // The live stream hears every change, in order.
+    let mut upserted = Vec::new();
+    while upserted.len() < 20 {
+        match live.message().await.unwrap().unwrap().event.unwrap() {
+            Event::Change(change) => {
+                if let Change::Upserted(e) = change.change.unwrap() {
+                    upserted.push(e.id);
+                }
+            }
+            Event::Snapshot(_) => panic!("a stream that keeps up is not resent a snapshot"),
+            _ => {}
+        }
+    }
+
+    // The returning agent: a snapshot once the log no longer holds what
+    // follows its revision (the server trims within a second).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let snapshot = loop {
+        let mut stream =
+            client.sync(node_pb::SyncRequest { revision: away_at }).await.unwrap().into_inner();
+        let first = loop {
+            match stream.message().await.unwrap().unwrap().event.unwrap() {
+                Event::Snapshot(s) => break Some(s),
+                Event::Change(_) => break None,
+                _ => {}
+            }
+        };
+        if let Some(snapshot) = first {
+            break snapshot;
+        }
+        assert!(std::time::Instant::now() < deadline, "the log was never trimmed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(snapshot.complete);
+    let mut ids: Vec<String> = snapshot.entries.into_iter().map(|e| e.id).collect();
+    ids.sort();
+    let mut want: Vec<String> = added.iter().cloned().chain([kept]).collect();
+    want.sort();
+    assert_eq!(ids, want, "the entries as they are now: the deleted one gone");
+    // An agent only a little behind still resumes with the changes alone.
+    let recent = health().await.revision - 2;
+    let mut stream =
+        client.sync(node_pb::SyncRequest { revision: recent }).await.unwrap().into_inner();
+    loop {
+        match stream.message().await.unwrap().unwrap().event.unwrap() {
+            Event::Snapshot(_) => panic!("a revision the log still holds resumes"),
+            Event::Change(change) => break assert!(change.revision > recent),
+            _ => {}
+        }
+    }
+    drop(live);
+    server.stop().await;
+}

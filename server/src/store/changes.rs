@@ -1,13 +1,17 @@
 //! The change log Sync streams read: its records in revision order, the
-//! latest revision and its watch, and bundle changes.
+//! latest revision and its watch, bundle changes, and the trimming that
+//! keeps the log to its newest changes.
 
 use tokio::sync::watch;
 
 use super::audit::Audit;
 use super::error::StoreError;
 use super::kv_store::KvStore;
-use super::layout::{read_u64, t, CHANGES, META, REVISION_KEY};
+use super::layout::{read_u64, t, CHANGES, CHANGES_START_KEY, META, REVISION_KEY};
 use super::{Change, ChangeKind};
+
+/// Changes deleted by one trimming commit.
+const TRIM_CHUNK: u64 = 10_000;
 
 impl KvStore {
     pub(super) fn changes_since(
@@ -28,6 +32,12 @@ impl KvStore {
             // a reader skipping a change, so stop before it and read again.
             let expected = out.last().map_or(revision + 1, |c: &Change| c.revision + 1);
             if change.revision != expected {
+                if out.is_empty() {
+                    let start = self.changes_start()?;
+                    if expected < start {
+                        return Err(StoreError::ChangesTrimmed { asked: revision, start });
+                    }
+                }
                 tracing::warn!(
                     expected,
                     found = change.revision,
@@ -38,6 +48,36 @@ impl KvStore {
             out.push(change);
         }
         Ok(out)
+    }
+
+    /// The oldest revision the log holds (1 until it is first trimmed).
+    pub(super) fn changes_start(&self) -> Result<u64, StoreError> {
+        Ok(read_u64(self.kv.get(t(META), CHANGES_START_KEY)?.as_deref()).max(1))
+    }
+
+    /// Deletes the changes older than the newest `keep` (at least one is
+    /// kept), at most [`TRIM_CHUNK`] of them per call; returns how many.
+    /// Start and revision are read inside the commit: servers sharing a
+    /// datastore may trim at once, and the start never moves back.
+    pub(super) fn trim_changes(&self, keep: u64) -> Result<u64, StoreError> {
+        let revision = self.revision()?;
+        if revision.saturating_sub(self.changes_start()?) < keep {
+            return Ok(0); // nothing to trim: no commit
+        }
+        self.commit(&Audit::quiet(), |tx| {
+            let start = read_u64(tx.get(META, CHANGES_START_KEY)?.as_deref()).max(1);
+            let revision = read_u64(tx.get(META, REVISION_KEY)?.as_deref());
+            let new_start = revision.saturating_sub(keep.max(1)) + 1;
+            if new_start <= start {
+                return Ok(0);
+            }
+            let upto = new_start.min(start + TRIM_CHUNK);
+            for r in start..upto {
+                tx.remove(CHANGES, r.to_be_bytes())?;
+            }
+            tx.put(META, CHANGES_START_KEY, upto.to_be_bytes());
+            Ok(upto - start)
+        })
     }
 
     pub(super) fn revision(&self) -> Result<u64, StoreError> {

@@ -51,6 +51,17 @@ pub enum StoreError {
     /// Another process (a running server) holds the embedded store open.
     #[error("store {0} is in use by a running server")]
     InUse(String),
+    /// Changes after `asked` were asked for, but the change log was trimmed
+    /// and starts at `start`: the reader needs a snapshot.
+    #[error(
+        "the change log starts at revision {start}; revision {asked} is older (a snapshot is needed)"
+    )]
+    ChangesTrimmed {
+        /// The revision the reader is at.
+        asked: u64,
+        /// The oldest revision the log holds.
+        start: u64,
+    },
     /// The PostgreSQL datastore failed or cannot be reached.
     #[error("datastore: {0}")]
     Database(String),

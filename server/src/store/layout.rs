@@ -56,6 +56,8 @@ pub(super) fn t(i: usize) -> &'static str {
 
 pub(super) const REVISION_KEY: &[u8] = b"revision";
 pub(super) const WRITE_SEQ_KEY: &[u8] = b"write_seq";
+/// The oldest revision the change log still holds (absent: 1).
+pub(super) const CHANGES_START_KEY: &[u8] = b"changes_start";
 
 pub(super) const CRL_NUMBER_KEY: &str = "crl_number";
 pub(super) const CRLS_KEY: &str = "crls";

@@ -339,8 +339,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// IDs of entries whose `expires_at` is at or before `now`.
     fn expired_entries(&self, now: i64) -> Result<Vec<String>, StoreError>;
 
-    /// Up to `limit` changes after `revision`, in revision order.
+    /// Up to `limit` changes after `revision`, in revision order;
+    /// [`StoreError::ChangesTrimmed`] if the log no longer holds the next.
     fn changes_since(&self, revision: u64, limit: usize) -> Result<Vec<Change>, StoreError>;
+    /// The oldest revision the change log holds.
+    fn changes_start(&self) -> Result<u64, StoreError>;
+    /// Deletes changes older than the newest `keep` (a chunk at a time);
+    /// returns how many it deleted.
+    fn trim_changes(&self, keep: u64) -> Result<u64, StoreError>;
     /// The latest revision.
     fn revision(&self) -> Result<u64, StoreError>;
     /// The latest revision, updated after every commit that logged a change.

@@ -93,6 +93,14 @@ impl Store for KvStore {
         KvStore::changes_since(self, revision, limit)
     }
 
+    fn changes_start(&self) -> Result<u64, StoreError> {
+        KvStore::changes_start(self)
+    }
+
+    fn trim_changes(&self, keep: u64) -> Result<u64, StoreError> {
+        KvStore::trim_changes(self, keep)
+    }
+
     fn revision(&self) -> Result<u64, StoreError> {
         KvStore::revision(self)
     }

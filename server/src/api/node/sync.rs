@@ -70,11 +70,12 @@ impl NodeService {
             .state
             .store_op(move |store| {
                 let latest = store.revision()?;
-                let snapshot = if resume_from > 0 && resume_from <= latest {
-                    None
-                } else {
-                    Some(store.snapshot(&parent)?)
-                };
+                // Resumed only if the log still holds the changes after it
+                // (the server may have been restored, or the log trimmed).
+                let resumable = resume_from > 0
+                    && resume_from <= latest
+                    && resume_from + 1 >= store.changes_start()?;
+                let snapshot = if resumable { None } else { Some(store.snapshot(&parent)?) };
                 let jwts = store
                     .revocations()?
                     .into_iter()

@@ -128,3 +128,45 @@ pub(super) fn an_update_is_one_change_naming_old_and_new_parent(place: Place) {
         store.changes_since(0, 100).unwrap().iter().map(|c| c.revision).collect();
     assert_eq!(revisions, [1, 2], "revisions are commit order, without gaps");
 }
+
+/// The change log keeps its newest changes: a reader behind the trimmed
+/// start is told so (it needs a snapshot), never given a log with a hole;
+/// a reader at the start reads on; the start never moves back; and the
+/// store still checks whole, also after a reopen.
+pub(super) fn the_change_log_is_trimmed_to_its_newest_changes(place: Place) {
+    let store = place.open();
+    for i in 0..25 {
+        store
+            .create_entries(
+                &[entry(&format!("e{i}"), &format!("w{i}"), "agent1", 1)],
+                &Audit::quiet(),
+            )
+            .unwrap();
+    }
+    assert_eq!((store.revision().unwrap(), store.changes_start().unwrap()), (25, 1));
+    assert_eq!(store.trim_changes(100).unwrap(), 0, "fewer than kept: nothing");
+    assert_eq!(store.trim_changes(10).unwrap(), 15);
+    assert_eq!(store.changes_start().unwrap(), 16);
+    assert_eq!(store.revision().unwrap(), 25, "trimming is not a change");
+    assert!(matches!(
+        store.changes_since(3, 100),
+        Err(StoreError::ChangesTrimmed { asked: 3, start: 16 })
+    ));
+    assert!(matches!(store.changes_since(0, 100), Err(StoreError::ChangesTrimmed { .. })));
+    let revisions: Vec<u64> =
+        store.changes_since(15, 100).unwrap().iter().map(|c| c.revision).collect();
+    assert_eq!(revisions, (16..=25).collect::<Vec<_>>());
+    assert_eq!(store.trim_changes(20).unwrap(), 0, "keeping more never moves the start back");
+    assert_eq!(store.changes_start().unwrap(), 16);
+    assert_eq!(store.trim_changes(1).unwrap(), 9);
+    assert_eq!(store.changes_since(24, 100).unwrap().len(), 1, "the newest is always kept");
+    drop(store);
+    let again = place.open();
+    assert_eq!((again.revision().unwrap(), again.changes_start().unwrap()), (25, 25));
+    again.create_entries(&[entry("late", "wl", "agent1", 1)], &Audit::quiet()).unwrap();
+    assert_eq!(again.changes_since(24, 100).unwrap().len(), 2);
+    assert_eq!(
+        again.snapshot(&"spiffe://example.org/agent1".parse().unwrap()).unwrap().1.len(),
+        26
+    );
+}

@@ -131,6 +131,7 @@ conformance!(
     entries_list_in_pages_with_and_without_filters,
     duplicates_are_refused_per_item_and_store_unchanged,
     an_update_is_one_change_naming_old_and_new_parent,
+    the_change_log_is_trimmed_to_its_newest_changes,
     a_delete_and_its_revocations_are_one_commit,
     svids_recorded_after_their_entry_changed_are_revoked,
     jwt_svids_are_revoked_with_their_entry_and_agent,
