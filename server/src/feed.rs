@@ -376,17 +376,28 @@ impl ChangeFeed {
     /// The log no longer holds the changes after the feed's last (the feed
     /// fell further behind than the log keeps): the feed goes on after
     /// `revision` with an empty window. Streams behind it read the store,
-    /// are told the log was trimmed, and connect again for a snapshot; the
-    /// server takes in the CAs and CRLs as they are now (its own CRLs are
-    /// re-signed by the periodic refresh).
+    /// are told the log was trimmed, and connect again for a snapshot (with
+    /// every revocation in force). The server's hook is shown what it may
+    /// have missed as it is now: the CAs, the CRLs, and every X.509
+    /// revocation in force (so that it re-signs its own CRLs).
     async fn skip_to(&self, revision: u64, store: &Arc<dyn Store>, on_changes: &ChangeHook) {
         warn!(
             revision,
             "the change log was trimmed past the feed; streams behind it get snapshots"
         );
         let (hook, reader) = (on_changes.clone(), store.clone());
-        let now = [ChangeKind::Bundle, ChangeKind::Crls].map(|kind| Change { revision, kind });
         let read = tokio::task::spawn_blocking(move || {
+            let serials: Vec<String> = reader
+                .revocations()?
+                .into_iter()
+                .map(|r| r.serial)
+                .filter(|serial| !serial.is_empty())
+                .collect();
+            let mut now = vec![ChangeKind::Bundle, ChangeKind::Crls];
+            if !serials.is_empty() {
+                now.push(ChangeKind::Revoked { serials, jwts: Vec::new() });
+            }
+            let now: Vec<Change> = now.into_iter().map(|kind| Change { revision, kind }).collect();
             hook(&*reader, &now);
             reader.crls()
         })

@@ -80,7 +80,7 @@ async fn trim_change_log(state: &Arc<State>) {
     let trimmed = state
         .store_op(move |store| {
             let (revision, start) = (store.revision()?, store.changes_start()?);
-            if revision.saturating_sub(start) < keep + slack {
+            if revision.saturating_sub(start) < keep.saturating_add(slack) {
                 return Ok(0);
             }
             store.trim_changes(keep)

@@ -514,10 +514,22 @@ async fn an_agent_behind_the_trimmed_change_log_gets_a_snapshot() {
     let health = || async {
         server.admin().await.health(admin_pb::HealthRequest {}).await.unwrap().into_inner()
     };
-    let away_at = health().await.revision;
     let mut client = agent.client(&server).await;
+    let signed = tessera_tests::sign(&mut client, std::slice::from_ref(&kept)).await;
+    let away_at = health().await.revision;
     let mut live =
         client.sync(node_pb::SyncRequest { revision: away_at }).await.unwrap().into_inner();
+    // While the agent is away: its SVID of an unchanged entry is revoked.
+    server
+        .admin()
+        .await
+        .revoke_svid(admin_pb::RevokeSvidRequest {
+            serial: signed[0].1.clone(),
+            reason: "key compromise (test)".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 
     let mut added = Vec::new();
     for i in 0..20 {
@@ -553,14 +565,19 @@ async fn an_agent_behind_the_trimmed_change_log_gets_a_snapshot() {
     let snapshot = loop {
         let mut stream =
             client.sync(node_pb::SyncRequest { revision: away_at }).await.unwrap().into_inner();
+        let mut revoked = Vec::new();
         let first = loop {
             match stream.message().await.unwrap().unwrap().event.unwrap() {
                 Event::Snapshot(s) => break Some(s),
                 Event::Change(_) => break None,
+                Event::Revocation(r) => revoked.extend(r.serials),
                 _ => {}
             }
         };
         if let Some(snapshot) = first {
+            // The snapshot keeps the unchanged entry: the revocation in
+            // force comes before it, or the agent would keep the SVID.
+            assert!(revoked.contains(&signed[0].1), "{revoked:?}");
             break snapshot;
         }
         assert!(std::time::Instant::now() < deadline, "the log was never trimmed");

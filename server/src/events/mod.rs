@@ -466,7 +466,7 @@ impl EventLog {
             self.kv.transaction(Lock::Events, &mut |tx| {
                 tx.put(META, ANCHOR_KEY, value.clone());
                 for seq in old.clone() {
-                    tx.delete(EVENTS, seq.to_be_bytes())?;
+                    tx.forget(EVENTS, seq.to_be_bytes());
                 }
                 Ok(())
             })?;

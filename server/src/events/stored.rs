@@ -34,7 +34,7 @@ const MAX_INFLATED: usize = 4 * crate::server::MAX_MESSAGE_BYTES;
 /// The bytes stored for `e`.
 pub(super) fn encode(e: &Event) -> Vec<u8> {
     let plain = e.encode_to_vec();
-    if plain.len() < DEFLATE_FROM || plain.len() > MAX_INFLATED {
+    if plain.len() < DEFLATE_FROM || plain.len() >= MAX_INFLATED {
         return plain;
     }
     let deflated = miniz_oxide::deflate::compress_to_vec_zlib(&plain, LEVEL);

@@ -55,6 +55,11 @@ impl Tx<'_> {
         self.txn.delete(t(i), key)
     }
 
+    /// Removes a value without reading it first.
+    pub(super) fn forget(&self, i: usize, key: impl AsRef<[u8]>) {
+        self.txn.forget(t(i), key);
+    }
+
     pub(super) fn log(&self, kind: ChangeKind) -> TxResult<u64> {
         let revision = self.revision.get() + 1;
         let change = Change { revision, kind };

@@ -196,6 +196,12 @@ impl<'a> Txn<'a> {
         Ok(old)
     }
 
+    /// Removes a value without reading it first (a network database
+    /// answers a read per key: pruning thousands of keys deletes blind).
+    pub fn forget(&self, tree: &'static str, key: impl AsRef<[u8]>) {
+        self.writes.borrow_mut().insert((tree, key.as_ref().to_vec()), None);
+    }
+
     /// Tells other servers, once this commits, that the change log reached `revision`.
     pub fn notify(&self, revision: u64) {
         *self.notify.borrow_mut() = Some(revision);

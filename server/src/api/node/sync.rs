@@ -63,10 +63,12 @@ impl NodeService {
         // The CRLs are read after the revision the stream starts from, so
         // they are at least that new: a CRL change before it is not lost.
         let parent = agent_id.clone();
-        // So are the JWT revocations: every one in force (the agent may
-        // have missed some while disconnected; it merges them).
+        // So are the revocations: every one in force, X.509 serials and
+        // JWTs (the agent may have missed some while disconnected, or get a
+        // snapshot that keeps an SVID whose entry did not change; it drops
+        // what they name).
         let now = self.state.clock().now();
-        let (snapshot, crls, jwts) = self
+        let (snapshot, crls, (serials, jwts)) = self
             .state
             .store_op(move |store| {
                 let latest = store.revision()?;
@@ -76,28 +78,33 @@ impl NodeService {
                     && resume_from <= latest
                     && resume_from + 1 >= store.changes_start()?;
                 let snapshot = if resumable { None } else { Some(store.snapshot(&parent)?) };
-                let jwts = store
+                // A minute of grace for agents whose clocks are behind.
+                let (jwts, serials): (Vec<_>, Vec<_>) = store
                     .revocations()?
                     .into_iter()
-                    // A minute of grace for agents whose clocks are behind.
-                    .filter(|r| !r.jti.is_empty() && r.expires_at > now - 60)
-                    .map(|r| pb::RevokedJwt { jti: r.jti, expires_at: r.expires_at })
-                    .collect();
-                Ok((snapshot, store.crls()?, jwts))
+                    .filter(|r| r.expires_at > now - 60)
+                    .partition(|r| !r.jti.is_empty());
+                let serials = serials.into_iter().map(|r| r.serial).filter(|s| !s.is_empty());
+                let jwts = jwts
+                    .into_iter()
+                    .map(|r| pb::RevokedJwt { jti: r.jti, expires_at: r.expires_at });
+                Ok((snapshot, store.crls()?, (serials.collect(), jwts.collect())))
             })
             .await?;
         // In chunks that stay far below the message size limit; the CRLs
         // go with the first.
         let (mut jwts, mut crls): (Vec<pb::RevokedJwt>, _) = (jwts, crls);
+        let mut serials: Vec<String> = serials;
         loop {
             let rest = jwts.split_off(jwts.len().min(JWT_REVOCATIONS_CHUNK));
+            let more = serials.split_off(serials.len().min(JWT_REVOCATIONS_CHUNK));
             let crls = std::mem::take(&mut crls);
-            let revocation = pb::Revocation { serials: Vec::new(), crls, jwts };
+            let revocation = pb::Revocation { serials, crls, jwts };
             send(tx, Event::Revocation(revocation)).await?;
-            if rest.is_empty() {
+            if rest.is_empty() && more.is_empty() {
                 break;
             }
-            jwts = rest;
+            (jwts, serials) = (rest, more);
         }
         let mut cursor = match snapshot {
             None => resume_from,
