@@ -9,6 +9,10 @@ use std::fmt;
 /// 300 KB. The agent sizes its event pushes to stay under it.
 pub const MAX_NODE_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
+/// Largest gRPC message a server or an agent accepts or sends (the
+/// admin API, Sync messages, answers).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Most audiences one JWT-SVID request may name.
 pub const MAX_REQUEST_AUDIENCES: usize = 16;
 

@@ -29,7 +29,7 @@ const LEVEL: u8 = 1;
 /// Largest event inflated: four times the largest request the server
 /// takes. A larger event (none is made) is stored plain, so that what is
 /// stored can always be read back.
-const MAX_INFLATED: usize = 4 * crate::server::MAX_MESSAGE_BYTES;
+const MAX_INFLATED: usize = 4 * tessera_common::rules::MAX_MESSAGE_BYTES;
 
 /// The bytes stored for `e`.
 pub(super) fn encode(e: &Event) -> Vec<u8> {
