@@ -1,9 +1,9 @@
 //! An event as the database holds it: its protobuf encoding, deflated
 //! when it is large. An agent's answer naming 200 SVIDs is ~23 KB of
-//! SPIFFE IDs, entry IDs and serials; deflated, ~8 KB. The store's memory
-//! follows the size of what it holds (sled keeps ~240 MB for 23 KB values
-//! against ~135 MB for 8 KB ones at a 64 MiB page cache), and so does its
-//! disk.
+//! SPIFFE IDs, entry IDs and serials; deflated, ~8 KB. Much of the
+//! store's memory follows the size of the values it holds (a bare sled at
+//! a 64 MiB page cache kept ~200 MB for 23 KB values against 83-97 MB for
+//! 8 KB ones), and so does its disk.
 //!
 //! The chain's hashes are over the event's fields, not these bytes, so a
 //! stored event is checked the same either way; bytes that do not inflate
