@@ -567,7 +567,7 @@ mod tests {
         for _ in 0..30 {
             store.log_bundle_change(&Audit::quiet()).unwrap();
         }
-        store.trim_changes(5).unwrap();
+        store.trim_changes(5, 0).unwrap();
         assert_eq!(store.changes_start().unwrap(), 26);
         let feed = Arc::new(ChangeFeed::new(2, Vec::new()));
         feed.window.write().unwrap().push(change(2));

@@ -77,15 +77,7 @@ pub(crate) async fn rotation_loop(
 async fn trim_change_log(state: &Arc<State>) {
     let keep = state.config().change_log_keep;
     let slack = (keep / 10).clamp(1, 1_000);
-    let trimmed = state
-        .store_op(move |store| {
-            let (revision, start) = (store.revision()?, store.changes_start()?);
-            if revision.saturating_sub(start) < keep.saturating_add(slack) {
-                return Ok(0);
-            }
-            store.trim_changes(keep)
-        })
-        .await;
+    let trimmed = state.store_op(move |store| store.trim_changes(keep, slack)).await;
     match trimmed {
         Ok(0) => {}
         Ok(n) => tracing::debug!(changes = n, keep, "change log trimmed"),

@@ -28,6 +28,7 @@ mod ingest;
 mod stored;
 
 use anomaly::Bursts;
+use stored::decode;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -159,10 +160,6 @@ impl std::fmt::Debug for EventLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventLog").field("kv", &self.kv).finish_non_exhaustive()
     }
-}
-
-fn decode(bytes: &[u8], seq: u64) -> Result<Event, StoreError> {
-    stored::decode(bytes, seq)
 }
 
 fn seq_of(key: &[u8]) -> u64 {

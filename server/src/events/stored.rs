@@ -18,9 +18,9 @@ use crate::store::StoreError;
 /// few hundred bytes each, are kept as they are: nothing to gain).
 const DEFLATE_FROM: usize = 1024;
 
-/// First byte of a deflated event (zlib: its checksum finds damage). A protobuf encoding never starts with
-/// it (field number 0 does not exist), and an event's always starts with
-/// its sequence number's tag.
+/// First byte of a deflated event (zlib: its checksum finds damage). A
+/// protobuf encoding never starts with it (field number 0 does not
+/// exist), and an event's always starts with its sequence number's tag.
 const DEFLATED: u8 = 0;
 
 /// Fastest deflate level: the gain is in the entropy coding of hex IDs.

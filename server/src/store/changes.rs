@@ -56,13 +56,14 @@ impl KvStore {
     }
 
     /// Deletes the changes older than the newest `keep` (at least one is
-    /// kept), at most [`TRIM_CHUNK`] of them per call; returns how many.
-    /// Start and revision are read inside the commit: servers sharing a
+    /// kept) once more than `keep + slack` are held, at most
+    /// [`TRIM_CHUNK`] of them per call; returns how many. Start and
+    /// revision are read again inside the commit: servers sharing a
     /// datastore may trim at once, and the start never moves back.
-    pub(super) fn trim_changes(&self, keep: u64) -> Result<u64, StoreError> {
+    pub(super) fn trim_changes(&self, keep: u64, slack: u64) -> Result<u64, StoreError> {
         let revision = self.revision()?;
-        if revision.saturating_sub(self.changes_start()?) < keep {
-            return Ok(0); // nothing to trim: no commit
+        if revision.saturating_sub(self.changes_start()?) < keep.saturating_add(slack) {
+            return Ok(0); // not enough to trim: no commit
         }
         self.commit(&Audit::quiet(), |tx| {
             let start = read_u64(tx.get(META, CHANGES_START_KEY)?.as_deref()).max(1);

@@ -344,9 +344,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn changes_since(&self, revision: u64, limit: usize) -> Result<Vec<Change>, StoreError>;
     /// The oldest revision the change log holds.
     fn changes_start(&self) -> Result<u64, StoreError>;
-    /// Deletes changes older than the newest `keep` (a chunk at a time);
-    /// returns how many it deleted.
-    fn trim_changes(&self, keep: u64) -> Result<u64, StoreError>;
+    /// Deletes changes older than the newest `keep` once more than
+    /// `keep + slack` are held (a chunk at a time); returns how many.
+    fn trim_changes(&self, keep: u64, slack: u64) -> Result<u64, StoreError>;
     /// The latest revision.
     fn revision(&self) -> Result<u64, StoreError>;
     /// The latest revision, updated after every commit that logged a change.

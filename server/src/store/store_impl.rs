@@ -97,8 +97,8 @@ impl Store for KvStore {
         KvStore::changes_start(self)
     }
 
-    fn trim_changes(&self, keep: u64) -> Result<u64, StoreError> {
-        KvStore::trim_changes(self, keep)
+    fn trim_changes(&self, keep: u64, slack: u64) -> Result<u64, StoreError> {
+        KvStore::trim_changes(self, keep, slack)
     }
 
     fn revision(&self) -> Result<u64, StoreError> {

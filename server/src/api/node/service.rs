@@ -20,9 +20,9 @@ use crate::state::State;
 use crate::store::AgentRefusal;
 use tessera_common::rate::TokenBucket;
 
-/// JWT revocations per message at the start of a Sync stream (about 60
-/// bytes each).
-pub const JWT_REVOCATIONS_CHUNK: usize = 10_000;
+/// Revoked JWT IDs (about 60 bytes each), and as many X.509 serials, per
+/// message at the start of a Sync stream.
+pub const REVOCATIONS_CHUNK: usize = 10_000;
 
 /// Entries per snapshot chunk in `Sync`, well under any message size limit.
 pub const SNAPSHOT_CHUNK: usize = 500;

@@ -96,8 +96,8 @@ impl NodeService {
         let (mut jwts, mut crls): (Vec<pb::RevokedJwt>, _) = (jwts, crls);
         let mut serials: Vec<String> = serials;
         loop {
-            let rest = jwts.split_off(jwts.len().min(JWT_REVOCATIONS_CHUNK));
-            let more = serials.split_off(serials.len().min(JWT_REVOCATIONS_CHUNK));
+            let rest = jwts.split_off(jwts.len().min(REVOCATIONS_CHUNK));
+            let more = serials.split_off(serials.len().min(REVOCATIONS_CHUNK));
             let crls = std::mem::take(&mut crls);
             let revocation = pb::Revocation { serials, crls, jwts };
             send(tx, Event::Revocation(revocation)).await?;

@@ -144,8 +144,9 @@ pub(super) fn the_change_log_is_trimmed_to_its_newest_changes(place: Place) {
             .unwrap();
     }
     assert_eq!((store.revision().unwrap(), store.changes_start().unwrap()), (25, 1));
-    assert_eq!(store.trim_changes(100).unwrap(), 0, "fewer than kept: nothing");
-    assert_eq!(store.trim_changes(10).unwrap(), 15);
+    assert_eq!(store.trim_changes(100, 0).unwrap(), 0, "fewer than kept: nothing");
+    assert_eq!(store.trim_changes(10, 15).unwrap(), 0, "not more than keep + slack: nothing");
+    assert_eq!(store.trim_changes(10, 0).unwrap(), 15);
     assert_eq!(store.changes_start().unwrap(), 16);
     assert_eq!(store.revision().unwrap(), 25, "trimming is not a change");
     assert!(matches!(
@@ -156,9 +157,9 @@ pub(super) fn the_change_log_is_trimmed_to_its_newest_changes(place: Place) {
     let revisions: Vec<u64> =
         store.changes_since(15, 100).unwrap().iter().map(|c| c.revision).collect();
     assert_eq!(revisions, (16..=25).collect::<Vec<_>>());
-    assert_eq!(store.trim_changes(20).unwrap(), 0, "keeping more never moves the start back");
+    assert_eq!(store.trim_changes(20, 0).unwrap(), 0, "keeping more never moves the start back");
     assert_eq!(store.changes_start().unwrap(), 16);
-    assert_eq!(store.trim_changes(1).unwrap(), 9);
+    assert_eq!(store.trim_changes(1, 0).unwrap(), 9);
     assert_eq!(store.changes_since(24, 100).unwrap().len(), 1, "the newest is always kept");
     drop(store);
     let again = place.open();
