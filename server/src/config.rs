@@ -477,23 +477,16 @@ mod tests {
 
     #[test]
     fn out_of_range_settings_are_refused() {
-        let file = FileConfig {
-            trust_domain: Some("a.org".into()),
-            default_x509_svid_ttl: Some(0),
-            ..Default::default()
+        let refused_key = |setting: FileConfig| {
+            let file = FileConfig { trust_domain: Some("a.org".into()), ..setting };
+            match Config::resolve(file, FileConfig::default()) {
+                Err(ConfigError::Invalid { key, .. }) => key,
+                other => panic!("not refused as out of range: {other:?}"),
+            }
         };
-        assert!(matches!(
-            Config::resolve(file, FileConfig::default()),
-            Err(ConfigError::Invalid { key: "default_x509_svid_ttl", .. })
-        ));
-        let file = FileConfig {
-            trust_domain: Some("a.org".into()),
-            change_log_keep: Some(0),
-            ..Default::default()
-        };
-        assert!(matches!(
-            Config::resolve(file, FileConfig::default()),
-            Err(ConfigError::Invalid { key: "change_log_keep", .. })
-        ));
+        let ttl = FileConfig { default_x509_svid_ttl: Some(0), ..Default::default() };
+        assert_eq!(refused_key(ttl), "default_x509_svid_ttl");
+        let keep = FileConfig { change_log_keep: Some(0), ..Default::default() };
+        assert_eq!(refused_key(keep), "change_log_keep");
     }
 }
