@@ -12,6 +12,17 @@ use crate::event_schema::{self as schema, kind, EventExt};
 use crate::store::kv::Op;
 use crate::store::StoreError;
 
+/// The baselines: executables seen per entry, audiences asked per entry.
+const EXE: &str = "exe";
+const AUD: &str = "aud";
+/// Baselines forgotten per write.
+const FORGET_PAGE: usize = 1_000;
+
+/// Where the values of baseline `what` for `entry` are remembered.
+fn baseline_prefix(what: &str, entry: &str) -> String {
+    format!("{what}/{entry}/")
+}
+
 /// Refusal counts in the current minute, per key, and whether the burst
 /// was reported.
 #[derive(Debug, Default)]
@@ -25,6 +36,16 @@ impl EventLog {
     pub(super) fn detect(&self, e: &Event) -> Vec<Event> {
         let mut found = Vec::new();
         let result = (|| -> Result<(), StoreError> {
+            if e.kind == kind::ENTRY_DELETE || e.kind == kind::ENTRY_EXPIRE {
+                // What was usual for an entry goes with it: entry IDs are
+                // never reused, and entries created and deleted all day
+                // (task-scoped ones) would otherwise grow this forever.
+                for entry in &e.entry_ids {
+                    self.forget(&baseline_prefix(EXE, entry))?;
+                    self.forget(&baseline_prefix(AUD, entry))?;
+                }
+                return Ok(());
+            }
             if e.decision == schema::DENY {
                 self.count_refusal(e, &mut found);
             }
@@ -34,7 +55,7 @@ impl EventLog {
             let exe = e.workload.as_ref().map(|w| w.sha256.as_str()).unwrap_or("");
             if (e.kind == kind::WORKLOAD_X509 || e.kind == kind::WORKLOAD_JWT) && !exe.is_empty() {
                 for entry in &e.entry_ids {
-                    if self.learn(&format!("exe/{entry}/"), exe)? {
+                    if self.learn(&baseline_prefix(EXE, entry), exe)? {
                         let mut a = schema::event(kind::ANOMALY_NEW_EXECUTABLE, "")
                             .agent(e.agent_id.clone())
                             .entry(entry.clone())
@@ -52,7 +73,7 @@ impl EventLog {
             if e.kind == kind::JWT_ISSUE {
                 for entry in &e.entry_ids {
                     for aud in &e.audience {
-                        if self.learn(&format!("aud/{entry}/"), aud)? {
+                        if self.learn(&baseline_prefix(AUD, entry), aud)? {
                             let mut a = schema::event(kind::ANOMALY_UNUSUAL_AUDIENCE, "")
                                 .agent(e.agent_id.clone())
                                 .entry(entry.clone())
@@ -87,6 +108,23 @@ impl EventLog {
             !self.kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), 1, false)?.is_empty();
         self.kv.apply(vec![Op::Put(BASELINES, key.into_bytes(), Vec::new())])?;
         Ok(known)
+    }
+
+    /// Forgets every value remembered under `prefix`.
+    fn forget(&self, prefix: &str) -> Result<(), StoreError> {
+        let end = crate::store::kv::prefix_end(prefix.as_bytes());
+        loop {
+            let keys =
+                self.kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), FORGET_PAGE, false)?;
+            let done = keys.len() < FORGET_PAGE;
+            let ops: Vec<Op> = keys.into_iter().map(|(k, _)| Op::Delete(BASELINES, k)).collect();
+            if !ops.is_empty() {
+                self.kv.apply(ops)?;
+            }
+            if done {
+                return Ok(());
+            }
+        }
     }
 
     pub(super) fn count_refusal(&self, e: &Event, found: &mut Vec<Event>) {

@@ -89,6 +89,41 @@ fn anomalies_are_recorded_as_their_own_events() {
     assert!(log.verify().unwrap().ok);
 }
 
+/// An entry's baselines are forgotten when it is deleted or expires (its
+/// ID is never reused); another entry's stay.
+#[test]
+fn an_entrys_baselines_go_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log(dir.path(), EventConfig::default());
+    let of = |entry: &str, exe: &str| {
+        schema::event(kind::WORKLOAD_X509, schema::ALLOW)
+            .agent("a")
+            .entry(entry)
+            .workload(Workload { uid: 1, sha256: exe.into(), ..Default::default() })
+    };
+    let jwt = |entry: &str, aud: &str| {
+        let mut e = schema::event(kind::JWT_ISSUE, schema::ALLOW).agent("a").entry(entry);
+        e.audience = vec![aud.into()];
+        e
+    };
+    log.record(vec![of("entry-1", "aa"), jwt("entry-1", "api")]);
+    log.record(vec![of("entry-2", "aa"), of("entry-3", "aa")]);
+    let baselines = || log.kv.range(BASELINES, b"", None, 100, false).unwrap().len();
+    assert_eq!(baselines(), 4);
+    log.record(vec![
+        schema::event(kind::ENTRY_DELETE, schema::ALLOW).entry("entry-1"),
+        schema::event(kind::ENTRY_EXPIRE, "").entry("entry-3"),
+    ]);
+    assert_eq!(baselines(), 1, "only entry-2's executable is left");
+    // Nothing is usual for entry-1 any more, so nothing is unusual either;
+    // entry-2's baseline still holds.
+    log.record(vec![of("entry-1", "bb"), of("entry-2", "bb")]);
+    let anomalies: Vec<Event> =
+        all(&log).into_iter().filter(|e| e.kind == kind::ANOMALY_NEW_EXECUTABLE).collect();
+    assert_eq!(anomalies.len(), 1, "{anomalies:?}");
+    assert_eq!(anomalies[0].entry_ids, vec!["entry-2".to_string()]);
+}
+
 /// An agent folds a uid's excess refusals into one event with
 /// `folded=N`: the burst detector counts it as N.
 #[test]
