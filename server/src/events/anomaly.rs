@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::{EventLog, BASELINES};
 use crate::event_schema::{self as schema, kind, EventExt};
-use crate::store::kv::Op;
+use crate::store::kv::{Kv, Op};
 use crate::store::StoreError;
 
 /// The baselines: executables seen per entry, audiences asked per entry.
@@ -21,6 +21,48 @@ const FORGET_PAGE: usize = 1_000;
 /// Where the values of baseline `what` for `entry` are remembered.
 fn baseline_prefix(what: &str, entry: &str) -> String {
     format!("{what}/{entry}/")
+}
+
+/// The entries whose baselines go once the commit that stored `events`
+/// is durable: those the server deleted or expired. What was usual for an
+/// entry goes with it (entry IDs are never reused; entries created and
+/// deleted all day, task-scoped ones, would otherwise grow the baselines
+/// forever). A refused deletion names whatever ID was asked for, and an
+/// agent's pushed event is renamed before it gets here: neither counts.
+/// An ID with a `/` is no entry's and could reach into another's prefix.
+pub(super) fn removed_entries(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.kind == kind::ENTRY_DELETE || e.kind == kind::ENTRY_EXPIRE)
+        .filter(|e| e.decision != schema::DENY && e.source == "server")
+        .flat_map(|e| e.entry_ids.iter())
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+        .cloned()
+        .collect()
+}
+
+/// Forgets every baseline of `entries`.
+pub(super) fn forget_entries(kv: &dyn Kv, entries: &[String]) -> Result<(), StoreError> {
+    for entry in entries {
+        for what in [EXE, AUD] {
+            let prefix = baseline_prefix(what, entry);
+            let end = crate::store::kv::prefix_end(prefix.as_bytes());
+            loop {
+                let keys =
+                    kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), FORGET_PAGE, false)?;
+                let done = keys.len() < FORGET_PAGE;
+                let ops: Vec<Op> =
+                    keys.into_iter().map(|(k, _)| Op::Delete(BASELINES, k)).collect();
+                if !ops.is_empty() {
+                    kv.apply(ops)?;
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Refusal counts in the current minute, per key, and whether the burst
@@ -36,16 +78,6 @@ impl EventLog {
     pub(super) fn detect(&self, e: &Event) -> Vec<Event> {
         let mut found = Vec::new();
         let result = (|| -> Result<(), StoreError> {
-            if e.kind == kind::ENTRY_DELETE || e.kind == kind::ENTRY_EXPIRE {
-                // What was usual for an entry goes with it: entry IDs are
-                // never reused, and entries created and deleted all day
-                // (task-scoped ones) would otherwise grow this forever.
-                for entry in &e.entry_ids {
-                    self.forget(&baseline_prefix(EXE, entry))?;
-                    self.forget(&baseline_prefix(AUD, entry))?;
-                }
-                return Ok(());
-            }
             if e.decision == schema::DENY {
                 self.count_refusal(e, &mut found);
             }
@@ -108,23 +140,6 @@ impl EventLog {
             !self.kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), 1, false)?.is_empty();
         self.kv.apply(vec![Op::Put(BASELINES, key.into_bytes(), Vec::new())])?;
         Ok(known)
-    }
-
-    /// Forgets every value remembered under `prefix`.
-    fn forget(&self, prefix: &str) -> Result<(), StoreError> {
-        let end = crate::store::kv::prefix_end(prefix.as_bytes());
-        loop {
-            let keys =
-                self.kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), FORGET_PAGE, false)?;
-            let done = keys.len() < FORGET_PAGE;
-            let ops: Vec<Op> = keys.into_iter().map(|(k, _)| Op::Delete(BASELINES, k)).collect();
-            if !ops.is_empty() {
-                self.kv.apply(ops)?;
-            }
-            if done {
-                return Ok(());
-            }
-        }
     }
 
     pub(super) fn count_refusal(&self, e: &Event, found: &mut Vec<Event>) {

@@ -39,6 +39,19 @@ impl Background {
         Self { jobs: spawned.ok().map(|_| tx) }
     }
 
+    /// Queues `work` on the ingestion thread, after the jobs already
+    /// queued, without waiting for it (runs it here if there is no thread).
+    pub(super) fn spawn(&self, work: impl FnOnce() + Send + 'static) {
+        match &self.jobs {
+            Some(jobs) => {
+                if let Err(mpsc::SendError(job)) = jobs.send(Box::new(work)) {
+                    job();
+                }
+            }
+            None => work(),
+        }
+    }
+
     /// Runs `work` on the ingestion thread and returns what it returned.
     pub(super) async fn run<T: Send + 'static>(
         &self,

@@ -40,7 +40,7 @@ use tessera_proto::admin::{ListEventsRequest, VerifyEventsReport};
 use tessera_proto::types::Event;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, warn};
 
 use crate::event_schema as schema;
 use crate::metrics::Metrics;
@@ -59,7 +59,8 @@ pub const MAX_PUSH_EVENTS: usize = 2_000;
 /// Event log settings.
 #[derive(Debug, Clone)]
 pub struct EventConfig {
-    /// Store events (false: they are only logged; for measuring the cost).
+    /// Store events (false: they are only logged, and no anomaly is
+    /// learned; for measuring the cost).
     pub enabled: bool,
     /// Seconds an event is kept; 0: forever.
     pub retention_secs: u64,
@@ -268,7 +269,9 @@ impl EventLog {
             }
             schema::log(&e);
             self.metrics.event(&e);
-            let anomalies = self.detect(&e);
+            // Anomalies are events: with the stream off (a cost
+            // measurement) there is nothing to learn them for.
+            let anomalies = if self.config.enabled { self.detect(&e) } else { Vec::new() };
             all.push(e);
             for a in anomalies {
                 schema::log(&a);
@@ -283,6 +286,18 @@ impl EventLog {
     /// and everyone waiting for the sequence.
     fn committed(&self, chained: &[Event]) {
         let Some(last) = chained.last().map(|e| e.seq) else { return };
+        let removed = anomaly::removed_entries(chained);
+        if !removed.is_empty() {
+            // On the ingestion thread, in order with the pushes that learn
+            // (outside the commit's locks; a crash before it leaves keys
+            // that nothing reads again, not a wrong verdict).
+            let kv = self.kv.clone();
+            self.ingest.spawn(move || {
+                if let Err(e) = anomaly::forget_entries(&*kv, &removed) {
+                    warn!(error = %e, "forgetting deleted entries' baselines failed");
+                }
+            });
+        }
         self.metrics.stored(chained.len());
         if let Some(sink) = &self.sink {
             let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());

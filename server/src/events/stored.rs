@@ -45,9 +45,10 @@ pub(super) fn encode(e: &Event) -> Vec<u8> {
     deflate(&plain).unwrap_or(plain)
 }
 
-/// The one compressor, reset for each event: a new one allocates and
-/// zeroes ~300 KB of tables, which at the soak's ~11 large events a
-/// second was the server's largest allocation churn. Events are chained
+/// The one compressor, reset for each event: a new one allocates ~300 KB
+/// of tables (a reset zeroes them as a new one does, without the
+/// allocation), at the soak's ~11 large events a second the server's
+/// largest allocation churn. Events are chained
 /// one commit at a time, under the event lock, so it is never contended.
 static COMPRESSOR: Mutex<Option<CompressorOxide>> = Mutex::new(None);
 
@@ -60,9 +61,10 @@ fn deflate(plain: &[u8]) -> Option<Vec<u8>> {
         CompressorOxide::new(create_comp_flags_from_zip_params(LEVEL.into(), 1, 0))
     });
     compressor.reset();
-    // Room for less than the plain encoding only: anything longer is
-    // stored plain, so a compressor that runs out of room has its answer.
-    let mut stored = vec![0u8; plain.len()];
+    // Room for less than the plain encoding only (the marker byte and at
+    // most `plain.len() - 2` deflated): anything as long is stored plain,
+    // so a compressor that runs out of room has its answer.
+    let mut stored = vec![0u8; plain.len() - 1];
     stored[0] = DEFLATED;
     let (status, read, written) = compress(compressor, plain, &mut stored[1..], TDEFLFlush::Finish);
     if status != TDEFLStatus::Done || read != plain.len() {

@@ -89,10 +89,12 @@ fn anomalies_are_recorded_as_their_own_events() {
     assert!(log.verify().unwrap().ok);
 }
 
-/// An entry's baselines are forgotten when it is deleted or expires (its
-/// ID is never reused); another entry's stay.
-#[test]
-fn an_entrys_baselines_go_with_it() {
+/// An entry's baselines are forgotten once its deletion or expiry is
+/// committed (its ID is never reused); another entry's stay, and neither a
+/// refused deletion nor an agent's pushed event claiming one forgets
+/// anything.
+#[tokio::test]
+async fn an_entrys_baselines_go_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let log = log(dir.path(), EventConfig::default());
     let of = |entry: &str, exe: &str| {
@@ -106,15 +108,30 @@ fn an_entrys_baselines_go_with_it() {
         e.audience = vec![aud.into()];
         e
     };
-    log.record(vec![of("entry-1", "aa"), jwt("entry-1", "api")]);
-    log.record(vec![of("entry-2", "aa"), of("entry-3", "aa")]);
+    // The forgetting runs on the ingestion thread, in order: a job queued
+    // after it has seen it done.
+    let settled = || async { log.ingest.run(|| ()).await.unwrap() };
     let baselines = || log.kv.range(BASELINES, b"", None, 100, false).unwrap().len();
-    assert_eq!(baselines(), 4);
+    log.record(vec![of("entry-1", "aa"), jwt("entry-1", "https://api")]);
+    log.record(vec![of("entry-2", "aa"), jwt("entry-2", "https://api"), of("entry-3", "aa")]);
+    assert_eq!(baselines(), 5);
+    // A refused deletion names whatever was asked for, here a prefix of
+    // entry-2's audiences: it forgets nothing.
+    log.record(vec![schema::denied(kind::ENTRY_DELETE, "no such entry").entry("entry-2/https:")]);
+    log.record(vec![schema::denied(kind::ENTRY_DELETE, "no such entry").entry("entry-2")]);
+    // Nor can an agent: its pushed event claiming a deletion is stored as
+    // `agent.unknown`.
+    let mut forged = schema::event(kind::ENTRY_DELETE, schema::ALLOW).entry("entry-2");
+    forged.agent_seq = 1;
+    log.store_pushed("spiffe://example.org/agent", b"spool", vec![forged]).unwrap();
+    settled().await;
+    assert_eq!(baselines(), 5);
     log.record(vec![
         schema::event(kind::ENTRY_DELETE, schema::ALLOW).entry("entry-1"),
         schema::event(kind::ENTRY_EXPIRE, "").entry("entry-3"),
     ]);
-    assert_eq!(baselines(), 1, "only entry-2's executable is left");
+    settled().await;
+    assert_eq!(baselines(), 2, "only entry-2's executable and audience are left");
     // Nothing is usual for entry-1 any more, so nothing is unusual either;
     // entry-2's baseline still holds.
     log.record(vec![of("entry-1", "bb"), of("entry-2", "bb")]);
