@@ -118,7 +118,8 @@ pub struct FileConfig {
     pub admin_uids: Option<Vec<u32>>,
     /// Groups whose members may use the admin socket.
     pub admin_gids: Option<Vec<u32>>,
-    /// Store the event stream (default true; false only logs events).
+    /// Store the event stream (default true; false only logs events and
+    /// detects no anomalies).
     pub events: Option<bool>,
     /// Seconds events are kept (default 30 days; 0: forever).
     pub event_retention: Option<u64>,
