@@ -40,8 +40,8 @@ use crate::state::{State, StateParts};
 use crate::store::{Change, ChangeKind, KvStore, Store};
 use tessera_common::clock::Clock;
 
-/// Largest gRPC message the server accepts or sends.
-pub const MAX_MESSAGE_BYTES: usize = tessera_common::rules::MAX_MESSAGE_BYTES;
+/// Largest gRPC message the server accepts or sends (the rule both sides use).
+pub use tessera_common::rules::MAX_MESSAGE_BYTES;
 
 /// Largest node API request (the rule both sides use).
 pub use tessera_common::rules::MAX_NODE_REQUEST_BYTES;

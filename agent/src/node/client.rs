@@ -23,8 +23,8 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{info, warn};
 
-/// Largest gRPC message the agent accepts or sends.
-pub const MAX_MESSAGE_BYTES: usize = tessera_common::rules::MAX_MESSAGE_BYTES;
+/// Largest gRPC message the agent accepts or sends (the rule both sides use).
+pub use tessera_common::rules::MAX_MESSAGE_BYTES;
 /// How long one server may take to accept a connection before the agent
 /// tries the next.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -48,8 +48,8 @@ pub(super) fn encode(e: &Event) -> Vec<u8> {
 /// The one compressor, reset for each event: a new one allocates ~300 KB
 /// of tables (a reset zeroes them as a new one does, without the
 /// allocation), at the soak's ~11 large events a second the server's
-/// largest allocation churn. Events are chained
-/// one commit at a time, under the event lock, so it is never contended.
+/// largest allocation churn. Events are chained one commit at a time,
+/// under the event lock, so it is never contended.
 static COMPRESSOR: Mutex<Option<CompressorOxide>> = Mutex::new(None);
 
 /// `DEFLATED` and `plain` deflated, or None when that is not shorter.
