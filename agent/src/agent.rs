@@ -306,7 +306,8 @@ impl Agent {
                     .instrument(tracing::info_span!("metrics")),
             );
         }
-        let attesting = Attesting::new(Arc::new(UnixAttestor::with_limits(limits.hashing)));
+        let attesting =
+            Attesting::new(Arc::new(UnixAttestor::with_limits(limits.hashing)), metrics.clone());
         let service = WorkloadService::new(
             cache,
             jwt,

@@ -27,6 +27,7 @@ struct Inner {
     registry: Registry,
     counters: EventCounters,
     requests: Family<Labels, Counter>,
+    attestations: Family<Labels, Counter>,
     attestation_seconds: Histogram,
     spool_events: Gauge,
     spool_bytes: Gauge,
@@ -53,6 +54,7 @@ impl AgentMetrics {
         let counters = EventCounters::default();
         counters.register(registry);
         let requests = Family::<Labels, Counter>::default();
+        let attestations = Family::<Labels, Counter>::default();
         let attestation_seconds = telemetry::latency_histogram();
         let (spool_events, spool_bytes) = (Gauge::default(), Gauge::default());
         let (spool_dropped, push_failures) = (Counter::default(), Counter::default());
@@ -63,6 +65,11 @@ impl AgentMetrics {
             "workload_api_requests",
             "Workload API requests, by method and outcome",
             requests.clone(),
+        );
+        registry.register(
+            "workload_attestations",
+            "Workload API connections attested, by how: full (read from /proc) or shared (another connection's of the same process)",
+            attestations.clone(),
         );
         registry.register(
             "workload_attestation_seconds",
@@ -114,6 +121,7 @@ impl AgentMetrics {
             registry: root,
             counters,
             requests,
+            attestations,
             attestation_seconds,
             spool_events,
             spool_bytes,
@@ -139,6 +147,11 @@ impl AgentMetrics {
             .requests
             .get_or_create(&vec![("method", method.to_string()), ("outcome", outcome.to_string())])
             .inc();
+    }
+
+    /// A Workload API connection attested `how` (`full` or `shared`).
+    pub fn attestation(&self, how: &str) {
+        self.inner.attestations.get_or_create(&vec![("how", how.to_string())]).inc();
     }
 
     /// A caller attested in `seconds`.

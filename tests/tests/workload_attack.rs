@@ -7,7 +7,10 @@
 //! - A program's identity is bound to the connection: a process that
 //!   connects as one program and asks as another (exec after connect, by
 //!   the connecting PID itself or by its parent while a child keeps the
-//!   socket) is refused; the trusted program itself is served.
+//!   socket) is refused; the trusted program itself is served. A new
+//!   connection of a process is attested as what the process runs then:
+//!   it shares an open connection's attestation only while that still
+//!   describes it.
 //! - One uid cannot grow the agent's memory or flood the event stream:
 //!   connections past its limit are closed at accept, large requests are
 //!   refused from their length prefix, and its refusals are folded into a
@@ -25,7 +28,8 @@ use std::process::{Child, Command, Stdio};
 use common::{root_or_skip, uid_selector, within, PROMPTLY};
 use tessera_proto::admin::ListEventsRequest;
 use tessera_proto::types::Event;
-use tessera_tests::{RunningAgent, TestServer};
+use tessera_tests::{http_get, RunningAgent, TestServer};
+use tessera_workload_api::{connect_workload_api, with_header};
 
 const NOBODY: u32 = 65534;
 
@@ -78,6 +82,7 @@ async fn setup(dir: &Path) -> (TestServer, RunningAgent) {
     let socket = dir.join("public/api.sock");
     let agent = RunningAgent::start_configured(&server, &dir.join("agent"), |config| {
         config.socket_path = socket;
+        config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
     (server, agent)
@@ -238,6 +243,98 @@ async fn a_connection_keeps_the_program_that_opened_it() {
     assert_eq!(paths.iter().filter(|p| **p == untrusted).count(), 2, "{paths:?}");
     assert_eq!(paths.iter().filter(|p| **p == trusted).count(), 1, "{paths:?}");
     assert!(refusals.iter().all(|e| e.workload.as_ref().unwrap().uid == NOBODY));
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// How many Workload API connections the agent attested `how` (`full`,
+/// `shared`).
+fn attestations(agent: &RunningAgent, how: &str) -> u64 {
+    let (_, body) = http_get(agent.metrics_addr.unwrap(), "/metrics");
+    let name = format!("tessera_agent_workload_attestations_total{{how=\"{how}\"}} ");
+    body.lines().find_map(|l| l.strip_prefix(&name)?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// A process's second connection takes the attestation of its first (no
+/// `/proc` read), but only while it describes the process: a process that
+/// exec'd another program since its first connection (kept open) is
+/// attested afresh on its next one, in both directions. Untrusted code
+/// exec'd by the trusted program gets nothing; the trusted program exec'd
+/// by untrusted code gets its SVID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_after_an_exec_is_attested_as_what_runs_then() {
+    let _serial = SERIAL.lock().await;
+    if !root_or_skip("running a workload as another uid") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let programs = programs(dir.path());
+    let (server, agent) = setup(dir.path()).await;
+    let socket = agent.socket.to_str().unwrap().to_string();
+    let (trusted, untrusted) =
+        (programs.trusted.to_str().unwrap(), programs.untrusted.to_str().unwrap());
+    server
+        .create_entry(
+            "spiffe://example.org/trusted",
+            &agent.id,
+            &[
+                &format!("unix:uid:{NOBODY}"),
+                &format!("unix:path:{trusted}"),
+                &format!("unix:sha256:{}", programs.trusted_sha256),
+            ],
+            None,
+        )
+        .await;
+    let exec_into = |first: &Path, then: &str| {
+        as_nobody(
+            first,
+            &["exec-into", "--socket", &socket, "--", then, "fetch", "--socket", &socket],
+        )
+    };
+
+    // The trusted program connects (and keeps that connection open as the
+    // standard input of what it execs), then execs untrusted code, which
+    // connects again and asks; and the other way round. Retried until the
+    // trusted program exec'd by untrusted code is served (the agent has
+    // the SVID then).
+    let mut tries = 0;
+    let what = "the SVID for the trusted program exec'd by untrusted code";
+    let (as_untrusted, as_trusted) = within(PROMPTLY, what, async {
+        loop {
+            tries += 1;
+            let mut child = exec_into(&programs.trusted, untrusted);
+            let as_untrusted = first_line(&mut child).await;
+            let _ = child.wait();
+            let mut child = exec_into(&programs.untrusted, trusted);
+            let as_trusted = first_line(&mut child).await;
+            let _ = child.wait();
+            if as_trusted.starts_with("svid ") {
+                return (as_untrusted, as_trusted);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // Attested as itself (no entry for it), not refused for running
+    // something else than a shared attestation says.
+    assert!(as_untrusted.starts_with("refused PermissionDenied"), "{as_untrusted}");
+    assert_eq!(as_trusted, "svid spiffe://example.org/trusted");
+    // Every connection of those processes was attested in full: each new
+    // one came after an exec.
+    assert_eq!(attestations(&agent, "shared"), 0);
+    assert_eq!(attestations(&agent, "full"), 4 * tries);
+
+    // Control: a process that does not exec, connecting twice, is attested
+    // once; its second connection shares the first's attestation. Each
+    // connection is asked something (any answer: it was accepted, so
+    // attested) before the next step.
+    let address = format!("unix://{socket}");
+    let mut first = connect_workload_api(&address).await.unwrap();
+    let _ = first.fetch_jwt_bundles(with_header(Default::default())).await;
+    let mut second = connect_workload_api(&address).await.unwrap();
+    let _ = second.fetch_jwt_bundles(with_header(Default::default())).await;
+    assert_eq!(attestations(&agent, "shared"), 1);
+    assert_eq!(attestations(&agent, "full"), 4 * tries + 1);
     agent.stop().await;
     server.stop().await;
 }

@@ -68,7 +68,7 @@ use crate::workload::executable::{
     open_exe, running_exe, ExeHashes, Executable, HashLimits, PendingHash,
 };
 use crate::workload::names::Names;
-use crate::workload::peer::{ensure_alive, AttestError, PeerProcess};
+use crate::workload::peer::{ensure_alive, AttestError, PeerProcess, PinnedBy};
 
 /// What attestation found at accept: the selectors known at once, the
 /// executable the process ran, and possibly the executable's SHA-256 still
@@ -84,6 +84,8 @@ pub struct Attestation {
     /// The executable the process ran at accept (`None` when the agent could
     /// not open it: then there are no path/sha256 selectors either).
     pub executable: Option<Executable>,
+    /// Its path then, as `/proc/<pid>/exe` showed it (the `path` selector).
+    pub path: Option<String>,
 }
 
 /// Derives a caller's selectors, once per connection, and checks before
@@ -99,6 +101,17 @@ pub trait WorkloadAttestor: Send + Sync + fmt::Debug + 'static {
     /// Unix attestor's is one `statx` of cached attributes and one `poll`
     /// of the pidfd).
     fn verify(&self, peer: &PeerProcess, attestation: &Attestation) -> Result<(), AttestError>;
+
+    /// Whether `attestation`, made at the accept of `first`'s connection,
+    /// describes `peer` (another connection's peer) exactly as an
+    /// attestation of its own would: then the new connection takes it
+    /// instead of reading `/proc` again. Runs on the async worker, so, like
+    /// [`Self::verify`], it must not wait on I/O. Never, unless the attestor
+    /// says so.
+    fn shares(&self, first: &PeerProcess, attestation: &Attestation, peer: &PeerProcess) -> bool {
+        let _ = (first, attestation, peer);
+        false
+    }
 }
 
 /// Attests local processes by uid, gid, user and group names, supplementary
@@ -171,11 +184,13 @@ impl WorkloadAttestor for UnixAttestor {
         // a path read after an exec is caught by `verify` on every request.
         let mut pending_hash = None;
         let mut executable = None;
+        let mut exe_path = None;
         if let Ok((file, version)) = open_exe(pid) {
             executable = Some(Executable(version));
             if let Ok(path) = std::fs::read_link(format!("/proc/{pid}/exe")) {
                 if let Some(path) = path.to_str() {
                     push("path", path.to_string());
+                    exe_path = Some(path.to_string());
                 }
             }
             match self.hashes.lookup(pid, file, version) {
@@ -188,7 +203,7 @@ impl WorkloadAttestor for UnixAttestor {
         ensure_alive(pidfd, pid)?;
         // And it must still run what was opened: an exec while the path was
         // read would pair this file with another's path.
-        let attestation = Attestation { selectors, pending_hash, executable };
+        let attestation = Attestation { selectors, pending_hash, executable, path: exe_path };
         self.verify(peer, &attestation)?;
         Ok(attestation)
     }
@@ -213,6 +228,40 @@ impl WorkloadAttestor for UnixAttestor {
         }
         Ok(())
     }
+
+    /// Shared when the kernel pins both peers (`SO_PEERPIDFD`), with the
+    /// same PID, uid and gid at `connect()`; `peer` still runs the
+    /// executable `attestation` recorded, under the same path; and both
+    /// pinned processes live, `peer`'s checked first. `first` was pinned
+    /// before `peer` was checked, so if it still lives now it held its PID
+    /// all along, and a live `peer` with that PID is the same process
+    /// (a PID names one process at a time; it is reused only after its
+    /// process exited and was reaped). User and group names and the
+    /// supplementary groups are those found at `first`'s attestation: they
+    /// are what the process's first connection is served with too, for as
+    /// long as it runs the same executable.
+    fn shares(&self, first: &PeerProcess, attestation: &Attestation, peer: &PeerProcess) -> bool {
+        let (Some(pid), Some(first_pidfd)) = (peer.pid, first.pidfd.as_ref()) else {
+            return false;
+        };
+        let kernel_pinned = [first, peer].iter().all(|p| p.pinned_by == PinnedBy::PeerPidfd);
+        if !kernel_pinned
+            || first.pid != Some(pid)
+            || (first.uid, first.gid) != (peer.uid, peer.gid)
+        {
+            return false;
+        }
+        let path = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        if attestation.executable.is_none()
+            || path.as_deref().and_then(|p| p.to_str()) != attestation.path.as_deref()
+        {
+            return false;
+        }
+        // The same executable, then (statx), `peer` alive (its pidfd) ...
+        self.verify(peer, attestation).is_ok()
+            // ... and, after it, `first`.
+            && ensure_alive(first_pidfd, pid).is_ok()
+    }
 }
 
 fn supplementary_gids(status: &str) -> Vec<u32> {
@@ -226,7 +275,6 @@ fn supplementary_gids(status: &str) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::peer::PinnedBy;
     use std::os::unix::fs::MetadataExt;
 
     fn me() -> PeerProcess {

@@ -21,11 +21,13 @@ use tracing::{debug, warn};
 
 use crate::event_schema::{self as schema, kind, EventExt};
 use crate::event_spool::EventSpool;
+use crate::metrics::AgentMetrics;
 use crate::workload::attestor::{Attestation, WorkloadAttestor};
 use crate::workload::authority::RewriteAuthority;
 use crate::workload::h2_frames::goaway_frames;
 use crate::workload::limits::{PerUid, UidSlot, WorkloadLimits};
 use crate::workload::peer::{AttestError, PeerProcess};
+use crate::workload::shared::SharedAttestations;
 use tessera_proto::types::Workload;
 
 /// How long a connection whose process exec'd stays open after its refusal,
@@ -43,7 +45,7 @@ pub struct WorkloadPeer(pub(crate) Arc<Connection>);
 #[derive(Debug)]
 pub(crate) struct Connection {
     pub(crate) process: Arc<PeerProcess>,
-    pub(crate) attested: Result<Attestation, Refusal>,
+    pub(crate) attested: Result<Arc<Attestation>, Refusal>,
     pub(crate) closing: Closing,
 }
 
@@ -155,22 +157,28 @@ impl AsyncWrite for WorkloadConn {
 }
 
 /// Attestation work shared by the accept path and the requests: the
-/// attestor, and a bound on how many attestations (each reads `/proc` on a
+/// attestor, a bound on how many attestations (each reads `/proc` on a
 /// blocking thread) run at once, so a burst of callers queues instead of
-/// spawning hundreds of threads. Executable hashing happens outside it, on
-/// the attestor's own bounded pool.
+/// spawning hundreds of threads, and the attestations a process's next
+/// connection may take instead ([`SharedAttestations`]). Executable hashing
+/// happens outside the bound, on the attestor's own bounded pool.
 #[derive(Debug, Clone)]
 pub struct Attesting {
     attestor: Arc<dyn WorkloadAttestor>,
     permits: Arc<tokio::sync::Semaphore>,
+    shared: Arc<SharedAttestations>,
+    metrics: AgentMetrics,
 }
 
 impl Attesting {
-    /// Attestation with `attestor`, [`MAX_CONCURRENT_ATTESTATIONS`] at a time.
-    pub fn new(attestor: Arc<dyn WorkloadAttestor>) -> Self {
+    /// Attestation with `attestor`, [`MAX_CONCURRENT_ATTESTATIONS`] at a
+    /// time, counted in `metrics`.
+    pub fn new(attestor: Arc<dyn WorkloadAttestor>, metrics: AgentMetrics) -> Self {
         Self {
             attestor,
             permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_ATTESTATIONS)),
+            shared: Arc::default(),
+            metrics,
         }
     }
 
@@ -183,6 +191,48 @@ impl Attesting {
                 self.attestor.verify(&connection.process, attestation).map_err(Refusal::from)
             }
             Err(_) => Ok(()),
+        }
+    }
+
+    /// The peer of `stream` and its attestation: another connection's, when
+    /// the kernel pins the peer and the attestor finds that attestation
+    /// still describes it (on this thread: two socket options, a `readlink`
+    /// and a `statx`, no `/proc` file read); else its own, on a blocking
+    /// thread under a permit. `Err` when the peer could not be pinned.
+    async fn attest(
+        &self,
+        stream: UnixStream,
+    ) -> Result<(UnixStream, PeerProcess, Result<Arc<Attestation>, Refusal>), Refusal> {
+        let pinned = match PeerProcess::pinned_by_kernel(&stream) {
+            Ok(Ok(peer)) => Some(peer),
+            Ok(Err(_)) => None, // no SO_PEERPIDFD: pinned (checked) below
+            Err(e) => return Err(e.into()),
+        };
+        let shared = pinned.as_ref().and_then(|p| self.shared.for_peer(self.attestor.as_ref(), p));
+        let pinned = match (pinned, shared) {
+            (Some(peer), Some(attestation)) => {
+                self.metrics.attestation("shared");
+                return Ok((stream, peer, Ok(attestation)));
+            }
+            (pinned, _) => pinned,
+        };
+        self.metrics.attestation("full");
+        self.run(move |attestor| {
+            let process = match pinned {
+                Some(peer) => peer,
+                None => PeerProcess::of_socket(&stream)?,
+            };
+            let attested = attestor.attest(&process).map(Arc::new).map_err(Refusal::from);
+            Ok((stream, process, attested))
+        })
+        .await
+    }
+
+    /// Offers a new connection's own attestation to its process's next
+    /// connections.
+    fn remember(&self, connection: &Connection) {
+        if let Ok(attestation) = &connection.attested {
+            self.shared.remember(&connection.process, attestation);
         }
     }
 
@@ -270,17 +320,8 @@ pub fn incoming(
             let tx = tx.clone();
             let events = events.clone();
             tokio::spawn(async move {
-                let result = attesting
-                    .run(move |attestor| {
-                        let process = PeerProcess::of_socket(&stream)?;
-                        let attested = attestor.attest(&process);
-                        Ok((stream, process, attested))
-                    })
-                    .await;
-                let (stream, process, attested) = match result {
-                    Ok((stream, process, attested)) => {
-                        (stream, process, attested.map_err(Refusal::from))
-                    }
+                let (stream, process, attested) = match attesting.attest(stream).await {
+                    Ok(attested) => attested,
                     Err(refusal) => {
                         // Not pinned (it exited already, or, without
                         // SO_PEERPIDFD, its PID now names another process):
@@ -309,6 +350,7 @@ pub fn incoming(
                     attested,
                     closing: Closing::default(),
                 }));
+                attesting.remember(&peer.0);
                 let _ = tx
                     .send(Ok(WorkloadConn {
                         stream: RewriteAuthority::new(stream),

@@ -1,6 +1,6 @@
 //! The SPIFFE Workload API on the agent's Unix socket: the listener that
 //! attests every connection at accept (`peer`, `executable`, `names`,
-//! `attestor`),
+//! `attestor`, and `shared`: a process's connections share one attestation),
 //! the HTTP/2 adapter in front of the server (`authority`, `h2_frames`),
 //! the service (`service`, `api`) and its limits; and `client`, the
 //! agent CLI's own Workload API client.
@@ -20,3 +20,4 @@ pub mod listener;
 pub(crate) mod names;
 pub mod peer;
 pub mod service;
+pub(crate) mod shared;

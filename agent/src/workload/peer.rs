@@ -123,20 +123,34 @@ impl PeerProcess {
     /// `SO_PEERPIDFD`). On kernels without `SO_PEERPIDFD`, the PID is pinned
     /// with `pidfd_open` and must show the reported uid/gid in `/proc`.
     pub fn of_socket(socket: &impl AsFd) -> Result<Self, AttestError> {
+        match Self::pinned_by_kernel(socket)? {
+            Ok(peer) => Ok(peer),
+            Err((pid, uid, gid)) => Self::pin_checked(pid, uid, gid),
+        }
+    }
+
+    /// [`Self::of_socket`] where the kernel pins the peer itself
+    /// (`SO_PEERPIDFD`): two socket options, nothing read from `/proc`, so
+    /// it may run on an async thread. Without `SO_PEERPIDFD`, the
+    /// credentials `SO_PEERCRED` reported, for [`Self::of_socket`]'s
+    /// checked pin.
+    pub fn pinned_by_kernel(
+        socket: &impl AsFd,
+    ) -> Result<Result<Self, (i32, u32, u32)>, AttestError> {
         let cred = rustix::net::sockopt::socket_peercred(socket)
             .map_err(|e| AttestError::PeerCredentials(e.into()))?;
         let (pid, uid, gid) =
             (cred.pid.as_raw_nonzero().get(), cred.uid.as_raw(), cred.gid.as_raw());
         match nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::PeerPidfd) {
-            Ok(pidfd) => Ok(Self {
+            Ok(pidfd) => Ok(Ok(Self {
                 pid: Some(pid),
                 uid,
                 gid,
                 pidfd: Some(pidfd),
                 pinned_by: PinnedBy::PeerPidfd,
-            }),
+            })),
             Err(nix::errno::Errno::ENOPROTOOPT | nix::errno::Errno::EINVAL) => {
-                Self::pin_checked(pid, uid, gid)
+                Ok(Err((pid, uid, gid)))
             }
             Err(e) => Err(AttestError::Pin { pid, source: e.into() }),
         }
