@@ -103,13 +103,19 @@ pub trait WorkloadAttestor: Send + Sync + fmt::Debug + 'static {
     fn verify(&self, peer: &PeerProcess, attestation: &Attestation) -> Result<(), AttestError>;
 
     /// Whether `attestation`, made at the accept of `first`'s connection,
-    /// describes `peer` (another connection's peer) exactly as an
-    /// attestation of its own would: then the new connection takes it
-    /// instead of reading `/proc` again. Runs on the async worker, so, like
-    /// [`Self::verify`], it must not wait on I/O. Never, unless the attestor
-    /// says so.
-    fn shares(&self, first: &PeerProcess, attestation: &Attestation, peer: &PeerProcess) -> bool {
-        let _ = (first, attestation, peer);
+    /// may stand for `peer`'s own (another connection of the same process):
+    /// then the new connection takes it instead of reading `/proc` again.
+    /// What the attestor does not check again here is served as it was
+    /// found for `first` (as `first`'s connection is served with it); an
+    /// attestor that adds a selector must check what it depends on here.
+    /// Runs on the async worker, so, like [`Self::verify`], it must not
+    /// wait on I/O. Never, unless the attestor says so.
+    fn shares(
+        &self,
+        _first: &PeerProcess,
+        _attestation: &Attestation,
+        _peer: &PeerProcess,
+    ) -> bool {
         false
     }
 }
@@ -236,10 +242,13 @@ impl WorkloadAttestor for UnixAttestor {
     /// before `peer` was checked, so if it still lives now it held its PID
     /// all along, and a live `peer` with that PID is the same process
     /// (a PID names one process at a time; it is reused only after its
-    /// process exited and was reaped). User and group names and the
-    /// supplementary groups are those found at `first`'s attestation: they
-    /// are what the process's first connection is served with too, for as
-    /// long as it runs the same executable.
+    /// process exited and was reaped). Not checked again: user and group
+    /// names and the supplementary groups, which are those found at
+    /// `first`'s attestation, as `first`'s connection is served with them
+    /// while it runs the same executable (a process that changes only its
+    /// supplementary groups, which needs `CAP_SETGID`, keeps the old ones
+    /// on new connections while that connection is open). Every other
+    /// selector follows from the uid, the gid and the executable.
     fn shares(&self, first: &PeerProcess, attestation: &Attestation, peer: &PeerProcess) -> bool {
         let (Some(pid), Some(first_pidfd)) = (peer.pid, first.pidfd.as_ref()) else {
             return false;

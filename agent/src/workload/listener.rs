@@ -26,7 +26,7 @@ use crate::workload::attestor::{Attestation, WorkloadAttestor};
 use crate::workload::authority::RewriteAuthority;
 use crate::workload::h2_frames::goaway_frames;
 use crate::workload::limits::{PerUid, UidSlot, WorkloadLimits};
-use crate::workload::peer::{AttestError, PeerProcess};
+use crate::workload::peer::{AttestError, PeerProcess, Pinned};
 use crate::workload::shared::SharedAttestations;
 use tessera_proto::types::Workload;
 
@@ -48,6 +48,10 @@ pub(crate) struct Connection {
     pub(crate) attested: Result<Arc<Attestation>, Refusal>,
     pub(crate) closing: Closing,
 }
+
+/// An accepted connection's stream, its pinned peer, and what attestation
+/// found.
+type Attested = (UnixStream, Arc<PeerProcess>, Result<Arc<Attestation>, Refusal>);
 
 /// Why a connection could not be attested at accept.
 #[derive(Debug, Clone)]
@@ -194,46 +198,42 @@ impl Attesting {
         }
     }
 
-    /// The peer of `stream` and its attestation: another connection's, when
-    /// the kernel pins the peer and the attestor finds that attestation
-    /// still describes it (on this thread: two socket options, a `readlink`
-    /// and a `statx`, no `/proc` file read); else its own, on a blocking
-    /// thread under a permit. `Err` when the peer could not be pinned.
-    async fn attest(
-        &self,
-        stream: UnixStream,
-    ) -> Result<(UnixStream, PeerProcess, Result<Arc<Attestation>, Refusal>), Refusal> {
+    /// The peer of `stream` and its attestation: that of an open
+    /// connection of the same process attested in full, when the kernel
+    /// pins the peer and the attestor finds that attestation still
+    /// describes it (on this thread: two socket options, a `readlink` and
+    /// a `statx` of `/proc/<pid>/exe`, no `/proc` file read); else its own,
+    /// on a blocking thread under a permit, then offered to the process's
+    /// next connections. `Err` when the peer could not be pinned.
+    async fn attest(&self, stream: UnixStream) -> Result<Attested, Refusal> {
         let pinned = match PeerProcess::pinned_by_kernel(&stream) {
-            Ok(Ok(peer)) => Some(peer),
-            Ok(Err(_)) => None, // no SO_PEERPIDFD: pinned (checked) below
+            Ok(Pinned::ByKernel(peer)) => Some(peer),
+            Ok(Pinned::NotByThisKernel { .. }) => None, // pinned (checked) below
             Err(e) => return Err(e.into()),
         };
         let shared = pinned.as_ref().and_then(|p| self.shared.for_peer(self.attestor.as_ref(), p));
         let pinned = match (pinned, shared) {
             (Some(peer), Some(attestation)) => {
                 self.metrics.attestation("shared");
-                return Ok((stream, peer, Ok(attestation)));
+                return Ok((stream, Arc::new(peer), Ok(attestation)));
             }
             (pinned, _) => pinned,
         };
-        self.metrics.attestation("full");
-        self.run(move |attestor| {
-            let process = match pinned {
-                Some(peer) => peer,
-                None => PeerProcess::of_socket(&stream)?,
-            };
-            let attested = attestor.attest(&process).map(Arc::new).map_err(Refusal::from);
-            Ok((stream, process, attested))
-        })
-        .await
-    }
-
-    /// Offers a new connection's own attestation to its process's next
-    /// connections.
-    fn remember(&self, connection: &Connection) {
-        if let Ok(attestation) = &connection.attested {
-            self.shared.remember(&connection.process, attestation);
+        let (stream, process, attested) = self
+            .run(move |attestor| {
+                let process = match pinned {
+                    Some(peer) => peer,
+                    None => PeerProcess::of_socket(&stream)?,
+                };
+                let attested = attestor.attest(&process).map(Arc::new).map_err(Refusal::from);
+                Ok((stream, Arc::new(process), attested))
+            })
+            .await?;
+        if let Ok(attestation) = &attested {
+            self.metrics.attestation("full");
+            self.shared.remember(&process, attestation);
         }
+        Ok((stream, process, attested))
     }
 
     /// Runs `work` on a blocking thread, under a permit.
@@ -346,11 +346,10 @@ pub fn incoming(
                     }
                 };
                 let peer = WorkloadPeer(Arc::new(Connection {
-                    process: Arc::new(process),
+                    process,
                     attested,
                     closing: Closing::default(),
                 }));
-                attesting.remember(&peer.0);
                 let _ = tx
                     .send(Ok(WorkloadConn {
                         stream: RewriteAuthority::new(stream),

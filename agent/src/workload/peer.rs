@@ -98,6 +98,34 @@ pub enum PinnedBy {
     PidfdOpen,
 }
 
+/// What [`PeerProcess::pinned_by_kernel`] found.
+#[derive(Debug)]
+pub enum Pinned {
+    /// The kernel pinned the peer (`SO_PEERPIDFD`).
+    ByKernel(PeerProcess),
+    /// This kernel has no `SO_PEERPIDFD`: the peer's credentials as
+    /// `SO_PEERCRED` reported them, to be pinned by PID and checked.
+    NotByThisKernel {
+        /// The PID.
+        pid: i32,
+        /// The effective uid.
+        uid: u32,
+        /// The effective gid.
+        gid: u32,
+    },
+}
+
+/// Whether this kernel has `SO_PEERPIDFD` (Linux 6.5 and later): asked
+/// once, of a socket pair whose peer is this process, alive.
+fn kernel_has_peer_pidfd() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::os::unix::net::UnixStream::pair().is_ok_and(|(ours, _theirs)| {
+            nix::sys::socket::getsockopt(&ours, nix::sys::socket::sockopt::PeerPidfd).is_ok()
+        })
+    })
+}
+
 impl fmt::Debug for PeerProcess {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PeerProcess")
@@ -124,33 +152,38 @@ impl PeerProcess {
     /// with `pidfd_open` and must show the reported uid/gid in `/proc`.
     pub fn of_socket(socket: &impl AsFd) -> Result<Self, AttestError> {
         match Self::pinned_by_kernel(socket)? {
-            Ok(peer) => Ok(peer),
-            Err((pid, uid, gid)) => Self::pin_checked(pid, uid, gid),
+            Pinned::ByKernel(peer) => Ok(peer),
+            Pinned::NotByThisKernel { pid, uid, gid } => Self::pin_checked(pid, uid, gid),
         }
     }
 
     /// [`Self::of_socket`] where the kernel pins the peer itself
     /// (`SO_PEERPIDFD`): two socket options, nothing read from `/proc`, so
-    /// it may run on an async thread. Without `SO_PEERPIDFD`, the
-    /// credentials `SO_PEERCRED` reported, for [`Self::of_socket`]'s
-    /// checked pin.
-    pub fn pinned_by_kernel(
-        socket: &impl AsFd,
-    ) -> Result<Result<Self, (i32, u32, u32)>, AttestError> {
-        let cred = rustix::net::sockopt::socket_peercred(socket)
+    /// it may run on an async thread. A PID the agent cannot see (0: the
+    /// peer's PID namespace is not the agent's, nor below it) is refused.
+    /// Where the kernel has `SO_PEERPIDFD` (asked once, of a socket pair of
+    /// the agent's own), a peer it cannot pin has exited (Linux 6.5–6.8 say
+    /// `EINVAL` for that), and is refused: never pinned again by a PID
+    /// that may have been reused.
+    pub fn pinned_by_kernel(socket: &impl AsFd) -> Result<Pinned, AttestError> {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let cred = getsockopt(socket, sockopt::PeerCredentials)
             .map_err(|e| AttestError::PeerCredentials(e.into()))?;
-        let (pid, uid, gid) =
-            (cred.pid.as_raw_nonzero().get(), cred.uid.as_raw(), cred.gid.as_raw());
-        match nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::PeerPidfd) {
-            Ok(pidfd) => Ok(Ok(Self {
+        let (pid, uid, gid) = (cred.pid(), cred.uid(), cred.gid());
+        if pid <= 0 {
+            return Err(AttestError::NoPid);
+        }
+        match getsockopt(socket, sockopt::PeerPidfd) {
+            Ok(pidfd) => Ok(Pinned::ByKernel(Self {
                 pid: Some(pid),
                 uid,
                 gid,
                 pidfd: Some(pidfd),
                 pinned_by: PinnedBy::PeerPidfd,
             })),
-            Err(nix::errno::Errno::ENOPROTOOPT | nix::errno::Errno::EINVAL) => {
-                Ok(Err((pid, uid, gid)))
+            Err(_) if !kernel_has_peer_pidfd() => Ok(Pinned::NotByThisKernel { pid, uid, gid }),
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ESRCH) => {
+                Err(AttestError::Exited(pid))
             }
             Err(e) => Err(AttestError::Pin { pid, source: e.into() }),
         }
@@ -217,6 +250,38 @@ mod tests {
         let err = PeerProcess::pin_checked(pid, meta.uid() + 1, meta.gid()).unwrap_err();
         assert!(matches!(err, AttestError::CredentialsMismatch { pid: p } if p == pid), "{err}");
         assert_eq!(err.code(), "credentials_mismatch");
+    }
+
+    /// A peer that connected and has exited (and been reaped) since: on a
+    /// kernel with `SO_PEERPIDFD` it is refused as exited, never pinned by
+    /// its PID (which another process may hold by now).
+    #[test]
+    fn a_peer_gone_before_accept_is_refused_not_pinned_by_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let connect = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])";
+        let status =
+            match std::process::Command::new("python3").args(["-c", connect]).arg(&path).status() {
+                Ok(status) => status,
+                Err(e) => {
+                    eprintln!("SKIPPED: no python3 to connect and exit ({e})");
+                    return;
+                }
+            };
+        assert!(status.success());
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(kernel_has_peer_pidfd(), "this kernel has SO_PEERPIDFD");
+        match PeerProcess::pinned_by_kernel(&accepted) {
+            // Linux 6.5 to 6.x: no pidfd for a reaped peer.
+            Err(AttestError::Exited(_)) => {}
+            // Later kernels pin exited processes too; the pidfd says so.
+            Ok(Pinned::ByKernel(peer)) => {
+                let (pidfd, pid) = (peer.pidfd.as_ref().unwrap(), peer.pid.unwrap());
+                assert!(matches!(ensure_alive(pidfd, pid), Err(AttestError::Exited(_))));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! Attestations shared by the connections of one process: the newest
-//! attestation of each PID with an open connection, so that the process's
-//! next connection can take it (when the attestor finds it still describes
-//! that process: [`WorkloadAttestor::shares`]) instead of reading `/proc`
-//! on a blocking thread again. Holds nothing alive: an entry goes when the
-//! last connection using it closes. Depends on `attestor` and `peer`.
+//! Attestations shared by the connections of one process: for each PID,
+//! the newest attestation made in full (read from `/proc`) whose process
+//! and connection are still there, so that the process's next connections
+//! can take it (when the attestor finds it still describes the new peer:
+//! [`WorkloadAttestor::shares`]) instead of reading `/proc` on a blocking
+//! thread again. A shared attestation is never offered on: once the
+//! connection attested in full closes, the process's next connection is
+//! attested in full. Holds nothing alive (no pidfd, no open executable):
+//! entries whose connection closed are swept as new ones come. Depends on
+//! `attestor` and `peer`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -27,7 +31,8 @@ struct Inner {
 }
 
 impl SharedAttestations {
-    /// Records `attestation`, made for `process`, as its PID's newest.
+    /// Records `attestation`, made in full for `process`, as its PID's
+    /// newest.
     pub(crate) fn remember(&self, process: &Arc<PeerProcess>, attestation: &Arc<Attestation>) {
         let Some(pid) = process.pid else { return };
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -114,10 +119,14 @@ mod tests {
         let got = shared.for_peer(&attestor, &again).expect("the same process shares");
         assert!(Arc::ptr_eq(&got, &attestation));
 
-        // Another uid at connect (a setuid between the two connections).
+        // Another uid or gid at connect (a setuid or setgid between the two
+        // connections).
         let mut other_uid = kernel_pinned(pid, &children.0[0]);
         other_uid.uid += 1;
         assert!(shared.for_peer(&attestor, &other_uid).is_none());
+        let mut other_gid = kernel_pinned(pid, &children.0[0]);
+        other_gid.gid += 1;
+        assert!(shared.for_peer(&attestor, &other_gid).is_none());
         // Pinned from the PID (older kernels): never shared.
         let mut by_pid = kernel_pinned(pid, &children.0[0]);
         by_pid.pinned_by = PinnedBy::PidfdOpen;
@@ -174,6 +183,48 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         assert!(after.is_none(), "shared across an exec");
+    }
+
+    /// The same path, another file: the process execs its own path again
+    /// after another file was renamed over it. Only the executable's
+    /// identity (`statx`) tells them apart, and nothing is shared.
+    #[test]
+    fn another_file_at_the_same_path_does_not_share() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let prog = dir.path().join("prog");
+        std::fs::copy(std::fs::canonicalize("/bin/sh").unwrap(), &prog).unwrap();
+        let script = format!("read line; exec {} -c 'read line; sleep 30'", prog.display());
+        let mut child = std::process::Command::new(&prog)
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let attestor = UnixAttestor::new();
+        let shared = SharedAttestations::default();
+        let first = Arc::new(kernel_pinned(pid, &child));
+        let attestation = Arc::new(attestor.attest(&first).unwrap());
+        shared.remember(&first, &attestation);
+        // A copy of the same shell renamed over the path (another inode).
+        let copy = dir.path().join("prog.new");
+        std::fs::copy(&prog, &copy).unwrap();
+        std::fs::rename(&copy, &prog).unwrap();
+        child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        let exe = format!("/proc/{pid}/exe");
+        for _ in 0..3000 {
+            if std::fs::read_link(&exe).unwrap() == prog {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let path = std::fs::read_link(&exe).unwrap();
+        let after = shared.for_peer(&attestor, &kernel_pinned(pid, &child));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(path, prog, "the process runs its path again");
+        assert_eq!(attestation.path.as_deref(), prog.to_str());
+        assert!(after.is_none(), "shared with another file at the same path");
     }
 
     /// Entries of closed connections are swept: the map stays within
