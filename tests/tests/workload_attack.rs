@@ -88,6 +88,42 @@ async fn setup(dir: &Path) -> (TestServer, RunningAgent) {
     (server, agent)
 }
 
+/// An entry giving `id` to the trusted program run as uid 65534.
+async fn trust(server: &TestServer, agent: &RunningAgent, programs: &Programs, id: &str) {
+    let trusted = programs.trusted.to_str().unwrap();
+    let selectors = [
+        format!("unix:uid:{NOBODY}"),
+        format!("unix:path:{trusted}"),
+        format!("unix:sha256:{}", programs.trusted_sha256),
+    ];
+    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
+    server.create_entry(id, &agent.id, &selectors, None).await;
+}
+
+/// What the tests that run a workload as uid 65534 start from (`None`,
+/// with a note, unless the tests run as root): this file's lock, a server,
+/// an agent whose socket every uid can reach, and the two programs.
+struct Scene {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+    dir: tempfile::TempDir,
+    programs: Programs,
+    server: TestServer,
+    agent: RunningAgent,
+    socket: String,
+}
+
+async fn scene() -> Option<Scene> {
+    let _serial = SERIAL.lock().await;
+    if !root_or_skip("running a workload as another uid") {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let programs = programs(dir.path());
+    let (server, agent) = setup(dir.path()).await;
+    let socket = agent.socket.to_str().unwrap().to_string();
+    Some(Scene { _serial, dir, programs, server, agent, socket })
+}
+
 /// Runs `program args` as uid/gid 65534 with no supplementary groups, its
 /// standard output piped.
 fn as_nobody(program: &Path, args: &[&str]) -> Child {
@@ -140,27 +176,11 @@ fn attr<'a>(e: &'a Event, key: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_keeps_the_program_that_opened_it() {
-    let _serial = SERIAL.lock().await;
-    if !root_or_skip("running a workload as another uid") {
+    let Some(Scene { _serial, dir: _dir, programs, server, agent, socket }) = scene().await else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let programs = programs(dir.path());
-    let (server, agent) = setup(dir.path()).await;
-    let socket = agent.socket.to_str().unwrap().to_string();
+    };
     let trusted = programs.trusted.to_str().unwrap();
-    server
-        .create_entry(
-            "spiffe://example.org/trusted",
-            &agent.id,
-            &[
-                &format!("unix:uid:{NOBODY}"),
-                &format!("unix:path:{trusted}"),
-                &format!("unix:sha256:{}", programs.trusted_sha256),
-            ],
-            None,
-        )
-        .await;
+    trust(&server, &agent, &programs, "spiffe://example.org/trusted").await;
 
     // Control: the trusted program itself, on its own connection, is served
     // (retried until the agent has the entry and its SVID).
@@ -263,28 +283,12 @@ fn attestations(agent: &RunningAgent, how: &str) -> u64 {
 /// by untrusted code gets its SVID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_connection_after_an_exec_is_attested_as_what_runs_then() {
-    let _serial = SERIAL.lock().await;
-    if !root_or_skip("running a workload as another uid") {
+    let Some(Scene { _serial, dir: _dir, programs, server, agent, socket }) = scene().await else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let programs = programs(dir.path());
-    let (server, agent) = setup(dir.path()).await;
-    let socket = agent.socket.to_str().unwrap().to_string();
+    };
     let (trusted, untrusted) =
         (programs.trusted.to_str().unwrap(), programs.untrusted.to_str().unwrap());
-    server
-        .create_entry(
-            "spiffe://example.org/trusted",
-            &agent.id,
-            &[
-                &format!("unix:uid:{NOBODY}"),
-                &format!("unix:path:{trusted}"),
-                &format!("unix:sha256:{}", programs.trusted_sha256),
-            ],
-            None,
-        )
-        .await;
+    trust(&server, &agent, &programs, "spiffe://example.org/trusted").await;
     let exec_into = |first: &Path, then: &str| {
         as_nobody(
             first,
@@ -347,22 +351,10 @@ async fn a_new_connection_after_an_exec_is_attested_as_what_runs_then() {
 /// included). The connection is closed instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_stream_sends_nothing_more_after_its_process_execs() {
-    let _serial = SERIAL.lock().await;
-    if !root_or_skip("running a workload as another uid") {
+    let Some(Scene { _serial, dir: _dir, programs, server, agent, socket }) = scene().await else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let programs = programs(dir.path());
-    let (server, agent) = setup(dir.path()).await;
-    let socket = agent.socket.to_str().unwrap().to_string();
-    let trusted = programs.trusted.to_str().unwrap();
-    let selectors = [
-        format!("unix:uid:{NOBODY}"),
-        format!("unix:path:{trusted}"),
-        format!("unix:sha256:{}", programs.trusted_sha256),
-    ];
-    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
-    server.create_entry("spiffe://example.org/trusted", &agent.id, &selectors, None).await;
+    };
+    trust(&server, &agent, &programs, "spiffe://example.org/trusted").await;
     // Wait until the agent serves it.
     within(PROMPTLY, "the trusted program's SVID", async {
         loop {
@@ -406,7 +398,7 @@ async fn an_open_stream_sends_nothing_more_after_its_process_execs() {
         if read.len() == 2 {
             assert_eq!(read[0], "streaming spiffe://example.org/trusted");
             assert_eq!(read[1], "ready", "the untrusted code runs");
-            server.create_entry("spiffe://example.org/second", &agent.id, &selectors, None).await;
+            trust(&server, &agent, &programs, "spiffe://example.org/second").await;
         }
         read.push(within(PROMPTLY, "the probe's next line", lines.recv()).await.unwrap());
     }

@@ -462,12 +462,8 @@ mod tests {
     /// refused by `verify`; one that still runs its program is not.
     #[test]
     fn an_exec_after_attestation_is_caught_by_verify() {
-        use std::io::Write;
-        let mut child = std::process::Command::new("/bin/sh")
-            .args(["-c", "read line; exec /bin/sleep 30"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        use crate::workload::exec_on_cue::{cue_and_wait, shell_then};
+        let mut child = shell_then(std::path::Path::new("/bin/sh"), "/bin/sleep 30");
         let pid = child.id() as i32;
         let peer = PeerProcess::pin(Some(pid), 0, 0);
         let attestor = UnixAttestor::new();
@@ -475,14 +471,7 @@ mod tests {
         assert!(attestation.executable.is_some());
         attestor.verify(&peer, &attestation).unwrap();
         let shell = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-        // Wait (bounded) until the shell has exec'd sleep.
-        for _ in 0..3000 {
-            if std::fs::read_link(format!("/proc/{pid}/exe")).unwrap() != shell {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        cue_and_wait(&mut child, |now| now != shell);
         let err = attestor.verify(&peer, &attestation).unwrap_err();
         let _ = child.kill();
         let _ = child.wait();

@@ -13,6 +13,8 @@ pub mod api;
 pub mod attestor;
 pub mod authority;
 pub mod client;
+#[cfg(test)]
+pub(crate) mod exec_on_cue;
 pub mod executable;
 pub mod h2_frames;
 pub mod limits;

@@ -69,9 +69,11 @@ impl SharedAttestations {
 mod tests {
     use super::*;
     use crate::workload::attestor::UnixAttestor;
+    use crate::workload::exec_on_cue::{cue_and_wait, shell_then};
     use crate::workload::peer::PinnedBy;
     use std::os::fd::OwnedFd;
     use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
 
     fn sleeper() -> std::process::Child {
         std::process::Command::new("sleep").arg("30").spawn().unwrap()
@@ -93,6 +95,19 @@ mod tests {
         }
     }
 
+    /// `child`'s first connection: attested in full and remembered (the
+    /// peer returned, so that the registry's weak reference holds).
+    fn first_connection(
+        attestor: &UnixAttestor,
+        shared: &SharedAttestations,
+        child: &std::process::Child,
+    ) -> (Arc<PeerProcess>, Arc<Attestation>) {
+        let first = Arc::new(kernel_pinned(child.id(), child));
+        let attestation = Arc::new(attestor.attest(&first).unwrap());
+        shared.remember(&first, &attestation);
+        (first, attestation)
+    }
+
     struct Killed(Vec<std::process::Child>);
     impl Drop for Killed {
         fn drop(&mut self) {
@@ -112,9 +127,7 @@ mod tests {
         let shared = SharedAttestations::default();
         let children = Killed(vec![sleeper()]);
         let pid = children.0[0].id();
-        let first = Arc::new(kernel_pinned(pid, &children.0[0]));
-        let attestation = Arc::new(attestor.attest(&first).unwrap());
-        shared.remember(&first, &attestation);
+        let (_first, attestation) = first_connection(&attestor, &shared, &children.0[0]);
         let again = kernel_pinned(pid, &children.0[0]);
         let got = shared.for_peer(&attestor, &again).expect("the same process shares");
         assert!(Arc::ptr_eq(&got, &attestation));
@@ -158,27 +171,13 @@ mod tests {
     /// does not get that connection's attestation.
     #[test]
     fn a_process_that_execd_since_does_not_share() {
-        use std::io::Write;
-        let mut child = std::process::Command::new("/bin/sh")
-            .args(["-c", "read line; exec /bin/sleep 30"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = shell_then(Path::new("/bin/sh"), "/bin/sleep 30");
         let pid = child.id();
-        let attestor = UnixAttestor::new();
-        let shared = SharedAttestations::default();
-        let first = Arc::new(kernel_pinned(pid, &child));
-        let attestation = Arc::new(attestor.attest(&first).unwrap());
-        shared.remember(&first, &attestation);
+        let (attestor, shared) = (UnixAttestor::new(), SharedAttestations::default());
+        let _first = first_connection(&attestor, &shared, &child);
         assert!(shared.for_peer(&attestor, &kernel_pinned(pid, &child)).is_some());
         let shell = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-        for _ in 0..3000 {
-            if std::fs::read_link(format!("/proc/{pid}/exe")).unwrap() != shell {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        cue_and_wait(&mut child, |now| now != shell);
         let after = shared.for_peer(&attestor, &kernel_pinned(pid, &child));
         let _ = child.kill();
         let _ = child.wait();
@@ -190,35 +189,18 @@ mod tests {
     /// identity (`statx`) tells them apart, and nothing is shared.
     #[test]
     fn another_file_at_the_same_path_does_not_share() {
-        use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let prog = dir.path().join("prog");
         std::fs::copy(std::fs::canonicalize("/bin/sh").unwrap(), &prog).unwrap();
-        let script = format!("read line; exec {} -c 'read line; sleep 30'", prog.display());
-        let mut child = std::process::Command::new(&prog)
-            .args(["-c", &script])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = shell_then(&prog, &format!("{} -c 'read line; sleep 30'", prog.display()));
         let pid = child.id();
-        let attestor = UnixAttestor::new();
-        let shared = SharedAttestations::default();
-        let first = Arc::new(kernel_pinned(pid, &child));
-        let attestation = Arc::new(attestor.attest(&first).unwrap());
-        shared.remember(&first, &attestation);
+        let (attestor, shared) = (UnixAttestor::new(), SharedAttestations::default());
+        let (_first, attestation) = first_connection(&attestor, &shared, &child);
         // A copy of the same shell renamed over the path (another inode).
         let copy = dir.path().join("prog.new");
         std::fs::copy(&prog, &copy).unwrap();
         std::fs::rename(&copy, &prog).unwrap();
-        child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
-        let exe = format!("/proc/{pid}/exe");
-        for _ in 0..3000 {
-            if std::fs::read_link(&exe).unwrap() == prog {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let path = std::fs::read_link(&exe).unwrap();
+        let path = cue_and_wait(&mut child, |now| now == prog);
         let after = shared.for_peer(&attestor, &kernel_pinned(pid, &child));
         let _ = child.kill();
         let _ = child.wait();
