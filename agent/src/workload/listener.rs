@@ -206,25 +206,19 @@ impl Attesting {
     /// on a blocking thread under a permit, then offered to the process's
     /// next connections. `Err` when the peer could not be pinned.
     async fn attest(&self, stream: UnixStream) -> Result<Attested, Refusal> {
-        let pinned = match PeerProcess::pinned_by_kernel(&stream) {
-            Ok(Pinned::ByKernel(peer)) => Some(peer),
-            Ok(Pinned::NotByThisKernel { .. }) => None, // pinned (checked) below
-            Err(e) => return Err(e.into()),
-        };
-        let shared = pinned.as_ref().and_then(|p| self.shared.for_peer(self.attestor.as_ref(), p));
-        let pinned = match (pinned, shared) {
-            (Some(peer), Some(attestation)) => {
-                self.metrics.attestation("shared");
-                return Ok((stream, Arc::new(peer), Ok(attestation)));
-            }
-            (pinned, _) => pinned,
+        let pinned = match PeerProcess::pinned_by_kernel(&stream)? {
+            Pinned::ByKernel(peer) => match self.shared.for_peer(self.attestor.as_ref(), &peer) {
+                Some(attestation) => {
+                    self.metrics.attestation("shared");
+                    return Ok((stream, Arc::new(peer), Ok(attestation)));
+                }
+                None => Pinned::ByKernel(peer),
+            },
+            by_pid => by_pid, // pinned (and checked) below
         };
         let (stream, process, attested) = self
             .run(move |attestor| {
-                let process = match pinned {
-                    Some(peer) => peer,
-                    None => PeerProcess::of_socket(&stream)?,
-                };
+                let process = pinned.pin()?;
                 let attested = attestor.attest(&process).map(Arc::new).map_err(Refusal::from);
                 Ok((stream, Arc::new(process), attested))
             })

@@ -115,6 +115,18 @@ pub enum Pinned {
     },
 }
 
+impl Pinned {
+    /// The peer, pinned: as the kernel pinned it, or (without
+    /// `SO_PEERPIDFD`) by its PID, checked against the reported
+    /// credentials. The latter reads `/proc`: on a blocking thread.
+    pub fn pin(self) -> Result<PeerProcess, AttestError> {
+        match self {
+            Self::ByKernel(peer) => Ok(peer),
+            Self::NotByThisKernel { pid, uid, gid } => PeerProcess::pin_checked(pid, uid, gid),
+        }
+    }
+}
+
 /// Whether this kernel has `SO_PEERPIDFD` (Linux 6.5 and later): asked
 /// once, of a socket pair whose peer is this process, alive.
 fn kernel_has_peer_pidfd() -> bool {
@@ -151,10 +163,7 @@ impl PeerProcess {
     /// `SO_PEERPIDFD`). On kernels without `SO_PEERPIDFD`, the PID is pinned
     /// with `pidfd_open` and must show the reported uid/gid in `/proc`.
     pub fn of_socket(socket: &impl AsFd) -> Result<Self, AttestError> {
-        match Self::pinned_by_kernel(socket)? {
-            Pinned::ByKernel(peer) => Ok(peer),
-            Pinned::NotByThisKernel { pid, uid, gid } => Self::pin_checked(pid, uid, gid),
-        }
+        Self::pinned_by_kernel(socket)?.pin()
     }
 
     /// [`Self::of_socket`] where the kernel pins the peer itself
