@@ -276,3 +276,35 @@ fn repeated_answers_spool_two_events_per_interval() {
     let folded = queue[1].attrs.iter().find(|a| a.key == "folded").map(|a| a.value.as_str());
     assert_eq!(folded, Some("4999"));
 }
+
+#[test]
+fn a_write_that_fails_keeps_its_events_until_a_later_write_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool(dir.path(), DEFAULT_SPOOL_BYTES);
+    spool.emit(fetch(0));
+    spool.sync();
+    // The disk fills: every write to the spool fails (ENOSPC).
+    let full = std::fs::OpenOptions::new().read(true).write(true).open("/dev/full").unwrap();
+    let real = std::mem::replace(&mut *spool.file.lock().unwrap(), full);
+    for n in 1..4 {
+        spool.emit(fetch(n));
+    }
+    spool.sync();
+    spool.sync();
+    assert_eq!(spool.depth(), 4, "the events whose writes failed are still queued");
+    {
+        let inner = spool.inner.lock().unwrap();
+        assert!(!inner.unwritten.is_empty(), "and still waiting to be written");
+        assert_eq!(inner.written() + inner.unwritten.len() as u64, inner.file_len);
+    }
+    let on_disk = std::fs::metadata(dir.path().join("events.spool")).unwrap().len();
+    // The disk has room again: the next sync writes them, in order, after
+    // the first, and a restart finds them all.
+    *spool.file.lock().unwrap() = real;
+    spool.emit(fetch(4));
+    let expected: Vec<(u64, String)> = (0..5).map(|n| (n + 1, n.to_string())).collect();
+    assert_eq!(queued(&spool), expected);
+    assert!(std::fs::metadata(dir.path().join("events.spool")).unwrap().len() > on_disk);
+    drop(spool);
+    assert_eq!(queued(&self::spool(dir.path(), DEFAULT_SPOOL_BYTES)), expected);
+}

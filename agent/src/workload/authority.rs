@@ -308,7 +308,9 @@ pub struct RewriteAuthority<S> {
     /// Rewritten bytes not yet handed to the reader.
     out: Vec<u8>,
     out_pos: usize,
-    input: Box<[u8]>,
+    /// Where reads land: capacity only, never filled in, so a connection
+    /// costs the memory its bytes touch, not 16 KiB written at accept.
+    input: Vec<u8>,
 }
 
 impl<S> RewriteAuthority<S> {
@@ -319,7 +321,7 @@ impl<S> RewriteAuthority<S> {
             rewriter: AuthorityRewriter::new(),
             out: Vec::new(),
             out_pos: 0,
-            input: vec![0u8; 16 * 1024].into_boxed_slice(),
+            input: Vec::with_capacity(16 * 1024),
         }
     }
 
@@ -347,7 +349,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for RewriteAuthority<S> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            let mut input = ReadBuf::new(&mut this.input);
+            let mut input = ReadBuf::uninit(this.input.spare_capacity_mut());
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut input))?;
             if input.filled().is_empty() {
                 return Poll::Ready(Ok(())); // end of stream

@@ -66,7 +66,7 @@ const BOUNDS: &[Bound] = &[
         key: "streams_p99_ratio",
         what: "1,000 streams p99, agent / no-attestation server",
         target: Good::AtMost(2.0),
-        bound: Good::AtMost(4.0),
+        bound: Good::AtMost(3.0),
     },
     Bound {
         key: "events_issue_ratio",
