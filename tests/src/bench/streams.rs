@@ -16,6 +16,9 @@ use crate::workload::{concurrent_first_responses, me, open_stream};
 
 /// Rounds per side; each side's figure is the median of its rounds.
 const ROUNDS: usize = 5;
+/// The pause after each round: its 1,000 connections close, and their
+/// teardown is not charged to the next round (the other side's).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn run() -> Figures {
     let (agent, plain) = agent_and_plain(1_000).await;
@@ -96,7 +99,7 @@ async fn agent_and_plain(streams: usize) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
             figures.push(measured);
             // The round's connections close before the next round starts.
             drop(open);
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            tokio::time::sleep(SETTLE).await;
         }
     }
     stop.cancel();
