@@ -1,38 +1,41 @@
 //! `streams`: 1,000 workloads (one connection each) open FetchX509SVID at
 //! once, on the real agent and on a plain tonic server with nothing behind
-//! it. Both serve for the whole run and are measured in alternating rounds
-//! (agent first, then the plain server first, ...), so that neither side
-//! always meets a fresh process: the first round of 1,000 connections in a
-//! process pays page faults for memory every later round reuses, client
-//! included (measured: the same client code took ~5,800 more page faults
-//! in the agent's round when the agent always went first).
+//! it. Both serve for the whole run. Each gets one round first that is not
+//! measured (the first 1,000 connections in a process take fresh memory
+//! that every later round reuses, the bench's client included: measured,
+//! ~5,800 more page faults on the same client code in the round that came
+//! first), then six measured rounds alternate, each side first in three,
+//! one second apart. Each side's p50 and p99 are over all its measured
+//! samples (6,000), and every round's p99 is printed.
+
+use std::time::Duration;
 
 use serde_json::json;
 use tessera_proto::workload as pb;
 use tessera_tests::{RunningAgent, TestServer};
 
-use crate::stats::{round, row, Figures};
-use crate::workload::{concurrent_first_responses, me, open_stream};
+use crate::stats::{percentiles, round, row, Figures};
+use crate::workload::{concurrent_first_samples, me, open_stream};
 
-/// Rounds per side; each side's figure is the median of its rounds.
-const ROUNDS: usize = 5;
+/// Measured rounds per side (even: each side goes first in half of them).
+const ROUNDS: usize = 6;
 /// The pause after each round: its 1,000 connections close, and their
 /// teardown is not charged to the next round (the other side's).
-const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+const SETTLE: Duration = Duration::from_secs(1);
 
 pub async fn run() -> Figures {
     let (agent, plain) = agent_and_plain(1_000).await;
-    let (a, p) = (medians(&agent), medians(&plain));
-    row(
-        &format!("1,000 concurrent streams, agent (ms; median of {ROUNDS} rounds)"),
-        a.0,
-        a.1,
-        1_000,
-    );
+    let per_round = |rounds: &[Vec<Duration>]| -> Vec<f64> {
+        rounds.iter().map(|r| percentiles(r.clone()).1).collect()
+    };
+    let (agent_rounds, plain_rounds) = (per_round(&agent), per_round(&plain));
+    let a = percentiles(agent.concat());
+    let p = percentiles(plain.concat());
+    row(&format!("1,000 concurrent streams, agent (ms; {ROUNDS} rounds)"), a.0, a.1, 1_000);
     row("  ... same tonic server, no attestation (ms)", p.0, p.1, 1_000);
     println!("{:<44} {:>12.2} {:>12.2}", "  ... ratio agent / plain", a.0 / p.0, a.1 / p.1);
     let rounds: Vec<String> =
-        agent.iter().zip(&plain).map(|(a, p)| format!("{:.1}/{:.1}", a.1, p.1)).collect();
+        agent_rounds.iter().zip(&plain_rounds).map(|(a, p)| format!("{a:.1}/{p:.1}")).collect();
     println!("  ... p99 per round, agent/plain (ms): {}", rounds.join(" "));
     vec![
         ("streams_agent_p50_ms", json!(round(a.0))),
@@ -43,20 +46,12 @@ pub async fn run() -> Figures {
     ]
 }
 
-/// The medians of the rounds' p50s and of their p99s.
-fn medians(rounds: &[(f64, f64)]) -> (f64, f64) {
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    (median(rounds.iter().map(|r| r.0).collect()), median(rounds.iter().map(|r| r.1).collect()))
-}
-
-/// 1,000 workloads (one connection each) open FetchX509SVID at once: first
-/// response p50/p99 per round from the real agent, and from the same tonic
-/// server type on the same kind of Unix socket serving a response of the
-/// same size with no attestation, no `:authority` rewriting and no cache.
-async fn agent_and_plain(streams: usize) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+/// 1,000 workloads (one connection each) open FetchX509SVID at once: each
+/// stream's time to its first response, per measured round, from the real
+/// agent and from the same tonic server type on the same kind of Unix
+/// socket serving a response of the same size with no attestation, no
+/// `:authority` rewriting and no cache.
+async fn agent_and_plain(streams: usize) -> (Vec<Vec<Duration>>, Vec<Vec<Duration>>) {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
     let agent = RunningAgent::start_configured(&server, &dir.path().join("agent"), |config| {
@@ -84,19 +79,17 @@ async fn agent_and_plain(streams: usize) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
             )
             .await
     });
-    let plain_endpoint = format!("unix://{}", socket.display());
-    let (mut agent_rounds, mut plain_rounds) = (Vec::new(), Vec::new());
-    for i in 0..ROUNDS {
-        let endpoints =
-            [(agent.endpoint(), &mut agent_rounds), (plain_endpoint.clone(), &mut plain_rounds)];
-        let order: Vec<_> = if i % 2 == 0 {
-            endpoints.into_iter().collect()
-        } else {
-            endpoints.into_iter().rev().collect()
-        };
-        for (endpoint, figures) in order {
-            let (measured, open) = concurrent_first_responses(&endpoint, streams).await;
-            figures.push(measured);
+    let endpoints = [agent.endpoint(), format!("unix://{}", socket.display())];
+    let mut measured = [Vec::new(), Vec::new()];
+    // Round 0 warms both sides up and is not measured; then the first side
+    // alternates.
+    for i in 0..=ROUNDS {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let (samples, open) = concurrent_first_samples(&endpoints[side], streams).await;
+            if i > 0 {
+                measured[side].push(samples);
+            }
             // The round's connections close before the next round starts.
             drop(open);
             tokio::time::sleep(SETTLE).await;
@@ -106,6 +99,7 @@ async fn agent_and_plain(streams: usize) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
     let _ = plain.await;
     agent.stop().await;
     server.stop().await;
+    let [agent_rounds, plain_rounds] = measured;
     (agent_rounds, plain_rounds)
 }
 

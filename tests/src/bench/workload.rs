@@ -71,6 +71,16 @@ pub async fn concurrent_first_responses(
     endpoint: &str,
     streams: usize,
 ) -> ((f64, f64), OpenStreams) {
+    let (samples, open) = concurrent_first_samples(endpoint, streams).await;
+    (percentiles(samples), open)
+}
+
+/// [`concurrent_first_responses`], each stream's time to its first
+/// response as measured.
+pub async fn concurrent_first_samples(
+    endpoint: &str,
+    streams: usize,
+) -> (Vec<std::time::Duration>, OpenStreams) {
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(streams));
     let mut tasks = Vec::new();
     for _ in 0..streams {
@@ -97,7 +107,7 @@ pub async fn concurrent_first_responses(
         samples.push(elapsed);
         open.push(Box::new((client, stream)) as Box<dyn std::any::Any + Send>);
     }
-    (percentiles(samples), open)
+    (samples, open)
 }
 
 /// Entry created through `creator` → the new SVID on the open stream of a
