@@ -19,6 +19,7 @@ use super::layout::{
     t, AGENTS, BY_EXPIRY, BY_IDENTITY, BY_PARENT, CHANGES, CRLS_KEY, CRL_NUMBER_KEY, ENTRIES,
     ISSUED, ISSUED_BY_OWNER, META, REVISION_KEY, REVOCATIONS, TREE_NAMES, WRITE_SEQ_KEY,
 };
+use super::owners::Owners;
 use super::{Change, ChangeKind};
 use crate::entry::Entry;
 
@@ -35,6 +36,12 @@ pub(super) struct Tx<'a> {
     pub(super) operator: Option<pb::Operator>,
     /// Events the commit's own steps add (revocations, issuance).
     pub(super) events: std::cell::RefCell<Vec<pb::Event>>,
+    /// On sled, the issued SVIDs by owner as committed (`owners.rs`); None
+    /// when the index is rows of a shared database.
+    pub(super) owners: Option<&'a Owners>,
+    /// On sled, the (owner, record key) of each SVID this commit records:
+    /// added to the index once it is committed.
+    pub(super) recorded: std::cell::RefCell<Vec<(String, String)>>,
 }
 
 impl Tx<'_> {
@@ -106,15 +113,29 @@ impl Tx<'_> {
     pub(super) fn record(&self, svid: &pb::IssuedSvid) {
         let key = svid_key(&svid.serial, &svid.jti);
         self.put(ISSUED, key.as_bytes(), svid.encode_to_vec());
-        self.put(ISSUED_BY_OWNER, index_key(&owner_of(svid), &key), []);
+        match self.owners {
+            Some(_) => self.recorded.borrow_mut().push((owner_of(svid), key)),
+            None => self.put(ISSUED_BY_OWNER, index_key(&owner_of(svid), &key), []),
+        }
     }
 
     /// The unexpired-or-unpruned SVIDs issued for an entry or an agent.
     pub(super) fn issued_by_owner(&self, owner: &str) -> TxResult<Vec<pb::IssuedSvid>> {
-        let prefix = index_key(owner, "");
+        let keys: Vec<Vec<u8>> = match self.owners {
+            Some(owners) => {
+                let recorded = self.recorded.borrow();
+                let own = recorded.iter().filter(|(o, _)| o == owner).map(|(_, key)| key);
+                owners.keys(owner).chain(own).map(|key| key.as_bytes().to_vec()).collect()
+            }
+            None => {
+                let prefix = index_key(owner, "");
+                let rows = self.txn.scan_prefix(t(ISSUED_BY_OWNER), &prefix)?;
+                rows.into_iter().map(|(key, _)| key[prefix.len()..].to_vec()).collect()
+            }
+        };
         let mut out = Vec::new();
-        for (key, _) in self.txn.scan_prefix(t(ISSUED_BY_OWNER), &prefix)? {
-            if let Some(bytes) = self.get(ISSUED, &key[prefix.len()..])? {
+        for key in keys {
+            if let Some(bytes) = self.get(ISSUED, &key)? {
                 out.push(decode(&key, &bytes)?);
             }
         }
@@ -153,6 +174,8 @@ impl KvStore {
         let mut out = None;
         let (mut revision, mut seq, mut added, mut chained) = (0, 0, Vec::new(), Vec::new());
         let stored = &writer.revocations;
+        let owners = (!self.kv.shared()).then_some(&writer.owners);
+        let mut recorded = Vec::new();
         let sink = self.event_sink.get();
         let lock = if sink.is_some() { Lock::StoreAndEvents } else { Lock::Store };
         self.kv.transaction(lock, &mut |txn| {
@@ -164,6 +187,8 @@ impl KvStore {
                 resign: Cell::new(false),
                 operator: audit.operator,
                 events: Default::default(),
+                owners,
+                recorded: Default::default(),
             };
             let value = f(&tx)?;
             if tx.resign.get() {
@@ -184,11 +209,15 @@ impl KvStore {
                 txn.notify(revision);
             }
             added = tx.revoked.take();
+            recorded = tx.recorded.take();
             out = Some(value);
             Ok(())
         })?;
         if !self.kv.shared() {
             writer.revocations.extend(added);
+            for (owner, key) in recorded {
+                writer.owners.add(owner, key);
+            }
         }
         self.kv.flush()?;
         if let Some(watermark) = &self.watermark {
@@ -212,7 +241,8 @@ impl KvStore {
         &self,
         f: impl Fn(&Tx<'_>) -> TxResult<T>,
     ) -> Result<T, StoreError> {
-        let _writer = self.lock();
+        let writer = self.lock();
+        let owners = (!self.kv.shared()).then_some(&writer.owners);
         let mut out = None;
         self.kv.transaction(Lock::Store, &mut |txn| {
             let tx = Tx {
@@ -222,6 +252,8 @@ impl KvStore {
                 resign: Cell::new(false),
                 operator: None,
                 events: Default::default(),
+                owners,
+                recorded: Default::default(),
             };
             out = Some(f(&tx)?);
             Ok(())

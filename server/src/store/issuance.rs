@@ -10,7 +10,7 @@ use super::error::StoreError;
 use super::issue_queue::IssueJob;
 use super::kv::Op;
 use super::kv_store::{KvStore, Writer};
-use super::layout::{decode, decode_entry, t, ENTRIES, ISSUED, ISSUED_BY_OWNER};
+use super::layout::{decode, decode_entry, index_key, t, ENTRIES, ISSUED, ISSUED_BY_OWNER};
 use super::revocations::revocation_of;
 use super::{ItemRefused, Signed};
 use crate::event_schema::{self as schema, EventExt};
@@ -70,21 +70,30 @@ impl KvStore {
         writer: &mut Writer,
         jobs: &[IssueJob],
     ) -> Result<Vec<Vec<Result<(), ItemRefused>>>, StoreError> {
-        // The records, then their owner index: a crash between the two
-        // leaves records of SVIDs never handed out, with or without their
-        // index, which is harmless (nothing is answered before the commit
-        // below, and sled makes a later write durable only with every
-        // earlier one).
+        // The records, then (shared database) their owner index: a crash
+        // between the two leaves records of SVIDs never handed out, with or
+        // without their index, which is harmless (nothing is answered
+        // before the commit below, and sled makes a later write durable
+        // only with every earlier one). On sled the index is in memory
+        // (`owners.rs`), added to once the records are written.
+        let shared = self.kv.shared();
         let mut records = Vec::new();
         let mut index = Vec::new();
         for job in jobs {
-            for (key, record, index_key, _) in &job.encoded {
+            for (key, record, owner, _) in &job.encoded {
                 records.push(Op::Put(t(ISSUED), key.as_bytes().to_vec(), record.clone()));
-                index.push(Op::Put(t(ISSUED_BY_OWNER), index_key.clone(), Vec::new()));
+                if shared {
+                    index.push(Op::Put(t(ISSUED_BY_OWNER), index_key(owner, key), Vec::new()));
+                }
             }
         }
         records.append(&mut index);
         self.kv.apply_per_tree(records)?;
+        if !shared {
+            for (key, _, owner, _) in jobs.iter().flat_map(|job| &job.encoded) {
+                writer.owners.add(owner.clone(), key.clone());
+            }
+        }
         self.commit_locked(writer, &Audit::quiet(), |tx| {
             let mut revoke = Vec::new();
             let mut all = Vec::with_capacity(jobs.len());

@@ -4,12 +4,12 @@
 
 use prost::Message;
 
-use super::layout::{index_key, owner_of, svid_key};
+use super::layout::{owner_of, svid_key};
 use super::{ItemRefused, Signed};
 
-/// One issued SVID as written: the record's key, its encoding, its
-/// owner-index key, and its entry's encoding as read for signing.
-pub(super) type EncodedIssue = (String, Vec<u8>, Vec<u8>, Vec<u8>);
+/// One issued SVID as written: the record's key, its encoding, its owner
+/// (`owner_of`), and its entry's encoding as read for signing.
+pub(super) type EncodedIssue = (String, Vec<u8>, String, Vec<u8>);
 
 /// A batch of signed SVIDs waiting to be recorded (see `record_issued`),
 /// with its records encoded by the caller, outside the writer lock.
@@ -17,8 +17,8 @@ pub(super) struct IssueJob {
     pub(super) agent_id: String,
     pub(super) agent_serial: String,
     pub(super) signed: Vec<Signed>,
-    /// Per item: the record's key, its encoding, its owner-index key, and
-    /// the entry's encoding as it was read for signing.
+    /// Per item: the record's key, its encoding, its owner, and the
+    /// entry's encoding as it was read for signing.
     pub(super) encoded: Vec<EncodedIssue>,
     pub(super) now: i64,
     pub(super) done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), ItemRefused>>, String>>,
@@ -36,8 +36,8 @@ impl IssueJob {
             .iter()
             .map(|item| {
                 let key = svid_key(&item.svid.serial, &item.svid.jti);
-                let index = index_key(&owner_of(&item.svid), &key);
-                (key, item.svid.encode_to_vec(), index, item.entry.to_proto().encode_to_vec())
+                let owner = owner_of(&item.svid);
+                (key, item.svid.encode_to_vec(), owner, item.entry.to_proto().encode_to_vec())
             })
             .collect();
         Self {

@@ -13,6 +13,7 @@ use super::error::StoreError;
 use super::issue_queue::IssueJob;
 use super::kv::{scan_prefix, Kv};
 use super::layout::{decode, read_u64, t, META, REVISION_KEY};
+use super::owners::Owners;
 use super::watermark::Watermark;
 use super::CrlSigner;
 
@@ -49,6 +50,9 @@ pub(super) struct Writer {
     /// from (kept in memory rather than scanned per commit). A shared
     /// database reads them in the commit: other servers add to them.
     pub(super) revocations: Vec<pb::Revocation>,
+    /// On sled, the issued SVIDs of each entry and agent (`owners.rs`); a
+    /// shared database keeps them as rows.
+    pub(super) owners: Owners,
 }
 
 impl KvStore {

@@ -29,7 +29,8 @@
 //!   It knows nothing of the store but `StoreError`.
 //! - the records: `layout.rs` (trees, keys, decoding), `audit.rs` (the
 //!   events a commit chains into the event log), `watermark.rs`,
-//!   `issue_queue.rs` (issuance's group commit).
+//!   `issue_queue.rs` (issuance's group commit), `owners.rs` (on sled,
+//!   issued SVIDs by entry or agent, in memory).
 //! - the [`KvStore`]: `kv_store.rs` (what it holds) and `commit.rs` (one
 //!   commit, and its view of the trees, `Tx`).
 //! - one file per concept of the [`Store`] trait: `changes.rs` (the change
@@ -79,6 +80,7 @@ mod kv_store;
 mod layout;
 mod open;
 mod operator;
+mod owners;
 pub(crate) mod postgres;
 mod revocations;
 pub(crate) mod sled;

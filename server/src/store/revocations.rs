@@ -150,11 +150,14 @@ impl KvStore {
             return Ok(0);
         }
         let mut writer = self.lock();
+        let shared = self.kv.shared();
         let pruned = self.commit_locked(&mut writer, &Audit::quiet(), |tx| {
             for svid in &issued {
                 let key = svid_key(&svid.serial, &svid.jti);
                 tx.remove(ISSUED, key.as_bytes())?;
-                tx.remove(ISSUED_BY_OWNER, index_key(&owner_of(svid), &key))?;
+                if shared {
+                    tx.remove(ISSUED_BY_OWNER, index_key(&owner_of(svid), &key))?;
+                }
             }
             for key in &revocations {
                 tx.remove(REVOCATIONS, key)?;
@@ -162,6 +165,11 @@ impl KvStore {
             Ok(issued.len() + revocations.len())
         })?;
         writer.revocations.retain(|r| r.expires_at > now);
+        if !shared {
+            for svid in &issued {
+                writer.owners.remove(&owner_of(svid), &svid_key(&svid.serial, &svid.jti));
+            }
+        }
         Ok(pruned)
     }
 }

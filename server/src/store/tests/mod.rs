@@ -139,6 +139,7 @@ conformance!(
     a_label_change_alone_revokes_nothing,
     a_renewal_never_undoes_a_ban,
     a_ban_racing_a_renewal_is_never_undone,
+    what_was_issued_before_a_restart_is_revoked_after_it,
     agents_are_checked_many_at_once_as_one_at_a_time,
     backup_restores_every_record_and_a_damaged_backup_is_refused,
     join_token_can_be_taken_once,
@@ -155,6 +156,40 @@ conformance!(
     old_tokens_and_tasks_are_pruned_and_keys_are_every_servers,
     broker_records_are_checked_and_survive_a_backup,
 );
+
+/// A store written by a version that kept the owner index as rows: the
+/// rows are removed at open, and what they indexed is still found (from
+/// the records).
+#[test]
+fn owner_index_rows_of_an_older_version_are_removed_at_open() {
+    let place = Place::sled();
+    let e = entry("a", "w", "agent", 1);
+    {
+        let store = place.open();
+        store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
+        store
+            .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
+            .unwrap()
+            .unwrap();
+        let signed =
+            [Signed { svid: issued("01", &e), entry: e.clone(), event: Default::default() }];
+        store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
+        assert_eq!(store.kv.len(layout::t(layout::ISSUED_BY_OWNER)).unwrap(), 0);
+        assert_eq!(store.lock().owners.len(), 2, "the agent's SVID and the entry's");
+        let rows = ["a\u{0}01", "agent:spiffe://example.org/agent\0s0"];
+        let ops = rows
+            .iter()
+            .map(|k| kv::Op::Put(layout::t(layout::ISSUED_BY_OWNER), k.as_bytes().to_vec(), vec![]))
+            .collect();
+        store.kv.apply(ops).unwrap();
+        store.kv.flush().unwrap();
+    }
+    let store = place.open();
+    assert_eq!(store.kv.len(layout::t(layout::ISSUED_BY_OWNER)).unwrap(), 0);
+    assert_eq!(store.lock().owners.len(), 2);
+    let write = store.delete_entries(&["a".into()], 2, "deleted", &Audit::quiet()).unwrap();
+    assert_eq!(write.revoked.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(), ["01"]);
+}
 
 /// One server on its embedded store keeps signing budgets in memory.
 #[test]

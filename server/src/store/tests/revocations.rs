@@ -302,3 +302,52 @@ pub(super) fn agents_are_checked_many_at_once_as_one_at_a_time(place: Place) {
     assert_eq!(banned, Err(AgentRefusal::Banned(id("c"))));
     assert!(store.check_agents(&callers[2..3]).unwrap().pop().unwrap().unwrap().is_ok());
 }
+
+/// What was issued before a restart is found after it: an entry's delete
+/// revokes the SVIDs recorded for it (X.509 and JWT) and no other, a ban
+/// revokes the agent's own SVID and its entries', and a record pruned at
+/// its expiry is no longer found. On sled the index of records by owner
+/// is rebuilt from the records at open (`owners.rs`); on PostgreSQL it is
+/// rows.
+pub(super) fn what_was_issued_before_a_restart_is_revoked_after_it(place: Place) {
+    let (a, b) = (entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 2));
+    let jwt = |jti: &str, entry: &Entry| pb::IssuedSvid {
+        serial: String::new(),
+        jti: jti.into(),
+        ..issued("", entry)
+    };
+    {
+        let store = place.open();
+        store.create_entries(&[a.clone(), b.clone()], &Audit::quiet()).unwrap();
+        store
+            .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
+            .unwrap()
+            .unwrap();
+        let short = pb::IssuedSvid { expires_at: 10, ..issued("0e", &b) };
+        let signed = [
+            Signed { svid: issued("0a", &a), entry: a.clone(), event: Default::default() },
+            Signed { svid: jwt("ja", &a), entry: a.clone(), event: Default::default() },
+            Signed { svid: issued("0b", &b), entry: b.clone(), event: Default::default() },
+            Signed { svid: short, entry: b.clone(), event: Default::default() },
+        ];
+        let results = store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+    }
+    let store = place.open();
+    let write = store.delete_entries(&["a".into()], 2, "deleted", &Audit::quiet()).unwrap();
+    let mut revoked: Vec<String> =
+        write.revoked.iter().map(|r| format!("{}{}", r.serial, r.jti)).collect();
+    revoked.sort_unstable();
+    assert_eq!(revoked, ["0a", "ja"]);
+    assert_eq!(store.prune_expired(10).unwrap(), 1, "0e expired");
+    assert!(store.issued("0e").unwrap().is_none());
+    drop(store);
+    let store = place.open();
+    let revoked = store
+        .ban_agent("spiffe://example.org/agent", "test", 11, &Audit::quiet())
+        .unwrap()
+        .unwrap();
+    let mut serials: Vec<&str> = revoked.iter().map(|r| r.serial.as_str()).collect();
+    serials.sort_unstable();
+    assert_eq!(serials, ["0b", "s0"], "its own SVID and its entries', not the pruned one");
+}
