@@ -9,8 +9,7 @@ use super::commit::{Tx, TxResult};
 use super::error::StoreError;
 use super::kv_store::KvStore;
 use super::layout::{
-    agent_owner, decode, entry_spiffe_id, parent_key, t, AGENTS, BY_PARENT, ENTRIES, ISSUED,
-    REVOCATIONS,
+    agent_owner, decode, entry_spiffe_id, parent_key, t, AGENTS, BY_PARENT, ENTRIES, REVOCATIONS,
 };
 use super::revocations::revocation_of;
 use super::{AgentCheck, AgentRefusal, ChangeKind, RenewOutcome};
@@ -128,8 +127,7 @@ impl KvStore {
                 }
                 // The agent never got the reply to its last renewal: the
                 // SVID it lost must not stay valid.
-                if let Some(bytes) = tx.get(ISSUED, agent.x509_svid_serial.as_bytes())? {
-                    let lost: pb::IssuedSvid = decode(b"issued", &bytes)?;
+                if let Some(lost) = tx.issued(&agent.x509_svid_serial)? {
                     revoked = tx.revoke(&[revocation_of(
                         &lost,
                         "agent SVID reply lost; superseded",

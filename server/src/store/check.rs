@@ -4,6 +4,7 @@
 use tessera_proto::types as pb;
 
 use super::error::StoreError;
+use super::issued_index::decode_row;
 use super::kv::Pairs;
 use super::kv_store::KvStore;
 use super::layout::{
@@ -62,8 +63,9 @@ fn verify_records(trees: &[Pairs]) -> Result<StoreReport, StoreError> {
     for (key, bytes) in &trees[AGENTS] {
         decode::<pb::Agent>(key, bytes)?;
     }
+    let mut issued = 0;
     for (key, bytes) in &trees[ISSUED] {
-        decode::<pb::IssuedSvid>(key, bytes)?;
+        issued += decode_row(key, bytes)?.len();
     }
     for (key, bytes) in &trees[REVOCATIONS] {
         decode::<pb::Revocation>(key, bytes)?;
@@ -85,7 +87,7 @@ fn verify_records(trees: &[Pairs]) -> Result<StoreReport, StoreError> {
         write_seq: read_u64(meta.get(WRITE_SEQ_KEY).copied()),
         entries,
         agents: trees[AGENTS].len(),
-        issued: trees[ISSUED].len(),
+        issued,
         revocations: trees[REVOCATIONS].len(),
     })
 }

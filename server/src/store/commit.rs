@@ -5,21 +5,21 @@
 //! with the reads and writes of records the other files build on.
 
 use std::cell::Cell;
-use std::sync::MutexGuard;
+use std::sync::{MutexGuard, RwLockReadGuard, RwLockWriteGuard};
 
 use prost::Message;
 use tessera_proto::types as pb;
 
 use super::audit::Audit;
 use super::error::StoreError;
+use super::issued_index::{read_records, rows_of, IssuedIndex, Placed};
 use super::kv::{Lock, Pairs, Txn};
 use super::kv_store::{KvStore, Writer};
 use super::layout::{
-    corrupt, decode, decode_entry, expiry_key, index_key, owner_of, parent_key, read_u64, svid_key,
-    t, AGENTS, BY_EXPIRY, BY_IDENTITY, BY_PARENT, CHANGES, CRLS_KEY, CRL_NUMBER_KEY, ENTRIES,
-    ISSUED, ISSUED_BY_OWNER, META, REVISION_KEY, REVOCATIONS, TREE_NAMES, WRITE_SEQ_KEY,
+    corrupt, decode, decode_entry, expiry_key, index_key, parent_key, read_u64, t, AGENTS,
+    BY_EXPIRY, BY_IDENTITY, BY_PARENT, CHANGES, CRLS_KEY, CRL_NUMBER_KEY, ENTRIES, ISSUED,
+    ISSUED_BY_OWNER, META, REVISION_KEY, REVOCATIONS, TREE_NAMES, WRITE_SEQ_KEY,
 };
-use super::owners::Owners;
 use super::{Change, ChangeKind};
 use crate::entry::Entry;
 
@@ -36,12 +36,12 @@ pub(super) struct Tx<'a> {
     pub(super) operator: Option<pb::Operator>,
     /// Events the commit's own steps add (revocations, issuance).
     pub(super) events: std::cell::RefCell<Vec<pb::Event>>,
-    /// On sled, the issued SVIDs by owner as committed (`owners.rs`); None
-    /// when the index is rows of a shared database.
-    pub(super) owners: Option<&'a Owners>,
-    /// On sled, the (owner, record key) of each SVID this commit records:
-    /// added to the index once it is committed.
-    pub(super) recorded: std::cell::RefCell<Vec<(String, String)>>,
+    /// On sled, the index of issued SVIDs as committed
+    /// (`issued_index.rs`); None when it is rows of a shared database.
+    pub(super) index: Option<&'a IssuedIndex>,
+    /// On sled, where each SVID this commit records went: added to the
+    /// index once it is committed.
+    pub(super) recorded: std::cell::RefCell<Vec<Placed>>,
 }
 
 impl Tx<'_> {
@@ -110,36 +110,51 @@ impl Tx<'_> {
         self.put(AGENTS, agent.spiffe_id.as_bytes(), agent.encode_to_vec());
     }
 
+    /// Records an issued SVID (`issued_index.rs` says how).
     pub(super) fn record(&self, svid: &pb::IssuedSvid) {
-        let key = svid_key(&svid.serial, &svid.jti);
-        self.put(ISSUED, key.as_bytes(), svid.encode_to_vec());
-        match self.owners {
-            Some(_) => self.recorded.borrow_mut().push((owner_of(svid), key)),
-            None => self.put(ISSUED_BY_OWNER, index_key(&owner_of(svid), &key), []),
+        let (rows, placed) = rows_of(&[svid], self.index.is_none());
+        for (key, value) in rows {
+            self.put(ISSUED, key, value);
         }
+        for placed in placed {
+            match self.index {
+                Some(_) => self.recorded.borrow_mut().push(placed),
+                None => self.put(ISSUED_BY_OWNER, index_key(&placed.owner, &placed.key), []),
+            }
+        }
+    }
+
+    /// The issued SVID recorded under `key` (`svid_key`), unless pruned.
+    pub(super) fn issued(&self, key: &str) -> TxResult<Option<pb::IssuedSvid>> {
+        let Some(index) = self.index else {
+            return self.get(ISSUED, key)?.map(|b| decode(key.as_bytes(), &b)).transpose();
+        };
+        let recorded = self.recorded.borrow();
+        let row = index
+            .row_of(key)
+            .or_else(|| recorded.iter().find(|p| p.key == key).map(|p| p.row.clone()));
+        let Some(row) = row else { return Ok(None) };
+        Ok(read_records(&[(key.to_string(), row)], |row| self.get(ISSUED, row))?.pop())
     }
 
     /// The unexpired-or-unpruned SVIDs issued for an entry or an agent.
     pub(super) fn issued_by_owner(&self, owner: &str) -> TxResult<Vec<pb::IssuedSvid>> {
-        let keys: Vec<Vec<u8>> = match self.owners {
-            Some(owners) => {
-                let recorded = self.recorded.borrow();
-                let own = recorded.iter().filter(|(o, _)| o == owner).map(|(_, key)| key);
-                owners.keys(owner).chain(own).map(|key| key.as_bytes().to_vec()).collect()
+        let Some(index) = self.index else {
+            let prefix = index_key(owner, "");
+            let mut out = Vec::new();
+            for (key, _) in self.txn.scan_prefix(t(ISSUED_BY_OWNER), &prefix)? {
+                if let Some(bytes) = self.get(ISSUED, &key[prefix.len()..])? {
+                    out.push(decode(&key, &bytes)?);
+                }
             }
-            None => {
-                let prefix = index_key(owner, "");
-                let rows = self.txn.scan_prefix(t(ISSUED_BY_OWNER), &prefix)?;
-                rows.into_iter().map(|(key, _)| key[prefix.len()..].to_vec()).collect()
-            }
+            return Ok(out);
         };
-        let mut out = Vec::new();
-        for key in keys {
-            if let Some(bytes) = self.get(ISSUED, &key)? {
-                out.push(decode(&key, &bytes)?);
-            }
-        }
-        Ok(out)
+        let mut wanted = index.of_owner(owner);
+        let recorded = self.recorded.borrow();
+        wanted.extend(
+            recorded.iter().filter(|p| p.owner == owner).map(|p| (p.key.clone(), p.row.clone())),
+        );
+        read_records(&wanted, |row| self.get(ISSUED, row))
     }
 
     /// Every record of every tree, read under the lock.
@@ -165,6 +180,16 @@ impl KvStore {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// sled: the index of issued SVIDs, to read.
+    pub(super) fn index(&self) -> RwLockReadGuard<'_, IssuedIndex> {
+        self.issued_index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// sled: the index of issued SVIDs, to change (under the writer lock).
+    pub(super) fn index_mut(&self) -> RwLockWriteGuard<'_, IssuedIndex> {
+        self.issued_index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub(super) fn commit_locked<T>(
         &self,
         writer: &mut Writer,
@@ -174,7 +199,7 @@ impl KvStore {
         let mut out = None;
         let (mut revision, mut seq, mut added, mut chained) = (0, 0, Vec::new(), Vec::new());
         let stored = &writer.revocations;
-        let owners = (!self.kv.shared()).then_some(&writer.owners);
+        let index = (!self.kv.shared()).then(|| self.index());
         let mut recorded = Vec::new();
         let sink = self.event_sink.get();
         let lock = if sink.is_some() { Lock::StoreAndEvents } else { Lock::Store };
@@ -187,7 +212,7 @@ impl KvStore {
                 resign: Cell::new(false),
                 operator: audit.operator,
                 events: Default::default(),
-                owners,
+                index: index.as_deref(),
                 recorded: Default::default(),
             };
             let value = f(&tx)?;
@@ -213,11 +238,11 @@ impl KvStore {
             out = Some(value);
             Ok(())
         })?;
+        drop(index);
         if !self.kv.shared() {
             writer.revocations.extend(added);
-            for (owner, key) in recorded {
-                writer.owners.add(owner, key);
-            }
+            let mut index = self.index_mut();
+            recorded.iter().for_each(|placed| index.add(placed));
         }
         self.kv.flush()?;
         if let Some(watermark) = &self.watermark {
@@ -241,8 +266,8 @@ impl KvStore {
         &self,
         f: impl Fn(&Tx<'_>) -> TxResult<T>,
     ) -> Result<T, StoreError> {
-        let writer = self.lock();
-        let owners = (!self.kv.shared()).then_some(&writer.owners);
+        let _writer = self.lock();
+        let index = (!self.kv.shared()).then(|| self.index());
         let mut out = None;
         self.kv.transaction(Lock::Store, &mut |txn| {
             let tx = Tx {
@@ -252,7 +277,7 @@ impl KvStore {
                 resign: Cell::new(false),
                 operator: None,
                 events: Default::default(),
-                owners,
+                index: index.as_deref(),
                 recorded: Default::default(),
             };
             out = Some(f(&tx)?);

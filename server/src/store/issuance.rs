@@ -8,6 +8,7 @@ use tessera_proto::Refusal;
 use super::audit::Audit;
 use super::error::StoreError;
 use super::issue_queue::IssueJob;
+use super::issued_index::read_records;
 use super::kv::Op;
 use super::kv_store::{KvStore, Writer};
 use super::layout::{decode, decode_entry, index_key, t, ENTRIES, ISSUED, ISSUED_BY_OWNER};
@@ -27,7 +28,7 @@ impl KvStore {
         // share one commit and one fsync. Each caller encodes its batch and
         // queues it; whoever holds the writer lock records everything queued.
         let (done, result) = std::sync::mpsc::sync_channel(1);
-        let job = IssueJob::new(agent_id, agent_serial, signed, now, done);
+        let job = IssueJob::new(agent_id, agent_serial, signed, self.kv.shared(), now, done);
         self.issue_queue.lock().unwrap_or_else(|e| e.into_inner()).push(job);
         {
             let mut writer = self.lock();
@@ -75,24 +76,26 @@ impl KvStore {
         // without their index, which is harmless (nothing is answered
         // before the commit below, and sled makes a later write durable
         // only with every earlier one). On sled the index is in memory
-        // (`owners.rs`), added to once the records are written.
+        // (`issued_index.rs`), added to once the records are written.
         let shared = self.kv.shared();
         let mut records = Vec::new();
         let mut index = Vec::new();
         for job in jobs {
-            for (key, record, owner, _) in &job.encoded {
-                records.push(Op::Put(t(ISSUED), key.as_bytes().to_vec(), record.clone()));
-                if shared {
-                    index.push(Op::Put(t(ISSUED_BY_OWNER), index_key(owner, key), Vec::new()));
+            for (key, value) in &job.rows {
+                records.push(Op::Put(t(ISSUED), key.clone(), value.clone()));
+            }
+            if shared {
+                for placed in &job.placed {
+                    let key = index_key(&placed.owner, &placed.key);
+                    index.push(Op::Put(t(ISSUED_BY_OWNER), key, Vec::new()));
                 }
             }
         }
         records.append(&mut index);
         self.kv.apply_per_tree(records)?;
         if !shared {
-            for (key, _, owner, _) in jobs.iter().flat_map(|job| &job.encoded) {
-                writer.owners.add(owner.clone(), key.clone());
-            }
+            let mut index = self.index_mut();
+            jobs.iter().flat_map(|job| &job.placed).for_each(|placed| index.add(placed));
         }
         self.commit_locked(writer, &Audit::quiet(), |tx| {
             let mut revoke = Vec::new();
@@ -114,7 +117,7 @@ impl KvStore {
                     Some(_) => None,
                 };
                 let mut results = Vec::with_capacity(job.signed.len());
-                for (item, (_, _, _, entry_bytes)) in job.signed.iter().zip(&job.encoded) {
+                for (item, entry_bytes) in job.signed.iter().zip(&job.entries) {
                     let id = item.entry.id.as_bytes();
                     let refusal = match (&agent_refusal, tx.get(ENTRIES, id)?) {
                         (Some(why), _) => Some(why.clone()),
@@ -159,14 +162,24 @@ impl KvStore {
         })
     }
 
-    pub(super) fn issued(&self, serial: &str) -> Result<Option<pb::IssuedSvid>, StoreError> {
-        self.kv
-            .get(t(ISSUED), serial.as_bytes())?
-            .map(|b| decode(serial.as_bytes(), &b))
-            .transpose()
+    /// The issued SVID recorded under `key` (`svid_key`), unless pruned.
+    pub(super) fn issued(&self, key: &str) -> Result<Option<pb::IssuedSvid>, StoreError> {
+        if self.kv.shared() {
+            return self
+                .kv
+                .get(t(ISSUED), key.as_bytes())?
+                .map(|b| decode(key.as_bytes(), &b))
+                .transpose();
+        }
+        let Some(row) = self.index().row_of(key) else { return Ok(None) };
+        Ok(read_records(&[(key.to_string(), row)], |row| self.kv.get(t(ISSUED), row))?.pop())
     }
 
     pub(super) fn issued_count(&self) -> usize {
-        self.kv.len(t(ISSUED)).unwrap_or(0)
+        if self.kv.shared() {
+            self.kv.len(t(ISSUED)).unwrap_or(0)
+        } else {
+            self.index().len()
+        }
     }
 }

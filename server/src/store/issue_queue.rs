@@ -4,12 +4,8 @@
 
 use prost::Message;
 
-use super::layout::{owner_of, svid_key};
+use super::issued_index::{rows_of, Placed, Row};
 use super::{ItemRefused, Signed};
-
-/// One issued SVID as written: the record's key, its encoding, its owner
-/// (`owner_of`), and its entry's encoding as read for signing.
-pub(super) type EncodedIssue = (String, Vec<u8>, String, Vec<u8>);
 
 /// A batch of signed SVIDs waiting to be recorded (see `record_issued`),
 /// with its records encoded by the caller, outside the writer lock.
@@ -17,9 +13,12 @@ pub(super) struct IssueJob {
     pub(super) agent_id: String,
     pub(super) agent_serial: String,
     pub(super) signed: Vec<Signed>,
-    /// Per item: the record's key, its encoding, its owner, and the
-    /// entry's encoding as it was read for signing.
-    pub(super) encoded: Vec<EncodedIssue>,
+    /// The rows of `issued_svids` that hold its records
+    /// (`issued_index.rs`), and where each record went.
+    pub(super) rows: Vec<Row>,
+    pub(super) placed: Vec<Placed>,
+    /// Per item, its entry's encoding as it was read for signing.
+    pub(super) entries: Vec<Vec<u8>>,
     pub(super) now: i64,
     pub(super) done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), ItemRefused>>, String>>,
 }
@@ -29,22 +28,19 @@ impl IssueJob {
         agent_id: &str,
         agent_serial: &str,
         signed: &[Signed],
+        shared: bool,
         now: i64,
         done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), ItemRefused>>, String>>,
     ) -> Self {
-        let encoded = signed
-            .iter()
-            .map(|item| {
-                let key = svid_key(&item.svid.serial, &item.svid.jti);
-                let owner = owner_of(&item.svid);
-                (key, item.svid.encode_to_vec(), owner, item.entry.to_proto().encode_to_vec())
-            })
-            .collect();
+        let svids: Vec<_> = signed.iter().map(|item| &item.svid).collect();
+        let (rows, placed) = rows_of(&svids, shared);
         Self {
             agent_id: agent_id.to_string(),
             agent_serial: agent_serial.to_string(),
             signed: signed.to_vec(),
-            encoded,
+            rows,
+            placed,
+            entries: signed.iter().map(|item| item.entry.to_proto().encode_to_vec()).collect(),
             now,
             done,
         }

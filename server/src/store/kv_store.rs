@@ -11,9 +11,9 @@ use tokio::sync::watch;
 use super::audit::EventSink;
 use super::error::StoreError;
 use super::issue_queue::IssueJob;
+use super::issued_index::IssuedIndex;
 use super::kv::{scan_prefix, Kv};
 use super::layout::{decode, read_u64, t, META, REVISION_KEY};
-use super::owners::Owners;
 use super::watermark::Watermark;
 use super::CrlSigner;
 
@@ -25,6 +25,9 @@ pub struct KvStore {
     /// them across servers): reads made while holding it are consistent
     /// with the commit that follows them.
     pub(super) writer: Mutex<Writer>,
+    /// sled only: which records each entry and agent has, and where
+    /// (`issued_index.rs`). Changed only under the writer lock.
+    pub(super) issued_index: std::sync::RwLock<IssuedIndex>,
     /// Issuance batches waiting for a commit (group commit).
     pub(super) issue_queue: Mutex<Vec<IssueJob>>,
     /// sled only: PostgreSQL keeps its own durability.
@@ -50,9 +53,6 @@ pub(super) struct Writer {
     /// from (kept in memory rather than scanned per commit). A shared
     /// database reads them in the commit: other servers add to them.
     pub(super) revocations: Vec<pb::Revocation>,
-    /// On sled, the issued SVIDs of each entry and agent (`owners.rs`); a
-    /// shared database keeps them as rows.
-    pub(super) owners: Owners,
 }
 
 impl KvStore {
@@ -65,6 +65,7 @@ impl KvStore {
         Ok(Self {
             kv,
             writer: Mutex::new(Writer::default()),
+            issued_index: Default::default(),
             issue_queue: Mutex::new(Vec::new()),
             watermark,
             revision: Arc::new(watch::channel(revision).0),

@@ -29,8 +29,8 @@
 //!   It knows nothing of the store but `StoreError`.
 //! - the records: `layout.rs` (trees, keys, decoding), `audit.rs` (the
 //!   events a commit chains into the event log), `watermark.rs`,
-//!   `issue_queue.rs` (issuance's group commit), `owners.rs` (on sled,
-//!   issued SVIDs by entry or agent, in memory).
+//!   `issued_index.rs` (how issued SVIDs are kept: rows, and on sled an
+//!   index in memory), `issue_queue.rs` (issuance's group commit).
 //! - the [`KvStore`]: `kv_store.rs` (what it holds) and `commit.rs` (one
 //!   commit, and its view of the trees, `Tx`).
 //! - one file per concept of the [`Store`] trait: `changes.rs` (the change
@@ -73,6 +73,7 @@ mod entries;
 mod error;
 mod issuance;
 mod issue_queue;
+mod issued_index;
 mod join_tokens;
 pub mod kv;
 pub mod kv_api;
@@ -80,7 +81,6 @@ mod kv_store;
 mod layout;
 mod open;
 mod operator;
-mod owners;
 pub(crate) mod postgres;
 mod revocations;
 pub(crate) mod sled;

@@ -6,10 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::error::StoreError;
+use super::issued_index::IssuedIndex;
 use super::kv::Kv;
 use super::kv_store::KvStore;
 use super::layout::{read_u64, t, AGENTS, ENTRIES, META, WRITE_SEQ_KEY};
-use super::owners::Owners;
 use super::postgres::PgKv;
 use super::sled::SledKv;
 use super::watermark::Watermark;
@@ -45,7 +45,7 @@ impl KvStore {
             watermark.write(meta_seq)?;
         }
         store.load_revocations()?;
-        store.lock().owners = Owners::load(&*store.kv)?;
+        *store.index_mut() = IssuedIndex::load(&*store.kv)?;
         Ok(store)
     }
 

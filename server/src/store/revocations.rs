@@ -8,6 +8,7 @@ use tessera_proto::types as pb;
 use super::audit::Audit;
 use super::commit::{Tx, TxResult};
 use super::error::StoreError;
+use super::issued_index::decode_row;
 use super::kv::scan_prefix;
 use super::kv_store::KvStore;
 use super::layout::{
@@ -131,13 +132,12 @@ impl KvStore {
     }
 
     pub(super) fn prune_expired(&self, now: i64) -> Result<usize, StoreError> {
-        // Expired records stay expired: find them without the lock, then
-        // remove them in one commit.
-        let mut issued = Vec::new();
+        // Expired records stay expired: find the rows holding any without
+        // the lock, then prune them in one commit, which reads them again.
+        let mut rows = Vec::new();
         for (key, bytes) in scan_prefix(&*self.kv, t(ISSUED), b"")? {
-            let svid: pb::IssuedSvid = decode(&key, &bytes)?;
-            if svid.expires_at <= now {
-                issued.push(svid);
+            if decode_row(&key, &bytes)?.iter().any(|svid| svid.expires_at <= now) {
+                rows.push(key);
             }
         }
         let mut revocations = Vec::new();
@@ -146,30 +146,43 @@ impl KvStore {
                 revocations.push(key);
             }
         }
-        if issued.is_empty() && revocations.is_empty() {
+        if rows.is_empty() && revocations.is_empty() {
             return Ok(0);
         }
         let mut writer = self.lock();
         let shared = self.kv.shared();
-        let pruned = self.commit_locked(&mut writer, &Audit::quiet(), |tx| {
-            for svid in &issued {
-                let key = svid_key(&svid.serial, &svid.jti);
-                tx.remove(ISSUED, key.as_bytes())?;
-                if shared {
-                    tx.remove(ISSUED_BY_OWNER, index_key(&owner_of(svid), &key))?;
+        let gone = self.commit_locked(&mut writer, &Audit::quiet(), |tx| {
+            tx.prefetch(ISSUED, rows.iter().cloned())?;
+            let mut gone = Vec::new();
+            for row in &rows {
+                let Some(bytes) = tx.get(ISSUED, row)? else { continue };
+                let (expired, kept): (Vec<_>, Vec<_>) =
+                    decode_row(row, &bytes)?.into_iter().partition(|s| s.expires_at <= now);
+                if expired.is_empty() {
+                    continue;
+                } else if kept.is_empty() {
+                    tx.forget(ISSUED, row);
+                } else {
+                    tx.put(ISSUED, row, pb::IssuedSvids { svids: kept }.encode_to_vec());
+                }
+                for svid in expired {
+                    let key = svid_key(&svid.serial, &svid.jti);
+                    if shared {
+                        tx.forget(ISSUED_BY_OWNER, index_key(&owner_of(&svid), &key));
+                    }
+                    gone.push((owner_of(&svid), key));
                 }
             }
             for key in &revocations {
                 tx.remove(REVOCATIONS, key)?;
             }
-            Ok(issued.len() + revocations.len())
+            Ok(gone)
         })?;
         writer.revocations.retain(|r| r.expires_at > now);
         if !shared {
-            for svid in &issued {
-                writer.owners.remove(&owner_of(svid), &svid_key(&svid.serial, &svid.jti));
-            }
+            let mut index = self.index_mut();
+            gone.iter().for_each(|(owner, key)| index.remove(owner, key));
         }
-        Ok(pruned)
+        Ok(gone.len() + revocations.len())
     }
 }

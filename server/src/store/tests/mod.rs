@@ -175,7 +175,7 @@ fn owner_index_rows_of_an_older_version_are_removed_at_open() {
             [Signed { svid: issued("01", &e), entry: e.clone(), event: Default::default() }];
         store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
         assert_eq!(store.kv.len(layout::t(layout::ISSUED_BY_OWNER)).unwrap(), 0);
-        assert_eq!(store.lock().owners.len(), 2, "the agent's SVID and the entry's");
+        assert_eq!(store.index().len(), 2, "the agent's SVID and the entry's");
         let rows = ["a\u{0}01", "agent:spiffe://example.org/agent\0s0"];
         let ops = rows
             .iter()
@@ -186,7 +186,7 @@ fn owner_index_rows_of_an_older_version_are_removed_at_open() {
     }
     let store = place.open();
     assert_eq!(store.kv.len(layout::t(layout::ISSUED_BY_OWNER)).unwrap(), 0);
-    assert_eq!(store.lock().owners.len(), 2);
+    assert_eq!(store.index().len(), 2);
     let write = store.delete_entries(&["a".into()], 2, "deleted", &Audit::quiet()).unwrap();
     assert_eq!(write.revoked.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(), ["01"]);
 }
