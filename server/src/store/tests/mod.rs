@@ -83,6 +83,21 @@ pub(super) fn agent_svid(id: &str, serial: &str) -> pb::IssuedSvid {
     }
 }
 
+/// A store with entry `a` under agent `agent` (SVID `s0`) and one SVID,
+/// `01`, recorded for the entry.
+pub(super) fn store_with_one_svid(place: &Place) -> (KvStore, Entry) {
+    let store = place.open();
+    let e = entry("a", "w", "agent", 1);
+    store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
+    store
+        .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
+        .unwrap()
+        .unwrap();
+    let signed = [Signed { svid: issued("01", &e), entry: e.clone(), event: Default::default() }];
+    assert_eq!(store.record_issued(&e.parent_id.to_string(), "s0", &signed, 5).unwrap(), [Ok(())]);
+    (store, e)
+}
+
 /// Where a conformance test's store lives: each `open` is a new handle
 /// on the same records (a restart).
 enum Place {
@@ -163,17 +178,8 @@ conformance!(
 #[test]
 fn owner_index_rows_of_an_older_version_are_removed_at_open() {
     let place = Place::sled();
-    let e = entry("a", "w", "agent", 1);
     {
-        let store = place.open();
-        store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
-        store
-            .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
-            .unwrap()
-            .unwrap();
-        let signed =
-            [Signed { svid: issued("01", &e), entry: e.clone(), event: Default::default() }];
-        store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
+        let (store, _) = store_with_one_svid(&place);
         assert_eq!(store.kv.len(layout::t(layout::ISSUED_BY_OWNER)).unwrap(), 0);
         assert_eq!(store.index().len(), 2, "the agent's SVID and the entry's");
         let rows = ["a\u{0}01", "agent:spiffe://example.org/agent\0s0"];

@@ -7,19 +7,7 @@ use super::*;
 /// what is reopened after it has both or neither.
 pub(super) fn a_delete_and_its_revocations_are_one_commit(place: Place) {
     {
-        let store = place.open();
-        let e = entry("a", "w", "agent", 1);
-        store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
-        store
-            .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
-            .unwrap()
-            .unwrap();
-        let signed =
-            [Signed { svid: issued("01", &e), entry: e.clone(), event: Default::default() }];
-        assert_eq!(
-            store.record_issued(&e.parent_id.to_string(), "s0", &signed, 5).unwrap(),
-            [Ok(())]
-        );
+        let (store, _) = store_with_one_svid(&place);
         let commits_before = store.check().unwrap().write_seq;
         let write =
             store.delete_entries(&["a".into()], 7, "entry deleted", &Audit::quiet()).unwrap();
@@ -150,56 +138,40 @@ pub(super) fn jwt_svids_are_revoked_with_their_entry_and_agent(place: Place) {
 /// re-issues because the old SVID no longer states what the entry
 /// authorizes: a new DNS name revokes; a new TTL alone does not.
 pub(super) fn a_dns_name_change_revokes_and_a_ttl_change_does_not(place: Place) {
-    let store = place.open();
-    let e = entry("a", "w", "agent", 1);
-    store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
-    store
-        .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
-        .unwrap()
-        .unwrap();
-    let signed = [Signed { svid: issued("0a", &e), entry: e.clone(), event: Default::default() }];
-    store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
+    let (store, e) = store_with_one_svid(&place);
     let mut longer = e.clone();
     longer.x509_svid_ttl = 600;
     assert!(store
-        .update_entries(&[longer.clone()], 2, "ttl", &Audit::quiet())
+        .update_entries(&[longer.clone()], 6, "ttl", &Audit::quiet())
         .unwrap()
         .revoked
         .is_empty());
     let mut named = longer;
     named.dns_names = vec!["web.internal".into()];
-    let revoked = store.update_entries(&[named], 3, "dns", &Audit::quiet()).unwrap().revoked;
-    assert_eq!(revoked.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(), ["0a"]);
+    let revoked = store.update_entries(&[named], 6, "dns", &Audit::quiet()).unwrap().revoked;
+    assert_eq!(revoked.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(), ["01"]);
 }
 
 /// Labels are policy metadata, in no SVID: an update that changes only
 /// them is a new revision and revokes nothing, and they survive a reopen.
 pub(super) fn a_label_change_alone_revokes_nothing(place: Place) {
-    let store = place.open();
-    let e = entry("a", "w", "agent", 1);
-    store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
-    store
-        .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
-        .unwrap()
-        .unwrap();
-    let signed = [Signed { svid: issued("0a", &e), entry: e.clone(), event: Default::default() }];
-    store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
+    let (store, e) = store_with_one_svid(&place);
     let before = store.entry("a").unwrap().unwrap().revision;
     let mut labelled = e.clone();
     labelled.labels.insert("team".into(), "finance".into());
-    let write = store.update_entries(&[labelled], 2, "labels", &Audit::quiet()).unwrap();
+    let write = store.update_entries(&[labelled], 6, "labels", &Audit::quiet()).unwrap();
     assert!(write.revoked.is_empty(), "{:?}", write.revoked);
     assert!(matches!(write.results.as_slice(), [Ok(_)]), "{:?}", write.results);
     let mut relabelled = store.entry("a").unwrap().unwrap();
     assert!(relabelled.revision > before, "a label change is a change");
     relabelled.labels = [("team".to_string(), "sales".to_string())].into();
-    let write = store.update_entries(&[relabelled], 3, "labels", &Audit::quiet()).unwrap();
+    let write = store.update_entries(&[relabelled], 7, "labels", &Audit::quiet()).unwrap();
     assert!(write.revoked.is_empty(), "{:?}", write.revoked);
     drop(store);
     let store = place.open();
     let stored = store.entry("a").unwrap().unwrap();
     assert_eq!(stored.labels.get("team").map(String::as_str), Some("sales"));
-    assert!(store.revocation("0a").unwrap().is_none());
+    assert!(store.revocation("01").unwrap().is_none());
 }
 
 /// Item 4: a renewal cannot undo a ban, and is refused once banned.
