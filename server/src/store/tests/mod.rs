@@ -172,29 +172,46 @@ conformance!(
     broker_records_are_checked_and_survive_a_backup,
 );
 
-/// A store written by a version that kept the owner index as rows: the
-/// rows are removed at open, and what they indexed is still found (from
-/// the records).
+/// A store written by a version that kept a row per record (under its
+/// serial) and the owner index as rows: the index rows are removed at
+/// open; the old records are still found, revoked with their entry and
+/// pruned at expiry, beside records written since.
 #[test]
-fn owner_index_rows_of_an_older_version_are_removed_at_open() {
+fn a_store_of_an_older_version_is_read_and_its_index_rows_removed_at_open() {
     let place = Place::sled();
-    {
-        let (store, _) = store_with_one_svid(&place);
+    let e = {
+        let (store, e) = store_with_one_svid(&place);
         assert_eq!(store.kv.len(layout::t(layout::ISSUED_BY_OWNER)).unwrap(), 0);
         assert_eq!(store.index().len(), 2, "the agent's SVID and the entry's");
-        let rows = ["a\u{0}01", "agent:spiffe://example.org/agent\0s0"];
-        let ops = rows
-            .iter()
-            .map(|k| kv::Op::Put(layout::t(layout::ISSUED_BY_OWNER), k.as_bytes().to_vec(), vec![]))
-            .collect();
+        let (issued_tree, index_tree) =
+            (layout::t(layout::ISSUED), layout::t(layout::ISSUED_BY_OWNER));
+        let mut ops = Vec::new();
+        for (serial, expires_at) in [("02", 10), ("03", i64::MAX)] {
+            let record = pb::IssuedSvid { expires_at, ..issued(serial, &e) };
+            ops.push(kv::Op::Put(
+                issued_tree,
+                serial.into(),
+                prost::Message::encode_to_vec(&record),
+            ));
+            ops.push(kv::Op::Put(index_tree, format!("a\0{serial}").into_bytes(), vec![]));
+        }
+        ops.push(kv::Op::Put(index_tree, b"agent:spiffe://example.org/agent\0s0".to_vec(), vec![]));
         store.kv.apply(ops).unwrap();
         store.kv.flush().unwrap();
-    }
+        e
+    };
     let store = place.open();
     assert_eq!(store.kv.len(layout::t(layout::ISSUED_BY_OWNER)).unwrap(), 0);
-    assert_eq!(store.index().len(), 2);
-    let write = store.delete_entries(&["a".into()], 2, "deleted", &Audit::quiet()).unwrap();
-    assert_eq!(write.revoked.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(), ["01"]);
+    assert_eq!(store.index().len(), 4);
+    assert_eq!(store.check().unwrap().issued, 4);
+    assert_eq!(store.issued("03").unwrap().map(|s| s.entry_id), Some(e.id.clone()));
+    assert_eq!(store.prune_expired(10).unwrap(), 1, "02 expired");
+    assert!(store.issued("02").unwrap().is_none());
+    assert_eq!(store.kv.get(layout::t(layout::ISSUED), b"02").unwrap(), None);
+    let write = store.delete_entries(&["a".into()], 11, "deleted", &Audit::quiet()).unwrap();
+    let mut revoked: Vec<&str> = write.revoked.iter().map(|r| r.serial.as_str()).collect();
+    revoked.sort_unstable();
+    assert_eq!(revoked, ["01", "03"]);
 }
 
 /// One server on its embedded store keeps signing budgets in memory.

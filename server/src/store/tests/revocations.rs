@@ -279,7 +279,7 @@ pub(super) fn agents_are_checked_many_at_once_as_one_at_a_time(place: Place) {
 /// revokes the SVIDs recorded for it (X.509 and JWT) and no other, a ban
 /// revokes the agent's own SVID and its entries', and a record pruned at
 /// its expiry is no longer found. On sled the index of records by owner
-/// is rebuilt from the records at open (`owners.rs`); on PostgreSQL it is
+/// is rebuilt from the records at open (`issued_index.rs`); on PostgreSQL it is
 /// rows.
 pub(super) fn what_was_issued_before_a_restart_is_revoked_after_it(place: Place) {
     let (a, b) = (entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 2));
