@@ -85,7 +85,7 @@ pub(super) fn agent_svid(id: &str, serial: &str) -> pb::IssuedSvid {
 
 /// A store with entry `a` under agent `agent` (SVID `s0`) and one SVID,
 /// `01`, recorded for the entry.
-pub(super) fn store_with_one_svid(place: &Place) -> (KvStore, Entry) {
+fn store_with_one_svid(place: &Place) -> (KvStore, Entry) {
     let store = place.open();
     let e = entry("a", "w", "agent", 1);
     store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
