@@ -10,33 +10,6 @@ use sled::Transactional;
 use super::error::StoreError;
 use super::kv::{scan_prefix, Kv, Lock, OnRemoteChange, Op, Pair, Pairs, TxRead, Txn};
 
-/// Starts, once per process, the thread that works off sled's garbage.
-///
-/// sled frees the old versions of what it changes through crossbeam's
-/// epoch-based collector, whose queue of garbage is worked off only as
-/// threads pin: up to 8 bags (of up to 64 old versions each) per
-/// collection, once every 128 pins of a thread. One sled transaction pins
-/// once and can leave hundreds (a commit chaining 500 issuance events), so
-/// under steady writes the queue grew without end: the soak's server held
-/// 8.3 MB more queued bags, and the old nodes they keep, at minute 41 than
-/// at minute 9 (heaptrack, the later record minus the earlier). This
-/// thread collects 8 times every 10 ms (up to 6,400 bags a second), which
-/// costs nothing when there is nothing to collect.
-fn collect_garbage_steadily() {
-    static STARTED: std::sync::Once = std::sync::Once::new();
-    STARTED.call_once(|| {
-        let spawned = std::thread::Builder::new().name("sled-garbage".into()).spawn(|| loop {
-            for _ in 0..8 {
-                crossbeam_epoch::pin().flush();
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start the thread that collects sled's garbage; memory may grow under steady writes");
-        }
-    });
-}
-
 /// One server's embedded database.
 pub struct SledKv {
     db: sled::Db,
@@ -65,7 +38,6 @@ impl SledKv {
     /// appear over time; a snapshot sled writes as it closes is restricted
     /// at the next open, inside the 0700 directory meanwhile).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        collect_garbage_steadily();
         crate::fsutil::create_private_dir(dir)
             .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
