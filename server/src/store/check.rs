@@ -17,7 +17,13 @@ use crate::broker::records::{AccessToken, PendingRequest, PublishedKey, Task};
 
 impl KvStore {
     pub(super) fn check(&self) -> Result<StoreReport, StoreError> {
-        verify_records(&self.dump()?)
+        Ok(self.check_dump()?.0)
+    }
+
+    /// The check, and the dump it read (opening a store builds from it).
+    pub(super) fn check_dump(&self) -> Result<(StoreReport, Vec<Pairs>), StoreError> {
+        let trees = self.dump()?;
+        Ok((verify_records(&trees)?, trees))
     }
 }
 

@@ -18,7 +18,7 @@ use prost::Message;
 use tessera_proto::types as pb;
 
 use super::error::StoreError;
-use super::kv::{scan_prefix, Kv, Op};
+use super::kv::{Kv, Op, Pairs};
 use super::layout::{decode, owner_of, svid_key, t, ISSUED, ISSUED_BY_OWNER};
 
 /// Records a sled row holds at most.
@@ -35,6 +35,12 @@ pub(super) fn decode_row(key: &[u8], bytes: &[u8]) -> Result<Vec<pb::IssuedSvid>
     } else {
         Ok(vec![decode(key, bytes)?])
     }
+}
+
+/// A batch row's value: `svids` as one `IssuedSvids` (`decode_row` reads
+/// it back).
+pub(super) fn encode_batch(svids: Vec<pb::IssuedSvid>) -> Vec<u8> {
+    pb::IssuedSvids { svids }.encode_to_vec()
 }
 
 /// A row of `issued_svids`: its key and value.
@@ -65,8 +71,8 @@ pub(super) fn rows_of(svids: &[&pb::IssuedSvid], shared: bool) -> (Vec<Row>, Vec
     for chunk in svids.chunks(ISSUED_PER_ROW) {
         let first = svid_key(&chunk[0].serial, &chunk[0].jti);
         let row: Arc<str> = Arc::from(format!("{BATCH_ROW}{first}"));
-        let value = pb::IssuedSvids { svids: chunk.iter().map(|s| (*s).clone()).collect() };
-        rows.push((row.as_bytes().to_vec(), value.encode_to_vec()));
+        let value = encode_batch(chunk.iter().map(|svid| (*svid).clone()).collect());
+        rows.push((row.as_bytes().to_vec(), value));
         for svid in chunk {
             let key = svid_key(&svid.serial, &svid.jti);
             placed.push(Placed { key, owner: owner_of(svid), row: row.clone() });
@@ -83,21 +89,22 @@ pub(super) struct IssuedIndex {
 }
 
 impl IssuedIndex {
-    /// The index of every record in `kv`'s `issued_svids`. Rows an older
-    /// version kept in `issued_by_owner` are removed: they only repeated
-    /// the records, and nothing would keep them current.
-    pub(super) fn load(kv: &dyn Kv) -> Result<Self, StoreError> {
+    /// The index of every record of `trees` (a store's dump, as its check
+    /// at open read it) in `issued_svids`. Rows an older version kept in
+    /// `issued_by_owner` are removed from `kv`: they only repeated the
+    /// records, and nothing would keep them current.
+    pub(super) fn load(kv: &dyn Kv, trees: &[Pairs]) -> Result<Self, StoreError> {
         let mut index = Self::default();
-        for (row, bytes) in scan_prefix(kv, t(ISSUED), b"")? {
-            let row_key: Arc<str> = Arc::from(String::from_utf8_lossy(&row).as_ref());
-            for svid in decode_row(&row, &bytes)? {
+        for (row, bytes) in &trees[ISSUED] {
+            let row_key: Arc<str> = Arc::from(String::from_utf8_lossy(row).as_ref());
+            for svid in decode_row(row, bytes)? {
                 let key = svid_key(&svid.serial, &svid.jti);
                 index.add(&Placed { key, owner: owner_of(&svid), row: row_key.clone() });
             }
         }
-        let stale: Vec<Op> = scan_prefix(kv, t(ISSUED_BY_OWNER), b"")?
-            .into_iter()
-            .map(|(key, _)| Op::Delete(t(ISSUED_BY_OWNER), key))
+        let stale: Vec<Op> = trees[ISSUED_BY_OWNER]
+            .iter()
+            .map(|(key, _)| Op::Delete(t(ISSUED_BY_OWNER), key.clone()))
             .collect();
         if !stale.is_empty() {
             kv.apply(stale)?;

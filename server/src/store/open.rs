@@ -37,7 +37,7 @@ impl KvStore {
             }
             _ => {}
         }
-        store.check().map_err(|e| match e {
+        let (_, trees) = store.check_dump().map_err(|e| match e {
             StoreError::Corrupt { key, reason } => damaged(format!("record {key}: {reason}")),
             other => other,
         })?;
@@ -45,7 +45,7 @@ impl KvStore {
             watermark.write(meta_seq)?;
         }
         store.load_revocations()?;
-        *store.index_mut() = IssuedIndex::load(&*store.kv)?;
+        *store.index_mut() = IssuedIndex::load(&*store.kv, &trees)?;
         Ok(store)
     }
 

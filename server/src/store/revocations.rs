@@ -8,7 +8,7 @@ use tessera_proto::types as pb;
 use super::audit::Audit;
 use super::commit::{Tx, TxResult};
 use super::error::StoreError;
-use super::issued_index::decode_row;
+use super::issued_index::{decode_row, encode_batch};
 use super::kv::scan_prefix;
 use super::kv_store::KvStore;
 use super::layout::{
@@ -163,7 +163,7 @@ impl KvStore {
                 } else if kept.is_empty() {
                     tx.forget(ISSUED, row);
                 } else {
-                    tx.put(ISSUED, row, pb::IssuedSvids { svids: kept }.encode_to_vec());
+                    tx.put(ISSUED, row, encode_batch(kept));
                 }
                 for svid in expired {
                     let key = svid_key(&svid.serial, &svid.jti);
