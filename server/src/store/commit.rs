@@ -12,7 +12,7 @@ use tessera_proto::types as pb;
 
 use super::audit::Audit;
 use super::error::StoreError;
-use super::issued_index::{read_records, rows_of, IssuedIndex, Placed};
+use super::issued_index::{read_records, rows_of, IssuedIndex, Placed, Row};
 use super::kv::{Lock, Pairs, Txn};
 use super::kv_store::{KvStore, Writer};
 use super::layout::{
@@ -113,14 +113,21 @@ impl Tx<'_> {
     /// Records an issued SVID (`issued_index.rs` says how).
     pub(super) fn record(&self, svid: &pb::IssuedSvid) {
         let (rows, placed) = rows_of(&[svid], self.index.is_none());
+        self.record_rows(&rows, &placed);
+    }
+
+    /// Records issued SVIDs already encoded as `rows` (`rows_of`), in this
+    /// commit: on sled the in-memory index takes `placed` once it is done;
+    /// on a shared database the owner index is rows too.
+    pub(super) fn record_rows(&self, rows: &[Row], placed: &[Placed]) {
         for (key, value) in rows {
-            self.put(ISSUED, key, value);
+            self.put(ISSUED, key.clone(), value.clone());
         }
-        for placed in placed {
-            match self.index {
-                Some(_) => self.recorded.borrow_mut().push(placed),
-                None => self.put(ISSUED_BY_OWNER, index_key(&placed.owner, &placed.key), []),
-            }
+        match self.index {
+            Some(_) => self.recorded.borrow_mut().extend(placed.iter().cloned()),
+            None => placed.iter().for_each(|p| {
+                self.put(ISSUED_BY_OWNER, index_key(&p.owner, &p.key), []);
+            }),
         }
     }
 
