@@ -15,7 +15,7 @@ use super::layout::{
     META, REVISION_KEY,
 };
 use super::revocations::revocation_of;
-use super::{ChangeKind, EntryFilter, EntryWrite};
+use super::{ChangeKind, EntriesRead, EntryFilter, EntryWrite};
 use crate::entry::{Entry, EntryError};
 
 /// Sees one key and value of a page; false stops the paging.
@@ -189,6 +189,17 @@ impl KvStore {
             .zip(values)
             .map(|(key, value)| value.map(|bytes| decode_entry(key, &bytes)).transpose())
             .collect()
+    }
+
+    /// The revision is the last one published (`self.revision`, sent once
+    /// its commit is visible), read before the entries: a commit that finds
+    /// the store still at it knows that no entry changed since the read
+    /// (every entry write logs a change), and one that finds it moved
+    /// re-reads them. On a shared database it may lag the others' commits,
+    /// which only sends more commits to the re-read.
+    pub(super) fn entries_for_signing(&self, ids: &[String]) -> Result<EntriesRead, StoreError> {
+        let revision = *self.revision.borrow();
+        Ok(EntriesRead { revision, entries: self.entries(ids)? })
     }
 
     pub(super) fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError> {

@@ -2,10 +2,12 @@
 //! commit and one fsync), each checked in the commit against its agent and
 //! entry as they are now, and revoked at once if no longer authorized.
 
+use prost::Message;
 use tessera_proto::types as pb;
 use tessera_proto::Refusal;
 
 use super::audit::Audit;
+use super::commit::{Tx, TxResult};
 use super::error::StoreError;
 use super::issue_queue::IssueJob;
 use super::issued_index::read_records;
@@ -20,6 +22,7 @@ impl KvStore {
         &self,
         agent_id: &str,
         agent_serial: &str,
+        read_at: u64,
         signed: &[Signed],
         now: i64,
     ) -> Result<Vec<Result<(), ItemRefused>>, StoreError> {
@@ -27,7 +30,8 @@ impl KvStore {
         // share one commit and one fsync. Each caller encodes its batch and
         // queues it; whoever holds the writer lock records everything queued.
         let (done, result) = std::sync::mpsc::sync_channel(1);
-        let job = IssueJob::new(agent_id, agent_serial, signed, self.kv.shared(), now, done);
+        let job =
+            IssueJob::new(agent_id, agent_serial, read_at, signed, self.kv.shared(), now, done);
         self.issue_queue.lock().unwrap_or_else(|e| e.into_inner()).push(job);
         {
             let mut writer = self.lock();
@@ -58,8 +62,10 @@ impl KvStore {
     /// Records queued issuance batches in one commit: the records (encoded
     /// by their callers, outside the lock: on sled up to 64 to a row, so
     /// that the commit writes few keys), each checked against the agent
-    /// (still current and unbanned) and the entry as it is now (unchanged,
-    /// compared by its encoding, or still authorizing the SVID), the
+    /// (still current and unbanned) and the entry as it is now (unchanged:
+    /// the store still at the revision the entries were read at, or the
+    /// entry re-read and equal to its encoding then, or still authorizing
+    /// the SVID), the
     /// issuance events, the write sequence and the revocation of the SVIDs
     /// no longer authorized; everything is durable before anyone is
     /// answered. A crash before the commit leaves no record and no event
@@ -71,6 +77,8 @@ impl KvStore {
         jobs: &[IssueJob],
     ) -> Result<Vec<Vec<Result<(), ItemRefused>>>, StoreError> {
         self.commit_locked(writer, &Audit::quiet(), |tx| {
+            // The committed revision: this commit's own revocations come last.
+            let committed = tx.revision.get();
             for job in jobs {
                 tx.record_rows(&job.rows, &job.placed);
             }
@@ -92,28 +100,14 @@ impl KvStore {
                     )),
                     Some(_) => None,
                 };
+                // No entry changed since they were read: each is as signed.
+                let as_read = job.read_at == committed;
                 let mut results = Vec::with_capacity(job.signed.len());
-                for (item, entry_bytes) in job.signed.iter().zip(&job.entries) {
-                    let id = item.entry.id.as_bytes();
-                    let refusal = match (&agent_refusal, tx.get(ENTRIES, id)?) {
-                        (Some(why), _) => Some(why.clone()),
-                        (None, None) => Some(ItemRefused::typed(
-                            Refusal::EntryChanged,
-                            format!("entry {} was deleted while signing", item.entry.id),
-                        )),
-                        (None, Some(stored)) if stored == *entry_bytes => None,
-                        (None, Some(stored)) => {
-                            if decode_entry(id, &stored)?
-                                .authorizes_svid_of(&item.entry, item.svid.expires_at)
-                            {
-                                None
-                            } else {
-                                Some(ItemRefused::typed(
-                                    Refusal::EntryChanged,
-                                    format!("entry {} changed while signing", item.entry.id),
-                                ))
-                            }
-                        }
+                for item in &job.signed {
+                    let refusal = match &agent_refusal {
+                        Some(why) => Some(why.clone()),
+                        None if as_read => None,
+                        None => entry_refusal(tx, item)?,
                     };
                     // The issuance's event, in the commit that records it.
                     let mut event = item.event.clone();
@@ -158,4 +152,26 @@ impl KvStore {
             self.index().len()
         }
     }
+}
+
+/// Why an SVID signed from `item.entry` may not be handed out now that the
+/// store has moved past the read: its entry deleted, or changed so that it
+/// no longer authorizes it (an unchanged encoding needs no decoding).
+fn entry_refusal(tx: &Tx<'_>, item: &Signed) -> TxResult<Option<ItemRefused>> {
+    let id = item.entry.id.as_bytes();
+    let Some(stored) = tx.get(ENTRIES, id)? else {
+        return Ok(Some(ItemRefused::typed(
+            Refusal::EntryChanged,
+            format!("entry {} was deleted while signing", item.entry.id),
+        )));
+    };
+    if stored == item.entry.to_proto().encode_to_vec()
+        || decode_entry(id, &stored)?.authorizes_svid_of(&item.entry, item.svid.expires_at)
+    {
+        return Ok(None);
+    }
+    Ok(Some(ItemRefused::typed(
+        Refusal::EntryChanged,
+        format!("entry {} changed while signing", item.entry.id),
+    )))
 }

@@ -2,8 +2,6 @@
 //! to be recorded (`issuance.rs` records them), each encoded by its caller
 //! outside the writer lock.
 
-use prost::Message;
-
 use super::issued_index::{rows_of, Placed, Row};
 use super::{ItemRefused, Signed};
 
@@ -17,8 +15,8 @@ pub(super) struct IssueJob {
     /// (`issued_index.rs`), and where each record went.
     pub(super) rows: Vec<Row>,
     pub(super) placed: Vec<Placed>,
-    /// Per item, its entry's encoding as it was read for signing.
-    pub(super) entries: Vec<Vec<u8>>,
+    /// The revision its entries were read at (`EntriesRead::revision`).
+    pub(super) read_at: u64,
     pub(super) now: i64,
     pub(super) done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), ItemRefused>>, String>>,
 }
@@ -27,6 +25,7 @@ impl IssueJob {
     pub(super) fn new(
         agent_id: &str,
         agent_serial: &str,
+        read_at: u64,
         signed: &[Signed],
         shared: bool,
         now: i64,
@@ -40,7 +39,7 @@ impl IssueJob {
             signed: signed.to_vec(),
             rows,
             placed,
-            entries: signed.iter().map(|item| item.entry.to_proto().encode_to_vec()).collect(),
+            read_at,
             now,
             done,
         }

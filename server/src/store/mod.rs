@@ -253,6 +253,15 @@ pub struct Approved {
     pub write: EntryWrite,
 }
 
+/// Entries read to sign from ([`Store::entries_for_signing`]).
+#[derive(Debug, Clone)]
+pub struct EntriesRead {
+    /// A revision every change before the read is visible at.
+    pub revision: u64,
+    /// In the order asked, `None` where absent.
+    pub entries: Vec<Option<Entry>>,
+}
+
 /// A signed SVID to record, with the entry it was signed for.
 #[derive(Debug, Clone)]
 pub struct Signed {
@@ -324,6 +333,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError>;
     /// Entries by ID, in the order asked (`None` where absent), read at once.
     fn entries(&self, ids: &[String]) -> Result<Vec<Option<Entry>>, StoreError>;
+    /// Entries to sign from, as `entries`, and a revision every change
+    /// before the read is visible at: [`Store::record_issued`] given it
+    /// skips re-reading the entries when the store has not moved past it.
+    fn entries_for_signing(&self, ids: &[String]) -> Result<EntriesRead, StoreError>;
     /// Every entry whose parent ID is `parent` (an index lookup, no scan).
     fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError>;
     /// The entries of `parent` and the revision they are current to, read
@@ -489,14 +502,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// All agents.
     fn agents(&self) -> Result<Vec<pb::Agent>, StoreError>;
 
-    /// Records SVIDs signed for `agent_id`'s entries. Each is checked, in
-    /// the commit, against the agent (still current and unbanned) and the
-    /// entry as it is now; one no longer authorized is revoked at once and
-    /// its item says why.
+    /// Records SVIDs signed for `agent_id`'s entries, as read at revision
+    /// `read_at` ([`EntriesRead::revision`]). Each is checked, in the
+    /// commit, against the agent (still current and unbanned) and the
+    /// entry as it is now (not re-read while the store is still at
+    /// `read_at`: no entry changed since); one no longer authorized is
+    /// revoked at once and its item says why.
     fn record_issued(
         &self,
         agent_id: &str,
         agent_serial: &str,
+        read_at: u64,
         signed: &[Signed],
         now: i64,
     ) -> Result<Vec<Result<(), ItemRefused>>, StoreError>;

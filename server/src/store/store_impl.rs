@@ -18,8 +18,8 @@ use super::audit::{Audit, EventSink};
 use super::error::StoreError;
 use super::kv_store::KvStore;
 use super::{
-    AgentCheck, AgentRefusal, Approved, Change, CrlSigner, EntryFilter, EntryWrite, ItemRefused,
-    RenewOutcome, Signed, Store, StoreReport,
+    AgentCheck, AgentRefusal, Approved, Change, CrlSigner, EntriesRead, EntryFilter, EntryWrite,
+    ItemRefused, RenewOutcome, Signed, Store, StoreReport,
 };
 use crate::broker::records::{
     AccessToken, BrokerRefusal, PendingRequest, PublishedKey, Task, TokenToRecord,
@@ -62,6 +62,10 @@ impl Store for KvStore {
 
     fn entries(&self, ids: &[String]) -> Result<Vec<Option<Entry>>, StoreError> {
         KvStore::entries(self, ids)
+    }
+
+    fn entries_for_signing(&self, ids: &[String]) -> Result<EntriesRead, StoreError> {
+        KvStore::entries_for_signing(self, ids)
     }
 
     fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError> {
@@ -264,10 +268,11 @@ impl Store for KvStore {
         &self,
         agent_id: &str,
         agent_serial: &str,
+        read_at: u64,
         signed: &[Signed],
         now: i64,
     ) -> Result<Vec<Result<(), ItemRefused>>, StoreError> {
-        KvStore::record_issued(self, agent_id, agent_serial, signed, now)
+        KvStore::record_issued(self, agent_id, agent_serial, read_at, signed, now)
     }
 
     fn record_minted(

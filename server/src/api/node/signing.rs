@@ -12,7 +12,7 @@ use crate::ca::jwt::SignedJwt;
 use crate::ca::SignedSvid;
 use crate::entry::Entry;
 use crate::event_schema::{self as schema, kind, EventExt};
-use crate::store::{Signed, MAX_BATCH};
+use crate::store::{EntriesRead, Signed, MAX_BATCH};
 use tessera_common::rate::TokenBucket;
 
 use super::service::*;
@@ -73,7 +73,8 @@ impl NodeService {
         T: Send + 'static,
         F: Send + 'static,
     {
-        let entries = self.batch_entries(op, caller, entry_ids).await?;
+        let read = self.batch_entries(op, caller, entry_ids).await?;
+        let (read_at, entries) = (read.revision, read.entries);
         let service = self.clone();
         let agent_id = caller.id.clone();
         // Signing is CPU work: keep it off the async workers.
@@ -86,7 +87,7 @@ impl NodeService {
         })
         .await
         .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
-        self.record_batch(caller, signed).await
+        self.record_batch(caller, read_at, signed).await
     }
 
     /// Checks a signing batch against the size limit and the agent's
@@ -96,7 +97,7 @@ impl NodeService {
         op: &str,
         caller: &Caller,
         ids: Vec<String>,
-    ) -> Result<Vec<Option<Entry>>, Status> {
+    ) -> Result<EntriesRead, Status> {
         if ids.len() > MAX_BATCH {
             return Err(self.refuse(
                 op,
@@ -110,7 +111,7 @@ impl NodeService {
         self.take_sign_budget(&caller.id, ids.len())
             .await
             .map_err(|e| self.refuse(op, caller.id.as_str(), e))?;
-        self.state.store_op(move |store| store.entries(&ids)).await
+        self.state.store_op(move |store| store.entries_for_signing(&ids)).await
     }
 
     /// Records what a batch signed (durably) before the agent can use it,
@@ -120,6 +121,7 @@ impl NodeService {
     pub(super) async fn record_batch<T, F>(
         &self,
         caller: &Caller,
+        read_at: u64,
         signed: Vec<Result<(T, Signed), F>>,
     ) -> Result<Vec<Recorded<T, F>>, Status> {
         let mut pending = Vec::with_capacity(signed.len());
@@ -137,7 +139,7 @@ impl NodeService {
         } else {
             self.state
                 .store_op(move |store| {
-                    let recorded = store.record_issued(&key, &serial, &records, now)?;
+                    let recorded = store.record_issued(&key, &serial, read_at, &records, now)?;
                     Ok((recorded, records))
                 })
                 .await?

@@ -94,7 +94,10 @@ fn store_with_one_svid(place: &Place) -> (KvStore, Entry) {
         .unwrap()
         .unwrap();
     let signed = [Signed { svid: issued("01", &e), entry: e.clone(), event: Default::default() }];
-    assert_eq!(store.record_issued(&e.parent_id.to_string(), "s0", &signed, 5).unwrap(), [Ok(())]);
+    assert_eq!(
+        store.record_issued(&e.parent_id.to_string(), "s0", 0, &signed, 5).unwrap(),
+        [Ok(())]
+    );
     (store, e)
 }
 

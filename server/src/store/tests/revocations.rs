@@ -28,7 +28,9 @@ pub(super) fn a_delete_and_its_revocations_are_one_commit(place: Place) {
 }
 
 /// Item 4: an SVID whose signing raced a delete, a change or a ban is
-/// recorded and revoked in the same commit, never handed out valid.
+/// recorded and revoked in the same commit, never handed out valid: the
+/// commit re-reads the entries because the store moved past the revision
+/// they were read at.
 pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place) {
     let store = place.open();
     let (a, b) = (entry("a", "w1", "agent", 1), entry("b", "w2", "agent", 1));
@@ -37,6 +39,10 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
         .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
         .unwrap()
         .unwrap();
+    let read = store.entries_for_signing(&["a".into(), "b".into()]).unwrap();
+    let [Some(a), Some(b)] = <[Option<Entry>; 2]>::try_from(read.entries).unwrap() else {
+        panic!("entries a and b were not read");
+    };
     store.delete_entries(&["a".into()], 1, "deleted", &Audit::quiet()).unwrap();
     let mut renamed = b.clone();
     renamed.spiffe_id = SpiffeId::parse("spiffe://example.org/other").unwrap();
@@ -45,7 +51,8 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
         Signed { svid: issued("0a", &a), entry: a.clone(), event: Default::default() },
         Signed { svid: issued("0b", &b), entry: b.clone(), event: Default::default() },
     ];
-    let results = store.record_issued("spiffe://example.org/agent", "s0", &signed, 2).unwrap();
+    let results =
+        store.record_issued("spiffe://example.org/agent", "s0", read.revision, &signed, 2).unwrap();
     assert!(results.iter().all(Result::is_err), "{results:?}");
     assert!(store.revocation("0a").unwrap().is_some() && store.revocation("0b").unwrap().is_some());
 
@@ -53,8 +60,11 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
     // with the typed code the agent acts on (sign again at once).
     let d = entry("d", "w4", "agent", 1);
     store.create_entries(std::slice::from_ref(&d), &Audit::quiet()).unwrap();
+    let read = store.entries_for_signing(&["d".into()]).unwrap();
     let signed = [Signed { svid: issued("0d", &d), entry: d, event: Default::default() }];
-    let results = store.record_issued("spiffe://example.org/agent", "s-old", &signed, 3).unwrap();
+    let results = store
+        .record_issued("spiffe://example.org/agent", "s-old", read.revision, &signed, 3)
+        .unwrap();
     assert_eq!(
         results[0].as_ref().err().map(|r| r.refusal),
         Some(Refusal::AgentSvidChanged),
@@ -63,11 +73,28 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
 
     let c = entry("c", "w3", "agent", 1);
     store.create_entries(std::slice::from_ref(&c), &Audit::quiet()).unwrap();
+    let read = store.entries_for_signing(&["c".into()]).unwrap();
     store.ban_agent("spiffe://example.org/agent", "test", 3, &Audit::quiet()).unwrap().unwrap();
-    let signed = [Signed { svid: issued("0c", &c), entry: c, event: Default::default() }];
-    let results = store.record_issued("spiffe://example.org/agent", "s0", &signed, 4).unwrap();
+    let signed = [Signed { svid: issued("0c", &c), entry: c.clone(), event: Default::default() }];
+    let results =
+        store.record_issued("spiffe://example.org/agent", "s0", read.revision, &signed, 4).unwrap();
     assert_eq!(results[0].as_ref().err().map(|r| r.refusal), Some(Refusal::Banned));
     assert!(store.revocation("0c").unwrap().is_some());
+
+    // Read at the revision the store is still at: recorded as signed.
+    let e = entry("e", "w5", "agent2", 1);
+    store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
+    store
+        .register_agent(&agent("agent2", "t0"), &agent_svid("agent2", "t0"), &Audit::quiet())
+        .unwrap()
+        .unwrap();
+    let read = store.entries_for_signing(&["e".into()]).unwrap();
+    let signed = [Signed { svid: issued("0e", &e), entry: e, event: Default::default() }];
+    let results = store
+        .record_issued("spiffe://example.org/agent2", "t0", read.revision, &signed, 5)
+        .unwrap();
+    assert_eq!(results, [Ok(())]);
+    assert!(store.revocation("0e").unwrap().is_none() && store.issued("0e").unwrap().is_some());
 }
 
 /// JWT-SVIDs are recorded under `jwt:<jti>` and revoked with their entry
@@ -94,7 +121,8 @@ pub(super) fn jwt_svids_are_revoked_with_their_entry_and_agent(place: Place) {
             Signed { svid: jwt("j2", &b), entry: b.clone(), event: Default::default() },
             Signed { svid: issued("0b", &b), entry: b.clone(), event: Default::default() },
         ];
-        let results = store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
+        let results =
+            store.record_issued("spiffe://example.org/agent", "s0", 0, &signed, 1).unwrap();
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         assert!(store.issued("jwt:j1").unwrap().is_some());
         let mut renamed = a.clone();
@@ -302,7 +330,8 @@ pub(super) fn what_was_issued_before_a_restart_is_revoked_after_it(place: Place)
             Signed { svid: issued("0b", &b), entry: b.clone(), event: Default::default() },
             Signed { svid: short, entry: b.clone(), event: Default::default() },
         ];
-        let results = store.record_issued("spiffe://example.org/agent", "s0", &signed, 1).unwrap();
+        let results =
+            store.record_issued("spiffe://example.org/agent", "s0", 0, &signed, 1).unwrap();
         assert!(results.iter().all(Result::is_ok), "{results:?}");
     }
     let store = place.open();
