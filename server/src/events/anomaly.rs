@@ -2,7 +2,7 @@
 //! executable never seen for an entry, an audience outside its usual set,
 //! a burst of refusals from one agent or uid.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tessera_proto::types::Event;
 use tracing::warn;
@@ -63,6 +63,39 @@ pub(super) fn forget_entries(kv: &dyn Kv, entries: &[String]) -> Result<(), Stor
         }
     }
     Ok(())
+}
+
+/// Baseline values known to be stored, per prefix, so that `learn` reads
+/// the store only for a value it has not seen: entry IDs are never reused,
+/// so a value stays known while its entry lives. An entry's go when it is
+/// deleted or expires (`committed`), and all of them past [`KNOWN_MAX`]
+/// prefixes (another server's deletes are not seen here).
+#[derive(Debug, Default)]
+pub(super) struct Known(HashMap<String, HashSet<String>>);
+
+/// Prefixes (entry and kind of baseline) remembered at most.
+const KNOWN_MAX: usize = 20_000;
+
+impl Known {
+    fn contains(&self, prefix: &str, value: &str) -> bool {
+        self.0.get(prefix).is_some_and(|values| values.contains(value))
+    }
+
+    fn insert(&mut self, prefix: &str, value: &str) {
+        if self.0.len() >= KNOWN_MAX && !self.0.contains_key(prefix) {
+            self.0.clear();
+        }
+        self.0.entry(prefix.to_string()).or_default().insert(value.to_string());
+    }
+
+    /// Forgets what was known of `entries`.
+    pub(super) fn forget(&mut self, entries: &[String]) {
+        for entry in entries {
+            for what in [EXE, AUD] {
+                self.0.remove(&baseline_prefix(what, entry));
+            }
+        }
+    }
 }
 
 /// Refusal counts in the current minute, per key, and whether the burst
@@ -131,14 +164,20 @@ impl EventLog {
     /// Remembers `value` under `prefix`; true when it is new and the prefix
     /// already had a value (the first one seen sets the baseline).
     pub(super) fn learn(&self, prefix: &str, value: &str) -> Result<bool, StoreError> {
+        let remembered = || self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if remembered().contains(prefix, value) {
+            return Ok(false);
+        }
         let key = format!("{prefix}{value}");
         if self.kv.get(BASELINES, key.as_bytes())?.is_some() {
+            remembered().insert(prefix, value);
             return Ok(false);
         }
         let end = crate::store::kv::prefix_end(prefix.as_bytes());
         let known =
             !self.kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), 1, false)?.is_empty();
         self.kv.apply(vec![Op::Put(BASELINES, key.into_bytes(), Vec::new())])?;
+        remembered().insert(prefix, value);
         Ok(known)
     }
 
@@ -183,5 +222,29 @@ impl EventLog {
                 found.push(a);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What is known of an entry goes with it, and the set is bounded.
+    #[test]
+    fn known_values_go_with_their_entry_and_are_bounded() {
+        let mut known = Known::default();
+        known.insert(&baseline_prefix(AUD, "e1"), "a");
+        known.insert(&baseline_prefix(EXE, "e1"), "x");
+        known.insert(&baseline_prefix(AUD, "e2"), "a");
+        assert!(known.contains(&baseline_prefix(AUD, "e1"), "a"));
+        assert!(!known.contains(&baseline_prefix(AUD, "e1"), "b"));
+        known.forget(&["e1".to_string()]);
+        assert!(!known.contains(&baseline_prefix(AUD, "e1"), "a"));
+        assert!(!known.contains(&baseline_prefix(EXE, "e1"), "x"));
+        assert!(known.contains(&baseline_prefix(AUD, "e2"), "a"));
+        for i in 0..KNOWN_MAX + 10 {
+            known.insert(&baseline_prefix(AUD, &format!("n{i}")), "a");
+        }
+        assert!(known.0.len() <= KNOWN_MAX);
     }
 }

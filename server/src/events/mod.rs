@@ -151,6 +151,8 @@ pub struct EventLog {
     sink: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     dirty: AtomicBool,
     bursts: Mutex<Bursts>,
+    /// Baseline values known to be stored (`anomaly.rs`).
+    known: Mutex<anomaly::Known>,
     config: EventConfig,
     metrics: Metrics,
     /// Stores agents' pushes, below the request threads' priority.
@@ -197,6 +199,7 @@ impl EventLog {
             sink,
             dirty: AtomicBool::new(false),
             bursts: Mutex::new(Bursts::default()),
+            known: Mutex::default(),
             config,
             metrics,
             ingest: background::Background::start(),
@@ -288,6 +291,7 @@ impl EventLog {
         let Some(last) = chained.last().map(|e| e.seq) else { return };
         let removed = anomaly::removed_entries(chained);
         if !removed.is_empty() {
+            self.known.lock().unwrap_or_else(|e| e.into_inner()).forget(&removed);
             // On the ingestion thread, in order with the pushes that learn
             // (outside the commit's locks; a crash before it leaves keys
             // that nothing reads again, not a wrong verdict).
