@@ -28,7 +28,7 @@ mod ingest;
 mod stored;
 
 use anomaly::Bursts;
-use stored::decode;
+use stored::decode_row;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -81,8 +81,9 @@ const ANCHOR_KEY: &[u8] = b"anchor";
 const EVENTS: &str = "events";
 const META: &str = "event_meta";
 const BASELINES: &str = "event_baselines";
-/// Events read from the database at a time.
-const PAGE: usize = 1000;
+/// Rows of events read from the database at a time (each holds one
+/// event or up to `stored::ROW_MAX`).
+const PAGE: usize = 256;
 const SPOOL_PREFIX: &str = "spool/";
 
 /// The chain's end: the next sequence number and the last hash.
@@ -96,7 +97,9 @@ struct Head {
 fn read_head(tx: &Txn<'_>) -> Result<Head, StoreError> {
     if let Some((key, value)) = tx.last(EVENTS)? {
         let seq = seq_of(&key);
-        return Ok(Head { next_seq: seq + 1, hash: decode(&value, seq)?.hash });
+        let mut row = decode_row(&value, seq)?;
+        let next_seq = seq + row.len() as u64;
+        return Ok(Head { next_seq, hash: row.pop().map(|e| e.hash).unwrap_or_default() });
     }
     Ok(match tx.get(META, ANCHOR_KEY)? {
         // Everything was pruned: the chain continues from the anchor.
@@ -119,8 +122,10 @@ fn chain(tx: &Txn<'_>, events: &mut [Event]) -> Result<(), StoreError> {
         e.prev_hash = hash;
         e.hash = schema::chain_hash(&e.prev_hash, e);
         hash = e.hash.clone();
-        tx.put(EVENTS, seq.to_be_bytes(), stored::encode(e));
         seq += 1;
+    }
+    for (first, row) in stored::encode_rows(events) {
+        tx.put(EVENTS, first.to_be_bytes(), row);
     }
     Ok(())
 }
@@ -330,16 +335,28 @@ impl EventLog {
     ) -> Result<(Vec<Event>, u64), StoreError> {
         let mut out = Vec::new();
         let mut last = after_seq;
+        // The row holding the next event may start before it.
+        let next = after_seq.saturating_add(1);
+        let mut from = match self.kv.range(EVENTS, &[], Some(&next.to_be_bytes()), 1, true)?.pop() {
+            Some((key, _)) => seq_of(&key),
+            None => next,
+        };
         loop {
-            let page = self.kv.range(EVENTS, &(last + 1).to_be_bytes(), None, PAGE, false)?;
+            let page = self.kv.range(EVENTS, &from.to_be_bytes(), None, PAGE, false)?;
             let full = page.len() == PAGE;
             for (key, value) in page {
-                last = seq_of(&key);
-                let e = decode(&value, last)?;
-                if matches(filter, &e) {
-                    out.push(e);
-                    if limit != 0 && out.len() >= limit {
-                        return Ok((out, last));
+                let first = seq_of(&key);
+                from = first + 1;
+                for (seq, e) in (first..).zip(decode_row(&value, first)?) {
+                    if seq <= after_seq {
+                        continue;
+                    }
+                    last = seq;
+                    if matches(filter, &e) {
+                        out.push(e);
+                        if limit != 0 && out.len() >= limit {
+                            return Ok((out, last));
+                        }
                     }
                 }
             }
@@ -353,7 +370,7 @@ impl EventLog {
     /// the one before (and the first to the pruning anchor).
     pub fn verify(&self) -> Result<VerifyEventsReport, StoreError> {
         let mut report = VerifyEventsReport { ok: true, ..Default::default() };
-        let (mut expect_seq, mut prev) = match self.kv.get(META, ANCHOR_KEY)? {
+        let (expect_seq, mut prev) = match self.kv.get(META, ANCHOR_KEY)? {
             Some(anchor) if anchor.len() > 8 => (seq_of(&anchor[..8]) + 1, anchor[8..].to_vec()),
             _ => (1, Vec::new()),
         };
@@ -364,55 +381,60 @@ impl EventLog {
                 report.problem = problem;
             }
         };
-        let mut events = self.pages();
-        while let Some((key, value)) = events.next().transpose()? {
-            let seq = seq_of(&key);
+        // None after a row that does not decode: how many it held is unknown.
+        let mut expect = Some(expect_seq);
+        let mut rows = self.pages();
+        while let Some((key, value)) = rows.next().transpose()? {
+            let first = seq_of(&key);
             if report.first_seq == 0 {
-                report.first_seq = seq;
+                report.first_seq = first;
             }
-            report.last_seq = seq;
-            report.checked += 1;
-            if seq != expect_seq {
+            if let Some(expect_seq) = expect.filter(|seq| *seq != first) {
                 broken(
                     &mut report,
                     expect_seq,
-                    format!("event {expect_seq} is missing (next stored is {seq})"),
+                    format!("event {expect_seq} is missing (next stored is {first})"),
                 );
             }
-            expect_seq = seq + 1;
-            let e = match decode(value.as_ref(), seq) {
-                Ok(e) => e,
+            let row = match decode_row(value.as_ref(), first) {
+                Ok(row) => row,
                 Err(err) => {
                     let why = match err {
                         StoreError::Corrupt { reason, .. } => reason,
                         other => other.to_string(),
                     };
-                    broken(&mut report, seq, format!("event {seq} cannot be decoded: {why}"));
-                    prev = Vec::new();
+                    broken(&mut report, first, format!("event {first} cannot be decoded: {why}"));
+                    (report.last_seq, report.checked) = (first, report.checked + 1);
+                    (expect, prev) = (None, Vec::new());
                     continue;
                 }
             };
-            if e.seq != seq {
-                broken(&mut report, seq, format!("event {seq} says it is event {}", e.seq));
+            for (seq, e) in (first..).zip(row) {
+                (report.last_seq, report.checked) = (seq, report.checked + 1);
+                expect = Some(seq + 1);
+                if e.seq != seq {
+                    broken(&mut report, seq, format!("event {seq} says it is event {}", e.seq));
+                }
+                if e.prev_hash != prev {
+                    broken(
+                        &mut report,
+                        seq,
+                        format!(
+                            "event {seq} does not follow the event before it (previous hash differs)"
+                        ),
+                    );
+                }
+                if schema::chain_hash(&e.prev_hash, &e) != e.hash {
+                    broken(
+                        &mut report,
+                        seq,
+                        format!("event {seq} was altered (its hash does not match its content)"),
+                    );
+                }
+                prev = e.hash;
             }
-            if e.prev_hash != prev {
-                broken(
-                    &mut report,
-                    seq,
-                    format!(
-                        "event {seq} does not follow the event before it (previous hash differs)"
-                    ),
-                );
-            }
-            if schema::chain_hash(&e.prev_hash, &e) != e.hash {
-                broken(
-                    &mut report,
-                    seq,
-                    format!("event {seq} was altered (its hash does not match its content)"),
-                );
-            }
-            prev = e.hash;
         }
+        let expect_seq = expect.unwrap_or(report.last_seq + 1);
         let written = self.written.load(Ordering::Acquire);
         if report.ok && written >= expect_seq {
             broken(
@@ -459,17 +481,16 @@ impl EventLog {
         let cutoff = now_ms - (self.config.retention_secs as i64) * 1000;
         let mut dropped = 0;
         let mut anchor = None;
-        let mut first = None;
-        let mut events = self.pages();
-        while let Some((key, value)) = events.next().transpose()? {
-            let seq = seq_of(&key);
-            first.get_or_insert(seq);
-            let e = decode(&value, seq)?;
-            if e.stored_ms >= cutoff {
-                break;
-            }
-            anchor = Some((seq, e.hash));
-            dropped += 1;
+        let mut keys = Vec::new();
+        let mut rows = self.pages();
+        while let Some((key, value)) = rows.next().transpose()? {
+            let first = seq_of(&key);
+            let row = decode_row(&value, first)?;
+            // A commit's events share a row and its time.
+            let Some(last) = row.last().filter(|e| e.stored_ms < cutoff) else { break };
+            anchor = Some((first + row.len() as u64 - 1, last.hash.clone()));
+            dropped += row.len();
+            keys.push(key);
             if dropped >= 10_000 {
                 break;
             }
@@ -477,12 +498,10 @@ impl EventLog {
         if let Some((seq, hash)) = anchor {
             let mut value = seq.to_be_bytes().to_vec();
             value.extend_from_slice(&hash);
-            // The sequence is gapless: the keys, without reading the events again.
-            let old = first.unwrap_or(seq)..=seq;
             self.kv.transaction(Lock::Events, &mut |tx| {
                 tx.put(META, ANCHOR_KEY, value.clone());
-                for seq in old.clone() {
-                    tx.forget(EVENTS, seq.to_be_bytes());
+                for key in &keys {
+                    tx.forget(EVENTS, key.clone());
                 }
                 Ok(())
             })?;

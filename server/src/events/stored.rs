@@ -8,6 +8,13 @@
 //! The chain's hashes are over the event's fields, not these bytes, so a
 //! stored event is checked the same either way; bytes that do not inflate
 //! or decode are a broken chain, never a panic or an unbounded allocation.
+//!
+//! A commit's events share rows: up to [`ROW_MAX`] events (or
+//! [`ROW_BYTES`]) a row, under the first one's sequence number, each
+//! encoded as above and prefixed with its length. A row of one event is
+//! that event's bytes alone, as older stores hold every event. Each row
+//! written costs the database about the same whatever it holds: one row
+//! per event was the largest part of what the event log cost issuance.
 
 use std::sync::Mutex;
 
@@ -27,6 +34,16 @@ const DEFLATE_FROM: usize = 1024;
 /// protobuf encoding never starts with it (field number 0 does not
 /// exist), and an event's always starts with its sequence number's tag.
 const DEFLATED: u8 = 0;
+
+/// First byte of a row holding several events: like `DEFLATED`, no
+/// protobuf encoding starts with it (field number 0).
+const GROUP: u8 = 2;
+
+/// Events a row holds at most.
+pub(super) const ROW_MAX: usize = 64;
+
+/// A row takes no more events once its encodings reach this many bytes.
+const ROW_BYTES: usize = 32 * 1024;
 
 /// Fastest deflate level: the gain is in the entropy coding of hex IDs.
 const LEVEL: u8 = 1;
@@ -72,6 +89,73 @@ fn deflate(plain: &[u8]) -> Option<Vec<u8>> {
     }
     stored.truncate(1 + written);
     Some(stored)
+}
+
+/// The rows storing `events` (chained, consecutive sequence numbers):
+/// each is its first event's sequence number and its bytes.
+pub(super) fn encode_rows(events: &[Event]) -> Vec<(u64, Vec<u8>)> {
+    let mut rows = Vec::new();
+    let mut row: Vec<Vec<u8>> = Vec::new();
+    let (mut first, mut bytes) = (0, 0);
+    for e in events {
+        let one = encode(e);
+        if !row.is_empty() && (row.len() >= ROW_MAX || bytes + one.len() > ROW_BYTES) {
+            rows.push((first, row_bytes(std::mem::take(&mut row))));
+            bytes = 0;
+        }
+        if row.is_empty() {
+            first = e.seq;
+        }
+        bytes += one.len();
+        row.push(one);
+    }
+    if !row.is_empty() {
+        rows.push((first, row_bytes(row)));
+    }
+    rows
+}
+
+/// One event's bytes alone, or `GROUP` and each length-prefixed.
+fn row_bytes(mut events: Vec<Vec<u8>>) -> Vec<u8> {
+    if events.len() == 1 {
+        return events.pop().unwrap_or_default();
+    }
+    let mut out = Vec::with_capacity(1 + events.iter().map(|e| e.len() + 3).sum::<usize>());
+    out.push(GROUP);
+    for e in &events {
+        prost::encoding::encode_varint(e.len() as u64, &mut out);
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+/// The events of the row stored under `seq` (its first one's), in order.
+pub(super) fn decode_row(bytes: &[u8], seq: u64) -> Result<Vec<Event>, StoreError> {
+    let Some((&GROUP, mut rest)) = bytes.split_first() else {
+        return Ok(vec![decode(bytes, seq)?]);
+    };
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        key: format!("event {seq}"),
+        reason: format!("the row of events from {seq} {reason}"),
+    };
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        if out.len() >= ROW_MAX {
+            return Err(corrupt(&format!("holds more than {ROW_MAX} events")));
+        }
+        let len = prost::encoding::decode_varint(&mut rest).map_err(|_| corrupt("is cut short"))?;
+        let len = usize::try_from(len).map_err(|_| corrupt("is cut short"))?;
+        if len > rest.len() {
+            return Err(corrupt("is cut short"));
+        }
+        let (one, tail) = rest.split_at(len);
+        out.push(decode(one, seq + out.len() as u64)?);
+        rest = tail;
+    }
+    if out.is_empty() {
+        return Err(corrupt("is empty"));
+    }
+    Ok(out)
 }
 
 /// The event stored as `bytes` under sequence number `seq`.

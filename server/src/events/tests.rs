@@ -187,7 +187,10 @@ fn a_tampered_or_truncated_chain_on_postgresql_is_found() {
     let url = crate::pg_cluster::PgCluster::shared().database();
     let kv: Arc<dyn Kv> = Arc::new(crate::store::postgres::PgKv::connect(&url).unwrap());
     let log = EventLog::open(kv.clone(), EventConfig::default(), Metrics::new()).unwrap();
-    log.record((0..6).map(|_| schema::event(kind::JOIN_TOKEN, schema::ALLOW)).collect());
+    // One commit each: one row each (a commit's events share a row).
+    for _ in 0..6 {
+        log.record(vec![schema::event(kind::JOIN_TOKEN, schema::ALLOW)]);
+    }
     let whole = log.verify().unwrap();
     assert!(whole.ok && whole.checked == 6, "{whole:?}");
 
@@ -210,7 +213,9 @@ fn a_tampered_or_truncated_chain_on_postgresql_is_found() {
     let url = crate::pg_cluster::PgCluster::shared().database();
     let kv: Arc<dyn Kv> = Arc::new(crate::store::postgres::PgKv::connect(&url).unwrap());
     let log = EventLog::open(kv.clone(), EventConfig::default(), Metrics::new()).unwrap();
-    log.record((0..4).map(|_| schema::event(kind::JOIN_TOKEN, schema::ALLOW)).collect());
+    for _ in 0..4 {
+        log.record(vec![schema::event(kind::JOIN_TOKEN, schema::ALLOW)]);
+    }
     let recorded = log.verify().unwrap().head_hash;
     kv.apply(vec![Op::Delete(EVENTS, 4u64.to_be_bytes().to_vec())]).unwrap();
     // The server that wrote event 4 knows it is gone.
@@ -238,7 +243,9 @@ fn large_events_are_stored_deflated_and_damage_to_them_is_found() {
             .spiffe_id(format!("spiffe://example.org/soak/workload/{i}"))
             .entry(uuid::Uuid::new_v4().to_string());
     }
-    log.record(vec![schema::event(kind::JOIN_TOKEN, schema::ALLOW), answer.clone(), answer]);
+    for e in [schema::event(kind::JOIN_TOKEN, schema::ALLOW), answer.clone(), answer] {
+        log.record(vec![e]);
+    }
     let listed = all(&log);
     assert_eq!(listed.len(), 3);
     assert_eq!(listed[1].spiffe_ids.len(), 200);
@@ -258,4 +265,63 @@ fn large_events_are_stored_deflated_and_damage_to_them_is_found() {
     assert!(!report.ok && report.broken_at == 2, "{report:?}");
     assert!(report.problem.contains("cannot be decoded"), "{report:?}");
     assert!(log.list(&ListEventsRequest::default(), 0, 0).is_err(), "listing says so too");
+}
+
+/// A commit's events share rows (up to `stored::ROW_MAX` a row): a listing
+/// that starts inside a row gets exactly the events after it, the chain
+/// verifies across rows and a reopen, an event edited inside a row is
+/// found as itself, and pruning drops whole rows and moves the anchor to
+/// the last event of the last one.
+#[test]
+fn a_commits_events_share_rows_and_each_is_listed_checked_and_pruned_as_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv: Arc<dyn Kv> = Arc::new(crate::store::sled::SledKv::open(dir.path(), 1 << 24).unwrap());
+    let n = stored::ROW_MAX as u64 + 6;
+    {
+        let log = EventLog::open(kv.clone(), EventConfig::default(), Metrics::new()).unwrap();
+        log.record((0..n).map(|_| schema::event(kind::JOIN_TOKEN, schema::ALLOW)).collect());
+        let rows = kv.range(EVENTS, &[], None, 100, false).unwrap();
+        let firsts: Vec<u64> = rows.iter().map(|(k, _)| seq_of(k)).collect();
+        assert_eq!(firsts, [1, stored::ROW_MAX as u64 + 1], "two rows");
+        for after in [0, 3, stored::ROW_MAX as u64, n - 1, n] {
+            let (listed, _) = log.list(&ListEventsRequest::default(), after, 0).unwrap();
+            let seqs: Vec<u64> = listed.iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, (after + 1..=n).collect::<Vec<_>>(), "after {after}");
+        }
+        let (two, last) = log.list(&ListEventsRequest::default(), 5, 2).unwrap();
+        assert_eq!((two.iter().map(|e| e.seq).collect::<Vec<_>>(), last), (vec![6, 7], 7));
+    }
+    // Reopened: the chain goes on from the last row's last event.
+    let log = EventLog::open(kv.clone(), EventConfig::default(), Metrics::new()).unwrap();
+    log.record(vec![schema::event(kind::JOIN_TOKEN, schema::ALLOW)]);
+    let report = log.verify().unwrap();
+    assert!(report.ok && report.checked == n + 1 && report.last_seq == n + 1, "{report:?}");
+
+    // Event 5 edited inside its row: found as event 5.
+    let key = 1u64.to_be_bytes();
+    let mut row = stored::decode_row(&kv.get(EVENTS, &key).unwrap().unwrap(), 1).unwrap();
+    row[4].reason = "edited".into();
+    let (_, bytes) = stored::encode_rows(&row).pop().unwrap();
+    kv.apply(vec![Op::Put(EVENTS, key.to_vec(), bytes.clone())]).unwrap();
+    let report = log.verify().unwrap();
+    assert!(!report.ok && report.broken_at == 5, "{report:?}");
+    assert!(report.problem.contains("altered"), "{report:?}");
+    // A row cut short does not decode, and says where.
+    kv.apply(vec![Op::Put(EVENTS, key.to_vec(), bytes[..bytes.len() - 3].to_vec())]).unwrap();
+    let report = log.verify().unwrap();
+    assert!(!report.ok && report.broken_at == 1, "{report:?}");
+    assert!(report.problem.contains("cannot be decoded"), "{report:?}");
+    row[4].reason.clear();
+    let (_, bytes) = stored::encode_rows(&row).pop().unwrap();
+    kv.apply(vec![Op::Put(EVENTS, key.to_vec(), bytes)]).unwrap();
+    assert!(log.verify().unwrap().ok);
+
+    // Pruned: whole rows go, the anchor is the last event of the last.
+    let config = EventConfig { retention_secs: 1, ..EventConfig::default() };
+    let log = EventLog::open(kv.clone(), config, Metrics::new()).unwrap();
+    assert_eq!(log.prune(schema::now_ms() + 60_000).unwrap(), n as usize + 1);
+    assert!(kv.range(EVENTS, &[], None, 10, false).unwrap().is_empty());
+    log.record(vec![schema::event(kind::JOIN_TOKEN, schema::ALLOW)]);
+    let report = log.verify().unwrap();
+    assert!(report.ok && report.first_seq == n + 2 && report.checked == 1, "{report:?}");
 }
