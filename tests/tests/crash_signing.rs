@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use common::server_bin;
+use common::{server_bin, Rng};
 use tessera_proto::admin::{self as pb, admin_client::AdminClient};
 use tessera_proto::node::{self as node_pb, node_client::NodeClient};
 use tessera_proto::types;
@@ -34,21 +34,6 @@ const AGENTS: usize = 2;
 const ENTRIES_PER_AGENT: usize = 12;
 const X509_ISSUE: &str = "svid.x509.issue";
 const JWT_ISSUE: &str = "svid.jwt.issue";
-
-/// A small deterministic generator (xorshift64*), seeded per run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn seed() -> u64 {
     match std::env::var("TESSERA_CRASH_SEED") {

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{not_after_unix, now_unix, raw_client, serial_hex, uid_selector};
+use common::{not_after_unix, now_unix, raw_client, serial_hex, uid_selector, Rng};
 use tessera_proto::admin as admin_pb;
 use tessera_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest};
 use tessera_server::SystemClock;
@@ -46,22 +46,6 @@ const SHORT_STEPS: usize = 48;
 const LONG_STEPS: usize = 150;
 /// How long the system may take to reach the model after a quiet point starts.
 const CONVERGE: Duration = Duration::from_secs(30);
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// What the model says an entry is.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -73,8 +73,10 @@ pub(super) fn forget_entries(kv: &dyn Kv, entries: &[String]) -> Result<(), Stor
 #[derive(Debug, Default)]
 pub(super) struct Known(HashMap<String, HashSet<String>>);
 
-/// Prefixes (entry and kind of baseline) remembered at most.
+/// Prefixes (entry and kind of baseline) remembered at most, and values
+/// per prefix (past it, a new value is read from the store each time).
 const KNOWN_MAX: usize = 20_000;
+const KNOWN_PER_PREFIX: usize = 256;
 
 impl Known {
     fn contains(&self, prefix: &str, value: &str) -> bool {
@@ -85,7 +87,10 @@ impl Known {
         if self.0.len() >= KNOWN_MAX && !self.0.contains_key(prefix) {
             self.0.clear();
         }
-        self.0.entry(prefix.to_string()).or_default().insert(value.to_string());
+        let values = self.0.entry(prefix.to_string()).or_default();
+        if values.len() < KNOWN_PER_PREFIX {
+            values.insert(value.to_string());
+        }
     }
 
     /// Forgets what was known of `entries`.
@@ -242,6 +247,10 @@ mod tests {
         assert!(!known.contains(&baseline_prefix(AUD, "e1"), "a"));
         assert!(!known.contains(&baseline_prefix(EXE, "e1"), "x"));
         assert!(known.contains(&baseline_prefix(AUD, "e2"), "a"));
+        for i in 0..KNOWN_PER_PREFIX + 10 {
+            known.insert(&baseline_prefix(AUD, "e2"), &format!("v{i}"));
+        }
+        assert_eq!(known.0[&baseline_prefix(AUD, "e2")].len(), KNOWN_PER_PREFIX);
         for i in 0..KNOWN_MAX + 10 {
             known.insert(&baseline_prefix(AUD, &format!("n{i}")), "a");
         }

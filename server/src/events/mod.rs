@@ -97,9 +97,8 @@ struct Head {
 fn read_head(tx: &Txn<'_>) -> Result<Head, StoreError> {
     if let Some((key, value)) = tx.last(EVENTS)? {
         let seq = seq_of(&key);
-        let mut row = decode_row(&value, seq)?;
-        let next_seq = seq + row.len() as u64;
-        return Ok(Head { next_seq, hash: row.pop().map(|e| e.hash).unwrap_or_default() });
+        let (n, last) = stored::last_of_row(&value, seq)?;
+        return Ok(Head { next_seq: seq + n, hash: last.hash });
     }
     Ok(match tx.get(META, ANCHOR_KEY)? {
         // Everything was pruned: the chain continues from the anchor.
@@ -335,9 +334,11 @@ impl EventLog {
     ) -> Result<(Vec<Event>, u64), StoreError> {
         let mut out = Vec::new();
         let mut last = after_seq;
-        // The row holding the next event may start before it.
+        // The row holding the next event may start before it: the greatest
+        // key at most `next`.
         let next = after_seq.saturating_add(1);
-        let mut from = match self.kv.range(EVENTS, &[], Some(&next.to_be_bytes()), 1, true)?.pop() {
+        let end = next.saturating_add(1).to_be_bytes();
+        let mut from = match self.kv.range(EVENTS, &[], Some(&end), 1, true)?.pop() {
             Some((key, _)) => seq_of(&key),
             None => next,
         };

@@ -131,8 +131,23 @@ fn row_bytes(mut events: Vec<Vec<u8>>) -> Vec<u8> {
 
 /// The events of the row stored under `seq` (its first one's), in order.
 pub(super) fn decode_row(bytes: &[u8], seq: u64) -> Result<Vec<Event>, StoreError> {
+    let parts = split_row(bytes, seq)?;
+    (seq..).zip(parts).map(|(seq, one)| decode(one, seq)).collect()
+}
+
+/// How many events the row stored under `seq` holds, and its last one
+/// (the chain's head when the row is the last: the others stay encoded).
+pub(super) fn last_of_row(bytes: &[u8], seq: u64) -> Result<(u64, Event), StoreError> {
+    let mut parts = split_row(bytes, seq)?;
+    let n = parts.len() as u64;
+    let last = parts.pop().unwrap_or_default();
+    Ok((n, decode(last, seq + n - 1)?))
+}
+
+/// Each event's stored bytes in a row (at least one, at most `ROW_MAX`).
+fn split_row(bytes: &[u8], seq: u64) -> Result<Vec<&[u8]>, StoreError> {
     let Some((&GROUP, mut rest)) = bytes.split_first() else {
-        return Ok(vec![decode(bytes, seq)?]);
+        return Ok(vec![bytes]);
     };
     let corrupt = |reason: &str| StoreError::Corrupt {
         key: format!("event {seq}"),
@@ -149,7 +164,7 @@ pub(super) fn decode_row(bytes: &[u8], seq: u64) -> Result<Vec<Event>, StoreErro
             return Err(corrupt("is cut short"));
         }
         let (one, tail) = rest.split_at(len);
-        out.push(decode(one, seq + out.len() as u64)?);
+        out.push(one);
         rest = tail;
     }
     if out.is_empty() {

@@ -191,14 +191,17 @@ impl KvStore {
             .collect()
     }
 
-    /// The revision is the last one published (`self.revision`, sent once
-    /// its commit is visible), read before the entries: a commit that finds
-    /// the store still at it knows that no entry changed since the read
-    /// (every entry write logs a change), and one that finds it moved
-    /// re-reads them. On a shared database it may lag the others' commits,
-    /// which only sends more commits to the re-read.
+    /// The revision is read before the entries: a commit that finds the
+    /// store still at it knows that no entry changed since the read (every
+    /// entry write logs a change), and one that finds it moved re-reads
+    /// them. On sled it is the last one published (`self.revision`, sent
+    /// once its commit is visible). On a shared database it is read from
+    /// the database: the published one also takes other servers'
+    /// notifications, which anyone who can connect can send, and which a
+    /// database restored to an earlier point leaves ahead of it, so it
+    /// could be ahead of what the read sees.
     pub(super) fn entries_for_signing(&self, ids: &[String]) -> Result<EntriesRead, StoreError> {
-        let revision = *self.revision.borrow();
+        let revision = if self.kv.shared() { self.revision()? } else { *self.revision.borrow() };
         Ok(EntriesRead { revision, entries: self.entries(ids)? })
     }
 

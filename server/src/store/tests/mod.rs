@@ -152,6 +152,7 @@ conformance!(
     the_change_log_is_trimmed_to_its_newest_changes,
     a_delete_and_its_revocations_are_one_commit,
     svids_recorded_after_their_entry_changed_are_revoked,
+    a_revision_pushed_ahead_never_skips_the_entry_check,
     jwt_svids_are_revoked_with_their_entry_and_agent,
     a_dns_name_change_revokes_and_a_ttl_change_does_not,
     a_label_change_alone_revokes_nothing,

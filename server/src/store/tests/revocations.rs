@@ -97,6 +97,34 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
     assert!(store.revocation("0e").unwrap().is_none() && store.issued("0e").unwrap().is_some());
 }
 
+/// On a shared database the revision entries are read at is the
+/// database's, never the published one (which other servers' notifications
+/// move, and anyone who can connect can send): with it pushed ahead, an
+/// SVID signed from an entry deleted before it is recorded is still
+/// revoked.
+pub(super) fn a_revision_pushed_ahead_never_skips_the_entry_check(place: Place) {
+    let store = place.open();
+    let a = entry("a", "w1", "agent", 1);
+    store.create_entries(std::slice::from_ref(&a), &Audit::quiet()).unwrap();
+    store
+        .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
+        .unwrap()
+        .unwrap();
+    if store.kv.shared() {
+        // A forged notification: one past the database.
+        store.revision.send_replace(store.revision().unwrap() + 1);
+    }
+    let read = store.entries_for_signing(&["a".into()]).unwrap();
+    assert_eq!(read.revision, store.revision().unwrap());
+    let a = read.entries[0].clone().unwrap();
+    store.delete_entries(&["a".into()], 1, "deleted", &Audit::quiet()).unwrap();
+    let signed = [Signed { svid: issued("0a", &a), entry: a, event: Default::default() }];
+    let results =
+        store.record_issued("spiffe://example.org/agent", "s0", read.revision, &signed, 2).unwrap();
+    assert!(results[0].is_err(), "{results:?}");
+    assert!(store.revocation("0a").unwrap().is_some());
+}
+
 /// JWT-SVIDs are recorded under `jwt:<jti>` and revoked with their entry
 /// (renamed) or agent (banned) like X509-SVIDs; their revocations are
 /// logged with their expiry and kept out of the CRL signing set, and
