@@ -42,15 +42,14 @@ impl Tx<'_> {
     pub(super) fn issued_through_agent(&self, agent_id: &str) -> TxResult<Vec<pb::IssuedSvid>> {
         // An entry's SVIDs are revoked when it moves to another parent or is
         // deleted, so these are all SVIDs still valid through this agent.
-        let mut out = self.issued_by_owner(&agent_owner(agent_id))?;
+        let mut owners = vec![agent_owner(agent_id)];
         if let Ok(parent) = SpiffeId::parse(agent_id) {
             let prefix = parent_key(&parent, "");
             for (key, _) in self.txn.scan_prefix(t(BY_PARENT), &prefix)? {
-                let entry_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-                out.extend(self.issued_by_owner(&entry_id)?);
+                owners.push(String::from_utf8_lossy(&key[prefix.len()..]).into_owned());
             }
         }
-        Ok(out)
+        self.issued_by_owners(&owners)
     }
 }
 

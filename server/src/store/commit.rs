@@ -146,21 +146,35 @@ impl Tx<'_> {
 
     /// The unexpired-or-unpruned SVIDs issued for an entry or an agent.
     pub(super) fn issued_by_owner(&self, owner: &str) -> TxResult<Vec<pb::IssuedSvid>> {
+        self.issued_by_owners(&[owner.to_string()])
+    }
+
+    /// The unexpired-or-unpruned SVIDs issued for any of `owners` (entries
+    /// or agents); on sled each shared row is read and decoded once.
+    pub(super) fn issued_by_owners(&self, owners: &[String]) -> TxResult<Vec<pb::IssuedSvid>> {
         let Some(index) = self.index else {
-            let prefix = index_key(owner, "");
             let mut out = Vec::new();
-            for (key, _) in self.txn.scan_prefix(t(ISSUED_BY_OWNER), &prefix)? {
-                if let Some(bytes) = self.get(ISSUED, &key[prefix.len()..])? {
-                    out.push(decode(&key, &bytes)?);
+            for owner in owners {
+                let prefix = index_key(owner, "");
+                for (key, _) in self.txn.scan_prefix(t(ISSUED_BY_OWNER), &prefix)? {
+                    if let Some(bytes) = self.get(ISSUED, &key[prefix.len()..])? {
+                        out.push(decode(&key, &bytes)?);
+                    }
                 }
             }
             return Ok(out);
         };
-        let mut wanted = index.of_owner(owner);
         let recorded = self.recorded.borrow();
-        wanted.extend(
-            recorded.iter().filter(|p| p.owner == owner).map(|p| (p.key.clone(), p.row.clone())),
-        );
+        let mut wanted = Vec::new();
+        for owner in owners {
+            wanted.extend(index.of_owner(owner));
+            wanted.extend(
+                recorded
+                    .iter()
+                    .filter(|p| p.owner == *owner)
+                    .map(|p| (p.key.clone(), p.row.clone())),
+            );
+        }
         read_records(&wanted, |row| self.get(ISSUED, row))
     }
 
