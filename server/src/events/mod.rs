@@ -486,11 +486,13 @@ impl EventLog {
         let mut rows = self.pages();
         while let Some((key, value)) = rows.next().transpose()? {
             let first = seq_of(&key);
-            let row = decode_row(&value, first)?;
-            // A commit's events share a row and its time.
-            let Some(last) = row.last().filter(|e| e.stored_ms < cutoff) else { break };
-            anchor = Some((first + row.len() as u64 - 1, last.hash.clone()));
-            dropped += row.len();
+            // A commit's events share a row and its time: the last one says.
+            let (n, last) = stored::last_of_row(&value, first)?;
+            if last.stored_ms >= cutoff {
+                break;
+            }
+            anchor = Some((first + n - 1, last.hash));
+            dropped += n as usize;
             keys.push(key);
             if dropped >= 10_000 {
                 break;
