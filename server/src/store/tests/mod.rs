@@ -83,16 +83,30 @@ pub(super) fn agent_svid(id: &str, serial: &str) -> pb::IssuedSvid {
     }
 }
 
+/// Creates `entries` and registers their agent `agent` with SVID `serial`.
+pub(super) fn entries_under_agent(
+    store: &KvStore,
+    entries: &[Entry],
+    agent_name: &str,
+    serial: &str,
+) {
+    store.create_entries(entries, &Audit::quiet()).unwrap();
+    store
+        .register_agent(
+            &agent(agent_name, serial),
+            &agent_svid(agent_name, serial),
+            &Audit::quiet(),
+        )
+        .unwrap()
+        .unwrap();
+}
+
 /// A store with entry `a` under agent `agent` (SVID `s0`) and one SVID,
 /// `01`, recorded for the entry.
 fn store_with_one_svid(place: &Place) -> (KvStore, Entry) {
     let store = place.open();
     let e = entry("a", "w", "agent", 1);
-    store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
-    store
-        .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
-        .unwrap()
-        .unwrap();
+    entries_under_agent(&store, std::slice::from_ref(&e), "agent", "s0");
     let signed = [Signed { svid: issued("01", &e), entry: e.clone(), event: Default::default() }];
     assert_eq!(
         store.record_issued(&e.parent_id.to_string(), "s0", 0, &signed, 5).unwrap(),

@@ -83,11 +83,7 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
 
     // Read at the revision the store is still at: recorded as signed.
     let e = entry("e", "w5", "agent2", 1);
-    store.create_entries(std::slice::from_ref(&e), &Audit::quiet()).unwrap();
-    store
-        .register_agent(&agent("agent2", "t0"), &agent_svid("agent2", "t0"), &Audit::quiet())
-        .unwrap()
-        .unwrap();
+    entries_under_agent(&store, std::slice::from_ref(&e), "agent2", "t0");
     let read = store.entries_for_signing(&["e".into()]).unwrap();
     let signed = [Signed { svid: issued("0e", &e), entry: e, event: Default::default() }];
     let results = store
@@ -104,12 +100,7 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
 /// revoked.
 pub(super) fn a_revision_pushed_ahead_never_skips_the_entry_check(place: Place) {
     let store = place.open();
-    let a = entry("a", "w1", "agent", 1);
-    store.create_entries(std::slice::from_ref(&a), &Audit::quiet()).unwrap();
-    store
-        .register_agent(&agent("agent", "s0"), &agent_svid("agent", "s0"), &Audit::quiet())
-        .unwrap()
-        .unwrap();
+    entries_under_agent(&store, &[entry("a", "w1", "agent", 1)], "agent", "s0");
     if store.kv.shared() {
         // A forged notification: one past the database.
         store.revision.send_replace(store.revision().unwrap() + 1);
