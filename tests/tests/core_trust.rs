@@ -675,3 +675,43 @@ async fn an_agent_over_its_signing_budget_is_refused() {
     assert!(err.message().contains("signing limit"), "{err:?}");
     server.stop().await;
 }
+
+/// sled writes a node past 128 KiB to a file of its own under `blobs/`
+/// and never fsyncs it: a power cut could lose an acknowledged write or
+/// leave the store unreadable. Rows that many values share are kept small
+/// enough (`store::sled::ROW_BYTES`) that signing at volume, with its
+/// events, writes no such file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_at_volume_writes_no_file_the_store_does_not_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&dir.path().join("server"));
+    config.sign_rate = 1_000_000;
+    config.sign_burst = 1_000_000;
+    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let agent = attest(&server, "spiffe://example.org/node/volume").await;
+    let entry_id =
+        server.create_entry("spiffe://example.org/w", &agent.id, &["unix:uid:1"], None).await;
+    let mut client = agent.connect().await;
+    for round in 0..24 {
+        let signed = if round % 4 == 0 {
+            let items = (0..500)
+                .map(|_| node_pb::SignX509Item { entry_id: entry_id.clone(), csr: key_and_csr().1 })
+                .collect();
+            let request = node_pb::SignX509Request { items };
+            let results = client.sign_x509(request).await.unwrap().into_inner().results;
+            results.iter().filter(|r| r.status.as_ref().unwrap().code == 0).count()
+        } else {
+            let item =
+                node_pb::SignJwtItem { entry_id: entry_id.clone(), audience: vec!["a".into()] };
+            let request = node_pb::SignJwtRequest { items: vec![item; 500] };
+            let results = client.sign_jwt(request).await.unwrap().into_inner().results;
+            results.iter().filter(|r| r.status.as_ref().unwrap().code == 0).count()
+        };
+        assert_eq!(signed, 500, "round {round}");
+    }
+    let blobs = dir.path().join("server/store/blobs");
+    let files: Vec<_> =
+        std::fs::read_dir(&blobs).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(files.is_empty(), "sled wrote {} blob files: {files:?}", files.len());
+    server.stop().await;
+}

@@ -42,8 +42,10 @@ const GROUP: u8 = 2;
 /// Events a row holds at most.
 pub(super) const ROW_MAX: usize = 64;
 
-/// A row takes no more events once its encodings reach this many bytes.
-const ROW_BYTES: usize = 32 * 1024;
+/// A row takes no more events once its encodings would pass this many
+/// bytes (one larger event is a row of its own): sled's rule for rows that
+/// many values share.
+use crate::store::sled::ROW_BYTES;
 
 /// Fastest deflate level: the gain is in the entropy coding of hex IDs.
 const LEVEL: u8 = 1;

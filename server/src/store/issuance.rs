@@ -60,7 +60,7 @@ impl KvStore {
     }
 
     /// Records queued issuance batches in one commit: the records (encoded
-    /// by their callers, outside the lock: on sled up to 64 to a row, so
+    /// by their callers, outside the lock: on sled up to 4 KiB a row, so
     /// that the commit writes few keys), each checked against the agent
     /// (still current and unbanned) and the entry as it is now (unchanged:
     /// the store still at the revision the entries were read at, or the

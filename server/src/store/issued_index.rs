@@ -2,7 +2,8 @@
 //! record is a row of `issued_svids` under its own key, indexed by owner in
 //! `issued_by_owner`: another server's commit must find what this one
 //! issued. On sled a signing batch's records share rows of `issued_svids`
-//! ([`ISSUED_PER_ROW`] a row, under `batch:<the first one's key>`), and the
+//! (up to [`ISSUED_PER_ROW`] a row and `sled::ROW_BYTES`, under
+//! `batch:<the first one's key>`), and the
 //! index (which SVIDs each entry or agent has, and which row holds each)
 //! is in memory, rebuilt from the rows at open. The rows are the durable
 //! truth either way.
@@ -20,6 +21,7 @@ use tessera_proto::types as pb;
 use super::error::StoreError;
 use super::kv::{Kv, Op, Pairs};
 use super::layout::{decode, owner_of, svid_key, t, ISSUED, ISSUED_BY_OWNER};
+use super::sled::ROW_BYTES;
 
 /// Records a sled row holds at most.
 pub(super) const ISSUED_PER_ROW: usize = 64;
@@ -68,7 +70,7 @@ pub(super) fn rows_of(svids: &[&pb::IssuedSvid], shared: bool) -> (Vec<Row>, Vec
         }
         return (rows, placed);
     }
-    for chunk in svids.chunks(ISSUED_PER_ROW) {
+    for chunk in row_chunks(svids) {
         let first = svid_key(&chunk[0].serial, &chunk[0].jti);
         let row: Arc<str> = Arc::from(format!("{BATCH_ROW}{first}"));
         let value = encode_batch(chunk.iter().map(|svid| (*svid).clone()).collect());
@@ -79,6 +81,27 @@ pub(super) fn rows_of(svids: &[&pb::IssuedSvid], shared: bool) -> (Vec<Row>, Vec
         }
     }
     (rows, placed)
+}
+
+/// `svids` cut into the records of each batch row, in order: up to
+/// [`ISSUED_PER_ROW`] a row, and no more once the next would take the row
+/// past `sled::ROW_BYTES` (a record larger than that is a row of its own).
+fn row_chunks<'a>(svids: &'a [&'a pb::IssuedSvid]) -> Vec<&'a [&'a pb::IssuedSvid]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, svid) in svids.iter().enumerate() {
+        // Each record is a length-delimited field of the row.
+        let len = svid.encoded_len() + 3;
+        if i > start && (i - start >= ISSUED_PER_ROW || bytes + len > ROW_BYTES) {
+            chunks.push(&svids[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += len;
+    }
+    if start < svids.len() {
+        chunks.push(&svids[start..]);
+    }
+    chunks
 }
 
 /// sled: record keys by owner (`owner_of`), and the row of each record.

@@ -10,6 +10,17 @@ use sled::Transactional;
 use super::error::StoreError;
 use super::kv::{scan_prefix, Kv, Lock, OnRemoteChange, Op, Pair, Pairs, TxRead, Txn};
 
+/// The largest a row written by many (a commit's events, a batch's issued
+/// SVIDs) should grow. sled splits a leaf once it holds more than 16
+/// values, whatever their size, and writes any node past a quarter of its
+/// 512 KiB segment to a file of its own in `blobs/`, which it never
+/// fsyncs: an acknowledged write could then be lost, or the store left
+/// unreadable, by a power cut, and each such file is created, written and
+/// deleted again as the node changes. Rows of at most 4 KiB keep a leaf of
+/// up to 30 of them under 128 KiB (`tests/tests/core_trust.rs::
+/// signing_at_volume_writes_no_file_the_store_does_not_fsync`).
+pub const ROW_BYTES: usize = 4 * 1024;
+
 /// One server's embedded database.
 pub struct SledKv {
     db: sled::Db,
