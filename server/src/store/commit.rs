@@ -113,18 +113,18 @@ impl Tx<'_> {
     /// Records an issued SVID (`issued_index.rs` says how).
     pub(super) fn record(&self, svid: &pb::IssuedSvid) {
         let (rows, placed) = rows_of(&[svid], self.index.is_none());
-        self.record_rows(&rows, &placed);
+        self.record_rows(rows, placed);
     }
 
     /// Records issued SVIDs already encoded as `rows` (`rows_of`), in this
     /// commit: on sled the in-memory index takes `placed` once it is done;
     /// on a shared database the owner index is rows too.
-    pub(super) fn record_rows(&self, rows: &[Row], placed: &[Placed]) {
+    pub(super) fn record_rows(&self, rows: Vec<Row>, placed: Vec<Placed>) {
         for (key, value) in rows {
-            self.put(ISSUED, key.clone(), value.clone());
+            self.put(ISSUED, key, value);
         }
         match self.index {
-            Some(_) => self.recorded.borrow_mut().extend(placed.iter().cloned()),
+            Some(_) => self.recorded.borrow_mut().extend(placed),
             None => placed.iter().for_each(|p| {
                 self.put(ISSUED_BY_OWNER, index_key(&p.owner, &p.key), []);
             }),
@@ -139,7 +139,7 @@ impl Tx<'_> {
         let recorded = self.recorded.borrow();
         let row = index
             .row_of(key)
-            .or_else(|| recorded.iter().find(|p| p.key == key).map(|p| p.row.clone()));
+            .or_else(|| recorded.iter().find(|p| &*p.key == key).map(|p| p.row.clone()));
         let Some(row) = row else { return Ok(None) };
         Ok(read_records(&[(key.to_string(), row)], |row| self.get(ISSUED, row))?.pop())
     }
@@ -172,7 +172,7 @@ impl Tx<'_> {
                 recorded
                     .iter()
                     .filter(|p| p.owner == *owner)
-                    .map(|p| (p.key.clone(), p.row.clone())),
+                    .map(|p| (p.key.to_string(), p.row.clone())),
             );
         }
         read_records(&wanted, |row| self.get(ISSUED, row))
@@ -191,7 +191,7 @@ impl KvStore {
     pub(super) fn commit<T>(
         &self,
         audit: &Audit<'_, T>,
-        f: impl Fn(&Tx<'_>) -> TxResult<T>,
+        f: impl FnOnce(&Tx<'_>) -> TxResult<T>,
     ) -> Result<T, StoreError> {
         let mut writer = self.lock();
         self.commit_locked(&mut writer, audit, f)
@@ -215,8 +215,11 @@ impl KvStore {
         &self,
         writer: &mut Writer,
         audit: &Audit<'_, T>,
-        f: impl Fn(&Tx<'_>) -> TxResult<T>,
+        f: impl FnOnce(&Tx<'_>) -> TxResult<T>,
     ) -> Result<T, StoreError> {
+        // The key-value layer runs a transaction's body once (no retries):
+        // `f` may move what it writes instead of copying it.
+        let mut f = Some(f);
         let mut out = None;
         let (mut revision, mut seq, mut added, mut chained) = (0, 0, Vec::new(), Vec::new());
         let stored = &writer.revocations;
@@ -236,6 +239,7 @@ impl KvStore {
                 index: index.as_deref(),
                 recorded: Default::default(),
             };
+            let f = f.take().ok_or_else(|| StoreError::Group("a commit ran twice".into()))?;
             let value = f(&tx)?;
             if tx.resign.get() {
                 self.sign_crls_in(stored, &tx)?;

@@ -23,9 +23,9 @@ impl KvStore {
         agent_id: &str,
         agent_serial: &str,
         read_at: u64,
-        signed: &[Signed],
+        signed: Vec<Signed>,
         now: i64,
-    ) -> Result<Vec<Result<(), ItemRefused>>, StoreError> {
+    ) -> Result<Vec<(Signed, Result<(), ItemRefused>)>, StoreError> {
         // Group commit: concurrent batches (many agents signing at once)
         // share one commit and one fsync. Each caller encodes its batch and
         // queues it; whoever holds the writer lock records everything queued.
@@ -35,13 +35,14 @@ impl KvStore {
         self.issue_queue.lock().unwrap_or_else(|e| e.into_inner()).push(job);
         {
             let mut writer = self.lock();
-            let jobs =
+            let mut jobs =
                 std::mem::take(&mut *self.issue_queue.lock().unwrap_or_else(|e| e.into_inner()));
             if !jobs.is_empty() {
-                match self.record_jobs(&mut writer, &jobs) {
+                match self.record_jobs(&mut writer, &mut jobs) {
                     Ok(all) => {
-                        for (job, results) in jobs.iter().zip(all) {
-                            let _ = job.done.send(Ok(results));
+                        for (job, results) in jobs.into_iter().zip(all) {
+                            let _ =
+                                job.done.send(Ok(job.signed.into_iter().zip(results).collect()));
                         }
                     }
                     Err(e) => {
@@ -74,17 +75,17 @@ impl KvStore {
     fn record_jobs(
         &self,
         writer: &mut Writer,
-        jobs: &[IssueJob],
+        jobs: &mut [IssueJob],
     ) -> Result<Vec<Vec<Result<(), ItemRefused>>>, StoreError> {
         self.commit_locked(writer, &Audit::quiet(), |tx| {
             // The committed revision: this commit's own revocations come last.
             let committed = tx.revision.get();
-            for job in jobs {
-                tx.record_rows(&job.rows, &job.placed);
+            for job in jobs.iter_mut() {
+                tx.record_rows(std::mem::take(&mut job.rows), std::mem::take(&mut job.placed));
             }
             let mut revoke = Vec::new();
             let mut all = Vec::with_capacity(jobs.len());
-            for job in jobs {
+            for job in jobs.iter_mut() {
                 let agent_refusal = match tx.agent(&job.agent_id)? {
                     None => Some(ItemRefused::typed(
                         Refusal::Evicted,
@@ -103,14 +104,13 @@ impl KvStore {
                 // No entry changed since they were read: each is as signed.
                 let as_read = job.read_at == committed;
                 let mut results = Vec::with_capacity(job.signed.len());
-                for item in &job.signed {
+                for (item, mut event) in job.signed.iter().zip(std::mem::take(&mut job.events)) {
                     let refusal = match &agent_refusal {
                         Some(why) => Some(why.clone()),
                         None if as_read => None,
                         None => entry_refusal(tx, item)?,
                     };
                     // The issuance's event, in the commit that records it.
-                    let mut event = item.event.clone();
                     match refusal {
                         Some(why) => {
                             revoke.push(revocation_of(&item.svid, &why.why, job.now));

@@ -2,15 +2,24 @@
 //! to be recorded (`issuance.rs` records them), each encoded by its caller
 //! outside the writer lock.
 
+use tessera_proto::types::Event;
+
 use super::issued_index::{rows_of, Placed, Row};
 use super::{ItemRefused, Signed};
+
+/// What a batch's caller gets back: each signed SVID (its event moved
+/// into the log) with what became of it, or why the commit failed.
+pub(super) type IssueDone = Result<Vec<(Signed, Result<(), ItemRefused>)>, String>;
 
 /// A batch of signed SVIDs waiting to be recorded (see `record_issued`),
 /// with its records encoded by the caller, outside the writer lock.
 pub(super) struct IssueJob {
     pub(super) agent_id: String,
     pub(super) agent_serial: String,
+    /// The SVIDs, their events taken out into `events`.
     pub(super) signed: Vec<Signed>,
+    /// Each SVID's issuance event, moved into the log by the commit.
+    pub(super) events: Vec<Event>,
     /// The rows of `issued_svids` that hold its records
     /// (`issued_index.rs`), and where each record went.
     pub(super) rows: Vec<Row>,
@@ -18,7 +27,7 @@ pub(super) struct IssueJob {
     /// The revision its entries were read at (`EntriesRead::revision`).
     pub(super) read_at: u64,
     pub(super) now: i64,
-    pub(super) done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), ItemRefused>>, String>>,
+    pub(super) done: std::sync::mpsc::SyncSender<IssueDone>,
 }
 
 impl IssueJob {
@@ -26,17 +35,19 @@ impl IssueJob {
         agent_id: &str,
         agent_serial: &str,
         read_at: u64,
-        signed: &[Signed],
+        mut signed: Vec<Signed>,
         shared: bool,
         now: i64,
-        done: std::sync::mpsc::SyncSender<Result<Vec<Result<(), ItemRefused>>, String>>,
+        done: std::sync::mpsc::SyncSender<IssueDone>,
     ) -> Self {
         let svids: Vec<_> = signed.iter().map(|item| &item.svid).collect();
         let (rows, placed) = rows_of(&svids, shared);
+        let events = signed.iter_mut().map(|item| std::mem::take(&mut item.event)).collect();
         Self {
             agent_id: agent_id.to_string(),
             agent_serial: agent_serial.to_string(),
-            signed: signed.to_vec(),
+            signed,
+            events,
             rows,
             placed,
             read_at,

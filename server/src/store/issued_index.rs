@@ -12,7 +12,7 @@
 //! a row and an index row per SVID were a fifth of the server's CPU under
 //! issuance (`tessera-bench issue`, `jwt`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use prost::Message;
@@ -40,9 +40,16 @@ pub(super) fn decode_row(key: &[u8], bytes: &[u8]) -> Result<Vec<pb::IssuedSvid>
 }
 
 /// A batch row's value: `svids` as one `IssuedSvids` (`decode_row` reads
-/// it back).
-pub(super) fn encode_batch(svids: Vec<pb::IssuedSvid>) -> Vec<u8> {
-    pb::IssuedSvids { svids }.encode_to_vec()
+/// it back), encoded from the records where they are.
+pub(super) fn encode_batch<'a>(
+    svids: impl IntoIterator<Item = &'a pb::IssuedSvid> + Clone,
+) -> Vec<u8> {
+    use prost::encoding::message;
+    // `IssuedSvids.svids` is field 1.
+    let len = svids.clone().into_iter().map(|svid| message::encoded_len(1, svid)).sum();
+    let mut out = Vec::with_capacity(len);
+    svids.into_iter().for_each(|svid| message::encode(1, svid, &mut out));
+    out
 }
 
 /// A row of `issued_svids`: its key and value.
@@ -52,7 +59,7 @@ pub(super) type Row = (Vec<u8>, Vec<u8>);
 /// the row that holds it.
 #[derive(Debug, Clone)]
 pub(super) struct Placed {
-    pub(super) key: String,
+    pub(super) key: Arc<str>,
     pub(super) owner: String,
     pub(super) row: Arc<str>,
 }
@@ -64,19 +71,19 @@ pub(super) fn rows_of(svids: &[&pb::IssuedSvid], shared: bool) -> (Vec<Row>, Vec
     let mut placed = Vec::with_capacity(svids.len());
     if shared {
         for svid in svids {
-            let key = svid_key(&svid.serial, &svid.jti);
+            let key: Arc<str> = Arc::from(svid_key(&svid.serial, &svid.jti));
             rows.push((key.as_bytes().to_vec(), svid.encode_to_vec()));
-            placed.push(Placed { row: Arc::from(key.as_str()), key, owner: owner_of(svid) });
+            placed.push(Placed { row: key.clone(), key, owner: owner_of(svid) });
         }
         return (rows, placed);
     }
     for chunk in row_chunks(svids) {
         let first = svid_key(&chunk[0].serial, &chunk[0].jti);
         let row: Arc<str> = Arc::from(format!("{BATCH_ROW}{first}"));
-        let value = encode_batch(chunk.iter().map(|svid| (*svid).clone()).collect());
+        let value = encode_batch(chunk.iter().copied());
         rows.push((row.as_bytes().to_vec(), value));
         for svid in chunk {
-            let key = svid_key(&svid.serial, &svid.jti);
+            let key = Arc::from(svid_key(&svid.serial, &svid.jti));
             placed.push(Placed { key, owner: owner_of(svid), row: row.clone() });
         }
     }
@@ -104,11 +111,12 @@ fn row_chunks<'a>(svids: &'a [&'a pb::IssuedSvid]) -> Vec<&'a [&'a pb::IssuedSvi
     chunks
 }
 
-/// sled: record keys by owner (`owner_of`), and the row of each record.
+/// sled: record keys by owner (`owner_of`), and the row of each record
+/// (each key held once, shared by both maps).
 #[derive(Debug, Default)]
 pub(super) struct IssuedIndex {
-    by_owner: HashMap<String, BTreeSet<String>>,
-    rows: HashMap<String, Arc<str>>,
+    by_owner: HashMap<String, HashSet<Arc<str>>>,
+    rows: HashMap<Arc<str>, Arc<str>>,
 }
 
 impl IssuedIndex {
@@ -121,7 +129,7 @@ impl IssuedIndex {
         for (row, bytes) in &trees[ISSUED] {
             let row_key: Arc<str> = Arc::from(String::from_utf8_lossy(row).as_ref());
             for svid in decode_row(row, bytes)? {
-                let key = svid_key(&svid.serial, &svid.jti);
+                let key = Arc::from(svid_key(&svid.serial, &svid.jti));
                 index.add(&Placed { key, owner: owner_of(&svid), row: row_key.clone() });
             }
         }
@@ -137,7 +145,13 @@ impl IssuedIndex {
     }
 
     pub(super) fn add(&mut self, placed: &Placed) {
-        self.by_owner.entry(placed.owner.clone()).or_default().insert(placed.key.clone());
+        match self.by_owner.get_mut(&placed.owner) {
+            Some(keys) => keys.insert(placed.key.clone()),
+            None => {
+                let keys = HashSet::from([placed.key.clone()]);
+                self.by_owner.insert(placed.owner.clone(), keys).is_none()
+            }
+        };
         self.rows.insert(placed.key.clone(), placed.row.clone());
     }
 
@@ -154,7 +168,7 @@ impl IssuedIndex {
     /// The record keys of `owner`'s SVIDs, with the row of each.
     pub(super) fn of_owner(&self, owner: &str) -> Vec<(String, Arc<str>)> {
         let keys = self.by_owner.get(owner).into_iter().flatten();
-        keys.filter_map(|key| Some((key.clone(), self.rows.get(key)?.clone()))).collect()
+        keys.filter_map(|key| Some((key.to_string(), self.rows.get(key)?.clone()))).collect()
     }
 
     /// The row holding the record `key`.
@@ -200,7 +214,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_kept_in_rows_of_at_most_64_and_every_record_is_found() {
+    fn a_batch_is_kept_in_rows_of_at_most_64_and_4_kib_and_every_record_is_found() {
         let svids: Vec<pb::IssuedSvid> = (0..130)
             .map(|i| svid(&format!("{i:04x}"), if i % 2 == 0 { "e1" } else { "e2" }))
             .collect();
@@ -224,13 +238,23 @@ mod tests {
         assert_eq!(rows[1].0, b"0001");
         assert_eq!(&*placed[1].row, "0001");
         assert_eq!(decode_row(&rows[1].0, &rows[1].1).unwrap(), [svids[1].clone()]);
+        // Larger records: rows stop at sled's row size, and every record
+        // is kept, in order.
+        let big: Vec<pb::IssuedSvid> = (0..100)
+            .map(|i| pb::IssuedSvid { agent_id: "a".repeat(300), ..svid(&format!("{i:04x}"), "e") })
+            .collect();
+        let refs: Vec<&pb::IssuedSvid> = big.iter().collect();
+        let (rows, _) = rows_of(&refs, false);
+        assert!(rows.len() > 2 && rows.iter().all(|(_, v)| v.len() <= ROW_BYTES), "{}", rows.len());
+        let back: Vec<_> = rows.iter().flat_map(|(k, v)| decode_row(k, v).unwrap()).collect();
+        assert_eq!(back, big);
     }
 
     #[test]
     fn an_owner_with_no_svids_left_is_forgotten() {
         let mut index = IssuedIndex::default();
         for (owner, key) in [("e1", "s1"), ("e1", "s2"), ("agent:a", "s3")] {
-            index.add(&Placed { key: key.into(), owner: owner.into(), row: Arc::from(key) });
+            index.add(&Placed { key: Arc::from(key), owner: owner.into(), row: Arc::from(key) });
         }
         index.remove("e1", "s1");
         index.remove("e1", "s2");

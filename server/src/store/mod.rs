@@ -507,15 +507,16 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// commit, against the agent (still current and unbanned) and the
     /// entry as it is now (not re-read while the store is still at
     /// `read_at`: no entry changed since); one no longer authorized is
-    /// revoked at once and its item says why.
+    /// revoked at once and its item says why. Each comes back with what
+    /// became of it, its event moved into the log.
     fn record_issued(
         &self,
         agent_id: &str,
         agent_serial: &str,
         read_at: u64,
-        signed: &[Signed],
+        signed: Vec<Signed>,
         now: i64,
-    ) -> Result<Vec<Result<(), ItemRefused>>, StoreError>;
+    ) -> Result<Vec<(Signed, Result<(), ItemRefused>)>, StoreError>;
     /// Records an SVID an operator minted outside any node (no entry, no
     /// agent), durable before it returns (`store/operator.rs`).
     fn record_minted(&self, svid: &pb::IssuedSvid, audit: &Audit<'_, ()>)

@@ -163,7 +163,7 @@ impl KvStore {
                 } else if kept.is_empty() {
                     tx.forget(ISSUED, row);
                 } else {
-                    tx.put(ISSUED, row, encode_batch(kept));
+                    tx.put(ISSUED, row, encode_batch(&kept));
                 }
                 for svid in expired {
                     let key = svid_key(&svid.serial, &svid.jti);

@@ -269,9 +269,9 @@ impl Store for KvStore {
         agent_id: &str,
         agent_serial: &str,
         read_at: u64,
-        signed: &[Signed],
+        signed: Vec<Signed>,
         now: i64,
-    ) -> Result<Vec<Result<(), ItemRefused>>, StoreError> {
+    ) -> Result<Vec<(Signed, Result<(), ItemRefused>)>, StoreError> {
         KvStore::record_issued(self, agent_id, agent_serial, read_at, signed, now)
     }
 

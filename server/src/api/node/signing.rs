@@ -134,20 +134,18 @@ impl NodeService {
         }
         let now = self.state.clock().now();
         let (key, serial) = (caller.id.to_string(), caller.serial.clone());
-        let (recorded, records) = if records.is_empty() {
-            (Vec::new(), records)
+        let count = records.len();
+        let recorded = if records.is_empty() {
+            Vec::new()
         } else {
             self.state
-                .store_op(move |store| {
-                    let recorded = store.record_issued(&key, &serial, read_at, &records, now)?;
-                    Ok((recorded, records))
-                })
+                .store_op(move |store| store.record_issued(&key, &serial, read_at, records, now))
                 .await?
         };
-        if recorded.len() != records.len() {
+        if recorded.len() != count {
             return Err(Status::internal("the store recorded a different number of SVIDs"));
         }
-        let mut recorded = recorded.into_iter().zip(records);
+        let mut recorded = recorded.into_iter();
         let mut out = Vec::with_capacity(pending.len());
         let mut revoked_any = false;
         for result in pending {
@@ -159,8 +157,8 @@ impl NodeService {
                 Ok(signed) => signed,
             };
             out.push(match recorded.next() {
-                Some((Ok(()), record)) => Recorded::Issued(signed, record),
-                Some((Err(why), record)) => {
+                Some((record, Ok(()))) => Recorded::Issued(signed, record),
+                Some((record, Err(why))) => {
                     revoked_any = true;
                     Recorded::Revoked(record, why)
                 }

@@ -102,16 +102,26 @@ pub(super) fn entries_under_agent(
 }
 
 /// A store with entry `a` under agent `agent` (SVID `s0`) and one SVID,
+/// What became of each of `signed`, recorded by `store.record_issued`.
+fn recorded(
+    store: &KvStore,
+    agent_id: &str,
+    agent_serial: &str,
+    read_at: u64,
+    signed: &[Signed],
+    now: i64,
+) -> Vec<Result<(), ItemRefused>> {
+    let recorded = store.record_issued(agent_id, agent_serial, read_at, signed.to_vec(), now);
+    recorded.unwrap().into_iter().map(|(_, result)| result).collect()
+}
+
 /// `01`, recorded for the entry.
 fn store_with_one_svid(place: &Place) -> (KvStore, Entry) {
     let store = place.open();
     let e = entry("a", "w", "agent", 1);
     entries_under_agent(&store, std::slice::from_ref(&e), "agent", "s0");
     let signed = [Signed { svid: issued("01", &e), entry: e.clone(), event: Default::default() }];
-    assert_eq!(
-        store.record_issued(&e.parent_id.to_string(), "s0", 0, &signed, 5).unwrap(),
-        [Ok(())]
-    );
+    assert_eq!(recorded(&store, &e.parent_id.to_string(), "s0", 0, &signed, 5), [Ok(())]);
     (store, e)
 }
 

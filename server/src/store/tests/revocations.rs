@@ -51,8 +51,7 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
         Signed { svid: issued("0a", &a), entry: a.clone(), event: Default::default() },
         Signed { svid: issued("0b", &b), entry: b.clone(), event: Default::default() },
     ];
-    let results =
-        store.record_issued("spiffe://example.org/agent", "s0", read.revision, &signed, 2).unwrap();
+    let results = recorded(&store, "spiffe://example.org/agent", "s0", read.revision, &signed, 2);
     assert!(results.iter().all(Result::is_err), "{results:?}");
     assert!(store.revocation("0a").unwrap().is_some() && store.revocation("0b").unwrap().is_some());
 
@@ -62,9 +61,8 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
     store.create_entries(std::slice::from_ref(&d), &Audit::quiet()).unwrap();
     let read = store.entries_for_signing(&["d".into()]).unwrap();
     let signed = [Signed { svid: issued("0d", &d), entry: d, event: Default::default() }];
-    let results = store
-        .record_issued("spiffe://example.org/agent", "s-old", read.revision, &signed, 3)
-        .unwrap();
+    let results =
+        recorded(&store, "spiffe://example.org/agent", "s-old", read.revision, &signed, 3);
     assert_eq!(
         results[0].as_ref().err().map(|r| r.refusal),
         Some(Refusal::AgentSvidChanged),
@@ -76,8 +74,7 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
     let read = store.entries_for_signing(&["c".into()]).unwrap();
     store.ban_agent("spiffe://example.org/agent", "test", 3, &Audit::quiet()).unwrap().unwrap();
     let signed = [Signed { svid: issued("0c", &c), entry: c.clone(), event: Default::default() }];
-    let results =
-        store.record_issued("spiffe://example.org/agent", "s0", read.revision, &signed, 4).unwrap();
+    let results = recorded(&store, "spiffe://example.org/agent", "s0", read.revision, &signed, 4);
     assert_eq!(results[0].as_ref().err().map(|r| r.refusal), Some(Refusal::Banned));
     assert!(store.revocation("0c").unwrap().is_some());
 
@@ -86,9 +83,7 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
     entries_under_agent(&store, std::slice::from_ref(&e), "agent2", "t0");
     let read = store.entries_for_signing(&["e".into()]).unwrap();
     let signed = [Signed { svid: issued("0e", &e), entry: e, event: Default::default() }];
-    let results = store
-        .record_issued("spiffe://example.org/agent2", "t0", read.revision, &signed, 5)
-        .unwrap();
+    let results = recorded(&store, "spiffe://example.org/agent2", "t0", read.revision, &signed, 5);
     assert_eq!(results, [Ok(())]);
     assert!(store.revocation("0e").unwrap().is_none() && store.issued("0e").unwrap().is_some());
 }
@@ -110,8 +105,7 @@ pub(super) fn a_revision_pushed_ahead_never_skips_the_entry_check(place: Place) 
     let a = read.entries[0].clone().unwrap();
     store.delete_entries(&["a".into()], 1, "deleted", &Audit::quiet()).unwrap();
     let signed = [Signed { svid: issued("0a", &a), entry: a, event: Default::default() }];
-    let results =
-        store.record_issued("spiffe://example.org/agent", "s0", read.revision, &signed, 2).unwrap();
+    let results = recorded(&store, "spiffe://example.org/agent", "s0", read.revision, &signed, 2);
     assert!(results[0].is_err(), "{results:?}");
     assert!(store.revocation("0a").unwrap().is_some());
 }
@@ -140,8 +134,7 @@ pub(super) fn jwt_svids_are_revoked_with_their_entry_and_agent(place: Place) {
             Signed { svid: jwt("j2", &b), entry: b.clone(), event: Default::default() },
             Signed { svid: issued("0b", &b), entry: b.clone(), event: Default::default() },
         ];
-        let results =
-            store.record_issued("spiffe://example.org/agent", "s0", 0, &signed, 1).unwrap();
+        let results = recorded(&store, "spiffe://example.org/agent", "s0", 0, &signed, 1);
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         assert!(store.issued("jwt:j1").unwrap().is_some());
         let mut renamed = a.clone();
@@ -349,8 +342,7 @@ pub(super) fn what_was_issued_before_a_restart_is_revoked_after_it(place: Place)
             Signed { svid: issued("0b", &b), entry: b.clone(), event: Default::default() },
             Signed { svid: short, entry: b.clone(), event: Default::default() },
         ];
-        let results =
-            store.record_issued("spiffe://example.org/agent", "s0", 0, &signed, 1).unwrap();
+        let results = recorded(&store, "spiffe://example.org/agent", "s0", 0, &signed, 1);
         assert!(results.iter().all(Result::is_ok), "{results:?}");
     }
     let store = place.open();
