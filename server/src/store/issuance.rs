@@ -25,7 +25,7 @@ impl KvStore {
         read_at: u64,
         signed: Vec<Signed>,
         now: i64,
-    ) -> Result<Vec<(Signed, Result<(), ItemRefused>)>, StoreError> {
+    ) -> Result<Vec<super::RecordedSvid>, StoreError> {
         // Group commit: concurrent batches (many agents signing at once)
         // share one commit and one fsync. Each caller encodes its batch and
         // queues it; whoever holds the writer lock records everything queued.

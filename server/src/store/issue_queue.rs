@@ -5,11 +5,11 @@
 use tessera_proto::types::Event;
 
 use super::issued_index::{rows_of, Placed, Row};
-use super::{ItemRefused, Signed};
+use super::Signed;
 
 /// What a batch's caller gets back: each signed SVID (its event moved
 /// into the log) with what became of it, or why the commit failed.
-pub(super) type IssueDone = Result<Vec<(Signed, Result<(), ItemRefused>)>, String>;
+pub(super) type IssueDone = Result<Vec<super::RecordedSvid>, String>;
 
 /// A batch of signed SVIDs waiting to be recorded (see `record_issued`),
 /// with its records encoded by the caller, outside the writer lock.

@@ -262,6 +262,9 @@ pub struct EntriesRead {
     pub entries: Vec<Option<Entry>>,
 }
 
+/// A signed SVID as its commit left it: recorded, or revoked (why).
+pub type RecordedSvid = (Signed, Result<(), ItemRefused>);
+
 /// A signed SVID to record, with the entry it was signed for.
 #[derive(Debug, Clone)]
 pub struct Signed {
@@ -516,7 +519,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         read_at: u64,
         signed: Vec<Signed>,
         now: i64,
-    ) -> Result<Vec<(Signed, Result<(), ItemRefused>)>, StoreError>;
+    ) -> Result<Vec<RecordedSvid>, StoreError>;
     /// Records an SVID an operator minted outside any node (no entry, no
     /// agent), durable before it returns (`store/operator.rs`).
     fn record_minted(&self, svid: &pb::IssuedSvid, audit: &Audit<'_, ()>)

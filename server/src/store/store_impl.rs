@@ -19,7 +19,7 @@ use super::error::StoreError;
 use super::kv_store::KvStore;
 use super::{
     AgentCheck, AgentRefusal, Approved, Change, CrlSigner, EntriesRead, EntryFilter, EntryWrite,
-    ItemRefused, RenewOutcome, Signed, Store, StoreReport,
+    RecordedSvid, RenewOutcome, Signed, Store, StoreReport,
 };
 use crate::broker::records::{
     AccessToken, BrokerRefusal, PendingRequest, PublishedKey, Task, TokenToRecord,
@@ -271,7 +271,7 @@ impl Store for KvStore {
         read_at: u64,
         signed: Vec<Signed>,
         now: i64,
-    ) -> Result<Vec<(Signed, Result<(), ItemRefused>)>, StoreError> {
+    ) -> Result<Vec<RecordedSvid>, StoreError> {
         KvStore::record_issued(self, agent_id, agent_serial, read_at, signed, now)
     }
 
