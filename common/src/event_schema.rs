@@ -426,6 +426,15 @@ pub fn to_text(e: &Event) -> String {
 /// Writes the event's audit log line on the `tessera::audit` target, with
 /// the event's fields (a denial at warn level, the rest at info).
 pub fn log(e: &Event) {
+    // Nothing is formatted for a line no subscriber takes.
+    let wanted = if e.decision == DENY {
+        tracing::enabled!(target: "tessera::audit", tracing::Level::WARN)
+    } else {
+        tracing::enabled!(target: "tessera::audit", tracing::Level::INFO)
+    };
+    if !wanted {
+        return;
+    }
     let w = e.workload.as_ref();
     let operator_uid = e.operator.as_ref().map(|o| o.uid);
     let attrs: Vec<String> = e.attrs.iter().map(|a| format!("{}={}", a.key, a.value)).collect();
