@@ -9,6 +9,7 @@ use tessera_proto::types as pb;
 use tokio::sync::watch;
 
 use super::audit::EventSink;
+use super::entries::EntryCache;
 use super::error::StoreError;
 use super::issue_queue::IssueJob;
 use super::issued_index::IssuedIndex;
@@ -28,6 +29,8 @@ pub struct KvStore {
     /// sled only: which records each entry and agent has, and where
     /// (`issued_index.rs`). Changed only under the writer lock.
     pub(super) issued_index: std::sync::RwLock<IssuedIndex>,
+    /// sled only: entries decoded for signing (`entries.rs`).
+    pub(super) entry_cache: Mutex<EntryCache>,
     /// Issuance batches waiting for a commit (group commit).
     pub(super) issue_queue: Mutex<Vec<IssueJob>>,
     /// sled only: PostgreSQL keeps its own durability.
@@ -66,6 +69,7 @@ impl KvStore {
             kv,
             writer: Mutex::new(Writer::default()),
             issued_index: Default::default(),
+            entry_cache: Mutex::default(),
             issue_queue: Mutex::new(Vec::new()),
             watermark,
             revision: Arc::new(watch::channel(revision).0),

@@ -47,6 +47,7 @@
 
 use std::fmt;
 use std::io::Write;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tessera_proto::types as pb;
@@ -258,8 +259,9 @@ pub struct Approved {
 pub struct EntriesRead {
     /// A revision every change before the read is visible at.
     pub revision: u64,
-    /// In the order asked, `None` where absent.
-    pub entries: Vec<Option<Entry>>,
+    /// In the order asked, `None` where absent (shared: on sled, with
+    /// the store's cache of entries read for signing).
+    pub entries: Vec<Option<Arc<Entry>>>,
 }
 
 /// A signed SVID as its commit left it: recorded, or revoked (why).
@@ -271,7 +273,7 @@ pub struct Signed {
     /// The record.
     pub svid: pb::IssuedSvid,
     /// The entry as it was read for signing.
-    pub entry: Entry,
+    pub entry: Arc<Entry>,
     /// The issuance's event: stored with the record, or, if the commit
     /// revokes the SVID, stored as a denial with the reason.
     pub event: pb::Event,

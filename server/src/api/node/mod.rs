@@ -83,7 +83,7 @@ impl Node for NodeService {
         let results = answer(
             outcomes,
             |svid, record| pb::SignX509Result {
-                entry_id: record.entry.id,
+                entry_id: record.entry.id.clone(),
                 status: Some(ItemStatus { code: 0, ..Default::default() }),
                 x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
                 expires_at: svid.expires_at,
@@ -115,7 +115,7 @@ impl Node for NodeService {
             outcomes,
             |jwt, record| pb::SignJwtResult {
                 spiffe_id: record.entry.spiffe_id.to_string(),
-                entry_id: record.entry.id,
+                entry_id: record.entry.id.clone(),
                 status: Some(ItemStatus { code: 0, ..Default::default() }),
                 token: jwt.token,
                 expires_at: jwt.expires_at,

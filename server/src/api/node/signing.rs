@@ -2,6 +2,8 @@
 //! against its entry as read now, and the batch recorded (with each
 //! issuance's event) before anything is returned.
 
+use std::sync::Arc;
+
 use tessera_proto::node as pb;
 use tessera_proto::types::{self as types, Status as ItemStatus};
 use tessera_workload_api::SpiffeId;
@@ -177,7 +179,7 @@ impl NodeService {
         &self,
         agent_id: &SpiffeId,
         item: pb::SignJwtItem,
-        entry: Option<Entry>,
+        entry: Option<Arc<Entry>>,
     ) -> Result<(SignedJwt, Signed), pb::SignJwtResult> {
         let spiffe_id = entry.as_ref().map(|e| e.spiffe_id.to_string());
         let fail = |code: tonic::Code, message: String| {
@@ -239,7 +241,7 @@ impl NodeService {
         &self,
         agent_id: &SpiffeId,
         item: pb::SignX509Item,
-        entry: Option<Entry>,
+        entry: Option<Arc<Entry>>,
     ) -> Result<(SignedSvid, Signed), pb::SignX509Result> {
         let spiffe_id = entry.as_ref().map(|e| e.spiffe_id.to_string());
         let fail = |code: tonic::Code, message: String| {
@@ -290,8 +292,8 @@ impl NodeService {
 fn parented_entry(
     agent_id: &SpiffeId,
     entry_id: &str,
-    entry: Option<Entry>,
-) -> Result<Entry, (tonic::Code, String)> {
+    entry: Option<Arc<Entry>>,
+) -> Result<Arc<Entry>, (tonic::Code, String)> {
     let entry =
         entry.ok_or_else(|| (tonic::Code::NotFound, format!("entry {entry_id} not found")))?;
     if &entry.parent_id != agent_id {
@@ -346,7 +348,7 @@ pub(super) fn jwt_item_failure(
 /// Signs one item of a batch for the calling agent, given its entry as read
 /// now: the signed credential and its record, or the item's refusal.
 pub(super) type SignItem<I, T, F> =
-    fn(&NodeService, &SpiffeId, I, Option<Entry>) -> Result<(T, Signed), F>;
+    fn(&NodeService, &SpiffeId, I, Option<Arc<Entry>>) -> Result<(T, Signed), F>;
 
 /// What became of one signed item of a batch.
 pub(super) enum Recorded<T, F> {

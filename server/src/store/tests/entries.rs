@@ -59,6 +59,75 @@ pub(super) fn entries_are_read_at_once_in_the_order_asked(place: Place) {
     assert!(store.entries(&[]).unwrap().is_empty());
 }
 
+/// Entries read for signing (on sled through the store's cache of them)
+/// are never older than the revision they come with: whenever the store
+/// is still at that revision, they are exactly what it holds. A writer
+/// renames, re-parents, deletes and recreates entries while two readers
+/// read them for signing and compare with what the store holds under its
+/// lock.
+pub(super) fn entries_read_for_signing_are_current_at_their_revision(place: Place) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let store = Arc::new(place.open());
+    let ids: Vec<String> = (0..6).map(|i| format!("e{i}")).collect();
+    let made: Vec<Entry> =
+        ids.iter().enumerate().map(|(i, id)| entry(id, &format!("w{i}"), "agent", 1)).collect();
+    store.create_entries(&made, &Audit::quiet()).unwrap();
+    let parent = made[0].parent_id.clone();
+    let (stop, checked) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, ids, parent) = (store.clone(), ids.clone(), parent.clone());
+            let (stop, checked) = (stop.clone(), checked.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let read = store.entries_for_signing(&ids).unwrap();
+                    let (revision, now) = store.snapshot(&parent).unwrap();
+                    if revision != read.revision {
+                        continue;
+                    }
+                    // The snapshot holds every entry under `parent` at
+                    // that revision: one read under it is there as read,
+                    // one absent or elsewhere is not there.
+                    for (id, got) in ids.iter().zip(&read.entries) {
+                        let want = now.iter().find(|e| &e.id == id);
+                        let got = got.as_deref().filter(|e| e.parent_id == parent);
+                        assert_eq!(got, want, "{id} at revision {revision}");
+                    }
+                    checked.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let mut rng = 0x5eed_u64;
+    for round in 0..400u32 {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let i = (rng >> 33) as usize % ids.len();
+        let current = store.entries(std::slice::from_ref(&ids[i])).unwrap().remove(0);
+        match (current, (rng >> 40) % 3) {
+            (None, _) => {
+                let again = entry(&ids[i], &format!("w{i}-{round}"), "agent", 1);
+                store.create_entries(&[again], &Audit::quiet()).unwrap();
+            }
+            (Some(_), 0) => {
+                store.delete_entries(&[ids[i].clone()], 1, "gone", &Audit::quiet()).unwrap();
+            }
+            (Some(mut e), kind) => {
+                e.spiffe_id =
+                    SpiffeId::parse(&format!("spiffe://example.org/w{i}-{round}")).unwrap();
+                if kind == 2 {
+                    let other = if e.parent_id == parent { "agent-2" } else { "agent" };
+                    e.parent_id =
+                        SpiffeId::parse(&format!("spiffe://example.org/{other}")).unwrap();
+                }
+                store.update_entries(&[e], 1, "changed", &Audit::quiet()).unwrap();
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    readers.into_iter().for_each(|r| r.join().unwrap());
+    assert!(checked.load(Ordering::Relaxed) > 0, "no read was compared");
+}
+
 pub(super) fn entries_are_indexed_by_parent_and_survive_reopen(place: Place) {
     {
         let store = place.open();

@@ -120,7 +120,8 @@ fn store_with_one_svid(place: &Place) -> (KvStore, Entry) {
     let store = place.open();
     let e = entry("a", "w", "agent", 1);
     entries_under_agent(&store, std::slice::from_ref(&e), "agent", "s0");
-    let signed = [Signed { svid: issued("01", &e), entry: e.clone(), event: Default::default() }];
+    let signed =
+        [Signed { svid: issued("01", &e), entry: e.clone().into(), event: Default::default() }];
     assert_eq!(recorded(&store, &e.parent_id.to_string(), "s0", 0, &signed, 5), [Ok(())]);
     (store, e)
 }
@@ -170,6 +171,7 @@ macro_rules! conformance {
 conformance!(
     entries_are_indexed_by_parent_and_survive_reopen,
     entries_are_read_at_once_in_the_order_asked,
+    entries_read_for_signing_are_current_at_their_revision,
     entries_list_in_pages_with_and_without_filters,
     duplicates_are_refused_per_item_and_store_unchanged,
     an_update_is_one_change_naming_old_and_new_parent,

@@ -40,11 +40,11 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
         .unwrap()
         .unwrap();
     let read = store.entries_for_signing(&["a".into(), "b".into()]).unwrap();
-    let [Some(a), Some(b)] = <[Option<Entry>; 2]>::try_from(read.entries).unwrap() else {
+    let [Some(a), Some(b)] = <[Option<Arc<Entry>>; 2]>::try_from(read.entries).unwrap() else {
         panic!("entries a and b were not read");
     };
     store.delete_entries(&["a".into()], 1, "deleted", &Audit::quiet()).unwrap();
-    let mut renamed = b.clone();
+    let mut renamed = Entry::clone(&b);
     renamed.spiffe_id = SpiffeId::parse("spiffe://example.org/other").unwrap();
     store.update_entries(&[renamed], 1, "renamed", &Audit::quiet()).unwrap();
     let signed = [
@@ -60,7 +60,7 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
     let d = entry("d", "w4", "agent", 1);
     store.create_entries(std::slice::from_ref(&d), &Audit::quiet()).unwrap();
     let read = store.entries_for_signing(&["d".into()]).unwrap();
-    let signed = [Signed { svid: issued("0d", &d), entry: d, event: Default::default() }];
+    let signed = [Signed { svid: issued("0d", &d), entry: d.into(), event: Default::default() }];
     let results =
         recorded(&store, "spiffe://example.org/agent", "s-old", read.revision, &signed, 3);
     assert_eq!(
@@ -73,7 +73,8 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
     store.create_entries(std::slice::from_ref(&c), &Audit::quiet()).unwrap();
     let read = store.entries_for_signing(&["c".into()]).unwrap();
     store.ban_agent("spiffe://example.org/agent", "test", 3, &Audit::quiet()).unwrap().unwrap();
-    let signed = [Signed { svid: issued("0c", &c), entry: c.clone(), event: Default::default() }];
+    let signed =
+        [Signed { svid: issued("0c", &c), entry: c.clone().into(), event: Default::default() }];
     let results = recorded(&store, "spiffe://example.org/agent", "s0", read.revision, &signed, 4);
     assert_eq!(results[0].as_ref().err().map(|r| r.refusal), Some(Refusal::Banned));
     assert!(store.revocation("0c").unwrap().is_some());
@@ -82,7 +83,7 @@ pub(super) fn svids_recorded_after_their_entry_changed_are_revoked(place: Place)
     let e = entry("e", "w5", "agent2", 1);
     entries_under_agent(&store, std::slice::from_ref(&e), "agent2", "t0");
     let read = store.entries_for_signing(&["e".into()]).unwrap();
-    let signed = [Signed { svid: issued("0e", &e), entry: e, event: Default::default() }];
+    let signed = [Signed { svid: issued("0e", &e), entry: e.into(), event: Default::default() }];
     let results = recorded(&store, "spiffe://example.org/agent2", "t0", read.revision, &signed, 5);
     assert_eq!(results, [Ok(())]);
     assert!(store.revocation("0e").unwrap().is_none() && store.issued("0e").unwrap().is_some());
@@ -130,9 +131,9 @@ pub(super) fn jwt_svids_are_revoked_with_their_entry_and_agent(place: Place) {
             .unwrap()
             .unwrap();
         let signed = [
-            Signed { svid: jwt("j1", &a), entry: a.clone(), event: Default::default() },
-            Signed { svid: jwt("j2", &b), entry: b.clone(), event: Default::default() },
-            Signed { svid: issued("0b", &b), entry: b.clone(), event: Default::default() },
+            Signed { svid: jwt("j1", &a), entry: a.clone().into(), event: Default::default() },
+            Signed { svid: jwt("j2", &b), entry: b.clone().into(), event: Default::default() },
+            Signed { svid: issued("0b", &b), entry: b.clone().into(), event: Default::default() },
         ];
         let results = recorded(&store, "spiffe://example.org/agent", "s0", 0, &signed, 1);
         assert!(results.iter().all(Result::is_ok), "{results:?}");
@@ -337,10 +338,10 @@ pub(super) fn what_was_issued_before_a_restart_is_revoked_after_it(place: Place)
             .unwrap();
         let short = pb::IssuedSvid { expires_at: 10, ..issued("0e", &b) };
         let signed = [
-            Signed { svid: issued("0a", &a), entry: a.clone(), event: Default::default() },
-            Signed { svid: jwt("ja", &a), entry: a.clone(), event: Default::default() },
-            Signed { svid: issued("0b", &b), entry: b.clone(), event: Default::default() },
-            Signed { svid: short, entry: b.clone(), event: Default::default() },
+            Signed { svid: issued("0a", &a), entry: a.clone().into(), event: Default::default() },
+            Signed { svid: jwt("ja", &a), entry: a.clone().into(), event: Default::default() },
+            Signed { svid: issued("0b", &b), entry: b.clone().into(), event: Default::default() },
+            Signed { svid: short, entry: b.clone().into(), event: Default::default() },
         ];
         let results = recorded(&store, "spiffe://example.org/agent", "s0", 0, &signed, 1);
         assert!(results.iter().all(Result::is_ok), "{results:?}");
