@@ -188,32 +188,40 @@ impl JwtSigningKey {
         issuer: Option<&str>,
     ) -> Result<SignedJwt, JwtKeyError> {
         let jti = new_jti(now);
-        // Written by hand (strings escaped by serde_json): this runs once
-        // per token, and a JSON tree would cost more than the rest.
-        let mut claims = String::with_capacity(160 + subject.len());
-        claims.push('{');
+        // Written by hand (strings escaped by serde_json, straight into the
+        // claims): this runs once per token, and a JSON tree would cost
+        // more than the rest.
+        let mut claims = Vec::with_capacity(160 + subject.len());
+        claims.push(b'{');
         if let Some(issuer) = issuer {
-            claims.push_str("\"iss\":");
-            claims.push_str(&json_string(issuer));
-            claims.push(',');
+            claims.extend_from_slice(b"\"iss\":");
+            json_string(&mut claims, issuer);
+            claims.push(b',');
         }
-        claims.push_str("\"sub\":");
-        claims.push_str(&json_string(subject));
-        claims.push_str(",\"aud\":[");
+        claims.extend_from_slice(b"\"sub\":");
+        json_string(&mut claims, subject);
+        claims.extend_from_slice(b",\"aud\":[");
         for (i, audience) in audience.iter().enumerate() {
             if i > 0 {
-                claims.push(',');
+                claims.push(b',');
             }
-            claims.push_str(&json_string(audience));
+            json_string(&mut claims, audience);
         }
-        claims.push_str(&format!("],\"exp\":{expires_at},\"iat\":{now},\"jti\":\"{jti}\"}}"));
-        let token = self.sign_claims(&claims)?;
+        let tail = format!("],\"exp\":{expires_at},\"iat\":{now},\"jti\":\"{jti}\"}}");
+        claims.extend_from_slice(tail.as_bytes());
+        let token = self.sign_payload(&claims)?;
         Ok(SignedJwt { token, jti, issued_at: now, expires_at, audience: audience.to_vec() })
     }
 
     /// Signs `claims` (a serialized JSON object) under this key's header:
     /// the JWS compact serialization.
     pub fn sign_claims(&self, claims: &str) -> Result<String, JwtKeyError> {
+        self.sign_payload(claims.as_bytes())
+    }
+
+    /// Signs the JWS payload `claims` (serialized JSON) under this key's
+    /// header: the JWS compact serialization.
+    fn sign_payload(&self, claims: &[u8]) -> Result<String, JwtKeyError> {
         let mut token = String::with_capacity(self.header.len() + claims.len() * 4 / 3 + 100);
         token.push_str(&self.header);
         URL_SAFE_NO_PAD.encode_string(claims, &mut token);
@@ -256,9 +264,10 @@ fn new_jti(now_secs: i64) -> String {
     format!("{stamp:016x}{}", hex::encode(&random[..8]))
 }
 
-/// A JSON string literal.
-fn json_string(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+/// Appends `s` to `out` as a JSON string literal.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing a string to a Vec cannot fail.
+    let _ = serde_json::to_writer(out, s);
 }
 
 fn generate(kind: JwtKeyType) -> Result<Vec<u8>, JwtKeyError> {

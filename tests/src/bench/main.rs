@@ -173,7 +173,7 @@ async fn run() -> ExitCode {
         }
     }
     if let Some(duration) = soak {
-        results.extend(soak::run(duration).await);
+        results.extend(soak::run(duration, !args.iter().any(|a| a == "--no-events")).await);
     }
     bounds::report(&results);
     results.print();

@@ -7,7 +7,7 @@
 //! the work done; at the end, how RSS and fds moved after the warm-up
 //! (the target: RSS within 10 %, fds flat) and whether all 200 identities
 //! are still served. Runs only when asked for (`tessera-bench soak
-//! [--duration 60m]`), never as part of `all`.
+//! [--duration 60m] [--no-events]`), never as part of `all`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,8 +77,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// The soak, for `duration`.
-pub async fn run(duration: Duration) -> Figures {
+/// The soak, for `duration`; with the server's event log off when
+/// `events` is false (`--no-events`: what the server holds without a
+/// growing event store).
+pub async fn run(duration: Duration, events: bool) -> Figures {
     let (warm_up, warm_up_why) = if duration >= DEFAULT_DURATION {
         (FULL_WARM_UP, "the first 10 min".to_string())
     } else {
@@ -87,16 +89,18 @@ pub async fn run(duration: Duration) -> Figures {
     };
     println!(
         "soak: {:.0} s; {ENTRIES} entries at a {TTL} s TTL, {WATCHERS} watchers, JWT and X509 \
-         fetch loops, an entry created and one deleted every {} ms; warm-up: {warm_up_why}",
+         fetch loops, an entry created and one deleted every {} ms; warm-up: {warm_up_why}; \
+         server event log {}",
         duration.as_secs_f64(),
-        CHURN_EVERY.as_millis()
+        CHURN_EVERY.as_millis(),
+        if events { "on" } else { "off (--no-events)" }
     );
 
     // A server and an agent in their own processes; the entries before the
     // agent starts, so it gets them all in its first sync.
     let dir = tempfile::tempdir().unwrap();
     let server_dir = dir.path().join("server");
-    let server = Child::server(&server_dir, &[]);
+    let server = Child::server(&server_dir, if events { &[] } else { &["--no-events"] });
     let mut admin = admin_at(&server_dir).await;
     let bundle = bundle_of(&mut admin).await;
     let token = join_token(&mut admin, AGENT_ID).await;
