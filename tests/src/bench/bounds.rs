@@ -48,13 +48,13 @@ const BOUNDS: &[Bound] = &[
         key: "issue_limit_ratio",
         what: "X509-SVID issuance / raw sign+verify limit",
         target: Good::AtLeast(0.8),
-        bound: Good::AtLeast(0.52),
+        bound: Good::AtLeast(0.6),
     },
     Bound {
         key: "jwt_issue_ratio",
         what: "JWT-SVID issuance / raw ES256 signing limit",
         target: Good::AtLeast(0.8),
-        bound: Good::AtLeast(0.3),
+        bound: Good::AtLeast(0.36),
     },
     Bound {
         key: "jwt_validate_ratio",
