@@ -98,17 +98,20 @@ fn deflate(plain: &[u8]) -> Option<Vec<u8>> {
 pub(super) fn encode_rows(events: &[Event]) -> Vec<(u64, Vec<u8>)> {
     let mut rows = Vec::new();
     let mut row: Vec<Vec<u8>> = Vec::new();
-    let (mut first, mut bytes) = (0, 0);
+    // A row of several is the `GROUP` byte, then each event behind its
+    // length: counted as written.
+    let (mut first, mut bytes) = (0, 1);
     for e in events {
         let one = encode(e);
-        if !row.is_empty() && (row.len() >= ROW_MAX || bytes + one.len() > ROW_BYTES) {
+        let len = prost::encoding::encoded_len_varint(one.len() as u64) + one.len();
+        if !row.is_empty() && (row.len() >= ROW_MAX || bytes + len > ROW_BYTES) {
             rows.push((first, row_bytes(std::mem::take(&mut row))));
-            bytes = 0;
+            bytes = 1;
         }
         if row.is_empty() {
             first = e.seq;
         }
-        bytes += one.len();
+        bytes += len;
         row.push(one);
     }
     if !row.is_empty() {

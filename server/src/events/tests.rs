@@ -287,8 +287,7 @@ fn a_commits_events_share_rows_and_each_is_listed_checked_and_pruned_as_itself()
         for (key, bytes) in &rows {
             let held = stored::decode_row(bytes, seq_of(key)).unwrap().len();
             assert!(held <= stored::ROW_MAX, "{held} events in a row");
-            // Each event's length prefix and the row's marker aside.
-            let limit = crate::store::sled::ROW_BYTES + 1 + 3 * held;
+            let limit = crate::store::sled::ROW_BYTES;
             assert!(held == 1 || bytes.len() <= limit, "a row of {} bytes", bytes.len());
         }
         let end_of_first = firsts[1] - 1;

@@ -98,7 +98,7 @@ fn row_chunks<'a>(svids: &'a [&'a pb::IssuedSvid]) -> Vec<&'a [&'a pb::IssuedSvi
     let (mut start, mut bytes) = (0, 0);
     for (i, svid) in svids.iter().enumerate() {
         // Each record is a length-delimited field of the row.
-        let len = svid.encoded_len() + 3;
+        let len = prost::encoding::message::encoded_len(1, *svid);
         if i > start && (i - start >= ISSUED_PER_ROW || bytes + len > ROW_BYTES) {
             chunks.push(&svids[start..i]);
             (start, bytes) = (i, 0);

@@ -18,7 +18,10 @@ use super::kv::{scan_prefix, Kv, Lock, OnRemoteChange, Op, Pair, Pairs, TxRead, 
 /// unreadable, by a power cut, and each such file is created, written and
 /// deleted again as the node changes. Rows of at most 4 KiB keep a leaf of
 /// up to 30 of them under 128 KiB (`tests/tests/core_trust.rs::
-/// signing_at_volume_writes_no_file_the_store_does_not_fsync`).
+/// signing_at_volume_writes_no_file_the_store_does_not_fsync`). A value
+/// larger than this on its own (an event past 4 KiB once deflated, the
+/// CRLs) is a row of its own, and enough of them side by side can still
+/// make such a node: values are not split across rows.
 pub const ROW_BYTES: usize = 4 * 1024;
 
 /// One server's embedded database.
