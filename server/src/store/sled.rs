@@ -32,6 +32,8 @@ pub struct SledKv {
     dir: std::path::PathBuf,
     trees: std::sync::RwLock<std::collections::HashMap<&'static str, sled::Tree>>,
     locks: [Mutex<()>; 2],
+    /// The files under `blobs/` already fsynced (sled never syncs them).
+    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
 
 impl fmt::Debug for SledKv {
@@ -69,6 +71,7 @@ impl SledKv {
                         dir: dir.to_path_buf(),
                         trees: Default::default(),
                         locks: Default::default(),
+                        synced_blobs: Default::default(),
                     };
                     kv.restrict_files()?;
                     return Ok(kv);
@@ -86,6 +89,46 @@ impl SledKv {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// fsyncs the files under `blobs/` not synced yet, then the directory:
+    /// sled writes a node past 128 KiB to a file of its own (`ROW_BYTES`
+    /// keeps the store's rows below that, but a large value alone can
+    /// still make one) and never syncs it. Called before sled's flush syncs
+    /// its log; sled's own periodic flush can still sync a log naming a
+    /// file written in the same instant, before this does.
+    fn sync_blobs(&self) -> Result<(), StoreError> {
+        let dir = self.dir.join("blobs");
+        let failed = |e: std::io::Error| {
+            StoreError::Io(format!("cannot sync sled's files in {}: {e}", dir.display()))
+        };
+        let listing = match std::fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(failed(e)),
+        };
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut present = std::collections::HashSet::new();
+        let mut new = false;
+        for file in listing {
+            let name = file.map_err(failed)?.file_name();
+            if !synced.contains(&name) {
+                match std::fs::File::open(dir.join(&name)) {
+                    Ok(f) => f.sync_all().map_err(failed)?,
+                    // sled deleted it meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(failed(e)),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        synced.retain(|name| present.contains(name));
+        synced.extend(present);
+        if new {
+            std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(failed)?;
+        }
+        Ok(())
     }
 
     /// Makes the database's files private again (0600, directories 0700).
@@ -236,6 +279,9 @@ impl Kv for SledKv {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        // The nodes sled wrote to files of their own reach the disk before
+        // the log that points at them.
+        self.sync_blobs()?;
         self.db.flush()?;
         // A readdir of a handful of entries, beside the flush's fsync.
         self.restrict_files()
@@ -312,9 +358,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
         let kv = SledKv::open(&store, 1 << 20).unwrap();
-        // A large value goes to a blob file of its own.
+        // A large value goes to a blob file of its own, synced by the flush.
         kv.apply(vec![Op::Put("t", b"k".to_vec(), vec![7; 1 << 20])]).unwrap();
         kv.flush().unwrap();
+        let blobs: std::collections::HashSet<_> = std::fs::read_dir(store.join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(!blobs.is_empty(), "a blob file was written");
+        assert_eq!(*kv.synced_blobs.lock().unwrap(), blobs, "each was synced");
         let mut pending = vec![store.clone()];
         let mut files = 0;
         while let Some(path) = pending.pop() {
