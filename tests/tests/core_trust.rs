@@ -650,18 +650,30 @@ async fn a_prepared_ca_brings_its_own_crl_to_open_streams() {
     server.stop().await;
 }
 
+/// A server in `dir` whose agents may sign `rate` CSRs a second (burst
+/// `burst`), an agent `node/<name>` attested to it, and an entry under it.
+async fn budgeted(
+    dir: &std::path::Path,
+    rate: u32,
+    burst: u32,
+    name: &str,
+) -> (TestServer, TestAgent, String) {
+    let mut config = test_config(&dir.join("server"));
+    config.sign_rate = rate;
+    config.sign_burst = burst;
+    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let agent = attest(&server, &format!("spiffe://example.org/node/{name}")).await;
+    let entry_id =
+        server.create_entry("spiffe://example.org/w", &agent.id, &["unix:uid:1"], None).await;
+    (server, agent, entry_id)
+}
+
 /// A compromised agent cannot grow the issued-SVID records without bound:
 /// past its signing budget it gets `ResourceExhausted`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_over_its_signing_budget_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(&dir.path().join("server"));
-    config.sign_rate = 1;
-    config.sign_burst = 1000;
-    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
-    let agent = attest(&server, "spiffe://example.org/node/greedy").await;
-    let entry_id =
-        server.create_entry("spiffe://example.org/w", &agent.id, &["unix:uid:1"], None).await;
+    let (server, agent, entry_id) = budgeted(dir.path(), 1, 1000, "greedy").await;
     let batch = |n: usize| node_pb::SignX509Request {
         items: (0..n)
             .map(|_| node_pb::SignX509Item { entry_id: entry_id.clone(), csr: key_and_csr().1 })
@@ -684,13 +696,7 @@ async fn an_agent_over_its_signing_budget_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_at_volume_writes_no_file_the_store_does_not_fsync() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(&dir.path().join("server"));
-    config.sign_rate = 1_000_000;
-    config.sign_burst = 1_000_000;
-    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
-    let agent = attest(&server, "spiffe://example.org/node/volume").await;
-    let entry_id =
-        server.create_entry("spiffe://example.org/w", &agent.id, &["unix:uid:1"], None).await;
+    let (server, agent, entry_id) = budgeted(dir.path(), 1_000_000, 1_000_000, "volume").await;
     let mut client = agent.connect().await;
     for round in 0..24 {
         let signed = if round % 4 == 0 {
