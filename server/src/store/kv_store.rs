@@ -9,7 +9,7 @@ use tessera_proto::types as pb;
 use tokio::sync::watch;
 
 use super::audit::EventSink;
-use super::entries::EntryCache;
+use super::entry_cache::EntryCache;
 use super::error::StoreError;
 use super::issue_queue::IssueJob;
 use super::issued_index::IssuedIndex;

@@ -71,6 +71,7 @@ mod changes;
 mod check;
 mod commit;
 mod entries;
+mod entry_cache;
 mod error;
 mod issuance;
 mod issue_queue;
