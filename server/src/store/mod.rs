@@ -30,7 +30,8 @@
 //! - the records: `layout.rs` (trees, keys, decoding), `audit.rs` (the
 //!   events a commit chains into the event log), `watermark.rs`,
 //!   `issued_index.rs` (how issued SVIDs are kept: rows, and on sled an
-//!   index in memory), `issue_queue.rs` (issuance's group commit).
+//!   index in memory), `issue_queue.rs` (issuance's group commit),
+//!   `entry_cache.rs` (on sled, entries decoded for signing).
 //! - the [`KvStore`]: `kv_store.rs` (what it holds) and `commit.rs` (one
 //!   commit, and its view of the trees, `Tx`).
 //! - one file per concept of the [`Store`] trait: `changes.rs` (the change
