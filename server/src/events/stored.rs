@@ -24,6 +24,7 @@ use miniz_oxide::deflate::core::{
 use prost::Message;
 use tessera_proto::types::Event;
 
+use crate::store::sled::row_sizes;
 use crate::store::StoreError;
 
 /// Encodings at least this long are deflated (a server's own events, a
@@ -41,11 +42,6 @@ const GROUP: u8 = 2;
 
 /// Events a row holds at most.
 pub(super) const ROW_MAX: usize = 64;
-
-/// A row takes no more events once its encodings would pass this many
-/// bytes (one larger event is a row of its own): sled's rule for rows that
-/// many values share.
-use crate::store::sled::ROW_BYTES;
 
 /// Fastest deflate level: the gain is in the entropy coding of hex IDs.
 const LEVEL: u8 = 1;
@@ -96,26 +92,20 @@ fn deflate(plain: &[u8]) -> Option<Vec<u8>> {
 /// The rows storing `events` (chained, consecutive sequence numbers):
 /// each is its first event's sequence number and its bytes.
 pub(super) fn encode_rows(events: &[Event]) -> Vec<(u64, Vec<u8>)> {
-    let mut rows = Vec::new();
-    let mut row: Vec<Vec<u8>> = Vec::new();
+    let encoded: Vec<Vec<u8>> = events.iter().map(encode).collect();
     // A row of several is the `GROUP` byte, then each event behind its
-    // length: counted as written.
-    let (mut first, mut bytes) = (0, 1);
-    for e in events {
-        let one = encode(e);
-        let len = prost::encoding::encoded_len_varint(one.len() as u64) + one.len();
-        if !row.is_empty() && (row.len() >= ROW_MAX || bytes + len > ROW_BYTES) {
-            rows.push((first, row_bytes(std::mem::take(&mut row))));
-            bytes = 1;
-        }
-        if row.is_empty() {
-            first = e.seq;
-        }
-        bytes += len;
-        row.push(one);
-    }
-    if !row.is_empty() {
-        rows.push((first, row_bytes(row)));
+    // length: counted as written, up to sled's row size (`row_sizes`).
+    let lens =
+        encoded.iter().map(|one| prost::encoding::encoded_len_varint(one.len() as u64) + one.len());
+    let sizes = row_sizes(lens, ROW_MAX, 1);
+    let mut events = events.iter().zip(encoded);
+    let mut rows = Vec::with_capacity(sizes.len());
+    for n in sizes {
+        let mut row = events.by_ref().take(n);
+        // Every row holds one event or more.
+        let Some((first, one)) = row.next() else { break };
+        let row = std::iter::once(one).chain(row.map(|(_, one)| one)).collect();
+        rows.push((first.seq, row_bytes(row)));
     }
     rows
 }

@@ -21,7 +21,7 @@ use tessera_proto::types as pb;
 use super::error::StoreError;
 use super::kv::{Kv, Op, Pairs};
 use super::layout::{decode, owner_of, svid_key, t, ISSUED, ISSUED_BY_OWNER};
-use super::sled::ROW_BYTES;
+use super::sled::row_sizes;
 
 /// Records a sled row holds at most.
 pub(super) const ISSUED_PER_ROW: usize = 64;
@@ -91,22 +91,17 @@ pub(super) fn rows_of(svids: &[&pb::IssuedSvid], shared: bool) -> (Vec<Row>, Vec
 }
 
 /// `svids` cut into the records of each batch row, in order: up to
-/// [`ISSUED_PER_ROW`] a row, and no more once the next would take the row
-/// past `sled::ROW_BYTES` (a record larger than that is a row of its own).
+/// [`ISSUED_PER_ROW`] a row and sled's row size (`row_sizes`; a record
+/// larger than that is a row of its own).
 fn row_chunks<'a>(svids: &'a [&'a pb::IssuedSvid]) -> Vec<&'a [&'a pb::IssuedSvid]> {
+    // Each record is a length-delimited field of the row.
+    let lens = svids.iter().map(|svid| prost::encoding::message::encoded_len(1, *svid));
+    let mut rest = svids;
     let mut chunks = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, svid) in svids.iter().enumerate() {
-        // Each record is a length-delimited field of the row.
-        let len = prost::encoding::message::encoded_len(1, *svid);
-        if i > start && (i - start >= ISSUED_PER_ROW || bytes + len > ROW_BYTES) {
-            chunks.push(&svids[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += len;
-    }
-    if start < svids.len() {
-        chunks.push(&svids[start..]);
+    for n in row_sizes(lens, ISSUED_PER_ROW, 0) {
+        let (chunk, tail) = rest.split_at(n.min(rest.len()));
+        chunks.push(chunk);
+        rest = tail;
     }
     chunks
 }
@@ -145,13 +140,12 @@ impl IssuedIndex {
     }
 
     pub(super) fn add(&mut self, placed: &Placed) {
-        match self.by_owner.get_mut(&placed.owner) {
-            Some(keys) => keys.insert(placed.key.clone()),
-            None => {
-                let keys = HashSet::from([placed.key.clone()]);
-                self.by_owner.insert(placed.owner.clone(), keys).is_none()
-            }
-        };
+        // The owner's key is copied only for its first record.
+        if let Some(keys) = self.by_owner.get_mut(&placed.owner) {
+            keys.insert(placed.key.clone());
+        } else {
+            self.by_owner.insert(placed.owner.clone(), HashSet::from([placed.key.clone()]));
+        }
         self.rows.insert(placed.key.clone(), placed.row.clone());
     }
 
@@ -245,7 +239,11 @@ mod tests {
             .collect();
         let refs: Vec<&pb::IssuedSvid> = big.iter().collect();
         let (rows, _) = rows_of(&refs, false);
-        assert!(rows.len() > 2 && rows.iter().all(|(_, v)| v.len() <= ROW_BYTES), "{}", rows.len());
+        assert!(
+            rows.len() > 2 && rows.iter().all(|(_, v)| v.len() <= crate::store::sled::ROW_BYTES),
+            "{}",
+            rows.len()
+        );
         let back: Vec<_> = rows.iter().flat_map(|(k, v)| decode_row(k, v).unwrap()).collect();
         assert_eq!(back, big);
     }

@@ -261,8 +261,8 @@ pub struct Approved {
 pub struct EntriesRead {
     /// A revision every change before the read is visible at.
     pub revision: u64,
-    /// In the order asked, `None` where absent (shared: on sled, with
-    /// the store's cache of entries read for signing).
+    /// In the order asked, `None` where absent (on sled, each shared
+    /// with the store's cache of entries read for signing).
     pub entries: Vec<Option<Arc<Entry>>>,
 }
 

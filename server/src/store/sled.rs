@@ -24,6 +24,32 @@ use super::kv::{scan_prefix, Kv, Lock, OnRemoteChange, Op, Pair, Pairs, TxRead, 
 /// make such a node: values are not split across rows.
 pub const ROW_BYTES: usize = 4 * 1024;
 
+/// How many of the items whose encodings take `lens` bytes go in each row,
+/// in order: up to `max_items` a row, and no more once the next would take
+/// the row, with its own `overhead` bytes, past [`ROW_BYTES`] (an item
+/// larger than that is a row of its own). The one rule of every row that
+/// many values share.
+pub fn row_sizes(
+    lens: impl IntoIterator<Item = usize>,
+    max_items: usize,
+    overhead: usize,
+) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let (mut items, mut bytes) = (0, overhead);
+    for len in lens {
+        if items > 0 && (items >= max_items || bytes + len > ROW_BYTES) {
+            sizes.push(items);
+            (items, bytes) = (0, overhead);
+        }
+        items += 1;
+        bytes += len;
+    }
+    if items > 0 {
+        sizes.push(items);
+    }
+    sizes
+}
+
 /// One server's embedded database.
 pub struct SledKv {
     db: sled::Db,
@@ -348,6 +374,18 @@ mod tests {
         assert_eq!(kv.range("t", b"", None, 10, false).unwrap().len(), 2);
         assert_eq!(Kv::get(&kv, "u", b"x").unwrap(), Some(b"9".to_vec()));
         assert_eq!(Kv::get(&kv, "u", b"gone").unwrap(), None);
+    }
+
+    /// Rows are cut by count and by bytes (with the row's own overhead),
+    /// an item too large for any row is a row of its own, and nothing is
+    /// left out.
+    #[test]
+    fn rows_are_cut_by_count_and_by_bytes() {
+        assert_eq!(row_sizes([10; 7], 3, 0), [3, 3, 1]);
+        assert_eq!(row_sizes([1000; 9], 64, 0), [4, 4, 1]);
+        assert_eq!(row_sizes([1024; 4], 64, 1), [3, 1]);
+        assert_eq!(row_sizes([10, ROW_BYTES * 2, 10], 64, 0), [1, 1, 1]);
+        assert!(row_sizes([], 64, 0).is_empty());
     }
 
     /// sled creates its files with the process umask; the store keeps them
