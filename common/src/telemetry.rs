@@ -73,12 +73,45 @@ impl EventCounters {
     /// typed refusal or gRPC code); the reason's words, which may be an
     /// operator's free text or name a serial, stay in the event.
     pub fn count(&self, e: &Event) {
+        self.count_all(std::slice::from_ref(e));
+    }
+
+    /// Counts `events`, each as [`count`](Self::count) does; a run of
+    /// events of one kind and decision (a signing batch's issuances) looks
+    /// its counter up once.
+    pub fn count_all(&self, events: &[Event]) {
+        let mut run: Option<(&Event, u64)> = None;
+        for e in events {
+            match &mut run {
+                Some((first, n)) if first.kind == e.kind && first.decision == e.decision => {
+                    *n += 1;
+                }
+                _ => {
+                    if let Some((first, n)) = run.replace((e, 1)) {
+                        self.count_run(first, n);
+                    }
+                }
+            }
+            self.count_refusal(e);
+        }
+        if let Some((first, n)) = run {
+            self.count_run(first, n);
+        }
+    }
+
+    /// `n` events of `e`'s kind and decision.
+    fn count_run(&self, e: &Event, n: u64) {
         let kind = crate::event_schema::kind::bounded(&e.kind).to_string();
         let decision = match e.decision.as_str() {
             d @ ("allow" | "deny" | "") => d.to_string(),
             _ => "other".to_string(),
         };
-        self.events.get_or_create(&vec![("kind", kind.clone()), ("decision", decision)]).inc();
+        self.events.get_or_create(&vec![("kind", kind), ("decision", decision)]).inc_by(n);
+    }
+
+    /// A refusal's and an anomaly's own counters.
+    fn count_refusal(&self, e: &Event) {
+        let kind = || crate::event_schema::kind::bounded(&e.kind).to_string();
         if e.decision == "deny" {
             let code = if e.code.is_empty() {
                 "unspecified"
@@ -89,11 +122,11 @@ impl EventCounters {
                 self.rate_limited.inc();
             }
             self.refusals
-                .get_or_create(&vec![("kind", kind.clone()), ("reason", code.to_string())])
+                .get_or_create(&vec![("kind", kind()), ("reason", code.to_string())])
                 .inc();
         }
         if e.kind.starts_with("anomaly.") {
-            self.anomalies.get_or_create(&vec![("kind", kind)]).inc();
+            self.anomalies.get_or_create(&vec![("kind", kind())]).inc();
         }
     }
 }
@@ -218,5 +251,43 @@ mod tests {
         assert!(text.contains("reason=\"other\""), "{text}");
         assert!(text.contains("reason=\"permission-denied\""), "{text}");
         assert!(!text.contains("made-up"), "{text}");
+    }
+
+    /// A batch counted at once ends where counting each one by one does.
+    #[test]
+    fn counting_a_batch_is_counting_each() {
+        let event = |kind: &str, decision: &str| Event {
+            kind: kind.into(),
+            decision: decision.into(),
+            code: "permission-denied".into(),
+            ..Default::default()
+        };
+        let batch: Vec<Event> = [
+            ("svid.jwt.issue", "allow"),
+            ("svid.jwt.issue", "allow"),
+            ("svid.jwt.issue", "deny"),
+            ("svid.x509.issue", "deny"),
+            ("svid.jwt.issue", "allow"),
+            ("anomaly.unusual_audience", ""),
+            ("anomaly.unusual_audience", ""),
+            ("made.up", "maybe"),
+        ]
+        .iter()
+        .map(|(k, d)| event(k, d))
+        .collect();
+        let text = |count: &dyn Fn(&EventCounters)| {
+            let counters = EventCounters::default();
+            let mut registry = Registry::default();
+            counters.register(&mut registry);
+            count(&counters);
+            // Series print in the order of a hash map: compare them sorted.
+            let mut lines: Vec<String> = encode(&registry).lines().map(String::from).collect();
+            lines.sort();
+            lines.join("\n")
+        };
+        let each = text(&|c| batch.iter().for_each(|e| c.count(e)));
+        let at_once = text(&|c| c.count_all(&batch));
+        assert_eq!(at_once, each);
+        assert!(each.contains("decision=\"allow\"} 3"), "{each}");
     }
 }

@@ -159,9 +159,10 @@ impl Metrics {
         Self { inner: Arc::new(inner) }
     }
 
-    /// Counts an event (and its kind of refusal or anomaly).
-    pub fn event(&self, e: &Event) {
-        self.inner.counters.count(e);
+    /// Counts a commit's events (and their kinds of refusal or anomaly);
+    /// a signing batch's look their counter up once.
+    pub fn events(&self, events: &[Event]) {
+        self.inner.counters.count_all(events);
     }
 
     /// Counts events stored.

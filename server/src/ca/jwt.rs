@@ -6,6 +6,8 @@
 //! issuer (the broker's OIDC discovery for JWT-SVIDs).
 
 use std::fmt;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::Path;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -95,8 +97,6 @@ pub struct SignedJwt {
     pub issued_at: i64,
     /// `exp`, Unix seconds.
     pub expires_at: i64,
-    /// `aud`.
-    pub audience: Vec<String>,
 }
 
 impl JwtSigningKey {
@@ -207,10 +207,10 @@ impl JwtSigningKey {
             }
             json_string(&mut claims, audience);
         }
-        let tail = format!("],\"exp\":{expires_at},\"iat\":{now},\"jti\":\"{jti}\"}}");
-        claims.extend_from_slice(tail.as_bytes());
+        // Numbers and hex: nothing to escape. Writing to a Vec cannot fail.
+        let _ = write!(claims, "],\"exp\":{expires_at},\"iat\":{now},\"jti\":\"{jti}\"}}");
         let token = self.sign_payload(&claims)?;
-        Ok(SignedJwt { token, jti, issued_at: now, expires_at, audience: audience.to_vec() })
+        Ok(SignedJwt { token, jti, issued_at: now, expires_at })
     }
 
     /// Signs `claims` (a serialized JSON object) under this key's header:
@@ -222,28 +222,30 @@ impl JwtSigningKey {
     /// Signs the JWS payload `claims` (serialized JSON) under this key's
     /// header: the JWS compact serialization.
     fn sign_payload(&self, claims: &[u8]) -> Result<String, JwtKeyError> {
-        let mut token = String::with_capacity(self.header.len() + claims.len() * 4 / 3 + 100);
+        // Room for an ES256 signature's 86 characters; RS256 grows it once.
+        let mut token = String::with_capacity(self.header.len() + claims.len() * 4 / 3 + 96);
         token.push_str(&self.header);
         URL_SAFE_NO_PAD.encode_string(claims, &mut token);
-        let signature = match &self.signer {
+        match &self.signer {
             Signer::Ec(pair) => {
-                let mut sig = pair
-                    .sign(&self.rng, token.as_bytes())
-                    .map_err(|_| JwtKeyError::Sign)?
-                    .as_ref()
-                    .to_vec();
-                tessera_workload_api::jwt::ecdsa_to_low_s(&mut sig);
-                sig
+                let signed =
+                    pair.sign(&self.rng, token.as_bytes()).map_err(|_| JwtKeyError::Sign)?;
+                // r || s, at most P-384's 96 bytes, rewritten on the stack.
+                let mut buf = [0u8; 96];
+                let sig = buf.get_mut(..signed.as_ref().len()).ok_or(JwtKeyError::Sign)?;
+                sig.copy_from_slice(signed.as_ref());
+                tessera_workload_api::jwt::ecdsa_to_low_s(sig);
+                token.push('.');
+                URL_SAFE_NO_PAD.encode_string(&*sig, &mut token);
             }
             Signer::Rsa(pair) => {
                 let mut sig = vec![0u8; pair.public().modulus_len()];
                 pair.sign(&RSA_PKCS1_SHA256, &self.rng, token.as_bytes(), &mut sig)
                     .map_err(|_| JwtKeyError::Sign)?;
-                sig
+                token.push('.');
+                URL_SAFE_NO_PAD.encode_string(&sig, &mut token);
             }
-        };
-        token.push('.');
-        token.push_str(&URL_SAFE_NO_PAD.encode(signature));
+        }
         Ok(token)
     }
 }
@@ -260,8 +262,14 @@ fn new_jti(now_secs: i64) -> String {
     let stamp = LAST
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now.max(last + 1)))
         .map_or(now, |last| now.max(last + 1));
-    let random = super::serial::random_serial();
-    format!("{stamp:016x}{}", hex::encode(&random[..8]))
+    let mut random = [0u8; 8];
+    if super::serial::fill_random(&mut random).is_err() {
+        // No entropy source at all: the stamp alone is still unique.
+        random = super::serial::random_serial()[8..].try_into().unwrap_or_default();
+    }
+    let mut jti = String::with_capacity(32);
+    let _ = write!(jti, "{stamp:016x}{:016x}", u64::from_be_bytes(random));
+    jti
 }
 
 /// Appends `s` to `out` as a JSON string literal.

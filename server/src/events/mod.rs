@@ -275,17 +275,16 @@ impl EventLog {
                 e.source = "server".into();
             }
             schema::log(&e);
-            self.metrics.event(&e);
             // Anomalies are events: with the stream off (a cost
             // measurement) there is nothing to learn them for.
             let anomalies = if self.config.enabled { self.detect(&e) } else { Vec::new() };
             all.push(e);
             for a in anomalies {
                 schema::log(&a);
-                self.metrics.event(&a);
                 all.push(a);
             }
         }
+        self.metrics.events(&all);
         all
     }
 

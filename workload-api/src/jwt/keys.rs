@@ -359,14 +359,16 @@ pub(crate) fn ecdsa_order(signature_len: usize) -> Option<&'static [u8]> {
 pub fn ecdsa_is_low_s(signature: &[u8]) -> bool {
     let Some(order) = ecdsa_order(signature.len()) else { return true };
     let s = &signature[order.len()..];
-    // floor(n / 2), big-endian: s <= n >> 1.
-    let mut half = vec![0u8; order.len()];
+    // floor(n / 2), big-endian: s <= n >> 1 (on the stack: every JWT
+    // signed and every JWT validated asks).
+    let mut buf = [0u8; P384_ORDER.len()];
+    let half = &mut buf[..order.len()];
     let mut carry = 0u8;
     for (h, n) in half.iter_mut().zip(order) {
         *h = (n >> 1) | carry;
         carry = (n & 1) << 7;
     }
-    s <= half.as_slice()
+    s <= &*half
 }
 
 /// Rewrites a fixed-size ECDSA signature into its low-s form (`s` := n - s

@@ -247,7 +247,7 @@ pub async fn mint_jwt(
         .attr("minted", true)
         .attr("ttl", ttl);
     e.jti = jwt.jti.clone();
-    e.audience = jwt.audience.clone();
+    e.audience = req.audience.clone();
     let audit = Audit::events(operator, vec![e]);
     state.store_op(move |store| store.record_minted(&record, &audit)).await?;
     Ok(Response::new(pb::MintJwtSvidResponse {

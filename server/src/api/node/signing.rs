@@ -181,13 +181,14 @@ impl NodeService {
         item: pb::SignJwtItem,
         entry: Option<Arc<Entry>>,
     ) -> Result<(SignedJwt, Signed), pb::SignJwtResult> {
-        let spiffe_id = entry.as_ref().map(|e| e.spiffe_id.to_string());
+        // The entry as read, for a refusal's event (its ID made only then).
+        let read = entry.clone();
         let fail = |code: tonic::Code, message: String| {
             let mut e = schema::denied(kind::JWT_ISSUE, message.clone())
                 .code(schema::grpc_code(code))
                 .agent(agent_id.as_str())
                 .entry(item.entry_id.clone());
-            e.spiffe_ids.extend(spiffe_id.clone());
+            e.spiffe_ids.extend(read.as_ref().map(|e| e.spiffe_id.to_string()));
             e.audience = item.audience.clone();
             self.state.events().record(vec![e]);
             jwt_item_failure(&item.entry_id, code, message)
@@ -228,7 +229,7 @@ impl NodeService {
                 let mut event = issued_event(kind::JWT_ISSUE, agent_id, &entry)
                     .attr("expires_at", jwt.expires_at);
                 event.jti = jwt.jti.clone();
-                event.audience = jwt.audience.clone();
+                event.audience = audience;
                 Ok((jwt, Signed { svid: issued, entry, event }))
             }
             Err(e) => Err(fail(tonic::Code::Internal, e.to_string())),
@@ -243,13 +244,14 @@ impl NodeService {
         item: pb::SignX509Item,
         entry: Option<Arc<Entry>>,
     ) -> Result<(SignedSvid, Signed), pb::SignX509Result> {
-        let spiffe_id = entry.as_ref().map(|e| e.spiffe_id.to_string());
+        // The entry as read, for a refusal's event (its ID made only then).
+        let read = entry.clone();
         let fail = |code: tonic::Code, message: String| {
             let mut e = schema::denied(kind::X509_ISSUE, message.clone())
                 .code(schema::grpc_code(code))
                 .agent(agent_id.as_str())
                 .entry(item.entry_id.clone());
-            e.spiffe_ids.extend(spiffe_id.clone());
+            e.spiffe_ids.extend(read.as_ref().map(|e| e.spiffe_id.to_string()));
             self.state.events().record(vec![e]);
             item_failure(&item.entry_id, code, message)
         };
