@@ -2,7 +2,7 @@
 //! executable never seen for an entry, an audience outside its usual set,
 //! a burst of refusals from one agent or uid.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use tessera_proto::types::Event;
 use tracing::warn;
@@ -71,7 +71,7 @@ pub(super) fn forget_entries(kv: &dyn Kv, entries: &[String]) -> Result<(), Stor
 /// deleted or expires (`committed`), and all of them past [`KNOWN_MAX`]
 /// prefixes (another server's deletes are not seen here).
 #[derive(Debug, Default)]
-pub(super) struct Known(HashMap<String, HashSet<String>>);
+pub(super) struct Known(foldhash::HashMap<String, foldhash::HashSet<String>>);
 
 /// Prefixes (entry and kind of baseline) remembered at most, and values
 /// per prefix (past it, a new value is read from the store each time).

@@ -12,7 +12,11 @@
 //! a row and an index row per SVID were a fifth of the server's CPU under
 //! issuance (`tessera-bench issue`, `jwt`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+// Seeded per process: keys are serials, `jti`s and entry or agent IDs the
+// server made or an operator chose; SipHash was a sixth of an insert.
+use foldhash::{HashMap, HashSet};
 use std::sync::Arc;
 
 use prost::Message;
@@ -144,7 +148,9 @@ impl IssuedIndex {
         if let Some(keys) = self.by_owner.get_mut(&placed.owner) {
             keys.insert(placed.key.clone());
         } else {
-            self.by_owner.insert(placed.owner.clone(), HashSet::from([placed.key.clone()]));
+            let mut keys = HashSet::default();
+            keys.insert(placed.key.clone());
+            self.by_owner.insert(placed.owner.clone(), keys);
         }
         self.rows.insert(placed.key.clone(), placed.row.clone());
     }
