@@ -264,7 +264,7 @@ fn new_jti(now_secs: i64) -> String {
         .map_or(now, |last| now.max(last + 1));
     let mut random = [0u8; 8];
     if super::serial::fill_random(&mut random).is_err() {
-        // No entropy source at all: the stamp alone is still unique.
+        // No entropy source at all: the stamp alone is still unique on this server.
         random = super::serial::random_serial()[8..].try_into().unwrap_or_default();
     }
     let mut jti = String::with_capacity(32);
