@@ -262,11 +262,10 @@ fn new_jti(now_secs: i64) -> String {
     let stamp = LAST
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now.max(last + 1)))
         .map_or(now, |last| now.max(last + 1));
+    // Without an entropy source, clock bits: the stamp alone is still
+    // unique on this server.
     let mut random = [0u8; 8];
-    if super::serial::fill_random(&mut random).is_err() {
-        // No entropy source at all: the stamp alone is still unique on this server.
-        random = super::serial::random_serial()[8..].try_into().unwrap_or_default();
-    }
+    super::serial::random_or_clock(&mut random);
     let mut jti = String::with_capacity(32);
     let _ = write!(jti, "{stamp:016x}{:016x}", u64::from_be_bytes(random));
     jti

@@ -26,7 +26,7 @@ thread_local! {
 /// cost. Every byte is handed out once and never leaves its thread's pool
 /// otherwise; nothing of a refill that failed is handed out. Fails only
 /// if the OS has no entropy source at all.
-pub fn fill_random(out: &mut [u8]) -> Result<(), ring::error::Unspecified> {
+fn fill_random(out: &mut [u8]) -> Result<(), ring::error::Unspecified> {
     if out.len() > POOL_BYTES / 4 {
         return SystemRandom::new().fill(out);
     }
@@ -47,18 +47,26 @@ pub fn fill_random(out: &mut [u8]) -> Result<(), ring::error::Unspecified> {
     })
 }
 
-/// A random positive serial number of 128 bits (top bit clear, never zero-led).
-pub fn random_serial() -> [u8; 16] {
-    let mut serial = [0u8; 16];
-    // Random bytes fail only if the OS has no entropy source at all; then
-    // fall back to the clock rather than issue a fixed serial.
-    if fill_random(&mut serial).is_err() {
+/// Fills `out` with random bytes ([`fill_random`]); if the OS has no
+/// entropy source at all, with the low bytes of the clock's nanoseconds
+/// (big-endian) rather than a fixed value.
+pub fn random_or_clock(out: &mut [u8]) {
+    if fill_random(out).is_err() {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
-            .unwrap_or(1);
-        serial = nanos.to_be_bytes();
+            .unwrap_or(1)
+            .to_be_bytes();
+        let n = out.len().min(nanos.len());
+        let start = out.len() - n;
+        out[start..].copy_from_slice(&nanos[nanos.len() - n..]);
     }
+}
+
+/// A random positive serial number of 128 bits (top bit clear, never zero-led).
+pub fn random_serial() -> [u8; 16] {
+    let mut serial = [0u8; 16];
+    random_or_clock(&mut serial);
     serial[0] = (serial[0] & 0x7f) | 0x40;
     serial
 }

@@ -13,12 +13,12 @@
 //! issuance (`tessera-bench issue`, `jwt`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 // foldhash is fast and seeded per process but makes no claim to resist
 // chosen keys; these are serials and `jti`s the server made and entry or
 // agent IDs (one set per owner). SipHash was about a quarter of an insert.
 use foldhash::{HashMap, HashSet};
-use std::sync::Arc;
 
 use prost::Message;
 use tessera_proto::types as pb;
