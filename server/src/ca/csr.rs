@@ -4,13 +4,11 @@
 
 use rcgen::{PublicKeyData, SignatureAlgorithm, PKCS_ECDSA_P256_SHA256};
 use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
 use x509_parser::prelude::FromDer;
 
 /// Largest CSR accepted, in bytes.
 pub const MAX_CSR_LEN: usize = 8 * 1024;
-
-const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
-const OID_P256: &str = "1.2.840.10045.3.1.7";
 
 /// Why a CSR was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -70,13 +68,13 @@ pub fn parse_csr(der: &[u8]) -> Result<CsrPublicKey, CsrError> {
         return Err(CsrError::Malformed(format!("{} bytes after the request", rest.len())));
     }
     let spki = &csr.certification_request_info.subject_pki;
-    let is_p256 = spki.algorithm.algorithm.to_id_string() == OID_EC_PUBLIC_KEY
+    let is_p256 = spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY
         && spki
             .algorithm
             .parameters
             .as_ref()
             .and_then(|p| p.as_oid().ok())
-            .is_some_and(|oid| oid.to_id_string() == OID_P256);
+            .is_some_and(|oid| oid == OID_EC_P256);
     if !is_p256 {
         return Err(CsrError::UnsupportedKey);
     }
@@ -122,9 +120,12 @@ mod tests {
 
     #[test]
     fn non_p256_keys_are_refused() {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-        let params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        let der = params.serialize_request(&key).unwrap().der().to_vec();
-        assert_eq!(parse_csr(&der), Err(CsrError::UnsupportedKey));
+        // Another algorithm; and an EC key on another curve.
+        for alg in [&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P384_SHA384] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            let der = params.serialize_request(&key).unwrap().der().to_vec();
+            assert_eq!(parse_csr(&der), Err(CsrError::UnsupportedKey));
+        }
     }
 }

@@ -5,13 +5,15 @@
 //!
 //! The folder: `mod.rs` (the X.509 CA, its rotation and CRLs), `jwt.rs`
 //! (the JWT-SVID signing keys, rotated with the CA), `csr.rs` (agents' and
-//! operators' CSRs), `serial.rs` (serial numbers). It depends on nothing
+//! operators' CSRs), `serial.rs` (serial numbers), `svid_der.rs` (an
+//! X509-SVID's DER from a template per CA). It depends on nothing
 //! else of the server but `fsutil`; the APIs and the store's CRL signer
 //! depend on it.
 
 pub mod csr;
 pub mod jwt;
 mod serial;
+mod svid_der;
 
 pub use serial::random_serial;
 
@@ -20,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::CertificateDer;
 use tessera_workload_api::{SpiffeId, TrustDomain};
@@ -31,6 +33,7 @@ use tracing::info;
 
 use crate::fsutil::{create_private_dir, write_private};
 use jwt::{JwtKeyError, JwtKeyType, JwtSigningKey, SignedJwt};
+use svid_der::{SvidDerError, SvidFields, SvidTemplate};
 use tessera_common::clock::Clock;
 
 /// NotBefore of issued certificates is backdated by this many seconds to
@@ -60,6 +63,10 @@ pub enum CaError {
     /// Building or signing a certificate failed.
     #[error("certificate signing failed: {0}")]
     Sign(#[from] rcgen::Error),
+    /// Writing an X509-SVID failed (a name that is not ASCII, a key that
+    /// is not P-256).
+    #[error("X509-SVID: {0}")]
+    Svid(#[from] SvidDerError),
     /// The active CA expires before the certificate could start.
     #[error("the CA has expired")]
     Expired,
@@ -116,6 +123,8 @@ struct CaKey {
     seq: u32,
     cert: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    /// What every X509-SVID this CA signs shares.
+    template: SvidTemplate,
     jwt: JwtSigningKey,
     not_before: i64,
     not_after: i64,
@@ -418,30 +427,21 @@ impl Ca {
         if not_after <= now {
             return Err(CaError::Expired);
         }
-        let serial = random_serial();
-        let mut params = CertificateParams::default();
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
-        params.not_before = to_datetime(now - BACKDATE_SECS);
-        params.not_after = to_datetime(not_after);
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Tessera");
-        params.distinguished_name = dn;
-        params.subject_alt_names.push(SanType::URI(ia5(spiffe_id.as_str())?));
-        for name in dns_names {
-            params.subject_alt_names.push(SanType::DnsName(ia5(name)?));
+        if public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(SvidDerError::UnsupportedKey.into());
         }
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-            KeyUsagePurpose::KeyAgreement,
-        ];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(public_key, &key.issuer)?;
+        let serial = random_serial();
+        let fields = SvidFields {
+            serial: &serial,
+            not_before: now - BACKDATE_SECS,
+            not_after,
+            public_key: public_key.der_bytes(),
+            spiffe_id: spiffe_id.as_str(),
+            dns_names,
+        };
+        let cert = svid_der::write_svid(&key.template, key.issuer.key(), &fields)?;
         Ok(SignedSvid {
-            chain: vec![cert.der().clone()],
+            chain: vec![CertificateDer::from(cert)],
             serial: hex::encode(serial),
             expires_at: not_after,
             ca_seq: key.seq,
@@ -526,8 +526,9 @@ impl Ca {
             .map_err(|source| CaError::Io { path: cert_path, source })?;
         let jwt = JwtSigningKey::create(&jwt_key_path(&self.dir, seq), self.policy.jwt_key_type)?;
         let der = cert.der().clone();
+        let template = SvidTemplate::for_ca(&der)?;
         let issuer = Issuer::new(params, key);
-        Ok(CaKey { seq, cert: der, issuer, jwt, not_before, not_after })
+        Ok(CaKey { seq, cert: der, issuer, template, jwt, not_before, not_after })
     }
 }
 
@@ -576,9 +577,10 @@ fn load_keys(
         let not_before = parsed.validity().not_before.timestamp();
         let not_after = parsed.validity().not_after.timestamp();
         let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| corrupt(e.to_string()))?;
+        let template = SvidTemplate::for_ca(&cert).map_err(|e| corrupt(e.to_string()))?;
         // A CA from before JWT-SVIDs gets its JWT key now.
         let jwt = JwtSigningKey::load_or_create(&jwt_key_path(dir, seq), jwt_key_type)?;
-        keys.push(CaKey { seq, cert, issuer, jwt, not_before, not_after });
+        keys.push(CaKey { seq, cert, issuer, template, jwt, not_before, not_after });
     }
     Ok(keys)
 }
