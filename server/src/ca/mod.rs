@@ -78,9 +78,9 @@ pub enum CaError {
 /// A signed X509-SVID.
 #[derive(Debug, Clone)]
 pub struct SignedSvid {
-    /// Leaf first, then the issuing CA certificate... (here just the leaf:
-    /// the CA is a root and is in the bundle).
-    pub chain: Vec<CertificateDer<'static>>,
+    /// The certificate, DER. It is the whole chain: the CA that signed it
+    /// is a root, in the bundle.
+    pub leaf: Vec<u8>,
     /// Leaf serial number, lowercase hex.
     pub serial: String,
     /// Unix seconds.
@@ -441,8 +441,8 @@ impl Ca {
         };
         let cert = svid_der::write_svid(&key.template, key.issuer.key(), &fields)?;
         Ok(SignedSvid {
-            chain: vec![CertificateDer::from(cert)],
-            serial: hex::encode(serial),
+            leaf: cert,
+            serial: serial::serial_hex(&serial),
             expires_at: not_after,
             ca_seq: key.seq,
         })
@@ -693,7 +693,8 @@ mod tests {
         let id = SpiffeId::parse("spiffe://example.org/w").unwrap();
         let svid = ca.sign_svid(&key, &id, 3600, &[]).unwrap();
         assert_eq!(svid.expires_at, ca.active_not_after());
-        let parsed = tessera_workload_api::validate_leaf_cert(&svid.chain[0]).unwrap();
+        let parsed =
+            tessera_workload_api::validate_leaf_cert(&CertificateDer::from(svid.leaf)).unwrap();
         assert_eq!(parsed, id);
     }
 }

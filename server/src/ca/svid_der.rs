@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use der::asn1::{GeneralizedTime, Ia5StringRef, UintRef, UtcTime};
+use der::asn1::{GeneralizedTime, UintRef, UtcTime};
 use der::{Encode, Header, Length, Tag, TagNumber};
 use rcgen::{KeyPair, SigningKey};
 
@@ -173,9 +173,9 @@ fn write_tbs(template: &SvidTemplate, f: &SvidFields<'_>) -> Result<Vec<u8>, Svi
     let not_after = time(f.not_after)?;
     let validity = usize::try_from((not_before.encoded_len()? + not_after.encoded_len()?)?)?;
     // SANs: the URI, then the DNS names, each an implicitly tagged IA5String.
-    let mut names = tlv_len(Ia5StringRef::new(f.spiffe_id)?.len().try_into()?)?;
+    let mut names = ia5_len(f.spiffe_id)?;
     for name in f.dns_names {
-        names += tlv_len(Ia5StringRef::new(name)?.len().try_into()?)?;
+        names += ia5_len(name)?;
     }
     let san_value = tlv_len(names)?;
     let san = OID_SAN.len() + tlv_len(san_value)?;
@@ -274,6 +274,14 @@ fn key_id(spki: &[u8]) -> [u8; KEY_ID_LEN] {
     let mut id = [0; KEY_ID_LEN];
     id.copy_from_slice(&digest.as_ref()[..KEY_ID_LEN]);
     id
+}
+
+/// The TLV length of `s` as an IA5String: ASCII only.
+fn ia5_len(s: &str) -> der::Result<usize> {
+    if !s.is_ascii() {
+        return Err(Tag::Ia5String.value_error());
+    }
+    tlv_len(s.len())
 }
 
 fn context(number: u8) -> Tag {

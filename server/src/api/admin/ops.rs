@@ -219,7 +219,7 @@ pub async fn mint_x509(
     let audit = Audit::events(operator, vec![e]);
     state.store_op(move |store| store.record_minted(&record, &audit)).await?;
     Ok(Response::new(pb::MintX509SvidResponse {
-        x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
+        x509_svid: vec![svid.leaf],
         bundle: state.ca().bundle().iter().map(|c| c.to_vec()).collect(),
         serial: svid.serial,
         expires_at: svid.expires_at,

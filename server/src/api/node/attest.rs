@@ -278,7 +278,7 @@ impl NodeService {
             .map_err(|e| self.refuse(op, agent_id.as_str(), e.into()))?;
         Ok(Response::new(pb::AttestResponse {
             agent_id: agent_id.to_string(),
-            x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
+            x509_svid: vec![svid.leaf],
             bundle: self.bundle(),
         }))
     }
@@ -330,7 +330,7 @@ impl NodeService {
         // in the same commit).
         crate::revocation::revoked(&self.state, &renewed.1).await?;
         Ok(Response::new(pb::RenewAgentResponse {
-            x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
+            x509_svid: vec![svid.leaf],
             bundle: self.bundle(),
         }))
     }

@@ -85,7 +85,7 @@ impl Node for NodeService {
             |svid, record| pb::SignX509Result {
                 entry_id: record.entry.id.clone(),
                 status: Some(ItemStatus { code: 0, ..Default::default() }),
-                x509_svid: svid.chain.iter().map(|c| c.to_vec()).collect(),
+                x509_svid: vec![svid.leaf],
                 expires_at: svid.expires_at,
                 serial: svid.serial,
             },

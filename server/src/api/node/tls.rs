@@ -139,7 +139,10 @@ fn issue_certified_key(ca: &Ca, id: &SpiffeId) -> Result<(Arc<CertifiedKey>, i64
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let signing = rustls::crypto::ring::sign::any_ecdsa_type(&der)
         .map_err(|e| CaError::Corrupt { path: "server key".into(), reason: e.to_string() })?;
-    Ok((Arc::new(CertifiedKey::new(svid.chain, signing)), svid.expires_at))
+    Ok((
+        Arc::new(CertifiedKey::new(vec![CertificateDer::from(svid.leaf)], signing)),
+        svid.expires_at,
+    ))
 }
 
 /// Builds the node API's rustls config: client certificates are optional
