@@ -268,24 +268,42 @@ impl EventLog {
     }
 
     /// Logs and counts `events` and adds the anomalies they reveal.
-    fn prepare(&self, events: Vec<Event>) -> Vec<Event> {
-        let mut all = Vec::with_capacity(events.len());
-        for mut e in events {
+    /// Events stay where they are (a signing batch's hundreds are not
+    /// moved into a new list); the rare anomaly is put in after the event
+    /// that revealed it.
+    fn prepare(&self, mut events: Vec<Event>) -> Vec<Event> {
+        let mut found: Vec<(usize, Vec<Event>)> = Vec::new();
+        for (i, e) in events.iter_mut().enumerate() {
             if e.source.is_empty() {
                 e.source = "server".into();
             }
-            schema::log(&e);
+            schema::log(e);
             // Anomalies are events: with the stream off (a cost
             // measurement) there is nothing to learn them for.
-            let anomalies = if self.config.enabled { self.detect(&e) } else { Vec::new() };
-            all.push(e);
-            for a in anomalies {
-                schema::log(&a);
-                all.push(a);
+            if self.config.enabled {
+                let anomalies = self.detect(e);
+                if !anomalies.is_empty() {
+                    found.push((i, anomalies));
+                }
             }
         }
-        self.metrics.events(&all);
-        all
+        if !found.is_empty() {
+            let extra: usize = found.iter().map(|(_, a)| a.len()).sum();
+            let mut all = Vec::with_capacity(events.len() + extra);
+            let mut found = found.into_iter().peekable();
+            for (i, e) in events.into_iter().enumerate() {
+                all.push(e);
+                while let Some((_, anomalies)) = found.next_if(|(at, _)| *at == i) {
+                    for a in anomalies {
+                        schema::log(&a);
+                        all.push(a);
+                    }
+                }
+            }
+            events = all;
+        }
+        self.metrics.events(&events);
+        events
     }
 
     /// After the commit that stored `chained`: the SIEM file, the metrics,

@@ -80,6 +80,26 @@ fn anomalies_are_recorded_as_their_own_events() {
     let exe = of(kind::ANOMALY_NEW_EXECUTABLE);
     assert_eq!(exe.len(), 1);
     assert!(exe[0].attrs.iter().any(|a| a.key == "sha256" && a.value == "bb"));
+    // Each anomaly comes right after the event that revealed it.
+    let kinds: Vec<(&str, &str)> = events
+        .iter()
+        .take(5)
+        .map(|e| (e.kind.as_str(), e.workload.as_ref().map_or("", |w| w.sha256.as_str())))
+        .collect();
+    let served_kind = kind::WORKLOAD_X509;
+    assert_eq!(
+        kinds,
+        [
+            (served_kind, "aa"),
+            (served_kind, "aa"),
+            (served_kind, "bb"),
+            (kind::ANOMALY_NEW_EXECUTABLE, "bb"),
+            (served_kind, "bb")
+        ]
+    );
+    let audience: Vec<&str> = events.iter().skip(5).take(4).map(|e| e.kind.as_str()).collect();
+    let jwt_kind = kind::JWT_ISSUE;
+    assert_eq!(audience, [jwt_kind, jwt_kind, jwt_kind, kind::ANOMALY_UNUSUAL_AUDIENCE]);
     let aud = of(kind::ANOMALY_UNUSUAL_AUDIENCE);
     assert_eq!(aud.len(), 1);
     assert_eq!(aud[0].audience, vec!["other".to_string()]);
