@@ -9,7 +9,7 @@
 //! CPU when signing). The signature is verified with ring.
 
 use der::asn1::{AnyRef, BitStringRef, ObjectIdentifier};
-use der::{Reader, SliceReader};
+use der::{Reader, SliceReader, Tag, TagNumber, Tagged};
 use rcgen::{PublicKeyData, SignatureAlgorithm, PKCS_ECDSA_P256_SHA256};
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA384_ASN1};
 
@@ -17,6 +17,8 @@ const OID_EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.84
 const OID_P256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
 const OID_ECDSA_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 const OID_ECDSA_SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.3");
+/// `attributes [0] IMPLICIT SET OF Attribute`.
+const ATTRIBUTES: Tag = Tag::ContextSpecific { constructed: true, number: TagNumber::N0 };
 
 /// Largest CSR accepted, in bytes.
 pub const MAX_CSR_LEN: usize = 8 * 1024;
@@ -121,12 +123,14 @@ impl<'a> Request<'a> {
         let mut reader = SliceReader::new(info)?;
         let spki = reader.sequence(|r| {
             if r.decode::<u8>()? != 0 {
-                return Err(der::Tag::Integer.value_error());
+                return Err(Tag::Integer.value_error());
             }
-            r.decode::<AnyRef<'a>>()?;
+            // The subject: a Name (a SEQUENCE), not read further.
+            r.decode::<AnyRef<'a>>()?.tag().assert_eq(Tag::Sequence)?;
             let key =
                 r.sequence(|spki| Ok((algorithm(spki)?, spki.decode::<BitStringRef<'a>>()?)))?;
-            r.decode::<Option<AnyRef<'a>>>()?;
+            // The attributes, present even when empty: not read further.
+            r.decode::<AnyRef<'a>>()?.tag().assert_eq(ATTRIBUTES)?;
             Ok(key)
         })?;
         let ((key_algorithm, key_parameters), key) = reader.finish(spki)?;
@@ -224,6 +228,72 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The request info's parts (whole TLVs), re-assembled and signed by
+    /// `key`: requests whose signature is good but whose shape is not.
+    fn resigned(key: &KeyPair, parts: &[&[u8]], algorithm: &[u8]) -> Vec<u8> {
+        use der::{Encode, Header};
+        let tlv = |tag: Tag, content: &[u8]| {
+            let mut out = Vec::new();
+            Header::new(tag, content.len()).unwrap().encode_to_vec(&mut out).unwrap();
+            out.extend_from_slice(content);
+            out
+        };
+        let info = tlv(Tag::Sequence, &parts.concat());
+        let mut signature = vec![0];
+        signature.extend(rcgen::SigningKey::sign(key, &info).unwrap());
+        tlv(Tag::Sequence, &[info.as_slice(), algorithm, &tlv(Tag::BitString, &signature)].concat())
+    }
+
+    #[test]
+    fn a_good_signature_over_the_wrong_shape_is_refused() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = CertificateParams::new(vec!["ignored.example".to_string()]).unwrap();
+        let good = params.serialize_request(&key).unwrap().der().to_vec();
+        // The info's four parts, and the signature algorithm, as rcgen wrote them.
+        let mut reader = SliceReader::new(&good).unwrap();
+        let (info, algorithm) = reader
+            .sequence(|r| {
+                let info = r.tlv_bytes()?;
+                let algorithm = r.tlv_bytes()?;
+                r.tlv_bytes()?;
+                Ok((info, algorithm))
+            })
+            .unwrap();
+        let mut info = SliceReader::new(info).unwrap();
+        let parts: Vec<&[u8]> = info
+            .sequence(|r| Ok([r.tlv_bytes()?, r.tlv_bytes()?, r.tlv_bytes()?, r.tlv_bytes()?]))
+            .unwrap()
+            .to_vec();
+        let [version, subject, spki, attributes] = [parts[0], parts[1], parts[2], parts[3]];
+        // Re-assembled as it was: accepted (the helper is right).
+        let key_point = parse_csr(&good).unwrap();
+        assert_eq!(parse_csr(&resigned(&key, &parts, algorithm)), Ok(key_point));
+        let integer: &[u8] = &[0x02, 0x01, 0x00];
+        let other_tag = [&[0xa1][..], &attributes[1..]].concat();
+        let version_1: &[u8] = &[0x02, 0x01, 0x01];
+        let malformed = [
+            resigned(&key, &[version, integer, spki, attributes], algorithm),
+            resigned(&key, &[version, subject, spki], algorithm),
+            resigned(&key, &[version, subject, spki, &other_tag], algorithm),
+            resigned(&key, &[version_1, subject, spki, attributes], algorithm),
+            resigned(&key, &[version, subject, spki, attributes, integer], algorithm),
+        ];
+        for csr in malformed {
+            assert!(matches!(parse_csr(&csr), Err(CsrError::Malformed(_))), "{csr:02x?}");
+        }
+        // The key's BIT STRING with an unused bit.
+        let mut odd_key = spki.to_vec();
+        let unused = odd_key.len() - 66;
+        odd_key[unused] = 1;
+        assert_eq!(
+            parse_csr(&resigned(&key, &[version, subject, &odd_key, attributes], algorithm)),
+            Err(CsrError::UnsupportedKey)
+        );
+        // ecdsa-with-SHA256 with NULL parameters (outside what is signed).
+        let with_null = [&[0x30, algorithm[1] + 2][..], &algorithm[2..], &[0x05, 0x00]].concat();
+        assert_eq!(parse_csr(&resigned(&key, &parts, &with_null)), Err(CsrError::BadSignature));
     }
 
     #[test]

@@ -442,7 +442,7 @@ impl Ca {
         let cert = svid_der::write_svid(&key.template, key.issuer.key(), &fields)?;
         Ok(SignedSvid {
             leaf: cert,
-            serial: serial::serial_hex(&serial),
+            serial: hex::encode(serial),
             expires_at: not_after,
             ca_seq: key.seq,
         })
@@ -519,6 +519,10 @@ impl Ca {
         let cert = params.self_signed(&key)?;
         let cert_path = self.dir.join(format!("ca-{seq:06}.crt.pem"));
         let key_path = self.dir.join(format!("ca-{seq:06}.key.pem"));
+        let template = x509_parser::parse_x509_certificate(cert.der())
+            .map_err(|e| e.to_string())
+            .and_then(|(_, parsed)| SvidTemplate::for_ca(&parsed, &key).map_err(|e| e.to_string()))
+            .map_err(|reason| CaError::Corrupt { path: cert_path.clone(), reason })?;
         // Key first: a certificate without its key would be unusable.
         write_private(&key_path, key.serialize_pem().as_bytes())
             .map_err(|source| CaError::Io { path: key_path, source })?;
@@ -526,7 +530,6 @@ impl Ca {
             .map_err(|source| CaError::Io { path: cert_path, source })?;
         let jwt = JwtSigningKey::create(&jwt_key_path(&self.dir, seq), self.policy.jwt_key_type)?;
         let der = cert.der().clone();
-        let template = SvidTemplate::for_ca(&der)?;
         let issuer = Issuer::new(params, key);
         Ok(CaKey { seq, cert: der, issuer, template, jwt, not_before, not_after })
     }
@@ -576,8 +579,8 @@ fn load_keys(
         }
         let not_before = parsed.validity().not_before.timestamp();
         let not_after = parsed.validity().not_after.timestamp();
+        let template = SvidTemplate::for_ca(&parsed, &key).map_err(|e| corrupt(e.to_string()))?;
         let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| corrupt(e.to_string()))?;
-        let template = SvidTemplate::for_ca(&cert).map_err(|e| corrupt(e.to_string()))?;
         // A CA from before JWT-SVIDs gets its JWT key now.
         let jwt = JwtSigningKey::load_or_create(&jwt_key_path(dir, seq), jwt_key_type)?;
         keys.push(CaKey { seq, cert, issuer, template, jwt, not_before, not_after });

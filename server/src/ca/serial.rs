@@ -71,29 +71,9 @@ pub fn random_serial() -> [u8; 16] {
     serial
 }
 
-/// A serial in lowercase hex, as certificates' serials are compared
-/// (`certificate_serial_hex`): 32 digits, written at once rather than a
-/// character at a time.
-pub fn serial_hex(serial: &[u8; 16]) -> String {
-    let mut digits = [0u8; 32];
-    match hex::encode_to_slice(serial, &mut digits) {
-        Ok(()) => String::from_utf8_lossy(&digits).into_owned(),
-        // 16 bytes always fill 32 digits.
-        Err(_) => hex::encode(serial),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_serial_in_hex_is_hexs() {
-        for _ in 0..100 {
-            let serial = random_serial();
-            assert_eq!(serial_hex(&serial), hex::encode(serial));
-        }
-    }
 
     #[test]
     fn random_bytes_are_handed_out_once_across_refills() {

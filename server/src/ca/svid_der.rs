@@ -1,11 +1,14 @@
-//! An X509-SVID's DER, written into one buffer. What every SVID of one
-//! CA shares (the issuer's name, the authority key identifier, the
-//! subject, the constant extensions) is encoded once, when the CA is made
-//! or loaded ([`SvidTemplate`]); per SVID only the serial, the validity,
-//! the key, its key identifier and the SANs are written, with `der`'s
-//! encoders. The bytes are those rcgen writes for the same parameters
-//! (`tests::the_same_bytes_as_rcgen`), which did this before: its nested
-//! writers cost about 8 % of the server's CPU when signing.
+//! An X509-SVID's DER, written into one buffer. What depends on the CA
+//! (its subject, copied byte for byte as the SVIDs' issuer, and the
+//! authority key identifier) is encoded once, when the CA is made or
+//! loaded ([`SvidTemplate`]); what no CA changes (the subject, the key
+//! usages, the basic constraints) is constant; per SVID only the serial,
+//! the validity, the key, its key identifier and the SANs are written,
+//! with `der`'s encoders. The bytes are those rcgen writes for the same
+//! parameters (`tests::the_same_bytes_as_rcgen`; rcgen re-encodes the
+//! issuer's name from its parsed parts, the same bytes for the CAs rcgen
+//! made), which did this before: its nested writers cost about 8 % of the
+//! server's CPU when signing.
 //!
 //! The certificate (RFC 5280, SPIFFE X509-SVID profile):
 //! version 3; the serial; ecdsa-with-SHA256; the CA's subject as issuer;
@@ -22,7 +25,8 @@ use std::time::Duration;
 
 use der::asn1::{GeneralizedTime, UintRef, UtcTime};
 use der::{Encode, Header, Length, Tag, TagNumber};
-use rcgen::{KeyPair, SigningKey};
+use rcgen::{KeyPair, SigningKey, PKCS_ECDSA_P256_SHA256};
+use x509_parser::certificate::X509Certificate;
 
 /// Why an SVID could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -32,9 +36,19 @@ pub enum SvidDerError {
     /// time outside 1970–9999, a length past DER's bounds).
     #[error("SVID field cannot be encoded: {0}")]
     Encode(#[from] der::Error),
-    /// The CA certificate the template is made from does not parse.
-    #[error("CA certificate: {0}")]
-    Ca(String),
+    /// The CA's key is not ECDSA P-256 (every SVID is signed
+    /// ecdsa-with-SHA256).
+    #[error("CA key must be ECDSA P-256")]
+    UnsupportedCaKey,
+    /// The lengths counted before writing are not what was written (a
+    /// defect, refused rather than signed).
+    #[error("SVID length miscounted: {counted} bytes counted, {written} written")]
+    Miscounted {
+        /// Counted.
+        counted: usize,
+        /// Written.
+        written: usize,
+    },
     /// The subject's key is not an uncompressed ECDSA P-256 point.
     #[error("SVID key must be ECDSA P-256")]
     UnsupportedKey,
@@ -95,13 +109,14 @@ pub struct SvidTemplate {
 }
 
 impl SvidTemplate {
-    /// The template of the CA whose certificate is `ca_der`: its subject,
-    /// and its subject key identifier (or, if it has none, the SHA-256 of
-    /// its key cut to 20 bytes, as rcgen derives it).
-    pub fn for_ca(ca_der: &[u8]) -> Result<Self, SvidDerError> {
-        let (_, ca) = x509_parser::parse_x509_certificate(ca_der)
-            .map_err(|e| SvidDerError::Ca(e.to_string()))?;
-        let key_id = ca
+    /// The template of the CA `ca` whose key is `key`: its subject, and
+    /// its subject key identifier (or, if it has none, the SHA-256 of its
+    /// key cut to 20 bytes, as rcgen derives it). Only for a P-256 key.
+    pub fn for_ca(ca: &X509Certificate<'_>, key: &KeyPair) -> Result<Self, SvidDerError> {
+        if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(SvidDerError::UnsupportedCaKey);
+        }
+        let ca_key_id = ca
             .iter_extensions()
             .find_map(|ext| match ext.parsed_extension() {
                 x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
@@ -111,7 +126,7 @@ impl SvidTemplate {
             })
             .unwrap_or_else(|| key_id(ca.public_key().raw).to_vec());
         // Extension { authorityKeyIdentifier, OCTET STRING { SEQUENCE { [0] keyId } } }
-        let id_tlv = tlv_len(key_id.len())?;
+        let id_tlv = tlv_len(ca_key_id.len())?;
         let seq = tlv_len(id_tlv)?;
         let value = tlv_len(seq)?;
         let mut aki = Vec::with_capacity(tlv_len(OID_AKI.len() + value)?);
@@ -119,8 +134,8 @@ impl SvidTemplate {
         aki.extend_from_slice(OID_AKI);
         header(&mut aki, Tag::OctetString, seq)?;
         header(&mut aki, Tag::Sequence, id_tlv)?;
-        header(&mut aki, context(0), key_id.len())?;
-        aki.extend_from_slice(&key_id);
+        header(&mut aki, context(0), ca_key_id.len())?;
+        aki.extend_from_slice(&ca_key_id);
         Ok(Self { issuer: ca.subject().as_raw().to_vec(), authority_key_id: aki })
     }
 }
@@ -197,7 +212,8 @@ fn write_tbs(template: &SvidTemplate, f: &SvidFields<'_>) -> Result<Vec<u8>, Svi
         + P256_POINT_LEN
         + tlv_len(extensions_seq)?;
 
-    let mut out = Vec::with_capacity(tlv_len(content)?);
+    let counted = tlv_len(content)?;
+    let mut out = Vec::with_capacity(counted);
     header(&mut out, Tag::Sequence, content)?;
     out.extend_from_slice(VERSION);
     serial.encode_to_vec(&mut out)?;
@@ -229,7 +245,9 @@ fn write_tbs(template: &SvidTemplate, f: &SvidFields<'_>) -> Result<Vec<u8>, Svi
     out.extend_from_slice(SKI_HEAD);
     out.extend_from_slice(&subject_key_id);
     out.extend_from_slice(NOT_A_CA);
-    debug_assert_eq!(out.len(), out.capacity());
+    if out.len() != counted {
+        return Err(SvidDerError::Miscounted { counted, written: out.len() });
+    }
     Ok(out)
 }
 
@@ -339,7 +357,9 @@ mod tests {
         params.signed_by(subject, issuer).unwrap().der().to_vec()
     }
 
-    fn ca() -> (CertificateDer<'static>, KeyPair) {
+    /// A CA as `Ca` makes them; `is_ca` `NoCa` makes one without a
+    /// subject key identifier (rcgen writes it only with the CA flags).
+    fn ca(is_ca: IsCa) -> (CertificateDer<'static>, KeyPair) {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -347,8 +367,23 @@ mod tests {
         dn.push(DnType::CommonName, "Tessera CA example.org #1");
         params.distinguished_name = dn;
         params.subject_alt_names.push(SanType::URI("spiffe://example.org".try_into().unwrap()));
-        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.is_ca = is_ca;
         (params.self_signed(&key).unwrap().der().clone(), key)
+    }
+
+    fn template_of(ca_der: &[u8], key: &KeyPair) -> Result<SvidTemplate, SvidDerError> {
+        SvidTemplate::for_ca(&x509_parser::parse_x509_certificate(ca_der).unwrap().1, key)
+    }
+
+    fn has_key_id(ca_der: &[u8]) -> bool {
+        let (_, ca) = x509_parser::parse_x509_certificate(ca_der).unwrap();
+        let found = ca.iter_extensions().any(|e| {
+            matches!(
+                e.parsed_extension(),
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(_)
+            )
+        });
+        found
     }
 
     fn tbs_of(der: &[u8]) -> Vec<u8> {
@@ -359,9 +394,19 @@ mod tests {
 
     #[test]
     fn the_same_bytes_as_rcgen() {
-        let (ca_der, ca_key) = ca();
-        let template = SvidTemplate::for_ca(&ca_der).unwrap();
-        let issuer = Issuer::from_ca_cert_der(&ca_der, ca_key).unwrap();
+        // A CA with a subject key identifier, and one without (its key's
+        // SHA-256 is the authority key identifier then).
+        let with_id = ca(IsCa::Ca(rcgen::BasicConstraints::Unconstrained));
+        let without_id = ca(IsCa::NoCa);
+        assert!(has_key_id(&with_id.0) && !has_key_id(&without_id.0));
+        for (ca_der, ca_key) in [with_id, without_id] {
+            same_bytes_as_rcgen(&ca_der, ca_key);
+        }
+    }
+
+    fn same_bytes_as_rcgen(ca_der: &CertificateDer<'static>, ca_key: KeyPair) {
+        let template = template_of(ca_der, &ca_key).unwrap();
+        let issuer = Issuer::from_ca_cert_der(ca_der, ca_key).unwrap();
         let subject = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let point = &subject.public_key_raw().to_vec();
         let long_id = format!("spiffe://example.org/{}", "a".repeat(2000));
@@ -398,15 +443,15 @@ mod tests {
             assert_eq!(tbs_of(&ours), tbs_of(&theirs), "serial {serial:?}, not after {not_after}");
             // The signature verifies with the CA's key.
             let (_, cert) = x509_parser::parse_x509_certificate(&ours).unwrap();
-            let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+            let (_, ca_cert) = x509_parser::parse_x509_certificate(ca_der).unwrap();
             cert.verify_signature(Some(ca_cert.public_key())).unwrap();
         }
     }
 
     #[test]
     fn what_cannot_be_encoded_is_refused() {
-        let (ca_der, ca_key) = ca();
-        let template = SvidTemplate::for_ca(&ca_der).unwrap();
+        let (ca_der, ca_key) = ca(IsCa::Ca(rcgen::BasicConstraints::Unconstrained));
+        let template = template_of(&ca_der, &ca_key).unwrap();
         let subject = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let point = subject.public_key_raw().to_vec();
         let good = SvidFields {
@@ -431,6 +476,11 @@ mod tests {
             write_svid(&template, &ca_key, &SvidFields { public_key: &point[1..], ..good }),
             Err(SvidDerError::UnsupportedKey)
         ));
-        assert!(matches!(SvidTemplate::for_ca(b"not a certificate"), Err(SvidDerError::Ca(_))));
+        // A CA whose key is not P-256 gets no template.
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let p384_ca = params.self_signed(&p384).unwrap().der().clone();
+        assert!(matches!(template_of(&p384_ca, &p384), Err(SvidDerError::UnsupportedCaKey)));
     }
 }

@@ -283,6 +283,7 @@ impl EventLog {
             if self.config.enabled {
                 let anomalies = self.detect(e);
                 if !anomalies.is_empty() {
+                    anomalies.iter().for_each(schema::log);
                     found.push((i, anomalies));
                 }
             }
@@ -294,10 +295,7 @@ impl EventLog {
             for (i, e) in events.into_iter().enumerate() {
                 all.push(e);
                 while let Some((_, anomalies)) = found.next_if(|(at, _)| *at == i) {
-                    for a in anomalies {
-                        schema::log(&a);
-                        all.push(a);
-                    }
+                    all.extend(anomalies);
                 }
             }
             events = all;

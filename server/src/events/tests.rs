@@ -66,7 +66,7 @@ fn anomalies_are_recorded_as_their_own_events() {
         e.audience = vec![aud.into()];
         e
     };
-    log.record(vec![jwt("api"), jwt("api"), jwt("other")]);
+    log.record(vec![jwt("api"), jwt("other"), jwt("api")]);
     // Four refusals in a minute from one uid, limit 3: one burst per key.
     let refused = || {
         let mut e = schema::denied(kind::WORKLOAD_X509, "no identity issued").agent("a");
@@ -99,7 +99,7 @@ fn anomalies_are_recorded_as_their_own_events() {
     );
     let audience: Vec<&str> = events.iter().skip(5).take(4).map(|e| e.kind.as_str()).collect();
     let jwt_kind = kind::JWT_ISSUE;
-    assert_eq!(audience, [jwt_kind, jwt_kind, jwt_kind, kind::ANOMALY_UNUSUAL_AUDIENCE]);
+    assert_eq!(audience, [jwt_kind, jwt_kind, kind::ANOMALY_UNUSUAL_AUDIENCE, jwt_kind]);
     let aud = of(kind::ANOMALY_UNUSUAL_AUDIENCE);
     assert_eq!(aud.len(), 1);
     assert_eq!(aud[0].audience, vec!["other".to_string()]);
