@@ -12,6 +12,7 @@ use der::asn1::{AnyRef, BitStringRef, ObjectIdentifier};
 use der::{Reader, SliceReader, Tag, TagNumber, Tagged};
 use rcgen::{PublicKeyData, SignatureAlgorithm, PKCS_ECDSA_P256_SHA256};
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA384_ASN1};
+use spki::{AlgorithmIdentifierRef, SubjectPublicKeyInfoRef};
 
 const OID_EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
 const OID_P256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
@@ -76,15 +77,16 @@ pub fn parse_csr(der: &[u8]) -> Result<CsrPublicKey, CsrError> {
         return Err(CsrError::TooLarge(der.len()));
     }
     let csr = Request::decode(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
-    let is_p256 = csr.key_algorithm == OID_EC_PUBLIC_KEY
-        && csr.key_parameters.and_then(|p| p.decode_as::<ObjectIdentifier>().ok())
+    let key_algorithm = &csr.key.algorithm;
+    let is_p256 = key_algorithm.oid == OID_EC_PUBLIC_KEY
+        && key_algorithm.parameters.and_then(|p| p.decode_as::<ObjectIdentifier>().ok())
             == Some(OID_P256);
     if !is_p256 {
         return Err(CsrError::UnsupportedKey);
     }
-    let key = csr.key.as_bytes().ok_or(CsrError::UnsupportedKey)?;
+    let key = csr.key.subject_public_key.as_bytes().ok_or(CsrError::UnsupportedKey)?;
     // ECDSA signature algorithms have no parameters (RFC 5758).
-    let algorithm = match (csr.signature_algorithm, csr.signature_parameters) {
+    let algorithm = match (csr.signature_algorithm.oid, csr.signature_algorithm.parameters) {
         (oid, None) if oid == OID_ECDSA_SHA256 => &ECDSA_P256_SHA256_ASN1,
         (oid, None) if oid == OID_ECDSA_SHA384 => &ECDSA_P256_SHA384_ASN1,
         _ => return Err(CsrError::BadSignature),
@@ -100,11 +102,8 @@ pub fn parse_csr(der: &[u8]) -> Result<CsrPublicKey, CsrError> {
 struct Request<'a> {
     /// `certificationRequestInfo`, its whole TLV: what is signed.
     info: &'a [u8],
-    key_algorithm: ObjectIdentifier,
-    key_parameters: Option<AnyRef<'a>>,
-    key: BitStringRef<'a>,
-    signature_algorithm: ObjectIdentifier,
-    signature_parameters: Option<AnyRef<'a>>,
+    key: SubjectPublicKeyInfoRef<'a>,
+    signature_algorithm: AlgorithmIdentifierRef<'a>,
     signature: BitStringRef<'a>,
 }
 
@@ -113,42 +112,26 @@ impl<'a> Request<'a> {
     /// signature BIT STRING }`, nothing after it.
     fn decode(der: &'a [u8]) -> der::Result<Self> {
         let mut reader = SliceReader::new(der)?;
-        let outer = reader
-            .sequence(|r| Ok((r.tlv_bytes()?, algorithm(r)?, r.decode::<BitStringRef<'a>>()?)))?;
-        let (info, (signature_algorithm, signature_parameters), signature) =
-            reader.finish(outer)?;
+        let outer = reader.sequence(|r| Ok((r.tlv_bytes()?, r.decode()?, r.decode()?)))?;
+        let (info, signature_algorithm, signature) = reader.finish(outer)?;
         // CertificationRequestInfo ::= SEQUENCE { version INTEGER (0),
         //   subject Name, subjectPKInfo SubjectPublicKeyInfo,
         //   attributes [0] IMPLICIT SET OF Attribute }
         let mut reader = SliceReader::new(info)?;
-        let spki = reader.sequence(|r| {
+        let key = reader.sequence(|r| {
             if r.decode::<u8>()? != 0 {
                 return Err(Tag::Integer.value_error());
             }
             // The subject: a Name (a SEQUENCE), not read further.
             r.decode::<AnyRef<'a>>()?.tag().assert_eq(Tag::Sequence)?;
-            let key =
-                r.sequence(|spki| Ok((algorithm(spki)?, spki.decode::<BitStringRef<'a>>()?)))?;
+            let key = r.decode()?;
             // The attributes, present even when empty: not read further.
             r.decode::<AnyRef<'a>>()?.tag().assert_eq(ATTRIBUTES)?;
             Ok(key)
         })?;
-        let ((key_algorithm, key_parameters), key) = reader.finish(spki)?;
-        Ok(Self {
-            info,
-            key_algorithm,
-            key_parameters,
-            key,
-            signature_algorithm,
-            signature_parameters,
-            signature,
-        })
+        let key = reader.finish(key)?;
+        Ok(Self { info, key, signature_algorithm, signature })
     }
-}
-
-/// `AlgorithmIdentifier ::= SEQUENCE { algorithm OID, parameters ANY OPTIONAL }`.
-fn algorithm<'a, R: Reader<'a>>(r: &mut R) -> der::Result<(ObjectIdentifier, Option<AnyRef<'a>>)> {
-    r.sequence(|a| Ok((a.decode()?, a.decode()?)))
 }
 
 #[cfg(test)]

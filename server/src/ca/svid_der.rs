@@ -24,8 +24,9 @@
 use std::time::Duration;
 
 use der::asn1::{GeneralizedTime, UintRef, UtcTime};
-use der::{Encode, Header, Length, Tag, TagNumber};
+use der::{Encode, Header, Tag, TagNumber};
 use rcgen::{KeyPair, SigningKey, PKCS_ECDSA_P256_SHA256};
+use x509_cert::time::Time;
 use x509_parser::certificate::X509Certificate;
 
 /// Why an SVID could not be written.
@@ -252,37 +253,16 @@ fn write_tbs(template: &SvidTemplate, f: &SvidFields<'_>) -> Result<Vec<u8>, Svi
 }
 
 /// A validity time as RFC 5280 wants it: UTCTime through 2049,
-/// GeneralizedTime from 2050 (and rcgen writes it).
-enum Time {
-    Utc(UtcTime),
-    Generalized(GeneralizedTime),
-}
-
-impl Time {
-    fn encoded_len(&self) -> der::Result<Length> {
-        match self {
-            Self::Utc(t) => t.encoded_len(),
-            Self::Generalized(t) => t.encoded_len(),
-        }
-    }
-
-    fn encode_to_vec(&self, out: &mut Vec<u8>) -> der::Result<Length> {
-        match self {
-            Self::Utc(t) => t.encode_to_vec(out),
-            Self::Generalized(t) => t.encode_to_vec(out),
-        }
-    }
-}
-
+/// GeneralizedTime from 2050 (as rcgen writes it).
 fn time(unix: i64) -> der::Result<Time> {
     let since = Duration::from_secs(
         u64::try_from(unix).map_err(|_| der::Error::from(der::ErrorKind::DateTime))?,
     );
     let generalized = GeneralizedTime::from_unix_duration(since)?;
     if generalized.to_date_time().year() < 2050 {
-        Ok(Time::Utc(UtcTime::from_unix_duration(since)?))
+        Ok(Time::UtcTime(UtcTime::from_unix_duration(since)?))
     } else {
-        Ok(Time::Generalized(generalized))
+        Ok(Time::GeneralTime(generalized))
     }
 }
 
