@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command. Installs what the tests need, then runs the whole suite:
 #   - the openssl CLI (the tests check certificates with it), via apt-get if absent;
+#   - make, if absent (jemalloc, every binary's allocator, builds from source
+#     with the C compiler Rust's linker already needs and make);
 #   - a Python venv in target/py-venv with the clients pinned in
 #     tests/python/requirements.txt (py-spiffe, grpcio), from PyPI;
 #   - the PostgreSQL server from the distribution's packages (postgresql),
@@ -13,6 +15,10 @@ cd "$(dirname "$0")/.."
 
 if ! command -v openssl >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq openssl
+fi
+
+if ! command -v make >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq make
 fi
 
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${TESSERA_PG_BIN:-}" ]; then

@@ -38,6 +38,8 @@ struct Inner {
     synced: Gauge,
     svids: Gauge,
     svid_expiry: Gauge<i64, AtomicI64>,
+    /// The allocator's live heap and resident pages.
+    heap: tessera_common::heap::HeapGauges,
 }
 
 impl Default for AgentMetrics {
@@ -112,6 +114,8 @@ impl AgentMetrics {
             synced.clone(),
         );
         registry.register("x509_svids", "X509-SVIDs held for workloads", svids.clone());
+        let heap = tessera_common::heap::HeapGauges::default();
+        heap.register(registry);
         registry.register(
             "agent_svid_expiry_seconds",
             "Seconds until the agent's own X509-SVID expires",
@@ -132,6 +136,7 @@ impl AgentMetrics {
             synced,
             svids,
             svid_expiry,
+            heap,
         };
         Self { inner: Arc::new(inner) }
     }
@@ -196,6 +201,7 @@ impl AgentMetrics {
         inner.synced.set(i64::from(state.ready));
         inner.svids.set(state.svids.len() as i64);
         inner.svid_expiry.set(link.identity().not_after - link.clock.now());
+        inner.heap.refresh();
         telemetry::encode(&inner.registry)
     }
 }

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use tessera_server::cli::Cli;
 
-/// mimalloc: the system allocator costs measurable throughput under many threads.
+/// jemalloc, as every Tessera binary (`tessera_common::heap` says why).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tessera_common::heap::Allocator = tessera_common::heap::Allocator;
 
 fn main() -> ExitCode {
     tessera_common::cli_support::main_with(Cli::run)

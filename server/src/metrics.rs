@@ -52,6 +52,8 @@ struct Inner {
     pending: Gauge<i64, AtomicI64>,
     agents: Gauge<i64, AtomicI64>,
     revision: Gauge<i64, AtomicI64>,
+    /// The allocator's live heap and resident pages.
+    heap: tessera_common::heap::HeapGauges,
 }
 
 impl Default for Metrics {
@@ -87,8 +89,10 @@ impl Metrics {
             pending: Gauge::default(),
             agents: Gauge::default(),
             revision: Gauge::default(),
+            heap: Default::default(),
             registry: Registry::default(),
         };
+        inner.heap.register(registry);
         registry.register("svids_issued", "SVIDs signed, by type", inner.issued.clone());
         registry.register(
             "svid_issue_seconds",
@@ -235,6 +239,7 @@ impl Metrics {
         if let Some(revision) = gauges.revision {
             inner.revision.set(revision as i64);
         }
+        inner.heap.refresh();
         telemetry::encode(&inner.registry)
     }
 }

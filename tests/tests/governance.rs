@@ -593,6 +593,13 @@ async fn metrics_move_with_traffic_and_ready_means_serving() {
         assert!(sample(&s1, "tessera_server_ca_expiry_seconds{}") > 3600.0);
         assert_eq!(sample(&a1, "tessera_agent_synced{}"), 1.0);
         assert_eq!(sample(&a1, "tessera_agent_x509_svids{}"), 1.0);
+        // The allocator's figures are exported (their values: `heap::tests`).
+        for (samples, prefix) in [(&s1, "tessera_server"), (&a1, "tessera_agent")] {
+            for what in ["allocated", "resident"] {
+                let key = format!("{prefix}_heap_{what}_bytes{{}}");
+                assert!(samples.contains_key(&key), "{key} missing: {samples:?}");
+            }
+        }
         // A refusal is counted by kind and reason.
         assert!(client.fetch_jwt_svid(["a b"], None).await.is_err());
         let (_, text) = http_get(agent_metrics, "/metrics");

@@ -60,6 +60,9 @@ async fn child_server(args: &[String]) -> ExitCode {
             .await
             .expect("server binds");
     println!("READY {}", server.node_addr().unwrap());
+    if let Some(file) = args.iter().find_map(|a| a.strip_prefix("--heap-file=")) {
+        write_heap_stats(file.into());
+    }
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -68,6 +71,21 @@ async fn child_server(args: &[String]) -> ExitCode {
     });
     server.run(shutdown).await.expect("server runs");
     ExitCode::SUCCESS
+}
+
+/// Writes the allocator's figures to `file` every 5 s (`allocated
+/// resident`, bytes; replaced whole), for the soak to read.
+fn write_heap_stats(file: std::path::PathBuf) {
+    std::thread::spawn(move || loop {
+        if let Some(s) = tessera_common::heap::stats() {
+            let tmp = file.with_extension("tmp");
+            let line = format!("{} {}\n", s.allocated, s.resident);
+            if std::fs::write(&tmp, line).and_then(|()| std::fs::rename(&tmp, &file)).is_err() {
+                return;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_secs(5));
+    });
 }
 
 async fn child_agent(args: &[String]) -> ExitCode {
@@ -205,7 +223,8 @@ pub struct Child {
 
 impl Child {
     /// A server on the data dir `dir`; `flags`: `--no-events`,
-    /// `--datastore=URL`, `--max-connections=N` (node API).
+    /// `--datastore=URL`, `--max-connections=N` (node API),
+    /// `--heap-file=PATH` (its allocator's figures written there).
     pub fn server(dir: &Path, flags: &[&str]) -> Self {
         let dir = dir.display().to_string();
         Self::start(None, &[SERVER, &dir], flags)

@@ -84,9 +84,9 @@ const SCENARIOS: &[&str] = &[
     "all",
 ];
 
-/// mimalloc: the system allocator costs measurable throughput under many threads.
+/// jemalloc, as every Tessera binary (`tessera_common::heap` says why).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tessera_common::heap::Allocator = tessera_common::heap::Allocator;
 
 fn main() -> ExitCode {
     // As the server and agent binaries run (the children are this binary).

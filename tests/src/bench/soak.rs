@@ -100,7 +100,13 @@ pub async fn run(duration: Duration, events: bool) -> Figures {
     // agent starts, so it gets them all in its first sync.
     let dir = tempfile::tempdir().unwrap();
     let server_dir = dir.path().join("server");
-    let server = Child::server(&server_dir, if events { &[] } else { &["--no-events"] });
+    let heap_file = dir.path().join("server-heap");
+    let heap_flag = format!("--heap-file={}", heap_file.display());
+    let server = if events {
+        Child::server(&server_dir, &[&heap_flag])
+    } else {
+        Child::server(&server_dir, &[&heap_flag, "--no-events"])
+    };
     let mut admin = admin_at(&server_dir).await;
     let bundle = bundle_of(&mut admin).await;
     let token = join_token(&mut admin, AGENT_ID).await;
@@ -146,9 +152,10 @@ pub async fn run(duration: Duration, events: bool) -> Figures {
     let store = server_dir.join("store");
     let start = Instant::now();
     println!(
-        "{:>9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}",
+        "{:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}",
         "elapsed_s",
         "srv_rss_mb",
+        "srv_heap_mb",
         "agt_rss_mb",
         "spool_mb",
         "store_mb",
@@ -162,7 +169,7 @@ pub async fn run(duration: Duration, events: bool) -> Figures {
     let mut samples = Vec::new();
     for at in sample_times(duration, warm_up) {
         tokio::time::sleep_until((start + at).into()).await;
-        let sample = Sample::take(start, pids, (&spool, &store), &counters);
+        let sample = Sample::take(start, pids, (&spool, &store, &heap_file), &counters);
         sample.print(at == warm_up);
         samples.push(sample);
     }
@@ -261,6 +268,9 @@ impl Counters {
 struct Sample {
     at: f64,
     server_rss: f64,
+    /// What the server's allocator says it holds (its live heap), from
+    /// the file the server child rewrites every 5 s (`--heap-file`).
+    server_heap: f64,
     agent_rss: f64,
     /// The agent's event spool file (events not yet stored by the server,
     /// and acknowledged ones until the file is compacted).
@@ -279,7 +289,7 @@ impl Sample {
     fn take(
         start: Instant,
         (server, agent): (u32, u32),
-        (spool, store): (&std::path::Path, &std::path::Path),
+        (spool, store, heap): (&std::path::Path, &std::path::Path, &std::path::Path),
         counters: &Counters,
     ) -> Self {
         let store_bytes: u64 = std::fs::read_dir(store).map_or(0, |files| {
@@ -290,6 +300,10 @@ impl Sample {
         Self {
             at: start.elapsed().as_secs_f64(),
             server_rss: tessera_tests::hostile::rss_mb(server),
+            server_heap: std::fs::read_to_string(heap)
+                .ok()
+                .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+                .map_or(0.0, |b| b / 1e6),
             agent_rss: tessera_tests::hostile::rss_mb(agent),
             spool_mb: std::fs::metadata(spool).map_or(0.0, |m| m.len() as f64 / 1e6),
             store_mb: store_bytes as f64 / 1e6,
@@ -304,9 +318,10 @@ impl Sample {
 
     fn print(&self, warm_up_end: bool) {
         println!(
-            "{:>9.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}{}",
+            "{:>9.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}{}",
             self.at,
             self.server_rss,
+            self.server_heap,
             self.agent_rss,
             self.spool_mb,
             self.store_mb,
@@ -596,6 +611,12 @@ fn report(samples: &[Sample], warm_up: Duration, counters: &Counters, served: &S
         window(true, |s| s.agent_rss),
         true,
     );
+    grew(
+        &format!("server live heap MB, mean of {WINDOW} samples"),
+        window(false, |s| s.server_heap),
+        window(true, |s| s.server_heap),
+        false,
+    );
     grew("server fds", warm.server_fds as f64, end.server_fds as f64, true);
     grew("agent fds", warm.agent_fds as f64, end.agent_fds as f64, true);
     let peak = |y: fn(&Sample) -> f64| after.iter().map(y).fold(0.0, f64::max);
@@ -658,6 +679,10 @@ fn report(samples: &[Sample], warm_up: Duration, counters: &Counters, served: &S
         (
             "soak_agent_rss_window_ratio",
             json!(round(window(true, |s| s.agent_rss) / window(false, |s| s.agent_rss))),
+        ),
+        (
+            "soak_server_heap_window_ratio",
+            json!(round(window(true, |s| s.server_heap) / window(false, |s| s.server_heap))),
         ),
         ("soak_server_fds_warm", json!(warm.server_fds)),
         ("soak_server_fds_end", json!(end.server_fds)),

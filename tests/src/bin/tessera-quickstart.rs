@@ -20,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 const TRUST_DOMAIN: &str = "example.org";
 const AGENT_ID: &str = "spiffe://example.org/tessera/agent/quickstart";
 
-/// mimalloc: the system allocator costs measurable throughput under many threads.
+/// jemalloc, as every Tessera binary (`tessera_common::heap` says why).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tessera_common::heap::Allocator = tessera_common::heap::Allocator;
 
 #[tokio::main]
 async fn main() -> ExitCode {
