@@ -18,7 +18,7 @@ if ! command -v openssl >/dev/null 2>&1; then
 fi
 
 if ! command -v make >/dev/null 2>&1; then
-    apt-get update -qq && apt-get install -y -qq make
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq make
 fi
 
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${TESSERA_PG_BIN:-}" ]; then

@@ -194,11 +194,12 @@ pub fn small_pages_only() {
 
 /// Most threads the runtime starts for blocking work (store reads and
 /// commits, signing, `/proc` reads). Tokio's default is 512; each thread
-/// has its own allocator heap, and what a thread allocated and something
-/// else keeps (an entry read for the change feed, a snapshot) pins that
-/// heap's pages. With 10,000 agents the server grew ~60 such threads and
-/// held 1,314 MB with 100,000 entries; with this bound it held
-/// 897–914 MB in three runs (`tessera-bench scale10k --servers 1`).
+/// has its own allocator cache, and on mimalloc (the allocator then) each
+/// its own heap, where what a thread allocated and something else keeps
+/// (an entry read for the change feed, a snapshot) pins that heap's pages.
+/// With 10,000 agents the server grew ~60 such threads and held 1,314 MB
+/// with 100,000 entries; with this bound it held 897–914 MB in three runs
+/// (`tessera-bench scale10k --servers 1`, on mimalloc).
 /// Blocking work past the bound queues. Blocking work that waits, waits
 /// only for work already running (a writer lock, a batch's leader, a
 /// PostgreSQL connection in use), so the bound cannot deadlock.

@@ -74,15 +74,19 @@ async fn child_server(args: &[String]) -> ExitCode {
 }
 
 /// Writes the allocator's figures to `file` every 5 s (`allocated
-/// resident`, bytes; replaced whole), for the soak to read.
+/// resident`, bytes; replaced whole), for the soak to read. A write that
+/// fails removes the file, so that the soak sees no figure rather than a
+/// stale one.
 fn write_heap_stats(file: std::path::PathBuf) {
     std::thread::spawn(move || loop {
-        if let Some(s) = tessera_common::heap::stats() {
-            let tmp = file.with_extension("tmp");
-            let line = format!("{} {}\n", s.allocated, s.resident);
-            if std::fs::write(&tmp, line).and_then(|()| std::fs::rename(&tmp, &file)).is_err() {
-                return;
-            }
+        let tmp = file.with_extension("tmp");
+        let written = tessera_common::heap::stats()
+            .ok_or_else(|| std::io::Error::other("jemalloc gave no statistics"))
+            .and_then(|s| std::fs::write(&tmp, format!("{} {}\n", s.allocated, s.resident)))
+            .and_then(|()| std::fs::rename(&tmp, &file));
+        if let Err(e) = written {
+            eprintln!("heap figures not written to {}: {e}", file.display());
+            let _ = std::fs::remove_file(&file);
         }
         std::thread::sleep(std::time::Duration::from_secs(5));
     });
