@@ -8,9 +8,9 @@
 //! mimalloc (2 and 3, with every collect and purge option) and on glibc
 //! while its live heap stayed flat (heaptrack, rounds six and twelve): the
 //! allocator kept more and more of what the program had freed. Side by
-//! side in one 30-minute soak, jemalloc
-//! held 95–101 MB from minute 10 to the end while mimalloc rose 104 → 115
-//! MB (README, "The server's soak growth, fourteenth round").
+//! side in one 30-minute soak, jemalloc held 95–101 MB from minute 10 to
+//! the end while mimalloc rose 104 → 115 MB (README, "The server's soak
+//! growth, fourteenth round").
 
 /// The global allocator type; each binary's `main.rs` declares
 /// `#[global_allocator] static ALLOCATOR: Allocator = Allocator;`.

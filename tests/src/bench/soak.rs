@@ -102,11 +102,11 @@ pub async fn run(duration: Duration, events: bool) -> Figures {
     let server_dir = dir.path().join("server");
     let heap_file = dir.path().join("server-heap");
     let heap_flag = format!("--heap-file={}", heap_file.display());
-    let server = if events {
-        Child::server(&server_dir, &[&heap_flag])
-    } else {
-        Child::server(&server_dir, &[&heap_flag, "--no-events"])
-    };
+    let mut flags = vec![heap_flag.as_str()];
+    if !events {
+        flags.push("--no-events");
+    }
+    let server = Child::server(&server_dir, &flags);
     let mut admin = admin_at(&server_dir).await;
     let bundle = bundle_of(&mut admin).await;
     let token = join_token(&mut admin, AGENT_ID).await;
