@@ -305,19 +305,47 @@ impl EventExt for Event {
 /// encoding is deterministic).
 pub fn chain_hash(prev: &[u8], event: &Event) -> Vec<u8> {
     use prost::Message;
-    let digest = |unhashed: &Event| {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(prev);
-        ctx.update(&unhashed.encode_to_vec());
-        ctx.finish().as_ref().to_vec()
-    };
     // An event being chained has no hash yet: no copy of it is needed.
     if event.hash.is_empty() {
-        return digest(event);
+        return digest(prev, &event.encode_to_vec());
     }
     let mut unhashed = event.clone();
     unhashed.hash.clear();
-    digest(&unhashed)
+    digest(prev, &unhashed.encode_to_vec())
+}
+
+/// Field number of `Event.hash`, and of `Event.code`, the only field
+/// encoded after it.
+const HASH_FIELD: u32 = 21;
+const CODE_FIELD: u32 = 22;
+
+/// Chains `event` after its `prev_hash`: sets `hash` as [`chain_hash`]
+/// does and returns the event's encoding with it, from one encoding of
+/// the event (the unhashed one the hash is over, with the hash's field
+/// put in its place, before `code`), as the server stores each event.
+pub fn seal(event: &mut Event) -> Vec<u8> {
+    use prost::Message;
+    event.hash.clear();
+    let mut bytes = event.encode_to_vec();
+    event.hash = digest(&event.prev_hash, &bytes);
+    let after = if event.code.is_empty() {
+        0
+    } else {
+        prost::encoding::string::encoded_len(CODE_FIELD, &event.code)
+    };
+    let mut field = Vec::with_capacity(event.hash.len() + 3);
+    prost::encoding::bytes::encode(HASH_FIELD, &event.hash, &mut field);
+    let at = bytes.len() - after;
+    bytes.splice(at..at, field);
+    debug_assert_eq!(bytes, event.encode_to_vec(), "a field was added after `hash`");
+    bytes
+}
+
+fn digest(prev: &[u8], unhashed: &[u8]) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(prev);
+    ctx.update(unhashed);
+    ctx.finish().as_ref().to_vec()
 }
 
 /// RFC 3339 with milliseconds, UTC.
@@ -494,5 +522,21 @@ mod tests {
         assert_eq!(chain_hash(&e.prev_hash, &e), unhashed);
         e.agent_id.push('x');
         assert_ne!(chain_hash(&e.prev_hash, &e), unhashed, "every other field counts");
+    }
+
+    #[test]
+    fn a_sealed_event_is_encoded_as_prost_encodes_it_with_its_hash() {
+        use prost::Message;
+        let mut full = event(kind::JWT_ISSUE, DENY).agent("spiffe://example.org/a").attr("n", 1);
+        full.prev_hash = vec![7; 32];
+        full.code = "rate_limited".into();
+        full.hash = vec![1; 32]; // replaced, not kept
+        for mut e in [full.clone(), Event { code: String::new(), ..full.clone() }, Event::default()]
+        {
+            let bytes = seal(&mut e);
+            assert_eq!(e.hash, chain_hash(&e.prev_hash, &e), "{e:?}");
+            assert_eq!(bytes, e.encode_to_vec(), "{e:?}");
+            assert_eq!(Event::decode(bytes.as_slice()).unwrap(), e);
+        }
     }
 }

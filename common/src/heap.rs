@@ -41,6 +41,19 @@ pub fn stats() -> Option<HeapStats> {
     })
 }
 
+/// Writes jemalloc's heap profile to `path`, for `jeprof` (a build with
+/// the `heap-profiling` feature, run with `_RJEM_MALLOC_CONF=prof:true`;
+/// without it, jemalloc refuses and this says so).
+#[cfg(feature = "heap-profiling")]
+pub fn dump_profile(path: &std::path::Path) -> Result<(), String> {
+    let mut name = path.to_str().ok_or("the profile's path is not UTF-8")?.as_bytes().to_vec();
+    name.push(0);
+    // The binding asks for a 'static name (jemalloc keeps no reference):
+    // each dump leaks its path, tens of bytes.
+    tikv_jemalloc_ctl::raw::write_str(b"prof.dump\0", Box::leak(name.into_boxed_slice()))
+        .map_err(|e| format!("jemalloc wrote no profile to {}: {e}", path.display()))
+}
+
 /// The two gauges, registered in a process's metrics and set at scrape time.
 #[derive(Debug, Clone, Default)]
 pub struct HeapGauges {

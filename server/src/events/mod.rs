@@ -115,15 +115,16 @@ fn chain(tx: &Txn<'_>, events: &mut [Event]) -> Result<(), StoreError> {
     let stored_ms = schema::now_ms();
     let head = read_head(tx)?;
     let (mut seq, mut hash) = (head.next_seq, head.hash);
+    let mut plain = Vec::with_capacity(events.len());
     for e in events.iter_mut() {
         e.seq = seq;
         e.stored_ms = stored_ms;
         e.prev_hash = hash;
-        e.hash = schema::chain_hash(&e.prev_hash, e);
+        plain.push(schema::seal(e));
         hash = e.hash.clone();
         seq += 1;
     }
-    for (first, row) in stored::encode_rows(events) {
+    for (first, row) in stored::rows(events, plain) {
         tx.put(EVENTS, first.to_be_bytes(), row);
     }
     Ok(())

@@ -52,8 +52,13 @@ const LEVEL: u8 = 1;
 const MAX_INFLATED: usize = 4 * tessera_common::rules::MAX_MESSAGE_BYTES;
 
 /// The bytes stored for `e`.
+#[cfg(test)]
 pub(super) fn encode(e: &Event) -> Vec<u8> {
-    let plain = e.encode_to_vec();
+    stored(e.encode_to_vec())
+}
+
+/// The bytes stored for an event encoded as `plain`.
+fn stored(plain: Vec<u8>) -> Vec<u8> {
     if plain.len() < DEFLATE_FROM || plain.len() >= MAX_INFLATED {
         return plain;
     }
@@ -91,8 +96,15 @@ fn deflate(plain: &[u8]) -> Option<Vec<u8>> {
 
 /// The rows storing `events` (chained, consecutive sequence numbers):
 /// each is its first event's sequence number and its bytes.
+#[cfg(test)]
 pub(super) fn encode_rows(events: &[Event]) -> Vec<(u64, Vec<u8>)> {
-    let encoded: Vec<Vec<u8>> = events.iter().map(encode).collect();
+    rows(events, events.iter().map(Message::encode_to_vec).collect())
+}
+
+/// The rows storing `events`, each encoded as `plain` says (what
+/// `schema::seal` returned as it chained it).
+pub(super) fn rows(events: &[Event], plain: Vec<Vec<u8>>) -> Vec<(u64, Vec<u8>)> {
+    let encoded: Vec<Vec<u8>> = plain.into_iter().map(stored).collect();
     // A row of several is the `GROUP` byte, then each event behind its
     // length: counted as written, up to sled's row size (`row_sizes`).
     let lens =

@@ -77,8 +77,29 @@ async fn child_server(args: &[String]) -> ExitCode {
 /// resident`, bytes; replaced whole), for the soak to read. A write that
 /// fails removes the file, so that the soak sees no figure rather than a
 /// stale one.
+///
+/// In a build with the `heap-profiling` feature and
+/// `TESSERA_BENCH_HEAP_PROFILES=DIR` set, it also writes jemalloc's heap
+/// profile to `DIR/server-<minutes>m.heap` every five minutes, for `jeprof
+/// --base` to compare two points of a soak.
 fn write_heap_stats(file: std::path::PathBuf) {
+    #[cfg(feature = "heap-profiling")]
+    let profiles = std::env::var_os("TESSERA_BENCH_HEAP_PROFILES").map(std::path::PathBuf::from);
+    #[cfg(feature = "heap-profiling")]
+    let mut ticks = 0u64;
     std::thread::spawn(move || loop {
+        #[cfg(feature = "heap-profiling")]
+        {
+            if let Some(dir) = &profiles {
+                if ticks % 60 == 0 {
+                    let path = dir.join(format!("server-{}m.heap", ticks / 12));
+                    if let Err(e) = tessera_common::heap::dump_profile(&path) {
+                        eprintln!("{e}");
+                    }
+                }
+            }
+            ticks += 1;
+        }
         let tmp = file.with_extension("tmp");
         let written = tessera_common::heap::stats()
             .ok_or_else(|| std::io::Error::other("jemalloc gave no statistics"))
