@@ -79,7 +79,7 @@ const KNOWN_MAX: usize = 20_000;
 const KNOWN_PER_PREFIX: usize = 256;
 
 impl Known {
-    fn contains(&self, prefix: &str, value: &str) -> bool {
+    pub(super) fn contains(&self, prefix: &str, value: &str) -> bool {
         self.0.get(prefix).is_some_and(|values| values.contains(value))
     }
 
@@ -125,7 +125,7 @@ impl EventLog {
             let exe = e.workload.as_ref().map(|w| w.sha256.as_str()).unwrap_or("");
             if (e.kind == kind::WORKLOAD_X509 || e.kind == kind::WORKLOAD_JWT) && !exe.is_empty() {
                 for entry in &e.entry_ids {
-                    if self.learn(&baseline_prefix(EXE, entry), exe)? {
+                    if self.learn(EXE, entry, exe)? {
                         let mut a = schema::event(kind::ANOMALY_NEW_EXECUTABLE, "")
                             .agent(e.agent_id.clone())
                             .entry(entry.clone())
@@ -143,7 +143,7 @@ impl EventLog {
             if e.kind == kind::JWT_ISSUE {
                 for entry in &e.entry_ids {
                     for aud in &e.audience {
-                        if self.learn(&baseline_prefix(AUD, entry), aud)? {
+                        if self.learn(AUD, entry, aud)? {
                             let mut a = schema::event(kind::ANOMALY_UNUSUAL_AUDIENCE, "")
                                 .agent(e.agent_id.clone())
                                 .entry(entry.clone())
@@ -166,9 +166,14 @@ impl EventLog {
         found
     }
 
-    /// Remembers `value` under `prefix`; true when it is new and the prefix
-    /// already had a value (the first one seen sets the baseline).
-    pub(super) fn learn(&self, prefix: &str, value: &str) -> Result<bool, StoreError> {
+    /// Remembers `value` in `entry`'s baseline `what`; true when it is new
+    /// and the baseline already had a value (the first one seen sets it).
+    /// Nothing is learned for an entry no longer stored: an agent pushes
+    /// what it served a moment before a deletion after the deletion has
+    /// forgotten the entry's baselines, and learning them again would keep
+    /// them (and their rows) for good.
+    pub(super) fn learn(&self, what: &str, entry: &str, value: &str) -> Result<bool, StoreError> {
+        let prefix = &baseline_prefix(what, entry);
         let remembered = || self.known.lock().unwrap_or_else(|e| e.into_inner());
         if remembered().contains(prefix, value) {
             return Ok(false);
@@ -176,6 +181,9 @@ impl EventLog {
         let key = format!("{prefix}{value}");
         if self.kv.get(BASELINES, key.as_bytes())?.is_some() {
             remembered().insert(prefix, value);
+            return Ok(false);
+        }
+        if !crate::store::entry_stored(&*self.kv, entry)? {
             return Ok(false);
         }
         let end = crate::store::kv::prefix_end(prefix.as_bytes());

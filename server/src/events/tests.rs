@@ -10,6 +10,17 @@ fn log(dir: &std::path::Path, config: EventConfig) -> EventLog {
     EventLog::open(kv, config, Metrics::new()).unwrap()
 }
 
+/// Stores (`true`) or deletes entries, as far as the event log sees them:
+/// it learns baselines only for stored entries.
+fn entries(log: &EventLog, ids: &[&str], stored: bool) {
+    let tree = crate::store::entries_tree();
+    let op = |id: &&str| match stored {
+        true => Op::Put(tree, id.as_bytes().to_vec(), b"entry".to_vec()),
+        false => Op::Delete(tree, id.as_bytes().to_vec()),
+    };
+    log.kv.apply(ids.iter().map(op).collect()).unwrap();
+}
+
 fn all(log: &EventLog) -> Vec<Event> {
     log.list(&ListEventsRequest::default(), 0, 0).unwrap().0
 }
@@ -58,6 +69,7 @@ fn anomalies_are_recorded_as_their_own_events() {
     let dir = tempfile::tempdir().unwrap();
     let config = EventConfig { refusals_per_minute: 3, ..Default::default() };
     let log = log(dir.path(), config);
+    entries(&log, &["entry-1"], true);
     // The first executable is the baseline; a second one is an anomaly, once.
     log.record(vec![served("aa", 1), served("aa", 1), served("bb", 1), served("bb", 1)]);
     // The first audience is the baseline; a new one is an anomaly.
@@ -132,6 +144,7 @@ async fn an_entrys_baselines_go_with_it() {
     // after it has seen it done.
     let settled = || async { log.ingest.run(|| ()).await.unwrap() };
     let baselines = || log.kv.range(BASELINES, b"", None, 100, false).unwrap().len();
+    entries(&log, &["entry-1", "entry-2", "entry-3"], true);
     log.record(vec![of("entry-1", "aa"), jwt("entry-1", "https://api")]);
     log.record(vec![of("entry-2", "aa"), jwt("entry-2", "https://api"), of("entry-3", "aa")]);
     assert_eq!(baselines(), 5);
@@ -146,19 +159,39 @@ async fn an_entrys_baselines_go_with_it() {
     log.store_pushed("spiffe://example.org/agent", b"spool", vec![forged]).unwrap();
     settled().await;
     assert_eq!(baselines(), 5);
+    // The store deletes the entries and records the events in one commit.
+    entries(&log, &["entry-1", "entry-3"], false);
     log.record(vec![
         schema::event(kind::ENTRY_DELETE, schema::ALLOW).entry("entry-1"),
         schema::event(kind::ENTRY_EXPIRE, "").entry("entry-3"),
     ]);
     settled().await;
     assert_eq!(baselines(), 2, "only entry-2's executable and audience are left");
-    // Nothing is usual for entry-1 any more, so nothing is unusual either;
-    // entry-2's baseline still holds.
-    log.record(vec![of("entry-1", "bb"), of("entry-2", "bb")]);
+    // What the agent served entry-1 just before its deletion arrives after
+    // it: nothing is learned for an entry that is gone (nothing is usual
+    // for it any more, so nothing is unusual either); entry-2's baseline
+    // still holds, and grows.
+    let mut late = of("entry-1", "bb");
+    late.agent_seq = 2;
+    log.store_pushed("spiffe://example.org/agent", b"spool", vec![late]).unwrap();
+    log.record(vec![of("entry-1", "cc"), jwt("entry-3", "https://other"), of("entry-2", "bb")]);
+    settled().await;
     let anomalies: Vec<Event> =
         all(&log).into_iter().filter(|e| e.kind == kind::ANOMALY_NEW_EXECUTABLE).collect();
     assert_eq!(anomalies.len(), 1, "{anomalies:?}");
     assert_eq!(anomalies[0].entry_ids, vec!["entry-2".to_string()]);
+    let left: Vec<String> = log
+        .kv
+        .range(BASELINES, b"", None, 100, false)
+        .unwrap()
+        .into_iter()
+        .map(|(key, _)| String::from_utf8(key).unwrap())
+        .collect();
+    assert_eq!(left, ["aud/entry-2/https://api", "exe/entry-2/aa", "exe/entry-2/bb"]);
+    let known = log.known.lock().unwrap();
+    assert!(
+        !known.contains("exe/entry-1/", "bb") && !known.contains("aud/entry-3/", "https://other")
+    );
 }
 
 /// An agent folds a uid's excess refusals into one event with

@@ -54,6 +54,17 @@ pub(super) fn t(i: usize) -> &'static str {
     TREE_NAMES[i]
 }
 
+/// The tree of entries, by ID: the event log (in the same database)
+/// reads it to learn baselines only for entries that exist.
+pub(crate) fn entries_tree() -> &'static str {
+    t(ENTRIES)
+}
+
+/// Whether entry `id` is stored in `kv`.
+pub(crate) fn entry_stored(kv: &dyn super::kv::Kv, id: &str) -> Result<bool, StoreError> {
+    Ok(kv.get(entries_tree(), id.as_bytes())?.is_some())
+}
+
 pub(super) const REVISION_KEY: &[u8] = b"revision";
 pub(super) const WRITE_SEQ_KEY: &[u8] = b"write_seq";
 /// The oldest revision the change log still holds (absent: 1).

@@ -98,6 +98,7 @@ pub use error::StoreError;
 pub use join_tokens::join_token_key;
 pub use kv_store::KvStore;
 pub use layout::svid_key;
+pub(crate) use layout::{entries_tree, entry_stored};
 pub use revocations::revocation_of;
 
 /// Largest number of items in one batch write.
