@@ -326,16 +326,30 @@ const CODE_FIELD: u32 = 22;
 pub fn seal(event: &mut Event) -> Vec<u8> {
     use prost::Message;
     event.hash.clear();
-    let mut bytes = event.encode_to_vec();
+    // Room for the hash's field too (a 2-byte key, its length, 32 bytes).
+    let mut bytes = Vec::with_capacity(event.encoded_len() + 3 + 32);
+    event.encode_raw(&mut bytes);
     event.hash = digest(&event.prev_hash, &bytes);
     let after = if event.code.is_empty() {
         0
     } else {
         prost::encoding::string::encoded_len(CODE_FIELD, &event.code)
     };
+    let mut code_key = Vec::with_capacity(2);
+    prost::encoding::encode_key(
+        CODE_FIELD,
+        prost::encoding::WireType::LengthDelimited,
+        &mut code_key,
+    );
+    let at = bytes.len() - after;
+    // What follows the hash is `code`, or nothing: anything else is a field
+    // added after `hash` without this knowing, encoded again whole.
+    if after > 0 && !bytes[at..].starts_with(&code_key) {
+        debug_assert!(false, "a field was added after `hash`: {event:?}");
+        return event.encode_to_vec();
+    }
     let mut field = Vec::with_capacity(event.hash.len() + 3);
     prost::encoding::bytes::encode(HASH_FIELD, &event.hash, &mut field);
-    let at = bytes.len() - after;
     bytes.splice(at..at, field);
     debug_assert_eq!(bytes, event.encode_to_vec(), "a field was added after `hash`");
     bytes

@@ -171,7 +171,10 @@ impl EventLog {
     /// Nothing is learned for an entry no longer stored: an agent pushes
     /// what it served a moment before a deletion after the deletion has
     /// forgotten the entry's baselines, and learning them again would keep
-    /// them (and their rows) for good.
+    /// them (and their rows) for good. The entry is read again after the
+    /// row is written: a deletion committed in between (by another server
+    /// sharing the database, whose forgetting may already have run) leaves
+    /// no row behind, and one committed after it forgets the row itself.
     pub(super) fn learn(&self, what: &str, entry: &str, value: &str) -> Result<bool, StoreError> {
         let prefix = &baseline_prefix(what, entry);
         let remembered = || self.known.lock().unwrap_or_else(|e| e.into_inner());
@@ -189,7 +192,11 @@ impl EventLog {
         let end = crate::store::kv::prefix_end(prefix.as_bytes());
         let known =
             !self.kv.range(BASELINES, prefix.as_bytes(), end.as_deref(), 1, false)?.is_empty();
-        self.kv.apply(vec![Op::Put(BASELINES, key.into_bytes(), Vec::new())])?;
+        self.kv.apply(vec![Op::Put(BASELINES, key.clone().into_bytes(), Vec::new())])?;
+        if !crate::store::entry_stored(&*self.kv, entry)? {
+            self.kv.apply(vec![Op::Delete(BASELINES, key.into_bytes())])?;
+            return Ok(false);
+        }
         remembered().insert(prefix, value);
         Ok(known)
     }

@@ -104,6 +104,7 @@ pub(super) fn encode_rows(events: &[Event]) -> Vec<(u64, Vec<u8>)> {
 /// The rows storing `events`, each encoded as `plain` says (what
 /// `schema::seal` returned as it chained it).
 pub(super) fn rows(events: &[Event], plain: Vec<Vec<u8>>) -> Vec<(u64, Vec<u8>)> {
+    debug_assert_eq!(events.len(), plain.len(), "an encoding for each event");
     let encoded: Vec<Vec<u8>> = plain.into_iter().map(stored).collect();
     // A row of several is the `GROUP` byte, then each event behind its
     // length: counted as written, up to sled's row size (`row_sizes`).

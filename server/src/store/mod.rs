@@ -97,8 +97,10 @@ pub use audit::{Audit, EventSink};
 pub use error::StoreError;
 pub use join_tokens::join_token_key;
 pub use kv_store::KvStore;
+#[cfg(test)]
+pub(crate) use layout::entries_tree;
+pub(crate) use layout::entry_stored;
 pub use layout::svid_key;
-pub(crate) use layout::{entries_tree, entry_stored};
 pub use revocations::revocation_of;
 
 /// Largest number of items in one batch write.

@@ -91,7 +91,7 @@ fn write_heap_stats(file: std::path::PathBuf) {
         #[cfg(feature = "heap-profiling")]
         {
             if let Some(dir) = &profiles {
-                if ticks % 60 == 0 {
+                if ticks.is_multiple_of(60) {
                     let path = dir.join(format!("server-{}m.heap", ticks / 12));
                     if let Err(e) = tessera_common::heap::dump_profile(&path) {
                         eprintln!("{e}");
