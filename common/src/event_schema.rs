@@ -318,6 +318,12 @@ pub fn chain_hash(prev: &[u8], event: &Event) -> Vec<u8> {
 /// encoded after it.
 const HASH_FIELD: u32 = 21;
 const CODE_FIELD: u32 = 22;
+/// `code`'s key as encoded: its field number and wire type 2
+/// (length-delimited), a varint of two bytes.
+const CODE_KEY: [u8; 2] = {
+    let key = (CODE_FIELD << 3) | 2;
+    [(key & 0x7f) as u8 | 0x80, (key >> 7) as u8]
+};
 
 /// Chains `event` after its `prev_hash`: sets `hash` as [`chain_hash`]
 /// does and returns the event's encoding with it, from one encoding of
@@ -335,22 +341,19 @@ pub fn seal(event: &mut Event) -> Vec<u8> {
     } else {
         prost::encoding::string::encoded_len(CODE_FIELD, &event.code)
     };
-    let mut code_key = Vec::with_capacity(2);
-    prost::encoding::encode_key(
-        CODE_FIELD,
-        prost::encoding::WireType::LengthDelimited,
-        &mut code_key,
-    );
     let at = bytes.len() - after;
     // What follows the hash is `code`, or nothing: anything else is a field
     // added after `hash` without this knowing, encoded again whole.
-    if after > 0 && !bytes[at..].starts_with(&code_key) {
+    if after > 0 && !bytes[at..].starts_with(&CODE_KEY) {
         debug_assert!(false, "a field was added after `hash`: {event:?}");
         return event.encode_to_vec();
     }
-    let mut field = Vec::with_capacity(event.hash.len() + 3);
-    prost::encoding::bytes::encode(HASH_FIELD, &event.hash, &mut field);
-    bytes.splice(at..at, field);
+    // The hash's field goes at the end, then the tail turns so that it
+    // comes before `code`: no second buffer.
+    let end = bytes.len();
+    prost::encoding::bytes::encode(HASH_FIELD, &event.hash, &mut bytes);
+    let field = bytes.len() - end;
+    bytes[at..].rotate_right(field);
     debug_assert_eq!(bytes, event.encode_to_vec(), "a field was added after `hash`");
     bytes
 }
@@ -545,6 +548,13 @@ mod tests {
         full.prev_hash = vec![7; 32];
         full.code = "rate_limited".into();
         full.hash = vec![1; 32]; // replaced, not kept
+        let mut key = Vec::new();
+        prost::encoding::encode_key(
+            CODE_FIELD,
+            prost::encoding::WireType::LengthDelimited,
+            &mut key,
+        );
+        assert_eq!(key, CODE_KEY);
         for mut e in [full.clone(), Event { code: String::new(), ..full.clone() }, Event::default()]
         {
             let bytes = seal(&mut e);
