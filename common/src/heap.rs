@@ -25,6 +25,8 @@ pub struct HeapStats {
     /// heap's share of the RSS: what it holds, fragmentation and metadata
     /// included; jemalloc counts it as an upper bound).
     pub resident: u64,
+    /// Bytes of the allocator's own bookkeeping (part of `resident`).
+    pub metadata: u64,
 }
 
 /// The allocator's figures now, or `None` when jemalloc cannot say. In a
@@ -38,6 +40,7 @@ pub fn stats() -> Option<HeapStats> {
     Some(HeapStats {
         allocated: tikv_jemalloc_ctl::stats::allocated::read().ok()? as u64,
         resident: tikv_jemalloc_ctl::stats::resident::read().ok()? as u64,
+        metadata: tikv_jemalloc_ctl::stats::metadata::read().ok()? as u64,
     })
 }
 
@@ -102,8 +105,10 @@ mod tests {
             during.allocated >= before.allocated + 60 * (1 << 20),
             "64 MiB held: {before:?} -> {during:?}"
         );
-        // Written pages are resident: the 64 MiB are in `resident` too.
+        // Written pages are resident: the 64 MiB are in `resident` too,
+        // and the bookkeeping is part of what is resident.
         assert!(during.resident >= before.resident + 60 * (1 << 20), "{before:?} -> {during:?}");
+        assert!(during.metadata > 0 && during.metadata < during.resident, "{during:?}");
         drop(held);
         let after = stats().expect("jemalloc reports");
         assert!(after.allocated + 60 * (1 << 20) <= during.allocated, "{during:?} -> {after:?}");

@@ -55,6 +55,9 @@ async fn child_server(args: &[String]) -> ExitCode {
     if let Some(max) = args.iter().find_map(|a| a.strip_prefix("--max-connections=")) {
         config.node_max_connections = max.parse().expect("--max-connections=N");
     }
+    if let Some(keep) = args.iter().find_map(|a| a.strip_prefix("--change-log-keep=")) {
+        config.change_log_keep = keep.parse().expect("--change-log-keep=N");
+    }
     let server =
         tessera_server::Server::bind(config, std::sync::Arc::new(tessera_server::SystemClock))
             .await
@@ -74,7 +77,7 @@ async fn child_server(args: &[String]) -> ExitCode {
 }
 
 /// Writes the allocator's figures to `file` every 5 s (`allocated
-/// resident`, bytes; replaced whole), for the soak to read. A write that
+/// resident metadata`, bytes; replaced whole), for the soak to read. A write that
 /// fails removes the file, so that the soak sees no figure rather than a
 /// stale one.
 ///
@@ -103,7 +106,9 @@ fn write_heap_stats(file: std::path::PathBuf) {
         let tmp = file.with_extension("tmp");
         let written = tessera_common::heap::stats()
             .ok_or_else(|| std::io::Error::other("jemalloc gave no statistics"))
-            .and_then(|s| std::fs::write(&tmp, format!("{} {}\n", s.allocated, s.resident)))
+            .and_then(|s| {
+                std::fs::write(&tmp, format!("{} {} {}\n", s.allocated, s.resident, s.metadata))
+            })
             .and_then(|()| std::fs::rename(&tmp, &file));
         if let Err(e) = written {
             eprintln!("heap figures not written to {}: {e}", file.display());
@@ -249,7 +254,8 @@ pub struct Child {
 impl Child {
     /// A server on the data dir `dir`; `flags`: `--no-events`,
     /// `--datastore=URL`, `--max-connections=N` (node API),
-    /// `--heap-file=PATH` (its allocator's figures written there).
+    /// `--heap-file=PATH` (its allocator's figures written there),
+    /// `--change-log-keep=N`.
     pub fn server(dir: &Path, flags: &[&str]) -> Self {
         let dir = dir.display().to_string();
         Self::start(None, &[SERVER, &dir], flags)

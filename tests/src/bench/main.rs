@@ -7,12 +7,12 @@
 //! ```sh
 //! cargo run --release -p tessera-tests --bin tessera-bench -- all
 //! cargo run --release -p tessera-tests --bin tessera-bench -- scale10k [--agents N] [--entries N] [--servers 1|2|both]
-//! cargo run --release -p tessera-tests --bin tessera-bench -- soak --duration 60m
+//! cargo run --release -p tessera-tests --bin tessera-bench -- soak [--duration 60m] [--no-events] [--change-log-keep N]
 //! ```
 //!
 //! What lives here. This file only reads the command line and runs the
 //! scenarios in order. Each scenario has a file of its own (`issue.rs` …
-//! `hostile.rs`, `scale10k.rs`, `soak.rs`) with a `run` that prints its rows
+//! `hostile.rs`, `scale10k.rs`, `soak/`) with a `run` that prints its rows
 //! and returns its JSON results. The shared helpers:
 //!
 //! - `stats.rs` — percentiles, rates, rounding, table rows, the JSON result;
@@ -106,8 +106,8 @@ async fn run() -> ExitCode {
         eprintln!("error: unknown scenario {scenario:?}; choose one of {}", SCENARIOS.join(", "));
         return ExitCode::from(2);
     }
-    // The soak's length, read before anything runs: a bad one is a usage error.
-    let soak = match (scenario == "soak").then(|| soak::duration_from(&args[1..])).transpose() {
+    // The soak's flags, read before anything runs: a bad one is a usage error.
+    let soak = match (scenario == "soak").then(|| soak::options_from(&args[1..])).transpose() {
         Ok(soak) => soak,
         Err(why) => {
             eprintln!("error: {why}");
@@ -172,8 +172,8 @@ async fn run() -> ExitCode {
             }
         }
     }
-    if let Some(duration) = soak {
-        results.extend(soak::run(duration, !args.iter().any(|a| a == "--no-events")).await);
+    if let Some(options) = soak {
+        results.extend(soak::run(options).await);
     }
     bounds::report(&results);
     results.print();

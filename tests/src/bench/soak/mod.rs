@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tessera_agent::{cli_request, connect_workload_api, fetch_x509};
 use tessera_proto::admin as admin_pb;
 use tessera_proto::types;
@@ -24,8 +23,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::children::{admin_at, bundle_of, join_token, AdminClient, Child};
-use crate::stats::{round, Figures};
+use crate::stats::Figures;
 use crate::workload::me;
+
+mod report;
+
+use report::{report, Sample};
 
 /// Entries for this process, each an identity of its own.
 const ENTRIES: usize = 200;
@@ -51,20 +54,51 @@ const WINDOW: usize = 10;
 /// RSS and fds may grow this much after the warm-up.
 const BOUND: f64 = 1.10;
 
-/// The run's length from `--duration D` or `--duration=D` in `args`: `60m`,
-/// `600s`, `2h`, or seconds (`90`); an hour when absent.
-pub fn duration_from(args: &[String]) -> Result<Duration, String> {
-    let mut value = None;
+/// How a soak runs, from its flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// `--duration D` or `--duration=D`: `60m`, `600s`, `2h`, or seconds
+    /// (`90`); an hour when absent.
+    pub duration: Duration,
+    /// Off with `--no-events`: the server's event log off, for what the
+    /// server holds without a growing event store.
+    pub events: bool,
+    /// `--change-log-keep N`: the server keeps its change log to the
+    /// newest N changes instead of its default (100,000), for what the log
+    /// costs before it reaches its bound.
+    pub change_log_keep: Option<u64>,
+}
+
+/// The soak's options from `args` (those after the scenario's name).
+pub fn options_from(args: &[String]) -> Result<Options, String> {
+    let mut options = Options { duration: DEFAULT_DURATION, events: true, change_log_keep: None };
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
-        if arg == "--duration" {
-            value =
-                Some(rest.next().ok_or("--duration needs a value, e.g. 60m, 600s or 90")?.as_str());
-        } else if let Some(v) = arg.strip_prefix("--duration=") {
-            value = Some(v);
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) => (flag, Some(value)),
+            None => (arg.as_str(), None),
+        };
+        let mut value = |example: &str| match inline {
+            Some(v) => Ok(v),
+            None => rest
+                .next()
+                .map(String::as_str)
+                .ok_or(format!("{flag} needs a value, e.g. {example}")),
+        };
+        match flag {
+            "--duration" => options.duration = parse_duration(value("60m, 600s or 90")?)?,
+            "--change-log-keep" => {
+                let keep = value("2000")?;
+                match keep.parse::<u64>() {
+                    Ok(n) if n > 0 => options.change_log_keep = Some(n),
+                    _ => return Err(format!("--change-log-keep must be a positive whole number, not {keep:?}")),
+                }
+            }
+            "--no-events" if inline.is_none() => options.events = false,
+            _ => return Err(format!("unknown soak flag {arg:?}; the soak takes --duration D, --no-events and --change-log-keep N")),
         }
     }
-    value.map_or(Ok(DEFAULT_DURATION), parse_duration)
+    Ok(options)
 }
 
 /// `text` as the server's CLI reads durations (`90`, `600s`, `60m`, `2h`,
@@ -77,10 +111,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// The soak, for `duration`; with the server's event log off when
-/// `events` is false (`--no-events`: what the server holds without a
-/// growing event store).
-pub async fn run(duration: Duration, events: bool) -> Figures {
+/// The soak, as `options` say.
+pub async fn run(options: Options) -> Figures {
+    let Options { duration, events, change_log_keep } = options;
     let (warm_up, warm_up_why) = if duration >= DEFAULT_DURATION {
         (FULL_WARM_UP, "the first 10 min".to_string())
     } else {
@@ -90,10 +123,11 @@ pub async fn run(duration: Duration, events: bool) -> Figures {
     println!(
         "soak: {:.0} s; {ENTRIES} entries at a {TTL} s TTL, {WATCHERS} watchers, JWT and X509 \
          fetch loops, an entry created and one deleted every {} ms; warm-up: {warm_up_why}; \
-         server event log {}",
+         server event log {}; change log kept to {} changes",
         duration.as_secs_f64(),
         CHURN_EVERY.as_millis(),
-        if events { "on" } else { "off (--no-events)" }
+        if events { "on" } else { "off (--no-events)" },
+        change_log_keep.map_or("the default".to_string(), |n| n.to_string())
     );
 
     // A server and an agent in their own processes; the entries before the
@@ -102,10 +136,12 @@ pub async fn run(duration: Duration, events: bool) -> Figures {
     let server_dir = dir.path().join("server");
     let heap_file = dir.path().join("server-heap");
     let heap_flag = format!("--heap-file={}", heap_file.display());
+    let keep_flag = change_log_keep.map(|n| format!("--change-log-keep={n}"));
     let mut flags = vec![heap_flag.as_str()];
     if !events {
         flags.push("--no-events");
     }
+    flags.extend(keep_flag.as_deref());
     let server = Child::server(&server_dir, &flags);
     let mut admin = admin_at(&server_dir).await;
     let bundle = bundle_of(&mut admin).await;
@@ -260,80 +296,6 @@ impl Counters {
             format!("{what}: other")
         };
         *reasons.entry(key).or_default() += 1;
-    }
-}
-
-/// One row.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    at: f64,
-    server_rss: f64,
-    /// What the server's allocator says it holds (its live heap), from
-    /// the file the server child rewrites every 5 s (`--heap-file`).
-    server_heap: Option<f64>,
-    agent_rss: f64,
-    /// The agent's event spool file (events not yet stored by the server,
-    /// and acknowledged ones until the file is compacted).
-    spool_mb: f64,
-    /// The server's database directory (events are most of it).
-    store_mb: f64,
-    server_fds: usize,
-    agent_fds: usize,
-    updates: u64,
-    jwt: u64,
-    x509: u64,
-    errors: u64,
-}
-
-impl Sample {
-    fn take(
-        start: Instant,
-        (server, agent): (u32, u32),
-        (spool, store, heap): (&std::path::Path, &std::path::Path, &std::path::Path),
-        counters: &Counters,
-    ) -> Self {
-        let store_bytes: u64 = std::fs::read_dir(store).map_or(0, |files| {
-            files.flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum()
-        });
-        let fds =
-            |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
-        Self {
-            at: start.elapsed().as_secs_f64(),
-            server_rss: tessera_tests::hostile::rss_mb(server),
-            // MiB, as `rss_mb`.
-            server_heap: std::fs::read_to_string(heap)
-                .ok()
-                .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-                .map(|b| b / f64::from(1u32 << 20)),
-            agent_rss: tessera_tests::hostile::rss_mb(agent),
-            spool_mb: std::fs::metadata(spool).map_or(0.0, |m| m.len() as f64 / 1e6),
-            store_mb: store_bytes as f64 / 1e6,
-            server_fds: fds(server),
-            agent_fds: fds(agent),
-            updates: counters.updates.load(Ordering::Relaxed),
-            jwt: counters.jwt.load(Ordering::Relaxed),
-            x509: counters.x509.load(Ordering::Relaxed),
-            errors: counters.errors.load(Ordering::Relaxed),
-        }
-    }
-
-    fn print(&self, warm_up_end: bool) {
-        println!(
-            "{:>9.0} {:>10.1} {:>11} {:>10.1} {:>10.1} {:>10.1} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}{}",
-            self.at,
-            self.server_rss,
-            self.server_heap.map_or("-".to_string(), |h| format!("{h:.1}")),
-            self.agent_rss,
-            self.spool_mb,
-            self.store_mb,
-            self.server_fds,
-            self.agent_fds,
-            self.updates,
-            self.jwt,
-            self.x509,
-            self.errors,
-            if warm_up_end { "  <- end of warm-up" } else { "" }
-        );
     }
 }
 
@@ -553,148 +515,47 @@ async fn final_fetch(endpoint: &str, ids: &[String]) -> Served {
     }
 }
 
-/// Least-squares slope of `y` over the samples' time, per hour.
-fn per_hour(samples: &[Sample], y: impl Fn(&Sample) -> f64) -> f64 {
-    let n = samples.len() as f64;
-    if n < 2.0 {
-        return 0.0;
-    }
-    let mean_t = samples.iter().map(|s| s.at).sum::<f64>() / n;
-    let mean_y = samples.iter().map(&y).sum::<f64>() / n;
-    let cov: f64 = samples.iter().map(|s| (s.at - mean_t) * (y(s) - mean_y)).sum();
-    let var: f64 = samples.iter().map(|s| (s.at - mean_t).powi(2)).sum();
-    if var == 0.0 {
-        0.0
-    } else {
-        cov / var * 3600.0
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The end summary and warnings; the figures.
-fn report(samples: &[Sample], warm_up: Duration, counters: &Counters, served: &Served) -> Figures {
-    let warm = samples.iter().find(|s| s.at >= warm_up.as_secs_f64()).unwrap();
-    let end = samples.last().unwrap();
-    let after: Vec<Sample> =
-        samples.iter().filter(|s| s.at >= warm_up.as_secs_f64()).copied().collect();
-    let mut warnings = Vec::new();
-    let mut grew = |what: &str, warm: f64, end: f64, warned: bool| {
-        let ratio = end / warm;
-        println!(
-            "{:<44} {warm:>12.1} {end:>12.1} {ratio:>12.3}",
-            format!("soak: {what}, warm-up end; end; ratio")
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn the_soak_reads_its_flags_in_either_form_and_defaults_to_an_hour_with_events() {
+        let none = options_from(&[]).unwrap();
+        assert_eq!(
+            none,
+            Options { duration: DEFAULT_DURATION, events: true, change_log_keep: None }
         );
-        if warned && ratio > BOUND {
-            warnings.push(format!("{what} grew {ratio:.3} after warm-up (bound {BOUND:.2})"));
+        let all = options_from(&args("--duration=90 --no-events --change-log-keep 2000")).unwrap();
+        assert_eq!(
+            all,
+            Options {
+                duration: Duration::from_secs(90),
+                events: false,
+                change_log_keep: Some(2000)
+            }
+        );
+        let spaced = options_from(&args("--duration 2h --change-log-keep=5")).unwrap();
+        assert_eq!((spaced.duration, spaced.change_log_keep), (Duration::from_secs(7200), Some(5)));
+    }
+
+    #[test]
+    fn a_bad_soak_flag_is_a_one_line_error() {
+        for (line, says) in [
+            ("--change-log-keep 0", "positive whole number"),
+            ("--change-log-keep=-3", "positive whole number"),
+            ("--change-log-keep", "needs a value"),
+            ("--duration", "needs a value"),
+            ("--duration 0", "at least 1 s"),
+            ("--no-events=1", "unknown soak flag"),
+            ("--quick", "unknown soak flag"),
+        ] {
+            let why = options_from(&args(line)).unwrap_err();
+            assert!(why.contains(says) && !why.contains('\n'), "{line}: {why}");
         }
-    };
-    // RSS swings between samples as the allocator returns pages (a 60 MB
-    // agent by ±8 MB): one sample against one is noise. The bound is on
-    // the mean of the first and of the last WINDOW after the warm-up.
-    let window = |from_end: bool, y: fn(&Sample) -> f64| {
-        if after.is_empty() {
-            return 0.0;
-        }
-        let n = after.len().clamp(1, WINDOW);
-        let picked = if from_end { &after[after.len() - n..] } else { &after[..n] };
-        picked.iter().map(y).sum::<f64>() / n as f64
-    };
-    grew("server RSS MB", warm.server_rss, end.server_rss, false);
-    grew("agent RSS MB", warm.agent_rss, end.agent_rss, false);
-    grew(
-        &format!("server RSS MB, mean of {WINDOW} samples"),
-        window(false, |s| s.server_rss),
-        window(true, |s| s.server_rss),
-        true,
-    );
-    grew(
-        &format!("agent RSS MB, mean of {WINDOW} samples"),
-        window(false, |s| s.agent_rss),
-        window(true, |s| s.agent_rss),
-        true,
-    );
-    // The server child rewrites its allocator's figures every 5 s; a run
-    // without them says so rather than printing a flat zero.
-    let heap = |s: &Sample| s.server_heap.unwrap_or(f64::NAN);
-    grew(
-        &format!("server live heap MB, mean of {WINDOW} samples"),
-        window(false, heap),
-        window(true, heap),
-        false,
-    );
-    grew("server fds", warm.server_fds as f64, end.server_fds as f64, true);
-    grew("agent fds", warm.agent_fds as f64, end.agent_fds as f64, true);
-    if after.iter().any(|s| s.server_heap.is_none()) {
-        warnings.push("the server's allocator figures were missing from some samples".into());
     }
-    let peak = |y: fn(&Sample) -> f64| after.iter().map(y).fold(0.0, f64::max);
-    println!(
-        "{:<44} {:>12.1} {:>12.1}",
-        "soak: RSS MB peak after warm-up, server; agent",
-        peak(|s| s.server_rss),
-        peak(|s| s.agent_rss)
-    );
-    println!(
-        "{:<44} {:>12.1} {:>12.1}",
-        "soak: RSS MB/h trend after warm-up, srv; agt",
-        per_hour(&after, |s| s.server_rss),
-        per_hour(&after, |s| s.agent_rss)
-    );
-    let issued = counters.issued.load(Ordering::Relaxed);
-    let churned = counters.churned.load(Ordering::Relaxed);
-    println!(
-        "{:<44} {:>12} {:>12} {:>12}",
-        "soak: X509-SVIDs seen; churned; updates", issued, churned, end.updates
-    );
-    println!(
-        "{:<44} {:>12} {:>12} {:>12}",
-        "soak: JWT fetches; X509 fetches; errors", end.jwt, end.x509, end.errors
-    );
-    println!(
-        "{:<44} {:>12} {:>12} {:>12}",
-        format!("soak: final fetch: of {ENTRIES}; others; expired"),
-        served.ours,
-        served.others,
-        served.expired
-    );
-    println!("{:<44} {:>12.1}", "soak: churn over to exactly those served (s)", served.settle_s);
-    for (why, n) in counters.reasons.lock().unwrap().iter() {
-        println!("  error x{n}: {why}");
-    }
-    if served.ours != ENTRIES || served.others != 0 || served.expired != 0 {
-        warnings.push(format!(
-            "the final FetchX509SVID served {} of the {ENTRIES} identities, {} others, {} expired",
-            served.ours, served.others, served.expired
-        ));
-    }
-    let errors = counters.errors.load(Ordering::Relaxed);
-    if errors > 0 {
-        warnings.push(format!("{errors} errors during the soak (see above)"));
-    }
-    for warning in &warnings {
-        println!("WARNING: {warning}");
-    }
-    vec![
-        ("soak_seconds", json!(end.at.round())),
-        ("soak_server_rss_warm_mb", json!(round(warm.server_rss))),
-        ("soak_server_rss_end_mb", json!(round(end.server_rss))),
-        ("soak_agent_rss_warm_mb", json!(round(warm.agent_rss))),
-        ("soak_agent_rss_end_mb", json!(round(end.agent_rss))),
-        (
-            "soak_server_rss_window_ratio",
-            json!(round(window(true, |s| s.server_rss) / window(false, |s| s.server_rss))),
-        ),
-        (
-            "soak_agent_rss_window_ratio",
-            json!(round(window(true, |s| s.agent_rss) / window(false, |s| s.agent_rss))),
-        ),
-        ("soak_server_heap_window_ratio", json!(round(window(true, heap) / window(false, heap)))),
-        ("soak_server_fds_warm", json!(warm.server_fds)),
-        ("soak_server_fds_end", json!(end.server_fds)),
-        ("soak_agent_fds_warm", json!(warm.agent_fds)),
-        ("soak_agent_fds_end", json!(end.agent_fds)),
-        ("soak_issued", json!(issued)),
-        ("soak_errors", json!(errors)),
-        ("soak_served", json!(served.ours)),
-        ("soak_warnings", json!(warnings.len())),
-    ]
 }
