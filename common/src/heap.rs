@@ -1,8 +1,9 @@
 //! The allocator of Tessera's programs (`tessera-server`, `tessera-agent`,
 //! `tessera-quickstart`, `tessera-bench`), decided once: jemalloc, with
 //! its background thread returning freed pages to the kernel, and what it
-//! reports (its live heap and what it holds resident), which the server
-//! and the agent export as metrics and the soak prints.
+//! reports (its live heap, what it holds resident, its own metadata),
+//! which the server and the agent export as metrics (the first two) and
+//! the soak prints.
 //!
 //! Why jemalloc: the server's RSS under the hour-long soak kept rising on
 //! mimalloc (2 and 3, with every collect and purge option) and on glibc

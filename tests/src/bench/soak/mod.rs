@@ -6,8 +6,10 @@
 //! second. Every 30 s a row of the two processes' RSS and open fds and of
 //! the work done; at the end, how RSS and fds moved after the warm-up
 //! (the target: RSS within 10 %, fds flat) and whether all 200 identities
-//! are still served. Runs only when asked for (`tessera-bench soak
-//! [--duration 60m] [--no-events]`), never as part of `all`.
+//! are still served, with the server's RSS split into its parts
+//! (`report.rs`). Runs only when asked for (`tessera-bench soak
+//! [--duration 60m] [--no-events] [--change-log-keep N]`), never as part
+//! of `all`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,8 +66,9 @@ pub struct Options {
     /// server holds without a growing event store.
     pub events: bool,
     /// `--change-log-keep N`: the server keeps its change log to the
-    /// newest N changes instead of its default (100,000), for what the log
-    /// costs before it reaches its bound.
+    /// newest N changes instead of its default (100,000): a small N holds
+    /// the log at its bound from early on, to compare with a run whose
+    /// log is still filling.
     pub change_log_keep: Option<u64>,
 }
 
@@ -83,6 +86,7 @@ pub fn options_from(args: &[String]) -> Result<Options, String> {
             None => rest
                 .next()
                 .map(String::as_str)
+                .filter(|v| !v.starts_with("--"))
                 .ok_or(format!("{flag} needs a value, e.g. {example}")),
         };
         match flag {
@@ -550,6 +554,7 @@ mod tests {
             ("--change-log-keep=-3", "positive whole number"),
             ("--change-log-keep", "needs a value"),
             ("--duration", "needs a value"),
+            ("--duration --no-events", "needs a value"),
             ("--duration 0", "at least 1 s"),
             ("--no-events=1", "unknown soak flag"),
             ("--quick", "unknown soak flag"),

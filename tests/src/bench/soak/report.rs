@@ -1,6 +1,6 @@
 //! The soak's rows and its end summary: how each process's RSS and fds
-//! moved after the warm-up, and of what the server's RSS is made (the
-//! binary's pages against anonymous memory, beside the allocator's own
+//! moved after the warm-up, and of what the server's RSS is made (pages
+//! backed by files against anonymous memory, beside the allocator's own
 //! figures), so that growth is placed, not only measured.
 
 use std::sync::atomic::Ordering;
@@ -268,15 +268,16 @@ type Figure = fn(&Sample) -> f64;
 
 /// Of what the server's RSS is made, at each end of the run after the
 /// warm-up (`window(y)`: the means of the first and of the last samples),
-/// and how each part moved: the binary's pages (read in as more of its
-/// code runs) against anonymous memory (heap, stacks), and beside them
-/// the allocator's own figures. Those are not parts of the RSS: pages it
-/// handed out and nobody touched yet count in them and not in the RSS
-/// (a short run's live heap can exceed its anonymous RSS).
+/// and how each part moved: pages backed by files (the binary's, read in
+/// as more of its code runs, and the libraries') against anonymous memory
+/// (heap, stacks), and beside them the allocator's own figures. Those are
+/// not parts of the RSS: memory handed out and never touched counts in
+/// them and not in the RSS (the soak server's live heap is above its
+/// anonymous RSS).
 fn print_parts(window: impl Fn(Figure) -> (f64, f64)) {
     let parts: [(&str, Figure); 6] = [
         ("RSS", |s| s.server_rss),
-        ("  file-backed (the binary's pages)", |s| s.server_file),
+        ("  file-backed (binary, libraries)", |s| s.server_file),
         ("  anonymous (heap, stacks)", |s| s.server_anon),
         ("allocator: live heap", |s| s.server_heap.map_or(f64::NAN, |h| h.allocated)),
         ("  its metadata", |s| s.server_heap.map_or(f64::NAN, |h| h.metadata)),
