@@ -497,20 +497,24 @@ impl Drop for ServerProcess {
 
 /// Resident memory of process `pid`, MiB (`VmRSS`).
 pub fn rss_mb(pid: u32) -> f64 {
-    status_mb(pid, "VmRSS:")
+    let [rss] = status_mb(pid, ["VmRSS:"]);
+    rss
 }
 
-/// A `/proc/<pid>/status` figure in kB (`field` with its colon, e.g.
-/// `RssAnon:`), in MiB; 0 when the process or the field is gone.
-pub fn status_mb(pid: u32, field: &str) -> f64 {
+/// `/proc/<pid>/status` figures in kB (each `fields` with its colon, e.g.
+/// `RssAnon:`), in MiB, from one read of the file; 0 for a field (or a
+/// process) that is gone.
+pub fn status_mb<const N: usize>(pid: u32, fields: [&str; N]) -> [f64; N] {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
+    fields.map(|field| {
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kb / 1024.0
+    })
 }
 
 /// The store's write sequence (one per commit), from the watermark file

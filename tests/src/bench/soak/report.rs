@@ -16,8 +16,9 @@ use crate::stats::{round, Figures};
 pub(super) struct Sample {
     pub(super) at: f64,
     server_rss: f64,
-    /// The server's resident pages backed by files (its binary's, read as
-    /// its code runs) and anonymous ones (heap, stacks), MiB.
+    /// The server's resident pages backed by files (its binary's, read in
+    /// as its code runs, and its libraries') and anonymous ones (heap,
+    /// stacks), MiB.
     server_file: f64,
     server_anon: f64,
     /// What the server's allocator says, from the file the server child
@@ -73,11 +74,14 @@ impl Sample {
         });
         let fds =
             |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+        // One read of the server's status for its three figures.
+        let [server_rss, server_file, server_anon] =
+            tessera_tests::hostile::status_mb(server, ["VmRSS:", "RssFile:", "RssAnon:"]);
         Self {
             at: start.elapsed().as_secs_f64(),
-            server_rss: tessera_tests::hostile::rss_mb(server),
-            server_file: tessera_tests::hostile::status_mb(server, "RssFile:"),
-            server_anon: tessera_tests::hostile::status_mb(server, "RssAnon:"),
+            server_rss,
+            server_file,
+            server_anon,
             server_heap: std::fs::read_to_string(heap).ok().and_then(|l| Allocator::parse(&l)),
             agent_rss: tessera_tests::hostile::rss_mb(agent),
             spool_mb: std::fs::metadata(spool).map_or(0.0, |m| m.len() as f64 / 1e6),
