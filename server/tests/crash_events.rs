@@ -65,12 +65,22 @@ async fn admin(socket: &Path) -> AdminClient<Channel> {
     tessera_server::connect_admin(socket).await.unwrap()
 }
 
+/// Entry `n`; every third one with 40 long DNS names (~6 KB), a record
+/// (and events) larger than a sled row, so that kills land on values the
+/// store splits into rows too (`store/sled/chunks.rs`).
 fn entry(n: u64) -> types::Entry {
+    let label = "a".repeat(60);
+    let dns_names = if n.is_multiple_of(3) {
+        (0..40).map(|i| format!("{label}.{label}.n{n}-{i}.example.org")).collect()
+    } else {
+        Vec::new()
+    };
     types::Entry {
         spiffe_id: format!("spiffe://example.org/crash/w{n}"),
         parent_id: "spiffe://example.org/crash/agent".into(),
         selectors: vec![types::Selector { r#type: "unix".into(), value: format!("uid:{n}") }],
         x509_svid_ttl: Some(3600),
+        dns_names,
         ..Default::default()
     }
 }
@@ -175,7 +185,9 @@ fn revision_of(json: &str) -> u64 {
 }
 
 /// Checks the store and the event log against the model.
-async fn check(socket: &Path, model: &Model, seed: u64, round: usize) {
+/// Checks the restarted server against the model; returns how many of its
+/// entries were large (split into rows on sled).
+async fn check(socket: &Path, model: &Model, seed: u64, round: usize) -> usize {
     let ctx = format!("seed {seed}, after kill {round}");
     let mut client = admin(socket).await;
     let entries = all_entries(&mut client).await;
@@ -207,6 +219,9 @@ async fn check(socket: &Path, model: &Model, seed: u64, round: usize) {
         );
     }
     for (id, stored) in &entries {
+        // Whole as written, the large ones (split into rows) too.
+        let n: u64 = stored.spiffe_id.rsplit("/w").next().and_then(|n| n.parse().ok()).unwrap();
+        assert_eq!(stored.dns_names, entry(n).dns_names, "{ctx}: entry {id} is not as written");
         let created = creates.iter().filter(|e| e.entry_ids.contains(id)).count();
         assert_eq!(created, 1, "{ctx}: entry {id} in the store has {created} create events");
         let last = creates
@@ -261,6 +276,7 @@ async fn check(socket: &Path, model: &Model, seed: u64, round: usize) {
     for jti in &model.revoked {
         assert!(stored.contains(jti), "{ctx}: acknowledged revocation of {jti} is missing");
     }
+    entries.values().filter(|e| !e.dns_names.is_empty()).count()
 }
 
 fn seed() -> u64 {
@@ -279,7 +295,7 @@ async fn crash_loop(data: &Path, extra: &[&str], kills: usize) {
     println!("crash test seed {seed} (TESSERA_CRASH_SEED={seed} replays it)");
     let mut rng = Rng(seed);
     let mut model = Model::default();
-    let mut n = 0u64;
+    let (mut n, mut large) = (0u64, 0);
     for round in 1..=kills {
         let server = RunningServer::start(data, extra);
         let socket = server.socket.clone();
@@ -299,7 +315,7 @@ async fn crash_loop(data: &Path, extra: &[&str], kills: usize) {
         drop(server);
         (model, n) = writer.await.unwrap();
         let server = RunningServer::start(data, extra);
-        check(&server.socket, &model, seed, round).await;
+        large += check(&server.socket, &model, seed, round).await;
         server.stop();
     }
     for kind in ["create", "update", "delete", "join_token", "mint"] {
@@ -309,6 +325,7 @@ async fn crash_loop(data: &Path, extra: &[&str], kills: usize) {
             model.done
         );
     }
+    assert!(large > 0, "seed {seed}: no large entry was checked after a kill");
     println!("seed {seed}: {:?} acknowledged over {kills} kills", model.done);
 }
 

@@ -1,5 +1,5 @@
 //! Why storage failed: [`StoreError`]. The key-value layer (`kv.rs`,
-//! `sled.rs`, `postgres.rs`) reports its failures with it, and depends on
+//! `sled/`, `postgres.rs`) reports its failures with it, and depends on
 //! nothing else of the store.
 
 use sled::transaction::TransactionError;

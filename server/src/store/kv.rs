@@ -1,6 +1,6 @@
 //! The ordered key-value layer under the store, the event log and the
 //! proposals: named trees of byte keys and values, read directly or inside
-//! a locked transaction. `sled.rs` has one server's embedded database,
+//! a locked transaction. `sled/` has one server's embedded database,
 //! `postgres.rs` PostgreSQL, shared by several servers. This layer knows
 //! nothing of the store above it but [`StoreError`].
 //!

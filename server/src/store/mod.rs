@@ -24,7 +24,7 @@
 //! only this file and the files listed before it:
 //!
 //! - the key-value layer: `error.rs`, `kv.rs` (the `Kv` trait,
-//!   transactions, locks), `sled.rs`, `postgres.rs` (with `postgres/`:
+//!   transactions, locks), `sled/` (with `chunks.rs`), `postgres.rs` (with `postgres/`:
 //!   a connection, TLS), and `kv_api.rs`, the crate's public `kv` module.
 //!   It knows nothing of the store but `StoreError`.
 //! - the records: `layout.rs` (trees, keys, decoding), `audit.rs` (the

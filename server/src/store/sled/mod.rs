@@ -3,12 +3,15 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use sled::Transactional;
 
 use super::error::StoreError;
 use super::kv::{scan_prefix, Kv, Lock, OnRemoteChange, Op, Pair, Pairs, TxRead, Txn};
+
+mod chunks;
+use chunks::{Chunked, Stub, CHUNKS};
 
 /// The largest a row written by many (a commit's events, a batch's issued
 /// SVIDs) should grow. sled splits a leaf once it holds more than 16
@@ -20,8 +23,8 @@ use super::kv::{scan_prefix, Kv, Lock, OnRemoteChange, Op, Pair, Pairs, TxRead, 
 /// up to 30 of them under 128 KiB (`tests/tests/core_trust.rs::
 /// signing_at_volume_writes_no_file_the_store_does_not_fsync`). A value
 /// larger than this on its own (an event past 4 KiB once deflated, the
-/// CRLs) is a row of its own, and enough of them side by side can still
-/// make such a node: values are not split across rows.
+/// CRLs) is split into rows of this size in a tree of their own, in the
+/// same commit (`chunks.rs`).
 pub const ROW_BYTES: usize = 4 * 1024;
 
 /// How many of the items whose encodings take `lens` bytes go in each row,
@@ -60,6 +63,10 @@ pub struct SledKv {
     locks: [Mutex<()>; 2],
     /// The files under `blobs/` already fsynced (sled never syncs them).
     synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
+    /// The keys holding values split into chunks.
+    chunked: RwLock<Chunked>,
+    /// Held by each commit that writes, replaces or deletes a split value.
+    chunk_writes: Mutex<()>,
 }
 
 impl fmt::Debug for SledKv {
@@ -98,7 +105,10 @@ impl SledKv {
                         trees: Default::default(),
                         locks: Default::default(),
                         synced_blobs: Default::default(),
+                        chunked: Default::default(),
+                        chunk_writes: Default::default(),
                     };
+                    kv.load_chunked()?;
                     kv.restrict_files()?;
                     return Ok(kv);
                 }
@@ -118,11 +128,10 @@ impl SledKv {
     }
 
     /// fsyncs the files under `blobs/` not synced yet, then the directory:
-    /// sled writes a node past 128 KiB to a file of its own (`ROW_BYTES`
-    /// keeps the store's rows below that, but a large value alone can
-    /// still make one) and never syncs it. Called before sled's flush syncs
-    /// its log; sled's own periodic flush can still sync a log naming a
-    /// file written in the same instant, before this does.
+    /// sled writes a node past 128 KiB to a file of its own and never syncs
+    /// it. Rows of at most `ROW_BYTES` (large values split, `chunks.rs`)
+    /// keep every node below that; this is the guard should one still
+    /// appear. Called before sled's flush syncs its log.
     fn sync_blobs(&self) -> Result<(), StoreError> {
         let dir = self.dir.join("blobs");
         let failed = |e: std::io::Error| {
@@ -173,7 +182,74 @@ impl SledKv {
         Ok(tree)
     }
 
+    /// Which keys hold split values, from the manifests; what a crash or a
+    /// racing write left that nothing names is removed.
+    fn load_chunked(&self) -> Result<(), StoreError> {
+        let tree = self.db.open_tree(CHUNKS)?;
+        let manifests = tree
+            .scan_prefix(b"m")
+            .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<Pairs, _>>()?;
+        let chunk_keys = tree.scan_prefix(b"c").keys().collect::<Result<Vec<_>, _>>()?.into_iter();
+        let (chunked, stale) = Chunked::load(manifests, chunk_keys.map(|k| k.to_vec()), |t, k| {
+            Ok(self.db.open_tree(t)?.get(k)?.map(|v| v.to_vec()))
+        })?;
+        if !stale.is_empty() {
+            self.batches(stale)?;
+            self.db.flush()?;
+        }
+        *self.chunked.write().unwrap_or_else(|e| e.into_inner()) = chunked;
+        Ok(())
+    }
+
+    /// `value` as read under `key` of `tree`, a split value put back
+    /// together (`None`: the key was deleted while it was read).
+    fn resolve(
+        &self,
+        tree: &sled::Tree,
+        name: &str,
+        key: &[u8],
+        value: sled::IVec,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        if Stub::parse(&value).is_none() {
+            return Ok(Some(value.to_vec()));
+        }
+        let chunks = self.tree(CHUNKS)?;
+        chunks::resolve(
+            name,
+            key,
+            value.to_vec(),
+            || Ok(tree.get(key)?.map(|v| v.to_vec())),
+            |manifest| Ok(chunks.get(manifest)?.map(|v| v.to_vec())),
+            |prefix| {
+                chunks
+                    .scan_prefix(prefix)
+                    .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                    .collect::<Result<Pairs, _>>()
+                    .map_err(StoreError::from)
+            },
+        )
+    }
+
+    /// Applies `ops` atomically: split values written as their chunks in
+    /// the same commit, and the chunks of those replaced or deleted removed.
     fn commit(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        if !self.chunked.read().unwrap_or_else(|e| e.into_inner()).involves(&ops) {
+            return self.commit_as_is(ops);
+        }
+        let _one_at_a_time = self.chunk_writes.lock().unwrap_or_else(|e| e.into_inner());
+        let chunks = self.tree(CHUNKS)?;
+        let (ops, changes) =
+            self.chunked.read().unwrap_or_else(|e| e.into_inner()).expand(ops, |tree, key| {
+                let stored = chunks.get(chunks::manifest_key(tree, key))?;
+                Ok(stored.and_then(|v| Stub::parse(&v)))
+            })?;
+        self.commit_as_is(ops)?;
+        self.chunked.write().unwrap_or_else(|e| e.into_inner()).committed(changes);
+        Ok(())
+    }
+
+    fn commit_as_is(&self, ops: Vec<Op>) -> Result<(), StoreError> {
         let mut names: Vec<&'static str> = ops
             .iter()
             .map(|op| match op {
@@ -184,7 +260,7 @@ impl SledKv {
         names.dedup();
         if names.len() == 1 {
             // One tree: a batch is atomic, and cheaper than a transaction.
-            return self.apply_per_tree(ops);
+            return self.batches(ops);
         }
         let trees = names.iter().map(|n| self.tree(n)).collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&sled::Tree> = trees.iter().collect();
@@ -206,6 +282,31 @@ impl SledKv {
             })
             .map_err(StoreError::from)
     }
+
+    /// `ops` as one sled batch per tree: atomic within each tree only.
+    fn batches(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let mut batches: Vec<(&'static str, sled::Batch)> = Vec::new();
+        for op in ops {
+            let name = match &op {
+                Op::Put(t, ..) | Op::Delete(t, _) => *t,
+            };
+            let at = match batches.iter().position(|(n, _)| *n == name) {
+                Some(at) => at,
+                None => {
+                    batches.push((name, sled::Batch::default()));
+                    batches.len() - 1
+                }
+            };
+            match op {
+                Op::Put(_, k, v) => batches[at].1.insert(k, v),
+                Op::Delete(_, k) => batches[at].1.remove(k),
+            }
+        }
+        for (name, batch) in batches {
+            self.tree(name)?.apply_batch(batch)?;
+        }
+        Ok(())
+    }
 }
 
 impl TxRead for SledKv {
@@ -217,14 +318,26 @@ impl TxRead for SledKv {
         scan_prefix(self, tree, prefix)
     }
 
-    fn last(&self, tree: &'static str) -> Result<Option<Pair>, StoreError> {
-        Ok(self.tree(tree)?.last()?.map(|(k, v)| (k.to_vec(), v.to_vec())))
+    fn last(&self, name: &'static str) -> Result<Option<Pair>, StoreError> {
+        let tree = self.tree(name)?;
+        // Again if the last key is deleted while its value is put together.
+        loop {
+            let Some((k, v)) = tree.last()? else { return Ok(None) };
+            if let Some(v) = self.resolve(&tree, name, &k, v)? {
+                return Ok(Some((k.to_vec(), v)));
+            }
+        }
     }
 }
 
 impl Kv for SledKv {
     fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree(tree)?.get(key)?.map(|v| v.to_vec()))
+        let name = tree;
+        let tree = self.tree(name)?;
+        match tree.get(key)? {
+            Some(v) => self.resolve(&tree, name, key, v),
+            None => Ok(None),
+        }
     }
 
     fn range(
@@ -235,18 +348,33 @@ impl Kv for SledKv {
         limit: usize,
         reverse: bool,
     ) -> Result<Pairs, StoreError> {
-        let tree = self.tree(tree)?;
+        let name = tree;
+        let tree = self.tree(name)?;
         let iter = match end {
             Some(end) => tree.range(start..end),
             None => tree.range(start..),
         };
-        let pair = |item: sled::Result<(sled::IVec, sled::IVec)>| {
-            item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from)
+        // A key deleted while its split value was put together is left out.
+        let pair = |item: sled::Result<(sled::IVec, sled::IVec)>| -> Result<_, StoreError> {
+            let (k, v) = item?;
+            Ok(self.resolve(&tree, name, &k, v)?.map(|v| (k.to_vec(), v)))
+        };
+        let pairs = |iter: &mut dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>| -> Result<Pairs, StoreError> {
+            let mut out = Vec::new();
+            for item in iter {
+                if out.len() == limit {
+                    break;
+                }
+                if let Some(pair) = pair(item)? {
+                    out.push(pair);
+                }
+            }
+            Ok(out)
         };
         if reverse {
-            iter.rev().take(limit).map(pair).collect()
+            pairs(&mut iter.rev())
         } else {
-            iter.take(limit).map(pair).collect()
+            pairs(&mut { iter })
         }
     }
 
@@ -281,27 +409,11 @@ impl Kv for SledKv {
     }
 
     fn apply_per_tree(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        let mut batches: Vec<(&'static str, sled::Batch)> = Vec::new();
-        for op in ops {
-            let name = match &op {
-                Op::Put(t, ..) | Op::Delete(t, _) => *t,
-            };
-            let at = match batches.iter().position(|(n, _)| *n == name) {
-                Some(at) => at,
-                None => {
-                    batches.push((name, sled::Batch::default()));
-                    batches.len() - 1
-                }
-            };
-            match op {
-                Op::Put(_, k, v) => batches[at].1.insert(k, v),
-                Op::Delete(_, k) => batches[at].1.remove(k),
-            }
+        if self.chunked.read().unwrap_or_else(|e| e.into_inner()).involves(&ops) {
+            // A split value's parts go in one commit.
+            return self.commit(ops);
         }
-        for (name, batch) in batches {
-            self.tree(name)?.apply_batch(batch)?;
-        }
-        Ok(())
+        self.batches(ops)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -396,8 +508,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
         let kv = SledKv::open(&store, 1 << 20).unwrap();
-        // A large value goes to a blob file of its own, synced by the flush.
-        kv.apply(vec![Op::Put("t", b"k".to_vec(), vec![7; 1 << 20])]).unwrap();
+        // A node past 128 KiB goes to a blob file of its own, synced by the
+        // flush (written to sled directly: through the store, a large value
+        // is split into rows).
+        kv.tree("t").unwrap().insert(b"k", vec![7; 1 << 20]).unwrap();
         kv.flush().unwrap();
         let blobs: std::collections::HashSet<_> = std::fs::read_dir(store.join("blobs"))
             .unwrap()
