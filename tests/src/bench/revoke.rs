@@ -1,5 +1,7 @@
 //! `revoke`: from `svid revoke` returning to the replacement SVID, with one
-//! agent and with 100.
+//! agent and with 100; and how long `svid revoke` itself takes once the
+//! CRL lists thousands of serials (it is signed and stored again each
+//! time).
 
 use std::time::{Duration, Instant};
 
@@ -7,7 +9,9 @@ use serde_json::json;
 use tessera_proto::admin as admin_pb;
 use tessera_proto::workload as pb;
 
-use crate::children::AdminClient;
+use tessera_proto::node as node_pb;
+
+use crate::children::{attest_simulated, server_and_admin, AdminClient};
 use crate::stats::{percentiles, round, row, Figures};
 use crate::workload::{me, open_stream, setup};
 
@@ -18,7 +22,12 @@ pub async fn run(quick: bool) -> Figures {
     let (p50_many, p99_many, p50_workload, p99_workload) = many_agents(100, 10, rounds).await;
     row("revoke -> replacement, 100 agents x 10 (ms)", p50_many, p99_many, rounds);
     row("  ... the real agent's workload stream (ms)", p50_workload, p99_workload, rounds / 4);
+    let (listed, calls) = if quick { (1_000, 50) } else { (3_000, 100) };
+    let (p50_crl, p99_crl) = with_a_large_crl(listed, calls).await;
+    row(&format!("svid revoke, {listed} serials in the CRL (ms)"), p50_crl, p99_crl, calls);
     vec![
+        ("revoke_large_crl_p50_ms", json!(round(p50_crl))),
+        ("revoke_large_crl_p99_ms", json!(round(p99_crl))),
         ("revoke_p50_ms", json!(round(p50))),
         ("revoke_p99_ms", json!(round(p99.max(p99_many).max(p99_workload)))),
         ("revoke_1_agent_p99_ms", json!(round(p99))),
@@ -138,4 +147,56 @@ async fn many_agents(agents: usize, per_agent: usize, rounds: usize) -> (f64, f6
     let (p50, p99) = percentiles(many);
     let (wp50, wp99) = percentiles(workload);
     (p50, p99, wp50, wp99)
+}
+
+/// `svid revoke` of one SVID at a time, timed from the call to its return
+/// (the revocation, the CRL signed again and stored, the fsync), with
+/// `listed` serials already in the CRL (revoked together by deleting
+/// their entry): a server in its own process, a simulated agent.
+async fn with_a_large_crl(listed: usize, calls: usize) -> (f64, f64) {
+    let (_dir, server, mut admin, addr, bundle) = server_and_admin(true, None).await;
+    let agent_id = "spiffe://example.org/revoke/agent";
+    let mut client = attest_simulated(&mut admin, addr, &bundle, agent_id).await.connect().await;
+    let entries = ["listed", "revoked"].map(|name| {
+        tessera_tests::entry(
+            &format!("spiffe://example.org/revoke/{name}"),
+            agent_id,
+            &["unix:uid:1"],
+            None,
+        )
+    });
+    let created = admin
+        .batch_create_entry(admin_pb::BatchCreateEntryRequest { entries: entries.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = created.results.into_iter().map(|r| r.entry.unwrap().id).collect();
+    let mut sign = async |entry_id: &str, n: usize| {
+        let mut serials = Vec::with_capacity(n);
+        while serials.len() < n {
+            let items = (0..(n - serials.len()).min(500))
+                .map(|_| node_pb::SignX509Item {
+                    entry_id: entry_id.to_string(),
+                    csr: tessera_tests::key_and_csr().1,
+                })
+                .collect();
+            let results = client.sign_x509(node_pb::SignX509Request { items }).await.unwrap();
+            serials.extend(results.into_inner().results.into_iter().map(|r| r.serial));
+        }
+        serials
+    };
+    sign(&ids[0], listed).await;
+    let to_revoke = sign(&ids[1], calls).await;
+    admin
+        .batch_delete_entry(admin_pb::BatchDeleteEntryRequest { ids: vec![ids[0].clone()] })
+        .await
+        .unwrap();
+    let mut samples = Vec::with_capacity(calls);
+    for serial in &to_revoke {
+        let start = Instant::now();
+        revoke(&mut admin, serial).await;
+        samples.push(start.elapsed());
+    }
+    server.stop();
+    percentiles(samples)
 }
