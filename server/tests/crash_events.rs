@@ -66,8 +66,9 @@ async fn admin(socket: &Path) -> AdminClient<Channel> {
 }
 
 /// Entry `n`; every third one with 40 long DNS names (~6 KB), a record
-/// (and events) larger than a sled row, so that kills land on values the
-/// store splits into rows too (`store/sled/chunks.rs`).
+/// larger than a sled row (its events, deflated, are not), so that kills
+/// land on commits of values the store splits into rows
+/// (`store/sled/chunks.rs`): each is read back whole after the restart.
 fn entry(n: u64) -> types::Entry {
     let label = "a".repeat(60);
     let dns_names = if n.is_multiple_of(3) {

@@ -725,7 +725,7 @@ async fn signing_at_volume_writes_no_file_the_store_does_not_fsync() {
     };
     no_blob_files("signing");
     // Deleting the entry revokes its 3,000 X509-SVIDs in one commit: the
-    // CRL listing them (~100 KB, one value) is split into rows too, and
+    // CRL listing them (~105 KB, one value) is split into rows too, and
     // reads back whole after a restart.
     let deleted = server
         .admin()
@@ -741,6 +741,27 @@ async fn signing_at_volume_writes_no_file_the_store_does_not_fsync() {
     assert!(listed.len() >= 3_000, "the CRL lists {} serials", listed.len());
     let missing = revoked.iter().filter(|s| !s.is_empty() && !listed.contains(*s)).count();
     assert_eq!(missing, 0, "every revoked serial is listed after the restart");
+    let bundle =
+        server.admin().await.get_bundle(admin_pb::GetBundleRequest {}).await.unwrap().into_inner();
+    let crl_bytes: usize = bundle.crls.iter().map(Vec::len).sum();
+    // ~105 KB: with the rest of its leaf past 128 KiB, a blob file when
+    // values were not split (this test found one).
+    assert!(crl_bytes > 96 * 1024, "the CRL is {crl_bytes} bytes");
     no_blob_files("the restart");
     server.stop().await;
+    // In the database itself: no value past a row, the CRL's rows among them.
+    let db = sled::open(dir.path().join("server/store")).unwrap();
+    for name in db.tree_names() {
+        for item in db.open_tree(&name).unwrap().iter() {
+            let (key, value) = item.unwrap();
+            assert!(
+                value.len() <= tessera_server::kv::ROW_BYTES,
+                "{}/{}: {} bytes in one row",
+                String::from_utf8_lossy(&name),
+                String::from_utf8_lossy(&key),
+                value.len()
+            );
+        }
+    }
+    assert!(db.open_tree("chunked_values").unwrap().len() > 25, "the CRL's rows are there");
 }

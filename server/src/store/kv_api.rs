@@ -2,4 +2,4 @@
 //! moved into the store's folder: `kv.rs`, and the sled database under it.
 
 pub use super::kv::*;
-pub use super::sled::SledKv;
+pub use super::sled::{SledKv, ROW_BYTES};

@@ -14,16 +14,33 @@ use std::collections::{HashMap, HashSet};
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-use super::super::error::StoreError;
-use super::super::kv::{Op, Pairs};
+use crate::store::error::StoreError;
+use crate::store::kv::{Op, Pairs};
 
 /// The tree of chunks (`c`, the value's random ID, the chunk's index) and
 /// manifests (`m`, the tree's name, 0, the key): not one of the trees the
 /// store names.
 pub(super) const CHUNKS: &str = "chunked_values";
 
+/// The key, in [`CHUNKS`], that says every value past a row is split (a
+/// store written before values were split is, once, at its next open).
+pub(super) const SPLIT_ALL: &[u8] = b"split-all";
+
+/// `name` as the `&'static str` a write names its tree by: each name is
+/// kept once per process (the trees a store has are few).
+pub(super) fn tree_name(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = names.iter().find(|known| **known == name) {
+        return known;
+    }
+    let kept: &'static str = Box::leak(name.to_string().into_boxed_str());
+    names.push(kept);
+    kept
+}
+
 /// A value longer than this is split into chunks of this size.
-pub(super) const CHUNK_BYTES: usize = super::ROW_BYTES;
+pub(super) const CHUNK_BYTES: usize = super::rows::ROW_BYTES;
 
 /// A stub's first bytes. 0xFF begins no protobuf message (a field key with
 /// wire type 7), no JSON text and no UTF-8.
@@ -228,14 +245,22 @@ impl Chunked {
 /// A key a commit left holding a large value (`true`) or not.
 pub(super) type Change = (&'static str, Vec<u8>, bool);
 
-/// How often a read tries again when the value it read was replaced while
-/// its chunks were read.
-const READ_TRIES: usize = 8;
+/// What [`resolve`] read.
+#[derive(Debug)]
+pub(super) enum Read {
+    /// The value, whole.
+    Value(Vec<u8>),
+    /// The key was deleted while it was read.
+    Gone,
+    /// The value was replaced each time it was read: read again while no
+    /// commit can delete chunks.
+    Replaced,
+}
 
 /// `value`, as read under `key` of `tree`, put back together if it is a
-/// large value's stub (`None`: the key was deleted while it was read).
-/// `manifest` reads the key's manifest, `chunks` the chunks under a prefix
-/// (in order), `reread` the key's value again.
+/// large value's stub, trying at most `tries` times. `manifest` reads the
+/// key's manifest, `chunks` the chunks under a prefix (in order), `reread`
+/// the key's value again.
 ///
 /// Reads outside the store's lock race the commits: a stub read just
 /// before a commit replaced it may find its manifest replaced and its
@@ -247,36 +272,36 @@ pub(super) fn resolve(
     tree: &str,
     key: &[u8],
     mut value: Vec<u8>,
+    tries: usize,
     reread: impl Fn() -> Result<Option<Vec<u8>>, StoreError>,
     manifest: impl Fn(&[u8]) -> Result<Option<Vec<u8>>, StoreError>,
     chunks: impl Fn(&[u8]) -> Result<Pairs, StoreError>,
-) -> Result<Option<Vec<u8>>, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt {
-        key: format!("{tree}/{}", String::from_utf8_lossy(key)),
-        reason,
-    };
-    for _ in 0..READ_TRIES {
-        let Some(stub) = Stub::parse(&value) else { return Ok(Some(value)) };
+) -> Result<Read, StoreError> {
+    for _ in 0..tries {
+        let Some(stub) = Stub::parse(&value) else { return Ok(Read::Value(value)) };
         let named = manifest(&manifest_key(tree, key))?.as_deref() == Some(value.as_slice());
         let whole = if named { assemble(&stub, chunks(&chunk_prefix(&stub.id))?) } else { None };
         if let Some(whole) = whole {
-            return Ok(Some(whole));
+            return Ok(Read::Value(whole));
         }
         match reread()? {
             // Unchanged: shaped like a stub but no manifest names it (an
             // ordinary value), or named but its chunks are not all there.
-            Some(again) if again == value && !named => return Ok(Some(value)),
+            Some(again) if again == value && !named => return Ok(Read::Value(value)),
             Some(again) if again == value => {
-                return Err(corrupt(format!(
-                    "the value's {} chunks ({} bytes) are not all stored",
-                    stub.chunks, stub.len
-                )))
+                return Err(StoreError::Corrupt {
+                    key: format!("{tree}/{}", String::from_utf8_lossy(key)),
+                    reason: format!(
+                        "the value's {} chunks ({} bytes) are not all stored",
+                        stub.chunks, stub.len
+                    ),
+                })
             }
             Some(again) => value = again,
-            None => return Ok(None),
+            None => return Ok(Read::Gone),
         }
     }
-    Err(corrupt(format!("the value was replaced {READ_TRIES} times while it was read")))
+    Ok(Read::Replaced)
 }
 
 /// The value `parts` (a stub's chunks, as read) make, if they are all there.
@@ -286,7 +311,7 @@ fn assemble(stub: &Stub, parts: Pairs) -> Option<Vec<u8>> {
     if !complete {
         return None;
     }
-    let mut whole = Vec::with_capacity(stub.len as usize);
+    let mut whole = Vec::with_capacity(parts.iter().map(|(_, chunk)| chunk.len()).sum());
     parts.into_iter().for_each(|(_, chunk)| whole.extend_from_slice(&chunk));
     (whole.len() as u64 == stub.len).then_some(whole)
 }
@@ -321,9 +346,10 @@ mod tests {
         (0..len).map(|i| (i as u64).wrapping_mul(31).wrapping_add(seed) as u8).collect()
     }
 
-    /// Every pair of the chunk tree, as stored.
+    /// Every key of the chunk tree but the mark that every value is split.
     fn chunk_rows(kv: &SledKv) -> Vec<Vec<u8>> {
-        kv.tree(CHUNKS).unwrap().iter().keys().map(|k| k.unwrap().to_vec()).collect()
+        let keys = kv.tree_of(CHUNKS).unwrap().iter().keys().map(|k| k.unwrap().to_vec());
+        keys.filter(|k| k != SPLIT_ALL).collect()
     }
 
     /// The files sled wrote under `blobs/` (nodes past 128 KiB).
@@ -372,7 +398,12 @@ mod tests {
         let chunks = sizes.iter().filter(|l| **l > CHUNK_BYTES).map(|l| l.div_ceil(CHUNK_BYTES));
         let manifests = sizes.iter().filter(|l| **l > CHUNK_BYTES).count();
         assert_eq!(chunk_rows(&kv).len(), chunks.sum::<usize>() + manifests);
-        assert!(kv.tree(CHUNKS).unwrap().iter().values().all(|v| v.unwrap().len() <= CHUNK_BYTES));
+        assert!(kv
+            .tree_of(CHUNKS)
+            .unwrap()
+            .iter()
+            .values()
+            .all(|v| v.unwrap().len() <= CHUNK_BYTES));
     }
 
     /// A stored value shaped like a stub, with no manifest naming it, is
@@ -387,7 +418,7 @@ mod tests {
         assert_eq!(Kv::get(&kv, "t", b"a").unwrap(), Some(lookalike));
         kv.apply(vec![Op::Put("t", b"b".to_vec(), value(20_000, 1))]).unwrap();
         let chunk = chunk_rows(&kv).into_iter().find(|k| k[0] == b'c').unwrap();
-        kv.tree(CHUNKS).unwrap().remove(chunk).unwrap();
+        kv.tree_of(CHUNKS).unwrap().remove(chunk).unwrap();
         let err = Kv::get(&kv, "t", b"b").unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         assert!(kv.range("t", b"", None, usize::MAX, false).is_err());
@@ -512,6 +543,35 @@ mod tests {
         }
     }
 
+    /// A store written before values were split (its large values whole)
+    /// has them split at its next open, once, and reads them back the same;
+    /// the layer's own tree is not one a caller may write.
+    #[test]
+    fn values_written_whole_are_split_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let kv = SledKv::open(dir.path(), 1 << 24).unwrap();
+            // As an older server wrote them: whole, no mark.
+            kv.tree("t").unwrap().insert(b"big", value(50_000, 3)).unwrap();
+            kv.tree("u").unwrap().insert(b"small", value(100, 4)).unwrap();
+            kv.tree_of(CHUNKS).unwrap().remove(SPLIT_ALL).unwrap();
+            kv.flush().unwrap();
+        }
+        let kv = SledKv::open(dir.path(), 1 << 24).unwrap();
+        assert_eq!(Kv::get(&kv, "t", b"big").unwrap(), Some(value(50_000, 3)));
+        assert_eq!(Kv::get(&kv, "u", b"small").unwrap(), Some(value(100, 4)));
+        let stored = kv.tree("t").unwrap().get(b"big").unwrap().unwrap();
+        assert!(Stub::parse(&stored).is_some(), "stored as a stub now");
+        assert_eq!(chunk_rows(&kv).len(), 50_000usize.div_ceil(CHUNK_BYTES) + 1, "and a manifest");
+        // Replacing it removes its chunks: the split is known.
+        kv.apply(vec![Op::Put("t", b"big".to_vec(), b"small".to_vec())]).unwrap();
+        assert!(chunk_rows(&kv).is_empty());
+        let refused = kv.apply(vec![Op::Put(CHUNKS, b"x".to_vec(), b"y".to_vec())]);
+        assert!(refused.is_err(), "the chunk tree is the layer's own");
+        assert!(kv.apply_per_tree(vec![Op::Delete("a\0b", b"x".to_vec())]).is_err());
+        assert!(Kv::get(&kv, CHUNKS, SPLIT_ALL).is_err());
+    }
+
     /// What a write that raced a split value's commit leaves (the value
     /// written over its stub, the manifest and chunks still there), and
     /// chunks of no manifest, are removed when the store opens.
@@ -524,7 +584,7 @@ mod tests {
             kv.apply(vec![Op::Put("t", b"b".to_vec(), value(30_000, 2))]).unwrap();
             // Over the stub, bypassing the split (as a racing commit would).
             kv.tree("t").unwrap().insert(b"a", b"small".to_vec()).unwrap();
-            kv.tree(CHUNKS).unwrap().insert(chunk_key(&[9; 16], 0), b"orphan".to_vec()).unwrap();
+            kv.tree_of(CHUNKS).unwrap().insert(chunk_key(&[9; 16], 0), b"orphan".to_vec()).unwrap();
             kv.flush().unwrap();
         }
         let kv = SledKv::open(dir.path(), 1 << 24).unwrap();

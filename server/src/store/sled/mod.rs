@@ -13,45 +13,8 @@ use super::kv::{scan_prefix, Kv, Lock, OnRemoteChange, Op, Pair, Pairs, TxRead, 
 mod chunks;
 use chunks::{Chunked, Stub, CHUNKS};
 
-/// The largest a row written by many (a commit's events, a batch's issued
-/// SVIDs) should grow. sled splits a leaf once it holds more than 16
-/// values, whatever their size, and writes any node past a quarter of its
-/// 512 KiB segment to a file of its own in `blobs/`, which it never
-/// fsyncs: an acknowledged write could then be lost, or the store left
-/// unreadable, by a power cut, and each such file is created, written and
-/// deleted again as the node changes. Rows of at most 4 KiB keep a leaf of
-/// up to 30 of them under 128 KiB (`tests/tests/core_trust.rs::
-/// signing_at_volume_writes_no_file_the_store_does_not_fsync`). A value
-/// larger than this on its own (an event past 4 KiB once deflated, the
-/// CRLs) is split into rows of this size in a tree of their own, in the
-/// same commit (`chunks.rs`).
-pub const ROW_BYTES: usize = 4 * 1024;
-
-/// How many of the items whose encodings take `lens` bytes go in each row,
-/// in order: up to `max_items` a row, and no more once the next would take
-/// the row, with its own `overhead` bytes, past [`ROW_BYTES`] (an item
-/// larger than that is a row of its own). The one rule of every row that
-/// many values share.
-pub fn row_sizes(
-    lens: impl IntoIterator<Item = usize>,
-    max_items: usize,
-    overhead: usize,
-) -> Vec<usize> {
-    let mut sizes = Vec::new();
-    let (mut items, mut bytes) = (0, overhead);
-    for len in lens {
-        if items > 0 && (items >= max_items || bytes + len > ROW_BYTES) {
-            sizes.push(items);
-            (items, bytes) = (0, overhead);
-        }
-        items += 1;
-        bytes += len;
-    }
-    if items > 0 {
-        sizes.push(items);
-    }
-    sizes
-}
+mod rows;
+pub use rows::{row_sizes, ROW_BYTES};
 
 /// One server's embedded database.
 pub struct SledKv {
@@ -109,6 +72,7 @@ impl SledKv {
                         chunk_writes: Default::default(),
                     };
                     kv.load_chunked()?;
+                    kv.split_values_written_whole()?;
                     kv.restrict_files()?;
                     return Ok(kv);
                 }
@@ -173,7 +137,17 @@ impl SledKv {
         })
     }
 
+    /// A tree the store names. [`CHUNKS`] is this layer's own, and a
+    /// manifest's key ends the tree's name at a 0 byte.
     fn tree(&self, name: &'static str) -> Result<sled::Tree, StoreError> {
+        if name == CHUNKS || name.contains('\0') {
+            return Err(StoreError::Io(format!("{name:?} is not a tree the store may use")));
+        }
+        self.tree_of(name)
+    }
+
+    /// Any tree, [`CHUNKS`] included.
+    fn tree_of(&self, name: &'static str) -> Result<sled::Tree, StoreError> {
         if let Some(tree) = self.trees.read().unwrap_or_else(|e| e.into_inner()).get(name) {
             return Ok(tree.clone());
         }
@@ -202,6 +176,36 @@ impl SledKv {
         Ok(())
     }
 
+    /// Splits the values past a row that a store written before values
+    /// were split holds as they are, once: the tree of chunks then records
+    /// that every value is split ([`chunks::SPLIT_ALL`]).
+    fn split_values_written_whole(&self) -> Result<(), StoreError> {
+        let chunks = self.tree_of(CHUNKS)?;
+        if chunks.contains_key(chunks::SPLIT_ALL)? {
+            return Ok(());
+        }
+        for name in self.db.tree_names() {
+            let Ok(name) = std::str::from_utf8(&name) else { continue };
+            if name == CHUNKS || name.contains('\0') {
+                continue;
+            }
+            let name = chunks::tree_name(name);
+            let mut whole = Vec::new();
+            for item in self.tree_of(name)?.iter() {
+                let (key, value) = item?;
+                if value.len() > chunks::CHUNK_BYTES {
+                    whole.push(Op::Put(name, key.to_vec(), value.to_vec()));
+                }
+            }
+            if !whole.is_empty() {
+                self.commit(whole)?;
+            }
+        }
+        chunks.insert(chunks::SPLIT_ALL, &[1u8][..])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// `value` as read under `key` of `tree`, a split value put back
     /// together (`None`: the key was deleted while it was read).
     fn resolve(
@@ -214,31 +218,59 @@ impl SledKv {
         if Stub::parse(&value).is_none() {
             return Ok(Some(value.to_vec()));
         }
-        let chunks = self.tree(CHUNKS)?;
-        chunks::resolve(
-            name,
-            key,
-            value.to_vec(),
-            || Ok(tree.get(key)?.map(|v| v.to_vec())),
-            |manifest| Ok(chunks.get(manifest)?.map(|v| v.to_vec())),
-            |prefix| {
-                chunks
-                    .scan_prefix(prefix)
-                    .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())))
-                    .collect::<Result<Pairs, _>>()
-                    .map_err(StoreError::from)
-            },
-        )
+        let chunks = self.tree_of(CHUNKS)?;
+        let read = |value: Vec<u8>, tries: usize| {
+            chunks::resolve(
+                name,
+                key,
+                value,
+                tries,
+                || Ok(tree.get(key)?.map(|v| v.to_vec())),
+                |manifest| Ok(chunks.get(manifest)?.map(|v| v.to_vec())),
+                |prefix| {
+                    chunks
+                        .scan_prefix(prefix)
+                        .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                        .collect::<Result<Pairs, _>>()
+                        .map_err(StoreError::from)
+                },
+            )
+        };
+        let mut outcome = read(value.to_vec(), 2)?;
+        if let chunks::Read::Replaced = outcome {
+            // Replaced twice meanwhile: read while no commit can delete
+            // chunks (only those holding this lock do). A commit that does
+            // not split can still write over the stub, but not with
+            // another stub, so three tries are enough.
+            let _no_chunk_deleted = self.chunk_writes.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tree.get(key)?.map(|v| v.to_vec());
+            outcome = match now {
+                Some(now) => read(now, 3)?,
+                None => chunks::Read::Gone,
+            };
+        }
+        match outcome {
+            chunks::Read::Value(value) => Ok(Some(value)),
+            chunks::Read::Gone => Ok(None),
+            chunks::Read::Replaced => Err(StoreError::Corrupt {
+                key: format!("{name}/{}", String::from_utf8_lossy(key)),
+                reason: "the value kept changing while no commit could change it".into(),
+            }),
+        }
     }
 
     /// Applies `ops` atomically: split values written as their chunks in
     /// the same commit, and the chunks of those replaced or deleted removed.
     fn commit(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        for op in &ops {
+            let (Op::Put(name, ..) | Op::Delete(name, _)) = op;
+            self.tree(name)?;
+        }
         if !self.chunked.read().unwrap_or_else(|e| e.into_inner()).involves(&ops) {
             return self.commit_as_is(ops);
         }
         let _one_at_a_time = self.chunk_writes.lock().unwrap_or_else(|e| e.into_inner());
-        let chunks = self.tree(CHUNKS)?;
+        let chunks = self.tree_of(CHUNKS)?;
         let (ops, changes) =
             self.chunked.read().unwrap_or_else(|e| e.into_inner()).expand(ops, |tree, key| {
                 let stored = chunks.get(chunks::manifest_key(tree, key))?;
@@ -262,7 +294,7 @@ impl SledKv {
             // One tree: a batch is atomic, and cheaper than a transaction.
             return self.batches(ops);
         }
-        let trees = names.iter().map(|n| self.tree(n)).collect::<Result<Vec<_>, _>>()?;
+        let trees = names.iter().map(|n| self.tree_of(n)).collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&sled::Tree> = trees.iter().collect();
         refs.as_slice()
             .transaction(|trees| {
@@ -303,7 +335,7 @@ impl SledKv {
             }
         }
         for (name, batch) in batches {
-            self.tree(name)?.apply_batch(batch)?;
+            self.tree_of(name)?.apply_batch(batch)?;
         }
         Ok(())
     }
@@ -409,6 +441,10 @@ impl Kv for SledKv {
     }
 
     fn apply_per_tree(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        for op in &ops {
+            let (Op::Put(name, ..) | Op::Delete(name, _)) = op;
+            self.tree(name)?;
+        }
         if self.chunked.read().unwrap_or_else(|e| e.into_inner()).involves(&ops) {
             // A split value's parts go in one commit.
             return self.commit(ops);
@@ -486,18 +522,6 @@ mod tests {
         assert_eq!(kv.range("t", b"", None, 10, false).unwrap().len(), 2);
         assert_eq!(Kv::get(&kv, "u", b"x").unwrap(), Some(b"9".to_vec()));
         assert_eq!(Kv::get(&kv, "u", b"gone").unwrap(), None);
-    }
-
-    /// Rows are cut by count and by bytes (with the row's own overhead),
-    /// an item too large for any row is a row of its own, and nothing is
-    /// left out.
-    #[test]
-    fn rows_are_cut_by_count_and_by_bytes() {
-        assert_eq!(row_sizes([10; 7], 3, 0), [3, 3, 1]);
-        assert_eq!(row_sizes([1000; 9], 64, 0), [4, 4, 1]);
-        assert_eq!(row_sizes([1024; 4], 64, 1), [3, 1]);
-        assert_eq!(row_sizes([10, ROW_BYTES * 2, 10], 64, 0), [1, 1, 1]);
-        assert!(row_sizes([], 64, 0).is_empty());
     }
 
     /// sled creates its files with the process umask; the store keeps them
