@@ -42,17 +42,13 @@ pub struct CaCrlSigner(pub Arc<Ca>);
 impl CrlSigner for CaCrlSigner {
     fn sign_crls(
         &self,
-        revocations: &[pb::Revocation],
+        revocations: &[&pb::Revocation],
         number: u64,
     ) -> Result<Vec<Vec<u8>>, String> {
-        let entries: Vec<CrlEntry> = revocations
+        let entries: Vec<CrlEntry<'_>> = revocations
             .iter()
             .filter(|r| r.jti.is_empty())
-            .map(|r| CrlEntry {
-                serial: r.serial.clone(),
-                revoked_at: r.revoked_at,
-                ca_seq: r.ca_seq,
-            })
+            .map(|r| CrlEntry { serial: &r.serial, revoked_at: r.revoked_at, ca_seq: r.ca_seq })
             .collect();
         self.0
             .sign_crls(&entries, number, CRL_VALIDITY_SECS)

@@ -91,10 +91,10 @@ pub struct SignedSvid {
 }
 
 /// A serial to list in a CRL.
-#[derive(Debug, Clone)]
-pub struct CrlEntry {
+#[derive(Debug, Clone, Copy)]
+pub struct CrlEntry<'a> {
     /// Lowercase hex serial.
-    pub serial: String,
+    pub serial: &'a str,
     /// Unix seconds.
     pub revoked_at: i64,
     /// Sequence number of the CA that issued the certificate.
@@ -453,7 +453,7 @@ impl Ca {
     /// revoked serials that CA issued. Valid for `validity` seconds.
     pub fn sign_crls(
         &self,
-        revoked: &[CrlEntry],
+        revoked: &[CrlEntry<'_>],
         crl_number: u64,
         validity: i64,
     ) -> Result<Vec<Vec<u8>>, CaError> {
@@ -465,9 +465,12 @@ impl Ca {
                 .iter()
                 .filter(|r| r.ca_seq == key.seq)
                 .filter_map(|r| {
-                    let serial = hex::decode(&r.serial).ok()?;
+                    // RFC 5280 serials are at most 20 bytes.
+                    let mut serial = [0u8; 20];
+                    let serial = serial.get_mut(..r.serial.len() / 2)?;
+                    hex::decode_to_slice(r.serial, serial).ok()?;
                     Some(rcgen::RevokedCertParams {
-                        serial_number: SerialNumber::from_slice(&serial),
+                        serial_number: SerialNumber::from_slice(serial),
                         revocation_time: to_datetime(r.revoked_at),
                         reason_code: Some(rcgen::RevocationReason::Unspecified),
                         invalidity_date: None,

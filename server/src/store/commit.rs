@@ -265,7 +265,7 @@ impl KvStore {
         })?;
         drop(index);
         if !self.kv.shared() {
-            writer.revocations.extend(added);
+            keep_sorted(&mut writer.revocations, added);
             let mut index = self.index_mut();
             recorded.iter().for_each(|placed| index.add(placed));
         }
@@ -330,7 +330,8 @@ impl KvStore {
     /// stores them and logs the change, inside the commit.
     pub(super) fn sign_crls_in(&self, stored: &[pb::Revocation], tx: &Tx<'_>) -> TxResult<()> {
         let Some(signer) = self.crl_signer.get() else { return Ok(()) };
-        let mut all = if self.kv.shared() {
+        let read;
+        let stored = if self.kv.shared() {
             let mut all = Vec::new();
             for (key, bytes) in tx.txn.scan_prefix(t(REVOCATIONS), b"")? {
                 let revocation: pb::Revocation = decode(&key, &bytes)?;
@@ -338,13 +339,16 @@ impl KvStore {
                     all.push(revocation);
                 }
             }
-            all
+            keep_sorted(&mut all, Vec::new());
+            read = all;
+            &read
         } else {
-            stored.to_vec()
+            stored
         };
-        all.extend(tx.revoked.borrow().iter().cloned());
-        all.sort_by(|a, b| a.serial.cmp(&b.serial));
-        all.dedup_by(|a, b| a.serial == b.serial);
+        let revoked = tx.revoked.borrow();
+        let mut new: Vec<&pb::Revocation> = revoked.iter().filter(|r| r.jti.is_empty()).collect();
+        new.sort_by(|a, b| a.serial.cmp(&b.serial));
+        let all = merged(stored, &new);
         let number_key = self.own_key(CRL_NUMBER_KEY);
         let number = read_u64(tx.get(META, &number_key)?.as_deref()) + 1;
         let crls = signer
@@ -354,5 +358,89 @@ impl KvStore {
         tx.put(META, self.own_key(CRLS_KEY), pb::Crls { crls }.encode_to_vec());
         tx.log(ChangeKind::Crls)?;
         Ok(())
+    }
+}
+
+/// `revocations` kept sorted by serial, each serial once (the first kept),
+/// with `added` taken in: a few inserted where they go, many sorted in.
+pub(super) fn keep_sorted(revocations: &mut Vec<pb::Revocation>, added: Vec<pb::Revocation>) {
+    let by_serial = |a: &pb::Revocation, b: &pb::Revocation| a.serial.cmp(&b.serial);
+    let added = added.into_iter().filter(|r| r.jti.is_empty());
+    if added.size_hint().1 < Some(9) {
+        for revocation in added {
+            if let Err(at) = revocations.binary_search_by(|r| by_serial(r, &revocation)) {
+                revocations.insert(at, revocation);
+            }
+        }
+        return;
+    }
+    revocations.extend(added);
+    revocations.sort_by(by_serial);
+    revocations.dedup_by(|later, first| later.serial == first.serial);
+}
+
+/// `stored` (sorted by serial, each once) and `new` (sorted) as one list in
+/// serial order, a serial in both listed once (as stored).
+fn merged<'a>(stored: &'a [pb::Revocation], new: &[&'a pb::Revocation]) -> Vec<&'a pb::Revocation> {
+    let mut all = Vec::with_capacity(stored.len() + new.len());
+    let (mut old, mut new) = (stored.iter().peekable(), new.iter().copied().peekable());
+    loop {
+        let next = match (old.peek(), new.peek()) {
+            (Some(o), Some(n)) if n.serial < o.serial => new.next(),
+            (Some(o), Some(n)) if n.serial == o.serial => {
+                new.next();
+                old.next()
+            }
+            (Some(_), _) => old.next(),
+            (None, Some(_)) => new.next(),
+            (None, None) => break,
+        };
+        if let Some(next) = next {
+            if all.last().is_none_or(|last: &&pb::Revocation| last.serial != next.serial) {
+                all.push(next);
+            }
+        }
+    }
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revocation(serial: &str, reason: &str) -> pb::Revocation {
+        pb::Revocation { serial: serial.into(), reason: reason.into(), ..Default::default() }
+    }
+
+    fn serials(list: &[&pb::Revocation]) -> Vec<String> {
+        list.iter().map(|r| format!("{}{}", r.serial, r.reason)).collect()
+    }
+
+    /// The stored revocations stay sorted and unique whether a few or many
+    /// are added (the first of a serial kept; JWT-SVIDs' left out), and a
+    /// commit's own merge in once each, in order.
+    #[test]
+    fn revocations_stay_sorted_and_merge_once_each() {
+        let mut stored = Vec::new();
+        let many: Vec<_> = ["c", "a", "e", "a", "g", "b", "i", "k", "m", "o"]
+            .iter()
+            .map(|s| revocation(s, "1"))
+            .collect();
+        keep_sorted(&mut stored, many);
+        let refs: Vec<&pb::Revocation> = stored.iter().collect();
+        assert_eq!(serials(&refs), ["a1", "b1", "c1", "e1", "g1", "i1", "k1", "m1", "o1"]);
+        let mut jwt = revocation("", "1");
+        jwt.jti = "j".into();
+        keep_sorted(&mut stored, vec![revocation("d", "2"), revocation("c", "2"), jwt]);
+        let refs: Vec<&pb::Revocation> = stored.iter().collect();
+        assert_eq!(serials(&refs), ["a1", "b1", "c1", "d2", "e1", "g1", "i1", "k1", "m1", "o1"]);
+        let (new_a, new_f, new_z) =
+            (revocation("a", "3"), revocation("f", "3"), revocation("z", "3"));
+        let all = merged(&stored, &[&new_a, &new_f, &new_z]);
+        assert_eq!(
+            serials(&all),
+            ["a1", "b1", "c1", "d2", "e1", "f3", "g1", "i1", "k1", "m1", "o1", "z3"]
+        );
+        assert!(merged(&[], &[]).is_empty());
     }
 }

@@ -288,10 +288,11 @@ pub struct Signed {
 /// commit that revokes also stores CRLs listing what it revoked (agents
 /// and workloads never see a revocation without its CRL).
 pub trait CrlSigner: Send + Sync + fmt::Debug {
-    /// One DER CRL per CA in the bundle, numbered `crl_number`.
+    /// One DER CRL per CA in the bundle, numbered `crl_number`, listing
+    /// `revocations` (X509-SVIDs', sorted by serial, each serial once).
     fn sign_crls(
         &self,
-        revocations: &[pb::Revocation],
+        revocations: &[&pb::Revocation],
         crl_number: u64,
     ) -> Result<Vec<Vec<u8>>, String>;
 }

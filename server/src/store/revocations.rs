@@ -87,8 +87,9 @@ impl Tx<'_> {
 impl KvStore {
     pub(super) fn load_revocations(&self) -> Result<(), StoreError> {
         if !self.kv.shared() {
-            self.lock().revocations =
-                self.revocations()?.into_iter().filter(|r| r.jti.is_empty()).collect();
+            let mut stored = Vec::new();
+            super::commit::keep_sorted(&mut stored, self.revocations()?);
+            self.lock().revocations = stored;
         }
         Ok(())
     }
