@@ -12,12 +12,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use ring::rand::{SecureRandom, SystemRandom};
-
 use crate::store::error::StoreError;
 use crate::store::kv::{Op, Pairs};
 
-/// The tree of chunks (`c`, the value's random ID, the chunk's index) and
+/// The tree of chunks (`c`, the value's ID, the chunk's index) and
 /// manifests (`m`, the tree's name, 0, the key): not one of the trees the
 /// store names.
 pub(super) const CHUNKS: &str = "chunked_values";
@@ -118,132 +116,108 @@ fn forget(tree: &str, key: &[u8], stub: &Stub, out: &mut Vec<Op>) {
     out.extend((0..stub.chunks).map(|i| Op::Delete(CHUNKS, chunk_key(&stub.id, i))));
 }
 
-/// The keys that hold a large value, by tree: read from the manifests at
-/// open, kept current by every commit that writes one.
-#[derive(Debug, Default)]
-pub(super) struct Chunked {
-    keys: HashMap<String, HashSet<Vec<u8>>>,
+/// Whether `ops` write a large value or replace or delete one (`split`
+/// says whether a key holds one now: its manifest is there): only then
+/// does a commit go through [`expand`].
+pub(super) fn involves(
+    ops: &[Op],
+    split: impl Fn(&str, &[u8]) -> Result<bool, StoreError>,
+) -> Result<bool, StoreError> {
+    for op in ops {
+        let involved = match op {
+            Op::Put(tree, key, value) => value.len() > CHUNK_BYTES || split(tree, key)?,
+            Op::Delete(tree, key) => split(tree, key)?,
+        };
+        if involved {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
-impl Chunked {
-    /// Whether `key` of `tree` holds a large value (as of the last commit).
-    fn holds(&self, tree: &str, key: &[u8]) -> bool {
-        self.keys.get(tree).is_some_and(|keys| keys.contains(key))
-    }
-
-    /// Whether `ops` write a large value or replace or delete one: only
-    /// then does a commit go through [`Chunked::expand`].
-    pub(super) fn involves(&self, ops: &[Op]) -> bool {
-        ops.iter().any(|op| match op {
-            Op::Put(tree, key, value) => value.len() > CHUNK_BYTES || self.holds(tree, key),
-            Op::Delete(tree, key) => self.holds(tree, key),
-        })
-    }
-
-    /// `ops` as sled is to apply them: each large value as its stub, its
-    /// chunks and its manifest; each replaced or deleted large value's
-    /// chunks and manifest deleted (`manifest` reads a stored one). Then
-    /// [`Chunked::committed`] with the second half once they are applied.
-    pub(super) fn expand(
-        &self,
-        ops: Vec<Op>,
-        manifest: impl Fn(&str, &[u8]) -> Result<Option<Stub>, StoreError>,
-    ) -> Result<(Vec<Op>, Vec<Change>), StoreError> {
-        let rng = SystemRandom::new();
-        let mut out = Vec::with_capacity(ops.len());
-        // This commit's own large values, by tree and key (`None`: removed).
-        let mut now: HashMap<(&'static str, Vec<u8>), Option<Stub>> = HashMap::new();
-        for op in ops {
-            let (tree, key) = match &op {
-                Op::Put(tree, key, _) | Op::Delete(tree, key) => (*tree, key.clone()),
-            };
-            let stored = match now.get(&(tree, key.clone())) {
-                Some(stub) => *stub,
-                None if self.holds(tree, &key) => manifest(tree, &key)?,
-                None => None,
-            };
-            if let Some(stub) = &stored {
-                forget(tree, &key, stub, &mut out);
-            }
-            match op {
-                Op::Put(_, _, value) if value.len() > CHUNK_BYTES => {
-                    let mut id = [0u8; 16];
-                    rng.fill(&mut id)
-                        .map_err(|_| StoreError::Io("no randomness for a value's ID".into()))?;
-                    let chunks = value.chunks(CHUNK_BYTES);
-                    let stub = Stub {
-                        id,
-                        chunks: u32::try_from(chunks.len())
-                            .map_err(|_| StoreError::Io("a value too large to store".into()))?,
-                        len: value.len() as u64,
-                    };
-                    for (i, chunk) in (0u32..).zip(chunks) {
-                        out.push(Op::Put(CHUNKS, chunk_key(&id, i), chunk.to_vec()));
-                    }
-                    out.push(Op::Put(CHUNKS, manifest_key(tree, &key), stub.encode()));
-                    out.push(Op::Put(tree, key.clone(), stub.encode()));
-                    now.insert((tree, key), Some(stub));
+/// `ops` as sled is to apply them: each large value as its stub, its
+/// chunks and its manifest; each replaced or deleted large value's chunks
+/// and manifest deleted (`manifest` reads a stored one). `new_id` gives
+/// each new value its ID: never one given before, and greater than the
+/// last, so that new chunks are appended to the tree rather than strewn
+/// over it (sled then keeps fewer of its pages changing, and in memory).
+pub(super) fn expand(
+    ops: Vec<Op>,
+    manifest: impl Fn(&str, &[u8]) -> Result<Option<Stub>, StoreError>,
+    mut new_id: impl FnMut() -> [u8; 16],
+) -> Result<Vec<Op>, StoreError> {
+    let mut out = Vec::with_capacity(ops.len());
+    // This commit's own large values, by tree and key (`None`: removed).
+    let mut now: HashMap<(&'static str, Vec<u8>), Option<Stub>> = HashMap::new();
+    for op in ops {
+        let (tree, key) = match &op {
+            Op::Put(tree, key, _) | Op::Delete(tree, key) => (*tree, key.clone()),
+        };
+        let stored = match now.get(&(tree, key.clone())) {
+            Some(stub) => *stub,
+            None => manifest(tree, &key)?,
+        };
+        if let Some(stub) = &stored {
+            forget(tree, &key, stub, &mut out);
+        }
+        match op {
+            Op::Put(_, _, value) if value.len() > CHUNK_BYTES => {
+                let id = new_id();
+                let chunks = value.chunks(CHUNK_BYTES);
+                let stub = Stub {
+                    id,
+                    chunks: u32::try_from(chunks.len())
+                        .map_err(|_| StoreError::Io("a value too large to store".into()))?,
+                    len: value.len() as u64,
+                };
+                for (i, chunk) in (0u32..).zip(chunks) {
+                    out.push(Op::Put(CHUNKS, chunk_key(&id, i), chunk.to_vec()));
                 }
-                op => {
-                    out.push(op);
-                    now.insert((tree, key), None);
-                }
+                out.push(Op::Put(CHUNKS, manifest_key(tree, &key), stub.encode()));
+                out.push(Op::Put(tree, key.clone(), stub.encode()));
+                now.insert((tree, key), Some(stub));
             }
-        }
-        let changes = now.into_iter().map(|((tree, key), stub)| (tree, key, stub.is_some()));
-        Ok((out, changes.collect()))
-    }
-
-    /// Takes what a commit of [`Chunked::expand`]'s writes changed.
-    pub(super) fn committed(&mut self, changes: Vec<Change>) {
-        for (tree, key, large) in changes {
-            let keys = self.keys.entry(tree.to_string()).or_default();
-            if large {
-                keys.insert(key);
-            } else {
-                keys.remove(&key);
+            op => {
+                out.push(op);
+                now.insert((tree, key), None);
             }
         }
     }
-
-    /// What the manifests (every pair of [`CHUNKS`] under `m`) say holds a
-    /// large value, and the writes that remove what nothing names: chunks
-    /// of no manifest, and manifests whose key holds something else now (a
-    /// value written over it by a commit that raced the one writing it).
-    pub(super) fn load(
-        manifests: Pairs,
-        chunk_keys: impl Iterator<Item = Vec<u8>>,
-        value_of: impl Fn(&str, &[u8]) -> Result<Option<Vec<u8>>, StoreError>,
-    ) -> Result<(Self, Vec<Op>), StoreError> {
-        let mut chunked = Self::default();
-        let mut live = HashSet::new();
-        let mut stale = Vec::new();
-        for (manifest, stub_bytes) in manifests {
-            let (Some((tree, key)), Some(stub)) =
-                (parse_manifest_key(&manifest), Stub::parse(&stub_bytes))
-            else {
-                stale.push(Op::Delete(CHUNKS, manifest));
-                continue;
-            };
-            if value_of(&tree, &key)?.as_deref() == Some(stub_bytes.as_slice()) {
-                live.insert(stub.id);
-                chunked.keys.entry(tree).or_default().insert(key);
-            } else {
-                stale.push(Op::Delete(CHUNKS, manifest));
-            }
-        }
-        for key in chunk_keys {
-            let id: Option<[u8; 16]> = key.get(1..17).and_then(|id| id.try_into().ok());
-            if !id.is_some_and(|id| live.contains(&id)) {
-                stale.push(Op::Delete(CHUNKS, key));
-            }
-        }
-        Ok((chunked, stale))
-    }
+    Ok(out)
 }
 
-/// A key a commit left holding a large value (`true`) or not.
-pub(super) type Change = (&'static str, Vec<u8>, bool);
+/// The writes that remove what no stored value names, given the manifests
+/// (every pair of [`CHUNKS`] under `m`) and the chunks' keys: chunks of no
+/// manifest, and manifests whose key holds something else now (a value
+/// written over it by a commit that raced the one writing it).
+pub(super) fn stale(
+    manifests: Pairs,
+    chunk_keys: impl Iterator<Item = Vec<u8>>,
+    value_of: impl Fn(&str, &[u8]) -> Result<Option<Vec<u8>>, StoreError>,
+) -> Result<Vec<Op>, StoreError> {
+    let mut live = HashSet::new();
+    let mut stale = Vec::new();
+    for (manifest, stub_bytes) in manifests {
+        let (Some((tree, key)), Some(stub)) =
+            (parse_manifest_key(&manifest), Stub::parse(&stub_bytes))
+        else {
+            stale.push(Op::Delete(CHUNKS, manifest));
+            continue;
+        };
+        if value_of(&tree, &key)?.as_deref() == Some(stub_bytes.as_slice()) {
+            live.insert(stub.id);
+        } else {
+            stale.push(Op::Delete(CHUNKS, manifest));
+        }
+    }
+    for key in chunk_keys {
+        let id: Option<[u8; 16]> = key.get(1..17).and_then(|id| id.try_into().ok());
+        if !id.is_some_and(|id| live.contains(&id)) {
+            stale.push(Op::Delete(CHUNKS, key));
+        }
+    }
+    Ok(stale)
+}
 
 /// What [`resolve`] read.
 #[derive(Debug)]

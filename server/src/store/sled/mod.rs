@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 
 use sled::Transactional;
 
@@ -11,7 +11,7 @@ use super::error::StoreError;
 use super::kv::{scan_prefix, Kv, Lock, OnRemoteChange, Op, Pair, Pairs, TxRead, Txn};
 
 mod chunks;
-use chunks::{Chunked, Stub, CHUNKS};
+use chunks::{Stub, CHUNKS};
 
 mod rows;
 pub use rows::{row_sizes, ROW_BYTES};
@@ -26,10 +26,10 @@ pub struct SledKv {
     locks: [Mutex<()>; 2],
     /// The files under `blobs/` already fsynced (sled never syncs them).
     synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
-    /// The keys holding values split into chunks.
-    chunked: RwLock<Chunked>,
     /// Held by each commit that writes, replaces or deletes a split value.
     chunk_writes: Mutex<()>,
+    /// The ID the next split value gets (`chunks::expand`).
+    next_chunk_id: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for SledKv {
@@ -68,8 +68,8 @@ impl SledKv {
                         trees: Default::default(),
                         locks: Default::default(),
                         synced_blobs: Default::default(),
-                        chunked: Default::default(),
                         chunk_writes: Default::default(),
+                        next_chunk_id: Default::default(),
                     };
                     kv.load_chunked()?;
                     kv.split_values_written_whole()?;
@@ -156,8 +156,8 @@ impl SledKv {
         Ok(tree)
     }
 
-    /// Which keys hold split values, from the manifests; what a crash or a
-    /// racing write left that nothing names is removed.
+    /// Removes what a write that raced one splitting a value left: chunks
+    /// and manifests no stored value names.
     fn load_chunked(&self) -> Result<(), StoreError> {
         let tree = self.db.open_tree(CHUNKS)?;
         let manifests = tree
@@ -165,14 +165,23 @@ impl SledKv {
             .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())))
             .collect::<Result<Pairs, _>>()?;
         let chunk_keys = tree.scan_prefix(b"c").keys().collect::<Result<Vec<_>, _>>()?.into_iter();
-        let (chunked, stale) = Chunked::load(manifests, chunk_keys.map(|k| k.to_vec()), |t, k| {
+        let stale = chunks::stale(manifests, chunk_keys.map(|k| k.to_vec()), |t, k| {
             Ok(self.db.open_tree(t)?.get(k)?.map(|v| v.to_vec()))
         })?;
         if !stale.is_empty() {
             self.batches(stale)?;
             self.db.flush()?;
         }
-        *self.chunked.write().unwrap_or_else(|e| e.into_inner()) = chunked;
+        // IDs go on from the greatest stored, or from the clock (so that
+        // one deleted before a restart is not given again), whichever is
+        // later.
+        let last = tree.scan_prefix(b"c").keys().next_back().transpose()?;
+        let stored = last.and_then(|k| Some(u64::from_be_bytes(k.get(1..9)?.try_into().ok()?)));
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let next = clock.max(stored.map_or(0, |id| id.saturating_add(1)));
+        self.next_chunk_id.store(next, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -266,19 +275,30 @@ impl SledKv {
             let (Op::Put(name, ..) | Op::Delete(name, _)) = op;
             self.tree(name)?;
         }
-        if !self.chunked.read().unwrap_or_else(|e| e.into_inner()).involves(&ops) {
+        if !self.involves_split(&ops)? {
             return self.commit_as_is(ops);
         }
         let _one_at_a_time = self.chunk_writes.lock().unwrap_or_else(|e| e.into_inner());
         let chunks = self.tree_of(CHUNKS)?;
-        let (ops, changes) =
-            self.chunked.read().unwrap_or_else(|e| e.into_inner()).expand(ops, |tree, key| {
-                let stored = chunks.get(chunks::manifest_key(tree, key))?;
-                Ok(stored.and_then(|v| Stub::parse(&v)))
-            })?;
-        self.commit_as_is(ops)?;
-        self.chunked.write().unwrap_or_else(|e| e.into_inner()).committed(changes);
-        Ok(())
+        let new_id = || {
+            let id = self.next_chunk_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut out = [0u8; 16];
+            out[..8].copy_from_slice(&id.to_be_bytes());
+            out
+        };
+        let manifest = |tree: &str, key: &[u8]| {
+            let stored = chunks.get(chunks::manifest_key(tree, key))?;
+            Ok(stored.and_then(|v| Stub::parse(&v)))
+        };
+        let ops = chunks::expand(ops, manifest, new_id)?;
+        self.commit_as_is(ops)
+    }
+
+    /// Whether `ops` write a value past a row, or replace or delete a split
+    /// one (a read of its manifest per op: a few a commit, in memory).
+    fn involves_split(&self, ops: &[Op]) -> Result<bool, StoreError> {
+        let chunks = self.tree_of(CHUNKS)?;
+        chunks::involves(ops, |tree, key| Ok(chunks.contains_key(chunks::manifest_key(tree, key))?))
     }
 
     fn commit_as_is(&self, ops: Vec<Op>) -> Result<(), StoreError> {
@@ -445,7 +465,7 @@ impl Kv for SledKv {
             let (Op::Put(name, ..) | Op::Delete(name, _)) = op;
             self.tree(name)?;
         }
-        if self.chunked.read().unwrap_or_else(|e| e.into_inner()).involves(&ops) {
+        if self.involves_split(&ops)? {
             // A split value's parts go in one commit.
             return self.commit(ops);
         }
