@@ -330,17 +330,11 @@ impl KvStore {
     /// stores them and logs the change, inside the commit.
     pub(super) fn sign_crls_in(&self, stored: &[pb::Revocation], tx: &Tx<'_>) -> TxResult<()> {
         let Some(signer) = self.crl_signer.get() else { return Ok(()) };
-        let read;
+        let mut read = Vec::new();
         let stored = if self.kv.shared() {
-            let mut all = Vec::new();
-            for (key, bytes) in tx.txn.scan_prefix(t(REVOCATIONS), b"")? {
-                let revocation: pb::Revocation = decode(&key, &bytes)?;
-                if revocation.jti.is_empty() {
-                    all.push(revocation);
-                }
-            }
-            keep_sorted(&mut all, Vec::new());
-            read = all;
+            let scanned = tx.txn.scan_prefix(t(REVOCATIONS), b"")?;
+            let all = scanned.iter().map(|(key, bytes)| decode(key, bytes));
+            keep_sorted(&mut read, all.collect::<Result<_, _>>()?);
             &read
         } else {
             stored

@@ -137,12 +137,9 @@ impl SledKv {
         })
     }
 
-    /// A tree the store names. [`CHUNKS`] is this layer's own, and a
-    /// manifest's key ends the tree's name at a 0 byte.
+    /// A tree the store names (`callers_tree`).
     fn tree(&self, name: &'static str) -> Result<sled::Tree, StoreError> {
-        if name == CHUNKS || name.contains('\0') {
-            return Err(StoreError::Io(format!("{name:?} is not a tree the store may use")));
-        }
+        callers_tree(name)?;
         self.tree_of(name)
     }
 
@@ -159,15 +156,15 @@ impl SledKv {
     /// Removes what a write that raced one splitting a value left: chunks
     /// and manifests no stored value names.
     fn load_chunked(&self) -> Result<(), StoreError> {
-        let tree = self.db.open_tree(CHUNKS)?;
-        let manifests = tree
-            .scan_prefix(b"m")
-            .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())))
-            .collect::<Result<Pairs, _>>()?;
-        let chunk_keys = tree.scan_prefix(b"c").keys().collect::<Result<Vec<_>, _>>()?.into_iter();
-        let stale = chunks::stale(manifests, chunk_keys.map(|k| k.to_vec()), |t, k| {
-            Ok(self.db.open_tree(t)?.get(k)?.map(|v| v.to_vec()))
-        })?;
+        let tree = self.tree_of(CHUNKS)?;
+        let manifests = pairs_under(&tree, b"m")?;
+        let chunk_keys = tree.scan_prefix(b"c").keys().collect::<Result<Vec<_>, _>>()?;
+        // The greatest ID stored, before stale chunks go.
+        let last = chunk_keys.last().cloned();
+        let stale =
+            chunks::stale(manifests, chunk_keys.into_iter().map(|k| k.to_vec()), |t, k| {
+                Ok(self.db.open_tree(t)?.get(k)?.map(|v| v.to_vec()))
+            })?;
         if !stale.is_empty() {
             self.batches(stale)?;
             self.db.flush()?;
@@ -175,7 +172,6 @@ impl SledKv {
         // IDs go on from the greatest stored, or from the clock (so that
         // one deleted before a restart is not given again), whichever is
         // later.
-        let last = tree.scan_prefix(b"c").keys().next_back().transpose()?;
         let stored = last.and_then(|k| Some(u64::from_be_bytes(k.get(1..9)?.try_into().ok()?)));
         let clock = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -195,7 +191,7 @@ impl SledKv {
         }
         for name in self.db.tree_names() {
             let Ok(name) = std::str::from_utf8(&name) else { continue };
-            if name == CHUNKS || name.contains('\0') {
+            if callers_tree(name).is_err() {
                 continue;
             }
             let name = chunks::tree_name(name);
@@ -236,13 +232,7 @@ impl SledKv {
                 tries,
                 || Ok(tree.get(key)?.map(|v| v.to_vec())),
                 |manifest| Ok(chunks.get(manifest)?.map(|v| v.to_vec())),
-                |prefix| {
-                    chunks
-                        .scan_prefix(prefix)
-                        .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())))
-                        .collect::<Result<Pairs, _>>()
-                        .map_err(StoreError::from)
-                },
+                |prefix| pairs_under(&chunks, prefix),
             )
         };
         let mut outcome = read(value.to_vec(), 2)?;
@@ -271,13 +261,14 @@ impl SledKv {
     /// Applies `ops` atomically: split values written as their chunks in
     /// the same commit, and the chunks of those replaced or deleted removed.
     fn commit(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        for op in &ops {
-            let (Op::Put(name, ..) | Op::Delete(name, _)) = op;
-            self.tree(name)?;
+        if self.involves_split(&ops)? {
+            return self.commit_split(ops);
         }
-        if !self.involves_split(&ops)? {
-            return self.commit_as_is(ops);
-        }
+        self.commit_as_is(ops)
+    }
+
+    /// [`SledKv::commit`] of writes that involve a split value.
+    fn commit_split(&self, ops: Vec<Op>) -> Result<(), StoreError> {
         let _one_at_a_time = self.chunk_writes.lock().unwrap_or_else(|e| e.into_inner());
         let chunks = self.tree_of(CHUNKS)?;
         let new_id = || {
@@ -295,8 +286,13 @@ impl SledKv {
     }
 
     /// Whether `ops` write a value past a row, or replace or delete a split
-    /// one (a read of its manifest per op: a few a commit, in memory).
+    /// one (a read of its manifest per op: a few a commit, in memory); an
+    /// op on a tree callers may not use is an error.
     fn involves_split(&self, ops: &[Op]) -> Result<bool, StoreError> {
+        for op in ops {
+            let (Op::Put(name, ..) | Op::Delete(name, _)) = op;
+            callers_tree(name)?;
+        }
         let chunks = self.tree_of(CHUNKS)?;
         chunks::involves(ops, |tree, key| Ok(chunks.contains_key(chunks::manifest_key(tree, key))?))
     }
@@ -359,6 +355,22 @@ impl SledKv {
         }
         Ok(())
     }
+}
+
+/// Refuses the trees callers may not name: [`CHUNKS`] is this layer's
+/// own, and a manifest's key ends the tree's name at a 0 byte.
+fn callers_tree(name: &str) -> Result<(), StoreError> {
+    if name == CHUNKS || name.contains('\0') {
+        return Err(StoreError::Io(format!("{name:?} is not a tree the store may use")));
+    }
+    Ok(())
+}
+
+/// Every pair of `tree` whose key starts with `prefix`, in order.
+fn pairs_under(tree: &sled::Tree, prefix: &[u8]) -> Result<Pairs, StoreError> {
+    let pair =
+        |item: sled::Result<(sled::IVec, sled::IVec)>| item.map(|(k, v)| (k.to_vec(), v.to_vec()));
+    Ok(tree.scan_prefix(prefix).map(pair).collect::<Result<Pairs, _>>()?)
 }
 
 impl TxRead for SledKv {
@@ -461,13 +473,9 @@ impl Kv for SledKv {
     }
 
     fn apply_per_tree(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        for op in &ops {
-            let (Op::Put(name, ..) | Op::Delete(name, _)) = op;
-            self.tree(name)?;
-        }
         if self.involves_split(&ops)? {
             // A split value's parts go in one commit.
-            return self.commit(ops);
+            return self.commit_split(ops);
         }
         self.batches(ops)
     }
