@@ -5,8 +5,8 @@
 //!
 //! The folder: `mod.rs` (the X.509 CA, its rotation and CRLs), `jwt.rs`
 //! (the JWT-SVID signing keys, rotated with the CA), `csr.rs` (agents' and
-//! operators' CSRs), `serial.rs` (serial numbers), `svid_der.rs` (an
-//! X509-SVID's DER from a template per CA), `tests.rs` (the CA's
+//! operators' CSRs), `serial.rs` (serial numbers), `signed/` (an X509-SVID's
+//! and a CRL's DER from a template per CA), `tests.rs` (the CA's
 //! rotation, bundle and signing through `Ca`). It depends on nothing
 //! else of the server but `fsutil`; the APIs and the store's CRL signer
 //! depend on it.
@@ -14,9 +14,10 @@
 pub mod csr;
 pub mod jwt;
 mod serial;
-mod svid_der;
+mod signed;
 
 pub use serial::random_serial;
+pub use signed::{CrlEntry, CrlError};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -34,7 +35,7 @@ use tracing::info;
 
 use crate::fsutil::{create_private_dir, write_private};
 use jwt::{JwtKeyError, JwtKeyType, JwtSigningKey, SignedJwt};
-use svid_der::{SvidDerError, SvidFields, SvidTemplate};
+use signed::{CrlFields, DerError, IssuerTemplate, SvidFields};
 use tessera_common::clock::Clock;
 
 /// NotBefore of issued certificates is backdated by this many seconds to
@@ -67,7 +68,11 @@ pub enum CaError {
     /// Writing an X509-SVID failed (a name that is not ASCII, a key that
     /// is not P-256).
     #[error("X509-SVID: {0}")]
-    Svid(#[from] SvidDerError),
+    Svid(#[from] DerError),
+    /// Writing a CRL failed (a stored serial that is not hex of at most
+    /// 20 bytes).
+    #[error("CRL: {0}")]
+    Crl(#[from] CrlError),
     /// The active CA expires before the certificate could start.
     #[error("the CA has expired")]
     Expired,
@@ -87,17 +92,6 @@ pub struct SignedSvid {
     /// Unix seconds.
     pub expires_at: i64,
     /// Sequence number of the CA that signed it.
-    pub ca_seq: u32,
-}
-
-/// A serial to list in a CRL.
-#[derive(Debug, Clone, Copy)]
-pub struct CrlEntry<'a> {
-    /// Lowercase hex serial.
-    pub serial: &'a str,
-    /// Unix seconds.
-    pub revoked_at: i64,
-    /// Sequence number of the CA that issued the certificate.
     pub ca_seq: u32,
 }
 
@@ -124,8 +118,8 @@ struct CaKey {
     seq: u32,
     cert: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
-    /// What every X509-SVID this CA signs shares.
-    template: SvidTemplate,
+    /// What every X509-SVID and CRL this CA signs shares.
+    template: IssuerTemplate,
     jwt: JwtSigningKey,
     not_before: i64,
     not_after: i64,
@@ -429,7 +423,7 @@ impl Ca {
             return Err(CaError::Expired);
         }
         if public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(SvidDerError::UnsupportedKey.into());
+            return Err(DerError::UnsupportedKey.into());
         }
         let serial = random_serial();
         let fields = SvidFields {
@@ -440,7 +434,7 @@ impl Ca {
             spiffe_id: spiffe_id.as_str(),
             dns_names,
         };
-        let cert = svid_der::write_svid(&key.template, key.issuer.key(), &fields)?;
+        let cert = signed::write_svid(&key.template, key.issuer.key(), &fields)?;
         Ok(SignedSvid {
             leaf: cert,
             serial: hex::encode(serial),
@@ -459,33 +453,15 @@ impl Ca {
     ) -> Result<Vec<Vec<u8>>, CaError> {
         let now = self.clock.now();
         let keys = self.read().keys.clone();
+        let fields = CrlFields {
+            this_update: now - BACKDATE_SECS,
+            next_update: now + validity.max(1),
+            number: crl_number,
+        };
         let mut crls = Vec::with_capacity(keys.len());
         for key in keys {
-            let revoked_certs = revoked
-                .iter()
-                .filter(|r| r.ca_seq == key.seq)
-                .filter_map(|r| {
-                    // RFC 5280 serials are at most 20 bytes.
-                    let mut serial = [0u8; 20];
-                    let serial = serial.get_mut(..r.serial.len() / 2)?;
-                    hex::decode_to_slice(r.serial, serial).ok()?;
-                    Some(rcgen::RevokedCertParams {
-                        serial_number: SerialNumber::from_slice(serial),
-                        revocation_time: to_datetime(r.revoked_at),
-                        reason_code: Some(rcgen::RevocationReason::Unspecified),
-                        invalidity_date: None,
-                    })
-                })
-                .collect();
-            let params = rcgen::CertificateRevocationListParams {
-                this_update: to_datetime(now - BACKDATE_SECS),
-                next_update: to_datetime(now + validity.max(1)),
-                crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
-                issuing_distribution_point: None,
-                revoked_certs,
-                key_identifier_method: rcgen::KeyIdMethod::Sha256,
-            };
-            crls.push(params.signed_by(&key.issuer)?.der().to_vec());
+            let listed = revoked.iter().filter(|r| r.ca_seq == key.seq);
+            crls.push(signed::write_crl(&key.template, key.issuer.key(), &fields, listed)?);
         }
         Ok(crls)
     }
@@ -525,7 +501,9 @@ impl Ca {
         let key_path = self.dir.join(format!("ca-{seq:06}.key.pem"));
         let template = x509_parser::parse_x509_certificate(cert.der())
             .map_err(|e| e.to_string())
-            .and_then(|(_, parsed)| SvidTemplate::for_ca(&parsed, &key).map_err(|e| e.to_string()))
+            .and_then(|(_, parsed)| {
+                IssuerTemplate::for_ca(&parsed, &key).map_err(|e| e.to_string())
+            })
             .map_err(|reason| CaError::Corrupt { path: cert_path.clone(), reason })?;
         // Key first: a certificate without its key would be unusable.
         write_private(&key_path, key.serialize_pem().as_bytes())
@@ -583,7 +561,7 @@ fn load_keys(
         }
         let not_before = parsed.validity().not_before.timestamp();
         let not_after = parsed.validity().not_after.timestamp();
-        let template = SvidTemplate::for_ca(&parsed, &key).map_err(|e| corrupt(e.to_string()))?;
+        let template = IssuerTemplate::for_ca(&parsed, &key).map_err(|e| corrupt(e.to_string()))?;
         let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| corrupt(e.to_string()))?;
         // A CA from before JWT-SVIDs gets its JWT key now.
         let jwt = JwtSigningKey::load_or_create(&jwt_key_path(dir, seq), jwt_key_type)?;

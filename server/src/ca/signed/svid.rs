@@ -1,7 +1,7 @@
 //! An X509-SVID's DER, written into one buffer. What depends on the CA
 //! (its subject, copied byte for byte as the SVIDs' issuer, and the
 //! authority key identifier) is encoded once, when the CA is made or
-//! loaded ([`SvidTemplate`]); what no CA changes (the subject, the key
+//! loaded ([`IssuerTemplate`]); what no CA changes (the subject, the key
 //! usages, the basic constraints) is constant; per SVID only the serial,
 //! the validity, the key, its key identifier and the SANs are written,
 //! with `der`'s encoders. The bytes are those rcgen writes for the same
@@ -21,48 +21,17 @@
 //! SubjectPublicKeyInfo, first 20 bytes), basic constraints (critical,
 //! not a CA).
 
-use std::time::Duration;
+use der::asn1::UintRef;
+use der::{Encode, Tag};
+use rcgen::KeyPair;
 
-use der::asn1::{GeneralizedTime, UintRef, UtcTime};
-use der::{Encode, Header, Tag, TagNumber};
-use rcgen::{KeyPair, SigningKey, PKCS_ECDSA_P256_SHA256};
-use x509_cert::time::Time;
-use x509_parser::certificate::X509Certificate;
-
-/// Why an SVID could not be written.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SvidDerError {
-    /// A field does not fit its ASN.1 type (a name that is not ASCII, a
-    /// time outside 1970–9999, a length past DER's bounds).
-    #[error("SVID field cannot be encoded: {0}")]
-    Encode(#[from] der::Error),
-    /// The CA's key is not ECDSA P-256 (every SVID is signed
-    /// ecdsa-with-SHA256).
-    #[error("CA key must be ECDSA P-256")]
-    UnsupportedCaKey,
-    /// The lengths counted before writing are not what was written (a
-    /// defect, refused rather than signed).
-    #[error("SVID length miscounted: {counted} bytes counted, {written} written")]
-    Miscounted {
-        /// Counted.
-        counted: usize,
-        /// Written.
-        written: usize,
-    },
-    /// The subject's key is not an uncompressed ECDSA P-256 point.
-    #[error("SVID key must be ECDSA P-256")]
-    UnsupportedKey,
-    /// The CA key refused to sign.
-    #[error("signing: {0}")]
-    Sign(#[from] rcgen::Error),
-}
+use crate::ca::signed::parts::{
+    context, context_constructed, header, key_id, sign_tbs, time, tlv_len, DerError,
+    IssuerTemplate, ECDSA_SHA256, KEY_ID_LEN,
+};
 
 /// `[0] EXPLICIT INTEGER 2`: version 3.
 const VERSION: &[u8] = &[0xa0, 0x03, 0x02, 0x01, 0x02];
-/// `AlgorithmIdentifier { ecdsa-with-SHA256 }`.
-const ECDSA_SHA256: &[u8] =
-    &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
 /// `Name { O = UTF8String "Tessera" }`.
 const SUBJECT: &[u8] = &[
     0x30, 0x12, 0x31, 0x10, 0x30, 0x0e, 0x06, 0x03, 0x55, 0x04, 0x0a, 0x0c, 0x07, b'T', b'e', b's',
@@ -78,8 +47,6 @@ const P256_SPKI_HEAD: &[u8] = &[
 const P256_POINT_LEN: usize = 65;
 /// The subjectAltName extension's ID (2.5.29.17).
 const OID_SAN: &[u8] = &[0x06, 0x03, 0x55, 0x1d, 0x11];
-/// The authorityKeyIdentifier extension's ID (2.5.29.35).
-const OID_AKI: &[u8] = &[0x06, 0x03, 0x55, 0x1d, 0x23];
 /// keyUsage, critical: digitalSignature, keyEncipherment, keyAgreement.
 const KEY_USAGE: &[u8] = &[
     0x30, 0x0e, 0x06, 0x03, 0x55, 0x1d, 0x0f, 0x01, 0x01, 0xff, 0x04, 0x04, 0x03, 0x02, 0x03, 0xa8,
@@ -91,55 +58,12 @@ const EXT_KEY_USAGE: &[u8] = &[
 ];
 /// subjectKeyIdentifier up to its 20 bytes.
 const SKI_HEAD: &[u8] = &[0x30, 0x1d, 0x06, 0x03, 0x55, 0x1d, 0x0e, 0x04, 0x16, 0x04, 0x14];
-/// The key identifier's length: SHA-256 cut to 20 bytes, as rcgen does.
-const KEY_ID_LEN: usize = 20;
 /// basicConstraints, critical: not a CA.
 const NOT_A_CA: &[u8] =
     &[0x30, 0x0c, 0x06, 0x03, 0x55, 0x1d, 0x13, 0x01, 0x01, 0xff, 0x04, 0x02, 0x30, 0x00];
 /// Tags of the SAN's GeneralNames (implicit, primitive).
 const SAN_DNS: u8 = 2;
 const SAN_URI: u8 = 6;
-
-/// What every SVID one CA signs shares and depends on the CA: its name
-/// (the SVIDs' issuer, byte for byte) and the authority key identifier
-/// extension.
-#[derive(Debug, Clone)]
-pub struct SvidTemplate {
-    issuer: Vec<u8>,
-    authority_key_id: Vec<u8>,
-}
-
-impl SvidTemplate {
-    /// The template of the CA `ca` whose key is `key`: its subject, and
-    /// its subject key identifier (or, if it has none, the SHA-256 of its
-    /// key cut to 20 bytes, as rcgen derives it). Only for a P-256 key.
-    pub fn for_ca(ca: &X509Certificate<'_>, key: &KeyPair) -> Result<Self, SvidDerError> {
-        if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(SvidDerError::UnsupportedCaKey);
-        }
-        let ca_key_id = ca
-            .iter_extensions()
-            .find_map(|ext| match ext.parsed_extension() {
-                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
-                    Some(id.0.to_vec())
-                }
-                _ => None,
-            })
-            .unwrap_or_else(|| key_id(ca.public_key().raw).to_vec());
-        // Extension { authorityKeyIdentifier, OCTET STRING { SEQUENCE { [0] keyId } } }
-        let id_tlv = tlv_len(ca_key_id.len())?;
-        let seq = tlv_len(id_tlv)?;
-        let value = tlv_len(seq)?;
-        let mut aki = Vec::with_capacity(tlv_len(OID_AKI.len() + value)?);
-        header(&mut aki, Tag::Sequence, OID_AKI.len() + value)?;
-        aki.extend_from_slice(OID_AKI);
-        header(&mut aki, Tag::OctetString, seq)?;
-        header(&mut aki, Tag::Sequence, id_tlv)?;
-        header(&mut aki, context(0), ca_key_id.len())?;
-        aki.extend_from_slice(&ca_key_id);
-        Ok(Self { issuer: ca.subject().as_raw().to_vec(), authority_key_id: aki })
-    }
-}
 
 /// What one SVID says.
 #[derive(Debug, Clone, Copy)]
@@ -161,28 +85,17 @@ pub struct SvidFields<'a> {
 /// The SVID's DER, signed by `key` (the CA's ECDSA P-256 key) with
 /// `template` the CA's.
 pub fn write_svid(
-    template: &SvidTemplate,
+    template: &IssuerTemplate,
     key: &KeyPair,
     fields: &SvidFields<'_>,
-) -> Result<Vec<u8>, SvidDerError> {
-    let tbs = write_tbs(template, fields)?;
-    let signature = key.sign(&tbs)?;
-    let bits = 1 + signature.len();
-    let content = tbs.len() + ECDSA_SHA256.len() + tlv_len(bits)?;
-    let mut cert = Vec::with_capacity(tlv_len(content)?);
-    header(&mut cert, Tag::Sequence, content)?;
-    cert.extend_from_slice(&tbs);
-    cert.extend_from_slice(ECDSA_SHA256);
-    header(&mut cert, Tag::BitString, bits)?;
-    cert.push(0);
-    cert.extend_from_slice(&signature);
-    Ok(cert)
+) -> Result<Vec<u8>, DerError> {
+    sign_tbs(&write_tbs(template, fields)?, key)
 }
 
 /// The TBSCertificate.
-fn write_tbs(template: &SvidTemplate, f: &SvidFields<'_>) -> Result<Vec<u8>, SvidDerError> {
+fn write_tbs(template: &IssuerTemplate, f: &SvidFields<'_>) -> Result<Vec<u8>, DerError> {
     if f.public_key.len() != P256_POINT_LEN {
-        return Err(SvidDerError::UnsupportedKey);
+        return Err(DerError::UnsupportedKey);
     }
     let serial = UintRef::new(f.serial)?;
     let not_before = time(f.not_before)?;
@@ -247,31 +160,9 @@ fn write_tbs(template: &SvidTemplate, f: &SvidFields<'_>) -> Result<Vec<u8>, Svi
     out.extend_from_slice(&subject_key_id);
     out.extend_from_slice(NOT_A_CA);
     if out.len() != counted {
-        return Err(SvidDerError::Miscounted { counted, written: out.len() });
+        return Err(DerError::Miscounted { counted, written: out.len() });
     }
     Ok(out)
-}
-
-/// A validity time as RFC 5280 wants it: UTCTime through 2049,
-/// GeneralizedTime from 2050 (as rcgen writes it).
-fn time(unix: i64) -> der::Result<Time> {
-    let since = Duration::from_secs(
-        u64::try_from(unix).map_err(|_| der::Error::from(der::ErrorKind::DateTime))?,
-    );
-    let generalized = GeneralizedTime::from_unix_duration(since)?;
-    if generalized.to_date_time().year() < 2050 {
-        Ok(Time::UtcTime(UtcTime::from_unix_duration(since)?))
-    } else {
-        Ok(Time::GeneralTime(generalized))
-    }
-}
-
-/// SHA-256 of `spki`, its first 20 bytes (rcgen's key identifier).
-fn key_id(spki: &[u8]) -> [u8; KEY_ID_LEN] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, spki);
-    let mut id = [0; KEY_ID_LEN];
-    id.copy_from_slice(&digest.as_ref()[..KEY_ID_LEN]);
-    id
 }
 
 /// The TLV length of `s` as an IA5String: ASCII only.
@@ -282,29 +173,10 @@ fn ia5_len(s: &str) -> der::Result<usize> {
     tlv_len(s.len())
 }
 
-fn context(number: u8) -> Tag {
-    Tag::ContextSpecific { constructed: false, number: TagNumber::new(number) }
-}
-
-fn context_constructed(number: u8) -> Tag {
-    Tag::ContextSpecific { constructed: true, number: TagNumber::new(number) }
-}
-
-/// Appends a tag and a definite length.
-fn header(out: &mut Vec<u8>, tag: Tag, len: usize) -> der::Result<()> {
-    Header::new(tag, len)?.encode_to_vec(out)?;
-    Ok(())
-}
-
-/// A TLV's whole length with `len` bytes of content.
-fn tlv_len(len: usize) -> der::Result<usize> {
-    let header = Header::new(Tag::Sequence, len)?.encoded_len()?;
-    usize::try_from(header)?.checked_add(len).ok_or_else(|| der::ErrorKind::Overflow.into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ca::signed::parts::test_ca::{ca, template_of};
     use rcgen::{
         CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
@@ -335,24 +207,6 @@ mod tests {
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.signed_by(subject, issuer).unwrap().der().to_vec()
-    }
-
-    /// A CA as `Ca` makes them; `is_ca` `NoCa` makes one without a
-    /// subject key identifier (rcgen writes it only with the CA flags).
-    fn ca(is_ca: IsCa) -> (CertificateDer<'static>, KeyPair) {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Tessera");
-        dn.push(DnType::CommonName, "Tessera CA example.org #1");
-        params.distinguished_name = dn;
-        params.subject_alt_names.push(SanType::URI("spiffe://example.org".try_into().unwrap()));
-        params.is_ca = is_ca;
-        (params.self_signed(&key).unwrap().der().clone(), key)
-    }
-
-    fn template_of(ca_der: &[u8], key: &KeyPair) -> Result<SvidTemplate, SvidDerError> {
-        SvidTemplate::for_ca(&x509_parser::parse_x509_certificate(ca_der).unwrap().1, key)
     }
 
     fn has_key_id(ca_der: &[u8]) -> bool {
@@ -450,17 +304,17 @@ mod tests {
             SvidFields { not_before: -1, ..good },
             SvidFields { not_after: 400_000_000_000, ..good },
         ] {
-            assert!(matches!(write_svid(&template, &ca_key, &bad), Err(SvidDerError::Encode(_))));
+            assert!(matches!(write_svid(&template, &ca_key, &bad), Err(DerError::Encode(_))));
         }
         assert!(matches!(
             write_svid(&template, &ca_key, &SvidFields { public_key: &point[1..], ..good }),
-            Err(SvidDerError::UnsupportedKey)
+            Err(DerError::UnsupportedKey)
         ));
         // A CA whose key is not P-256 gets no template.
         let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let p384_ca = params.self_signed(&p384).unwrap().der().clone();
-        assert!(matches!(template_of(&p384_ca, &p384), Err(SvidDerError::UnsupportedCaKey)));
+        assert!(matches!(template_of(&p384_ca, &p384), Err(DerError::UnsupportedCaKey)));
     }
 }
