@@ -107,6 +107,7 @@ fn write_entries<'a>(revoked: impl Iterator<Item = &'a CrlEntry<'a>>) -> Result<
     let (fewest, most) = revoked.size_hint();
     let mut list = Vec::with_capacity(most.unwrap_or(fewest).saturating_mul(MAX_ENTRY));
     let mut bytes = [0u8; MAX_SERIAL];
+    let mut dates = Dates::default();
     for entry in revoked {
         let Some(serial) = decode_serial(entry.serial, &mut bytes) else {
             warn!(
@@ -118,22 +119,80 @@ fn write_entries<'a>(revoked: impl Iterator<Item = &'a CrlEntry<'a>>) -> Result<
             continue;
         };
         let serial = UintRef::new(serial)?;
-        let date = time(entry.revoked_at.clamp(0, LAST_SECOND))?;
-        let len = usize::try_from((serial.encoded_len()? + date.encoded_len()?)?)?;
+        let date = dates.der(entry.revoked_at.clamp(0, LAST_SECOND))?;
+        let len = usize::try_from(serial.encoded_len()?)? + date.len();
         header(&mut list, Tag::Sequence, len)?;
         serial.encode_to_vec(&mut list)?;
-        date.encode_to_vec(&mut list)?;
+        list.extend_from_slice(date);
     }
     Ok(list)
 }
 
-/// `hex`'s bytes in `buf`, if it is an even number of hex digits, 2 to 40.
+/// A GeneralizedTime's DER length, the longer of the two.
+const DATE_MAX: usize = 17;
+/// How many dates [`Dates`] keeps.
+const DATE_SLOTS: usize = 16;
+
+/// Revocation dates' DER by second, for one CRL: its entries share few
+/// (a commit revokes all it revokes at one time), and a date costs more to
+/// encode than the rest of its entry.
+struct Dates {
+    /// Direct-mapped by the second: (second, DER, its length).
+    slots: [(i64, [u8; DATE_MAX], usize); DATE_SLOTS],
+}
+
+impl Default for Dates {
+    fn default() -> Self {
+        // No date is negative: an empty slot matches none.
+        Self { slots: [(-1, [0; DATE_MAX], 0); DATE_SLOTS] }
+    }
+}
+
+impl Dates {
+    /// The DER of `at` (Unix seconds, not negative).
+    fn der(&mut self, at: i64) -> der::Result<&[u8]> {
+        let slot = &mut self.slots[at.rem_euclid(DATE_SLOTS as i64) as usize];
+        if slot.0 != at {
+            slot.2 = time(at)?.encode_to_slice(&mut slot.1)?.len();
+            slot.0 = at;
+        }
+        Ok(&slot.1[..slot.2])
+    }
+}
+
+/// Each byte's value as a hex digit, or `NOT_HEX`.
+const HEX_DIGITS: [u8; 256] = {
+    let mut table = [NOT_HEX; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+const NOT_HEX: u8 = 0xff;
+
+/// `hex`'s bytes in `buf`, if it is an even number of hex digits, 2 to 40
+/// (a table lookup per digit: a CRL decodes every serial it lists).
 fn decode_serial<'b>(hex: &str, buf: &'b mut [u8; MAX_SERIAL]) -> Option<&'b [u8]> {
+    let hex = hex.as_bytes();
     if hex.is_empty() || !hex.len().is_multiple_of(2) {
         return None;
     }
     let out = buf.get_mut(..hex.len() / 2)?;
-    hex::decode_to_slice(hex, out).ok()?;
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let (high, low) = (HEX_DIGITS[usize::from(pair[0])], HEX_DIGITS[usize::from(pair[1])]);
+        if high > 15 || low > 15 {
+            return None;
+        }
+        *byte = high << 4 | low;
+    }
     Some(out)
 }
 
@@ -266,6 +325,11 @@ mod tests {
             // across 2050: UTCTime, then GeneralizedTime
             entry("0a0b", 2_524_607_999),
             entry("0a0c", 2_524_608_000),
+            // dates that take one slot of the dates kept, in turn; upper case
+            entry("0d0e", now + 16),
+            entry("0d0f", now),
+            entry("0D1E", now + 32),
+            entry("ABCDEF", now + 16),
         ];
         // The list's content at DER's length boundaries.
         let fills: Vec<(usize, Vec<String>)> = [127, 128, 255, 256, 65_535, 65_536]
