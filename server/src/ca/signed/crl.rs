@@ -1,11 +1,13 @@
 //! A CRL's DER (RFC 5280 §5), written into one buffer. Every revocation
 //! re-signs the CRL of each CA with every serial it revoked, so the
 //! entries are the bulk of the work: each is written straight from the
-//! stored hex serial and time, with `der`'s encoders, where rcgen built a
-//! parameter per entry and nested writers around them (about 60 % of a
-//! revocation's CPU with 3,000 serials listed). The bytes are those rcgen
-//! writes for the same parameters (`tests::the_same_bytes_as_rcgen`), the
-//! authority key ID the CA certificate's.
+//! stored hex serial (decoded through a table) and its date (encoded once
+//! per second a CRL lists, [`Dates`]), with `der`'s encoders. Written as
+//! rcgen wrote them (a parameter per entry, `hex` and `der` per field),
+//! the entries cost as much as rcgen did, most of the CRL's CPU. The
+//! bytes are those rcgen writes for the same parameters
+//! (`tests::the_same_bytes_as_rcgen`), the authority key ID the CA
+//! certificate's.
 //!
 //! The list (v2): version; ecdsa-with-SHA256; the CA's subject as issuer;
 //! thisUpdate, nextUpdate (UTCTime before 2050, GeneralizedTime from then
