@@ -40,8 +40,8 @@ pub type Authorizer = Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>;
 /// copied) and indexed for lookups by the first handshake that needs it:
 /// with thousands of serials listed, indexing costs about as much as
 /// signing the CRL, and a revocation storm would otherwise pay it in every
-/// holder of the CRLs (the server, each agent, each workload's source) for
-/// every revocation, used or not.
+/// holder of `TrustAnchors` (the server's node API, each workload's
+/// `X509Source`) for every revocation, used or not.
 #[derive(Clone, Default)]
 pub struct TrustAnchors {
     inner: Arc<ArcSwap<TrustState>>,

@@ -69,8 +69,8 @@ pub enum CaError {
     /// is not P-256).
     #[error("X509-SVID: {0}")]
     Svid(#[from] DerError),
-    /// Writing a CRL failed (a stored serial that is not hex of at most
-    /// 20 bytes).
+    /// Writing a CRL failed (a validity that cannot be encoded, or the
+    /// key refused to sign).
     #[error("CRL: {0}")]
     Crl(#[from] CrlError),
     /// The active CA expires before the certificate could start.

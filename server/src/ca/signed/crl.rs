@@ -1,8 +1,8 @@
 //! A CRL's DER (RFC 5280 §5), written into one buffer. Every revocation
 //! re-signs the CRL of each CA with every serial it revoked, so the
 //! entries are the bulk of the work: each is written straight from the
-//! stored hex serial (decoded through a table) and its date (encoded once
-//! per second a CRL lists, [`Dates`]), with `der`'s encoders. Written as
+//! stored hex serial (decoded through a table) and its date (kept by the
+//! second in a few slots, [`Dates`]), with `der`'s encoders. Written as
 //! rcgen wrote them (a parameter per entry, `hex` and `der` per field),
 //! the entries cost as much as rcgen did, most of the CRL's CPU. The
 //! bytes are those rcgen writes for the same parameters
@@ -18,11 +18,11 @@
 //!
 //! A stored serial that is not 1–20 bytes of hex names no certificate a CA
 //! here issued (serials are 16 random bytes, and operators' are checked as
-//! they are given): it is left out with a warning naming it, as rcgen left
-//! it out silently, rather than refuse every CRL, and with them every
-//! commit that revokes, until the row expires. A revocation date no CRL
-//! can hold (before 1970, after 9999) is written as the nearest it can:
-//! the serial stays listed.
+//! they are given): it is left out with a warning naming it (the code
+//! before this module left it out silently), rather than refuse every CRL,
+//! and with them every commit that revokes, until the row expires. A
+//! revocation date no CRL can hold (before 1970, after 9999) is written as
+//! the nearest it can: the serial stays listed.
 
 use der::asn1::UintRef;
 use der::{Encode, Tag};
@@ -135,9 +135,12 @@ const DATE_MAX: usize = 17;
 /// How many dates [`Dates`] keeps.
 const DATE_SLOTS: usize = 16;
 
-/// Revocation dates' DER by second, for one CRL: its entries share few
-/// (a commit revokes all it revokes at one time), and a date costs more to
-/// encode than the rest of its entry.
+/// Revocation dates' DER by second, for one CRL: a date costs more to
+/// encode than the rest of its entry, and a commit revokes all it revokes
+/// at one time, so a CRL made mostly of one bulk revocation finds most of
+/// its dates here. Entries come sorted by serial, so the dates of many
+/// commits interleave: past 16 distinct seconds most lookups miss, and a
+/// miss costs what encoding the date always did.
 struct Dates {
     /// Direct-mapped by the second: (second, DER, its length).
     slots: [(i64, [u8; DATE_MAX], usize); DATE_SLOTS],
