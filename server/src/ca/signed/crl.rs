@@ -30,7 +30,8 @@ use rcgen::KeyPair;
 use tracing::warn;
 
 use crate::ca::signed::parts::{
-    context_constructed, header, sign_tbs, time, tlv_len, DerError, IssuerTemplate, ECDSA_SHA256,
+    context_constructed, header, sequence, sign_tbs, time, tlv_len, DerError, IssuerTemplate,
+    ECDSA_SHA256,
 };
 
 /// `INTEGER 1`: version 2.
@@ -219,30 +220,25 @@ fn write_tbs(template: &IssuerTemplate, f: &CrlFields, list: &[u8]) -> Result<Ve
         + usize::try_from((this_update.encoded_len()? + next_update.encoded_len()?)?)?
         + revoked
         + tlv_len(extensions_seq)?;
-
-    let counted = tlv_len(content)?;
-    let mut out = Vec::with_capacity(counted);
-    header(&mut out, Tag::Sequence, content)?;
-    out.extend_from_slice(VERSION);
-    out.extend_from_slice(ECDSA_SHA256);
-    out.extend_from_slice(&template.issuer);
-    this_update.encode_to_vec(&mut out)?;
-    next_update.encode_to_vec(&mut out)?;
-    if !list.is_empty() {
-        header(&mut out, Tag::Sequence, list.len())?;
-        out.extend_from_slice(list);
-    }
-    header(&mut out, context_constructed(0), extensions_seq)?;
-    header(&mut out, Tag::Sequence, extensions)?;
-    out.extend_from_slice(&template.authority_key_id);
-    header(&mut out, Tag::Sequence, crl_number)?;
-    out.extend_from_slice(OID_CRL_NUMBER);
-    header(&mut out, Tag::OctetString, number_len)?;
-    number.encode_to_vec(&mut out)?;
-    if out.len() != counted {
-        return Err(DerError::Miscounted { counted, written: out.len() }.into());
-    }
-    Ok(out)
+    sequence(content, |out| {
+        out.extend_from_slice(VERSION);
+        out.extend_from_slice(ECDSA_SHA256);
+        out.extend_from_slice(&template.issuer);
+        this_update.encode_to_vec(out)?;
+        next_update.encode_to_vec(out)?;
+        if !list.is_empty() {
+            header(out, Tag::Sequence, list.len())?;
+            out.extend_from_slice(list);
+        }
+        header(out, context_constructed(0), extensions_seq)?;
+        header(out, Tag::Sequence, extensions)?;
+        out.extend_from_slice(&template.authority_key_id);
+        header(out, Tag::Sequence, crl_number)?;
+        out.extend_from_slice(OID_CRL_NUMBER);
+        header(out, Tag::OctetString, number_len)?;
+        number.encode_to_vec(out)?;
+        Ok(())
+    })
 }
 
 #[cfg(test)]

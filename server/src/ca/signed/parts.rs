@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use der::asn1::{GeneralizedTime, UtcTime};
-use der::{Encode, Header, Tag, TagNumber};
+use der::{DateTime, Encode, Header, Tag, TagNumber};
 use rcgen::{KeyPair, SigningKey, PKCS_ECDSA_P256_SHA256};
 use x509_cert::time::Time;
 use x509_parser::certificate::X509Certificate;
@@ -98,13 +98,30 @@ pub fn sign_tbs(tbs: &[u8], key: &KeyPair) -> Result<Vec<u8>, DerError> {
     let signature = key.sign(tbs)?;
     let bits = 1 + signature.len();
     let content = tbs.len() + ECDSA_SHA256.len() + tlv_len(bits)?;
-    let mut out = Vec::with_capacity(tlv_len(content)?);
-    header(&mut out, Tag::Sequence, content)?;
-    out.extend_from_slice(tbs);
-    out.extend_from_slice(ECDSA_SHA256);
-    header(&mut out, Tag::BitString, bits)?;
-    out.push(0);
-    out.extend_from_slice(&signature);
+    sequence(content, |out| {
+        out.extend_from_slice(tbs);
+        out.extend_from_slice(ECDSA_SHA256);
+        header(out, Tag::BitString, bits)?;
+        out.push(0);
+        out.extend_from_slice(&signature);
+        Ok(())
+    })
+}
+
+/// A SEQUENCE of `content` bytes, counted before writing: its header, then
+/// what `write` appends, in one buffer of that size. What writes another
+/// length is refused ([`DerError::Miscounted`], a defect), never signed.
+pub fn sequence<E: From<DerError>>(
+    content: usize,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<Vec<u8>, E> {
+    let counted = tlv_len(content).map_err(DerError::from)?;
+    let mut out = Vec::with_capacity(counted);
+    header(&mut out, Tag::Sequence, content).map_err(DerError::from)?;
+    write(&mut out)?;
+    if out.len() != counted {
+        return Err(DerError::Miscounted { counted, written: out.len() }.into());
+    }
     Ok(out)
 }
 
@@ -114,11 +131,11 @@ pub fn time(unix: i64) -> der::Result<Time> {
     let since = Duration::from_secs(
         u64::try_from(unix).map_err(|_| der::Error::from(der::ErrorKind::DateTime))?,
     );
-    let generalized = GeneralizedTime::from_unix_duration(since)?;
-    if generalized.to_date_time().year() < 2050 {
-        Ok(Time::UtcTime(UtcTime::from_unix_duration(since)?))
+    let date = DateTime::from_unix_duration(since)?;
+    if date.year() < 2050 {
+        Ok(Time::UtcTime(UtcTime::from_date_time(date)?))
     } else {
-        Ok(Time::GeneralTime(generalized))
+        Ok(Time::GeneralTime(GeneralizedTime::from_date_time(date)))
     }
 }
 

@@ -26,7 +26,7 @@ use der::{Encode, Tag};
 use rcgen::KeyPair;
 
 use crate::ca::signed::parts::{
-    context, context_constructed, header, key_id, sign_tbs, time, tlv_len, DerError,
+    context, context_constructed, header, key_id, sequence, sign_tbs, time, tlv_len, DerError,
     IssuerTemplate, ECDSA_SHA256, KEY_ID_LEN,
 };
 
@@ -125,44 +125,39 @@ fn write_tbs(template: &IssuerTemplate, f: &SvidFields<'_>) -> Result<Vec<u8>, D
         + P256_SPKI_HEAD.len()
         + P256_POINT_LEN
         + tlv_len(extensions_seq)?;
-
-    let counted = tlv_len(content)?;
-    let mut out = Vec::with_capacity(counted);
-    header(&mut out, Tag::Sequence, content)?;
-    out.extend_from_slice(VERSION);
-    serial.encode_to_vec(&mut out)?;
-    out.extend_from_slice(ECDSA_SHA256);
-    out.extend_from_slice(&template.issuer);
-    header(&mut out, Tag::Sequence, validity)?;
-    not_before.encode_to_vec(&mut out)?;
-    not_after.encode_to_vec(&mut out)?;
-    out.extend_from_slice(SUBJECT);
-    let spki = out.len();
-    out.extend_from_slice(P256_SPKI_HEAD);
-    out.extend_from_slice(f.public_key);
-    let subject_key_id = key_id(&out[spki..]);
-    header(&mut out, context_constructed(3), extensions_seq)?;
-    header(&mut out, Tag::Sequence, extensions)?;
-    out.extend_from_slice(&template.authority_key_id);
-    header(&mut out, Tag::Sequence, san)?;
-    out.extend_from_slice(OID_SAN);
-    header(&mut out, Tag::OctetString, san_value)?;
-    header(&mut out, Tag::Sequence, names)?;
-    header(&mut out, context(SAN_URI), f.spiffe_id.len())?;
-    out.extend_from_slice(f.spiffe_id.as_bytes());
-    for name in f.dns_names {
-        header(&mut out, context(SAN_DNS), name.len())?;
-        out.extend_from_slice(name.as_bytes());
-    }
-    out.extend_from_slice(KEY_USAGE);
-    out.extend_from_slice(EXT_KEY_USAGE);
-    out.extend_from_slice(SKI_HEAD);
-    out.extend_from_slice(&subject_key_id);
-    out.extend_from_slice(NOT_A_CA);
-    if out.len() != counted {
-        return Err(DerError::Miscounted { counted, written: out.len() });
-    }
-    Ok(out)
+    sequence(content, |out| {
+        out.extend_from_slice(VERSION);
+        serial.encode_to_vec(out)?;
+        out.extend_from_slice(ECDSA_SHA256);
+        out.extend_from_slice(&template.issuer);
+        header(out, Tag::Sequence, validity)?;
+        not_before.encode_to_vec(out)?;
+        not_after.encode_to_vec(out)?;
+        out.extend_from_slice(SUBJECT);
+        let spki = out.len();
+        out.extend_from_slice(P256_SPKI_HEAD);
+        out.extend_from_slice(f.public_key);
+        let subject_key_id = key_id(&out[spki..]);
+        header(out, context_constructed(3), extensions_seq)?;
+        header(out, Tag::Sequence, extensions)?;
+        out.extend_from_slice(&template.authority_key_id);
+        header(out, Tag::Sequence, san)?;
+        out.extend_from_slice(OID_SAN);
+        header(out, Tag::OctetString, san_value)?;
+        header(out, Tag::Sequence, names)?;
+        header(out, context(SAN_URI), f.spiffe_id.len())?;
+        out.extend_from_slice(f.spiffe_id.as_bytes());
+        for name in f.dns_names {
+            header(out, context(SAN_DNS), name.len())?;
+            out.extend_from_slice(name.as_bytes());
+        }
+        out.extend_from_slice(KEY_USAGE);
+        out.extend_from_slice(EXT_KEY_USAGE);
+        out.extend_from_slice(SKI_HEAD);
+        out.extend_from_slice(&subject_key_id);
+        out.extend_from_slice(NOT_A_CA);
+        Ok(())
+    })
 }
 
 /// The TLV length of `s` as an IA5String: ASCII only.
