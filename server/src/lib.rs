@@ -50,7 +50,7 @@ pub use api::node::tls::NodePeer;
 pub use api::node::REFUSAL_METADATA;
 pub use ca::csr::{parse_csr, CsrError};
 pub use ca::jwt::JwtKeyType;
-pub use ca::{Ca, CaError, CaPolicy, SignedSvid};
+pub use ca::{Ca, CaError, CaPolicy, CrlEntry, SignedSvid};
 pub use client::connect_admin;
 pub use config::{Config, ConfigError, FileConfig};
 pub use entry::{Entry, EntryError, EntryRules};

@@ -13,8 +13,8 @@ use crate::store::kv::{Kv, Op};
 use crate::store::StoreError;
 
 /// The baselines: executables seen per entry, audiences asked per entry.
-const EXE: &str = "exe";
-const AUD: &str = "aud";
+pub(super) const EXE: &str = "exe";
+pub(super) const AUD: &str = "aud";
 /// Baselines forgotten per write.
 const FORGET_PAGE: usize = 1_000;
 
@@ -65,30 +65,38 @@ pub(super) fn forget_entries(kv: &dyn Kv, entries: &[String]) -> Result<(), Stor
     Ok(())
 }
 
-/// Baseline values known to be stored, per prefix, so that `learn` reads
-/// the store only for a value it has not seen: entry IDs are never reused,
-/// so a value stays known while its entry lives. An entry's go when it is
-/// deleted or expires (`committed`), and all of them past [`KNOWN_MAX`]
-/// prefixes (another server's deletes are not seen here).
+/// Baseline values known to be stored, per entry and kind of baseline,
+/// so that `learn` reads the store only for a value it has not seen: entry
+/// IDs are never reused, so a value stays known while its entry lives. An
+/// entry's go when it is deleted or expires (`committed`), and all of them
+/// past [`KNOWN_MAX`] entries (another server's deletes are not seen here).
+/// Keyed by the entry ID itself: a lookup, which every issued JWT-SVID
+/// and every served workload makes, formats no key.
 #[derive(Debug, Default)]
-pub(super) struct Known(foldhash::HashMap<String, foldhash::HashSet<String>>);
+pub(super) struct Known(foldhash::HashMap<String, [foldhash::HashSet<String>; 2]>);
 
-/// Prefixes (entry and kind of baseline) remembered at most, and values
-/// per prefix (past it, a new value is read from the store each time).
+/// Entries remembered at most, and values per entry and kind of baseline
+/// (past it, a new value is read from the store each time).
 const KNOWN_MAX: usize = 20_000;
-const KNOWN_PER_PREFIX: usize = 256;
+const KNOWN_PER_SET: usize = 256;
+
+/// Which of an entry's two sets holds baseline `what` ([`EXE`] or [`AUD`]).
+fn set_of(what: &str) -> usize {
+    debug_assert!(what == EXE || what == AUD, "no baseline {what:?}");
+    usize::from(what == AUD)
+}
 
 impl Known {
-    pub(super) fn contains(&self, prefix: &str, value: &str) -> bool {
-        self.0.get(prefix).is_some_and(|values| values.contains(value))
+    pub(super) fn contains(&self, what: &str, entry: &str, value: &str) -> bool {
+        self.0.get(entry).is_some_and(|sets| sets[set_of(what)].contains(value))
     }
 
-    fn insert(&mut self, prefix: &str, value: &str) {
-        if self.0.len() >= KNOWN_MAX && !self.0.contains_key(prefix) {
+    fn insert(&mut self, what: &str, entry: &str, value: &str) {
+        if self.0.len() >= KNOWN_MAX && !self.0.contains_key(entry) {
             self.0.clear();
         }
-        let values = self.0.entry(prefix.to_string()).or_default();
-        if values.len() < KNOWN_PER_PREFIX {
+        let values = &mut self.0.entry(entry.to_string()).or_default()[set_of(what)];
+        if values.len() < KNOWN_PER_SET {
             values.insert(value.to_string());
         }
     }
@@ -96,9 +104,7 @@ impl Known {
     /// Forgets what was known of `entries`.
     pub(super) fn forget(&mut self, entries: &[String]) {
         for entry in entries {
-            for what in [EXE, AUD] {
-                self.0.remove(&baseline_prefix(what, entry));
-            }
+            self.0.remove(entry);
         }
     }
 }
@@ -176,14 +182,14 @@ impl EventLog {
     /// sharing the database, whose forgetting may already have run) leaves
     /// no row behind, and one committed after it forgets the row itself.
     pub(super) fn learn(&self, what: &str, entry: &str, value: &str) -> Result<bool, StoreError> {
-        let prefix = &baseline_prefix(what, entry);
         let remembered = || self.known.lock().unwrap_or_else(|e| e.into_inner());
-        if remembered().contains(prefix, value) {
+        if remembered().contains(what, entry, value) {
             return Ok(false);
         }
+        let prefix = &baseline_prefix(what, entry);
         let key = format!("{prefix}{value}");
         if self.kv.get(BASELINES, key.as_bytes())?.is_some() {
-            remembered().insert(prefix, value);
+            remembered().insert(what, entry, value);
             return Ok(false);
         }
         if !crate::store::entry_stored(&*self.kv, entry)? {
@@ -197,7 +203,7 @@ impl EventLog {
             self.kv.apply(vec![Op::Delete(BASELINES, key.into_bytes())])?;
             return Ok(false);
         }
-        remembered().insert(prefix, value);
+        remembered().insert(what, entry, value);
         Ok(known)
     }
 
@@ -253,21 +259,23 @@ mod tests {
     #[test]
     fn known_values_go_with_their_entry_and_are_bounded() {
         let mut known = Known::default();
-        known.insert(&baseline_prefix(AUD, "e1"), "a");
-        known.insert(&baseline_prefix(EXE, "e1"), "x");
-        known.insert(&baseline_prefix(AUD, "e2"), "a");
-        assert!(known.contains(&baseline_prefix(AUD, "e1"), "a"));
-        assert!(!known.contains(&baseline_prefix(AUD, "e1"), "b"));
+        known.insert(AUD, "e1", "a");
+        known.insert(EXE, "e1", "x");
+        known.insert(AUD, "e2", "a");
+        assert!(known.contains(AUD, "e1", "a"));
+        assert!(!known.contains(AUD, "e1", "b"));
+        // The two baselines of one entry are apart.
+        assert!(!known.contains(EXE, "e1", "a") && !known.contains(AUD, "e1", "x"));
         known.forget(&["e1".to_string()]);
-        assert!(!known.contains(&baseline_prefix(AUD, "e1"), "a"));
-        assert!(!known.contains(&baseline_prefix(EXE, "e1"), "x"));
-        assert!(known.contains(&baseline_prefix(AUD, "e2"), "a"));
-        for i in 0..KNOWN_PER_PREFIX + 10 {
-            known.insert(&baseline_prefix(AUD, "e2"), &format!("v{i}"));
+        assert!(!known.contains(AUD, "e1", "a"));
+        assert!(!known.contains(EXE, "e1", "x"));
+        assert!(known.contains(AUD, "e2", "a"));
+        for i in 0..KNOWN_PER_SET + 10 {
+            known.insert(AUD, "e2", &format!("v{i}"));
         }
-        assert_eq!(known.0[&baseline_prefix(AUD, "e2")].len(), KNOWN_PER_PREFIX);
+        assert_eq!(known.0["e2"][set_of(AUD)].len(), KNOWN_PER_SET);
         for i in 0..KNOWN_MAX + 10 {
-            known.insert(&baseline_prefix(AUD, &format!("n{i}")), "a");
+            known.insert(AUD, &format!("n{i}"), "a");
         }
         assert!(known.0.len() <= KNOWN_MAX);
     }

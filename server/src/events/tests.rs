@@ -190,7 +190,8 @@ async fn an_entrys_baselines_go_with_it() {
     assert_eq!(left, ["aud/entry-2/https://api", "exe/entry-2/aa", "exe/entry-2/bb"]);
     let known = log.known.lock().unwrap();
     assert!(
-        !known.contains("exe/entry-1/", "bb") && !known.contains("aud/entry-3/", "https://other")
+        !known.contains(anomaly::EXE, "entry-1", "bb")
+            && !known.contains(anomaly::AUD, "entry-3", "https://other")
     );
 }
 

@@ -24,8 +24,8 @@ pub async fn run(quick: bool) -> Figures {
     let (mut off, mut on) = (0.0, 0.0);
     for _ in 0..2 {
         let d = Duration::from_secs(secs);
-        off += node_api_throughput(d, Signing::X509, false, None).await / 2.0;
-        on += node_api_throughput(d, Signing::X509, true, None).await / 2.0;
+        off += node_api_throughput(d, Signing::X509, false, None).await.per_s / 2.0;
+        on += node_api_throughput(d, Signing::X509, true, None).await.per_s / 2.0;
     }
     ratio_row("X509-SVIDs/s, events on; events off", on, off);
     out.push(("events_issue_on_per_s", json!(on.round())));

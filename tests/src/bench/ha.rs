@@ -47,7 +47,8 @@ pub async fn run(quick: bool) -> Figures {
         server.stop();
         let svids_per_s =
             node_api_throughput(Duration::from_secs(secs), Signing::X509, true, url.as_deref())
-                .await;
+                .await
+                .per_s;
         rates.push((name, entries_per_s, svids_per_s));
     }
     for (name, entries_per_s, svids_per_s) in &rates {

@@ -1,7 +1,8 @@
 //! `jwt`: JWT-SVIDs signed per second through the node API against ring's
-//! ES256 limit, FetchJWTSVID from the agent's cache, ValidateJWTSVID calls
-//! per second against ring's verify limit, and from `svid revoke --jti` to
-//! the agent refusing the token.
+//! ES256 limit (and the server process's CPU per token beside a
+//! signature's in the limit's loop), FetchJWTSVID from the agent's cache,
+//! ValidateJWTSVID calls per second against ring's verify limit, and from
+//! `svid revoke --jti` to the agent refusing the token.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,15 +14,22 @@ use tessera_proto::admin as admin_pb;
 use tessera_proto::workload as pb;
 use tessera_tests::{RunningAgent, TestServer};
 
-use crate::signing::{ecdsa_limit, node_api_throughput, Ecdsa, Signing};
-use crate::stats::{measure_rate, percentiles, ratio_row, round, row, Figures};
+use crate::signing::{ecdsa_limit, node_api_throughput, Ecdsa, Signing, Throughput};
+use crate::stats::{cores, cpu_row, measure_rate, percentiles, ratio_row, round, row, Figures};
 use crate::workload::{me, setup, warm_client};
 
 pub async fn run(quick: bool) -> Figures {
     let mut out = Vec::new();
     let secs = if quick { 5 } else { 10 };
-    let (rate, limit) = signing_rate(Duration::from_secs(secs)).await;
+    let (signed, limit) = signing_rate(Duration::from_secs(secs)).await;
+    let rate = signed.per_s;
     ratio_row("JWT-SVIDs/s signed via node API; ES256 limit", rate, limit);
+    cpu_row(
+        "  server CPU per token (us); the limit's signature",
+        signed.server_cpu_us,
+        cores() / limit * 1e6,
+    );
+    out.push(("jwt_server_cpu_us", json!(round(signed.server_cpu_us))));
     out.push(("jwt_issue_per_s", json!(rate.round())));
     out.push(("jwt_issue_limit_per_s", json!(limit.round())));
     out.push(("jwt_issue_ratio", json!(round(rate / limit))));
@@ -46,7 +54,7 @@ pub async fn run(quick: bool) -> Figures {
 /// JWT-SVIDs per second through the node API (8 simulated agents, batches
 /// of 500, audience "bench"), and the raw ES256 signing rate of ring on
 /// every core, measured in the same run.
-async fn signing_rate(duration: Duration) -> (f64, f64) {
+async fn signing_rate(duration: Duration) -> (Throughput, f64) {
     let rate = node_api_throughput(duration, Signing::Jwt, true, None).await;
     (rate, ecdsa_limit(Duration::from_secs(2), Ecdsa::Es256Sign))
 }

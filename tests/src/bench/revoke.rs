@@ -1,7 +1,10 @@
-//! `revoke`: from `svid revoke` returning to the replacement SVID, with one
-//! agent and with 100; and how long `svid revoke` itself takes once the
-//! CRL lists thousands of serials (it is signed and stored again each
-//! time).
+//! `revoke`: from `svid revoke` to the replacement SVID, with one agent
+//! and with 100, timed from the call and from its return (a replacement
+//! can arrive before the call returns: zero from the return); how long
+//! `svid revoke` itself takes once the CRL lists thousands of serials (it
+//! is signed and stored again each time); and the CA signing such a CRL
+//! in-process with its revocation dates one second, 100 seconds or a
+//! second each.
 
 use std::time::{Duration, Instant};
 
@@ -17,22 +20,42 @@ use crate::workload::{me, open_stream, setup};
 
 pub async fn run(quick: bool) -> Figures {
     let rounds = if quick { 100 } else { 300 };
-    let (p50, p99) = one_agent(rounds).await;
+    let [(call50, call99), (p50, p99)] = one_agent(rounds).await;
     row("revoke -> replacement on stream, 1 agent (ms)", p50, p99, rounds);
-    let (p50_many, p99_many, p50_workload, p99_workload) = many_agents(100, 10, rounds).await;
+    row("  ... timed from the call (ms)", call50, call99, rounds);
+    let (many, workload) = many_agents(100, 10, rounds).await;
+    let [(many_call50, many_call99), (p50_many, p99_many)] = many;
+    let [(workload_call50, workload_call99), (p50_workload, p99_workload)] = workload;
     row("revoke -> replacement, 100 agents x 10 (ms)", p50_many, p99_many, rounds);
+    row("  ... timed from the call (ms)", many_call50, many_call99, rounds);
     row("  ... the real agent's workload stream (ms)", p50_workload, p99_workload, rounds / 4);
+    row("  ... its stream, timed from the call (ms)", workload_call50, workload_call99, rounds / 4);
     let (listed, calls) = if quick { (1_000, 50) } else { (3_000, 100) };
     let (p50_crl, p99_crl) = with_a_large_crl(listed, calls).await;
     row(&format!("svid revoke, {listed} serials in the CRL (ms)"), p50_crl, p99_crl, calls);
+    let writes = if quick { 50 } else { 200 };
+    let crl = crl_dates(listed, writes);
+    for (label, (p50, p99)) in &crl {
+        row(&format!("CRL of {listed} serials signed, {label} (ms)"), *p50, *p99, writes);
+    }
+    let many_dates = crl[1].1 .0 / crl[0].1 .0;
+    println!("{:<44} {:>12.3}", "  ... 100 commits' dates / one date, p50", many_dates);
     vec![
+        ("crl_one_date_p50_ms", json!(round(crl[0].1 .0))),
+        ("crl_100_dates_p50_ms", json!(round(crl[1].1 .0))),
+        ("crl_every_date_p50_ms", json!(round(crl[2].1 .0))),
         ("revoke_large_crl_p50_ms", json!(round(p50_crl))),
         ("revoke_large_crl_p99_ms", json!(round(p99_crl))),
         ("revoke_p50_ms", json!(round(p50))),
         ("revoke_p99_ms", json!(round(p99.max(p99_many).max(p99_workload)))),
         ("revoke_1_agent_p99_ms", json!(round(p99))),
+        ("revoke_1_agent_from_call_p50_ms", json!(round(call50))),
+        ("revoke_1_agent_from_call_p99_ms", json!(round(call99))),
         ("revoke_100_agents_p99_ms", json!(round(p99_many))),
+        ("revoke_100_agents_from_call_p50_ms", json!(round(many_call50))),
+        ("revoke_100_agents_from_call_p99_ms", json!(round(many_call99))),
         ("revoke_100_agents_workload_p99_ms", json!(round(p99_workload))),
+        ("revoke_100_agents_workload_from_call_p99_ms", json!(round(workload_call99))),
     ]
 }
 
@@ -56,27 +79,54 @@ async fn revoke(admin: &mut AdminClient, serial: &str) {
         .unwrap();
 }
 
-/// Revokes `serial`, the SVID `stream` carries, then reads the stream until
-/// it carries another: the time from the revocation's return, and the new
-/// serial.
+/// How long after `svid revoke` a replacement arrived: from the call, and
+/// from its return (the call's own time is what separates them).
+#[derive(Debug, Clone, Copy)]
+struct Replaced {
+    from_call: Duration,
+    from_return: Duration,
+}
+
+/// Revokes `serial`, the SVID `stream` carries, reading the stream while
+/// the call runs (a replacement may arrive before it returns) until it
+/// carries another: when it came, and the new serial.
 async fn replaced_on_stream(
     admin: &mut AdminClient,
     stream: &mut tonic::Streaming<pb::X509svidResponse>,
     serial: &str,
-) -> (Duration, String) {
-    revoke(admin, serial).await;
-    let start = Instant::now();
-    loop {
-        let next = first_serial(&stream.message().await.unwrap().unwrap());
-        if next != serial {
-            return (start.elapsed(), next);
+) -> (Replaced, String) {
+    let called = Instant::now();
+    let call = async {
+        revoke(admin, serial).await;
+        Instant::now()
+    };
+    let replaced = async {
+        loop {
+            let next = first_serial(&stream.message().await.unwrap().unwrap());
+            if next != serial {
+                return (Instant::now(), next);
+            }
         }
-    }
+    };
+    let (returned, (arrived, next)) = tokio::join!(call, replaced);
+    let from_call = arrived.duration_since(called);
+    // Before the return: zero.
+    let from_return = arrived.saturating_duration_since(returned);
+    (Replaced { from_call, from_return }, next)
 }
 
-/// From `svid revoke` returning to the workload's stream carrying the
-/// replacement SVID (and the CRL naming the old one).
-async fn one_agent(rounds: usize) -> (f64, f64) {
+/// The p50 and p99 of each side of `samples`: from the call, from the
+/// return.
+fn both(samples: &[Replaced]) -> [(f64, f64); 2] {
+    [
+        percentiles(samples.iter().map(|r| r.from_call).collect()),
+        percentiles(samples.iter().map(|r| r.from_return).collect()),
+    ]
+}
+
+/// From `svid revoke` (its call, its return) to the workload's stream
+/// carrying the replacement SVID (and the CRL naming the old one).
+async fn one_agent(rounds: usize) -> [(f64, f64); 2] {
     let (_dir, server, agent) = setup().await;
     server.create_entry("spiffe://example.org/revoked", &agent.id, &[&me()], None).await;
     let (_client, mut stream, first) = open_stream(&agent).await;
@@ -90,14 +140,19 @@ async fn one_agent(rounds: usize) -> (f64, f64) {
     }
     agent.stop().await;
     server.stop().await;
-    percentiles(samples)
+    both(&samples)
 }
 
 /// 100 agents with 10 SVIDs each (one real agent with a workload, the rest
 /// simulated node API clients that re-issue what is revoked). Every
 /// revocation is pushed to all of them; measured at the owning agent (and,
-/// for the real one, at its workload's stream).
-async fn many_agents(agents: usize, per_agent: usize, rounds: usize) -> (f64, f64, f64, f64) {
+/// for the real one, at its workload's stream), from the call and from its
+/// return: the simulated agents', then the workload's.
+async fn many_agents(
+    agents: usize,
+    per_agent: usize,
+    rounds: usize,
+) -> ([(f64, f64); 2], [(f64, f64); 2]) {
     let (_dir, server, agent) = setup().await;
     for j in 0..per_agent {
         let selector = if j == 0 { me() } else { format!("unix:uid:{}", 100_000 + j) };
@@ -129,12 +184,17 @@ async fn many_agents(agents: usize, per_agent: usize, rounds: usize) -> (f64, f6
             let held = sim.serials.lock().unwrap();
             held.values().nth(round % per_agent).cloned().unwrap()
         };
+        let called = Instant::now();
         revoke(&mut admin, &serial).await;
-        let start = Instant::now();
+        let returned = Instant::now();
         loop {
             let (old, at) = rx.recv().await.unwrap();
             if old == serial {
-                many.push(at.saturating_duration_since(start));
+                // A replacement may arrive before the call returns.
+                many.push(Replaced {
+                    from_call: at.saturating_duration_since(called),
+                    from_return: at.saturating_duration_since(returned),
+                });
                 break;
             }
         }
@@ -144,9 +204,7 @@ async fn many_agents(agents: usize, per_agent: usize, rounds: usize) -> (f64, f6
     }
     agent.stop().await;
     server.stop().await;
-    let (p50, p99) = percentiles(many);
-    let (wp50, wp99) = percentiles(workload);
-    (p50, p99, wp50, wp99)
+    (both(&many), both(&workload))
 }
 
 /// `svid revoke` of one SVID at a time, timed from the call to its return
@@ -199,4 +257,67 @@ async fn with_a_large_crl(listed: usize, calls: usize) -> (f64, f64) {
     }
     server.stop();
     percentiles(samples)
+}
+
+/// The CA signing a CRL of `listed` serials (shaped as issued ones), its
+/// revocation dates one second, 100 seconds interleaved (100 revoking
+/// commits, as serial order interleaves them) and a second each: p50 and
+/// p99 of `writes` signings each, taken in turn, in-process (no store, no
+/// RPC).
+fn crl_dates(listed: usize, writes: usize) -> [(&'static str, (f64, f64)); 3] {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = tessera_server::CaPolicy {
+        ttl: 86_400,
+        prepare_at: 0.5,
+        activate_at: 5.0 / 6.0,
+        jwt_key_type: Default::default(),
+        jwt_issuer: None,
+    };
+    let clock = std::sync::Arc::new(tessera_common::clock::SystemClock);
+    let ca = tessera_server::Ca::load_or_create(
+        dir.path(),
+        tessera_workload_api::TrustDomain::new("example.org").unwrap(),
+        policy,
+        clock,
+    )
+    .unwrap();
+    // The active CA's sequence, as what it signs carries it.
+    let id = tessera_workload_api::SpiffeId::parse("spiffe://example.org/crl").unwrap();
+    let (_, seq) = ca.sign_jwt(&id, &["bench".to_string()], 60).unwrap();
+    let now = tessera_common::clock::Clock::now(&tessera_common::clock::SystemClock);
+    let serials: Vec<String> =
+        (0..listed as u128).map(|i| format!("4{:031x}", i * 0x9e37_79b9_7f4a_7c15)).collect();
+    let mut sorted = serials.clone();
+    sorted.sort();
+    let spread = |seconds: i64| -> Vec<tessera_server::CrlEntry<'_>> {
+        sorted
+            .iter()
+            .enumerate()
+            .map(|(i, serial)| tessera_server::CrlEntry {
+                serial,
+                revoked_at: now - (i as i64 * 7_919) % seconds,
+                ca_seq: seq,
+            })
+            .collect()
+    };
+    let cases = [
+        ("one date", spread(1)),
+        ("100 dates", spread(100)),
+        ("a date each", spread(listed as i64)),
+    ];
+    // A few first, then the cases in turn, so that the machine's drift
+    // hits each alike.
+    for (_, entries) in &cases {
+        ca.sign_crls(entries, 1, 86_400).unwrap();
+    }
+    let mut samples: [Vec<Duration>; 3] = Default::default();
+    for n in 0..writes {
+        for ((_, entries), samples) in cases.iter().zip(&mut samples) {
+            let start = Instant::now();
+            ca.sign_crls(entries, n as u64 + 2, 86_400).unwrap();
+            samples.push(start.elapsed());
+        }
+    }
+    let mut samples = samples.into_iter();
+    cases.map(|(label, _)| (label, percentiles(samples.next().unwrap_or_default())))
 }

@@ -12,7 +12,7 @@ use tessera_proto::node as node_pb;
 use tessera_tests::entry;
 
 use crate::children::{attest_simulated, server_and_admin};
-use crate::stats::measure_rate;
+use crate::stats::measure_rate_and_cpu;
 
 /// What the simulated agents of [`node_api_throughput`] have signed.
 #[derive(Debug, Clone, Copy)]
@@ -30,13 +30,14 @@ enum Batch {
 
 /// SVIDs signed per second by 8 simulated agents (each attested through
 /// the real node API, with 500 entries, sending one batch of 500 after
-/// another) against a server in its own process, after a 0.5 s warm-up.
+/// another) against a server in its own process, after a 0.5 s warm-up;
+/// and the server's CPU per item.
 pub async fn node_api_throughput(
     duration: Duration,
     signing: Signing,
     events: bool,
     datastore: Option<&str>,
-) -> f64 {
+) -> Throughput {
     let (_dir, server, mut admin, addr, bundle) = server_and_admin(events, datastore).await;
     let (agents, batch) = (8, 500);
     let done = Arc::new(AtomicU64::new(0));
@@ -98,9 +99,21 @@ pub async fn node_api_throughput(
             }
         }));
     }
-    let rate = measure_rate(&done, &stop, workers, duration).await;
+    let pid = server.process.id();
+    let (per_s, cpu_us) = measure_rate_and_cpu(&done, &stop, workers, duration, Some(pid)).await;
     server.stop();
-    rate
+    Throughput { per_s, server_cpu_us: cpu_us.unwrap_or(f64::NAN) }
+}
+
+/// What [`node_api_throughput`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Throughput {
+    /// Signed per second.
+    pub per_s: f64,
+    /// The server process's CPU per item signed (µs, user and system):
+    /// steadier than the rate when the machine's speed swings, and what a
+    /// change to the server's own work moves.
+    pub server_cpu_us: f64,
 }
 
 /// What [`ecdsa_limit`] measures.

@@ -61,12 +61,14 @@ impl Results {
     }
 }
 
+/// The cores this machine offers (what the limits run on).
+pub fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+}
+
 /// The first lines of the output: the scenario, the cores, the column heads.
 pub fn header(scenario: &str) {
-    println!(
-        "tessera-bench {scenario} on {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
+    println!("tessera-bench {scenario} on {} cores", cores());
     println!("{:<44} {:>12} {:>12} {:>12}", "measure", "p50", "p99", "n");
 }
 
@@ -78,6 +80,16 @@ pub fn row(name: &str, p50: f64, p99: f64, n: usize) {
 /// A row of two rates and their ratio.
 pub fn ratio_row(name: &str, measured: f64, reference: f64) {
     println!("{name:<44} {measured:>12.0} {reference:>12.0} {:>12.3}", measured / reference);
+}
+
+/// A row of CPU per operation (µs): the server's, the limit loop's (the
+/// same signatures alone: its wall time per operation times the cores,
+/// as nothing else runs then), and the difference.
+pub fn cpu_row(name: &str, server_us: f64, limit_us: f64) {
+    println!(
+        "{name:<44} {server_us:>12.1} {limit_us:>12.1} {:>12}",
+        format!("{:+.1}", server_us - limit_us)
+    );
 }
 
 /// `v` to three decimals, as the JSON result carries figures.
@@ -104,13 +116,40 @@ pub async fn measure_rate(
     workers: Vec<tokio::task::JoinHandle<()>>,
     duration: Duration,
 ) -> f64 {
+    measure_rate_and_cpu(done, stop, workers, duration, None).await.0
+}
+
+/// [`measure_rate`], and the CPU process `pid` used per operation over the
+/// same window (µs, user and system), when a `pid` is given.
+pub async fn measure_rate_and_cpu(
+    done: &AtomicU64,
+    stop: &AtomicBool,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    duration: Duration,
+    pid: Option<u32>,
+) -> (f64, Option<f64>) {
     tokio::time::sleep(Duration::from_millis(500)).await; // warm up
-    let (first, start) = (done.load(Ordering::Relaxed), Instant::now());
+    let cpu = || pid.and_then(cpu_secs);
+    let (first, start, cpu_then) = (done.load(Ordering::Relaxed), Instant::now(), cpu());
     tokio::time::sleep(duration).await;
-    let rate = (done.load(Ordering::Relaxed) - first) as f64 / start.elapsed().as_secs_f64();
+    let (ops, cpu_now) = (done.load(Ordering::Relaxed) - first, cpu());
+    let rate = ops as f64 / start.elapsed().as_secs_f64();
+    let per_op = cpu_then.zip(cpu_now).map(|(then, now)| (now - then) * 1e6 / ops.max(1) as f64);
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
         let _ = worker.await;
     }
-    rate
+    (rate, per_op)
+}
+
+/// The CPU time process `pid` has used (user and system, seconds), from
+/// `/proc/<pid>/stat`; `None` if it cannot be read.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may
+    // hold spaces: state is the first, utime the 12th, stime the 13th.
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().skip(11);
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // Linux reports them in USER_HZ, 100 on every architecture it runs on.
+    Some(ticks as f64 / 100.0)
 }

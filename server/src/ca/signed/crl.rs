@@ -1,8 +1,8 @@
 //! A CRL's DER (RFC 5280 §5), written into one buffer. Every revocation
 //! re-signs the CRL of each CA with every serial it revoked, so the
 //! entries are the bulk of the work: each is written straight from the
-//! stored hex serial (decoded through a table) and its date (kept by the
-//! second in a few slots, [`Dates`]), with `der`'s encoders. Written as
+//! stored hex serial (decoded through a table) and its date (encoded once
+//! per distinct second, [`Dates`]), with `der`'s encoders. Written as
 //! rcgen wrote them (a parameter per entry, `hex` and `der` per field),
 //! the entries cost as much as rcgen did, most of the CRL's CPU. The
 //! bytes are those rcgen writes for the same parameters
@@ -133,36 +133,47 @@ fn write_entries<'a>(revoked: impl Iterator<Item = &'a CrlEntry<'a>>) -> Result<
 
 /// A GeneralizedTime's DER length, the longer of the two.
 const DATE_MAX: usize = 17;
-/// How many dates [`Dates`] keeps.
-const DATE_SLOTS: usize = 16;
 
 /// Revocation dates' DER by second, for one CRL: a date costs more to
 /// encode than the rest of its entry, and a commit revokes all it revokes
-/// at one time, so a CRL made mostly of one bulk revocation finds most of
-/// its dates here. Entries come sorted by serial, so the dates of many
-/// commits interleave: past 16 distinct seconds most lookups miss, and a
-/// miss costs what encoding the date always did.
+/// at one time, so a CRL's entries share few distinct seconds (one per
+/// revoking commit still listed), each encoded once here. Entries come
+/// sorted by serial, so the dates of many commits interleave: they are
+/// kept by the second in a map, behind the last one used (a CRL made
+/// mostly of one bulk revocation asks for the same date again and again,
+/// and a map's lookup costs a third of an encoding).
+#[derive(Default)]
 struct Dates {
-    /// Direct-mapped by the second: (second, DER, its length).
-    slots: [(i64, [u8; DATE_MAX], usize); DATE_SLOTS],
-}
-
-impl Default for Dates {
-    fn default() -> Self {
-        // No date is negative: an empty slot matches none.
-        Self { slots: [(-1, [0; DATE_MAX], 0); DATE_SLOTS] }
-    }
+    /// The second last asked for, and where its DER is.
+    last: Option<(i64, usize)>,
+    /// Each second's DER, in order of first use.
+    der: Vec<([u8; DATE_MAX], usize)>,
+    /// Where each second's DER is in `der`.
+    at: foldhash::HashMap<i64, usize>,
 }
 
 impl Dates {
-    /// The DER of `at` (Unix seconds, not negative).
-    fn der(&mut self, at: i64) -> der::Result<&[u8]> {
-        let slot = &mut self.slots[at.rem_euclid(DATE_SLOTS as i64) as usize];
-        if slot.0 != at {
-            slot.2 = time(at)?.encode_to_slice(&mut slot.1)?.len();
-            slot.0 = at;
-        }
-        Ok(&slot.1[..slot.2])
+    /// The DER of `second` (Unix seconds, not negative).
+    fn der(&mut self, second: i64) -> der::Result<&[u8]> {
+        let index = match self.last {
+            Some((last, index)) if last == second => index,
+            _ => {
+                let index = match self.at.get(&second) {
+                    Some(index) => *index,
+                    None => {
+                        let mut bytes = [0; DATE_MAX];
+                        let len = time(second)?.encode_to_slice(&mut bytes)?.len();
+                        self.der.push((bytes, len));
+                        self.at.insert(second, self.der.len() - 1);
+                        self.der.len() - 1
+                    }
+                };
+                self.last = Some((second, index));
+                index
+            }
+        };
+        let (bytes, len) = &self.der[index];
+        Ok(&bytes[..*len])
     }
 }
 
@@ -315,6 +326,11 @@ mod tests {
         // 3,000 serials shaped as issued ones (16 bytes, the high bit clear).
         let many: Vec<String> =
             (0u32..3_000).map(|i| format!("4{:031x}", u128::from(i) * 0x9e37_79b9)).collect();
+        let many_dates: Vec<CrlEntry<'_>> = many
+            .iter()
+            .enumerate()
+            .map(|(i, s)| entry(s, now - (i as i64 * 7919) % 1_000))
+            .collect();
         let many: Vec<CrlEntry<'_>> = many.iter().map(|s| entry(s, now - 5)).collect();
         let odd = [
             // high bit set; a single byte; zero; 20 bytes; leading zero bytes
@@ -326,7 +342,7 @@ mod tests {
             // across 2050: UTCTime, then GeneralizedTime
             entry("0a0b", 2_524_607_999),
             entry("0a0c", 2_524_608_000),
-            // dates that take one slot of the dates kept, in turn; upper case
+            // dates seen before, between others; upper case
             entry("0d0e", now + 16),
             entry("0d0f", now),
             entry("0D1E", now + 32),
@@ -347,6 +363,8 @@ mod tests {
             (CrlFields { this_update: now, next_update: now + 1, number: 0 }, &odd),
             (CrlFields { this_update: now, next_update: now + 60, number: u64::MAX }, &odd[..1]),
             (CrlFields { this_update: now, next_update: 2_600_000_000, number: 1 << 40 }, &many),
+            // 1,000 commits' dates, interleaved as serial order has them
+            (day, &many_dates),
             (CrlFields { this_update: 2_524_608_000, next_update: 2_524_608_001, number: 7 }, &[]),
         ];
         cases.extend(fills.iter().map(|(_, list)| (day, &list[..])));
