@@ -134,46 +134,47 @@ fn write_entries<'a>(revoked: impl Iterator<Item = &'a CrlEntry<'a>>) -> Result<
 /// A GeneralizedTime's DER length, the longer of the two.
 const DATE_MAX: usize = 17;
 
+/// How many dates [`Dates`] keeps at hand.
+const DATE_SLOTS: usize = 16;
+
 /// Revocation dates' DER by second, for one CRL: a date costs more to
 /// encode than the rest of its entry, and a commit revokes all it revokes
 /// at one time, so a CRL's entries share few distinct seconds (one per
-/// revoking commit still listed), each encoded once here. Entries come
-/// sorted by serial, so the dates of many commits interleave: they are
-/// kept by the second in a map, behind the last one used (a CRL made
-/// mostly of one bulk revocation asks for the same date again and again,
-/// and a map's lookup costs a third of an encoding).
-#[derive(Default)]
+/// revoking commit still listed), each encoded once here. At hand, 16
+/// slots direct-mapped by the second (a CRL made mostly of one bulk
+/// revocation finds its date there every time); behind them, every second
+/// encoded so far: entries come sorted by serial, so the dates of many
+/// commits interleave and would miss the slots.
 struct Dates {
-    /// The second last asked for, and where its DER is.
-    last: Option<(i64, usize)>,
-    /// Each second's DER, in order of first use.
-    der: Vec<([u8; DATE_MAX], usize)>,
-    /// Where each second's DER is in `der`.
-    at: foldhash::HashMap<i64, usize>,
+    /// (second, DER, its length).
+    slots: [(i64, [u8; DATE_MAX], usize); DATE_SLOTS],
+    /// Each second's DER and its length.
+    seen: foldhash::HashMap<i64, ([u8; DATE_MAX], usize)>,
+}
+
+impl Default for Dates {
+    fn default() -> Self {
+        // No date is negative: an empty slot matches none.
+        Self { slots: [(-1, [0; DATE_MAX], 0); DATE_SLOTS], seen: Default::default() }
+    }
 }
 
 impl Dates {
-    /// The DER of `second` (Unix seconds, not negative).
-    fn der(&mut self, second: i64) -> der::Result<&[u8]> {
-        let index = match self.last {
-            Some((last, index)) if last == second => index,
-            _ => {
-                let index = match self.at.get(&second) {
-                    Some(index) => *index,
-                    None => {
-                        let mut bytes = [0; DATE_MAX];
-                        let len = time(second)?.encode_to_slice(&mut bytes)?.len();
-                        self.der.push((bytes, len));
-                        self.at.insert(second, self.der.len() - 1);
-                        self.der.len() - 1
-                    }
-                };
-                self.last = Some((second, index));
-                index
-            }
-        };
-        let (bytes, len) = &self.der[index];
-        Ok(&bytes[..*len])
+    /// The DER of `at` (Unix seconds, not negative).
+    fn der(&mut self, at: i64) -> der::Result<&[u8]> {
+        let slot = &mut self.slots[at.rem_euclid(DATE_SLOTS as i64) as usize];
+        if slot.0 != at {
+            let (bytes, len) = match self.seen.entry(at) {
+                std::collections::hash_map::Entry::Occupied(seen) => *seen.get(),
+                std::collections::hash_map::Entry::Vacant(new) => {
+                    let mut bytes = [0; DATE_MAX];
+                    let len = time(at)?.encode_to_slice(&mut bytes)?.len();
+                    *new.insert((bytes, len))
+                }
+            };
+            *slot = (at, bytes, len);
+        }
+        Ok(&slot.1[..slot.2])
     }
 }
 
