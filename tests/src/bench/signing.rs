@@ -111,8 +111,8 @@ pub struct Throughput {
     /// Signed per second.
     pub per_s: f64,
     /// The server process's CPU per item signed (µs, user and system):
-    /// steadier than the rate when the machine's speed swings, and what a
-    /// change to the server's own work moves.
+    /// with the limit's cost per signature beside it, what the server's own
+    /// work costs (it swings with the machine too).
     pub server_cpu_us: f64,
 }
 
