@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::signing::{ecdsa_limit, node_api_throughput, Ecdsa, Signing};
-use crate::stats::{cores, cpu_row, ratio_row, round, Figures};
+use crate::stats::{cpu_row, ratio_row, round, Figures};
 
 pub async fn run(quick: bool) -> Figures {
     let secs = if quick { 5 } else { 15 };
@@ -18,9 +18,7 @@ pub async fn run(quick: bool) -> Figures {
     let (rate, cpu_us) = (signed.per_s, signed.server_cpu_us);
     let limit = ecdsa_limit(Duration::from_secs(2), Ecdsa::SignAndVerify);
     ratio_row("SVIDs/s signed via node API; ring limit; ratio", rate, limit);
-    // What a signature pair costs in the limit's loop, on one core.
-    let pair_us = cores() / limit * 1e6;
-    cpu_row("  server CPU per SVID (us); the limit's pair", cpu_us, pair_us);
+    cpu_row("  server CPU per SVID (us); the limit's pair", cpu_us, limit);
     vec![
         ("issue_server_cpu_us", json!(round(cpu_us))),
         ("issue_svids_per_s", json!(rate.round())),

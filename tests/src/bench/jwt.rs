@@ -15,7 +15,7 @@ use tessera_proto::workload as pb;
 use tessera_tests::{RunningAgent, TestServer};
 
 use crate::signing::{ecdsa_limit, node_api_throughput, Ecdsa, Signing, Throughput};
-use crate::stats::{cores, cpu_row, measure_rate, percentiles, ratio_row, round, row, Figures};
+use crate::stats::{cpu_row, measure_rate, percentiles, ratio_row, round, row, Figures};
 use crate::workload::{me, setup, warm_client};
 
 pub async fn run(quick: bool) -> Figures {
@@ -24,11 +24,7 @@ pub async fn run(quick: bool) -> Figures {
     let (signed, limit) = signing_rate(Duration::from_secs(secs)).await;
     let rate = signed.per_s;
     ratio_row("JWT-SVIDs/s signed via node API; ES256 limit", rate, limit);
-    cpu_row(
-        "  server CPU per token (us); the limit's signature",
-        signed.server_cpu_us,
-        cores() / limit * 1e6,
-    );
+    cpu_row("  server CPU per token (us); the limit's signature", signed.server_cpu_us, limit);
     out.push(("jwt_server_cpu_us", json!(round(signed.server_cpu_us))));
     out.push(("jwt_issue_per_s", json!(rate.round())));
     out.push(("jwt_issue_limit_per_s", json!(limit.round())));

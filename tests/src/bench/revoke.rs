@@ -274,6 +274,7 @@ fn crl_dates(listed: usize, writes: usize) -> [(&'static str, (f64, f64)); 3] {
         jwt_issuer: None,
     };
     let clock = std::sync::Arc::new(tessera_common::clock::SystemClock);
+    let now = tessera_common::clock::Clock::now(&*clock);
     let ca = tessera_server::Ca::load_or_create(
         dir.path(),
         tessera_workload_api::TrustDomain::new("example.org").unwrap(),
@@ -284,13 +285,12 @@ fn crl_dates(listed: usize, writes: usize) -> [(&'static str, (f64, f64)); 3] {
     // The active CA's sequence, as what it signs carries it.
     let id = tessera_workload_api::SpiffeId::parse("spiffe://example.org/crl").unwrap();
     let (_, seq) = ca.sign_jwt(&id, &["bench".to_string()], 60).unwrap();
-    let now = tessera_common::clock::Clock::now(&tessera_common::clock::SystemClock);
-    let serials: Vec<String> =
+    // In serial order, as the store hands them to the CA.
+    let mut serials: Vec<String> =
         (0..listed as u128).map(|i| format!("4{:031x}", i * 0x9e37_79b9_7f4a_7c15)).collect();
-    let mut sorted = serials.clone();
-    sorted.sort();
+    serials.sort();
     let spread = |seconds: i64| -> Vec<tessera_server::CrlEntry<'_>> {
-        sorted
+        serials
             .iter()
             .enumerate()
             .map(|(i, serial)| tessera_server::CrlEntry {

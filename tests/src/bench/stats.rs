@@ -83,9 +83,11 @@ pub fn ratio_row(name: &str, measured: f64, reference: f64) {
 }
 
 /// A row of CPU per operation (µs): the server's, the limit loop's (the
-/// same signatures alone: its wall time per operation times the cores,
-/// as nothing else runs then), and the difference.
-pub fn cpu_row(name: &str, server_us: f64, limit_us: f64) {
+/// same signatures alone, from its rate `limit_per_s`: its wall time per
+/// operation times the cores, as nothing else runs then), and the
+/// difference.
+pub fn cpu_row(name: &str, server_us: f64, limit_per_s: f64) {
+    let limit_us = cores() / limit_per_s * 1e6;
     println!(
         "{name:<44} {server_us:>12.1} {limit_us:>12.1} {:>12}",
         format!("{:+.1}", server_us - limit_us)
