@@ -3,7 +3,8 @@
 //! or an attacker runs as a process (and uid) of its own. Each child prints
 //! `READY …` once started and runs until its stdin closes. Both sides live
 //! here: the children themselves (`run_child`) and how the parent starts,
-//! measures and stops them (`Child`). Uses no other bench file.
+//! measures and stops them (`Child`); the plain signer's child is in
+//! `plain_signer.rs`, started from here. Uses no other bench file.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -22,6 +23,8 @@ const SERVER: &str = "__server";
 const AGENT: &str = "__agent";
 const WORKLOAD_FLOOD: &str = "__workload_flood";
 const NODE_ATTACK: &str = "__node_attack";
+/// `plain_signer.rs` runs this child: it needs more than this file holds.
+pub const PLAIN_SIGNER: &str = "__plain_signer";
 
 /// Runs the child that `args` names, if they name one, to its exit code.
 pub async fn run_child(args: &[String]) -> Option<ExitCode> {
@@ -35,7 +38,8 @@ pub async fn run_child(args: &[String]) -> Option<ExitCode> {
     Some(code)
 }
 
-async fn until_stdin_closes() {
+/// Returns once the parent closes this child's stdin.
+pub async fn until_stdin_closes() {
     let _ = tokio::task::spawn_blocking(|| {
         let mut sink = Vec::new();
         let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
@@ -273,6 +277,12 @@ impl Child {
     /// (and gid).
     pub fn workload_flood(uid: u32, endpoint: &str, connections: usize) -> Self {
         Self::start(Some(uid), &[WORKLOAD_FLOOD, endpoint, &connections.to_string()], &[])
+    }
+
+    /// The plain signer (`plain_signer.rs`) on the CA of the stopped
+    /// server whose data dir is `dir`.
+    pub fn plain_signer(dir: &Path) -> Self {
+        Self::start(None, &[PLAIN_SIGNER, &dir.display().to_string()], &[])
     }
 
     /// The node API attack `kind` on the server at `server` (whose bundle is

@@ -1,6 +1,7 @@
 //! `jwt`: JWT-SVIDs signed per second through the node API against ring's
-//! ES256 limit (and the server process's CPU per token beside a
-//! signature's in the limit's loop), FetchJWTSVID from the agent's cache,
+//! ES256 limit and against the plain signer (the same calls over the same
+//! transport with nothing behind them), with each process's CPU per token
+//! beside a signature's in the limit's loop; FetchJWTSVID from the agent's cache,
 //! ValidateJWTSVID calls per second against ring's verify limit, and from
 //! `svid revoke --jti` to the agent refusing the token.
 
@@ -14,21 +15,28 @@ use tessera_proto::admin as admin_pb;
 use tessera_proto::workload as pb;
 use tessera_tests::{RunningAgent, TestServer};
 
-use crate::signing::{ecdsa_limit, node_api_throughput, Ecdsa, Signing, Throughput};
+use crate::signing::{ecdsa_limit, node_api_and_plain, Ecdsa, Signing, Throughput};
 use crate::stats::{cpu_row, measure_rate, percentiles, ratio_row, round, row, Figures};
 use crate::workload::{me, setup, warm_client};
 
 pub async fn run(quick: bool) -> Figures {
     let mut out = Vec::new();
     let secs = if quick { 5 } else { 10 };
-    let (signed, limit) = signing_rate(Duration::from_secs(secs)).await;
+    let (signed, plain, limit) = signing_rate(Duration::from_secs(secs)).await;
     let rate = signed.per_s;
     ratio_row("JWT-SVIDs/s signed via node API; ES256 limit", rate, limit);
     cpu_row("  server CPU per token (us); the limit's signature", signed.server_cpu_us, limit);
+    ratio_row("  plain signer, same transport; ES256 limit", plain.per_s, limit);
+    cpu_row("  its CPU per token (us); the limit's signature", plain.server_cpu_us, limit);
+    ratio_row("  node API; plain signer", rate, plain.per_s);
     out.push(("jwt_server_cpu_us", json!(round(signed.server_cpu_us))));
     out.push(("jwt_issue_per_s", json!(rate.round())));
     out.push(("jwt_issue_limit_per_s", json!(limit.round())));
     out.push(("jwt_issue_ratio", json!(round(rate / limit))));
+    out.push(("jwt_plain_per_s", json!(plain.per_s.round())));
+    out.push(("jwt_plain_cpu_us", json!(round(plain.server_cpu_us))));
+    out.push(("jwt_plain_limit_ratio", json!(round(plain.per_s / limit))));
+    out.push(("jwt_issue_plain_ratio", json!(round(rate / plain.per_s))));
     let calls = if quick { 2_000 } else { 10_000 };
     let (p50, p99) = cached_fetch(calls).await;
     row("FetchJWTSVID from the cache (ms)", p50, p99, calls);
@@ -48,11 +56,11 @@ pub async fn run(quick: bool) -> Figures {
 }
 
 /// JWT-SVIDs per second through the node API (8 simulated agents, batches
-/// of 500, audience "bench"), and the raw ES256 signing rate of ring on
-/// every core, measured in the same run.
-async fn signing_rate(duration: Duration) -> (Throughput, f64) {
-    let rate = node_api_throughput(duration, Signing::Jwt, true, None).await;
-    (rate, ecdsa_limit(Duration::from_secs(2), Ecdsa::Es256Sign))
+/// of 500, audience "bench"), the same through the plain signer, and the
+/// raw ES256 signing rate of ring on every core, measured in the same run.
+async fn signing_rate(duration: Duration) -> (Throughput, Throughput, f64) {
+    let (rate, plain) = node_api_and_plain(duration, Signing::Jwt).await;
+    (rate, plain, ecdsa_limit(Duration::from_secs(2), Ecdsa::Es256Sign))
 }
 
 /// A JWT-SVID request for `audience`, any identity.

@@ -23,15 +23,20 @@
 //! - `workload.rs` — servers and agents in this process, and a workload's
 //!   view of them (warm clients, open streams, first-response latencies,
 //!   entry propagation);
-//! - `signing.rs` — node API signing throughput and ring's ECDSA limits;
+//! - `plain_signer.rs` — the `__plain_signer` child: the node API's signing
+//!   calls served with the server's CA and nothing behind them (the
+//!   transport's ceiling);
+//! - `signing.rs` — node API signing throughput (the server's and the plain
+//!   signer's) and ring's ECDSA limits;
 //! - `bounds.rs` — each figure's target and regression bound: after the
 //!   scenarios, the figures against their targets and a `WARNING` line for
 //!   each past its bound.
 //!
 //! What may depend on what: scenario files use the helpers, never each
 //! other. Among the helpers, each uses only those listed before it
-//! (`stats` and `children` use none; `workload` uses `stats`; `signing`
-//! uses `stats` and `children`).
+//! (`stats` and `children` use none; `plain_signer` uses `children`;
+//! `workload` uses `stats`; `signing` uses `stats` and `children`, which
+//! starts the plain signer's child).
 #![forbid(unsafe_code)]
 // A benchmark: a failed step must abort the run rather than report figures
 // for work that did not happen.
@@ -42,6 +47,7 @@ use std::process::ExitCode;
 // Shared helpers.
 mod bounds;
 mod children;
+mod plain_signer;
 mod signing;
 mod stats;
 mod workload;
@@ -99,6 +105,9 @@ fn main() -> ExitCode {
 async fn run() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(code) = children::run_child(&args).await {
+        return code;
+    }
+    if let Some(code) = plain_signer::run_child(&args).await {
         return code;
     }
     let scenario = args.first().map(String::as_str).unwrap_or("all");

@@ -1,5 +1,6 @@
 //! Signing throughput: SVIDs signed per second through the node API by
-//! simulated agents against a server in its own process, and the rate at
+//! simulated agents against a server in its own process (and against the
+//! plain signer, the same calls with nothing behind them), and the rate at
 //! which ring signs and verifies on every core (the machine's limit). Uses
 //! `stats` and `children`.
 
@@ -7,11 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls_pki_types::CertificateDer;
 use tessera_proto::admin as admin_pb;
 use tessera_proto::node as node_pb;
-use tessera_tests::entry;
+use tessera_tests::{entry, TestAgent};
 
-use crate::children::{attest_simulated, server_and_admin};
+use crate::children::{attest_simulated, server_and_admin, AdminClient, Child};
 use crate::stats::measure_rate_and_cpu;
 
 /// What the simulated agents of [`node_api_throughput`] have signed.
@@ -20,6 +22,8 @@ pub enum Signing {
     X509,
     Jwt,
 }
+
+type NodeClient = node_pb::node_client::NodeClient<tonic::transport::Channel>;
 
 /// The requests one simulated agent sends over and over.
 #[derive(Clone)]
@@ -39,10 +43,51 @@ pub async fn node_api_throughput(
     datastore: Option<&str>,
 ) -> Throughput {
     let (_dir, server, mut admin, addr, bundle) = server_and_admin(events, datastore).await;
+    let agents = simulated_agents(&mut admin, addr, &bundle, signing).await;
+    let mut clients = Vec::new();
+    for (agent, request) in agents {
+        clients.push((agent.connect().await, request));
+    }
+    let measured = drive(clients, duration, server.process.id()).await;
+    server.stop();
+    measured
+}
+
+/// [`node_api_throughput`] (events on), then the same agents sending the
+/// same batches to the plain signer (`plain_signer.rs`: the node API's
+/// signing over the same TLS and gRPC, on the server's CA, with nothing
+/// behind it), in its own process once the server has stopped.
+pub async fn node_api_and_plain(duration: Duration, signing: Signing) -> (Throughput, Throughput) {
+    let (dir, server, mut admin, addr, bundle) = server_and_admin(true, None).await;
+    let agents = simulated_agents(&mut admin, addr, &bundle, signing).await;
+    let mut clients = Vec::new();
+    for (agent, request) in &agents {
+        clients.push((agent.connect().await, request.clone()));
+    }
+    let tessera = drive(clients, duration, server.process.id()).await;
+    drop(admin);
+    server.stop();
+    let plain = Child::plain_signer(&dir.path().join("server"));
+    let plain_addr: std::net::SocketAddr = plain.ready.parse().unwrap();
+    let mut clients = Vec::new();
+    for (agent, request) in agents {
+        clients.push((agent.at(plain_addr).connect().await, request));
+    }
+    let without = drive(clients, duration, plain.process.id()).await;
+    plain.stop();
+    (tessera, without)
+}
+
+/// 8 agents attested through the node API at `addr`, each with 500
+/// entries of its own, and the batch each sends (one item per entry).
+async fn simulated_agents(
+    admin: &mut AdminClient,
+    addr: std::net::SocketAddr,
+    bundle: &[CertificateDer<'static>],
+    signing: Signing,
+) -> Vec<(TestAgent, Batch)> {
     let (agents, batch) = (8, 500);
-    let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
+    let mut out = Vec::new();
     for i in 0..agents {
         let id = format!("spiffe://example.org/issue/agent-{i}");
         let entries = (0..batch)
@@ -79,7 +124,19 @@ pub async fn node_api_throughput(
                     .collect(),
             }),
         };
-        let mut client = attest_simulated(&mut admin, addr, &bundle, &id).await.connect().await;
+        out.push((attest_simulated(admin, addr, bundle, &id).await, request));
+    }
+    out
+}
+
+/// Each client sending its batch over and over: items signed per second
+/// over `duration` (after a 0.5 s warm-up), and the CPU per item of the
+/// process `pid` that signs them.
+async fn drive(clients: Vec<(NodeClient, Batch)>, duration: Duration, pid: u32) -> Throughput {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for (mut client, request) in clients {
         let (done, stop) = (done.clone(), stop.clone());
         workers.push(tokio::spawn(async move {
             let ok =
@@ -99,9 +156,7 @@ pub async fn node_api_throughput(
             }
         }));
     }
-    let pid = server.process.id();
     let (per_s, cpu_us) = measure_rate_and_cpu(&done, &stop, workers, duration, Some(pid)).await;
-    server.stop();
     Throughput { per_s, server_cpu_us: cpu_us.unwrap_or(f64::NAN) }
 }
 
@@ -110,7 +165,7 @@ pub async fn node_api_throughput(
 pub struct Throughput {
     /// Signed per second.
     pub per_s: f64,
-    /// The server process's CPU per item signed (µs, user and system):
+    /// The signing process's CPU per item signed (µs, user and system):
     /// with the limit's cost per signature beside it, what the server's own
     /// work costs (it swings with the machine too).
     pub server_cpu_us: f64,
