@@ -235,10 +235,15 @@ async fn setup(plan: &Plan, servers: usize) -> Figures {
         .collect();
     let total = plan.agents * per_agent;
     let start = Instant::now();
-    create(&mut admin, rest).await;
-    let created_s = start.elapsed().as_secs_f64();
-    let all = until_every_agent_has(&mut reached, plan.agents, per_agent, start).await;
-    let all_s = all.iter().max().copied().unwrap_or_default().as_secs_f64();
+    // With one entry per agent (`--entries` = `--agents`) there is no rest
+    // to create, and every agent already has all of its own.
+    let (mut created_s, mut all_s) = (0.0, 0.0);
+    if !rest.is_empty() {
+        create(&mut admin, rest).await;
+        created_s = start.elapsed().as_secs_f64();
+        let all = until_every_agent_has(&mut reached, plan.agents, per_agent, start).await;
+        all_s = all.iter().max().copied().unwrap_or_default().as_secs_f64();
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let loaded_rss: Vec<f64> = running.iter().map(|s| s.child.rss_mb()).collect();
     println!(
