@@ -1,14 +1,44 @@
 //! The change log Sync streams read: its records in revision order, the
 //! latest revision and its watch, bundle changes, and the trimming that
 //! keeps the log to its newest changes.
+//!
+//! A commit's changes are one row, keyed by the last one's revision: one
+//! change as a JSON object (as every row was before), several as a JSON
+//! array in revision order. A read from revision `r` starts at the first
+//! row keyed past `r` (the one holding `r + 1`) and skips what that row
+//! holds up to `r`. Bulk entry creation logs a change per entry; a row per
+//! change was a fifth of what such a commit wrote.
 
 use tokio::sync::watch;
 
 use super::audit::Audit;
 use super::error::StoreError;
 use super::kv_store::KvStore;
-use super::layout::{read_u64, t, CHANGES, CHANGES_START_KEY, META, REVISION_KEY};
+use super::layout::{corrupt, read_u64, t, CHANGES, CHANGES_START_KEY, META, REVISION_KEY};
 use super::{Change, ChangeKind};
+
+/// The change log row of one commit's `changes` (at least one; see the
+/// module doc).
+pub(super) fn change_row(changes: &[Change]) -> Result<Vec<u8>, StoreError> {
+    match changes {
+        [one] => serde_json::to_vec(one),
+        many => serde_json::to_vec(many),
+    }
+    .map_err(|e| corrupt("change", e))
+}
+
+/// The changes of the row under `key`, in revision order.
+pub(super) fn decode_change_row(key: &[u8], bytes: &[u8]) -> Result<Vec<Change>, StoreError> {
+    let decoded = if bytes.first() == Some(&b'[') {
+        serde_json::from_slice(bytes)
+    } else {
+        serde_json::from_slice(bytes).map(|one| vec![one])
+    };
+    decoded.map_err(|e| StoreError::Corrupt {
+        key: format!("change {}", read_u64(Some(key))),
+        reason: e.to_string(),
+    })
+}
 
 /// Changes deleted by one trimming commit.
 const TRIM_CHUNK: u64 = 10_000;
@@ -21,31 +51,36 @@ impl KvStore {
     ) -> Result<Vec<Change>, StoreError> {
         let start = revision.saturating_add(1).to_be_bytes();
         let mut out = Vec::new();
-        for (key, bytes) in self.kv.range(t(CHANGES), &start, None, limit, false)? {
-            let change: Change =
-                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                    key: format!("change {}", read_u64(Some(&key))),
-                    reason: e.to_string(),
-                })?;
-            // Revisions are assigned under the store's lock and become
-            // visible in order, so the log has no holes; a hole would mean
-            // a reader skipping a change, so stop before it and read again.
-            let expected = out.last().map_or(revision + 1, |c: &Change| c.revision + 1);
-            if change.revision != expected {
-                if out.is_empty() {
-                    let start = self.changes_start()?;
-                    if expected < start {
-                        return Err(StoreError::ChangesTrimmed { asked: revision, start });
-                    }
+        // A row holds at least one change: `limit` rows hold enough.
+        'rows: for (key, bytes) in self.kv.range(t(CHANGES), &start, None, limit, false)? {
+            for change in decode_change_row(&key, &bytes)? {
+                if change.revision <= revision {
+                    continue; // the first row's changes up to `revision`
                 }
-                tracing::warn!(
-                    expected,
-                    found = change.revision,
-                    "change log read has a hole; reading again later"
-                );
-                break;
+                // Revisions are assigned under the store's lock and become
+                // visible in order, so the log has no holes; a hole would
+                // mean a reader skipping a change, so stop before it and
+                // read again.
+                let expected = out.last().map_or(revision + 1, |c: &Change| c.revision + 1);
+                if change.revision != expected {
+                    if out.is_empty() {
+                        let start = self.changes_start()?;
+                        if expected < start {
+                            return Err(StoreError::ChangesTrimmed { asked: revision, start });
+                        }
+                    }
+                    tracing::warn!(
+                        expected,
+                        found = change.revision,
+                        "change log read has a hole; reading again later"
+                    );
+                    break 'rows;
+                }
+                out.push(change);
+                if out.len() == limit {
+                    break 'rows;
+                }
             }
-            out.push(change);
         }
         Ok(out)
     }
@@ -57,7 +92,9 @@ impl KvStore {
 
     /// Deletes the changes older than the newest `keep` (at least one is
     /// kept) once more than `keep + slack` are held, at most
-    /// [`TRIM_CHUNK`] of them per call; returns how many. Start and
+    /// [`TRIM_CHUNK`] of them per call; returns how many. A row is deleted
+    /// by its key, its last change's revision: a row that also holds
+    /// changes past the new start stays whole until a later trim. Start and
     /// revision are read again inside the commit: servers sharing a
     /// datastore may trim at once, and the start never moves back.
     pub(super) fn trim_changes(&self, keep: u64, slack: u64) -> Result<u64, StoreError> {

@@ -219,8 +219,9 @@ mod tests {
         let (_, value) = trees[CHANGES].last().unwrap().clone();
         trees[CHANGES].push((99u64.to_be_bytes().to_vec(), value));
         assert!(refusal(&trees).contains("change log: ends at 99"));
+        // The healthy store's one commit logged both entries in one row.
         let mut trees = healthy();
-        trees[CHANGES].pop();
-        assert!(refusal(&trees).contains("change log: ends at"));
+        trees[CHANGES].last_mut().unwrap().0 = 1u64.to_be_bytes().to_vec();
+        assert!(refusal(&trees).contains("change log: ends at 1 but the revision is 2"));
     }
 }

@@ -11,14 +11,15 @@ use prost::Message;
 use tessera_proto::types as pb;
 
 use super::audit::Audit;
+use super::changes::change_row;
 use super::error::StoreError;
 use super::issued_index::{read_records, rows_of, IssuedIndex, Placed, Row};
 use super::kv::{Lock, Pairs, Txn};
 use super::kv_store::{KvStore, Writer};
 use super::layout::{
-    corrupt, decode, decode_entry, expiry_key, index_key, parent_key, read_u64, t, AGENTS,
-    BY_EXPIRY, BY_IDENTITY, BY_PARENT, CHANGES, CRLS_KEY, CRL_NUMBER_KEY, ENTRIES, ISSUED,
-    ISSUED_BY_OWNER, META, REVISION_KEY, REVOCATIONS, TREE_NAMES, WRITE_SEQ_KEY,
+    decode, decode_entry, expiry_key, index_key, parent_key, read_u64, t, AGENTS, BY_EXPIRY,
+    BY_IDENTITY, BY_PARENT, CHANGES, CRLS_KEY, CRL_NUMBER_KEY, ENTRIES, ISSUED, ISSUED_BY_OWNER,
+    META, REVISION_KEY, REVOCATIONS, TREE_NAMES, WRITE_SEQ_KEY,
 };
 use super::{Change, ChangeKind};
 use crate::entry::Entry;
@@ -42,6 +43,9 @@ pub(super) struct Tx<'a> {
     /// On sled, where each SVID this commit records went: added to the
     /// index once it is committed.
     pub(super) recorded: std::cell::RefCell<Vec<Placed>>,
+    /// The changes this commit logged, written as one row of the change
+    /// log when it is done (`changes.rs`).
+    pub(super) changes: std::cell::RefCell<Vec<Change>>,
 }
 
 impl Tx<'_> {
@@ -67,11 +71,11 @@ impl Tx<'_> {
         self.txn.forget(t(i), key);
     }
 
+    /// Logs a change under the next revision (written with the commit's
+    /// other changes when it is done).
     pub(super) fn log(&self, kind: ChangeKind) -> TxResult<u64> {
         let revision = self.revision.get() + 1;
-        let change = Change { revision, kind };
-        let bytes = serde_json::to_vec(&change).map_err(|e| corrupt("change", e))?;
-        self.put(CHANGES, revision.to_be_bytes(), bytes);
+        self.changes.borrow_mut().push(Change { revision, kind });
         self.revision.set(revision);
         Ok(revision)
     }
@@ -238,6 +242,7 @@ impl KvStore {
                 events: Default::default(),
                 index: index.as_deref(),
                 recorded: Default::default(),
+                changes: Default::default(),
             };
             let f = f.take().ok_or_else(|| StoreError::Group("a commit ran twice".into()))?;
             let value = f(&tx)?;
@@ -251,6 +256,10 @@ impl KvStore {
                 Some(sink) if !events.is_empty() => sink.chain_in(txn, events)?,
                 _ => Vec::new(),
             };
+            let changes = tx.changes.take();
+            if let Some(last) = changes.last() {
+                txn.put(t(CHANGES), last.revision.to_be_bytes(), change_row(&changes)?);
+            }
             seq = read_u64(txn.get(t(META), WRITE_SEQ_KEY)?.as_deref()) + 1;
             txn.put(t(META), WRITE_SEQ_KEY, seq.to_be_bytes());
             revision = tx.revision.get();
@@ -304,6 +313,7 @@ impl KvStore {
                 events: Default::default(),
                 index: index.as_deref(),
                 recorded: Default::default(),
+                changes: Default::default(),
             };
             out = Some(f(&tx)?);
             Ok(())

@@ -240,3 +240,43 @@ pub(super) fn the_change_log_is_trimmed_to_its_newest_changes(place: Place) {
         26
     );
 }
+
+/// A commit's changes are one row of the change log, keyed by its last
+/// revision: a read from inside a row gets the rest of it, a limit may cut
+/// a row, and a trim whose cut falls inside a row keeps that row whole
+/// (readers before the new start are still told the log was trimmed).
+pub(super) fn a_commits_changes_are_one_row_read_from_anywhere_in_it(place: Place) {
+    let store = place.open();
+    let batch = |from: usize, n: usize| -> Vec<Entry> {
+        (from..from + n).map(|i| entry(&format!("e{i}"), &format!("w{i}"), "agent1", 1)).collect()
+    };
+    store.create_entries(&batch(0, 5), &Audit::quiet()).unwrap(); // revisions 1..=5
+    store.create_entries(&batch(5, 3), &Audit::quiet()).unwrap(); // 6..=8
+    store.create_entries(&batch(8, 1), &Audit::quiet()).unwrap(); // 9
+    let rows = |store: &KvStore| store.kv.len(layout::t(layout::CHANGES)).unwrap();
+    assert_eq!(rows(&store), 3, "a row per commit");
+    let revisions = |from: u64, limit: usize| -> Vec<u64> {
+        store.changes_since(from, limit).unwrap().iter().map(|c| c.revision).collect()
+    };
+    assert_eq!(revisions(0, 100), (1..=9).collect::<Vec<_>>());
+    assert_eq!(revisions(2, 100), (3..=9).collect::<Vec<_>>(), "from inside a row");
+    assert_eq!(revisions(5, 100), (6..=9).collect::<Vec<_>>(), "from a row's end");
+    assert_eq!(revisions(2, 2), [3, 4], "a limit inside a row");
+    assert_eq!(revisions(4, 3), [5, 6, 7], "a limit across rows");
+    assert!(revisions(9, 100).is_empty());
+    // Keeping 3 moves the start to 7, inside the second row: the first row
+    // goes, the second stays whole.
+    assert_eq!(store.trim_changes(3, 0).unwrap(), 6);
+    assert_eq!(store.changes_start().unwrap(), 7);
+    assert_eq!(rows(&store), 2);
+    assert_eq!(revisions(6, 100), [7, 8, 9]);
+    assert!(matches!(
+        store.changes_since(2, 100),
+        Err(StoreError::ChangesTrimmed { asked: 2, start: 7 })
+    ));
+    drop(store);
+    // The check at open: the log still ends at the revision.
+    let again = place.open();
+    assert_eq!(again.revision().unwrap(), 9);
+    assert_eq!(again.changes_since(6, 100).unwrap().len(), 3);
+}

@@ -176,6 +176,7 @@ conformance!(
     duplicates_are_refused_per_item_and_store_unchanged,
     an_update_is_one_change_naming_old_and_new_parent,
     the_change_log_is_trimmed_to_its_newest_changes,
+    a_commits_changes_are_one_row_read_from_anywhere_in_it,
     a_delete_and_its_revocations_are_one_commit,
     svids_recorded_after_their_entry_changed_are_revoked,
     a_revision_pushed_ahead_never_skips_the_entry_check,
