@@ -6,8 +6,10 @@
 //! change as a JSON object (as every row was before), several as a JSON
 //! array in revision order. A read from revision `r` starts at the first
 //! row keyed past `r` (the one holding `r + 1`) and skips what that row
-//! holds up to `r`. Bulk entry creation logs a change per entry; a row per
-//! change was a fifth of what such a commit wrote.
+//! holds up to `r`, reading a row first and then as many rows as those
+//! read so far say the rest takes (a row may hold a whole batch). Bulk
+//! entry creation logs a change per entry; a row per change was a quarter
+//! of the rows such a commit wrote.
 
 use tokio::sync::watch;
 
@@ -40,6 +42,46 @@ pub(super) fn decode_change_row(key: &[u8], bytes: &[u8]) -> Result<Vec<Change>,
     })
 }
 
+/// Adds `changes` (a row's, in order) past `revision` to `out`; true
+/// once `out` holds `limit`, or at a hole (revisions are assigned under
+/// the store's lock and become visible in order, so the log has none; a
+/// hole would mean a reader skipping a change, so it stops before it and
+/// reads again later). A hole at the start of the read, before the log's
+/// start (`start`), is the log trimmed past `revision`.
+fn take_changes(
+    changes: Vec<Change>,
+    revision: u64,
+    limit: usize,
+    out: &mut Vec<Change>,
+    start: impl Fn() -> Result<u64, StoreError>,
+) -> Result<bool, StoreError> {
+    for change in changes {
+        if change.revision <= revision {
+            continue; // the first row's changes up to `revision`
+        }
+        let expected = out.last().map_or(revision + 1, |c: &Change| c.revision + 1);
+        if change.revision != expected {
+            if out.is_empty() {
+                let start = start()?;
+                if expected < start {
+                    return Err(StoreError::ChangesTrimmed { asked: revision, start });
+                }
+            }
+            tracing::warn!(
+                expected,
+                found = change.revision,
+                "change log read has a hole; reading again later"
+            );
+            return Ok(true);
+        }
+        out.push(change);
+        if out.len() == limit {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Changes deleted by one trimming commit.
 const TRIM_CHUNK: u64 = 10_000;
 
@@ -49,52 +91,43 @@ impl KvStore {
         revision: u64,
         limit: usize,
     ) -> Result<Vec<Change>, StoreError> {
-        let start = revision.saturating_add(1).to_be_bytes();
         let mut out = Vec::new();
-        // A row holds at least one change: `limit` rows hold enough.
-        'rows: for (key, bytes) in self.kv.range(t(CHANGES), &start, None, limit, false)? {
-            for change in decode_change_row(&key, &bytes)? {
-                if change.revision <= revision {
-                    continue; // the first row's changes up to `revision`
-                }
-                // Revisions are assigned under the store's lock and become
-                // visible in order, so the log has no holes; a hole would
-                // mean a reader skipping a change, so stop before it and
-                // read again.
-                let expected = out.last().map_or(revision + 1, |c: &Change| c.revision + 1);
-                if change.revision != expected {
-                    if out.is_empty() {
-                        let start = self.changes_start()?;
-                        if expected < start {
-                            return Err(StoreError::ChangesTrimmed { asked: revision, start });
-                        }
-                    }
-                    tracing::warn!(
-                        expected,
-                        found = change.revision,
-                        "change log read has a hole; reading again later"
-                    );
-                    break 'rows;
-                }
-                out.push(change);
-                if out.len() == limit {
-                    break 'rows;
+        let mut from = revision.saturating_add(1);
+        // A row holds one change or a whole batch's: read one row, then as
+        // many as the rows read so far say the rest of `limit` takes.
+        let (mut want, mut rows_read, mut decoded) = (limit.min(1), 0, 0);
+        'reads: while want > 0 {
+            let rows = self.kv.range(t(CHANGES), &from.to_be_bytes(), None, want, false)?;
+            let Some((last, _)) = rows.last() else { break };
+            from = read_u64(Some(last)).saturating_add(1);
+            let read = rows.len();
+            for (key, bytes) in rows {
+                let changes = decode_change_row(&key, &bytes)?;
+                decoded += changes.len();
+                if take_changes(changes, revision, limit, &mut out, || self.changes_start())? {
+                    break 'reads;
                 }
             }
+            if read < want {
+                break;
+            }
+            rows_read += read;
+            want = (limit - out.len()).div_ceil(decoded.div_ceil(rows_read).max(1));
         }
         Ok(out)
     }
-
-    /// The oldest revision the log holds (1 until it is first trimmed).
+    /// The log's start (1 until it is first trimmed): every change from it
+    /// on is held.
     pub(super) fn changes_start(&self) -> Result<u64, StoreError> {
         Ok(read_u64(self.kv.get(t(META), CHANGES_START_KEY)?.as_deref()).max(1))
     }
 
     /// Deletes the changes older than the newest `keep` (at least one is
     /// kept) once more than `keep + slack` are held, at most
-    /// [`TRIM_CHUNK`] of them per call; returns how many. A row is deleted
-    /// by its key, its last change's revision: a row that also holds
-    /// changes past the new start stays whole until a later trim. Start and
+    /// [`TRIM_CHUNK`] of them per call; returns how far the log's start
+    /// moved. A row is deleted by its key, its last change's revision: a
+    /// row that also holds changes past the new start stays whole until a
+    /// later trim. Start and
     /// revision are read again inside the commit: servers sharing a
     /// datastore may trim at once, and the start never moves back.
     pub(super) fn trim_changes(&self, keep: u64, slack: u64) -> Result<u64, StoreError> {

@@ -59,7 +59,7 @@ pub enum StoreError {
     ChangesTrimmed {
         /// The revision the reader is at.
         asked: u64,
-        /// The oldest revision the log holds.
+        /// The log's start: every change from it on is held.
         start: u64,
     },
     /// The PostgreSQL datastore failed or cannot be reached.

@@ -67,7 +67,8 @@ pub(crate) fn entry_stored(kv: &dyn super::kv::Kv, id: &str) -> Result<bool, Sto
 
 pub(super) const REVISION_KEY: &[u8] = b"revision";
 pub(super) const WRITE_SEQ_KEY: &[u8] = b"write_seq";
-/// The oldest revision the change log still holds (absent: 1).
+/// The change log's start (absent: 1): the changes before it may be gone
+/// (a row reaching past it is kept whole).
 pub(super) const CHANGES_START_KEY: &[u8] = b"changes_start";
 
 pub(super) const CRL_NUMBER_KEY: &str = "crl_number";

@@ -368,10 +368,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Up to `limit` changes after `revision`, in revision order;
     /// [`StoreError::ChangesTrimmed`] if the log no longer holds the next.
     fn changes_since(&self, revision: u64, limit: usize) -> Result<Vec<Change>, StoreError>;
-    /// The oldest revision the change log holds.
+    /// The change log's start: every change from it on is held (some
+    /// before it may be too).
     fn changes_start(&self) -> Result<u64, StoreError>;
     /// Deletes changes older than the newest `keep` once more than
-    /// `keep + slack` are held (a chunk at a time); returns how many.
+    /// `keep + slack` are held (a chunk at a time); returns how far the
+    /// start moved.
     fn trim_changes(&self, keep: u64, slack: u64) -> Result<u64, StoreError>;
     /// The latest revision.
     fn revision(&self) -> Result<u64, StoreError>;

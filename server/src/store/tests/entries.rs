@@ -263,6 +263,11 @@ pub(super) fn a_commits_changes_are_one_row_read_from_anywhere_in_it(place: Plac
     assert_eq!(revisions(5, 100), (6..=9).collect::<Vec<_>>(), "from a row's end");
     assert_eq!(revisions(2, 2), [3, 4], "a limit inside a row");
     assert_eq!(revisions(4, 3), [5, 6, 7], "a limit across rows");
+    for limit in 1..=10 {
+        let want: Vec<u64> = (1..=9).take(limit).collect();
+        assert_eq!(revisions(0, limit), want, "limit {limit}");
+    }
+    assert!(revisions(0, 0).is_empty());
     assert!(revisions(9, 100).is_empty());
     // Keeping 3 moves the start to 7, inside the second row: the first row
     // goes, the second stays whole.
