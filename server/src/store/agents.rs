@@ -164,7 +164,7 @@ impl KvStore {
             tx.log(ChangeKind::AgentBanned {
                 agent_id: agent_id.to_string(),
                 reason: reason.to_string(),
-            })?;
+            });
             let revocations: Vec<_> = issued.iter().map(|s| revocation_of(s, &why, now)).collect();
             let revoked = tx.revoke(&revocations)?;
             Ok(Ok(revoked))
@@ -197,7 +197,7 @@ impl KvStore {
             }
             // The eviction first: it closes the agent's stream with a
             // reason before the revocation of its SVID would.
-            tx.log(ChangeKind::AgentEvicted { agent_id: agent_id.to_string() })?;
+            tx.log(ChangeKind::AgentEvicted { agent_id: agent_id.to_string() });
             let revocations: Vec<_> =
                 own.iter().map(|s| revocation_of(s, "agent evicted", now)).collect();
             let revoked = tx.revoke(&revocations)?;

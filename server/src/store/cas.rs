@@ -36,7 +36,7 @@ impl KvStore {
             for (key, value) in after {
                 tx.put(CAS, key, value);
             }
-            tx.log(ChangeKind::Bundle)?;
+            tx.log(ChangeKind::Bundle);
             Ok(true)
         })
     }

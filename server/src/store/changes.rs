@@ -36,10 +36,7 @@ pub(super) fn decode_change_row(key: &[u8], bytes: &[u8]) -> Result<Vec<Change>,
     } else {
         serde_json::from_slice(bytes).map(|one| vec![one])
     };
-    decoded.map_err(|e| StoreError::Corrupt {
-        key: format!("change {}", read_u64(Some(key))),
-        reason: e.to_string(),
-    })
+    decoded.map_err(|e| corrupt(&format!("change {}", read_u64(Some(key))), e))
 }
 
 /// Adds `changes` (a row's, in order) past `revision` to `out`; true
@@ -116,6 +113,7 @@ impl KvStore {
         }
         Ok(out)
     }
+
     /// The log's start (1 until it is first trimmed): every change from it
     /// on is held.
     pub(super) fn changes_start(&self) -> Result<u64, StoreError> {
@@ -160,6 +158,6 @@ impl KvStore {
     }
 
     pub(super) fn log_bundle_change(&self, audit: &Audit<'_, u64>) -> Result<u64, StoreError> {
-        self.commit(audit, |tx| tx.log(ChangeKind::Bundle))
+        self.commit(audit, |tx| Ok(tx.log(ChangeKind::Bundle)))
     }
 }

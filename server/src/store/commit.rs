@@ -71,13 +71,13 @@ impl Tx<'_> {
         self.txn.forget(t(i), key);
     }
 
-    /// Logs a change under the next revision (written with the commit's
-    /// other changes when it is done).
-    pub(super) fn log(&self, kind: ChangeKind) -> TxResult<u64> {
+    /// Logs a change under the next revision, returned (written with the
+    /// commit's other changes when it is done).
+    pub(super) fn log(&self, kind: ChangeKind) -> u64 {
         let revision = self.revision.get() + 1;
         self.changes.borrow_mut().push(Change { revision, kind });
         self.revision.set(revision);
-        Ok(revision)
+        revision
     }
 
     pub(super) fn entry(&self, id: &str) -> TxResult<Option<Entry>> {
@@ -360,7 +360,7 @@ impl KvStore {
             .map_err(|reason| StoreError::Corrupt { key: "CRL".into(), reason })?;
         tx.put(META, number_key, number.to_be_bytes());
         tx.put(META, self.own_key(CRLS_KEY), pb::Crls { crls }.encode_to_vec());
-        tx.log(ChangeKind::Crls)?;
+        tx.log(ChangeKind::Crls);
         Ok(())
     }
 }

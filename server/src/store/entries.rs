@@ -52,7 +52,7 @@ impl Tx<'_> {
         entry.revision = self.log(ChangeKind::Entry {
             entry_id: entry.id.clone(),
             parents: vec![entry.parent_id.to_string()],
-        })?;
+        });
         self.put_entry(&entry);
         Ok(Ok(entry))
     }
@@ -97,7 +97,7 @@ impl Tx<'_> {
         if entry.parent_id != old.parent_id {
             parents.push(entry.parent_id.to_string());
         }
-        entry.revision = self.log(ChangeKind::Entry { entry_id: entry.id.clone(), parents })?;
+        entry.revision = self.log(ChangeKind::Entry { entry_id: entry.id.clone(), parents });
         self.put_entry(&entry);
         revoke.extend(
             issued
@@ -167,7 +167,7 @@ impl KvStore {
                 old.revision = tx.log(ChangeKind::Entry {
                     entry_id: id.clone(),
                     parents: vec![old.parent_id.to_string()],
-                })?;
+                });
                 revoke.extend(issued.iter().map(|svid| revocation_of(svid, reason, now)));
                 write.results.push(Ok(old));
                 write.previous.push(Some(previous));

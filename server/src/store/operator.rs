@@ -44,7 +44,7 @@ impl KvStore {
             }
             let own = tx.issued_by_owner(&agent_owner(agent_id))?;
             tx.remove(AGENTS, agent_id.as_bytes())?;
-            tx.log(ChangeKind::AgentEvicted { agent_id: agent_id.to_string() })?;
+            tx.log(ChangeKind::AgentEvicted { agent_id: agent_id.to_string() });
             let revocations: Vec<_> = own
                 .iter()
                 .map(|s| revocation_of(s, "agent purged: its SVID expired", now))

@@ -73,7 +73,7 @@ impl Tx<'_> {
                     .iter()
                     .map(|r| RevokedJwt { jti: r.jti.clone(), expires_at: r.expires_at })
                     .collect(),
-            })?;
+            });
             // Only X509-SVIDs are listed in CRLs.
             if !x509.is_empty() {
                 self.revoked.borrow_mut().extend(x509.into_iter().cloned());
