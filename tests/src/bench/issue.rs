@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::signing::{ecdsa_limit, node_api_and_plain, Ecdsa, Signing};
+use crate::signing::{ecdsa_limit, node_api_and_plain, plain_rows, Ecdsa, Signing};
 use crate::stats::{cpu_row, ratio_row, round, Figures};
 
 pub async fn run(quick: bool) -> Figures {
@@ -21,17 +21,14 @@ pub async fn run(quick: bool) -> Figures {
     let limit = ecdsa_limit(Duration::from_secs(2), Ecdsa::SignAndVerify);
     ratio_row("SVIDs/s signed via node API; ring limit; ratio", rate, limit);
     cpu_row("  server CPU per SVID (us); the limit's pair", cpu_us, limit);
-    ratio_row("  plain signer, same transport; ring limit", plain.per_s, limit);
-    cpu_row("  its CPU per SVID (us); the limit's pair", plain.server_cpu_us, limit);
-    ratio_row("  node API; plain signer", rate, plain.per_s);
-    vec![
+    let keys =
+        ["issue_plain_per_s", "issue_plain_cpu_us", "issue_plain_limit_ratio", "issue_plain_ratio"];
+    let mut out = plain_rows(["ring limit", "SVID", "pair"], (signed, plain, limit), keys);
+    out.extend([
         ("issue_server_cpu_us", json!(round(cpu_us))),
         ("issue_svids_per_s", json!(rate.round())),
         ("issue_limit_per_s", json!(limit.round())),
         ("issue_limit_ratio", json!(round(rate / limit))),
-        ("issue_plain_per_s", json!(plain.per_s.round())),
-        ("issue_plain_cpu_us", json!(round(plain.server_cpu_us))),
-        ("issue_plain_limit_ratio", json!(round(plain.per_s / limit))),
-        ("issue_plain_ratio", json!(round(rate / plain.per_s))),
-    ]
+    ]);
+    out
 }

@@ -15,7 +15,7 @@ use tessera_proto::admin as admin_pb;
 use tessera_proto::workload as pb;
 use tessera_tests::{RunningAgent, TestServer};
 
-use crate::signing::{ecdsa_limit, node_api_and_plain, Ecdsa, Signing, Throughput};
+use crate::signing::{ecdsa_limit, node_api_and_plain, plain_rows, Ecdsa, Signing, Throughput};
 use crate::stats::{cpu_row, measure_rate, percentiles, ratio_row, round, row, Figures};
 use crate::workload::{me, setup, warm_client};
 
@@ -26,17 +26,13 @@ pub async fn run(quick: bool) -> Figures {
     let rate = signed.per_s;
     ratio_row("JWT-SVIDs/s signed via node API; ES256 limit", rate, limit);
     cpu_row("  server CPU per token (us); the limit's signature", signed.server_cpu_us, limit);
-    ratio_row("  plain signer, same transport; ES256 limit", plain.per_s, limit);
-    cpu_row("  its CPU per token (us); the limit's signature", plain.server_cpu_us, limit);
-    ratio_row("  node API; plain signer", rate, plain.per_s);
+    let keys =
+        ["jwt_plain_per_s", "jwt_plain_cpu_us", "jwt_plain_limit_ratio", "jwt_issue_plain_ratio"];
+    out.extend(plain_rows(["ES256 limit", "token", "signature"], (signed, plain, limit), keys));
     out.push(("jwt_server_cpu_us", json!(round(signed.server_cpu_us))));
     out.push(("jwt_issue_per_s", json!(rate.round())));
     out.push(("jwt_issue_limit_per_s", json!(limit.round())));
     out.push(("jwt_issue_ratio", json!(round(rate / limit))));
-    out.push(("jwt_plain_per_s", json!(plain.per_s.round())));
-    out.push(("jwt_plain_cpu_us", json!(round(plain.server_cpu_us))));
-    out.push(("jwt_plain_limit_ratio", json!(round(plain.per_s / limit))));
-    out.push(("jwt_issue_plain_ratio", json!(round(rate / plain.per_s))));
     let calls = if quick { 2_000 } else { 10_000 };
     let (p50, p99) = cached_fetch(calls).await;
     row("FetchJWTSVID from the cache (ms)", p50, p99, calls);

@@ -14,7 +14,9 @@ use tessera_proto::node as node_pb;
 use tessera_tests::{entry, TestAgent};
 
 use crate::children::{attest_simulated, server_and_admin, AdminClient, Child};
-use crate::stats::measure_rate_and_cpu;
+use serde_json::json;
+
+use crate::stats::{cpu_row, measure_rate_and_cpu, ratio_row, round, Figures};
 
 /// What the simulated agents of [`node_api_throughput`] have signed.
 #[derive(Debug, Clone, Copy)]
@@ -158,6 +160,28 @@ async fn drive(clients: Vec<(NodeClient, Batch)>, duration: Duration, pid: u32) 
     }
     let (per_s, cpu_us) = measure_rate_and_cpu(&done, &stop, workers, duration, Some(pid)).await;
     Throughput { per_s, server_cpu_us: cpu_us.unwrap_or(f64::NAN) }
+}
+
+/// The rows comparing the server (`signed`) with the plain signer
+/// (`plain`) and ring's `limit`, with the words `[limit, item, op]` (the
+/// limit's name, what one item is, what the limit's loop does per item);
+/// and their figures under `keys` (the plain signer's rate, its CPU per
+/// item, its ratio to the limit, the server's ratio to it).
+pub fn plain_rows(
+    [name, item, op]: [&str; 3],
+    (signed, plain, limit): (Throughput, Throughput, f64),
+    keys: [&'static str; 4],
+) -> Figures {
+    ratio_row(&format!("  plain signer, same transport; {name}"), plain.per_s, limit);
+    cpu_row(&format!("  its CPU per {item} (us); the limit's {op}"), plain.server_cpu_us, limit);
+    ratio_row("  node API; plain signer", signed.per_s, plain.per_s);
+    let [per_s, cpu_us, limit_ratio, ratio] = keys;
+    vec![
+        (per_s, json!(plain.per_s.round())),
+        (cpu_us, json!(round(plain.server_cpu_us))),
+        (limit_ratio, json!(round(plain.per_s / limit))),
+        (ratio, json!(round(signed.per_s / plain.per_s))),
+    ]
 }
 
 /// What [`node_api_throughput`] measured.
